@@ -1,0 +1,224 @@
+"""All settings of every sglang-ha component, in one typed place.
+
+Each component reads one class below. Values come from defaults, then from the
+environment (``HA_*`` for the agent and relay, ``SIM_*`` for the simulator), then
+from command-line overrides. ``python -m ha_agent.<component> --validate-config``
+prints the effective settings and any timing warning, then exits.
+
+Timing invariants (lease TTL vs loop and retry) are checked here and only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+FailbackPolicy = Literal["never", "negotiated", "preferred"]
+
+
+class TimingWarning(UserWarning):
+    """A timing setting was adjusted to keep the lease safe."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class RedisSettings(BaseSettings):
+    """How to reach the coordination store: Redis through Sentinel."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    cluster: str = Field("sglang-ha", description="Name of this HA cluster; prefixes every Redis key.")
+    sentinels: list[str] = Field(
+        default_factory=lambda: ["sentinel-1:26379", "sentinel-2:26379", "sentinel-3:26379"],
+        description="Sentinel addresses, host:port, comma separated.",
+    )
+    sentinel_master: str = Field("sglang-ha", description="Master name the Sentinels monitor.")
+    redis_url: str | None = Field(
+        None, description="Direct redis:// URL instead of Sentinel (single Redis, tests)."
+    )
+    redis_username: str | None = Field(None, description="Redis ACL user (default user if unset).")
+    redis_password: SecretStr | None = Field(None, description="Redis password (requirepass/ACL).")
+    sentinel_password: SecretStr | None = Field(
+        None, description="Password of the Sentinels themselves, if they require one."
+    )
+    redis_timeout: float = Field(0.5, gt=0, description="Socket timeout of one Redis command, s.")
+
+    @field_validator("sentinels", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for item in self.sentinels:
+            host, _, port = item.rpartition(":")
+            out.append((host or item, int(port) if host else 26379))
+        return out
+
+
+class LeaseTiming(BaseSettings):
+    """Lease timing, after Patroni: loop_wait + 2 * retry_timeout <= ttl.
+
+    The defaults let a standby take over within about 3 s of the primary's death:
+    the lease lives 2.5 s after its last renewal, the standby looks every 0.5 s.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    lease_ttl: float = Field(2.5, gt=0, description="Leader lease time-to-live, s.")
+    loop_wait: float = Field(0.5, gt=0, description="Pause between two HA cycles, s.")
+    retry_timeout: float = Field(0.75, gt=0, description="How long one DCS operation may retry, s.")
+    safety_margin: float = Field(
+        0.5, ge=0, description="A primary fences itself this long before its lease could expire, s."
+    )
+
+    @model_validator(mode="after")
+    def _patroni_rule(self) -> LeaseTiming:
+        # Why: a primary must get two full retries in before its lease can lapse,
+        # otherwise one slow Redis answer makes it lose the lease while healthy.
+        budget = self.loop_wait + 2 * self.retry_timeout
+        if budget > self.lease_ttl:
+            new_retry = max((self.lease_ttl - self.loop_wait) / 2, 0.05)
+            warnings.warn(
+                f"loop_wait + 2*retry_timeout = {budget:g}s exceeds lease_ttl = {self.lease_ttl:g}s;"
+                f" retry_timeout lowered from {self.retry_timeout:g}s to {new_retry:g}s",
+                TimingWarning,
+                stacklevel=2,
+            )
+            self.retry_timeout = new_retry
+        if self.safety_margin >= self.lease_ttl - self.loop_wait:
+            new_margin = max((self.lease_ttl - self.loop_wait) / 2, 0.0)
+            warnings.warn(
+                f"safety_margin {self.safety_margin:g}s leaves no time to renew;"
+                f" lowered to {new_margin:g}s",
+                TimingWarning,
+                stacklevel=2,
+            )
+            self.safety_margin = new_margin
+        return self
+
+
+class EngineHealthSettings(BaseSettings):
+    """How the agent judges its engine without piling probes onto it."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    engine_url: str = Field("http://127.0.0.1:30000", description="The engine as the agent reaches it.")
+    scrape_interval: float = Field(0.5, gt=0, description="How often /metrics is read, s.")
+    scrape_timeout: float = Field(1.0, gt=0, description="Timeout of one /metrics read, s.")
+    unresponsive_after: int = Field(
+        2, ge=1, description="Consecutive timed-out reads before the engine counts as frozen."
+    )
+    stall_timeout: float = Field(
+        1.5, gt=0, description="Requests running but no token produced for this long: suspect a hang, s."
+    )
+    canary_idle: float = Field(
+        5.0, gt=0, description="Send a canary generation after this long without real progress, s."
+    )
+    canary_timeout: float = Field(2.0, gt=0, description="A canary that takes longer counts as failed, s.")
+    canary_failures: int = Field(1, ge=1, description="Failed canaries in a row before the engine is hung.")
+    startup_grace: float = Field(
+        900.0, gt=0, description="How long an engine may stay 'starting' (model loading) before it is dead, s."
+    )
+    supervisor_socket: str | None = Field(
+        "/run/sglang-ha/supervisor.sock",
+        description="supervisord's socket, to see engine exits (crash vs OOM); unset in sidecar mode.",
+    )
+    engine_program: str = Field("engine", description="supervisord program name of the engine.")
+
+
+class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings):
+    """The node agent: one per GPU host, next to its engine."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    node_name: str = Field("sglang-01", description="This node's name, unique in the cluster.")
+    advertise_engine_url: str | None = Field(
+        None, description="Engine URL the relay should use (defaults to http://<hostname>:30000)."
+    )
+    advertise_api_url: str | None = Field(
+        None, description="Agent API URL peers and the relay should use (defaults to http://<hostname>:8008)."
+    )
+    api_host: str = Field("0.0.0.0", description="Agent API bind address.")
+    api_port: int = Field(8008, description="Agent API port.")
+    admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
+    peers: list[str] = Field(
+        default_factory=list,
+        description="Agent API URLs of the other nodes (used when Redis is away); comma separated.",
+    )
+    failback: FailbackPolicy = Field("never", description="never | negotiated | preferred.")
+    priority: int = Field(0, description="Higher wins when both nodes are free to take the lease.")
+    ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
+    registry_ttl: float = Field(10.0, gt=0, description="TTL of this node's entry in the registry, s.")
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _csv_peers(cls, value: object) -> object:
+        return _split_csv(value)
+
+
+class RelaySettings(RedisSettings):
+    """The leader-aware relay in the gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    relay_host: str = Field("127.0.0.1", description="Relay data-plane bind address (behind Nginx).")
+    relay_port: int = Field(8001, description="Relay data-plane port.")
+    relay_admin_port: int = Field(8002, description="Relay status and metrics port (internal).")
+    admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
+    nodes: list[str] = Field(
+        default_factory=list,
+        description="Seed list name=engine_url=agent_url, comma separated; the Redis registry adds to it.",
+    )
+    poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
+    connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")
+    first_byte_timeout: float = Field(
+        600.0, gt=0, description="Upper bound before the first response byte (non-stream generations), s."
+    )
+    max_attempts: int = Field(3, ge=1, description="Upstream attempts for one request before it fails.")
+    migration_limit: int = Field(3, ge=0, description="How often one stream may move to another node.")
+    max_sequence_length: int = Field(
+        131072, gt=0, description="No migration past this many prompt+generated tokens."
+    )
+    ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _csv_nodes(cls, value: object) -> object:
+        return _split_csv(value)
+
+
+class SimSettings(BaseSettings):
+    """The SGLang-compatible engine simulator (CPU demo and tests only)."""
+
+    model_config = SettingsConfigDict(env_prefix="SIM_", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = 30000
+    model_name: str = Field("sglang-ha-simulator", description="Served model name; says it is a simulator.")
+    instance_name: str = Field("", description="Shown in /server_info to tell instances apart.")
+    startup_delay: float = Field(0.5, ge=0, description="Time 'loading weights' before /health is 200, s.")
+    ttft_base: float = Field(0.02, ge=0, description="Fixed time to first token, s.")
+    prefill_per_token: float = Field(0.0002, ge=0, description="Extra TTFT per uncached prompt token, s.")
+    itl: float = Field(0.01, ge=0, description="Inter-token latency at concurrency 1, s.")
+    concurrency_slowdown: float = Field(
+        0.01, ge=0, description="ITL grows by this fraction per extra running request."
+    )
+    max_running_requests: int = Field(256, ge=1, description="More requests wait in the queue.")
+    max_total_tokens: int = Field(65536, ge=1, description="Prefix cache capacity in tokens.")
+    page_size: int = Field(16, ge=1, description="Prefix cache granularity in tokens.")
+    context_length: int = Field(32768, ge=1, description="Longest prompt + output accepted.")
+    eos_rate: float = Field(
+        0.02, ge=0, le=1, description="Chance per token of stopping early (deterministic in the seed)."
+    )
+    admin_token: SecretStr | None = Field(None, description="Token for the /sim/* fault knobs.")
