@@ -37,7 +37,9 @@ class RedisSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
 
-    cluster: str = Field("sglang-ha", description="Name of this HA cluster; prefixes every Redis key.")
+    cluster: str = Field(
+        "sglang-ha", description="Name of this HA cluster; prefixes every Redis key."
+    )
     sentinels: list[str] = Field(
         default_factory=lambda: ["sentinel-1:26379", "sentinel-2:26379", "sentinel-3:26379"],
         description="Sentinel addresses, host:port, comma separated.",
@@ -90,7 +92,8 @@ class LeaseTiming(BaseSettings):
         if budget > self.lease_ttl:
             new_retry = max((self.lease_ttl - self.loop_wait) / 2, 0.05)
             warnings.warn(
-                f"loop_wait + 2*retry_timeout = {budget:g}s exceeds lease_ttl = {self.lease_ttl:g}s;"
+                f"loop_wait + 2*retry_timeout = {budget:g}s exceeds"
+                f" lease_ttl = {self.lease_ttl:g}s;"
                 f" retry_timeout lowered from {self.retry_timeout:g}s to {new_retry:g}s",
                 TimingWarning,
                 stacklevel=2,
@@ -113,26 +116,36 @@ class EngineHealthSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
 
-    engine_url: str = Field("http://127.0.0.1:30000", description="The engine as the agent reaches it.")
+    engine_url: str = Field(
+        "http://127.0.0.1:30000", description="The engine as the agent reaches it."
+    )
     scrape_interval: float = Field(0.5, gt=0, description="How often /metrics is read, s.")
     scrape_timeout: float = Field(1.0, gt=0, description="Timeout of one /metrics read, s.")
     unresponsive_after: int = Field(
         2, ge=1, description="Consecutive timed-out reads before the engine counts as frozen."
     )
     stall_timeout: float = Field(
-        1.5, gt=0, description="Requests running but no token produced for this long: suspect a hang, s."
+        1.5,
+        gt=0,
+        description="Requests running but no token produced for this long: suspect a hang, s.",
     )
     canary_idle: float = Field(
         5.0, gt=0, description="Send a canary generation after this long without real progress, s."
     )
-    canary_timeout: float = Field(2.0, gt=0, description="A canary that takes longer counts as failed, s.")
-    canary_failures: int = Field(1, ge=1, description="Failed canaries in a row before the engine is hung.")
+    canary_timeout: float = Field(
+        2.0, gt=0, description="A canary that takes longer counts as failed, s."
+    )
+    canary_failures: int = Field(
+        1, ge=1, description="Failed canaries in a row before the engine is hung."
+    )
     startup_grace: float = Field(
-        900.0, gt=0, description="How long an engine may stay 'starting' (model loading) before it is dead, s."
+        900.0,
+        gt=0,
+        description="How long an engine may stay 'starting' (model loading) before it is dead, s.",
     )
     supervisor_socket: str | None = Field(
         "/run/sglang-ha/supervisor.sock",
-        description="supervisord's socket, to see engine exits (crash vs OOM); unset in sidecar mode.",
+        description="supervisord's socket, to tell a crash from an OOM kill; unset as a sidecar.",
     )
     engine_program: str = Field("engine", description="supervisord program name of the engine.")
 
@@ -147,7 +160,8 @@ class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings):
         None, description="Engine URL the relay should use (defaults to http://<hostname>:30000)."
     )
     advertise_api_url: str | None = Field(
-        None, description="Agent API URL peers and the relay should use (defaults to http://<hostname>:8008)."
+        None,
+        description="Agent API URL peers and the relay should use (defaults to http://<hostname>:8008).",
     )
     api_host: str = Field("0.0.0.0", description="Agent API bind address.")
     api_port: int = Field(8008, description="Agent API port.")
@@ -159,7 +173,9 @@ class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings):
     failback: FailbackPolicy = Field("never", description="never | negotiated | preferred.")
     priority: int = Field(0, description="Higher wins when both nodes are free to take the lease.")
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
-    registry_ttl: float = Field(10.0, gt=0, description="TTL of this node's entry in the registry, s.")
+    registry_ttl: float = Field(
+        10.0, gt=0, description="TTL of this node's entry in the registry, s."
+    )
 
     @field_validator("peers", mode="before")
     @classmethod
@@ -172,25 +188,43 @@ class RelaySettings(RedisSettings):
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
 
-    relay_host: str = Field("127.0.0.1", description="Relay data-plane bind address (behind Nginx).")
+    relay_host: str = Field(
+        "127.0.0.1", description="Relay data-plane bind address (behind Nginx)."
+    )
     relay_port: int = Field(8001, description="Relay data-plane port.")
     relay_admin_port: int = Field(8002, description="Relay status and metrics port (internal).")
+    relay_host_admin: str = Field("0.0.0.0", description="Relay admin bind address.")
     admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
     nodes: list[str] = Field(
         default_factory=list,
-        description="Seed list name=engine_url=agent_url, comma separated; the Redis registry adds to it.",
+        description="Seed nodes name=engine_url=agent_url, comma separated; registry adds more.",
     )
     poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
     connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")
     first_byte_timeout: float = Field(
-        600.0, gt=0, description="Upper bound before the first response byte (non-stream generations), s."
+        600.0,
+        gt=0,
+        description="Upper bound before the first response byte (non-stream generations), s.",
     )
-    max_attempts: int = Field(3, ge=1, description="Upstream attempts for one request before it fails.")
-    migration_limit: int = Field(3, ge=0, description="How often one stream may move to another node.")
+    max_attempts: int = Field(
+        6, ge=1, description="Upstream attempts for one request before it fails."
+    )
+    retry_deadline: float = Field(
+        30.0, gt=0, description="Stop re-sending a request this long after it arrived, s."
+    )
+    migration_limit: int = Field(
+        3, ge=0, description="How often one stream may move to another node."
+    )
     max_sequence_length: int = Field(
         131072, gt=0, description="No migration past this many prompt+generated tokens."
     )
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
+    nginx_backup_file: str | None = Field(
+        None,
+        description="If set, the relay keeps Nginx's last-resort upstream list in this file"
+        " (the registry's engines, by address) and reloads Nginx when it changes.",
+    )
+    nginx_reload_command: str = Field("nginx -s reload", description="How to reload Nginx.")
 
     @field_validator("nodes", mode="before")
     @classmethod
@@ -205,11 +239,17 @@ class SimSettings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = 30000
-    model_name: str = Field("sglang-ha-simulator", description="Served model name; says it is a simulator.")
+    model_name: str = Field(
+        "sglang-ha-simulator", description="Served model name; says it is a simulator."
+    )
     instance_name: str = Field("", description="Shown in /server_info to tell instances apart.")
-    startup_delay: float = Field(0.5, ge=0, description="Time 'loading weights' before /health is 200, s.")
+    startup_delay: float = Field(
+        0.5, ge=0, description="Time 'loading weights' before /health is 200, s."
+    )
     ttft_base: float = Field(0.02, ge=0, description="Fixed time to first token, s.")
-    prefill_per_token: float = Field(0.0002, ge=0, description="Extra TTFT per uncached prompt token, s.")
+    prefill_per_token: float = Field(
+        0.0002, ge=0, description="Extra TTFT per uncached prompt token, s."
+    )
     itl: float = Field(0.01, ge=0, description="Inter-token latency at concurrency 1, s.")
     concurrency_slowdown: float = Field(
         0.01, ge=0, description="ITL grows by this fraction per extra running request."
@@ -219,6 +259,25 @@ class SimSettings(BaseSettings):
     page_size: int = Field(16, ge=1, description="Prefix cache granularity in tokens.")
     context_length: int = Field(32768, ge=1, description="Longest prompt + output accepted.")
     eos_rate: float = Field(
-        0.02, ge=0, le=1, description="Chance per token of stopping early (deterministic in the seed)."
+        0.02,
+        ge=0,
+        le=1,
+        description="Chance per token of stopping early (deterministic in the seed).",
     )
     admin_token: SecretStr | None = Field(None, description="Token for the /sim/* fault knobs.")
+    weight_version: str = Field("default", description="Reported as meta_info.weight_version.")
+    enable_cache_report: bool = Field(
+        True,
+        description="Like SGLang's --enable-cache-report: usage.prompt_tokens_details.cached_tokens.",
+    )
+    disconnect_abort_delay: float = Field(
+        2.0, ge=0, description="A request whose client went away is aborted this much later, s."
+    )
+    drain_timeout: float = Field(
+        5.0, ge=0, description="On shutdown, running requests may finish this long, s."
+    )
+    faults: dict[str, object] = Field(
+        default_factory=dict,
+        description="Fault knobs active from startup, JSON (SIM_FAULTS='{\"hang\": true}').",
+    )
+    log_level: str = Field("info", description="Log level of the simulator process.")

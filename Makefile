@@ -1,0 +1,69 @@
+# sglang-ha. `make up` brings up the stack (CPU demo with the simulator where no
+# GPU is present); `make test` runs every test. Both install what is missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STACK     ?= $(shell scripts/detect-stack.sh)
+PROJECT   ?= sglang-ha
+COMPOSE   := docker compose -p $(PROJECT) -f compose/$(STACK)
+PYTEST    := $(PY) -m pytest
+TRIALS    ?= 3
+
+.PHONY: help
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+# --- set-up ------------------------------------------------------------------------
+$(VENV)/.installed: pyproject.toml
+	scripts/ensure-python.sh $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+.PHONY: venv docker secrets images
+venv: $(VENV)/.installed  ## the Python virtualenv for tests and tools
+docker:  ## Docker engine, Compose v2 and the base image (only what is missing)
+	scripts/ensure-docker.sh
+secrets: ## compose/secrets.env with random Redis password and admin token (once)
+	scripts/secrets.sh
+images: docker secrets  ## build the node, gateway and redis images
+	$(COMPOSE) build
+
+# --- the stack -----------------------------------------------------------------------
+.PHONY: up down logs ps status
+up: docker secrets  ## bring up the stack and wait until it is ready
+	$(COMPOSE) up -d --build --wait --wait-timeout 600
+	@scripts/print-endpoints.sh $(PROJECT) $(STACK)
+down:  ## stop the stack (keeps volumes)
+	$(COMPOSE) down --remove-orphans
+logs:  ## follow the stack's logs
+	$(COMPOSE) logs -f --tail=100
+ps:
+	$(COMPOSE) ps
+status: venv  ## roles, epoch and health of the running stack
+	$(COMPOSE) exec -T node-1 sglang-ha status
+
+# --- tests ---------------------------------------------------------------------------
+.PHONY: test lint unit test-integration failover-test
+test: lint unit test-integration  ## everything CI runs: lint, unit, integration + failover scenarios
+
+lint: venv  ## ruff and mypy
+	$(PY) -m ruff check ha_agent tests
+	$(PY) -m ruff format --check ha_agent tests
+	$(PY) -m mypy ha_agent
+
+unit: venv  ## unit tests (real Redis where a test needs one)
+	scripts/ensure-test-tools.sh
+	$(PYTEST) tests/unit -q
+
+test-integration: venv docker secrets  ## the CPU stack in containers, driven from pytest
+	$(PYTEST) tests/integration -q -x
+
+failover-test: venv docker secrets  ## every fault, $(TRIALS) trials: failover-report.json/.md/.png
+	$(PY) -m tests.failover --trials $(TRIALS) --out reports/failover
+
+.PHONY: clean
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache reports

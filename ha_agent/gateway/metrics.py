@@ -1,0 +1,103 @@
+"""The relay's Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ha_agent.gateway.topology import Topology
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RelayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sglang_ha_relay_requests",
+            "Requests answered by the relay, by endpoint, serving node and outcome"
+            " (ok, client_error, failed, migrated).",
+            ["endpoint", "node", "outcome", "code"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "sglang_ha_relay_retries",
+            "Upstream attempts that failed before the response started and were re-sent.",
+            ["node", "reason"],
+            registry=r,
+        )
+        self.migrations = Counter(
+            "sglang_ha_relay_migrations",
+            "Broken streams, by what the relay did: migrated, refused (ended with an"
+            " error event), or failed (no node could continue).",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "sglang_ha_relay_request_duration_seconds",
+            "Whole-request latency through the relay.",
+            ["endpoint", "stream", "code"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "sglang_ha_relay_ttft_seconds",
+            "Time to the first streamed event sent to the client.",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "sglang_ha_relay_inflight", "Requests in flight through the relay.", registry=r
+        )
+        self.auth_rejected = Counter(
+            "sglang_ha_relay_auth_rejected",
+            "Admin requests rejected for a missing or wrong token.",
+            ["endpoint"],
+            registry=r,
+        )
+
+    def attach(self, topology: Topology) -> None:
+        self.registry.register(_TopologyCollector(topology))
+
+
+class _TopologyCollector(Collector):
+    def __init__(self, topology: Topology) -> None:
+        self.t = topology
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        t = self.t
+        primary = GaugeMetricFamily(
+            "sglang_ha_relay_primary",
+            "1 for the node the relay routes to as primary.",
+            labels=["node"],
+        )
+        healthy = GaugeMetricFamily(
+            "sglang_ha_relay_node_can_serve",
+            "1 while the relay considers the node able to serve.",
+            labels=["node"],
+        )
+        now = t.clock()
+        for node in t.nodes.values():
+            primary.add_metric([node.name], 1.0 if node.name == t.primary else 0.0)
+            healthy.add_metric([node.name], 1.0 if node.can_serve(now) else 0.0)
+        yield primary
+        yield healthy
+        yield GaugeMetricFamily(
+            "sglang_ha_relay_epoch", "Highest fencing epoch seen.", value=t.epoch
+        )
+        yield GaugeMetricFamily(
+            "sglang_ha_relay_degraded",
+            "1 while the store is unreachable and the relay routes on its own view.",
+            value=1.0 if t.degraded else 0.0,
+        )
+        yield CounterMetricFamily(
+            "sglang_ha_relay_leader_changes",
+            "Primary changes the relay followed.",
+            value=t.leader_changes,
+        )

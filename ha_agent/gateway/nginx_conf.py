@@ -1,0 +1,57 @@
+"""Render the gateway's Nginx configuration from the environment (at start-up).
+
+`@NAME@` placeholders in the template are replaced by the environment value or
+the default below; anything else in the template is left alone (Nginx's own
+`$variables` included). Also writes the first last-resort upstream list from the
+seed nodes, so Nginx can start before the relay has read the registry.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from ha_agent.gateway.nginx_sync import render
+from ha_agent.gateway.topology import parse_seed
+
+DEFAULTS = {
+    "GATEWAY_PORT": "8000",
+    "HA_RELAY_PORT": "8001",
+    "GATEWAY_MAX_BODY": "16m",
+    "GATEWAY_HEADER_TIMEOUT": "10s",
+    "GATEWAY_BODY_TIMEOUT": "30s",
+    "GATEWAY_READ_TIMEOUT": "3600s",
+    "GATEWAY_RATE_PER_CLIENT": "200",
+    "GATEWAY_BURST_PER_CLIENT": "400",
+    "GATEWAY_CONN_PER_CLIENT": "512",
+}
+_PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
+
+
+def render_template(template: str, env: dict[str, str]) -> str:
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in DEFAULTS:
+            raise KeyError(f"unknown placeholder @{name}@ in the Nginx template")
+        return env.get(name) or DEFAULTS[name]
+
+    return _PLACEHOLDER.sub(value, template)
+
+
+def main() -> int:
+    template_path = os.environ.get("NGINX_TEMPLATE", "/etc/sglang-ha/nginx/nginx.conf.template")
+    out_path = os.environ.get("NGINX_CONF", "/run/sglang-ha/nginx.conf")
+    backup_path = os.environ.get("HA_NGINX_BACKUP_FILE", "/run/sglang-ha/nginx-backup-servers.conf")
+    with open(template_path) as fh:
+        text = render_template(fh.read(), dict(os.environ))
+    with open(out_path, "w") as fh:
+        fh.write(text)
+    seeds = [s.strip() for s in os.environ.get("HA_NODES", "").split(",") if s.strip()]
+    with open(backup_path, "w") as fh:
+        fh.write(render(parse_seed(s) for s in seeds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Keep Nginx's last-resort upstreams equal to the nodes the relay knows.
+
+Nginx (open source) resolves upstream names once, at load time, and refuses to
+start if one does not resolve. So the relay writes the engines' *addresses* into
+an include file and reloads Nginx when the list changes: nodes registered in Redis
+become reachable directly from Nginx if the relay itself is down, and no node
+address is baked into the gateway's configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from ha_agent.gateway.topology import NodeView, Topology
+
+log = logging.getLogger(__name__)
+
+
+def resolve(url: str) -> str | None:
+    """`host:port` of an engine URL with the host resolved to an address."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    family, _, _, _, sockaddr = infos[0]
+    host = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
+    return f"{host}:{port}"
+
+
+def render(nodes: Iterable[NodeView]) -> str:
+    lines = [
+        "# Written by the sglang-ha relay: engines Nginx may reach directly if the relay is down."
+    ]
+    for node in sorted(nodes, key=lambda n: n.name):
+        address = resolve(node.engine_url)
+        if address:
+            lines.append(f"server {address} backup max_fails=1 fail_timeout=2s;  # {node.name}")
+        else:
+            lines.append(f"# {node.name}: {node.engine_url} does not resolve now")
+    return "\n".join(lines) + "\n"
+
+
+async def keep_in_sync(
+    topology: Topology, path: str, reload_command: str, stop: asyncio.Event, every: float = 2.0
+) -> None:
+    while not stop.is_set():
+        text = await asyncio.to_thread(render, list(topology.nodes.values()))
+        if _changed(path, text):
+            await asyncio.to_thread(_write, path, text)
+            await _reload(reload_command)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every)
+
+
+def _changed(path: str, text: str) -> bool:
+    try:
+        with open(path) as fh:
+            return fh.read() != text
+    except OSError:
+        return True
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+async def _reload(command: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *shlex.split(command), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=10)
+    except asyncio.TimeoutError:
+        proc.kill()
+        log.warning("nginx reload timed out")
+        return
+    if proc.returncode:
+        log.warning("nginx reload failed (%s): %s", proc.returncode, out.decode(errors="replace"))
+    else:
+        log.info("nginx last-resort upstreams updated")

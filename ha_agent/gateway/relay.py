@@ -1,0 +1,472 @@
+"""The leader-aware relay: every request to the primary, nothing lost on the way.
+
+Retry policy (after the style note: retry only before the first byte):
+- connect error, reset, 500/502/503/504, or the node failing while we wait for
+  its answer: nothing has reached the client, so the request is re-sent to the
+  next node in `Topology.routing_order()`;
+- a 4xx is the client's answer and passes through untouched, never retried, and
+  never counted against the node;
+- a non-streaming answer is read whole before the client sees it, so a reply that
+  breaks half-way is still retried;
+- a stream that breaks after its first event is migrated (migration.py), or
+  ended with an explicit retryable error event when it cannot be.
+
+Events are forwarded as they complete, without parsing, so the relay adds no
+per-token delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from ha_agent import events as ev
+from ha_agent.config import RelaySettings
+from ha_agent.events import EventLog
+from ha_agent.gateway import sse
+from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.gateway.migration import ENDPOINTS, GENERATE, Migration
+from ha_agent.gateway.topology import Abandonable, NodeView, Topology
+from ha_agent.gateway.transport import (
+    RETRYABLE_STATUS,
+    Transport,
+    UpstreamFailure,
+    classify,
+    forward_headers,
+    response_headers,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NODE_HEADER = "X-SGLang-HA-Node"
+MAX_BODY = 64 * 1024 * 1024
+
+
+class ClientGone(Exception):
+    """The client went away; stop everything for this request."""
+
+
+class Attempt(Abandonable):
+    """One upstream try, cancellable by the topology when its node fails."""
+
+    __slots__ = ("abandoned", "node", "task")
+
+    def __init__(self, node: NodeView) -> None:
+        self.node = node
+        self.task: asyncio.Future[Any] | None = None
+        self.abandoned: str | None = None
+
+    def abandon(self, reason: str) -> None:
+        if self.abandoned is None:
+            self.abandoned = reason
+            if self.task is not None:
+                self.task.cancel()
+
+
+class _Retryable(Exception):
+    """A complete upstream answer with a status that another node may do better on."""
+
+    def __init__(self, status: int, headers: Any, body: bytes) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status, self.headers, self.body = status, headers, body
+
+
+class _Passthrough(Exception):
+    """A final non-2xx answer to a streaming request, before anything was sent."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        topology: Topology,
+        transport: Transport,
+        metrics: RelayMetrics,
+        events: EventLog,
+    ) -> None:
+        self.s = settings
+        self.topology = topology
+        self.transport = transport
+        self.metrics = metrics
+        self.events = events
+        self.retry_deadline = settings.retry_deadline
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    # -- entry ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        body = await request.read()
+        kind = ENDPOINTS.get(request.path) if request.method == "POST" else None
+        endpoint = kind or "other"
+        payload: dict[str, Any] | None = None
+        if kind is not None:
+            try:
+                parsed = json.loads(body) if body else None
+            except (ValueError, UnicodeDecodeError) as exc:
+                return self._client_error(endpoint, f"request body is not valid JSON: {exc}")
+            if not isinstance(parsed, dict):
+                return self._client_error(endpoint, "request body must be a JSON object")
+            payload = parsed
+        stream = bool(payload and payload.get("stream") is True)
+        self.metrics.inflight.inc()
+        try:
+            if stream and kind is not None and payload is not None:
+                response = await self._stream(request, kind, payload, body, started)
+            else:
+                response = await self._unary(request, endpoint, body)
+        finally:
+            self.metrics.inflight.dec()
+        self.metrics.duration.labels(endpoint, str(stream).lower(), str(response.status)).observe(
+            time.monotonic() - started
+        )
+        return response
+
+    def _client_error(self, endpoint: str, message: str) -> web.Response:
+        self.metrics.requests.labels(endpoint, "-", "client_error", "400").inc()
+        return web.json_response(
+            {"object": "error", "message": message, "type": "BadRequestError", "code": 400},
+            status=400,
+        )
+
+    # -- picking nodes and running attempts ----------------------------------------------
+
+    def _pick(self, tried: set[str]) -> NodeView | None:
+        order = self.topology.routing_order(exclude=tried)
+        return order[0] if order else None
+
+    async def _run(self, node: NodeView, work: Awaitable[T]) -> T:
+        attempt = Attempt(node)
+        task = asyncio.ensure_future(work)
+        attempt.task = task
+        node.inflight.add(attempt)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if attempt.abandoned is not None:
+                raise UpstreamFailure(f"abandoned: {attempt.abandoned}") from None
+            raise
+        finally:
+            node.inflight.discard(attempt)
+
+    def _note_failure(self, node: NodeView, failure: UpstreamFailure, tried: set[str]) -> None:
+        tried.add(node.name)
+        if failure.connect:
+            self.topology.connect_failed(node)
+        self.metrics.retries.labels(node.name, _reason_label(failure.reason)).inc()
+        log.info("attempt on %s failed: %s", node.name, failure.reason)
+
+    async def _next_round(self, tried: set[str], deadline: float, round_no: int) -> bool:
+        """All nodes failed once: wait a little (a promotion may be under way) and
+        start over, until the deadline."""
+        if time.monotonic() >= deadline:
+            return False
+        tried.clear()
+        await asyncio.sleep(min(0.1 * 2**round_no, 1.0))
+        return True
+
+    # -- non-streaming -------------------------------------------------------------------
+
+    async def _unary(self, request: web.Request, endpoint: str, body: bytes) -> web.Response:
+        deadline = time.monotonic() + self.retry_deadline
+        tried: set[str] = set()
+        last: _Retryable | None = None
+        failures: list[str] = []
+        rounds = 0
+        attempts = 0
+        while attempts < self.s.max_attempts:
+            node = self._pick(tried)
+            if node is None:
+                if not await self._next_round(tried, deadline, rounds):
+                    break
+                rounds += 1
+                continue
+            attempts += 1
+            try:
+                status, headers, data = await self._run(node, self._fetch(node, request, body))
+            except UpstreamFailure as failure:
+                self._note_failure(node, failure, tried)
+                failures.append(f"{node.name}: {failure.reason}")
+                continue
+            except _Retryable as answer:
+                last = answer
+                self._note_failure(node, UpstreamFailure(f"HTTP {answer.status}"), tried)
+                failures.append(f"{node.name}: HTTP {answer.status}")
+                continue
+            outcome = "ok" if status < 400 else "client_error"
+            self.metrics.requests.labels(endpoint, node.name, outcome, str(status)).inc()
+            out_headers = response_headers(headers)
+            out_headers[NODE_HEADER] = node.name
+            return web.Response(status=status, headers=out_headers, body=data)
+        self.metrics.requests.labels(
+            endpoint, "-", "failed", str(last.status if last else 503)
+        ).inc()
+        if last is not None:
+            return web.Response(
+                status=last.status, headers=response_headers(last.headers), body=last.body
+            )
+        return web.json_response(
+            {
+                "object": "error",
+                "message": "no node could serve the request: " + "; ".join(failures[-4:]),
+                "type": "ServiceUnavailableError",
+                "code": 503,
+            },
+            status=503,
+        )
+
+    async def _fetch(
+        self, node: NodeView, request: web.Request, body: bytes
+    ) -> tuple[int, Any, bytes]:
+        try:
+            async with self.transport.session.request(
+                request.method,
+                node.engine_url + request.path_qs,
+                data=body or None,
+                headers=forward_headers(request.headers),
+            ) as resp:
+                data = await resp.read()
+                if resp.status in RETRYABLE_STATUS:
+                    raise _Retryable(resp.status, resp.headers, data)
+                return resp.status, resp.headers, data
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise classify(exc) from exc
+
+    # -- streaming -----------------------------------------------------------------------
+
+    async def _stream(
+        self,
+        request: web.Request,
+        kind: str,
+        payload: dict[str, Any],
+        body: bytes,
+        started: float,
+    ) -> web.StreamResponse:
+        state = _StreamState(request, kind, Migration(kind, payload), started, self.metrics)
+        deadline = time.monotonic() + self.retry_deadline
+        tried: set[str] = set()
+        failures: list[str] = []
+        rounds = 0
+        segment_body = body
+        while True:
+            node = self._pick(tried)
+            if node is None:
+                if await self._next_round(tried, deadline, rounds):
+                    rounds += 1
+                    continue
+                why = "no node could serve it: " + "; ".join(failures[-4:])
+                return await self._give_up(state, why)
+            try:
+                await self._run(node, self._stream_segment(node, state, segment_body))
+            except _Passthrough as final:
+                status = final.response.status
+                outcome = "client_error" if status < 500 else "failed"
+                self.metrics.requests.labels(kind, node.name, outcome, str(status)).inc()
+                return final.response
+            except UpstreamFailure as failure:
+                self._note_failure(node, failure, tried)
+                failures.append(f"{node.name}: {failure.reason}")
+                if not state.started:
+                    continue  # nothing sent yet: a plain retry
+                # Bytes already reached the client: continue the stream elsewhere.
+                next_body = await self._plan_migration(state, node)
+                if next_body is None:
+                    return state.result()
+                segment_body = next_body
+                tried = {node.name}
+                continue
+            except ClientGone:
+                self.metrics.requests.labels(kind, node.name, "client_gone", "499").inc()
+                return state.result()
+            outcome = "migrated" if state.migrations else "ok"
+            self.metrics.requests.labels(kind, node.name, outcome, "200").inc()
+            if state.migrations:
+                self.metrics.migrations.labels(kind, "migrated").inc()
+            return state.result()
+
+    async def _plan_migration(self, state: _StreamState, broken: NodeView) -> bytes | None:
+        """The next segment's body, or None once the client's stream has been closed."""
+        mig = state.migration
+        if state.segment_raw is not None:
+            mig.absorb_first_segment(state.segment_raw)
+            state.segment_raw = None
+        reason = mig.refusal()
+        if reason is None and state.migrations >= self.s.migration_limit:
+            reason = f"migration limit ({self.s.migration_limit}) reached"
+        if reason is None and mig.progress.tokens > self.s.max_sequence_length:
+            reason = f"longer than max_sequence_length ({self.s.max_sequence_length})"
+        if reason is None and not mig.resumable_stream_format():
+            reason = "incremental streaming output cannot be resumed"
+        if reason is not None:
+            self.metrics.migrations.labels(state.kind, "refused").inc()
+            self.events.emit(ev.STREAM_MIGRATED, f"refused after {broken.name} failed: {reason}")
+            message = (
+                f"stream interrupted: {broken.name} failed and the stream cannot move ({reason})"
+            )
+            await state.finish(sse.error_event(message + "; retry the request"))
+            return None
+        body = mig.continuation()
+        if body is None:  # the break came after the last token
+            await state.finish(sse.DONE)
+            return None
+        mig.start_segment()
+        state.migrations += 1
+        self.events.emit(
+            ev.STREAM_MIGRATED,
+            f"{state.kind} stream from {broken.name} after {mig.progress.tokens} tokens"
+            f" (migration {state.migrations})",
+        )
+        return json.dumps(body).encode()
+
+    async def _give_up(self, state: _StreamState, why: str) -> web.StreamResponse:
+        if not state.started:
+            self.metrics.requests.labels(state.kind, "-", "failed", "503").inc()
+            return web.json_response(
+                {"object": "error", "message": why, "type": "ServiceUnavailableError", "code": 503},
+                status=503,
+            )
+        self.metrics.migrations.labels(state.kind, "failed").inc()
+        self.metrics.requests.labels(state.kind, "-", "failed", "200").inc()
+        await state.finish(sse.error_event(f"stream interrupted; {why}; retry the request"))
+        return state.result()
+
+    async def _stream_segment(self, node: NodeView, state: _StreamState, body: bytes) -> None:
+        request = state.request
+        try:
+            async with self.transport.session.post(
+                node.engine_url + request.path_qs,
+                data=body,
+                headers=forward_headers(request.headers),
+            ) as upstream:
+                if upstream.status != 200:
+                    data = await upstream.read()
+                    if upstream.status in RETRYABLE_STATUS:
+                        raise UpstreamFailure(f"HTTP {upstream.status}")
+                    if state.started:
+                        raise UpstreamFailure(f"continuation refused with HTTP {upstream.status}")
+                    headers = response_headers(upstream.headers)
+                    raise _Passthrough(
+                        web.Response(status=upstream.status, headers=headers, body=data)
+                    )
+                await state.begin(node, upstream)
+                await self._pump(state, upstream)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise classify(exc) from exc
+
+    async def _pump(self, state: _StreamState, upstream: aiohttp.ClientResponse) -> None:
+        splitter = sse.EventSplitter()
+        rewrite = state.migrations > 0
+        async for chunk in upstream.content.iter_any():
+            out = splitter.feed(chunk)
+            if not out:
+                continue
+            if rewrite:
+                out = state.migration.rewrite(out)
+            else:
+                state.keep_raw(out)
+            await state.write(out)
+            if out.endswith(sse.DONE):
+                return
+        raise UpstreamFailure("stream ended without [DONE]")
+
+
+class _StreamState:
+    """The client's side of one streaming request, across segments."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        kind: str,
+        migration: Migration,
+        started_at: float,
+        metrics: RelayMetrics,
+    ) -> None:
+        self.request = request
+        self.kind = kind
+        self.migration = migration
+        self.started_at = started_at
+        self.metrics = metrics
+        self.response: web.StreamResponse | None = None
+        self.segment_raw: bytes | None = b""  # first segment, unparsed; None once read
+        self.migrations = 0
+        self._first_event_sent = False
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None and self.response.prepared
+
+    def result(self) -> web.StreamResponse:
+        assert self.response is not None
+        return self.response
+
+    def keep_raw(self, out: bytes) -> None:
+        if self.segment_raw is None:
+            return
+        # /generate events are cumulative: the latest chunk holds the whole state.
+        self.segment_raw = out if self.kind == GENERATE else self.segment_raw + out
+
+    async def begin(self, node: NodeView, upstream: aiohttp.ClientResponse) -> None:
+        if self.response is not None:
+            return  # a continuation: the client's response is already under way
+        headers = response_headers(upstream.headers)
+        headers[NODE_HEADER] = node.name
+        headers["X-Accel-Buffering"] = "no"  # tell Nginx not to buffer, whatever its config
+        headers["Cache-Control"] = "no-cache"
+        response = web.StreamResponse(status=200, headers=headers)
+        try:
+            await response.prepare(self.request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone() from exc
+        self.response = response
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        if not self._first_event_sent:
+            self._first_event_sent = True
+            self.metrics.ttft.labels(self.kind).observe(time.monotonic() - self.started_at)
+        try:
+            await self.response.write(data)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone() from exc
+
+    async def finish(self, tail: bytes) -> None:
+        assert self.response is not None
+        data = tail if tail.endswith(sse.DONE) else tail + sse.DONE
+        try:
+            await self.response.write(data)
+            await self.response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+
+
+def _reason_label(reason: str) -> str:
+    """A short, bounded label for a failure (no addresses, no free text)."""
+    for key, label in (
+        ("connect", "connect"),
+        ("abandoned", "node_failed"),
+        ("timed out", "timeout"),
+        ("closed", "closed"),
+        ("broken", "broken"),
+        ("HTTP 5", "http_5xx"),
+        ("without [DONE]", "truncated"),
+        ("refused with HTTP", "continuation_refused"),
+    ):
+        if key in reason:
+            return label
+    return "other"

@@ -1,0 +1,92 @@
+"""The relay as one object: wiring, start and stop (used by __main__ and tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from ha_agent.config import RelaySettings
+from ha_agent.dcs.base import LeaseStore
+from ha_agent.dcs.redis_sentinel import RedisLeaseStore
+from ha_agent.events import EventLog
+from ha_agent.gateway.admin import RelayAdmin
+from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.gateway.nginx_sync import keep_in_sync
+from ha_agent.gateway.relay import Relay
+from ha_agent.gateway.topology import Topology
+from ha_agent.gateway.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+class RelayService:
+    def __init__(self, settings: RelaySettings, store: LeaseStore | None = None) -> None:
+        self.s = settings
+        self.store = store or RedisLeaseStore(
+            settings, retry_timeout=min(settings.poll_interval, 0.5)
+        )
+        self.events = EventLog(settings.ha_log, "relay", self.store)
+        self.topology = Topology(settings, self.store, self.events)
+        self.metrics = RelayMetrics()
+        self.metrics.attach(self.topology)
+        self.transport = Transport(settings.connect_timeout, settings.first_byte_timeout)
+        self.relay = Relay(settings, self.topology, self.transport, self.metrics, self.events)
+        self._data: web.AppRunner | None = None
+        self._admin: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Future[None]] = []
+
+    async def start(self) -> None:
+        # handler_cancellation: a client that disconnects cancels its request, which
+        # closes the upstream connection, which makes the engine abort the generation.
+        self._data = web.AppRunner(
+            self.relay.app(), access_log=None, handle_signals=False, handler_cancellation=True
+        )
+        self._admin = web.AppRunner(
+            RelayAdmin(self.topology, self.metrics).app(), access_log=None, handle_signals=False
+        )
+        await self._data.setup()
+        await self._admin.setup()
+        await self.topology.refresh()  # route only once a first view is in
+        await web.TCPSite(
+            self._data, self.s.relay_host, self.s.relay_port, backlog=1024, reuse_port=True
+        ).start()
+        await web.TCPSite(self._admin, self.s.relay_host_admin, self.s.relay_admin_port).start()
+        log.info(
+            "relay on %s:%d, primary %s",
+            self.s.relay_host,
+            self.s.relay_port,
+            self.topology.primary,
+        )
+        self._tasks = [
+            asyncio.ensure_future(self.topology.run(self._stop)),
+            asyncio.ensure_future(self.events.forward(self._stop)),
+        ]
+        if self.s.nginx_backup_file:
+            self._tasks.append(
+                asyncio.ensure_future(
+                    keep_in_sync(
+                        self.topology,
+                        self.s.nginx_backup_file,
+                        self.s.nginx_reload_command,
+                        self._stop,
+                    )
+                )
+            )
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._data is not None:
+            # Streams in flight finish: Nginx stops sending to a closed port.
+            await self._data.shutdown()
+            await self._data.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._admin is not None:
+            await self._admin.cleanup()
+        await self.transport.close()
+        await self.store.close()
+        self.events.close()

@@ -1,0 +1,295 @@
+"""The relay's view of the cluster: who is primary, which nodes can serve.
+
+Two sources, so that neither is a single point of failure:
+- the store (Redis via Sentinel): the lease holder and its fencing epoch, plus the
+  node registry; watched through its notification channel and polled;
+- each node's agent (/ha/status), polled: engine health, role, reachability.
+
+The epoch only goes up: a leader read under an older epoch than one already seen
+(a Redis failover lost the latest write) is never routed to as primary.
+
+A node is *failed* when its agent stops answering or reports an unhealthy engine.
+Requests in flight on a failed node are abandoned and re-sent elsewhere (see
+relay.py); a connect error only keeps new requests off the node for a moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from ha_agent import events as ev
+from ha_agent.config import RelaySettings
+from ha_agent.dcs.base import Cluster, DCSError, LeaseStore
+from ha_agent.events import EventLog
+
+log = logging.getLogger(__name__)
+
+# Consecutive unanswered agent polls before a node counts as failed (NIC down,
+# container frozen). Three polls ride out an agent restart by supervisord.
+AGENT_MISSES_TO_FAIL = 3
+# After a connect error, new requests avoid the node for this long.
+CONNECT_COOLDOWN = 1.0
+
+
+class Abandonable:
+    """Something in flight on a node that must stop if the node fails."""
+
+    def abandon(self, reason: str) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class NodeView:
+    name: str
+    engine_url: str
+    agent_url: str
+    status: dict[str, Any] | None = None
+    agent_misses: int = 0
+    connect_failed_until: float = 0.0
+    failed: bool = False
+    failed_reason: str = ""
+    inflight: set[Abandonable] = field(default_factory=set)
+
+    @property
+    def engine_state(self) -> str:
+        if self.status is None:
+            return "unknown"
+        return str(self.status.get("engine", {}).get("state", "unknown"))
+
+    def can_serve(self, now: float) -> bool:
+        return (
+            not self.failed and self.engine_state == "healthy" and now >= self.connect_failed_until
+        )
+
+
+def parse_seed(item: str) -> NodeView:
+    """`name=engine_url=agent_url` (from HA_NODES)."""
+    parts = item.split("=")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"node seed {item!r} is not name=engine_url=agent_url")
+    return NodeView(name=parts[0], engine_url=parts[1].rstrip("/"), agent_url=parts[2].rstrip("/"))
+
+
+class Topology:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        store: LeaseStore,
+        events: EventLog,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.s = settings
+        self.store = store
+        self.events = events
+        self.clock = clock
+        self.nodes: dict[str, NodeView] = {}
+        for item in settings.nodes:
+            node = parse_seed(item)
+            self.nodes[node.name] = node
+        self.primary: str | None = None
+        self.epoch = 0
+        self.degraded = False
+        self.last_refresh = 0.0
+        self.changes = asyncio.Event()  # set whenever primary or failures change
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self.leader_changes = 0
+
+    # -- what the relay asks -------------------------------------------------------------
+
+    def routing_order(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[NodeView]:
+        """Nodes to try, best first: the primary, then healthy standbys, then the rest
+        as a last resort (better a try than a certain 503)."""
+        now = self.clock()
+        candidates = [n for n in self.nodes.values() if n.name not in exclude]
+        primary = self.nodes.get(self.primary) if self.primary else None
+
+        def rank(node: NodeView) -> tuple[int, int, str]:
+            if node.can_serve(now):
+                tier = 0 if node is primary else 1
+            elif not node.failed and now >= node.connect_failed_until:
+                tier = 2 if node is primary else 3  # unknown health: not proven bad
+            else:
+                tier = 4
+            return (tier, len(node.inflight), node.name)
+
+        return sorted(candidates, key=rank)
+
+    def connect_failed(self, node: NodeView) -> None:
+        node.connect_failed_until = self.clock() + CONNECT_COOLDOWN
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "primary": self.primary,
+            "epoch": self.epoch,
+            "degraded": self.degraded,
+            "last_refresh_age": round(now - self.last_refresh, 2),
+            "nodes": [
+                {
+                    "name": n.name,
+                    "engine_url": n.engine_url,
+                    "agent_url": n.agent_url,
+                    "engine": n.engine_state,
+                    "role": (n.status or {}).get("role"),
+                    "failed": n.failed,
+                    "failed_reason": n.failed_reason,
+                    "can_serve": n.can_serve(now),
+                    "inflight": len(n.inflight),
+                }
+                for n in self.nodes.values()
+            ],
+        }
+
+    # -- refresh -------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = min(self.s.poll_interval * 0.8, 1.0)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=16),
+                timeout=aiohttp.ClientTimeout(total=timeout, connect=timeout),
+            )
+        return self._session
+
+    async def refresh(self) -> None:
+        cluster: Cluster | None
+        try:
+            cluster = await self.store.get_cluster()
+        except DCSError as exc:
+            cluster = None
+            if not self.degraded:
+                self.degraded = True
+                self.events.emit(
+                    ev.DEGRADED_MODE_ENTERED,
+                    f"relay: store unreachable ({exc}); routing on own view",
+                )
+        if cluster is not None:
+            if self.degraded:
+                self.degraded = False
+                self.events.emit(ev.DEGRADED_MODE_EXITED, "relay: store reachable again")
+            self._merge_members(cluster)
+        await self._poll_agents()
+        self._judge_failures()
+        self._choose_primary(cluster)
+        self.last_refresh = self.clock()
+
+    def _merge_members(self, cluster: Cluster) -> None:
+        for m in cluster.members:
+            node = self.nodes.get(m.name)
+            if node is None:
+                self.nodes[m.name] = NodeView(
+                    m.name, m.engine_url.rstrip("/"), m.api_url.rstrip("/")
+                )
+                log.info("discovered node %s at %s", m.name, m.engine_url)
+            else:
+                node.engine_url, node.agent_url = m.engine_url.rstrip("/"), m.api_url.rstrip("/")
+
+    async def _poll_agents(self) -> None:
+        async def poll(node: NodeView) -> None:
+            try:
+                async with self._http().get(f"{node.agent_url}/ha/status") as resp:
+                    if resp.status != 200:
+                        raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+                    node.status = await resp.json()
+                    node.agent_misses = 0
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                node.agent_misses += 1
+
+        await asyncio.gather(*(poll(n) for n in list(self.nodes.values())))
+
+    def _judge_failures(self) -> None:
+        for node in self.nodes.values():
+            if node.agent_misses >= AGENT_MISSES_TO_FAIL:
+                reason = f"agent unreachable ({node.agent_misses} polls)"
+                node.status = None
+            elif node.status is not None and node.engine_state in ("hung", "dead"):
+                reason = f"engine {node.engine_state}"
+            else:
+                reason = ""
+            if reason and not node.failed:
+                node.failed, node.failed_reason = True, reason
+                self.events.emit(ev.NODE_UNREACHABLE, f"{node.name}: {reason}")
+                self._abandon(node, reason)
+                self.changes.set()
+            elif not reason and node.failed and node.engine_state == "healthy":
+                node.failed, node.failed_reason = False, ""
+                self.events.emit(ev.NODE_REACHABLE, f"{node.name}: engine healthy")
+                self.changes.set()
+
+    def _abandon(self, node: NodeView, reason: str) -> None:
+        for item in list(node.inflight):
+            item.abandon(f"{node.name} failed: {reason}")
+
+    def _choose_primary(self, cluster: Cluster | None) -> None:
+        primary: str | None = None
+        epoch = self.epoch
+        if cluster is not None and cluster.leader is not None:
+            leader = cluster.leader
+            if leader.epoch >= self.epoch:
+                primary, epoch = leader.node, leader.epoch
+            else:
+                log.warning(
+                    "store names %s under epoch %d < %d already seen: not routing to it as primary",
+                    leader.node,
+                    leader.epoch,
+                    self.epoch,
+                )
+        if primary is None and (cluster is None or cluster.leader is not None):
+            # Store away or stale: trust an agent that claims the lease at the newest epoch.
+            claims = [
+                (int(n.status.get("epoch", 0)), n.name)
+                for n in self.nodes.values()
+                if n.status and n.status.get("role") == "primary" and not n.failed
+            ]
+            claims = [c for c in claims if c[0] >= self.epoch]
+            if claims:
+                epoch, primary = max(claims)
+            elif cluster is None and self.primary and self.nodes.get(self.primary):
+                keep = self.nodes[self.primary]
+                primary = self.primary if not keep.failed else None
+        if primary != self.primary:
+            previous = self.primary
+            self.primary = primary
+            self.leader_changes += 1
+            self.events.emit(
+                ev.LEADER_CHANGED, f"from {previous or '-'} to {primary or '-'} (epoch {epoch})"
+            )
+            self.changes.set()
+        self.epoch = max(self.epoch, epoch)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        watcher = asyncio.ensure_future(self._follow_notifications(stop))
+        try:
+            while not stop.is_set():
+                started = self.clock()
+                try:
+                    await self.refresh()
+                except Exception:
+                    log.exception("BUG: topology refresh failed")
+                self._wake.clear()
+                delay = max(self.s.poll_interval - (self.clock() - started), 0.0)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            if self._session is not None:
+                await self._session.close()
+
+    async def _follow_notifications(self, stop: asyncio.Event) -> None:
+        async for _message in self.store.watch():
+            self._wake.set()
+            if stop.is_set():
+                return

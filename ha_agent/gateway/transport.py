@@ -1,0 +1,110 @@
+"""Upstream HTTP to the engines, and the one classification the retry policy needs.
+
+After aiohttp's client_exceptions: a failure either happened before the engine
+could have answered anything (retry it elsewhere), or after the response started
+(a stream must be migrated, or ended cleanly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# Statuses that mean "this node could not serve it", never "the request is bad".
+RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+
+# Hop-by-hop and length headers are the proxy's own business (RFC 9110 §7.6.1).
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+        "accept-encoding",
+    }
+)
+
+
+class UpstreamFailure(Exception):
+    """This attempt failed before the response started; another node may serve it."""
+
+    def __init__(self, reason: str, connect: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.connect = connect  # nothing reached the node at all
+
+
+def forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        if key.lower() not in _HOP:
+            out.add(key, value)
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        if key.lower() not in _HOP and key.lower() != "content-encoding":
+            out.add(key, value)
+    return out
+
+
+def classify(exc: BaseException) -> UpstreamFailure:
+    """Map a client exception raised before the response started."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(f"connect failed: {exc.os_error or exc}", connect=True)
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return UpstreamFailure(f"timed out: {exc}", connect="connect" in str(exc).lower())
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamFailure("timed out before the first byte")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamFailure("connection closed before the response")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamFailure(f"response body broken: {exc}")
+    if isinstance(exc, (aiohttp.ClientOSError, ConnectionError, OSError)):
+        return UpstreamFailure(f"connection error: {exc}")
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamFailure(f"{type(exc).__name__}: {exc}")
+    raise exc
+
+
+class Transport:
+    """One pooled client session for all engines (keep-alive, no total timeout:
+    generations are long; stalls are caught by the topology instead)."""
+
+    def __init__(self, connect_timeout: float, first_byte_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.first_byte_timeout = first_byte_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0, keepalive_timeout=30, ttl_dns_cache=5, enable_cleanup_closed=True
+                ),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=self.connect_timeout,
+                    sock_connect=self.connect_timeout,
+                    sock_read=None,
+                ),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,26 @@
+"""Process logging for every component: one format, level from HA_LOG_LEVEL."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup(component: str) -> None:
+    level = os.environ.get("HA_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        stream=sys.stderr,
+        format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s",
+    )
+    # aiohttp logs every request at INFO; the access log lives in Nginx.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    uvloop.install()

@@ -1,0 +1,1 @@
+"""Probes of the local engine. Observations only: no lease decisions here."""

@@ -1,0 +1,143 @@
+"""HTTP probes of one SGLang engine: a metrics read, a canary generation, an abort.
+
+Why metrics first: SGLang's own /health submits a generation every call, and
+timed-out ones are never cancelled (sglang#35884); /metrics costs the scheduler
+nothing. A canary runs only when real traffic does not already prove progress,
+one at a time, and is aborted by its rid when it times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+_SUMMED = {
+    "sglang:num_running_reqs": "running",
+    "sglang:num_queue_reqs": "queued",
+    "sglang:generation_tokens_total": "generation_tokens",
+    "sglang:num_requests_total": "requests",
+    "sglang:token_usage": "token_usage",
+}
+
+
+class EngineUnreachable(Exception):
+    """Nothing listens (connection refused): the engine is down or not yet up."""
+
+
+class EngineTimeout(Exception):
+    """The engine accepted the connection but did not answer in time."""
+
+
+class EngineBadAnswer(Exception):
+    """The engine answered with an error status or garbage."""
+
+
+@dataclass(frozen=True)
+class EngineSample:
+    """The few numbers health needs, read from one /metrics scrape."""
+
+    at: float
+    latency: float
+    running: float = 0.0
+    queued: float = 0.0
+    generation_tokens: float = 0.0
+    requests: float = 0.0
+    token_usage: float = 0.0
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    ok: bool
+    latency: float
+    detail: str
+
+
+def parse_metrics(text: str, at: float, latency: float) -> EngineSample:
+    values = dict.fromkeys(_SUMMED.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            field = _SUMMED.get(sample.name)
+            if field is not None:
+                values[field] += float(sample.value)
+    return EngineSample(at=at, latency=latency, **values)
+
+
+class EngineClient:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # A small private pool: probes must never queue behind each other.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+        return self._session
+
+    async def scrape(self, timeout: float) -> EngineSample:
+        started = time.monotonic()
+        try:
+            async with self._http().get(
+                f"{self.base_url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                if resp.status != 200:
+                    raise EngineBadAnswer(f"/metrics answered {resp.status}")
+                text = await resp.text()
+        except aiohttp.ClientConnectorError as exc:
+            raise EngineUnreachable(str(exc)) from exc
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise EngineTimeout(f"/metrics timed out after {timeout:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise EngineBadAnswer(f"/metrics: {type(exc).__name__}: {exc}") from exc
+        now = time.monotonic()
+        try:
+            return parse_metrics(text, at=now, latency=now - started)
+        except ValueError as exc:
+            raise EngineBadAnswer(f"/metrics unparsable: {exc}") from exc
+
+    async def canary(self, timeout: float) -> CanaryResult:
+        """One bounded 1-token generation, aborted on the engine if it times out."""
+        rid = f"HA_CANARY_{uuid.uuid4().hex}"
+        body = {
+            "input_ids": [0],
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+            "rid": rid,
+        }
+        started = time.monotonic()
+        try:
+            async with self._http().post(
+                f"{self.base_url}/generate", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                await resp.read()
+                latency = time.monotonic() - started
+                if resp.status != 200:
+                    return CanaryResult(False, latency, f"canary answered HTTP {resp.status}")
+                return CanaryResult(True, latency, "canary generated a token")
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            await self.abort(rid)
+            return CanaryResult(
+                False, time.monotonic() - started, f"canary timed out after {timeout:g}s"
+            )
+        except aiohttp.ClientError as exc:
+            return CanaryResult(
+                False, time.monotonic() - started, f"canary failed: {type(exc).__name__}"
+            )
+
+    async def abort(self, rid: str) -> None:
+        # Best effort and short: a frozen engine will not answer this either.
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            async with self._http().post(
+                f"{self.base_url}/abort_request",
+                json={"rid": rid},
+                timeout=aiohttp.ClientTimeout(total=1.0),
+            ) as resp:
+                await resp.read()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

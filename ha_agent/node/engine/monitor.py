@@ -1,0 +1,259 @@
+"""Judge the local engine: starting, healthy, hung or dead.
+
+Signals, cheapest first:
+1. supervisord: is the engine process running at all, and how did it last exit?
+2. /metrics, every `scrape_interval`: connection refused means dead, repeated
+   timeouts mean frozen (SIGSTOP, a wedged HTTP server). The generated-token
+   counter moving proves progress for free while real traffic runs.
+3. A canary generation (one token, bounded, aborted on timeout), only when needed:
+   to confirm a start or a recovery, when requests are present but no token moved
+   for `stall_timeout` (a hung scheduler whose /health still says 200), and after
+   `canary_idle` with no progress at all. Never more than one in flight.
+
+Only the canary, process death or an unanswering engine can make a healthy engine
+unhealthy. What clients send (4xx, garbage, floods) is never an input here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ha_agent.config import EngineHealthSettings
+from ha_agent.node.engine.client import (
+    CanaryResult,
+    EngineBadAnswer,
+    EngineClient,
+    EngineSample,
+    EngineTimeout,
+    EngineUnreachable,
+)
+from ha_agent.node.engine.process import ProcessState, ProcessWatch
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(str, enum.Enum):
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    HUNG = "hung"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    state: EngineState
+    reason: str
+    since: float
+    oom: bool = False
+    running: float = 0.0
+    queued: float = 0.0
+    token_usage: float = 0.0
+    probe_latency: float | None = None
+    last_progress_age: float | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state is EngineState.HEALTHY
+
+
+Listener = Callable[[EngineHealth, EngineHealth], None]
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        settings: EngineHealthSettings,
+        client: EngineClient | None = None,
+        process: ProcessWatch | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.s = settings
+        self.client = client or EngineClient(settings.engine_url)
+        self.process = process
+        self.clock = clock
+        now = clock()
+        self.health = EngineHealth(EngineState.STARTING, "waiting for the engine", now)
+        self._started_at = now  # start of the current engine run (for startup_grace)
+        self._last: EngineSample | None = None
+        self._last_progress = now
+        self._timeouts = 0
+        self._canary: asyncio.Task[CanaryResult] | None = None
+        self._canary_failures = 0
+        self._next_canary_at = 0.0
+        self._listeners: list[Listener] = []
+        self.canary_latency: float | None = None
+
+    def on_change(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    # -- state changes ---------------------------------------------------------------
+
+    def _set(self, state: EngineState, reason: str, **extra: object) -> None:
+        old = self.health
+        now = self.clock()
+        since = old.since if old.state is state else now
+        sample = self._last
+        self.health = EngineHealth(
+            state=state,
+            reason=reason,
+            since=since,
+            oom=bool(extra.get("oom", False)),
+            running=sample.running if sample else 0.0,
+            queued=sample.queued if sample else 0.0,
+            token_usage=sample.token_usage if sample else 0.0,
+            probe_latency=sample.latency if sample else None,
+            last_progress_age=now - self._last_progress,
+        )
+        if old.state is not state:
+            log.info("engine %s -> %s: %s", old.state.value, state.value, reason)
+            for listener in self._listeners:
+                listener(old, self.health)
+
+    def _engine_restarted(self) -> None:
+        """A new engine run: it must prove itself with a canary again."""
+        now = self.clock()
+        self._started_at = now
+        self._last = None
+        self._last_progress = now
+        self._timeouts = 0
+        self._canary_failures = 0
+        self._next_canary_at = 0.0
+
+    # -- one tick ------------------------------------------------------------------------
+
+    async def tick(self) -> EngineHealth:
+        now = self.clock()
+        if self.process is not None:
+            proc = await self._read_process()
+            if proc is not None and not proc.running:
+                self._process_down(proc)
+                return self.health
+
+        try:
+            sample = await self.client.scrape(self.s.scrape_timeout)
+        except EngineUnreachable:
+            self._not_listening(now)
+            return self.health
+        except (EngineTimeout, EngineBadAnswer) as exc:
+            self._timeouts += 1
+            if (
+                self._timeouts >= self.s.unresponsive_after
+                and self.health.state is not EngineState.DEAD
+            ):
+                self._cancel_canary()
+                self._set(EngineState.HUNG, f"unresponsive: {exc} ({self._timeouts}x in a row)")
+            return self.health
+        self._timeouts = 0
+        self._observe(sample)
+        self._maybe_canary(self.clock())
+        return self.health
+
+    async def _read_process(self) -> ProcessState | None:
+        assert self.process is not None
+        try:
+            return await self.process.read(timeout=self.s.scrape_timeout)
+        except Exception as exc:  # supervisord away: fall back to HTTP signals only
+            log.debug("supervisord unreadable: %s", exc)
+            return None
+
+    def _process_down(self, proc: ProcessState) -> None:
+        self._cancel_canary()
+        self._engine_restarted()
+        if proc.state in ("STARTING",) and self.health.state is EngineState.STARTING:
+            self._set(EngineState.STARTING, f"process {proc.describe()}")
+        else:
+            self._set(EngineState.DEAD, f"process {proc.describe()}", oom=proc.oom)
+
+    def _not_listening(self, now: float) -> None:
+        self._cancel_canary()
+        state = self.health.state
+        if state is EngineState.STARTING and now - self._started_at < self.s.startup_grace:
+            self._set(EngineState.STARTING, "engine not listening yet")
+            return
+        if state is not EngineState.DEAD:
+            self._engine_restarted()
+        self._set(
+            EngineState.DEAD, "engine not listening (connection refused)", oom=self.health.oom
+        )
+
+    def _observe(self, sample: EngineSample) -> None:
+        prev, self._last = self._last, sample
+        if prev is None:
+            return
+        if sample.generation_tokens < prev.generation_tokens:
+            # Counters went back: the engine restarted under us.
+            self._engine_restarted()
+            self._last = sample
+            return
+        if sample.generation_tokens > prev.generation_tokens:
+            self._last_progress = sample.at
+
+    def _maybe_canary(self, now: float) -> None:
+        if self._canary is not None or now < self._next_canary_at:
+            return
+        state = self.health.state
+        sample = self._last
+        busy = sample is not None and (sample.running + sample.queued) > 0
+        quiet_for = now - self._last_progress
+        if state is not EngineState.HEALTHY:
+            why = "confirm the engine works"
+        elif busy and quiet_for > self.s.stall_timeout:
+            why = f"requests running but no token for {quiet_for:.1f}s"
+        elif quiet_for > self.s.canary_idle:
+            why = "idle check"
+        else:
+            if state is EngineState.HEALTHY:
+                self._set(EngineState.HEALTHY, self.health.reason)  # refresh numbers
+            return
+        log.debug("canary: %s", why)
+        self._canary = asyncio.ensure_future(self.client.canary(self.s.canary_timeout))
+        self._canary.add_done_callback(lambda task: self._canary_done(task, why))
+
+    def _canary_done(self, task: asyncio.Task[CanaryResult], why: str) -> None:
+        self._canary = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        result = task.result() if exc is None else CanaryResult(False, 0.0, f"canary error: {exc}")
+        now = self.clock()
+        self.canary_latency = result.latency
+        if result.ok:
+            self._canary_failures = 0
+            self._last_progress = now
+            self._set(EngineState.HEALTHY, f"{result.detail} in {result.latency * 1000:.0f} ms")
+            return
+        self._canary_failures += 1
+        # Back off on a sick engine: one probe at a time, and fewer as it stays sick.
+        backoff = min(0.5 * 2 ** (self._canary_failures - 1), 5.0)
+        self._next_canary_at = now + backoff
+        state = self.health.state
+        if state is EngineState.STARTING and now - self._started_at < self.s.startup_grace:
+            self._set(EngineState.STARTING, f"not ready yet: {result.detail}")
+        elif self._canary_failures >= self.s.canary_failures and state is not EngineState.DEAD:
+            self._set(EngineState.HUNG, f"{result.detail} ({why})")
+
+    def _cancel_canary(self) -> None:
+        if self._canary is not None:
+            self._canary.cancel()
+            self._canary = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = self.clock()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("BUG: engine health tick failed")
+            delay = max(self.s.scrape_interval - (self.clock() - started), 0.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+        self._cancel_canary()
+        await self.client.close()

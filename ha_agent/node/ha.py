@@ -1,0 +1,504 @@
+"""The node's HA state machine: one readable cycle, after Patroni's ha.py.
+
+Every `loop_wait` (or sooner, when the lease changes hands or the engine's health
+changes) `run_cycle()` reads one snapshot of the store and takes one small action:
+renew, release, acquire, follow, or hold. Each path returns the sentence that the
+agent logs for the cycle.
+
+Safety rules, in the order the cycle applies them:
+1. Self-fencing comes first and needs no store: a primary whose lease could have
+   expired by now stops being primary (its /primary turns 503) *before* the store
+   lets anyone else take the lease (`safety_margin`).
+2. An unhealthy engine never holds or takes the lease.
+3. A standby asks the last primary's agent before it takes a free lease: if that
+   primary says it is alive with a valid lease (the key was lost in a Redis
+   failover), the standby waits.
+4. With the store away (degraded mode) nobody is promoted; the primary stays
+   primary only while every peer acknowledges it (Patroni's failsafe mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ha_agent import events as ev
+from ha_agent.config import AgentSettings
+from ha_agent.dcs.base import Cluster, DCSError, LeaseStore, Member
+from ha_agent.events import EventLog
+from ha_agent.node.damping import FlapDamper
+from ha_agent.node.engine.monitor import EngineHealth, EngineState, HealthMonitor
+from ha_agent.node.peers import PeerClient
+
+log = logging.getLogger(__name__)
+
+
+class Role(str, enum.Enum):
+    PRIMARY = "primary"
+    STANDBY = "standby"
+
+
+@dataclass
+class Transition:
+    at: float  # wall clock, for humans
+    what: str
+
+
+@dataclass
+class HAState:
+    role: Role = Role.STANDBY
+    epoch: int = 0  # the epoch we hold (primary) or last saw (standby)
+    lease_valid_until: float = 0.0  # monotonic; meaningful while primary
+    max_epoch_seen: int = 0
+    leader: str | None = None  # who holds the lease, as last seen
+    degraded: bool = False
+    paused: bool = False
+    handed_over_at: float = -1e9  # monotonic time of our last planned hand-over
+    failsafe_acked_at: float = -1e9  # monotonic: when a primary last asked us to ack it
+    failsafe_acked_for: str | None = None
+    last_transition: Transition | None = None
+    members: dict[str, Member] = field(default_factory=dict)
+
+
+class Ha:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        dcs: LeaseStore,
+        engine: HealthMonitor,
+        events: EventLog,
+        peers: PeerClient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.s = settings
+        self.name = settings.node_name
+        self.dcs = dcs
+        self.engine = engine
+        self.events = events
+        self.peers = peers
+        self.clock = clock
+        self.state = HAState()
+        self.damper = FlapDamper(clock=clock)
+        self.last_cycle_at = clock()
+        self.last_cycle_message = "starting"
+        self.wake = asyncio.Event()
+        self.transitions_total = 0
+        self.failovers_total = 0
+        self.renew_latency: float | None = None
+        engine.on_change(self._engine_changed)
+
+    # -- what the API and metrics read -------------------------------------------------
+
+    @property
+    def engine_health(self) -> EngineHealth:
+        return self.engine.health
+
+    def lease_time_left(self) -> float:
+        if self.state.role is not Role.PRIMARY:
+            return 0.0
+        return max(self.state.lease_valid_until - self.clock(), 0.0)
+
+    def is_primary(self) -> bool:
+        """True only while the lease is certainly ours and the engine can serve.
+
+        Computed at call time, so an agent that was frozen and wakes up answers
+        503 before its loop has even run again.
+        """
+        return (
+            self.state.role is Role.PRIMARY
+            and self.clock() < self.state.lease_valid_until
+            and self.engine.health.healthy
+        )
+
+    def is_standby(self) -> bool:
+        return not self.is_primary() and self.engine.health.healthy
+
+    def advertised_engine_url(self) -> str:
+        return self.s.advertise_engine_url or self.s.engine_url
+
+    def advertised_api_url(self) -> str:
+        return self.s.advertise_api_url or f"http://127.0.0.1:{self.s.api_port}"
+
+    def status(self) -> dict[str, Any]:
+        h = self.engine.health
+        st = self.state
+        role = (
+            Role.PRIMARY.value
+            if self.is_primary()
+            else ("fenced" if st.role is Role.PRIMARY else Role.STANDBY.value)
+        )
+        return {
+            "node": self.name,
+            "role": role,
+            "epoch": st.epoch,
+            "leader": st.leader,
+            "lease_time_left": round(self.lease_time_left(), 3),
+            "engine": {
+                "state": h.state.value,
+                "reason": h.reason,
+                "for_seconds": round(self.clock() - h.since, 1),
+                "oom": h.oom,
+                "running": h.running,
+                "queued": h.queued,
+                "token_usage": h.token_usage,
+            },
+            "engine_url": self.advertised_engine_url(),
+            "api_url": self.advertised_api_url(),
+            "degraded": st.degraded,
+            "paused": st.paused,
+            "priority": self.s.priority,
+            "failback": self.s.failback,
+            "held_back_for": round(self.damper.held_back_for(), 1),
+            "last_transition": (
+                {"at": st.last_transition.at, "what": st.last_transition.what}
+                if st.last_transition
+                else None
+            ),
+            "last_cycle": self.last_cycle_message,
+            "last_cycle_age": round(self.clock() - self.last_cycle_at, 2),
+        }
+
+    # -- the cycle -----------------------------------------------------------------------
+
+    async def run_cycle(self) -> str:
+        try:
+            message = await self._run_cycle()
+        except Exception as exc:  # never let one bad cycle kill the agent
+            log.exception("BUG: unexpected error in HA cycle")
+            message = f"BUG: unexpected {type(exc).__name__} in HA cycle: {exc}"
+        self.last_cycle_at = self.clock()
+        self.last_cycle_message = message
+        return message
+
+    async def _run_cycle(self) -> str:
+        fenced = self._self_fence()
+        try:
+            cluster = await self.dcs.get_cluster()
+        except DCSError as exc:
+            return await self.process_dcs_outage(exc, fenced)
+        if self.state.degraded:
+            self.state.degraded = False
+            self.events.emit(ev.DEGRADED_MODE_EXITED, "coordination store reachable again")
+        self._absorb(cluster)
+        await self._register()
+
+        leader = cluster.leader
+        mine = leader is not None and leader.node == self.name
+        if self.state.role is Role.PRIMARY and (
+            leader is None or (mine and leader.epoch == self.state.epoch)
+        ):
+            # A missing key while we hold a valid lease was lost by the store (Redis
+            # failover): renewing puts it back unless a newer epoch exists.
+            return await self.process_leader(cluster)
+        if mine:
+            return await self.adopt_own_lease(cluster)
+        if leader is not None:
+            return self.follow(cluster)
+        return await self.process_no_leader(cluster)
+
+    def _self_fence(self) -> str | None:
+        st = self.state
+        if st.role is Role.PRIMARY and self.clock() >= st.lease_valid_until:
+            self._become(Role.STANDBY)
+            why = "lease not renewed in time; stopped serving as primary before it could expire"
+            self.events.emit(ev.FENCED, f"{self.name} epoch {st.epoch}: {why}")
+            return why
+        return None
+
+    def _absorb(self, cluster: Cluster) -> None:
+        st = self.state
+        st.max_epoch_seen = max(st.max_epoch_seen, cluster.max_epoch)
+        if cluster.paused != st.paused:
+            st.paused = cluster.paused
+            self.events.emit(ev.PAUSED if st.paused else ev.RESUMED, "automatic actions")
+        st.members = {m.name: m for m in cluster.members}
+        if cluster.leader is not None:
+            st.leader = cluster.leader.node
+            if st.role is not Role.PRIMARY:
+                st.epoch = cluster.leader.epoch
+
+    async def _register(self) -> None:
+        h = self.engine.health
+        me = Member(
+            name=self.name,
+            engine_url=self.advertised_engine_url(),
+            api_url=self.advertised_api_url(),
+            role=Role.PRIMARY.value if self.is_primary() else Role.STANDBY.value,
+            epoch=self.state.epoch,
+            engine_health=h.state.value,
+            priority=self.s.priority,
+        )
+        with contextlib.suppress(DCSError):
+            await self.dcs.register(me, self.s.registry_ttl)
+
+    # -- we hold the lease -------------------------------------------------------------
+
+    async def process_leader(self, cluster: Cluster) -> str:
+        st = self.state
+        h = self.engine.health
+        if not h.healthy and not st.paused:
+            await self._release(f"engine {h.state.value}: {h.reason}")
+            return f"demoted: engine {h.state.value} ({h.reason}); released the lease"
+        switch = cluster.switchover
+        if switch is not None and switch.from_node == self.name and not st.paused:
+            target = await self._switchover_target(cluster, switch.to_node)
+            if target is None:
+                return await self._renew(
+                    cluster, note="; switchover pending: no healthy target yet"
+                )
+            st.handed_over_at = self.clock()
+            await self._release(f"planned switchover to {target}")
+            self.events.emit(ev.SWITCHOVER_REQUESTED, f"from {self.name} to {target}")
+            return f"demoted: planned switchover to {target}; released the lease"
+        return await self._renew(cluster)
+
+    async def _renew(self, cluster: Cluster, note: str = "") -> str:
+        st = self.state
+        started = self.clock()
+        try:
+            ok = await self.dcs.renew(self.name, st.epoch, self.s.lease_ttl)
+        except DCSError as exc:
+            self.events.emit(ev.LEASE_RENEW_FAILED, f"{self.name} epoch {st.epoch}: {exc}")
+            return await self.process_dcs_outage(exc, None)
+        self.renew_latency = self.clock() - started
+        if not ok:
+            self._become(Role.STANDBY)
+            self.events.emit(
+                ev.LEASE_LOST, f"{self.name} epoch {st.epoch}: another holder or epoch"
+            )
+            self.events.emit(ev.DEMOTED, f"{self.name} to standby (lease lost)")
+            return f"demoted: lease lost (epoch {st.epoch})"
+        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        paused = " (paused)" if st.paused else ""
+        return f"renewed lease as primary (epoch {st.epoch}){paused}{note}"
+
+    async def adopt_own_lease(self, cluster: Cluster) -> str:
+        """The store names us but we are not acting as primary: agent restart, or we
+        fenced ourselves over a slow store. Resume if healthy, else let it go."""
+        assert cluster.leader is not None
+        epoch = cluster.leader.epoch
+        if not self.engine.health.healthy:
+            with contextlib.suppress(DCSError):
+                await self.dcs.release(self.name, epoch)
+            return f"released a lease left under our name (epoch {epoch}): engine not healthy"
+        started = self.clock()
+        try:
+            got = await self.dcs.acquire(self.name, self.s.lease_ttl, self.state.max_epoch_seen)
+        except DCSError as exc:
+            return await self.process_dcs_outage(exc, None)
+        if got != epoch:
+            return f"could not resume lease epoch {epoch} (store answered {got})"
+        self.state.epoch = epoch
+        self.state.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        self._become(Role.PRIMARY)
+        self.events.emit(ev.PROMOTED, f"{self.name} resumed as primary (epoch {epoch})")
+        return f"resumed as primary under our existing lease (epoch {epoch})"
+
+    async def _release(self, why: str) -> None:
+        st = self.state
+        epoch = st.epoch
+        self._become(Role.STANDBY)
+        try:
+            released = await self.dcs.release(self.name, epoch)
+        except DCSError as exc:
+            released = False
+            log.warning("could not release lease: %s (it will expire)", exc)
+        self.events.emit(ev.DEMOTED, f"{self.name} to standby: {why}")
+        if released:
+            self.events.emit(ev.LEASE_RELEASED, f"{self.name} epoch {epoch}")
+
+    # -- someone else holds the lease --------------------------------------------------
+
+    def follow(self, cluster: Cluster) -> str:
+        assert cluster.leader is not None
+        leader = cluster.leader
+        st = self.state
+        if st.role is Role.PRIMARY:
+            self._become(Role.STANDBY)
+            self.events.emit(
+                ev.LEASE_LOST, f"{self.name}: {leader.node} holds epoch {leader.epoch}"
+            )
+            self.events.emit(ev.DEMOTED, f"{self.name} to standby")
+        h = self.engine.health
+        return f"following {leader.node} (epoch {leader.epoch}) as standby; engine {h.state.value}"
+
+    # -- nobody holds the lease --------------------------------------------------------
+
+    async def process_no_leader(self, cluster: Cluster) -> str:
+        st = self.state
+        previous = st.leader
+        h = self.engine.health
+        if st.paused:
+            return "no leader, but automatic actions are paused: not taking the lease"
+        if not h.healthy:
+            return f"no leader; not eligible: engine {h.state.value} ({h.reason})"
+        held = self.damper.held_back_for()
+        if held > 0 and self._other_healthy_member():
+            return f"no leader; held back {held:.1f}s more: engine health has been flapping"
+        switch = cluster.switchover
+        if switch is not None and switch.to_node not in (None, self.name):
+            target = st.members.get(switch.to_node)
+            if target is not None and target.engine_health == EngineState.HEALTHY.value:
+                return f"no leader; planned switchover to {switch.to_node}: leaving it the lease"
+        if self.clock() - st.handed_over_at < 2 * self.s.lease_ttl and switch is not None:
+            return "no leader; we just handed over: leaving the lease to the switchover target"
+        if previous and previous != self.name:
+            alive = await self._previous_primary_alive(previous)
+            if alive:
+                return (
+                    f"no leader key, but {previous} says it is primary with a valid lease: waiting"
+                )
+        return await self._acquire(cluster, previous)
+
+    async def _acquire(self, cluster: Cluster, previous: str | None) -> str:
+        st = self.state
+        planned = cluster.switchover is not None and cluster.switchover.to_node in (None, self.name)
+        if previous and previous != self.name and not planned:
+            self.events.emit(ev.FAILOVER_INITIATED, f"from {previous} to {self.name}")
+        started = self.clock()
+        try:
+            epoch = await self.dcs.acquire(self.name, self.s.lease_ttl, st.max_epoch_seen)
+        except DCSError as exc:
+            return await self.process_dcs_outage(exc, None)
+        if epoch is None:
+            return "no leader, but another node took the lease first"
+        st.epoch = epoch
+        st.max_epoch_seen = max(st.max_epoch_seen, epoch)
+        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        st.leader = self.name
+        self._become(Role.PRIMARY)
+        self.events.emit(ev.LEASE_ACQUIRED, f"{self.name} epoch {epoch}")
+        self.events.emit(ev.PROMOTED, f"{self.name} to primary (epoch {epoch})")
+        if planned:
+            with contextlib.suppress(DCSError):
+                await self.dcs.clear_switchover()
+            self.events.emit(ev.SWITCHOVER_COMPLETED, f"from {previous} to {self.name}")
+            return f"promoted to primary (epoch {epoch}) by planned switchover from {previous}"
+        if previous and previous != self.name:
+            self.failovers_total += 1
+            return f"promoted to primary (epoch {epoch}): failover from {previous}"
+        return f"promoted to primary (epoch {epoch}): no leader was present"
+
+    def _other_healthy_member(self) -> bool:
+        return any(
+            m.engine_health == EngineState.HEALTHY.value
+            for name, m in self.state.members.items()
+            if name != self.name
+        )
+
+    async def _previous_primary_alive(self, previous: str) -> bool:
+        member = self.state.members.get(previous)
+        if member is None:
+            return False
+        status = await self.peers.status(member.api_url)
+        return bool(
+            status
+            and status.get("role") == Role.PRIMARY.value
+            and float(status.get("lease_time_left", 0)) > 0
+            and int(status.get("epoch", -1)) >= self.state.max_epoch_seen
+        )
+
+    async def _switchover_target(self, cluster: Cluster, wanted: str | None) -> str | None:
+        candidates = [m for m in cluster.members if m.name != self.name]
+        if wanted is not None:
+            candidates = [m for m in candidates if m.name == wanted]
+        for member in candidates:
+            status = await self.peers.status(member.api_url)
+            if status and status.get("engine", {}).get("state") == EngineState.HEALTHY.value:
+                return member.name
+        return None
+
+    # -- the store is away -------------------------------------------------------------
+
+    async def process_dcs_outage(self, exc: Exception, fenced: str | None) -> str:
+        st = self.state
+        if not st.degraded:
+            st.degraded = True
+            self.events.emit(ev.DEGRADED_MODE_ENTERED, f"coordination store unreachable: {exc}")
+        if st.role is not Role.PRIMARY:
+            prefix = f"fenced ({fenced}); " if fenced else ""
+            return f"{prefix}store unreachable: staying standby, no promotion without the store"
+        if not self.engine.health.healthy:
+            self._become(Role.STANDBY)
+            self.events.emit(
+                ev.DEMOTED, f"{self.name} to standby: engine unhealthy, store unreachable"
+            )
+            return "store unreachable and engine unhealthy: stepped down"
+        peers = [m for name, m in st.members.items() if name != self.name]
+        peer_urls = [m.api_url for m in peers] or self.s.peers
+        started = self.clock()
+        acks = await asyncio.gather(
+            *(self.peers.failsafe_ack(url, self.name, st.epoch) for url in peer_urls)
+        )
+        if all(acks):
+            st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+            return (
+                f"store unreachable: staying primary (epoch {st.epoch}),"
+                f" {len(acks)} peer(s) acknowledged (failsafe)"
+            )
+        return (
+            f"store unreachable and {acks.count(False)} peer(s) did not acknowledge:"
+            f" fencing in {self.lease_time_left():.1f}s"
+        )
+
+    def acknowledge_failsafe(self, leader: str, epoch: int) -> bool:
+        """A primary that lost the store asks us to confirm it may keep serving."""
+        st = self.state
+        if self.is_primary() or leader == self.name or epoch < st.max_epoch_seen:
+            return False
+        st.failsafe_acked_at = self.clock()
+        st.failsafe_acked_for = leader
+        st.leader = leader
+        return True
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _become(self, role: Role) -> None:
+        st = self.state
+        if st.role is role:
+            return
+        st.role = role
+        if role is Role.STANDBY:
+            st.lease_valid_until = 0.0
+        self.transitions_total += 1
+        st.last_transition = Transition(time.time(), f"became {role.value} (epoch {st.epoch})")
+
+    def _engine_changed(self, old: EngineHealth, new: EngineHealth) -> None:
+        if new.state is EngineState.HEALTHY:
+            self.events.emit(ev.ENGINE_HEALTHY, f"{self.name}: {new.reason}")
+        elif old.state is EngineState.HEALTHY or new.state is EngineState.DEAD:
+            self.events.emit(ev.ENGINE_UNHEALTHY, f"{self.name} {new.state.value}: {new.reason}")
+            if new.oom:
+                self.events.emit(ev.ENGINE_OOM, f"{self.name}: {new.reason}")
+        if old.state is EngineState.HEALTHY and new.state is not EngineState.HEALTHY:
+            self.damper.record_failure()
+        self.wake.set()  # act on it now, not at the next tick
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = self.clock()
+            message = await self.run_cycle()
+            if message != getattr(self, "_last_logged", None):
+                log.info("%s", message)
+                self._last_logged = message
+            else:
+                log.debug("%s", message)
+            self.wake.clear()
+            delay = max(self.s.loop_wait - (self.clock() - started), 0.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_first(stop, self.wake), timeout=delay)
+
+
+async def _first(*flags: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(f.wait()) for f in flags]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,0 +1,89 @@
+"""``sglang-ha-sim`` / ``python -m ha_agent.sim``: serve the SGLang API simulator.
+
+Settings come from ``SimSettings`` (defaults, then ``SIM_*`` environment variables), then
+``--host/--port/--model-name``. ``--validate-config`` prints the effective settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from aiohttp import web
+
+from ha_agent.config import SimSettings
+from ha_agent.sim.server import create_app
+
+log = logging.getLogger("ha_agent.sim")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="sglang-ha-sim",
+        description="SGLang-compatible engine simulator (CPU demo and tests; not SGLang).",
+    )
+    p.add_argument("--host", help="bind address (SIM_HOST)")
+    p.add_argument("--port", type=int, help="port (SIM_PORT)")
+    p.add_argument("--model-name", help="served model name (SIM_MODEL_NAME)")
+    p.add_argument("--validate-config", action="store_true", help="print settings and exit")
+    return p.parse_args(argv)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in {"host": args.host, "port": args.port, "model_name": args.model_name}.items()
+        if v is not None
+    }
+    try:
+        settings = SimSettings(**overrides)
+    except ValueError as exc:
+        print(f"sglang-ha-sim: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if args.validate_config:
+        print(json.dumps(settings.model_dump(mode="json"), indent=2))
+        return 0
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        print(f"sglang-ha-sim: {exc}", file=sys.stderr)
+        return 2
+    log.info(
+        "sglang-ha-sim %s: SGLang API simulator (not SGLang) serving model %r on %s:%d",
+        settings.instance_name or "",
+        settings.model_name,
+        settings.host,
+        settings.port,
+    )
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop=loop,
+        access_log=None,
+        print=None,
+        shutdown_timeout=settings.drain_timeout + 5.0,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

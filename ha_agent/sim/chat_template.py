@@ -1,0 +1,47 @@
+"""The simulator's chat template: messages to one prompt string.
+
+It follows SGLang's handling of a trailing assistant message
+(``serving_chat._handle_last_assistant_message``): with ``continue_final_message`` its
+content becomes an unterminated prefill that generation continues; without it, the
+message is treated as a user turn. Because generation is keyed on the prompt's
+characters, ``messages + [assistant: partial]`` with ``continue_final_message`` reaches
+exactly the state the original request had after producing ``partial``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+END = "<|end|>\n"
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append(str(part.get("text") or ""))
+        else:
+            raise ValueError(
+                f"message content part of type {kind!r} is not supported by the simulator "
+                "(text only)"
+            )
+    return "".join(parts)
+
+
+def render_chat(messages: list[dict[str, Any]], continue_final_message: bool) -> str:
+    """Render messages (already validated) into the prompt the engine continues."""
+    msgs = list(messages)
+    prefix = ""
+    if msgs and msgs[-1]["role"] == "assistant" and isinstance(msgs[-1].get("content"), str):
+        if continue_final_message:
+            prefix = msgs[-1]["content"]
+            msgs = msgs[:-1]
+        else:
+            msgs[-1] = {"role": "user", "content": msgs[-1]["content"]}
+    rendered = [f"<|{m['role']}|>\n{_text(m.get('content'))}{END}" for m in msgs]
+    return "".join(rendered) + "<|assistant|>\n" + prefix

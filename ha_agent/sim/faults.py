@@ -1,0 +1,95 @@
+"""Fault knobs that make the simulator fail the way real engines do (gray failures too).
+
+* ``hang``: running and new generations stop producing tokens; health, model info and
+  metrics still answer (SGLang issues #4191, #6624).
+* ``slow_factor``: multiplies every latency (prefill, decode).
+* ``error_rate``: that fraction of generation requests answer HTTP 500. Counter based,
+  not random: with 0.25 exactly every fourth request fails.
+* ``oom``: print a CUDA OOM line to stderr and SIGKILL this process.
+* ``fail_health``: ``/health`` and ``/health_generate`` answer 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+OOM_LINE = (
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+    "total capacity of 79.19 GiB of which 1.06 GiB is free. Including non-PyTorch memory, "
+    "this process has 78.12 GiB memory in use. Of the allocated memory 76.50 GiB is "
+    "allocated by PyTorch, and 1.10 GiB is reserved by PyTorch but unallocated. If reserved "
+    "but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF="
+    "expandable_segments:True to avoid fragmentation.  See documentation for Memory "
+    "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
+)
+
+
+class FaultError(ValueError):
+    """A bad knob name or value (the admin endpoint answers 400)."""
+
+
+@dataclass
+class Faults:
+    hang: bool = False
+    slow_factor: float = 1.0
+    error_rate: float = 0.0
+    oom: bool = False
+    fail_health: bool = False
+
+    def __post_init__(self) -> None:
+        self._requests_seen = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def update(self, patch: Any) -> None:
+        """Apply a partial update atomically (validate everything first)."""
+        if not isinstance(patch, dict):
+            raise FaultError("fault settings must be a JSON object")
+        clean: dict[str, Any] = {}
+        known = self.as_dict()
+        for key, value in patch.items():
+            if key not in known:
+                raise FaultError(f"unknown fault knob {key!r}; known knobs: {', '.join(known)}")
+            if key in ("hang", "oom", "fail_health"):
+                if not isinstance(value, bool):
+                    raise FaultError(f"{key} must be true or false")
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise FaultError(f"{key} must be a number")
+                value = float(value)
+                if key == "slow_factor" and not (0 < value < math.inf):
+                    raise FaultError("slow_factor must be a positive number")
+                if key == "error_rate" and not 0.0 <= value <= 1.0:
+                    raise FaultError("error_rate must be between 0 and 1")
+            clean[key] = value
+        if "error_rate" in clean and clean["error_rate"] != self.error_rate:
+            self._requests_seen = 0
+        for key, value in clean.items():
+            setattr(self, key, value)
+
+    def clear(self) -> None:
+        self.update(asdict(Faults()))
+
+    def next_request_fails(self) -> bool:
+        """Deterministic error injection: fail when the running share crosses a whole request."""
+        n = self._requests_seen
+        self._requests_seen += 1
+        rate = self.error_rate
+        return rate > 0 and math.floor((n + 1) * rate + 1e-9) > math.floor(n * rate + 1e-9)
+
+
+def die_of_oom() -> None:
+    """Behave like an engine killed by a CUDA OOM: the message, then SIGKILL (exit 137)."""
+    log.critical("sglang-ha-sim: simulating a CUDA out-of-memory crash (fault knob 'oom')")
+    sys.stderr.write(OOM_LINE + "\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

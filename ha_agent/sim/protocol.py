@@ -1,0 +1,501 @@
+"""Request parsing and validation for the three generation endpoints.
+
+Bodies are checked with pydantic (types) and then with SGLang's own sampling checks
+(``SamplingParams.verify``), so bad input gets a clear 400 with SGLang's message. What
+the simulator cannot do (batches, n > 1, logprobs, images, ebnf, tools) is refused with
+a 400 that says so, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from ha_agent.config import SimSettings
+from ha_agent.sim.chat_template import render_chat
+from ha_agent.sim.generator import SamplingKey, StopRules
+from ha_agent.sim.grammar import GrammarError, compile_constraint, constraint_from_response_format
+from ha_agent.sim.scheduler import GenRequest
+from ha_agent.sim.tokenizer import SimTokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang SamplingParams default
+DEFAULT_SEED = 0  # the simulator is always deterministic
+
+
+class BadRequest(ValueError):
+    """A 400. ``validation`` marks body/type errors (FastAPI's RequestValidationError)."""
+
+    def __init__(self, message: str, validation: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.validation = validation
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class SamplingParamsBody(BaseModel):
+    """SGLang's sampling_params; unknown names are refused to catch typos early."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
+    n: int | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+    custom_params: dict[str, Any] | None = None
+    stream_interval: int | None = None
+    logit_bias: dict[str, float] | None = None
+    sampling_seed: int | None = None
+
+
+class GenerateBody(_Model):
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    input_embeds: Any = None
+    image_data: Any = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] | None = False
+
+
+class StreamOptions(_Model):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class _OpenAICommon(_Model):
+    model: str = "default"
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0
+    regex: str | None = None
+    ebnf: str | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
+    no_stop_trim: bool = False
+    ignore_eos: bool = False
+    response_format: dict[str, Any] | None = None
+    rid: str | None = None
+
+
+class CompletionBody(_OpenAICommon):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    json_schema: str | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        # Same rule and words as SGLang's CompletionRequest.
+        if v is not None and v <= 0:
+            raise ValueError("max_tokens must be positive")
+        return v
+
+
+class ChatMessageBody(_Model):
+    role: Literal["system", "user", "assistant", "tool", "function", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class ChatBody(_OpenAICommon):
+    messages: list[ChatMessageBody]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    logprobs: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    continue_final_message: bool = False
+
+
+@dataclass
+class GenerateCall:
+    gen: GenRequest
+    stream: bool
+
+
+@dataclass
+class OpenAICall:
+    gen: GenRequest
+    stream: bool
+    model: str
+    include_usage: bool
+    continuous_usage: bool
+    echo_text: str = ""
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "Invalid request: " + "; ".join(parts)
+
+
+def _parse(model: type[BaseModel], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise BadRequest("Invalid request: the body must be a JSON object", validation=True)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise BadRequest(_validation_message(exc), validation=True) from None
+
+
+def _verify(
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    frequency_penalty: float,
+    presence_penalty: float,
+    repetition_penalty: float,
+    min_new_tokens: int,
+    max_new_tokens: int | None,
+) -> None:
+    """SGLang's SamplingParams.verify, same messages."""
+    if not math.isfinite(temperature) or temperature < 0.0:
+        raise BadRequest(f"temperature must be a non-negative finite number, got {temperature}.")
+    if not 0.0 < top_p <= 1.0:
+        raise BadRequest(f"top_p must be in (0, 1], got {top_p}.")
+    if not 0.0 <= min_p <= 1.0:
+        raise BadRequest(f"min_p must be in [0, 1], got {min_p}.")
+    if top_k < 1 and top_k != -1:
+        raise BadRequest(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
+    if not -2.0 <= frequency_penalty <= 2.0:
+        raise BadRequest(f"frequency_penalty must be in [-2, 2], got {frequency_penalty}.")
+    if not -2.0 <= presence_penalty <= 2.0:
+        raise BadRequest(f"presence_penalty must be in [-2, 2], got {presence_penalty}.")
+    if not 0.0 < repetition_penalty <= 2.0:
+        raise BadRequest(
+            f"repetition_penalty must be in (0, 2] (1.0 = no penalty), got {repetition_penalty}."
+        )
+    if min_new_tokens < 0:
+        raise BadRequest(f"min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}.")
+    if max_new_tokens is not None:
+        if max_new_tokens < 0:
+            raise BadRequest(f"max_new_tokens must be at least 0, got {max_new_tokens}.")
+        if min_new_tokens > max_new_tokens:
+            raise BadRequest(
+                f"min_new_tokens must be in [0, max_new_tokens({max_new_tokens})], "
+                f"got {min_new_tokens}."
+            )
+
+
+class RequestBuilder:
+    """Turns validated bodies into GenRequests (tokenizing, context-length checks)."""
+
+    def __init__(self, settings: SimSettings, tokenizer: SimTokenizer) -> None:
+        self.settings = settings
+        self.tok = tokenizer
+
+    def _prompt_from_ids(self, ids: list[int]) -> tuple[str, list[int]]:
+        try:
+            self.tok.check_ids(ids)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return self.tok.decode(ids), ids
+
+    def _build(
+        self,
+        *,
+        prompt_text: str,
+        prompt_ids: list[int],
+        max_new_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None,
+        min_p: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        min_new_tokens: int | None = None,
+        seed: int | None,
+        stop: str | list[str] | None,
+        stop_token_ids: list[int] | None,
+        stop_regex: str | list[str] | None,
+        ignore_eos: bool | None,
+        no_stop_trim: bool | None,
+        json_schema: str | None,
+        regex: str | None,
+        ebnf: str | None,
+        n: int | None,
+        rid: str | None,
+    ) -> GenRequest:
+        temp = 1.0 if temperature is None else temperature
+        tp = 1.0 if top_p is None else top_p
+        tk = -1 if top_k is None else top_k
+        min_tokens = min_new_tokens or 0
+        _verify(
+            temperature=temp,
+            top_p=tp,
+            top_k=tk,
+            min_p=0.0 if min_p is None else min_p,
+            frequency_penalty=frequency_penalty or 0.0,
+            presence_penalty=presence_penalty or 0.0,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            min_new_tokens=min_tokens,
+            max_new_tokens=max_new_tokens,
+        )
+        if n not in (None, 1):
+            raise BadRequest("n > 1 is not supported by the simulator (send n requests)")
+        if stop_regex:
+            raise BadRequest("stop_regex is not supported by the simulator")
+        try:
+            constraint = compile_constraint(json_schema, regex, ebnf)
+        except GrammarError as exc:
+            raise BadRequest(str(exc)) from None
+        ctx = self.settings.context_length
+        n_in = len(prompt_ids)
+        if n_in >= ctx:
+            raise BadRequest(
+                f"The input ({n_in} tokens) is longer than the model's context length "
+                f"({ctx} tokens)."
+            )
+        if max_new_tokens is None:
+            max_new_tokens = ctx - n_in
+        elif n_in + max_new_tokens > ctx:
+            raise BadRequest(
+                f"Requested token count exceeds the model's maximum context length of {ctx} "
+                f"tokens. You requested a total of {n_in + max_new_tokens} tokens: {n_in} "
+                f"tokens from the input messages and {max_new_tokens} tokens for the "
+                "completion. Please reduce the number of tokens in the input messages or the "
+                "completion to fit within the limit."
+            )
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        rules = StopRules(
+            stop=[s for s in stops if s],
+            stop_token_ids=frozenset(stop_token_ids or ()),
+            # A grammar ends with EOS; ignoring it would only pad the output.
+            ignore_eos=bool(ignore_eos) and constraint is None,
+            no_stop_trim=bool(no_stop_trim),
+        )
+        return GenRequest(
+            prompt_text=prompt_text,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingKey(
+                seed=DEFAULT_SEED if seed is None else seed,
+                temperature=temp,
+                top_p=tp,
+                top_k=tk,
+            ),
+            rules=rules,
+            min_new_tokens=min_tokens,
+            constraint=constraint,
+            rid=rid,
+        )
+
+    # -- POST /generate -------------------------------------------------------------
+    def generate(self, body: Any) -> GenerateCall:
+        req: GenerateBody = _parse(GenerateBody, body)
+        if req.input_embeds is not None or req.image_data is not None:
+            raise BadRequest("input_embeds and image_data are not supported by the simulator")
+        if (req.text is None) == (req.input_ids is None):
+            raise BadRequest("Either text or input_ids should be provided (exactly one).")
+        if req.return_logprob not in (None, False):
+            raise BadRequest("return_logprob is not supported by the simulator")
+        batch = BadRequest("batch requests are not supported by the simulator (one per request)")
+        if isinstance(req.text, list):
+            if len(req.text) != 1:
+                raise batch
+            req.text = req.text[0]
+        if req.input_ids and isinstance(req.input_ids[0], list):
+            if len(req.input_ids) != 1:
+                raise batch
+            req.input_ids = req.input_ids[0]  # type: ignore[assignment]
+        if isinstance(req.rid, list) or isinstance(req.sampling_params, list):
+            raise batch
+        sp: SamplingParamsBody = _parse(SamplingParamsBody, req.sampling_params or {})
+        if sp.structural_tag is not None:
+            raise BadRequest("structural_tag constraints are not supported by the simulator")
+        if req.text is not None:
+            prompt_text, prompt_ids = req.text, self.tok.encode(req.text)
+        else:
+            prompt_text, prompt_ids = self._prompt_from_ids(list(req.input_ids or []))  # type: ignore[arg-type]
+        gen = self._build(
+            prompt_text=prompt_text,
+            prompt_ids=prompt_ids,
+            max_new_tokens=sp.max_new_tokens,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k,
+            min_p=sp.min_p,
+            frequency_penalty=sp.frequency_penalty,
+            presence_penalty=sp.presence_penalty,
+            repetition_penalty=sp.repetition_penalty,
+            min_new_tokens=sp.min_new_tokens,
+            seed=sp.sampling_seed,
+            stop=sp.stop,
+            stop_token_ids=sp.stop_token_ids,
+            stop_regex=sp.stop_regex,
+            ignore_eos=sp.ignore_eos,
+            no_stop_trim=sp.no_stop_trim,
+            json_schema=sp.json_schema,
+            regex=sp.regex,
+            ebnf=sp.ebnf,
+            n=sp.n,
+            rid=req.rid,
+        )
+        return GenerateCall(gen=gen, stream=req.stream)
+
+    # -- POST /v1/completions -------------------------------------------------------
+    def completion(self, body: Any) -> OpenAICall:
+        req: CompletionBody = _parse(CompletionBody, body)
+        prompt: Any = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise BadRequest("batch prompts are not supported by the simulator")
+            prompt = prompt[0]
+        if not prompt:
+            raise BadRequest("Prompt cannot be empty")
+        if req.logprobs is not None:
+            raise BadRequest("logprobs are not supported by the simulator")
+        if req.suffix:
+            raise BadRequest("suffix is not supported by the simulator")
+        if isinstance(prompt, str):
+            prompt_text, prompt_ids = prompt, self.tok.encode(prompt)
+        else:
+            prompt_text, prompt_ids = self._prompt_from_ids(list(prompt))
+        json_schema = req.json_schema
+        try:
+            from_format = constraint_from_response_format(req.response_format)
+        except GrammarError as exc:
+            raise BadRequest(str(exc)) from None
+        if from_format is not None:
+            json_schema = from_format
+        gen = self._openai_gen(req, prompt_text, prompt_ids, req.max_tokens, json_schema)
+        return self._call(req, gen, echo_text=prompt_text if req.echo else "")
+
+    # -- POST /v1/chat/completions --------------------------------------------------
+    def chat(self, body: Any) -> OpenAICall:
+        req: ChatBody = _parse(ChatBody, body)
+        if not req.messages:
+            raise BadRequest("Messages cannot be empty.")
+        if req.logprobs:
+            raise BadRequest("logprobs are not supported by the simulator")
+        choice = req.tool_choice
+        if choice == "required" or isinstance(choice, dict):
+            raise BadRequest("tool calls are not supported by the simulator")
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            prompt_text = render_chat(messages, req.continue_final_message)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        try:
+            json_schema = constraint_from_response_format(req.response_format)
+        except GrammarError as exc:
+            raise BadRequest(str(exc)) from None
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        gen = self._openai_gen(
+            req, prompt_text, self.tok.encode(prompt_text), max_tokens, json_schema
+        )
+        return self._call(req, gen)
+
+    def _openai_gen(
+        self,
+        req: CompletionBody | ChatBody,
+        prompt_text: str,
+        prompt_ids: list[int],
+        max_tokens: int | None,
+        json_schema: str | None,
+    ) -> GenRequest:
+        return self._build(
+            prompt_text=prompt_text,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+            repetition_penalty=req.repetition_penalty,
+            min_new_tokens=req.min_tokens,
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            stop_regex=req.stop_regex,
+            ignore_eos=req.ignore_eos,
+            no_stop_trim=req.no_stop_trim,
+            json_schema=json_schema,
+            regex=req.regex,
+            ebnf=req.ebnf,
+            n=req.n,
+            rid=req.rid,
+        )
+
+    @staticmethod
+    def _call(req: CompletionBody | ChatBody, gen: GenRequest, echo_text: str = "") -> OpenAICall:
+        opts = req.stream_options or StreamOptions()
+        return OpenAICall(
+            gen=gen,
+            stream=req.stream,
+            model=req.model,
+            include_usage=bool(opts.include_usage),
+            continuous_usage=bool(opts.continuous_usage_stats),
+            echo_text=echo_text,
+        )
+
+
+def parse_pause_mode(body: Any) -> str:
+    mode = (body or {}).get("mode", "abort") if isinstance(body, dict) else None
+    if mode not in ("abort", "retract", "in_place"):
+        raise BadRequest(
+            f"mode must be one of 'abort', 'retract', 'in_place', got {mode!r}", validation=True
+        )
+    return str(mode)
+
+
+def parse_abort(body: Any) -> tuple[str, bool]:
+    if not isinstance(body, dict):
+        raise BadRequest("Invalid request: the body must be a JSON object", validation=True)
+    rid, abort_all = body.get("rid", ""), body.get("abort_all", False)
+    if rid is None:
+        rid = ""
+    if not isinstance(rid, str) or not isinstance(abort_all, bool):
+        raise BadRequest("rid must be a string and abort_all a boolean", validation=True)
+    return rid, abort_all

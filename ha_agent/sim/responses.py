@@ -1,0 +1,205 @@
+"""Response bodies and SSE chunks, shaped like SGLang's.
+
+Sources (sgl-project/sglang, python/sglang/srt/entrypoints/): ``http_server.py``
+(``/generate`` events ``data: {json}\\n\\n`` with cumulative text and output_ids, then
+``data: [DONE]``), ``openai/serving_completions.py`` (one chunk per update, final usage
+chunk dumped with ``exclude_none``), ``openai/serving_chat.py`` + ``openai/sse_utils.py``
+(a first ``role`` chunk, content deltas, a separate empty-delta finish chunk, usage chunk),
+``openai/usage_processor.py`` (``prompt_tokens_details`` only with cache report and a
+non-zero count) and ``openai/protocol.py`` (field names and order).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ha_agent.sim.protocol import OpenAICall
+from ha_agent.sim.scheduler import Job
+
+DONE = b"data: [DONE]\n\n"
+
+
+def dumps(obj: Any) -> bytes:
+    # SGLang serialises with orjson / pydantic: compact separators, UTF-8.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+def openai_error(message: str, err_type: str, code: int) -> dict[str, Any]:
+    """SGLang's ErrorResponse (protocol.py), used by the OpenAI routes and for bad bodies."""
+    return {"object": "error", "message": message, "type": err_type, "param": None, "code": code}
+
+
+def native_error(message: str) -> dict[str, Any]:
+    """``_create_error_response`` of http_server.py (used by /generate)."""
+    return {"error": {"message": message}}
+
+
+def generate_payload(job: Job) -> dict[str, Any]:
+    return {
+        "text": job.detok.visible_text(),
+        "output_ids": list(job.output_ids),
+        "meta_info": job.meta_info(),
+    }
+
+
+def usage(job: Job, cache_report: bool) -> dict[str, Any]:
+    prompt, completion = len(job.req.prompt_ids), len(job.output_ids)
+    details = (
+        {"cached_tokens": job.cached_tokens} if cache_report and job.cached_tokens > 0 else None
+    )
+    return {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": details,
+        "reasoning_tokens": 0,
+    }
+
+
+def _finish(job: Job) -> tuple[str | None, Any]:
+    reason = job.finish_reason
+    if reason is None:
+        return None, None
+    return reason["type"], reason.get("matched")
+
+
+class CompletionFormatter:
+    """``/v1/completions``: text deltas, one chunk per engine update."""
+
+    object_name = "text_completion"
+
+    def __init__(self, call: OpenAICall, job: Job, cache_report: bool) -> None:
+        self.call = call
+        self.job = job
+        self.cache_report = cache_report
+        self.created = int(time.time())
+        self._offset = 0
+        self._first = True
+
+    def _head(self) -> dict[str, Any]:
+        return {
+            "id": self.job.rid,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.call.model,
+        }
+
+    def _delta(self) -> str:
+        text = self.job.detok.visible_text()
+        delta, self._offset = text[self._offset :], len(text)
+        return delta
+
+    def chunks(self) -> list[bytes]:
+        delta = self._delta()
+        if self._first:
+            delta = self.call.echo_text + delta
+            self._first = False
+        reason, matched = _finish(self.job)
+        choice = {
+            "index": 0,
+            "text": delta,
+            "logprobs": None,
+            "finish_reason": reason,
+            "matched_stop": matched,
+        }
+        chunk = {**self._head(), "choices": [choice], "usage": self._running_usage()}
+        return [sse(chunk)]
+
+    def _running_usage(self) -> dict[str, Any] | None:
+        # stream_options.continuous_usage_stats: usage on every chunk, without cache details.
+        return usage(self.job, cache_report=False) if self.call.continuous_usage else None
+
+    def tail(self) -> list[bytes]:
+        if not self.call.include_usage:
+            return []
+        u = {k: v for k, v in usage(self.job, self.cache_report).items() if v is not None}
+        return [sse({**self._head(), "choices": [], "usage": u})]
+
+    def response(self) -> dict[str, Any]:
+        reason, matched = _finish(self.job)
+        choice = {
+            "index": 0,
+            "text": self.call.echo_text + self.job.detok.visible_text(),
+            "logprobs": None,
+            "finish_reason": reason,
+            "matched_stop": matched,
+        }
+        return {
+            **self._head(),
+            "choices": [choice],
+            "usage": usage(self.job, self.cache_report),
+            "metadata": {"weight_version": self.job.weight_version},
+        }
+
+
+class ChatFormatter(CompletionFormatter):
+    """``/v1/chat/completions``: role chunk, content deltas, finish chunk, usage chunk."""
+
+    object_name = "chat.completion.chunk"
+
+    def _chunk(
+        self,
+        delta: dict[str, Any],
+        reason: str | None = None,
+        matched: Any = None,
+        with_usage: bool = False,
+    ) -> bytes:
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": reason,
+            "matched_stop": matched,
+        }
+        chunk = {**self._head(), "choices": [choice]}
+        running = self._running_usage() if with_usage else None
+        if running is not None:
+            chunk["usage"] = running
+        return sse(chunk)
+
+    def chunks(self) -> list[bytes]:
+        out = []
+        if self._first:
+            self._first = False
+            out.append(self._chunk({"role": "assistant", "content": ""}))
+        delta = self._delta()
+        if delta:
+            out.append(self._chunk({"content": delta}, with_usage=True))
+        if self.job.finished:
+            reason, matched = _finish(self.job)
+            out.append(self._chunk({}, reason, matched))
+        return out
+
+    def tail(self) -> list[bytes]:
+        if not self.call.include_usage:
+            return []
+        return [sse({**self._head(), "choices": [], "usage": usage(self.job, self.cache_report)})]
+
+    def response(self) -> dict[str, Any]:
+        reason, matched = _finish(self.job)
+        message = {
+            "role": "assistant",
+            "content": self.job.detok.visible_text(),
+            "reasoning_content": None,
+            "tool_calls": None,
+        }
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": reason,
+            "matched_stop": matched,
+        }
+        return {
+            **self._head(),
+            "object": "chat.completion",
+            "choices": [choice],
+            "usage": usage(self.job, self.cache_report),
+            "metadata": {"weight_version": self.job.weight_version},
+        }

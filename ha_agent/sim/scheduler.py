@@ -1,0 +1,455 @@
+"""The simulated engine: admission queue, running set, latency model, pause/abort.
+
+Every request runs in its own task, independent of the HTTP handler that reads from it;
+so, as on SGLang, a client that goes away does not stop its generation at once: the
+disconnect watcher aborts it ``disconnect_abort_delay`` seconds later. Latencies are
+asyncio sleeps, cheap on CPU:
+
+* TTFT = (``ttft_base`` + ``prefill_per_token`` x uncached prompt tokens) x slow_factor;
+* ITL = ``itl`` x (1 + ``concurrency_slowdown`` x (running - 1)) x slow_factor;
+* at most ``max_running_requests`` run; the rest wait in a FIFO queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ha_agent.config import SimSettings
+from ha_agent.sim.faults import Faults
+from ha_agent.sim.generator import Detokenizer, FixedStream, SamplingKey, StopRules, TokenStream
+from ha_agent.sim.grammar import Constraint, generate_constrained
+from ha_agent.sim.metrics import EngineSnapshot, SimMetrics, ThroughputWindow
+from ha_agent.sim.prefix_cache import PrefixCache
+from ha_agent.sim.tokenizer import SimTokenizer
+
+log = logging.getLogger(__name__)
+
+_POLL = 0.05  # how often a hung or paused request looks again
+_WATCH_INTERVAL = 0.1  # disconnect watcher period
+
+
+class DuplicateRequestId(ValueError):
+    pass
+
+
+class _HttpRequest(Protocol):  # the part of aiohttp's web.Request we use
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
+
+
+@dataclass
+class GenRequest:
+    """One generation, endpoint-agnostic (built by ``protocol``)."""
+
+    prompt_text: str  # the context characters the token stream is keyed on
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingKey = field(default_factory=SamplingKey)
+    rules: StopRules = field(default_factory=StopRules)
+    min_new_tokens: int = 0
+    constraint: Constraint | None = None
+    rid: str | None = None
+
+
+def abort_reason(message: str) -> dict[str, Any]:
+    # SGLang's FINISH_ABORT.to_json(); status_code None marks a graceful (client) abort.
+    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
+
+
+class Job:
+    """A request in flight: its generated state plus a change signal for readers."""
+
+    def __init__(
+        self,
+        rid: str,
+        req: GenRequest,
+        tokenizer: SimTokenizer,
+        eos_rate: float,
+        weight_version: str,
+    ) -> None:
+        self.rid = rid
+        self.req = req
+        self.weight_version = weight_version
+        self.detok = Detokenizer(tokenizer, req.rules)
+        self.stream: TokenStream | FixedStream
+        if req.constraint is not None:
+            material = req.sampling.header() + req.prompt_text.encode("utf-8", "surrogatepass")
+            text = generate_constrained(req.constraint, material)
+            self.stream = FixedStream(tokenizer.encode(text))
+        else:
+            self.stream = TokenStream(tokenizer, req.sampling, req.prompt_text, eos_rate)
+        self.created = time.time()
+        self.created_mono = time.monotonic()
+        self.state = "new"  # new -> waiting -> running -> finished
+        self.queue_time = 0.0
+        self.cached_tokens = 0
+        self.prefilled = False
+        self.retractions = 0
+        self.finish_reason: dict[str, Any] | None = None
+        self.e2e_latency: float | None = None
+        self.abort_message: str | None = None
+        self.force_abort = False
+        self.http_request: _HttpRequest | None = None
+        self.client_gone_at: float | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.version = 0
+        self._changed = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        self._admission: asyncio.Future[None] | None = None
+        self._enqueued_at = 0.0
+
+    # -- reader side ----------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.detok.output_ids
+
+    def meta_info(self) -> dict[str, Any]:
+        """SGLang's meta_info (tokenizer_manager._handle_batch_output)."""
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": len(self.req.prompt_ids),
+            "weight_version": self.weight_version,
+            "total_retractions": self.retractions,
+            "completion_tokens": len(self.detok.output_ids),
+            "cached_tokens": self.cached_tokens,
+            "queue_time": self.queue_time,
+        }
+        if self.e2e_latency is not None:
+            meta["e2e_latency"] = self.e2e_latency
+        return meta
+
+    async def updates(self) -> AsyncIterator[None]:
+        """Yield whenever the state changed (coalesced, as SGLang streams the latest)."""
+        seen = 0
+        while True:
+            if self.version != seen:
+                seen = self.version
+                yield
+                if self.finished and seen == self.version:
+                    return
+                continue
+            if self.finished:
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    def client_disconnected(self) -> bool:
+        req = self.http_request
+        if req is None:
+            return False
+        transport = req.transport
+        return transport is None or transport.is_closing()
+
+    # -- engine side ----------------------------------------------------------------
+    def notify(self) -> None:
+        self.version += 1
+        self._changed.set()
+
+    async def sleep(self, delay: float) -> None:
+        """Sleep that ``wake()`` (abort) cuts short; no task per sleep, cheap per token."""
+        if delay <= 0:
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        handle = loop.call_later(delay, _resolve, fut)
+        self._waiter = fut
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    def wake(self) -> None:
+        _resolve(self._waiter)
+        _resolve(self._admission)
+
+
+def _resolve(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: SimSettings,
+        tokenizer: SimTokenizer,
+        metrics: SimMetrics,
+        faults: Faults,
+    ) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.faults = faults
+        self.cache = PrefixCache(settings.max_total_tokens, settings.page_size)
+        self.jobs: dict[str, Job] = {}
+        self.running: dict[str, Job] = {}
+        self.waiting: deque[Job] = deque()
+        self.paused = False
+        self.pause_mode: str | None = None
+        self.shutting_down = False
+        self.ready_at = time.monotonic() + settings.startup_delay
+        self.throughput = ThroughputWindow()
+        self._hits: deque[tuple[int, int]] = deque(maxlen=256)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- status ---------------------------------------------------------------------
+    def started(self) -> bool:
+        return time.monotonic() >= self.ready_at
+
+    def snapshot(self) -> EngineSnapshot:
+        used = sum(len(j.req.prompt_ids) + len(j.output_ids) for j in self.running.values())
+        prompt = sum(p for p, _ in self._hits)
+        cached = sum(c for _, c in self._hits)
+        return EngineSnapshot(
+            num_running_reqs=len(self.running),
+            num_queue_reqs=len(self.waiting),
+            num_used_tokens=used,
+            max_total_num_tokens=self.settings.max_total_tokens,
+            gen_throughput=self.throughput.rate(),
+            cache_hit_rate=cached / prompt if prompt else 0.0,
+            utilization=len(self.running) / self.settings.max_running_requests,
+        )
+
+    # -- requests -------------------------------------------------------------------
+    def submit(self, req: GenRequest, http_request: _HttpRequest | None = None) -> Job:
+        rid = req.rid or uuid.uuid4().hex
+        if rid in self.jobs:
+            raise DuplicateRequestId(f"Duplicate request ID: {rid}")
+        s = self.settings
+        job = Job(rid, req, self.tokenizer, s.eos_rate, s.weight_version)
+        job.http_request = http_request
+        self.jobs[rid] = job
+        task = asyncio.create_task(self._run(job), name=f"sim-job-{rid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def _run(self, job: Job) -> None:
+        try:
+            remaining = self.ready_at - time.monotonic()
+            if remaining > 0:  # still "loading weights": wait like a warming-up server
+                await job.sleep(remaining)
+            await self._admit(job)
+            if job.finished:
+                return
+            await self._prefill(job)
+            if job.req.max_new_tokens == 0:
+                await self._gate(job)
+                self._finish(job, {"type": "length", "length": 0})
+            while not job.finished:
+                await self._gate(job)
+                if job.finished:
+                    break
+                self._step(job)
+                if not job.finished:
+                    await job.sleep(self._itl())
+        except asyncio.CancelledError:
+            self._finish(job, abort_reason("server shutting down"))
+            raise
+        except Exception:
+            log.exception("BUG: simulated generation %s failed", job.rid)
+            self._finish(job, abort_reason("internal simulator error"))
+        finally:
+            self._release(job)
+
+    async def _admit(self, job: Job) -> None:
+        job._enqueued_at = time.monotonic()
+        if job.abort_message is not None:
+            self._finish(job, abort_reason(job.abort_message))
+            return
+        if self.paused or self.waiting or len(self.running) >= self.settings.max_running_requests:
+            job.state = "waiting"
+            self.waiting.append(job)
+            await self._wait_admission(job)
+        else:
+            self._start_running(job)
+
+    async def _wait_admission(self, job: Job) -> None:
+        job._admission = asyncio.get_running_loop().create_future()
+        try:
+            await job._admission
+        finally:
+            job._admission = None
+
+    def _start_running(self, job: Job) -> None:
+        if job.state != "running":
+            job.queue_time += time.monotonic() - job._enqueued_at
+            self.metrics.queue_time.observe(job.queue_time)
+        job.state = "running"
+        self.running[job.rid] = job
+
+    def _drain(self) -> None:
+        limit = self.settings.max_running_requests
+        while self.waiting and not self.paused and len(self.running) < limit:
+            job = self.waiting.popleft()
+            self._start_running(job)
+            _resolve(job._admission)
+
+    async def _prefill(self, job: Job) -> None:
+        ids = job.req.prompt_ids
+        job.cached_tokens = self.cache.match(ids)
+        self.metrics.prompt_tokens.inc(len(ids))
+        self.metrics.cached_tokens.inc(job.cached_tokens)
+        self._hits.append((len(ids), job.cached_tokens))
+        s = self.settings
+        uncached = len(ids) - job.cached_tokens
+        await job.sleep((s.ttft_base + s.prefill_per_token * uncached) * self.faults.slow_factor)
+        self.cache.insert(ids)
+        job.prefilled = True
+
+    async def _gate(self, job: Job) -> None:
+        """Hold a request while the engine is hung, paused in place, or it was retracted."""
+        while True:
+            if self.faults.hang and not job.force_abort:
+                await job.sleep(_POLL)  # a hung scheduler does not even process aborts
+                continue
+            if job.abort_message is not None:
+                self._finish(job, abort_reason(job.abort_message))
+                return
+            if job.state == "waiting":  # retracted by /pause_generation mode=retract
+                job._enqueued_at = time.monotonic()
+                await self._wait_admission(job)
+                continue
+            if self.paused and self.pause_mode == "in_place":
+                await job.sleep(_POLL)
+                continue
+            return
+
+    def _itl(self) -> float:
+        s = self.settings
+        running = max(1, len(self.running))
+        return s.itl * (1 + s.concurrency_slowdown * (running - 1)) * self.faults.slow_factor
+
+    def _step(self, job: Job) -> None:
+        req = job.req
+        allow_eos = not req.rules.ignore_eos and len(job.output_ids) >= req.min_new_tokens
+        token = job.stream.next_token(allow_eos)
+        finish = job.detok.push(token, req.max_new_tokens)
+        now = time.monotonic()
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.metrics.ttft.observe(now - job.created_mono)
+        else:
+            self.metrics.itl.observe(now - job.last_token_at)
+        job.last_token_at = now
+        self.metrics.generation_tokens.inc()
+        self.throughput.add(1, now)
+        if finish is not None:
+            self._finish(job, finish)
+        else:
+            job.notify()
+
+    def _finish(self, job: Job, reason: dict[str, Any]) -> None:
+        if job.finished:
+            return
+        job.finish_reason = reason
+        job.e2e_latency = time.time() - job.created
+        self.metrics.e2e.observe(job.e2e_latency)
+        self.metrics.num_requests.inc()
+        job.notify()
+
+    def _release(self, job: Job) -> None:
+        if not job.finished:
+            self._finish(job, abort_reason("internal simulator error"))
+        job.state = "finished"
+        self.running.pop(job.rid, None)
+        if job in self.waiting:
+            self.waiting.remove(job)
+        self.jobs.pop(job.rid, None)
+        if job.prefilled:
+            self.cache.insert(job.req.prompt_ids + job.output_ids)
+        self._drain()
+
+    # -- control --------------------------------------------------------------------
+    def abort(self, rid: str = "", abort_all: bool = False, message: str = "") -> int:
+        """Abort one request by id, or all; returns how many were in flight."""
+        if abort_all:
+            targets = list(self.jobs.values())
+        elif rid and rid in self.jobs:
+            targets = [self.jobs[rid]]
+        else:
+            return 0
+        for job in targets:
+            self._abort_job(job, message or "aborted by /abort_request")
+        return len(targets)
+
+    def _abort_job(self, job: Job, message: str, force: bool = False) -> None:
+        if job.finished:
+            return
+        job.force_abort = job.force_abort or force
+        if job.abort_message is None:
+            job.abort_message = message
+            self.metrics.num_aborted_requests.inc()
+        if job.state == "waiting" and (not self.faults.hang or force):
+            self.waiting.remove(job)
+            job.state = "finished"
+            self._finish(job, abort_reason(message))
+        job.wake()
+
+    def pause(self, mode: str) -> None:
+        self.paused = True
+        self.pause_mode = mode
+        if mode == "abort":
+            for job in list(self.jobs.values()):
+                self._abort_job(job, "aborted by /pause_generation (mode=abort)")
+        elif mode == "retract":
+            for job in reversed(list(self.running.values())):
+                job.state = "waiting"
+                job.retractions += 1
+                self.waiting.appendleft(job)
+            self.running.clear()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.pause_mode = None
+        self._drain()
+
+    def flush_cache(self) -> bool:
+        """SGLang refuses to flush while requests run or wait."""
+        if self.running or self.waiting:
+            return False
+        self.cache.flush()
+        return True
+
+    async def watch_disconnects(self) -> None:
+        """Abort requests whose client went away, after the configured delay."""
+        delay = self.settings.disconnect_abort_delay
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL)
+            now = time.monotonic()
+            for job in list(self.jobs.values()):
+                if job.client_gone_at is None and job.client_disconnected():
+                    job.client_gone_at = now
+                if job.client_gone_at is not None and now - job.client_gone_at >= delay:
+                    self._abort_job(job, "client disconnected")
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain for up to ``grace`` seconds, then abort what is left (hung ones included)."""
+        self.shutting_down = True
+        tasks = list(self._tasks)
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for job in list(self.jobs.values()):
+            self._abort_job(job, "server shutting down", force=True)
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)

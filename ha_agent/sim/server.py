@@ -1,0 +1,411 @@
+"""HTTP routes of the simulator: SGLang's API surface plus the ``/sim/faults`` admin knobs.
+
+``create_app(settings)`` builds an aiohttp application; tests run it in-process, the
+``sglang-ha-sim`` entry point serves it. Every answer that describes the server says it
+is a simulator (model name, ``/server_info``, ``/model_info``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ha_agent import __version__
+from ha_agent.config import SimSettings
+from ha_agent.sim.faults import FaultError, Faults, die_of_oom
+from ha_agent.sim.grammar import GrammarError
+from ha_agent.sim.metrics import SimMetrics
+from ha_agent.sim.protocol import (
+    BadRequest,
+    OpenAICall,
+    RequestBuilder,
+    parse_abort,
+    parse_pause_mode,
+)
+from ha_agent.sim.responses import (
+    DONE,
+    ChatFormatter,
+    CompletionFormatter,
+    dumps,
+    generate_payload,
+    native_error,
+    openai_error,
+    sse,
+)
+from ha_agent.sim.scheduler import DuplicateRequestId, Engine, Job
+from ha_agent.sim.tokenizer import get_tokenizer
+
+log = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_FLUSH_TEXT = (
+    "Cache flushed.\nPlease check backend logs for more details. (When there are running or "
+    "waiting requests, the operation will not be performed.)\n"
+)
+_OOM_DELAY = 0.05  # let the POST's answer leave before the process dies
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(obj), status=status, content_type="application/json")
+
+
+def _empty(status: int) -> web.Response:
+    return web.Response(status=status)
+
+
+async def _read_json(request: web.Request, allow_empty: bool = False) -> Any:
+    raw = await request.read()
+    if not raw.strip() and allow_empty:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"Invalid request: JSON decode error: {exc}", validation=True) from None
+
+
+def _bad_request(exc: BadRequest, native: bool) -> web.Response:
+    if exc.validation:  # FastAPI's RequestValidationError, rendered by SGLang's handler
+        return _json(openai_error(exc.message, "Bad Request", 400), 400)
+    if native:
+        return _json(native_error(exc.message), 400)
+    return _json(openai_error(exc.message, "BadRequestError", 400), 400)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """FastAPI-style JSON for 404/405, and a logged 500 for anything unexpected."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _json({"detail": "Not Found"}, 404)
+    except web.HTTPMethodNotAllowed:
+        return _json({"detail": "Method Not Allowed"}, 405)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("BUG: unhandled error on %s %s", request.method, request.path)
+        return _json(openai_error("Internal server error", "InternalServerError", 500), 500)
+
+
+class SimServer:
+    def __init__(self, settings: SimSettings) -> None:
+        self.settings = settings
+        self.tokenizer = get_tokenizer()
+        self.metrics = SimMetrics(settings.model_name)
+        self.faults = Faults()
+        try:
+            self.faults.update(dict(settings.faults))
+        except FaultError as exc:
+            raise ValueError(f"SIM_FAULTS: {exc}") from None
+        self.engine = Engine(settings, self.tokenizer, self.metrics, self.faults)
+        self.builder = RequestBuilder(settings, self.tokenizer)
+        self.created = int(time.time())
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        engine = self.engine
+        engine.ready_at = time.monotonic() + self.settings.startup_delay
+        watcher = asyncio.create_task(engine.watch_disconnects(), name="sim-disconnects")
+        loop = asyncio.get_running_loop()
+        oom = loop.call_later(self.settings.startup_delay, die_of_oom) if self.faults.oom else None
+        yield
+        if oom is not None:
+            oom.cancel()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        await self.engine.shutdown(self.settings.drain_timeout)
+
+    # -- health and info ------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        # Gray failure on purpose: a hung engine still answers 200 here (SGLang #4191/#6624).
+        e = self.engine
+        if e.shutting_down or not e.started() or self.faults.fail_health:
+            return _empty(503)
+        return _empty(200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        e = self.engine
+        return _empty(200 if e.started() and not e.paused and not e.shutting_down else 503)
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        name = self.settings.model_name
+        return _json(
+            {
+                "model_path": name,
+                "tokenizer_path": name,
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": self.settings.weight_version,
+                "has_image_understanding": False,
+                "has_audio_understanding": False,
+                "model_type": "sglang-ha-simulator",
+                "architectures": ["SglangHaSimulator"],
+                "simulator": True,
+            }
+        )
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        s, e = self.settings, self.engine
+        snap = e.snapshot()
+        return _json(
+            {
+                "simulator": True,
+                "version": f"sglang-ha-sim {__version__} (simulator, not SGLang)",
+                "instance_name": s.instance_name,
+                "model_path": s.model_name,
+                "served_model_name": s.model_name,
+                "tokenizer_path": s.model_name,
+                "host": s.host,
+                "port": s.port,
+                "context_length": s.context_length,
+                "max_running_requests": s.max_running_requests,
+                "max_total_num_tokens": s.max_total_tokens,
+                "page_size": s.page_size,
+                "enable_metrics": True,
+                "enable_cache_report": s.enable_cache_report,
+                "weight_version": s.weight_version,
+                "vocab_size": self.tokenizer.vocab_size,
+                "status": "Up" if e.started() else "Starting",
+                "paused": e.paused,
+                "internal_states": [
+                    {
+                        "last_gen_throughput": snap.gen_throughput,
+                        "num_running_reqs": snap.num_running_reqs,
+                        "num_queue_reqs": snap.num_queue_reqs,
+                    }
+                ],
+            }
+        )
+
+    def _model_card(self) -> dict[str, Any]:
+        name = self.settings.model_name
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "sglang-ha-sim",
+            "root": name,
+            "parent": None,
+            "max_model_len": self.settings.context_length,
+        }
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.settings.model_name:
+            return _json(
+                {
+                    "error": {
+                        "message": f"The model '{name}' does not exist",
+                        "type": "invalid_request_error",
+                        "param": "model",
+                        "code": "model_not_found",
+                    }
+                },
+                404,
+            )
+        return _json(self._model_card())
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        body = self.metrics.render(self.engine.snapshot())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- control --------------------------------------------------------------------
+    async def abort_request(self, request: web.Request) -> web.Response:
+        try:
+            rid, abort_all = parse_abort(await _read_json(request))
+        except BadRequest as exc:
+            return _bad_request(exc, native=True)
+        self.engine.abort(rid, abort_all)
+        return _empty(200)
+
+    async def pause_generation(self, request: web.Request) -> web.Response:
+        try:
+            mode = parse_pause_mode(await _read_json(request, allow_empty=True))
+        except BadRequest as exc:
+            return _bad_request(exc, native=True)
+        self.engine.pause(mode)
+        return _json({"message": "Generation paused successfully.", "status": "ok"})
+
+    async def continue_generation(self, request: web.Request) -> web.Response:
+        self.engine.resume()
+        return _json({"message": "Generation continued successfully.", "status": "ok"})
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        ok = self.engine.flush_cache()
+        return web.Response(text=_FLUSH_TEXT, status=200 if ok else 400)
+
+    # -- fault knobs ----------------------------------------------------------------
+    def _authorized(self, request: web.Request) -> bool:
+        token = self.settings.admin_token
+        if token is None:
+            return True
+        given = request.headers.get("Authorization", "")
+        expected = "Bearer " + token.get_secret_value()
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    async def sim_faults(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _json({"detail": "Unauthorized"}, 401)
+        if request.method == "DELETE":
+            self.faults.clear()
+        elif request.method == "POST":
+            try:
+                self.faults.update(await _read_json(request))
+            except (FaultError, BadRequest) as exc:
+                return _json({"detail": str(exc)}, 400)
+            if self.faults.oom:
+                asyncio.get_running_loop().call_later(_OOM_DELAY, die_of_oom)
+            log.warning("sglang-ha-sim fault knobs now %s", self.faults.as_dict())
+        return _json(self.faults.as_dict())
+
+    # -- generation -----------------------------------------------------------------
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            call = self.builder.generate(await _read_json(request))
+        except BadRequest as exc:
+            return _bad_request(exc, native=True)
+        job_or_error = self._start(request, call.gen, native=True)
+        if isinstance(job_or_error, web.Response):
+            return job_or_error
+        job = job_or_error
+        if not call.stream:
+            await _wait_finished(job)
+            return _json(generate_payload(job))
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        await resp.prepare(request)  # /generate sends headers before the first token
+        try:
+            async for _ in job.updates():
+                await resp.write(sse(generate_payload(job)))
+            await resp.write(DONE)
+            await resp.write_eof()
+        except ConnectionError:
+            _client_gone(job)
+        return resp
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        media = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            msg = "Unsupported Media Type: Only 'application/json' is allowed"
+            return _bad_request(BadRequest(msg, validation=True), native=False)
+        try:
+            body = await _read_json(request)
+            call: OpenAICall = self.builder.chat(body) if chat else self.builder.completion(body)
+        except BadRequest as exc:
+            return _bad_request(exc, native=False)
+        job_or_error = self._start(request, call.gen, native=False)
+        if isinstance(job_or_error, web.Response):
+            return job_or_error
+        job = job_or_error
+        cache_report = self.settings.enable_cache_report
+        fmt = (
+            ChatFormatter(call, job, cache_report)
+            if chat
+            else CompletionFormatter(call, job, cache_report)
+        )
+        if not call.stream:
+            await _wait_finished(job)
+            return _json(fmt.response())
+        resp: web.StreamResponse | None = None
+        try:
+            # Like SGLang, headers go out with the first chunk (after prefill).
+            async for _ in job.updates():
+                chunks = fmt.chunks()
+                if resp is None:
+                    resp = web.StreamResponse(headers=_SSE_HEADERS)
+                    await resp.prepare(request)
+                for chunk in chunks:
+                    await resp.write(chunk)
+            if resp is None:  # pragma: no cover - a job always reports at least once
+                resp = web.StreamResponse(headers=_SSE_HEADERS)
+                await resp.prepare(request)
+            for chunk in fmt.tail():
+                await resp.write(chunk)
+            await resp.write(DONE)
+            await resp.write_eof()
+        except ConnectionError:
+            _client_gone(job)
+        return resp if resp is not None else web.Response(status=499)
+
+    def _start(self, request: web.Request, gen: Any, native: bool) -> Job | web.Response:
+        """Submit to the engine, or answer with the error the request deserves."""
+        if self.engine.shutting_down:
+            msg = "The server is shutting down."
+            return _json(
+                native_error(msg) if native else openai_error(msg, "ServiceUnavailable", 503), 503
+            )
+        if self.faults.next_request_fails():
+            msg = "Internal server error: simulated failure (sglang-ha-sim fault knob error_rate)"
+            body = native_error(msg) if native else openai_error(msg, "InternalServerError", 500)
+            return _json(body, 500)
+        try:
+            return self.engine.submit(gen, request)
+        except (DuplicateRequestId, GrammarError) as exc:
+            return _bad_request(BadRequest(str(exc)), native)
+
+
+SIM_KEY = web.AppKey("sglang_ha_sim", SimServer)
+
+
+async def _wait_finished(job: Job) -> None:
+    async for _ in job.updates():
+        pass
+
+
+def _client_gone(job: Job) -> None:
+    if job.client_gone_at is None:
+        job.client_gone_at = time.monotonic()
+
+
+def create_app(settings: SimSettings | None = None) -> web.Application:
+    """The simulator as an aiohttp application (for in-process tests and the CLI)."""
+    settings = settings or SimSettings()
+    server = SimServer(settings)
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    app[SIM_KEY] = server
+    app.cleanup_ctx.append(server.lifecycle)
+    app.on_shutdown.append(server.on_shutdown)
+    r = app.router
+    for path in ("/health", "/health_generate"):
+        r.add_get(path, server.health)
+    r.add_get("/ready", server.ready)
+    for path in ("/model_info", "/get_model_info"):
+        r.add_get(path, server.model_info)
+    for path in ("/server_info", "/get_server_info"):
+        r.add_get(path, server.server_info)
+    r.add_get("/v1/models", server.models)
+    r.add_get("/v1/models/{model:.+}", server.model)
+    r.add_post("/generate", server.generate)
+    r.add_put("/generate", server.generate)
+    r.add_post("/v1/completions", server.completions)
+    r.add_post("/v1/chat/completions", server.chat_completions)
+    r.add_post("/abort_request", server.abort_request)
+    r.add_post("/pause_generation", server.pause_generation)
+    r.add_post("/continue_generation", server.continue_generation)
+    r.add_route("GET", "/flush_cache", server.flush_cache)
+    r.add_route("POST", "/flush_cache", server.flush_cache)
+    r.add_get("/metrics", server.metrics_endpoint)
+    for method in ("GET", "POST", "DELETE"):
+        r.add_route(method, "/sim/faults", server.sim_faults)
+    return app

@@ -1,0 +1,163 @@
+"""In-memory stand-ins for unit tests of decision logic (never used in the stack)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ha_agent.dcs.base import (
+    Cluster,
+    DCSError,
+    HAEvent,
+    Leader,
+    LeaseStore,
+    Member,
+    Switchover,
+)
+from ha_agent.node.engine.monitor import EngineHealth, EngineState
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeStore(LeaseStore):
+    """The lease semantics of redis_sentinel.py on a fake clock; can be 'down'."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.down = False
+        self.leader: tuple[int, str] | None = None
+        self.expires = 0.0
+        self.epoch = 0
+        self.members: dict[str, tuple[Member, float]] = {}
+        self.paused = False
+        self.switchover: Switchover | None = None
+        self.events: list[HAEvent] = []
+
+    def _check(self) -> None:
+        if self.down:
+            raise DCSError("store down")
+        if self.leader is not None and self.clock() >= self.expires:
+            self.leader = None
+
+    async def get_cluster(self) -> Cluster:
+        self._check()
+        leader = None
+        if self.leader:
+            ttl = int((self.expires - self.clock()) * 1000)
+            leader = Leader(node=self.leader[1], epoch=self.leader[0], ttl_ms=ttl)
+        members = tuple(m for m, exp in self.members.values() if exp > self.clock())
+        return Cluster(leader, members, max(self.epoch, leader.epoch if leader else 0),
+                       self.paused, self.switchover)
+
+    async def acquire(self, node: str, ttl: float, min_epoch: int) -> int | None:
+        self._check()
+        if self.leader is not None:
+            if self.leader[1] == node:
+                self.expires = self.clock() + ttl
+                return self.leader[0]
+            return None
+        self.epoch = max(self.epoch, min_epoch) + 1
+        self.leader = (self.epoch, node)
+        self.expires = self.clock() + ttl
+        return self.epoch
+
+    async def renew(self, node: str, epoch: int, ttl: float) -> bool:
+        self._check()
+        if self.leader == (epoch, node):
+            self.expires = self.clock() + ttl
+            return True
+        if self.leader is None and self.epoch <= epoch:
+            self.leader, self.expires = (epoch, node), self.clock() + ttl
+            return True
+        return False
+
+    async def release(self, node: str, epoch: int) -> bool:
+        self._check()
+        if self.leader == (epoch, node):
+            self.leader = None
+            return True
+        return False
+
+    async def force_release(self) -> int:
+        self._check()
+        self.epoch += 1
+        self.leader = None
+        return self.epoch
+
+    async def register(self, member: Member, ttl: float) -> None:
+        self._check()
+        self.members[member.name] = (member, self.clock() + ttl)
+
+    async def set_paused(self, paused: bool) -> None:
+        self._check()
+        self.paused = paused
+
+    async def request_switchover(self, switchover: Switchover, ttl: float) -> None:
+        self._check()
+        self.switchover = switchover
+
+    async def clear_switchover(self) -> None:
+        self._check()
+        self.switchover = None
+
+    async def append_event(self, event: HAEvent) -> None:
+        self._check()
+        self.events.append(event)
+
+    async def history(self, count: int = 100) -> list[HAEvent]:
+        self._check()
+        return self.events[-count:]
+
+    async def watch(self) -> AsyncIterator[str]:
+        while True:
+            await asyncio.sleep(3600)
+            yield ""
+
+    async def close(self) -> None:
+        return None
+
+
+class FakeEngine:
+    """What Ha reads from the HealthMonitor: `.health` and change listeners."""
+
+    def __init__(self, clock: Callable[[], float], state: EngineState = EngineState.HEALTHY) -> None:
+        self.clock = clock
+        self.health = EngineHealth(state, "test", clock())
+        self._listeners: list[Callable[[EngineHealth, EngineHealth], None]] = []
+
+    def on_change(self, listener: Callable[[EngineHealth, EngineHealth], None]) -> None:
+        self._listeners.append(listener)
+
+    def set(self, state: EngineState, reason: str = "test") -> None:
+        old = self.health
+        self.health = EngineHealth(state, reason, self.clock())
+        if old.state is not state:
+            for listener in self._listeners:
+                listener(old, self.health)
+
+
+class FakePeers:
+    """Peer agents' answers, set by the test."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[str, dict[str, Any] | None] = {}
+        self.acks: dict[str, bool] = {}
+
+    async def status(self, api_url: str) -> dict[str, Any] | None:
+        return self.statuses.get(api_url)
+
+    async def failsafe_ack(self, api_url: str, node: str, epoch: int) -> bool:
+        return self.acks.get(api_url, False)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,92 @@
+"""Run the engine simulator for tests: in-process (aiohttp) or as a real process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from aiohttp import web
+
+from ha_agent.config import SimSettings
+from ha_agent.sim.server import create_app
+from tests.support.processes import free_port, wait_until
+
+FAST = {
+    "startup_delay": 0.0,
+    "ttft_base": 0.005,
+    "prefill_per_token": 0.0,
+    "itl": 0.005,
+    "eos_rate": 0.0,
+}
+
+
+@dataclass
+class SimHandle:
+    url: str
+    runner: web.AppRunner | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    async def faults(self, **knobs: Any) -> None:
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{self.url}/sim/faults", json=knobs, timeout=5)
+            r.raise_for_status()
+
+    async def clear_faults(self) -> None:
+        async with httpx.AsyncClient() as client:
+            (await client.delete(f"{self.url}/sim/faults", timeout=5)).raise_for_status()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@contextlib.asynccontextmanager
+async def sim_in_process(name: str = "sim", **overrides: Any) -> AsyncIterator[SimHandle]:
+    settings = SimSettings(**{**FAST, "instance_name": name, **overrides})
+    runner = web.AppRunner(create_app(settings), handler_cancellation=True)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    handle = SimHandle(url=f"http://127.0.0.1:{port}", runner=runner)
+    try:
+        yield handle
+    finally:
+        await handle.stop()
+
+
+@contextlib.contextmanager
+def sim_process(
+    name: str = "sim", port: int | None = None, **env_overrides: str
+) -> Iterator[SimHandle]:
+    port = port or free_port()
+    env = {**os.environ, **{f"SIM_{k.upper()}": str(v) for k, v in FAST.items()}}
+    env.update({"SIM_INSTANCE_NAME": name, **env_overrides})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ha_agent.sim", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    handle = SimHandle(url=f"http://127.0.0.1:{port}", proc=proc)
+    try:
+        wait_until(lambda: httpx.get(f"{handle.url}/health", timeout=1).status_code == 200,
+                   timeout=20, what="simulator process to start")
+        yield handle
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)

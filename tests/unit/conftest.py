@@ -1,0 +1,109 @@
+"""Shared fixtures. Simulator fixtures are prefixed ``sim_``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from ha_agent.config import SimSettings
+from ha_agent.sim import create_app
+
+# Tiny latencies: the whole simulator suite must stay well under a minute.
+SIM_FAST: dict[str, Any] = {
+    "startup_delay": 0.0,
+    "ttft_base": 0.001,
+    "prefill_per_token": 0.0,
+    "itl": 0.001,
+    "concurrency_slowdown": 0.0,
+    "disconnect_abort_delay": 0.0,
+    "drain_timeout": 0.0,
+}
+
+SimClientFactory = Callable[..., Awaitable[TestClient]]
+
+
+def make_sim_settings(**overrides: Any) -> SimSettings:
+    return SimSettings(**{**SIM_FAST, **overrides})
+
+
+@pytest.fixture
+def sim_env_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SIM_* variable from the outer environment leaks into a test's settings."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SIM_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+async def sim_client_factory(sim_env_clean: None) -> AsyncIterator[SimClientFactory]:
+    """Start in-process simulators: ``await sim_client_factory(itl=0.01, ...)``."""
+    clients: list[TestClient] = []
+
+    async def make(**overrides: Any) -> TestClient:
+        client = TestClient(TestServer(create_app(make_sim_settings(**overrides))))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        await asyncio.wait_for(client.close(), timeout=10)
+
+
+@pytest.fixture
+async def sim_client(sim_client_factory: SimClientFactory) -> TestClient:
+    return await sim_client_factory()
+
+
+async def sim_read_sse(resp: ClientResponse) -> list[str]:
+    """The ``data:`` payloads of a complete SSE body, checking SGLang's exact framing."""
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    raw = await asyncio.wait_for(resp.text(), timeout=10)
+    assert raw.endswith("\n\n"), raw[-50:]
+    events = raw[:-2].split("\n\n")
+    for event in events:
+        assert event.startswith("data: ") and "\n" not in event, event
+    return [e[len("data: ") :] for e in events]
+
+
+def sim_json_events(payloads: list[str]) -> list[dict[str, Any]]:
+    """All events but the final ``[DONE]`` (asserted to be last and unique), parsed."""
+    assert payloads.count("[DONE]") == 1 and payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def sim_word_prefix(text: str, k: int) -> str:
+    """The text of the first k generated tokens (each is one space-prefixed word)."""
+    words = text.split(" ")[1:]
+    assert len(words) >= k and text.startswith(" ")
+    return "".join(" " + w for w in words[:k])
+
+
+async def sim_metric(client: TestClient, name: str) -> float:
+    """One sample of a metric (label set ignored; the simulator has one)."""
+    resp = await client.get("/metrics")
+    for line in (await resp.text()).splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+async def sim_wait_for(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01
+) -> None:
+    """Poll an async condition until true; fail after ``timeout`` (never wait unbounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met within timeout")
+        await asyncio.sleep(interval)

@@ -1,0 +1,279 @@
+"""The HA state machine, cycle by cycle, on a fake clock (after Patroni's test_ha.py).
+
+Each cycle returns the sentence the agent logs; the tests assert those sentences
+and what the store and /primary say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from ha_agent import events as ev
+from ha_agent.config import AgentSettings
+from ha_agent.dcs.base import Member, Switchover
+from ha_agent.events import EventLog
+from ha_agent.node.engine.monitor import EngineState
+from ha_agent.node.ha import Ha
+from tests.support.fakes import FakeClock, FakeEngine, FakePeers, FakeStore
+
+TTL, MARGIN = 2.5, 0.5
+
+
+@dataclass
+class Node:
+    ha: Ha
+    engine: FakeEngine
+    peers: FakePeers
+    events: EventLog
+
+    def emitted(self) -> list[str]:
+        return [f"{e.event} {e.detail}".strip() for e in self.events.recent]
+
+
+def make_node(name: str, store: FakeStore, clock: FakeClock, peer: str) -> Node:
+    settings = AgentSettings(
+        node_name=name,
+        advertise_engine_url=f"http://{name}:30000",
+        advertise_api_url=f"http://{name}:8008",
+        peers=[f"http://{peer}:8008"],
+        lease_ttl=TTL,
+        loop_wait=0.5,
+        retry_timeout=0.75,
+        safety_margin=MARGIN,
+        redis_url="redis://unused",
+    )
+    engine = FakeEngine(clock)
+    peers = FakePeers()
+    events = EventLog(None, name)
+    ha = Ha(settings, store, engine, events, peers, clock=clock)  # type: ignore[arg-type]
+    return Node(ha, engine, peers, events)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(clock: FakeClock) -> FakeStore:
+    return FakeStore(clock)
+
+
+@pytest.fixture
+def a(store: FakeStore, clock: FakeClock) -> Node:
+    return make_node("sglang-01", store, clock, "sglang-02")
+
+
+@pytest.fixture
+def b(store: FakeStore, clock: FakeClock) -> Node:
+    return make_node("sglang-02", store, clock, "sglang-01")
+
+
+async def test_healthy_node_takes_a_free_lease(a: Node, store: FakeStore) -> None:
+    assert await a.ha.run_cycle() == "promoted to primary (epoch 1): no leader was present"
+    assert a.ha.is_primary()
+    assert store.leader == (1, "sglang-01")
+    assert "LEASE_ACQUIRED sglang-01 epoch 1" in a.emitted()
+    assert await a.ha.run_cycle() == "renewed lease as primary (epoch 1)"
+
+
+async def test_standby_follows_and_never_answers_primary(a: Node, b: Node) -> None:
+    await a.ha.run_cycle()
+    assert await b.ha.run_cycle() == "following sglang-01 (epoch 1) as standby; engine healthy"
+    assert not b.ha.is_primary()
+    assert b.ha.is_standby()
+
+
+async def test_unhealthy_engine_never_takes_the_lease(a: Node, store: FakeStore) -> None:
+    a.engine.set(EngineState.DEAD, "connection refused")
+    assert await a.ha.run_cycle() == "no leader; not eligible: engine dead (connection refused)"
+    assert store.leader is None
+
+
+async def test_unhealthy_primary_releases_its_lease_and_standby_takes_over(
+    a: Node, b: Node, store: FakeStore
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    a.engine.set(EngineState.HUNG, "canary timed out after 2s")
+    assert not a.ha.is_primary(), "/primary must turn 503 at once"
+    assert await a.ha.run_cycle() == (
+        "demoted: engine hung (canary timed out after 2s); released the lease"
+    )
+    assert store.leader is None
+    assert await b.ha.run_cycle() == "promoted to primary (epoch 2): failover from sglang-01"
+    assert "FAILOVER_INITIATED from sglang-01 to sglang-02" in b.emitted()
+    # The recovered node rejoins as standby and does not grab the lease back.
+    a.engine.set(EngineState.HEALTHY)
+    assert await a.ha.run_cycle() == "following sglang-02 (epoch 2) as standby; engine healthy"
+
+
+async def test_dead_primary_lease_expires_and_standby_takes_over(
+    a: Node, b: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    # The primary's host dies: nobody renews. The standby waits out the TTL.
+    clock.advance(TTL - 0.1)
+    assert (await b.ha.run_cycle()).startswith("following sglang-01")
+    clock.advance(0.2)
+    assert await b.ha.run_cycle() == "promoted to primary (epoch 2): failover from sglang-01"
+
+
+async def test_primary_fences_itself_before_the_store_lease_expires(
+    a: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await a.ha.run_cycle()
+    store.down = True
+    clock.advance(TTL - MARGIN)
+    # No cycle has run (a frozen agent waking up): /primary is already 503 ...
+    assert not a.ha.is_primary()
+    # ... while the store still holds the lease for MARGIN more seconds.
+    assert store.leader is not None and store.expires - clock() == pytest.approx(MARGIN)
+    message = await a.ha.run_cycle()
+    assert message.startswith("fenced (lease not renewed in time")
+    assert any(e.startswith(ev.FENCED) for e in a.emitted())
+
+
+async def test_store_outage_primary_stays_while_peer_acknowledges(
+    a: Node, b: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    await a.ha.run_cycle()  # learns its peer from the registry
+    store.down = True
+    a.peers.acks["http://sglang-02:8008"] = True
+    for _ in range(10):  # 5 s, twice the TTL
+        clock.advance(0.5)
+        message = await a.ha.run_cycle()
+        assert message == (
+            "store unreachable: staying primary (epoch 1), 1 peer(s) acknowledged (failsafe)"
+        )
+        assert a.ha.is_primary()
+    assert "DEGRADED_MODE_ENTERED coordination store unreachable: store down" in a.emitted()
+    assert (await b.ha.run_cycle()) == (
+        "store unreachable: staying standby, no promotion without the store"
+    )
+    store.down = False
+    assert await a.ha.run_cycle() == "renewed lease as primary (epoch 1)"
+    assert "DEGRADED_MODE_EXITED coordination store reachable again" in a.emitted()
+
+
+async def test_store_outage_without_acknowledgement_fences(
+    a: Node, b: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    await a.ha.run_cycle()
+    store.down = True
+    a.peers.acks["http://sglang-02:8008"] = False
+    clock.advance(0.5)
+    assert (await a.ha.run_cycle()).startswith("store unreachable and 1 peer(s) did not acknowledge")
+    clock.advance(TTL)
+    assert not a.ha.is_primary()
+    assert (await a.ha.run_cycle()).startswith("fenced (")
+
+
+async def test_standby_waits_while_previous_primary_says_it_holds_a_valid_lease(
+    a: Node, b: Node, store: FakeStore
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    store.leader = None  # the key was lost in a Redis failover
+    b.peers.statuses["http://sglang-01:8008"] = {
+        "role": "primary", "lease_time_left": 1.5, "epoch": 1,
+    }
+    assert await b.ha.run_cycle() == (
+        "no leader key, but sglang-01 says it is primary with a valid lease: waiting"
+    )
+    # The primary puts the key back under its own epoch at its next renewal.
+    assert await a.ha.run_cycle() == "renewed lease as primary (epoch 1)"
+    assert store.leader == (1, "sglang-01")
+
+
+async def test_paused_cluster_keeps_roles(a: Node, b: Node, store: FakeStore) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    store.paused = True
+    a.engine.set(EngineState.HUNG, "maintenance")
+    assert await a.ha.run_cycle() == "renewed lease as primary (epoch 1) (paused)"
+    store.leader = None
+    assert await b.ha.run_cycle() == (
+        "no leader, but automatic actions are paused: not taking the lease"
+    )
+
+
+async def test_planned_switchover_hands_the_lease_to_the_target(
+    a: Node, b: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    a.peers.statuses["http://sglang-02:8008"] = {"engine": {"state": "healthy"}}
+    store.switchover = Switchover("sglang-01", "sglang-02", clock())
+    assert await a.ha.run_cycle() == "demoted: planned switchover to sglang-02; released the lease"
+    # The old primary does not race the target for the free lease.
+    assert (await a.ha.run_cycle()).startswith("no leader; planned switchover to sglang-02")
+    assert await b.ha.run_cycle() == (
+        "promoted to primary (epoch 2) by planned switchover from sglang-01"
+    )
+    assert store.switchover is None
+    assert not any(e.startswith(ev.FAILOVER_INITIATED) for e in b.emitted())
+
+
+async def test_switchover_waits_for_a_healthy_target(
+    a: Node, b: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    a.peers.statuses["http://sglang-02:8008"] = {"engine": {"state": "starting"}}
+    store.switchover = Switchover("sglang-01", "sglang-02", clock())
+    assert await a.ha.run_cycle() == (
+        "renewed lease as primary (epoch 1); switchover pending: no healthy target yet"
+    )
+
+
+async def test_flapping_node_is_held_back_while_another_can_lead(
+    a: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await store.register(
+        Member("sglang-02", "http://b:30000", "http://b:8008", engine_health="healthy"), ttl=600
+    )
+    for _ in range(3):  # three failures in a row: hold-back 10 s, then 20 s
+        a.engine.set(EngineState.DEAD, "crash")
+        a.engine.set(EngineState.HEALTHY)
+    assert await a.ha.run_cycle() == (
+        "no leader; held back 20.0s more: engine health has been flapping"
+    )
+    clock.advance(20.1)
+    assert await a.ha.run_cycle() == "promoted to primary (epoch 1): no leader was present"
+
+
+async def test_flapping_node_still_leads_when_no_other_node_can(a: Node) -> None:
+    for _ in range(3):
+        a.engine.set(EngineState.DEAD, "crash")
+        a.engine.set(EngineState.HEALTHY)
+    assert await a.ha.run_cycle() == "promoted to primary (epoch 1): no leader was present"
+
+
+async def test_restarted_agent_resumes_its_own_lease(
+    a: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await a.ha.run_cycle()
+    restarted = make_node("sglang-01", store, clock, "sglang-02")
+    assert not restarted.ha.is_primary()
+    assert await restarted.ha.run_cycle() == (
+        "resumed as primary under our existing lease (epoch 1)"
+    )
+    assert restarted.ha.is_primary()
+
+
+async def test_failsafe_ack_refused_by_a_primary_or_for_an_old_epoch(
+    a: Node, b: Node
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    assert not a.ha.acknowledge_failsafe("sglang-02", 1), "a primary never acks another"
+    assert not b.ha.acknowledge_failsafe("sglang-01", 0), "older epoch than seen"
+    assert b.ha.acknowledge_failsafe("sglang-01", 1)

@@ -1,0 +1,299 @@
+"""The relay with real agents, real simulator processes and a real Redis.
+
+Faults are real: the primary's engine process is SIGKILLed or SIGSTOPped while
+requests run. What a user checks: no failed request, streams that continue with
+exactly the text an uninterrupted run gives, 4xx that pass through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.cluster import LocalCluster, collect_stream, local_cluster
+from tests.support.processes import RedisProcess
+
+LONG = 120  # tokens: about 0.6 s at the simulator's test speed
+
+
+@pytest.fixture
+async def cluster(redis_proc: RedisProcess) -> AsyncIterator[LocalCluster]:
+    async with local_cluster(redis_proc) as c:
+        await c.wait_ready()
+        yield c
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        yield client
+
+
+async def test_requests_go_to_the_primary(cluster: LocalCluster, http: httpx.AsyncClient) -> None:
+    primary = cluster.primary()
+    r = await http.post(f"{cluster.relay_url}/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 4}})
+    assert r.status_code == 200
+    assert r.headers["X-SGLang-HA-Node"] == primary
+    async with http.stream(
+        "POST", f"{cluster.relay_url}/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+              "max_tokens": 5},
+    ) as resp:
+        assert resp.headers["X-SGLang-HA-Node"] == primary
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        body = (await resp.aread()).decode()
+    assert body.endswith("data: [DONE]\n\n")
+
+
+async def test_client_errors_pass_through_and_are_never_retried(
+    cluster: LocalCluster, http: httpx.AsyncClient
+) -> None:
+    assert cluster.relay is not None
+    for body in (b"{broken", b"[1, 2]"):
+        r = await http.post(f"{cluster.relay_url}/v1/completions", content=body)
+        assert r.status_code == 400
+        assert "JSON" in r.json()["message"]
+    r = await http.post(
+        f"{cluster.relay_url}/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": -5}
+    )
+    assert r.status_code == 400
+    r = await http.get(f"{cluster.relay_url}/no/such/path")
+    assert r.status_code == 404
+    retries = cluster.relay.metrics.retries.collect()[0].samples
+    assert not [s for s in retries if s.value > 0], "a 4xx must never be retried"
+    assert all(v.can_serve(0) or True for v in cluster.relay.topology.nodes.values())
+    assert not any(v.failed for v in cluster.relay.topology.nodes.values())
+
+
+async def test_crash_of_the_primary_fails_no_request(
+    cluster: LocalCluster, http: httpx.AsyncClient
+) -> None:
+    primary = cluster.primary()
+    assert primary is not None
+    body = {"text": "Tell me a story", "sampling_params": {"max_new_tokens": 40}}
+
+    async def one() -> int:
+        r = await http.post(f"{cluster.relay_url}/generate", json=body)
+        return r.status_code
+
+    inflight = [asyncio.ensure_future(one()) for _ in range(20)]
+    await asyncio.sleep(0.1)
+    cluster.kill_engine(primary)
+    after = [asyncio.ensure_future(one()) for _ in range(20)]
+    codes = await asyncio.gather(*inflight, *after)
+    assert codes == [200] * 40
+    other = cluster.other(primary)
+    await cluster.wait_for(lambda: cluster.primary() == other, 10, f"{other} promoted")
+    log = cluster.ha_log(other)
+    assert f"FAILOVER_INITIATED from {primary} to {other}" in log
+
+
+async def test_engine_500s_are_retried_on_the_other_node(
+    cluster: LocalCluster, http: httpx.AsyncClient
+) -> None:
+    primary = cluster.primary()
+    assert primary is not None
+    sim = cluster.nodes[primary].sim
+    assert sim is not None
+    await sim.faults(error_rate=1.0)
+    for _ in range(10):
+        r = await http.post(f"{cluster.relay_url}/v1/completions",
+                            json={"model": "m", "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200
+        assert r.headers["X-SGLang-HA-Node"] == cluster.other(primary)
+
+
+async def test_non_stream_requests_on_a_hung_primary_are_resent(
+    cluster: LocalCluster, http: httpx.AsyncClient
+) -> None:
+    primary = cluster.primary()
+    assert primary is not None
+    sim = cluster.nodes[primary].sim
+    assert sim is not None
+    body = {"text": "x", "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True}}
+    pending = [asyncio.ensure_future(http.post(f"{cluster.relay_url}/generate", json=body))
+               for _ in range(5)]
+    await asyncio.sleep(0.2)
+    await sim.faults(hang=True)
+    responses = await asyncio.wait_for(asyncio.gather(*pending), timeout=20)
+    assert [r.status_code for r in responses] == [200] * 5
+    assert {r.headers["X-SGLang-HA-Node"] for r in responses} == {cluster.other(primary)}
+
+
+# -- stream migration -------------------------------------------------------------------
+
+
+async def reference(cluster: LocalCluster, node: str, path: str, body: dict[str, Any]) -> list[str]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await collect_stream(client, cluster.nodes[node].engine_url + path, body)
+
+
+async def broken_stream(
+    cluster: LocalCluster, path: str, body: dict[str, Any], after_events: int = 15,
+    fault: str = "kill",
+) -> tuple[list[str], str]:
+    """Stream through the relay and break the primary's engine after some events."""
+    primary = cluster.primary()
+    assert primary is not None
+    events: list[str] = []
+    async with httpx.AsyncClient(timeout=30) as client, client.stream(
+        "POST", cluster.relay_url + path, json=body
+    ) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            events.append(line[5:].strip())
+            if len(events) == after_events:
+                if fault == "kill":
+                    cluster.kill_engine(primary)
+                else:
+                    cluster.freeze_engine(primary)
+    return events, primary
+
+
+def last_json(events: list[str]) -> dict[str, Any]:
+    return json.loads(next(e for e in reversed(events) if e.startswith("{")))
+
+
+async def test_generate_stream_with_input_ids_continues_byte_for_byte(cluster: LocalCluster) -> None:
+    body = {"input_ids": [5, 6, 7, 300, 301], "stream": True,
+            "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True}}
+    events, primary = await broken_stream(cluster, "/generate", body)
+    expected = await reference(cluster, cluster.other(primary), "/generate", body)
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    got, want = last_json(events), last_json(expected)
+    assert got["text"] == want["text"]
+    assert got["output_ids"] == want["output_ids"]
+    assert got["meta_info"]["completion_tokens"] == want["meta_info"]["completion_tokens"] == LONG
+    assert got["meta_info"]["prompt_tokens"] == want["meta_info"]["prompt_tokens"]
+    assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
+    texts = [json.loads(e)["text"] for e in events if e.startswith("{")]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), "cumulative text never goes back"
+    assert "STREAM_MIGRATED" in open(f"{cluster.workdir}/relay.ha.log").read()
+
+
+async def test_generate_stream_with_text_continues(cluster: LocalCluster) -> None:
+    body = {"text": "Once upon a time", "stream": True, "sampling_params": {"max_new_tokens": LONG}}
+    events, primary = await broken_stream(cluster, "/generate", body)
+    expected = await reference(cluster, cluster.other(primary), "/generate", body)
+    assert last_json(events)["text"] == last_json(expected)["text"]
+    assert events.count("[DONE]") == 1
+
+
+async def test_completions_stream_continues_with_usage_counted_once(cluster: LocalCluster) -> None:
+    body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": LONG, "stream": True,
+            "stream_options": {"include_usage": True}, "seed": 7}
+    events, primary = await broken_stream(cluster, "/v1/completions", body)
+    expected = await reference(cluster, cluster.other(primary), "/v1/completions", body)
+
+    def text_and_usage(evts: list[str]) -> tuple[str, dict[str, Any], set[str]]:
+        chunks = [json.loads(e) for e in evts if e.startswith("{")]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+        usage = next(c["usage"] for c in reversed(chunks) if c.get("usage"))
+        return text, usage, {c["id"] for c in chunks}
+
+    got_text, got_usage, ids = text_and_usage(events)
+    want_text, want_usage, _ = text_and_usage(expected)
+    assert got_text == want_text
+    assert got_usage["completion_tokens"] == want_usage["completion_tokens"]
+    assert got_usage["prompt_tokens"] == want_usage["prompt_tokens"]
+    assert got_usage["total_tokens"] == want_usage["total_tokens"]
+    assert len(ids) == 1, "one response id across the migration"
+    assert events.count("[DONE]") == 1
+
+
+async def test_chat_stream_continues_through_the_openai_client(cluster: LocalCluster) -> None:
+    import openai
+
+    primary = cluster.primary()
+    assert primary is not None
+    messages = [{"role": "user", "content": "Write a long poem about failover."}]
+    client = openai.AsyncOpenAI(base_url=cluster.relay_url + "/v1", api_key="none", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="m", messages=messages, max_tokens=LONG, stream=True, seed=3,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )
+    pieces: list[str] = []
+    roles = 0
+    usage = None
+    finish = None
+    count = 0
+    async for chunk in stream:
+        count += 1
+        if count == 15:
+            cluster.kill_engine(primary)
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            roles += 1 if choice.delta.role else 0
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    direct = openai.AsyncOpenAI(
+        base_url=cluster.nodes[cluster.other(primary)].engine_url + "/v1", api_key="none"
+    )
+    want = await direct.chat.completions.create(
+        model="m", messages=messages, max_tokens=LONG, seed=3  # type: ignore[arg-type]
+    )
+    assert "".join(pieces) == want.choices[0].message.content
+    assert finish == want.choices[0].finish_reason
+    assert roles == 1, "exactly one role chunk"
+    assert usage is not None and want.usage is not None
+    assert usage.completion_tokens == want.usage.completion_tokens
+    assert usage.prompt_tokens == want.usage.prompt_tokens
+    await client.close()
+    await direct.close()
+
+
+async def test_constrained_stream_ends_with_an_explicit_retryable_error(cluster: LocalCluster) -> None:
+    schema = {"type": "object", "properties": {"items": {"type": "array", "minItems": 40,
+              "maxItems": 40, "items": {"type": "string", "minLength": 8, "maxLength": 8}}},
+              "required": ["items"]}
+    body = {"model": "m", "messages": [{"role": "user", "content": "list"}], "stream": True,
+            "max_tokens": 2000, "response_format": {"type": "json_schema",
+            "json_schema": {"name": "x", "schema": schema}}}
+    events, _ = await broken_stream(cluster, "/v1/chat/completions", body, after_events=5)
+    errors = [json.loads(e) for e in events if e.startswith('{"error"')]
+    assert len(errors) == 1 and errors[0]["error"]["retryable"] is True
+    assert "grammar-constrained" in errors[0]["error"]["message"]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+
+
+async def test_frozen_primary_stream_moves_on(cluster: LocalCluster) -> None:
+    body = {"input_ids": [1, 2, 3], "stream": True,
+            "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True}}
+    events, primary = await broken_stream(cluster, "/generate", body, fault="freeze")
+    try:
+        expected = await reference(cluster, cluster.other(primary), "/generate", body)
+        assert last_json(events)["output_ids"] == last_json(expected)["output_ids"]
+    finally:
+        cluster.thaw_engine(primary)
+
+
+async def test_second_failure_during_a_migrated_stream(cluster: LocalCluster) -> None:
+    first = cluster.primary()
+    assert first is not None
+    second = cluster.other(first)
+    body = {"input_ids": [9, 9, 9], "stream": True,
+            "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}
+    expected = await reference(cluster, second, "/generate", body)
+    events: list[str] = []
+    async with httpx.AsyncClient(timeout=60) as client, client.stream(
+        "POST", cluster.relay_url + "/generate", json=body
+    ) as resp:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            events.append(line[5:].strip())
+            if len(events) == 20:
+                cluster.kill_engine(first)
+                cluster.start_engine(first)  # it comes back (supervisord would restart it)
+            if len(events) == 120:
+                cluster.kill_engine(second)
+    assert last_json(events)["output_ids"] == last_json(expected)["output_ids"]
+    assert events.count("[DONE]") == 1
