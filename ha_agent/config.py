@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class RedisSettings(BaseSettings):
     cluster: str = Field(
         "sglang-ha", description="Name of this HA cluster; prefixes every Redis key."
     )
-    sentinels: list[str] = Field(
+    sentinels: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["sentinel-1:26379", "sentinel-2:26379", "sentinel-3:26379"],
         description="Sentinel addresses, host:port, comma separated.",
     )
@@ -166,7 +166,7 @@ class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings):
     api_host: str = Field("0.0.0.0", description="Agent API bind address.")
     api_port: int = Field(8008, description="Agent API port.")
     admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
-    peers: list[str] = Field(
+    peers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Agent API URLs of the other nodes (used when Redis is away); comma separated.",
     )
@@ -195,7 +195,7 @@ class RelaySettings(RedisSettings):
     relay_admin_port: int = Field(8002, description="Relay status and metrics port (internal).")
     relay_host_admin: str = Field("0.0.0.0", description="Relay admin bind address.")
     admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
-    nodes: list[str] = Field(
+    nodes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Seed nodes name=engine_url=agent_url, comma separated; registry adds more.",
     )
@@ -268,7 +268,7 @@ class SimSettings(BaseSettings):
     weight_version: str = Field("default", description="Reported as meta_info.weight_version.")
     enable_cache_report: bool = Field(
         True,
-        description="Like SGLang's --enable-cache-report: usage.prompt_tokens_details.cached_tokens.",
+        description="As SGLang's --enable-cache-report: usage.prompt_tokens_details.cached_tokens.",
     )
     disconnect_abort_delay: float = Field(
         2.0, ge=0, description="A request whose client went away is aborted this much later, s."

@@ -470,12 +470,14 @@ class Ha:
         st.last_transition = Transition(time.time(), f"became {role.value} (epoch {st.epoch})")
 
     def _engine_changed(self, old: EngineHealth, new: EngineHealth) -> None:
+        if new.oom and not old.oom:
+            self.events.emit(ev.ENGINE_OOM, f"{self.name}: {new.reason}")
+        if new.state is old.state:
+            return
         if new.state is EngineState.HEALTHY:
             self.events.emit(ev.ENGINE_HEALTHY, f"{self.name}: {new.reason}")
         elif old.state is EngineState.HEALTHY or new.state is EngineState.DEAD:
             self.events.emit(ev.ENGINE_UNHEALTHY, f"{self.name} {new.state.value}: {new.reason}")
-            if new.oom:
-                self.events.emit(ev.ENGINE_OOM, f"{self.name}: {new.reason}")
         if old.state is EngineState.HEALTHY and new.state is not EngineState.HEALTHY:
             self.damper.record_failure()
         self.wake.set()  # act on it now, not at the next tick

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sglang-ha-sim: {exc}", file=sys.stderr)
         return 2
     log.info(
-        "sglang-ha-sim %s: SGLang API simulator (not SGLang) serving model %r on %s:%d",
-        settings.instance_name or "",
+        "sglang-ha-sim%s: SGLang API simulator (not SGLang) serving model %r on %s:%d",
+        f" [{settings.instance_name}]" if settings.instance_name else "",
         settings.model_name,
         settings.host,
         settings.port,

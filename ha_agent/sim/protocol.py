@@ -346,7 +346,7 @@ class RequestBuilder:
         if req.input_ids and isinstance(req.input_ids[0], list):
             if len(req.input_ids) != 1:
                 raise batch
-            req.input_ids = req.input_ids[0]  # type: ignore[assignment]
+            req.input_ids = req.input_ids[0]
         if isinstance(req.rid, list) or isinstance(req.sampling_params, list):
             raise batch
         sp: SamplingParamsBody = _parse(SamplingParamsBody, req.sampling_params or {})
@@ -485,7 +485,8 @@ def parse_pause_mode(body: Any) -> str:
     mode = (body or {}).get("mode", "abort") if isinstance(body, dict) else None
     if mode not in ("abort", "retract", "in_place"):
         raise BadRequest(
-            f"mode must be one of 'abort', 'retract', 'in_place', got {mode!r}", validation=True
+            f"Invalid mode: {mode!r}. Expected one of ['abort', 'retract', 'in_place'].",
+            validation=True,
         )
     return str(mode)
 

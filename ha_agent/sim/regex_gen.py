@@ -14,9 +14,9 @@ import re
 import string
 
 try:  # Python >= 3.11
-    import re._parser as sre_parse  # type: ignore[import-not-found]
+    import re._parser as sre_parse
 except ImportError:  # pragma: no cover - Python 3.10
-    import sre_parse  # type: ignore[no-redef]
+    import sre_parse
 
 
 class RegexUnsupported(ValueError):
@@ -28,6 +28,7 @@ _WORD = set(string.ascii_letters + string.digits + "_")
 _SPACE = set(" \t\n\r\f\v")
 _MAX_EXTRA_REPEAT = 3  # unbounded quantifiers repeat at most min + 3 times
 _ATTEMPTS = 25
+_MAX_MIN_REPEAT = 4096
 
 _UNSUPPORTED = {
     sre_parse.ASSERT: "lookahead/lookbehind assertions",
@@ -41,7 +42,7 @@ if hasattr(sre_parse, "POSSESSIVE_REPEAT"):
 
 
 def _category_has(cat: object, ch: str) -> bool:
-    name = str(cat)
+    name = getattr(cat, "name", str(cat))
     negate = "NOT_" in name
     if "DIGIT" in name:
         hit = ch.isdigit()
@@ -118,6 +119,8 @@ def _emit(parsed: sre_parse.SubPattern, rng: random.Random, out: list[str]) -> N
             _emit(av[3], rng, out)
         elif op in _REPEATS:
             lo, hi, sub = av
+            if lo > _MAX_MIN_REPEAT:
+                raise RegexUnsupported(f"regex repeat minimum {lo} is too large to generate")
             top = lo + _MAX_EXTRA_REPEAT if hi is sre_parse.MAXREPEAT else min(hi, lo + 3)
             for _ in range(rng.randint(lo, max(lo, top))):
                 _emit(sub, rng, out)

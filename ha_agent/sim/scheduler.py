@@ -322,7 +322,6 @@ class Engine:
                 self._finish(job, abort_reason(job.abort_message))
                 return
             if job.state == "waiting":  # retracted by /pause_generation mode=retract
-                job._enqueued_at = time.monotonic()
                 await self._wait_admission(job)
                 continue
             if self.paused and self.pause_mode == "in_place":
@@ -408,9 +407,11 @@ class Engine:
             for job in list(self.jobs.values()):
                 self._abort_job(job, "aborted by /pause_generation (mode=abort)")
         elif mode == "retract":
+            now = time.monotonic()
             for job in reversed(list(self.running.values())):
                 job.state = "waiting"
                 job.retractions += 1
+                job._enqueued_at = now
                 self.waiting.appendleft(job)
             self.running.clear()
 

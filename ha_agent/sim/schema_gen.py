@@ -71,6 +71,7 @@ _HANDLED = {
 _TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
 _SOFT_DEPTH = 4  # past this, only required parts are generated (recursion terminates)
 _HARD_DEPTH = 32
+_MAX_SIZE = 4096  # largest minLength / minItems / minProperties honoured
 _WORDS = (
     "alpha",
     "bravo",
@@ -255,7 +256,7 @@ class SchemaGenerator:
         return " ".join(self.rng.choice(_WORDS) for _ in range(self.rng.randint(lo, hi)))
 
     def _string(self, s: dict[str, Any]) -> str:
-        lo = int(s.get("minLength", 0))
+        lo = _size(s, "minLength")
         hi = int(s["maxLength"]) if "maxLength" in s else 1 << 30
         if lo > hi:
             raise SchemaUnsupported(f"minLength {lo} > maxLength {hi}")
@@ -347,7 +348,7 @@ class SchemaGenerator:
         chosen = list(required)
         if depth < _SOFT_DEPTH:
             chosen += [k for k in props if k not in required and self.rng.random() < 0.5]
-        lo = int(s.get("minProperties", 0))
+        lo = _size(s, "minProperties")
         hi = int(s.get("maxProperties", 1 << 30))
         for k in props:  # top up to minProperties with optional properties
             if len(chosen) >= lo:
@@ -360,7 +361,8 @@ class SchemaGenerator:
         while len(chosen) < lo:
             if extra is False:
                 raise SchemaUnsupported("minProperties cannot be met without extra properties")
-            key = f"{self.rng.choice(_WORDS)}_{i}" if props else self.rng.choice(_WORDS)
+            word = self.rng.choice(_WORDS)
+            key = word if not props and i < len(_WORDS) else f"{word}_{i}"
             if key not in chosen and key not in props:
                 chosen.append(key)
             i += 1
@@ -384,7 +386,7 @@ class SchemaGenerator:
 
     def _array(self, s: dict[str, Any], depth: int) -> list[Any]:
         items = s.get("items", {})
-        lo = int(s.get("minItems", 0))
+        lo = _size(s, "minItems")
         hi = int(s.get("maxItems", lo + 3))
         if lo > hi:
             raise SchemaUnsupported(f"minItems {lo} > maxItems {hi}")
@@ -468,6 +470,13 @@ class SchemaGenerator:
                 elif extra is False or (isinstance(extra, dict) and not self.valid(v, extra)):
                     return False
         return True
+
+
+def _size(s: dict[str, Any], key: str) -> int:
+    value = int(s.get(key, 0))
+    if value > _MAX_SIZE:
+        raise SchemaUnsupported(f"{key} {value} is larger than the simulator generates")
+    return value
 
 
 def _is_type(value: Any, t: str) -> bool:

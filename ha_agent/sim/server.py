@@ -294,8 +294,10 @@ class SimServer:
                 await resp.write(sse(generate_payload(job)))
             await resp.write(DONE)
             await resp.write_eof()
-        except ConnectionError:
-            _client_gone(job)
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            _client_gone(job)  # the engine aborts it after disconnect_abort_delay
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         return resp
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -344,8 +346,10 @@ class SimServer:
                 await resp.write(chunk)
             await resp.write(DONE)
             await resp.write_eof()
-        except ConnectionError:
-            _client_gone(job)
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            _client_gone(job)  # the engine aborts it after disconnect_abort_delay
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         return resp if resp is not None else web.Response(status=499)
 
     def _start(self, request: web.Request, gen: Any, native: bool) -> Job | web.Response:
@@ -369,8 +373,12 @@ SIM_KEY = web.AppKey("sglang_ha_sim", SimServer)
 
 
 async def _wait_finished(job: Job) -> None:
-    async for _ in job.updates():
-        pass
+    try:
+        async for _ in job.updates():
+            pass
+    except asyncio.CancelledError:  # handler_cancellation: the client went away
+        _client_gone(job)
+        raise
 
 
 def _client_gone(job: Job) -> None:

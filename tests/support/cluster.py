@@ -166,9 +166,7 @@ class LocalCluster:
             )
             relay_ok = self.relay is None or (
                 self.relay.topology.primary == p
-                and all(
-                    v.can_serve(time.monotonic()) for v in self.relay.topology.nodes.values()
-                )
+                and all(v.can_serve(time.monotonic()) for v in self.relay.topology.nodes.values())
             )
             return p if p and healthy and relay_ok else None
 
@@ -185,7 +183,9 @@ class LocalCluster:
 
 @contextlib.asynccontextmanager
 async def local_cluster(
-    redis: RedisProcess, names: tuple[str, ...] = ("sglang-01", "sglang-02"), relay: bool = True,
+    redis: RedisProcess,
+    names: tuple[str, ...] = ("sglang-01", "sglang-02"),
+    relay: bool = True,
     sim_env: dict[str, str] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     workdir = tempfile.mkdtemp(prefix="sglang-ha-cluster-")

@@ -56,8 +56,13 @@ class FakeStore(LeaseStore):
             ttl = int((self.expires - self.clock()) * 1000)
             leader = Leader(node=self.leader[1], epoch=self.leader[0], ttl_ms=ttl)
         members = tuple(m for m, exp in self.members.values() if exp > self.clock())
-        return Cluster(leader, members, max(self.epoch, leader.epoch if leader else 0),
-                       self.paused, self.switchover)
+        return Cluster(
+            leader,
+            members,
+            max(self.epoch, leader.epoch if leader else 0),
+            self.paused,
+            self.switchover,
+        )
 
     async def acquire(self, node: str, ttl: float, min_epoch: int) -> int | None:
         self._check()
@@ -130,7 +135,9 @@ class FakeStore(LeaseStore):
 class FakeEngine:
     """What Ha reads from the HealthMonitor: `.health` and change listeners."""
 
-    def __init__(self, clock: Callable[[], float], state: EngineState = EngineState.HEALTHY) -> None:
+    def __init__(
+        self, clock: Callable[[], float], state: EngineState = EngineState.HEALTHY
+    ) -> None:
         self.clock = clock
         self.health = EngineHealth(state, "test", clock())
         self._listeners: list[Callable[[EngineHealth, EngineHealth], None]] = []

@@ -75,8 +75,19 @@ def redis_server(password: str = "test-password") -> Iterator[RedisProcess]:
     workdir = tempfile.mkdtemp(prefix="sglang-ha-redis-")
     proc = subprocess.Popen(
         [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--requirepass", password, "--dir", workdir,
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            password,
+            "--dir",
+            workdir,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -77,8 +77,11 @@ def sim_process(
     )
     handle = SimHandle(url=f"http://127.0.0.1:{port}", proc=proc)
     try:
-        wait_until(lambda: httpx.get(f"{handle.url}/health", timeout=1).status_code == 200,
-                   timeout=20, what="simulator process to start")
+        wait_until(
+            lambda: httpx.get(f"{handle.url}/health", timeout=1).status_code == 200,
+            timeout=20,
+            what="simulator process to start",
+        )
         yield handle
     finally:
         if proc.poll() is None:

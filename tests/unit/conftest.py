@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,8 +36,6 @@ def make_sim_settings(**overrides: Any) -> SimSettings:
 @pytest.fixture
 def sim_env_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     """No SIM_* variable from the outer environment leaks into a test's settings."""
-    import os
-
     for key in list(os.environ):
         if key.startswith("SIM_"):
             monkeypatch.delenv(key)

@@ -40,7 +40,9 @@ async def test_only_one_node_can_hold_the_lease(store: RedisLeaseStore) -> None:
     assert 4000 < cluster.leader.ttl_ms <= 5000
 
 
-async def test_epoch_grows_with_each_acquisition_and_respects_the_floor(store: RedisLeaseStore) -> None:
+async def test_epoch_grows_with_each_acquisition_and_respects_the_floor(
+    store: RedisLeaseStore,
+) -> None:
     assert await store.acquire("a", ttl=5, min_epoch=0) == 1
     assert await store.release("a", 1)
     assert await store.acquire("b", ttl=5, min_epoch=0) == 2

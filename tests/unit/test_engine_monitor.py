@@ -86,8 +86,10 @@ async def test_hang_with_health_200_is_detected_under_load() -> None:
             load = asyncio.ensure_future(
                 client.post(
                     f"{sim.url}/generate",
-                    json={"text": "hello", "sampling_params": {"max_new_tokens": 100000,
-                                                               "ignore_eos": True}},
+                    json={
+                        "text": "hello",
+                        "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True},
+                    },
                 )
             )
             await sim.faults(hang=True)
@@ -133,7 +135,8 @@ async def test_timed_out_canaries_are_aborted_and_never_pile_up() -> None:
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(f"{sim.url}/metrics")).text
         aborted = [
-            line for line in metrics.splitlines()
+            line
+            for line in metrics.splitlines()
             if line.startswith("sglang:num_aborted_requests_total")
         ]
         assert aborted and float(aborted[0].split()[-1]) >= 1, "timed-out canaries are aborted"
@@ -159,7 +162,11 @@ async def test_client_errors_never_make_the_engine_unhealthy() -> None:
         states = set()
         async with httpx.AsyncClient(timeout=5) as client:
             for i in range(200):
-                body = b"{not json" if i % 2 else b'{"text": 5, "sampling_params": {"max_new_tokens": -1}}'
+                body = (
+                    b"{not json"
+                    if i % 2
+                    else b'{"text": 5, "sampling_params": {"max_new_tokens": -1}}'
+                )
                 r = await client.post(f"{sim.url}/generate", content=body)
                 assert 400 <= r.status_code < 500
                 if i % 10 == 0:

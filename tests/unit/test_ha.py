@@ -170,7 +170,9 @@ async def test_store_outage_without_acknowledgement_fences(
     store.down = True
     a.peers.acks["http://sglang-02:8008"] = False
     clock.advance(0.5)
-    assert (await a.ha.run_cycle()).startswith("store unreachable and 1 peer(s) did not acknowledge")
+    assert (await a.ha.run_cycle()).startswith(
+        "store unreachable and 1 peer(s) did not acknowledge"
+    )
     clock.advance(TTL)
     assert not a.ha.is_primary()
     assert (await a.ha.run_cycle()).startswith("fenced (")
@@ -183,7 +185,9 @@ async def test_standby_waits_while_previous_primary_says_it_holds_a_valid_lease(
     await b.ha.run_cycle()
     store.leader = None  # the key was lost in a Redis failover
     b.peers.statuses["http://sglang-01:8008"] = {
-        "role": "primary", "lease_time_left": 1.5, "epoch": 1,
+        "role": "primary",
+        "lease_time_left": 1.5,
+        "epoch": 1,
     }
     assert await b.ha.run_cycle() == (
         "no leader key, but sglang-01 says it is primary with a valid lease: waiting"
@@ -269,9 +273,7 @@ async def test_restarted_agent_resumes_its_own_lease(
     assert restarted.ha.is_primary()
 
 
-async def test_failsafe_ack_refused_by_a_primary_or_for_an_old_epoch(
-    a: Node, b: Node
-) -> None:
+async def test_failsafe_ack_refused_by_a_primary_or_for_an_old_epoch(a: Node, b: Node) -> None:
     await a.ha.run_cycle()
     await b.ha.run_cycle()
     assert not a.ha.acknowledge_failsafe("sglang-02", 1), "a primary never acks another"

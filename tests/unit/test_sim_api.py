@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from ha_agent.sim.tokenizer import EOS_ID
+from ha_agent.sim.tokenizer import EOS_ID, get_tokenizer
 from tests.unit.conftest import (
     SimClientFactory,
     sim_json_events,
@@ -21,6 +22,8 @@ from tests.unit.conftest import (
 )
 
 LONG = {"max_new_tokens": 2000, "ignore_eos": True}  # runs until aborted or cleaned up
+
+pytestmark = pytest.mark.timeout(30)
 
 
 async def next_event(resp: ClientResponse, timeout: float = 5.0) -> dict[str, Any]:
@@ -105,7 +108,7 @@ async def test_generate_non_stream_format(sim_client: TestClient):
 async def test_generate_stream_is_cumulative_sse(sim_client: TestClient):
     body = {"text": "Stream me", "stream": True, "sampling_params": {"max_new_tokens": 12}}
     events = sim_json_events(await sim_read_sse(await sim_client.post("/generate", json=body)))
-    for prev, cur in zip(events, events[1:], strict=False):
+    for prev, cur in itertools.pairwise(events):
         assert cur["text"].startswith(prev["text"])  # cumulative text
         assert cur["output_ids"][: len(prev["output_ids"])] == prev["output_ids"]
         assert prev["meta_info"]["finish_reason"] is None
@@ -612,3 +615,52 @@ async def test_non_stream_client_disconnect_aborts(sim_client_factory: SimClient
     await sim_wait_for(aborted)
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_text_and_input_ids_are_the_same_prompt(sim_client: TestClient):
+    prompt = "Ünïcode and ASCII, {json}: fine"
+    params = {"max_new_tokens": 12, "sampling_seed": 9}
+    by_text = await (
+        await sim_client.post("/generate", json={"text": prompt, "sampling_params": params})
+    ).json()
+    by_ids = await (
+        await sim_client.post(
+            "/generate",
+            json={"input_ids": get_tokenizer().encode(prompt), "sampling_params": params},
+        )
+    ).json()
+    assert by_text["output_ids"] == by_ids["output_ids"]
+    assert by_text["meta_info"]["prompt_tokens"] == by_ids["meta_info"]["prompt_tokens"]
+    # SGLang's health probe: input_ids [0], one token.
+    probe = await sim_client.post(
+        "/generate",
+        json={"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0}},
+    )
+    assert (await probe.json())["meta_info"]["completion_tokens"] == 1
+
+
+async def test_64_concurrent_streams_are_cheap(sim_client_factory: SimClientFactory):
+    client = await sim_client_factory(itl=0.01)
+    body = {"stream": True, "sampling_params": {"max_new_tokens": 30, "ignore_eos": True}}
+
+    async def one(i: int) -> int:
+        resp = await client.post("/generate", json={**body, "text": f"load {i}"})
+        return len(sim_json_events(await sim_read_sse(resp))[-1]["output_ids"])
+
+    t0 = time.monotonic()
+    counts = await asyncio.gather(*(one(i) for i in range(64)))
+    elapsed = time.monotonic() - t0
+    assert counts == [30] * 64
+    assert elapsed < 3.0, elapsed  # ideal 0.3 s; generous for a loaded 2-core machine
+
+
+async def test_shutdown_ends_even_hung_requests(sim_client_factory: SimClientFactory):
+    client = await sim_client_factory(itl=0.005)
+    resp = await client.post(
+        "/generate", json={"text": "x", "stream": True, "sampling_params": LONG}
+    )
+    await next_event(resp)
+    await client.post("/sim/faults", json={"hang": True})
+    t0 = time.monotonic()
+    await asyncio.wait_for(client.close(), 5)
+    assert time.monotonic() - t0 < 5

@@ -24,6 +24,8 @@ from tests.unit.conftest import SimClientFactory, sim_json_events, sim_metric, s
 
 REPO = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.timeout(30)
+
 
 async def next_event(resp: ClientResponse, timeout: float = 5.0) -> dict:
     raw = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), timeout)
@@ -52,7 +54,7 @@ async def test_hang_stops_tokens_while_health_stays_green(sim_client_factory: Si
     fresh = await client.post("/generate", json={**body, "text": "y"})
     assert await no_event_within(fresh, 0.3)  # a new request gets no token either
     await asyncio.sleep(0.05)  # let any byte produced before the hang arrive
-    await running.content.read(running.content.total_bytes)  # drain what was in flight
+    running.content.read_nowait()  # drop what was produced before the hang
     assert await no_event_within(running, 0.2)
     assert await sim_metric(client, "sglang:generation_tokens_total") == tokens
     assert await sim_metric(client, "sglang:num_running_reqs") == 2

@@ -19,6 +19,8 @@ from tests.unit.conftest import SimClientFactory, sim_json_events, sim_read_sse,
 N = 40  # max new tokens of the original request
 EOS_RATE = 0.06  # makes an EOS within N tokens common, so both endings are easy to find
 
+pytestmark = pytest.mark.timeout(30)
+
 
 def ks(n_out: int) -> list[int]:
     return sorted({0, 1, 2, n_out // 2, n_out - 1} - {-1})

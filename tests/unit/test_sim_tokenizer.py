@@ -17,13 +17,21 @@ def test_decode_encode_roundtrip_any_unicode(text: str) -> None:
 
 def test_roundtrip_edge_cases() -> None:
     tok = get_tokenizer()
-    for text in ["", " ", "  lorem", "lorem ipsum", "\ud800 lone surrogate", "émoji 🎉\n\t", "a" * 5]:
+    for text in [
+        "",
+        " ",
+        "  lorem",
+        "lorem ipsum",
+        "\ud800 lone surrogate",
+        "émoji 🎉\n\t",
+        "a" * 5,
+    ]:
         assert tok.decode(tok.encode(text)) == text
 
 
 def test_ids_are_identical_across_instances() -> None:
     a, b = SimTokenizer(), SimTokenizer()
-    text = "The quick brown fox, lorem ipsum dolor sit amet: {\"k\": [1, 2]}"
+    text = 'The quick brown fox, lorem ipsum dolor sit amet: {"k": [1, 2]}'
     assert a.encode(text) == b.encode(text)
     assert a.vocab_size == b.vocab_size and a.words == b.words
 

@@ -110,7 +110,9 @@ class HealthMonitor:
             probe_latency=sample.latency if sample else None,
             last_progress_age=now - self._last_progress,
         )
-        if old.state is not state:
+        # Why also on `oom`: the HTTP probe often sees the dead engine before
+        # supervisord tells us how it died.
+        if old.state is not state or (self.health.oom and not old.oom):
             log.info("engine %s -> %s: %s", old.state.value, state.value, reason)
             for listener in self._listeners:
                 listener(old, self.health)

@@ -1,0 +1,60 @@
+"""`python -m tests.failover --trials N`: every fault, N trials, one report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from tests.failover import report
+from tests.failover.load import Load
+from tests.failover.runner import ScenarioResult, run_scenario
+from tests.failover.scenarios import FAULTS
+from tests.support.stack import Stack, running_stack
+
+
+async def run_all(
+    stack: Stack, faults: list[str], trials: int, concurrency: int
+) -> list[ScenarioResult]:
+    load = Load(stack.gateway_url, concurrency=concurrency)
+    await load.take_references()
+    results = []
+    try:
+        for trial in range(1, trials + 1):
+            for name in faults:
+                result = await run_scenario(stack, FAULTS[name], trial, load)
+                print(
+                    f"[{name} #{trial}] detected {result.detected} promoted {result.promoted}"
+                    f" recovered {result.recovered} failed {result.nonstream_failed}/"
+                    f"{result.stream_failed} migrated {result.migrations}"
+                    f" rejoined {result.rejoined_as_standby}",
+                    flush=True,
+                )
+                results.append(result)
+    finally:
+        await load.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.failover", description=__doc__)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated subset")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("reports/failover"))
+    args = parser.parse_args(argv)
+    faults = [f for f in args.faults.split(",") if f]
+    unknown = [f for f in faults if f not in FAULTS]
+    if unknown:
+        parser.error(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
+    with running_stack() as stack:
+        results = asyncio.run(run_all(stack, faults, args.trials, args.concurrency))
+    report.write(results, args.out)
+    print((args.out / "failover-report.md").read_text())
+    failed = [r for r in results if r.nonstream_failed or r.stream_failed]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

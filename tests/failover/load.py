@@ -1,0 +1,157 @@
+"""Continuous, bounded load from the official `openai` client: streaming and not.
+
+Every request is recorded with its outcome, timings and the node that served it
+(the relay's X-SGLang-HA-Node header). The simulator is deterministic, so every
+answer is also compared with a reference text taken before any fault: a migrated
+stream must read exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import openai
+
+PROMPTS = [
+    "Explain leader leases in two sentences.",
+    "Write a haiku about GPUs.",
+    "What is a fencing token?",
+    "List three causes of a failover.",
+    "Describe Redis Sentinel briefly.",
+    "Why do streams need migration?",
+    "Summarise the CAP theorem.",
+    "Name a good default for a lease TTL.",
+]
+MAX_TOKENS = 48
+
+
+@dataclass
+class RequestRecord:
+    start: float
+    end: float
+    stream: bool
+    ok: bool
+    node: str | None
+    error: str | None = None
+    ttft: float | None = None
+    max_gap: float | None = None
+    text_matches: bool | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+class Load:
+    def __init__(
+        self,
+        base_url: str,
+        concurrency: int = 8,
+        stream_every: int = 2,
+        max_requests: int = 20000,
+        clock_zero: float | None = None,
+    ) -> None:
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60.0
+        )
+        self.concurrency = concurrency
+        self.stream_every = stream_every
+        self.max_requests = max_requests
+        self.zero = clock_zero if clock_zero is not None else time.monotonic()
+        self.records: list[RequestRecord] = []
+        self.references: dict[int, str] = {}
+        self._issued = 0
+
+    def now(self) -> float:
+        return time.monotonic() - self.zero
+
+    async def take_references(self) -> None:
+        for i in range(len(PROMPTS)):
+            reply = await self.client.chat.completions.create(
+                model="default",
+                messages=_messages(i),
+                max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+                temperature=0,
+                seed=i,
+            )
+            self.references[i] = reply.choices[0].message.content or ""
+
+    async def _one(self, i: int, stream: bool) -> RequestRecord:
+        start = self.now()
+        prompt = i % len(PROMPTS)
+        node = None
+        try:
+            if stream:
+                text, node, ttft, gap = await self._stream(prompt, start)
+                rec = RequestRecord(start, self.now(), True, True, node, ttft=ttft, max_gap=gap)
+            else:
+                raw = await self.client.chat.completions.with_raw_response.create(
+                    model="default",
+                    messages=_messages(prompt),
+                    max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+                    temperature=0,
+                    seed=prompt,
+                )
+                node = raw.headers.get("x-sglang-ha-node")
+                text = raw.parse().choices[0].message.content or ""
+                rec = RequestRecord(start, self.now(), False, True, node)
+        except (openai.APIError, openai.APIConnectionError, asyncio.TimeoutError) as exc:
+            return RequestRecord(
+                start, self.now(), stream, False, node, error=f"{type(exc).__name__}: {exc}"[:300]
+            )
+        if prompt in self.references:
+            rec.text_matches = text == self.references[prompt]
+        return rec
+
+    async def _stream(self, prompt: int, start: float) -> tuple[str, str | None, float, float]:
+        pieces: list[str] = []
+        last = start
+        ttft: float | None = None
+        gap = 0.0
+        finished = False
+        async with self.client.chat.completions.with_streaming_response.create(
+            model="default",
+            messages=_messages(prompt),
+            max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+            temperature=0,
+            seed=prompt,
+            stream=True,
+        ) as response:
+            node = response.headers.get("x-sglang-ha-node")
+            async for chunk in await response.parse():
+                now = self.now()
+                if ttft is None:
+                    ttft = now - start
+                gap = max(gap, now - last)
+                last = now
+                for choice in chunk.choices:
+                    pieces.append(choice.delta.content or "")
+                    finished = finished or choice.finish_reason is not None
+        if not finished:
+            raise openai.APIError("stream ended without a finish_reason", None, body=None)  # type: ignore[arg-type]
+        return "".join(pieces), node, ttft or 0.0, gap
+
+    async def _worker(self, worker: int, stop: asyncio.Event) -> None:
+        n = worker
+        while not stop.is_set() and self._issued < self.max_requests:
+            self._issued += 1
+            stream = (n % self.stream_every) == 0
+            self.records.append(await self._one(n, stream))
+            n += self.concurrency
+
+    async def run(self, stop: asyncio.Event) -> list[RequestRecord]:
+        await asyncio.gather(*(self._worker(w, stop) for w in range(self.concurrency)))
+        return self.records
+
+    async def close(self) -> None:
+        await self.client.close()

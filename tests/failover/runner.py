@@ -1,0 +1,244 @@
+"""Run one fault scenario under load and measure what a user would.
+
+Times are seconds from the fault:
+- detected:        the cluster noticed (the node's agent reports its engine
+                   unhealthy or gives up the primary role, or the relay marks the
+                   node failed);
+- promoted:        the standby's agent reports itself primary;
+- first_success:   the first request answered by the standby after the fault;
+- recovered:       from here on, every request that starts succeeds undisturbed
+                   (not failed, and not slower than the pre-fault p99 by more than
+                   a margin);
+- disruption_end:  the last disturbed request finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tests.failover.load import Load, RequestRecord
+from tests.failover.scenarios import Fault
+from tests.support.stack import NODES, Stack
+
+WARMUP = 4.0
+OBSERVE_AFTER_HEAL = 6.0
+REJOIN_TIMEOUT = 45.0
+
+
+@dataclass
+class Sample:
+    t: float
+    roles: dict[str, str]  # node -> role or "unreachable"
+    engines: dict[str, str]
+    relay_primary: str | None
+    relay_failed: dict[str, bool]
+
+
+@dataclass
+class ScenarioResult:
+    fault: str
+    description: str
+    trial: int
+    primary_before: str
+    fault_at: float
+    healed_at: float
+    detected: float | None
+    promoted: float | None
+    first_success: float | None
+    recovered: float | None
+    disruption_end: float | None
+    target_recovery: float
+    requests: int
+    nonstream_failed: int
+    stream_failed: int
+    text_mismatches: int
+    p50: float
+    p99: float
+    p99_during_fault: float
+    migrations: int
+    role_history: list[dict[str, Any]]
+    rejoined_as_standby: bool
+    primary_after: str | None
+    errors: list[str] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self, with_records: bool = True) -> dict[str, Any]:
+        data = asdict(self)
+        if not with_records:
+            data.pop("records")
+        return data
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    k = min(round(q * (len(values) - 1)), len(values) - 1)
+    return values[k]
+
+
+def _sample(stack: Stack, t: float) -> Sample:
+    roles, engines = {}, {}
+    for node in NODES:
+        status = stack.agent_status(node, timeout=0.3)
+        roles[node] = status["role"] if status else "unreachable"
+        engines[node] = status["engine"]["state"] if status else "unknown"
+    relay = stack.relay_status() or {}
+    failed = {n["name"]: bool(n["failed"]) for n in relay.get("nodes", [])}
+    return Sample(t, roles, engines, relay.get("primary"), failed)
+
+
+def _relay_migrations(stack: Stack) -> int:
+    import httpx
+
+    try:
+        text = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("sglang_ha_relay_migrations_total{") and 'outcome="migrated"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> ScenarioResult:
+    primary = await asyncio.to_thread(stack.wait_stable, 90.0)
+    standby = next(n for n in NODES if n != primary)
+    migrations_before = await asyncio.to_thread(_relay_migrations, stack)
+    load.records = []
+    stop = asyncio.Event()
+    samples: list[Sample] = []
+
+    async def sampler() -> None:
+        while not stop.is_set():
+            samples.append(await asyncio.to_thread(_sample, stack, load.now()))
+            await asyncio.sleep(0.05)
+
+    load_task = asyncio.ensure_future(load.run(stop))
+    sample_task = asyncio.ensure_future(sampler())
+    await asyncio.sleep(WARMUP)
+    fault_at = load.now()
+    errors: list[str] = []
+    try:
+        await asyncio.to_thread(fault.inject, stack, primary)
+    except Exception as exc:
+        errors.append(f"inject failed: {exc}")
+    await asyncio.sleep(fault.hold)
+    healed_at = load.now()
+    try:
+        await asyncio.to_thread(fault.heal, stack, primary)
+    except Exception as exc:
+        errors.append(f"heal failed: {exc}")
+    await asyncio.sleep(OBSERVE_AFTER_HEAL)
+    stop.set()
+    records = await load_task
+    await sample_task
+
+    # After the fault heals, the old primary must rejoin as a standby.
+    rejoined = False
+    deadline = time.monotonic() + REJOIN_TIMEOUT
+    primary_after = None
+    while time.monotonic() < deadline:
+        old = await asyncio.to_thread(stack.agent_status, primary)
+        primary_after = await asyncio.to_thread(stack.primary)
+        if old and old["role"] == "standby" and old["engine"]["state"] == "healthy":
+            rejoined = primary_after == standby
+            break
+        await asyncio.sleep(0.5)
+
+    result = summarise(fault, trial, primary, standby, fault_at, healed_at, records, samples)
+    result.migrations = await asyncio.to_thread(_relay_migrations, stack) - migrations_before
+    result.rejoined_as_standby = rejoined
+    result.primary_after = primary_after
+    result.errors = errors + result.errors
+    return result
+
+
+def summarise(
+    fault: Fault,
+    trial: int,
+    primary: str,
+    standby: str,
+    fault_at: float,
+    healed_at: float,
+    records: list[RequestRecord],
+    samples: list[Sample],
+) -> ScenarioResult:
+    before = [r for r in records if r.ok and r.end < fault_at]
+    base_p99 = _percentile([r.latency for r in before], 0.99)
+    base_gap = _percentile([r.max_gap or 0.0 for r in before if r.stream], 0.99)
+
+    def disturbed(r: RequestRecord) -> bool:
+        if not r.ok:
+            return True
+        if r.stream:
+            return (r.max_gap or 0.0) > 2 * base_gap + 0.3
+        return r.latency > 1.5 * base_p99 + 0.3
+
+    affected = [r for r in records if r.end >= fault_at]
+    bad = [r for r in affected if disturbed(r)]
+    recovered: float | None = 0.0
+    if bad:
+        last_bad_start = max(r.start for r in bad)
+        later = [r for r in affected if r.start > last_bad_start]
+        recovered = (min(r.start for r in later) - fault_at) if later else None
+    disruption_end = (max(r.end for r in bad) - fault_at) if bad else 0.0
+
+    def first(pred: Any) -> float | None:
+        for s in samples:
+            if s.t >= fault_at and pred(s):
+                return s.t - fault_at
+        return None
+
+    # The system's detection, not the harness's: an unreachable agent only counts
+    # once the relay has marked the node failed.
+    detected = first(
+        lambda s: (
+            (s.roles[primary] not in ("primary", "unreachable"))
+            or (s.roles[primary] != "unreachable" and s.engines[primary] != "healthy")
+            or s.relay_failed.get(primary, False)
+            or s.relay_primary != primary
+        )
+    )
+    promoted = first(lambda s: s.roles[standby] == "primary")
+    ok_on_standby = [r.end for r in affected if r.ok and r.node == standby and r.end >= fault_at]
+    history: list[dict[str, Any]] = []
+    last: dict[str, str] = {}
+    for s in samples:
+        for node, role in s.roles.items():
+            if last.get(node) != role:
+                history.append({"t": round(s.t - fault_at, 3), "node": node, "role": role})
+                last[node] = role
+    during = [r.latency for r in records if fault_at <= r.start <= healed_at]
+    return ScenarioResult(
+        fault=fault.name,
+        description=fault.description,
+        trial=trial,
+        primary_before=primary,
+        fault_at=fault_at,
+        healed_at=healed_at,
+        detected=detected,
+        promoted=promoted,
+        first_success=(min(ok_on_standby) - fault_at) if ok_on_standby else None,
+        recovered=recovered,
+        disruption_end=disruption_end,
+        target_recovery=fault.target_recovery,
+        requests=len(records),
+        nonstream_failed=sum(1 for r in records if not r.ok and not r.stream),
+        stream_failed=sum(1 for r in records if not r.ok and r.stream),
+        text_mismatches=sum(1 for r in records if r.ok and r.text_matches is False),
+        p50=statistics.median([r.latency for r in records]) if records else 0.0,
+        p99=_percentile([r.latency for r in records], 0.99),
+        p99_during_fault=_percentile(during, 0.99),
+        migrations=0,
+        role_history=history,
+        rejoined_as_standby=False,
+        primary_after=None,
+        errors=[r.error for r in records if r.error][:10],
+        records=[r.to_json() for r in records],
+    )

@@ -1,0 +1,248 @@
+"""The real CPU stack in containers, driven from tests: bring-up, faults, observation.
+
+Brought up with testcontainers' DockerCompose under a unique project name and the
+test overlay (gateway on a random loopback port). Faults are the real thing:
+SIGKILL/SIGSTOP of the engine process, `docker kill`, `docker pause`, the node's
+eth0 taken down inside its network namespace, and the simulator's gray-failure
+knobs (hang with /health still 200, HTTP 500s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+from docker.models.containers import Container
+from testcontainers.compose import DockerCompose
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "compose"
+NODES = {"sglang-01": "node-1", "sglang-02": "node-2"}
+
+
+def read_secrets() -> dict[str, str]:
+    path = COMPOSE_DIR / "secrets.env"
+    if not path.exists():
+        subprocess.run([str(ROOT / "scripts" / "secrets.sh")], check=True)
+    out = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass
+class Stack:
+    project: str
+    compose: DockerCompose
+    client: docker.DockerClient = field(default_factory=docker.from_env)
+    secrets: dict[str, str] = field(default_factory=read_secrets)
+
+    # -- containers and addresses ------------------------------------------------------
+
+    def container(self, service: str) -> Container:
+        found = self.client.containers.list(
+            all=True,
+            filters={
+                "label": [
+                    f"com.docker.compose.project={self.project}",
+                    f"com.docker.compose.service={service}",
+                ]
+            },
+        )
+        if not found:
+            raise LookupError(f"no container for service {service}")
+        return found[0]
+
+    def ip(self, service: str) -> str:
+        c = self.container(service)
+        c.reload()
+        networks = c.attrs["NetworkSettings"]["Networks"]
+        return str(next(iter(networks.values()))["IPAddress"])
+
+    @property
+    def gateway_url(self) -> str:
+        c = self.container("gateway")
+        c.reload()
+        binding = c.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]
+        return f"http://127.0.0.1:{binding['HostPort']}"
+
+    def engine_url(self, node: str) -> str:
+        return f"http://{self.ip(NODES[node])}:30000"
+
+    def agent_url(self, node: str) -> str:
+        return f"http://{self.ip(NODES[node])}:8008"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secrets['HA_ADMIN_TOKEN']}"}
+
+    # -- observing ----------------------------------------------------------------------
+
+    def agent_status(self, node: str, timeout: float = 0.5) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"{self.agent_url(node)}/ha/status", timeout=timeout)
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, LookupError, KeyError, StopIteration):
+            return None
+
+    def relay_status(self) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"http://{self.ip('gateway')}:8002/relay/status", timeout=1)
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def primary(self) -> str | None:
+        for node in NODES:
+            status = self.agent_status(node)
+            if status and status.get("role") == "primary":
+                return node
+        return None
+
+    def wait_stable(self, timeout: float = 60.0) -> str:
+        """One primary, both engines healthy, the relay routing to that primary."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            statuses = {n: self.agent_status(n) for n in NODES}
+            relay = self.relay_status()
+            last = (statuses, relay)
+            primaries = [n for n, s in statuses.items() if s and s["role"] == "primary"]
+            healthy = all(s and s["engine"]["state"] == "healthy" for s in statuses.values())
+            if (
+                len(primaries) == 1
+                and healthy
+                and relay
+                and relay["primary"] == primaries[0]
+                and all(n["can_serve"] for n in relay["nodes"])
+            ):
+                return primaries[0]
+            time.sleep(0.2)
+        raise AssertionError(f"stack not stable after {timeout}s: {last}")
+
+    def ha_log(self, service: str) -> str:
+        code, out = self.container(service).exec_run(["cat", "/var/log/sglang/ha.log"])
+        return out.decode(errors="replace") if code == 0 else ""
+
+    def access_log(self) -> str:
+        code, out = self.container("gateway").exec_run(["cat", "/var/log/sglang/access.log"])
+        return out.decode(errors="replace") if code == 0 else ""
+
+    def logs(self, service: str) -> str:
+        return self.container(service).logs().decode(errors="replace")
+
+    # -- faults -------------------------------------------------------------------------
+
+    def _engine_pid(self, node: str) -> int:
+        code, out = self.container(NODES[node]).exec_run(
+            ["supervisorctl", "-c", "/etc/sglang-ha/supervisord.conf", "pid", "engine"]
+        )
+        pid = int(out.decode().strip() or 0)
+        if code != 0 or pid <= 0:
+            raise RuntimeError(f"engine of {node} has no pid: {out!r}")
+        return pid
+
+    def signal_engine(self, node: str, sig: str) -> None:
+        pid = self._engine_pid(node)
+        code, out = self.container(NODES[node]).exec_run(["kill", f"-{sig}", str(pid)])
+        if code != 0:
+            raise RuntimeError(f"kill -{sig} {pid} failed: {out!r}")
+
+    def kill_container(self, node: str) -> None:
+        self.container(NODES[node]).kill()
+
+    def start_container(self, node: str) -> None:
+        c = self.container(NODES[node])
+        c.reload()
+        if c.status != "running":
+            with contextlib.suppress(docker.errors.APIError):
+                c.start()
+
+    def pause(self, node: str) -> None:
+        self.container(NODES[node]).pause()
+
+    def unpause(self, node: str) -> None:
+        c = self.container(NODES[node])
+        c.reload()
+        if c.status == "paused":
+            c.unpause()
+
+    def nic(self, node: str, state: str) -> None:
+        """`ip link set eth0 down|up` inside the node's network namespace."""
+        c = self.container(NODES[node])
+        c.reload()
+        pid = str(c.attrs["State"]["Pid"])
+        subprocess.run(
+            ["nsenter", "-t", pid, "-n", "ip", "link", "set", "eth0", state],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+
+    def sim_faults(self, node: str, **knobs: Any) -> None:
+        headers = {"Authorization": f"Bearer {self.secrets['SIM_ADMIN_TOKEN']}"}
+        url = f"{self.engine_url(node)}/sim/faults"
+        if knobs:
+            r = httpx.post(url, json=knobs, headers=headers, timeout=5)
+        else:
+            r = httpx.delete(url, headers=headers, timeout=5)
+        r.raise_for_status()
+
+    def bug_lines(self) -> list[str]:
+        lines = []
+        for service in ("node-1", "node-2", "gateway"):
+            with contextlib.suppress(LookupError):
+                lines += [
+                    f"{service}: {line}"
+                    for line in self.logs(service).splitlines()
+                    if "BUG" in line
+                ]
+        return lines
+
+
+def require_host_tools() -> None:
+    missing = [t for t in ("nsenter",) if shutil.which(t) is None]
+    if missing:
+        raise RuntimeError(f"missing host tools for fault injection: {missing}")
+
+
+@contextlib.contextmanager
+def running_stack(
+    files: tuple[str, ...] = ("compose.yaml", "compose.test.yaml"),
+) -> Iterator[Stack]:
+    """Bring the stack up (building images), yield it, always take it down."""
+    project = f"sglang-ha-test-{uuid.uuid4().hex[:8]}"
+    read_secrets()
+    previous = os.environ.get("COMPOSE_PROJECT_NAME")
+    os.environ["COMPOSE_PROJECT_NAME"] = project
+    compose = DockerCompose(str(COMPOSE_DIR), compose_file_name=list(files), build=True, wait=True)
+    stack = Stack(project, compose)
+    try:
+        compose.start()
+        stack.wait_stable()
+        yield stack
+    finally:
+        try:
+            for node in NODES:  # leave nothing frozen or cut off for `down`
+                with contextlib.suppress(Exception):
+                    stack.unpause(node)
+                with contextlib.suppress(Exception):
+                    stack.nic(node, "up")
+            compose.stop()
+        finally:
+            if previous is None:
+                os.environ.pop("COMPOSE_PROJECT_NAME", None)
+            else:
+                os.environ["COMPOSE_PROJECT_NAME"] = previous
