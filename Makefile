@@ -58,8 +58,9 @@ unit: venv  ## unit tests (real Redis where a test needs one)
 	scripts/ensure-test-tools.sh
 	$(PYTEST) tests/unit -q
 
-test-integration: venv docker secrets  ## the CPU stack in containers, driven from pytest
-	$(PYTEST) tests/integration -q -x
+test-integration: venv docker secrets  ## the CPU stack in containers, driven from pytest (all faults once)
+	scripts/ensure-test-tools.sh
+	$(PYTEST) tests/integration -q
 
 failover-test: venv docker secrets  ## every fault, $(TRIALS) trials: failover-report.json/.md/.png
 	$(PY) -m tests.failover --trials $(TRIALS) --out reports/failover

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Programs the unit tests run for real: redis-server and redis-sentinel.
+# Programs the tests run for real: redis-server and redis-sentinel (unit tests), and
+# nsenter + ip on the host to take a node's NIC down (integration tests).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
@@ -7,6 +8,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 missing=()
 have redis-server || missing+=(redis-server)
 have redis-sentinel || missing+=(redis-sentinel)
+have nsenter || missing+=(util-linux)
+have ip || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"
