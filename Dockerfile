@@ -20,7 +20,7 @@ COPY ha_agent /src/sglang-ha/ha_agent
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
  && python3 -m venv /opt/sglang-ha \
- && /opt/sglang-ha/bin/pip install --no-cache-dir --disable-pip-version-check /src/sglang-ha \
+ && /opt/sglang-ha/bin/pip install --no-cache-dir --disable-pip-version-check "/src/sglang-ha[gpu]" \
  && rm -rf /src/sglang-ha
 
 COPY images/node/ /etc/sglang-ha/

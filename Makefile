@@ -32,7 +32,7 @@ images: docker secrets  ## build the node, gateway and redis images
 	$(COMPOSE) build
 
 # --- the stack -----------------------------------------------------------------------
-.PHONY: up down logs ps status
+.PHONY: up down logs ps status rolling-restart verify
 up: docker secrets  ## bring up the stack and wait until it is ready
 	$(COMPOSE) up -d --build --wait --wait-timeout 600
 	@scripts/print-endpoints.sh $(PROJECT) $(STACK)
@@ -44,6 +44,12 @@ ps:
 	$(COMPOSE) ps
 status: venv  ## roles, epoch and health of the running stack
 	$(COMPOSE) exec -T node-1 sglang-ha status
+
+rolling-restart:  ## restart both nodes one after the other, no request failing
+	PROJECT=$(PROJECT) STACK_FILES=compose/$(STACK) scripts/rolling-restart.sh
+
+verify: venv  ## the pre-production checklist against the running stack (DISRUPTIVE=1 for all)
+	$(PY) -m ha_agent.ctl verify --project $(PROJECT) $(if $(DISRUPTIVE),--disruptive,)
 
 # --- tests ---------------------------------------------------------------------------
 .PHONY: test lint unit test-integration failover-test
@@ -64,6 +70,15 @@ test-integration: venv docker secrets  ## the CPU stack in containers, driven fr
 
 failover-test: venv docker secrets  ## every fault, $(TRIALS) trials: failover-report.json/.md/.png
 	$(PY) -m tests.failover --trials $(TRIALS) --out reports/failover
+
+# --- alerts (promtool from Debian's prometheus package) ------------------------------
+.PHONY: alerts-lint promtool
+alerts-lint:  ## promtool check rules + check config (alert rules and scrape config)
+	scripts/ensure-test-tools.sh
+	promtool check rules prometheus/alerts/*.yaml
+	promtool check config prometheus/prometheus.yml
+promtool: alerts-lint  ## alerts-lint, then the alert rules' unit tests (prometheus/tests)
+	promtool test rules prometheus/tests/*.yaml
 
 .PHONY: clean
 clean:

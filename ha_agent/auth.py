@@ -18,8 +18,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class TokenAuth:
     """Bearer-token check, constant-time; refuses everything when no token is set.
 
-    Rejections are counted (by endpoint, never by token) and logged at most once a
-    second, so a flood of bad attempts cannot fill the disk.
+    Rejections are counted (by route, never by token or raw path: the label set stays
+    bounded whatever clients send) and logged at most once a second, so a flood of
+    bad attempts cannot fill the disk. Neither the log nor the metric holds what the
+    client sent as a token.
     """
 
     def __init__(self, token: str | None, rejected: Counter) -> None:
@@ -34,15 +36,17 @@ class TokenAuth:
             return _error(403, "admin endpoints are disabled: no admin token is configured")
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+        # surrogateescape: a header with bytes that are not UTF-8 is a wrong token, not a 500.
+        candidate = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() == "bearer" and hmac.compare_digest(candidate, self._token):
             return None
-        self._rejected.labels(endpoint=request.path).inc()
+        self._rejected.labels(endpoint=_route(request)).inc()
         now = time.monotonic()
         if now - self._last_log >= 1.0:
             log.warning(
                 "rejected admin request %s %s from %s (%d more suppressed)",
                 request.method,
-                request.path,
+                _route(request),
                 request.remote,
                 self._suppressed,
             )
@@ -57,6 +61,12 @@ class TokenAuth:
             return denied if denied is not None else await handler(request)
 
         return wrapped
+
+
+def _route(request: web.Request) -> str:
+    """The route's template (e.g. /ha/pause), not the raw path the client sent."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "-"
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

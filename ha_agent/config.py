@@ -148,9 +148,76 @@ class EngineHealthSettings(BaseSettings):
         description="supervisord's socket, to tell a crash from an OOM kill; unset as a sidecar.",
     )
     engine_program: str = Field("engine", description="supervisord program name of the engine.")
+    # Sidecar mode (ENGINE=external): what to watch besides HTTP, at most one of three.
+    engine_container: str | None = Field(
+        None,
+        description="Sidecar: name or id of the engine's container, watched through the"
+        " Docker API (crash vs OOM kill).",
+    )
+    docker_host: str = Field(
+        "unix:///var/run/docker.sock",
+        description="Docker API for engine_container: unix:// socket, or tcp:// / http://"
+        " (a read-only socket proxy).",
+    )
+    engine_pid: int | None = Field(
+        None, gt=0, description="Sidecar: PID of the engine process (needs --pid=host)."
+    )
+    engine_process: str | None = Field(
+        None,
+        description="Sidecar: find the engine process by this text in its command line"
+        " (needs --pid=host), e.g. sglang.launch_server.",
+    )
+    engine_log: str | None = Field(
+        None,
+        description="Sidecar with engine_pid/engine_process: the engine's log file, read"
+        " for out-of-memory lines when it dies.",
+    )
+
+    @model_validator(mode="after")
+    def _one_watch(self) -> EngineHealthSettings:
+        chosen = [
+            name
+            for name in ("engine_container", "engine_pid", "engine_process")
+            if getattr(self, name)
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"set at most one of {', '.join(chosen)}")
+        return self
 
 
-class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings):
+class FailbackSettings(BaseSettings):
+    """What happens when a node that failed is healthy again.
+
+    never (default): it rejoins as standby and stays there.
+    negotiated: it waits `failback_settle`, then asks the primary, which agrees only
+        if it is itself degraded, and hands over by planned switchover after
+        `failback_grace`.
+    preferred: the primary hands back to the preferred node (HA_PREFERRED_NODE, else
+        the highest priority) once it has been healthy for `failback_stable`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    failback: FailbackPolicy = Field("never", description="never | negotiated | preferred.")
+    priority: int = Field(0, description="Preference for failback=preferred (higher wins).")
+    preferred_node: str | None = Field(None, description="The node failback=preferred returns to.")
+    failback_settle: float = Field(15.0, ge=0, description="Quiet period before negotiating, s.")
+    failback_grace: float = Field(30.0, ge=0, description="Grace before a granted hand-back, s.")
+    failback_stable: float = Field(
+        60.0, ge=0, description="Healthy this long before a preferred node gets the lease back, s."
+    )
+    degraded_queue: int = Field(
+        32, ge=1, description="Queued requests that make a primary degraded."
+    )
+    degraded_success_rate: float = Field(
+        0.95, ge=0, le=1, description="Below this recent success rate a primary is degraded."
+    )
+    degraded_token_usage: float = Field(
+        0.95, ge=0, le=1, description="KV-cache usage above which a primary is degraded."
+    )
+
+
+class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings, FailbackSettings):
     """The node agent: one per GPU host, next to its engine."""
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
@@ -170,8 +237,6 @@ class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings):
         default_factory=list,
         description="Agent API URLs of the other nodes (used when Redis is away); comma separated.",
     )
-    failback: FailbackPolicy = Field("never", description="never | negotiated | preferred.")
-    priority: int = Field(0, description="Higher wins when both nodes are free to take the lease.")
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
     registry_ttl: float = Field(
         10.0, gt=0, description="TTL of this node's entry in the registry, s."
@@ -212,6 +277,12 @@ class RelaySettings(RedisSettings):
     retry_deadline: float = Field(
         30.0, gt=0, description="Stop re-sending a request this long after it arrived, s."
     )
+    warm_rate: float = Field(
+        2.0,
+        ge=0,
+        description="Prefill-only mirrors of live requests to the standby, per s (0: off).",
+    )
+    warm_max_inflight: int = Field(4, ge=1, description="Mirrors in flight at most.")
     migration_limit: int = Field(
         3, ge=0, description="How often one stream may move to another node."
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 import sys
@@ -16,6 +18,12 @@ def setup(component: str) -> None:
     )
     # aiohttp logs every request at INFO; the access log lives in Nginx.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def roomy_executor(loop: asyncio.AbstractEventLoop) -> None:
+    """A larger default thread pool: libraries resolve names on it (redis-py), and
+    a few slow lookups must not starve everything else in the process."""
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(32))
 
 
 def install_uvloop() -> None:

@@ -29,7 +29,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.backoff import NoBackoff
 
 from ha_agent.config import RedisSettings
 from ha_agent.dcs.base import (
@@ -46,6 +48,8 @@ from ha_agent.dcs.base import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+MASTER_CHECK_INTERVAL = 2.0
 
 # Errors that mean "the store is away or moving", as opposed to a bug.
 _TRANSIENT = (
@@ -119,11 +123,14 @@ class MajoritySentinel(Sentinel):
     them and requiring a majority keeps a minority from steering our writes.
     """
 
+    ask_timeout = 0.5
+
     async def discover_master(self, service_name: str) -> tuple[str, int]:
         async def ask(sentinel: Any) -> tuple[str, int] | None:
             try:
-                masters = await sentinel.sentinel_masters()
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError):
+                # Bounded per Sentinel: a dead one must not make the live ones late.
+                masters = await asyncio.wait_for(sentinel.sentinel_masters(), self.ask_timeout)
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError):
                 return None
             state = masters.get(service_name)
             if state and self.check_master_state(state, service_name):
@@ -157,6 +164,8 @@ class RedisLeaseStore(LeaseStore):
         self.channel = prefix + "leader"
         # redis-py's command typing is a union of sync and async results; Any keeps
         # the call sites readable.
+        self._sentinel: MajoritySentinel | None = None
+        self._master_checked_at = -1e9
         self._client: Any = self._connect()
         self._acquire = self._client.register_script(_ACQUIRE)
         self._renew = self._client.register_script(_RENEW)
@@ -173,17 +182,44 @@ class RedisLeaseStore(LeaseStore):
             "socket_connect_timeout": s.redis_timeout,
             "decode_responses": True,
             "health_check_interval": 5,
+            # Our own loop (_call) retries within retry_timeout; redis-py's default
+            # retries with backoff would stretch one call past every deadline.
+            "retry": Retry(NoBackoff(), 0),
         }
         if s.redis_url:
             return aioredis.from_url(s.redis_url, **common)
         sentinel_kwargs: dict[str, Any] = {
             "socket_timeout": s.redis_timeout,
             "socket_connect_timeout": s.redis_timeout,
+            "retry": Retry(NoBackoff(), 0),
         }
         if s.sentinel_password:
             sentinel_kwargs["password"] = s.sentinel_password.get_secret_value()
         sentinel = MajoritySentinel(s.sentinel_addresses(), sentinel_kwargs=sentinel_kwargs)
+        sentinel.ask_timeout = s.redis_timeout
+        self._sentinel = sentinel
         return sentinel.master_for(s.sentinel_master, **common)
+
+    async def _verify_master(self) -> None:
+        """Every couple of seconds, ask the Sentinels who the master is.
+
+        Why: pooled connections keep working when the Sentinels are gone or split,
+        and then nothing tells us whether the Redis we write to is still the one a
+        majority trusts. Losing that majority is a degraded mode like losing Redis.
+        """
+        if self._sentinel is None:
+            return
+        now = time.monotonic()
+        if now - self._master_checked_at < MASTER_CHECK_INTERVAL:
+            return
+        try:
+            await asyncio.wait_for(
+                self._sentinel.discover_master(self.settings.sentinel_master),
+                timeout=self.settings.redis_timeout + 0.5,
+            )
+        except (MasterNotFoundError, asyncio.TimeoutError, OSError) as exc:
+            raise DCSError(f"Sentinels: {exc or 'no answer'}") from exc
+        self._master_checked_at = now
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one store operation, retrying transient errors until retry_timeout."""
@@ -203,6 +239,8 @@ class RedisLeaseStore(LeaseStore):
                 delay = min(delay * 2, 0.2)
 
     async def get_cluster(self) -> Cluster:
+        await self._verify_master()
+
         async def read() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.get(self.k_leader)

@@ -7,6 +7,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.topology import Topology
+from ha_agent.httpjson import json_errors
+from ha_agent.openapi.relay import ADMIN_SPEC, INFERENCE_SPEC
 
 
 class RelayAdmin:
@@ -15,11 +17,20 @@ class RelayAdmin:
         self.metrics = metrics
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=4096)
+        # Read-only, internal network only; nothing here changes what the relay does.
+        app = web.Application(client_max_size=4096, middlewares=[json_errors])
         app.router.add_get("/health", self.get_health)
         app.router.add_get("/relay/status", self.get_status)
         app.router.add_get("/metrics", self.get_metrics)
+        app.router.add_get("/openapi.json", self.get_openapi)
+        app.router.add_get("/openapi/inference.json", self.get_inference_openapi)
         return app
+
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(ADMIN_SPEC)
+
+    async def get_inference_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(INFERENCE_SPEC)
 
     async def get_health(self, request: web.Request) -> web.Response:
         """200 while the view is fresh and some node can serve; 503 otherwise."""

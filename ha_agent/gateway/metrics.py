@@ -20,8 +20,8 @@ class RelayMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "sglang_ha_relay_requests",
-            "Requests answered by the relay, by endpoint, serving node and outcome"
-            " (ok, client_error, failed, migrated).",
+            "Requests answered by the relay, by endpoint, serving node ('-' when none"
+            " could), outcome (ok, migrated, client_error, client_gone, failed) and code.",
             ["endpoint", "node", "outcome", "code"],
             registry=r,
         )

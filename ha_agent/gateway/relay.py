@@ -42,12 +42,15 @@ from ha_agent.gateway.transport import (
     forward_headers,
     response_headers,
 )
+from ha_agent.gateway.warming import Warmer
+from ha_agent.openapi import inference
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NODE_HEADER = "X-SGLang-HA-Node"
 MAX_BODY = 64 * 1024 * 1024
+_ERROR_TYPES = {404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
 
 
 class ClientGone(Exception):
@@ -95,6 +98,7 @@ class Relay:
         transport: Transport,
         metrics: RelayMetrics,
         events: EventLog,
+        warmer: Warmer | None = None,
     ) -> None:
         self.s = settings
         self.topology = topology
@@ -102,6 +106,7 @@ class Relay:
         self.metrics = metrics
         self.events = events
         self.retry_deadline = settings.retry_deadline
+        self.warmer = warmer
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -112,19 +117,22 @@ class Relay:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        body = await request.read()
         kind = ENDPOINTS.get(request.path) if request.method == "POST" else None
         endpoint = kind or "other"
         payload: dict[str, Any] | None = None
-        if kind is not None:
-            try:
-                parsed = json.loads(body) if body else None
-            except (ValueError, UnicodeDecodeError) as exc:
-                return self._client_error(endpoint, f"request body is not valid JSON: {exc}")
-            if not isinstance(parsed, dict):
-                return self._client_error(endpoint, "request body must be a JSON object")
-            payload = parsed
+        try:
+            # Bad input is answered here and never reaches an engine (inference.py).
+            inference.check_route(request.method, request.raw_path)
+            body = await request.read()
+            if kind is not None:
+                payload = inference.check_body(kind, inference.parse_json(body))
+        except inference.BadInput as bad:
+            return self._client_error(endpoint, bad.message, bad.status, bad.allow)
+        except web.HTTPRequestEntityTooLarge:
+            return self._client_error(endpoint, f"request body over {MAX_BODY} bytes", 413)
         stream = bool(payload and payload.get("stream") is True)
+        if self.warmer is not None and kind is not None and payload is not None:
+            self.warmer.offer(kind, payload)
         self.metrics.inflight.inc()
         try:
             if stream and kind is not None and payload is not None:
@@ -138,11 +146,15 @@ class Relay:
         )
         return response
 
-    def _client_error(self, endpoint: str, message: str) -> web.Response:
-        self.metrics.requests.labels(endpoint, "-", "client_error", "400").inc()
+    def _client_error(
+        self, endpoint: str, message: str, status: int = 400, allow: str | None = None
+    ) -> web.Response:
+        self.metrics.requests.labels(endpoint, "-", "client_error", str(status)).inc()
+        kind = _ERROR_TYPES.get(status, "BadRequestError")
         return web.json_response(
-            {"object": "error", "message": message, "type": "BadRequestError", "code": 400},
-            status=400,
+            {"object": "error", "message": message, "type": kind, "code": status},
+            status=status,
+            headers={"Allow": allow} if allow else None,
         )
 
     # -- picking nodes and running attempts ----------------------------------------------
@@ -189,15 +201,17 @@ class Relay:
         last: _Retryable | None = None
         failures: list[str] = []
         rounds = 0
-        attempts = 0
-        while attempts < self.s.max_attempts:
+        answers = 0
+        # Connection-level failures (refused, timed out, abandoned) retry until the
+        # deadline: a busy machine or a failover in progress must not turn into a
+        # 503. Engine *answers* (5xx) are bounded by max_attempts.
+        while answers < self.s.max_attempts:
             node = self._pick(tried)
             if node is None:
                 if not await self._next_round(tried, deadline, rounds):
                     break
                 rounds += 1
                 continue
-            attempts += 1
             try:
                 status, headers, data = await self._run(node, self._fetch(node, request, body))
             except UpstreamFailure as failure:
@@ -205,6 +219,7 @@ class Relay:
                 failures.append(f"{node.name}: {failure.reason}")
                 continue
             except _Retryable as answer:
+                answers += 1
                 last = answer
                 self._note_failure(node, UpstreamFailure(f"HTTP {answer.status}"), tried)
                 failures.append(f"{node.name}: HTTP {answer.status}")

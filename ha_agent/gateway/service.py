@@ -17,6 +17,7 @@ from ha_agent.gateway.nginx_sync import keep_in_sync
 from ha_agent.gateway.relay import Relay
 from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
+from ha_agent.gateway.warming import Warmer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,16 @@ class RelayService:
         self.metrics = RelayMetrics()
         self.metrics.attach(self.topology)
         self.transport = Transport(settings.connect_timeout, settings.first_byte_timeout)
-        self.relay = Relay(settings, self.topology, self.transport, self.metrics, self.events)
+        self.warmer = Warmer(
+            self.topology,
+            self.transport,
+            settings.warm_rate,
+            self.metrics.registry,
+            max_inflight=settings.warm_max_inflight,
+        )
+        self.relay = Relay(
+            settings, self.topology, self.transport, self.metrics, self.events, self.warmer
+        )
         self._data: web.AppRunner | None = None
         self._admin: web.AppRunner | None = None
         self._stop = asyncio.Event()

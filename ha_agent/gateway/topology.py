@@ -29,6 +29,7 @@ from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import Cluster, DCSError, LeaseStore
 from ha_agent.events import EventLog
+from ha_agent.resolver import CachingResolver
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,9 @@ class Topology:
         if self._session is None or self._session.closed:
             timeout = min(self.s.poll_interval * 0.8, 1.0)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=16),
+                connector=aiohttp.TCPConnector(
+                    limit=16, use_dns_cache=False, resolver=CachingResolver()
+                ),
                 timeout=aiohttp.ClientTimeout(total=timeout, connect=timeout),
             )
         return self._session

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from ha_agent.resolver import CachingResolver
+
 # Statuses that mean "this node could not serve it", never "the request is bad".
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
 
@@ -92,7 +94,11 @@ class Transport:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=0, keepalive_timeout=30, ttl_dns_cache=5, enable_cleanup_closed=True
+                    limit=0,
+                    keepalive_timeout=30,
+                    use_dns_cache=False,  # CachingResolver caches, on its own threads
+                    resolver=CachingResolver(),
+                    enable_cleanup_closed=True,
                 ),
                 timeout=aiohttp.ClientTimeout(
                     total=None,

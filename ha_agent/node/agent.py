@@ -16,13 +16,26 @@ from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
 from ha_agent.node.api import AgentApi
 from ha_agent.node.engine.client import EngineClient
+from ha_agent.node.engine.container import ContainerWatch
 from ha_agent.node.engine.monitor import HealthMonitor
-from ha_agent.node.engine.process import ProcessWatch
+from ha_agent.node.engine.process import HostProcessWatch, ProcessWatch, SupervisorWatch
 from ha_agent.node.ha import Ha, Role
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.node.peers import PeerClient
 
 log = logging.getLogger(__name__)
+
+
+def engine_process_watch(settings: AgentSettings, supervised: bool) -> ProcessWatch | None:
+    """Who can tell how the engine died: our supervisord, or in sidecar mode the
+    user's container or process; None leaves HTTP signals only."""
+    if settings.engine_container:
+        return ContainerWatch(settings.engine_container, settings.docker_host)
+    if settings.engine_pid or settings.engine_process:
+        return HostProcessWatch(settings.engine_pid, settings.engine_process, settings.engine_log)
+    if supervised and settings.supervisor_socket:
+        return SupervisorWatch(settings.supervisor_socket, settings.engine_program)
+    return None
 
 
 class NodeAgent:
@@ -32,11 +45,9 @@ class NodeAgent:
         self.s = settings
         self.store = store or RedisLeaseStore(settings, retry_timeout=settings.retry_timeout)
         self.events = EventLog(settings.ha_log, settings.node_name, self.store)
-        process = None
-        if supervised and settings.supervisor_socket:
-            process = ProcessWatch(settings.supervisor_socket, settings.engine_program)
+        self.process = engine_process_watch(settings, supervised)
         self.metrics = AgentMetrics()
-        self.monitor = HealthMonitor(settings, EngineClient(settings.engine_url), process)
+        self.monitor = HealthMonitor(settings, EngineClient(settings.engine_url), self.process)
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         self.peers = PeerClient(timeout=min(settings.retry_timeout, 0.5), admin_token=token)
         self.ha = Ha(settings, self.store, self.monitor, self.events, self.peers)
@@ -50,7 +61,8 @@ class NodeAgent:
         self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.s.api_host, self.s.api_port).start()
-        self.events.emit(ev.AGENT_STARTED, f"{self.s.node_name} engine={self.s.engine_url}")
+        watch = f" watch={self.process.describe()}" if self.process else ""
+        self.events.emit(ev.AGENT_STARTED, f"{self.s.node_name} engine={self.s.engine_url}{watch}")
         self._tasks = [
             asyncio.ensure_future(self.monitor.run(self._stop)),
             asyncio.ensure_future(self.ha.run(self._stop)),
@@ -78,5 +90,7 @@ class NodeAgent:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.peers.close()
+        if self.process is not None:
+            await self.process.close()
         await self.store.close()
         self.events.close()

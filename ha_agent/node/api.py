@@ -9,11 +9,14 @@ Health routes (no auth; they reveal nothing secret):
     GET /ha/status   role, epoch, lease time left, engine health, last transition
     GET /ha/history  the HA events from the store
     GET /metrics     Prometheus
+    GET /openapi.json  this API in OpenAPI 3 (ha_agent/openapi/agent.py)
 Admin routes (Bearer token):
     POST /ha/switchover {"to"?}   planned hand-over; refused unless a target is healthy
     POST /ha/failover {"to", "force": true}   for when the primary is gone
     POST /ha/pause, /ha/resume    keep roles, suspend automatic actions
     POST /ha/failsafe             a primary that lost the store asks for our ack
+    POST /ha/negotiate {"node", "epoch"}   a recovered node asks for the role back
+                                  (failback=negotiated); granted only if we are degraded
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ha_agent.auth import TokenAuth
 from ha_agent.dcs.base import DCSError, Switchover
 from ha_agent.events import SWITCHOVER_REQUESTED
-from ha_agent.httpjson import error, optional_str, read_object
+from ha_agent.httpjson import error, json_errors, optional_str, read_object
 from ha_agent.node.engine.monitor import EngineState
 from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
+from ha_agent.openapi.agent import AGENT_SPEC
 
 SWITCHOVER_TTL = 30.0
 
@@ -46,7 +50,7 @@ class AgentApi:
         self.auth = auth
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=65536)
+        app = web.Application(client_max_size=65536, middlewares=[json_errors])
         r = app.router
         r.add_get("/health", self.get_health)
         r.add_get("/primary", self.get_primary)
@@ -58,11 +62,14 @@ class AgentApi:
         r.add_get("/ha/status", self.get_status)
         r.add_get("/ha/history", self.get_history)
         r.add_get("/metrics", self.get_metrics)
+        r.add_get("/openapi.json", self.get_openapi)
+        # Every state-changing route needs the token (tests/unit/test_api_agent.py).
         r.add_post("/ha/switchover", self.auth.required(self.post_switchover))
         r.add_post("/ha/failover", self.auth.required(self.post_failover))
         r.add_post("/ha/pause", self.auth.required(self.post_pause))
         r.add_post("/ha/resume", self.auth.required(self.post_resume))
         r.add_post("/ha/failsafe", self.auth.required(self.post_failsafe))
+        r.add_post("/ha/negotiate", self.auth.required(self.post_negotiate))
         return app
 
     # -- health --------------------------------------------------------------------------
@@ -109,6 +116,9 @@ class AgentApi:
     async def get_metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(AGENT_SPEC)
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -213,6 +223,17 @@ class AgentApi:
         if self.ha.acknowledge_failsafe(leader, epoch):
             return web.json_response({"ack": True})
         return web.json_response({"ack": False}, status=409)
+
+    async def post_negotiate(self, request: web.Request) -> web.Response:
+        body = await read_object(request)
+        node = optional_str(body, "node")
+        epoch = body.get("epoch")
+        if node is None or not isinstance(epoch, int) or isinstance(epoch, bool):
+            return error(400, "negotiate needs 'node' (string) and 'epoch' (integer)")
+        granted, detail = self.ha.negotiate(node, epoch)
+        return web.json_response(
+            {"granted": granted, "detail": detail}, status=200 if granted else 409
+        )
 
     async def _wait_for_leader(self, node: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

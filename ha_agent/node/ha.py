@@ -30,10 +30,11 @@ from typing import Any
 
 from ha_agent import events as ev
 from ha_agent.config import AgentSettings
-from ha_agent.dcs.base import Cluster, DCSError, LeaseStore, Member
+from ha_agent.dcs.base import Cluster, DCSError, LeaseStore, Member, Switchover
 from ha_agent.events import EventLog
 from ha_agent.node.damping import FlapDamper
 from ha_agent.node.engine.monitor import EngineHealth, EngineState, HealthMonitor
+from ha_agent.node.failback import Failback
 from ha_agent.node.peers import PeerClient
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,10 @@ class HAState:
     failsafe_acked_at: float = -1e9  # monotonic: when a primary last asked us to ack it
     failsafe_acked_for: str | None = None
     last_transition: Transition | None = None
-    members: dict[str, Member] = field(default_factory=dict)
+    members: dict[str, Member] = field(default_factory=dict)  # as registered now
+    # Every peer ever seen, kept when the store forgets them (e.g. Redis came back
+    # empty): the standby must still be able to ask the old primary if it is alive.
+    known_peers: dict[str, Member] = field(default_factory=dict)
 
 
 class Ha:
@@ -85,12 +89,16 @@ class Ha:
         self.clock = clock
         self.state = HAState()
         self.damper = FlapDamper(clock=clock)
+        self.failback = Failback(settings, clock=clock)
+        self._preferred_checked_at = -1e9
         self.last_cycle_at = clock()
         self.last_cycle_message = "starting"
         self.wake = asyncio.Event()
         self.transitions_total = 0
         self.failovers_total = 0
         self.renew_latency: float | None = None
+        # Called with each successful renewal's latency (the metrics' histogram).
+        self.renew_observers: list[Callable[[float], None]] = []
         engine.on_change(self._engine_changed)
 
     # -- what the API and metrics read -------------------------------------------------
@@ -199,7 +207,7 @@ class Ha:
         if mine:
             return await self.adopt_own_lease(cluster)
         if leader is not None:
-            return self.follow(cluster)
+            return await self.follow(cluster)
         return await self.process_no_leader(cluster)
 
     def _self_fence(self) -> str | None:
@@ -207,6 +215,7 @@ class Ha:
         if st.role is Role.PRIMARY and self.clock() >= st.lease_valid_until:
             self._become(Role.STANDBY)
             why = "lease not renewed in time; stopped serving as primary before it could expire"
+            self.failback.note_lost_primary()
             self.events.emit(ev.FENCED, f"{self.name} epoch {st.epoch}: {why}")
             return why
         return None
@@ -218,6 +227,7 @@ class Ha:
             st.paused = cluster.paused
             self.events.emit(ev.PAUSED if st.paused else ev.RESUMED, "automatic actions")
         st.members = {m.name: m for m in cluster.members}
+        st.known_peers.update(st.members)
         if cluster.leader is not None:
             st.leader = cluster.leader.node
             if st.role is not Role.PRIMARY:
@@ -253,10 +263,47 @@ class Ha:
                     cluster, note="; switchover pending: no healthy target yet"
                 )
             st.handed_over_at = self.clock()
-            await self._release(f"planned switchover to {target}")
+            await self._release(f"planned switchover to {target}", planned=True)
             self.events.emit(ev.SWITCHOVER_REQUESTED, f"from {self.name} to {target}")
             return f"demoted: planned switchover to {target}; released the lease"
+        if not st.paused and switch is None:
+            note = await self._failback_due(cluster)
+            if note:
+                return await self._renew(cluster, note=note)
         return await self._renew(cluster)
+
+    async def _failback_due(self, cluster: Cluster) -> str | None:
+        """Start a hand-back if one is due (negotiated grant, or preferred node back)."""
+        target = self.failback.due_handover()
+        why = "negotiated failback"
+        if target is None:
+            target = await self._preferred_node_ready()
+            why = "failback to the preferred node"
+        if target is None:
+            return None
+        await self.dcs.request_switchover(Switchover(self.name, target, time.time()), ttl=30.0)
+        self.events.emit(ev.SWITCHOVER_REQUESTED, f"from {self.name} to {target} ({why})")
+        self.wake.set()
+        return f"; {why}: switchover to {target} requested"
+
+    async def _preferred_node_ready(self) -> str | None:
+        st = self.state
+        preferred = self.failback.preferred(self.name, self.s.priority, st.members)
+        member = st.members.get(preferred) if preferred else None
+        now = self.clock()
+        if member is None or now - self._preferred_checked_at < 5.0:
+            return None
+        self._preferred_checked_at = now
+        status = await self.peers.status(member.api_url)
+        engine = (status or {}).get("engine", {})
+        ready = (
+            status is not None
+            and status.get("role") == Role.STANDBY.value
+            and engine.get("state") == EngineState.HEALTHY.value
+            and float(engine.get("for_seconds", 0)) >= self.s.failback_stable
+            and float(status.get("held_back_for", 0)) <= 0
+        )
+        return member.name if ready else None
 
     async def _renew(self, cluster: Cluster, note: str = "") -> str:
         st = self.state
@@ -267,6 +314,8 @@ class Ha:
             self.events.emit(ev.LEASE_RENEW_FAILED, f"{self.name} epoch {st.epoch}: {exc}")
             return await self.process_dcs_outage(exc, None)
         self.renew_latency = self.clock() - started
+        for observe in self.renew_observers:
+            observe(self.renew_latency)
         if not ok:
             self._become(Role.STANDBY)
             self.events.emit(
@@ -300,10 +349,12 @@ class Ha:
         self.events.emit(ev.PROMOTED, f"{self.name} resumed as primary (epoch {epoch})")
         return f"resumed as primary under our existing lease (epoch {epoch})"
 
-    async def _release(self, why: str) -> None:
+    async def _release(self, why: str, planned: bool = False) -> None:
         st = self.state
         epoch = st.epoch
         self._become(Role.STANDBY)
+        if not planned:
+            self.failback.note_lost_primary()
         try:
             released = await self.dcs.release(self.name, epoch)
         except DCSError as exc:
@@ -315,18 +366,56 @@ class Ha:
 
     # -- someone else holds the lease --------------------------------------------------
 
-    def follow(self, cluster: Cluster) -> str:
+    async def follow(self, cluster: Cluster) -> str:
         assert cluster.leader is not None
         leader = cluster.leader
         st = self.state
         if st.role is Role.PRIMARY:
             self._become(Role.STANDBY)
+            self.failback.note_lost_primary()
             self.events.emit(
                 ev.LEASE_LOST, f"{self.name}: {leader.node} holds epoch {leader.epoch}"
             )
             self.events.emit(ev.DEMOTED, f"{self.name} to standby")
         h = self.engine.health
-        return f"following {leader.node} (epoch {leader.epoch}) as standby; engine {h.state.value}"
+        sentence = (
+            f"following {leader.node} (epoch {leader.epoch}) as standby; engine {h.state.value}"
+        )
+        if not st.paused and self.failback.should_negotiate(h, self.damper.held_back_for()):
+            sentence += "; " + await self._negotiate(leader.node, leader.epoch)
+        return sentence
+
+    async def _negotiate(self, leader: str, epoch: int) -> str:
+        """Ask the primary to hand the role back (failback=negotiated)."""
+        member = self.state.known_peers.get(leader)
+        if member is None:
+            return f"cannot negotiate: no address for {leader}"
+        code, data = await self.peers.post(
+            member.api_url, "/ha/negotiate", {"node": self.name, "epoch": epoch}
+        )
+        granted = code == 200 and data.get("granted") is True
+        self.failback.negotiated(granted)
+        detail = str(data.get("detail", ""))
+        self.events.emit(
+            ev.FAILBACK_GRANTED if granted else ev.FAILBACK_REFUSED,
+            f"{leader} to {self.name}: {detail}",
+        )
+        return f"asked {leader} to hand back: {'granted' if granted else 'refused'} ({detail})"
+
+    def negotiate(self, node: str, epoch: int) -> tuple[bool, str]:
+        """/ha/negotiate: agree to hand back only if we are degraded ourselves."""
+        if not self.is_primary() or epoch != self.state.epoch:
+            return False, f"{self.name} is not the primary under epoch {epoch}"
+        if self.s.failback != "negotiated":
+            return False, f"failback policy here is {self.s.failback!r}"
+        if node not in self.state.members or node == self.name:
+            return False, f"unknown node {node!r}"
+        reasons = self.failback.degradation(self.engine.health, self.engine.recent_success_rate())
+        if not reasons:
+            return False, "the primary is not degraded"
+        handover = self.failback.grant(node)
+        grace = max(handover.at - self.clock(), 0.0)
+        return True, f"planned switchover to {node} in {grace:.0f}s ({'; '.join(reasons)})"
 
     # -- nobody holds the lease --------------------------------------------------------
 
@@ -393,7 +482,7 @@ class Ha:
         )
 
     async def _previous_primary_alive(self, previous: str) -> bool:
-        member = self.state.members.get(previous)
+        member = self.state.known_peers.get(previous)
         if member is None:
             return False
         status = await self.peers.status(member.api_url)
@@ -430,7 +519,7 @@ class Ha:
                 ev.DEMOTED, f"{self.name} to standby: engine unhealthy, store unreachable"
             )
             return "store unreachable and engine unhealthy: stepped down"
-        peers = [m for name, m in st.members.items() if name != self.name]
+        peers = [m for name, m in st.known_peers.items() if name != self.name]
         peer_urls = [m.api_url for m in peers] or self.s.peers
         started = self.clock()
         acks = await asyncio.gather(

@@ -1,7 +1,10 @@
 """The agent's Prometheus metrics, read from the live HA state at scrape time.
 
 A collector rather than gauges set from the loop: the numbers can never go stale
-or disagree with /ha/status.
+or disagree with /ha/status. Latencies are the exception: every lease renewal and
+engine probe is observed into a histogram as it happens (a value read at scrape
+time would show one sample in thousands). GPU memory comes from NVML (gpu.py)
+where a GPU exists. Every name is documented in docs/observability.md.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ha_agent.node.engine.monitor import EngineState
+from ha_agent.node.gpu import GpuCollector, load_nvml
 
 if TYPE_CHECKING:
     from ha_agent.node.ha import Ha
@@ -25,13 +29,15 @@ class AgentMetrics:
         self.renew_latency = Histogram(
             "sglang_ha_lease_renew_seconds",
             "Latency of one lease renewal in Redis (the heartbeat).",
+            ["node"],
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )
         self.probe_latency = Histogram(
             "sglang_ha_engine_probe_seconds",
-            "Latency of the agent's engine probes, by kind.",
-            ["probe"],
+            "Latency of the agent's answered engine probes: metrics (a /metrics read)"
+            " or canary (a one-token generation).",
+            ["node", "probe"],
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=self.registry,
         )
@@ -42,8 +48,14 @@ class AgentMetrics:
             registry=self.registry,
         )
 
-    def attach(self, ha: Ha) -> None:
+    def attach(self, ha: Ha, gpu: GpuCollector | None = None) -> None:
+        """Read `ha` at scrape time, feed the latency histograms, add GPUs if any."""
         self.registry.register(_HaCollector(ha))
+        # Children made now, so the series exist (at zero) before the first sample.
+        ha.renew_observers.append(self.renew_latency.labels(ha.name).observe)
+        probes = {p: self.probe_latency.labels(ha.name, p) for p in ("metrics", "canary")}
+        ha.engine.probe_observers.append(lambda probe, seconds: probes[probe].observe(seconds))
+        self.registry.register(gpu or GpuCollector(ha.name, load_nvml()))
 
 
 class _HaCollector(Collector):
@@ -101,6 +113,16 @@ class _HaCollector(Collector):
             node,
             ha.failovers_total,
         )
+        last = ha.state.last_transition
+        if last is not None:
+            # Only _become() sets both, so the last transition led to the current role.
+            moved = GaugeMetricFamily(
+                "sglang_ha_last_transition_timestamp_seconds",
+                "Unix time of this node's last role change, labelled with the role it took.",
+                labels=["node", "role"],
+            )
+            moved.add_metric([node, ha.state.role.value], last.at)
+            yield moved
         yield _gauge(
             "sglang_ha_last_cycle_age_seconds",
             "Seconds since the HA loop last completed.",

@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from ha_agent.resolver import CachingResolver
+
 
 class PeerClient:
     def __init__(self, timeout: float, admin_token: str | None) -> None:
@@ -18,7 +20,9 @@ class PeerClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=8),
+                connector=aiohttp.TCPConnector(
+                    limit=8, use_dns_cache=False, resolver=CachingResolver()
+                ),
                 timeout=aiohttp.ClientTimeout(total=self.timeout, connect=self.timeout),
             )
         return self._session

@@ -6,6 +6,8 @@
 #   SENTINEL_MASTER_NAME   default sglang-ha;  SENTINEL_QUORUM default 2
 #   SENTINEL_DOWN_AFTER_MS default 5000;       SENTINEL_FAILOVER_TIMEOUT_MS default 15000
 #   ANNOUNCE_HOST          the name other members should use for this one
+#   HA_REDIS_USERNAME      the agents' and relay's own ACL user (default sglang-ha)
+#   HA_REDIS_PASSWORD      its password; without it no such user is created
 set -eu
 
 : "${REDIS_PASSWORD:?REDIS_PASSWORD must be set (run 'make secrets')}"
@@ -15,6 +17,22 @@ NAME="${SENTINEL_MASTER_NAME:-sglang-ha}"
 ANNOUNCE="${ANNOUNCE_HOST:-$(hostname)}"
 CONF=/data/${ROLE}.conf
 umask 077
+
+# The agents' and relay's user: their own keys and channels (sglang-ha:*), the data,
+# pub/sub, scripting and transaction commands they use, nothing dangerous or admin
+# (no FLUSHALL, CONFIG, KEYS, SHUTDOWN, REPLICAOF, ACL, DEBUG, FUNCTION...). The
+# default user (REDIS_PASSWORD) stays for replication, Sentinel and health checks.
+# tests/unit/test_hardening_redis_acl.py runs the lease store under exactly this rule.
+SGLANG_HA_ACL="resetkeys ~sglang-ha:* resetchannels &sglang-ha:* -@all +@read +@write +@pubsub +@scripting +@transaction +@connection -@dangerous -@admin -function -script|flush -script|kill"
+AGENT_USER="${HA_REDIS_USERNAME:-sglang-ha}"
+
+agent_user() {
+  if [ -n "${HA_REDIS_PASSWORD:-}" ]; then
+    # Stored as a SHA-256 hash: the plain password is not written to the file.
+    hash=$(printf '%s' "${HA_REDIS_PASSWORD}" | sha256sum | cut -d' ' -f1)
+    echo "user ${AGENT_USER} on #${hash} ${SGLANG_HA_ACL}"
+  fi
+}
 
 common() {
   cat <<CONF
@@ -31,6 +49,7 @@ save ""
 maxmemory 64mb
 maxmemory-policy noeviction
 CONF
+  agent_user
 }
 
 case "${ROLE}" in

@@ -145,9 +145,14 @@ class FakeEngine:
     def on_change(self, listener: Callable[[EngineHealth, EngineHealth], None]) -> None:
         self._listeners.append(listener)
 
-    def set(self, state: EngineState, reason: str = "test") -> None:
+    success_rate: float | None = None
+
+    def recent_success_rate(self) -> float | None:
+        return self.success_rate
+
+    def set(self, state: EngineState, reason: str = "test", **fields: Any) -> None:
         old = self.health
-        self.health = EngineHealth(state, reason, self.clock())
+        self.health = EngineHealth(state, reason, self.clock(), **fields)
         if old.state is not state:
             for listener in self._listeners:
                 listener(old, self.health)
@@ -159,6 +164,8 @@ class FakePeers:
     def __init__(self) -> None:
         self.statuses: dict[str, dict[str, Any] | None] = {}
         self.acks: dict[str, bool] = {}
+        # api_url -> the peer's Ha, for calls that must reach its logic (negotiate)
+        self.agents: dict[str, Any] = {}
 
     async def status(self, api_url: str) -> dict[str, Any] | None:
         return self.statuses.get(api_url)
@@ -168,3 +175,14 @@ class FakePeers:
 
     async def close(self) -> None:
         return None
+
+    async def post(
+        self, api_url: str, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        ha = self.agents.get(api_url)
+        if ha is None:
+            return 0, {"detail": "no answer"}
+        if path == "/ha/negotiate":
+            granted, detail = ha.negotiate(body["node"], body["epoch"])
+            return (200 if granted else 409), {"granted": granted, "detail": detail}
+        return 404, {"detail": "unknown path"}

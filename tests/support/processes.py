@@ -112,3 +112,56 @@ def env_without_proxy() -> dict[str, str]:
     for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env.pop(key, None)
     return env
+
+
+@dataclass
+class SentinelSet:
+    master: RedisProcess
+    ports: list[int]
+    procs: list[subprocess.Popen[bytes]]
+
+    def stop(self, index: int) -> None:
+        proc = self.procs[index]
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def sentinels(
+    master: RedisProcess, count: int = 3, name: str = "sglang-ha"
+) -> Iterator[SentinelSet]:
+    """Real redis-sentinel processes monitoring `master`, password-protected like the stack."""
+    binary = shutil.which("redis-sentinel") or shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-sentinel is not installed: run scripts/ensure-test-tools.sh")
+    workdir = tempfile.mkdtemp(prefix="sglang-ha-sentinel-")
+    ports, procs = [], []
+    try:
+        for i in range(count):
+            port = free_port()
+            conf = os.path.join(workdir, f"s{i}.conf")
+            with open(conf, "w") as fh:
+                fh.write(
+                    f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                    f'requirepass "{master.password}"\n'
+                    f'sentinel sentinel-pass "{master.password}"\n'
+                    f"sentinel monitor {name} 127.0.0.1 {master.port} 2\n"
+                    f'sentinel auth-pass {name} "{master.password}"\n'
+                    f"sentinel down-after-milliseconds {name} 5000\n"
+                )
+            args = [binary, conf] + ([] if binary.endswith("sentinel") else ["--sentinel"])
+            procs.append(
+                subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+            ports.append(port)
+        for port in ports:
+            wait_until(lambda p=port: _connectable(p), timeout=10, what=f"sentinel on {port}")
+        yield SentinelSet(master, ports, procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -168,3 +168,27 @@ async def test_wrong_password_is_an_error_not_a_hang(redis_proc: RedisProcess) -
             await store.get_cluster()
     finally:
         await store.close()
+
+
+async def test_through_sentinels_a_majority_must_name_the_master(redis_proc: RedisProcess) -> None:
+    from tests.support.processes import sentinels
+
+    with sentinels(redis_proc) as sset:
+        settings = RedisSettings(
+            cluster="s",
+            sentinels=[f"127.0.0.1:{p}" for p in sset.ports],
+            redis_password=SecretStr(redis_proc.password),
+            sentinel_password=SecretStr(redis_proc.password),
+        )
+        store = RedisLeaseStore(settings, retry_timeout=0.5)
+        try:
+            assert await store.acquire("a", ttl=5, min_epoch=0) == 1
+            sset.stop(0)  # one of three gone: still a majority
+            store._master_checked_at = -1e9
+            assert (await store.get_cluster()).leader is not None
+            sset.stop(1)  # two of three gone: no majority, even though Redis answers
+            store._master_checked_at = -1e9
+            with pytest.raises(DCSError, match="Sentinels"):
+                await store.get_cluster()
+        finally:
+            await store.close()

@@ -279,3 +279,107 @@ async def test_failsafe_ack_refused_by_a_primary_or_for_an_old_epoch(a: Node, b:
     assert not a.ha.acknowledge_failsafe("sglang-02", 1), "a primary never acks another"
     assert not b.ha.acknowledge_failsafe("sglang-01", 0), "older epoch than seen"
     assert b.ha.acknowledge_failsafe("sglang-01", 1)
+
+
+# -- failback ---------------------------------------------------------------------------
+
+
+def failback_pair(
+    store: FakeStore, clock: FakeClock, policy: str, **extra: object
+) -> tuple[Node, Node]:
+    nodes = []
+    for name, peer, priority in (("sglang-01", "sglang-02", 10), ("sglang-02", "sglang-01", 0)):
+        node = make_node(name, store, clock, peer)
+        node.ha.s.failback = policy  # type: ignore[assignment]
+        node.ha.s.priority = priority
+        for key, value in extra.items():
+            setattr(node.ha.s, key, value)
+        nodes.append(node)
+    a, b = nodes
+    a.peers.agents["http://sglang-02:8008"] = b.ha
+    b.peers.agents["http://sglang-01:8008"] = a.ha
+    return a, b
+
+
+async def fail_over_from_a(a: Node, b: Node, clock: FakeClock) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    await a.ha.run_cycle()
+    a.engine.set(EngineState.DEAD, "crash")
+    await a.ha.run_cycle()
+    assert (await b.ha.run_cycle()).startswith("promoted to primary (epoch 2)")
+    clock.advance(1)
+    a.engine.set(EngineState.HEALTHY)
+
+
+async def test_never_failback_keeps_the_new_primary(store: FakeStore, clock: FakeClock) -> None:
+    a, b = failback_pair(store, clock, "never")
+    await fail_over_from_a(a, b, clock)
+    for _ in range(200):
+        clock.advance(0.5)
+        assert (await a.ha.run_cycle()).startswith("following sglang-02")
+        await b.ha.run_cycle()
+    assert store.leader == (2, "sglang-02")
+
+
+async def tick(clock: FakeClock, seconds: float, *nodes: Node) -> list[str]:
+    """Let time pass in loop_wait steps, every node cycling; the last sentences."""
+    last: list[str] = []
+    for _ in range(round(seconds / 0.5)):
+        clock.advance(0.5)
+        last = [await n.ha.run_cycle() for n in nodes]
+    return last
+
+
+async def test_negotiated_failback_is_refused_while_the_primary_is_fine(
+    store: FakeStore, clock: FakeClock
+) -> None:
+    a, b = failback_pair(store, clock, "negotiated", failback_settle=15.0)
+    await fail_over_from_a(a, b, clock)
+    sentences = await tick(clock, 10, b, a)
+    assert sentences[1] == "following sglang-02 (epoch 2) as standby; engine healthy"
+    await tick(clock, 5, b, a)
+    assert "FAILBACK_REFUSED sglang-02 to sglang-01: the primary is not degraded" in a.emitted()
+    # It does not ask again soon, and nothing moved.
+    await tick(clock, 20, b, a)
+    assert sum(e.startswith("FAILBACK_REFUSED") for e in a.emitted()) == 1
+    assert store.leader == (2, "sglang-02")
+
+
+async def test_negotiated_failback_when_the_primary_is_degraded(
+    store: FakeStore, clock: FakeClock
+) -> None:
+    a, b = failback_pair(store, clock, "negotiated", failback_settle=15.0, failback_grace=30.0)
+    await fail_over_from_a(a, b, clock)
+    b.engine.set(EngineState.HEALTHY, "busy", queued=50.0)
+    await tick(clock, 15, b, a)
+    granted = [e for e in a.emitted() if e.startswith("FAILBACK_GRANTED")]
+    assert granted == [
+        "FAILBACK_GRANTED sglang-02 to sglang-01: planned switchover to sglang-01 in 30s"
+        " (queue 50 >= 32)"
+    ]
+    b.peers.statuses["http://sglang-01:8008"] = {"engine": {"state": "healthy"}}
+    # The grace period: b stays primary for 30 s, then hands over as planned.
+    await tick(clock, 29, b, a)
+    assert store.leader == (2, "sglang-02")
+    await tick(clock, 2, b, a)
+    assert store.leader == (3, "sglang-01")
+    assert "SWITCHOVER_COMPLETED from sglang-02 to sglang-01" in a.emitted()
+    assert not [e for e in a.emitted() if e.startswith("FAILOVER_INITIATED from sglang-02")]
+
+
+async def test_preferred_failback_after_a_stable_period(store: FakeStore, clock: FakeClock) -> None:
+    a, b = failback_pair(store, clock, "preferred", failback_stable=60.0)
+    await fail_over_from_a(a, b, clock)
+    status = {
+        "role": "standby",
+        "engine": {"state": "healthy", "for_seconds": 30},
+        "held_back_for": 0,
+    }
+    b.peers.statuses["http://sglang-01:8008"] = status
+    await tick(clock, 20, b, a)
+    assert store.leader == (2, "sglang-02")
+    status["engine"]["for_seconds"] = 61  # type: ignore[index]
+    await tick(clock, 10, b, a)
+    assert store.leader == (3, "sglang-01")
+    assert any("failback to the preferred node" in e for e in b.emitted())

@@ -22,6 +22,7 @@ _SUMMED = {
     "sglang:num_queue_reqs": "queued",
     "sglang:generation_tokens_total": "generation_tokens",
     "sglang:num_requests_total": "requests",
+    "sglang:num_aborted_requests_total": "aborted",
     "sglang:token_usage": "token_usage",
 }
 
@@ -48,6 +49,7 @@ class EngineSample:
     queued: float = 0.0
     generation_tokens: float = 0.0
     requests: float = 0.0
+    aborted: float = 0.0
     token_usage: float = 0.0
 
 

@@ -17,6 +17,7 @@ unhealthy. What clients send (4xx, garbage, floods) is never an input here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -88,6 +89,10 @@ class HealthMonitor:
         self._next_canary_at = 0.0
         self._listeners: list[Listener] = []
         self.canary_latency: float | None = None
+        # Called with (probe, seconds) for every answered probe (the metrics' histogram).
+        self.probe_observers: list[Callable[[str, float], None]] = []
+        # (time, requests, aborted) over the last minute, for the success rate.
+        self._window: collections.deque[tuple[float, float, float]] = collections.deque()
 
     def on_change(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -152,6 +157,8 @@ class HealthMonitor:
                 self._set(EngineState.HUNG, f"unresponsive: {exc} ({self._timeouts}x in a row)")
             return self.health
         self._timeouts = 0
+        for observe in self.probe_observers:
+            observe("metrics", sample.latency)
         self._observe(sample)
         self._maybe_canary(self.clock())
         return self.health
@@ -184,13 +191,28 @@ class HealthMonitor:
             EngineState.DEAD, "engine not listening (connection refused)", oom=self.health.oom
         )
 
+    def recent_success_rate(self, window: float = 60.0) -> float | None:
+        """Share of requests finished without abort over the last `window` seconds."""
+        if len(self._window) < 2:
+            return None
+        first = next((w for w in self._window if w[0] >= self.clock() - window), self._window[0])
+        last = self._window[-1]
+        done, aborted = last[1] - first[1], last[2] - first[2]
+        if done <= 0:
+            return None
+        return max(0.0, 1.0 - aborted / done)
+
     def _observe(self, sample: EngineSample) -> None:
+        self._window.append((sample.at, sample.requests, sample.aborted))
+        while self._window and self._window[0][0] < sample.at - 120.0:
+            self._window.popleft()
         prev, self._last = self._last, sample
         if prev is None:
             return
         if sample.generation_tokens < prev.generation_tokens:
             # Counters went back: the engine restarted under us.
             self._engine_restarted()
+            self._window.clear()
             self._last = sample
             return
         if sample.generation_tokens > prev.generation_tokens:
@@ -225,6 +247,8 @@ class HealthMonitor:
         result = task.result() if exc is None else CanaryResult(False, 0.0, f"canary error: {exc}")
         now = self.clock()
         self.canary_latency = result.latency
+        for observe in self.probe_observers:
+            observe("canary", result.latency)
         if result.ok:
             self._canary_failures = 0
             self._last_progress = now

@@ -1,12 +1,20 @@
-"""What supervisord knows about the engine process: running, exited, how it died.
+"""What the agent knows about its engine's process beyond HTTP: running, gone, how it died.
 
-Why: a crash and an OOM kill look the same over HTTP (connection refused);
-supervisord saw the exit status, and the engine's stderr says whether memory ran out.
+Why: a crash and an OOM kill look the same over HTTP (connection refused); whoever
+runs the engine saw the exit status, and the engine's output says whether memory
+ran out. Three sources, one interface (`ProcessWatch.read`):
+
+- `SupervisorWatch`: the node image's own engine under supervisord;
+- `HostProcessWatch` (sidecar mode): a process the user runs, found by PID or by its
+  command line in the host's PID namespace (`--pid=host`);
+- `ContainerWatch` (sidecar mode, ha_agent/node/engine/container.py): a container the
+  user runs, through the Docker API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import xmlrpc.client
 from dataclasses import dataclass
@@ -16,14 +24,17 @@ from supervisor.xmlrpc import SupervisorTransport
 
 # The engine launcher prints this to stderr before it execs the engine.
 START_MARKER = "sglang-ha: engine starting"
-_OOM_TEXT = re.compile(r"out of memory|OutOfMemoryError|oom-kill", re.IGNORECASE)
+OOM_TEXT = re.compile(r"out of memory|OutOfMemoryError|oom-kill", re.IGNORECASE)
 _EXIT_LINE = re.compile(r"exited: (?P<name>\S+) \((?P<how>[^)]*)\)")
 
 
 @dataclass(frozen=True)
 class ProcessState:
     name: str
-    state: str  # supervisord's statename: RUNNING, STARTING, BACKOFF, EXITED, FATAL, STOPPED...
+    # supervisord's statenames: RUNNING, STARTING, BACKOFF, EXITED, FATAL, STOPPED...;
+    # the sidecar watches map onto them (a paused container or a SIGSTOPped process is
+    # STOPPED: alive but not running).
+    state: str
     pid: int
     exit_how: str = ""  # "terminated by SIGKILL", "exit status 1"
     oom: bool = False
@@ -41,6 +52,22 @@ class ProcessState:
 
 
 class ProcessWatch:
+    """Reads the engine's process state; raises when the source itself is away
+    (the monitor then falls back to HTTP signals alone)."""
+
+    async def read(self, timeout: float) -> ProcessState:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+class SupervisorWatch(ProcessWatch):
+    """The engine program of this container's supervisord."""
+
     def __init__(self, socket_path: str, program: str) -> None:
         self.program = program
         transport = SupervisorTransport(None, None, f"unix://{socket_path}")
@@ -48,6 +75,9 @@ class ProcessWatch:
         self._last_pid = 0
         self._last_exit = ""
         self._last_oom = False
+
+    def describe(self) -> str:
+        return f"supervisord program {self.program}"
 
     def _read(self) -> ProcessState:
         info = self._rpc.supervisor.getProcessInfo(self.program)
@@ -58,7 +88,7 @@ class ProcessWatch:
             tail = str(self._rpc.supervisor.tailProcessStderrLog(self.program, 0, 16384)[0])
             # Only what this run printed: the launcher marks each start.
             tail = tail.rsplit(START_MARKER, 1)[-1]
-            self._last_oom = bool(_OOM_TEXT.search(tail))
+            self._last_oom = bool(OOM_TEXT.search(tail))
         if state == "RUNNING" and pid != self._last_pid:
             self._last_oom = False
         self._last_pid = pid if state == "RUNNING" else 0
@@ -70,6 +100,128 @@ class ProcessWatch:
             m.group("how") for m in _EXIT_LINE.finditer(log) if m.group("name") == self.program
         ]
         return found[-1] if found else ""
+
+    async def read(self, timeout: float) -> ProcessState:
+        return await asyncio.wait_for(asyncio.to_thread(self._read), timeout)
+
+
+# /proc/<pid>/stat state letters: T/t stopped (SIGSTOP, traced), Z/X gone.
+_STOPPED, _GONE = "Tt", "ZX"
+LOG_TAIL = 65536
+
+
+class HostProcessWatch(ProcessWatch):
+    """An engine process the agent did not start, read from /proc.
+
+    Needs the engine's PID namespace (`--pid=host` when the engine runs on the host).
+    The exit status of a process that is not our child is unknowable; if the engine
+    writes a log file we can read, what it wrote during this run tells an OOM apart.
+    """
+
+    def __init__(
+        self,
+        pid: int | None = None,
+        pattern: str | None = None,
+        log_file: str | None = None,
+        proc: str = "/proc",
+    ) -> None:
+        if not pid and not pattern:
+            raise ValueError("HostProcessWatch needs a pid or a command-line pattern")
+        self.pid, self.pattern, self.log_file, self.proc = pid, pattern, log_file, proc
+        self.name = f"pid {pid}" if pid else f"process matching {pattern!r}"
+        self._run: tuple[int, int] | None = None  # (pid, start time) of the run last seen
+        self._log_offset = 0  # log size when that run was first seen
+        self._gone: ProcessState | None = None  # how the last run ended, read once
+
+    def describe(self) -> str:
+        return self.name
+
+    # -- /proc ---------------------------------------------------------------------------
+
+    def _stat(self, pid: int) -> tuple[str, int, int] | None:
+        """(state letter, parent pid, start time) of a process, None if it is gone."""
+        try:
+            with open(f"{self.proc}/{pid}/stat") as fh:
+                raw = fh.read()
+        except OSError:
+            return None
+        # The command name (field 2) may hold spaces and parentheses: split after it.
+        fields = raw[raw.rindex(")") + 2 :].split()
+        return fields[0], int(fields[1]), int(fields[19])
+
+    def _cmdline(self, pid: int) -> str:
+        try:
+            with open(f"{self.proc}/{pid}/cmdline", "rb") as fh:
+                return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def _find(self) -> int | None:
+        assert self.pattern is not None
+        me = os.getpid()
+        matches: dict[int, int] = {}  # pid -> parent pid
+        for entry in os.listdir(self.proc):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            cmdline = self._cmdline(int(entry))
+            # Never ourselves: the agent's own programs are named sglang-ha-*.
+            if self.pattern in cmdline and "sglang-ha" not in cmdline:
+                stat = self._stat(int(entry))
+                if stat is not None and stat[0] not in _GONE:
+                    matches[int(entry)] = stat[1]
+        # The engine's own worker processes match too: take the root of the tree.
+        roots = [pid for pid, parent in matches.items() if parent not in matches]
+        return min(roots) if roots else None
+
+    # -- the state ----------------------------------------------------------------------
+
+    def _log_size(self) -> int:
+        try:
+            return os.path.getsize(self.log_file) if self.log_file else 0
+        except OSError:
+            return 0
+
+    def _oom_in_log(self) -> bool:
+        """Whether the engine's log says it ran out of memory since this run was seen."""
+        if not self.log_file:
+            return False
+        try:
+            with open(self.log_file, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                start = self._log_offset if self._log_offset <= size else 0  # rotated
+                fh.seek(max(start, size - LOG_TAIL))
+                return bool(OOM_TEXT.search(fh.read().decode(errors="replace")))
+        except OSError:
+            return False
+
+    def _alive(self) -> tuple[int, str, int] | None:
+        """(pid, state letter, start time) of the engine if it is alive."""
+        pid = self.pid or self._find()
+        stat = self._stat(pid) if pid else None
+        if pid is None or stat is None or stat[0] in _GONE:
+            return None
+        if self.pid and self._run is not None and self._run != (pid, stat[2]):
+            return None  # the configured PID now belongs to another process
+        return pid, stat[0], stat[2]
+
+    def _read(self) -> ProcessState:
+        found = self._alive()
+        if found is not None:
+            pid, letter, started = found
+            if self._run != (pid, started):
+                self._run, self._gone = (pid, started), None
+                self._log_offset = self._log_size()
+            if letter in _STOPPED:
+                return ProcessState(self.name, "STOPPED", pid)  # SIGSTOP: frozen
+            return ProcessState(self.name, "RUNNING", pid)
+        if self._run is None:
+            # Never seen yet: the user's engine may simply not be up.
+            return ProcessState(self.name, "STARTING", 0, "not found yet")
+        if self._gone is None:
+            self._gone = ProcessState(
+                self.name, "EXITED", 0, "gone (exit status unknown)", self._oom_in_log()
+            )
+        return self._gone
 
     async def read(self, timeout: float) -> ProcessState:
         return await asyncio.wait_for(asyncio.to_thread(self._read), timeout)

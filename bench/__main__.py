@@ -1,0 +1,183 @@
+"""`make bench`: what the HA path costs, and how failover compares with the baselines.
+
+    python -m bench [--trials N] [--phases overhead,ours,baselines] [--out bench/results]
+
+1. overhead:  our CPU stack; the same load straight to the primary's engine, through
+              an Nginx with the gateway's config, and through Nginx + relay.
+2. ours:      the same stack; each fault N times under the failover harness's load.
+3. baselines: the same engines behind the article's Nginx and SGLang's router
+              (defaults, and 1 s health checks); each fault N times, all at once.
+
+Writes bench/results/{overhead,failover}.json (with the machine's description),
+overhead-samples.json and failover-requests.json (raw), overhead.md, failover.md,
+summary.md and two plots. Every stack gets a unique project name and is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import overhead, report
+from bench.failover import BENCH_FAULTS, Trial, run_baselines, run_ours
+from bench.overhead import OverheadConfig
+from bench.stacks import baselines, build_images, our_stack
+from tests.failover import runner
+from tests.failover.scenarios import FAULTS
+
+PHASES = ("overhead", "ours", "baselines")
+# The simulator's settings on every engine (its defaults: see docs/simulator.md).
+ENGINE = "ITL 10 ms × (1 + 0.01 × (running − 1)), TTFT 20 ms + 0.2 ms per prompt token"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--trials", type=int, default=2, help="trials per fault and system")
+    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--concurrency", type=int, default=8, help="failover load clients")
+    parser.add_argument("--rounds", type=int, default=OverheadConfig.rounds)
+    parser.add_argument("--duration", type=float, default=OverheadConfig.duration)
+    parser.add_argument("--concurrencies", default="1,16,64")
+    parser.add_argument("--no-build", action="store_true", help="use the images as built")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    phases = [p for p in args.phases.split(",") if p]
+    if unknown := [p for p in phases if p not in PHASES]:
+        parser.error(f"unknown phases {unknown}; known: {', '.join(PHASES)}")
+    # Own image tags: a teammate's rebuild of the shared tags cannot swap an image
+    # between our build and our stack's start.
+    os.environ.setdefault("SGLANG_HA_VERSION", "bench")
+    cfg = OverheadConfig(
+        concurrencies=tuple(int(c) for c in args.concurrencies.split(",")),
+        rounds=args.rounds,
+        duration=args.duration,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"machine": report.machine(), "phase_seconds": {}}
+    began = time.monotonic()
+
+    def phase_done(name: str, since: float) -> None:
+        meta["phase_seconds"][name] = round(time.monotonic() - since, 1)
+        print(f"== {name}: {meta['phase_seconds'][name]} s", flush=True)
+
+    if not args.no_build:
+        t = time.monotonic()
+        print("== building images", flush=True)
+        build_images()
+        phase_done("build", t)
+
+    trials: list[Trial] = []
+    if "overhead" in phases or "ours" in phases:
+        t = time.monotonic()
+        with our_stack() as ours:
+            phase_done("our stack up", t)
+            if "overhead" in phases:
+                t = time.monotonic()
+                print(f"== path overhead: {ours.urls()}", flush=True)
+                cells, runs = overhead.run(ours.urls(), cfg)
+                phase_done("overhead", t)
+                _write_overhead(args.out, meta, cfg, cells, runs)
+            if "ours" in phases:
+                t = time.monotonic()
+                print("== failover: sglang-ha", flush=True)
+                trials += asyncio.run(run_ours(ours, args.trials, args.concurrency))
+                phase_done("failover sglang-ha", t)
+    if "baselines" in phases:
+        t = time.monotonic()
+        print("== failover: baselines", flush=True)
+        with baselines() as base:
+            trials += asyncio.run(run_baselines(base, args.trials, args.concurrency))
+        phase_done("failover baselines", t)
+    if trials:
+        _write_failover(args.out, meta, trials, args)
+    meta["total_seconds"] = round(time.monotonic() - began, 1)
+    _write_summary(args.out, meta)
+    print(f"== done in {meta['total_seconds']} s; see {args.out / 'summary.md'}", flush=True)
+    return 0
+
+
+def _write_overhead(
+    out: Path,
+    meta: dict[str, Any],
+    cfg: OverheadConfig,
+    cells: list[overhead.Cell],
+    runs: list[dict[str, Any]],
+) -> None:
+    report.write_json(
+        out / "overhead.json",
+        {
+            **meta,
+            "config": {**cfg.__dict__, "engine": ENGINE},
+            "targets": report.overhead_targets(cells),
+            "cells": [c.to_json() for c in cells],
+        },
+    )
+    (out / "overhead-samples.json").write_text(json.dumps(runs))
+    (out / "overhead.md").write_text(report.overhead_markdown(cells, cfg, {"engine": ENGINE}))
+    report.plot_overhead(cells, out / "overhead.png")
+
+
+def _write_failover(
+    out: Path, meta: dict[str, Any], trials: list[Trial], args: argparse.Namespace
+) -> None:
+    hold = FAULTS[BENCH_FAULTS[0]].hold
+    report.write_json(
+        out / "failover.json",
+        {
+            **meta,
+            "config": {
+                "trials": args.trials,
+                "concurrency": args.concurrency,
+                "warmup_s": runner.WARMUP,
+                "hold_s": hold,
+                "observe_after_heal_s": runner.OBSERVE_AFTER_HEAL,
+                "engine": ENGINE,
+                "sglang_router": os.environ.get("SGLANG_ROUTER_VERSION", "0.3.2"),
+            },
+            "trials": [t.to_json() for t in trials],
+        },
+    )
+    (out / "failover-requests.json").write_text(
+        json.dumps(
+            [
+                {
+                    "system": t.system,
+                    "fault": t.fault,
+                    "trial": t.trial,
+                    "records": t.result.records,
+                }
+                for t in trials
+            ]
+        )
+    )
+    (out / "failover.md").write_text(
+        report.failover_markdown(trials, hold, runner.OBSERVE_AFTER_HEAL, args.concurrency)
+    )
+    report.plot_failover(trials, out / "failover.png")
+
+
+def _write_summary(out: Path, meta: dict[str, Any]) -> None:
+    parts = ["# sglang-ha benchmark (`make bench`)", ""]
+    m = meta["machine"]
+    parts.append(
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['platform']},"
+        f" Docker {m['docker']}, no GPU; {m['date']}. Phase times (s): {meta['phase_seconds']}."
+    )
+    for name, title, plot in (
+        ("overhead", "Path overhead", "overhead.png"),
+        ("failover", "Failover against the baselines", "failover.png"),
+    ):
+        md = out / f"{name}.md"
+        if md.exists():
+            parts += ["", f"## {title}", "", md.read_text(), f"![{title}]({plot})"]
+    (out / "summary.md").write_text("\n".join(parts) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

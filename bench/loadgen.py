@@ -1,0 +1,207 @@
+"""The path-overhead load generator: a separate process, bounded in time and count.
+
+`python -m bench.loadgen PLAN.json OUT.json` runs every entry of the plan in order
+and writes one record per request. It is deliberately lean (aiohttp + uvloop, no
+per-event JSON parsing) so that on a 2-core machine the client costs the same on
+every path and leaves the CPU to what is being measured.
+
+A run is a closed loop: `concurrency` workers, each sending its next request as
+soon as the previous one ends. Requests that start during `warmup` are sent (they
+open the connections) but tagged, so statistics can leave them out; no request
+starts after `warmup + duration`; every request has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+# A content delta of the OpenAI chat stream (the role chunk and the finish chunk
+# do not match): SGLang and the simulator serialise compactly, so one pattern
+# counts tokens without parsing each event.
+TOKEN_MARK = b'"delta":{"content":'
+DONE_MARK = b"data: [DONE]"
+PROMPTS = [
+    "Explain leader leases in two sentences.",
+    "Write a haiku about GPUs.",
+    "What is a fencing token?",
+    "List three causes of a failover.",
+]
+
+
+@dataclass
+class RunSpec:
+    """One closed-loop run against one URL."""
+
+    name: str  # e.g. "relay/stream/c64/r1"
+    path: str  # direct | nginx | relay
+    url: str  # base URL, e.g. http://172.18.0.5:8000
+    stream: bool
+    concurrency: int
+    duration: float
+    warmup: float = 1.0
+    max_tokens: int = 32
+    max_requests: int = 20000
+    timeout: float = 30.0
+
+
+@dataclass
+class Sample:
+    """One request: times in seconds from the run's start."""
+
+    start: float
+    end: float
+    ok: bool
+    warm: bool  # started during warm-up: excluded from the statistics
+    tokens: int = 0
+    ttft: float | None = None  # first content token (streams only)
+    last_token: float | None = None  # arrival of the last content token (streams only)
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    window: tuple[float, float]  # measured interval, from the run's start
+    samples: list[Sample] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec": asdict(self.spec),
+            "window": list(self.window),
+            # Compact rows: [start, end, ok, warm, tokens, ttft, last_token, error]
+            "samples": [
+                [
+                    round(s.start, 6),
+                    round(s.end, 6),
+                    s.ok,
+                    s.warm,
+                    s.tokens,
+                    None if s.ttft is None else round(s.ttft, 6),
+                    None if s.last_token is None else round(s.last_token, 6),
+                    s.error,
+                ]
+                for s in self.samples
+            ],
+        }
+
+
+def body(i: int, spec: RunSpec) -> bytes:
+    payload: dict[str, Any] = {
+        "model": "default",
+        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        "max_tokens": spec.max_tokens,
+        "temperature": 0,
+        # Every request generates exactly max_tokens: equal work on every path.
+        "ignore_eos": True,
+        "stream": spec.stream,
+    }
+    return json.dumps(payload).encode()
+
+
+async def _one(
+    session: aiohttp.ClientSession, spec: RunSpec, i: int, zero: float, warm_until: float
+) -> Sample:
+    start = time.monotonic() - zero
+    sample = Sample(start=start, end=start, ok=False, warm=start < warm_until)
+    try:
+        async with session.post(
+            spec.url + "/v1/chat/completions",
+            data=body(i, spec),
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            if resp.status != 200:
+                await resp.read()
+                sample.error = f"HTTP {resp.status}"
+            elif spec.stream:
+                await _read_stream(resp, sample, zero)
+            else:
+                data = json.loads(await resp.read())
+                sample.tokens = int(data["usage"]["completion_tokens"])
+                sample.ok = True
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"[:200]
+    sample.end = time.monotonic() - zero
+    return sample
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, sample: Sample, zero: float) -> None:
+    tail = b""  # the end of the previous chunk: a mark may straddle two reads
+    keep = len(TOKEN_MARK) - 1
+    done = False
+    async for chunk in resp.content.iter_any():
+        now = time.monotonic() - zero
+        view = tail + chunk
+        found = view.count(TOKEN_MARK)
+        if found:
+            if sample.ttft is None:
+                sample.ttft = now - sample.start
+            sample.tokens += found
+            sample.last_token = now
+        if DONE_MARK in view[-len(DONE_MARK) - 4 :]:
+            done = True
+        tail = view[-keep:]
+    sample.ok = done
+    if not done:
+        sample.error = "stream ended without [DONE]"
+
+
+async def run(spec: RunSpec) -> RunResult:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=spec.timeout)
+    zero = time.monotonic()
+    stop_at = spec.warmup + spec.duration
+    result = RunResult(spec, (spec.warmup, stop_at))
+    issued = 0
+
+    async def worker(w: int, session: aiohttp.ClientSession) -> None:
+        nonlocal issued
+        i = w
+        while time.monotonic() - zero < stop_at and issued < spec.max_requests:
+            issued += 1
+            result.samples.append(await _one(session, spec, i, zero, spec.warmup))
+            i += spec.concurrency
+
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)
+    ) as session:
+        await asyncio.gather(*(worker(w, session) for w in range(spec.concurrency)))
+    return result
+
+
+async def run_plan(specs: list[RunSpec], pause: float) -> list[RunResult]:
+    results = []
+    for spec in specs:
+        results.append(await run(spec))
+        print(f"  {spec.name}: {len(results[-1].samples)} requests", flush=True)
+        await asyncio.sleep(pause)  # let the last connections close before the next run
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
+    parser.add_argument("plan", type=Path, help="JSON list of RunSpec objects")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--pause", type=float, default=0.3)
+    args = parser.parse_args(argv)
+    specs = [RunSpec(**item) for item in json.loads(args.plan.read_text())]
+    try:
+        import uvloop
+
+        results = uvloop.run(run_plan(specs, args.pause))
+    except ImportError:  # pragma: no cover - a dependency on Linux
+        results = asyncio.run(run_plan(specs, args.pause))
+    args.out.write_text(json.dumps([r.to_json() for r in results]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Path overhead: the same load straight to the engine, through Nginx only, and
+through Nginx and the relay, measured in one run and reported as ratios to direct.
+
+For each (mode, concurrency) the three paths take turns in short runs, for several
+rounds, the order rotating each round: slow drift of a shared, noisy machine then
+falls on every path alike, and the per-round ratios show how much noise there is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import RunSpec
+from bench.stats import CellStats, Comparison, RoundWindow, cell_stats, compare
+
+PATHS = ("direct", "nginx", "relay")
+MODES = (True, False)  # streaming, then non-streaming
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    concurrencies: tuple[int, ...] = (1, 16, 64)
+    rounds: int = 2
+    duration: float = 5.0  # measured seconds per run
+    warmup: float = 1.0
+    max_tokens: int = 32
+    timeout: float = 30.0
+
+
+def plan(urls: dict[str, str], cfg: OverheadConfig) -> list[RunSpec]:
+    """Every run, in the order they are made (paths rotate each round)."""
+    specs = []
+    for stream in MODES:
+        for c in cfg.concurrencies:
+            for r in range(cfg.rounds):
+                shift = r % len(PATHS)
+                for path in PATHS[shift:] + PATHS[:shift]:
+                    mode = "stream" if stream else "nonstream"
+                    specs.append(
+                        RunSpec(
+                            name=f"{path}/{mode}/c{c}/r{r + 1}",
+                            path=path,
+                            url=urls[path],
+                            stream=stream,
+                            concurrency=c,
+                            duration=cfg.duration,
+                            warmup=cfg.warmup,
+                            max_tokens=cfg.max_tokens,
+                            # A bound on count as well as time: far above what the
+                            # engine's latency allows in `duration`.
+                            max_requests=max(200, c * 100),
+                            timeout=cfg.timeout,
+                        )
+                    )
+    return specs
+
+
+def run_loadgen(specs: list[RunSpec], timeout: float) -> list[dict[str, Any]]:
+    """Run the plan in a separate process (the load must not share our CPU time)."""
+    with tempfile.TemporaryDirectory(prefix="sglang-ha-bench-load-") as tmp:
+        plan_file, out_file = Path(tmp, "plan.json"), Path(tmp, "out.json")
+        plan_file.write_text(json.dumps([asdict(s) for s in specs]))
+        subprocess.run(
+            [sys.executable, "-m", "bench.loadgen", str(plan_file), str(out_file)],
+            check=True,
+            timeout=timeout,
+        )
+        data: list[dict[str, Any]] = json.loads(out_file.read_text())
+        return data
+
+
+@dataclass
+class Cell:
+    mode: str
+    concurrency: int
+    path: str
+    stats: CellStats
+    vs_direct: Comparison | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "path": self.path,
+            "stats": self.stats.to_json(),
+            "vs_direct": self.vs_direct.to_json() if self.vs_direct else None,
+        }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[Cell]:
+    grouped: dict[tuple[str, int, str], list[RoundWindow]] = {}
+    for run in runs:
+        spec = run["spec"]
+        mode = "stream" if spec["stream"] else "nonstream"
+        key = (mode, int(spec["concurrency"]), spec["path"])
+        lo, hi = run["window"]
+        grouped.setdefault(key, []).append(RoundWindow(run["samples"], (lo, hi)))
+    cells: list[Cell] = []
+    for (mode, c, path), rounds in grouped.items():
+        cells.append(Cell(mode, c, path, cell_stats(rounds), None))
+    direct = {(x.mode, x.concurrency): x.stats for x in cells if x.path == "direct"}
+    for x in cells:
+        base = direct.get((x.mode, x.concurrency))
+        if base is not None and x.path != "direct":
+            x.vs_direct = compare(x.stats, base)
+    return cells
+
+
+def run(urls: dict[str, str], cfg: OverheadConfig) -> tuple[list[Cell], list[dict[str, Any]]]:
+    specs = plan(urls, cfg)
+    budget = len(specs) * (cfg.warmup + cfg.duration + cfg.timeout) + 60
+    runs = run_loadgen(specs, timeout=budget)
+    return aggregate(runs), runs

@@ -1,0 +1,297 @@
+"""The benchmark's container stacks: ours (with the "Nginx only" path) and the baselines.
+
+Compose is driven with plain `docker compose` calls under unique project names, and
+every stack is taken down (`down -v`) however the benchmark ends. Fault injection
+and observation reuse the failover harness's `Stack` (tests/support/stack.py): the
+baseline engines are services `node-1` / `node-2` like the nodes, so the same
+faults apply unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from testcontainers.compose import DockerCompose
+
+from ha_agent.gateway.nginx_conf import render_template
+from tests.support.stack import COMPOSE_DIR, NODES, ROOT, Stack, read_secrets
+
+OUR_FILES = ("compose.yaml", "compose.test.yaml", "bench.yaml")
+BASELINE_FILES = ("bench-baselines.yaml",)
+BASELINE_FRONTENDS = ("nginx-article", "router-default", "router-hc1s")
+FRONTEND_PORT = 8000
+
+
+@dataclass
+class Compose:
+    project: str
+    files: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    profiles: tuple[str, ...] = ()
+
+    def run(self, *args: str, timeout: float = 600, check: bool = True) -> str:
+        cmd = ["docker", "compose", "-p", self.project]
+        for f in self.files:
+            cmd += ["-f", str(COMPOSE_DIR / f)]
+        for p in self.profiles:
+            cmd += ["--profile", p]
+        proc = subprocess.run(
+            [*cmd, *args],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(cmd[3:])} {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
+            )
+        return proc.stdout
+
+    def down(self) -> None:
+        self.run("down", "-v", "--remove-orphans", "--timeout", "5", timeout=180, check=False)
+
+
+def _stack(compose: Compose) -> Stack:
+    # Stack only needs the project name to find containers; the DockerCompose
+    # object is never started (compose is driven by Compose above).
+    return Stack(compose.project, DockerCompose(str(COMPOSE_DIR)))
+
+
+def build_images() -> None:
+    """Build every image the benchmark runs (cached layers make this quick)."""
+    read_secrets()
+    Compose("sglang-ha-bench-build", OUR_FILES).run("build", timeout=1200)
+    Compose("sglang-ha-bench-build", BASELINE_FILES, env={"BENCH_SUBNET": "10.213.0"}).run(
+        "build", timeout=1200
+    )
+
+
+# -- our stack ------------------------------------------------------------------------
+
+
+def direct_nginx_conf(template: str, engine: str) -> str:
+    """The gateway's own Nginx configuration with the relay swapped for `engine`
+    (host:port): the "Nginx only" path differs from ours by the relay alone."""
+    text = render_template(template, {})
+    text, relay = re.subn(
+        r"^\s*server 127\.0\.0\.1:\d+ (max_fails=\S+ fail_timeout=\S+);.*$",
+        lambda m: f"        server {engine} {m.group(1)};",
+        text,
+        flags=re.M,
+    )
+    text, include = re.subn(
+        r"^\s*include /run/sglang-ha/nginx-backup-servers\.conf;\n", "", text, flags=re.M
+    )
+    if relay != 1 or include != 1:
+        raise ValueError(
+            "the gateway's Nginx template changed: update bench.stacks.direct_nginx_conf"
+        )
+    return text
+
+
+@dataclass
+class OurStack:
+    stack: Stack
+    compose: Compose
+    primary: str  # node name (sglang-01 / sglang-02)
+
+    def urls(self) -> dict[str, str]:
+        """Every path by container address (no docker-proxy in the way)."""
+        s = self.stack
+        return {
+            "direct": f"http://{s.ip(NODES[self.primary])}:30000",
+            "nginx": f"http://{s.ip('nginx-direct')}:{FRONTEND_PORT}",
+            "relay": f"http://{s.ip('gateway')}:{FRONTEND_PORT}",
+        }
+
+
+@contextlib.contextmanager
+def our_stack() -> Iterator[OurStack]:
+    """The CPU stack (nodes, Redis, Sentinels, gateway) plus nginx-direct."""
+    read_secrets()
+    with tempfile.TemporaryDirectory(prefix="sglang-ha-bench-") as tmp:
+        os.chmod(tmp, 0o755)  # read by the gateway image's non-root user
+        compose = Compose(
+            f"sglang-ha-bench-{uuid.uuid4().hex[:8]}",
+            OUR_FILES,
+            env={"BENCH_NGINX_DIR": tmp},
+            profiles=("bench-direct",),
+        )
+        try:
+            compose.run(
+                "up", "-d", "--wait", "--wait-timeout", "300", *_our_services(), timeout=420
+            )
+            stack = _stack(compose)
+            primary = stack.wait_stable(120.0)
+            template = (ROOT / "nginx" / "nginx.conf.template").read_text()
+            conf = direct_nginx_conf(template, f"{NODES[primary]}:30000")
+            Path(tmp, "nginx.conf").write_text(conf)
+            os.chmod(Path(tmp, "nginx.conf"), 0o644)
+            compose.run("up", "-d", "--no-deps", "nginx-direct", timeout=120)
+            ours = OurStack(stack, compose, primary)
+            _wait_answers(ours.urls().values(), 60.0)
+            yield ours
+        finally:
+            _release_faults(compose)
+            compose.down()
+
+
+def _our_services() -> list[str]:
+    return [
+        "redis-1",
+        "redis-2",
+        "sentinel-1",
+        "sentinel-2",
+        "sentinel-3",
+        "node-1",
+        "node-2",
+        "gateway",
+    ]
+
+
+# -- the baselines --------------------------------------------------------------------
+
+
+def pick_subnet(used: Iterable[str], prefix: str = "10.213") -> str:
+    """The first `prefix.N` /24 that overlaps none of the `used` networks."""
+    taken = [ipaddress.ip_network(u, strict=False) for u in used]
+    for n in range(256):
+        candidate = ipaddress.ip_network(f"{prefix}.{n}.0/24")
+        if not any(candidate.overlaps(t) for t in taken):
+            return f"{prefix}.{n}"
+    raise RuntimeError(f"no free /24 under {prefix}.0.0/16")
+
+
+def _used_subnets() -> list[str]:
+    ids = subprocess.run(
+        ["docker", "network", "ls", "-q"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    used: list[str] = []
+    if ids:
+        out = subprocess.run(
+            ["docker", "network", "inspect", *ids], capture_output=True, text=True, check=True
+        ).stdout
+        for net in json.loads(out):
+            used += [
+                c["Subnet"] for c in (net.get("IPAM") or {}).get("Config") or [] if "Subnet" in c
+            ]
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    used += [line.split()[0] for line in routes.splitlines() if "/" in line.split()[0]]
+    return used
+
+
+@dataclass
+class Baselines:
+    stack: Stack
+    compose: Compose
+
+    def url(self, frontend: str) -> str:
+        return f"http://{self.stack.ip(frontend)}:{FRONTEND_PORT}"
+
+    def reset(self, timeout: float = 90.0) -> None:
+        """Fresh front-ends and two healthy engines before a trial: no front-end
+        starts a trial remembering the previous one (Nginx's failed peer, the
+        router's circuit breaker or unhealthy mark)."""
+        self.wait_engines(timeout)
+        self.compose.run("restart", "--timeout", "2", *BASELINE_FRONTENDS, timeout=120)
+        deadline = time.monotonic() + timeout
+        for frontend in BASELINE_FRONTENDS:
+            while not self._ready(frontend):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{frontend} not ready after {timeout}s")
+                time.sleep(0.2)
+
+    def wait_engines(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(_answers(f"{self.stack.engine_url(n)}/health") for n in NODES):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"baseline engines not healthy after {timeout}s")
+            time.sleep(0.2)
+
+    def _ready(self, frontend: str) -> bool:
+        try:
+            url = self.url(frontend)
+            if frontend.startswith("router"):
+                workers = httpx.get(f"{url}/workers", timeout=1).json()["workers"]
+                if len(workers) != 2 or not all(w["is_healthy"] for w in workers):
+                    return False
+            return _generates(url)
+        except (httpx.HTTPError, ValueError, KeyError, LookupError):
+            return False
+
+
+@contextlib.contextmanager
+def baselines() -> Iterator[Baselines]:
+    read_secrets()
+    subnet = pick_subnet(_used_subnets())
+    compose = Compose(
+        f"sglang-ha-bench-base-{uuid.uuid4().hex[:8]}", BASELINE_FILES, env={"BENCH_SUBNET": subnet}
+    )
+    try:
+        compose.run("up", "-d", "--wait", "--wait-timeout", "180", timeout=300)
+        b = Baselines(_stack(compose), compose)
+        b.reset()
+        yield b
+    finally:
+        _release_faults(compose)
+        compose.down()
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _generates(base: str) -> bool:
+    try:
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={
+                "model": "default",
+                "messages": [{"role": "user", "content": "ping"}],
+                "max_tokens": 2,
+            },
+            timeout=5,
+        )
+        return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_answers(urls: Iterable[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for url in urls:
+        while not _generates(url):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} does not answer after {timeout}s")
+            time.sleep(0.2)
+
+
+def _release_faults(compose: Compose) -> None:
+    """Nothing frozen or cut off is left for `down` (it would hang on a paused container)."""
+    stack = _stack(compose)
+    for node in NODES:
+        with contextlib.suppress(Exception):
+            stack.unpause(node)
+        with contextlib.suppress(Exception):
+            stack.nic(node, "up")

@@ -1,0 +1,474 @@
+"""`sglang-ha verify`: the pre-production checklist, run against a live stack.
+
+Runs on the Docker host (it needs the Docker API to find the stack's containers and,
+with --disruptive, to freeze a node and stop Redis). Each check says what it saw and,
+when it fails, what to do. Checks 3 and 5 disturb the stack: they run only with
+--disruptive and always restore what they changed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 40},
+        "size": {"type": "integer", "minimum": 1, "maximum": 100},
+        "colors": {"type": "array", "items": {"enum": ["black", "white", "red"]}, "maxItems": 3},
+        "price": {"type": "number", "minimum": 0},
+    },
+    "required": ["name", "size", "price"],
+    "additionalProperties": False,
+}
+
+
+@dataclass
+class Check:
+    number: int
+    name: str
+    status: str  # pass | fail | skipped
+    seen: str
+    advice: str = ""
+
+
+class Stack:
+    """The stack's containers, found by their compose project label."""
+
+    def __init__(self, project: str) -> None:
+        import docker  # only on the Docker host, only for verify
+
+        self.project = project
+        self.docker = docker.from_env()
+
+    def containers(self, prefix: str = "") -> list[Any]:
+        found = self.docker.containers.list(
+            all=True, filters={"label": f"com.docker.compose.project={self.project}"}
+        )
+        return sorted(
+            (c for c in found if c.labels.get("com.docker.compose.service", "").startswith(prefix)),
+            key=lambda c: c.labels["com.docker.compose.service"],
+        )
+
+    def service(self, name: str) -> Any:
+        for c in self.containers(name):
+            if c.labels["com.docker.compose.service"] == name:
+                return c
+        raise LookupError(f"no service {name} in project {self.project}")
+
+    @staticmethod
+    def ip(container: Any) -> str:
+        container.reload()
+        networks = container.attrs["NetworkSettings"]["Networks"]
+        return str(next(iter(networks.values()))["IPAddress"])
+
+    def nodes(self) -> dict[str, Any]:
+        """HA node name -> container."""
+        out = {}
+        for c in self.containers("node-"):
+            env = dict(e.split("=", 1) for e in c.attrs["Config"]["Env"] if "=" in e)
+            out[env.get("HA_NODE_NAME", c.name)] = c
+        return out
+
+    def gateway_url(self) -> str:
+        c = self.service("gateway")
+        c.reload()
+        binding = c.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]
+        host = binding["HostIp"] if binding["HostIp"] not in ("0.0.0.0", "") else "127.0.0.1"
+        return f"http://{host}:{binding['HostPort']}"
+
+    def status(self, node: str) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"http://{self.ip(self.nodes()[node])}:8008/ha/status", timeout=1)
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
+    def primary(self) -> str | None:
+        for node in self.nodes():
+            status = self.status(node)
+            if status and status.get("role") == "primary":
+                return node
+        return None
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.2)
+        return False
+
+    def stable(self) -> bool:
+        statuses = [self.status(n) for n in self.nodes()]
+        roles = sorted(s["role"] for s in statuses if s)
+        healthy = all(s and s["engine"]["state"] == "healthy" for s in statuses)
+        return healthy and roles == ["primary"] + ["standby"] * (len(statuses) - 1)
+
+
+def _chat(base: str, body: dict[str, Any], timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout)
+
+
+# -- the checks --------------------------------------------------------------------------
+
+
+def check_consistency(stack: Stack, runs: int = 10) -> Check:
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "Name three prime numbers."}],
+        "max_tokens": 32,
+        "temperature": 0,
+        "seed": 1234,
+    }
+    seen: dict[str, set[tuple[str, str]]] = {}
+    for node, container in stack.nodes().items():
+        url = f"http://{stack.ip(container)}:30000"
+        answers = set()
+        for _ in range(runs):
+            r = _chat(url, body)
+            r.raise_for_status()
+            choice = r.json()["choices"][0]
+            answers.add((choice["message"]["content"], choice["finish_reason"]))
+        seen[node] = answers
+    distinct = {a for answers in seen.values() for a in answers}
+    ok = len(distinct) == 1
+    detail = ", ".join(f"{n}: {len(a)} distinct answer(s)" for n, a in seen.items())
+    return Check(
+        1,
+        "consistency",
+        "pass" if ok else "fail",
+        f"{runs} deterministic requests per node; {detail}; {len(distinct)} across nodes",
+        ""
+        if ok
+        else "Enable --enable-deterministic-inference on both engines and run the same "
+        "GPU model, TP size, attention backend and SGLang version on both nodes.",
+    )
+
+
+def check_structured_output(stack: Stack, count: int = 100) -> Check:
+    import jsonschema
+
+    base = stack.gateway_url()
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "Describe a product as JSON."}],
+        "max_tokens": 256,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+    }
+
+    def one(i: int) -> str | None:
+        r = _chat(base, {**body, "seed": i})
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}"
+        try:
+            jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), SCHEMA)
+        except (ValueError, jsonschema.ValidationError) as exc:
+            return f"invalid: {str(exc)[:80]}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        problems = [p for p in pool.map(one, range(count)) if p]
+    return Check(
+        2,
+        "structured output",
+        "fail" if problems else "pass",
+        f"{count - len(problems)}/{count} answers valid against the JSON schema"
+        + (f"; first problem: {problems[0]}" if problems else ""),
+        ""
+        if not problems
+        else "Check the engine's grammar backend (--grammar-backend) and "
+        "that the model follows response_format.",
+    )
+
+
+@contextlib.contextmanager
+def _requests_in_background(base: str) -> Iterator[list[tuple[float, int, str | None]]]:
+    """Sequential small requests through the gateway: (time, status, node)."""
+    results: list[tuple[float, int, str | None]] = []
+    stop = False
+
+    def loop() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop and len(results) < 5000:
+                body = {
+                    "model": "default",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                }
+                try:
+                    r = client.post(f"{base}/v1/chat/completions", json=body)
+                    results.append(
+                        (time.monotonic(), r.status_code, r.headers.get("x-sglang-ha-node"))
+                    )
+                except httpx.HTTPError:
+                    results.append((time.monotonic(), 0, None))
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(loop)
+    try:
+        yield results
+    finally:
+        stop = True
+        future.result(timeout=60)
+        pool.shutdown()
+
+
+def check_fault_injection(stack: Stack, target: float = 6.0) -> Check:
+    primary = stack.primary()
+    nodes = stack.nodes()
+    if primary is None or len(nodes) < 2:
+        return Check(
+            3,
+            "fault injection",
+            "fail",
+            f"no primary/standby pair (primary {primary})",
+            "Bring the stack to a stable state first (sglang-ha status).",
+        )
+    standby = next(n for n in nodes if n != primary)
+    gateway = stack.service("gateway")
+    log_before = _access_log(gateway)
+    frozen_at = 0.0
+    with _requests_in_background(stack.gateway_url()) as results:
+        time.sleep(2)
+        nodes[primary].pause()
+        frozen_at = time.monotonic()
+        try:
+            served = stack.wait(
+                lambda: any(t > frozen_at and s == 200 and n == standby for t, s, n in results),
+                timeout=30,
+            )
+            time.sleep(2)
+        finally:
+            nodes[primary].unpause()
+    took = min(
+        (t - frozen_at for t, s, n in results if t > frozen_at and s == 200 and n == standby),
+        default=None,
+    )
+    failed = [s for t, s, _ in results if s != 200]
+    new_lines = _access_log(gateway)[len(log_before) :]
+    bad = [line for line in new_lines if re.search(r'" 50[23] ', line)]
+    stack.wait(stack.stable, timeout=60)
+    ok = served and took is not None and took <= target and not failed and not bad
+    return Check(
+        3,
+        "fault injection",
+        "pass" if ok else "fail",
+        f"froze {primary}: standby {standby} served after "
+        f"{'—' if took is None else f'{took:.2f}s'} (target {target:g}s); "
+        f"{len(failed)} failed of {len(results)}; {len(bad)} 502/503 lines in the access log",
+        ""
+        if ok
+        else "Check the lease TTL and relay settings (docs/configuration.md) and the "
+        "access log (/var/log/sglang/access.log in the gateway).",
+    )
+
+
+def _access_log(gateway: Any) -> list[str]:
+    code, out = gateway.exec_run(["cat", "/var/log/sglang/access.log"])
+    return out.decode(errors="replace").splitlines() if code == 0 else []
+
+
+def check_log_isolation(stack: Stack) -> Check:
+    nodes = stack.nodes()
+    volumes, urls, pidns = set(), set(), set()
+    problems = []
+    for node, c in nodes.items():
+        c.reload()
+        mounts = {m["Destination"]: m.get("Name") or m.get("Source") for m in c.attrs["Mounts"]}
+        log_volume = mounts.get("/var/log/sglang")
+        if log_volume is None:
+            problems.append(f"{node}: /var/log/sglang is not on a volume")
+        volumes.add(log_volume)
+        status = stack.status(node) or {}
+        urls.add(status.get("engine_url"))
+        _, out = c.exec_run(["readlink", "/proc/1/ns/pid"])
+        pidns.add(out.decode().strip())
+        _, out = c.exec_run(["sh", "-c", "test -s /var/log/sglang/ha.log && echo ok"])
+        if b"ok" not in out:
+            problems.append(f"{node}: no ha.log")
+    n = len(nodes)
+    if len(volumes) != n:
+        problems.append("nodes share a log volume")
+    if len(urls) != n:
+        problems.append("nodes advertise the same engine URL")
+    if len(pidns) != n:
+        problems.append("nodes share a PID namespace")
+    return Check(
+        4,
+        "log isolation",
+        "fail" if problems else "pass",
+        f"{n} nodes: {len(volumes)} log volumes, {len(urls)} engine URLs, {len(pidns)} PID "
+        "namespaces" + (f"; {'; '.join(problems)}" if problems else ""),
+        ""
+        if not problems
+        else "Give each node its own log volume, hostname and ports (compose/nodes-*.yaml).",
+    )
+
+
+def check_redis_fallback(stack: Stack) -> Check:
+    redis = [c for c in stack.containers("redis-")]
+    if not redis:
+        return Check(
+            5,
+            "Redis failure fallback",
+            "skipped",
+            "no Redis container in this project",
+            "Run it where Redis is part of the project (control stack).",
+        )
+    nodes = list(stack.nodes())
+    for c in redis:
+        c.stop(timeout=5)
+    try:
+        degraded = stack.wait(
+            lambda: all((stack.status(n) or {}).get("degraded") for n in nodes), timeout=30
+        )
+        base = stack.gateway_url()
+        codes = [
+            _chat(
+                base,
+                {
+                    "model": "default",
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            ).status_code
+            for _ in range(20)
+        ]
+    finally:
+        for c in redis:
+            c.start()
+    recovered = stack.wait(
+        lambda: not any((stack.status(n) or {}).get("degraded") for n in nodes), timeout=60
+    )
+    ok = degraded and recovered and all(code == 200 for code in codes)
+    return Check(
+        5,
+        "Redis failure fallback",
+        "pass" if ok else "fail",
+        f"Redis stopped: {codes.count(200)}/20 requests served; degraded mode reported: "
+        f"{degraded}; coordination resumed: {recovered}",
+        ""
+        if ok
+        else "Check that the agents can reach each other (HA_PEERS) for the failsafe "
+        "acknowledgement and that the relay's seed list (HA_NODES) is right.",
+    )
+
+
+def check_gpu_isolation(stack: Stack) -> Check:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except Exception as exc:  # no NVML library, no driver, no GPU
+        return Check(
+            6,
+            "GPU isolation",
+            "skipped",
+            f"no NVIDIA GPU here ({type(exc).__name__})",
+            "Run verify on the GPU host.",
+        )
+    used = []
+    for i in range(count):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+        used.append(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    return Check(
+        6,
+        "GPU isolation",
+        "pass",
+        f"{count} GPU(s); memory used: {[f'{u / 2**30:.1f} GiB' for u in used]}",
+    )
+
+
+def check_name_resolution(stack: Stack) -> Check:
+    gateway = stack.service("gateway")
+    live = stack.ip(gateway)
+    problems = []
+    for node, c in stack.nodes().items():
+        code, out = c.exec_run(["getent", "hosts", "gateway"])
+        resolved = out.decode().split()[0] if code == 0 and out.strip() else "nothing"
+        if resolved != live:
+            problems.append(f"{node} resolves gateway to {resolved}")
+    try:
+        answered = httpx.get(stack.gateway_url() + "/v1/models", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        answered = False
+    if not answered:
+        problems.append("the published gateway port does not answer")
+    return Check(
+        7,
+        "name resolution",
+        "fail" if problems else "pass",
+        f"gateway is {live}" + (f"; {'; '.join(problems)}" if problems else "; every node agrees"),
+        ""
+        if not problems
+        else "Flush stale DNS entries / restart the resolver; check "
+        "extra_hosts and the compose network.",
+    )
+
+
+CHECKS: list[tuple[int, Callable[[Stack], Check], bool]] = [
+    (1, check_consistency, False),
+    (2, check_structured_output, False),
+    (3, check_fault_injection, True),
+    (4, check_log_isolation, False),
+    (5, check_redis_fallback, True),
+    (6, check_gpu_isolation, False),
+    (7, check_name_resolution, False),
+]
+
+
+def run(project: str, disruptive: bool) -> list[Check]:
+    stack = Stack(project)
+    results = []
+    for number, check, disturbs in CHECKS:
+        if disturbs and not disruptive:
+            continue
+        try:
+            results.append(check(stack))
+        except Exception as exc:
+            results.append(
+                Check(
+                    number,
+                    check.__name__.removeprefix("check_").replace("_", " "),
+                    "fail",
+                    f"the check itself failed: {type(exc).__name__}: {exc}",
+                    "Is the stack up? (make up / sglang-ha status)",
+                )
+            )
+    if not disruptive:
+        results += [
+            Check(3, "fault injection", "skipped", "disturbs the stack", "Run with --disruptive."),
+            Check(
+                5,
+                "Redis failure fallback",
+                "skipped",
+                "disturbs the stack",
+                "Run with --disruptive.",
+            ),
+        ]
+    return sorted(results, key=lambda c: c.number)
+
+
+def render(results: list[Check]) -> str:
+    lines = []
+    for c in results:
+        mark = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIP"}[c.status]
+        lines.append(f"{c.number}. {mark:4}  {c.name:24} {c.seen}")
+        if c.status == "fail" and c.advice:
+            lines.append(f"          → {c.advice}")
+    return "\n".join(lines)
+
+
+def as_json(results: list[Check]) -> str:
+    return json.dumps([asdict(c) for c in results], indent=2)

@@ -1,0 +1,144 @@
+"""Keep the standby's prefix cache warm from live traffic.
+
+After a failover the new primary's cache is cold and the first requests pay a full
+prefill. So a bounded sample of the requests sent to the primary is mirrored to the
+standby as prefill-only work: the same prompt, one new token, the answer thrown
+away. SGLang's radix cache keeps the prompt's KV, so the same prefixes hit cache
+there after a takeover.
+
+Bounded three ways so it never hurts the standby's readiness: a token bucket
+(`warm_rate` per second), a cap on mirrors in flight, and no mirroring at all while
+the standby reports queued requests. Mirrors carry the rid prefix `HA_WARM_` and
+are never counted as user traffic in the relay's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter
+
+from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
+from ha_agent.gateway.topology import NodeView, Topology
+from ha_agent.gateway.transport import Transport
+
+log = logging.getLogger(__name__)
+
+PATHS = {GENERATE: "/generate", COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
+
+
+def prefill_only(kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The request reduced to its prompt and one token, or None if it cannot be."""
+    out = copy.deepcopy(body)
+    out["stream"] = False
+    if kind == GENERATE:
+        if "text" not in out and "input_ids" not in out:
+            return None
+        params = out.get("sampling_params")
+        params = dict(params) if isinstance(params, dict) else {}
+        for key in ("json_schema", "regex", "ebnf", "structural_tag", "min_new_tokens"):
+            params.pop(key, None)
+        params["max_new_tokens"] = 1
+        out["sampling_params"] = params
+        out["rid"] = f"HA_WARM_{uuid.uuid4().hex}"
+        return out
+    for key in (
+        "response_format",
+        "json_schema",
+        "regex",
+        "ebnf",
+        "tools",
+        "tool_choice",
+        "stream_options",
+        "min_tokens",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "echo",
+    ):
+        out.pop(key, None)
+    out.pop("max_completion_tokens", None)
+    out["max_tokens"] = 1
+    out["rid"] = f"HA_WARM_{uuid.uuid4().hex}"
+    return out
+
+
+class Warmer:
+    def __init__(
+        self,
+        topology: Topology,
+        transport: Transport,
+        rate: float,
+        registry: CollectorRegistry | None,
+        max_inflight: int = 4,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.topology = topology
+        self.transport = transport
+        self.rate = rate
+        self.max_inflight = max_inflight
+        self.clock = clock
+        self._tokens = rate
+        self._filled_at = clock()
+        self._inflight: set[asyncio.Future[None]] = set()
+        self.mirrored = Counter(
+            "sglang_ha_relay_warm_mirrors",
+            "Prefill-only copies of user requests sent to the standby (not user traffic).",
+            ["outcome"],
+            registry=registry,
+        )
+
+    def _take_token(self) -> bool:
+        now = self.clock()
+        self._tokens = min(self.rate, self._tokens + (now - self._filled_at) * self.rate)
+        self._filled_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def standby(self) -> NodeView | None:
+        primary = self.topology.primary
+        now = self.topology.clock()
+        for node in self.topology.nodes.values():
+            if node.name == primary or not node.can_serve(now):
+                continue
+            engine = (node.status or {}).get("engine", {})
+            if float(engine.get("queued", 0) or 0) > 0:
+                return None  # the standby is busy: never add to its queue
+            return node
+        return None
+
+    def offer(self, kind: str, body: dict[str, Any]) -> None:
+        """Maybe mirror this request to the standby. Never blocks, never raises."""
+        if self.rate <= 0 or len(self._inflight) >= self.max_inflight:
+            return
+        node = self.standby()
+        if node is None or not self._take_token():
+            return
+        mirror = prefill_only(kind, body)
+        if mirror is None:
+            return
+        task = asyncio.ensure_future(self._send(node, PATHS[kind], mirror))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _send(self, node: NodeView, path: str, body: dict[str, Any]) -> None:
+        try:
+            async with self.transport.session.post(
+                node.engine_url + path,
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as resp:
+                await resp.read()
+                self.mirrored.labels("ok" if resp.status == 200 else "error").inc()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            self.mirrored.labels("error").inc()

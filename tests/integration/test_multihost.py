@@ -1,0 +1,442 @@
+"""The multi-host stacks (docs/multi-host.md) as separate hosts on one machine.
+
+A control host (gateway, Redis master, a Sentinel), a GPU host running its own
+engine (plus a Sentinel and the Redis replica), and a GPU host in sidecar mode
+beside an engine container the "user" runs (plus a Sentinel). Each host is its own
+compose project on its own network; they reach each other only through published
+ports. The gateway knows no node address but what the registry tells it; failover
+across hosts under load loses no request; a third node joins by being started.
+
+The sidecar's container watch and process watch are also checked on their own
+against real containers and processes (crash vs OOM kill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import docker
+import httpx
+import openai
+import pytest
+
+from ha_agent.node.engine.container import ContainerWatch, demux, docker_time, exit_how
+from ha_agent.node.engine.process import HostProcessWatch, ProcessState
+from tests.failover.load import Load
+from tests.failover.runner import ScenarioResult, run_scenario
+from tests.failover.scenarios import Fault
+from tests.support.multihost import LABEL, MultiHost, running_hosts
+from tests.support.stack import COMPOSE_DIR, Stack, require_host_tools
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[MultiHost]:
+    require_host_tools()
+    with running_hosts() as mh:
+        yield mh
+        bugs = mh.bug_lines()
+        if bugs:
+            pytest.fail("components logged BUG lines:\n" + "\n".join(bugs[:20]))
+
+
+# -- the stack files ----------------------------------------------------------------------
+
+
+def compose_config(env_file: str, *files: str, profiles: str = "") -> dict[str, Any]:
+    cmd = ["docker", "compose", "--env-file", f"env/{env_file}"]
+    cmd += [a for f in files for a in ("-f", f)] + ["config", "--format", "json"]
+    env = os.environ | {"COMPOSE_PROFILES": profiles} if profiles else None
+    result = subprocess.run(
+        cmd, cwd=COMPOSE_DIR, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return cast(dict[str, Any], json.loads(result.stdout))
+
+
+def test_control_host_stack_bakes_in_no_node_address() -> None:
+    config = compose_config("control-host.env.example", "control-host.yaml")
+    services = config["services"]
+    assert set(services) == {"gateway", "redis-1", "sentinel-1"}
+    gateway = services["gateway"]["environment"]
+    assert gateway["HA_NODES"] == ""
+    assert gateway["HA_SENTINELS"] == "10.0.0.10:26379,10.0.0.11:26379,10.0.0.12:26379"
+    # Redis and the Sentinel announce and publish the host's address, not a name.
+    assert services["redis-1"]["environment"]["ANNOUNCE_HOST"] == "10.0.0.10"
+    assert services["sentinel-1"]["environment"]["REDIS_MASTER_HOST"] == "10.0.0.10"
+    for name in ("redis-1", "sentinel-1"):
+        assert {p["host_ip"] for p in services[name]["ports"]} == {"10.0.0.10"}
+    local = compose_config(
+        "control-host.env.example", "control-host.yaml", profiles="local-sentinels"
+    )
+    published = sorted(p["published"] for s in local["services"].values() for p in s["ports"])
+    assert published == ["26379", "26380", "26381", "6379", "8000"]
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ("node-host.yaml",),
+        ("node-host.yaml", "node-host.cpu.yaml"),
+        ("node-host.yaml", "node-sidecar.yaml"),
+    ],
+)
+def test_node_host_stack_advertises_the_host_address(files: tuple[str, ...]) -> None:
+    config = compose_config("node-host.env.example", *files)
+    node = config["services"]["node"]
+    env = node["environment"]
+    assert env["HA_NODE_NAME"] == "sglang-01"
+    assert env["HA_ADVERTISE_ENGINE_URL"] == "http://10.0.0.11:30000"
+    assert env["HA_ADVERTISE_API_URL"] == "http://10.0.0.11:8008"
+    assert env["HA_SENTINELS"] == "10.0.0.10:26379,10.0.0.11:26379,10.0.0.12:26379"
+    # Published on the configured address only, never on every interface.
+    assert {p["host_ip"] for p in node["ports"]} == {"10.0.0.11"}
+    ports = sorted(p["target"] for p in node["ports"])
+    if "node-sidecar.yaml" in files:
+        assert env["ENGINE"] == "external"
+        assert ports == [8008]  # the user's server publishes the engine port itself
+        assert "deploy" not in node
+    else:
+        assert ports == [8008, 30000]
+    assert ("deploy" in node) == (files == ("node-host.yaml",))
+    assert config["services"]["sentinel"]["environment"]["REDIS_MASTER_HOST"] == "10.0.0.10"
+
+
+# -- the hosts ------------------------------------------------------------------------------
+
+
+def _connects(mh: MultiHost, node: str, addr: str, port: int) -> bool:
+    probe = f"import socket; socket.create_connection(({addr!r}, {port}), timeout=2)"
+    code, _ = mh.node_container(node).exec_run(["python3", "-c", probe])
+    return code == 0
+
+
+def test_hosts_reach_each_other_only_through_published_ports(hosts: MultiHost) -> None:
+    redis = hosts.container(hosts.control, "redis-1")
+    redis.reload()
+    redis_ip = redis.attrs["NetworkSettings"]["Networks"][hosts.control.network]["IPAddress"]
+    assert not _connects(hosts, "sglang-01", redis_ip, 6379), "networks are not isolated"
+    assert _connects(hosts, "sglang-01", hosts.control.addr, 6379)
+    assert _connects(hosts, "sglang-01", hosts.host_of("sglang-02").addr, 8008)
+
+
+def test_gateway_learns_every_node_from_the_registry(hosts: MultiHost) -> None:
+    gateway = hosts.container(hosts.control, "gateway")
+    assert "HA_NODES=" in gateway.attrs["Config"]["Env"]
+    relay = hosts.relay_status()
+    assert relay is not None
+    seen = {n["name"]: (n["engine_url"], n["agent_url"]) for n in relay["nodes"]}
+    assert seen == {n: (hosts.engine_url(n), hosts.agent_url(n)) for n in hosts.nodes}
+    # Each agent registered its advertised URLs, its epoch view and a TTL.
+    redis = hosts.container(hosts.control, "redis-1")
+    auth = {"REDISCLI_AUTH": hosts.secrets["REDIS_PASSWORD"]}
+    for node in hosts.nodes:
+        key = f"sglang-ha:sglang-ha:member:{node}"
+        _, raw = redis.exec_run(["redis-cli", "GET", key], environment=auth)
+        member = json.loads(raw)
+        assert member["engine_url"] == hosts.engine_url(node)
+        assert member["api_url"] == hosts.agent_url(node)
+        assert "epoch" in member
+        _, ttl = redis.exec_run(["redis-cli", "PTTL", key], environment=auth)
+        assert 0 < int(ttl) <= 10_000
+    # Nginx's last resort, if the relay itself is down: the same engines, by address.
+    backup = hosts.gateway_file("/run/sglang-ha/nginx-backup-servers.conf")
+    servers = sorted(line.split()[1] for line in backup.splitlines() if line.startswith("server"))
+    assert servers == sorted(f"{hosts.host_of(n).addr}:30000" for n in hosts.nodes)
+
+
+def test_chat_completion_through_the_gateway(hosts: MultiHost) -> None:
+    primary = hosts.wait_stable()
+    client = openai.OpenAI(base_url=hosts.gateway_url + "/v1", api_key="unused", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="default", messages=[{"role": "user", "content": "Hello"}], max_tokens=16
+    )
+    assert raw.headers["x-sglang-ha-node"] == primary
+    assert raw.parse().choices[0].message.content
+
+
+# -- failover across hosts ----------------------------------------------------------------------
+
+
+def _run(hosts: MultiHost, fault: Fault) -> ScenarioResult:
+    async def scenario() -> ScenarioResult:
+        load = Load(hosts.gateway_url, concurrency=8)
+        try:
+            await load.take_references()
+            # The runner drives tests.support.stack.Stack; MultiHost offers the same calls.
+            return await run_scenario(cast(Stack, hosts), fault, trial=1, load=load)
+        finally:
+            await load.close()
+
+    return asyncio.run(scenario())
+
+
+def _assert_clean_failover(hosts: MultiHost, result: ScenarioResult) -> str:
+    summary = json.dumps(result.to_json(with_records=False), indent=1)
+    assert result.requests > 50, summary
+    assert result.nonstream_failed == 0, summary
+    assert result.stream_failed == 0, summary
+    assert result.text_mismatches == 0, summary
+    assert result.detected is not None, summary
+    assert result.promoted is not None, summary
+    assert result.recovered is not None and result.recovered <= result.target_recovery, summary
+    assert result.rejoined_as_standby, summary
+    assert not [e for e in result.errors if e.startswith(("inject", "heal"))], summary
+    old, new = result.primary_before, result.primary_after
+    ha_log = "".join(hosts.ha_log(n) for n in hosts.nodes)
+    assert f"FAILOVER_INITIATED from {old} to {new}" in ha_log, summary
+    return summary
+
+
+HOST_FAULTS = {
+    f.name: f
+    for f in (
+        Fault(
+            "host-kill",
+            "every container of the primary's host killed at once (the server dies)",
+            lambda s, n: cast(MultiHost, s).kill_host(n),
+            lambda s, n: cast(MultiHost, s).start_host(n),
+            target_recovery=3.0,
+        ),
+        Fault(
+            "host-nic-down",
+            "eth0 down in every network namespace of the primary's host",
+            lambda s, n: cast(MultiHost, s).host_nic(n, "down"),
+            lambda s, n: cast(MultiHost, s).host_nic(n, "up"),
+            target_recovery=3.0,
+        ),
+    )
+}
+
+
+@pytest.mark.parametrize("fault_name", list(HOST_FAULTS))
+def test_failover_across_hosts(hosts: MultiHost, fault_name: str) -> None:
+    """Run in a row, the two faults hit both hosts: each moves the primary over."""
+    result = _run(hosts, HOST_FAULTS[fault_name])
+    _assert_clean_failover(hosts, result)
+
+
+SIDECAR_FAULTS = {
+    f.name: f
+    for f in (
+        Fault(
+            "sidecar-engine-oom",
+            "the user's engine container dies of OOM (CUDA OOM line, SIGKILL, exit 137);"
+            " Docker restarts it",
+            lambda s, n: cast(MultiHost, s).sim_faults(n, oom=True),
+            lambda s, n: None,
+            target_recovery=3.0,
+        ),
+        Fault(
+            "sidecar-engine-kill",
+            "docker kill of the user's engine container (the agent beside it stays up)",
+            lambda s, n: cast(MultiHost, s).kill_engine_container(n),
+            lambda s, n: cast(MultiHost, s).start_engine_container(n),
+            target_recovery=3.0,
+        ),
+    )
+}
+
+
+@pytest.mark.parametrize("fault_name", list(SIDECAR_FAULTS))
+def test_sidecar_tells_oom_from_crash(hosts: MultiHost, fault_name: str) -> None:
+    hosts.switchover("sglang-02")  # the sidecar node: its engine is the one to fail
+    before = len(hosts.ha_log("sglang-02"))
+    result = _run(hosts, SIDECAR_FAULTS[fault_name])
+    summary = _assert_clean_failover(hosts, result)
+    assert result.primary_before == "sglang-02", summary
+    log = hosts.ha_log("sglang-02")[before:]  # this scenario's lines (the log only grows)
+    if fault_name == "sidecar-engine-oom":
+        assert log.count("ENGINE_OOM sglang-02") == 1, log
+        engine = hosts.client.containers.get(hosts.host_of("sglang-02").engine or "")
+        assert engine.attrs["RestartCount"] >= 1  # Docker brought it back, not the test
+    else:
+        assert "ENGINE_OOM" not in log, log
+        assert "terminated by SIGKILL (exit status 137)" in log, log
+
+
+# -- growing the cluster ----------------------------------------------------------------------
+
+
+def test_a_third_node_joins_by_starting_it(hosts: MultiHost) -> None:
+    gpu3 = hosts.add_network("gpu3")
+    hosts.start_node(gpu3, "sglang-03")
+    try:
+        hosts.wait_stable(60)  # now with sglang-03 healthy and servable in the relay
+        relay = hosts.relay_status() or {}
+        urls = {n["name"]: n["engine_url"] for n in relay.get("nodes", [])}
+        assert urls.get("sglang-03") == f"http://{gpu3.addr}:30000"
+        deadline = time.monotonic() + 15
+        while f"server {gpu3.addr}:30000 " not in hosts.gateway_file(
+            "/run/sglang-ha/nginx-backup-servers.conf"
+        ):
+            assert time.monotonic() < deadline, "Nginx's last resort never learned sglang-03"
+            time.sleep(0.5)
+        hosts.switchover("sglang-03")
+        reply = httpx.post(
+            hosts.gateway_url + "/v1/chat/completions",
+            json={"model": "default", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-sglang-ha-node"] == "sglang-03"
+    finally:
+        hosts.stop_host(gpu3)  # a stopping primary hands its lease over
+        gpu3.node = None
+    primary = hosts.wait_stable(30)
+    assert primary in ("sglang-01", "sglang-02")
+
+
+# -- the sidecar's watches on their own -----------------------------------------------------------
+
+
+def test_docker_answers_are_read_right() -> None:
+    assert docker_time("0001-01-01T00:00:00Z") == 0.0
+    assert docker_time("2024-05-01T10:00:00.123456789Z") == pytest.approx(1714557600.123456789)
+    assert docker_time("2024-05-01T12:00:00+02:00") == 1714557600.0
+    framed = b"\x02\x00\x00\x00\x00\x00\x00\x05oops\n\x01\x00\x00\x00\x00\x00\x00\x03ok\n"
+    assert demux(framed, tty=False) == "oops\nok\n"
+    assert exit_how(137, False) == "terminated by SIGKILL (exit status 137)"
+    assert exit_how(137, True) == "killed by the kernel OOM killer (exit status 137)"
+    assert exit_how(1, False, "") == "exit status 1"
+
+
+def _container(client: docker.DockerClient, script: str, **extra: Any) -> Any:
+    return client.containers.run(
+        "debian:bookworm-slim",
+        ["sh", "-c", script],
+        name=f"sglang-ha-watch-{os.getpid()}-{time.monotonic_ns() % 10**9}",
+        labels={LABEL: "watch"},
+        detach=True,
+        **extra,
+    )
+
+
+async def _read_until(watch: Any, done: Any, timeout: float = 30.0) -> ProcessState:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = await watch.read(timeout=5)
+        if done(state):
+            return cast(ProcessState, state)
+        assert time.monotonic() < deadline, f"still {state}"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("death", ["cgroup-oom", "docker-kill"])
+def test_container_watch_tells_an_oom_kill_from_a_kill(death: str) -> None:
+    client = docker.from_env()
+    if death == "cgroup-oom":  # wants 256 MiB in a 48 MiB container
+        script = "sleep 1; v=$(head -c 268435456 /dev/zero | tr '\\0' x); sleep 60"
+        c = _container(client, script, mem_limit="48m", memswap_limit="48m")
+    else:
+        c = _container(client, "sleep 60", init=True)
+
+    async def watch() -> tuple[ProcessState, ProcessState]:
+        w = ContainerWatch(c.name)
+        try:
+            running = await _read_until(w, lambda s: s.running)
+            if death == "docker-kill":
+                c.kill()
+            return running, await _read_until(w, lambda s: not s.running)
+        finally:
+            await w.close()
+
+    try:
+        running, dead = asyncio.run(watch())
+    finally:
+        c.remove(force=True)
+    assert running.pid > 0
+    assert dead.state == "EXITED"
+    if death == "cgroup-oom":
+        assert dead.oom and "OOM killer" in dead.exit_how, dead
+    else:
+        assert not dead.oom and dead.exit_how == "terminated by SIGKILL (exit status 137)", dead
+
+
+def test_container_watch_sees_a_death_that_docker_already_restarted() -> None:
+    """Docker restarts at once; between two reads the death must still count, with how."""
+    client = docker.from_env()
+    script = "sleep 1; echo 'torch.OutOfMemoryError: CUDA out of memory.' >&2; kill -9 $$; sleep 60"
+    c = _container(client, script, init=True, restart_policy={"Name": "on-failure"})
+
+    async def watch() -> ProcessState:
+        w = ContainerWatch(c.name)
+        try:
+            await _read_until(w, lambda s: s.running)
+            # Look away until Docker has restarted it, then look again.
+            deadline = time.monotonic() + 30
+            while True:
+                c.reload()
+                if c.attrs["RestartCount"] >= 1 and c.attrs["State"]["Status"] == "running":
+                    break
+                assert time.monotonic() < deadline, c.attrs["State"]
+                await asyncio.sleep(0.1)
+            return await w.read(timeout=5)
+        finally:
+            await w.close()
+
+    try:
+        seen = asyncio.run(watch())
+    finally:
+        c.remove(force=True)
+    assert not seen.running, seen
+    assert seen.oom, seen
+    assert seen.exit_how == "terminated by SIGKILL (exit status 137); restarted by Docker", seen
+
+
+def test_host_process_watch_follows_the_engine_by_its_command_line() -> None:
+    tag = f"fake-sglang-engine-{os.getpid()}"
+    with tempfile.NamedTemporaryFile("w", suffix=".log") as log:
+        log.write("an earlier run: CUDA out of memory\n")
+        log.flush()
+        watch = HostProcessWatch(pattern=tag, log_file=log.name)
+
+        def read() -> ProcessState:
+            return asyncio.run(watch.read(timeout=5))
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", tag])
+
+        assert read().state == "STARTING"  # not up yet: not dead either
+        engine = spawn()
+        try:
+            deadline = time.monotonic() + 10
+            while (state := read()).pid != engine.pid:
+                assert time.monotonic() < deadline, state
+                time.sleep(0.05)
+            assert state.running
+            engine.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 10
+            while (state := read()).state != "STOPPED":
+                assert time.monotonic() < deadline, state
+                time.sleep(0.05)
+            engine.send_signal(signal.SIGCONT)
+            log.write("torch.OutOfMemoryError: CUDA out of memory\n")
+            log.flush()
+            engine.kill()
+            engine.wait(10)
+            gone = read()
+            assert (gone.state, gone.oom) == ("EXITED", True), gone
+            # A new run with no OOM line of its own is not an OOM when it dies.
+            engine = spawn()
+            deadline = time.monotonic() + 10
+            while not read().running:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            engine.kill()
+            engine.wait(10)
+            gone = read()
+            assert (gone.state, gone.oom) == ("EXITED", False), gone
+        finally:
+            engine.kill()
+            engine.wait(10)

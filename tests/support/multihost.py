@@ -1,0 +1,385 @@
+"""Separate hosts on one machine, running the multi-host stacks (docs/multi-host.md).
+
+Each "host" is its own compose project on its own Docker network, started from the
+same files and the same kind of env file a user writes for a real host. The host's
+address is its network's gateway IP, and everything it serves is published on that
+address only. Docker isolates bridge networks from each other, so a container on
+one host reaches another host only as across real machines: through that host's
+published ports (a test checks this, so the simulation cannot silently cheat).
+
+Faults hit a whole host, as the article's failures do: every container of the host
+killed (the server dies), or every container's eth0 taken down (its NIC fails).
+
+`MultiHost` offers the parts of tests.support.stack.Stack that the failover runner
+uses (wait_stable, agent_status, primary, relay_status, ip), so tests/failover's
+Load and run_scenario measure these stacks unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+from docker.models.containers import Container
+
+from tests.support.stack import COMPOSE_DIR, read_secrets
+
+LABEL = "sglang-ha.multihost"
+NODE_IMAGE = "sglang-ha/node:0.1.0-cpu"
+ENGINE_PORT, AGENT_PORT = 30000, 8008
+CPU_NODE = ("node-host.yaml", "node-host.cpu.yaml")
+SIDECAR_NODE = ("node-host.yaml", "node-sidecar.yaml")
+COMPOSE_TIMEOUT = 300
+
+
+@dataclass
+class Host:
+    key: str  # ctl, gpu1, ...
+    project: str
+    network: str
+    addr: str  # the host's address: its network's gateway IP
+    files: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    node: str | None = None  # the HA node it runs, if any
+    engine: str | None = None  # sidecar hosts: the user's own engine container
+
+    @property
+    def sentinel(self) -> str:
+        return f"{self.addr}:26379"
+
+
+class MultiHost:
+    def __init__(self) -> None:
+        self.run = uuid.uuid4().hex[:6]
+        self.client = docker.from_env()
+        self.secrets = read_secrets()
+        self.dir = Path(tempfile.mkdtemp(prefix="sglang-ha-multihost-"))
+        self.hosts: dict[str, Host] = {}
+        self.gateway_port = 0
+
+    # -- hosts -----------------------------------------------------------------------------
+
+    def add_network(self, key: str) -> Host:
+        """A new host: its own network, its address the network's gateway."""
+        name = f"sglang-ha-mh{self.run}-{key}"
+        net = self.client.networks.create(name, driver="bridge", labels={LABEL: self.run})
+        net.reload()
+        addr = net.attrs["IPAM"]["Config"][0]["Gateway"]
+        host = Host(key, name, name, addr)
+        self.hosts[key] = host
+        return host
+
+    def host_of(self, node: str) -> Host:
+        return next(h for h in self.hosts.values() if h.node == node)
+
+    @property
+    def nodes(self) -> list[str]:
+        return sorted(h.node for h in self.hosts.values() if h.node)
+
+    @property
+    def control(self) -> Host:
+        return self.hosts["ctl"]
+
+    def sentinels(self) -> str:
+        """The three quorum hosts: the control host and the first two GPU hosts."""
+        return ",".join(self.hosts[k].sentinel for k in ("ctl", "gpu1", "gpu2"))
+
+    def compose(self, host: Host, *args: str, timeout: float = COMPOSE_TIMEOUT) -> str:
+        env_file = self.dir / f"{host.key}.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in host.env.items()))
+        # Only the test's addition: the host's network exists already (its address
+        # had to be known to write the env file).
+        overlay = self.dir / f"{host.key}.network.yaml"
+        overlay.write_text(f"networks:\n  ha:\n    name: {host.network}\n    external: true\n")
+        files = [a for f in host.files for a in ("-f", f)] + ["-f", str(overlay)]
+        cmd = ["docker", "compose", "-p", host.project, "--env-file", str(env_file), *files]
+        result = subprocess.run(
+            [*cmd, *args], cwd=COMPOSE_DIR, capture_output=True, text=True, timeout=timeout
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} on {host.key} failed:\n{result.stderr[-4000:]}")
+        return result.stdout
+
+    def start_control(self) -> None:
+        ctl = self.control
+        self.gateway_port = free_port(ctl.addr)
+        ctl.files = ("control-host.yaml",)
+        ctl.env = {
+            "HOST_ADDR": ctl.addr,
+            "HA_SENTINELS": self.sentinels(),
+            "GATEWAY_BIND": ctl.addr,
+            "GATEWAY_PORT": str(self.gateway_port),
+        }
+        self.compose(ctl, "build")
+        # The gateway turns healthy only once a node serves: wait for Redis alone.
+        self.compose(ctl, "up", "-d", "--wait", "--wait-timeout", "60", "redis-1", "sentinel-1")
+        self.compose(ctl, "up", "-d")
+
+    def node_env(self, host: Host, node: str, profiles: str) -> dict[str, str]:
+        peers = [
+            f"http://{h.addr}:{AGENT_PORT}"
+            for h in self.hosts.values()
+            if h.key.startswith("gpu") and h.key != host.key
+        ]
+        return {
+            "HA_NODE_NAME": node,
+            "HOST_ADDR": host.addr,
+            "HA_SENTINELS": self.sentinels(),
+            "HA_PEERS": ",".join(peers),
+            "REDIS_MASTER_ADDR": self.control.addr,
+            "COMPOSE_PROFILES": profiles,
+        }
+
+    def start_node(self, host: Host, node: str, profiles: str = "", build: bool = False) -> None:
+        """A node host running its own engine (the simulator in the node image)."""
+        host.node, host.files = node, CPU_NODE
+        host.env = self.node_env(host, node, profiles)
+        if build:
+            self.compose(host, "build")
+        self.compose(host, "up", "-d", "--wait", "--wait-timeout", "120")
+
+    def start_sidecar(self, host: Host, node: str, profiles: str = "") -> None:
+        """A GPU host where the user already runs the engine in a container of their
+        own; the node image runs beside it (ENGINE=external) and watches it."""
+        engine = f"{host.project}-sglang"
+        self.client.containers.run(
+            NODE_IMAGE,
+            name=engine,
+            entrypoint=["sglang-ha-sim", "--host", "0.0.0.0", "--port", str(ENGINE_PORT)],
+            environment={
+                "SIM_ADMIN_TOKEN": self.secrets["SIM_ADMIN_TOKEN"],
+                "SIM_INSTANCE_NAME": node,
+            },
+            network=host.network,
+            ports={f"{ENGINE_PORT}/tcp": (host.addr, ENGINE_PORT)},
+            init=True,  # so the engine's own SIGKILL (OOM) ends the container: exit 137
+            restart_policy={"Name": "unless-stopped"},
+            labels={LABEL: self.run},
+            detach=True,
+        )
+        host.node, host.engine, host.files = node, engine, SIDECAR_NODE
+        host.env = self.node_env(host, node, profiles) | {
+            "ENGINE_PORT": str(ENGINE_PORT),
+            "ENGINE_CONTAINER": engine,
+            "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
+        }
+        self.compose(host, "up", "-d", "--wait", "--wait-timeout", "120")
+
+    def stop_host(self, host: Host) -> None:
+        with contextlib.suppress(Exception):
+            self.compose(host, "down", "-v", "--remove-orphans", "--timeout", "5", timeout=120)
+        if host.engine:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.containers.get(host.engine).remove(force=True)
+
+    def destroy(self) -> None:
+        for host in reversed(list(self.hosts.values())):
+            if host.files:
+                self.stop_host(host)
+        for c in self.client.containers.list(all=True, filters={"label": f"{LABEL}={self.run}"}):
+            with contextlib.suppress(docker.errors.APIError):
+                c.remove(force=True)
+        for net in self.client.networks.list(filters={"label": f"{LABEL}={self.run}"}):
+            with contextlib.suppress(docker.errors.APIError):
+                net.remove()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- containers ------------------------------------------------------------------------
+
+    def containers(self, host: Host) -> list[Container]:
+        found = self.client.containers.list(
+            all=True, filters={"label": f"com.docker.compose.project={host.project}"}
+        )
+        if host.engine:
+            found.append(self.client.containers.get(host.engine))
+        return found
+
+    def container(self, host: Host, service: str) -> Container:
+        for c in self.containers(host):
+            if c.labels.get("com.docker.compose.service") == service:
+                return c
+        raise LookupError(f"no {service} on {host.key}")
+
+    def node_container(self, node: str) -> Container:
+        return self.container(self.host_of(node), "node")
+
+    def ip(self, service: str) -> str:
+        """A control-host container's own address (the test machine sees every network)."""
+        c = self.container(self.control, service)
+        c.reload()
+        return str(c.attrs["NetworkSettings"]["Networks"][self.control.network]["IPAddress"])
+
+    # -- what clients and operators see ------------------------------------------------------
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.control.addr}:{self.gateway_port}"
+
+    def engine_url(self, node: str) -> str:
+        return f"http://{self.host_of(node).addr}:{ENGINE_PORT}"
+
+    def agent_url(self, node: str) -> str:
+        return f"http://{self.host_of(node).addr}:{AGENT_PORT}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secrets['HA_ADMIN_TOKEN']}"}
+
+    def agent_status(self, node: str, timeout: float = 0.5) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"{self.agent_url(node)}/ha/status", timeout=timeout)
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, StopIteration):
+            return None
+
+    def relay_status(self) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"http://{self.ip('gateway')}:8002/relay/status", timeout=1)
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, LookupError, KeyError):
+            return None
+
+    def primary(self) -> str | None:
+        for node in self.nodes:
+            status = self.agent_status(node)
+            if status and status.get("role") == "primary":
+                return node
+        return None
+
+    def wait_stable(self, timeout: float = 60.0) -> str:
+        """One primary, every node's engine healthy, the relay routing to that primary."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            statuses = {n: self.agent_status(n) for n in self.nodes}
+            relay = self.relay_status()
+            last = (statuses, relay)
+            primaries = [n for n, s in statuses.items() if s and s["role"] == "primary"]
+            healthy = all(s and s["engine"]["state"] == "healthy" for s in statuses.values())
+            serving = {n["name"] for n in (relay or {}).get("nodes", []) if n["can_serve"]}
+            if (
+                len(primaries) == 1
+                and healthy
+                and relay
+                and relay["primary"] == primaries[0]
+                and serving >= set(self.nodes)
+            ):
+                return primaries[0]
+            time.sleep(0.2)
+        raise AssertionError(f"hosts not stable after {timeout}s: {last}")
+
+    def switchover(self, to: str, timeout: float = 30.0) -> None:
+        primary = self.wait_stable()
+        if primary == to:
+            return
+        r = httpx.post(
+            f"{self.agent_url(primary)}/ha/switchover",
+            json={"to": to},
+            headers=self.admin_headers,
+            timeout=timeout,
+        )
+        assert r.status_code == 200, r.text
+        assert self.wait_stable(timeout) == to
+
+    def ha_log(self, node: str) -> str:
+        code, out = self.node_container(node).exec_run(["cat", "/var/log/sglang/ha.log"])
+        return out.decode(errors="replace") if code == 0 else ""
+
+    def gateway_file(self, path: str) -> str:
+        code, out = self.container(self.control, "gateway").exec_run(["cat", path])
+        return out.decode(errors="replace") if code == 0 else ""
+
+    def bug_lines(self) -> list[str]:
+        lines = []
+        for host in self.hosts.values():
+            for service in ("node", "gateway"):
+                with contextlib.suppress(LookupError, docker.errors.APIError):
+                    text = self.container(host, service).logs().decode(errors="replace")
+                    lines += [f"{host.key}/{service}: {x}" for x in text.splitlines() if "BUG" in x]
+        return lines
+
+    # -- faults (on the host that runs `node`) ------------------------------------------------
+
+    def kill_host(self, node: str) -> None:
+        """The server dies: every container on it, at once."""
+        for c in self.containers(self.host_of(node)):
+            c.kill()
+
+    def start_host(self, node: str) -> None:
+        host = self.host_of(node)
+        ordered = sorted(self.containers(host), key=lambda c: c.name != host.engine)
+        for c in ordered:  # the user's engine first, as it would boot
+            c.reload()
+            if c.status != "running":
+                with contextlib.suppress(docker.errors.APIError):
+                    c.start()
+
+    def host_nic(self, node: str, state: str) -> None:
+        """`ip link set eth0 down|up` in every network namespace of the host."""
+        for c in self.containers(self.host_of(node)):
+            c.reload()
+            pid = int(c.attrs["State"]["Pid"] or 0)
+            if pid:
+                subprocess.run(
+                    ["nsenter", "-t", str(pid), "-n", "ip", "link", "set", "eth0", state],
+                    check=True,
+                    capture_output=True,
+                    timeout=10,
+                )
+
+    def sim_faults(self, node: str, **knobs: Any) -> None:
+        headers = {"Authorization": f"Bearer {self.secrets['SIM_ADMIN_TOKEN']}"}
+        url = f"{self.engine_url(node)}/sim/faults"
+        if knobs:
+            r = httpx.post(url, json=knobs, headers=headers, timeout=5)
+        else:
+            r = httpx.delete(url, headers=headers, timeout=5)
+        r.raise_for_status()
+
+    def kill_engine_container(self, node: str) -> None:
+        host = self.host_of(node)
+        assert host.engine, f"{node} is not a sidecar node"
+        self.client.containers.get(host.engine).kill()
+
+    def start_engine_container(self, node: str) -> None:
+        host = self.host_of(node)
+        assert host.engine
+        c = self.client.containers.get(host.engine)
+        c.reload()
+        if c.status != "running":
+            c.start()
+
+
+def free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_hosts() -> Iterator[MultiHost]:
+    """Control host, a GPU host with its own engine (and the Redis replica), and a
+    GPU host in sidecar mode beside a user-run engine container: a Sentinel on each."""
+    mh = MultiHost()
+    try:
+        for key in ("ctl", "gpu1", "gpu2"):
+            mh.add_network(key)
+        mh.start_control()
+        mh.start_node(mh.hosts["gpu1"], "sglang-01", "sentinel,redis-replica", build=True)
+        mh.start_sidecar(mh.hosts["gpu2"], "sglang-02", "sentinel")
+        mh.wait_stable(90)
+        yield mh
+    finally:
+        mh.destroy()

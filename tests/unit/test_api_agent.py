@@ -1,0 +1,270 @@
+"""The agent's REST API in-process: 4xx for bad input, a token for every admin route.
+
+The agent is real (Ha, AgentApi, TokenAuth) on the in-memory store and engine of
+tests/support/fakes.py; requests go through aiohttp's test client or a raw socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from ha_agent.auth import TokenAuth
+from ha_agent.config import AgentSettings
+from ha_agent.events import EventLog
+from ha_agent.node.api import AgentApi
+from ha_agent.node.ha import Ha
+from ha_agent.node.metrics import AgentMetrics
+from ha_agent.openapi.agent import AGENT_SPEC
+from tests.support.fakes import FakeClock, FakeEngine, FakePeers, FakeStore
+
+TOKEN = "s3cret-admin-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class AgentFixture:
+    api: AgentApi
+    ha: Ha
+    store: FakeStore
+    metrics: AgentMetrics
+
+
+def make_agent(token: str | None = TOKEN) -> AgentFixture:
+    """A primary agent (epoch 1) whose peer never answers: admin actions end in 4xx
+    or 2xx at once, never in a wait for a hand-over."""
+    clock = FakeClock()
+    store = FakeStore(clock)
+    settings = AgentSettings(
+        node_name="sglang-01",
+        advertise_engine_url="http://sglang-01:30000",
+        advertise_api_url="http://sglang-01:8008",
+        peers=["http://sglang-02:8008"],
+        redis_url="redis://unused",
+    )
+    events = EventLog(None, "sglang-01")
+    ha = Ha(settings, store, FakeEngine(clock), events, FakePeers(), clock=clock)  # type: ignore[arg-type]
+    metrics = AgentMetrics()  # not attached to ha: the API only needs its registry
+    api = AgentApi(ha, metrics, TokenAuth(token, metrics.auth_rejected))
+    return AgentFixture(api, ha, store, metrics)
+
+
+@pytest.fixture
+async def agent() -> AgentFixture:
+    a = make_agent()
+    assert await a.ha.run_cycle() == "promoted to primary (epoch 1): no leader was present"
+    return a
+
+
+@pytest.fixture
+async def client(agent: AgentFixture) -> AsyncIterator[TestClient]:
+    async with TestClient(TestServer(agent.api.app())) as c:
+        yield c
+
+
+def admin_routes(app: web.Application) -> list[tuple[str, str]]:
+    return sorted(
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.method not in ("GET", "HEAD") and route.resource is not None
+    )
+
+
+def rejected(metrics: AgentMetrics, route: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "sglang_ha_agent_auth_rejected_total", {"endpoint": route}
+    )
+    return value or 0.0
+
+
+# -- authentication ----------------------------------------------------------------------
+
+
+async def test_every_state_changing_route_needs_the_token(
+    client: TestClient, agent: AgentFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    routes = admin_routes(agent.api.app())
+    assert ("POST", "/ha/negotiate") in routes and ("POST", "/ha/failsafe") in routes
+    caplog.set_level(logging.WARNING, logger="ha_agent.auth")
+    for method, path in routes:
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": f"Bearer {TOKEN}x"},
+            {"Authorization": f"Bearer {TOKEN[:-1]}"},
+        ):
+            r = await client.request(method, path, headers=headers, json={"to": "sglang-02"})
+            assert r.status == 401, (method, path, headers)
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+            assert (await r.json())["detail"] == "missing or wrong admin token"
+        assert rejected(agent.metrics, path) == 5, path
+    # Nothing was done: still primary, not paused.
+    assert agent.ha.is_primary() and not agent.store.paused
+    metrics = await (await client.get("/metrics")).text()
+    assert TOKEN not in metrics and TOKEN not in caplog.text
+    assert "rejected admin request" in caplog.text
+
+
+async def test_the_right_token_is_accepted(client: TestClient, agent: AgentFixture) -> None:
+    r = await client.post("/ha/pause", headers={"Authorization": f"bearer  {TOKEN} "})
+    assert r.status == 200 and (await r.json()) == {"paused": True}
+    assert agent.store.paused
+    r = await client.post("/ha/resume", headers=AUTH)
+    assert r.status == 200 and not agent.store.paused
+
+
+async def test_no_configured_token_disables_admin_routes() -> None:
+    a = make_agent(token=None)
+    async with TestClient(TestServer(a.api.app())) as c:
+        for method, path in admin_routes(a.api.app()):
+            r = await c.request(method, path, headers={"Authorization": "Bearer "})
+            assert r.status == 403, path
+        assert not a.store.paused
+
+
+async def test_a_token_that_is_not_utf8_is_a_401_not_a_crash(
+    client: TestClient, agent: AgentFixture
+) -> None:
+    """Raw bytes in the header (what a fuzzer or a broken client sends)."""
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"POST /ha/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+        b"Authorization: Bearer \xff\xfe\xc3(" + TOKEN.encode() + b"\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.read(200), timeout=5)
+    writer.close()
+    assert head.startswith((b"HTTP/1.1 401", b"HTTP/1.1 400")), head
+    assert not agent.store.paused
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"{broken", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"text"', "must be a JSON object"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+        (b'{"to": "sglang-02", "force": NaN}', "not valid JSON"),
+        (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+        (b'{"to": 5, "force": true}', "'to' must be a non-empty string"),
+        (b'{"to": "", "force": true}', "'to' must be a non-empty string"),
+        (b'{"to": "sglang-02", "force": "yes"}', "confirm with"),
+        (b'{"to": "sglang-02"}', "confirm with"),
+    ],
+)
+async def test_malformed_failover_bodies_get_a_400_with_the_reason(
+    client: TestClient, agent: AgentFixture, body: bytes, words: str
+) -> None:
+    r = await client.post(
+        "/ha/failover", data=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert r.status == 400, await r.text()
+    assert words in (await r.json())["detail"]
+    assert agent.ha.is_primary() and agent.store.switchover is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/ha/failsafe", {"leader": "sglang-02", "epoch": "1"}),
+        ("/ha/failsafe", {"leader": "sglang-02", "epoch": True}),
+        ("/ha/failsafe", {"leader": ["x"], "epoch": 1}),
+        ("/ha/negotiate", {"node": "sglang-02", "epoch": 1.5}),
+        ("/ha/negotiate", {"node": None, "epoch": 1}),
+        ("/ha/switchover", {"to": {"name": "sglang-02"}}),
+    ],
+)
+async def test_wrong_types_get_a_400(client: TestClient, path: str, body: object) -> None:
+    r = await client.post(path, json=body, headers=AUTH)
+    assert r.status == 400, await r.text()
+    assert "detail" in await r.json()
+
+
+async def test_oversized_bodies_get_a_413_whether_announced_or_streamed(
+    client: TestClient, agent: AgentFixture
+) -> None:
+    big = b'{"to": "' + b"x" * 70_000 + b'"}'
+    r = await client.post("/ha/switchover", data=big, headers=AUTH)
+    assert r.status == 413 and "detail" in await r.json()
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked
+        for _ in range(20):
+            yield b" " * 4096
+
+    r = await client.post("/ha/switchover", data=chunks(), headers=AUTH)
+    assert r.status == 413 and "detail" in await r.json()
+    assert agent.store.switchover is None
+
+
+async def test_unknown_paths_and_methods_get_json_404_and_405(client: TestClient) -> None:
+    r = await client.get("/no/such/path")
+    assert r.status == 404 and r.content_type == "application/json"
+    assert (await r.json())["detail"]
+    r = await client.get("/ha/pause", headers=AUTH)
+    assert r.status == 405 and "POST" in r.headers["Allow"]
+    assert "detail" in await r.json()
+    r = await client.delete("/ha/status")
+    assert r.status == 405
+
+
+@pytest.mark.parametrize("count", ["abc", "1e3", "", "99999999999999999999999x"])
+async def test_history_count_must_be_an_integer(client: TestClient, count: str) -> None:
+    r = await client.get("/ha/history", params={"count": count})
+    assert r.status == 400 and "count" in (await r.json())["detail"]
+
+
+async def test_history_count_is_clamped(client: TestClient) -> None:
+    for count in ("-5", "0", "10000000"):
+        r = await client.get("/ha/history", params={"count": count})
+        assert r.status == 200 and isinstance(await r.json(), list)
+
+
+async def test_an_unexpected_error_is_a_json_500_logged_as_a_bug(
+    agent: AgentFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def boom(request: web.Request) -> web.Response:
+        raise RuntimeError("internal detail that must not leak")
+
+    agent.api.get_status = boom  # type: ignore[method-assign]
+    async with TestClient(TestServer(agent.api.app())) as c:
+        r = await c.get("/ha/status")
+        assert r.status == 500
+        assert await r.json() == {"detail": "internal error"}
+    assert "BUG: unhandled error answering GET /ha/status" in caplog.text
+
+
+# -- the OpenAPI document ------------------------------------------------------------------
+
+
+async def test_openapi_document_describes_exactly_the_routes(
+    client: TestClient, agent: AgentFixture
+) -> None:
+    r = await client.get("/openapi.json")
+    assert r.status == 200
+    doc = await r.json()
+    assert doc == AGENT_SPEC
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in agent.api.app().router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    }
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert served == documented
+    for method, path in served:
+        op = doc["paths"][path][method]
+        needs_token = method != "get"
+        assert ("security" in op) is needs_token, path
+        if needs_token:
+            assert "401" in op["responses"], path

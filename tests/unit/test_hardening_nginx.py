@@ -1,0 +1,304 @@
+"""The gateway's Nginx, for real: the template rendered as the gateway does, a local
+nginx in front of an in-process stand-in for the relay.
+
+What is checked is what a client meets: only the inference API gets through, every
+limit (body size, per-client rate and connections, header timeout) answers with the
+right status and a JSON body, and a client that goes away mid-stream cancels the
+request behind Nginx. Skipped where no nginx binary is installed; the integration
+suite checks the same on the gateway container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from ha_agent.gateway.nginx_conf import DEFAULTS, render_template
+from ha_agent.openapi.inference import MODEL_PREFIX, PUBLIC_ROUTES
+from tests.support.processes import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = (ROOT / "nginx" / "nginx.conf.template").read_text()
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="no nginx binary on this machine")
+
+
+# -- the template itself (no nginx needed) -------------------------------------------------
+
+
+def test_nginx_passes_exactly_the_public_routes() -> None:
+    exact = set(re.findall(r"location = (\S+)\s*\{\s*proxy_pass", TEMPLATE))
+    prefixes = set(re.findall(r"location \^~ (\S+)\s*\{\s*proxy_pass", TEMPLATE))
+    assert exact == set(PUBLIC_ROUTES)
+    assert prefixes == {MODEL_PREFIX}
+    # Nothing else is proxied: the catch-all answers 404 itself.
+    assert TEMPLATE.count("proxy_pass") == len(exact) + len(prefixes)
+    assert re.search(r"location / \{\s*return 404", TEMPLATE)
+
+
+def test_every_placeholder_has_a_default_and_a_documented_setting() -> None:
+    placeholders = set(re.findall(r"@([A-Z][A-Z0-9_]*)@", TEMPLATE))
+    assert placeholders <= set(DEFAULTS)
+    env_file = (ROOT / "compose" / ".env").read_text()
+    control = (ROOT / "compose" / "control.yaml").read_text()
+    for name in (p for p in placeholders if p.startswith("GATEWAY_") and p != "GATEWAY_PORT"):
+        assert re.search(rf"^{name}=", env_file, re.M), f"{name} is not in compose/.env"
+        assert f"{name}: ${{{name}:-{DEFAULTS[name]}}}" in control, f"{name} not passed"
+    with pytest.raises(KeyError):
+        render_template("x @GATEWAY_NO_SUCH@", {})
+
+
+# -- a real nginx ----------------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    """Stands in for the relay: counts what reached it, streams on request."""
+
+    port: int
+    seen: list[str] = field(default_factory=list)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(f"{request.method} {request.raw_path}")
+        await request.read()
+        if request.query.get("hold"):
+            await asyncio.wait_for(self.release.wait(), timeout=20)
+        if request.query.get("stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            try:
+                for i in range(200):
+                    await response.write(f"data: {i}\n\n".encode())
+                    await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return response
+        return web.json_response({"ok": True})
+
+
+@dataclass
+class Gateway:
+    url: str
+    port: int
+    upstream: Upstream
+    workdir: str
+
+
+def start_nginx(
+    upstream_port: int, env: dict[str, str]
+) -> tuple[str, int, subprocess.Popen[bytes]]:
+    """Render the template as the gateway does and start nginx on a free port."""
+    assert NGINX is not None
+    workdir = tempfile.mkdtemp(prefix="sglang-ha-nginx-")
+    os.makedirs(os.path.join(workdir, "nginx"))
+    for d in (workdir, os.path.join(workdir, "nginx")):
+        os.chmod(d, 0o777)  # nginx workers may run as nobody
+    port = free_port()
+    text = render_template(
+        TEMPLATE,
+        {"GATEWAY_PORT": f"127.0.0.1:{port}", "HA_RELAY_PORT": str(upstream_port), **env},
+    )
+    # Only where files live and the internal stub_status port differ from the image.
+    for path in ("/run/sglang-ha", "/var/lib/sglang-ha", "/var/log/sglang"):
+        text = text.replace(path, workdir)
+    text = text.replace("127.0.0.1:8003", f"127.0.0.1:{free_port()}")
+    Path(workdir, "nginx-backup-servers.conf").write_text("")
+    conf = Path(workdir, "nginx.conf")
+    conf.write_text(text)
+    proc = subprocess.Popen(
+        [NGINX, "-e", "stderr", "-p", workdir, "-c", str(conf), "-g", "daemon off;"],
+        stderr=subprocess.PIPE,
+    )
+    return workdir, port, proc
+
+
+@contextlib.asynccontextmanager
+async def gateway(**env: str) -> AsyncIterator[Gateway]:
+    assert NGINX is not None
+    upstream = Upstream(free_port())
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", upstream.handle)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", upstream.port).start()
+    workdir, port, proc = start_nginx(upstream.port, env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            with contextlib.suppress(OSError):
+                _r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            assert time.monotonic() < deadline, "nginx did not start"
+            await asyncio.sleep(0.05)
+        yield Gateway(url, port, upstream, workdir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        await runner.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _json_error(r: httpx.Response, code: int) -> None:
+    assert r.status_code == code, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert body["object"] == "error" and body["code"] == code
+
+
+@needs_nginx
+async def test_only_the_public_api_is_proxied() -> None:
+    async with gateway() as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        for path, methods in PUBLIC_ROUTES.items():
+            method = "POST" if "POST" in methods else "GET"
+            r = await http.request(method, path, content=b"{}" if method == "POST" else None)
+            assert r.status_code == 200, path
+        assert (await http.get("/v1/models/Qwen/Qwen2.5-7B-Instruct")).status_code == 200
+        reached = len(gw.upstream.seen)
+        for path in (
+            "/pause_generation",
+            "/abort_request",
+            "/flush_cache",
+            "/get_server_info",
+            "/metrics",
+            "/sim/faults",
+            "/",
+            "/v1/chat/completions/x",
+            "/v1/models/../../pause_generation",
+            "/v1/models/%2e%2e/%2e%2e/pause_generation",
+            "/v1/models/..%2F..%2Fpause_generation",
+            "/generate/../pause_generation",
+        ):
+            # Raw, unnormalised paths: what Nginx sees is what a client sent.
+            status, body = await _raw(gw.port, f"POST {path} HTTP/1.1\r\nHost: x\r\n")
+            assert status == 404, (path, body)
+            assert json.loads(body)["code"] == 404
+        assert len(gw.upstream.seen) == reached, gw.upstream.seen[reached:]
+
+
+async def _raw(port: int, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            (head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        )
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    return int(first.split()[1]), rest
+
+
+@needs_nginx
+async def test_oversized_body_is_413_json_and_never_proxied() -> None:
+    async with gateway(GATEWAY_MAX_BODY="1k") as gw, httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(gw.url + "/v1/completions", content=b"x" * 2048)
+        _json_error(r, 413)
+        r = await http.post(gw.url + "/v1/completions", content=b"x" * 512)
+        assert r.status_code == 200
+        assert gw.upstream.seen == ["POST /v1/completions"]
+
+
+@needs_nginx
+async def test_a_flood_from_one_client_gets_429_json() -> None:
+    async with (
+        gateway(GATEWAY_RATE_PER_CLIENT="5", GATEWAY_BURST_PER_CLIENT="5") as gw,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        started = time.monotonic()
+        codes = []
+        for _ in range(40):
+            r = await http.get(gw.url + "/health")
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                _json_error(r, 429)
+                assert r.headers["Retry-After"] == "1"
+        elapsed = time.monotonic() - started
+        assert set(codes) == {200, 429}, codes
+        # burst + rate * elapsed, and one for the leaky bucket's edge
+        assert codes.count(200) <= 5 + 1 + 5 * elapsed + 1, (codes, elapsed)
+        assert len(gw.upstream.seen) == codes.count(200)
+
+
+@needs_nginx
+async def test_too_many_connections_from_one_client_get_429() -> None:
+    async with (
+        gateway(GATEWAY_CONN_PER_CLIENT="2") as gw,
+        httpx.AsyncClient(timeout=20) as http,
+    ):
+        held = [asyncio.ensure_future(http.get(gw.url + "/health?hold=1")) for _ in range(2)]
+        await _until(lambda: len(gw.upstream.seen) == 2, 5)
+        r = await http.get(gw.url + "/health")
+        _json_error(r, 429)
+        gw.upstream.release.set()
+        assert [x.status_code for x in await asyncio.gather(*held)] == [200, 200]
+
+
+@needs_nginx
+async def test_slowloris_header_dribble_is_cut_off_by_the_header_timeout() -> None:
+    async with gateway(GATEWAY_HEADER_TIMEOUT="1s") as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        started = time.monotonic()
+        closed_after = None
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        for i in range(40):  # 0.2 s apart: a header line that never ends, for up to 8 s
+            try:
+                writer.write(f"X-Slow-{i}: y\r\n".encode())
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(100), timeout=0.2)
+            except asyncio.TimeoutError:
+                continue
+            except ConnectionError:
+                data = b""
+            # Nginx closes without a response (or with a 408 first).
+            assert data == b"" or data.split(b" ")[1] == b"408", data
+            closed_after = time.monotonic() - started
+            break
+        writer.close()
+        assert closed_after is not None, "the dribbling client was never cut off"
+        assert 0.8 <= closed_after <= 3.0, closed_after
+        assert gw.upstream.seen == []
+
+
+@needs_nginx
+async def test_a_client_gone_mid_stream_cancels_the_request_behind_nginx() -> None:
+    async with gateway() as gw:
+        async with (
+            httpx.AsyncClient(timeout=10) as http,
+            http.stream("GET", gw.url + "/health?stream=1") as resp,
+        ):
+            assert resp.status_code == 200
+            async for _chunk in resp.aiter_bytes():
+                break  # one event, then hang up
+        await asyncio.wait_for(gw.upstream.cancelled.wait(), timeout=5)
+
+
+async def _until(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

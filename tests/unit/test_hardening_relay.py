@@ -1,0 +1,387 @@
+"""The relay's front door in-process: bad input is answered by the relay and never
+reaches an engine; good input still does; nothing of it touches the relay's view.
+
+The engines are in-process simulators; the relay's topology is set by hand (both
+nodes healthy, sglang-01 primary), so a request that got through shows up in the
+primary simulator's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ha_agent.config import RelaySettings, SimSettings
+from ha_agent.events import EventLog
+from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.gateway.relay import Relay
+from ha_agent.gateway.topology import Topology
+from ha_agent.gateway.transport import Transport
+from ha_agent.openapi import inference
+from ha_agent.sim import create_app
+from ha_agent.sim.protocol import BadRequest, RequestBuilder
+from ha_agent.sim.tokenizer import SimTokenizer
+from tests.support.fakes import FakeClock, FakeStore
+from tests.unit.conftest import SIM_FAST, sim_metric
+
+
+@dataclass
+class RelayRig:
+    client: TestClient
+    relay: Relay
+    sims: dict[str, TestClient]
+
+    async def engine_requests(self) -> float:
+        total = 0.0
+        for sim in self.sims.values():
+            total += await sim_metric(sim, "sglang:num_requests_total")
+        return total
+
+    def view(self) -> list[tuple[str, bool, bool, str]]:
+        t = self.relay.topology
+        now = t.clock()
+        return [(n.name, n.failed, n.can_serve(now), n.engine_state) for n in t.nodes.values()]
+
+
+async def start_rig(**sim: Any) -> tuple[RelayRig, list[TestClient]]:
+    sims: dict[str, TestClient] = {}
+    for name in ("sglang-01", "sglang-02"):
+        settings = SimSettings(**{**SIM_FAST, "context_length": 512, **sim})
+        c = TestClient(TestServer(create_app(settings)))
+        await c.start_server()
+        sims[name] = c
+    relay_settings = RelaySettings(
+        nodes=[f"{n}=http://127.0.0.1:{c.server.port}=http://127.0.0.1:9" for n, c in sims.items()],
+        redis_url="redis://unused",
+        retry_deadline=5.0,
+    )
+    events = EventLog(None, "relay")
+    topology = Topology(relay_settings, FakeStore(FakeClock()), events)
+    for name, node in topology.nodes.items():
+        role = "primary" if name == "sglang-01" else "standby"
+        node.status = {"engine": {"state": "healthy"}, "role": role, "epoch": 1}
+    topology.primary, topology.epoch = "sglang-01", 1
+    relay = Relay(relay_settings, topology, Transport(0.5, 30.0), RelayMetrics(), events)
+    client = TestClient(TestServer(relay.app()))
+    await client.start_server()
+    return RelayRig(client, relay, sims), [client, *sims.values()]
+
+
+@pytest.fixture
+async def rig(sim_env_clean: None) -> AsyncIterator[RelayRig]:
+    r, clients = await start_rig()
+    try:
+        yield r
+    finally:
+        await r.relay.transport.close()
+        for c in clients:
+            await c.close()
+
+
+async def raw_request(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+# -- paths -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/pause_generation"),
+        ("POST", "/abort_request"),
+        ("POST", "/flush_cache"),
+        ("GET", "/flush_cache"),
+        ("GET", "/get_server_info"),
+        ("GET", "/server_info"),
+        ("GET", "/metrics"),
+        ("POST", "/sim/faults"),
+        ("DELETE", "/sim/faults"),
+        ("POST", "/update_weights_from_disk"),
+        ("GET", "/"),
+        ("GET", "/v1/models/../../get_server_info"),
+        ("GET", "/v1/models/%2e%2e/%2e%2e/get_server_info"),
+        ("POST", "/generate/../pause_generation"),
+        ("POST", "/v1/chat/completions/"),
+        ("POST", "//v1/chat/completions"),
+        ("POST", "/v1/chat%2Fcompletions"),
+    ],
+)
+async def test_engine_admin_and_unknown_paths_are_404_and_never_forwarded(
+    rig: RelayRig, method: str, path: str
+) -> None:
+    before = rig.view()
+    # Over a raw socket: the path exactly as a client could send it (aiohttp's and
+    # yarl's clients would normalise the dot segments away).
+    assert rig.client.server.port is not None
+    status, body = await raw_request(rig.client.server.port, method, path, b'{"abort_all": true}')
+    assert status == 404, (path, body)
+    answer = json.loads(body)
+    assert answer["object"] == "error" and answer["code"] == 404
+    info = await (await rig.sims["sglang-01"].get("/get_server_info")).json()
+    assert info["paused"] is False
+    assert rig.view() == before
+
+
+async def test_wrong_method_is_405_with_allow(rig: RelayRig) -> None:
+    r = await rig.client.get("/v1/chat/completions")
+    assert r.status == 405 and r.headers["Allow"] == "POST"
+    r = await rig.client.post("/v1/models", json={})
+    assert r.status == 405 and r.headers["Allow"] == "GET, HEAD"
+    assert await rig.engine_requests() == 0
+
+
+async def test_public_reads_pass(rig: RelayRig) -> None:
+    for path in ("/v1/models", "/health", "/model_info", "/get_model_info"):
+        r = await rig.client.get(path)
+        assert r.status == 200, path
+        assert r.headers["X-SGLang-HA-Node"] == "sglang-01"
+    r = await rig.client.get("/v1/models/sglang-ha-simulator")
+    assert r.status == 200
+    r = await rig.client.get("/v1/models/Qwen/Qwen2.5-7B-Instruct")
+    assert r.status == 404 and r.headers["X-SGLang-HA-Node"] == "sglang-01"  # the engine's 404
+
+
+# -- bodies ----------------------------------------------------------------------------
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {**CHAT, **extra}
+
+
+BAD_BODIES: list[tuple[str, bytes, str]] = [
+    ("/v1/chat/completions", b"{broken", "not valid JSON"),
+    ("/v1/chat/completions", b"", "not valid JSON"),
+    ("/v1/chat/completions", b"[1]", "must be a JSON object"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user"}], "temperature": NaN}', "NaN"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user"}], "top_p": Infinity}', "finite"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user"}], "temperature": 1e999}', "finite"),
+    ("/v1/chat/completions", b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    ("/v1/chat/completions", b"\xff\xfe\xfd", "not valid JSON"),
+    ("/v1/chat/completions", json.dumps(_chat(temperature="nan")).encode(), "must be a number"),
+    ("/v1/chat/completions", json.dumps(_chat(temperature=-0.5)).encode(), "temperature"),
+    ("/v1/chat/completions", json.dumps(_chat(top_p=0)).encode(), "top_p"),
+    ("/v1/chat/completions", json.dumps(_chat(top_p=1.5)).encode(), "top_p"),
+    ("/v1/chat/completions", json.dumps(_chat(top_k=0)).encode(), "top_k"),
+    ("/v1/chat/completions", json.dumps(_chat(top_k=2.5)).encode(), "top_k"),
+    ("/v1/chat/completions", json.dumps(_chat(min_p=2)).encode(), "min_p"),
+    ("/v1/chat/completions", json.dumps(_chat(frequency_penalty=3)).encode(), "frequency"),
+    ("/v1/chat/completions", json.dumps(_chat(presence_penalty=-3)).encode(), "presence"),
+    ("/v1/chat/completions", json.dumps(_chat(repetition_penalty=0)).encode(), "repetition"),
+    ("/v1/chat/completions", json.dumps(_chat(max_tokens=-1)).encode(), "max_tokens"),
+    ("/v1/chat/completions", json.dumps(_chat(max_tokens=True)).encode(), "integer"),
+    ("/v1/chat/completions", json.dumps(_chat(n=10**9)).encode(), "n must be"),
+    ("/v1/chat/completions", json.dumps(_chat(n=0)).encode(), "n must be"),
+    ("/v1/chat/completions", json.dumps(_chat(stream="yes")).encode(), "stream"),
+    ("/v1/chat/completions", json.dumps(_chat(messages=[])).encode(), "empty"),
+    ("/v1/chat/completions", json.dumps(_chat(messages="hi")).encode(), "messages"),
+    ("/v1/chat/completions", json.dumps(_chat(messages=[{"content": "x"}])).encode(), "role"),
+    ("/v1/chat/completions", json.dumps(_chat(logit_bias={"1": 500})).encode(), "logit_bias"),
+    ("/v1/chat/completions", json.dumps(_chat(top_logprobs=1000)).encode(), "top_logprobs"),
+    ("/v1/chat/completions", json.dumps(_chat(model=7)).encode(), "model"),
+    ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 0}).encode(), "positive"),
+    ("/v1/completions", json.dumps({"prompt": [1, -2]}).encode(), "token ids"),
+    ("/v1/completions", json.dumps({"prompt": {"a": 1}}).encode(), "prompt"),
+    ("/v1/completions", json.dumps({"max_tokens": 3}).encode(), "prompt is required"),
+    ("/generate", json.dumps({"sampling_params": {}}).encode(), "exactly one"),
+    ("/generate", json.dumps({"text": "x", "input_ids": [1]}).encode(), "exactly one"),
+    ("/generate", json.dumps({"input_ids": [5, -1]}).encode(), "token ids"),
+    ("/generate", json.dumps({"input_ids": [[1], [2, "x"]]}).encode(), "token ids"),
+    ("/generate", json.dumps({"text": 5}).encode(), "text must be"),
+    ("/generate", json.dumps({"text": "x", "sampling_params": 3}).encode(), "sampling_params"),
+    (
+        "/generate",
+        json.dumps({"text": "x", "sampling_params": {"temperature": -1}}).encode(),
+        "temperature",
+    ),
+    (
+        "/generate",
+        json.dumps(
+            {"text": "x", "sampling_params": {"min_new_tokens": 9, "max_new_tokens": 2}}
+        ).encode(),
+        "min_new_tokens",
+    ),
+    (
+        "/generate",
+        json.dumps({"text": "x", "sampling_params": {"stop_token_ids": [-4]}}).encode(),
+        "stop_token_ids",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "words"), BAD_BODIES)
+async def test_bad_bodies_are_answered_400_by_the_relay(
+    rig: RelayRig, path: str, body: bytes, words: str
+) -> None:
+    before = rig.view()
+    r = await rig.client.post(path, data=body, headers={"Content-Type": "application/json"})
+    assert r.status == 400, await r.text()
+    answer = await r.json()
+    assert answer["object"] == "error" and answer["code"] == 400
+    assert words in answer["message"], answer
+    assert await rig.engine_requests() == 0, "bad input must never reach an engine"
+    assert rig.view() == before
+
+
+async def test_oversized_body_is_413_without_reaching_an_engine(
+    rig: RelayRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The relay's own cap (64 MiB) is far above Nginx's; a small app shows the path.
+    app = rig.relay.app()
+    app._client_max_size = 1024  # type: ignore[attr-defined]
+    async with TestClient(TestServer(app)) as small:
+        r = await small.post("/v1/chat/completions", data=b"x" * 4096)
+        assert r.status == 413
+        assert (await r.json())["code"] == 413
+    assert await rig.engine_requests() == 0
+
+
+async def test_valid_edge_values_still_pass(rig: RelayRig) -> None:
+    good = [
+        ("/v1/chat/completions", _chat(temperature=0, top_p=1, top_k=-1, min_p=0)),
+        ("/v1/chat/completions", _chat(max_tokens=4.0, frequency_penalty=-2, presence_penalty=2)),
+        ("/v1/chat/completions", _chat(repetition_penalty=2, n=1, seed=3, stream=False)),
+        ("/v1/completions", {"model": "m", "prompt": [1, 2, 3], "max_tokens": 2}),
+        ("/generate", {"input_ids": [[1, 2]], "sampling_params": {"max_new_tokens": 0}}),
+        ("/generate", {"text": "x", "sampling_params": None, "stream": True}),
+    ]
+    for path, body in good:
+        r = await rig.client.post(path, json=body)
+        assert r.status == 200, (body, await r.text())
+        await r.read()
+    assert await rig.engine_requests() == len(good)
+
+
+async def test_a_flood_of_bad_requests_changes_nothing(rig: RelayRig) -> None:
+    before = rig.view()
+    for i in range(300):
+        path, body, _ = BAD_BODIES[i % len(BAD_BODIES)]
+        r = await rig.client.post(path, data=body)
+        assert r.status == 400
+        r = await rig.client.get(f"/no/such/{i}")
+        assert r.status == 404
+    assert await rig.engine_requests() == 0
+    assert rig.view() == before
+    assert rig.relay.topology.primary == "sglang-01" and rig.relay.topology.epoch == 1
+    retries = rig.relay.metrics.registry.get_sample_value("sglang_ha_relay_retries_total")
+    assert not retries
+    r = await rig.client.post("/v1/chat/completions", json=CHAT)
+    assert r.status == 200
+
+
+# -- the relay never refuses what the engine would take ---------------------------------------
+
+_numbers = st.one_of(
+    st.none(),
+    st.integers(-5, 5),
+    st.floats(-3.0, 3.0, allow_nan=False),
+    st.sampled_from([0, 1, -1, 0.0, 1.0, 2.0, -2.0, 1e-9, 128, 129, 1e300]),
+    st.sampled_from(["1", "nan", True, [1], {}]),
+)
+_PARAMS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "n",
+)
+
+
+_BUILDER: list[RequestBuilder] = []
+
+
+def _builder() -> RequestBuilder:
+    if not _BUILDER:  # the tokenizer takes a while to build: once per session
+        _BUILDER.append(RequestBuilder(SimSettings(context_length=512), SimTokenizer()))
+    return _BUILDER[0]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["chat", "completions", "generate"]),
+    params=st.dictionaries(st.sampled_from(_PARAMS), _numbers, max_size=4),
+    max_tokens=st.one_of(st.none(), st.integers(-3, 600), st.sampled_from([True, 2.5, "8"])),
+    min_tokens=st.one_of(st.none(), st.integers(-2, 40)),
+)
+def test_relay_refuses_only_what_the_engine_refuses(
+    kind: str, params: dict[str, Any], max_tokens: Any, min_tokens: Any
+) -> None:
+    """Against the simulator's request parser (SGLang's checks): whatever the relay
+    refuses for its value, the engine would have refused too (no false 400s). Where
+    they differ on purpose: numbers must be JSON numbers (SGLang's lax parsing takes
+    "nan", "8" and true), and non-finite numbers never get through."""
+    if kind == "generate":
+        sp = {**params, "max_new_tokens": max_tokens, "min_new_tokens": min_tokens}
+        body: dict[str, Any] = {"text": "hello", "sampling_params": sp}
+    else:
+        body = {**params, "max_tokens": max_tokens, "min_tokens": min_tokens}
+        if kind == "chat":
+            body["messages"] = [{"role": "user", "content": "hello"}]
+        else:
+            body["prompt"] = "hello"
+    try:
+        inference.check_body(kind, json.loads(json.dumps(body)))
+        relay_refused = None
+    except inference.BadInput as exc:
+        relay_refused = exc.message
+    build = {"chat": _builder().chat, "completions": _builder().completion}
+    try:
+        build.get(kind, _builder().generate)(json.loads(json.dumps(body)))
+        engine_refused = None
+    except BadRequest as exc:
+        engine_refused = exc.message
+    if relay_refused is not None and engine_refused is None:
+        strict_type = "must be a number" in relay_refused or "must be an integer" in relay_refused
+        assert strict_type, (body, relay_refused)
+    if relay_refused is None:
+        assert all(
+            not isinstance(v, (str, bool)) and (not isinstance(v, float) or math.isfinite(v))
+            for v in [*params.values(), max_tokens, min_tokens]
+            if v is not None
+        ), body
+
+
+def test_public_routes_cover_the_generation_endpoints() -> None:
+    from ha_agent.gateway.migration import ENDPOINTS
+
+    for path in ENDPOINTS:
+        assert inference.PUBLIC_ROUTES[path] == frozenset({"POST"})
+
+
+async def test_relay_answers_json_even_for_its_own_aiohttp_errors(rig: RelayRig) -> None:
+    """A request line aiohttp itself refuses still gets an answer, not a hang."""
+    port = rig.client.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GARBAGE\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.read(100), timeout=5)
+    writer.close()
+    assert head.split(b" ")[1] == b"400", head
