@@ -27,8 +27,8 @@ COPY images/node/ /etc/sglang-ha/
 RUN chmod 0755 /etc/sglang-ha/*.sh \
  && (getent passwd sglang >/dev/null || useradd --uid 1000 --create-home --shell /usr/sbin/nologin sglang 2>/dev/null \
      || useradd --create-home --shell /usr/sbin/nologin sglang) \
- && mkdir -p /var/log/sglang /run/sglang-ha /data \
- && chown -R sglang:sglang /var/log/sglang /run/sglang-ha /data
+ && mkdir -p /var/log/sglang /run/sglang-ha /data /var/lib/sglang-ha/arbiter \
+ && chown -R sglang:sglang /var/log/sglang /run/sglang-ha /data /var/lib/sglang-ha
 
 ENV PATH=/opt/sglang-ha/bin:$PATH \
     ENGINE=sglang \

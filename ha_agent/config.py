@@ -32,6 +32,16 @@ def _split_csv(value: object) -> object:
     return value
 
 
+class LoggingSettings(BaseSettings):
+    """Process logging of the agent and the relay."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of the agent's and relay's own log (not the HA log)."
+    )
+
+
 class RedisSettings(BaseSettings):
     """How to reach the coordination store: Redis through Sentinel."""
 
@@ -240,6 +250,11 @@ class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings, FailbackSe
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
     registry_ttl: float = Field(
         10.0, gt=0, description="TTL of this node's entry in the registry, s."
+    )
+    arbiter_file: str | None = Field(
+        None,
+        description="Single-host only: a lock file on a volume both nodes share; lets the"
+        " nodes fail over while Redis is away (see ha_agent/node/arbiter.py).",
     )
 
     @field_validator("peers", mode="before")

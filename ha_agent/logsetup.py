@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import sys
+
+from ha_agent.config import LoggingSettings
 
 
 def setup(component: str) -> None:
-    level = os.environ.get("HA_LOG_LEVEL", "INFO").upper()
+    level = LoggingSettings().log_level
     logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
+        level=getattr(logging, level),
         stream=sys.stderr,
         format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s",
     )

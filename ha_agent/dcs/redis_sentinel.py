@@ -84,18 +84,24 @@ redis.call('PUBLISH', ARGV[4], 'acquired ' .. e .. ':' .. ARGV[1])
 return e
 """
 
-# 1: renewed. 2: the key had vanished with no successor (lost in a Redis failover)
-# and was put back under the same epoch. 0: someone else holds it, or a higher
-# epoch exists: the caller has lost the lease.
+# 1: renewed. 2: the key had vanished with no successor (lost in a Redis failover),
+# or named an older epoch than ours (we were promoted by the file arbiter while
+# Redis was away), and now holds ours. 0: someone holds a newer or equal epoch:
+# the caller has lost the lease.
 _RENEW = """
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-if cur == false then
+local mine = tonumber(ARGV[3])
+local held = nil
+if cur then
+  local sep = string.find(cur, ':', 1, true)
+  held = tonumber(string.sub(cur, 1, (sep or 1) - 1)) or mine
+end
+if cur == false or held < mine then
   local e = tonumber(redis.call('GET', KEYS[2]) or '0')
-  local mine = tonumber(ARGV[3])
   if e <= mine then
     redis.call('SET', KEYS[2], mine)
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

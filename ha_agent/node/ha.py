@@ -32,6 +32,7 @@ from ha_agent import events as ev
 from ha_agent.config import AgentSettings
 from ha_agent.dcs.base import Cluster, DCSError, LeaseStore, Member, Switchover
 from ha_agent.events import EventLog
+from ha_agent.node.arbiter import FileArbiter
 from ha_agent.node.damping import FlapDamper
 from ha_agent.node.engine.monitor import EngineHealth, EngineState, HealthMonitor
 from ha_agent.node.failback import Failback
@@ -90,6 +91,7 @@ class Ha:
         self.state = HAState()
         self.damper = FlapDamper(clock=clock)
         self.failback = Failback(settings, clock=clock)
+        self.arbiter = FileArbiter(settings.arbiter_file) if settings.arbiter_file else None
         self._preferred_checked_at = -1e9
         self.last_cycle_at = clock()
         self.last_cycle_message = "starting"
@@ -199,10 +201,13 @@ class Ha:
         leader = cluster.leader
         mine = leader is not None and leader.node == self.name
         if self.state.role is Role.PRIMARY and (
-            leader is None or (mine and leader.epoch == self.state.epoch)
+            leader is None
+            or (mine and leader.epoch == self.state.epoch)
+            or leader.epoch < self.state.epoch
         ):
             # A missing key while we hold a valid lease was lost by the store (Redis
-            # failover): renewing puts it back unless a newer epoch exists.
+            # failover); an older epoch is a lease we superseded while the store was
+            # away (arbiter). Renewing writes ours unless a newer epoch exists.
             return await self.process_leader(cluster)
         if mine:
             return await self.adopt_own_lease(cluster)
@@ -510,6 +515,8 @@ class Ha:
         if not st.degraded:
             st.degraded = True
             self.events.emit(ev.DEGRADED_MODE_ENTERED, f"coordination store unreachable: {exc}")
+        if self.arbiter is not None:
+            return self._arbitrate(fenced)
         if st.role is not Role.PRIMARY:
             prefix = f"fenced ({fenced}); " if fenced else ""
             return f"{prefix}store unreachable: staying standby, no promotion without the store"
@@ -536,6 +543,41 @@ class Ha:
             f" fencing in {self.lease_time_left():.1f}s"
         )
 
+    def _arbitrate(self, fenced: str | None) -> str:
+        """Store away, arbiter file configured: its lock decides who is primary."""
+        assert self.arbiter is not None
+        st = self.state
+        healthy = self.engine.health.healthy
+        started = self.clock()
+        if st.role is Role.PRIMARY or fenced:
+            if healthy and self.arbiter.try_acquire():
+                if st.role is not Role.PRIMARY:
+                    self._become(Role.PRIMARY)
+                st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+                return (
+                    f"store unreachable: staying primary (epoch {st.epoch}),"
+                    " holding the arbiter lock"
+                )
+            self._become(Role.STANDBY)
+            self.events.emit(
+                ev.DEMOTED,
+                f"{self.name} to standby: store unreachable, "
+                + ("engine unhealthy" if not healthy else "arbiter lock held elsewhere"),
+            )
+            return "store unreachable: stepped down and released the arbiter lock"
+        if not healthy or not self.arbiter.try_acquire():
+            return "store unreachable: staying standby; the primary holds the arbiter lock"
+        # The primary let go of the lock (stepped down or died): take over without Redis.
+        previous = st.leader
+        st.epoch = st.max_epoch_seen = st.max_epoch_seen + 1
+        st.leader = self.name
+        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        self._become(Role.PRIMARY)
+        self.failovers_total += 1
+        self.events.emit(ev.FAILOVER_INITIATED, f"from {previous} to {self.name} (arbiter lock)")
+        self.events.emit(ev.PROMOTED, f"{self.name} to primary (epoch {st.epoch}, arbiter lock)")
+        return f"store unreachable: promoted to primary (epoch {st.epoch}) holding the arbiter lock"
+
     def acknowledge_failsafe(self, leader: str, epoch: int) -> bool:
         """A primary that lost the store asks us to confirm it may keep serving."""
         st = self.state
@@ -555,6 +597,12 @@ class Ha:
         st.role = role
         if role is Role.STANDBY:
             st.lease_valid_until = 0.0
+            if self.arbiter is not None:
+                self.arbiter.release()
+        elif self.arbiter is not None and not self.arbiter.try_acquire():
+            log.warning(
+                "arbiter lock %s is held elsewhere while we become primary", self.s.arbiter_file
+            )
         self.transitions_total += 1
         st.last_transition = Transition(time.time(), f"became {role.value} (epoch {st.epoch})")
 

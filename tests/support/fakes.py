@@ -81,7 +81,8 @@ class FakeStore(LeaseStore):
         if self.leader == (epoch, node):
             self.expires = self.clock() + ttl
             return True
-        if self.leader is None and self.epoch <= epoch:
+        if (self.leader is None or self.leader[0] < epoch) and self.epoch <= epoch:
+            self.epoch = epoch
             self.leader, self.expires = (epoch, node), self.clock() + ttl
             return True
         return False

@@ -63,7 +63,7 @@ async def test_only_the_holder_can_renew_or_release(store: RedisLeaseStore) -> N
     epoch = await store.acquire("a", ttl=5, min_epoch=0)
     assert epoch is not None
     assert not await store.renew("b", epoch, ttl=5)
-    assert not await store.renew("a", epoch + 1, ttl=5)
+    assert not await store.renew("b", epoch - 1, ttl=5)
     assert not await store.release("b", epoch)
     assert await store.renew("a", epoch, ttl=5)
     assert await store.release("a", epoch)
@@ -92,6 +92,16 @@ async def test_renew_puts_back_a_lost_key_unless_a_newer_epoch_exists(
     # A forced failover bumps the epoch: the old holder can no longer renew back.
     await store.force_release()
     assert not await store.renew("a", epoch, ttl=5)
+
+
+async def test_a_newer_epoch_supersedes_an_older_lease(store: RedisLeaseStore) -> None:
+    """A node promoted by the file arbiter while Redis was away writes its lease back."""
+    assert await store.acquire("a", ttl=5, min_epoch=0) == 1
+    assert await store.renew("b", 2, ttl=5)
+    cluster = await store.get_cluster()
+    assert cluster.leader is not None and (cluster.leader.node, cluster.leader.epoch) == ("b", 2)
+    assert cluster.max_epoch == 2
+    assert not await store.renew("a", 1, ttl=5), "the old holder cannot renew back"
 
 
 async def test_registry_members_expire(store: RedisLeaseStore) -> None:

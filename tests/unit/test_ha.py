@@ -7,6 +7,7 @@ and what the store and /primary say.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ class Node:
         return [f"{e.event} {e.detail}".strip() for e in self.events.recent]
 
 
-def make_node(name: str, store: FakeStore, clock: FakeClock, peer: str) -> Node:
+def make_node(name: str, store: FakeStore, clock: FakeClock, peer: str, **extra: object) -> Node:
     settings = AgentSettings(
         node_name=name,
         advertise_engine_url=f"http://{name}:30000",
@@ -43,6 +44,7 @@ def make_node(name: str, store: FakeStore, clock: FakeClock, peer: str) -> Node:
         retry_timeout=0.75,
         safety_margin=MARGIN,
         redis_url="redis://unused",
+        **extra,  # type: ignore[arg-type]
     )
     engine = FakeEngine(clock)
     peers = FakePeers()
@@ -383,3 +385,57 @@ async def test_preferred_failback_after_a_stable_period(store: FakeStore, clock:
     await tick(clock, 10, b, a)
     assert store.leader == (3, "sglang-01")
     assert any("failback to the preferred node" in e for e in b.emitted())
+
+
+# -- the file-lock arbiter (single host, Redis away) --------------------------------------
+
+
+async def test_arbiter_lets_nodes_fail_over_while_redis_is_away(
+    store: FakeStore, clock: FakeClock, tmp_path: Path
+) -> None:
+    lock = str(tmp_path / "arbiter.lock")
+    a = make_node("sglang-01", store, clock, "sglang-02", arbiter_file=lock)
+    b = make_node("sglang-02", store, clock, "sglang-01", arbiter_file=lock)
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    assert a.ha.arbiter is not None and a.ha.arbiter.held, "the primary holds the lock"
+    store.down = True
+    clock.advance(0.5)
+    assert (await a.ha.run_cycle()) == (
+        "store unreachable: staying primary (epoch 1), holding the arbiter lock"
+    )
+    assert (await b.ha.run_cycle()) == (
+        "store unreachable: staying standby; the primary holds the arbiter lock"
+    )
+    # The primary's engine dies while Redis is still away: it steps down ...
+    a.engine.set(EngineState.DEAD, "crash")
+    clock.advance(0.5)
+    assert (await a.ha.run_cycle()) == (
+        "store unreachable: stepped down and released the arbiter lock"
+    )
+    # ... and the standby takes over without Redis, under a new epoch.
+    assert (await b.ha.run_cycle()) == (
+        "store unreachable: promoted to primary (epoch 2) holding the arbiter lock"
+    )
+    assert b.ha.is_primary() and not a.ha.is_primary()
+    assert "FAILOVER_INITIATED from sglang-01 to sglang-02 (arbiter lock)" in b.emitted()
+    # Redis returns: the new primary's lease is written under its epoch; a follows.
+    store.down = False
+    clock.advance(0.5)
+    assert (await b.ha.run_cycle()) == "renewed lease as primary (epoch 2)"
+    assert store.leader == (2, "sglang-02")
+    a.engine.set(EngineState.HEALTHY)
+    assert (await a.ha.run_cycle()).startswith("following sglang-02 (epoch 2)")
+
+
+async def test_without_arbiter_nobody_is_promoted_while_redis_is_away(
+    a: Node, b: Node, store: FakeStore, clock: FakeClock
+) -> None:
+    await a.ha.run_cycle()
+    await b.ha.run_cycle()
+    store.down = True
+    a.engine.set(EngineState.DEAD, "crash")
+    for _ in range(10):
+        clock.advance(0.5)
+        await a.ha.run_cycle()
+        assert (await b.ha.run_cycle()).endswith("no promotion without the store")

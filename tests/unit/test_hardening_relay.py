@@ -247,9 +247,7 @@ async def test_bad_bodies_are_answered_400_by_the_relay(
     assert rig.view() == before
 
 
-async def test_oversized_body_is_413_without_reaching_an_engine(
-    rig: RelayRig, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_oversized_body_is_413_without_reaching_an_engine(rig: RelayRig) -> None:
     # The relay's own cap (64 MiB) is far above Nginx's; a small app shows the path.
     app = rig.relay.app()
     app._client_max_size = 1024  # type: ignore[attr-defined]
@@ -375,7 +373,7 @@ def test_public_routes_cover_the_generation_endpoints() -> None:
         assert inference.PUBLIC_ROUTES[path] == frozenset({"POST"})
 
 
-async def test_relay_answers_json_even_for_its_own_aiohttp_errors(rig: RelayRig) -> None:
+async def test_a_garbage_request_line_gets_a_400_not_a_hang(rig: RelayRig) -> None:
     """A request line aiohttp itself refuses still gets an answer, not a hang."""
     port = rig.client.server.port
     assert port is not None

@@ -1,0 +1,77 @@
+"""Render every setting as Markdown: `python -m ha_agent.config_docs > docs/configuration.md`.
+
+Generated from the settings classes themselves so the reference cannot drift; a
+unit test fails when docs/configuration.md is out of date.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
+
+from ha_agent.config import (
+    AgentSettings,
+    EngineHealthSettings,
+    FailbackSettings,
+    LeaseTiming,
+    LoggingSettings,
+    RedisSettings,
+    RelaySettings,
+    SimSettings,
+)
+
+SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
+    ("Logging (agents, relay)", LoggingSettings, "HA_"),
+    ("Coordination store (agents, relay, CLI)", RedisSettings, "HA_"),
+    ("Lease timing (agents)", LeaseTiming, "HA_"),
+    ("Engine health (agents)", EngineHealthSettings, "HA_"),
+    ("Failback (agents)", FailbackSettings, "HA_"),
+    ("Agent", AgentSettings, "HA_"),
+    ("Relay (gateway)", RelaySettings, "HA_"),
+    ("Simulator (CPU demo and tests only)", SimSettings, "SIM_"),
+]
+
+
+def own_fields(cls: type[BaseSettings]) -> dict[str, FieldInfo]:
+    """The fields a class adds, not those it inherits from another settings class."""
+    inherited: set[str] = set()
+    for base in cls.__mro__[1:]:
+        if isinstance(base, type) and issubclass(base, BaseSettings) and base is not BaseSettings:
+            inherited |= set(base.model_fields)
+    return {k: v for k, v in cls.model_fields.items() if k not in inherited}
+
+
+def _default(field: FieldInfo) -> str:
+    value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+    if value is None or value == []:
+        return "—"
+    if isinstance(value, list):
+        return "`" + ",".join(str(v) for v in value) + "`"
+    return f"`{value}`"
+
+
+def render() -> str:
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting of every component, generated from `ha_agent/config.py`",
+        "(`python -m ha_agent.config_docs`). Set them as environment variables — in",
+        "`compose/.env` and `compose/env/*.env` for the stacks. `sglang-ha-agent",
+        "--validate-config` and `sglang-ha-relay --validate-config` print the effective",
+        "values; the timing rule `loop_wait + 2 × retry_timeout ≤ lease_ttl` is enforced",
+        "with a warning.",
+        "",
+    ]
+    for title, cls, prefix in SECTIONS:
+        lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
+        for name, field in own_fields(cls).items():
+            doc = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{prefix}{name.upper()}` | {_default(field)} | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
