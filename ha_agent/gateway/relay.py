@@ -274,11 +274,23 @@ class Relay:
         started: float,
     ) -> web.StreamResponse:
         state = _StreamState(request, kind, Migration(kind, payload), started, self.metrics)
+        try:
+            return await self._stream_loop(state, body)
+        except (ClientGone, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            # Never cut a client's stream on a bug: end it cleanly and say so.
+            log.exception("BUG: unexpected error relaying a %s stream", kind)
+            return await self._give_up(state, f"relay error ({type(exc).__name__})")
+
+    async def _stream_loop(self, state: _StreamState, body: bytes) -> web.StreamResponse:
+        kind = state.kind
         deadline = time.monotonic() + self.retry_deadline
         tried: set[str] = set()
         failures: list[str] = []
         rounds = 0
         segment_body = body
+        segment_writes = 0  # events written when the current segment began
         while True:
             node = self._pick(tried)
             if node is None:
@@ -299,12 +311,15 @@ class Relay:
                 failures.append(f"{node.name}: {failure.reason}")
                 if not state.started:
                     continue  # nothing sent yet: a plain retry
+                if state.migrations and state.writes == segment_writes:
+                    continue  # the continuation never got going: send it elsewhere as is
                 # Bytes already reached the client: continue the stream elsewhere.
                 next_body = await self._plan_migration(state, node)
                 if next_body is None:
                     return state.result()
-                segment_body = next_body
-                tried = {node.name}
+                segment_body, segment_writes = next_body, state.writes
+                tried, rounds = {node.name}, 0
+                deadline = time.monotonic() + self.retry_deadline
                 continue
             except ClientGone:
                 self.metrics.requests.labels(kind, node.name, "client_gone", "499").inc()
@@ -420,6 +435,7 @@ class _StreamState:
         self.response: web.StreamResponse | None = None
         self.segment_raw: bytes | None = b""  # first segment, unparsed; None once read
         self.migrations = 0
+        self.writes = 0
         self._first_event_sent = False
 
     @property
@@ -459,6 +475,7 @@ class _StreamState:
             await self.response.write(data)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
             raise ClientGone() from exc
+        self.writes += 1
 
     async def finish(self, tail: bytes) -> None:
         assert self.response is not None

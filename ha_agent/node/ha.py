@@ -433,7 +433,7 @@ class Ha:
         if not h.healthy:
             return f"no leader; not eligible: engine {h.state.value} ({h.reason})"
         held = self.damper.held_back_for()
-        if held > 0 and self._other_healthy_member():
+        if held > 0 and self._other_healthy_member(exclude=previous):
             return f"no leader; held back {held:.1f}s more: engine health has been flapping"
         switch = cluster.switchover
         if switch is not None and switch.to_node not in (None, self.name):
@@ -479,11 +479,15 @@ class Ha:
             return f"promoted to primary (epoch {epoch}): failover from {previous}"
         return f"promoted to primary (epoch {epoch}): no leader was present"
 
-    def _other_healthy_member(self) -> bool:
+    def _other_healthy_member(self, exclude: str | None = None) -> bool:
+        """Another node that could lead now: registered recently with a healthy engine,
+        and not the primary whose lease just lapsed (its entry outlives it)."""
+        fresh = 2 * self.s.loop_wait + 2 * self.s.retry_timeout + 1.0
+        now = time.time()
         return any(
-            m.engine_health == EngineState.HEALTHY.value
+            m.engine_health == EngineState.HEALTHY.value and now - m.updated <= fresh
             for name, m in self.state.members.items()
-            if name != self.name
+            if name not in (self.name, exclude)
         )
 
     async def _previous_primary_alive(self, previous: str) -> bool:

@@ -277,8 +277,11 @@ def test_a_flood_of_bad_input_costs_no_request_and_moves_nothing(stack: Stack) -
 
     summary = (
         f"statuses {result.statuses}, unexpected {result.unexpected[:5]},"
-        f" legit {len(result.legit)} ({[x for x in result.legit if x != 'ok'][:3]})"
+        f" legit {len(result.legit)} ({[x for x in result.legit if x != 'ok'][:3]}),"
+        f" slowloris cut after {[round(t, 1) for t in result.slowloris_cut_after]} s,"
+        f" {result.disconnected} clients gone, {len(result.views)} view samples"
     )
+    print(summary)  # in the log of a passing run too: what the flood looked like
     # Every bad request got its clear 4xx; nothing got a 5xx.
     assert not result.unexpected, summary
     assert sum(result.statuses.values()) == 900 and not any(s >= 500 for s in result.statuses)
@@ -294,6 +297,7 @@ def test_a_flood_of_bad_input_costs_no_request_and_moves_nothing(stack: Stack) -
         what="no request running on either engine",
     )
     aborted = sum(engine_metric(stack, n, "sglang:num_aborted_requests_total") for n in NODES)
+    print(f"engine aborts: {aborted - aborted_before:.0f}")
     assert aborted - aborted_before >= result.disconnected == 8, (aborted, aborted_before)
     # Nothing moved: roles, epoch, engine health, the relay's view, at every sample.
     assert len(result.views) >= 5

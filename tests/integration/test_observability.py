@@ -66,6 +66,9 @@ ALERT_NAMES = {
     r["alert"] for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]
 }
 FOR_DIVISOR = 10
+# Engines answer 500 this long: several scrapes, and less than the 5 s of silence
+# after which an idle engine gets a canary (which would fail and mark it hung).
+FAULT_WINDOW = 3.0
 
 
 # -- the test's Prometheus configuration ---------------------------------------------------
@@ -139,12 +142,15 @@ class Prometheus:
         ]
 
     def wait_firing(self, name: str, timeout: float, **labels: str) -> dict[str, Any]:
-        found = wait_until(
-            lambda: self.firing(name, **labels),
-            timeout=timeout,
-            interval=0.5,
-            what=f"{name} {labels or ''} firing (active: {self.summary()})",
-        )
+        try:
+            found = wait_until(
+                lambda: self.firing(name, **labels),
+                timeout=timeout,
+                interval=0.5,
+                what=f"{name} {labels or ''} firing",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; active now: {self.summary()}") from None
         return found[0]
 
     def wait_resolved(self, name: str, timeout: float) -> None:
@@ -423,33 +429,38 @@ def test_engines_answering_500_raise_relay_error_rate(mon: Monitored) -> None:
     stack, prom = mon.stack, mon.prom
     stack.wait_stable()
     assert chat(stack).status_code == 200  # fresh progress: no idle canary during the fault
+    statuses: list[int | str] = []
     for node in NODES:
         stack.sim_faults(node, error_rate=1.0)
     try:
-        statuses: list[int | str] = []
+        # Errors for a few scrapes, not one burst: rate() cannot see the increments that
+        # come before a new series' first scrape (its first value is its baseline).
+        deadline = time.monotonic() + FAULT_WINDOW
 
-        def one() -> None:
-            try:
-                statuses.append(chat(stack).status_code)
-            except httpx.HTTPError as exc:  # reported below, not lost with the thread
-                statuses.append(repr(exc))
+        def client() -> None:
+            while time.monotonic() < deadline:
+                try:
+                    statuses.append(chat(stack).status_code)
+                except httpx.HTTPError as exc:  # reported below, not lost with the thread
+                    statuses.append(repr(exc))
 
-        workers = [threading.Thread(target=one) for _ in range(10)]
+        workers = [threading.Thread(target=client) for _ in range(2)]
         for w in workers:
             w.start()
         for w in workers:
             w.join(timeout=60)
-        assert len(statuses) == 10, statuses
-        assert all(isinstance(s, int) and s >= 500 for s in statuses), statuses
     finally:
         for node in NODES:
             stack.sim_faults(node)
+    assert len(statuses) >= 4, statuses
+    assert all(isinstance(s, int) and s >= 500 for s in statuses), statuses
     alert = prom.wait_firing("SglangHaRelayErrorRateHigh", timeout=60)
     assert alert["labels"]["severity"] == "critical"
     assert re.match(r"[\d.]+% of the requests", alert["annotations"]["description"])
-    assert (prom.value('sum(sglang_ha_relay_requests_total{outcome="failed"})') or 0) >= 10
+    failed = 'sum(sglang_ha_relay_requests_total{outcome="failed"})'
+    assert prom.value(failed) == len(statuses)
     retried = 'sum(sglang_ha_relay_retries_total{reason="http_5xx"})'
-    assert (prom.value(retried) or 0) >= 10, prom.query("sglang_ha_relay_retries_total")
+    assert (prom.value(retried) or 0) >= 2 * len(statuses)  # both nodes tried each time
     stack.wait_stable(timeout=90)
 
 

@@ -166,7 +166,9 @@ class MultiHost:
             ports={f"{ENGINE_PORT}/tcp": (host.addr, ENGINE_PORT)},
             init=True,  # so the engine's own SIGKILL (OOM) ends the container: exit 137
             restart_policy={"Name": "unless-stopped"},
-            labels={LABEL: self.run},
+            # Compose labels images it builds; the container would inherit them and
+            # pass for a container of the project that built the image.
+            labels={LABEL: self.run, "com.docker.compose.project": ""},
             detach=True,
         )
         host.node, host.engine, host.files = node, engine, SIDECAR_NODE
@@ -200,7 +202,13 @@ class MultiHost:
 
     def containers(self, host: Host) -> list[Container]:
         found = self.client.containers.list(
-            all=True, filters={"label": f"com.docker.compose.project={host.project}"}
+            all=True,
+            filters={
+                "label": [
+                    f"com.docker.compose.project={host.project}",
+                    "com.docker.compose.container-number",  # made by compose, not inherited
+                ]
+            },
         )
         if host.engine:
             found.append(self.client.containers.get(host.engine))
