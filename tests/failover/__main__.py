@@ -49,11 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
     with running_stack() as stack:
-        results = asyncio.run(run_all(stack, faults, args.trials, args.concurrency))
+        try:
+            results = asyncio.run(run_all(stack, faults, args.trials, args.concurrency))
+        finally:
+            # Keep the components' own logs beside the report, for post-mortems.
+            args.out.mkdir(parents=True, exist_ok=True)
+            for service in ("gateway", "node-1", "node-2"):
+                (args.out / f"log-{service}.txt").write_text(stack.logs(service))
+            bugs = stack.bug_lines()
     report.write(results, args.out)
+    if bugs:
+        print("components logged BUG lines:\n" + "\n".join(bugs[:20]), file=sys.stderr)
     print((args.out / "failover-report.md").read_text())
     failed = [r for r in results if r.nonstream_failed or r.stream_failed]
-    return 1 if failed else 0
+    return 1 if failed or bugs else 0
 
 
 if __name__ == "__main__":

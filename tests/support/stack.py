@@ -207,7 +207,7 @@ class Stack:
                 lines += [
                     f"{service}: {line}"
                     for line in self.logs(service).splitlines()
-                    if "BUG" in line
+                    if "BUG" in line or "Error handling request" in line
                 ]
         return lines
 
