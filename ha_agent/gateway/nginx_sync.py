@@ -38,13 +38,22 @@ def resolve(url: str) -> str | None:
     return f"{host}:{port}"
 
 
-def render(nodes: Iterable[NodeView]) -> str:
+def render(nodes: Iterable[NodeView], known: dict[str, str] | None = None) -> str:
+    """The include file. `known` remembers each node's last address: a node whose
+    name stops resolving for a while (its container was killed) keeps its line.
+
+    Why: every change means an Nginx reload, and a reload closes idle keep-alive
+    connections; a client that sends on one at that moment gets a connection error.
+    So the file changes only when an address really changes.
+    """
+    known = {} if known is None else known
     lines = [
         "# Written by the sglang-ha relay: engines Nginx may reach directly if the relay is down."
     ]
     for node in sorted(nodes, key=lambda n: n.name):
-        address = resolve(node.engine_url)
+        address = resolve(node.engine_url) or known.get(node.name)
         if address:
+            known[node.name] = address
             lines.append(f"server {address} backup max_fails=1 fail_timeout=2s;  # {node.name}")
         else:
             lines.append(f"# {node.name}: {node.engine_url} does not resolve now")
@@ -54,8 +63,9 @@ def render(nodes: Iterable[NodeView]) -> str:
 async def keep_in_sync(
     topology: Topology, path: str, reload_command: str, stop: asyncio.Event, every: float = 2.0
 ) -> None:
+    known: dict[str, str] = {}
     while not stop.is_set():
-        text = await asyncio.to_thread(render, list(topology.nodes.values()))
+        text = await asyncio.to_thread(render, list(topology.nodes.values()), known)
         if _changed(path, text):
             await asyncio.to_thread(_write, path, text)
             await _reload(reload_command)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
+import redis as sync_redis
 
 from tests.support.stack import NODES, Stack
 
@@ -540,3 +542,47 @@ def test_no_secret_in_images_logs_or_answers(stack: Stack) -> None:
     for value in values:
         assert value not in logs, "a secret is in a log"
         assert not [a for a in answers if value in a], "a secret is in an API answer"
+
+
+def test_redis_image_gives_the_agent_user_its_own_password(stack: Stack) -> None:
+    """Fresh secrets (scripts/secrets.sh) give the agents a password of their own: the
+    Redis image's agent user works with it, and it opens nothing as the default user.
+    (The session stack may run on an older secrets file where both are equal.)"""
+    image = stack.container("redis-1").image.id
+    admin_pw, agent_pw = "admin-" + "a" * 24, "agent-" + "b" * 24
+    container = stack.client.containers.run(
+        image,
+        detach=True,
+        environment={"ROLE": "master", "REDIS_PASSWORD": admin_pw, "HA_REDIS_PASSWORD": agent_pw},
+        labels={"com.docker.compose.project": stack.project, "sglang-ha.test": "hardening"},
+    )
+    try:
+
+        def address() -> str:
+            container.reload()
+            return str(container.attrs["NetworkSettings"]["IPAddress"])
+
+        host = wait_until(address, 20, "the Redis container's address")
+        agent = sync_redis.Redis(
+            host=host, username="sglang-ha", password=agent_pw, socket_timeout=2
+        )
+        wait_until(lambda: _pings(agent), 20, "Redis to accept the agent user")
+        assert agent.set("sglang-ha:test:key", "1") and agent.publish("sglang-ha:test:ch", "x") == 0
+        with pytest.raises(sync_redis.exceptions.NoPermissionError):
+            agent.flushall()
+        as_default = sync_redis.Redis(host=host, password=agent_pw, socket_timeout=2)
+        with pytest.raises(sync_redis.exceptions.AuthenticationError):
+            as_default.ping()
+        admin = sync_redis.Redis(host=host, password=admin_pw, socket_timeout=2)
+        assert admin.ping()
+        code, out = container.exec_run(["sh", "-c", "cat /data/master.conf"])
+        assert code == 0 and agent_pw.encode() not in out and b"user sglang-ha on #" in out
+    finally:
+        container.remove(force=True)
+
+
+def _pings(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False

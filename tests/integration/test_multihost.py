@@ -195,6 +195,8 @@ def _assert_clean_failover(hosts: MultiHost, result: ScenarioResult) -> str:
     old, new = result.primary_before, result.primary_after
     ha_log = "".join(hosts.ha_log(n) for n in hosts.nodes)
     assert f"FAILOVER_INITIATED from {old} to {new}" in ha_log, summary
+    # Whole again: the healed host's agent is back on the store, not only serving.
+    hosts.wait_stable(30)
     return summary
 
 

@@ -495,10 +495,17 @@ def test_every_dashboard_query_returns_data(mon: Monitored) -> None:
     """Each panel query and annotation, as Grafana sends it, over the whole run."""
     stack, prom = mon.stack, mon.prom
     stack.wait_stable()
-    ok = 'sum(sglang_ha_relay_requests_total{outcome="ok"})'
-    grown = grows(prom, ok)
-    traffic(stack, requests=5)  # recent traffic for the rate() panels
-    wait_until(grown, timeout=30, interval=0.5, what="the traffic scraped")
+    # Recent traffic for the rate() panels; its two 400s come last, so once both are
+    # scraped, all of it is.
+    rejected = 'sum(sglang_ha_relay_requests_total{outcome="client_error"})'
+    before = prom.value(rejected) or 0.0
+    traffic(stack, requests=5)
+    wait_until(
+        lambda: (prom.value(rejected) or 0.0) >= before + 2,
+        timeout=30,
+        interval=0.5,
+        what="the traffic scraped",
+    )
     end = time.time()
     span = f"{math.ceil(end - mon.started)}s"
     empty: list[str] = []

@@ -267,7 +267,8 @@ class MultiHost:
         return None
 
     def wait_stable(self, timeout: float = 60.0) -> str:
-        """One primary, every node's engine healthy, the relay routing to that primary."""
+        """One primary, every node's engine healthy and its agent on the store, the relay
+        routing to that primary."""
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -275,7 +276,10 @@ class MultiHost:
             relay = self.relay_status()
             last = (statuses, relay)
             primaries = [n for n, s in statuses.items() if s and s["role"] == "primary"]
-            healthy = all(s and s["engine"]["state"] == "healthy" for s in statuses.values())
+            healthy = all(
+                s and s["engine"]["state"] == "healthy" and not s.get("degraded")
+                for s in statuses.values()
+            )
             serving = {n["name"] for n in (relay or {}).get("nodes", []) if n["can_serve"]}
             if (
                 len(primaries) == 1
@@ -336,16 +340,20 @@ class MultiHost:
 
     def host_nic(self, node: str, state: str) -> None:
         """`ip link set eth0 down|up` in every network namespace of the host."""
-        for c in self.containers(self.host_of(node)):
+        host = self.host_of(node)
+        for c in self.containers(host):
             c.reload()
             pid = int(c.attrs["State"]["Pid"] or 0)
-            if pid:
-                subprocess.run(
-                    ["nsenter", "-t", str(pid), "-n", "ip", "link", "set", "eth0", state],
-                    check=True,
-                    capture_output=True,
-                    timeout=10,
-                )
+            if not pid:
+                continue
+            nsenter = ["nsenter", "-t", str(pid), "-n", "ip"]
+            steps = [["link", "set", "eth0", state]]
+            if state == "up":
+                # The kernel drops the default route with the link; a real host's
+                # network manager puts it back, and other hosts are only behind it.
+                steps.append(["route", "replace", "default", "via", host.addr, "dev", "eth0"])
+            for step in steps:
+                subprocess.run([*nsenter, *step], check=True, capture_output=True, timeout=10)
 
     def sim_faults(self, node: str, **knobs: Any) -> None:
         headers = {"Authorization": f"Bearer {self.secrets['SIM_ADMIN_TOKEN']}"}
