@@ -220,7 +220,10 @@ class FailbackSettings(BaseSettings):
         32, ge=1, description="Queued requests that make a primary degraded."
     )
     degraded_success_rate: float = Field(
-        0.95, ge=0, le=1, description="Below this recent success rate a primary is degraded."
+        0.95,
+        ge=0,
+        le=1,
+        description="Below this share of successful canaries (last 2 min) a primary is degraded.",
     )
     degraded_token_usage: float = Field(
         0.95, ge=0, le=1, description="KV-cache usage above which a primary is degraded."

@@ -12,6 +12,7 @@ have redis-sentinel || missing+=(redis-sentinel)
 have nsenter || missing+=(util-linux)
 have ip || missing+=(iproute2)
 have promtool || missing+=(prometheus)
+have nginx || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"

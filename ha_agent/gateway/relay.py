@@ -47,6 +47,7 @@ from ha_agent.openapi import inference
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R", bound=web.StreamResponse)
 
 NODE_HEADER = "X-SGLang-HA-Node"
 MAX_BODY = 64 * 1024 * 1024
@@ -127,9 +128,11 @@ class Relay:
             if kind is not None:
                 payload = inference.check_body(kind, inference.parse_json(body))
         except inference.BadInput as bad:
-            return self._client_error(endpoint, bad.message, bad.status, bad.allow)
+            rejected = self._client_error(endpoint, bad.message, bad.status, bad.allow)
+            return self._timed(endpoint, False, rejected, started)
         except web.HTTPRequestEntityTooLarge:
-            return self._client_error(endpoint, f"request body over {MAX_BODY} bytes", 413)
+            rejected = self._client_error(endpoint, f"request body over {MAX_BODY} bytes", 413)
+            return self._timed(endpoint, False, rejected, started)
         stream = bool(payload and payload.get("stream") is True)
         if self.warmer is not None and kind is not None and payload is not None:
             self.warmer.offer(kind, payload)
@@ -141,6 +144,10 @@ class Relay:
                 response = await self._unary(request, endpoint, body)
         finally:
             self.metrics.inflight.dec()
+        return self._timed(endpoint, stream, response, started)
+
+    def _timed(self, endpoint: str, stream: bool, response: R, started: float) -> R:
+        """Every answer is timed, rejections included (the 4xx latency heatmap)."""
         self.metrics.duration.labels(endpoint, str(stream).lower(), str(response.status)).observe(
             time.monotonic() - started
         )
@@ -433,7 +440,9 @@ class _StreamState:
         self.started_at = started_at
         self.metrics = metrics
         self.response: web.StreamResponse | None = None
-        self.segment_raw: bytes | None = b""  # first segment, unparsed; None once read
+        # The first segment's events, unparsed, as a list: joined only if the stream
+        # breaks (adding bytes to bytes copied the whole stream on every event).
+        self._raw: list[bytes] | None = []  # None once read
         self.migrations = 0
         self.writes = 0
         self._first_event_sent = False
@@ -446,11 +455,22 @@ class _StreamState:
         assert self.response is not None
         return self.response
 
+    @property
+    def segment_raw(self) -> bytes | None:
+        """The first segment as received, or None once it has been read."""
+        return None if self._raw is None else b"".join(self._raw)
+
+    @segment_raw.setter
+    def segment_raw(self, value: bytes | None) -> None:
+        self._raw = None if value is None else [value]
+
     def keep_raw(self, out: bytes) -> None:
-        if self.segment_raw is None:
+        if self._raw is None:
             return
-        # /generate events are cumulative: the latest chunk holds the whole state.
-        self.segment_raw = out if self.kind == GENERATE else self.segment_raw + out
+        if self.kind == GENERATE:
+            self._raw = [out]  # /generate events are cumulative: the latest holds it all
+        else:
+            self._raw.append(out)
 
     async def begin(self, node: NodeView, upstream: aiohttp.ClientResponse) -> None:
         if self.response is not None:

@@ -67,7 +67,9 @@ class Failback:
         if health.queued >= s.degraded_queue:
             reasons.append(f"queue {health.queued:.0f} >= {s.degraded_queue}")
         if success_rate is not None and success_rate < s.degraded_success_rate:
-            reasons.append(f"success rate {success_rate:.2f} < {s.degraded_success_rate:.2f}")
+            reasons.append(
+                f"canary success rate {success_rate:.2f} < {s.degraded_success_rate:.2f}"
+            )
         if health.token_usage >= s.degraded_token_usage:
             reasons.append(
                 f"KV-cache usage {health.token_usage:.2f} >= {s.degraded_token_usage:.2f}"

@@ -155,6 +155,18 @@ def test_gateway_learns_every_node_from_the_registry(hosts: MultiHost) -> None:
     assert servers == sorted(f"{hosts.host_of(n).addr}:30000" for n in hosts.nodes)
 
 
+def test_cli_on_a_node_host_sees_the_whole_cluster(hosts: MultiHost) -> None:
+    code, out = hosts.node_container("sglang-02").exec_run(["sglang-ha", "status", "--json"])
+    assert code == 0, out
+    view = json.loads(out)
+    assert view["store_error"] is None
+    assert view["leader"] == hosts.wait_stable()
+    assert {n["name"]: n["api_url"] for n in view["nodes"]} == {
+        n: hosts.agent_url(n) for n in hosts.nodes
+    }
+    assert all(n["status"]["engine"]["state"] == "healthy" for n in view["nodes"])
+
+
 def test_chat_completion_through_the_gateway(hosts: MultiHost) -> None:
     primary = hosts.wait_stable()
     client = openai.OpenAI(base_url=hosts.gateway_url + "/v1", api_key="unused", max_retries=0)
@@ -193,6 +205,12 @@ def _assert_clean_failover(hosts: MultiHost, result: ScenarioResult) -> str:
     assert result.rejoined_as_standby, summary
     assert not [e for e in result.errors if e.startswith(("inject", "heal"))], summary
     old, new = result.primary_before, result.primary_after
+    print(  # shown with `pytest -rP`: the numbers docs/multi-host.md quotes
+        f"{result.fault}: {old} -> {new}, detected {result.detected:.2f}s,"
+        f" promoted {result.promoted:.2f}s, recovered {result.recovered:.2f}s,"
+        f" {result.requests} requests, {result.nonstream_failed + result.stream_failed} failed,"
+        f" {result.migrations} streams migrated, p99 during fault {result.p99_during_fault:.2f}s"
+    )
     ha_log = "".join(hosts.ha_log(n) for n in hosts.nodes)
     assert f"FAILOVER_INITIATED from {old} to {new}" in ha_log, summary
     # Whole again: the healed host's agent is back on the store, not only serving.

@@ -262,9 +262,8 @@ def traffic(stack: Stack, requests: int = 10) -> None:
             assert r.status_code == 200
             assert any(line == "data: [DONE]" for line in r.iter_lines())
     url = f"{stack.gateway_url}/v1/chat/completions"
-    # No messages: the engine answers 400 and the relay passes it through (timed).
+    # Invalid requests: no messages, and not JSON at all.
     assert httpx.post(url, json={"model": "default"}, timeout=30).status_code == 400
-    # Not JSON: the relay answers 400 itself.
     assert httpx.post(url, content=b"{not json", timeout=30).status_code == 400
 
 

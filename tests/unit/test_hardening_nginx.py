@@ -34,7 +34,16 @@ from tests.support.processes import free_port
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = (ROOT / "nginx" / "nginx.conf.template").read_text()
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="no nginx binary on this machine")
+
+
+@pytest.fixture
+def require_nginx() -> None:
+    """A real nginx is required, never skipped: scripts/ensure-test-tools.sh installs it."""
+    if NGINX is None:
+        pytest.fail("no nginx binary: run scripts/ensure-test-tools.sh")
+
+
+needs_nginx = pytest.mark.usefixtures("require_nginx")
 
 
 # -- the template itself (no nginx needed) -------------------------------------------------

@@ -91,8 +91,10 @@ class HealthMonitor:
         self.canary_latency: float | None = None
         # Called with (probe, seconds) for every answered probe (the metrics' histogram).
         self.probe_observers: list[Callable[[str, float], None]] = []
-        # (time, requests, aborted) over the last minute, for the success rate.
-        self._window: collections.deque[tuple[float, float, float]] = collections.deque()
+        # (time, ok) of recent canaries: the success rate failback negotiation uses.
+        # Our own probes only — a client that hangs up aborts its request too, and a
+        # flood of those must not look like a degraded primary.
+        self._canaries: collections.deque[tuple[float, bool]] = collections.deque(maxlen=64)
 
     def on_change(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -191,28 +193,22 @@ class HealthMonitor:
             EngineState.DEAD, "engine not listening (connection refused)", oom=self.health.oom
         )
 
-    def recent_success_rate(self, window: float = 60.0) -> float | None:
-        """Share of requests finished without abort over the last `window` seconds."""
-        if len(self._window) < 2:
+    def recent_success_rate(self, window: float = 120.0, least: int = 3) -> float | None:
+        """Share of this agent's canaries that succeeded over the last `window` s
+        (None with fewer than `least` of them)."""
+        horizon = self.clock() - window
+        recent = [ok for at, ok in self._canaries if at >= horizon]
+        if len(recent) < least:
             return None
-        first = next((w for w in self._window if w[0] >= self.clock() - window), self._window[0])
-        last = self._window[-1]
-        done, aborted = last[1] - first[1], last[2] - first[2]
-        if done <= 0:
-            return None
-        return max(0.0, 1.0 - aborted / done)
+        return sum(recent) / len(recent)
 
     def _observe(self, sample: EngineSample) -> None:
-        self._window.append((sample.at, sample.requests, sample.aborted))
-        while self._window and self._window[0][0] < sample.at - 120.0:
-            self._window.popleft()
         prev, self._last = self._last, sample
         if prev is None:
             return
         if sample.generation_tokens < prev.generation_tokens:
             # Counters went back: the engine restarted under us.
             self._engine_restarted()
-            self._window.clear()
             self._last = sample
             return
         if sample.generation_tokens > prev.generation_tokens:
@@ -247,6 +243,7 @@ class HealthMonitor:
         result = task.result() if exc is None else CanaryResult(False, 0.0, f"canary error: {exc}")
         now = self.clock()
         self.canary_latency = result.latency
+        self._canaries.append((now, result.ok))
         for observe in self.probe_observers:
             observe("canary", result.latency)
         if result.ok:
