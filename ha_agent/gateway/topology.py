@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # Consecutive unanswered agent polls before a node counts as failed (NIC down,
 # container frozen). Three polls ride out an agent restart by supervisord.
 AGENT_MISSES_TO_FAIL = 3
+# A node absent from the registry this long (many registry TTLs) is forgotten.
+REMOVE_AFTER = 300.0
 # After a connect error, new requests avoid the node for this long.
 CONNECT_COOLDOWN = 1.0
 
@@ -58,6 +60,8 @@ class NodeView:
     failed: bool = False
     failed_reason: str = ""
     inflight: set[Abandonable] = field(default_factory=set)
+    seed: bool = False  # from HA_NODES: kept even when it is not registered
+    registered_at: float = 0.0  # monotonic, when the registry last listed it
 
     @property
     def engine_state(self) -> str:
@@ -94,6 +98,7 @@ class Topology:
         self.nodes: dict[str, NodeView] = {}
         for item in settings.nodes:
             node = parse_seed(item)
+            node.seed = True
             self.nodes[node.name] = node
         self.primary: str | None = None
         self.epoch = 0
@@ -186,15 +191,25 @@ class Topology:
         self.last_refresh = self.clock()
 
     def _merge_members(self, cluster: Cluster) -> None:
+        now = self.clock()
         for m in cluster.members:
             node = self.nodes.get(m.name)
             if node is None:
-                self.nodes[m.name] = NodeView(
+                node = self.nodes[m.name] = NodeView(
                     m.name, m.engine_url.rstrip("/"), m.api_url.rstrip("/")
                 )
                 log.info("discovered node %s at %s", m.name, m.engine_url)
             else:
                 node.engine_url, node.agent_url = m.engine_url.rstrip("/"), m.api_url.rstrip("/")
+            node.registered_at = now
+        # A node that left the registry long ago (decommissioned) leaves the view once
+        # nothing runs on it; a dead node's entry only lapses after REMOVE_AFTER.
+        for name, node in list(self.nodes.items()):
+            gone_for = now - node.registered_at
+            if not node.seed and gone_for > REMOVE_AFTER and not node.inflight:
+                del self.nodes[name]
+                self.events.emit(ev.NODE_REMOVED, f"{name}: not registered for {gone_for:.0f}s")
+                self.changes.set()
 
     async def _poll_agents(self) -> None:
         async def poll(node: NodeView) -> None:

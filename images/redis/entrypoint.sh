@@ -5,7 +5,9 @@
 #   REDIS_MASTER_HOST      initial master's name (default redis-1)
 #   SENTINEL_MASTER_NAME   default sglang-ha;  SENTINEL_QUORUM default 2
 #   SENTINEL_DOWN_AFTER_MS default 5000;       SENTINEL_FAILOVER_TIMEOUT_MS default 15000
+#   REDIS_MASTER_PORT      initial master's port (default 6379)
 #   ANNOUNCE_HOST          the name other members should use for this one
+#   ANNOUNCE_PORT          the port they should use, when published under another one
 #   HA_REDIS_USERNAME      the agents' and relay's own ACL user (default sglang-ha)
 #   HA_REDIS_PASSWORD      its password; without it no such user is created
 set -eu
@@ -13,6 +15,7 @@ set -eu
 : "${REDIS_PASSWORD:?REDIS_PASSWORD must be set (run 'make secrets')}"
 ROLE="${ROLE:-master}"
 MASTER_HOST="${REDIS_MASTER_HOST:-redis-1}"
+MASTER_PORT="${REDIS_MASTER_PORT:-6379}"
 NAME="${SENTINEL_MASTER_NAME:-sglang-ha}"
 ANNOUNCE="${ANNOUNCE_HOST:-$(hostname)}"
 CONF=/data/${ROLE}.conf
@@ -42,6 +45,7 @@ dir /data
 requirepass "${REDIS_PASSWORD}"
 masterauth "${REDIS_PASSWORD}"
 replica-announce-ip ${ANNOUNCE}
+${ANNOUNCE_PORT:+replica-announce-port ${ANNOUNCE_PORT}}
 # Coordination data is tiny and rebuilt within a lease TTL; durability comes from
 # the replica, so keep the disk out of the latency path.
 appendonly no
@@ -59,7 +63,7 @@ case "${ROLE}" in
     ;;
   replica)
     common > "${CONF}"
-    echo "replicaof ${MASTER_HOST} 6379" >> "${CONF}"
+    echo "replicaof ${MASTER_HOST} ${MASTER_PORT}" >> "${CONF}"
     exec redis-server "${CONF}"
     ;;
   sentinel)
@@ -73,9 +77,10 @@ dir /data
 sentinel resolve-hostnames yes
 sentinel announce-hostnames yes
 sentinel announce-ip ${ANNOUNCE}
+${ANNOUNCE_PORT:+sentinel announce-port ${ANNOUNCE_PORT}}
 requirepass "${REDIS_PASSWORD}"
 sentinel sentinel-pass "${REDIS_PASSWORD}"
-sentinel monitor ${NAME} ${MASTER_HOST} 6379 ${SENTINEL_QUORUM:-2}
+sentinel monitor ${NAME} ${MASTER_HOST} ${MASTER_PORT} ${SENTINEL_QUORUM:-2}
 sentinel auth-pass ${NAME} "${REDIS_PASSWORD}"
 sentinel down-after-milliseconds ${NAME} ${SENTINEL_DOWN_AFTER_MS:-5000}
 sentinel failover-timeout ${NAME} ${SENTINEL_FAILOVER_TIMEOUT_MS:-15000}
@@ -88,7 +93,7 @@ CONF
     # Multi-target: Prometheus asks /scrape?target=redis://<member>:6379 for each
     # member. The password is read from REDIS_PASSWORD, never put on a command line.
     exec prometheus-redis-exporter -web.listen-address ":9121" \
-      -redis.addr "redis://${MASTER_HOST}:6379"
+      -redis.addr "redis://${MASTER_HOST}:${MASTER_PORT}"
     ;;
   *)
     echo "ROLE must be master, replica, sentinel or exporter (got '${ROLE}')" >&2
