@@ -23,6 +23,7 @@ import httpx
 import openai
 
 from bench.stacks import BASELINE_FRONTENDS, Baselines, OurStack
+from bench.stats import percentile
 from tests.failover import runner
 from tests.failover.load import Load, RequestRecord
 from tests.failover.runner import ScenarioResult, run_scenario, summarise
@@ -49,24 +50,63 @@ class BenchLoad(Load):
             )
 
 
+def in_flight_p99(records: list[dict[str, Any]], fault_at: float, healed_at: float) -> float | None:
+    """p99 latency of the requests in flight at any time during the fault (started
+    before it healed, ended after it began). The harness's p99_during_fault counts
+    only requests that *started* during it: a front-end whose clients all hang from
+    the first second on starts none, and would show nothing."""
+    lat = [
+        float(r["end"] - r["start"])
+        for r in records
+        if r["start"] <= healed_at and r["end"] >= fault_at
+    ]
+    return percentile(lat, 0.99)
+
+
 @dataclass
 class Trial:
     system: str
     fault: str
     trial: int
     result: ScenarioResult
+    # The fault hit the engine that carried this system's traffic (see Baselines.reset).
+    fault_on_serving_node: bool = True
+
+    @property
+    def recovered(self) -> float | None:
+        """Seconds from the fault until 100 % success, never below 0 (the harness
+        measures from the start of the first request after the last disturbed one,
+        which may have started before the fault)."""
+        r = self.result.recovered
+        return None if r is None else max(0.0, r)
+
+    @property
+    def p99_in_flight(self) -> float | None:
+        r = self.result
+        return in_flight_p99(r.records, r.fault_at, r.healed_at)
 
     def to_json(self) -> dict[str, Any]:
         data = self.result.to_json(with_records=False)
-        return {"system": self.system, **data}
+        return {
+            "system": self.system,
+            **data,
+            "recovered_clamped": self.recovered,
+            "p99_in_flight_during_fault": self.p99_in_flight,
+            "fault_on_serving_node": self.fault_on_serving_node,
+        }
+
+
+def _s(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _log(t: Trial) -> None:
     r = t.result
     print(
         f"  [{t.system} {t.fault} #{t.trial}] failed {r.nonstream_failed}/{r.stream_failed}"
-        f" (non-stream/stream) of {r.requests}, 100 % success after {r.recovered}"
-        f" s, p99 during fault {r.p99_during_fault:.2f} s",
+        f" (non-stream/stream) of {r.requests}, 100 % success after {_s(t.recovered)} s,"
+        f" p99 in flight during the fault {_s(t.p99_in_flight)} s"
+        + ("" if t.fault_on_serving_node else " (fault missed the serving engine)"),
         flush=True,
     )
 
@@ -98,10 +138,10 @@ async def run_baselines(base: Baselines, trials: int, concurrency: int) -> list[
             await load.take_references()
         for n in range(1, trials + 1):
             for name in BENCH_FAULTS:
-                await asyncio.to_thread(base.reset)
+                serving = await asyncio.to_thread(base.reset, BASELINE_NODE)
                 results = await _baseline_trial(base, name, n, loads)
                 for system, result in results.items():
-                    out.append(Trial(system, name, n, result))
+                    out.append(Trial(system, name, n, result, serving[system] == BASELINE_NODE))
                     _log(out[-1])
     finally:
         for load in loads.values():

@@ -26,6 +26,7 @@ import httpx
 from testcontainers.compose import DockerCompose
 
 from ha_agent.gateway.nginx_conf import render_template
+from tests.failover.load import PROMPTS
 from tests.support.stack import COMPOSE_DIR, NODES, ROOT, Stack, read_secrets
 
 OUR_FILES = ("compose.yaml", "compose.test.yaml", "bench.yaml")
@@ -201,18 +202,37 @@ class Baselines:
     def url(self, frontend: str) -> str:
         return f"http://{self.stack.ip(frontend)}:{FRONTEND_PORT}"
 
-    def reset(self, timeout: float = 90.0) -> None:
-        """Fresh front-ends and two healthy engines before a trial: no front-end
-        starts a trial remembering the previous one (Nginx's failed peer, the
-        router's circuit breaker or unhealthy mark)."""
+    def reset(
+        self, fault_node: str, timeout: float = 90.0, tries: int = 8
+    ) -> dict[str, str | None]:
+        """Fresh front-ends and two healthy engines before a trial, so no front-end
+        starts it remembering the previous one (Nginx's failed peer, the router's
+        circuit breaker or unhealthy mark); returns the engine that carries each
+        front-end's traffic.
+
+        SGLang's router at its default (cache-aware) policy pins each prompt prefix
+        to one worker, chosen by what its radix trees hold when the prefix first
+        comes; which worker that is varies from start to start. A front-end is
+        restarted until every prompt of the load goes to `fault_node` (at most
+        `tries` times), so that the fault hits the engine that carries its
+        traffic, as it hits the article's primary and our primary."""
         self.wait_engines(timeout)
-        self.compose.run("restart", "--timeout", "2", *BASELINE_FRONTENDS, timeout=120)
-        deadline = time.monotonic() + timeout
-        for frontend in BASELINE_FRONTENDS:
-            while not self._ready(frontend):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{frontend} not ready after {timeout}s")
-                time.sleep(0.2)
+        serving: dict[str, str | None] = {}
+        pending = list(BASELINE_FRONTENDS)
+        for _ in range(tries):
+            self.compose.run("restart", "--timeout", "2", *pending, timeout=120)
+            deadline = time.monotonic() + timeout
+            for frontend in pending:
+                while not self._ready(frontend):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{frontend} not ready after {timeout}s")
+                    time.sleep(0.2)
+            for frontend in pending:
+                serving[frontend] = self.serving_engine(frontend)
+            pending = [f for f in pending if serving[f] != fault_node]
+            if not pending:
+                break
+        return serving
 
     def wait_engines(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -223,14 +243,41 @@ class Baselines:
                 raise RuntimeError(f"baseline engines not healthy after {timeout}s")
             time.sleep(0.2)
 
+    def serving_engine(self, frontend: str) -> str | None:
+        """The engine that answered every probe through `frontend` (by the engines'
+        request counters), or None if they were split or one failed. The probes are
+        the failover load's own prompts, streamed and not, one at a time."""
+        before = self._served()
+        sent = 0
+        for i, prompt in enumerate(PROMPTS):
+            for stream in (False, True):
+                sent += 1
+                if not _generates(self.url(frontend), prompt, stream, seed=i):
+                    return None
+        after = self._served()
+        moved = {n: after[n] - before[n] for n in NODES}
+        full = [n for n, count in moved.items() if count == sent]
+        return full[0] if len(full) == 1 and sum(moved.values()) == sent else None
+
+    def _served(self) -> dict[str, float]:
+        out = {}
+        for node in NODES:
+            text = httpx.get(f"{self.stack.engine_url(node)}/metrics", timeout=2).text
+            out[node] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("sglang:num_requests_total")
+            )
+        return out
+
     def _ready(self, frontend: str) -> bool:
+        """Answering, without sending a generation (that would pick the router's worker)."""
         try:
             url = self.url(frontend)
             if frontend.startswith("router"):
                 workers = httpx.get(f"{url}/workers", timeout=1).json()["workers"]
-                if len(workers) != 2 or not all(w["is_healthy"] for w in workers):
-                    return False
-            return _generates(url)
+                return len(workers) == 2 and all(w["is_healthy"] for w in workers)
+            return _answers(f"{url}/health")
         except (httpx.HTTPError, ValueError, KeyError, LookupError):
             return False
 
@@ -245,7 +292,7 @@ def baselines() -> Iterator[Baselines]:
     try:
         compose.run("up", "-d", "--wait", "--wait-timeout", "180", timeout=300)
         b = Baselines(_stack(compose), compose)
-        b.reset()
+        b.wait_engines(90.0)
         yield b
     finally:
         _release_faults(compose)
@@ -262,18 +309,18 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _generates(base: str) -> bool:
+def _generates(base: str, prompt: str = "ping", stream: bool = False, seed: int = 0) -> bool:
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 2,
+        "temperature": 0,
+        "seed": seed,
+        "stream": stream,
+    }
     try:
-        r = httpx.post(
-            f"{base}/v1/chat/completions",
-            json={
-                "model": "default",
-                "messages": [{"role": "user", "content": "ping"}],
-                "max_tokens": 2,
-            },
-            timeout=5,
-        )
-        return r.status_code == 200
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=5)
+        return r.status_code == 200 and (not stream or r.text.endswith("data: [DONE]\n\n"))
     except httpx.HTTPError:
         return False
 

@@ -465,7 +465,7 @@ def render(results: list[Check]) -> str:
     for c in results:
         mark = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIP"}[c.status]
         lines.append(f"{c.number}. {mark:4}  {c.name:24} {c.seen}")
-        if c.status == "fail" and c.advice:
+        if c.status in ("fail", "skipped") and c.advice:
             lines.append(f"          → {c.advice}")
     return "\n".join(lines)
 

@@ -1,0 +1,197 @@
+"""The benchmark's pure logic: statistics, ratios, the run plan, rendered configs.
+
+No containers and no timing: rows are made up, numbers are exact.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from bench.failover import Trial, in_flight_p99
+from bench.overhead import PATHS, OverheadConfig, aggregate, plan
+from bench.stacks import direct_nginx_conf, pick_subnet
+from bench.stats import (
+    RoundWindow,
+    cell_stats,
+    compare,
+    median_range,
+    percentile,
+    request_itl,
+    window_rates,
+)
+from tests.failover.load import RequestRecord
+from tests.failover.runner import summarise
+from tests.failover.scenarios import Fault
+from tests.support.stack import ROOT
+
+
+def row(
+    start: float,
+    end: float,
+    ok: bool = True,
+    warm: bool = False,
+    tokens: int = 10,
+    ttft: float | None = None,
+    last: float | None = None,
+) -> list[Any]:
+    return [start, end, ok, warm, tokens, ttft, last, None if ok else "boom"]
+
+
+def test_percentile_interpolates_and_handles_edges() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([4.0, 1.0, 3.0, 2.0], 1.0) == 4.0
+    assert percentile([1.0, 2.0], 0.0) == 1.0
+    with pytest.raises(ValueError):
+        percentile([1.0], 1.5)
+
+
+def test_request_itl_is_the_mean_gap_between_first_and_last_token() -> None:
+    # started at 1.0, first token 0.1 s later, 11th token at 2.1: 10 gaps of 0.1 s
+    assert request_itl(row(1.0, 2.2, tokens=11, ttft=0.1, last=2.1)) == pytest.approx(0.1)
+    assert request_itl(row(0.0, 1.0, tokens=1, ttft=0.1, last=0.1)) is None
+    assert request_itl(row(0.0, 1.0)) is None  # non-streaming
+
+
+def test_window_rates_spread_each_request_over_its_life() -> None:
+    # one request of 10 tokens over [0, 2], window [1, 3]: half of it falls inside
+    tps, rps = window_rates([row(0.0, 2.0, tokens=10)], (1.0, 3.0))
+    assert tps == pytest.approx(2.5)  # 5 tokens / 2 s
+    assert rps == pytest.approx(0.25)
+    # failed requests did no useful work
+    assert window_rates([row(0.0, 2.0, ok=False)], (0.0, 2.0)) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        window_rates([], (2.0, 2.0))
+
+
+def test_window_rates_equal_the_steady_rate_of_a_closed_loop() -> None:
+    # one worker, back-to-back requests of 0.3 s and 6 tokens: 20 tokens/s exactly,
+    # whatever the window's edges cut
+    rows = [row(i * 0.3, (i + 1) * 0.3, tokens=6) for i in range(40)]
+    tps, rps = window_rates(rows, (1.05, 9.05))
+    assert tps == pytest.approx(20.0)
+    assert rps == pytest.approx(1 / 0.3)
+
+
+def test_cell_stats_use_only_measured_requests_for_latency() -> None:
+    rows = [
+        row(0.1, 5.0, warm=True),  # warm-up: a slow first connection, left out
+        row(1.0, 1.5, ttft=0.05, last=1.45, tokens=10),
+        row(1.5, 2.5, ttft=0.15, last=2.4, tokens=10),
+        row(2.5, 3.0, ok=False),
+        row(3.5, 4.0),  # starts after the window: left out
+    ]
+    s = cell_stats([RoundWindow(rows, (1.0, 3.0))])
+    assert s.requests == 3
+    assert s.errors == 1
+    assert s.latency_p50 == pytest.approx(0.75)
+    assert s.ttft_p50 == pytest.approx(0.1)
+    assert s.itl_p50 is not None
+
+
+def test_compare_gives_ratios_and_added_milliseconds() -> None:
+    direct = cell_stats(
+        [RoundWindow([row(i * 0.5, (i + 1) * 0.5, tokens=10) for i in range(10)], (0.0, 5.0))]
+    )
+    slower = cell_stats(
+        [RoundWindow([row(i * 0.51, (i + 1) * 0.51, tokens=10) for i in range(10)], (0.0, 5.0))]
+    )
+    c = compare(slower, direct)
+    assert c.latency_p50_ratio == pytest.approx(1.02)
+    assert c.added_latency_p50_ms == pytest.approx(10.0)
+    assert c.throughput_ratio == pytest.approx(0.5 / 0.51, rel=1e-3)
+    assert c.throughput_ratio_range is not None
+    assert c.ttft_p50_ratio is None  # non-streaming: no TTFT to compare
+
+
+def test_median_range() -> None:
+    assert median_range([None, None]) is None
+    assert median_range([3.0, None, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+
+
+def test_plan_rotates_paths_and_bounds_every_run() -> None:
+    urls = {p: f"http://{p}" for p in PATHS}
+    cfg = OverheadConfig(concurrencies=(1, 64), rounds=3, duration=2.0)
+    specs = plan(urls, cfg)
+    assert len(specs) == 2 * 2 * 3 * len(PATHS)
+    first_rounds = [s.path for s in specs[:9]]
+    rotation = ["direct", "nginx", "relay", "nginx", "relay", "direct", "relay", "direct", "nginx"]
+    assert first_rounds == rotation
+    assert all(s.url == urls[s.path] for s in specs)
+    assert all(s.max_requests >= 100 * s.concurrency and s.timeout > 0 for s in specs)
+
+
+def test_aggregate_compares_every_path_with_direct_of_the_same_cell() -> None:
+    runs = []
+    for path, latency in (("direct", 0.5), ("nginx", 0.5), ("relay", 0.55)):
+        rows = [row(i * latency, (i + 1) * latency, tokens=8) for i in range(12)]
+        runs.append(
+            {
+                "spec": {"stream": False, "concurrency": 1, "path": path},
+                "window": [0.0, 5.0],
+                "samples": rows,
+            }
+        )
+    cells = {c.path: c for c in aggregate(runs)}
+    assert cells["direct"].vs_direct is None
+    assert cells["nginx"].vs_direct is not None
+    assert cells["nginx"].vs_direct.latency_p50_ratio == pytest.approx(1.0)
+    relay = cells["relay"].vs_direct
+    assert relay is not None and relay.added_latency_p50_ms == pytest.approx(50.0)
+
+
+def test_direct_nginx_conf_swaps_the_relay_for_the_engine_only() -> None:
+    template = (ROOT / "nginx" / "nginx.conf.template").read_text()
+    conf = direct_nginx_conf(template, "node-1:30000")
+    assert "server node-1:30000 max_fails=1 fail_timeout=2s;" in conf
+    assert "127.0.0.1:8001" not in conf
+    assert "nginx-backup-servers.conf" not in conf
+    assert not re.search(r"@[A-Z][A-Z0-9_]*@", conf)  # every placeholder rendered
+    # the rest of the gateway's proxying is unchanged
+    for directive in ("proxy_buffering off;", "keepalive 256;", "proxy_http_version 1.1;"):
+        assert directive in conf
+    with pytest.raises(ValueError):
+        direct_nginx_conf("events {}\n", "node-1:30000")
+
+
+def test_pick_subnet_avoids_every_overlap() -> None:
+    assert pick_subnet([]) == "10.213.0"
+    assert pick_subnet(["10.213.0.0/24", "10.213.1.0/25"]) == "10.213.2"
+    assert pick_subnet(["10.0.0.0/8"], prefix="172.31") == "172.31.0"
+    with pytest.raises(RuntimeError):
+        pick_subnet(["10.213.0.0/16"])
+
+
+def test_in_flight_p99_counts_requests_that_hung_through_the_fault() -> None:
+    records = [
+        {"start": 0.0, "end": 1.0},  # done before the fault at 2.0
+        {"start": 1.5, "end": 11.0},  # hung through it
+        {"start": 3.0, "end": 3.5},  # started during it
+        {"start": 12.0, "end": 12.5},  # after it healed at 10.0
+    ]
+    assert in_flight_p99(records, 2.0, 10.0) == pytest.approx(9.5 - (9.5 - 0.5) * 0.01)
+    assert in_flight_p99(records[:1], 2.0, 10.0) is None
+
+
+def test_trial_recovery_is_never_negative() -> None:
+    result = summarise(
+        Fault("f", "test fault", lambda s, n: None, lambda s, n: None, target_recovery=3.0),
+        1,
+        "a",
+        "b",
+        10.0,
+        18.0,
+        [
+            RequestRecord(9.0, 9.5, False, True, None),
+            RequestRecord(9.6, 10.1, False, True, "b"),
+            RequestRecord(9.8, 10.2, False, False, "b", error="HTTP 502"),
+            RequestRecord(9.9, 10.3, False, True, "b"),
+        ],
+        [],
+    )
+    assert result.recovered is not None and result.recovered < 0
+    assert Trial("nginx-article", "f", 1, result).recovered == 0.0
