@@ -80,6 +80,16 @@ alerts-lint:  ## promtool check rules + check config (alert rules and scrape con
 promtool: alerts-lint  ## alerts-lint, then the alert rules' unit tests (prometheus/tests)
 	promtool test rules prometheus/tests/*.yaml
 
+# --- benchmark -------------------------------------------------------------------------
+# Path overhead (direct / Nginx / Nginx + relay) and failover against the article's
+# Nginx and SGLang's router, in one run: bench/results/ and docs/benchmarks.md.
+# The lock serialises load-generating runs on a shared host (timings stay honest).
+.PHONY: bench
+BENCH_TRIALS ?= 2
+DOCKER_LOCK  ?= /tmp/sglang-ha-docker.lock
+bench: venv docker secrets  ## path overhead + failover vs baselines, $(BENCH_TRIALS) trials (~13 min)
+	flock $(DOCKER_LOCK) $(PY) -m bench --trials $(BENCH_TRIALS) --out bench/results
+
 .PHONY: clean
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache reports

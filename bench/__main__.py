@@ -151,6 +151,7 @@ def _write_failover(
                     "fault": t.fault,
                     "trial": t.trial,
                     "records": t.result.records,
+                    "probe_records": t.probe.records if t.probe else [],
                 }
                 for t in trials
             ]

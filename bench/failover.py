@@ -15,6 +15,7 @@ latency of the requests that started while the fault lasted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -63,12 +64,34 @@ def in_flight_p99(records: list[dict[str, Any]], fault_at: float, healed_at: flo
     return percentile(lat, 0.99)
 
 
+class Probe:
+    """Open-loop probe: a new request every `interval` seconds, whatever happened to
+    the previous ones (streams and not, alternately). The closed-loop load cannot
+    show when a front-end serves new requests again while all its clients are
+    stuck in requests to a frozen engine; the probe can."""
+
+    def __init__(self, load: BenchLoad, interval: float = 0.25, max_requests: int = 1000) -> None:
+        self.load = load
+        self.interval = interval
+        self.max_requests = max_requests
+
+    async def run(self, stop: asyncio.Event) -> list[RequestRecord]:
+        tasks: list[asyncio.Future[RequestRecord]] = []
+        while not stop.is_set() and len(tasks) < self.max_requests:
+            i = len(tasks)
+            tasks.append(asyncio.ensure_future(self.load._one(i, stream=i % 2 == 0)))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval)
+        return list(await asyncio.gather(*tasks))
+
+
 @dataclass
 class Trial:
     system: str
     fault: str
     trial: int
-    result: ScenarioResult
+    result: ScenarioResult  # the closed-loop load, summarised by the harness
+    probe: ScenarioResult | None = None  # the open-loop probe, same summary
     # The fault hit the engine that carried this system's traffic (see Baselines.reset).
     fault_on_serving_node: bool = True
 
@@ -77,8 +100,11 @@ class Trial:
         """Seconds from the fault until 100 % success, never below 0 (the harness
         measures from the start of the first request after the last disturbed one,
         which may have started before the fault)."""
-        r = self.result.recovered
-        return None if r is None else max(0.0, r)
+        return _clamp(self.result.recovered)
+
+    @property
+    def probe_recovered(self) -> float | None:
+        return None if self.probe is None else _clamp(self.probe.recovered)
 
     @property
     def p99_in_flight(self) -> float | None:
@@ -87,13 +113,26 @@ class Trial:
 
     def to_json(self) -> dict[str, Any]:
         data = self.result.to_json(with_records=False)
+        probe = self.probe
         return {
             "system": self.system,
             **data,
             "recovered_clamped": self.recovered,
             "p99_in_flight_during_fault": self.p99_in_flight,
             "fault_on_serving_node": self.fault_on_serving_node,
+            "probe": None
+            if probe is None
+            else {
+                "requests": probe.requests,
+                "nonstream_failed": probe.nonstream_failed,
+                "stream_failed": probe.stream_failed,
+                "recovered_clamped": self.probe_recovered,
+            },
         }
+
+
+def _clamp(value: float | None) -> float | None:
+    return None if value is None else max(0.0, value)
 
 
 def _s(value: float | None) -> str:
@@ -104,8 +143,9 @@ def _log(t: Trial) -> None:
     r = t.result
     print(
         f"  [{t.system} {t.fault} #{t.trial}] failed {r.nonstream_failed}/{r.stream_failed}"
-        f" (non-stream/stream) of {r.requests}, 100 % success after {_s(t.recovered)} s,"
-        f" p99 in flight during the fault {_s(t.p99_in_flight)} s"
+        f" (non-stream/stream) of {r.requests}; 100 % success after {_s(t.recovered)} s"
+        f" (new requests: {_s(t.probe_recovered)} s); p99 in flight during the fault"
+        f" {_s(t.p99_in_flight)} s"
         + ("" if t.fault_on_serving_node else " (fault missed the serving engine)"),
         flush=True,
     )
@@ -113,17 +153,41 @@ def _log(t: Trial) -> None:
 
 async def run_ours(ours: OurStack, trials: int, concurrency: int) -> list[Trial]:
     load = BenchLoad(ours.stack.gateway_url, concurrency=concurrency)
+    probe = Probe(BenchLoad(ours.stack.gateway_url, concurrency=1, clock_zero=load.zero))
     out: list[Trial] = []
     try:
         await load.take_references()
         for n in range(1, trials + 1):
             for name in BENCH_FAULTS:
-                result = await run_scenario(ours.stack, FAULTS[name], n, load)
-                out.append(Trial("sglang-ha", name, n, result))
+                stop = asyncio.Event()
+                probing = asyncio.ensure_future(probe.run(stop))
+                try:
+                    result = await run_scenario(ours.stack, FAULTS[name], n, load)
+                finally:
+                    stop.set()
+                    probes = await probing
+                out.append(Trial("sglang-ha", name, n, result, _summary(name, n, result, probes)))
                 _log(out[-1])
     finally:
         await load.close()
+        await probe.load.close()
     return out
+
+
+def _summary(
+    name: str, n: int, main: ScenarioResult, records: list[RequestRecord]
+) -> ScenarioResult:
+    """The harness's summary of other records over the same fault timeline."""
+    return summarise(
+        FAULTS[name],
+        n,
+        main.primary_before,
+        BASELINE_OTHER,
+        main.fault_at,
+        main.healed_at,
+        records,
+        [],
+    )
 
 
 async def run_baselines(base: Baselines, trials: int, concurrency: int) -> list[Trial]:
@@ -132,6 +196,9 @@ async def run_baselines(base: Baselines, trials: int, concurrency: int) -> list[
         f: BenchLoad(base.url(f), concurrency=concurrency, clock_zero=zero)
         for f in BASELINE_FRONTENDS
     }
+    probes = {
+        f: Probe(BenchLoad(base.url(f), concurrency=1, clock_zero=zero)) for f in BASELINE_FRONTENDS
+    }
     out: list[Trial] = []
     try:
         for load in loads.values():
@@ -139,24 +206,30 @@ async def run_baselines(base: Baselines, trials: int, concurrency: int) -> list[
         for n in range(1, trials + 1):
             for name in BENCH_FAULTS:
                 serving = await asyncio.to_thread(base.reset, BASELINE_NODE)
-                results = await _baseline_trial(base, name, n, loads)
-                for system, result in results.items():
-                    out.append(Trial(system, name, n, result, serving[system] == BASELINE_NODE))
+                results = await _baseline_trial(base, name, n, loads, probes)
+                for system, (result, probe) in results.items():
+                    on_node = serving.get(system) == BASELINE_NODE
+                    out.append(Trial(system, name, n, result, probe, on_node))
                     _log(out[-1])
     finally:
-        for load in loads.values():
-            await load.close()
+        for x in [*loads.values(), *(p.load for p in probes.values())]:
+            await x.close()
     return out
 
 
 async def _baseline_trial(
-    base: Baselines, name: str, n: int, loads: dict[str, BenchLoad]
-) -> dict[str, ScenarioResult]:
+    base: Baselines,
+    name: str,
+    n: int,
+    loads: dict[str, BenchLoad],
+    probes: dict[str, Probe],
+) -> dict[str, tuple[ScenarioResult, ScenarioResult]]:
     fault = FAULTS[name]
     stop = asyncio.Event()
     for load in loads.values():
         load.records = []
     tasks = {f: asyncio.ensure_future(load.run(stop)) for f, load in loads.items()}
+    probing = {f: asyncio.ensure_future(p.run(stop)) for f, p in probes.items()}
     clock = next(iter(loads.values()))
     await asyncio.sleep(runner.WARMUP)
     fault_at = clock.now()
@@ -175,11 +248,20 @@ async def _baseline_trial(
     stop.set()
     results = {}
     for frontend, task in tasks.items():
-        records = await task
         # No agents to sample: detection and promotion do not exist here.
-        result = summarise(
-            fault, n, BASELINE_NODE, BASELINE_OTHER, fault_at, healed_at, records, []
+        main = summarise(
+            fault, n, BASELINE_NODE, BASELINE_OTHER, fault_at, healed_at, await task, []
         )
-        result.errors = errors + result.errors
-        results[frontend] = result
+        main.errors = errors + main.errors
+        probe = summarise(
+            fault,
+            n,
+            BASELINE_NODE,
+            BASELINE_OTHER,
+            fault_at,
+            healed_at,
+            await probing[frontend],
+            [],
+        )
+        results[frontend] = (main, probe)
     return results

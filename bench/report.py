@@ -158,9 +158,9 @@ def _dist(values: list[float | None], digits: int = 2) -> str:
 def failover_markdown(trials: list[Trial], hold: float, observe: float, concurrency: int) -> str:
     lines = [
         "| fault | system | trials | requests | failed non-stream | failed streams |"
-        " 100 % success after s, median (range) | p99 latency in flight during the fault s,"
-        " median (range) |",
-        "|---|---|---|---|---|---|---|---|",
+        " 100 % success after s, median (range) | new requests all OK after s (open-loop"
+        " probe; failed) | p99 latency in flight during the fault s, median (range) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for fault in BENCH_FAULTS:
         for system in SYSTEMS:
@@ -172,12 +172,16 @@ def failover_markdown(trials: list[Trial], hold: float, observe: float, concurre
             rec = _dist([t.recovered for t in ts])
             if never:
                 rec += f"; not within the run in {never}"
+            probe_failed = sum(
+                t.probe.nonstream_failed + t.probe.stream_failed for t in ts if t.probe
+            )
             missed = sum(1 for t in ts if not t.fault_on_serving_node)
             note = f" ({missed} with the fault off its serving engine)" if missed else ""
             lines.append(
                 f"| {FAULT_LABELS[fault]} | {SYSTEM_LABELS[system]}{note} | {len(ts)} |"
                 f" {sum(r.requests for r in rs)} | {sum(r.nonstream_failed for r in rs)} |"
                 f" {sum(r.stream_failed for r in rs)} | {rec} |"
+                f" {_dist([t.probe_recovered for t in ts])}; {probe_failed} |"
                 f" {_dist([t.p99_in_flight for t in ts])} |"
             )
     lines += [
@@ -188,7 +192,14 @@ def failover_markdown(trials: list[Trial], hold: float, observe: float, concurre
         " failover harness's `recovered`: from then on every request that starts succeeds"
         " and is not slowed down (failed, or a stream gap > 2 × the pre-fault p99 gap"
         " + 0.3 s, or a latency > 1.5 × the pre-fault p99 + 0.3 s). A value at or above"
-        f" {hold:g} s means the system only recovered because the fault was healed.",
+        f" {hold:g} s means the system only recovered because the fault was healed."
+        " The load is a closed loop: a client waits for its answer before it sends"
+        " the next request, so while every client hangs on a frozen engine no new"
+        " request shows whether the front-end would serve it. The open-loop probe"
+        " (one request every 0.25 s, streams and not alternately, same definition of"
+        ' disturbed) answers that. "In flight during the fault": started before it'
+        " healed and ended after it began. Failed streams include streams cut"
+        " mid-answer.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -240,27 +251,35 @@ def plot_failover(trials: list[Trial], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     systems = [s for s in SYSTEMS if any(t.system == s for t in trials)]
     width = 0.8 / max(len(systems), 1)
     for k, system in enumerate(systems):
-        failed, recovered = [], []
+        failed, recovered, probed = [], [], []
         for fault in BENCH_FAULTS:
             ts = [t for t in trials if t.fault == fault and t.system == system]
             failed.append(sum(t.result.nonstream_failed + t.result.stream_failed for t in ts))
-            mr = median_range([t.recovered for t in ts])
-            recovered.append(mr[0] if mr else 0.0)
+            for values, series in (
+                ([t.recovered for t in ts], recovered),
+                ([t.probe_recovered for t in ts], probed),
+            ):
+                mr = median_range(values)
+                series.append(mr[0] if mr else 0.0)
         xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(BENCH_FAULTS))]
-        axes[0].bar(xs, failed, width, label=SYSTEM_LABELS[system])
-        axes[1].bar(xs, recovered, width, label=SYSTEM_LABELS[system])
+        for ax, series in zip(axes, (failed, recovered, probed), strict=True):
+            ax.bar(xs, series, width, label=SYSTEM_LABELS[system])
     labels = [FAULT_LABELS[f].split(" (")[0] for f in BENCH_FAULTS]
     for ax, title in zip(
         axes,
-        ("failed requests (all trials)", "seconds until 100 % success (median)"),
+        (
+            "failed requests (all trials)",
+            "s until 100 % success, closed-loop load (median)",
+            "s until new requests all OK, open-loop probe (median)",
+        ),
         strict=True,
     ):
         ax.set_xticks(range(len(BENCH_FAULTS)), labels, fontsize=8)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
