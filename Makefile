@@ -56,9 +56,9 @@ verify: venv  ## the pre-production checklist against the running stack (DISRUPT
 test: lint unit test-integration  ## everything CI runs: lint, unit, integration + failover scenarios
 
 lint: venv  ## ruff and mypy
-	$(PY) -m ruff check ha_agent tests
-	$(PY) -m ruff format --check ha_agent tests
-	$(PY) -m mypy ha_agent
+	$(PY) -m ruff check ha_agent bench tests
+	$(PY) -m ruff format --check ha_agent bench tests
+	$(PY) -m mypy ha_agent bench tests/support tests/failover
 
 unit: venv  ## unit tests (real Redis where a test needs one)
 	scripts/ensure-test-tools.sh

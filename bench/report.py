@@ -255,7 +255,9 @@ def plot_failover(trials: list[Trial], path: Path) -> None:
     systems = [s for s in SYSTEMS if any(t.system == s for t in trials)]
     width = 0.8 / max(len(systems), 1)
     for k, system in enumerate(systems):
-        failed, recovered, probed = [], [], []
+        failed: list[int] = []
+        recovered: list[float] = []
+        probed: list[float] = []
         for fault in BENCH_FAULTS:
             ts = [t for t in trials if t.fault == fault and t.system == system]
             failed.append(sum(t.result.nonstream_failed + t.result.stream_failed for t in ts))
@@ -266,8 +268,9 @@ def plot_failover(trials: list[Trial], path: Path) -> None:
                 mr = median_range(values)
                 series.append(mr[0] if mr else 0.0)
         xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(BENCH_FAULTS))]
-        for ax, series in zip(axes, (failed, recovered, probed), strict=True):
-            ax.bar(xs, series, width, label=SYSTEM_LABELS[system])
+        bars: tuple[list[int], list[float], list[float]] = (failed, recovered, probed)
+        for ax, heights in zip(axes, bars, strict=True):
+            ax.bar(xs, heights, width, label=SYSTEM_LABELS[system])
     labels = [FAULT_LABELS[f].split(" (")[0] for f in BENCH_FAULTS]
     for ax, title in zip(
         axes,

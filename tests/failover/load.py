@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import openai
+from openai import AsyncStream
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 PROMPTS = [
     "Explain leader leases in two sentences.",
@@ -48,7 +50,7 @@ class RequestRecord:
         return asdict(self)
 
 
-def _messages(i: int) -> list[dict[str, str]]:
+def _messages(i: int) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
 
 
@@ -80,7 +82,7 @@ class Load:
             reply = await self.client.chat.completions.create(
                 model="default",
                 messages=_messages(i),
-                max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+                max_tokens=MAX_TOKENS,
                 temperature=0,
                 seed=i,
             )
@@ -98,7 +100,7 @@ class Load:
                 raw = await self.client.chat.completions.with_raw_response.create(
                     model="default",
                     messages=_messages(prompt),
-                    max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+                    max_tokens=MAX_TOKENS,
                     temperature=0,
                     seed=prompt,
                 )
@@ -122,13 +124,14 @@ class Load:
         async with self.client.chat.completions.with_streaming_response.create(
             model="default",
             messages=_messages(prompt),
-            max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+            max_tokens=MAX_TOKENS,
             temperature=0,
             seed=prompt,
             stream=True,
         ) as response:
             node = response.headers.get("x-sglang-ha-node")
-            async for chunk in await response.parse():
+            chunks: AsyncStream[ChatCompletionChunk] = await response.parse()
+            async for chunk in chunks:
                 now = self.now()
                 if ttft is None:
                     ttft = now - start

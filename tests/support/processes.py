@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -156,7 +157,7 @@ def sentinels(
             )
             ports.append(port)
         for port in ports:
-            wait_until(lambda p=port: _connectable(p), timeout=10, what=f"sentinel on {port}")
+            wait_until(partial(_connectable, port), timeout=10, what=f"sentinel on {port}")
         yield SentinelSet(master, ports, procs)
     finally:
         for proc in procs:
