@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             if "overhead" in phases:
                 t = time.monotonic()
                 print(f"== path overhead: {ours.urls()}", flush=True)
-                cells, runs = overhead.run(ours.urls(), cfg)
+                cells, runs = overhead.run(ours.urls(), cfg, ours.cpu_files())
                 phase_done("overhead", t)
                 _write_overhead(args.out, meta, cfg, cells, runs)
             if "ours" in phases:

@@ -24,6 +24,8 @@ from typing import Any
 
 import aiohttp
 
+from bench.cpu import CpuMeter
+
 # A content delta of the OpenAI chat stream (the role chunk and the finish chunk
 # do not match): SGLang and the simulator serialise compactly, so one pattern
 # counts tokens without parsing each event.
@@ -72,11 +74,13 @@ class RunResult:
     spec: RunSpec
     window: tuple[float, float]  # measured interval, from the run's start
     samples: list[Sample] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used, measured interval
 
     def to_json(self) -> dict[str, Any]:
         return {
             "spec": asdict(self.spec),
             "window": list(self.window),
+            "cpu": self.cpu,
             # Compact rows: [start, end, ok, warm, tokens, ttft, last_token, error]
             "samples": [
                 [
@@ -154,7 +158,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, sample: Sample, zero: float
         sample.error = "stream ended without [DONE]"
 
 
-async def run(spec: RunSpec) -> RunResult:
+async def run(spec: RunSpec, meter: CpuMeter | None = None) -> RunResult:
     connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=spec.timeout)
     zero = time.monotonic()
@@ -170,17 +174,23 @@ async def run(spec: RunSpec) -> RunResult:
             result.samples.append(await _one(session, spec, i, zero, spec.warmup))
             i += spec.concurrency
 
+    if meter is not None:  # from the end of the warm-up to the last answer
+        asyncio.get_running_loop().call_later(spec.warmup, meter.start)
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)
     ) as session:
         await asyncio.gather(*(worker(w, session) for w in range(spec.concurrency)))
+    if meter is not None:
+        result.cpu = meter.cores()
     return result
 
 
-async def run_plan(specs: list[RunSpec], pause: float) -> list[RunResult]:
+async def run_plan(
+    specs: list[RunSpec], pause: float, meter: CpuMeter | None = None
+) -> list[RunResult]:
     results = []
     for spec in specs:
-        results.append(await run(spec))
+        results.append(await run(spec, meter))
         print(f"  {spec.name}: {len(results[-1].samples)} requests", flush=True)
         await asyncio.sleep(pause)  # let the last connections close before the next run
     return results
@@ -191,14 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("plan", type=Path, help="JSON list of RunSpec objects")
     parser.add_argument("out", type=Path)
     parser.add_argument("--pause", type=float, default=0.3)
+    parser.add_argument(
+        "--cpu", type=Path, help="JSON {name: cgroup CPU file}: CPU used by each, per run"
+    )
     args = parser.parse_args(argv)
     specs = [RunSpec(**item) for item in json.loads(args.plan.read_text())]
+    meter = CpuMeter(json.loads(args.cpu.read_text())) if args.cpu else None
     try:
         import uvloop
 
-        results = uvloop.run(run_plan(specs, args.pause))
+        results = uvloop.run(run_plan(specs, args.pause, meter))
     except ImportError:  # pragma: no cover - a dependency on Linux
-        results = asyncio.run(run_plan(specs, args.pause))
+        results = asyncio.run(run_plan(specs, args.pause, meter))
     args.out.write_text(json.dumps([r.to_json() for r in results]))
     return 0
 

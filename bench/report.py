@@ -134,6 +134,7 @@ def overhead_markdown(cells: list[Cell], cfg: OverheadConfig, engine: dict[str, 
             f"- throughput ≥ 95 % of direct: {t['throughput_ratio'] * 100:.1f} %"
             f" — **{'met' if t['throughput_target_met'] else 'missed'}**",
         ]
+    lines += cpu_markdown(rows)
     lines += [
         "",
         f"Load: closed loop, `/v1/chat/completions`, {cfg.max_tokens} tokens per request"
@@ -143,6 +144,26 @@ def overhead_markdown(cells: list[Cell], cfg: OverheadConfig, engine: dict[str, 
         " latencies, higher for tokens/s).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def cpu_markdown(rows: list[Cell]) -> list[str]:
+    """Cores each part used during the runs: is the path slow, or the machine full?"""
+    measured = [c for c in rows if c.cpu]
+    if not measured:
+        return []
+    parts = sorted({name for c in measured for name in c.cpu} - {"host"})
+    lines = [
+        "",
+        "CPU used during the measured runs, in cores (mean of the rounds; `host` is"
+        " every process on the machine, all cores):",
+        "",
+        "| mode | conc. | path | host | " + " | ".join(parts) + " |",
+        "|---|---|---|---|" + "---|" * len(parts),
+    ]
+    for c in measured:
+        values = [f"{c.cpu[p]:.2f}" if p in c.cpu else "—" for p in ["host", *parts]]
+        lines.append(f"| {c.mode} | {c.concurrency} | {c.path} | " + " | ".join(values) + " |")
+    return lines
 
 
 def _dist(values: list[float | None], digits: int = 2) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 from testcontainers.compose import DockerCompose
 
+from bench.cpu import container_cpu_file
 from ha_agent.gateway.nginx_conf import render_template
 from tests.failover.load import PROMPTS
 from tests.support.stack import COMPOSE_DIR, NODES, ROOT, Stack, read_secrets
@@ -117,6 +118,22 @@ class OurStack:
             "nginx": f"http://{s.ip('nginx-direct')}:{FRONTEND_PORT}",
             "relay": f"http://{s.ip('gateway')}:{FRONTEND_PORT}",
         }
+
+    def cpu_files(self) -> dict[str, str]:
+        """Where the kernel counts each part's CPU time (see bench.cpu)."""
+        standby = next(n for n in NODES if n != self.primary)
+        parts = {
+            "primary node": NODES[self.primary],
+            "standby node": NODES[standby],
+            "gateway (Nginx + relay)": "gateway",
+            "nginx-direct": "nginx-direct",
+        }
+        out = {}
+        for name, service in parts.items():
+            path = container_cpu_file(self.stack.container(service).id)
+            if path:
+                out[name] = path
+        return out
 
 
 @contextlib.contextmanager

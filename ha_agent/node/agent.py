@@ -49,7 +49,13 @@ class NodeAgent:
         self.metrics = AgentMetrics()
         self.monitor = HealthMonitor(settings, EngineClient(settings.engine_url), self.process)
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
-        self.peers = PeerClient(timeout=min(settings.retry_timeout, 0.5), admin_token=token)
+        # Acks get what a store operation gets (retry_timeout): asked only when the
+        # store is away, and the lease's safety margin already covers that much.
+        self.peers = PeerClient(
+            timeout=min(settings.retry_timeout, 0.5),
+            admin_token=token,
+            ack_budget=settings.retry_timeout,
+        )
         self.ha = Ha(settings, self.store, self.monitor, self.events, self.peers)
         self.metrics.attach(self.ha)
         self.api = AgentApi(self.ha, self.metrics, TokenAuth(token, self.metrics.auth_rejected))

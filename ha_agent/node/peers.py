@@ -10,10 +10,15 @@ import aiohttp
 
 from ha_agent.resolver import CachingResolver
 
+RETRY_PAUSE = 0.05
+
 
 class PeerClient:
-    def __init__(self, timeout: float, admin_token: str | None) -> None:
+    def __init__(
+        self, timeout: float, admin_token: str | None, ack_budget: float | None = None
+    ) -> None:
         self.timeout = timeout
+        self.ack_budget = timeout if ack_budget is None else ack_budget
         self._headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -37,15 +42,29 @@ class PeerClient:
         return None
 
     async def failsafe_ack(self, api_url: str, node: str, epoch: int) -> bool:
-        """Ask a peer to acknowledge us as primary while the store is away."""
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            async with self._http().post(
-                f"{api_url.rstrip('/')}/ha/failsafe",
-                json={"leader": node, "epoch": epoch},
-                headers=self._headers,
-            ) as resp:
-                return resp.status == 200
-        return False
+        """Ask a peer to acknowledge us as primary while the store is away.
+
+        A peer that answers refuses or grants at once. One that does not answer is
+        asked again until `ack_budget` is spent: a single lost answer (a pooled
+        connection the peer's restart left dead, a peer slowed by a busy host) must
+        not fence a healthy primary whose lease has no slack left to wait a cycle.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_budget
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                async with self._http().post(
+                    f"{api_url.rstrip('/')}/ha/failsafe",
+                    json={"leader": node, "epoch": epoch},
+                    headers=self._headers,
+                    timeout=aiohttp.ClientTimeout(total=max(min(self.timeout, remaining), 0.05)),
+                ) as resp:
+                    return resp.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                if deadline - loop.time() < RETRY_PAUSE * 2:
+                    return False
+                await asyncio.sleep(RETRY_PAUSE)
 
     async def post(
         self, api_url: str, path: str, body: dict[str, Any]

@@ -2,7 +2,8 @@
 # Start the engine in the foreground for supervisord. The first line marks a new run
 # in the stderr log, so the agent reads only this run's output (OOM detection).
 set -eu
-echo "sglang-ha: engine starting (ENGINE=${ENGINE})" >&2
+# exec keeps the pid: the marker names the engine process that supervisord reports.
+echo "sglang-ha: engine starting ENGINE=${ENGINE} (pid $$)" >&2
 case "${ENGINE}" in
   simulator)
     exec sglang-ha-sim --host 0.0.0.0 --port "${ENGINE_PORT}"

@@ -184,12 +184,21 @@ class Stack:
         c = self.container(NODES[node])
         c.reload()
         pid = str(c.attrs["State"]["Pid"])
-        subprocess.run(
-            ["nsenter", "-t", pid, "-n", "ip", "link", "set", "eth0", state],
-            check=True,
-            capture_output=True,
-            timeout=10,
-        )
+        steps = [["link", "set", "eth0", state]]
+        if state == "up":
+            # The kernel drops the default route with the link and does not restore
+            # it; a real host's network manager does. Without it, lookups of names
+            # Docker's DNS does not know (a stopped container) hang instead of
+            # failing, and that leaked into every later test on this stack.
+            gateway = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["Gateway"]
+            steps.append(["route", "replace", "default", "via", gateway, "dev", "eth0"])
+        for step in steps:
+            subprocess.run(
+                ["nsenter", "-t", pid, "-n", "ip", *step],
+                check=True,
+                capture_output=True,
+                timeout=10,
+            )
 
     def sim_faults(self, node: str, **knobs: Any) -> None:
         headers = {"Authorization": f"Bearer {self.secrets['SIM_ADMIN_TOKEN']}"}

@@ -6,12 +6,15 @@ No containers and no timing: rows are made up, numbers are exact.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.cpu import CpuMeter, read_cpu_seconds
 from bench.failover import Trial, in_flight_p99
 from bench.overhead import PATHS, OverheadConfig, aggregate, plan
+from bench.report import cpu_markdown
 from bench.stacks import direct_nginx_conf, pick_subnet
 from bench.stats import (
     RoundWindow,
@@ -195,3 +198,44 @@ def test_trial_recovery_is_never_negative() -> None:
     )
     assert result.recovered is not None and result.recovered < 0
     assert Trial("nginx-article", "f", 1, result).recovered == 0.0
+
+
+def test_cpu_counters_of_both_cgroup_versions_are_read_in_seconds(tmp_path: Path) -> None:
+    v1 = tmp_path / "cpuacct.usage"
+    v1.write_text("2500000000\n")
+    v2 = tmp_path / "cpu.stat"
+    v2.write_text("usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n")
+    assert read_cpu_seconds(str(v1)) == pytest.approx(2.5)
+    assert read_cpu_seconds(str(v2)) == pytest.approx(1.5)
+    assert read_cpu_seconds(str(tmp_path / "gone")) is None  # container removed
+
+
+def test_cpu_meter_reports_cores_over_the_measured_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = tmp_path / "cpuacct.usage"
+    counter.write_text("1000000000")
+    clock = iter([100.0, 104.0])
+    monkeypatch.setattr("bench.cpu.time.monotonic", lambda: next(clock))
+    meter = CpuMeter({"engine": str(counter)})
+    meter.start()
+    counter.write_text("7000000000")  # 6 CPU seconds in 4 s of wall time
+    cores = meter.cores()
+    assert cores["engine"] == pytest.approx(1.5)
+    assert {"host", "load generator"} <= cores.keys()
+
+
+def test_aggregate_averages_cpu_per_cell_and_the_report_shows_it() -> None:
+    runs = [
+        {
+            "spec": {"stream": True, "concurrency": 64, "path": "relay"},
+            "window": [0.0, 5.0],
+            "samples": [row(0.0, 1.0, ttft=0.1, last=0.9)],
+            "cpu": cpu,
+        }
+        for cpu in ({"host": 1.8, "gateway": 0.4}, {"host": 2.0, "gateway": 0.6})
+    ]
+    (cell,) = aggregate(runs)
+    assert cell.cpu == {"gateway": pytest.approx(0.5), "host": pytest.approx(1.9)}
+    table = "\n".join(cpu_markdown([cell]))
+    assert "| stream | 64 | relay | 1.90 | 0.50 |" in table

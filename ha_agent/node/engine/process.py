@@ -22,10 +22,27 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-# The engine launcher prints this to stderr before it execs the engine.
+# The engine launcher prints this to stderr, with "(pid N)", before it execs the engine.
 START_MARKER = "sglang-ha: engine starting"
 OOM_TEXT = re.compile(r"out of memory|OutOfMemoryError|oom-kill", re.IGNORECASE)
 _EXIT_LINE = re.compile(r"exited: (?P<name>\S+) \((?P<how>[^)]*)\)")
+
+
+def output_of_run(log: str, pid: int) -> str:
+    """What the run with `pid` printed, out of the engine's stderr log.
+
+    The launcher marks each start with its pid (it execs the engine, so the pid is
+    the engine's). supervisord may already have started the next run by the time
+    we read, so the last run in the log is not necessarily the one that died.
+    """
+    own = re.search(rf"{re.escape(START_MARKER)}[^\n]*\(pid {pid}\)", log) if pid else None
+    if own:
+        return log[own.end() :].split(START_MARKER, 1)[0]
+    others = [m.start() for m in re.finditer(re.escape(START_MARKER), log)]
+    if pid and others:
+        # Its marker has scrolled out of the tail: everything before the next run's.
+        return log[: others[0]]
+    return log.rsplit(START_MARKER, 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -86,9 +103,7 @@ class SupervisorWatch(ProcessWatch):
             # The process just went away: find out how, once.
             self._last_exit = self._exit_how()
             tail = str(self._rpc.supervisor.tailProcessStderrLog(self.program, 0, 16384)[0])
-            # Only what this run printed: the launcher marks each start.
-            tail = tail.rsplit(START_MARKER, 1)[-1]
-            self._last_oom = bool(OOM_TEXT.search(tail))
+            self._last_oom = bool(OOM_TEXT.search(output_of_run(tail, self._last_pid)))
         if state == "RUNNING" and pid != self._last_pid:
             self._last_oom = False
         self._last_pid = pid if state == "RUNNING" else 0
