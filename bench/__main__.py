@@ -1,16 +1,19 @@
 """`make bench`: what the HA path costs, and how failover compares with the baselines.
 
-    python -m bench [--trials N] [--phases overhead,ours,baselines] [--out bench/results]
+    python -m bench [--trials N] [--phases overhead,ours,warming,baselines] [--out DIR]
 
 1. overhead:  our CPU stack; the same load straight to the primary's engine, through
               an Nginx with the gateway's config, and through Nginx + relay.
 2. ours:      the same stack; each fault N times under the failover harness's load.
+   warming:   the same stack; TTFT of the first requests after a failover, with the
+              relay's standby warming on and off (bench/warming.py).
 3. baselines: the same engines behind the article's Nginx and SGLang's router
               (defaults, and 1 s health checks); each fault N times, all at once.
 
-Writes bench/results/{overhead,failover}.json (with the machine's description),
-overhead-samples.json and failover-requests.json (raw), overhead.md, failover.md,
-summary.md and two plots. Every stack gets a unique project name and is removed.
+Writes bench/results/{overhead,failover,warming}.json (with the machine's
+description), overhead-samples.json and failover-requests.json (raw), overhead.md,
+failover.md, warming.md, summary.md and two plots. Every stack gets a unique project
+name and is removed.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import overhead, report
+from bench import overhead, report, warming
 from bench.failover import BENCH_FAULTS, Trial, run_baselines, run_ours
 from bench.overhead import OverheadConfig
 from bench.stacks import baselines, build_images, our_stack
 from tests.failover import runner
 from tests.failover.scenarios import FAULTS
 
-PHASES = ("overhead", "ours", "baselines")
+PHASES = ("overhead", "ours", "warming", "baselines")
 # The simulator's settings on every engine (its defaults: see docs/simulator.md).
 ENGINE = "ITL 10 ms × (1 + 0.01 × (running − 1)), TTFT 20 ms + 0.2 ms per prompt token"
 
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_done("build", t)
 
     trials: list[Trial] = []
-    if "overhead" in phases or "ours" in phases:
+    if {"overhead", "ours", "warming"} & set(phases):
         t = time.monotonic()
         with our_stack() as ours:
             phase_done("our stack up", t)
@@ -88,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
                 print("== failover: sglang-ha", flush=True)
                 trials += asyncio.run(run_ours(ours, args.trials, args.concurrency))
                 phase_done("failover sglang-ha", t)
+            if "warming" in phases:
+                t = time.monotonic()
+                print("== warm standby: TTFT after failover, warming on and off", flush=True)
+                variants = warming.run(ours)
+                phase_done("warm standby", t)
+                report.write_json(
+                    args.out / "warming.json",
+                    {**meta, "variants": warming.to_json(variants)},
+                )
+                (args.out / "warming.md").write_text(warming.markdown(variants))
     if "baselines" in phases:
         t = time.monotonic()
         print("== failover: baselines", flush=True)
@@ -173,10 +186,13 @@ def _write_summary(out: Path, meta: dict[str, Any]) -> None:
     for name, title, plot in (
         ("overhead", "Path overhead", "overhead.png"),
         ("failover", "Failover against the baselines", "failover.png"),
+        ("warming", "Warm standby: TTFT after a failover", None),
     ):
         md = out / f"{name}.md"
         if md.exists():
-            parts += ["", f"## {title}", "", md.read_text(), f"![{title}]({plot})"]
+            parts += ["", f"## {title}", "", md.read_text()]
+            if plot:
+                parts.append(f"![{title}]({plot})")
     (out / "summary.md").write_text("\n".join(parts) + "\n")
 
 

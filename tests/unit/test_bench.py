@@ -25,6 +25,9 @@ from bench.stats import (
     request_itl,
     window_rates,
 )
+from bench.warming import Sample as WarmSample
+from bench.warming import Variant, markdown
+from bench.warming import body as warm_body
 from tests.failover.load import RequestRecord
 from tests.failover.runner import summarise
 from tests.failover.scenarios import Fault
@@ -239,3 +242,24 @@ def test_aggregate_averages_cpu_per_cell_and_the_report_shows_it() -> None:
     assert cell.cpu == {"gateway": pytest.approx(0.5), "host": pytest.approx(1.9)}
     table = "\n".join(cpu_markdown([cell]))
     assert "| stream | 64 | relay | 1.90 | 0.50 |" in table
+
+
+def test_warming_summary_compares_the_first_requests_with_steady_state() -> None:
+    v = Variant("warming off", "0")
+    v.steady = [WarmSample(float(i), 0.025, True, "sglang-01") for i in range(10)]
+    v.after = [WarmSample(0.0, 0.33, True, "sglang-02") for _ in range(10)] + [
+        WarmSample(1.0, 0.03, True, "sglang-02") for _ in range(40)
+    ]
+    v.after.append(WarmSample(2.0, None, False, None))
+    s = v.summary()
+    assert s["steady_ttft_p50_ms"] == pytest.approx(25.0)
+    assert s["after_cold_requests"] == 10  # over 3 x the steady median
+    assert s["after_failed"] == 1
+    assert s["after_ttft_mean_ms"] == pytest.approx((10 * 330 + 40 * 30) / 50, abs=0.1)
+    assert "| warming off |" in markdown([v])
+
+
+def test_warming_requests_share_long_prefixes_and_vary_the_question() -> None:
+    bodies = [warm_body(k).decode() for k in range(40)]
+    assert len(set(bodies)) == 40
+    assert bodies[0].split("Question")[0] == bodies[10].split("Question")[0]
