@@ -15,6 +15,7 @@ Times are seconds from the fault:
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -104,6 +105,21 @@ def _relay_migrations(stack: Stack) -> int:
         if line.startswith("sglang_ha_relay_migrations_total{") and 'outcome="migrated"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return int(total)
+
+
+def assert_clean_failover(result: ScenarioResult) -> str:
+    """The targets every failover scenario must meet; returns the summary it quotes."""
+    summary = json.dumps(result.to_json(with_records=False), indent=1)
+    assert result.requests > 50, summary
+    assert result.nonstream_failed == 0, summary
+    assert result.stream_failed == 0, summary
+    assert result.text_mismatches == 0, summary
+    assert result.detected is not None, summary
+    assert result.promoted is not None, summary
+    assert result.recovered is not None and result.recovered <= result.target_recovery, summary
+    assert result.rejoined_as_standby, summary
+    assert not [e for e in result.errors if e.startswith(("inject", "heal"))], summary
+    return summary
 
 
 async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> ScenarioResult:

@@ -10,9 +10,9 @@ published ports (a test checks this, so the simulation cannot silently cheat).
 Faults hit a whole host, as the article's failures do: every container of the host
 killed (the server dies), or every container's eth0 taken down (its NIC fails).
 
-`MultiHost` offers the parts of tests.support.stack.Stack that the failover runner
-uses (wait_stable, agent_status, primary, relay_status, ip), so tests/failover's
-Load and run_scenario measure these stacks unchanged.
+`MultiHost` and tests.support.stack.Stack are both a ClusterView (wait_stable,
+agent_status, primary, relay_status, ip), so tests/failover's Load and run_scenario
+measure these stacks unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import docker
 import httpx
 from docker.models.containers import Container
 
+from tests.support.cluster_view import ClusterView, set_link
 from tests.support.stack import COMPOSE_DIR, read_secrets
 
 LABEL = "sglang-ha.multihost"
@@ -60,7 +60,7 @@ class Host:
         return f"{self.addr}:26379"
 
 
-class MultiHost:
+class MultiHost(ClusterView):
     def __init__(self) -> None:
         self.run = uuid.uuid4().hex[:6]
         self.client = docker.from_env()
@@ -241,56 +241,15 @@ class MultiHost:
     def agent_url(self, node: str) -> str:
         return f"http://{self.host_of(node).addr}:{AGENT_PORT}"
 
-    @property
-    def admin_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.secrets['HA_ADMIN_TOKEN']}"}
+    # -- observing (agents, relay, primary, wait_stable: ClusterView) -------------------------
 
-    def agent_status(self, node: str, timeout: float = 0.5) -> dict[str, Any] | None:
-        try:
-            r = httpx.get(f"{self.agent_url(node)}/ha/status", timeout=timeout)
-            return r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, StopIteration):
-            return None
+    def node_settled(self, status: dict[str, Any]) -> bool:
+        """Engine healthy and its agent on the store, not only serving."""
+        return status["engine"]["state"] == "healthy" and not status.get("degraded")
 
-    def relay_status(self) -> dict[str, Any] | None:
-        try:
-            r = httpx.get(f"http://{self.ip('gateway')}:8002/relay/status", timeout=1)
-            return r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, LookupError, KeyError):
-            return None
-
-    def primary(self) -> str | None:
-        for node in self.nodes:
-            status = self.agent_status(node)
-            if status and status.get("role") == "primary":
-                return node
-        return None
-
-    def wait_stable(self, timeout: float = 60.0) -> str:
-        """One primary, every node's engine healthy and its agent on the store, the relay
-        routing to that primary."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            statuses = {n: self.agent_status(n) for n in self.nodes}
-            relay = self.relay_status()
-            last = (statuses, relay)
-            primaries = [n for n, s in statuses.items() if s and s["role"] == "primary"]
-            healthy = all(
-                s and s["engine"]["state"] == "healthy" and not s.get("degraded")
-                for s in statuses.values()
-            )
-            serving = {n["name"] for n in (relay or {}).get("nodes", []) if n["can_serve"]}
-            if (
-                len(primaries) == 1
-                and healthy
-                and relay
-                and relay["primary"] == primaries[0]
-                and serving >= set(self.nodes)
-            ):
-                return primaries[0]
-            time.sleep(0.2)
-        raise AssertionError(f"hosts not stable after {timeout}s: {last}")
+    def relay_settled(self, relay: dict[str, Any]) -> bool:
+        serving = {n["name"] for n in relay.get("nodes", []) if n["can_serve"]}
+        return serving >= set(self.nodes)
 
     def switchover(self, to: str, timeout: float = 30.0) -> None:
         primary = self.wait_stable()
@@ -344,25 +303,8 @@ class MultiHost:
         for c in self.containers(host):
             c.reload()
             pid = int(c.attrs["State"]["Pid"] or 0)
-            if not pid:
-                continue
-            nsenter = ["nsenter", "-t", str(pid), "-n", "ip"]
-            steps = [["link", "set", "eth0", state]]
-            if state == "up":
-                # The kernel drops the default route with the link; a real host's
-                # network manager puts it back, and other hosts are only behind it.
-                steps.append(["route", "replace", "default", "via", host.addr, "dev", "eth0"])
-            for step in steps:
-                subprocess.run([*nsenter, *step], check=True, capture_output=True, timeout=10)
-
-    def sim_faults(self, node: str, **knobs: Any) -> None:
-        headers = {"Authorization": f"Bearer {self.secrets['SIM_ADMIN_TOKEN']}"}
-        url = f"{self.engine_url(node)}/sim/faults"
-        if knobs:
-            r = httpx.post(url, json=knobs, headers=headers, timeout=5)
-        else:
-            r = httpx.delete(url, headers=headers, timeout=5)
-        r.raise_for_status()
+            if pid:
+                set_link(pid, state, host.addr)
 
     def kill_engine_container(self, node: str) -> None:
         host = self.host_of(node)

@@ -13,17 +13,16 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import docker
-import httpx
 from docker.models.containers import Container
 from testcontainers.compose import DockerCompose
+
+from tests.support.cluster_view import ClusterView, set_link
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -43,7 +42,7 @@ def read_secrets() -> dict[str, str]:
 
 
 @dataclass
-class Stack:
+class Stack(ClusterView):
     project: str
     compose: DockerCompose
     client: docker.DockerClient = field(default_factory=docker.from_env)
@@ -85,52 +84,10 @@ class Stack:
         return f"http://{self.ip(NODES[node])}:8008"
 
     @property
-    def admin_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.secrets['HA_ADMIN_TOKEN']}"}
+    def nodes(self) -> list[str]:
+        return list(NODES)
 
-    # -- observing ----------------------------------------------------------------------
-
-    def agent_status(self, node: str, timeout: float = 0.5) -> dict[str, Any] | None:
-        try:
-            r = httpx.get(f"{self.agent_url(node)}/ha/status", timeout=timeout)
-            return r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, LookupError, KeyError, StopIteration):
-            return None
-
-    def relay_status(self) -> dict[str, Any] | None:
-        try:
-            r = httpx.get(f"http://{self.ip('gateway')}:8002/relay/status", timeout=1)
-            return r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
-
-    def primary(self) -> str | None:
-        for node in NODES:
-            status = self.agent_status(node)
-            if status and status.get("role") == "primary":
-                return node
-        return None
-
-    def wait_stable(self, timeout: float = 60.0) -> str:
-        """One primary, both engines healthy, the relay routing to that primary."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            statuses = {n: self.agent_status(n) for n in NODES}
-            relay = self.relay_status()
-            last = (statuses, relay)
-            primaries = [n for n, s in statuses.items() if s and s["role"] == "primary"]
-            healthy = all(s and s["engine"]["state"] == "healthy" for s in statuses.values())
-            if (
-                len(primaries) == 1
-                and healthy
-                and relay
-                and relay["primary"] == primaries[0]
-                and all(n["can_serve"] for n in relay["nodes"])
-            ):
-                return primaries[0]
-            time.sleep(0.2)
-        raise AssertionError(f"stack not stable after {timeout}s: {last}")
+    # -- observing (agents, relay, primary, wait_stable: ClusterView) ---------------------
 
     def ha_log(self, service: str) -> str:
         code, out = self.container(service).exec_run(["cat", "/var/log/sglang/ha.log"])
@@ -183,31 +140,8 @@ class Stack:
         """`ip link set eth0 down|up` inside the node's network namespace."""
         c = self.container(NODES[node])
         c.reload()
-        pid = str(c.attrs["State"]["Pid"])
-        steps = [["link", "set", "eth0", state]]
-        if state == "up":
-            # The kernel drops the default route with the link and does not restore
-            # it; a real host's network manager does. Without it, lookups of names
-            # Docker's DNS does not know (a stopped container) hang instead of
-            # failing, and that leaked into every later test on this stack.
-            gateway = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["Gateway"]
-            steps.append(["route", "replace", "default", "via", gateway, "dev", "eth0"])
-        for step in steps:
-            subprocess.run(
-                ["nsenter", "-t", pid, "-n", "ip", *step],
-                check=True,
-                capture_output=True,
-                timeout=10,
-            )
-
-    def sim_faults(self, node: str, **knobs: Any) -> None:
-        headers = {"Authorization": f"Bearer {self.secrets['SIM_ADMIN_TOKEN']}"}
-        url = f"{self.engine_url(node)}/sim/faults"
-        if knobs:
-            r = httpx.post(url, json=knobs, headers=headers, timeout=5)
-        else:
-            r = httpx.delete(url, headers=headers, timeout=5)
-        r.raise_for_status()
+        gateway = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["Gateway"]
+        set_link(c.attrs["State"]["Pid"], state, gateway)
 
     def bug_lines(self) -> list[str]:
         lines = []

@@ -8,13 +8,13 @@ import socket
 
 import pytest
 
-from ha_agent.logsetup import roomy_executor
+from ha_agent.logsetup import configure_loop
 
 
 def test_only_abandoned_name_lookups_are_quieted(caplog: pytest.LogCaptureFixture) -> None:
     loop = asyncio.new_event_loop()
     try:
-        roomy_executor(loop)
+        configure_loop(loop)
         with caplog.at_level(logging.DEBUG, logger="asyncio"):
             loop.call_exception_handler(
                 {
