@@ -24,11 +24,11 @@ def setup(component: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def roomy_executor(loop: asyncio.AbstractEventLoop) -> None:
+def configure_loop(loop: asyncio.AbstractEventLoop) -> None:
     """A larger default thread pool: libraries resolve names on it (redis-py), and
     a few slow lookups must not starve everything else in the process.
 
-    Also quiets one known message: a name lookup whose caller already gave up (a
+    And one known message quieted: a name lookup whose caller already gave up (a
     bounded Redis connect) ends later with nobody to read its error, and asyncio
     would log that at ERROR each time while a store is away."""
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(32))

@@ -12,13 +12,13 @@ import warnings
 
 from ha_agent.config import RelaySettings
 from ha_agent.gateway.service import RelayService
-from ha_agent.logsetup import install_uvloop, roomy_executor, setup
+from ha_agent.logsetup import configure_loop, install_uvloop, setup
 
 log = logging.getLogger("ha_agent.gateway")
 
 
 async def serve(settings: RelaySettings) -> None:
-    roomy_executor(asyncio.get_running_loop())
+    configure_loop(asyncio.get_running_loop())
     service = RelayService(settings)
     await service.start()
     stop = asyncio.Event()

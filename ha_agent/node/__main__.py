@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from ha_agent.config import AgentSettings
-from ha_agent.logsetup import install_uvloop, roomy_executor, setup
+from ha_agent.logsetup import configure_loop, install_uvloop, setup
 from ha_agent.node.agent import NodeAgent
 
 log = logging.getLogger("ha_agent.node")
@@ -35,7 +35,7 @@ def load_settings() -> AgentSettings:
 
 
 async def serve(settings: AgentSettings, supervised: bool) -> None:
-    roomy_executor(asyncio.get_running_loop())
+    configure_loop(asyncio.get_running_loop())
     agent = NodeAgent(settings, supervised)
     await agent.start()
     stop = asyncio.Event()
