@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import docker
 import httpx
 import pytest
 import yaml
-from testcontainers.compose import DockerCompose
 
 from tests.support.processes import wait_until
-from tests.support.stack import COMPOSE_DIR, NODES, ROOT, Stack, read_secrets
+from tests.support.stack import NODES, ROOT, Stack, running_stack
 from tests.unit.test_metrics_dashboard import dashboard_queries, load_dashboard
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -185,47 +180,14 @@ class Monitored:
 @contextlib.contextmanager
 def monitored_stack(config_dir: Path) -> Iterator[Stack]:
     """The CPU stack plus Prometheus and the Redis exporter, always removed after."""
-    project = f"sglang-ha-obs-{uuid.uuid4().hex[:8]}"
-    read_secrets()
     env = {
-        "COMPOSE_PROJECT_NAME": project,
         "PROMETHEUS_CONFIG_DIR": str(config_dir),
         "PROMETHEUS_PORT": "",  # a free loopback port: never collide with a running demo
     }
-    previous = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    files = ["compose.yaml", "compose.test.yaml"]
-    compose = DockerCompose(
-        str(COMPOSE_DIR),
-        compose_file_name=files,
-        build=True,
-        wait=True,
-        profiles=["monitoring"],
-        services=SERVICES,
-    )
-    stack = Stack(project, compose)
-    try:
-        compose.start()
-        stack.wait_stable()
+    with running_stack(
+        prefix="sglang-ha-obs", env=env, profiles=["monitoring"], services=SERVICES
+    ) as stack:
         yield stack
-    finally:
-        try:
-            for node in NODES:  # leave nothing frozen for `down`
-                with contextlib.suppress(Exception):
-                    stack.unpause(node)
-            # All services of the project, not only those started by name.
-            down = [*compose.compose_command_property, "down", "--volumes", "--remove-orphans"]
-            subprocess.run(down, cwd=COMPOSE_DIR, capture_output=True, timeout=180, check=False)
-            client = docker.from_env()
-            label = f"com.docker.compose.project={project}"
-            for container in client.containers.list(all=True, filters={"label": label}):
-                container.remove(force=True)
-        finally:
-            for key, value in previous.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

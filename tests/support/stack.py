@@ -164,13 +164,30 @@ def require_host_tools() -> None:
 @contextlib.contextmanager
 def running_stack(
     files: tuple[str, ...] = ("compose.yaml", "compose.test.yaml"),
+    *,
+    prefix: str = "sglang-ha-test",
+    env: dict[str, str] | None = None,
+    profiles: list[str] | None = None,
+    services: list[str] | None = None,
 ) -> Iterator[Stack]:
-    """Bring the stack up (building images), yield it, always take it down."""
-    project = f"sglang-ha-test-{uuid.uuid4().hex[:8]}"
+    """Bring the stack up (building images), yield it, always take it down.
+
+    `env` is set for compose while the stack lives; `profiles` and `services` pick
+    what starts. Teardown removes every container of the project, whatever started it.
+    """
+    project = f"{prefix}-{uuid.uuid4().hex[:8]}"
     read_secrets()
-    previous = os.environ.get("COMPOSE_PROJECT_NAME")
-    os.environ["COMPOSE_PROJECT_NAME"] = project
-    compose = DockerCompose(str(COMPOSE_DIR), compose_file_name=list(files), build=True, wait=True)
+    env = {"COMPOSE_PROJECT_NAME": project, **(env or {})}
+    previous = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    compose = DockerCompose(
+        str(COMPOSE_DIR),
+        compose_file_name=list(files),
+        build=True,
+        wait=True,
+        profiles=profiles,
+        services=services,
+    )
     stack = Stack(project, compose)
     try:
         compose.start()
@@ -183,9 +200,16 @@ def running_stack(
                     stack.unpause(node)
                 with contextlib.suppress(Exception):
                     stack.nic(node, "up")
-            compose.stop()
+            # All services of the project, not only those started by name.
+            down = [*compose.compose_command_property, "down", "--volumes", "--remove-orphans"]
+            subprocess.run(down, cwd=COMPOSE_DIR, capture_output=True, timeout=180, check=False)
+            label = f"com.docker.compose.project={project}"
+            for container in stack.client.containers.list(all=True, filters={"label": label}):
+                with contextlib.suppress(docker.errors.APIError):
+                    container.remove(force=True)
         finally:
-            if previous is None:
-                os.environ.pop("COMPOSE_PROJECT_NAME", None)
-            else:
-                os.environ["COMPOSE_PROJECT_NAME"] = previous
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
