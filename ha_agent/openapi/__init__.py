@@ -35,3 +35,15 @@ def json_response(description: str, schema: dict[str, Any] | None = None) -> dic
         "description": description,
         "content": {JSON: {"schema": schema or {"type": "object"}}},
     }
+
+
+def metrics_path() -> dict[str, Any]:
+    """``GET /metrics``: Prometheus text, served the same way by the agent and the relay."""
+    return {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {
+                "200": {"description": "metrics", "content": {"text/plain": {"schema": {}}}}
+            },
+        }
+    }

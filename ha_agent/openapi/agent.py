@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ha_agent.openapi import JSON, OPENAPI_VERSION, error_schema, json_response
+from ha_agent.openapi import (
+    JSON,
+    OPENAPI_VERSION,
+    error_schema,
+    json_response,
+    metrics_path,
+)
 
 _OK = {
     "type": "object",
@@ -135,14 +141,7 @@ AGENT_SPEC: dict[str, Any] = {
                 },
             }
         },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {
-                    "200": {"description": "metrics", "content": {"text/plain": {"schema": {}}}}
-                },
-            }
-        },
+        "/metrics": metrics_path(),
         "/openapi.json": {
             "get": {
                 "summary": "this document",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ha_agent.openapi import JSON, OPENAPI_VERSION, json_response
+from ha_agent.openapi import JSON, OPENAPI_VERSION, json_response, metrics_path
 from ha_agent.openapi.inference import MAX_N, MAX_TOP_LOGPROBS
 
 
@@ -252,14 +252,7 @@ ADMIN_SPEC: dict[str, Any] = {
                 },
             }
         },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {
-                    "200": {"description": "metrics", "content": {"text/plain": {"schema": {}}}}
-                },
-            }
-        },
+        "/metrics": metrics_path(),
         "/openapi.json": {
             "get": {"summary": "this document", "responses": {"200": json_response("document")}}
         },
