@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ha_agent.auth import TokenAuth
 from ha_agent.dcs.base import DCSError, Switchover
-from ha_agent.events import SWITCHOVER_REQUESTED
+from ha_agent.events import FAILOVER_FORCED, SWITCHOVER_REQUESTED
 from ha_agent.httpjson import error, json_errors, optional_str, read_object
 from ha_agent.node.engine.monitor import EngineState
 from ha_agent.node.ha import Ha
@@ -189,7 +189,7 @@ class AgentApi:
             epoch = await self.ha.dcs.force_release()
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
-        self.ha.events.emit("FAILOVER_FORCED", f"from {previous} to {target} (epoch now > {epoch})")
+        self.ha.events.emit(FAILOVER_FORCED, f"from {previous} to {target} (epoch now > {epoch})")
         done = await self._wait_for_leader(target, timeout=max(4 * self.ha.s.lease_ttl, 10.0))
         status_code = 200 if done else 202
         return web.json_response(
@@ -230,7 +230,7 @@ class AgentApi:
         epoch = body.get("epoch")
         if node is None or not isinstance(epoch, int) or isinstance(epoch, bool):
             return error(400, "negotiate needs 'node' (string) and 'epoch' (integer)")
-        granted, detail = self.ha.negotiate(node, epoch)
+        granted, detail = self.ha.answer_failback(node, epoch)
         return web.json_response(
             {"granted": granted, "detail": detail}, status=200 if granted else 409
         )

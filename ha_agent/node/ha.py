@@ -387,10 +387,10 @@ class Ha:
             f"following {leader.node} (epoch {leader.epoch}) as standby; engine {h.state.value}"
         )
         if not st.paused and self.failback.should_negotiate(h, self.damper.held_back_for()):
-            sentence += "; " + await self._negotiate(leader.node, leader.epoch)
+            sentence += "; " + await self._ask_for_failback(leader.node, leader.epoch)
         return sentence
 
-    async def _negotiate(self, leader: str, epoch: int) -> str:
+    async def _ask_for_failback(self, leader: str, epoch: int) -> str:
         """Ask the primary to hand the role back (failback=negotiated)."""
         member = self.state.known_peers.get(leader)
         if member is None:
@@ -407,7 +407,7 @@ class Ha:
         )
         return f"asked {leader} to hand back: {'granted' if granted else 'refused'} ({detail})"
 
-    def negotiate(self, node: str, epoch: int) -> tuple[bool, str]:
+    def answer_failback(self, node: str, epoch: int) -> tuple[bool, str]:
         """/ha/negotiate: agree to hand back only if we are degraded ourselves."""
         if not self.is_primary() or epoch != self.state.epoch:
             return False, f"{self.name} is not the primary under epoch {epoch}"

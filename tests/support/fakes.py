@@ -184,6 +184,6 @@ class FakePeers:
         if ha is None:
             return 0, {"detail": "no answer"}
         if path == "/ha/negotiate":
-            granted, detail = ha.negotiate(body["node"], body["epoch"])
+            granted, detail = ha.answer_failback(body["node"], body["epoch"])
             return (200 if granted else 409), {"granted": granted, "detail": detail}
         return 404, {"detail": "unknown path"}
