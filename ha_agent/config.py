@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -119,6 +119,28 @@ class LeaseTiming(BaseSettings):
             )
             self.safety_margin = new_margin
         return self
+
+    # Derived timings: named once here, so no caller redoes the arithmetic.
+
+    def lease_deadline(self, started: float) -> float:
+        """Until when a lease written at `started` (before the write was sent) is
+        surely ours: its TTL less the margin at which a primary fences itself."""
+        return started + self.lease_ttl - self.safety_margin
+
+    @property
+    def handover_wait(self) -> float:
+        """How long a switchover or forced failover waits to see the new leader:
+        a few lease lifetimes, never under 10 s."""
+        return max(4 * self.lease_ttl, 10.0)
+
+    @property
+    def handover_grace(self) -> float:
+        """After handing the lease over, a former primary waits this long for the
+        target before it may compete for the lease again."""
+        return 2 * self.lease_ttl
+
+    switchover_ttl: ClassVar[float] = 30.0
+    """How long a switchover request stays in the store before it lapses, s."""
 
 
 class EngineHealthSettings(BaseSettings):

@@ -36,8 +36,6 @@ from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.openapi.agent import AGENT_SPEC
 
-SWITCHOVER_TTL = 30.0
-
 
 def _plain(ok: bool, detail: str) -> web.Response:
     return web.json_response({"ok": ok, "detail": detail}, status=200 if ok else 503)
@@ -150,12 +148,12 @@ class AgentApi:
         chosen = target or healthy[0]
         switch = Switchover(from_node=leader, to_node=chosen, requested_at=time.time())
         try:
-            await self.ha.dcs.request_switchover(switch, SWITCHOVER_TTL)
+            await self.ha.dcs.request_switchover(switch, self.ha.s.switchover_ttl)
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
         self.ha.events.emit(SWITCHOVER_REQUESTED, f"from {leader} to {chosen} (by admin)")
         if request.query.get("wait", "true") != "false":
-            done = await self._wait_for_leader(chosen, timeout=max(4 * self.ha.s.lease_ttl, 10.0))
+            done = await self._wait_for_leader(chosen, timeout=self.ha.s.handover_wait)
             if not done:
                 return web.json_response(
                     {"detail": f"switchover from {leader} to {chosen} requested, not yet done"},
@@ -184,13 +182,13 @@ class AgentApi:
         try:
             await self.ha.dcs.request_switchover(
                 Switchover(from_node=previous or "", to_node=target, requested_at=time.time()),
-                SWITCHOVER_TTL,
+                self.ha.s.switchover_ttl,
             )
             epoch = await self.ha.dcs.force_release()
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
         self.ha.events.emit(FAILOVER_FORCED, f"from {previous} to {target} (epoch now > {epoch})")
-        done = await self._wait_for_leader(target, timeout=max(4 * self.ha.s.lease_ttl, 10.0))
+        done = await self._wait_for_leader(target, timeout=self.ha.s.handover_wait)
         status_code = 200 if done else 202
         return web.json_response(
             {

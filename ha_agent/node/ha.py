@@ -286,7 +286,9 @@ class Ha:
             why = "failback to the preferred node"
         if target is None:
             return None
-        await self.dcs.request_switchover(Switchover(self.name, target, time.time()), ttl=30.0)
+        await self.dcs.request_switchover(
+            Switchover(self.name, target, time.time()), ttl=self.s.switchover_ttl
+        )
         self.events.emit(ev.SWITCHOVER_REQUESTED, f"from {self.name} to {target} ({why})")
         self.wake.set()
         return f"; {why}: switchover to {target} requested"
@@ -328,7 +330,7 @@ class Ha:
             )
             self.events.emit(ev.DEMOTED, f"{self.name} to standby (lease lost)")
             return f"demoted: lease lost (epoch {st.epoch})"
-        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        st.lease_valid_until = self.s.lease_deadline(started)
         paused = " (paused)" if st.paused else ""
         return f"renewed lease as primary (epoch {st.epoch}){paused}{note}"
 
@@ -349,7 +351,7 @@ class Ha:
         if got != epoch:
             return f"could not resume lease epoch {epoch} (store answered {got})"
         self.state.epoch = epoch
-        self.state.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        self.state.lease_valid_until = self.s.lease_deadline(started)
         self._become(Role.PRIMARY)
         self.events.emit(ev.PROMOTED, f"{self.name} resumed as primary (epoch {epoch})")
         return f"resumed as primary under our existing lease (epoch {epoch})"
@@ -440,7 +442,7 @@ class Ha:
             target = st.members.get(switch.to_node)
             if target is not None and target.engine_health == EngineState.HEALTHY.value:
                 return f"no leader; planned switchover to {switch.to_node}: leaving it the lease"
-        if self.clock() - st.handed_over_at < 2 * self.s.lease_ttl and switch is not None:
+        if self.clock() - st.handed_over_at < self.s.handover_grace and switch is not None:
             return "no leader; we just handed over: leaving the lease to the switchover target"
         if previous and previous != self.name:
             alive = await self._previous_primary_alive(previous)
@@ -464,7 +466,7 @@ class Ha:
             return "no leader, but another node took the lease first"
         st.epoch = epoch
         st.max_epoch_seen = max(st.max_epoch_seen, epoch)
-        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        st.lease_valid_until = self.s.lease_deadline(started)
         st.leader = self.name
         self._become(Role.PRIMARY)
         self.events.emit(ev.LEASE_ACQUIRED, f"{self.name} epoch {epoch}")
@@ -537,7 +539,7 @@ class Ha:
             *(self.peers.failsafe_ack(url, self.name, st.epoch) for url in peer_urls)
         )
         if all(acks):
-            st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+            st.lease_valid_until = self.s.lease_deadline(started)
             return (
                 f"store unreachable: staying primary (epoch {st.epoch}),"
                 f" {len(acks)} peer(s) acknowledged (failsafe)"
@@ -557,7 +559,7 @@ class Ha:
             if healthy and self.arbiter.try_acquire():
                 if st.role is not Role.PRIMARY:
                     self._become(Role.PRIMARY)
-                st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+                st.lease_valid_until = self.s.lease_deadline(started)
                 return (
                     f"store unreachable: staying primary (epoch {st.epoch}),"
                     " holding the arbiter lock"
@@ -575,7 +577,7 @@ class Ha:
         previous = st.leader
         st.epoch = st.max_epoch_seen = st.max_epoch_seen + 1
         st.leader = self.name
-        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        st.lease_valid_until = self.s.lease_deadline(started)
         self._become(Role.PRIMARY)
         self.failovers_total += 1
         self.events.emit(ev.FAILOVER_INITIATED, f"from {previous} to {self.name} (arbiter lock)")
