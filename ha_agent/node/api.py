@@ -31,7 +31,6 @@ from ha_agent.auth import TokenAuth
 from ha_agent.dcs.base import DCSError, Switchover
 from ha_agent.events import FAILOVER_FORCED, SWITCHOVER_REQUESTED
 from ha_agent.httpjson import error, json_errors, optional_str, read_object
-from ha_agent.node.engine.monitor import EngineState
 from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.openapi.agent import AGENT_SPEC
@@ -78,12 +77,13 @@ class AgentApi:
 
     async def get_primary(self, request: web.Request) -> web.Response:
         ok = self.ha.is_primary()
-        return _plain(ok, "primary" if ok else f"not primary ({self.ha.status()['role']})")
+        return _plain(ok, "primary" if ok else f"not primary ({self.ha.status().role.value})")
 
     async def get_replica(self, request: web.Request) -> web.Response:
         ok = self.ha.is_standby()
         return _plain(
-            ok, "healthy standby" if ok else f"not a healthy standby ({self.ha.status()['role']})"
+            ok,
+            "healthy standby" if ok else f"not a healthy standby ({self.ha.status().role.value})",
         )
 
     async def get_liveness(self, request: web.Request) -> web.Response:
@@ -96,7 +96,7 @@ class AgentApi:
         return _plain(h.healthy, f"engine {h.state.value}")
 
     async def get_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.ha.status())
+        return web.json_response(self.ha.status().to_json())
 
     async def get_history(self, request: web.Request) -> web.Response:
         try:
@@ -140,7 +140,7 @@ class AgentApi:
         healthy = []
         for member in candidates:
             status = await self.ha.peers.status(member.api_url)
-            if status and status.get("engine", {}).get("state") == EngineState.HEALTHY.value:
+            if status and status.engine.healthy:
                 healthy.append(member.name)
         if not healthy:
             who = target or "any standby"
@@ -176,7 +176,7 @@ class AgentApi:
         if member is None:
             return error(404, f"unknown node {target!r}")
         status = await self.ha.peers.status(member.api_url)
-        if not status or status.get("engine", {}).get("state") != EngineState.HEALTHY.value:
+        if not status or not status.engine.healthy:
             return error(412, f"refused: {target} is not healthy")
         previous = cluster.leader.node if cluster.leader else None
         try:

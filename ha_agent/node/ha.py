@@ -21,29 +21,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ha_agent import events as ev
 from ha_agent.config import AgentSettings
-from ha_agent.dcs.base import Cluster, DCSError, LeaseStore, Member, Switchover
+from ha_agent.dcs.base import (
+    AgentStatus,
+    Cluster,
+    DCSError,
+    EngineState,
+    EngineStatus,
+    LeaseStore,
+    Member,
+    Role,
+    Switchover,
+)
 from ha_agent.events import EventLog
 from ha_agent.node.arbiter import FileArbiter
 from ha_agent.node.damping import FlapDamper
-from ha_agent.node.engine.monitor import EngineHealth, EngineState, HealthMonitor
+from ha_agent.node.engine.monitor import EngineHealth, HealthMonitor
 from ha_agent.node.failback import Failback
 from ha_agent.node.peers import PeerClient
 
 log = logging.getLogger(__name__)
-
-
-class Role(str, enum.Enum):
-    PRIMARY = "primary"
-    STANDBY = "standby"
 
 
 @dataclass
@@ -135,44 +138,43 @@ class Ha:
     def advertised_api_url(self) -> str:
         return self.s.advertise_api_url or f"http://127.0.0.1:{self.s.api_port}"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> AgentStatus:
         h = self.engine.health
         st = self.state
-        role = (
-            Role.PRIMARY.value
-            if self.is_primary()
-            else ("fenced" if st.role is Role.PRIMARY else Role.STANDBY.value)
-        )
-        return {
-            "node": self.name,
-            "role": role,
-            "epoch": st.epoch,
-            "leader": st.leader,
-            "lease_time_left": round(self.lease_time_left(), 3),
-            "engine": {
-                "state": h.state.value,
-                "reason": h.reason,
-                "for_seconds": round(self.clock() - h.since, 1),
-                "oom": h.oom,
-                "running": h.running,
-                "queued": h.queued,
-                "token_usage": h.token_usage,
-            },
-            "engine_url": self.advertised_engine_url(),
-            "api_url": self.advertised_api_url(),
-            "degraded": st.degraded,
-            "paused": st.paused,
-            "priority": self.s.priority,
-            "failback": self.s.failback,
-            "held_back_for": round(self.damper.held_back_for(), 1),
-            "last_transition": (
+        if self.is_primary():
+            role = Role.PRIMARY
+        else:
+            role = Role.FENCED if st.role is Role.PRIMARY else Role.STANDBY
+        return AgentStatus(
+            node=self.name,
+            role=role,
+            epoch=st.epoch,
+            leader=st.leader,
+            lease_time_left=round(self.lease_time_left(), 3),
+            engine=EngineStatus(
+                state=h.state,
+                reason=h.reason,
+                for_seconds=round(self.clock() - h.since, 1),
+                oom=h.oom,
+                running=h.running,
+                queued=h.queued,
+                token_usage=h.token_usage,
+            ),
+            engine_url=self.advertised_engine_url(),
+            api_url=self.advertised_api_url(),
+            degraded=st.degraded,
+            paused=st.paused,
+            priority=self.s.priority,
+            failback=self.s.failback,
+            held_back_for=round(self.damper.held_back_for(), 1),
+            last_transition=(
                 {"at": st.last_transition.at, "what": st.last_transition.what}
                 if st.last_transition
                 else None
             ),
-            "last_cycle": self.last_cycle_message,
-            "last_cycle_age": round(self.clock() - self.last_cycle_at, 2),
-        }
+            last_cycle=self.last_cycle_message,
+            last_cycle_age=round(self.clock() - self.last_cycle_at, 2),
+        )
 
     # -- the cycle -----------------------------------------------------------------------
 
@@ -302,13 +304,12 @@ class Ha:
             return None
         self._preferred_checked_at = now
         status = await self.peers.status(member.api_url)
-        engine = (status or {}).get("engine", {})
         ready = (
             status is not None
-            and status.get("role") == Role.STANDBY.value
-            and engine.get("state") == EngineState.HEALTHY.value
-            and float(engine.get("for_seconds", 0)) >= self.s.failback_stable
-            and float(status.get("held_back_for", 0)) <= 0
+            and status.role is Role.STANDBY
+            and status.engine.healthy
+            and status.engine.for_seconds >= self.s.failback_stable
+            and status.held_back_for <= 0
         )
         return member.name if ready else None
 
@@ -497,12 +498,7 @@ class Ha:
         if member is None:
             return False
         status = await self.peers.status(member.api_url)
-        return bool(
-            status
-            and status.get("role") == Role.PRIMARY.value
-            and float(status.get("lease_time_left", 0)) > 0
-            and int(status.get("epoch", -1)) >= self.state.max_epoch_seen
-        )
+        return bool(status and status.is_primary and status.epoch >= self.state.max_epoch_seen)
 
     async def _switchover_target(self, cluster: Cluster, wanted: str | None) -> str | None:
         candidates = [m for m in cluster.members if m.name != self.name]
@@ -510,7 +506,7 @@ class Ha:
             candidates = [m for m in candidates if m.name == wanted]
         for member in candidates:
             status = await self.peers.status(member.api_url)
-            if status and status.get("engine", {}).get("state") == EngineState.HEALTHY.value:
+            if status and status.engine.healthy:
                 return member.name
         return None
 

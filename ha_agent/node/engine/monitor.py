@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ha_agent.config import EngineHealthSettings
+from ha_agent.dcs.base import EngineState
 from ha_agent.node.engine.client import (
     CanaryResult,
     EngineBadAnswer,
@@ -37,13 +37,6 @@ from ha_agent.node.engine.client import (
 from ha_agent.node.engine.process import ProcessState, ProcessWatch
 
 log = logging.getLogger(__name__)
-
-
-class EngineState(str, enum.Enum):
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    HUNG = "hung"
-    DEAD = "dead"
 
 
 @dataclass(frozen=True)
