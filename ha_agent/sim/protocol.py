@@ -380,6 +380,7 @@ class RequestBuilder:
             n=sp.n,
             rid=req.rid,
         )
+        gen.stream = req.stream
         return GenerateCall(gen=gen, stream=req.stream)
 
     # -- POST /v1/completions -------------------------------------------------------
@@ -471,6 +472,7 @@ class RequestBuilder:
     @staticmethod
     def _call(req: CompletionBody | ChatBody, gen: GenRequest, echo_text: str = "") -> OpenAICall:
         opts = req.stream_options or StreamOptions()
+        gen.stream = req.stream
         return OpenAICall(
             gen=gen,
             stream=req.stream,

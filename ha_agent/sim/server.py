@@ -101,7 +101,7 @@ class SimServer:
     def __init__(self, settings: SimSettings) -> None:
         self.settings = settings
         self.tokenizer = get_tokenizer()
-        self.metrics = SimMetrics(settings.model_name)
+        self.metrics = SimMetrics(settings.model_name, settings.decode_log_interval)
         self.faults = Faults()
         try:
             self.faults.update(dict(settings.faults))
@@ -159,7 +159,7 @@ class SimServer:
 
     async def server_info(self, request: web.Request) -> web.Response:
         s, e = self.settings, self.engine
-        snap = e.snapshot()
+        live = e.stats()
         return _json(
             {
                 "simulator": True,
@@ -182,9 +182,9 @@ class SimServer:
                 "paused": e.paused,
                 "internal_states": [
                     {
-                        "last_gen_throughput": snap.gen_throughput,
-                        "num_running_reqs": snap.num_running_reqs,
-                        "num_queue_reqs": snap.num_queue_reqs,
+                        "last_gen_throughput": e.metrics.published.gen_throughput,
+                        "num_running_reqs": live.num_running_reqs,
+                        "num_queue_reqs": live.num_queue_reqs,
                     }
                 ],
             }
@@ -222,7 +222,7 @@ class SimServer:
         return _json(self._model_card())
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        body = self.metrics.render(self.engine.snapshot())
+        body = self.engine.render_metrics()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- control --------------------------------------------------------------------
