@@ -295,9 +295,8 @@ class RequestBuilder:
                 f"The input ({n_in} tokens) is longer than the model's context length "
                 f"({ctx} tokens)."
             )
-        if max_new_tokens is None:
-            max_new_tokens = ctx - n_in
-        elif n_in + max_new_tokens > ctx:
+        # None means "no limit" (the scheduler bounds it, scheduler.clip_max_new_tokens).
+        if max_new_tokens is not None and n_in + max_new_tokens > ctx:
             raise BadRequest(
                 f"Requested token count exceeds the model's maximum context length of {ctx} "
                 f"tokens. You requested a total of {n_in + max_new_tokens} tokens: {n_in} "

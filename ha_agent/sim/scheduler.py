@@ -39,6 +39,16 @@ class DuplicateRequestId(ValueError):
     pass
 
 
+# Messages of SGLang's own engine-side aborts (scheduler.py, schedule_batch.py).
+ENGINE_ABORT_MESSAGES = {
+    503: "Request running timeout reached.",
+    500: (
+        "Out of memory even after retracting all other requests in the decode batch. "
+        "Aborting the last request."
+    ),
+}
+
+
 class _HttpRequest(Protocol):  # the part of aiohttp's web.Request we use
     @property
     def transport(self) -> asyncio.BaseTransport | None: ...
@@ -50,7 +60,7 @@ class GenRequest:
 
     prompt_text: str  # the context characters the token stream is keyed on
     prompt_ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int | None  # None: no limit of its own (clip_max_new_tokens bounds it)
     sampling: SamplingKey = field(default_factory=SamplingKey)
     rules: StopRules = field(default_factory=StopRules)
     min_new_tokens: int = 0
@@ -60,9 +70,39 @@ class GenRequest:
     log_metrics: bool = True  # False for health checks (GenerateReqInput.log_metrics)
 
 
-def abort_reason(message: str) -> dict[str, Any]:
-    # SGLang's FINISH_ABORT.to_json(); status_code None marks a graceful (client) abort.
-    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
+def abort_reason(message: str, status_code: int | None = None) -> dict[str, Any]:
+    """SGLang's FINISH_ABORT.to_json() (python/sglang/srt/managers/schedule_batch.py).
+
+    status_code None marks a graceful abort (/abort_request, a client that left); 500 or
+    503 an engine-side one, which the HTTP layer turns into an error (tokenizer_manager.py
+    _handle_abort_finish_reason, serving_chat.py / serving_completions.py).
+    """
+    return {"type": "abort", "message": message, "status_code": status_code, "err_type": None}
+
+
+CLIP_MAX_NEW_TOKENS = 4096  # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (schedule_policy.py)
+NO_LIMIT = 1 << 30
+
+
+def clip_max_new_tokens(settings: SimSettings, input_len: int, max_new: int | None) -> int:
+    """Scheduler.init_req_max_new_tokens (python/sglang/srt/managers/scheduler.py).
+
+    Every request's budget is bounded so that it fits the context and the KV pool
+    (max_req_len = min(context_len - 1, max_total_num_tokens - 1), tp_worker.py); a null
+    ``max_new_tokens`` means "up to those bounds".
+    """
+    page = settings.page_size
+    max_req_len = min(settings.context_length - 1, settings.max_total_tokens - 1)
+    paged_input = -(-input_len // page) * page
+    wanted = NO_LIMIT if max_new is None else max_new
+    return max(
+        0,
+        min(
+            wanted,
+            max_req_len - input_len - 1,
+            settings.max_total_tokens - paged_input - page - 1,
+        ),
+    )
 
 
 class Job:
@@ -233,6 +273,8 @@ class Engine:
         if rid in self.jobs:
             raise DuplicateRequestId(f"Duplicate request ID: {rid}")
         s = self.settings
+        req.max_new_tokens = clip_max_new_tokens(s, len(req.prompt_ids), req.max_new_tokens)
+        req.min_new_tokens = min(req.min_new_tokens, req.max_new_tokens)
         job = Job(rid, req, self.tokenizer, s.eos_rate, s.weight_version)
         job.http_request = http_request
         self.jobs[rid] = job
@@ -250,7 +292,7 @@ class Engine:
             if job.finished:
                 return
             await self._prefill(job)
-            if job.req.max_new_tokens == 0:
+            if job.req.max_new_tokens == 0:  # resolved to an int by submit()
                 await self._gate(job)
                 self._finish(job, {"type": "length", "length": 0})
             while not job.finished:
@@ -339,7 +381,10 @@ class Engine:
         req = job.req
         allow_eos = not req.rules.ignore_eos and len(job.output_ids) >= req.min_new_tokens
         token = job.stream.next_token(allow_eos)
+        assert req.max_new_tokens is not None  # resolved by submit()
         finish = job.detok.push(token, req.max_new_tokens)
+        if finish is None:
+            finish = self._engine_abort(job)
         now = time.monotonic()
         log = req.log_metrics
         if job.first_token_at is None:
@@ -355,6 +400,14 @@ class Engine:
             self._finish(job, finish)
         else:
             job.notify()
+
+    def _engine_abort(self, job: Job) -> dict[str, Any] | None:
+        """Fault knob ``abort_after_tokens``: the engine ends the request itself."""
+        n = self.faults.abort_after_tokens
+        if n <= 0 or len(job.output_ids) < n:
+            return None
+        status = int(self.faults.abort_status)
+        return abort_reason(ENGINE_ABORT_MESSAGES[status], status)
 
     def _finish(self, job: Job, reason: dict[str, Any]) -> None:
         if job.finished:

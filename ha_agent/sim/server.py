@@ -35,7 +35,9 @@ from ha_agent.sim.responses import (
     DONE,
     ChatFormatter,
     CompletionFormatter,
+    abort_error_body,
     dumps,
+    engine_abort,
     generate_payload,
     native_error,
     openai_error,
@@ -286,6 +288,9 @@ class SimServer:
         job = job_or_error
         if not call.stream:
             await _wait_finished(job)
+            aborted = engine_abort(job)
+            if aborted is not None:
+                return _json(abort_error_body(*aborted), aborted[0])
             return _json(generate_payload(job))
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)  # /generate sends headers before the first token
@@ -328,6 +333,9 @@ class SimServer:
         )
         if not call.stream:
             await _wait_finished(job)
+            aborted = engine_abort(job)
+            if aborted is not None:
+                return _json(abort_error_body(*aborted), aborted[0])
             return _json(fmt.response())
         resp: web.StreamResponse | None = None
         try:

@@ -147,3 +147,165 @@ async def test_gauges_publish_at_log_points_not_continuously(
     await sim_read_sse(long)
     # Idle with a stale gauge: the scheduler's idle loop republishes at once.
     assert await sim_metric(client, "sglang:num_running_reqs") == 0
+
+
+# -- 5. continuous usage and null budgets ------------------------------------------------
+def _chat(stream: bool = True, **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "count"}], "stream": stream, **extra}
+
+
+def _data(payloads: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(p) for p in payloads if p != "[DONE]"]
+
+
+async def test_chat_continuous_usage_on_every_content_chunk(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_chat.py (_generate_stream_content:
+    usage on each content chunk when stream_options.continuous_usage_stats) and
+    python/sglang/srt/entrypoints/openai/protocol.py (StreamOptions, UsageInfo)."""
+    client = await sim_client_factory(itl=0.002)
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    resp = await client.post(
+        "/v1/chat/completions",
+        json=_chat(max_tokens=12, ignore_eos=True, stream_options=opts),
+    )
+    payloads = await sim_read_sse(resp)
+    assert payloads[-1] == "[DONE]"
+    chunks = _data(payloads)
+    role, *content, finish, final = chunks
+    assert "usage" not in role and "usage" not in finish
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 12
+    assert content and all("usage" in c for c in content)
+    counts = [c["usage"]["completion_tokens"] for c in content]
+    assert counts == sorted(counts) and counts[-1] == 12  # cumulative, from the engine
+    u = content[-1]["usage"]
+    assert list(u) == [
+        "prompt_tokens",
+        "total_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "reasoning_tokens",
+    ]
+    assert u["total_tokens"] == u["prompt_tokens"] + 12
+
+
+async def test_completions_continuous_usage_on_every_chunk(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_completions.py (chunk.usage when
+    continuous_usage_stats; final usage chunk with exclude_none)."""
+    client = await sim_client_factory(itl=0.002)
+    resp = await client.post(
+        "/v1/completions",
+        json={
+            "prompt": "count",
+            "max_tokens": 8,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"continuous_usage_stats": True},
+        },
+    )
+    chunks = _data(await sim_read_sse(resp))
+    assert chunks and all(c["usage"] is not None for c in chunks)
+    assert chunks[-1]["usage"]["completion_tokens"] == 8
+    plain = await client.post(
+        "/v1/completions",
+        json={"prompt": "count", "max_tokens": 3, "ignore_eos": True, "stream": True},
+    )
+    assert all(c["usage"] is None for c in _data(await sim_read_sse(plain)))
+
+
+async def test_null_budget_means_up_to_the_context(sim_client_factory: SimClientFactory) -> None:
+    """python/sglang/srt/managers/scheduler.py (init_req_max_new_tokens: None -> 1 << 30,
+    then clipped to max_req_len - input - 1, max_req_len from tp_worker.py) and
+    python/sglang/srt/entrypoints/openai/protocol.py (chat max_tokens Optional,
+    completions max_tokens: int = 16)."""
+    client = await sim_client_factory(itl=0.0005, context_length=96, eos_rate=0.0)
+    chat = await client.post("/v1/chat/completions", json=_chat(stream=False, max_tokens=None))
+    body = await chat.json()
+    prompt = body["usage"]["prompt_tokens"]
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == (96 - 1) - prompt - 1
+    gen = await client.post(
+        "/generate", json={"text": "abcd", "sampling_params": {"max_new_tokens": None}}
+    )
+    meta = (await gen.json())["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 95 - meta["prompt_tokens"] - 1}
+    # An explicit budget that fills the context exactly is clipped the same way.
+    full = await client.post(
+        "/generate", json={"text": "abcd", "sampling_params": {"max_new_tokens": 96 - 2}}
+    )
+    assert (await full.json())["meta_info"]["completion_tokens"] == 95 - meta["prompt_tokens"] - 1
+    bad = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": None})
+    assert bad.status == 400
+
+
+# -- 7. engine-side aborts ---------------------------------------------------------------
+async def test_engine_abort_ends_a_generate_stream_with_its_status(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/schedule_batch.py (FINISH_ABORT.to_json),
+    python/sglang/srt/managers/tokenizer_manager.py (_handle_abort_finish_reason: the
+    stream yields the abort, non-stream raises HTTPException) and
+    python/sglang/srt/entrypoints/http_server.py (generate_request, HTTPException handler)."""
+    client = await sim_client_factory(faults={"abort_after_tokens": 5})
+    resp = await client.post("/generate", json=_gen("x", 50))
+    payloads = await sim_read_sse(resp)
+    assert payloads[-1] == "[DONE]"
+    last = sim_json_events(payloads)[-1]
+    assert last["meta_info"]["finish_reason"] == {
+        "type": "abort",
+        "message": "Request running timeout reached.",
+        "status_code": 503,
+        "err_type": None,
+    }
+    assert len(last["output_ids"]) == 5
+    plain = await client.post("/generate", json=_gen("y", 50, stream=False))
+    assert plain.status == 503
+    assert await plain.json() == {
+        "object": "error",
+        "message": "Request running timeout reached.",
+        "type": "503",
+        "param": None,
+        "code": 503,
+    }
+
+
+async def test_engine_abort_in_openai_streams_is_an_error_chunk(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_chat.py and serving_completions.py
+    (abort with a status_code -> create_streaming_error_response, break, usage, [DONE])."""
+    client = await sim_client_factory(faults={"abort_after_tokens": 4, "abort_status": 500})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json=_chat(max_tokens=50, ignore_eos=True, stream_options={"include_usage": True}),
+    )
+    payloads = await sim_read_sse(resp)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-3])
+    assert error == {
+        "error": {
+            "object": "error",
+            "message": (
+                "Out of memory even after retracting all other requests in the decode "
+                "batch. Aborting the last request."
+            ),
+            "type": "INTERNAL_SERVER_ERROR",
+            "param": None,
+            "code": 500,
+        }
+    }
+    usage = json.loads(payloads[-2])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
+    chunks = _data(payloads[:-3])
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)  # no finish chunk
+    comp = await client.post(
+        "/v1/completions",
+        json={"prompt": "x", "max_tokens": 50, "ignore_eos": True, "stream": True},
+    )
+    tail = await sim_read_sse(comp)
+    assert tail[-1] == "[DONE]" and json.loads(tail[-2])["error"]["code"] == 500
+    plain = await client.post("/v1/chat/completions", json=_chat(stream=False, max_tokens=50))
+    assert plain.status == 500 and (await plain.json())["type"] == "500"
