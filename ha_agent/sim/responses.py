@@ -4,7 +4,8 @@ Sources (sgl-project/sglang, python/sglang/srt/entrypoints/): ``http_server.py``
 (``/generate`` events ``data: {json}\\n\\n`` with cumulative text and output_ids, then
 ``data: [DONE]``), ``openai/serving_completions.py`` (one chunk per update, final usage
 chunk dumped with ``exclude_none``), ``openai/serving_chat.py`` + ``openai/sse_utils.py``
-(a first ``role`` chunk, content deltas, a separate empty-delta finish chunk, usage chunk),
+(a first ``role`` chunk, content deltas, a separate empty-delta finish chunk, usage chunk;
+``StreamDelta`` always carries ``reasoning_content``, null without a reasoning parser),
 ``openai/usage_processor.py`` (``prompt_tokens_details`` only with cache report and a
 non-zero count) and ``openai/protocol.py`` (field names and order).
 """
@@ -221,13 +222,13 @@ class ChatFormatter(CompletionFormatter):
         out = []
         if self._first:
             self._first = False
-            out.append(self._chunk({"role": "assistant", "content": ""}))
+            out.append(self._chunk({"reasoning_content": None, "role": "assistant", "content": ""}))
         delta = self._delta()
-        if delta:
-            out.append(self._chunk({"content": delta}, with_usage=True))
+        if delta:  # serving_chat.py: an update whose text delta is empty sends no chunk
+            out.append(self._chunk({"reasoning_content": None, "content": delta}, with_usage=True))
         if self.job.finished:
             reason, matched = _finish(self.job)
-            out.append(self._chunk({}, reason, matched))
+            out.append(self._chunk({"reasoning_content": None}, reason, matched))
         return out
 
     def tail(self) -> list[bytes]:

@@ -220,9 +220,13 @@ async def test_chat_stream_format(sim_client: TestClient):
     )
     first, *content, finish, usage_chunk = events
     assert first["object"] == "chat.completion.chunk" and first["model"] == "whatever"
-    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert all(set(c["choices"][0]["delta"]) == {"content"} for c in content)
-    assert finish["choices"][0]["delta"] == {}
+    assert first["choices"][0]["delta"] == {
+        "reasoning_content": None,
+        "role": "assistant",
+        "content": "",
+    }
+    assert all(set(c["choices"][0]["delta"]) == {"reasoning_content", "content"} for c in content)
+    assert finish["choices"][0]["delta"] == {"reasoning_content": None}
     assert finish["choices"][0]["finish_reason"] in ("length", "stop")
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] > 0
     streamed = "".join(c["choices"][0]["delta"]["content"] for c in content)

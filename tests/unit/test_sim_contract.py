@@ -14,8 +14,14 @@ import pytest
 from aiohttp import ClientResponse
 from prometheus_client.parser import text_string_to_metric_families
 
+from ha_agent.sim.faults import Faults
+from ha_agent.sim.generator import StopRules
+from ha_agent.sim.metrics import SimMetrics
+from ha_agent.sim.scheduler import Engine, GenRequest, Job
+from ha_agent.sim.tokenizer import get_tokenizer
 from tests.unit.conftest import (
     SimClientFactory,
+    make_sim_settings,
     sim_json_events,
     sim_live_state,
     sim_metric,
@@ -309,3 +315,69 @@ async def test_engine_abort_in_openai_streams_is_an_error_chunk(
     assert tail[-1] == "[DONE]" and json.loads(tail[-2])["error"]["code"] == 500
     plain = await client.post("/v1/chat/completions", json=_chat(stream=False, max_tokens=50))
     assert plain.status == 500 and (await plain.json())["type"] == "500"
+
+
+# -- 3. a lagging reader gets coalesced chunks -------------------------------------------
+async def test_lagging_reader_gets_several_tokens_per_event() -> None:
+    """python/sglang/srt/managers/tokenizer_manager.py (_stream_one_response: for a
+    non-incremental stream only the latest queued output is sent, out = out_list[-1]).
+
+    Checked on the engine's update feed, which every streaming handler reads: a reader
+    that comes back after k tokens gets one update carrying all k.
+    """
+    settings = make_sim_settings(itl=0.001)
+    tok = get_tokenizer()
+    engine = Engine(settings, tok, SimMetrics(settings.model_name), Faults())
+    prompt = "lag"
+    req = GenRequest(
+        prompt_text=prompt,
+        prompt_ids=tok.encode(prompt),
+        max_new_tokens=60,
+        rules=StopRules(ignore_eos=True),
+    )
+    job = engine.submit(req)
+    seen: list[int] = []
+    async for _ in job.updates():
+        seen.append(len(job.output_ids))
+        if len(seen) == 1:  # the reader lags while the engine keeps generating
+
+            async def twenty(job: Job = job) -> bool:
+                return len(job.output_ids) >= 20
+
+            await sim_wait_for(twenty, interval=0.001)
+    assert seen[-1] == 60 and seen == sorted(seen)
+    assert seen[1] - seen[0] >= 19  # one update carried everything produced meanwhile
+    assert len(seen) < 60
+
+
+# -- 4. chat skips empty deltas; reasoning_content is always there -----------------------
+async def test_chat_skips_empty_deltas_and_always_sends_reasoning_content(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_chat.py (_generate_stream_content:
+    `if delta:`) and python/sglang/srt/entrypoints/openai/sse_utils.py (StreamDelta:
+    reasoning_content required, role/content omitted when None)."""
+    client = await sim_client_factory(itl=0.001, eos_rate=0.3)
+    body = {"max_tokens": 200, "seed": 3}
+    chat = _data(await sim_read_sse(await client.post("/v1/chat/completions", json=_chat(**body))))
+    role, *content, finish = chat
+    assert finish["choices"][0]["finish_reason"] == "stop"  # ended by EOS: no text
+    assert finish["choices"][0]["delta"] == {"reasoning_content": None}
+    assert role["choices"][0]["delta"] == {
+        "reasoning_content": None,
+        "role": "assistant",
+        "content": "",
+    }
+    assert all(c["choices"][0]["delta"]["content"] for c in content)  # none empty
+    assert all(c["choices"][0]["delta"]["reasoning_content"] is None for c in content)
+    plain = await client.post("/v1/chat/completions", json=_chat(stream=False, **body))
+    tokens = (await plain.json())["usage"]["completion_tokens"]
+    assert len(content) == tokens - 1  # the EOS update had an empty delta: skipped
+    # /v1/completions sends every update, the empty one included.
+    comp = await client.post(
+        "/v1/completions",
+        json={"prompt": "<|user|>\ncount<|end|>\n<|assistant|>\n", "stream": True, **body},
+    )
+    chunks = _data(await sim_read_sse(comp))
+    assert chunks[-1]["choices"][0]["text"] == ""
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
