@@ -344,7 +344,17 @@ class SimSettings(BaseSettings):
         0.01, ge=0, description="ITL grows by this fraction per extra running request."
     )
     max_running_requests: int = Field(256, ge=1, description="More requests wait in the queue.")
-    max_total_tokens: int = Field(65536, ge=1, description="Prefix cache capacity in tokens.")
+    max_total_tokens: int = Field(
+        65536, ge=1, description="KV pool size in tokens: admission budget and prefix cache."
+    )
+    health_check_timeout: float = Field(
+        20.0,
+        gt=0,
+        description="As SGLANG_HEALTH_CHECK_TIMEOUT: /health waits this long for output, s.",
+    )
+    health_check_interval: float = Field(
+        1.0, gt=0, description="How often /health looks for output (SGLang: every 1 s), s."
+    )
     decode_log_interval: int = Field(
         40, ge=1, description="As SGLang's --decode-log-interval: gauges publish this often."
     )

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ha_agent import __version__
 from ha_agent.config import SimSettings
 from ha_agent.sim.faults import FaultError, Faults, die_of_oom
+from ha_agent.sim.generator import SamplingKey
 from ha_agent.sim.grammar import GrammarError
 from ha_agent.sim.metrics import SimMetrics
 from ha_agent.sim.protocol import (
@@ -43,7 +45,13 @@ from ha_agent.sim.responses import (
     openai_error,
     sse,
 )
-from ha_agent.sim.scheduler import DuplicateRequestId, Engine, Job
+from ha_agent.sim.scheduler import (
+    HEALTH_CHECK_RID_PREFIX,
+    DuplicateRequestId,
+    Engine,
+    GenRequest,
+    Job,
+)
 from ha_agent.sim.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -132,11 +140,38 @@ class SimServer:
 
     # -- health and info ------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        # Gray failure on purpose: a hung engine still answers 200 here (SGLang #4191/#6624).
-        e = self.engine
+        """SGLang's health_generate (python/sglang/srt/entrypoints/http_server.py).
+
+        A 1-token generation (rid HEALTH_CHECK_*, input_ids [0], not counted in metrics)
+        goes through the same queue as every request; the answer is 200 as soon as *any*
+        output reached the tokenizer after the check began (other requests' tokens count,
+        sglang#6624), looked at every second, else 503 after SGLANG_HEALTH_CHECK_TIMEOUT.
+        The check's own request is not aborted on either outcome: it stays queued.
+        """
+        e, s = self.engine, self.settings
         if e.shutting_down or not e.started() or self.faults.fail_health:
             return _empty(503)
-        return _empty(200)
+        gen = GenRequest(
+            prompt_text=self.tokenizer.decode([0]),
+            prompt_ids=[0],
+            max_new_tokens=1,
+            sampling=SamplingKey(temperature=0.0),
+            rid=f"{HEALTH_CHECK_RID_PREFIX}_{uuid.uuid4().hex}",
+            log_metrics=False,
+        )
+        tic = time.monotonic()
+        e.submit(gen)
+        deadline = tic + s.health_check_timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(s.health_check_interval)
+            if e.last_output_at > tic:
+                return _empty(200)
+        log.error(
+            "Health check failed. Server couldn't get a response from detokenizer for last "
+            "%g seconds.",
+            s.health_check_timeout,
+        )
+        return _empty(503)
 
     async def ready(self, request: web.Request) -> web.Response:
         e = self.engine

@@ -381,3 +381,80 @@ async def test_chat_skips_empty_deltas_and_always_sends_reasoning_content(
     chunks = _data(await sim_read_sse(comp))
     assert chunks[-1]["choices"][0]["text"] == ""
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# -- 6. health checks and admission share the scheduler's queue -------------------------
+async def test_health_check_is_a_queued_generation_any_output_counts(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/http_server.py (health_generate: a 1-token request
+    rid HEALTH_CHECK_*, input_ids [0], log_metrics=False; 200 once any output arrives
+    after it began, looked at every second; 503 after SGLANG_HEALTH_CHECK_TIMEOUT)."""
+    client = await sim_client_factory(
+        itl=0.005, max_running_requests=1, health_check_interval=0.05, health_check_timeout=0.5
+    )
+    busy = await client.post("/generate", json=_gen("busy", 200))
+    await next_event(busy)
+    health = asyncio.create_task(client.get("/health"))
+
+    async def health_queued() -> bool:  # behind the running request, like any request
+        return (await sim_live_state(client))["num_queue_reqs"] == 1
+
+    await sim_wait_for(health_queued)
+    # 200 although its own token has not come: the busy request's output counts.
+    assert (await asyncio.wait_for(health, 5)).status == 200
+    assert (await sim_live_state(client))["num_queue_reqs"] == 1  # still waiting, not aborted
+    await sim_read_sse(busy)
+
+    async def drained() -> bool:
+        return (await sim_live_state(client))["num_queue_reqs"] == 0
+
+    await sim_wait_for(drained)
+    assert await sim_metric(client, "sglang:num_requests_total") == 1  # health not counted
+
+
+async def test_health_is_503_when_nothing_comes_out(sim_client_factory: SimClientFactory) -> None:
+    """python/sglang/srt/entrypoints/http_server.py (health_generate times out when no
+    output reaches the tokenizer, e.g. behind a long prefill: sglang#22511)."""
+    client = await sim_client_factory(
+        max_running_requests=1,
+        prefill_per_token=0.01,
+        health_check_interval=0.05,
+        health_check_timeout=0.4,
+    )
+    long_prefill = asyncio.create_task(
+        client.post("/generate", json=_gen("p" * 400, 1, stream=False))
+    )
+
+    async def prefilling() -> bool:
+        return (await sim_live_state(client))["num_running_reqs"] == 1
+
+    await sim_wait_for(prefilling)
+    assert (await client.get("/health")).status == 503
+    assert (await asyncio.wait_for(long_prefill, 10)).status == 200
+
+
+async def test_new_requests_wait_for_kv_room(sim_client_factory: SimClientFactory) -> None:
+    """python/sglang/srt/managers/schedule_policy.py (PrefillAdder.add_one_req: prompt +
+    min(max_new_tokens, CLIP) + page must fit in the pool less the running requests'
+    tokens and new_token_ratio x their remaining budgets -> NO_TOKEN, the request waits)."""
+    client = await sim_client_factory(itl=0.002, max_total_tokens=256, page_size=16)
+    first = await client.post("/generate", json=_gen("a", 150))
+    await next_event(first)
+    second = asyncio.create_task(client.post("/generate", json=_gen("b", 150, stream=False)))
+
+    async def waits_for_kv() -> bool:  # a running slot is free, the KV pool is not
+        live = await sim_live_state(client)
+        return live["num_queue_reqs"] == 1 and live["num_running_reqs"] == 1
+
+    await sim_wait_for(waits_for_kv)
+    await sim_read_sse(first)
+    out = await (await asyncio.wait_for(second, 10)).json()
+    assert out["meta_info"]["completion_tokens"] == 150
+    assert out["meta_info"]["queue_time"] > 0.1
+    # Small requests fit next to a big one.
+    big = await client.post("/generate", json=_gen("c", 100))
+    await next_event(big)
+    small = await client.post("/generate", json=_gen("d", 5, stream=False))
+    assert (await small.json())["meta_info"]["queue_time"] < 0.05
+    await sim_read_sse(big)
