@@ -91,6 +91,52 @@ def _bad_request(exc: BadRequest, native: bool) -> web.Response:
     return _json(openai_error(exc.message, "BadRequestError", 400), 400)
 
 
+# Routes SGLang marks @auth_level(AuthLevel.ADMIN_OPTIONAL) (http_server.py).
+_ADMIN_OPTIONAL = frozenset(
+    {"/flush_cache", "/abort_request", "/pause_generation", "/continue_generation"}
+)
+
+
+def _bearer_matches(header: str | None, key: str) -> bool:
+    """auth.py _check_bearer_token: "Bearer <key>" (scheme case-insensitive), constant time."""
+    if not header:
+        return False
+    parts = header.split(" ", 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return False
+    return hmac.compare_digest(parts[1].encode(), key.encode())
+
+
+def auth_allows(
+    method: str, path: str, header: str | None, api_key: str | None, admin_key: str | None
+) -> bool:
+    """decide_request_auth (python/sglang/srt/utils/auth.py) for the levels SGLang uses."""
+    if method == "OPTIONS" or path.startswith("/health") or path.startswith("/metrics"):
+        return True
+    if path in _ADMIN_OPTIONAL:
+        # Only the admin key when one is set (the api key is then refused), else the api key.
+        key = admin_key or api_key
+        return key is None or _bearer_matches(header, key)
+    return api_key is None or _bearer_matches(header, api_key)
+
+
+def _api_key_middleware(api_key: str | None, admin_key: str | None) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # /sim/* is the simulator's own admin surface (SIM_ADMIN_TOKEN), not SGLang's.
+        if request.path.startswith("/sim/") or auth_allows(
+            request.method,
+            request.path,
+            request.headers.get("Authorization"),
+            api_key,
+            admin_key,
+        ):
+            return await handler(request)
+        return _json({"error": "Unauthorized"}, 401)
+
+    return check
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """FastAPI-style JSON for 404/405, and a logged 500 for anything unexpected."""
@@ -433,7 +479,13 @@ def create_app(settings: SimSettings | None = None) -> web.Application:
     """The simulator as an aiohttp application (for in-process tests and the CLI)."""
     settings = settings or SimSettings()
     server = SimServer(settings)
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    middlewares = [_errors]
+    if settings.api_key is not None or settings.admin_api_key is not None:
+        # As SGLang: the key middleware exists only when a key is configured.
+        keys = (settings.api_key, settings.admin_api_key)
+        api_key, admin_key = (k.get_secret_value() if k else None for k in keys)
+        middlewares.insert(0, _api_key_middleware(api_key, admin_key))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     app[SIM_KEY] = server
     app.cleanup_ctx.append(server.lifecycle)
     app.on_shutdown.append(server.on_shutdown)
