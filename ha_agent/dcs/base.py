@@ -76,7 +76,6 @@ class Member(StoredRecord):
     updated: float = field(default_factory=time.time)
 
 
-
 @dataclass(frozen=True)
 class Switchover(StoredRecord):
     """A planned hand-over the current primary should carry out."""
@@ -84,7 +83,6 @@ class Switchover(StoredRecord):
     from_node: str
     to_node: str | None
     requested_at: float
-
 
 
 @dataclass(frozen=True)
