@@ -189,22 +189,26 @@ class Migration:
         return out, None
 
     def _strip_usage(self, out: bytes) -> bytes:
-        events = out.split(b"\n\n")
-        for i, event in enumerate(events):
-            at = event.rfind(_USAGE_KEY)
-            if at < 0 or event[:at].endswith(_FINAL_USAGE):
-                continue  # no usage, or the final usage chunk the client asked for
-            # SGLang writes usage as the chunk's last key: cut it without parsing the
-            # chunk, after checking that what follows it is exactly one object.
-            try:
-                whole = event.endswith(b"}") and isinstance(json.loads(event[at + 9 : -1]), dict)
-            except ValueError:
-                whole = False
-            if whole:
-                events[i] = event[:at] + self.api.usage_off + b"}"
-            else:
-                events[i] = self._strip_parsed(event)
-        return b"\n\n".join(events)
+        if out.count(b"\n\n") == 1:  # the usual case: one event
+            return self._strip_event(out[:-2]) + b"\n\n"
+        return b"\n\n".join(self._strip_event(event) for event in out.split(b"\n\n"))
+
+    def _strip_event(self, event: bytes) -> bytes:
+        at = event.rfind(_USAGE_KEY)
+        if at < 0 or event[:at].endswith(_FINAL_USAGE):
+            return event  # no usage, or the final usage chunk the client asked for
+        # SGLang writes usage as the chunk's last key: cut it without parsing the chunk,
+        # once sure that exactly one flat object follows it (else parse the chunk).
+        close = event.find(b"}", at)
+        if close == len(event) - 2 and event.find(b"{", at + 10, close) < 0:
+            return event[:at] + self.api.usage_off + b"}"
+        try:
+            whole = event.endswith(b"}") and isinstance(json.loads(event[at + 9 : -1]), dict)
+        except ValueError:
+            whole = False
+        if whole:  # usage with nested details (--enable-cache-report)
+            return event[:at] + self.api.usage_off + b"}"
+        return self._strip_parsed(event)
 
     def _strip_parsed(self, event: bytes) -> bytes:
         for obj in sse.iter_json(event):

@@ -213,6 +213,7 @@ async def test_completions_stream_continues_with_usage_counted_once(cluster: Loc
         "model": "m",
         "prompt": "The quick brown fox",
         "max_tokens": LONG,
+        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
         "seed": 7,
@@ -232,8 +233,72 @@ async def test_completions_stream_continues_with_usage_counted_once(cluster: Loc
     assert got_usage["completion_tokens"] == want_usage["completion_tokens"]
     assert got_usage["prompt_tokens"] == want_usage["prompt_tokens"]
     assert got_usage["total_tokens"] == want_usage["total_tokens"]
+    assert got_usage["completion_tokens"] == LONG, "exactly the requested budget"
     assert len(ids) == 1, "one response id across the migration"
     assert events.count("[DONE]") == 1
+    # The relay counts by running usage it asked for; the client did not, so its
+    # content chunks carry "usage": null, as SGLang's own would.
+    content = [json.loads(e) for e in events if e.startswith("{")][:-1]
+    assert content and all(c["usage"] is None for c in content)
+
+
+async def chat_events(cluster: LocalCluster, body: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """The chunks of a chat stream broken mid-way, and of the same request run on
+    the other node without a break."""
+    events, primary = await broken_stream(cluster, "/v1/chat/completions", body)
+    expected = await reference(cluster, cluster.other(primary), "/v1/chat/completions", body)
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    assert "STREAM_MIGRATED" in cluster.ha_log("relay")
+    return [json.loads(e) for e in events[:-1]], [json.loads(e) for e in expected[:-1]]
+
+
+async def test_chat_stream_keeps_the_budget_and_running_usage_across_a_migration(
+    cluster: LocalCluster,
+) -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Count the ways a lease can expire."}],
+        "max_completion_tokens": LONG,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "seed": 11,
+    }
+    got, want = await chat_events(cluster, body)
+    content = [c for c in got if c["choices"] and c["choices"][0]["delta"].get("content")]
+    running = [c["usage"] for c in content]
+    assert len(running) == len(content), "running usage on every content chunk"
+    done = [u["completion_tokens"] for u in running]
+    assert done == sorted(done) and done[-1] == LONG
+    assert {u["prompt_tokens"] for u in running} == {want[-1]["usage"]["prompt_tokens"]}
+    assert got[-1]["choices"] == [] and got[-1]["usage"] == want[-1]["usage"]
+    assert got[-1]["usage"]["completion_tokens"] == LONG
+    finishes = [c["choices"][0]["finish_reason"] for c in got if c["choices"]]
+    assert [f for f in finishes if f] == ["length"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in got if c["choices"])
+    assert text == "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in want if c["choices"]
+    )
+
+
+async def test_chat_stream_without_stream_options_gets_no_usage_after_a_migration(
+    cluster: LocalCluster,
+) -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Describe a fencing token."}],
+        "max_tokens": LONG,
+        "ignore_eos": True,
+        "stream": True,
+        "seed": 5,
+    }
+    got, want = await chat_events(cluster, body)
+    assert all("usage" not in c for c in got), "SGLang omits usage nobody asked for"
+    assert all("usage" not in c for c in want)
+    roles = [c for c in got if c["choices"][0]["delta"].get("role")]
+    assert len(roles) == 1
+    finishes = [c["choices"][0]["finish_reason"] for c in got if c["choices"][0]["finish_reason"]]
+    assert finishes == ["length"]
 
 
 async def test_chat_stream_continues_through_the_openai_client(cluster: LocalCluster) -> None:
@@ -281,6 +346,7 @@ async def test_chat_stream_continues_through_the_openai_client(cluster: LocalClu
     assert usage is not None and want.usage is not None
     assert usage.completion_tokens == want.usage.completion_tokens
     assert usage.prompt_tokens == want.usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     await client.close()
     await direct.close()
 
