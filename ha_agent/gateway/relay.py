@@ -324,7 +324,7 @@ class Relay:
                 if state.migrations and state.writes == segment_writes:
                     continue  # the continuation never got going: send it elsewhere as is
                 # Bytes already reached the client: continue the stream elsewhere.
-                next_body = await self._plan_migration(state, node)
+                next_body = await self._plan_migration(state, node, failure.reason)
                 if next_body is None:
                     return state.result()
                 segment_body, segment_writes = next_body, state.writes
@@ -340,7 +340,9 @@ class Relay:
                 self.metrics.migrations.labels(kind, "migrated").inc()
             return state.result()
 
-    async def _plan_migration(self, state: _StreamState, broken: NodeView) -> bytes | None:
+    async def _plan_migration(
+        self, state: _StreamState, broken: NodeView, why: str
+    ) -> bytes | None:
         """The next segment's body, or None once the client's stream has been closed."""
         mig = state.migration
         if state.segment_raw is not None:
@@ -370,7 +372,7 @@ class Relay:
         self.events.emit(
             ev.STREAM_MIGRATED,
             f"{state.kind} stream from {broken.name} after {mig.progress.tokens} tokens"
-            f" (migration {state.migrations})",
+            f" (migration {state.migrations}): {why}",
         )
         return json.dumps(body).encode()
 

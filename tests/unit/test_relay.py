@@ -420,3 +420,100 @@ async def test_second_failure_during_a_migrated_stream(cluster: LocalCluster) ->
                 cluster.kill_engine(second)
     assert last_json(events)["output_ids"] == last_json(expected)["output_ids"]
     assert events.count("[DONE]") == 1
+
+
+# -- engine-side aborts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [503, 500])
+async def test_engine_abort_is_migrated_like_a_break(cluster: LocalCluster, status: int) -> None:
+    """SGLang ends a request itself on a running timeout (503) or when the KV cache runs
+    out (500): an error event on the OpenAI endpoints (serving_chat.py). The client must
+    see neither the error nor a short answer."""
+    primary = cluster.primary()
+    assert primary is not None
+    sim = cluster.nodes[primary].sim
+    assert sim is not None
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Tell me about leases."}],
+        "max_tokens": LONG,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "seed": 2,
+    }
+    expected = await reference(cluster, cluster.other(primary), "/v1/chat/completions", body)
+    await sim.faults(abort_after_tokens=30, abort_status=status)
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + "/v1/chat/completions", body)
+    assert not [e for e in events if '"error"' in e]
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    got = [json.loads(e) for e in events[:-1]]
+    want = [json.loads(e) for e in expected[:-1]]
+
+    def text(chunks: list[Any]) -> str:
+        return "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+        )
+
+    assert text(got) == text(want)
+    assert got[-1]["usage"]["completion_tokens"] == LONG
+    assert got[-1]["usage"]["prompt_tokens"] == want[-1]["usage"]["prompt_tokens"]
+    log = cluster.ha_log("relay")
+    assert f"STREAM_MIGRATED chat stream from {primary} after" in log
+    assert f"engine abort {status}" in log
+
+
+async def test_generate_engine_abort_continues_from_the_token_ids(cluster: LocalCluster) -> None:
+    primary = cluster.primary()
+    assert primary is not None
+    sim = cluster.nodes[primary].sim
+    assert sim is not None
+    body = {
+        "input_ids": [11, 12, 13, 14],
+        "stream": True,
+        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
+    }
+    expected = await reference(cluster, cluster.other(primary), "/generate", body)
+    await sim.faults(abort_after_tokens=40, abort_status=503)
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + "/generate", body)
+    got, want = last_json(events), last_json(expected)
+    assert got["output_ids"] == want["output_ids"]
+    assert got["meta_info"]["finish_reason"] == {"type": "length", "length": LONG}
+    assert got["meta_info"]["completion_tokens"] == LONG
+    assert got["meta_info"]["prompt_tokens"] == 4
+    assert "STREAM_MIGRATED" in cluster.ha_log("relay")
+
+
+async def test_a_client_abort_ends_the_stream_and_is_not_migrated(cluster: LocalCluster) -> None:
+    """/abort_request ends a request with an abort that has no status code: the
+    request's own end (tokenizer_manager.py), passed through as SGLang sent it."""
+    primary = cluster.primary()
+    assert primary is not None
+    body = {
+        "text": "abort me",
+        "rid": "client-abort-1",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True},
+    }
+    events: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream("POST", cluster.relay_url + "/generate", json=body) as resp,
+    ):
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            events.append(line[5:].strip())
+            if len(events) == 5:
+                r = await client.post(
+                    cluster.nodes[primary].engine_url + "/abort_request",
+                    json={"rid": "client-abort-1"},
+                )
+                assert r.status_code == 200
+    finish = last_json(events)["meta_info"]["finish_reason"]
+    assert finish["type"] == "abort" and finish.get("status_code") is None
+    assert last_json(events)["meta_info"]["completion_tokens"] < 2000
+    assert "STREAM_MIGRATED" not in cluster.ha_log("relay")
