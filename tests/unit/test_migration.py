@@ -392,7 +392,7 @@ def test_generate_logprob_arrays_are_spliced() -> None:
         "sampling_params": {"max_new_tokens": 4},
     }
     mig = Migration(GENERATE, body)
-    first_meta = {
+    first_meta: dict[str, Any] = {
         "input_token_logprobs": [[None, 1, None], [-0.5, 2, None]],
         "output_token_logprobs": [[-0.1, 7, None], [-0.2, 8, None]],
         "output_top_logprobs": [[[-0.1, 7, None]], [[-0.2, 8, None]]],
@@ -400,7 +400,7 @@ def test_generate_logprob_arrays_are_spliced() -> None:
     }
     first_segment(mig, gen_event("ab", [7, 8], prompt=2, **first_meta))
     migrate(mig)
-    second_meta = {
+    second_meta: dict[str, Any] = {
         "input_token_logprobs": [
             [None, 1, None],
             [-0.5, 2, None],

@@ -11,6 +11,7 @@ What the client checks: the text, the budget each engine was given, the usage.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -309,4 +310,4 @@ async def test_generate_continues_from_token_ids_with_spliced_logprobs(
     assert meta["output_token_logprobs_length"] == 10
     assert meta["input_token_logprobs"] == [[None, 40, None], [None, 41, None]]
     texts = [e["text"] for e in events[:-1]]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
