@@ -2,7 +2,8 @@
 
 Faults are real: the primary's engine process is SIGKILLed or SIGSTOPped while
 requests run. What a user checks: no failed request, streams that continue with
-exactly the text an uninterrupted run gives, 4xx that pass through untouched.
+exactly the text an uninterrupted run gives (the simulator is deterministic), the
+requested budget and the original prompt's usage, 4xx that pass through untouched.
 """
 
 from __future__ import annotations
