@@ -161,9 +161,14 @@ class Migration:
         """Why this request cannot be migrated, or None."""
         return self.api.refusal(self.body, self.progress)
 
+    @property
+    def latest_event_holds_all(self) -> bool:
+        """Each event repeats the whole answer so far (/generate): the relay keeps only
+        the latest of the first segment."""
+        return not self.api.openai
+
     def resumable_stream_format(self) -> bool:
-        # /generate is kept as its latest cumulative event only (see relay.py).
-        return self.kind != GENERATE or self._cumulative
+        return not self.latest_event_holds_all or self._cumulative
 
     # -- what happened so far ------------------------------------------------------------
 

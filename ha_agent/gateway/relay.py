@@ -34,7 +34,7 @@ from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway import sse
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.migration import ENDPOINTS, GENERATE, Migration
+from ha_agent.gateway.migration import ENDPOINTS, Migration
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
@@ -478,8 +478,8 @@ class _StreamState:
     def keep_raw(self, out: bytes) -> None:
         if self._raw is None or not out:
             return
-        if self.kind == GENERATE:
-            self._raw = [out]  # /generate events are cumulative: the latest holds it all
+        if self.migration.latest_event_holds_all:
+            self._raw = [out]
         else:
             self._raw.append(out)
 
