@@ -34,7 +34,10 @@ images: docker secrets  ## build the node, gateway and redis images
 # --- the stack -----------------------------------------------------------------------
 .PHONY: up down logs ps status history rolling-restart verify
 up: docker secrets  ## bring up the stack and wait until it is ready
-	$(COMPOSE) up -d --build --wait --wait-timeout 600
+	@echo "==> building the images ($(STACK); the first build takes several minutes)"
+	$(COMPOSE) build
+	@echo "==> starting the containers; waiting until every one is healthy (a first model download can take long: 'make logs' shows it)"
+	$(COMPOSE) up -d --wait --wait-timeout 600
 	@scripts/print-endpoints.sh $(PROJECT) $(STACK)
 down:  ## stop the stack (keeps volumes)
 	$(COMPOSE) down --remove-orphans
@@ -48,8 +51,8 @@ status:  ## roles, epoch and health of the running stack
 history:  ## the HA event log, from the store
 	$(COMPOSE) exec -T node-1 sglang-ha history
 
-rolling-restart:  ## restart both nodes one after the other, no request failing
-	PROJECT=$(PROJECT) STACK_FILES=compose/$(STACK) scripts/rolling-restart.sh
+rolling-restart:  ## restart every engine, standbys first, no request failing
+	$(COMPOSE) exec -T node-1 sglang-ha rolling-restart
 
 verify: venv  ## the pre-production checklist against the running stack (DISRUPTIVE=1 for all)
 	$(PY) -m ha_agent.ctl verify --project $(PROJECT) $(if $(DISRUPTIVE),--disruptive,)

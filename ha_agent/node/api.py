@@ -179,14 +179,22 @@ class AgentApi:
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
         self.ha.events.emit(SWITCHOVER_REQUESTED, f"from {leader} to {chosen} (by admin)")
-        if request.query.get("wait", "true") != "false":
-            done = await self._wait_for_leader(chosen, timeout=self.ha.s.handover_wait)
-            if not done:
-                return web.json_response(
-                    {"detail": f"switchover from {leader} to {chosen} requested, not yet done"},
-                    status=202,
-                )
-        return web.json_response({"detail": f"switched over from {leader} to {chosen}"})
+        moved = {"from": leader, "to": chosen}
+        if request.query.get("wait", "true") == "false":
+            return web.json_response(
+                {"detail": f"switchover from {leader} to {chosen} requested", **moved},
+                status=202,
+            )
+        done = await self._wait_for_leader(chosen, timeout=self.ha.s.handover_wait)
+        if not done:
+            return web.json_response(
+                {
+                    "detail": f"switchover from {leader} to {chosen} requested, not yet done",
+                    **moved,
+                },
+                status=202,
+            )
+        return web.json_response({"detail": f"switched over from {leader} to {chosen}", **moved})
 
     async def post_failover(self, request: web.Request) -> web.Response:
         body = await read_object(request)
