@@ -159,7 +159,13 @@ def _switchover(
     return chosen
 
 
-def _restart(client: ClusterClient, follower: EventFollower, node: str, timeout: float) -> None:
+def _restart(
+    client: ClusterClient,
+    follower: EventFollower,
+    node: str,
+    timeout: float,
+    drain_timeout: float = 60.0,
+) -> None:
     """Restart NODE's engine; a primary hands over first. Returns once it is healthy."""
     view = client.view()
     row = _row(view, node)
@@ -174,6 +180,17 @@ def _restart(client: ClusterClient, follower: EventFollower, node: str, timeout:
             return status is not None and status.role is Role.STANDBY
 
         _wait(client, follower, f"{node} to step down", stepped_down, _handover_timeout(client))
+
+    def drained(v: ClusterView) -> bool:
+        status = _status_of(v, node)
+        return status is not None and status.engine.running == 0 and status.engine.queued == 0
+
+    # New requests no longer go to a standby; those it still runs (streams begun
+    # before a switchover) finish first. A stuck one does not block the restart.
+    try:
+        _wait(client, follower, f"requests in flight on {node} to finish", drained, drain_timeout)
+    except click.ClickException as exc:
+        click.echo(f"  {exc.message}: restarting anyway (the engine drains on stop)")
     click.echo(f"restarting the engine of {node}")
     started = time.monotonic()
     code, data = client.post(row.api_url, "/ha/restart-engine", {}, timeout=120)
