@@ -136,7 +136,10 @@ def test_edit_config_changes_failback_and_lease_timing_live(stack: Stack) -> Non
             what="the relay to apply the warming rate",
         )
         code, out = ctl(stack, "history", "-n", "20")
-        assert "CONFIG_CHANGED failback: - -> preferred, lease_ttl: - -> 4.0" in out, out
+        assert (
+            "CONFIG_CHANGED lease_ttl: - -> 4.0, failback: - -> preferred, warm_rate: - -> 0.5"
+            in out
+        ), out
         code, out = ctl(stack, "show-config")
         assert code == 0 and "lease_ttl: 4.0" in out and "# loop_wait: 0.5" in out, out
     finally:
