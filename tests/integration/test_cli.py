@@ -67,6 +67,8 @@ def test_restart_of_the_primary_under_load_fails_no_request(stack: Stack) -> Non
     assert "SWITCHOVER_COMPLETED" in out and "ENGINE_RESTART_REQUESTED" in out, out
     assert f"{primary}: engine healthy again" in out, out
     assert stack._engine_pid(primary) != pid, "the engine was not restarted"
+    print(load.summary())  # the numbers behind "0 failed" (pytest -rP shows them)
+    assert len(load.records) >= 20, "too little load to show anything: " + load.summary()
     assert not load.failed, load.summary()
     assert not load.mismatched, load.summary()
     assert stack.wait_stable() != primary
@@ -87,6 +89,8 @@ def test_rolling_restart_under_load_fails_no_request(stack: Stack) -> None:
         f"restarting the engine of {primary}"
     ), out
     assert all(stack._engine_pid(node) != pid for node, pid in pids.items()), out
+    print(load.summary())  # the numbers behind "0 failed" (pytest -rP shows them)
+    assert len(load.records) >= 20, "too little load to show anything: " + load.summary()
     assert not load.failed, load.summary()
     assert not load.mismatched, load.summary()
     stack.wait_stable()
