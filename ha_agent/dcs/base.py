@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ha_agent.config import DynamicConfig
 
@@ -47,8 +47,25 @@ def parse_token(raw: str) -> tuple[int, str]:
     return int(epoch), node
 
 
+R = TypeVar("R", bound="StoredRecord")
+
+
+class StoredRecord:
+    """A dataclass kept in the store as compact JSON. Fields the reader does not
+    know (written by a newer agent) are ignored, so a rolling upgrade can add some."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[R], raw: str | bytes) -> R:
+        data = json.loads(raw)
+        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        return cls(**{k: data[k] for k in fields if k in data})
+
+
 @dataclass(frozen=True)
-class Member:
+class Member(StoredRecord):
     """A node as it registered itself: where its engine and agent answer."""
 
     name: str
@@ -60,30 +77,14 @@ class Member:
     priority: int = 0
     updated: float = field(default_factory=time.time)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> Member:
-        data = json.loads(raw)
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
-
 
 @dataclass(frozen=True)
-class Switchover:
+class Switchover(StoredRecord):
     """A planned hand-over the current primary should carry out."""
 
     from_node: str
     to_node: str | None
     requested_at: float
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> Switchover:
-        return cls(**json.loads(raw))
 
 
 @dataclass(frozen=True)
