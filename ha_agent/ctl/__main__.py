@@ -19,7 +19,7 @@ from click.shell_completion import get_completion_class
 from ha_agent.config import AgentSettings
 from ha_agent.ctl import output
 from ha_agent.ctl.client import ClusterClient, ClusterView, NodeRow
-from ha_agent.dcs.base import HAEvent, Role
+from ha_agent.dcs.base import AgentStatus, HAEvent, Role
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -120,7 +120,7 @@ def _wait(
         time.sleep(0.5)
 
 
-def _status_of(view: ClusterView, node: str) -> Any:
+def _status_of(view: ClusterView, node: str) -> AgentStatus | None:
     row = next((n for n in view.nodes if n.name == node), None)
     return row.status if row else None
 
