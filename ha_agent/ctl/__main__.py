@@ -407,14 +407,25 @@ def rolling_restart(ctx: click.Context, timeout: float) -> None:
     metavar="KEY=VALUE",
     help="Set a value without an editor (KEY= or KEY=null unsets); repeatable.",
 )
+@click.option(
+    "--apply",
+    "apply_file",
+    type=click.File("r"),
+    default=None,
+    metavar="FILE",
+    help="Merge the YAML mapping in FILE ('-': stdin; null unsets) without an editor.",
+)
 @click.option("-f", "--force", is_flag=True, help="Apply without asking.")
 @click.pass_context
-def edit_config(ctx: click.Context, assignments: tuple[str, ...], force: bool) -> None:
+def edit_config(
+    ctx: click.Context, assignments: tuple[str, ...], apply_file: Any, force: bool
+) -> None:
     """Change the cluster-wide dynamic settings (lease timing, failback, warming).
 
-    Opens $EDITOR unless --set is given. The change is checked against the settings'
-    schema and the lease-timing rule before it is stored, then every agent and the
-    relay apply it within a cycle, without a restart; history records the diff.
+    Opens $EDITOR unless --set or --apply is given. The change is checked against
+    the settings' schema and the lease-timing rule before it is stored, then every
+    agent and the relay apply it within a cycle, without a restart; history records
+    the diff.
     """
     client = _client(ctx)
     view = client.view()
@@ -424,10 +435,13 @@ def edit_config(ctx: click.Context, assignments: tuple[str, ...], force: bool) -
         raise _fail(code, data)
     current: dict[str, Any] = data["config"]
     try:
-        if assignments:
+        if assignments or apply_file is not None:
+            changes_in: list[tuple[str, Any]] = []
+            if apply_file is not None:
+                changes_in += list(output.parse_mapping(apply_file.read()).items())
+            changes_in += [output.parse_assignment(item) for item in assignments]
             new = dict(current)
-            for item in assignments:
-                key, value = output.parse_assignment(item)
+            for key, value in changes_in:
                 if value is None:
                     new.pop(key, None)
                 else:

@@ -114,14 +114,22 @@ def config_text(stored: dict[str, Any], effective: dict[str, Any], node: str) ->
     return "\n".join(lines)
 
 
-def parse_config_text(text: str) -> dict[str, Any]:
-    """What the operator left in the editor: a YAML mapping (comments ignored)."""
-    data = yaml.safe_load(text)
+def parse_mapping(text: str) -> dict[str, Any]:
+    """A YAML mapping of setting: value (comments ignored; null kept, it unsets)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError("the config must be a mapping of setting: value")
-    return {str(k): v for k, v in data.items() if v is not None}
+    return {str(k): v for k, v in data.items()}
+
+
+def parse_config_text(text: str) -> dict[str, Any]:
+    """What the operator left in the editor: the whole config, as a YAML mapping."""
+    return {k: v for k, v in parse_mapping(text).items() if v is not None}
 
 
 def parse_assignment(item: str) -> tuple[str, Any]:

@@ -217,3 +217,15 @@ def test_remove_and_failover_need_confirmation() -> None:
 def test_completion_script() -> None:
     out = CliRunner().invoke(cli, ["completion", "bash"]).output
     assert "_SGLANG_HA_COMPLETE=bash_complete" in out
+
+
+def test_edit_config_apply_merges_a_yaml_file_from_stdin() -> None:
+    client = FakeClient()
+    client.config = {"warm_rate": 1.0, "loop_wait": 0.4}
+    client.answers["/ha/config"] = (200, {"detail": "x", "config": {}, "diff": []})
+    text = "# from a file\nlease_ttl: 3.5\nwarm_rate: null\n"
+    result = run(client, "edit-config", "--apply", "-", "--force", input=text)
+    assert result.exit_code == 0, result.output
+    assert client.posts[-1][2]["config"] == {"loop_wait": 0.4, "lease_ttl": 3.5}
+    result = run(client, "edit-config", "--apply", "-", "--force", input="- a\n- b\n")
+    assert result.exit_code == 1 and "must be a mapping" in result.output
