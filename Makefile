@@ -34,7 +34,10 @@ images: docker secrets  ## build the node, gateway and redis images
 # --- the stack -----------------------------------------------------------------------
 .PHONY: up down logs ps status history rolling-restart verify
 up: docker secrets  ## bring up the stack and wait until it is ready
-	$(COMPOSE) up -d --build --wait --wait-timeout 600
+	@echo "==> building the images ($(STACK); the first build takes several minutes)"
+	$(COMPOSE) build
+	@echo "==> starting the containers; waiting until every one is healthy (a first model download can take long: 'make logs' shows it)"
+	$(COMPOSE) up -d --wait --wait-timeout 600
 	@scripts/print-endpoints.sh $(PROJECT) $(STACK)
 down:  ## stop the stack (keeps volumes)
 	$(COMPOSE) down --remove-orphans
@@ -42,14 +45,17 @@ logs:  ## follow the stack's logs
 	$(COMPOSE) logs -f --tail=100
 ps:
 	$(COMPOSE) ps
-# status and history run the CLI inside a node container: they need Docker only.
+# The CLI runs inside a node container: these need Docker only. `docker exec`, not
+# `docker compose exec -T`, which returned 0 whatever the command returned (Compose
+# v2.40.3): a failed rolling restart must fail make.
+CTL = id=$$($(COMPOSE) ps -q node-1); [ -n "$$id" ] || { echo "node-1 is not running: make up" >&2; exit 1; }; docker exec "$$id" sglang-ha
 status:  ## roles, epoch and health of the running stack
-	$(COMPOSE) exec -T node-1 sglang-ha status
+	@$(CTL) status
 history:  ## the HA event log, from the store
-	$(COMPOSE) exec -T node-1 sglang-ha history
+	@$(CTL) history
 
-rolling-restart:  ## restart both nodes one after the other, no request failing
-	PROJECT=$(PROJECT) STACK_FILES=compose/$(STACK) scripts/rolling-restart.sh
+rolling-restart:  ## restart every engine, standbys first, no request failing
+	@$(CTL) rolling-restart
 
 verify: venv  ## the pre-production checklist against the running stack (DISRUPTIVE=1 for all)
 	$(PY) -m ha_agent.ctl verify --project $(PROJECT) $(if $(DISRUPTIVE),--disruptive,)

@@ -10,12 +10,13 @@ Timing invariants (lease TTL vs loop and retry) are checked here and only here.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,30 @@ class RedisSettings(BaseSettings):
         return out
 
 
+# Marks a setting that `sglang-ha edit-config` can change cluster-wide at run time
+# (DynamicConfig below); docs/configuration.md lists them.
+DYNAMIC: dict[str, Any] = {"dynamic": True}
+
+
+def timing_rules_broken(
+    lease_ttl: float, loop_wait: float, retry_timeout: float, safety_margin: float
+) -> list[str]:
+    """The lease-timing rules these values break (empty: none), as sentences."""
+    broken = []
+    budget = loop_wait + 2 * retry_timeout
+    if budget > lease_ttl:
+        broken.append(
+            f"loop_wait + 2*retry_timeout <= lease_ttl: {loop_wait:g} + 2*{retry_timeout:g}"
+            f" = {budget:g}s exceeds lease_ttl {lease_ttl:g}s"
+        )
+    if safety_margin >= lease_ttl - loop_wait:
+        broken.append(
+            f"safety_margin < lease_ttl - loop_wait: {safety_margin:g}s leaves no time to"
+            f" renew a {lease_ttl:g}s lease every {loop_wait:g}s"
+        )
+    return broken
+
+
 class LeaseTiming(BaseSettings):
     """Lease timing, after Patroni: loop_wait + 2 * retry_timeout <= ttl.
 
@@ -88,11 +113,23 @@ class LeaseTiming(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
 
-    lease_ttl: float = Field(2.5, gt=0, description="Leader lease time-to-live, s.")
-    loop_wait: float = Field(0.5, gt=0, description="Pause between two HA cycles, s.")
-    retry_timeout: float = Field(0.75, gt=0, description="How long one DCS operation may retry, s.")
+    lease_ttl: float = Field(
+        2.5, gt=0, description="Leader lease time-to-live, s.", json_schema_extra=DYNAMIC
+    )
+    loop_wait: float = Field(
+        0.5, gt=0, description="Pause between two HA cycles, s.", json_schema_extra=DYNAMIC
+    )
+    retry_timeout: float = Field(
+        0.75,
+        gt=0,
+        description="How long one DCS operation may retry, s.",
+        json_schema_extra=DYNAMIC,
+    )
     safety_margin: float = Field(
-        0.5, ge=0, description="A primary fences itself this long before its lease could expire, s."
+        0.5,
+        ge=0,
+        description="A primary fences itself this long before its lease could expire, s.",
+        json_schema_extra=DYNAMIC,
     )
 
     @model_validator(mode="after")
@@ -231,13 +268,22 @@ class FailbackSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
 
-    failback: FailbackPolicy = Field("never", description="never | negotiated | preferred.")
+    failback: FailbackPolicy = Field(
+        "never", description="never | negotiated | preferred.", json_schema_extra=DYNAMIC
+    )
     priority: int = Field(0, description="Preference for failback=preferred (higher wins).")
     preferred_node: str | None = Field(None, description="The node failback=preferred returns to.")
-    failback_settle: float = Field(15.0, ge=0, description="Quiet period before negotiating, s.")
-    failback_grace: float = Field(30.0, ge=0, description="Grace before a granted hand-back, s.")
+    failback_settle: float = Field(
+        15.0, ge=0, description="Quiet period before negotiating, s.", json_schema_extra=DYNAMIC
+    )
+    failback_grace: float = Field(
+        30.0, ge=0, description="Grace before a granted hand-back, s.", json_schema_extra=DYNAMIC
+    )
     failback_stable: float = Field(
-        60.0, ge=0, description="Healthy this long before a preferred node gets the lease back, s."
+        60.0,
+        ge=0,
+        description="Healthy this long before a preferred node gets the lease back, s.",
+        json_schema_extra=DYNAMIC,
     )
     degraded_queue: int = Field(
         32, ge=1, description="Queued requests that make a primary degraded."
@@ -322,6 +368,7 @@ class RelaySettings(RedisSettings):
         2.0,
         ge=0,
         description="Prefill-only mirrors of live requests to the standby, per s (0: off).",
+        json_schema_extra=DYNAMIC,
     )
     warm_max_inflight: int = Field(4, ge=1, description="Mirrors in flight at most.")
     migration_limit: int = Field(
@@ -342,6 +389,65 @@ class RelaySettings(RedisSettings):
     @classmethod
     def _csv_nodes(cls, value: object) -> object:
         return _split_csv(value)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class DynamicConfig(BaseModel):
+    """Cluster-wide settings kept in the store (`sglang-ha edit-config`).
+
+    Each value, when set, overrides the same setting of every agent and of the relay
+    (their environment stays the default); unset values leave the environment's.
+    Read by every agent each HA cycle and by the relay each refresh, so a change
+    applies within a cycle, without restarts. Only what is safe to change live is
+    here: the lease timing, the failback policy and its periods, the warming rate.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lease_ttl: float | None = Field(None, gt=0)
+    loop_wait: float | None = Field(None, gt=0)
+    retry_timeout: float | None = Field(None, gt=0)
+    safety_margin: float | None = Field(None, ge=0)
+    failback: FailbackPolicy | None = None
+    failback_settle: float | None = Field(None, ge=0)
+    failback_grace: float | None = Field(None, ge=0)
+    failback_stable: float | None = Field(None, ge=0)
+    warm_rate: float | None = Field(None, ge=0)
+
+    def values(self) -> dict[str, Any]:
+        """Only what is set."""
+        return self.model_dump(exclude_none=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.values(), sort_keys=True, separators=(",", ":"))
+
+    def diff(self, new: DynamicConfig) -> list[str]:
+        """`key: old -> new` for each value that changes ('-': not set)."""
+        old_v, new_v = self.values(), new.values()
+        return [
+            f"{key}: {old_v.get(key, '-')} -> {new_v.get(key, '-')}"
+            for key in type(self).model_fields
+            if old_v.get(key) != new_v.get(key)
+        ]
+
+    def applied_to(self, settings: S) -> S:
+        """`settings` with this config's values in place of its own. Raises ValueError
+        (naming the rule) if the result breaks the lease-timing invariant: the
+        store's values are refused, never silently adjusted."""
+        update = {k: v for k, v in self.values().items() if k in type(settings).model_fields}
+        result = settings.model_copy(update=update)
+        if isinstance(result, LeaseTiming):
+            broken = timing_rules_broken(
+                result.lease_ttl, result.loop_wait, result.retry_timeout, result.safety_margin
+            )
+            if broken:
+                raise ValueError("breaks the lease-timing rule " + "; ".join(broken))
+        return result
+
+
+DYNAMIC_SETTINGS: tuple[str, ...] = tuple(DynamicConfig.model_fields)
 
 
 class SimSettings(BaseSettings):

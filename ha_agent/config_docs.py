@@ -63,11 +63,20 @@ def render() -> str:
         "values; the timing rule `loop_wait + 2 × retry_timeout ≤ lease_ttl` is enforced",
         "with a warning.",
         "",
+        "Settings marked **dynamic** can also be set cluster-wide, at run time, with",
+        "`sglang-ha edit-config` (kept in Redis; see docs/operations.md): a value set there",
+        "overrides the environment of every agent and of the relay within one cycle,",
+        "without a restart. It is checked against the same types and ranges and against",
+        "the timing rule first, and refused (never adjusted) if it breaks one.",
+        "",
     ]
     for title, cls, prefix in SECTIONS:
         lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
         for name, field in own_fields(cls).items():
             doc = (field.description or "").replace("|", "\\|")
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("dynamic"):
+                doc = f"**dynamic** — {doc}"
             lines.append(f"| `{prefix}{name.upper()}` | {_default(field)} | {doc} |")
         lines.append("")
     return "\n".join(lines)

@@ -104,6 +104,17 @@ class ClusterClient:
             data = {"detail": r.text}
         return r.status_code, data if isinstance(data, dict) else {"detail": data}
 
+    def get(self, api_url: str, path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            r = httpx.get(f"{api_url}{path}", timeout=self.timeout)
+        except httpx.HTTPError as exc:
+            return 0, {"detail": f"{api_url} did not answer: {exc}"}
+        try:
+            data = r.json()
+        except ValueError:
+            data = {"detail": r.text}
+        return r.status_code, data if isinstance(data, dict) else {"detail": data}
+
     def history(self, count: int) -> list[HAEvent]:
         async def read() -> list[HAEvent]:
             store = RedisLeaseStore(self.s, retry_timeout=max(self.s.retry_timeout, 2.0))

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from ha_agent.config import DynamicConfig
+
 
 class DCSError(Exception):
     """The store could not be reached or did not answer in time."""
@@ -94,6 +96,9 @@ class Cluster:
     max_epoch: int = 0
     paused: bool = False
     switchover: Switchover | None = None
+    # The cluster-wide dynamic settings; None when the stored value is unreadable
+    # (readers then keep what they applied last).
+    config: DynamicConfig | None = field(default_factory=DynamicConfig)
 
     def member(self, name: str) -> Member | None:
         return next((m for m in self.members if m.name == name), None)
@@ -204,6 +209,8 @@ class AgentStatus:
     last_transition: Mapping[str, Any] | None = None
     last_cycle: str = ""
     last_cycle_age: float = 0.0
+    lease_ttl: float = 0.0  # in effect on this agent (edit-config changes it live)
+    loop_wait: float = 0.0
 
     @property
     def is_primary(self) -> bool:
@@ -242,6 +249,8 @@ class AgentStatus:
             last_transition=transition if isinstance(transition, Mapping) else None,
             last_cycle=str(data.get("last_cycle", "")),
             last_cycle_age=_num(data, "last_cycle_age"),
+            lease_ttl=_num(data, "lease_ttl"),
+            loop_wait=_num(data, "loop_wait"),
         )
 
 
@@ -270,6 +279,21 @@ class LeaseStore(abc.ABC):
 
     @abc.abstractmethod
     async def register(self, member: Member, ttl: float) -> None: ...
+
+    @abc.abstractmethod
+    async def forget(self, name: str) -> None:
+        """Drop a node from the registry (decommissioned) and tell the watchers."""
+
+    @abc.abstractmethod
+    async def get_config(self) -> DynamicConfig:
+        """The cluster-wide dynamic settings (empty if none were set). Raises
+        ValueError if the stored value is not a valid DynamicConfig."""
+
+    @abc.abstractmethod
+    async def set_config(self, config: DynamicConfig, previous: DynamicConfig) -> bool:
+        """Store `config` if the stored one is still `previous` (compare-and-set, so
+        two editors cannot silently undo each other); wake the watchers. False: it
+        changed meanwhile, nothing was written."""
 
     @abc.abstractmethod
     async def set_paused(self, paused: bool) -> None: ...

@@ -10,7 +10,18 @@ Keys, all under ``sglang-ha:<cluster>:``:
 - ``paused``      "1" while automatic actions are suspended (maintenance).
 - ``switchover``  a planned hand-over request, with a TTL.
 - ``events``      stream of HA events (history).
-- channel ``leader`` is published on every acquisition and release.
+- ``config``      the cluster-wide dynamic settings (`DynamicConfig` as JSON, only
+                  the values set): read by every agent each cycle and by the relay
+                  each refresh; written only through an agent's authenticated
+                  /ha/config (`sglang-ha edit-config`), compare-and-set.
+- channel ``leader`` is published on every acquisition and release, and on a
+  config change ("config") or a node's removal ("removed <node>").
+
+Why writes of ``config`` go through the agents: the agents' restricted ACL user
+(images/redis/entrypoint.sh) already reads and writes ``sglang-ha:*``, so the
+operator needs only the admin token they use for a switchover, never the Redis
+admin password, and the agent validates the change with the same code that
+applies it.
 
 Why the scripts take a ``min_epoch``: replication is asynchronous, so a Sentinel
 failover can lose the latest epoch increment. Every agent passes the highest epoch
@@ -33,7 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 
-from ha_agent.config import RedisSettings
+from ha_agent.config import DynamicConfig, RedisSettings
 from ha_agent.dcs.base import (
     Cluster,
     DCSError,
@@ -111,6 +122,17 @@ end
 return 0
 """
 
+# Compare-and-set of the dynamic config: an absent key reads as "{}".
+_SET_CONFIG = """
+local cur = redis.call('GET', KEYS[1]) or '{}'
+if cur ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'config')
+return 1
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -167,6 +189,7 @@ class RedisLeaseStore(LeaseStore):
         self.k_paused = prefix + "paused"
         self.k_switchover = prefix + "switchover"
         self.k_events = prefix + "events"
+        self.k_config = prefix + "config"
         self.channel = prefix + "leader"
         # redis-py's command typing is a union of sync and async results; Any keeps
         # the call sites readable.
@@ -176,6 +199,7 @@ class RedisLeaseStore(LeaseStore):
         self._acquire = self._client.register_script(_ACQUIRE)
         self._renew = self._client.register_script(_RENEW)
         self._release = self._client.register_script(_RELEASE)
+        self._set_config = self._client.register_script(_SET_CONFIG)
         self._closed = False
 
     def _connect(self) -> aioredis.Redis:
@@ -254,15 +278,16 @@ class RedisLeaseStore(LeaseStore):
                 pipe.get(self.k_epoch)
                 pipe.get(self.k_paused)
                 pipe.get(self.k_switchover)
+                pipe.get(self.k_config)
                 pipe.smembers(self.k_members)
                 result: list[Any] = await pipe.execute()
-            names = sorted(result[5])
+            names = sorted(result[6])
             raw_members = (
                 await self._client.mget([self.k_member + n for n in names]) if names else []
             )
-            return [*result[:5], raw_members]
+            return [*result[:6], raw_members]
 
-        raw_leader, pttl, raw_epoch, paused, raw_switch, raw_members = await self._call(
+        raw_leader, pttl, raw_epoch, paused, raw_switch, raw_config, raw_members = await self._call(
             "read cluster", read
         )
         leader = None
@@ -278,6 +303,9 @@ class RedisLeaseStore(LeaseStore):
         if raw_switch:
             with contextlib.suppress(ValueError, TypeError):
                 switchover = Switchover.from_json(raw_switch)
+        config: DynamicConfig | None = None
+        with contextlib.suppress(ValueError):
+            config = DynamicConfig.model_validate_json(raw_config or "{}")
         max_epoch = max(int(raw_epoch or 0), leader.epoch if leader else 0)
         return Cluster(
             leader=leader,
@@ -285,6 +313,7 @@ class RedisLeaseStore(LeaseStore):
             max_epoch=max_epoch,
             paused=paused == "1",
             switchover=switchover,
+            config=config,
         )
 
     async def acquire(self, node: str, ttl: float, min_epoch: int) -> int | None:
@@ -337,9 +366,21 @@ class RedisLeaseStore(LeaseStore):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.srem(self.k_members, name)
                 pipe.delete(self.k_member + name)
+                pipe.publish(self.channel, f"removed {name}")
                 await pipe.execute()
 
         await self._call("forget", write)
+
+    async def get_config(self) -> DynamicConfig:
+        raw = await self._call("read config", lambda: self._client.get(self.k_config))
+        return DynamicConfig.model_validate_json(raw or "{}")
+
+    async def set_config(self, config: DynamicConfig, previous: DynamicConfig) -> bool:
+        keys = [self.k_config]
+        args = [previous.to_json(), config.to_json(), self.channel]
+        return bool(
+            await self._call("write config", lambda: self._set_config(keys=keys, args=args))
+        )
 
     async def set_paused(self, paused: bool) -> None:
         if paused:

@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from ha_agent.config import RelaySettings
+from ha_agent.config import DynamicConfig, RelaySettings
 from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
@@ -40,6 +40,7 @@ class RelayService:
             self.metrics.registry,
             max_inflight=settings.warm_max_inflight,
         )
+        self.topology.config_observers.append(self._config_changed)
         self.relay = Relay(
             settings, self.topology, self.transport, self.metrics, self.events, self.warmer
         )
@@ -47,6 +48,13 @@ class RelayService:
         self._admin: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Future[None]] = []
+
+    def _config_changed(self, config: DynamicConfig) -> None:
+        """edit-config's warming rate, or the environment's when it is unset."""
+        rate = config.warm_rate if config.warm_rate is not None else self.s.warm_rate
+        if rate != self.warmer.rate:
+            log.info("warming rate %g -> %g mirrors/s (dynamic config)", self.warmer.rate, rate)
+            self.warmer.rate = rate
 
     async def start(self) -> None:
         # handler_cancellation: a client that disconnects cancels its request, which

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from ha_agent import events as ev
-from ha_agent.config import RelaySettings
+from ha_agent.config import DynamicConfig, RelaySettings
 from ha_agent.dcs.base import AgentStatus, Cluster, DCSError, EngineState, LeaseStore, Role
 from ha_agent.events import EventLog
 from ha_agent.resolver import CachingResolver
@@ -109,6 +109,10 @@ class Topology:
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self.leader_changes = 0
+        # The cluster-wide dynamic settings (sglang-ha edit-config), as last read;
+        # observers apply them (the warming rate) without a restart.
+        self.config: DynamicConfig | None = DynamicConfig()
+        self.config_observers: list[Callable[[DynamicConfig], None]] = []
 
     # -- what the relay asks -------------------------------------------------------------
 
@@ -186,6 +190,7 @@ class Topology:
                 self.degraded = False
                 self.events.emit(ev.DEGRADED_MODE_EXITED, "relay: store reachable again")
             self._merge_members(cluster)
+            self._apply_config(cluster.config)
         await self._poll_agents()
         self._judge_failures()
         self._choose_primary(cluster)
@@ -211,6 +216,23 @@ class Topology:
                 del self.nodes[name]
                 self.events.emit(ev.NODE_REMOVED, f"{name}: not registered for {gone_for:.0f}s")
                 self.changes.set()
+
+    def _apply_config(self, config: DynamicConfig | None) -> None:
+        if config is None or config == self.config:
+            return
+        log.info(
+            "dynamic config: %s",
+            ", ".join(f"{k}={v}" for k, v in config.values().items()) or "none set",
+        )
+        self.config = config
+        for observe in self.config_observers:
+            observe(config)
+
+    def forget(self, name: str) -> None:
+        """A node was decommissioned (sglang-ha remove): drop it now, seed or not."""
+        if self.nodes.pop(name, None) is not None:
+            self.events.emit(ev.NODE_REMOVED, f"{name}: removed from the cluster")
+            self.changes.set()
 
     async def _poll_agents(self) -> None:
         async def poll(node: NodeView) -> None:
@@ -308,7 +330,9 @@ class Topology:
                 await self._session.close()
 
     async def _follow_notifications(self, stop: asyncio.Event) -> None:
-        async for _message in self.store.watch():
+        async for message in self.store.watch():
+            if message.startswith("removed "):
+                self.forget(message.split(" ", 1)[1])
             self._wake.set()
             if stop.is_set():
                 return

@@ -19,6 +19,7 @@ from ha_agent.node.engine.client import EngineClient
 from ha_agent.node.engine.container import ContainerWatch
 from ha_agent.node.engine.monitor import HealthMonitor
 from ha_agent.node.engine.process import HostProcessWatch, ProcessWatch, SupervisorWatch
+from ha_agent.node.engine_control import EngineControl
 from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.node.peers import PeerClient
@@ -58,7 +59,13 @@ class NodeAgent:
         )
         self.ha = Ha(settings, self.store, self.monitor, self.events, self.peers)
         self.metrics.attach(self.ha)
-        self.api = AgentApi(self.ha, self.metrics, TokenAuth(token, self.metrics.auth_rejected))
+        self.ha.settings_observers.append(self._settings_changed)
+        control = None
+        if isinstance(self.process, SupervisorWatch) and settings.supervisor_socket:
+            control = EngineControl(settings.supervisor_socket, settings.engine_program)
+        self.api = AgentApi(
+            self.ha, self.metrics, TokenAuth(token, self.metrics.auth_rejected), control
+        )
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Future[None]] = []
@@ -76,8 +83,18 @@ class NodeAgent:
             asyncio.ensure_future(self._follow_notifications()),
         ]
 
+    def _settings_changed(self, settings: AgentSettings) -> None:
+        """Dynamic config (edit-config): what is not read from `ha.s` each time."""
+        if isinstance(self.store, RedisLeaseStore):
+            self.store.retry_timeout = settings.retry_timeout
+        self.peers.ack_budget = settings.retry_timeout
+
     async def _follow_notifications(self) -> None:
-        async for _message in self.store.watch():
+        async for message in self.store.watch():
+            if message.startswith("removed "):
+                # Decommissioned (sglang-ha remove): no longer a peer to ask for acks.
+                name = message.split(" ", 1)[1]
+                self.ha.state.known_peers.pop(name, None)
             self.ha.wake.set()
             if self._stop.is_set():
                 return

@@ -8,6 +8,7 @@ Health routes (no auth; they reveal nothing secret):
     GET /readiness   200 while the engine can take requests
     GET /ha/status   role, epoch, lease time left, engine health, last transition
     GET /ha/history  the HA events from the store
+    GET /ha/config   the cluster-wide dynamic settings, and those in effect here
     GET /metrics     Prometheus
     GET /openapi.json  this API in OpenAPI 3 (ha_agent/openapi/agent.py)
 Admin routes (Bearer token):
@@ -17,20 +18,34 @@ Admin routes (Bearer token):
     POST /ha/failsafe             a primary that lost the store asks for our ack
     POST /ha/negotiate {"node", "epoch"}   a recovered node asks for the role back
                                   (failback=negotiated); granted only if we are degraded
+    POST /ha/config {"config", "previous"?}   replace the dynamic settings (validated,
+                                  compare-and-set against "previous"; CONFIG_CHANGED)
+    POST /ha/restart-engine       restart this node's engine (refused on the primary)
+    POST /ha/remove {"node"}      deregister a stopped node (refused for the primary)
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from ha_agent.auth import TokenAuth
-from ha_agent.dcs.base import DCSError, Switchover
-from ha_agent.events import FAILOVER_FORCED, SWITCHOVER_REQUESTED
+from ha_agent.config import DYNAMIC_SETTINGS, DynamicConfig
+from ha_agent.dcs.base import DCSError, Role, Switchover
+from ha_agent.events import (
+    CONFIG_CHANGED,
+    ENGINE_RESTART_REQUESTED,
+    FAILOVER_FORCED,
+    NODE_REMOVED,
+    SWITCHOVER_REQUESTED,
+)
 from ha_agent.httpjson import error, json_errors, optional_str, read_object
+from ha_agent.node.engine_control import EngineControl, EngineControlError
 from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.openapi.agent import AGENT_SPEC
@@ -41,10 +56,18 @@ def _plain(ok: bool, detail: str) -> web.Response:
 
 
 class AgentApi:
-    def __init__(self, ha: Ha, metrics: AgentMetrics, auth: TokenAuth) -> None:
+    def __init__(
+        self,
+        ha: Ha,
+        metrics: AgentMetrics,
+        auth: TokenAuth,
+        engine_control: EngineControl | None = None,
+    ) -> None:
         self.ha = ha
         self.metrics = metrics
         self.auth = auth
+        self.engine_control = engine_control
+        self._restarting = False
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=65536, middlewares=[json_errors])
@@ -58,6 +81,7 @@ class AgentApi:
         r.add_get("/readiness", self.get_readiness)
         r.add_get("/ha/status", self.get_status)
         r.add_get("/ha/history", self.get_history)
+        r.add_get("/ha/config", self.get_config)
         r.add_get("/metrics", self.get_metrics)
         r.add_get("/openapi.json", self.get_openapi)
         # Every state-changing route needs the token (tests/unit/test_api_agent.py).
@@ -67,6 +91,9 @@ class AgentApi:
         r.add_post("/ha/resume", self.auth.required(self.post_resume))
         r.add_post("/ha/failsafe", self.auth.required(self.post_failsafe))
         r.add_post("/ha/negotiate", self.auth.required(self.post_negotiate))
+        r.add_post("/ha/config", self.auth.required(self.post_config))
+        r.add_post("/ha/restart-engine", self.auth.required(self.post_restart_engine))
+        r.add_post("/ha/remove", self.auth.required(self.post_remove))
         return app
 
     # -- health --------------------------------------------------------------------------
@@ -152,14 +179,22 @@ class AgentApi:
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
         self.ha.events.emit(SWITCHOVER_REQUESTED, f"from {leader} to {chosen} (by admin)")
-        if request.query.get("wait", "true") != "false":
-            done = await self._wait_for_leader(chosen, timeout=self.ha.s.handover_wait)
-            if not done:
-                return web.json_response(
-                    {"detail": f"switchover from {leader} to {chosen} requested, not yet done"},
-                    status=202,
-                )
-        return web.json_response({"detail": f"switched over from {leader} to {chosen}"})
+        moved = {"from": leader, "to": chosen}
+        if request.query.get("wait", "true") == "false":
+            return web.json_response(
+                {"detail": f"switchover from {leader} to {chosen} requested", **moved},
+                status=202,
+            )
+        done = await self._wait_for_leader(chosen, timeout=self.ha.s.handover_wait)
+        if not done:
+            return web.json_response(
+                {
+                    "detail": f"switchover from {leader} to {chosen} requested, not yet done",
+                    **moved,
+                },
+                status=202,
+            )
+        return web.json_response({"detail": f"switched over from {leader} to {chosen}", **moved})
 
     async def post_failover(self, request: web.Request) -> web.Response:
         body = await read_object(request)
@@ -233,6 +268,106 @@ class AgentApi:
             {"granted": granted, "detail": detail}, status=200 if granted else 409
         )
 
+    # -- dynamic settings, engine restart, decommission -----------------------------------
+
+    def _effective(self) -> dict[str, Any]:
+        return {k: getattr(self.ha.s, k) for k in DYNAMIC_SETTINGS if hasattr(self.ha.s, k)}
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        try:
+            config = await self.ha.dcs.get_config()
+        except DCSError as exc:
+            return error(503, f"coordination store unreachable: {exc}")
+        except ValueError as exc:
+            return error(409, f"the stored config is not valid: {exc}")
+        return web.json_response(
+            {"config": config.values(), "node": self.ha.name, "effective": self._effective()}
+        )
+
+    async def post_config(self, request: web.Request) -> web.Response:
+        body = await read_object(request)
+        try:
+            config = DynamicConfig.model_validate(body.get("config", {}))
+            previous = (
+                DynamicConfig.model_validate(body["previous"]) if "previous" in body else None
+            )
+        except ValidationError as exc:
+            return error(422, "refused: " + _validation_message(exc))
+        try:
+            # The rules are the agents' own: what could not be applied is not stored.
+            config.applied_to(self.ha.env_settings)
+        except ValueError as exc:
+            return error(422, f"refused: {exc}")
+        try:
+            current = await self.ha.dcs.get_config()
+        except DCSError as exc:
+            return error(503, f"coordination store unreachable: {exc}")
+        except ValueError:
+            current = DynamicConfig()  # unreadable: a valid value may replace it
+        previous = previous if previous is not None else current
+        changes = previous.diff(config)
+        if not changes:
+            return web.json_response({"detail": "no change", "config": config.values(), "diff": []})
+        try:
+            stored = await self.ha.dcs.set_config(config, previous)
+        except DCSError as exc:
+            return error(503, f"coordination store unreachable: {exc}")
+        if not stored:
+            return error(409, "the config changed meanwhile; read it again and retry")
+        self.ha.events.emit(CONFIG_CHANGED, ", ".join(changes) + " (by admin)")
+        self.ha.wake.set()
+        return web.json_response(
+            {"detail": "; ".join(changes), "config": config.values(), "diff": changes}
+        )
+
+    async def post_restart_engine(self, request: web.Request) -> web.Response:
+        if self.engine_control is None:
+            return error(409, f"{self.ha.name} does not run its engine (sidecar): restart it there")
+        if self.ha.state.role is Role.PRIMARY:
+            return error(
+                409, f"{self.ha.name} is the primary: switch over first (sglang-ha restart does)"
+            )
+        if self._restarting:
+            return error(409, f"{self.ha.name}: a restart is already under way")
+        self._restarting = True
+        try:
+            self.ha.expect_engine_restart(self.ha.s.startup_grace)
+            self.ha.events.emit(ENGINE_RESTART_REQUESTED, f"{self.ha.name} (by admin)")
+            pid = await self.engine_control.restart()
+        except EngineControlError as exc:
+            return error(503, f"could not restart the engine: {exc}")
+        finally:
+            self._restarting = False
+        return web.json_response(
+            {"detail": f"engine of {self.ha.name} restarted (pid {pid})", "pid": pid}
+        )
+
+    async def post_remove(self, request: web.Request) -> web.Response:
+        body = await read_object(request)
+        node = optional_str(body, "node")
+        if node is None:
+            return error(400, "remove needs 'node': the node to deregister")
+        try:
+            cluster = await self.ha.dcs.get_cluster()
+        except DCSError as exc:
+            return error(503, f"coordination store unreachable: {exc}")
+        if cluster.leader is not None and cluster.leader.node == node:
+            return error(409, f"{node} is the primary: switch over first")
+        member = cluster.member(node) or self.ha.state.known_peers.get(node)
+        if member is None:
+            return error(404, f"unknown node {node!r}")
+        if node == self.ha.name or await self.ha.peers.status(member.api_url) is not None:
+            return error(409, f"{node}'s agent still runs (it would register again): stop it first")
+        try:
+            await self.ha.dcs.forget(node)
+        except DCSError as exc:
+            return error(503, f"coordination store unreachable: {exc}")
+        # A removed node is no peer to ask for failsafe acks any more.
+        self.ha.state.known_peers.pop(node, None)
+        self.ha.state.members.pop(node, None)
+        self.ha.events.emit(NODE_REMOVED, f"{node} (by admin)")
+        return web.json_response({"detail": f"removed {node} from the cluster"})
+
     async def _wait_for_leader(self, node: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -244,3 +379,10 @@ class AgentApi:
                 pass
             await asyncio.sleep(0.2)
         return False
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """pydantic's errors as one line: `lease_ttl: Input should be greater than 0`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
+    )

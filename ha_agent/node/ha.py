@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ha_agent import events as ev
-from ha_agent.config import AgentSettings
+from ha_agent.config import DYNAMIC_SETTINGS, AgentSettings, DynamicConfig
 from ha_agent.dcs.base import (
     AgentStatus,
     Cluster,
@@ -84,7 +84,12 @@ class Ha:
         peers: PeerClient,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.s = settings
+        self.env_settings = settings  # as started: what the dynamic config overrides
+        self.s = settings  # in effect now
+        # The dynamic config last seen in the store (None: it was unreadable).
+        self.config: DynamicConfig | None = DynamicConfig()
+        # Called with the new effective settings when the dynamic config changes them.
+        self.settings_observers: list[Callable[[AgentSettings], None]] = []
         self.name = settings.node_name
         self.dcs = dcs
         self.engine = engine
@@ -96,6 +101,7 @@ class Ha:
         self.failback = Failback(settings, clock=clock)
         self.arbiter = FileArbiter(settings.arbiter_file) if settings.arbiter_file else None
         self._preferred_checked_at = -1e9
+        self._planned_restart_until = -1e9  # monotonic: an admin restarts the engine
         self.last_cycle_at = clock()
         self.last_cycle_message = "starting"
         self.wake = asyncio.Event()
@@ -174,6 +180,8 @@ class Ha:
             ),
             last_cycle=self.last_cycle_message,
             last_cycle_age=round(self.clock() - self.last_cycle_at, 2),
+            lease_ttl=self.s.lease_ttl,
+            loop_wait=self.s.loop_wait,
         )
 
     # -- the cycle -----------------------------------------------------------------------
@@ -198,6 +206,7 @@ class Ha:
             self.state.degraded = False
             self.events.emit(ev.DEGRADED_MODE_EXITED, "coordination store reachable again")
         self._absorb(cluster)
+        self.apply_config(cluster.config)
         await self._register()
 
         leader = cluster.leader
@@ -239,6 +248,39 @@ class Ha:
             st.leader = cluster.leader.node
             if st.role is not Role.PRIMARY:
                 st.epoch = cluster.leader.epoch
+
+    def apply_config(self, config: DynamicConfig | None) -> None:
+        """Take the store's dynamic settings into effect, from this cycle on.
+
+        The agent's API validated them before they were stored; a value that still
+        does not fit this node (its environment differs) is logged and not applied:
+        the node keeps the settings it had, never a silently adjusted variant."""
+        if config is None:
+            if self.config is not None:
+                log.error(
+                    "dynamic config in the store is unreadable; keeping the settings in effect"
+                )
+            self.config = None
+            return
+        if config == self.config:
+            return
+        self.config = config
+        try:
+            new = config.applied_to(self.env_settings)
+        except ValueError as exc:
+            log.error("dynamic config %s not applied here: %s", config.values(), exc)
+            return
+        changed = [
+            f"{key} {getattr(self.s, key)} -> {getattr(new, key)}"
+            for key in DYNAMIC_SETTINGS
+            if key in AgentSettings.model_fields and getattr(self.s, key) != getattr(new, key)
+        ]
+        self.s = new
+        self.failback.s = new
+        for observe in self.settings_observers:
+            observe(new)
+        if changed:
+            log.info("dynamic config applied: %s", ", ".join(changed))
 
     async def _register(self) -> None:
         h = self.engine.health
@@ -608,6 +650,11 @@ class Ha:
         self.transitions_total += 1
         st.last_transition = Transition(time.time(), f"became {role.value} (epoch {st.epoch})")
 
+    def expect_engine_restart(self, within: float) -> None:
+        """The engine is about to go down on purpose: its outage, until it is healthy
+        again (or `within` s), does not count against the node's flap damping."""
+        self._planned_restart_until = self.clock() + within
+
     def _engine_changed(self, old: EngineHealth, new: EngineHealth) -> None:
         if new.oom and not old.oom:
             self.events.emit(ev.ENGINE_OOM, f"{self.name}: {new.reason}")
@@ -617,8 +664,16 @@ class Ha:
             self.events.emit(ev.ENGINE_HEALTHY, f"{self.name}: {new.reason}")
         elif old.state is EngineState.HEALTHY or new.state is EngineState.DEAD:
             self.events.emit(ev.ENGINE_UNHEALTHY, f"{self.name} {new.state.value}: {new.reason}")
-        if old.state is EngineState.HEALTHY and new.state is not EngineState.HEALTHY:
+        # A restart the operator asked for is not a flap.
+        planned = self.clock() < self._planned_restart_until
+        if (
+            old.state is EngineState.HEALTHY
+            and new.state is not EngineState.HEALTHY
+            and not planned
+        ):
             self.damper.record_failure()
+        if new.state is EngineState.HEALTHY:
+            self._planned_restart_until = -1e9
         self.wake.set()  # act on it now, not at the next tick
 
     async def run(self, stop: asyncio.Event) -> None:

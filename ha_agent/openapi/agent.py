@@ -43,6 +43,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         409: "refused in the current state",
         412: "the target is not healthy",
         413: "body too large",
+        422: "refused: breaks the settings' schema or the lease-timing rule",
         503: "coordination store unreachable",
     }
     return {str(c): json_response(words[c], error_schema()) for c in codes}
@@ -76,6 +77,8 @@ def _obj(required: list[str], **props: dict[str, Any]) -> dict[str, Any]:
 
 
 _DETAIL = _obj(["detail"], detail={"type": "string"})
+# The dynamic settings as JSON (ha_agent.config.DynamicConfig); the agent checks them.
+_CONFIG = {"type": "object", "description": "setting name -> value (only those set)"}
 
 AGENT_SPEC: dict[str, Any] = {
     "openapi": OPENAPI_VERSION,
@@ -199,6 +202,60 @@ AGENT_SPEC: dict[str, Any] = {
                 "200": json_response("acknowledged", _obj(["ack"], ack={"type": "boolean"})),
                 "409": json_response("not acknowledged", _obj(["ack"], ack={"type": "boolean"})),
             },
+        ),
+        "/ha/config": {
+            "get": {
+                "summary": "the cluster-wide dynamic settings, and those in effect here",
+                "responses": {
+                    "200": json_response(
+                        "stored and effective settings",
+                        _obj(
+                            ["config", "node", "effective"],
+                            config=_CONFIG,
+                            node={"type": "string"},
+                            effective={"type": "object"},
+                        ),
+                    ),
+                    **_errors(409, 503),
+                },
+            },
+            **_admin(
+                "replace the dynamic settings (validated; compare-and-set on 'previous')",
+                _obj([], config=_CONFIG, previous=_CONFIG),
+                {
+                    "200": json_response(
+                        "stored (or no change)",
+                        _obj(
+                            ["detail", "config", "diff"],
+                            detail={"type": "string"},
+                            config=_CONFIG,
+                            diff={"type": "array", "items": {"type": "string"}},
+                        ),
+                    )
+                },
+                409,
+                422,
+                503,
+            ),
+        },
+        "/ha/restart-engine": _admin(
+            "restart this node's engine through supervisord (refused on the primary)",
+            None,
+            {
+                "200": json_response(
+                    "restarted", _obj(["detail", "pid"], detail={"type": "string"}, pid=_EPOCH)
+                )
+            },
+            409,
+            503,
+        ),
+        "/ha/remove": _admin(
+            "deregister a stopped node (refused for the primary or a running agent)",
+            _obj(["node"], node=_NAME),
+            {"200": json_response("removed", _DETAIL)},
+            404,
+            409,
+            503,
         ),
         "/ha/negotiate": _admin(
             "a recovered node asks for the primary role back (failback=negotiated)",

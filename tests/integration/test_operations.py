@@ -1,15 +1,14 @@
 """Operating the cluster: the `sglang-ha` CLI, planned switchover, pause/resume,
-history, a rolling restart and a flapping NIC — all under load, none failing a request."""
+history and a flapping NIC — all under load, none failing a request. The other verbs
+(restart, rolling-restart, edit-config...) are in test_cli.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 
 from tests.support.background_load import background_load
 from tests.support.processes import wait_until
-from tests.support.stack import NODES, ROOT, Stack
+from tests.support.stack import NODES, Stack
 
 SERVICE = {name: service for name, service in NODES.items()}
 
@@ -98,31 +97,6 @@ def test_pause_keeps_roles_and_resume_acts_again(stack: Stack) -> None:
     finally:
         ctl(stack, "resume")
         stack.sim_faults(primary)
-    stack.wait_stable()
-
-
-def test_rolling_restart_of_both_nodes_under_load(stack: Stack) -> None:
-    stack.wait_stable()
-    env = {
-        **os.environ,
-        "PROJECT": stack.project,
-        "STACK_FILES": "compose/compose.yaml compose/compose.test.yaml",
-    }
-    with background_load(stack.gateway_url) as load:
-        time.sleep(2)
-        result = subprocess.run(
-            [str(ROOT / "scripts" / "rolling-restart.sh")],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        time.sleep(2)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "rolling restart done" in result.stderr
-    assert not load.failed, load.summary()
-    assert not load.mismatched, load.summary()
     stack.wait_stable()
 
 

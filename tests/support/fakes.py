@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ha_agent.config import RelaySettings
+from ha_agent.config import DynamicConfig, RelaySettings
 from ha_agent.dcs.base import (
     AgentStatus,
     Cluster,
@@ -49,6 +49,8 @@ class FakeStore(LeaseStore):
         self.paused = False
         self.switchover: Switchover | None = None
         self.events: list[HAEvent] = []
+        self.config_json = "{}"  # as stored: JSON, so a bad value can be planted
+        self.notifications: list[str] = []
 
     def _check(self) -> None:
         if self.down:
@@ -63,12 +65,18 @@ class FakeStore(LeaseStore):
             ttl = int((self.expires - self.clock()) * 1000)
             leader = Leader(node=self.leader[1], epoch=self.leader[0], ttl_ms=ttl)
         members = tuple(m for m, exp in self.members.values() if exp > self.clock())
+        config: DynamicConfig | None
+        try:
+            config = DynamicConfig.model_validate_json(self.config_json)
+        except ValueError:
+            config = None
         return Cluster(
             leader,
             members,
             max(self.epoch, leader.epoch if leader else 0),
             self.paused,
             self.switchover,
+            config,
         )
 
     async def acquire(self, node: str, ttl: float, min_epoch: int) -> int | None:
@@ -110,6 +118,23 @@ class FakeStore(LeaseStore):
     async def register(self, member: Member, ttl: float) -> None:
         self._check()
         self.members[member.name] = (member, self.clock() + ttl)
+
+    async def forget(self, name: str) -> None:
+        self._check()
+        self.members.pop(name, None)
+        self.notifications.append(f"removed {name}")
+
+    async def get_config(self) -> DynamicConfig:
+        self._check()
+        return DynamicConfig.model_validate_json(self.config_json)
+
+    async def set_config(self, config: DynamicConfig, previous: DynamicConfig) -> bool:
+        self._check()
+        if self.config_json != previous.to_json():
+            return False
+        self.config_json = config.to_json()
+        self.notifications.append("config")
+        return True
 
     async def set_paused(self, paused: bool) -> None:
         self._check()

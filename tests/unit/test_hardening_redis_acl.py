@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 from redis import exceptions as rexc
 
-from ha_agent.config import RedisSettings
+from ha_agent.config import DynamicConfig, RedisSettings
 from ha_agent.dcs.base import HAEvent, Member, Switchover
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from tests.support.processes import RedisProcess
@@ -81,6 +81,10 @@ async def test_the_lease_store_works_under_the_agent_user(
         assert [e.event for e in await s.history(10)] == ["TEST"]
         assert await s.release("sglang-01", 1)
         assert await s.force_release() == 2
+        # The dynamic config: read every cycle, written by an agent's /ha/config.
+        config = DynamicConfig(lease_ttl=3.0)
+        assert await s.set_config(config, previous=DynamicConfig())
+        assert (await s.get_cluster()).config == config
         await s.forget("sglang-01")
         deadline = time.monotonic() + 5
         while not any(n.startswith("acquired") for n in notifications):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 from pydantic import SecretStr
 
-from ha_agent.config import RedisSettings
+from ha_agent.config import DynamicConfig, RedisSettings
 from ha_agent.dcs.base import HAEvent, LeaseStore, Member, Switchover
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from tests.support.fakes import FakeClock, FakeStore
@@ -160,3 +160,34 @@ async def test_history_keeps_events_in_order(rig: Rig) -> None:
         )
     assert [e.event for e in await rig.store.history(10)] == ["E0", "E1", "E2"]
     assert [e.event for e in await rig.store.history(2)] == ["E1", "E2"]
+
+
+async def test_dynamic_config_is_empty_until_set_and_read_back_each_cycle(rig: Rig) -> None:
+    s = rig.store
+    empty = DynamicConfig()
+    assert await s.get_config() == empty
+    assert (await s.get_cluster()).config == empty
+    new = DynamicConfig(lease_ttl=4.0, failback="preferred")
+    assert await s.set_config(new, previous=empty)
+    assert await s.get_config() == new
+    assert (await s.get_cluster()).config == new, "agents read it with the cluster snapshot"
+    # Unsetting a value stores what is left.
+    assert await s.set_config(DynamicConfig(failback="preferred"), previous=new)
+    assert (await s.get_config()).values() == {"failback": "preferred"}
+
+
+async def test_dynamic_config_write_is_compare_and_set(rig: Rig) -> None:
+    s = rig.store
+    first = DynamicConfig(warm_rate=1.0)
+    assert await s.set_config(first, previous=DynamicConfig())
+    # An editor that read the config before `first` was stored must not undo it.
+    assert not await s.set_config(DynamicConfig(loop_wait=0.4), previous=DynamicConfig())
+    assert await s.get_config() == first
+
+
+async def test_forget_drops_a_member_from_the_registry(rig: Rig) -> None:
+    s = rig.store
+    await s.register(Member("a", "http://a:30000", "http://a:8008"), ttl=5)
+    await s.register(Member("b", "http://b:30000", "http://b:8008"), ttl=5)
+    await s.forget("b")
+    assert {m.name for m in (await s.get_cluster()).members} == {"a"}
