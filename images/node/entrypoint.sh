@@ -1,6 +1,37 @@
 #!/bin/sh
 # Node entrypoint: check the settings, then hand over to supervisord.
+#
+# Started as root only to make the model cache writable: a bind mount whose host
+# folder did not exist is created by Docker, owned by root. We create/chown it, then
+# run this script again as the unprivileged user (setpriv, util-linux; no setuid
+# helper needed), keeping supplementary groups given with `group_add` (the Docker
+# socket's group for the sidecar). Started as any other user (`docker run -u`), it
+# skips that step and the cache must already be writable.
 set -eu
+
+RUN_AS="${SGLANG_HA_USER:-sglang}"
+if [ "$(id -u)" = 0 ] && [ "${SGLANG_HA_AS_ROOT:-0}" != 1 ]; then
+  as_user() { setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --clear-groups "$@"; }
+  for dir in "${HF_HOME:-/data/huggingface}" /var/log/sglang /run/sglang-ha; do
+    mkdir -p "$dir"
+    if as_user test -w "$dir"; then continue; fi
+    if [ -z "$(ls -A "$dir")" ]; then
+      chown "$RUN_AS:" "$dir"  # empty: just created (by us or by Docker for a bind mount)
+    else
+      # Never re-own a user's existing files behind their back: say what to run.
+      echo "$dir is not writable by $RUN_AS (uid $(id -u "$RUN_AS")) and not empty;" \
+        "on the host: sudo chown -R $(id -u "$RUN_AS") <the folder mounted there>" >&2
+      exit 2
+    fi
+  done
+  groups=$( { id -G; id -G "$RUN_AS"; } | tr ' ' '\n' | grep -vx 0 | sort -un | paste -sd, -)
+  HOME=$(getent passwd "$RUN_AS" | cut -d: -f6)
+  export HOME USER="$RUN_AS" LOGNAME="$RUN_AS"
+  if [ -n "$groups" ]; then
+    exec setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --groups="$groups" "$0" "$@"
+  fi
+  exec setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --clear-groups "$0" "$@"
+fi
 
 : "${HA_NODE_NAME:?HA_NODE_NAME must name this node (e.g. sglang-01)}"
 case "${ENGINE}" in
@@ -38,4 +69,4 @@ if [ -z "${HA_REDIS_PASSWORD:-}" ]; then
   exit 2
 fi
 mkdir -p /var/log/sglang /run/sglang-ha
-exec supervisord -n -c /etc/sglang-ha/supervisord.conf
+exec /opt/sglang-ha/bin/supervisord -n -c /etc/sglang-ha/supervisord.conf
