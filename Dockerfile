@@ -60,8 +60,8 @@ ENV PATH=$PATH:/opt/sglang-ha/bin \
 
 # Only the internal network should reach these: compose publishes neither.
 EXPOSE 30000 8008
-# Starts as root only to make the (bind-mounted) model cache writable, then runs
-# supervisord, the engine and the agent as `sglang` (images/node/entrypoint.sh).
-USER root
+# Runs as sglang. The GPU stack starts it as root (user: "0") so the entrypoint can
+# make a bind-mounted model cache writable, then drop to sglang (entrypoint.sh).
+USER sglang
 WORKDIR /data
 ENTRYPOINT ["/usr/bin/tini", "--", "/etc/sglang-ha/entrypoint.sh"]

@@ -1,12 +1,13 @@
 #!/bin/sh
 # Node entrypoint: check the settings, then hand over to supervisord.
 #
-# Started as root only to make the model cache writable: a bind mount whose host
-# folder did not exist is created by Docker, owned by root. We create/chown it, then
-# run this script again as the unprivileged user (setpriv, util-linux; no setuid
-# helper needed), keeping supplementary groups given with `group_add` (the Docker
-# socket's group for the sidecar). Started as any other user (`docker run -u`), it
-# skips that step and the cache must already be writable.
+# The image's user is `sglang`. The GPU stack starts it as root (compose `user: "0"`)
+# only so that this script can make the model cache writable: a bind mount whose host
+# folder did not exist is created by Docker, owned by root (and on Ubuntu 24.04 based
+# images uid 1000 is `ubuntu`, so our uid is not known in advance). It then runs
+# itself again as `sglang` (setpriv from util-linux: no setuid helper), keeping the
+# supplementary groups given with `group_add` (the Docker socket's, for the sidecar).
+# Only tini (PID 1) stays root.
 set -eu
 
 RUN_AS="${SGLANG_HA_USER:-sglang}"
@@ -34,6 +35,12 @@ if [ "$(id -u)" = 0 ] && [ "${SGLANG_HA_AS_ROOT:-0}" != 1 ]; then
 fi
 
 : "${HA_NODE_NAME:?HA_NODE_NAME must name this node (e.g. sglang-01)}"
+if [ "${ENGINE}" = sglang ] && [ ! -w "${HF_HOME:-/data/huggingface}" ]; then
+  echo "model cache ${HF_HOME:-/data/huggingface} is not writable by $(id -un) (uid $(id -u)):" \
+    "start the container as root (compose: user: \"0\"; the entrypoint then fixes it and" \
+    "drops to sglang) or chown the host folder to uid $(id -u)" >&2
+  exit 2
+fi
 case "${ENGINE}" in
   simulator|sglang) export ENGINE_AUTOSTART=true ;;
   external)
