@@ -25,6 +25,9 @@ if [ "$(id -u)" = 0 ] && [ "${SGLANG_HA_AS_ROOT:-0}" != 1 ]; then
       exit 2
     fi
   done
+  # supervisord reopens /dev/stdout for the agent's log: let the user open the
+  # container's stdout/stderr pipes too.
+  chown --dereference "$RUN_AS" /proc/self/fd/1 /proc/self/fd/2 2>/dev/null || true
   groups=$( { id -G; id -G "$RUN_AS"; } | tr ' ' '\n' | grep -vx 0 | sort -un | paste -sd, -)
   HOME=$(getent passwd "$RUN_AS" | cut -d: -f6)
   export HOME USER="$RUN_AS" LOGNAME="$RUN_AS"
@@ -33,6 +36,10 @@ if [ "$(id -u)" = 0 ] && [ "${SGLANG_HA_AS_ROOT:-0}" != 1 ]; then
   fi
   exec setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --clear-groups "$0" "$@"
 fi
+
+# A command given to the container (`docker compose run node-1 <cmd>`, e.g. `make
+# models`) runs instead of the node, as the unprivileged user.
+if [ "$#" -gt 0 ]; then exec "$@"; fi
 
 : "${HA_NODE_NAME:?HA_NODE_NAME must name this node (e.g. sglang-01)}"
 if [ "${ENGINE}" = sglang ] && [ ! -w "${HF_HOME:-/data/huggingface}" ]; then

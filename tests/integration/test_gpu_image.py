@@ -93,9 +93,13 @@ def gpu_node_stack(cache: Path) -> Iterator[tuple[str, list[str]]]:
             cwd=COMPOSE_DIR,
             env=env,
         )
-        if up.returncode != 0:
+        # `up --wait` may exit 0 although a container failed to start: ask Docker.
+        health = {service: _health(project, service) for service in ("node-1", "gateway")}
+        if up.returncode != 0 or set(health.values()) != {"healthy"}:
             logs = _run([*compose, "logs", "--tail", "80", "node-1"], cwd=COMPOSE_DIR, env=env)
-            pytest.fail(f"GPU node did not come up:\n{up.stderr[-3000:]}\n{logs.stdout[-6000:]}")
+            pytest.fail(
+                f"GPU node did not come up ({health}):\n{up.stderr[-3000:]}\n{logs.stdout[-6000:]}"
+            )
         yield project, compose
     finally:
         _run(
@@ -122,6 +126,28 @@ def _container(project: str, service: str) -> str:
     ids = out.stdout.split()
     assert ids, f"no container for {service}"
     return ids[0]
+
+
+def _health(project: str, service: str) -> str:
+    out = _run(
+        [
+            "docker",
+            "ps",
+            "-a",
+            "--format",
+            "{{.ID}}",
+            "--filter",
+            f"label=com.docker.compose.project={project}",
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+        ],
+        timeout=30,
+    )
+    ids = out.stdout.split()
+    if not ids:
+        return "missing"
+    state = _inspect(ids[0])["State"]
+    return str(state.get("Health", {}).get("Status") or state.get("Status"))
 
 
 def _inspect(container: str) -> dict[str, Any]:
