@@ -25,7 +25,7 @@ from ha_agent.config import SimSettings
 from ha_agent.sim.faults import Faults
 from ha_agent.sim.generator import Detokenizer, FixedStream, SamplingKey, StopRules, TokenStream
 from ha_agent.sim.grammar import Constraint, generate_constrained
-from ha_agent.sim.metrics import EngineSnapshot, SimMetrics, ThroughputWindow
+from ha_agent.sim.metrics import SchedulerStats, SimMetrics
 from ha_agent.sim.prefix_cache import PrefixCache
 from ha_agent.sim.tokenizer import SimTokenizer
 
@@ -39,6 +39,16 @@ class DuplicateRequestId(ValueError):
     pass
 
 
+# Messages of SGLang's own engine-side aborts (scheduler.py, schedule_batch.py).
+ENGINE_ABORT_MESSAGES = {
+    503: "Request running timeout reached.",
+    500: (
+        "Out of memory even after retracting all other requests in the decode batch. "
+        "Aborting the last request."
+    ),
+}
+
+
 class _HttpRequest(Protocol):  # the part of aiohttp's web.Request we use
     @property
     def transport(self) -> asyncio.BaseTransport | None: ...
@@ -50,17 +60,57 @@ class GenRequest:
 
     prompt_text: str  # the context characters the token stream is keyed on
     prompt_ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int | None  # None: no limit of its own (clip_max_new_tokens bounds it)
     sampling: SamplingKey = field(default_factory=SamplingKey)
     rules: StopRules = field(default_factory=StopRules)
     min_new_tokens: int = 0
     constraint: Constraint | None = None
     rid: str | None = None
+    stream: bool = False  # the metrics' is_streaming label
+    log_metrics: bool = True  # False for health checks (GenerateReqInput.log_metrics)
 
 
-def abort_reason(message: str) -> dict[str, Any]:
-    # SGLang's FINISH_ABORT.to_json(); status_code None marks a graceful (client) abort.
-    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
+def abort_reason(message: str, status_code: int | None = None) -> dict[str, Any]:
+    """SGLang's FINISH_ABORT.to_json() (python/sglang/srt/managers/schedule_batch.py).
+
+    status_code None marks a graceful abort (/abort_request, a client that left); 500 or
+    503 an engine-side one, which the HTTP layer turns into an error (tokenizer_manager.py
+    _handle_abort_finish_reason, serving_chat.py / serving_completions.py).
+    """
+    return {"type": "abort", "message": message, "status_code": status_code, "err_type": None}
+
+
+CLIP_MAX_NEW_TOKENS = 4096  # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (schedule_policy.py)
+NO_LIMIT = 1 << 30
+# NewTokenRatioTracker (scheduler_components/new_token_ratio_tracker.py): the share of a
+# running request's remaining budget the scheduler still reserves, decaying per decode
+# step from SGLANG_INIT_NEW_TOKEN_RATIO to init x SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR over
+# SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS, back to init when the scheduler idles.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = INIT_NEW_TOKEN_RATIO * 0.14
+NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
+HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"  # python/sglang/srt/constants.py
+
+
+def clip_max_new_tokens(settings: SimSettings, input_len: int, max_new: int | None) -> int:
+    """Scheduler.init_req_max_new_tokens (python/sglang/srt/managers/scheduler.py).
+
+    Every request's budget is bounded so that it fits the context and the KV pool
+    (max_req_len = min(context_len - 1, max_total_num_tokens - 1), tp_worker.py); a null
+    ``max_new_tokens`` means "up to those bounds".
+    """
+    page = settings.page_size
+    max_req_len = min(settings.context_length - 1, settings.max_total_tokens - 1)
+    paged_input = -(-input_len // page) * page
+    wanted = NO_LIMIT if max_new is None else max_new
+    return max(
+        0,
+        min(
+            wanted,
+            max_req_len - input_len - 1,
+            settings.max_total_tokens - paged_input - page - 1,
+        ),
+    )
 
 
 class Job:
@@ -105,6 +155,11 @@ class Job:
         self._waiter: asyncio.Future[None] | None = None
         self._admission: asyncio.Future[None] | None = None
         self._enqueued_at = 0.0
+
+    def remaining_estimate(self) -> int:
+        """min(max_new_tokens - generated, CLIP): what admission reserves for the rest."""
+        assert self.req.max_new_tokens is not None
+        return min(max(self.req.max_new_tokens - len(self.output_ids), 0), CLIP_MAX_NEW_TOKENS)
 
     # -- reader side ----------------------------------------------------------------
     @property
@@ -203,27 +258,31 @@ class Engine:
         self.pause_mode: str | None = None
         self.shutting_down = False
         self.ready_at = time.monotonic() + settings.startup_delay
-        self.throughput = ThroughputWindow()
-        self._hits: deque[tuple[int, int]] = deque(maxlen=256)
+        self.last_output_at = 0.0  # TokenizerManager.last_receive_tstamp (monotonic here)
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self._kv_used = 0  # prompt + output tokens of running requests
+        self._kv_remaining = 0  # sum of running requests' remaining_estimate()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- status ---------------------------------------------------------------------
     def started(self) -> bool:
         return time.monotonic() >= self.ready_at
 
-    def snapshot(self) -> EngineSnapshot:
+    def stats(self) -> SchedulerStats:
+        """Live scheduler state, as published at a log point."""
         used = sum(len(j.req.prompt_ids) + len(j.output_ids) for j in self.running.values())
-        prompt = sum(p for p, _ in self._hits)
-        cached = sum(c for _, c in self._hits)
-        return EngineSnapshot(
+        return SchedulerStats(
             num_running_reqs=len(self.running),
             num_queue_reqs=len(self.waiting),
             num_used_tokens=used,
             max_total_num_tokens=self.settings.max_total_tokens,
-            gen_throughput=self.throughput.rate(),
-            cache_hit_rate=cached / prompt if prompt else 0.0,
             utilization=len(self.running) / self.settings.max_running_requests,
         )
+
+    def render_metrics(self) -> bytes:
+        if not self.running and not self.faults.hang:  # the idle scheduler loop
+            self.metrics.maybe_idle_log(self.stats())
+        return self.metrics.render()
 
     # -- requests -------------------------------------------------------------------
     def submit(self, req: GenRequest, http_request: _HttpRequest | None = None) -> Job:
@@ -231,6 +290,8 @@ class Engine:
         if rid in self.jobs:
             raise DuplicateRequestId(f"Duplicate request ID: {rid}")
         s = self.settings
+        req.max_new_tokens = clip_max_new_tokens(s, len(req.prompt_ids), req.max_new_tokens)
+        req.min_new_tokens = min(req.min_new_tokens, req.max_new_tokens)
         job = Job(rid, req, self.tokenizer, s.eos_rate, s.weight_version)
         job.http_request = http_request
         self.jobs[rid] = job
@@ -244,11 +305,13 @@ class Engine:
             remaining = self.ready_at - time.monotonic()
             if remaining > 0:  # still "loading weights": wait like a warming-up server
                 await job.sleep(remaining)
+            while self.faults.hang and not job.force_abort:
+                await job.sleep(_POLL)  # a hung scheduler does not even take new requests
             await self._admit(job)
             if job.finished:
                 return
             await self._prefill(job)
-            if job.req.max_new_tokens == 0:
+            if job.req.max_new_tokens == 0:  # resolved to an int by submit()
                 await self._gate(job)
                 self._finish(job, {"type": "length", "length": 0})
             while not job.finished:
@@ -272,7 +335,7 @@ class Engine:
         if job.abort_message is not None:
             self._finish(job, abort_reason(job.abort_message))
             return
-        if self.paused or self.waiting or len(self.running) >= self.settings.max_running_requests:
+        if self.paused or self.waiting or not self._fits(job):
             job.state = "waiting"
             self.waiting.append(job)
             await self._wait_admission(job)
@@ -286,31 +349,55 @@ class Engine:
         finally:
             job._admission = None
 
+    def _fits(self, job: Job) -> bool:
+        """PrefillAdder.add_one_req (python/sglang/srt/managers/schedule_policy.py).
+
+        A request is admitted when a running slot is free and its prompt plus its
+        (clipped) budget plus a page fits in what the running requests leave of the KV
+        pool: their tokens, and new_token_ratio x their remaining budgets.
+        """
+        s = self.settings
+        if len(self.running) >= s.max_running_requests:
+            return False
+        rem_total = s.max_total_tokens - self._kv_used - self._kv_remaining * self.new_token_ratio
+        need = len(job.req.prompt_ids) + job.remaining_estimate() + s.page_size
+        return need < rem_total
+
     def _start_running(self, job: Job) -> None:
         if job.state != "running":
             job.queue_time += time.monotonic() - job._enqueued_at
-            self.metrics.queue_time.observe(job.queue_time)
+            if job.req.log_metrics:
+                self.metrics.queue_time.observe(job.queue_time)
         job.state = "running"
         self.running[job.rid] = job
+        self._kv_used += len(job.req.prompt_ids) + len(job.output_ids)
+        self._kv_remaining += job.remaining_estimate()
+
+    def _stop_running(self, job: Job) -> None:
+        if self.running.pop(job.rid, None) is not None:
+            self._kv_used -= len(job.req.prompt_ids) + len(job.output_ids)
+            self._kv_remaining -= job.remaining_estimate()
+        if not self.running:
+            self.new_token_ratio = INIT_NEW_TOKEN_RATIO  # reset when idle
 
     def _drain(self) -> None:
-        limit = self.settings.max_running_requests
-        while self.waiting and not self.paused and len(self.running) < limit:
-            job = self.waiting.popleft()
+        while self.waiting and not self.paused and not self.faults.hang:
+            job = self.waiting[0]
+            if not self._fits(job):
+                return  # FIFO: the head waits for room, the rest wait behind it
+            self.waiting.popleft()
             self._start_running(job)
             _resolve(job._admission)
 
     async def _prefill(self, job: Job) -> None:
         ids = job.req.prompt_ids
         job.cached_tokens = self.cache.match(ids)
-        self.metrics.prompt_tokens.inc(len(ids))
-        self.metrics.cached_tokens.inc(job.cached_tokens)
-        self._hits.append((len(ids), job.cached_tokens))
         s = self.settings
         uncached = len(ids) - job.cached_tokens
         await job.sleep((s.ttft_base + s.prefill_per_token * uncached) * self.faults.slow_factor)
         self.cache.insert(ids)
         job.prefilled = True
+        self.metrics.on_prefill(uncached, job.cached_tokens, self.stats())
 
     async def _gate(self, job: Job) -> None:
         """Hold a request while the engine is hung, paused in place, or it was retracted."""
@@ -338,35 +425,66 @@ class Engine:
         req = job.req
         allow_eos = not req.rules.ignore_eos and len(job.output_ids) >= req.min_new_tokens
         token = job.stream.next_token(allow_eos)
+        assert req.max_new_tokens is not None  # resolved by submit()
+        before = job.remaining_estimate()
         finish = job.detok.push(token, req.max_new_tokens)
+        if job.state == "running":
+            self._kv_used += 1
+            self._kv_remaining += job.remaining_estimate() - before
+        running = max(1, len(self.running))
+        self.new_token_ratio = max(
+            MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY / running
+        )
+        if finish is None:
+            finish = self._engine_abort(job)
         now = time.monotonic()
+        log = req.log_metrics
         if job.first_token_at is None:
             job.first_token_at = now
-            self.metrics.ttft.observe(now - job.created_mono)
-        else:
+            if log:
+                self.metrics.first_token(now - job.created_mono, req.stream)
+        elif log:
             self.metrics.itl.observe(now - job.last_token_at)
         job.last_token_at = now
-        self.metrics.generation_tokens.inc()
-        self.throughput.add(1, now)
+        self.last_output_at = now
+        if self.metrics.on_decode_token(len(self.running)):
+            self.metrics.decode_log(self.stats())
         if finish is not None:
             self._finish(job, finish)
         else:
             job.notify()
+        if self.waiting:  # the scheduler tries to admit at every iteration
+            self._drain()
+
+    def _engine_abort(self, job: Job) -> dict[str, Any] | None:
+        """Fault knob ``abort_after_tokens``: the engine ends the request itself."""
+        n = self.faults.abort_after_tokens
+        if n <= 0 or len(job.output_ids) < n:
+            return None
+        status = int(self.faults.abort_status)
+        return abort_reason(ENGINE_ABORT_MESSAGES[status], status)
 
     def _finish(self, job: Job, reason: dict[str, Any]) -> None:
         if job.finished:
             return
         job.finish_reason = reason
         job.e2e_latency = time.time() - job.created
-        self.metrics.e2e.observe(job.e2e_latency)
-        self.metrics.num_requests.inc()
+        self.last_output_at = time.monotonic()
+        if job.req.log_metrics:  # TokenizerManager.collect_metrics, at the request's end
+            self.metrics.finished(
+                prompt=len(job.req.prompt_ids),
+                completion=len(job.output_ids),
+                cached=job.cached_tokens,
+                e2e=job.e2e_latency,
+                stream=job.req.stream,
+            )
         job.notify()
 
     def _release(self, job: Job) -> None:
         if not job.finished:
             self._finish(job, abort_reason("internal simulator error"))
         job.state = "finished"
-        self.running.pop(job.rid, None)
+        self._stop_running(job)
         if job in self.waiting:
             self.waiting.remove(job)
         self.jobs.pop(job.rid, None)
@@ -383,6 +501,8 @@ class Engine:
             targets = [self.jobs[rid]]
         else:
             return 0
+        # TokenizerManager.abort_request counts the call, not the requests it ends.
+        self.metrics.num_aborted_requests.inc()
         for job in targets:
             self._abort_job(job, message or "aborted by /abort_request")
         return len(targets)
@@ -393,7 +513,6 @@ class Engine:
         job.force_abort = job.force_abort or force
         if job.abort_message is None:
             job.abort_message = message
-            self.metrics.num_aborted_requests.inc()
         if job.state == "waiting" and (not self.faults.hang or force):
             self.waiting.remove(job)
             job.state = "finished"
@@ -404,16 +523,17 @@ class Engine:
         self.paused = True
         self.pause_mode = mode
         if mode == "abort":
+            self.metrics.num_aborted_requests.inc()  # abort_request(abort_all=True)
             for job in list(self.jobs.values()):
                 self._abort_job(job, "aborted by /pause_generation (mode=abort)")
         elif mode == "retract":
             now = time.monotonic()
             for job in reversed(list(self.running.values())):
+                self._stop_running(job)
                 job.state = "waiting"
                 job.retractions += 1
                 job._enqueued_at = now
                 self.waiting.appendleft(job)
-            self.running.clear()
 
     def resume(self) -> None:
         self.paused = False
@@ -436,7 +556,12 @@ class Engine:
             for job in list(self.jobs.values()):
                 if job.client_gone_at is None and job.client_disconnected():
                     job.client_gone_at = now
-                if job.client_gone_at is not None and now - job.client_gone_at >= delay:
+                if (
+                    job.client_gone_at is not None
+                    and now - job.client_gone_at >= delay
+                    and job.abort_message is None
+                ):
+                    self.metrics.num_aborted_requests.inc()  # abort_request(rid)
                     self._abort_job(job, "client disconnected")
 
     async def shutdown(self, grace: float) -> None:
