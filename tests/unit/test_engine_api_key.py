@@ -143,3 +143,26 @@ async def test_without_a_key_the_relay_sends_no_credentials(
     finally:
         await transport.close()
     assert seen == [("/v1/completions", None)]
+
+
+@pytest.mark.parametrize("key", [KEY, None])
+def test_nginx_last_resort_path_sends_the_engine_key_never_a_clients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str | None
+) -> None:
+    """Relay down, Nginx goes straight to the engines: it must present the key too."""
+    from ha_agent.gateway import nginx_conf
+
+    template = Path(__file__).resolve().parents[2] / "nginx" / "nginx.conf.template"
+    monkeypatch.setenv("NGINX_TEMPLATE", str(template))
+    monkeypatch.setenv("NGINX_CONF", str(tmp_path / "nginx.conf"))
+    monkeypatch.setenv("HA_NGINX_BACKUP_FILE", str(tmp_path / "backup.conf"))
+    monkeypatch.delenv("HA_ENGINE_API_KEY_FILE", raising=False)
+    if key:
+        monkeypatch.setenv("HA_ENGINE_API_KEY", key)
+    else:
+        monkeypatch.delenv("HA_ENGINE_API_KEY", raising=False)
+    assert nginx_conf.main() == 0
+    conf = tmp_path / "nginx.conf"
+    expected = f'"Bearer {key}"' if key else '""'
+    assert f"proxy_set_header Authorization {expected};" in conf.read_text()
+    assert conf.stat().st_mode & 0o077 == 0  # the key is the gateway user's alone
