@@ -19,8 +19,14 @@ from pathlib import Path
 
 # Beside the module in the image; one folder up in the source tree (unit tests).
 FLAGS = next(
-    (p for p in (Path(__file__).with_name("server_flags.txt"),
-                 Path(__file__).parents[1] / "server_flags.txt") if p.exists()),
+    (
+        p
+        for p in (
+            Path(__file__).with_name("server_flags.txt"),
+            Path(__file__).parents[1] / "server_flags.txt",
+        )
+        if p.exists()
+    ),
     Path(__file__).with_name("server_flags.txt"),
 )
 SIM = os.environ.get("SGLANG_STANDIN_SIM", "/opt/sglang-ha/bin/sglang-ha-sim")
@@ -33,7 +39,13 @@ class _Removed(argparse.Action):
         self.message = message
         super().__init__(option_strings, dest, nargs=0)
 
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         parser.error(self.message)
 
 
@@ -45,8 +57,10 @@ def build_parser(flags: Path = FLAGS) -> argparse.ArgumentParser:
         names_text, arity, *rest = line.split("\t")
         names = names_text.split()
         if arity == "bool":  # BooleanOptionalAction adds the --no- form itself
-            parser.add_argument(*[n for n in names if not n.startswith("--no-")],
-                                action=argparse.BooleanOptionalAction)
+            parser.add_argument(
+                *[n for n in names if not n.startswith("--no-")],
+                action=argparse.BooleanOptionalAction,
+            )
         elif arity == "error":
             parser.add_argument(*names, action=_Removed, message=rest[0] if rest else "")
         elif arity == "0":
@@ -85,8 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.api_key:
         env["SIM_API_KEY"] = args.api_key  # not argv: the simulator's ps line stays clean
     name = args.served_model_name or args.model_path
-    cmd = [SIM, "--host", args.host or "127.0.0.1", "--port", str(args.port or 30000),
-           "--model-name", name]
+    cmd = [
+        SIM,
+        "--host",
+        args.host or "127.0.0.1",
+        "--port",
+        str(args.port or 30000),
+        "--model-name",
+        name,
+    ]
     try:
         os.execve(SIM, cmd, env)
     except OSError as exc:
