@@ -204,6 +204,12 @@ def test_gpu_node_starts_healthy_on_the_official_layout(standin: str) -> None:
             assert "sglang stand-in (NOT SGLang) on /usr/bin/python3" in err, err[-2000:]
             assert f"model={MODEL} tp_size=2 api_key=set" in err
 
+            # The agent's venv does not shadow the engine's Python on PATH either.
+            assert _exec(node, "sh", "-c", "command -v python3").strip() == "/usr/bin/python3"
+            assert _exec(node, "sh", "-c", "command -v sglang-ha").strip() == (
+                "/opt/sglang-ha/bin/sglang-ha"
+            )
+
             # Nothing but tini runs as root; the engine runs as `sglang`, whose uid is
             # not 1000 here (taken by `ubuntu`, as on Ubuntu 24.04 based images).
             sglang_uid = int(_exec(node, "id", "-u", "sglang"))
