@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -31,7 +32,8 @@ import pytest
 from ha_agent.config import SimSettings
 from tests.support.stack import COMPOSE_DIR, ROOT, read_secrets
 
-pytestmark = pytest.mark.integration
+# Building the node, gateway and Redis images on a fresh machine takes minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 STANDIN = "sglang-ha/sglang-standin:0.5.19"
 NODE_IMAGE = "sglang-ha/node:standin-test"
@@ -65,8 +67,7 @@ def standin() -> str:
 def gpu_node_stack(cache: Path) -> Iterator[tuple[str, list[str]]]:
     project = f"sglang-ha-gpuimg-{uuid.uuid4().hex[:8]}"
     env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": str(Path.home()),
+        **os.environ,  # DOCKER_HOST, DOCKER_CONFIG, PIP_CA_BUNDLE, ... as the user has them
         "NODE_BASE_IMAGE": STANDIN,
         "MODEL_CACHE": str(cache),
         "MODEL_PATH": MODEL,
@@ -78,20 +79,16 @@ def gpu_node_stack(cache: Path) -> Iterator[tuple[str, list[str]]]:
     for f in FILES:
         compose += ["-f", f]
     try:
+        build = _run(
+            [*compose, "build", "node-1", "gateway"], cwd=COMPOSE_DIR, env=env, timeout=900
+        )
+        assert build.returncode == 0, build.stderr[-3000:]
+        # The stand-in starts in seconds: two minutes is plenty for a healthy node.
         up = _run(
-            [
-                *compose,
-                "up",
-                "-d",
-                "--build",
-                "--wait",
-                "--wait-timeout",
-                "300",
-                "node-1",
-                "gateway",
-            ],
+            [*compose, "up", "-d", "--wait", "--wait-timeout", "120", "node-1", "gateway"],
             cwd=COMPOSE_DIR,
             env=env,
+            timeout=300,
         )
         # `up --wait` may exit 0 although a container failed to start: ask Docker.
         health = {service: _health(project, service) for service in ("node-1", "gateway")}
