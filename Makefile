@@ -32,13 +32,28 @@ images: docker secrets  ## build the node, gateway and redis images
 	$(COMPOSE) build
 
 # --- the stack -----------------------------------------------------------------------
-.PHONY: up down logs ps status history rolling-restart verify
-up: docker secrets  ## bring up the stack and wait until it is ready
+# The GPU stack downloads the model first (`make models`, with progress), so that
+# `up` waits only for SGLang to load it (the node's healthcheck allows 900 s).
+ifeq ($(STACK),compose.gpu.yaml)
+UP_NEEDS  := models
+UP_WAIT   ?= 1200
+else
+UP_NEEDS  :=
+UP_WAIT   ?= 600
+endif
+
+.PHONY: up down logs ps status history rolling-restart verify models
+up: docker secrets $(UP_NEEDS)  ## bring up the stack and wait until it is ready
+	@scripts/detect-stack.sh --check $(STACK)
 	@echo "==> building the images ($(STACK); the first build takes several minutes)"
 	$(COMPOSE) build
-	@echo "==> starting the containers; waiting until every one is healthy (a first model download can take long: 'make logs' shows it)"
-	$(COMPOSE) up -d --wait --wait-timeout 600
+	@echo "==> starting the containers; waiting until every one is healthy ('make logs' shows progress)"
+	$(COMPOSE) up -d --wait --wait-timeout $(UP_WAIT)
 	@scripts/print-endpoints.sh $(PROJECT) $(STACK)
+models: docker secrets  ## GPU stack: download MODEL_PATH into the model cache (progress shown)
+	@scripts/detect-stack.sh --check $(STACK)
+	$(COMPOSE) build node-1
+	$(COMPOSE) run --rm --no-deps node-1 /etc/sglang-ha/download-model.sh
 down:  ## stop the stack (keeps volumes)
 	$(COMPOSE) down --remove-orphans
 logs:  ## follow the stack's logs
@@ -79,6 +94,12 @@ test-integration: venv docker secrets  ## the CPU stack in containers, driven fr
 
 failover-test: venv docker secrets  ## every fault, $(TRIALS) trials: failover-report.json/.md/.png
 	$(PY) -m tests.failover --trials $(TRIALS) --out reports/failover
+
+# Two-GPU hosts only: the GPU stack with a small model, the crash, freeze and NIC
+# faults of the failover harness, report in reports/gpu-smoke/ (scripts/gpu-smoke.sh).
+.PHONY: gpu-smoke
+gpu-smoke: venv docker secrets  ## GPU hosts: real SGLang pair, crash/freeze/NIC faults, report
+	scripts/gpu-smoke.sh
 
 # --- alerts (promtool from Debian's prometheus package) ------------------------------
 .PHONY: alerts-lint promtool

@@ -255,6 +255,46 @@ class EngineHealthSettings(BaseSettings):
         return self
 
 
+class EngineAuthSettings(BaseSettings):
+    """SGLang's --api-key, which the agent and the relay present to the engines.
+
+    SGLang checks it on every route but /health* and /metrics
+    (python/sglang/srt/utils/auth.py), so canary, abort, relayed and warming
+    requests all carry ``Authorization: Bearer <key>``. Prefer the _file form (a
+    compose secret): the key then never appears in the container's environment.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    engine_api_key: SecretStr | None = Field(
+        None, description="The engines' API key (SGLang --api-key); prefer engine_api_key_file."
+    )
+    engine_api_key_file: str | None = Field(
+        None, description="File holding the engines' API key (e.g. /run/secrets/engine_api_key)."
+    )
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> EngineAuthSettings:
+        if not self.engine_api_key_file:
+            return self
+        if self.engine_api_key is not None:
+            raise ValueError("set engine_api_key or engine_api_key_file, not both")
+        try:
+            key = Path(self.engine_api_key_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"engine_api_key_file: {exc}") from exc
+        if not key:
+            raise ValueError(f"engine_api_key_file {self.engine_api_key_file} is empty")
+        self.engine_api_key = SecretStr(key)
+        return self
+
+    def engine_headers(self) -> dict[str, str]:
+        """Headers every request to an engine carries (empty without a key)."""
+        if self.engine_api_key is None:
+            return {}
+        return {"Authorization": f"Bearer {self.engine_api_key.get_secret_value()}"}
+
+
 class FailbackSettings(BaseSettings):
     """What happens when a node that failed is healthy again.
 
@@ -299,7 +339,9 @@ class FailbackSettings(BaseSettings):
     )
 
 
-class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings, FailbackSettings):
+class AgentSettings(
+    RedisSettings, LeaseTiming, EngineHealthSettings, FailbackSettings, EngineAuthSettings
+):
     """The node agent: one per GPU host, next to its engine."""
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
@@ -335,7 +377,7 @@ class AgentSettings(RedisSettings, LeaseTiming, EngineHealthSettings, FailbackSe
         return _split_csv(value)
 
 
-class RelaySettings(RedisSettings):
+class RelaySettings(RedisSettings, EngineAuthSettings):
     """The leader-aware relay in the gateway."""
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings
 
 from ha_agent.config import (
     AgentSettings,
+    EngineAuthSettings,
     EngineHealthSettings,
     FailbackSettings,
     LeaseTiming,
@@ -28,6 +29,7 @@ SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
     ("Lease timing (agents)", LeaseTiming, "HA_"),
     ("Engine health (agents)", EngineHealthSettings, "HA_"),
     ("Failback (agents)", FailbackSettings, "HA_"),
+    ("Engine API key (agents, relay)", EngineAuthSettings, "HA_"),
     ("Agent", AgentSettings, "HA_"),
     ("Relay (gateway)", RelaySettings, "HA_"),
     ("Simulator (CPU demo and tests only)", SimSettings, "SIM_"),

@@ -121,8 +121,17 @@ def _degraded(status: AgentStatus | None) -> bool:
     return status is not None and status.degraded
 
 
-def _chat(base: str, body: dict[str, Any], timeout: float = 60) -> httpx.Response:
-    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout)
+def _chat(
+    base: str, body: dict[str, Any], timeout: float = 60, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout, headers=headers)
+
+
+def _engine_headers(container: Any) -> dict[str, str]:
+    """The engine's API key, read where the node reads it (a compose secret), if set."""
+    code, out = container.exec_run(["sh", "-c", 'cat "${HA_ENGINE_API_KEY_FILE:-/dev/null}"'])
+    key = out.decode(errors="replace").strip() if code == 0 else ""
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 # -- the checks --------------------------------------------------------------------------
@@ -139,9 +148,10 @@ def check_consistency(stack: Stack, runs: int = 10) -> Check:
     seen: dict[str, set[tuple[str, str]]] = {}
     for node, container in stack.nodes().items():
         url = f"http://{stack.ip(container)}:30000"
+        headers = _engine_headers(container)
         answers = set()
         for _ in range(runs):
-            r = _chat(url, body)
+            r = _chat(url, body, headers=headers)
             r.raise_for_status()
             choice = r.json()["choices"][0]
             answers.add((choice["message"]["content"], choice["finish_reason"]))

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 
+from ha_agent.config import EngineAuthSettings
 from ha_agent.gateway.nginx_sync import render
 from ha_agent.gateway.topology import parse_seed
 
@@ -25,6 +26,8 @@ DEFAULTS = {
     "GATEWAY_RATE_PER_CLIENT": "200",
     "GATEWAY_BURST_PER_CLIENT": "400",
     "GATEWAY_CONN_PER_CLIENT": "512",
+    # Computed by main() from HA_ENGINE_API_KEY[_FILE], never set directly.
+    "ENGINE_AUTHORIZATION": "",
 }
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
 
@@ -43,9 +46,12 @@ def main() -> int:
     template_path = os.environ.get("NGINX_TEMPLATE", "/etc/sglang-ha/nginx/nginx.conf.template")
     out_path = os.environ.get("NGINX_CONF", "/run/sglang-ha/nginx.conf")
     backup_path = os.environ.get("HA_NGINX_BACKUP_FILE", "/run/sglang-ha/nginx-backup-servers.conf")
+    env = dict(os.environ)
+    env["ENGINE_AUTHORIZATION"] = EngineAuthSettings().engine_headers().get("Authorization", "")
     with open(template_path) as fh:
-        text = render_template(fh.read(), dict(os.environ))
-    with open(out_path, "w") as fh:
+        text = render_template(fh.read(), env)
+    # It may hold the engines' key: readable by the gateway's user only.
+    with open(os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
         fh.write(text)
     seeds = [s.strip() for s in os.environ.get("HA_NODES", "").split(",") if s.strip()]
     with open(backup_path, "w") as fh:

@@ -32,7 +32,9 @@ class RelayService:
         self.topology = Topology(settings, self.store, self.events)
         self.metrics = RelayMetrics()
         self.metrics.attach(self.topology)
-        self.transport = Transport(settings.connect_timeout, settings.first_byte_timeout)
+        self.transport = Transport(
+            settings.connect_timeout, settings.first_byte_timeout, settings.engine_headers()
+        )
         self.warmer = Warmer(
             self.topology,
             self.transport,

@@ -32,6 +32,10 @@ _HOP = frozenset(
         "content-length",
         "host",
         "accept-encoding",
+        # A client's credentials are not the engines': the relay presents the
+        # engines' API key itself (Transport), so an OpenAI SDK's placeholder
+        # key never reaches SGLang's --api-key check.
+        "authorization",
     }
 )
 
@@ -84,9 +88,17 @@ class Transport:
     """One pooled client session for all engines (keep-alive, no total timeout:
     generations are long; stalls are caught by the topology instead)."""
 
-    def __init__(self, connect_timeout: float, first_byte_timeout: float) -> None:
+    def __init__(
+        self,
+        connect_timeout: float,
+        first_byte_timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.first_byte_timeout = first_byte_timeout
+        # Sent on every upstream request, relayed or warming: the engines' API key
+        # (RelaySettings.engine_headers). The one place upstream credentials are set.
+        self.headers = dict(headers or {})
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -108,6 +120,7 @@ class Transport:
                 ),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                headers=self.headers,
             )
         return self._session
 

@@ -48,7 +48,9 @@ class NodeAgent:
         self.events = EventLog(settings.ha_log, settings.node_name, self.store)
         self.process = engine_process_watch(settings, supervised)
         self.metrics = AgentMetrics()
-        self.monitor = HealthMonitor(settings, EngineClient(settings.engine_url), self.process)
+        self.monitor = HealthMonitor(
+            settings, EngineClient(settings.engine_url, settings.engine_headers()), self.process
+        )
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         # Acks get what a store operation gets (retry_timeout): asked only when the
         # store is away, and the lease's safety margin already covers that much.

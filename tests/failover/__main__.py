@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from tests.failover import report
+from tests.failover import report, runner
 from tests.failover.load import Load
 from tests.failover.runner import ScenarioResult, run_scenario
 from tests.failover.scenarios import FAULTS
@@ -43,12 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated subset")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("reports/failover"))
+    parser.add_argument(
+        "--stack-files",
+        default="compose.yaml,compose.test.yaml",
+        help="compose files of the stack under test (compose/), e.g. the GPU stack for gpu-smoke",
+    )
+    parser.add_argument(
+        "--rejoin-timeout",
+        type=float,
+        default=runner.REJOIN_TIMEOUT,
+        help="how long a healed node may take to rejoin, s (real SGLang reloads its weights)",
+    )
     args = parser.parse_args(argv)
+    runner.REJOIN_TIMEOUT = args.rejoin_timeout
     faults = [f for f in args.faults.split(",") if f]
     unknown = [f for f in faults if f not in FAULTS]
     if unknown:
         parser.error(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
-    with running_stack() as stack:
+    with running_stack(tuple(f for f in args.stack_files.split(",") if f)) as stack:
         try:
             results = asyncio.run(run_all(stack, faults, args.trials, args.concurrency))
         finally:

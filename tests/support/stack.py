@@ -31,13 +31,16 @@ NODES = {"sglang-01": "node-1", "sglang-02": "node-2"}
 
 def read_secrets() -> dict[str, str]:
     path = COMPOSE_DIR / "secrets.env"
-    if not path.exists():
+    key_file = COMPOSE_DIR / "secrets" / "engine_api_key"
+    if not path.exists() or not key_file.exists():
         subprocess.run([str(ROOT / "scripts" / "secrets.sh")], check=True)
     out = {}
     for line in path.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
             out[key.strip()] = value.strip()
+    # A compose secret file, not environment; checked like the others (test_hardening).
+    out["HA_ENGINE_API_KEY"] = key_file.read_text().strip()
     return out
 
 

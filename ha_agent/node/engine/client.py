@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -71,14 +72,18 @@ def parse_metrics(text: str, at: float, latency: float) -> EngineSample:
 
 
 class EngineClient:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, headers: Mapping[str, str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # The engine's API key (EngineAuthSettings.engine_headers), on every request.
+        self.headers = dict(headers or {})
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # A small private pool: probes must never queue behind each other.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=4), headers=self.headers
+            )
         return self._session
 
     async def scrape(self, timeout: float) -> EngineSample:
