@@ -381,6 +381,9 @@ class SimSettings(BaseSettings):
     )
     max_running_requests: int = Field(256, ge=1, description="More requests wait in the queue.")
     max_total_tokens: int = Field(65536, ge=1, description="Prefix cache capacity in tokens.")
+    decode_log_interval: int = Field(
+        40, ge=1, description="As SGLang's --decode-log-interval: gauges publish this often."
+    )
     page_size: int = Field(16, ge=1, description="Prefix cache granularity in tokens.")
     context_length: int = Field(32768, ge=1, description="Longest prompt + output accepted.")
     eos_rate: float = Field(

@@ -7,6 +7,11 @@
   not random: with 0.25 exactly every fourth request fails.
 * ``oom``: print a CUDA OOM line to stderr and SIGKILL this process.
 * ``fail_health``: ``/health`` and ``/health_generate`` answer 503.
+* ``abort_after_tokens`` (with ``abort_status`` 503 or 500): the engine itself ends every
+  request that reaches that many generated tokens with a ``finish_reason`` of type
+  ``abort`` carrying the status code, as SGLang's scheduler does on a running timeout or
+  when the KV cache runs out (FINISH_ABORT in ``srt/managers/schedule_batch.py``); the
+  HTTP layer then answers as SGLang does (an error chunk, or an error status). 0 = off.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class Faults:
     error_rate: float = 0.0
     oom: bool = False
     fail_health: bool = False
+    abort_after_tokens: int = 0
+    abort_status: int = 503
 
     def __post_init__(self) -> None:
         self._requests_seen = 0
@@ -70,6 +77,14 @@ class Faults:
                     raise FaultError("slow_factor must be a positive number")
                 if key == "error_rate" and not 0.0 <= value <= 1.0:
                     raise FaultError("error_rate must be between 0 and 1")
+                if key == "abort_after_tokens":
+                    if value < 0 or value != int(value):
+                        raise FaultError("abort_after_tokens must be a whole number >= 0")
+                    value = int(value)
+                if key == "abort_status":
+                    if value not in (500, 503):
+                        raise FaultError("abort_status must be 500 or 503")
+                    value = int(value)
             clean[key] = value
         if "error_rate" in clean and clean["error_rate"] != self.error_rate:
             self._requests_seen = 0

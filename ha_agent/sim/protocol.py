@@ -295,9 +295,8 @@ class RequestBuilder:
                 f"The input ({n_in} tokens) is longer than the model's context length "
                 f"({ctx} tokens)."
             )
-        if max_new_tokens is None:
-            max_new_tokens = ctx - n_in
-        elif n_in + max_new_tokens > ctx:
+        # None means "no limit" (the scheduler bounds it, scheduler.clip_max_new_tokens).
+        if max_new_tokens is not None and n_in + max_new_tokens > ctx:
             raise BadRequest(
                 f"Requested token count exceeds the model's maximum context length of {ctx} "
                 f"tokens. You requested a total of {n_in + max_new_tokens} tokens: {n_in} "
@@ -380,6 +379,7 @@ class RequestBuilder:
             n=sp.n,
             rid=req.rid,
         )
+        gen.stream = req.stream
         return GenerateCall(gen=gen, stream=req.stream)
 
     # -- POST /v1/completions -------------------------------------------------------
@@ -471,6 +471,7 @@ class RequestBuilder:
     @staticmethod
     def _call(req: CompletionBody | ChatBody, gen: GenRequest, echo_text: str = "") -> OpenAICall:
         opts = req.stream_options or StreamOptions()
+        gen.stream = req.stream
         return OpenAICall(
             gen=gen,
             stream=req.stream,

@@ -4,7 +4,8 @@ Sources (sgl-project/sglang, python/sglang/srt/entrypoints/): ``http_server.py``
 (``/generate`` events ``data: {json}\\n\\n`` with cumulative text and output_ids, then
 ``data: [DONE]``), ``openai/serving_completions.py`` (one chunk per update, final usage
 chunk dumped with ``exclude_none``), ``openai/serving_chat.py`` + ``openai/sse_utils.py``
-(a first ``role`` chunk, content deltas, a separate empty-delta finish chunk, usage chunk),
+(a first ``role`` chunk, content deltas, a separate empty-delta finish chunk, usage chunk;
+``StreamDelta`` always carries ``reasoning_content``, null without a reasoning parser),
 ``openai/usage_processor.py`` (``prompt_tokens_details`` only with cache report and a
 non-zero count) and ``openai/protocol.py`` (field names and order).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from http import HTTPStatus
 from typing import Any
 
 from ha_agent.sim.protocol import OpenAICall
@@ -48,11 +50,52 @@ def generate_payload(job: Job) -> dict[str, Any]:
     }
 
 
-def usage(job: Job, cache_report: bool) -> dict[str, Any]:
+def engine_abort(job: Job) -> tuple[int, str] | None:
+    """(status, message) when the engine itself aborted the request with an error status.
+
+    SGLang turns such a FINISH_ABORT into an HTTP error (non-stream) or an error chunk
+    (OpenAI streams); /generate streams pass it on as the last event's finish_reason
+    (tokenizer_manager.py _handle_abort_finish_reason).
+    """
+    reason = job.finish_reason
+    if reason is None or reason.get("type") != "abort" or reason.get("status_code") is None:
+        return None
+    return int(reason["status_code"]), str(reason.get("message") or "Generation aborted.")
+
+
+def abort_error_body(status: int, message: str) -> dict[str, Any]:
+    """The HTTPException(status, message) answer (http_server.py / serving_base.py)."""
+    return openai_error(message, str(status), status)
+
+
+def streaming_error(status: int, message: str) -> bytes:
+    """serving_base.create_streaming_error_response: json.dumps, default separators."""
+    err = openai_error(message, HTTPStatus(status).name, status)
+    return b"data: " + json.dumps({"error": err}).encode() + b"\n\n"
+
+
+def _details(cached: int) -> dict[str, Any]:
+    # PromptTokensDetails (protocol.py), dumped with its null multimodal fields.
+    return {
+        "cached_tokens": cached,
+        "image_tokens": None,
+        "audio_tokens": None,
+        "video_tokens": None,
+    }
+
+
+def usage(job: Job, cache_report: bool, exclude_none: bool = False) -> dict[str, Any]:
+    """UsageInfo (protocol.py); details only with cache report and a cached count > 0."""
     prompt, completion = len(job.req.prompt_ids), len(job.output_ids)
-    details = (
-        {"cached_tokens": job.cached_tokens} if cache_report and job.cached_tokens > 0 else None
-    )
+    details = _details(job.cached_tokens) if cache_report and job.cached_tokens > 0 else None
+    if exclude_none:  # model_dump_json(exclude_none=True), completions' final chunk
+        slim = {"cached_tokens": job.cached_tokens} if details else None
+        out: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + completion}
+        out["completion_tokens"] = completion
+        if slim:
+            out["prompt_tokens_details"] = slim
+        out["reasoning_tokens"] = 0
+        return out
     return {
         "prompt_tokens": prompt,
         "total_tokens": prompt + completion,
@@ -96,6 +139,9 @@ class CompletionFormatter:
         return delta
 
     def chunks(self) -> list[bytes]:
+        aborted = engine_abort(self.job)
+        if aborted is not None:  # an error chunk instead of the last output
+            return [streaming_error(*aborted)]
         delta = self._delta()
         if self._first:
             delta = self.call.echo_text + delta
@@ -112,13 +158,14 @@ class CompletionFormatter:
         return [sse(chunk)]
 
     def _running_usage(self) -> dict[str, Any] | None:
-        # stream_options.continuous_usage_stats: usage on every chunk, without cache details.
+        # stream_options.continuous_usage_stats: usage on every chunk; completions give no
+        # cache details there (serving_completions.py calculate_token_usage).
         return usage(self.job, cache_report=False) if self.call.continuous_usage else None
 
     def tail(self) -> list[bytes]:
         if not self.call.include_usage:
             return []
-        u = {k: v for k, v in usage(self.job, self.cache_report).items() if v is not None}
+        u = usage(self.job, self.cache_report, exclude_none=True)
         return [sse({**self._head(), "choices": [], "usage": u})]
 
     def response(self) -> dict[str, Any]:
@@ -163,17 +210,25 @@ class ChatFormatter(CompletionFormatter):
             chunk["usage"] = running
         return sse(chunk)
 
+    def _running_usage(self) -> dict[str, Any] | None:
+        # Chat's continuous usage carries cache details with cache report on
+        # (serving_chat.py _continuous_usage_cached_details).
+        return usage(self.job, self.cache_report) if self.call.continuous_usage else None
+
     def chunks(self) -> list[bytes]:
+        aborted = engine_abort(self.job)
+        if aborted is not None:  # serving_chat.py: the error chunk, then break
+            return [streaming_error(*aborted)]
         out = []
         if self._first:
             self._first = False
-            out.append(self._chunk({"role": "assistant", "content": ""}))
+            out.append(self._chunk({"reasoning_content": None, "role": "assistant", "content": ""}))
         delta = self._delta()
-        if delta:
-            out.append(self._chunk({"content": delta}, with_usage=True))
+        if delta:  # serving_chat.py: an update whose text delta is empty sends no chunk
+            out.append(self._chunk({"reasoning_content": None, "content": delta}, with_usage=True))
         if self.job.finished:
             reason, matched = _finish(self.job)
-            out.append(self._chunk({}, reason, matched))
+            out.append(self._chunk({"reasoning_content": None}, reason, matched))
         return out
 
     def tail(self) -> list[bytes]:

@@ -25,7 +25,7 @@ from ha_agent.config import SimSettings
 from ha_agent.sim.faults import Faults
 from ha_agent.sim.generator import Detokenizer, FixedStream, SamplingKey, StopRules, TokenStream
 from ha_agent.sim.grammar import Constraint, generate_constrained
-from ha_agent.sim.metrics import EngineSnapshot, SimMetrics, ThroughputWindow
+from ha_agent.sim.metrics import SchedulerStats, SimMetrics
 from ha_agent.sim.prefix_cache import PrefixCache
 from ha_agent.sim.tokenizer import SimTokenizer
 
@@ -39,6 +39,16 @@ class DuplicateRequestId(ValueError):
     pass
 
 
+# Messages of SGLang's own engine-side aborts (scheduler.py, schedule_batch.py).
+ENGINE_ABORT_MESSAGES = {
+    503: "Request running timeout reached.",
+    500: (
+        "Out of memory even after retracting all other requests in the decode batch. "
+        "Aborting the last request."
+    ),
+}
+
+
 class _HttpRequest(Protocol):  # the part of aiohttp's web.Request we use
     @property
     def transport(self) -> asyncio.BaseTransport | None: ...
@@ -50,17 +60,49 @@ class GenRequest:
 
     prompt_text: str  # the context characters the token stream is keyed on
     prompt_ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int | None  # None: no limit of its own (clip_max_new_tokens bounds it)
     sampling: SamplingKey = field(default_factory=SamplingKey)
     rules: StopRules = field(default_factory=StopRules)
     min_new_tokens: int = 0
     constraint: Constraint | None = None
     rid: str | None = None
+    stream: bool = False  # the metrics' is_streaming label
+    log_metrics: bool = True  # False for health checks (GenerateReqInput.log_metrics)
 
 
-def abort_reason(message: str) -> dict[str, Any]:
-    # SGLang's FINISH_ABORT.to_json(); status_code None marks a graceful (client) abort.
-    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
+def abort_reason(message: str, status_code: int | None = None) -> dict[str, Any]:
+    """SGLang's FINISH_ABORT.to_json() (python/sglang/srt/managers/schedule_batch.py).
+
+    status_code None marks a graceful abort (/abort_request, a client that left); 500 or
+    503 an engine-side one, which the HTTP layer turns into an error (tokenizer_manager.py
+    _handle_abort_finish_reason, serving_chat.py / serving_completions.py).
+    """
+    return {"type": "abort", "message": message, "status_code": status_code, "err_type": None}
+
+
+CLIP_MAX_NEW_TOKENS = 4096  # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (schedule_policy.py)
+NO_LIMIT = 1 << 30
+
+
+def clip_max_new_tokens(settings: SimSettings, input_len: int, max_new: int | None) -> int:
+    """Scheduler.init_req_max_new_tokens (python/sglang/srt/managers/scheduler.py).
+
+    Every request's budget is bounded so that it fits the context and the KV pool
+    (max_req_len = min(context_len - 1, max_total_num_tokens - 1), tp_worker.py); a null
+    ``max_new_tokens`` means "up to those bounds".
+    """
+    page = settings.page_size
+    max_req_len = min(settings.context_length - 1, settings.max_total_tokens - 1)
+    paged_input = -(-input_len // page) * page
+    wanted = NO_LIMIT if max_new is None else max_new
+    return max(
+        0,
+        min(
+            wanted,
+            max_req_len - input_len - 1,
+            settings.max_total_tokens - paged_input - page - 1,
+        ),
+    )
 
 
 class Job:
@@ -203,27 +245,27 @@ class Engine:
         self.pause_mode: str | None = None
         self.shutting_down = False
         self.ready_at = time.monotonic() + settings.startup_delay
-        self.throughput = ThroughputWindow()
-        self._hits: deque[tuple[int, int]] = deque(maxlen=256)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- status ---------------------------------------------------------------------
     def started(self) -> bool:
         return time.monotonic() >= self.ready_at
 
-    def snapshot(self) -> EngineSnapshot:
+    def stats(self) -> SchedulerStats:
+        """Live scheduler state, as published at a log point."""
         used = sum(len(j.req.prompt_ids) + len(j.output_ids) for j in self.running.values())
-        prompt = sum(p for p, _ in self._hits)
-        cached = sum(c for _, c in self._hits)
-        return EngineSnapshot(
+        return SchedulerStats(
             num_running_reqs=len(self.running),
             num_queue_reqs=len(self.waiting),
             num_used_tokens=used,
             max_total_num_tokens=self.settings.max_total_tokens,
-            gen_throughput=self.throughput.rate(),
-            cache_hit_rate=cached / prompt if prompt else 0.0,
             utilization=len(self.running) / self.settings.max_running_requests,
         )
+
+    def render_metrics(self) -> bytes:
+        if not self.running and not self.faults.hang:  # the idle scheduler loop
+            self.metrics.maybe_idle_log(self.stats())
+        return self.metrics.render()
 
     # -- requests -------------------------------------------------------------------
     def submit(self, req: GenRequest, http_request: _HttpRequest | None = None) -> Job:
@@ -231,6 +273,8 @@ class Engine:
         if rid in self.jobs:
             raise DuplicateRequestId(f"Duplicate request ID: {rid}")
         s = self.settings
+        req.max_new_tokens = clip_max_new_tokens(s, len(req.prompt_ids), req.max_new_tokens)
+        req.min_new_tokens = min(req.min_new_tokens, req.max_new_tokens)
         job = Job(rid, req, self.tokenizer, s.eos_rate, s.weight_version)
         job.http_request = http_request
         self.jobs[rid] = job
@@ -248,7 +292,7 @@ class Engine:
             if job.finished:
                 return
             await self._prefill(job)
-            if job.req.max_new_tokens == 0:
+            if job.req.max_new_tokens == 0:  # resolved to an int by submit()
                 await self._gate(job)
                 self._finish(job, {"type": "length", "length": 0})
             while not job.finished:
@@ -289,7 +333,8 @@ class Engine:
     def _start_running(self, job: Job) -> None:
         if job.state != "running":
             job.queue_time += time.monotonic() - job._enqueued_at
-            self.metrics.queue_time.observe(job.queue_time)
+            if job.req.log_metrics:
+                self.metrics.queue_time.observe(job.queue_time)
         job.state = "running"
         self.running[job.rid] = job
 
@@ -303,14 +348,12 @@ class Engine:
     async def _prefill(self, job: Job) -> None:
         ids = job.req.prompt_ids
         job.cached_tokens = self.cache.match(ids)
-        self.metrics.prompt_tokens.inc(len(ids))
-        self.metrics.cached_tokens.inc(job.cached_tokens)
-        self._hits.append((len(ids), job.cached_tokens))
         s = self.settings
         uncached = len(ids) - job.cached_tokens
         await job.sleep((s.ttft_base + s.prefill_per_token * uncached) * self.faults.slow_factor)
         self.cache.insert(ids)
         job.prefilled = True
+        self.metrics.on_prefill(uncached, job.cached_tokens, self.stats())
 
     async def _gate(self, job: Job) -> None:
         """Hold a request while the engine is hung, paused in place, or it was retracted."""
@@ -338,28 +381,47 @@ class Engine:
         req = job.req
         allow_eos = not req.rules.ignore_eos and len(job.output_ids) >= req.min_new_tokens
         token = job.stream.next_token(allow_eos)
+        assert req.max_new_tokens is not None  # resolved by submit()
         finish = job.detok.push(token, req.max_new_tokens)
+        if finish is None:
+            finish = self._engine_abort(job)
         now = time.monotonic()
+        log = req.log_metrics
         if job.first_token_at is None:
             job.first_token_at = now
-            self.metrics.ttft.observe(now - job.created_mono)
-        else:
+            if log:
+                self.metrics.first_token(now - job.created_mono, req.stream)
+        elif log:
             self.metrics.itl.observe(now - job.last_token_at)
         job.last_token_at = now
-        self.metrics.generation_tokens.inc()
-        self.throughput.add(1, now)
+        if self.metrics.on_decode_token(len(self.running)):
+            self.metrics.decode_log(self.stats())
         if finish is not None:
             self._finish(job, finish)
         else:
             job.notify()
+
+    def _engine_abort(self, job: Job) -> dict[str, Any] | None:
+        """Fault knob ``abort_after_tokens``: the engine ends the request itself."""
+        n = self.faults.abort_after_tokens
+        if n <= 0 or len(job.output_ids) < n:
+            return None
+        status = int(self.faults.abort_status)
+        return abort_reason(ENGINE_ABORT_MESSAGES[status], status)
 
     def _finish(self, job: Job, reason: dict[str, Any]) -> None:
         if job.finished:
             return
         job.finish_reason = reason
         job.e2e_latency = time.time() - job.created
-        self.metrics.e2e.observe(job.e2e_latency)
-        self.metrics.num_requests.inc()
+        if job.req.log_metrics:  # TokenizerManager.collect_metrics, at the request's end
+            self.metrics.finished(
+                prompt=len(job.req.prompt_ids),
+                completion=len(job.output_ids),
+                cached=job.cached_tokens,
+                e2e=job.e2e_latency,
+                stream=job.req.stream,
+            )
         job.notify()
 
     def _release(self, job: Job) -> None:
@@ -383,6 +445,8 @@ class Engine:
             targets = [self.jobs[rid]]
         else:
             return 0
+        # TokenizerManager.abort_request counts the call, not the requests it ends.
+        self.metrics.num_aborted_requests.inc()
         for job in targets:
             self._abort_job(job, message or "aborted by /abort_request")
         return len(targets)
@@ -393,7 +457,6 @@ class Engine:
         job.force_abort = job.force_abort or force
         if job.abort_message is None:
             job.abort_message = message
-            self.metrics.num_aborted_requests.inc()
         if job.state == "waiting" and (not self.faults.hang or force):
             self.waiting.remove(job)
             job.state = "finished"
@@ -404,6 +467,7 @@ class Engine:
         self.paused = True
         self.pause_mode = mode
         if mode == "abort":
+            self.metrics.num_aborted_requests.inc()  # abort_request(abort_all=True)
             for job in list(self.jobs.values()):
                 self._abort_job(job, "aborted by /pause_generation (mode=abort)")
         elif mode == "retract":
@@ -436,7 +500,12 @@ class Engine:
             for job in list(self.jobs.values()):
                 if job.client_gone_at is None and job.client_disconnected():
                     job.client_gone_at = now
-                if job.client_gone_at is not None and now - job.client_gone_at >= delay:
+                if (
+                    job.client_gone_at is not None
+                    and now - job.client_gone_at >= delay
+                    and job.abort_message is None
+                ):
+                    self.metrics.num_aborted_requests.inc()  # abort_request(rid)
                     self._abort_job(job, "client disconnected")
 
     async def shutdown(self, grace: float) -> None:

@@ -35,7 +35,9 @@ from ha_agent.sim.responses import (
     DONE,
     ChatFormatter,
     CompletionFormatter,
+    abort_error_body,
     dumps,
+    engine_abort,
     generate_payload,
     native_error,
     openai_error,
@@ -101,7 +103,7 @@ class SimServer:
     def __init__(self, settings: SimSettings) -> None:
         self.settings = settings
         self.tokenizer = get_tokenizer()
-        self.metrics = SimMetrics(settings.model_name)
+        self.metrics = SimMetrics(settings.model_name, settings.decode_log_interval)
         self.faults = Faults()
         try:
             self.faults.update(dict(settings.faults))
@@ -159,7 +161,7 @@ class SimServer:
 
     async def server_info(self, request: web.Request) -> web.Response:
         s, e = self.settings, self.engine
-        snap = e.snapshot()
+        live = e.stats()
         return _json(
             {
                 "simulator": True,
@@ -182,9 +184,9 @@ class SimServer:
                 "paused": e.paused,
                 "internal_states": [
                     {
-                        "last_gen_throughput": snap.gen_throughput,
-                        "num_running_reqs": snap.num_running_reqs,
-                        "num_queue_reqs": snap.num_queue_reqs,
+                        "last_gen_throughput": e.metrics.published.gen_throughput,
+                        "num_running_reqs": live.num_running_reqs,
+                        "num_queue_reqs": live.num_queue_reqs,
                     }
                 ],
             }
@@ -222,7 +224,7 @@ class SimServer:
         return _json(self._model_card())
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        body = self.metrics.render(self.engine.snapshot())
+        body = self.engine.render_metrics()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # -- control --------------------------------------------------------------------
@@ -286,6 +288,9 @@ class SimServer:
         job = job_or_error
         if not call.stream:
             await _wait_finished(job)
+            aborted = engine_abort(job)
+            if aborted is not None:
+                return _json(abort_error_body(*aborted), aborted[0])
             return _json(generate_payload(job))
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)  # /generate sends headers before the first token
@@ -328,6 +333,9 @@ class SimServer:
         )
         if not call.stream:
             await _wait_finished(job)
+            aborted = engine_abort(job)
+            if aborted is not None:
+                return _json(abort_error_body(*aborted), aborted[0])
             return _json(fmt.response())
         resp: web.StreamResponse | None = None
         try:

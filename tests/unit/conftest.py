@@ -87,13 +87,29 @@ def sim_word_prefix(text: str, k: int) -> str:
     return "".join(" " + w for w in words[:k])
 
 
-async def sim_metric(client: TestClient, name: str) -> float:
-    """One sample of a metric (label set ignored; the simulator has one)."""
+async def sim_metric(client: TestClient, name: str, **labels: str) -> float:
+    """A metric summed over its label sets (``labels`` narrows them, e.g. mode="decode")."""
     resp = await client.get("/metrics")
-    for line in (await resp.text()).splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"metric {name} not exported")
+    text = await resp.text()
+    # A declared family with no sample yet (as SGLang: a counter's label set appears
+    # at its first increment) reads 0.
+    total, seen = 0.0, f"# TYPE {name} " in text or f"# TYPE {name.removesuffix('_total')} " in text
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    if not seen:
+        raise AssertionError(f"metric {name} not exported")
+    return total
+
+
+async def sim_live_state(client: TestClient) -> dict[str, Any]:
+    """The scheduler's live counts (/server_info internal_states), not the gauges."""
+    info = await (await client.get("/server_info")).json()
+    state: dict[str, Any] = info["internal_states"][0]
+    return state
 
 
 async def sim_wait_for(

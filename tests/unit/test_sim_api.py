@@ -16,6 +16,7 @@ from ha_agent.sim.tokenizer import EOS_ID, get_tokenizer
 from tests.unit.conftest import (
     SimClientFactory,
     sim_json_events,
+    sim_live_state,
     sim_metric,
     sim_read_sse,
     sim_wait_for,
@@ -219,9 +220,13 @@ async def test_chat_stream_format(sim_client: TestClient):
     )
     first, *content, finish, usage_chunk = events
     assert first["object"] == "chat.completion.chunk" and first["model"] == "whatever"
-    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert all(set(c["choices"][0]["delta"]) == {"content"} for c in content)
-    assert finish["choices"][0]["delta"] == {}
+    assert first["choices"][0]["delta"] == {
+        "reasoning_content": None,
+        "role": "assistant",
+        "content": "",
+    }
+    assert all(set(c["choices"][0]["delta"]) == {"reasoning_content", "content"} for c in content)
+    assert finish["choices"][0]["delta"] == {"reasoning_content": None}
     assert finish["choices"][0]["finish_reason"] in ("length", "stop")
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] > 0
     streamed = "".join(c["choices"][0]["delta"]["content"] for c in content)
@@ -368,9 +373,9 @@ async def test_pause_in_place_holds_tokens_and_ready_says_drain(sim_client_facto
     assert await paused.json() == {"message": "Generation paused successfully.", "status": "ok"}
     assert (await client.get("/ready")).status == 503
     assert (await client.get("/health")).status == 200
-    before = await sim_metric(client, "sglang:generation_tokens_total")
+    before = await sim_metric(client, "sglang:realtime_tokens_total", mode="decode")
     await asyncio.sleep(0.15)  # a bounded look for progress that must not happen
-    assert await sim_metric(client, "sglang:generation_tokens_total") == before
+    assert await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") == before
     assert (await client.post("/continue_generation")).status == 200
     assert (await client.get("/ready")).status == 200
     events = sim_json_events(await sim_read_sse(resp))
@@ -394,8 +399,8 @@ async def test_pause_abort_and_retract_modes(sim_client_factory: SimClientFactor
         )
     )
 
-    async def one_queued() -> bool:
-        return await sim_metric(client, "sglang:num_queue_reqs") == 1
+    async def one_queued() -> bool:  # gauges wait for a log point; the live state does not
+        return (await sim_live_state(client))["num_queue_reqs"] == 1
 
     await sim_wait_for(one_queued)
     await client.post("/continue_generation")
@@ -413,8 +418,8 @@ async def test_pause_abort_and_retract_modes(sim_client_factory: SimClientFactor
     )
     await next_event(resp)
     await client.post("/pause_generation", json={"mode": "retract"})
-    assert await sim_metric(client, "sglang:num_queue_reqs") == 1
-    assert await sim_metric(client, "sglang:num_running_reqs") == 0
+    live = await sim_live_state(client)
+    assert live["num_queue_reqs"] == 1 and live["num_running_reqs"] == 0
     await client.post("/continue_generation")
     events = sim_json_events(await sim_read_sse(resp))
     assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
@@ -457,10 +462,10 @@ async def test_queue_beyond_max_running_requests(sim_client_factory: SimClientFa
     )
 
     async def queued() -> bool:
-        return await sim_metric(client, "sglang:num_queue_reqs") == 1
+        return (await sim_live_state(client))["num_queue_reqs"] == 1
 
     await sim_wait_for(queued)
-    assert await sim_metric(client, "sglang:num_running_reqs") == 1
+    assert (await sim_live_state(client))["num_running_reqs"] == 1
     await sim_read_sse(first)
     out = await (await asyncio.wait_for(second, 5)).json()
     assert out["meta_info"]["queue_time"] > 0.01
@@ -520,8 +525,33 @@ async def test_prefix_cache_hits_lower_ttft(sim_client_factory: SimClientFactory
 
 
 # -- metrics and disconnects -----------------------------------------------------------
-async def test_metrics_names_and_live_generation_counter(sim_client_factory: SimClientFactory):
+async def test_metrics_names_and_counts_at_request_end(sim_client_factory: SimClientFactory):
     client = await sim_client_factory(itl=0.01)
+    resp = await client.post(
+        "/generate",
+        json={
+            "text": "count",
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 40, "ignore_eos": True},
+        },
+    )
+    await next_event(resp)
+    assert await sim_metric(client, "sglang:num_running_reqs") == 1  # published at prefill
+    for _ in range(5):
+        await next_event(resp)
+
+    async def decoding() -> bool:
+        return await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") > 1
+
+    await sim_wait_for(decoding)  # per-iteration progress, visible while it runs
+    # The request counters move only when the request finishes (SGLang's tokenizer side).
+    assert await sim_metric(client, "sglang:generation_tokens_total") == 0
+    assert await sim_metric(client, "sglang:num_requests_total") == 0
+    await sim_read_sse(resp)
+    assert await sim_metric(client, "sglang:generation_tokens_total") == 40
+    assert await sim_metric(client, "sglang:num_requests_total") == 1
+    assert await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") == 40
+    assert await sim_metric(client, "sglang:gen_throughput") >= 0
     text = await (await client.get("/metrics")).text()
     for name in [
         "sglang:num_running_reqs",
@@ -532,11 +562,10 @@ async def test_metrics_names_and_live_generation_counter(sim_client_factory: Sim
         "sglang:num_used_tokens",
         "sglang:max_total_num_tokens",
         "sglang:utilization",
+        "sglang:realtime_tokens_total",
         "sglang:prompt_tokens_total",
         "sglang:generation_tokens_total",
-        "sglang:cached_tokens_total",
         "sglang:num_requests_total",
-        "sglang:num_aborted_requests_total",
         "sglang:time_to_first_token_seconds_bucket",
         "sglang:inter_token_latency_seconds_bucket",
         "sglang:e2e_request_latency_seconds_bucket",
@@ -544,29 +573,6 @@ async def test_metrics_names_and_live_generation_counter(sim_client_factory: Sim
     ]:
         lines = [line for line in text.splitlines() if line.startswith(name + "{")]
         assert lines and all('model_name="sglang-ha-simulator"' in line for line in lines), name
-    resp = await client.post(
-        "/generate",
-        json={
-            "text": "count",
-            "stream": True,
-            "sampling_params": {"max_new_tokens": 40, "ignore_eos": True},
-        },
-    )
-    await next_event(resp)
-    first = await sim_metric(client, "sglang:generation_tokens_total")
-    assert await sim_metric(client, "sglang:num_running_reqs") == 1
-    for _ in range(5):
-        await next_event(resp)
-
-    async def grew() -> bool:
-        return await sim_metric(client, "sglang:generation_tokens_total") > first
-
-    await sim_wait_for(grew)  # visible while the request is still running
-    assert await sim_metric(client, "sglang:num_requests_total") == 0
-    await sim_read_sse(resp)
-    assert await sim_metric(client, "sglang:generation_tokens_total") == 40
-    assert await sim_metric(client, "sglang:num_requests_total") == 1
-    assert await sim_metric(client, "sglang:gen_throughput") >= 0
 
 
 async def test_client_disconnect_aborts_generation(sim_client_factory: SimClientFactory):

@@ -50,13 +50,13 @@ async def test_hang_stops_tokens_while_health_stays_green(sim_client_factory: Si
     running = await client.post("/generate", json=body)
     await next_event(running)
     assert (await client.post("/sim/faults", json={"hang": True})).status == 200
-    tokens = await sim_metric(client, "sglang:generation_tokens_total")
+    tokens = await sim_metric(client, "sglang:realtime_tokens_total", mode="decode")
     fresh = await client.post("/generate", json={**body, "text": "y"})
     assert await no_event_within(fresh, 0.3)  # a new request gets no token either
     await asyncio.sleep(0.05)  # let any byte produced before the hang arrive
     running.content.read_nowait()  # drop what was produced before the hang
     assert await no_event_within(running, 0.2)
-    assert await sim_metric(client, "sglang:generation_tokens_total") == tokens
+    assert await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") == tokens
     assert await sim_metric(client, "sglang:num_running_reqs") == 2
     for path in ("/health", "/health_generate", "/model_info", "/metrics", "/server_info"):
         assert (await client.get(path)).status == 200, path

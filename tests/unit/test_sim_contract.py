@@ -1,0 +1,383 @@
+"""Contract tests: the simulator behaves as SGLang 0.5.19 does, point by point.
+
+Each test's docstring names the SGLang source file (``python/sglang/...``) it mirrors;
+docs/simulator.md lists them in its "Faithful to SGLang" table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from prometheus_client.parser import text_string_to_metric_families
+
+from ha_agent.sim.faults import Faults
+from ha_agent.sim.generator import StopRules
+from ha_agent.sim.metrics import SimMetrics
+from ha_agent.sim.scheduler import Engine, GenRequest, Job
+from ha_agent.sim.tokenizer import get_tokenizer
+from tests.unit.conftest import (
+    SimClientFactory,
+    make_sim_settings,
+    sim_json_events,
+    sim_live_state,
+    sim_metric,
+    sim_read_sse,
+    sim_wait_for,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+SCHED_LABELS = {
+    "model_name": "sglang-ha-simulator",
+    "engine_type": "unified",
+    "tp_rank": "0",
+    "pp_rank": "0",
+    "moe_ep_rank": "0",
+}
+
+
+async def samples(client: Any, name: str) -> list[tuple[dict[str, str], float]]:
+    text = await (await client.get("/metrics")).text()
+    return [
+        (dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+
+
+async def next_event(resp: ClientResponse, timeout: float = 5.0) -> dict[str, Any]:
+    raw = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), timeout)
+    return json.loads(raw[6:])
+
+
+def _gen(text: str, n: int, stream: bool = True, **extra: Any) -> dict[str, Any]:
+    return {
+        "text": text,
+        "stream": stream,
+        "sampling_params": {"max_new_tokens": n, "ignore_eos": True, **extra},
+    }
+
+
+# -- 1. request counters move at request finish -----------------------------------------
+async def test_request_counters_grow_when_the_request_finishes(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/tokenizer_manager.py (collect_metrics, on finish) ->
+    python/sglang/srt/observability/metrics_collector.py (observe_one_finished_request)."""
+    client = await sim_client_factory(itl=0.005)
+    resp = await client.post("/generate", json=_gen("finish", 60))
+    for _ in range(20):
+        await next_event(resp)
+    for name in (
+        "sglang:generation_tokens_total",
+        "sglang:prompt_tokens_total",
+        "sglang:num_requests_total",
+    ):
+        assert await sim_metric(client, name) == 0, name
+    events = sim_json_events(await sim_read_sse(resp))
+    meta = events[-1]["meta_info"]
+    assert await sim_metric(client, "sglang:generation_tokens_total", is_streaming="true") == 60
+    assert await sim_metric(client, "sglang:prompt_tokens_total") == meta["prompt_tokens"]
+    assert await sim_metric(client, "sglang:num_requests_total", is_streaming="true") == 1
+    # A non-stream request is labelled is_streaming="false".
+    await client.post("/generate", json=_gen("again", 3, stream=False))
+    assert await sim_metric(client, "sglang:num_requests_total", is_streaming="false") == 1
+
+
+# -- 2. per-iteration progress and log-interval gauges ----------------------------------
+async def test_realtime_tokens_count_every_prefill_and_decode_iteration(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/scheduler_components/metrics_reporter.py
+    (report_prefill_stats / report_decode_stats -> increment_realtime_tokens) and
+    python/sglang/srt/observability/metrics_collector.py (sglang:realtime_tokens_total)."""
+    client = await sim_client_factory(itl=0.005, page_size=1)
+    text = await (await client.get("/metrics")).text()
+    assert "# TYPE sglang:realtime_tokens_total counter" in text
+    assert "sglang:realtime_tokens_total{" not in text  # no series before the first token
+    prompt = "a prompt long enough to be cached " * 4
+    resp = await client.post("/generate", json=_gen(prompt, 30))
+    await next_event(resp)
+
+    async def decoding() -> bool:
+        return await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") >= 5
+
+    await sim_wait_for(decoding)  # grows while the request runs, unlike the counters above
+    assert await sim_metric(client, "sglang:generation_tokens_total") == 0
+    first = sim_json_events(await sim_read_sse(resp))[-1]["meta_info"]
+    decode = [
+        v
+        for labels, v in await samples(client, "sglang:realtime_tokens_total")
+        if labels == {**SCHED_LABELS, "mode": "decode"}
+    ]
+    assert decode == [30.0]
+    computed = await sim_metric(client, "sglang:realtime_tokens_total", mode="prefill_compute")
+    assert computed == first["prompt_tokens"]  # nothing cached the first time
+    again = await (await client.post("/generate", json=_gen(prompt, 1, stream=False))).json()
+    cached = again["meta_info"]["cached_tokens"]
+    assert cached > 0
+    assert await sim_metric(client, "sglang:realtime_tokens_total", mode="prefill_cache") == cached
+    assert (
+        await sim_metric(client, "sglang:realtime_tokens_total", mode="prefill_compute")
+        == computed + again["meta_info"]["prompt_tokens"] - cached
+    )
+
+
+async def test_gauges_publish_at_log_points_not_continuously(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/scheduler_components/metrics_reporter.py: gauges are set
+    by report_prefill_stats, every decode_log_interval decode iterations
+    (report_decode_stats) and by the idle scheduler (_maybe_log_idle_metrics)."""
+    client = await sim_client_factory(itl=0.02, decode_log_interval=40)
+    long = await client.post("/generate", json=_gen("long", 300))
+    await next_event(long)
+    short = await client.post("/generate", json=_gen("short", 3))
+    await next_event(short)
+    assert await sim_metric(client, "sglang:num_running_reqs") == 2  # the prefill published
+    await sim_read_sse(short)
+    # The short one is gone, but no log point has passed: the gauge still says 2.
+    assert (await sim_live_state(client))["num_running_reqs"] == 1
+    assert await sim_metric(client, "sglang:num_running_reqs") == 2
+
+    async def republished() -> bool:  # within 40 decode iterations (~0.8 s here)
+        return await sim_metric(client, "sglang:num_running_reqs") == 1
+
+    await sim_wait_for(republished, timeout=5)
+    await client.post("/abort_request", json={"abort_all": True})
+    await sim_read_sse(long)
+    # Idle with a stale gauge: the scheduler's idle loop republishes at once.
+    assert await sim_metric(client, "sglang:num_running_reqs") == 0
+
+
+# -- 5. continuous usage and null budgets ------------------------------------------------
+def _chat(stream: bool = True, **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "count"}], "stream": stream, **extra}
+
+
+def _data(payloads: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(p) for p in payloads if p != "[DONE]"]
+
+
+async def test_chat_continuous_usage_on_every_content_chunk(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_chat.py (_generate_stream_content:
+    usage on each content chunk when stream_options.continuous_usage_stats) and
+    python/sglang/srt/entrypoints/openai/protocol.py (StreamOptions, UsageInfo)."""
+    client = await sim_client_factory(itl=0.002)
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    resp = await client.post(
+        "/v1/chat/completions",
+        json=_chat(max_tokens=12, ignore_eos=True, stream_options=opts),
+    )
+    payloads = await sim_read_sse(resp)
+    assert payloads[-1] == "[DONE]"
+    chunks = _data(payloads)
+    role, *content, finish, final = chunks
+    assert "usage" not in role and "usage" not in finish
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 12
+    assert content and all("usage" in c for c in content)
+    counts = [c["usage"]["completion_tokens"] for c in content]
+    assert counts == sorted(counts) and counts[-1] == 12  # cumulative, from the engine
+    u = content[-1]["usage"]
+    assert list(u) == [
+        "prompt_tokens",
+        "total_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "reasoning_tokens",
+    ]
+    assert u["total_tokens"] == u["prompt_tokens"] + 12
+
+
+async def test_completions_continuous_usage_on_every_chunk(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_completions.py (chunk.usage when
+    continuous_usage_stats; final usage chunk with exclude_none)."""
+    client = await sim_client_factory(itl=0.002)
+    resp = await client.post(
+        "/v1/completions",
+        json={
+            "prompt": "count",
+            "max_tokens": 8,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"continuous_usage_stats": True},
+        },
+    )
+    chunks = _data(await sim_read_sse(resp))
+    assert chunks and all(c["usage"] is not None for c in chunks)
+    assert chunks[-1]["usage"]["completion_tokens"] == 8
+    plain = await client.post(
+        "/v1/completions",
+        json={"prompt": "count", "max_tokens": 3, "ignore_eos": True, "stream": True},
+    )
+    assert all(c["usage"] is None for c in _data(await sim_read_sse(plain)))
+
+
+async def test_null_budget_means_up_to_the_context(sim_client_factory: SimClientFactory) -> None:
+    """python/sglang/srt/managers/scheduler.py (init_req_max_new_tokens: None -> 1 << 30,
+    then clipped to max_req_len - input - 1, max_req_len from tp_worker.py) and
+    python/sglang/srt/entrypoints/openai/protocol.py (chat max_tokens Optional,
+    completions max_tokens: int = 16)."""
+    client = await sim_client_factory(itl=0.0005, context_length=96, eos_rate=0.0)
+    chat = await client.post("/v1/chat/completions", json=_chat(stream=False, max_tokens=None))
+    body = await chat.json()
+    prompt = body["usage"]["prompt_tokens"]
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == (96 - 1) - prompt - 1
+    gen = await client.post(
+        "/generate", json={"text": "abcd", "sampling_params": {"max_new_tokens": None}}
+    )
+    meta = (await gen.json())["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 95 - meta["prompt_tokens"] - 1}
+    # An explicit budget that fills the context exactly is clipped the same way.
+    full = await client.post(
+        "/generate", json={"text": "abcd", "sampling_params": {"max_new_tokens": 96 - 2}}
+    )
+    assert (await full.json())["meta_info"]["completion_tokens"] == 95 - meta["prompt_tokens"] - 1
+    bad = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": None})
+    assert bad.status == 400
+
+
+# -- 7. engine-side aborts ---------------------------------------------------------------
+async def test_engine_abort_ends_a_generate_stream_with_its_status(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/schedule_batch.py (FINISH_ABORT.to_json),
+    python/sglang/srt/managers/tokenizer_manager.py (_handle_abort_finish_reason: the
+    stream yields the abort, non-stream raises HTTPException) and
+    python/sglang/srt/entrypoints/http_server.py (generate_request, HTTPException handler)."""
+    client = await sim_client_factory(faults={"abort_after_tokens": 5})
+    resp = await client.post("/generate", json=_gen("x", 50))
+    payloads = await sim_read_sse(resp)
+    assert payloads[-1] == "[DONE]"
+    last = sim_json_events(payloads)[-1]
+    assert last["meta_info"]["finish_reason"] == {
+        "type": "abort",
+        "message": "Request running timeout reached.",
+        "status_code": 503,
+        "err_type": None,
+    }
+    assert len(last["output_ids"]) == 5
+    plain = await client.post("/generate", json=_gen("y", 50, stream=False))
+    assert plain.status == 503
+    assert await plain.json() == {
+        "object": "error",
+        "message": "Request running timeout reached.",
+        "type": "503",
+        "param": None,
+        "code": 503,
+    }
+
+
+async def test_engine_abort_in_openai_streams_is_an_error_chunk(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_chat.py and serving_completions.py
+    (abort with a status_code -> create_streaming_error_response, break, usage, [DONE])."""
+    client = await sim_client_factory(faults={"abort_after_tokens": 4, "abort_status": 500})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json=_chat(max_tokens=50, ignore_eos=True, stream_options={"include_usage": True}),
+    )
+    payloads = await sim_read_sse(resp)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-3])
+    assert error == {
+        "error": {
+            "object": "error",
+            "message": (
+                "Out of memory even after retracting all other requests in the decode "
+                "batch. Aborting the last request."
+            ),
+            "type": "INTERNAL_SERVER_ERROR",
+            "param": None,
+            "code": 500,
+        }
+    }
+    usage = json.loads(payloads[-2])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
+    chunks = _data(payloads[:-3])
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)  # no finish chunk
+    comp = await client.post(
+        "/v1/completions",
+        json={"prompt": "x", "max_tokens": 50, "ignore_eos": True, "stream": True},
+    )
+    tail = await sim_read_sse(comp)
+    assert tail[-1] == "[DONE]" and json.loads(tail[-2])["error"]["code"] == 500
+    plain = await client.post("/v1/chat/completions", json=_chat(stream=False, max_tokens=50))
+    assert plain.status == 500 and (await plain.json())["type"] == "500"
+
+
+# -- 3. a lagging reader gets coalesced chunks -------------------------------------------
+async def test_lagging_reader_gets_several_tokens_per_event() -> None:
+    """python/sglang/srt/managers/tokenizer_manager.py (_stream_one_response: for a
+    non-incremental stream only the latest queued output is sent, out = out_list[-1]).
+
+    Checked on the engine's update feed, which every streaming handler reads: a reader
+    that comes back after k tokens gets one update carrying all k.
+    """
+    settings = make_sim_settings(itl=0.001)
+    tok = get_tokenizer()
+    engine = Engine(settings, tok, SimMetrics(settings.model_name), Faults())
+    prompt = "lag"
+    req = GenRequest(
+        prompt_text=prompt,
+        prompt_ids=tok.encode(prompt),
+        max_new_tokens=60,
+        rules=StopRules(ignore_eos=True),
+    )
+    job = engine.submit(req)
+    seen: list[int] = []
+    async for _ in job.updates():
+        seen.append(len(job.output_ids))
+        if len(seen) == 1:  # the reader lags while the engine keeps generating
+
+            async def twenty(job: Job = job) -> bool:
+                return len(job.output_ids) >= 20
+
+            await sim_wait_for(twenty, interval=0.001)
+    assert seen[-1] == 60 and seen == sorted(seen)
+    assert seen[1] - seen[0] >= 19  # one update carried everything produced meanwhile
+    assert len(seen) < 60
+
+
+# -- 4. chat skips empty deltas; reasoning_content is always there -----------------------
+async def test_chat_skips_empty_deltas_and_always_sends_reasoning_content(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_chat.py (_generate_stream_content:
+    `if delta:`) and python/sglang/srt/entrypoints/openai/sse_utils.py (StreamDelta:
+    reasoning_content required, role/content omitted when None)."""
+    client = await sim_client_factory(itl=0.001, eos_rate=0.3)
+    body = {"max_tokens": 200, "seed": 3}
+    chat = _data(await sim_read_sse(await client.post("/v1/chat/completions", json=_chat(**body))))
+    role, *content, finish = chat
+    assert finish["choices"][0]["finish_reason"] == "stop"  # ended by EOS: no text
+    assert finish["choices"][0]["delta"] == {"reasoning_content": None}
+    assert role["choices"][0]["delta"] == {
+        "reasoning_content": None,
+        "role": "assistant",
+        "content": "",
+    }
+    assert all(c["choices"][0]["delta"]["content"] for c in content)  # none empty
+    assert all(c["choices"][0]["delta"]["reasoning_content"] is None for c in content)
+    plain = await client.post("/v1/chat/completions", json=_chat(stream=False, **body))
+    tokens = (await plain.json())["usage"]["completion_tokens"]
+    assert len(content) == tokens - 1  # the EOS update had an empty delta: skipped
+    # /v1/completions sends every update, the empty one included.
+    comp = await client.post(
+        "/v1/completions",
+        json={"prompt": "<|user|>\ncount<|end|>\n<|assistant|>\n", "stream": True, **body},
+    )
+    chunks = _data(await sim_read_sse(comp))
+    assert chunks[-1]["choices"][0]["text"] == ""
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
