@@ -228,6 +228,7 @@ class ScriptedSGLang:
         self.metrics_stall = 0.0  # /metrics unanswered (HTTP process busy or frozen)
         self.canary_wait = 0.05  # how long a canary waits before its token
         self.canaries = 0
+        self.canary_prefill = 0.0  # realtime tokens a canary's own prefill adds
         self._moved = asyncio.Event()
 
     def produce(self) -> None:
@@ -254,6 +255,7 @@ class ScriptedSGLang:
 
     async def canary(self, timeout: float) -> CanaryResult:
         self.canaries += 1
+        self.realtime_tokens += self.canary_prefill
         started = self.clock()
         while self.clock() - started < min(self.canary_wait, timeout):
             await self._moved.wait()
@@ -404,6 +406,19 @@ async def test_tokens_stop_with_requests_present_is_hung_within_bound() -> None:
     assert took <= monitor.s.hang_detection_time + monitor.s.scrape_interval, took
     # Leaves time for the lease to pass within the 6 s failover target.
     assert took <= 4.5, took
+
+
+async def test_a_canarys_own_prefill_is_not_progress() -> None:
+    # A scheduler that still prefills what arrives but never decodes: the only
+    # movement is the canary's own prompt token.
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    saturated(engine)
+    await run_for(monitor, engine, 5)
+    engine.tokens_per_tick, engine.canary_prefill = 0, 1
+    took, _ = await run_for(monitor, engine, 30, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG, monitor.health
+    assert took <= monitor.s.hang_detection_time + monitor.s.scrape_interval, took
 
 
 async def test_slow_metrics_of_a_busy_process_are_not_a_hang_within_the_bound() -> None:

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 # unanswered to count as busy rather than frozen. Tokenizing uses a whole core; a
 # stopped or deadlocked process close to none (its idle event loop well under 1 %).
 BUSY_CPU_SHARE = 0.05
+# What a canary itself adds to the progress counters (its prompt token's prefill, its
+# one token, its request finishing or aborted) and so cannot count as others' progress.
+CANARY_OWN_WORK = 4.0
 
 
 class EngineState(str, enum.Enum):
@@ -102,7 +105,6 @@ class HealthMonitor:
         self._excused_at = -1.0  # last time an unanswered read was excused as busy
         self._engine_pid = 0
         self._canary: asyncio.Task[CanaryResult] | None = None
-        self._canary_started = 0.0
         self._canary_failures = 0
         self._next_canary_at = 0.0
         self._listeners: list[Listener] = []
@@ -320,11 +322,17 @@ class HealthMonitor:
                 self._set(EngineState.HEALTHY, self.health.reason)  # refresh numbers
             return
         log.debug("canary: %s", why)
-        started = self._canary_started = now
+        started = now
+        work = self._work_done()
         self._canary = asyncio.ensure_future(self.client.canary(self.s.canary_timeout))
-        self._canary.add_done_callback(lambda task: self._canary_done(task, why, started))
+        self._canary.add_done_callback(lambda task: self._canary_done(task, why, started, work))
 
-    def _canary_done(self, task: asyncio.Task[CanaryResult], why: str, started: float) -> None:
+    def _work_done(self) -> float:
+        return sum(self._last.work_done) if self._last is not None else 0.0
+
+    def _canary_done(
+        self, task: asyncio.Task[CanaryResult], why: str, started: float, work: float
+    ) -> None:
         self._canary = None
         if task.cancelled():
             return
@@ -344,7 +352,8 @@ class HealthMonitor:
         # saturated batch, a long prefill) or kept its process busy with /metrics
         # unanswered (tokenizing), that is slowness; the hang backstop is
         # busy_unresponsive_limit without any progress.
-        progressed = self._last_progress > started or self._excused_at > started
+        moved = self._work_done() - work
+        progressed = moved > CANARY_OWN_WORK or self._excused_at > started
         if result.timed_out and progressed and self.health.state is EngineState.HEALTHY:
             log.info("%s, but the engine is busy and progressing: not hung", result.detail)
             self._next_canary_at = now + self.s.stall_timeout
