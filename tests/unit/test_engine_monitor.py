@@ -274,11 +274,14 @@ class ScriptedProcess(ProcessWatch):
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.letter = "S"
+        self.supervisor_state = "RUNNING"
         self.cpu_share = 0.01  # of one core, from now on
         self._cpu = 0.0
         self._at = clock()
 
     async def read(self, timeout: float) -> ProcessState:
+        if self.supervisor_state != "RUNNING":
+            return ProcessState("engine", self.supervisor_state, 0)
         return ProcessState("engine", "RUNNING", 4242)
 
     def activity(self, pid: int) -> ProcessActivity | None:
@@ -472,6 +475,14 @@ async def test_stopped_process_is_hung_at_once() -> None:
     proc.letter, proc.cpu_share, engine.metrics_stall = "S", 0.01, 0.0  # SIGCONT
     await run_for(monitor, engine, 5, until=is_state(EngineState.HEALTHY))
     assert monitor.health.state is EngineState.HEALTHY
+
+
+async def test_engine_stopped_by_supervisord_is_dead_not_frozen() -> None:
+    monitor, engine, proc, _ = scripted()
+    await confirmed(monitor, engine)
+    proc.supervisor_state = "STOPPED"  # supervisorctl stop engine: no process at all
+    await run_for(monitor, engine, 1)
+    assert monitor.health.state is EngineState.DEAD, monitor.health
 
 
 async def test_unanswered_metrics_without_cpu_is_hung_quickly() -> None:

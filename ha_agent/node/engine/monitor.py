@@ -162,7 +162,9 @@ class HealthMonitor:
         now = self.clock()
         if self.process is not None:
             proc = await self._read_process()
-            if proc is not None and proc.state == "STOPPED":
+            # Alive but stopped (SIGSTOP, a paused container); supervisord's own
+            # STOPPED (stopped by an operator) has no pid and is down.
+            if proc is not None and proc.state == "STOPPED" and proc.pid:
                 self._frozen(f"process {proc.describe()}")
                 return self.health
             if proc is not None and not proc.running:
