@@ -167,7 +167,7 @@ def test_saturation_and_big_prompts_cause_no_role_change(saturable_stack: Stack)
     assert len(sampled) >= 40, sampled
     empty = [(round(t, 1), q) for t, q in sampled if not q]
     assert not empty, f"queue not > 0 at {empty[:10]} of {len(sampled)} samples"
-    assert seen.finished >= 2 * MAX_RUNNING, (seen.finished, seen.failed[:5])
+    assert seen.finished >= MAX_RUNNING, (seen.finished, seen.failed[:5])
     assert not seen.failed, seen.failed[:5]
     assert seen.big_prompt_status == [400, 400], seen.big_prompt_status
     assert seen.slow_metrics and max(seen.slow_metrics) >= 2.0, seen.slow_metrics
