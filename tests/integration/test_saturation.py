@@ -159,19 +159,7 @@ def test_saturation_and_big_prompts_cause_no_role_change(saturable_stack: Stack)
 
     seen = asyncio.run(saturate(stack, primary))
 
-    # The load was what it claims: a queue on the primary at every sample after the
-    # ramp, full-length generations finishing, and the big prompts refused after
-    # seconds of tokenizing that held up /metrics (else nothing was tested).
     t0 = seen.queue[0][0]
-    sampled = [(t - t0, q) for t, q in seen.queue if t - t0 >= RAMP]
-    assert len(sampled) >= 40, sampled
-    empty = [(round(t, 1), q) for t, q in sampled if not q]
-    assert not empty, f"queue not > 0 at {empty[:10]} of {len(sampled)} samples"
-    assert seen.finished >= MAX_RUNNING, (seen.finished, seen.failed[:5])
-    assert not seen.failed, seen.failed[:5]
-    assert seen.big_prompt_status == [400, 400], seen.big_prompt_status
-    assert seen.slow_metrics and max(seen.slow_metrics) >= 2.0, seen.slow_metrics
-
     # 0 role changes: the same primary, the same epoch, the engine healthy throughout.
     changed = [
         (round(t - t0, 1), view)
@@ -184,5 +172,17 @@ def test_saturation_and_big_prompts_cause_no_role_change(saturable_stack: Stack)
         new = stack.ha_log(service).splitlines()[before:]
         moved = [line for line in new if "FAILOVER" in line or "ENGINE_UNHEALTHY" in line]
         assert not moved, moved
+    # The load was what it claims: a queue on the primary at every sample after the
+    # ramp, full-length generations finishing, and the big prompts refused after
+    # seconds of tokenizing that held up /metrics (else nothing was tested).
+    sampled = [(t - t0, q) for t, q in seen.queue if t - t0 >= RAMP]
+    assert len(sampled) >= 40, sampled
+    empty = [(round(t, 1), q) for t, q in sampled if not q]
+    assert not empty, f"queue not > 0 at {empty[:10]} of {len(sampled)} samples"
+    assert seen.finished >= MAX_RUNNING, (seen.finished, seen.failed[:5])
+    assert not seen.failed, seen.failed[:5]
+    assert seen.big_prompt_status == [400, 400], seen.big_prompt_status
+    assert seen.slow_metrics and max(seen.slow_metrics) >= 2.0, seen.slow_metrics
+
     assert stack.wait_stable(timeout=60) == primary
     assert {n: (stack.agent_status(n) or {}).get("epoch") for n in NODES} == epochs
