@@ -32,7 +32,7 @@ images: docker secrets  ## build the node, gateway and redis images
 	$(COMPOSE) build
 
 # --- the stack -----------------------------------------------------------------------
-.PHONY: up down logs ps status rolling-restart verify
+.PHONY: up down logs ps status history rolling-restart verify
 up: docker secrets  ## bring up the stack and wait until it is ready
 	$(COMPOSE) up -d --build --wait --wait-timeout 600
 	@scripts/print-endpoints.sh $(PROJECT) $(STACK)
@@ -42,8 +42,11 @@ logs:  ## follow the stack's logs
 	$(COMPOSE) logs -f --tail=100
 ps:
 	$(COMPOSE) ps
-status: venv  ## roles, epoch and health of the running stack
+# status and history run the CLI inside a node container: they need Docker only.
+status:  ## roles, epoch and health of the running stack
 	$(COMPOSE) exec -T node-1 sglang-ha status
+history:  ## the HA event log, from the store
+	$(COMPOSE) exec -T node-1 sglang-ha history
 
 rolling-restart:  ## restart both nodes one after the other, no request failing
 	PROJECT=$(PROJECT) STACK_FILES=compose/$(STACK) scripts/rolling-restart.sh

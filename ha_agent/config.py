@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -119,6 +120,28 @@ class LeaseTiming(BaseSettings):
             )
             self.safety_margin = new_margin
         return self
+
+    # Derived timings: named once here, so no caller redoes the arithmetic.
+
+    def lease_deadline(self, started: float) -> float:
+        """Until when a lease written at `started` (before the write was sent) is
+        surely ours: its TTL less the margin at which a primary fences itself."""
+        return started + self.lease_ttl - self.safety_margin
+
+    @property
+    def handover_wait(self) -> float:
+        """How long a switchover or forced failover waits to see the new leader:
+        a few lease lifetimes, never under 10 s."""
+        return max(4 * self.lease_ttl, 10.0)
+
+    @property
+    def handover_grace(self) -> float:
+        """After handing the lease over, a former primary waits this long for the
+        target before it may compete for the lease again."""
+        return 2 * self.lease_ttl
+
+    switchover_ttl: ClassVar[float] = 30.0
+    """How long a switchover request stays in the store before it lapses, s."""
 
 
 class EngineHealthSettings(BaseSettings):
@@ -380,7 +403,17 @@ class SimSettings(BaseSettings):
         0.01, ge=0, description="ITL grows by this fraction per extra running request."
     )
     max_running_requests: int = Field(256, ge=1, description="More requests wait in the queue.")
-    max_total_tokens: int = Field(65536, ge=1, description="Prefix cache capacity in tokens.")
+    max_total_tokens: int = Field(
+        65536, ge=1, description="KV pool size in tokens: admission budget and prefix cache."
+    )
+    health_check_timeout: float = Field(
+        20.0,
+        gt=0,
+        description="As SGLANG_HEALTH_CHECK_TIMEOUT: /health waits this long for output, s.",
+    )
+    health_check_interval: float = Field(
+        1.0, gt=0, description="How often /health looks for output (SGLang: every 1 s), s."
+    )
     decode_log_interval: int = Field(
         40, ge=1, description="As SGLang's --decode-log-interval: gauges publish this often."
     )
@@ -393,6 +426,15 @@ class SimSettings(BaseSettings):
         description="Chance per token of stopping early (deterministic in the seed).",
     )
     admin_token: SecretStr | None = Field(None, description="Token for the /sim/* fault knobs.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="As SGLang's --api-key: Bearer key for all but /health*, /metrics.",
+    )
+    api_key_file: str | None = Field(None, description="File holding api_key (not argv, env).")
+    admin_api_key: SecretStr | None = Field(
+        None, description="As SGLang's --admin-api-key: the key for admin (control) routes."
+    )
+    admin_api_key_file: str | None = Field(None, description="File holding admin_api_key.")
     weight_version: str = Field("default", description="Reported as meta_info.weight_version.")
     enable_cache_report: bool = Field(
         True,
@@ -409,3 +451,21 @@ class SimSettings(BaseSettings):
         description="Fault knobs active from startup, JSON (SIM_FAULTS='{\"hang\": true}').",
     )
     log_level: str = Field("info", description="Log level of the simulator process.")
+
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> SimSettings:
+        # Keys may come from files (Docker/K8s secrets) so they never need to be in argv.
+        for name in ("api_key", "admin_api_key"):
+            path = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            if getattr(self, name) is not None:
+                raise ValueError(f"set {name} or {name}_file, not both")
+            try:
+                key = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
+            if not key:
+                raise ValueError(f"{name}_file: {path} is empty")
+            setattr(self, name, SecretStr(key))
+        return self

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine, the Compose v2 plugin and a debian:bookworm-slim base
 # image are available. Installs and starts only what is missing, so it is a no-op
-# on a laptop with Docker Desktop. Facts: docs/container-host.md.
+# on a laptop with Docker Desktop. What is needed where: README.md, "Quick start".
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh

@@ -21,6 +21,7 @@ import click
 
 from ha_agent.config import AgentSettings
 from ha_agent.ctl.client import ClusterClient, ClusterView
+from ha_agent.dcs.base import Role
 
 
 def _client(ctx: click.Context) -> ClusterClient:
@@ -39,17 +40,19 @@ def _table(view: ClusterView) -> str:
     header = ("NODE", "ROLE", "ENGINE", "EPOCH", "LEASE LEFT", "DEGRADED", "PAUSED", "API")
     rows = [header]
     for n in view.nodes:
-        s = n.status or {}
-        engine = s.get("engine", {})
+        s = n.status
+        if s is None:
+            rows.append((n.name, n.role, "?", "?", "", "?", "?", n.api_url))
+            continue
         rows.append(
             (
                 n.name,
                 n.role,
-                str(engine.get("state", "?")),
-                str(s.get("epoch", "?")),
-                f"{s['lease_time_left']:.1f}s" if s.get("role") == "primary" else "",
-                "yes" if s.get("degraded") else "no" if s else "?",
-                "yes" if s.get("paused") else "no" if s else "?",
+                s.engine.state.value,
+                str(s.epoch),
+                f"{s.lease_time_left:.1f}s" if s.role is Role.PRIMARY else "",
+                "yes" if s.degraded else "no",
+                "yes" if s.paused else "no",
                 n.api_url,
             )
         )
@@ -82,7 +85,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
                     "leader": view.primary,
                     "store_error": view.store_error,
                     "nodes": [
-                        {"name": n.name, "api_url": n.api_url, "status": n.status}
+                        {
+                            "name": n.name,
+                            "api_url": n.api_url,
+                            "status": n.status.to_json() if n.status else None,
+                        }
                         for n in view.nodes
                     ],
                 },
@@ -100,7 +107,7 @@ def _act(ctx: click.Context, path: str, body: dict[str, Any], timeout: float = 3
     if not targets:
         raise click.ClickException("no agent answers")
     # Ask the primary's agent if there is one (it knows its own state best).
-    targets.sort(key=lambda n: n.role != "primary")
+    targets.sort(key=lambda n: n.role != Role.PRIMARY.value)
     code, data = client.post(targets[0].api_url, path, body, timeout=timeout)
     message = data.get("detail") or json.dumps(data)
     if code in (200, 202):

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from ha_agent.config import AgentSettings
-from ha_agent.dcs.base import Cluster, DCSError, HAEvent
+from ha_agent.dcs.base import AgentStatus, Cluster, DCSError, HAEvent, Role
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 
 
@@ -22,11 +22,11 @@ from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 class NodeRow:
     name: str
     api_url: str
-    status: dict[str, Any] | None
+    status: AgentStatus | None
 
     @property
     def role(self) -> str:
-        return str(self.status["role"]) if self.status else "unreachable"
+        return self.status.role.value if self.status else "unreachable"
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ClusterView:
     def primary(self) -> str | None:
         if self.cluster and self.cluster.leader:
             return self.cluster.leader.node
-        claims = [n.name for n in self.nodes if n.role == "primary"]
+        claims = [n.name for n in self.nodes if n.status and n.status.role is Role.PRIMARY]
         return claims[0] if len(claims) == 1 else None
 
 
@@ -76,10 +76,10 @@ class ClusterClient:
                 try:
                     r = http.get(f"{url}/ha/status")
                     if r.status_code == 200:
-                        status = r.json()
+                        status = AgentStatus.from_json(r.json())
                 except (httpx.HTTPError, ValueError):
                     status = None
-                rows.append(NodeRow(status["node"] if status else name, url, status))
+                rows.append(NodeRow(status.node if status else name, url, status))
         return ClusterView(cluster, error, rows)
 
     def post(

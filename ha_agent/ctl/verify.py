@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from ha_agent.dcs.base import AgentStatus, Role
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -86,17 +88,17 @@ class Stack:
         host = binding["HostIp"] if binding["HostIp"] not in ("0.0.0.0", "") else "127.0.0.1"
         return f"http://{host}:{binding['HostPort']}"
 
-    def status(self, node: str) -> dict[str, Any] | None:
+    def status(self, node: str) -> AgentStatus | None:
         try:
             r = httpx.get(f"http://{self.ip(self.nodes()[node])}:8008/ha/status", timeout=1)
-            return r.json() if r.status_code == 200 else None
+            return AgentStatus.from_json(r.json()) if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError, KeyError):
             return None
 
     def primary(self) -> str | None:
         for node in self.nodes():
             status = self.status(node)
-            if status and status.get("role") == "primary":
+            if status and status.role is Role.PRIMARY:
                 return node
         return None
 
@@ -110,9 +112,13 @@ class Stack:
 
     def stable(self) -> bool:
         statuses = [self.status(n) for n in self.nodes()]
-        roles = sorted(s["role"] for s in statuses if s)
-        healthy = all(s and s["engine"]["state"] == "healthy" for s in statuses)
-        return healthy and roles == ["primary"] + ["standby"] * (len(statuses) - 1)
+        roles = sorted(s.role for s in statuses if s)
+        healthy = all(s and s.engine.healthy for s in statuses)
+        return healthy and roles == [Role.PRIMARY] + [Role.STANDBY] * (len(statuses) - 1)
+
+
+def _degraded(status: AgentStatus | None) -> bool:
+    return status is not None and status.degraded
 
 
 def _chat(base: str, body: dict[str, Any], timeout: float = 60) -> httpx.Response:
@@ -289,8 +295,8 @@ def check_log_isolation(stack: Stack) -> Check:
         if log_volume is None:
             problems.append(f"{node}: /var/log/sglang is not on a volume")
         volumes.add(log_volume)
-        status = stack.status(node) or {}
-        urls.add(status.get("engine_url"))
+        status = stack.status(node)
+        urls.add(status.engine_url if status else None)
         _, out = c.exec_run(["readlink", "/proc/1/ns/pid"])
         pidns.add(out.decode().strip())
         _, out = c.exec_run(["sh", "-c", "test -s /var/log/sglang/ha.log && echo ok"])
@@ -329,9 +335,7 @@ def check_redis_fallback(stack: Stack) -> Check:
     for c in redis:
         c.stop(timeout=5)
     try:
-        degraded = stack.wait(
-            lambda: all((stack.status(n) or {}).get("degraded") for n in nodes), timeout=30
-        )
+        degraded = stack.wait(lambda: all(_degraded(stack.status(n)) for n in nodes), timeout=30)
         base = stack.gateway_url()
         codes = [
             _chat(
@@ -347,9 +351,7 @@ def check_redis_fallback(stack: Stack) -> Check:
     finally:
         for c in redis:
             c.start()
-    recovered = stack.wait(
-        lambda: not any((stack.status(n) or {}).get("degraded") for n in nodes), timeout=60
-    )
+    recovered = stack.wait(lambda: not any(_degraded(stack.status(n)) for n in nodes), timeout=60)
     ok = degraded and recovered and all(code == 200 for code in codes)
     return Check(
         5,

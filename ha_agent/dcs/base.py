@@ -1,18 +1,22 @@
-"""The coordination store, as the agents and the relay see it.
+"""The coordination store, as the agents and the relay see it, and the values that
+cross between components.
 
 One snapshot type (`Cluster`) and one abstract store (`LeaseStore`). The only
 implementation in use is Redis through Sentinel (`redis_sentinel.py`); the
-abstraction keeps the HA state machine testable with a fake.
+abstraction keeps the HA state machine testable with a fake. `AgentStatus` is an
+agent's own answer (`/ha/status`): built by the agent, parsed once by whoever reads it
+(peers, the relay, the CLI), so that no reader picks fields out of a dict.
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 
 class DCSError(Exception):
@@ -41,8 +45,25 @@ def parse_token(raw: str) -> tuple[int, str]:
     return int(epoch), node
 
 
+R = TypeVar("R", bound="StoredRecord")
+
+
+class StoredRecord:
+    """A dataclass kept in the store as compact JSON. Fields the reader does not
+    know (written by a newer agent) are ignored, so a rolling upgrade can add some."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[R], raw: str | bytes) -> R:
+        data = json.loads(raw)
+        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        return cls(**{k: data[k] for k in fields if k in data})
+
+
 @dataclass(frozen=True)
-class Member:
+class Member(StoredRecord):
     """A node as it registered itself: where its engine and agent answer."""
 
     name: str
@@ -54,30 +75,14 @@ class Member:
     priority: int = 0
     updated: float = field(default_factory=time.time)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> Member:
-        data = json.loads(raw)
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
-
 
 @dataclass(frozen=True)
-class Switchover:
+class Switchover(StoredRecord):
     """A planned hand-over the current primary should carry out."""
 
     from_node: str
     to_node: str | None
     requested_at: float
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> Switchover:
-        return cls(**json.loads(raw))
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,125 @@ class HAEvent:
             event=str(fields.get("event", "")),
             node=str(fields.get("node", "")),
             detail=str(fields.get("detail", "")),
+        )
+
+
+class Role(str, enum.Enum):
+    """A node's role. FENCED: it still believes it is primary, but its lease may
+    have lapsed, so it serves nothing as primary until it renews."""
+
+    PRIMARY = "primary"
+    STANDBY = "standby"
+    FENCED = "fenced"
+
+
+class EngineState(str, enum.Enum):
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    HUNG = "hung"
+    DEAD = "dead"
+
+
+def _num(data: Mapping[str, Any], key: str, default: float = 0.0) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key!r} is not a number: {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """How an agent judges its engine, as it reports it."""
+
+    state: EngineState
+    reason: str = ""
+    for_seconds: float = 0.0
+    oom: bool = False
+    running: float = 0.0
+    queued: float = 0.0
+    token_usage: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.state is EngineState.HEALTHY
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "state": self.state.value}
+
+    @classmethod
+    def from_json(cls, data: Any) -> EngineStatus:
+        if not isinstance(data, Mapping):
+            raise ValueError("engine status is not an object")
+        return cls(
+            state=EngineState(data.get("state")),
+            reason=str(data.get("reason", "")),
+            for_seconds=_num(data, "for_seconds"),
+            oom=bool(data.get("oom", False)),
+            running=_num(data, "running"),
+            queued=_num(data, "queued"),
+            token_usage=_num(data, "token_usage"),
+        )
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """An agent's answer to /ha/status. `from_json` raises ValueError on anything
+    that is not one, so a reader either has all of it or treats the agent as mute."""
+
+    node: str
+    role: Role
+    epoch: int
+    engine: EngineStatus
+    leader: str | None = None
+    lease_time_left: float = 0.0
+    engine_url: str = ""
+    api_url: str = ""
+    degraded: bool = False
+    paused: bool = False
+    priority: int = 0
+    failback: str = ""
+    held_back_for: float = 0.0
+    last_transition: Mapping[str, Any] | None = None
+    last_cycle: str = ""
+    last_cycle_age: float = 0.0
+
+    @property
+    def is_primary(self) -> bool:
+        """Primary with a lease it can still count on."""
+        return self.role is Role.PRIMARY and self.lease_time_left > 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(role=self.role.value, engine=self.engine.to_json())
+        data["last_transition"] = dict(self.last_transition) if self.last_transition else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> AgentStatus:
+        if not isinstance(data, Mapping):
+            raise ValueError("agent status is not an object")
+        epoch = data.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise ValueError(f"'epoch' is not an integer: {epoch!r}")
+        leader = data.get("leader")
+        transition = data.get("last_transition")
+        return cls(
+            node=str(data.get("node", "")),
+            role=Role(data.get("role")),
+            epoch=epoch,
+            engine=EngineStatus.from_json(data.get("engine")),
+            leader=str(leader) if leader is not None else None,
+            lease_time_left=_num(data, "lease_time_left"),
+            engine_url=str(data.get("engine_url", "")),
+            api_url=str(data.get("api_url", "")),
+            degraded=bool(data.get("degraded", False)),
+            paused=bool(data.get("paused", False)),
+            priority=int(_num(data, "priority")),
+            failback=str(data.get("failback", "")),
+            held_back_for=_num(data, "held_back_for"),
+            last_transition=transition if isinstance(transition, Mapping) else None,
+            last_cycle=str(data.get("last_cycle", "")),
+            last_cycle_age=_num(data, "last_cycle_age"),
         )
 
 

@@ -2,29 +2,51 @@
 
 After NVIDIA Dynamo's request migration: the relay re-sends the request with the
 output produced so far appended to the prompt and the token budget lowered by
-what was already generated, then splices the new stream onto the client's:
+what was already generated, then splices the new stream onto the client's. One
+strategy per endpoint (`_Generate`, `_Completions`, `_Chat`) says how:
 
-- SGLang `/generate`: `input_ids` + output ids so far (exact), or `text` + text so
-  far; events stay cumulative over the whole answer (`text`, `output_ids`,
-  `meta_info.completion_tokens`), under the original `meta_info.id`.
+- SGLang `/generate`: `input_ids` + the output ids so far (exact token ids), or
+  `text` + the text so far for a text prompt; events stay cumulative over the whole
+  answer (`text`, `output_ids`, `meta_info.completion_tokens`, the output logprob
+  arrays), under the original `meta_info.id`.
 - `/v1/completions`: prompt + text so far; chunks keep the original `id`.
 - `/v1/chat/completions`: the partial answer becomes a final assistant message
   continued with SGLang's `continue_final_message`; the repeated role chunk is
   dropped; chunks keep the original `id`.
-Usage counts every token once: the continuation's prompt contains the tokens
-already generated, so they move from its prompt count to the completion count.
+
+Token counts come from the engine, never from counting chunks: SGLang skips chat
+chunks whose text delta is empty (`srt/entrypoints/openai/serving_chat.py`) and,
+when the reader lags, sends only the latest output, so one chunk carries several
+tokens (`out_list[-1]` in `srt/managers/tokenizer_manager.py`). `/generate` events
+carry `meta_info.completion_tokens`; on the OpenAI endpoints the relay asks the
+engine for `stream_options.continuous_usage_stats` (usage on every content chunk,
+`srt/entrypoints/openai/protocol.py`) and strips that usage again when the client
+did not ask for it, so the client's stream looks as SGLang would send it for the
+client's own options. `include_usage` is left as the client sent it: SGLang ORs it
+with its `--stream-response-default-include-usage` (`openai/utils.py`), so the
+final usage chunk comes exactly when it would have.
+
+The continuation's budget is the requested one minus the tokens generated so far
+(`max_new_tokens` / `max_tokens` / `max_completion_tokens`; a null budget stays
+null, as SGLang then runs to the context limit), so the whole answer is at most the
+requested length. Spliced usage: the original prompt's tokens, the completion
+tokens of all segments summed.
+
+An engine-side abort (`finish_reason` of type `abort` with status 500/503,
+`srt/managers/tokenizer_manager.py`; on the OpenAI endpoints an in-band error event
+with that code, `serving_chat.py`, `serving_completions.py`) is a node fault: the
+relay migrates it like a break. An abort without a status code (the client's own
+`/abort_request`) and a 400 are the request's end and pass through.
 
 Refused (the stream ends with an explicit retryable error event instead):
 grammar-constrained output (json_schema, regex, ebnf, response_format, tools) —
 an engine restarted on prompt + partial output would start a fresh document —
 and requests migration cannot express exactly (n > 1, batches, echo).
 
-The first segment is never parsed while it flows: its raw events are kept and
-read only if the stream breaks. Continuation segments are rewritten event by
-event (ids, cumulative fields, usage).
-
-Token counts for the OpenAI endpoints are counted as content chunks: exact with
-SGLang's default `--stream-interval 1`, where each chunk carries one token.
+The first segment is never parsed while it flows: its raw events are kept and read
+only if the stream breaks; the only work per event is a byte search for an abort
+and, when the relay added it, cutting the running usage off. Continuation segments
+are rewritten event by event (ids, cumulative fields, usage).
 """
 
 from __future__ import annotations
@@ -40,6 +62,25 @@ GENERATE, COMPLETIONS, CHAT = "generate", "completions", "chat"
 ENDPOINTS = {"/generate": GENERATE, "/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
 
 _CONSTRAINED_KEYS = ("json_schema", "regex", "ebnf", "structural_tag")
+# An abort with one of these statuses is the engine's fault (tokenizer_manager.py,
+# `_handle_abort_finish_reason`); 400 is the request's, None the client's own abort.
+ENGINE_FAULT_STATUS = frozenset({500, 503})
+# SamplingParams.max_new_tokens when the key is absent (srt/sampling/sampling_params.py);
+# CompletionRequest.max_tokens (srt/entrypoints/openai/protocol.py).
+GENERATE_DEFAULT_BUDGET = 128
+COMPLETIONS_DEFAULT_BUDGET = 16
+# meta_info arrays that grow with the output (`_INCREMENTAL_STREAMING_META_INFO_KEYS`,
+# tokenizer_manager.py) and those about the prompt, which stay the original's.
+_OUTPUT_ARRAYS = (
+    "output_token_logprobs",
+    "output_top_logprobs",
+    "output_token_ids_logprobs",
+    "output_token_sampling_mask",
+    "output_token_sampling_logprobs",
+)
+_INPUT_ARRAYS = ("input_token_logprobs", "input_top_logprobs", "input_token_ids_logprobs")
+_USAGE_KEY = b',"usage":{'
+_FINAL_USAGE = b'"choices":[]'
 
 
 @dataclass
@@ -48,12 +89,30 @@ class Progress:
 
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # completion tokens, as the engine counted them
+    prompt_tokens: int | None = None  # the original request's prompt
     finished: bool = False
+    final_usage_sent: bool = False
     response_id: str | None = None
     created: int | None = None
     model: str | None = None
     tool_or_reasoning: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)  # /generate: the latest meta_info
+    arrays: dict[str, list[Any]] = field(default_factory=dict)  # /generate output logprobs
+
+    @property
+    def empty(self) -> bool:
+        return self.tokens == 0 and not self.text and not self.output_ids
+
+
+def _as_int(value: Any) -> int | None:
+    """SGLang's pydantic models coerce "16" to 16; a bad value is the engine's to refuse."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 class Migration:
@@ -62,165 +121,162 @@ class Migration:
     def __init__(self, kind: str, body: dict[str, Any]) -> None:
         self.kind = kind
         self.body = body
+        self.api: _Kind = _KINDS[kind]
         self.progress = Progress()
         self._base = Progress()  # progress at the start of the current segment
         self.segments = 1
         self._cumulative = True  # /generate without --incremental-streaming-output
+        self._seg_usage: int | None = None  # the engine's count in this segment
+        self._seg_chunks = 0  # content chunks in this segment (engines without usage)
+        opts = body.get("stream_options")
+        self._opts_ok = self.api.openai and (opts is None or isinstance(opts, dict))
+        opts = opts if isinstance(opts, dict) else {}
+        self.wants_running_usage = bool(opts.get("continuous_usage_stats"))
+        self.wants_final_usage = bool(opts.get("include_usage"))
+        # Cut the running usage we asked for off the client's copy of the stream.
+        self._strip = self._opts_ok and not self.wants_running_usage
+
+    # -- the request the engine sees -----------------------------------------------------
+
+    def upstream(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` with the running usage the relay counts by (OpenAI endpoints)."""
+        if not self._opts_ok or self.wants_running_usage:
+            return body
+        out = dict(body)
+        out["stream_options"] = {
+            **(body.get("stream_options") or {}),
+            "continuous_usage_stats": True,
+        }
+        return out
+
+    def first_body(self, raw: bytes) -> bytes:
+        """The first segment's request: the client's bytes, unless usage must be added."""
+        if not self._opts_ok or self.wants_running_usage:
+            return raw
+        return json.dumps(self.upstream(self.body)).encode()
 
     # -- may we? -------------------------------------------------------------------------
 
     def refusal(self) -> str | None:
         """Why this request cannot be migrated, or None."""
-        b = self.body
-        if self.kind == GENERATE:
-            params = b.get("sampling_params") or {}
-            if not isinstance(params, dict):
-                return "sampling_params is not an object"
-            if any(params.get(k) for k in _CONSTRAINED_KEYS):
-                return "grammar-constrained output cannot be resumed on another engine"
-            if int(params.get("n", 1) or 1) != 1:
-                return "n > 1"
-            if (
-                isinstance(b.get("input_ids"), list)
-                and b["input_ids"]
-                and not isinstance(b["input_ids"][0], int)
-            ):
-                return "batched input_ids"
-            if "input_ids" not in b and not isinstance(b.get("text"), str):
-                return "batched or non-text prompt"
-        else:
-            if any(b.get(k) for k in _CONSTRAINED_KEYS):
-                return "grammar-constrained output cannot be resumed on another engine"
-            fmt = b.get("response_format")
-            if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-                return "grammar-constrained output (response_format) cannot be resumed"
-            if int(b.get("n", 1) or 1) != 1:
-                return "n > 1"
-            if self.kind == COMPLETIONS:
-                if not isinstance(b.get("prompt"), str):
-                    return "only a single text prompt can be continued"
-                if b.get("echo"):
-                    return "echo"
-            if self.kind == CHAT:
-                if b.get("tools") and b.get("tool_choice") != "none":
-                    return "tool calls cannot be resumed"
-                if self.progress.tool_or_reasoning:
-                    return "tool-call or reasoning deltas cannot be resumed"
-        return None
+        return self.api.refusal(self.body, self.progress)
+
+    @property
+    def latest_event_holds_all(self) -> bool:
+        """Each event repeats the whole answer so far (/generate): the relay keeps only
+        the latest of the first segment."""
+        return not self.api.openai
+
+    def resumable_stream_format(self) -> bool:
+        return not self.latest_event_holds_all or self._cumulative
 
     # -- what happened so far ------------------------------------------------------------
+
+    def screen(self, out: bytes) -> tuple[bytes, bytes, str | None]:
+        """A first-segment buffer of whole events: (the events before any engine abort,
+        as received; the same for the client; the abort, or None). Byte searches only,
+        unless an abort marker or the added usage is present."""
+        abort = None
+        if self.api.abort_marker in out:
+            out, abort = self._cut_at_abort(out)
+        client = self._strip_usage(out) if self._strip and _USAGE_KEY in out else out
+        return out, client, abort
+
+    def _cut_at_abort(self, out: bytes) -> tuple[bytes, str | None]:
+        kept = 0
+        for event in out.split(b"\n\n"):
+            if self.api.abort_marker in event:
+                for obj in sse.iter_json(event):
+                    reason = self.api.engine_abort(obj)
+                    if reason is not None:
+                        return out[:kept], reason
+            kept += len(event) + 2
+        return out, None
+
+    def _strip_usage(self, out: bytes) -> bytes:
+        if out.count(b"\n\n") == 1:  # the usual case: one event
+            return self._strip_event(out[:-2]) + b"\n\n"
+        return b"\n\n".join(self._strip_event(event) for event in out.split(b"\n\n"))
+
+    def _strip_event(self, event: bytes) -> bytes:
+        at = event.rfind(_USAGE_KEY)
+        if at < 0 or event[:at].endswith(_FINAL_USAGE):
+            return event  # no usage, or the final usage chunk the client asked for
+        # SGLang writes usage as the chunk's last key: cut it without parsing the chunk,
+        # once sure that exactly one flat object follows it (else parse the chunk).
+        close = event.find(b"}", at)
+        if close == len(event) - 2 and event.find(b"{", at + 10, close) < 0:
+            return event[:at] + self.api.usage_off + b"}"
+        try:
+            whole = event.endswith(b"}") and isinstance(json.loads(event[at + 9 : -1]), dict)
+        except ValueError:
+            whole = False
+        if whole:  # usage with nested details (--enable-cache-report)
+            return event[:at] + self.api.usage_off + b"}"
+        return self._strip_parsed(event)
+
+    def _strip_parsed(self, event: bytes) -> bytes:
+        for obj in sse.iter_json(event):
+            self.api.drop_usage(obj)
+            return sse.encode(obj)[:-2]
+        return event
 
     def absorb_first_segment(self, raw: bytes) -> None:
         """Read the unparsed events of the first segment (only when it broke)."""
         for event in sse.iter_json(raw):
-            self._track(event)
+            if "error" not in event:
+                self.api.track(self, event)
 
-    def _track(self, event: dict[str, Any]) -> None:
-        p = self.progress
-        if "error" in event:
-            return
-        if self.kind == GENERATE:
-            meta = event.get("meta_info") or {}
-            p.response_id = p.response_id or meta.get("id")
-            ids = event.get("output_ids")
-            text = event.get("text", "")
-            done = meta.get("completion_tokens")
-            if isinstance(ids, list) and isinstance(done, int) and done > 1 and self.segments == 1:
-                # Cumulative streams repeat every id so far; incremental ones do not.
-                self._cumulative = len(ids) == done
-            if self._cumulative:
-                p.text = self._base.text + (text or "")
-                p.output_ids = self._base.output_ids + list(ids or [])
-            else:
-                p.text += text or ""
-                p.output_ids += list(ids or [])
-            if isinstance(done, int):
-                p.tokens = self._base.tokens + done
-            else:
-                p.tokens = len(p.output_ids)
-            if meta.get("finish_reason"):
-                p.finished = True
-            return
-        p.response_id = p.response_id or event.get("id")
-        p.created = p.created or event.get("created")
-        p.model = p.model or event.get("model")
-        for choice in event.get("choices") or []:
-            if self.kind == COMPLETIONS:
-                piece = choice.get("text") or ""
-            else:
-                delta = choice.get("delta") or {}
-                piece = delta.get("content") or ""
-                if delta.get("tool_calls") or delta.get("reasoning_content"):
-                    p.tool_or_reasoning = True
-            if piece:
-                p.text += piece
-                p.tokens += 1
-            if choice.get("finish_reason"):
-                p.finished = True
+    def count(self, usage: Any, chunk_has_text: bool) -> None:
+        """Completion tokens so far: the engine's usage, else one per content chunk."""
+        if isinstance(usage, dict):
+            done = _as_int(usage.get("completion_tokens"))
+            if done is not None:
+                self._seg_usage = done
+            self.note_prompt(usage.get("prompt_tokens"))
+        if chunk_has_text:
+            self._seg_chunks += 1
+        seg = self._seg_usage if self._seg_usage is not None else self._seg_chunks
+        self.progress.tokens = self._base.tokens + seg
+
+    def note_prompt(self, prompt_tokens: Any) -> None:
+        """The original prompt's size: the first segment's, or a resent request's when
+        nothing had been generated before it."""
+        n = _as_int(prompt_tokens)
+        if n is not None and self.progress.prompt_tokens is None and self._base.empty:
+            self.progress.prompt_tokens = n
 
     # -- the next segment ----------------------------------------------------------------
+
+    def budget(self) -> int | None:
+        """The requested completion budget, None when unbounded (a null budget)."""
+        return self.api.budget(self.body)
 
     def continuation(self) -> dict[str, Any] | None:
         """The request for the next segment, or None if nothing is left to generate."""
         p = self.progress
         if p.finished:
             return None
-        body = copy.deepcopy(self.body)
-        if self.kind == GENERATE:
-            params = body.setdefault("sampling_params", {})
-            left = int(params.get("max_new_tokens", 128) or 128) - p.tokens
-            if left <= 0:
-                return None
-            params["max_new_tokens"] = left
-            if params.get("min_new_tokens"):
-                params["min_new_tokens"] = max(int(params["min_new_tokens"]) - p.tokens, 0)
-            if isinstance(body.get("input_ids"), list):
-                body["input_ids"] = list(body["input_ids"]) + p.output_ids
-            else:
-                body["text"] = str(body.get("text", "")) + p.text
-            return body
-        key = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
-        default = 16 if self.kind == COMPLETIONS else None
-        limit = body.get(key, default)
-        if limit is not None:
-            left = int(limit) - p.tokens
-            if left <= 0:
-                return None
-            body[key] = left
-        if body.get("min_tokens"):
-            body["min_tokens"] = max(int(body["min_tokens"]) - p.tokens, 0)
-        if self.kind == COMPLETIONS:
-            body["prompt"] = str(body["prompt"]) + p.text
-            return body
-        messages = list(body.get("messages") or [])
-        last = messages[-1] if messages else None
-        if (
-            body.get("continue_final_message")
-            and isinstance(last, dict)
-            and last.get("role") == "assistant"
-        ):
-            messages[-1] = {**last, "content": str(last.get("content") or "") + p.text}
-        else:
-            messages.append({"role": "assistant", "content": p.text})
-        body["messages"] = messages
-        body["continue_final_message"] = True
-        body["add_generation_prompt"] = False
-        return body
-
-    def resumable_stream_format(self) -> bool:
-        # /generate is kept as its latest cumulative event only (see relay.py).
-        return self.kind != GENERATE or self._cumulative
+        if p.empty:
+            return self.upstream(self.body)  # nothing generated: send it again as it was
+        limit = self.budget()
+        left = None if limit is None else limit - p.tokens
+        if left is not None and left <= 0:
+            return None
+        body = self.api.continuation(self, copy.deepcopy(self.body), left)
+        return self.upstream(body)
 
     def start_segment(self) -> None:
         self.segments += 1
         self._base = copy.deepcopy(self.progress)
+        self._seg_usage, self._seg_chunks = None, 0
 
     # -- splicing a continuation onto the client's stream --------------------------------
 
-    def rewrite(self, raw: bytes) -> bytes:
-        """Make a continuation segment's events look like the original stream's."""
+    def rewrite(self, raw: bytes) -> tuple[bytes, str | None]:
+        """Make a continuation segment's events look like the original stream's:
+        (the events for the client, an engine abort that ends the segment or None)."""
         out = bytearray()
-        base = self._base
         for data in sse.iter_data(raw):
             if data == "[DONE]":
                 out += sse.DONE
@@ -228,55 +284,389 @@ class Migration:
             try:
                 event = json.loads(data)
             except ValueError:
+                event = None
+            if not isinstance(event, dict):
                 out += b"data: " + data.encode() + b"\n\n"
                 continue
-            if not isinstance(event, dict) or "error" in event:
-                out += sse.encode(event) if isinstance(event, dict) else b""
-                continue
-            if self.kind == GENERATE:
-                self._track(event)
-                meta = event.setdefault("meta_info", {})
-                if self._cumulative:
-                    event["text"] = self.progress.text
-                    if "output_ids" in event:
-                        event["output_ids"] = self.progress.output_ids
-                if isinstance(meta.get("completion_tokens"), int):
-                    meta["completion_tokens"] += base.tokens
-                if isinstance(meta.get("prompt_tokens"), int):
-                    meta["prompt_tokens"] = max(meta["prompt_tokens"] - base.tokens, 0)
-                if base.response_id:
-                    meta["id"] = base.response_id
-                finish = meta.get("finish_reason")
-                if isinstance(finish, dict) and isinstance(finish.get("length"), int):
-                    finish["length"] += base.tokens  # the original budget, not the remainder
+            reason = self.api.engine_abort(event)
+            if reason is not None:
+                return bytes(out), reason
+            if "error" in event:
                 out += sse.encode(event)
                 continue
-            choices = event.get("choices") or []
-            if self.kind == CHAT and choices:
-                delta = choices[0].get("delta") or {}
-                if "role" in delta:
-                    delta.pop("role")
-                    if not delta.get("content") and not choices[0].get("finish_reason"):
-                        continue  # the client already has its role chunk
-            self._track(event)
-            if base.response_id:
-                event["id"] = base.response_id
-            if base.created:
-                event["created"] = base.created
-            usage = event.get("usage")
-            if isinstance(usage, dict):
-                if isinstance(usage.get("prompt_tokens"), int):
-                    usage["prompt_tokens"] = max(usage["prompt_tokens"] - base.tokens, 0)
-                if isinstance(usage.get("completion_tokens"), int):
-                    usage["completion_tokens"] += base.tokens
-                if isinstance(usage.get("total_tokens"), int):
-                    usage["total_tokens"] = usage.get("prompt_tokens", 0) + usage.get(
-                        "completion_tokens", 0
-                    )
-            out += sse.encode(event)
-        return bytes(out)
+            spliced = self.api.splice(self, event)
+            if spliced is not None:
+                out += sse.encode(spliced)
+        return bytes(out), None
+
+    @property
+    def base(self) -> Progress:
+        return self._base
+
+    def spliced_usage(self, usage: dict[str, Any]) -> None:
+        """A continuation's usage over the whole answer: the original prompt, every
+        segment's completion tokens."""
+        base = self._base
+        completion = _as_int(usage.get("completion_tokens"))
+        if completion is not None:
+            usage["completion_tokens"] = completion + base.tokens
+        prompt = _as_int(usage.get("prompt_tokens"))
+        if self.progress.prompt_tokens is not None:
+            usage["prompt_tokens"] = self.progress.prompt_tokens
+        elif prompt is not None:  # an engine without running usage: the old estimate
+            usage["prompt_tokens"] = max(prompt - base.tokens, 0)
+        if "total_tokens" in usage:
+            usage["total_tokens"] = (_as_int(usage.get("prompt_tokens")) or 0) + (
+                _as_int(usage.get("completion_tokens")) or 0
+            )
 
     def closing_events(self) -> bytes:
-        """What to send when nothing was left to generate (the break came after the
-        last token): the stream's own terminator."""
-        return sse.DONE
+        """What ends the client's stream when nothing was left to generate (the break
+        came after the last token): what the engine would still have sent, then
+        [DONE]."""
+        return self.api.closing(self) + sse.DONE
+
+
+class _Kind:
+    """What differs between the inference endpoints (one instance per kind)."""
+
+    openai = True
+    abort_marker = b'data: {"error"'  # create_streaming_error_response (serving_base.py)
+    usage_off = b""  # how a chunk without running usage ends (see _Chat, _Completions)
+
+    def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
+        if any(body.get(k) for k in _CONSTRAINED_KEYS):
+            return "grammar-constrained output cannot be resumed on another engine"
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+            return "grammar-constrained output (response_format) cannot be resumed"
+        if (_as_int(body.get("n")) or 1) != 1:
+            return "n > 1"
+        return None
+
+    def engine_abort(self, event: dict[str, Any]) -> str | None:
+        """The engine ended the stream on its own fault (serving_chat.py and
+        serving_completions.py turn a 500/503 abort into an error event)."""
+        error = event.get("error")
+        if isinstance(error, dict) and _as_int(error.get("code")) in ENGINE_FAULT_STATUS:
+            return f"engine abort {error.get('code')}: {str(error.get('message'))[:200]}"
+        return None
+
+    def budget(self, body: dict[str, Any]) -> int | None:
+        raise NotImplementedError
+
+    def track(self, mig: Migration, event: dict[str, Any]) -> None:
+        p = mig.progress
+        p.response_id = p.response_id or event.get("id")
+        p.created = p.created or event.get("created")
+        p.model = p.model or event.get("model")
+        choices = event.get("choices") or []
+        has_text = False
+        for choice in choices:
+            piece = self.piece(p, choice)
+            if piece:
+                p.text += piece
+                has_text = True
+            if choice.get("finish_reason"):
+                p.finished = True
+        if not choices and event.get("usage"):
+            p.final_usage_sent = True
+        mig.count(event.get("usage"), has_text)
+
+    def piece(self, p: Progress, choice: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def continuation(
+        self, mig: Migration, body: dict[str, Any], left: int | None
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def set_budget(self, body: dict[str, Any], left: int | None, tokens: int) -> None:
+        if body.get("min_tokens"):
+            body["min_tokens"] = max((_as_int(body["min_tokens"]) or 0) - tokens, 0)
+
+    def drop_usage(self, event: dict[str, Any]) -> None:
+        event.pop("usage", None)
+
+    def splice(self, mig: Migration, event: dict[str, Any]) -> dict[str, Any] | None:
+        self.track(mig, event)
+        base = mig.base
+        if base.response_id:
+            event["id"] = base.response_id
+        if base.created:
+            event["created"] = base.created
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            if event.get("choices") and not mig.wants_running_usage:
+                self.drop_usage(event)
+            else:
+                mig.spliced_usage(usage)
+        return event
+
+    def _head(self, p: Progress, obj: str) -> dict[str, Any]:
+        return {
+            "id": p.response_id or "",
+            "object": obj,
+            "created": p.created or 0,
+            "model": p.model or "",
+        }
+
+    def _usage(self, p: Progress) -> dict[str, Any]:
+        prompt = p.prompt_tokens or 0
+        return {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + p.tokens,
+            "completion_tokens": p.tokens,
+            "prompt_tokens_details": None,
+            "reasoning_tokens": 0,
+        }
+
+    def closing(self, mig: Migration) -> bytes:
+        raise NotImplementedError
+
+
+class _Completions(_Kind):
+    # CompletionStreamResponse is dumped without exclude_none: "usage":null.
+    usage_off = b',"usage":null'
+
+    def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
+        if not isinstance(body.get("prompt"), str):
+            return "only a single text prompt can be continued"
+        if body.get("echo"):
+            return "echo"
+        return super().refusal(body, progress)
+
+    def budget(self, body: dict[str, Any]) -> int | None:
+        return _as_int(body.get("max_tokens", COMPLETIONS_DEFAULT_BUDGET))
+
+    def piece(self, p: Progress, choice: dict[str, Any]) -> str:
+        return str(choice.get("text") or "")
+
+    def drop_usage(self, event: dict[str, Any]) -> None:
+        event["usage"] = None
+
+    def continuation(
+        self, mig: Migration, body: dict[str, Any], left: int | None
+    ) -> dict[str, Any]:
+        if left is not None:
+            body["max_tokens"] = left
+        self.set_budget(body, left, mig.progress.tokens)
+        body["prompt"] = str(body["prompt"]) + mig.progress.text
+        return body
+
+    def closing(self, mig: Migration) -> bytes:
+        p = mig.progress
+        head = self._head(p, "text_completion")
+        out = b""
+        if not p.finished:
+            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+            out += sse.encode(
+                {**head, "choices": [{**choice, "matched_stop": None}], "usage": None}
+            )
+        if mig.wants_final_usage and not p.final_usage_sent:
+            # The final usage chunk is dumped with exclude_none (serving_completions.py).
+            usage = {k: v for k, v in self._usage(p).items() if v is not None}
+            out += sse.encode({**head, "choices": [], "usage": usage})
+        return out
+
+
+class _Chat(_Kind):
+    # StreamChunk (sse_utils.py) omits a None usage.
+    usage_off = b""
+
+    def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
+        if body.get("tools") and body.get("tool_choice") != "none":
+            return "tool calls cannot be resumed"
+        if progress.tool_or_reasoning:
+            return "tool-call or reasoning deltas cannot be resumed"
+        return super().refusal(body, progress)
+
+    def budget(self, body: dict[str, Any]) -> int | None:
+        # `max_completion_tokens or max_tokens` (ChatCompletionRequest.to_sampling_params);
+        # None: SGLang generates up to the context length.
+        return _as_int(body.get("max_completion_tokens") or body.get("max_tokens"))
+
+    def piece(self, p: Progress, choice: dict[str, Any]) -> str:
+        delta = choice.get("delta") or {}
+        if delta.get("tool_calls") or delta.get("reasoning_content"):
+            p.tool_or_reasoning = True
+        return str(delta.get("content") or "")
+
+    def continuation(
+        self, mig: Migration, body: dict[str, Any], left: int | None
+    ) -> dict[str, Any]:
+        if left is not None:
+            body["max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"] = (
+                left
+            )
+        self.set_budget(body, left, mig.progress.tokens)
+        text = mig.progress.text
+        messages = list(body.get("messages") or [])
+        last = messages[-1] if messages else None
+        if (
+            body.get("continue_final_message")
+            and isinstance(last, dict)
+            and last.get("role") == "assistant"
+        ):
+            messages[-1] = {**last, "content": str(last.get("content") or "") + text}
+        else:
+            messages.append({"role": "assistant", "content": text})
+        body["messages"] = messages
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
+        return body
+
+    def splice(self, mig: Migration, event: dict[str, Any]) -> dict[str, Any] | None:
+        choices = event.get("choices") or []
+        if choices:
+            delta = choices[0].get("delta") or {}
+            if "role" in delta:
+                delta.pop("role")
+                if not delta.get("content") and not choices[0].get("finish_reason"):
+                    return None  # the client already has its role chunk
+        return super().splice(mig, event)
+
+    def closing(self, mig: Migration) -> bytes:
+        p = mig.progress
+        head = self._head(p, "chat.completion.chunk")
+        out = b""
+        if not p.finished:  # build_sse_content's finish chunk (sse_utils.py)
+            choice = {
+                "index": 0,
+                "delta": {"reasoning_content": None},
+                "logprobs": None,
+                "finish_reason": "length",
+                "matched_stop": None,
+            }
+            out += sse.encode({**head, "choices": [choice]})
+        if mig.wants_final_usage and not p.final_usage_sent:
+            out += sse.encode({**head, "choices": [], "usage": self._usage(p)})
+        return out
+
+
+class _Generate(_Kind):
+    openai = False
+    # meta_info.finish_reason of an abort, as orjson writes it (http_server.py).
+    abort_marker = b'"type":"abort"'
+
+    def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
+        params = body.get("sampling_params") or {}
+        if not isinstance(params, dict):
+            return "sampling_params is not an object"
+        if any(params.get(k) for k in _CONSTRAINED_KEYS):
+            return "grammar-constrained output cannot be resumed on another engine"
+        if (_as_int(params.get("n")) or 1) != 1:
+            return "n > 1"
+        ids = body.get("input_ids")
+        if isinstance(ids, list) and ids and not isinstance(ids[0], int):
+            return "batched input_ids"
+        if "input_ids" not in body and not isinstance(body.get("text"), str):
+            return "batched or non-text prompt"
+        return None
+
+    def engine_abort(self, event: dict[str, Any]) -> str | None:
+        meta = event.get("meta_info")
+        finish = meta.get("finish_reason") if isinstance(meta, dict) else None
+        if (
+            isinstance(finish, dict)
+            and finish.get("type") == "abort"
+            and _as_int(finish.get("status_code")) in ENGINE_FAULT_STATUS
+        ):
+            return f"engine abort {finish.get('status_code')}: {str(finish.get('message'))[:200]}"
+        return None
+
+    def budget(self, body: dict[str, Any]) -> int | None:
+        params = body.get("sampling_params") or {}
+        if "max_new_tokens" not in params:
+            return GENERATE_DEFAULT_BUDGET
+        return _as_int(params["max_new_tokens"])  # null: up to the context length
+
+    def track(self, mig: Migration, event: dict[str, Any]) -> None:
+        p, base = mig.progress, mig.base
+        meta = event.get("meta_info") or {}
+        p.response_id = p.response_id or meta.get("id")
+        ids = event.get("output_ids")
+        text = event.get("text", "")
+        done = _as_int(meta.get("completion_tokens"))
+        if isinstance(ids, list) and done is not None and done > 1 and mig.segments == 1:
+            # Cumulative streams repeat every id so far; incremental ones do not.
+            mig._cumulative = len(ids) == done
+        if mig._cumulative:
+            p.text = base.text + (text or "")
+            p.output_ids = base.output_ids + list(ids or [])
+            for key in _OUTPUT_ARRAYS:
+                if isinstance(meta.get(key), list):
+                    p.arrays[key] = base.arrays.get(key, []) + meta[key]
+        else:
+            p.text += text or ""
+            p.output_ids += list(ids or [])
+        if done is not None:
+            mig._seg_usage = done
+        else:
+            mig._seg_usage = len(p.output_ids) - len(base.output_ids)
+        mig.count(None, False)
+        mig.note_prompt(meta.get("prompt_tokens"))
+        if mig.segments == 1:
+            p.meta = meta
+        if meta.get("finish_reason"):
+            p.finished = True
+
+    def continuation(
+        self, mig: Migration, body: dict[str, Any], left: int | None
+    ) -> dict[str, Any]:
+        p = mig.progress
+        params = body.setdefault("sampling_params", {})
+        if left is not None:
+            params["max_new_tokens"] = left
+        if params.get("min_new_tokens"):
+            params["min_new_tokens"] = max((_as_int(params["min_new_tokens"]) or 0) - p.tokens, 0)
+        if isinstance(body.get("input_ids"), list):
+            # Exact: the engine continues from the very tokens it produced.
+            body["input_ids"] = list(body["input_ids"]) + p.output_ids
+        else:
+            body["text"] = str(body.get("text", "")) + p.text
+        return body
+
+    def splice(self, mig: Migration, event: dict[str, Any]) -> dict[str, Any] | None:
+        self.track(mig, event)
+        p, base = mig.progress, mig.base
+        meta = event.setdefault("meta_info", {})
+        if mig._cumulative:
+            event["text"] = p.text
+            if "output_ids" in event:
+                event["output_ids"] = p.output_ids
+            for key in _OUTPUT_ARRAYS:
+                if key in p.arrays and key in meta:
+                    meta[key] = p.arrays[key]
+            if "output_token_logprobs_length" in meta and "output_token_logprobs" in p.arrays:
+                meta["output_token_logprobs_length"] = len(p.arrays["output_token_logprobs"])
+        for key in _INPUT_ARRAYS:  # about the original prompt, not prompt + output
+            if key in meta and key in base.meta:
+                meta[key] = base.meta[key]
+        if isinstance(meta.get("completion_tokens"), int):
+            meta["completion_tokens"] += base.tokens
+        if isinstance(meta.get("prompt_tokens"), int) and p.prompt_tokens is not None:
+            meta["prompt_tokens"] = p.prompt_tokens
+        if base.response_id:
+            meta["id"] = base.response_id
+        finish = meta.get("finish_reason")
+        if isinstance(finish, dict) and isinstance(finish.get("length"), int):
+            finish["length"] += base.tokens  # the original budget, not the remainder
+        return event
+
+    def closing(self, mig: Migration) -> bytes:
+        p = mig.progress
+        if p.finished or not mig._cumulative:
+            return b""
+        meta = {**p.meta, "id": p.response_id, "completion_tokens": p.tokens}
+        meta["finish_reason"] = {"type": "length", "length": mig.budget()}
+        if p.prompt_tokens is not None:
+            meta["prompt_tokens"] = p.prompt_tokens
+        for key, values in p.arrays.items():
+            meta[key] = values
+        if "output_token_logprobs" in p.arrays:
+            meta["output_token_logprobs_length"] = len(p.arrays["output_token_logprobs"])
+        return sse.encode({"text": p.text, "output_ids": p.output_ids, "meta_info": meta})
+
+
+_KINDS: dict[str, _Kind] = {GENERATE: _Generate(), COMPLETIONS: _Completions(), CHAT: _Chat()}

@@ -9,7 +9,9 @@ Retry policy (after the style note: retry only before the first byte):
 - a non-streaming answer is read whole before the client sees it, so a reply that
   breaks half-way is still retried;
 - a stream that breaks after its first event is migrated (migration.py), or
-  ended with an explicit retryable error event when it cannot be.
+  ended with an explicit retryable error event when it cannot be; an engine-side
+  abort (status 500/503 in the stream) is such a break, a 400 or the client's own
+  abort is the request's end and passes through.
 
 Events are forwarded as they complete, without parsing, so the relay adds no
 per-token delay.
@@ -32,7 +34,7 @@ from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway import sse
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.migration import ENDPOINTS, GENERATE, Migration
+from ha_agent.gateway.migration import ENDPOINTS, Migration
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
@@ -280,9 +282,10 @@ class Relay:
         body: bytes,
         started: float,
     ) -> web.StreamResponse:
-        state = _StreamState(request, kind, Migration(kind, payload), started, self.metrics)
+        migration = Migration(kind, payload)
+        state = _StreamState(request, kind, migration, started, self.metrics)
         try:
-            return await self._stream_loop(state, body)
+            return await self._stream_loop(state, migration.first_body(body))
         except (ClientGone, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -321,7 +324,7 @@ class Relay:
                 if state.migrations and state.writes == segment_writes:
                     continue  # the continuation never got going: send it elsewhere as is
                 # Bytes already reached the client: continue the stream elsewhere.
-                next_body = await self._plan_migration(state, node)
+                next_body = await self._plan_migration(state, node, failure.reason)
                 if next_body is None:
                     return state.result()
                 segment_body, segment_writes = next_body, state.writes
@@ -337,7 +340,9 @@ class Relay:
                 self.metrics.migrations.labels(kind, "migrated").inc()
             return state.result()
 
-    async def _plan_migration(self, state: _StreamState, broken: NodeView) -> bytes | None:
+    async def _plan_migration(
+        self, state: _StreamState, broken: NodeView, why: str
+    ) -> bytes | None:
         """The next segment's body, or None once the client's stream has been closed."""
         mig = state.migration
         if state.segment_raw is not None:
@@ -360,14 +365,14 @@ class Relay:
             return None
         body = mig.continuation()
         if body is None:  # the break came after the last token
-            await state.finish(sse.DONE)
+            await state.finish(mig.closing_events())
             return None
         mig.start_segment()
         state.migrations += 1
         self.events.emit(
             ev.STREAM_MIGRATED,
             f"{state.kind} stream from {broken.name} after {mig.progress.tokens} tokens"
-            f" (migration {state.migrations})",
+            f" (migration {state.migrations}): {why}",
         )
         return json.dumps(body).encode()
 
@@ -409,15 +414,21 @@ class Relay:
     async def _pump(self, state: _StreamState, upstream: aiohttp.ClientResponse) -> None:
         splitter = sse.EventSplitter()
         rewrite = state.migrations > 0
+        mig = state.migration
         async for chunk in upstream.content.iter_any():
             out = splitter.feed(chunk)
             if not out:
                 continue
             if rewrite:
-                out = state.migration.rewrite(out)
+                out, abort = mig.rewrite(out)
             else:
-                state.keep_raw(out)
-            await state.write(out)
+                raw, out, abort = mig.screen(out)
+                state.keep_raw(raw)
+            if out:
+                await state.write(out)
+            if abort is not None:
+                # The engine ended the stream on its own fault (500/503): a break.
+                raise UpstreamFailure(abort)
             if out.endswith(sse.DONE):
                 return
         raise UpstreamFailure("stream ended without [DONE]")
@@ -465,10 +476,10 @@ class _StreamState:
         self._raw = None if value is None else [value]
 
     def keep_raw(self, out: bytes) -> None:
-        if self._raw is None:
+        if self._raw is None or not out:
             return
-        if self.kind == GENERATE:
-            self._raw = [out]  # /generate events are cumulative: the latest holds it all
+        if self.migration.latest_event_holds_all:
+            self._raw = [out]
         else:
             self._raw.append(out)
 
@@ -510,6 +521,7 @@ class _StreamState:
 def _reason_label(reason: str) -> str:
     """A short, bounded label for a failure (no addresses, no free text)."""
     for key, label in (
+        ("engine abort", "engine_abort"),
         ("connect", "connect"),
         ("abandoned", "node_failed"),
         ("timed out", "timeout"),

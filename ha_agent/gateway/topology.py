@@ -27,7 +27,7 @@ import aiohttp
 
 from ha_agent import events as ev
 from ha_agent.config import RelaySettings
-from ha_agent.dcs.base import Cluster, DCSError, LeaseStore
+from ha_agent.dcs.base import AgentStatus, Cluster, DCSError, EngineState, LeaseStore, Role
 from ha_agent.events import EventLog
 from ha_agent.resolver import CachingResolver
 
@@ -54,7 +54,7 @@ class NodeView:
     name: str
     engine_url: str
     agent_url: str
-    status: dict[str, Any] | None = None
+    status: AgentStatus | None = None
     agent_misses: int = 0
     connect_failed_until: float = 0.0
     failed: bool = False
@@ -64,14 +64,15 @@ class NodeView:
     registered_at: float = 0.0  # monotonic, when the registry last listed it
 
     @property
-    def engine_state(self) -> str:
-        if self.status is None:
-            return "unknown"
-        return str(self.status.get("engine", {}).get("state", "unknown"))
+    def engine_state(self) -> EngineState | None:
+        """As its agent last reported it; None while it has not."""
+        return self.status.engine.state if self.status is not None else None
 
     def can_serve(self, now: float) -> bool:
         return (
-            not self.failed and self.engine_state == "healthy" and now >= self.connect_failed_until
+            not self.failed
+            and self.engine_state is EngineState.HEALTHY
+            and now >= self.connect_failed_until
         )
 
 
@@ -144,8 +145,8 @@ class Topology:
                     "name": n.name,
                     "engine_url": n.engine_url,
                     "agent_url": n.agent_url,
-                    "engine": n.engine_state,
-                    "role": (n.status or {}).get("role"),
+                    "engine": n.engine_state.value if n.engine_state else "unknown",
+                    "role": n.status.role.value if n.status else None,
                     "failed": n.failed,
                     "failed_reason": n.failed_reason,
                     "can_serve": n.can_serve(now),
@@ -217,7 +218,7 @@ class Topology:
                 async with self._http().get(f"{node.agent_url}/ha/status") as resp:
                     if resp.status != 200:
                         raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-                    node.status = await resp.json()
+                    node.status = AgentStatus.from_json(await resp.json())
                     node.agent_misses = 0
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 node.agent_misses += 1
@@ -229,8 +230,8 @@ class Topology:
             if node.agent_misses >= AGENT_MISSES_TO_FAIL:
                 reason = f"agent unreachable ({node.agent_misses} polls)"
                 node.status = None
-            elif node.status is not None and node.engine_state in ("hung", "dead"):
-                reason = f"engine {node.engine_state}"
+            elif node.engine_state in (EngineState.HUNG, EngineState.DEAD):
+                reason = f"engine {node.engine_state.value}"
             else:
                 reason = ""
             if reason and not node.failed:
@@ -238,7 +239,7 @@ class Topology:
                 self.events.emit(ev.NODE_UNREACHABLE, f"{node.name}: {reason}")
                 self._abandon(node, reason)
                 self.changes.set()
-            elif not reason and node.failed and node.engine_state == "healthy":
+            elif not reason and node.failed and node.engine_state is EngineState.HEALTHY:
                 node.failed, node.failed_reason = False, ""
                 self.events.emit(ev.NODE_REACHABLE, f"{node.name}: engine healthy")
                 self.changes.set()
@@ -264,9 +265,9 @@ class Topology:
         if primary is None and (cluster is None or cluster.leader is not None):
             # Store away or stale: trust an agent that claims the lease at the newest epoch.
             claims = [
-                (int(n.status.get("epoch", 0)), n.name)
+                (n.status.epoch, n.name)
                 for n in self.nodes.values()
-                if n.status and n.status.get("role") == "primary" and not n.failed
+                if n.status and n.status.role is Role.PRIMARY and not n.failed
             ]
             claims = [c for c in claims if c[0] >= self.epoch]
             if claims:

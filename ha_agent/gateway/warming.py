@@ -149,8 +149,7 @@ class Warmer:
         for node in self.topology.nodes.values():
             if node.name == primary or not node.can_serve(now):
                 continue
-            engine = (node.status or {}).get("engine", {})
-            if float(engine.get("queued", 0) or 0) > 0:
+            if node.status is not None and node.status.engine.queued > 0:
                 return None  # the standby is busy: never add to its queue
             return node
         return None

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import logging
 import os
-import signal
 import socket
 import sys
-import warnings
 
+from ha_agent import daemon
 from ha_agent.config import AgentSettings
-from ha_agent.logsetup import configure_loop, install_uvloop, setup
 from ha_agent.node.agent import NodeAgent
-
-log = logging.getLogger("ha_agent.node")
 
 
 def load_settings() -> AgentSettings:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        settings = AgentSettings()
-    for w in caught:
-        log.warning("config: %s", w.message)
+    """AgentSettings with the advertised URLs defaulting to this host's name."""
+    settings = AgentSettings()
     host = socket.gethostname()
     if settings.advertise_engine_url is None:
         port = settings.engine_url.rsplit(":", 1)[-1].split("/")[0]
@@ -34,38 +23,13 @@ def load_settings() -> AgentSettings:
     return settings
 
 
-async def serve(settings: AgentSettings, supervised: bool) -> None:
-    configure_loop(asyncio.get_running_loop())
-    agent = NodeAgent(settings, supervised)
-    await agent.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping")
-    await agent.stop()
+def _agent(settings: AgentSettings) -> NodeAgent:
+    supervised = bool(settings.supervisor_socket and os.path.exists(settings.supervisor_socket))
+    return NodeAgent(settings, supervised)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sglang-ha-agent", description=__doc__)
-    parser.add_argument(
-        "--validate-config", action="store_true", help="print the effective settings and exit"
-    )
-    args = parser.parse_args(argv)
-    setup("agent")
-    try:
-        settings = load_settings()
-    except Exception as exc:
-        print(f"invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    if args.validate_config:
-        print(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
-        return 0
-    install_uvloop()
-    supervised = bool(settings.supervisor_socket and os.path.exists(settings.supervisor_socket))
-    asyncio.run(serve(settings, supervised))
-    return 0
+    return daemon.run("sglang-ha-agent", __doc__, "agent", load_settings, _agent, argv)
 
 
 if __name__ == "__main__":

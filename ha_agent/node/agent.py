@@ -11,7 +11,7 @@ from aiohttp import web
 from ha_agent import events as ev
 from ha_agent.auth import TokenAuth
 from ha_agent.config import AgentSettings
-from ha_agent.dcs.base import DCSError, LeaseStore
+from ha_agent.dcs.base import DCSError, LeaseStore, Role
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
 from ha_agent.node.api import AgentApi
@@ -19,7 +19,7 @@ from ha_agent.node.engine.client import EngineClient
 from ha_agent.node.engine.container import ContainerWatch
 from ha_agent.node.engine.monitor import HealthMonitor
 from ha_agent.node.engine.process import HostProcessWatch, ProcessWatch, SupervisorWatch
-from ha_agent.node.ha import Ha, Role
+from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.node.peers import PeerClient
 

@@ -29,14 +29,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ha_agent.auth import TokenAuth
 from ha_agent.dcs.base import DCSError, Switchover
-from ha_agent.events import SWITCHOVER_REQUESTED
+from ha_agent.events import FAILOVER_FORCED, SWITCHOVER_REQUESTED
 from ha_agent.httpjson import error, json_errors, optional_str, read_object
-from ha_agent.node.engine.monitor import EngineState
 from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.openapi.agent import AGENT_SPEC
-
-SWITCHOVER_TTL = 30.0
 
 
 def _plain(ok: bool, detail: str) -> web.Response:
@@ -80,12 +77,13 @@ class AgentApi:
 
     async def get_primary(self, request: web.Request) -> web.Response:
         ok = self.ha.is_primary()
-        return _plain(ok, "primary" if ok else f"not primary ({self.ha.status()['role']})")
+        return _plain(ok, "primary" if ok else f"not primary ({self.ha.status().role.value})")
 
     async def get_replica(self, request: web.Request) -> web.Response:
         ok = self.ha.is_standby()
         return _plain(
-            ok, "healthy standby" if ok else f"not a healthy standby ({self.ha.status()['role']})"
+            ok,
+            "healthy standby" if ok else f"not a healthy standby ({self.ha.status().role.value})",
         )
 
     async def get_liveness(self, request: web.Request) -> web.Response:
@@ -98,7 +96,7 @@ class AgentApi:
         return _plain(h.healthy, f"engine {h.state.value}")
 
     async def get_status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.ha.status())
+        return web.json_response(self.ha.status().to_json())
 
     async def get_history(self, request: web.Request) -> web.Response:
         try:
@@ -142,7 +140,7 @@ class AgentApi:
         healthy = []
         for member in candidates:
             status = await self.ha.peers.status(member.api_url)
-            if status and status.get("engine", {}).get("state") == EngineState.HEALTHY.value:
+            if status and status.engine.healthy:
                 healthy.append(member.name)
         if not healthy:
             who = target or "any standby"
@@ -150,12 +148,12 @@ class AgentApi:
         chosen = target or healthy[0]
         switch = Switchover(from_node=leader, to_node=chosen, requested_at=time.time())
         try:
-            await self.ha.dcs.request_switchover(switch, SWITCHOVER_TTL)
+            await self.ha.dcs.request_switchover(switch, self.ha.s.switchover_ttl)
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
         self.ha.events.emit(SWITCHOVER_REQUESTED, f"from {leader} to {chosen} (by admin)")
         if request.query.get("wait", "true") != "false":
-            done = await self._wait_for_leader(chosen, timeout=max(4 * self.ha.s.lease_ttl, 10.0))
+            done = await self._wait_for_leader(chosen, timeout=self.ha.s.handover_wait)
             if not done:
                 return web.json_response(
                     {"detail": f"switchover from {leader} to {chosen} requested, not yet done"},
@@ -178,19 +176,19 @@ class AgentApi:
         if member is None:
             return error(404, f"unknown node {target!r}")
         status = await self.ha.peers.status(member.api_url)
-        if not status or status.get("engine", {}).get("state") != EngineState.HEALTHY.value:
+        if not status or not status.engine.healthy:
             return error(412, f"refused: {target} is not healthy")
         previous = cluster.leader.node if cluster.leader else None
         try:
             await self.ha.dcs.request_switchover(
                 Switchover(from_node=previous or "", to_node=target, requested_at=time.time()),
-                SWITCHOVER_TTL,
+                self.ha.s.switchover_ttl,
             )
             epoch = await self.ha.dcs.force_release()
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
-        self.ha.events.emit("FAILOVER_FORCED", f"from {previous} to {target} (epoch now > {epoch})")
-        done = await self._wait_for_leader(target, timeout=max(4 * self.ha.s.lease_ttl, 10.0))
+        self.ha.events.emit(FAILOVER_FORCED, f"from {previous} to {target} (epoch now > {epoch})")
+        done = await self._wait_for_leader(target, timeout=self.ha.s.handover_wait)
         status_code = 200 if done else 202
         return web.json_response(
             {
@@ -230,7 +228,7 @@ class AgentApi:
         epoch = body.get("epoch")
         if node is None or not isinstance(epoch, int) or isinstance(epoch, bool):
             return error(400, "negotiate needs 'node' (string) and 'epoch' (integer)")
-        granted, detail = self.ha.negotiate(node, epoch)
+        granted, detail = self.ha.answer_failback(node, epoch)
         return web.json_response(
             {"granted": granted, "detail": detail}, status=200 if granted else 409
         )

@@ -21,29 +21,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ha_agent import events as ev
 from ha_agent.config import AgentSettings
-from ha_agent.dcs.base import Cluster, DCSError, LeaseStore, Member, Switchover
+from ha_agent.dcs.base import (
+    AgentStatus,
+    Cluster,
+    DCSError,
+    EngineState,
+    EngineStatus,
+    LeaseStore,
+    Member,
+    Role,
+    Switchover,
+)
 from ha_agent.events import EventLog
 from ha_agent.node.arbiter import FileArbiter
 from ha_agent.node.damping import FlapDamper
-from ha_agent.node.engine.monitor import EngineHealth, EngineState, HealthMonitor
+from ha_agent.node.engine.monitor import EngineHealth, HealthMonitor
 from ha_agent.node.failback import Failback
 from ha_agent.node.peers import PeerClient
 
 log = logging.getLogger(__name__)
-
-
-class Role(str, enum.Enum):
-    PRIMARY = "primary"
-    STANDBY = "standby"
 
 
 @dataclass
@@ -135,44 +138,43 @@ class Ha:
     def advertised_api_url(self) -> str:
         return self.s.advertise_api_url or f"http://127.0.0.1:{self.s.api_port}"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> AgentStatus:
         h = self.engine.health
         st = self.state
-        role = (
-            Role.PRIMARY.value
-            if self.is_primary()
-            else ("fenced" if st.role is Role.PRIMARY else Role.STANDBY.value)
-        )
-        return {
-            "node": self.name,
-            "role": role,
-            "epoch": st.epoch,
-            "leader": st.leader,
-            "lease_time_left": round(self.lease_time_left(), 3),
-            "engine": {
-                "state": h.state.value,
-                "reason": h.reason,
-                "for_seconds": round(self.clock() - h.since, 1),
-                "oom": h.oom,
-                "running": h.running,
-                "queued": h.queued,
-                "token_usage": h.token_usage,
-            },
-            "engine_url": self.advertised_engine_url(),
-            "api_url": self.advertised_api_url(),
-            "degraded": st.degraded,
-            "paused": st.paused,
-            "priority": self.s.priority,
-            "failback": self.s.failback,
-            "held_back_for": round(self.damper.held_back_for(), 1),
-            "last_transition": (
+        if self.is_primary():
+            role = Role.PRIMARY
+        else:
+            role = Role.FENCED if st.role is Role.PRIMARY else Role.STANDBY
+        return AgentStatus(
+            node=self.name,
+            role=role,
+            epoch=st.epoch,
+            leader=st.leader,
+            lease_time_left=round(self.lease_time_left(), 3),
+            engine=EngineStatus(
+                state=h.state,
+                reason=h.reason,
+                for_seconds=round(self.clock() - h.since, 1),
+                oom=h.oom,
+                running=h.running,
+                queued=h.queued,
+                token_usage=h.token_usage,
+            ),
+            engine_url=self.advertised_engine_url(),
+            api_url=self.advertised_api_url(),
+            degraded=st.degraded,
+            paused=st.paused,
+            priority=self.s.priority,
+            failback=self.s.failback,
+            held_back_for=round(self.damper.held_back_for(), 1),
+            last_transition=(
                 {"at": st.last_transition.at, "what": st.last_transition.what}
                 if st.last_transition
                 else None
             ),
-            "last_cycle": self.last_cycle_message,
-            "last_cycle_age": round(self.clock() - self.last_cycle_at, 2),
-        }
+            last_cycle=self.last_cycle_message,
+            last_cycle_age=round(self.clock() - self.last_cycle_at, 2),
+        )
 
     # -- the cycle -----------------------------------------------------------------------
 
@@ -286,7 +288,9 @@ class Ha:
             why = "failback to the preferred node"
         if target is None:
             return None
-        await self.dcs.request_switchover(Switchover(self.name, target, time.time()), ttl=30.0)
+        await self.dcs.request_switchover(
+            Switchover(self.name, target, time.time()), ttl=self.s.switchover_ttl
+        )
         self.events.emit(ev.SWITCHOVER_REQUESTED, f"from {self.name} to {target} ({why})")
         self.wake.set()
         return f"; {why}: switchover to {target} requested"
@@ -300,13 +304,12 @@ class Ha:
             return None
         self._preferred_checked_at = now
         status = await self.peers.status(member.api_url)
-        engine = (status or {}).get("engine", {})
         ready = (
             status is not None
-            and status.get("role") == Role.STANDBY.value
-            and engine.get("state") == EngineState.HEALTHY.value
-            and float(engine.get("for_seconds", 0)) >= self.s.failback_stable
-            and float(status.get("held_back_for", 0)) <= 0
+            and status.role is Role.STANDBY
+            and status.engine.healthy
+            and status.engine.for_seconds >= self.s.failback_stable
+            and status.held_back_for <= 0
         )
         return member.name if ready else None
 
@@ -328,7 +331,7 @@ class Ha:
             )
             self.events.emit(ev.DEMOTED, f"{self.name} to standby (lease lost)")
             return f"demoted: lease lost (epoch {st.epoch})"
-        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        st.lease_valid_until = self.s.lease_deadline(started)
         paused = " (paused)" if st.paused else ""
         return f"renewed lease as primary (epoch {st.epoch}){paused}{note}"
 
@@ -349,7 +352,7 @@ class Ha:
         if got != epoch:
             return f"could not resume lease epoch {epoch} (store answered {got})"
         self.state.epoch = epoch
-        self.state.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        self.state.lease_valid_until = self.s.lease_deadline(started)
         self._become(Role.PRIMARY)
         self.events.emit(ev.PROMOTED, f"{self.name} resumed as primary (epoch {epoch})")
         return f"resumed as primary under our existing lease (epoch {epoch})"
@@ -387,10 +390,10 @@ class Ha:
             f"following {leader.node} (epoch {leader.epoch}) as standby; engine {h.state.value}"
         )
         if not st.paused and self.failback.should_negotiate(h, self.damper.held_back_for()):
-            sentence += "; " + await self._negotiate(leader.node, leader.epoch)
+            sentence += "; " + await self._ask_for_failback(leader.node, leader.epoch)
         return sentence
 
-    async def _negotiate(self, leader: str, epoch: int) -> str:
+    async def _ask_for_failback(self, leader: str, epoch: int) -> str:
         """Ask the primary to hand the role back (failback=negotiated)."""
         member = self.state.known_peers.get(leader)
         if member is None:
@@ -407,7 +410,7 @@ class Ha:
         )
         return f"asked {leader} to hand back: {'granted' if granted else 'refused'} ({detail})"
 
-    def negotiate(self, node: str, epoch: int) -> tuple[bool, str]:
+    def answer_failback(self, node: str, epoch: int) -> tuple[bool, str]:
         """/ha/negotiate: agree to hand back only if we are degraded ourselves."""
         if not self.is_primary() or epoch != self.state.epoch:
             return False, f"{self.name} is not the primary under epoch {epoch}"
@@ -440,7 +443,7 @@ class Ha:
             target = st.members.get(switch.to_node)
             if target is not None and target.engine_health == EngineState.HEALTHY.value:
                 return f"no leader; planned switchover to {switch.to_node}: leaving it the lease"
-        if self.clock() - st.handed_over_at < 2 * self.s.lease_ttl and switch is not None:
+        if self.clock() - st.handed_over_at < self.s.handover_grace and switch is not None:
             return "no leader; we just handed over: leaving the lease to the switchover target"
         if previous and previous != self.name:
             alive = await self._previous_primary_alive(previous)
@@ -464,7 +467,7 @@ class Ha:
             return "no leader, but another node took the lease first"
         st.epoch = epoch
         st.max_epoch_seen = max(st.max_epoch_seen, epoch)
-        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        st.lease_valid_until = self.s.lease_deadline(started)
         st.leader = self.name
         self._become(Role.PRIMARY)
         self.events.emit(ev.LEASE_ACQUIRED, f"{self.name} epoch {epoch}")
@@ -495,12 +498,7 @@ class Ha:
         if member is None:
             return False
         status = await self.peers.status(member.api_url)
-        return bool(
-            status
-            and status.get("role") == Role.PRIMARY.value
-            and float(status.get("lease_time_left", 0)) > 0
-            and int(status.get("epoch", -1)) >= self.state.max_epoch_seen
-        )
+        return bool(status and status.is_primary and status.epoch >= self.state.max_epoch_seen)
 
     async def _switchover_target(self, cluster: Cluster, wanted: str | None) -> str | None:
         candidates = [m for m in cluster.members if m.name != self.name]
@@ -508,7 +506,7 @@ class Ha:
             candidates = [m for m in candidates if m.name == wanted]
         for member in candidates:
             status = await self.peers.status(member.api_url)
-            if status and status.get("engine", {}).get("state") == EngineState.HEALTHY.value:
+            if status and status.engine.healthy:
                 return member.name
         return None
 
@@ -537,7 +535,7 @@ class Ha:
             *(self.peers.failsafe_ack(url, self.name, st.epoch) for url in peer_urls)
         )
         if all(acks):
-            st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+            st.lease_valid_until = self.s.lease_deadline(started)
             return (
                 f"store unreachable: staying primary (epoch {st.epoch}),"
                 f" {len(acks)} peer(s) acknowledged (failsafe)"
@@ -557,7 +555,7 @@ class Ha:
             if healthy and self.arbiter.try_acquire():
                 if st.role is not Role.PRIMARY:
                     self._become(Role.PRIMARY)
-                st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+                st.lease_valid_until = self.s.lease_deadline(started)
                 return (
                     f"store unreachable: staying primary (epoch {st.epoch}),"
                     " holding the arbiter lock"
@@ -575,7 +573,7 @@ class Ha:
         previous = st.leader
         st.epoch = st.max_epoch_seen = st.max_epoch_seen + 1
         st.leader = self.name
-        st.lease_valid_until = started + self.s.lease_ttl - self.s.safety_margin
+        st.lease_valid_until = self.s.lease_deadline(started)
         self._become(Role.PRIMARY)
         self.failovers_total += 1
         self.events.emit(ev.FAILOVER_INITIATED, f"from {previous} to {self.name} (arbiter lock)")

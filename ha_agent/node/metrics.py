@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ha_agent.node.engine.monitor import EngineState
+from ha_agent.dcs.base import EngineState, Role
 from ha_agent.node.gpu import GpuCollector, load_nvml
 
 if TYPE_CHECKING:
@@ -69,8 +69,8 @@ class _HaCollector(Collector):
             "sglang_ha_role", "1 for the node's current role.", labels=["node", "role"]
         )
         primary = ha.is_primary()
-        role.add_metric([node, "primary"], 1.0 if primary else 0.0)
-        role.add_metric([node, "standby"], 0.0 if primary else 1.0)
+        role.add_metric([node, Role.PRIMARY.value], 1.0 if primary else 0.0)
+        role.add_metric([node, Role.STANDBY.value], 0.0 if primary else 1.0)
         yield role
         yield _gauge("sglang_ha_is_primary", "1 while this node serves as primary.", node, primary)
         yield _gauge("sglang_ha_epoch", "Fencing epoch held or last seen.", node, ha.state.epoch)

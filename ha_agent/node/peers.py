@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 
+from ha_agent.dcs.base import AgentStatus
 from ha_agent.resolver import CachingResolver
 
 RETRY_PAUSE = 0.05
@@ -32,13 +33,13 @@ class PeerClient:
             )
         return self._session
 
-    async def status(self, api_url: str) -> dict[str, Any] | None:
-        """The peer's /ha/status, or None if it does not answer in time."""
+    async def status(self, api_url: str) -> AgentStatus | None:
+        """The peer's /ha/status, or None if it does not answer in time (or not
+        with a status)."""
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             async with self._http().get(f"{api_url.rstrip('/')}/ha/status") as resp:
                 if resp.status == 200:
-                    data: dict[str, Any] = await resp.json()
-                    return data
+                    return AgentStatus.from_json(await resp.json())
         return None
 
     async def failsafe_ack(self, api_url: str, node: str, epoch: int) -> bool:

@@ -28,6 +28,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", help="bind address (SIM_HOST)")
     p.add_argument("--port", type=int, help="port (SIM_PORT)")
     p.add_argument("--model-name", help="served model name (SIM_MODEL_NAME)")
+    # SGLang's flags; prefer SIM_API_KEY(_FILE) / SIM_ADMIN_API_KEY(_FILE): argv is public.
+    p.add_argument("--api-key", help="as SGLang's --api-key (SIM_API_KEY, SIM_API_KEY_FILE)")
+    p.add_argument(
+        "--admin-api-key",
+        help="as SGLang's --admin-api-key (SIM_ADMIN_API_KEY, SIM_ADMIN_API_KEY_FILE)",
+    )
     p.add_argument("--validate-config", action="store_true", help="print settings and exit")
     return p.parse_args(argv)
 
@@ -44,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     overrides = {
         k: v
-        for k, v in {"host": args.host, "port": args.port, "model_name": args.model_name}.items()
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "model_name": args.model_name,
+            "api_key": args.api_key,
+            "admin_api_key": args.admin_api_key,
+        }.items()
         if v is not None
     }
     try:

@@ -82,6 +82,14 @@ def abort_reason(message: str, status_code: int | None = None) -> dict[str, Any]
 
 CLIP_MAX_NEW_TOKENS = 4096  # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (schedule_policy.py)
 NO_LIMIT = 1 << 30
+# NewTokenRatioTracker (scheduler_components/new_token_ratio_tracker.py): the share of a
+# running request's remaining budget the scheduler still reserves, decaying per decode
+# step from SGLANG_INIT_NEW_TOKEN_RATIO to init x SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR over
+# SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS, back to init when the scheduler idles.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = INIT_NEW_TOKEN_RATIO * 0.14
+NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
+HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"  # python/sglang/srt/constants.py
 
 
 def clip_max_new_tokens(settings: SimSettings, input_len: int, max_new: int | None) -> int:
@@ -147,6 +155,11 @@ class Job:
         self._waiter: asyncio.Future[None] | None = None
         self._admission: asyncio.Future[None] | None = None
         self._enqueued_at = 0.0
+
+    def remaining_estimate(self) -> int:
+        """min(max_new_tokens - generated, CLIP): what admission reserves for the rest."""
+        assert self.req.max_new_tokens is not None
+        return min(max(self.req.max_new_tokens - len(self.output_ids), 0), CLIP_MAX_NEW_TOKENS)
 
     # -- reader side ----------------------------------------------------------------
     @property
@@ -245,6 +258,10 @@ class Engine:
         self.pause_mode: str | None = None
         self.shutting_down = False
         self.ready_at = time.monotonic() + settings.startup_delay
+        self.last_output_at = 0.0  # TokenizerManager.last_receive_tstamp (monotonic here)
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self._kv_used = 0  # prompt + output tokens of running requests
+        self._kv_remaining = 0  # sum of running requests' remaining_estimate()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- status ---------------------------------------------------------------------
@@ -288,6 +305,8 @@ class Engine:
             remaining = self.ready_at - time.monotonic()
             if remaining > 0:  # still "loading weights": wait like a warming-up server
                 await job.sleep(remaining)
+            while self.faults.hang and not job.force_abort:
+                await job.sleep(_POLL)  # a hung scheduler does not even take new requests
             await self._admit(job)
             if job.finished:
                 return
@@ -316,7 +335,7 @@ class Engine:
         if job.abort_message is not None:
             self._finish(job, abort_reason(job.abort_message))
             return
-        if self.paused or self.waiting or len(self.running) >= self.settings.max_running_requests:
+        if self.paused or self.waiting or not self._fits(job):
             job.state = "waiting"
             self.waiting.append(job)
             await self._wait_admission(job)
@@ -330,6 +349,20 @@ class Engine:
         finally:
             job._admission = None
 
+    def _fits(self, job: Job) -> bool:
+        """PrefillAdder.add_one_req (python/sglang/srt/managers/schedule_policy.py).
+
+        A request is admitted when a running slot is free and its prompt plus its
+        (clipped) budget plus a page fits in what the running requests leave of the KV
+        pool: their tokens, and new_token_ratio x their remaining budgets.
+        """
+        s = self.settings
+        if len(self.running) >= s.max_running_requests:
+            return False
+        rem_total = s.max_total_tokens - self._kv_used - self._kv_remaining * self.new_token_ratio
+        need = len(job.req.prompt_ids) + job.remaining_estimate() + s.page_size
+        return need < rem_total
+
     def _start_running(self, job: Job) -> None:
         if job.state != "running":
             job.queue_time += time.monotonic() - job._enqueued_at
@@ -337,11 +370,22 @@ class Engine:
                 self.metrics.queue_time.observe(job.queue_time)
         job.state = "running"
         self.running[job.rid] = job
+        self._kv_used += len(job.req.prompt_ids) + len(job.output_ids)
+        self._kv_remaining += job.remaining_estimate()
+
+    def _stop_running(self, job: Job) -> None:
+        if self.running.pop(job.rid, None) is not None:
+            self._kv_used -= len(job.req.prompt_ids) + len(job.output_ids)
+            self._kv_remaining -= job.remaining_estimate()
+        if not self.running:
+            self.new_token_ratio = INIT_NEW_TOKEN_RATIO  # reset when idle
 
     def _drain(self) -> None:
-        limit = self.settings.max_running_requests
-        while self.waiting and not self.paused and len(self.running) < limit:
-            job = self.waiting.popleft()
+        while self.waiting and not self.paused and not self.faults.hang:
+            job = self.waiting[0]
+            if not self._fits(job):
+                return  # FIFO: the head waits for room, the rest wait behind it
+            self.waiting.popleft()
             self._start_running(job)
             _resolve(job._admission)
 
@@ -382,7 +426,15 @@ class Engine:
         allow_eos = not req.rules.ignore_eos and len(job.output_ids) >= req.min_new_tokens
         token = job.stream.next_token(allow_eos)
         assert req.max_new_tokens is not None  # resolved by submit()
+        before = job.remaining_estimate()
         finish = job.detok.push(token, req.max_new_tokens)
+        if job.state == "running":
+            self._kv_used += 1
+            self._kv_remaining += job.remaining_estimate() - before
+        running = max(1, len(self.running))
+        self.new_token_ratio = max(
+            MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY / running
+        )
         if finish is None:
             finish = self._engine_abort(job)
         now = time.monotonic()
@@ -394,12 +446,15 @@ class Engine:
         elif log:
             self.metrics.itl.observe(now - job.last_token_at)
         job.last_token_at = now
+        self.last_output_at = now
         if self.metrics.on_decode_token(len(self.running)):
             self.metrics.decode_log(self.stats())
         if finish is not None:
             self._finish(job, finish)
         else:
             job.notify()
+        if self.waiting:  # the scheduler tries to admit at every iteration
+            self._drain()
 
     def _engine_abort(self, job: Job) -> dict[str, Any] | None:
         """Fault knob ``abort_after_tokens``: the engine ends the request itself."""
@@ -414,6 +469,7 @@ class Engine:
             return
         job.finish_reason = reason
         job.e2e_latency = time.time() - job.created
+        self.last_output_at = time.monotonic()
         if job.req.log_metrics:  # TokenizerManager.collect_metrics, at the request's end
             self.metrics.finished(
                 prompt=len(job.req.prompt_ids),
@@ -428,7 +484,7 @@ class Engine:
         if not job.finished:
             self._finish(job, abort_reason("internal simulator error"))
         job.state = "finished"
-        self.running.pop(job.rid, None)
+        self._stop_running(job)
         if job in self.waiting:
             self.waiting.remove(job)
         self.jobs.pop(job.rid, None)
@@ -473,11 +529,11 @@ class Engine:
         elif mode == "retract":
             now = time.monotonic()
             for job in reversed(list(self.running.values())):
+                self._stop_running(job)
                 job.state = "waiting"
                 job.retractions += 1
                 job._enqueued_at = now
                 self.waiting.appendleft(job)
-            self.running.clear()
 
     def resume(self) -> None:
         self.paused = False

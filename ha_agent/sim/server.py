@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ha_agent import __version__
 from ha_agent.config import SimSettings
 from ha_agent.sim.faults import FaultError, Faults, die_of_oom
+from ha_agent.sim.generator import SamplingKey
 from ha_agent.sim.grammar import GrammarError
 from ha_agent.sim.metrics import SimMetrics
 from ha_agent.sim.protocol import (
@@ -43,7 +45,13 @@ from ha_agent.sim.responses import (
     openai_error,
     sse,
 )
-from ha_agent.sim.scheduler import DuplicateRequestId, Engine, Job
+from ha_agent.sim.scheduler import (
+    HEALTH_CHECK_RID_PREFIX,
+    DuplicateRequestId,
+    Engine,
+    GenRequest,
+    Job,
+)
 from ha_agent.sim.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,52 @@ def _bad_request(exc: BadRequest, native: bool) -> web.Response:
     if native:
         return _json(native_error(exc.message), 400)
     return _json(openai_error(exc.message, "BadRequestError", 400), 400)
+
+
+# Routes SGLang marks @auth_level(AuthLevel.ADMIN_OPTIONAL) (http_server.py).
+_ADMIN_OPTIONAL = frozenset(
+    {"/flush_cache", "/abort_request", "/pause_generation", "/continue_generation"}
+)
+
+
+def _bearer_matches(header: str | None, key: str) -> bool:
+    """auth.py _check_bearer_token: "Bearer <key>" (scheme case-insensitive), constant time."""
+    if not header:
+        return False
+    parts = header.split(" ", 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return False
+    return hmac.compare_digest(parts[1].encode(), key.encode())
+
+
+def auth_allows(
+    method: str, path: str, header: str | None, api_key: str | None, admin_key: str | None
+) -> bool:
+    """decide_request_auth (python/sglang/srt/utils/auth.py) for the levels SGLang uses."""
+    if method == "OPTIONS" or path.startswith("/health") or path.startswith("/metrics"):
+        return True
+    if path in _ADMIN_OPTIONAL:
+        # Only the admin key when one is set (the api key is then refused), else the api key.
+        key = admin_key or api_key
+        return key is None or _bearer_matches(header, key)
+    return api_key is None or _bearer_matches(header, api_key)
+
+
+def _api_key_middleware(api_key: str | None, admin_key: str | None) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # /sim/* is the simulator's own admin surface (SIM_ADMIN_TOKEN), not SGLang's.
+        if request.path.startswith("/sim/") or auth_allows(
+            request.method,
+            request.path,
+            request.headers.get("Authorization"),
+            api_key,
+            admin_key,
+        ):
+            return await handler(request)
+        return _json({"error": "Unauthorized"}, 401)
+
+    return check
 
 
 @web.middleware
@@ -132,11 +186,38 @@ class SimServer:
 
     # -- health and info ------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        # Gray failure on purpose: a hung engine still answers 200 here (SGLang #4191/#6624).
-        e = self.engine
+        """SGLang's health_generate (python/sglang/srt/entrypoints/http_server.py).
+
+        A 1-token generation (rid HEALTH_CHECK_*, input_ids [0], not counted in metrics)
+        goes through the same queue as every request; the answer is 200 as soon as *any*
+        output reached the tokenizer after the check began (other requests' tokens count,
+        sglang#6624), looked at every second, else 503 after SGLANG_HEALTH_CHECK_TIMEOUT.
+        The check's own request is not aborted on either outcome: it stays queued.
+        """
+        e, s = self.engine, self.settings
         if e.shutting_down or not e.started() or self.faults.fail_health:
             return _empty(503)
-        return _empty(200)
+        gen = GenRequest(
+            prompt_text=self.tokenizer.decode([0]),
+            prompt_ids=[0],
+            max_new_tokens=1,
+            sampling=SamplingKey(temperature=0.0),
+            rid=f"{HEALTH_CHECK_RID_PREFIX}_{uuid.uuid4().hex}",
+            log_metrics=False,
+        )
+        tic = time.monotonic()
+        e.submit(gen)
+        deadline = tic + s.health_check_timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(s.health_check_interval)
+            if e.last_output_at > tic:
+                return _empty(200)
+        log.error(
+            "Health check failed. Server couldn't get a response from detokenizer for last "
+            "%g seconds.",
+            s.health_check_timeout,
+        )
+        return _empty(503)
 
     async def ready(self, request: web.Request) -> web.Response:
         e = self.engine
@@ -398,7 +479,13 @@ def create_app(settings: SimSettings | None = None) -> web.Application:
     """The simulator as an aiohttp application (for in-process tests and the CLI)."""
     settings = settings or SimSettings()
     server = SimServer(settings)
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    middlewares = [_errors]
+    if settings.api_key is not None or settings.admin_api_key is not None:
+        # As SGLang: the key middleware exists only when a key is configured.
+        keys = (settings.api_key, settings.admin_api_key)
+        api_key, admin_key = (k.get_secret_value() if k else None for k in keys)
+        middlewares.insert(0, _api_key_middleware(api_key, admin_key))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     app[SIM_KEY] = server
     app.cleanup_ctx.append(server.lifecycle)
     app.on_shutdown.append(server.on_shutdown)

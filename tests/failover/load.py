@@ -2,8 +2,10 @@
 
 Every request is recorded with its outcome, timings and the node that served it
 (the relay's X-SGLang-HA-Node header). The simulator is deterministic, so every
-answer is also compared with a reference text taken before any fault: a migrated
-stream must read exactly like an uninterrupted one.
+answer is also compared with a reference text and usage taken before any fault: a
+migrated stream must read exactly like an uninterrupted one (byte identity is the
+simulator's; on SGLang a migrated stream is a continuation, docs/failover.md) and
+count its tokens as the engine did (the original prompt, the requested budget).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import openai
 from openai import AsyncStream
+from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 PROMPTS = [
@@ -41,6 +44,8 @@ class RequestRecord:
     ttft: float | None = None
     max_gap: float | None = None
     text_matches: bool | None = None
+    usage_matches: bool | None = None  # (prompt, completion) tokens as the reference's
+    completion_tokens: int | None = None
 
     @property
     def latency(self) -> float:
@@ -72,6 +77,7 @@ class Load:
         self.zero = clock_zero if clock_zero is not None else time.monotonic()
         self.records: list[RequestRecord] = []
         self.references: dict[int, str] = {}
+        self.reference_usage: dict[int, tuple[int, int]] = {}
         self._issued = 0
 
     def now(self) -> float:
@@ -87,14 +93,17 @@ class Load:
                 seed=i,
             )
             self.references[i] = reply.choices[0].message.content or ""
+            if reply.usage is not None:
+                self.reference_usage[i] = (reply.usage.prompt_tokens, reply.usage.completion_tokens)
 
     async def _one(self, i: int, stream: bool) -> RequestRecord:
         start = self.now()
         prompt = i % len(PROMPTS)
         node = None
+        usage: CompletionUsage | None = None
         try:
             if stream:
-                text, node, ttft, gap = await self._stream(prompt, start)
+                text, node, ttft, gap, usage = await self._stream(prompt, start)
                 rec = RequestRecord(start, self.now(), True, True, node, ttft=ttft, max_gap=gap)
             else:
                 raw = await self.client.chat.completions.with_raw_response.create(
@@ -105,7 +114,9 @@ class Load:
                     seed=prompt,
                 )
                 node = raw.headers.get("x-sglang-ha-node")
-                text = raw.parse().choices[0].message.content or ""
+                reply = raw.parse()
+                text = reply.choices[0].message.content or ""
+                usage = reply.usage
                 rec = RequestRecord(start, self.now(), False, True, node)
         except (openai.APIError, openai.APIConnectionError, asyncio.TimeoutError) as exc:
             return RequestRecord(
@@ -113,10 +124,20 @@ class Load:
             )
         if prompt in self.references:
             rec.text_matches = text == self.references[prompt]
+        if usage is not None:
+            rec.completion_tokens = usage.completion_tokens
+            if prompt in self.reference_usage:
+                got = (usage.prompt_tokens, usage.completion_tokens)
+                rec.usage_matches = got == self.reference_usage[prompt]
+        else:
+            rec.usage_matches = False  # asked for and missing
         return rec
 
-    async def _stream(self, prompt: int, start: float) -> tuple[str, str | None, float, float]:
+    async def _stream(
+        self, prompt: int, start: float
+    ) -> tuple[str, str | None, float, float, CompletionUsage | None]:
         pieces: list[str] = []
+        usage: CompletionUsage | None = None
         last = start
         ttft: float | None = None
         gap = 0.0
@@ -128,6 +149,7 @@ class Load:
             temperature=0,
             seed=prompt,
             stream=True,
+            stream_options={"include_usage": True},
         ) as response:
             node = response.headers.get("x-sglang-ha-node")
             chunks: AsyncStream[ChatCompletionChunk] = await response.parse()
@@ -137,12 +159,13 @@ class Load:
                     ttft = now - start
                 gap = max(gap, now - last)
                 last = now
+                usage = chunk.usage or usage
                 for choice in chunk.choices:
                     pieces.append(choice.delta.content or "")
                     finished = finished or choice.finish_reason is not None
         if not finished:
             raise openai.APIError("stream ended without a finish_reason", None, body=None)  # type: ignore[arg-type]
-        return "".join(pieces), node, ttft or 0.0, gap
+        return "".join(pieces), node, ttft or 0.0, gap, usage
 
     async def _worker(self, worker: int, stop: asyncio.Event) -> None:
         n = worker

@@ -71,7 +71,7 @@ FAULTS: dict[str, Fault] = {
         ),
         Fault(
             "engine-hang",
-            "generation hangs while /health still answers 200 (simulator knob)",
+            "generation hangs; /health has no answer for 20 s, then 503 (simulator knob)",
             lambda s, n: s.sim_faults(n, hang=True),
             lambda s, n: s.sim_faults(n),
             target_recovery=6.0,

@@ -1,6 +1,8 @@
 """Issue #4's acceptance on the real stack: with 32 concurrent streams, killing,
-freezing or cutting the network of the primary mid-stream loses no stream, and
-every migrated stream reads exactly like an uninterrupted run."""
+freezing or cutting the network of the primary mid-stream loses no stream, every
+migrated stream reads exactly like an uninterrupted run (the deterministic
+simulator makes that checkable), and counts its tokens as the engine did: the
+original prompt, exactly the requested budget (issue #13)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 
 import pytest
 
-from tests.failover.load import Load
+from tests.failover.load import MAX_TOKENS, Load
 from tests.failover.runner import run_scenario
 from tests.failover.scenarios import FAULTS
 from tests.support.stack import Stack
@@ -33,5 +35,12 @@ def test_no_stream_is_lost_with_32_concurrent_streams(stack: Stack, fault_name: 
     assert len(streams) >= 3 * STREAMS, summary
     assert result.stream_failed == 0, summary
     assert result.text_mismatches == 0, summary
+    # Usage as the uninterrupted reference's: the original prompt's tokens and the
+    # completion tokens of every segment summed, never more than max_tokens.
+    answered = [r for r in streams if r["ok"]]
+    assert answered and all(r["usage_matches"] is True for r in answered), [
+        r for r in answered if r["usage_matches"] is not True
+    ][:3]
+    assert all(0 < r["completion_tokens"] <= MAX_TOKENS for r in answered)
     # Streams really were cut mid-way and continued elsewhere.
     assert result.migrations >= STREAMS // 4, summary

@@ -7,15 +7,19 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ha_agent.dcs.base import (
+    AgentStatus,
     Cluster,
     DCSError,
+    EngineState,
+    EngineStatus,
     HAEvent,
     Leader,
     LeaseStore,
     Member,
+    Role,
     Switchover,
 )
-from ha_agent.node.engine.monitor import EngineHealth, EngineState
+from ha_agent.node.engine.monitor import EngineHealth
 
 
 class FakeClock:
@@ -163,12 +167,12 @@ class FakePeers:
     """Peer agents' answers, set by the test."""
 
     def __init__(self) -> None:
-        self.statuses: dict[str, dict[str, Any] | None] = {}
+        self.statuses: dict[str, AgentStatus | None] = {}
         self.acks: dict[str, bool] = {}
         # api_url -> the peer's Ha, for calls that must reach its logic (negotiate)
         self.agents: dict[str, Any] = {}
 
-    async def status(self, api_url: str) -> dict[str, Any] | None:
+    async def status(self, api_url: str) -> AgentStatus | None:
         return self.statuses.get(api_url)
 
     async def failsafe_ack(self, api_url: str, node: str, epoch: int) -> bool:
@@ -184,6 +188,20 @@ class FakePeers:
         if ha is None:
             return 0, {"detail": "no answer"}
         if path == "/ha/negotiate":
-            granted, detail = ha.negotiate(body["node"], body["epoch"])
+            granted, detail = ha.answer_failback(body["node"], body["epoch"])
             return (200 if granted else 409), {"granted": granted, "detail": detail}
         return 404, {"detail": "unknown path"}
+
+
+def agent_status(
+    node: str = "peer",
+    role: Role = Role.STANDBY,
+    engine: EngineState = EngineState.HEALTHY,
+    epoch: int = 1,
+    **fields: Any,
+) -> AgentStatus:
+    """An agent's /ha/status as a test wants it: only what the test is about."""
+    engine_fields = {k: fields.pop(k) for k in ("for_seconds", "queued") if k in fields}
+    return AgentStatus(
+        node=node, role=role, epoch=epoch, engine=EngineStatus(engine, **engine_fields), **fields
+    )

@@ -78,7 +78,8 @@ def sim_process(
     handle = SimHandle(url=f"http://127.0.0.1:{port}", proc=proc)
     try:
         wait_until(
-            lambda: httpx.get(f"{handle.url}/health", timeout=1).status_code == 200,
+            # SGLang's /health answers after its first 1 s look for output.
+            lambda: httpx.get(f"{handle.url}/health", timeout=5).status_code == 200,
             timeout=20,
             what="simulator process to start",
         )

@@ -24,6 +24,7 @@ SIM_FAST: dict[str, Any] = {
     "concurrency_slowdown": 0.0,
     "disconnect_abort_delay": 0.0,
     "drain_timeout": 0.0,
+    "health_check_interval": 0.01,  # SGLang looks every 1 s
 }
 
 SimClientFactory = Callable[..., Awaitable[TestClient]]

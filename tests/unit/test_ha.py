@@ -13,11 +13,11 @@ import pytest
 
 from ha_agent import events as ev
 from ha_agent.config import AgentSettings
-from ha_agent.dcs.base import Member, Switchover
+from ha_agent.dcs.base import Member, Role, Switchover
 from ha_agent.events import EventLog
 from ha_agent.node.engine.monitor import EngineState
 from ha_agent.node.ha import Ha
-from tests.support.fakes import FakeClock, FakeEngine, FakePeers, FakeStore
+from tests.support.fakes import FakeClock, FakeEngine, FakePeers, FakeStore, agent_status
 
 TTL, MARGIN = 2.5, 0.5
 
@@ -186,11 +186,9 @@ async def test_standby_waits_while_previous_primary_says_it_holds_a_valid_lease(
     await a.ha.run_cycle()
     await b.ha.run_cycle()
     store.leader = None  # the key was lost in a Redis failover
-    b.peers.statuses["http://sglang-01:8008"] = {
-        "role": "primary",
-        "lease_time_left": 1.5,
-        "epoch": 1,
-    }
+    b.peers.statuses["http://sglang-01:8008"] = agent_status(
+        "sglang-01", Role.PRIMARY, lease_time_left=1.5
+    )
     assert await b.ha.run_cycle() == (
         "no leader key, but sglang-01 says it is primary with a valid lease: waiting"
     )
@@ -216,7 +214,7 @@ async def test_planned_switchover_hands_the_lease_to_the_target(
 ) -> None:
     await a.ha.run_cycle()
     await b.ha.run_cycle()
-    a.peers.statuses["http://sglang-02:8008"] = {"engine": {"state": "healthy"}}
+    a.peers.statuses["http://sglang-02:8008"] = agent_status("sglang-02")
     store.switchover = Switchover("sglang-01", "sglang-02", clock())
     assert await a.ha.run_cycle() == "demoted: planned switchover to sglang-02; released the lease"
     # The old primary does not race the target for the free lease.
@@ -233,7 +231,9 @@ async def test_switchover_waits_for_a_healthy_target(
 ) -> None:
     await a.ha.run_cycle()
     await b.ha.run_cycle()
-    a.peers.statuses["http://sglang-02:8008"] = {"engine": {"state": "starting"}}
+    a.peers.statuses["http://sglang-02:8008"] = agent_status(
+        "sglang-02", engine=EngineState.STARTING
+    )
     store.switchover = Switchover("sglang-01", "sglang-02", clock())
     assert await a.ha.run_cycle() == (
         "renewed lease as primary (epoch 1); switchover pending: no healthy target yet"
@@ -360,7 +360,7 @@ async def test_negotiated_failback_when_the_primary_is_degraded(
         "FAILBACK_GRANTED sglang-02 to sglang-01: planned switchover to sglang-01 in 30s"
         " (queue 50 >= 32)"
     ]
-    b.peers.statuses["http://sglang-01:8008"] = {"engine": {"state": "healthy"}}
+    b.peers.statuses["http://sglang-01:8008"] = agent_status("sglang-01")
     # The grace period: b stays primary for 30 s, then hands over as planned.
     await tick(clock, 29, b, a)
     assert store.leader == (2, "sglang-02")
@@ -373,15 +373,10 @@ async def test_negotiated_failback_when_the_primary_is_degraded(
 async def test_preferred_failback_after_a_stable_period(store: FakeStore, clock: FakeClock) -> None:
     a, b = failback_pair(store, clock, "preferred", failback_stable=60.0)
     await fail_over_from_a(a, b, clock)
-    status = {
-        "role": "standby",
-        "engine": {"state": "healthy", "for_seconds": 30},
-        "held_back_for": 0,
-    }
-    b.peers.statuses["http://sglang-01:8008"] = status
+    b.peers.statuses["http://sglang-01:8008"] = agent_status("sglang-01", for_seconds=30)
     await tick(clock, 20, b, a)
     assert store.leader == (2, "sglang-02")
-    status["engine"]["for_seconds"] = 61  # type: ignore[index]
+    b.peers.statuses["http://sglang-01:8008"] = agent_status("sglang-01", for_seconds=61)
     await tick(clock, 10, b, a)
     assert store.leader == (3, "sglang-01")
     assert any("failback to the preferred node" in e for e in b.emitted())

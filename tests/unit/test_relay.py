@@ -2,7 +2,8 @@
 
 Faults are real: the primary's engine process is SIGKILLed or SIGSTOPped while
 requests run. What a user checks: no failed request, streams that continue with
-exactly the text an uninterrupted run gives, 4xx that pass through untouched.
+exactly the text an uninterrupted run gives (the simulator is deterministic), the
+requested budget and the original prompt's usage, 4xx that pass through untouched.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ async def test_completions_stream_continues_with_usage_counted_once(cluster: Loc
         "model": "m",
         "prompt": "The quick brown fox",
         "max_tokens": LONG,
+        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
         "seed": 7,
@@ -232,8 +234,72 @@ async def test_completions_stream_continues_with_usage_counted_once(cluster: Loc
     assert got_usage["completion_tokens"] == want_usage["completion_tokens"]
     assert got_usage["prompt_tokens"] == want_usage["prompt_tokens"]
     assert got_usage["total_tokens"] == want_usage["total_tokens"]
+    assert got_usage["completion_tokens"] == LONG, "exactly the requested budget"
     assert len(ids) == 1, "one response id across the migration"
     assert events.count("[DONE]") == 1
+    # The relay counts by running usage it asked for; the client did not, so its
+    # content chunks carry "usage": null, as SGLang's own would.
+    content = [json.loads(e) for e in events if e.startswith("{")][:-1]
+    assert content and all(c["usage"] is None for c in content)
+
+
+async def chat_events(cluster: LocalCluster, body: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """The chunks of a chat stream broken mid-way, and of the same request run on
+    the other node without a break."""
+    events, primary = await broken_stream(cluster, "/v1/chat/completions", body)
+    expected = await reference(cluster, cluster.other(primary), "/v1/chat/completions", body)
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    assert "STREAM_MIGRATED" in cluster.ha_log("relay")
+    return [json.loads(e) for e in events[:-1]], [json.loads(e) for e in expected[:-1]]
+
+
+async def test_chat_stream_keeps_the_budget_and_running_usage_across_a_migration(
+    cluster: LocalCluster,
+) -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Count the ways a lease can expire."}],
+        "max_completion_tokens": LONG,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "seed": 11,
+    }
+    got, want = await chat_events(cluster, body)
+    content = [c for c in got if c["choices"] and c["choices"][0]["delta"].get("content")]
+    running = [c["usage"] for c in content]
+    assert len(running) == len(content), "running usage on every content chunk"
+    done = [u["completion_tokens"] for u in running]
+    assert done == sorted(done) and done[-1] == LONG
+    assert {u["prompt_tokens"] for u in running} == {want[-1]["usage"]["prompt_tokens"]}
+    assert got[-1]["choices"] == [] and got[-1]["usage"] == want[-1]["usage"]
+    assert got[-1]["usage"]["completion_tokens"] == LONG
+    finishes = [c["choices"][0]["finish_reason"] for c in got if c["choices"]]
+    assert [f for f in finishes if f] == ["length"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in got if c["choices"])
+    assert text == "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in want if c["choices"]
+    )
+
+
+async def test_chat_stream_without_stream_options_gets_no_usage_after_a_migration(
+    cluster: LocalCluster,
+) -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Describe a fencing token."}],
+        "max_tokens": LONG,
+        "ignore_eos": True,
+        "stream": True,
+        "seed": 5,
+    }
+    got, want = await chat_events(cluster, body)
+    assert all("usage" not in c for c in got), "SGLang omits usage nobody asked for"
+    assert all("usage" not in c for c in want)
+    roles = [c for c in got if c["choices"][0]["delta"].get("role")]
+    assert len(roles) == 1
+    finishes = [c["choices"][0]["finish_reason"] for c in got if c["choices"][0]["finish_reason"]]
+    assert finishes == ["length"]
 
 
 async def test_chat_stream_continues_through_the_openai_client(cluster: LocalCluster) -> None:
@@ -281,6 +347,7 @@ async def test_chat_stream_continues_through_the_openai_client(cluster: LocalClu
     assert usage is not None and want.usage is not None
     assert usage.completion_tokens == want.usage.completion_tokens
     assert usage.prompt_tokens == want.usage.prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     await client.close()
     await direct.close()
 
@@ -354,3 +421,100 @@ async def test_second_failure_during_a_migrated_stream(cluster: LocalCluster) ->
                 cluster.kill_engine(second)
     assert last_json(events)["output_ids"] == last_json(expected)["output_ids"]
     assert events.count("[DONE]") == 1
+
+
+# -- engine-side aborts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [503, 500])
+async def test_engine_abort_is_migrated_like_a_break(cluster: LocalCluster, status: int) -> None:
+    """SGLang ends a request itself on a running timeout (503) or when the KV cache runs
+    out (500): an error event on the OpenAI endpoints (serving_chat.py). The client must
+    see neither the error nor a short answer."""
+    primary = cluster.primary()
+    assert primary is not None
+    sim = cluster.nodes[primary].sim
+    assert sim is not None
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Tell me about leases."}],
+        "max_tokens": LONG,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "seed": 2,
+    }
+    expected = await reference(cluster, cluster.other(primary), "/v1/chat/completions", body)
+    await sim.faults(abort_after_tokens=30, abort_status=status)
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + "/v1/chat/completions", body)
+    assert not [e for e in events if '"error"' in e]
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    got = [json.loads(e) for e in events[:-1]]
+    want = [json.loads(e) for e in expected[:-1]]
+
+    def text(chunks: list[Any]) -> str:
+        return "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+        )
+
+    assert text(got) == text(want)
+    assert got[-1]["usage"]["completion_tokens"] == LONG
+    assert got[-1]["usage"]["prompt_tokens"] == want[-1]["usage"]["prompt_tokens"]
+    log = cluster.ha_log("relay")
+    assert f"STREAM_MIGRATED chat stream from {primary} after" in log
+    assert f"engine abort {status}" in log
+
+
+async def test_generate_engine_abort_continues_from_the_token_ids(cluster: LocalCluster) -> None:
+    primary = cluster.primary()
+    assert primary is not None
+    sim = cluster.nodes[primary].sim
+    assert sim is not None
+    body = {
+        "input_ids": [11, 12, 13, 14],
+        "stream": True,
+        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
+    }
+    expected = await reference(cluster, cluster.other(primary), "/generate", body)
+    await sim.faults(abort_after_tokens=40, abort_status=503)
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + "/generate", body)
+    got, want = last_json(events), last_json(expected)
+    assert got["output_ids"] == want["output_ids"]
+    assert got["meta_info"]["finish_reason"] == {"type": "length", "length": LONG}
+    assert got["meta_info"]["completion_tokens"] == LONG
+    assert got["meta_info"]["prompt_tokens"] == 4
+    assert "STREAM_MIGRATED" in cluster.ha_log("relay")
+
+
+async def test_a_client_abort_ends_the_stream_and_is_not_migrated(cluster: LocalCluster) -> None:
+    """/abort_request ends a request with an abort that has no status code: the
+    request's own end (tokenizer_manager.py), passed through as SGLang sent it."""
+    primary = cluster.primary()
+    assert primary is not None
+    body = {
+        "text": "abort me",
+        "rid": "client-abort-1",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True},
+    }
+    events: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=30) as client,
+        client.stream("POST", cluster.relay_url + "/generate", json=body) as resp,
+    ):
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            events.append(line[5:].strip())
+            if len(events) == 5:
+                r = await client.post(
+                    cluster.nodes[primary].engine_url + "/abort_request",
+                    json={"rid": "client-abort-1"},
+                )
+                assert r.status_code == 200
+    finish = last_json(events)["meta_info"]["finish_reason"]
+    assert finish["type"] == "abort" and finish.get("status_code") is None
+    assert last_json(events)["meta_info"]["completion_tokens"] < 2000
+    assert "STREAM_MIGRATED" not in cluster.ha_log("relay")

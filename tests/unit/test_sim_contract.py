@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
 from prometheus_client.parser import text_string_to_metric_families
 
+from ha_agent.config import SimSettings
+from ha_agent.sim.__main__ import main as sim_main
 from ha_agent.sim.faults import Faults
 from ha_agent.sim.generator import StopRules
 from ha_agent.sim.metrics import SimMetrics
@@ -381,3 +384,175 @@ async def test_chat_skips_empty_deltas_and_always_sends_reasoning_content(
     chunks = _data(await sim_read_sse(comp))
     assert chunks[-1]["choices"][0]["text"] == ""
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# -- 6. health checks and admission share the scheduler's queue -------------------------
+async def test_health_check_is_a_queued_generation_any_output_counts(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/http_server.py (health_generate: a 1-token request
+    rid HEALTH_CHECK_*, input_ids [0], log_metrics=False; 200 once any output arrives
+    after it began, looked at every second; 503 after SGLANG_HEALTH_CHECK_TIMEOUT)."""
+    client = await sim_client_factory(
+        itl=0.005, max_running_requests=1, health_check_interval=0.05, health_check_timeout=0.5
+    )
+    busy = await client.post("/generate", json=_gen("busy", 200))
+    await next_event(busy)
+    health = asyncio.create_task(client.get("/health"))
+
+    async def health_queued() -> bool:  # behind the running request, like any request
+        return (await sim_live_state(client))["num_queue_reqs"] == 1
+
+    await sim_wait_for(health_queued)
+    # 200 although its own token has not come: the busy request's output counts.
+    assert (await asyncio.wait_for(health, 5)).status == 200
+    assert (await sim_live_state(client))["num_queue_reqs"] == 1  # still waiting, not aborted
+    await sim_read_sse(busy)
+
+    async def drained() -> bool:
+        return (await sim_live_state(client))["num_queue_reqs"] == 0
+
+    await sim_wait_for(drained)
+    assert await sim_metric(client, "sglang:num_requests_total") == 1  # health not counted
+
+
+async def test_health_is_503_when_nothing_comes_out(sim_client_factory: SimClientFactory) -> None:
+    """python/sglang/srt/entrypoints/http_server.py (health_generate times out when no
+    output reaches the tokenizer, e.g. behind a long prefill: sglang#22511)."""
+    client = await sim_client_factory(
+        max_running_requests=1,
+        prefill_per_token=0.01,
+        health_check_interval=0.05,
+        health_check_timeout=0.4,
+    )
+    long_prefill = asyncio.create_task(
+        client.post("/generate", json=_gen("p" * 400, 1, stream=False))
+    )
+
+    async def prefilling() -> bool:
+        return (await sim_live_state(client))["num_running_reqs"] == 1
+
+    await sim_wait_for(prefilling)
+    assert (await client.get("/health")).status == 503
+    assert (await asyncio.wait_for(long_prefill, 10)).status == 200
+
+
+async def test_new_requests_wait_for_kv_room(sim_client_factory: SimClientFactory) -> None:
+    """python/sglang/srt/managers/schedule_policy.py (PrefillAdder.add_one_req: prompt +
+    min(max_new_tokens, CLIP) + page must fit in the pool less the running requests'
+    tokens and new_token_ratio x their remaining budgets -> NO_TOKEN, the request waits)."""
+    client = await sim_client_factory(itl=0.002, max_total_tokens=256, page_size=16)
+    first = await client.post("/generate", json=_gen("a", 150))
+    await next_event(first)
+    second = asyncio.create_task(client.post("/generate", json=_gen("b", 150, stream=False)))
+
+    async def waits_for_kv() -> bool:  # a running slot is free, the KV pool is not
+        live = await sim_live_state(client)
+        return live["num_queue_reqs"] == 1 and live["num_running_reqs"] == 1
+
+    await sim_wait_for(waits_for_kv)
+    await sim_read_sse(first)
+    out = await (await asyncio.wait_for(second, 10)).json()
+    assert out["meta_info"]["completion_tokens"] == 150
+    assert out["meta_info"]["queue_time"] > 0.1
+    # Small requests fit next to a big one.
+    big = await client.post("/generate", json=_gen("c", 100))
+    await next_event(big)
+    small = await client.post("/generate", json=_gen("d", 5, stream=False))
+    assert (await small.json())["meta_info"]["queue_time"] < 0.05
+    await sim_read_sse(big)
+
+
+# -- 8. --api-key and --admin-api-key ----------------------------------------------------
+async def test_api_key_guards_everything_but_health_and_metrics(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/utils/auth.py (decide_request_auth: /health* and /metrics
+    exempt by prefix, Bearer scheme case-insensitive, 401 {"error": "Unauthorized"})."""
+    client = await sim_client_factory(api_key="s3cret")
+    ok = {"Authorization": "Bearer s3cret"}
+    body = {"text": "x", "sampling_params": {"max_new_tokens": 1}}
+    refused = await client.post("/generate", json=body)
+    assert refused.status == 401 and await refused.json() == {"error": "Unauthorized"}
+    for headers in ({"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        assert (await client.post("/generate", json=body, headers=headers)).status == 401
+    assert (await client.post("/generate", json=body, headers=ok)).status == 200
+    lower = {"Authorization": "bearer s3cret"}
+    assert (await client.post("/generate", json=body, headers=lower)).status == 200
+    for path in ("/v1/models", "/model_info", "/server_info", "/no/such/path"):
+        assert (await client.get(path)).status == 401, path
+    for path in ("/health", "/health_generate", "/metrics"):
+        assert (await client.get(path)).status == 200, path
+    # Admin-optional routes take the api key when no admin key is set.
+    assert (await client.post("/abort_request", json={"rid": "x"})).status == 401
+    assert (await client.post("/abort_request", json={"rid": "x"}, headers=ok)).status == 200
+
+
+async def test_admin_api_key_alone_unlocks_control_routes(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/utils/auth.py (ADMIN_OPTIONAL: with both keys only the admin key;
+    NORMAL: only the api key) and python/sglang/srt/entrypoints/http_server.py
+    (/abort_request, /pause_generation, /continue_generation, /flush_cache are
+    @auth_level(AuthLevel.ADMIN_OPTIONAL))."""
+    client = await sim_client_factory(api_key="user", admin_api_key="admin")
+    user = {"Authorization": "Bearer user"}
+    admin = {"Authorization": "Bearer admin"}
+    for path in ("/pause_generation", "/continue_generation", "/flush_cache"):
+        assert (await client.post(path, json={}, headers=user)).status == 401, path
+        assert (await client.post(path, json={}, headers=admin)).status == 200, path
+    body = {"text": "x", "sampling_params": {"max_new_tokens": 1}}
+    assert (await client.post("/generate", json=body, headers=admin)).status == 401
+    assert (await client.post("/generate", json=body, headers=user)).status == 200
+    only_admin = await sim_client_factory(admin_api_key="admin")
+    assert (await only_admin.post("/generate", json=body)).status == 200
+    assert (await only_admin.post("/abort_request", json={"rid": "x"})).status == 401
+
+
+def test_api_keys_come_from_env_or_files_not_only_argv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sim_env_clean: None
+) -> None:
+    """Our addition, not SGLang's: SIM_API_KEY(_FILE), SIM_ADMIN_API_KEY(_FILE); the
+    --api-key / --admin-api-key flags of python/sglang/srt/server_args.py also work."""
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv("SIM_API_KEY_FILE", str(key_file))
+    monkeypatch.setenv("SIM_ADMIN_API_KEY", "from-env")
+    settings = SimSettings()
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "from-file"
+    assert settings.admin_api_key is not None
+    assert settings.admin_api_key.get_secret_value() == "from-env"
+    assert "from-file" not in settings.model_dump_json()  # secrets stay masked
+    with pytest.raises(ValueError, match="not both"):
+        SimSettings(api_key="x")
+    monkeypatch.setenv("SIM_API_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot read"):
+        SimSettings()
+    monkeypatch.delenv("SIM_API_KEY_FILE")
+    assert sim_main(["--api-key", "k", "--admin-api-key", "a", "--validate-config"]) == 0
+
+
+# -- 9. what the simulator cannot do is a clear 400 ---------------------------------------
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+        ),
+        ("/v1/completions", {"prompt": "x", "logprobs": 2}),
+        ("/generate", {"text": "x", "return_logprob": True}),
+        ("/generate", {"text": "x", "sampling_params": {"n": 3}}),
+    ],
+)
+async def test_unsupported_features_are_refused_not_ignored(
+    sim_client_factory: SimClientFactory, path: str, body: dict[str, Any]
+) -> None:
+    """Not SGLang's behaviour (SGLang serves these): the simulator says it cannot, with a
+    400 naming itself, rather than answering something SGLang would not
+    (python/sglang/srt/entrypoints/openai/protocol.py, srt/managers/io_struct.py)."""
+    client = await sim_client_factory()
+    resp = await client.post(path, json=body)
+    assert resp.status == 400
+    assert "not supported by the simulator" in await resp.text()

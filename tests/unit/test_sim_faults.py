@@ -40,8 +40,11 @@ async def no_event_within(resp: ClientResponse, seconds: float) -> bool:
     return False
 
 
-async def test_hang_stops_tokens_while_health_stays_green(sim_client_factory: SimClientFactory):
-    client = await sim_client_factory(itl=0.005)
+async def test_hang_stops_tokens_and_health_times_out(sim_client_factory: SimClientFactory):
+    """A hung scheduler as on SGLang: no token, no gauge update, /health 503 after its
+    timeout (nothing comes out, sglang http_server.py health_generate); /model_info and
+    /metrics, served without the scheduler, still answer 200."""
+    client = await sim_client_factory(itl=0.005, health_check_timeout=0.3)
     body = {
         "text": "x",
         "stream": True,
@@ -49,6 +52,7 @@ async def test_hang_stops_tokens_while_health_stays_green(sim_client_factory: Si
     }
     running = await client.post("/generate", json=body)
     await next_event(running)
+    gauge = await sim_metric(client, "sglang:num_running_reqs")
     assert (await client.post("/sim/faults", json={"hang": True})).status == 200
     tokens = await sim_metric(client, "sglang:realtime_tokens_total", mode="decode")
     fresh = await client.post("/generate", json={**body, "text": "y"})
@@ -57,17 +61,20 @@ async def test_hang_stops_tokens_while_health_stays_green(sim_client_factory: Si
     running.content.read_nowait()  # drop what was produced before the hang
     assert await no_event_within(running, 0.2)
     assert await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") == tokens
-    assert await sim_metric(client, "sglang:num_running_reqs") == 2
-    for path in ("/health", "/health_generate", "/model_info", "/metrics", "/server_info"):
+    assert await sim_metric(client, "sglang:num_running_reqs") == gauge  # frozen
+    for path in ("/health", "/health_generate"):
+        assert (await client.get(path)).status == 503, path
+    for path in ("/model_info", "/metrics", "/server_info"):
         assert (await client.get(path)).status == 200, path
     # An abort is not processed by a hung scheduler; the request stays running.
     await client.post("/abort_request", json={"abort_all": True})
-    assert await sim_metric(client, "sglang:num_running_reqs") == 2
+    assert await no_event_within(running, 0.1)
     # Clearing the fault lets the scheduler move again (and process the abort).
     assert (await client.delete("/sim/faults")).status == 200
     for resp in (running, fresh):
         events = sim_json_events(await sim_read_sse(resp))
         assert events[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert (await client.get("/health")).status == 200
 
 
 async def test_error_rate_is_deterministic_with_sglang_bodies(sim_client_factory):

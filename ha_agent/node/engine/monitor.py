@@ -27,13 +27,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ha_agent.config import EngineHealthSettings
+from ha_agent.dcs.base import EngineState
 from ha_agent.node.engine.client import (
     CanaryResult,
     EngineBadAnswer,
@@ -53,13 +53,6 @@ BUSY_CPU_SHARE = 0.05
 # What a canary itself adds to the progress counters (its prompt token's prefill, its
 # one token, its request finishing or aborted) and so cannot count as others' progress.
 CANARY_OWN_WORK = 4.0
-
-
-class EngineState(str, enum.Enum):
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    HUNG = "hung"
-    DEAD = "dead"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,313 @@
+"""The relay migrating streams whose shape only real SGLang produces.
+
+Two in-process engines play back SGLang-shaped streams (as `python/sglang/srt/...`
+0.5.19 writes them, see test_migration.py): chunks that carry several tokens
+(`out_list[-1]`, tokenizer_manager.py), tokens without a chunk (empty deltas,
+serving_chat.py), running usage only when asked (`continuous_usage_stats`), logprob
+arrays in `/generate`'s meta_info. The primary breaks its connection mid-stream; the
+standby answers the continuation it is sent, generating exactly the budget it got.
+What the client checks: the text, the budget each engine was given, the usage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from ha_agent.config import RelaySettings
+from ha_agent.events import EventLog
+from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.gateway.relay import Relay
+from ha_agent.gateway.topology import Topology
+from ha_agent.gateway.transport import Transport
+from tests.support.fakes import FakeClock, FakeStore
+from tests.unit.test_migration import chat_chunk, chat_usage_chunk, completion_chunk, data, usage
+
+Script = Callable[[dict[str, Any]], list[bytes]]
+
+
+class Broken(Exception):
+    """Raised by a handler after its last event: aiohttp drops the connection."""
+
+
+@dataclass
+class Engine:
+    """Plays back one script per request it gets; `None` after the events = break."""
+
+    scripts: list[tuple[Script, bool]]
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        script, breaks = self.scripts[len(self.bodies) - 1]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in script(body):
+            await resp.write(event)
+        if breaks:
+            raise Broken()  # the connection ends without the last chunk: a broken stream
+        await resp.write_eof()
+        return resp
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+            app.router.add_post(path, self.handle)
+        return app
+
+
+@dataclass
+class Rig:
+    url: str
+    primary: Engine
+    standby: Engine
+
+
+@pytest.fixture
+async def rig_factory() -> AsyncIterator[Callable[[Engine, Engine], Any]]:
+    servers: list[TestServer] = []
+    relays: list[Relay] = []
+
+    async def make(primary: Engine, standby: Engine) -> Rig:
+        urls = []
+        for engine in (primary, standby):
+            server = TestServer(engine.app())
+            await server.start_server()
+            servers.append(server)
+            urls.append(f"http://127.0.0.1:{server.port}")
+        settings = RelaySettings(
+            nodes=[f"sglang-0{i + 1}={u}=http://127.0.0.1:9" for i, u in enumerate(urls)],
+            redis_url="redis://unused",
+            retry_deadline=5.0,
+        )
+        events = EventLog(None, "relay")
+        topology = Topology(settings, FakeStore(FakeClock()), events)
+        for name, node in topology.nodes.items():
+            role = "primary" if name == "sglang-01" else "standby"
+            node.status = {"engine": {"state": "healthy"}, "role": role, "epoch": 1}
+        topology.primary, topology.epoch = "sglang-01", 1
+        relay = Relay(settings, topology, Transport(0.5, 30.0), RelayMetrics(), events)
+        relays.append(relay)
+        server = TestServer(relay.app())
+        await server.start_server()
+        servers.append(server)
+        return Rig(f"http://127.0.0.1:{server.port}", primary, standby)
+
+    yield make
+    for relay in relays:
+        await relay.transport.close()
+    for server in servers:
+        await server.close()
+
+
+async def stream(url: str, body: dict[str, Any]) -> list[Any]:
+    async with (
+        httpx.AsyncClient(timeout=10) as client,
+        client.stream("POST", url, json=body) as resp,
+    ):
+        assert resp.status_code == 200
+        out = []
+        async for line in resp.aiter_lines():
+            if line.startswith("data:"):
+                payload = line[5:].strip()
+                out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def running(body: dict[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+
+
+def final_usage(body: dict[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+PROMPT_TOKENS = 10
+
+
+def chat_primary(body: dict[str, Any]) -> list[bytes]:
+    assert running(body), "the relay asks the engine for running usage"
+    return [
+        chat_chunk({"role": "assistant", "content": ""}),
+        chat_chunk({"content": "Hello"}, use=usage(PROMPT_TOKENS, 2)),  # two tokens
+        # token 3 decoded to "" (a held-back character): SGLang sends no chunk for it
+        chat_chunk({"content": " wor"}, use=usage(PROMPT_TOKENS, 5)),
+    ]
+
+
+def chat_standby(body: dict[str, Any]) -> list[bytes]:
+    """Generates exactly the budget it was given, three tokens per chunk (it lags)."""
+    left = body.get("max_completion_tokens") or body["max_tokens"]
+    prompt = 17  # the partial answer re-encoded: not PROMPT_TOKENS + 5
+    use = (lambda n: usage(prompt, n)) if running(body) else (lambda n: None)
+    out = [chat_chunk({"role": "assistant", "content": ""}, rid="other")]
+    texts = ["ld", "!"] + [f" w{i}" for i in range(left)]
+    done = 0
+    for text in texts:
+        done = min(done + 3, left)
+        out.append(chat_chunk({"content": text}, use=use(done), rid="other"))
+        if done == left:
+            break
+    out.append(chat_chunk({}, finish="length", rid="other"))
+    if final_usage(body):
+        out.append(chat_usage_chunk(usage(prompt, left), rid="other"))
+    return [*out, b"data: [DONE]\n\n"]
+
+
+def content(events: list[Any]) -> str:
+    return "".join(
+        e["choices"][0]["delta"].get("content") or ""
+        for e in events
+        if isinstance(e, dict) and e["choices"]
+    )
+
+
+async def test_chat_budget_comes_from_the_engines_count_not_the_chunks(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(Engine([(chat_primary, True)]), Engine([(chat_standby, False)]))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+    events = await stream(rig.url + "/v1/chat/completions", {**body, "stream": True})
+    sent = rig.standby.bodies[0]
+    assert sent["max_tokens"] == 15, "20 - 5 generated (two chunks would have said 18)"
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Hello wor"}
+    assert content(events).startswith("Hello world!")
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = events[:-1]
+    assert all("usage" not in e for e in chunks), "usage nobody asked for never shows"
+    assert [e for e in chunks if e["choices"][0]["delta"].get("role")] == [chunks[0]]
+    assert [e["choices"][0]["finish_reason"] for e in chunks][-1] == "length"
+    assert {e["id"] for e in chunks} == {"chatcmpl-1"}
+
+
+async def test_chat_usage_is_the_original_prompt_and_every_segments_tokens(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(Engine([(chat_primary, True)]), Engine([(chat_standby, False)]))
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 20,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    events = await stream(rig.url + "/v1/chat/completions", body)
+    assert rig.primary.bodies[0]["stream_options"] == body["stream_options"], "as the client sent"
+    assert rig.standby.bodies[0]["max_completion_tokens"] == 15
+    chunks = events[:-1]
+    running_usage = [e["usage"] for e in chunks if e["choices"] and "usage" in e]
+    done = [u["completion_tokens"] for u in running_usage]
+    assert done == sorted(done) and done[-1] == 20
+    assert {u["prompt_tokens"] for u in running_usage} == {PROMPT_TOKENS}
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["prompt_tokens"] == PROMPT_TOKENS
+    assert chunks[-1]["usage"]["completion_tokens"] == 20
+    assert chunks[-1]["usage"]["total_tokens"] == PROMPT_TOKENS + 20
+
+
+def completions_segment(first: str, done: list[int], breaks_at: int | None) -> Script:
+    """A completions stream: cumulative usage `done` per chunk, the budget honoured."""
+
+    def script(body: dict[str, Any]) -> list[bytes]:
+        left = body["max_tokens"]
+        out = []
+        for i, n in enumerate(done):
+            n = min(n, left)
+            finish = "length" if n == left else None
+            use = usage(4, n) if running(body) else None
+            out.append(completion_chunk(f"{first}{i}", finish=finish, use=use, rid=f"c-{first}"))
+            if finish or (breaks_at is not None and i == breaks_at):
+                break
+        if breaks_at is None:
+            if final_usage(body):
+                out.append(data({"id": "x", "choices": [], "usage": usage(4, done[-1])}))
+            out.append(b"data: [DONE]\n\n")
+        return out
+
+    return script
+
+
+async def test_completions_budget_holds_over_two_migrations(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    primary = Engine(
+        [
+            (completions_segment("a", [3, 7], breaks_at=1), True),
+            (completions_segment("c", [4, 100], breaks_at=None), False),
+        ]
+    )
+    standby = Engine([(completions_segment("b", [6, 10], breaks_at=1), True)])
+    rig = await rig_factory(primary, standby)
+    body = {"model": "m", "prompt": "P", "max_tokens": 30, "stream": True}
+    events = await stream(rig.url + "/v1/completions", body)
+    assert standby.bodies[0]["max_tokens"] == 23 and standby.bodies[0]["prompt"] == "Pa0a1"
+    assert primary.bodies[1]["max_tokens"] == 13, "30 - 7 - 10"
+    assert primary.bodies[1]["prompt"] == "Pa0a1b0b1"
+    chunks = events[:-1]
+    assert "".join(e["choices"][0]["text"] for e in chunks) == "a0a1b0b1c0c1"
+    assert all(e["usage"] is None for e in chunks), '"usage": null, as SGLang without it'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert {e["id"] for e in chunks} == {"c-a"}
+
+
+def generate_segment(ids: list[int], breaks: bool) -> Script:
+    """Cumulative /generate events with logprob arrays, two tokens per event."""
+
+    def script(body: dict[str, Any]) -> list[bytes]:
+        left = body["sampling_params"]["max_new_tokens"]
+        out = []
+        for n in range(2, min(len(ids), left) + 1, 2):
+            meta = {
+                "id": f"g-{ids[0]}",
+                "finish_reason": {"type": "length", "length": left} if n == left else None,
+                "prompt_tokens": len(body["input_ids"]),
+                "completion_tokens": n,
+                "input_token_logprobs": [[None, t, None] for t in body["input_ids"]],
+                "output_token_logprobs": [[-0.5, t, None] for t in ids[:n]],
+                "output_token_logprobs_length": n,
+            }
+            text = "".join(chr(96 + t % 26) for t in ids[:n])
+            out.append(data({"text": text, "output_ids": ids[:n], "meta_info": meta}))
+        if not breaks:
+            out.append(b"data: [DONE]\n\n")
+        return out
+
+    return script
+
+
+async def test_generate_continues_from_token_ids_with_spliced_logprobs(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    primary = Engine([(generate_segment([1, 2, 3, 4], breaks=True), True)])
+    standby = Engine([(generate_segment([5, 6, 7, 8, 9, 10], breaks=False), False)])
+    rig = await rig_factory(primary, standby)
+    body = {
+        "input_ids": [40, 41],
+        "stream": True,
+        "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 10},
+    }
+    events = await stream(rig.url + "/generate", body)
+    assert standby.bodies[0]["input_ids"] == [40, 41, 1, 2, 3, 4], "the exact ids so far"
+    assert standby.bodies[0]["sampling_params"]["max_new_tokens"] == 6
+    last = events[-2]
+    assert last["output_ids"] == list(range(1, 11))
+    assert last["text"] == "abcdefghij"
+    meta = last["meta_info"]
+    assert meta["id"] == "g-1"
+    assert meta["completion_tokens"] == 10 and meta["prompt_tokens"] == 2
+    assert meta["finish_reason"] == {"type": "length", "length": 10}
+    assert [t[1] for t in meta["output_token_logprobs"]] == list(range(1, 11))
+    assert meta["output_token_logprobs_length"] == 10
+    assert meta["input_token_logprobs"] == [[None, 40, None], [None, 41, None]]
+    texts = [e["text"] for e in events[:-1]]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
