@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import (
     AgentStatus,
     Cluster,
@@ -19,6 +20,8 @@ from ha_agent.dcs.base import (
     Role,
     Switchover,
 )
+from ha_agent.events import EventLog
+from ha_agent.gateway.topology import Topology
 from ha_agent.node.engine.monitor import EngineHealth
 
 
@@ -205,3 +208,13 @@ def agent_status(
     return AgentStatus(
         node=node, role=role, epoch=epoch, engine=EngineStatus(engine, **engine_fields), **fields
     )
+
+
+def settled_topology(settings: RelaySettings, primary: str = "sglang-01") -> Topology:
+    """The relay's view of its seed nodes once every agent has answered: all healthy,
+    `primary` holding epoch 1 (no store or agent polling needed)."""
+    topology = Topology(settings, FakeStore(FakeClock()), EventLog(None, "relay"))
+    for name, node in topology.nodes.items():
+        node.status = agent_status(name, Role.PRIMARY if name == primary else Role.STANDBY)
+    topology.primary, topology.epoch = primary, 1
+    return topology

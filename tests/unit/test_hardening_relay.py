@@ -21,17 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ha_agent.config import RelaySettings, SimSettings
-from ha_agent.dcs.base import Role
-from ha_agent.events import EventLog
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
 from ha_agent.openapi import inference
 from ha_agent.sim import create_app
 from ha_agent.sim.protocol import BadRequest, RequestBuilder
 from ha_agent.sim.tokenizer import SimTokenizer
-from tests.support.fakes import FakeClock, FakeStore, agent_status
+from tests.support.fakes import settled_topology
 from tests.unit.conftest import SIM_FAST, sim_metric
 
 
@@ -65,12 +62,8 @@ async def start_rig(**sim: Any) -> tuple[RelayRig, list[TestClient]]:
         redis_url="redis://unused",
         retry_deadline=5.0,
     )
-    events = EventLog(None, "relay")
-    topology = Topology(relay_settings, FakeStore(FakeClock()), events)
-    for name, node in topology.nodes.items():
-        role = Role.PRIMARY if name == "sglang-01" else Role.STANDBY
-        node.status = agent_status(name, role)
-    topology.primary, topology.epoch = "sglang-01", 1
+    topology = settled_topology(relay_settings)
+    events = topology.events
     relay = Relay(relay_settings, topology, Transport(0.5, 30.0), RelayMetrics(), events)
     client = TestClient(TestServer(relay.app()))
     await client.start_server()

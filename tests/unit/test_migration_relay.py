@@ -23,12 +23,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from ha_agent.config import RelaySettings
-from ha_agent.events import EventLog
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
-from tests.support.fakes import FakeClock, FakeStore
+from tests.support.fakes import settled_topology
 from tests.unit.test_migration import chat_chunk, chat_usage_chunk, completion_chunk, data, usage
 
 Script = Callable[[dict[str, Any]], list[bytes]]
@@ -89,12 +87,8 @@ async def rig_factory() -> AsyncIterator[Callable[[Engine, Engine], Any]]:
             redis_url="redis://unused",
             retry_deadline=5.0,
         )
-        events = EventLog(None, "relay")
-        topology = Topology(settings, FakeStore(FakeClock()), events)
-        for name, node in topology.nodes.items():
-            role = "primary" if name == "sglang-01" else "standby"
-            node.status = {"engine": {"state": "healthy"}, "role": role, "epoch": 1}
-        topology.primary, topology.epoch = "sglang-01", 1
+        topology = settled_topology(settings)
+        events = topology.events
         relay = Relay(settings, topology, Transport(0.5, 30.0), RelayMetrics(), events)
         relays.append(relay)
         server = TestServer(relay.app())
