@@ -333,8 +333,10 @@ class RequestBuilder:
         req: GenerateBody = _parse(GenerateBody, body)
         if req.input_embeds is not None or req.image_data is not None:
             raise BadRequest("input_embeds and image_data are not supported by the simulator")
-        if (req.text is None) == (req.input_ids is None):
-            raise BadRequest("Either text or input_ids should be provided (exactly one).")
+        if req.text is None and req.input_ids is None:
+            raise BadRequest("Either text, input_ids or input_embeds should be provided.")
+        if req.text is not None:
+            req.input_ids = None  # text wins (_determine_batch_size, managers/io_struct.py)
         if req.return_logprob not in (None, False):
             raise BadRequest("return_logprob is not supported by the simulator")
         batch = BadRequest("batch requests are not supported by the simulator (one per request)")
