@@ -68,6 +68,7 @@ unit: venv  ## unit tests (real Redis where a test needs one)
 	$(PYTEST) tests/unit -q
 
 conformance: venv  ## SGLang's behaviours, same verdict through the gateway as direct (tests/conformance/verdicts.md)
+	scripts/sglang-test-kits.sh $(PY) .cache/sglang-0.5.19
 	$(PYTEST) tests/conformance -q
 
 test-integration: venv docker secrets  ## the CPU stack in containers, driven from pytest (all faults once)
