@@ -106,7 +106,7 @@ _SAMPLING_PARAMS = {
 
 GENERATE_REQUEST: dict[str, Any] = {
     "type": "object",
-    "description": "exactly one of text, input_ids, input_embeds",
+    "description": "one of text, input_ids, input_embeds (text wins, as SGLang)",
     "properties": {
         "text": _n({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
         "input_ids": _n(
