@@ -455,6 +455,13 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     max_sequence_length: int = Field(
         131072, gt=0, description="No migration past this many prompt+generated tokens."
     )
+    cors_allow_origins: str = Field(
+        "*",
+        description="CORS origins, comma separated; * as SGLang (always on there); empty: off.",
+    )
+    cors_allow_credentials: bool = Field(
+        True, description="CORS Access-Control-Allow-Credentials, as SGLang (true)."
+    )
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
     nginx_backup_file: str | None = Field(
         None,
