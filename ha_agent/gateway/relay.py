@@ -33,6 +33,8 @@ from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway import sse
+from ha_agent.gateway.admission import Admission
+from ha_agent.gateway.limits import error_response
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import ENDPOINTS, Migration
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
@@ -110,6 +112,7 @@ class Relay:
         self.events = events
         self.retry_deadline = settings.retry_deadline
         self.warmer = warmer
+        self.admission = Admission(settings, topology, metrics, events)  # overload, QoD
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -135,6 +138,10 @@ class Relay:
         except web.HTTPRequestEntityTooLarge:
             rejected = self._client_error(endpoint, f"request body over {MAX_BODY} bytes", 413)
             return self._timed(endpoint, False, rejected, started)
+        if kind is not None and payload is not None:
+            refused = self.admission.admit(request, kind, payload)
+            if refused is not None:
+                return self._timed(endpoint, False, refused, started)
         stream = bool(payload and payload.get("stream") is True)
         if self.warmer is not None and kind is not None and payload is not None:
             self.warmer.offer(kind, payload)
@@ -226,6 +233,9 @@ class Relay:
             except UpstreamFailure as failure:
                 self._note_failure(node, failure, tried)
                 failures.append(f"{node.name}: {failure.reason}")
+                if why := self.admission.node_failed(request, node.name, failure):
+                    self.metrics.requests.labels(endpoint, "-", "failed", "503").inc()
+                    return error_response(request.path, 503, why)
                 continue
             except _Retryable as answer:
                 answers += 1
@@ -319,6 +329,8 @@ class Relay:
             except UpstreamFailure as failure:
                 self._note_failure(node, failure, tried)
                 failures.append(f"{node.name}: {failure.reason}")
+                if quarantined := self.admission.node_failed(state.request, node.name, failure):
+                    return await self._give_up(state, quarantined)
                 if not state.started:
                     continue  # nothing sent yet: a plain retry
                 if state.migrations and state.writes == segment_writes:
