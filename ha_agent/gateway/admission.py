@@ -4,13 +4,16 @@ death), so relay.py calls two methods and knows none of the rules."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
 
 from ha_agent import events as ev
 from ha_agent.config import RelaySettings
+from ha_agent.dcs.base import EngineState
 from ha_agent.events import EventLog
 from ha_agent.gateway.limits import Limits, LimitSettings, error_response
 from ha_agent.gateway.metrics import RelayMetrics
@@ -59,6 +62,10 @@ class Admission:
         )
         self.shedder = Shedder(topology, settings.shed_queue_bound, settings.shed_retry_after)
         self.quarantine = Quarantine(settings.quarantine_ttl)
+        self.topology = topology
+        self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this
+        # Per fingerprint: has each node that failed holding it really stopped serving?
+        self._suspects: dict[str, list[tuple[str, asyncio.Future[bool]]]] = {}
         self.metrics = metrics
         self.events = events
 
@@ -89,15 +96,38 @@ class Admission:
         request[_KEY] = ticket
         return None
 
-    def node_failed(self, request: web.Request, node: str, failure: UpstreamFailure) -> str | None:
-        """An attempt failed. When its node died holding the request for the second
-        time, the reason to stop re-sending it; else None (re-send as usual)."""
+    async def node_failed(
+        self, request: web.Request, node: str, failure: UpstreamFailure
+    ) -> str | None:
+        """An attempt failed. When the request's second node died holding it, the
+        reason to stop re-sending it; else None (re-send as usual).
+
+        A broken connection is only a *suspected* crash (a stream can break for other
+        reasons, and a migration re-sends it): it counts once the topology has seen
+        that node stop serving (its agent reports the engine dead, hung or starting,
+        or stops answering) within `confirm_s`. The first failure is judged in the
+        background, so a plain failover re-sends at once; only a second one waits.
+        """
         ticket: Ticket | None = request.get(_KEY)
         if ticket is None or not node_died(failure.reason, failure.connect):
             return None
         fp = ticket.fingerprint
-        if not self.quarantine.node_failed(fp, node):
+        judged = asyncio.ensure_future(self._confirm(node, failure.reason))
+        # Other nodes that failed holding this fingerprint (identical requests on the
+        # one node that died are one failure, not many).
+        earlier = [
+            f
+            for other, f in self._suspects.get(fp, [])
+            if other != node and (not f.done() or f.result())
+        ]
+        self._suspects.setdefault(fp, []).append((node, judged))
+        self._forget_later(fp, (node, judged))
+        if not earlier or not await judged:
             return None
+        if not any(await asyncio.gather(*earlier)):
+            return None
+        self.quarantine.hold(fp)
+        self._suspects.pop(fp, None)
         self.metrics.quarantined.inc()
         self.events.emit(
             ev.QUERY_QUARANTINED,
@@ -109,3 +139,29 @@ class Admission:
             "this request is quarantined: the two nodes that held it both failed"
             f" (a query of death); refused for {self.quarantine.ttl:.0f}s"
         )
+
+    async def _confirm(self, name: str, reason: str) -> bool:
+        """Did the node stop serving (not just drop one connection)?"""
+        if "abandoned" in reason:
+            return True  # the topology already judged the node failed
+        deadline = time.monotonic() + self.confirm_s
+        while time.monotonic() < deadline:
+            node = self.topology.nodes.get(name)
+            if node is None or node.failed or node.engine_state is not EngineState.HEALTHY:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    def _forget_later(self, fp: str, item: tuple[str, asyncio.Future[bool]]) -> None:
+        def forget(_: object) -> None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.quarantine.window, self._drop, fp, item)
+
+        item[1].add_done_callback(forget)
+
+    def _drop(self, fp: str, item: tuple[str, asyncio.Future[bool]]) -> None:
+        items = self._suspects.get(fp)
+        if items is not None and item in items:
+            items.remove(item)
+            if not items:
+                del self._suspects[fp]

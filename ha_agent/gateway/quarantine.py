@@ -33,7 +33,6 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
@@ -69,13 +68,9 @@ def fingerprint(kind: str, payload: dict[str, Any]) -> str:
     return hashlib.blake2b(material.encode(errors="replace"), digest_size=16).hexdigest()
 
 
-@dataclass
-class _Record:
-    failures: list[tuple[float, str]] = field(default_factory=list)  # (when, node)
-    quarantined_until: float = 0.0
-
-
 class Quarantine:
+    """Fingerprints refused until a deadline (bounded in number, oldest dropped)."""
+
     def __init__(
         self,
         ttl: float = 600.0,
@@ -83,34 +78,26 @@ class Quarantine:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl = ttl
-        self.window = window
+        self.window = window  # how long a first failure is remembered
         self.clock = clock
-        self._records: OrderedDict[str, _Record] = OrderedDict()
+        self._until: OrderedDict[str, float] = OrderedDict()
 
     def __bool__(self) -> bool:
-        return bool(self._records)
+        return bool(self._until)
 
     def held(self, fp: str) -> float:
         """Seconds left in quarantine for this fingerprint, 0 when it is free."""
-        record = self._records.get(fp)
-        return max(record.quarantined_until - self.clock(), 0.0) if record else 0.0
+        until = self._until.get(fp)
+        if until is None:
+            return 0.0
+        left = until - self.clock()
+        if left <= 0:
+            del self._until[fp]
+            return 0.0
+        return left
 
-    def suspect(self, fp: str) -> bool:
-        """Was a request with this fingerprint on a node that failed (lately)?"""
-        record = self._records.get(fp)
-        now = self.clock()
-        return bool(record and any(now - t < self.window for t, _ in record.failures))
-
-    def node_failed(self, fp: str, node: str) -> bool:
-        """Record that a node failed holding this request; True when it is now quarantined."""
-        now = self.clock()
-        record = self._records.pop(fp, None) or _Record()
-        record.failures = [(t, n) for t, n in record.failures if now - t < self.window]
-        record.failures.append((now, node))
-        self._records[fp] = record  # most recent last
-        while len(self._records) > MAX_TRACKED:
-            self._records.popitem(last=False)
-        if len(record.failures) >= 2:
-            record.quarantined_until = now + self.ttl
-            return True
-        return False
+    def hold(self, fp: str) -> None:
+        self._until.pop(fp, None)
+        self._until[fp] = self.clock() + self.ttl
+        while len(self._until) > MAX_TRACKED:
+            self._until.popitem(last=False)

@@ -233,7 +233,7 @@ class Relay:
             except UpstreamFailure as failure:
                 self._note_failure(node, failure, tried)
                 failures.append(f"{node.name}: {failure.reason}")
-                if why := self.admission.node_failed(request, node.name, failure):
+                if why := await self.admission.node_failed(request, node.name, failure):
                     self.metrics.requests.labels(endpoint, "-", "failed", "503").inc()
                     return error_response(request.path, 503, why)
                 continue
@@ -329,8 +329,9 @@ class Relay:
             except UpstreamFailure as failure:
                 self._note_failure(node, failure, tried)
                 failures.append(f"{node.name}: {failure.reason}")
-                if quarantined := self.admission.node_failed(state.request, node.name, failure):
-                    return await self._give_up(state, quarantined)
+                why_stop = await self.admission.node_failed(state.request, node.name, failure)
+                if why_stop:
+                    return await self._give_up(state, why_stop)
                 if not state.started:
                     continue  # nothing sent yet: a plain retry
                 if state.migrations and state.writes == segment_writes:
