@@ -23,7 +23,6 @@ from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import UpstreamFailure
 
 log = logging.getLogger(__name__)
-_KEY = "sglang_ha_admitted"  # the request's Ticket, kept on the aiohttp request
 
 
 class Ticket:
@@ -40,6 +39,9 @@ class Ticket:
         if self._fp is None:
             self._fp = fingerprint(self.kind, self.payload)
         return self._fp
+
+
+_KEY = web.RequestKey("sglang_ha_admitted", Ticket)  # the request's Ticket
 
 
 class Admission:
