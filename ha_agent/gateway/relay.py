@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -143,8 +143,6 @@ class Relay:
             if refused is not None:
                 return self._timed(endpoint, False, refused, started)
         stream = bool(payload and payload.get("stream") is True)
-        if self.warmer is not None and kind is not None and payload is not None:
-            self.warmer.offer(kind, payload)
         self.metrics.inflight.inc()
         try:
             if stream and kind is not None and payload is not None:
@@ -153,6 +151,11 @@ class Relay:
                 response = await self._unary(request, endpoint, body)
         finally:
             self.metrics.inflight.dec()
+        # Mirrored only once the primary has served it (a stream: at its first byte,
+        # in _stream): a query of death that kills the primary must not kill the
+        # standby at the same moment (quarantine.py).
+        if self.warmer and kind and payload is not None and not stream and response.status == 200:
+            self.warmer.offer(kind, payload)
         return self._timed(endpoint, stream, response, started)
 
     def _timed(self, endpoint: str, stream: bool, response: R, started: float) -> R:
@@ -294,6 +297,9 @@ class Relay:
     ) -> web.StreamResponse:
         migration = Migration(kind, payload)
         state = _StreamState(request, kind, migration, started, self.metrics)
+        if self.warmer is not None:
+            warmer = self.warmer
+            state.on_begin = lambda: warmer.offer(kind, payload)
         try:
             return await self._stream_loop(state, migration.first_body(body))
         except (ClientGone, asyncio.CancelledError):
@@ -470,6 +476,7 @@ class _StreamState:
         self.migrations = 0
         self.writes = 0
         self._first_event_sent = False
+        self.on_begin: Callable[[], None] | None = None  # the primary took it (warming)
 
     @property
     def started(self) -> bool:
@@ -509,6 +516,8 @@ class _StreamState:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
             raise ClientGone() from exc
         self.response = response
+        if self.on_begin is not None:
+            self.on_begin()
 
     async def write(self, data: bytes) -> None:
         assert self.response is not None

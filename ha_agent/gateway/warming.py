@@ -1,7 +1,7 @@
 """Keep the standby's prefix cache warm from live traffic.
 
 After a failover the new primary's cache is cold and the first requests pay a full
-prefill. So a bounded sample of the requests sent to the primary is mirrored to the
+prefill. So a bounded sample of the requests the primary has served is mirrored to the
 standby as prefill-only work: the same prompt, one new token, the answer thrown
 away. SGLang's radix cache keeps the prompt's KV, so the same prefixes hit cache
 there after a takeover.
