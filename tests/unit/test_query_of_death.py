@@ -10,6 +10,7 @@ never reaches an engine again.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -23,7 +24,7 @@ MARKER = "QOD-5d1e"
 
 @pytest.fixture
 async def cluster(redis_proc: RedisProcess) -> AsyncIterator[LocalCluster]:
-    faults = {"SIM_FAULTS": '{"crash_marker": "%s"}' % MARKER}
+    faults = {"SIM_FAULTS": json.dumps({"crash_marker": MARKER})}
     async with local_cluster(redis_proc, sim_env=faults) as c:
         await c.wait_ready()
         yield c
