@@ -15,12 +15,12 @@ from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import EngineState
 from ha_agent.events import EventLog
-from ha_agent.gateway.limits import Limits, LimitSettings, error_response
+from ha_agent.gateway.limits import Limits, LimitSettings, ask_context_length, error_response
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.quarantine import Quarantine, fingerprint, node_died
 from ha_agent.gateway.shedding import Shedder
 from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import UpstreamFailure
+from ha_agent.gateway.transport import Transport, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class Admission:
         self,
         settings: RelaySettings,
         topology: Topology,
+        transport: Transport,
         metrics: RelayMetrics,
         events: EventLog,
     ) -> None:
@@ -65,17 +66,20 @@ class Admission:
         self.shedder = Shedder(topology, settings.shed_queue_bound, settings.shed_retry_after)
         self.quarantine = Quarantine(settings.quarantine_ttl)
         self.topology = topology
+        self.transport = transport
         self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this
         # Per fingerprint: has each node that failed holding it really stopped serving?
         self._suspects: dict[str, list[tuple[str, asyncio.Future[bool]]]] = {}
         self.metrics = metrics
         self.events = events
 
-    def admit(
+    async def admit(
         self, request: web.Request, kind: str, payload: dict[str, Any]
     ) -> web.Response | None:
         """The refusal to answer at once, or None to send the request on."""
         path = request.path
+        if self.limits.must_learn_first(kind, payload):
+            await ask_context_length(self.limits, self.topology, self.transport, timeout=2.0)
         why = self.limits.check(kind, payload)
         if why is not None:
             self.metrics.refused.labels(kind, "limits").inc()

@@ -54,6 +54,9 @@ import re
 log = logging.getLogger(__name__)
 
 _CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf")
+# While the context is not known yet (the relay just started), a prompt this short goes
+# on; a longer one waits for the primary's answer (milliseconds) before it is judged.
+UNKNOWN_OK = 16384
 _ERROR_TYPES = {400: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
 
 
@@ -90,6 +93,10 @@ class Limits:
     @property
     def context_length(self) -> int | None:
         return self.s.context_length or self.learnt_context
+
+    def must_learn_first(self, kind: str, payload: dict[str, Any]) -> bool:
+        """Is the context unknown while this prompt may not fit any model's?"""
+        return self.context_length is None and sum(prompt_size(kind, payload)) > UNKNOWN_OK
 
     def check(self, kind: str, payload: dict[str, Any]) -> str | None:
         """Why this generation request is refused, or None."""
@@ -256,27 +263,34 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+async def ask_context_length(
+    limits: Limits, topology: Topology, transport: Transport, timeout: float = 5.0
+) -> int | None:
+    """Ask the primary (`GET /v1/models`) and keep its answer in `limits.learnt_context`."""
+    node = topology.nodes.get(topology.primary or "")
+    if node is None:
+        return None
+    try:
+        async with transport.session.get(
+            node.engine_url + "/v1/models", timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            data = await resp.json()
+        lengths = [m.get("max_model_len") for m in data.get("data", []) if isinstance(m, dict)]
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+        return None
+    known = [n for n in lengths if isinstance(n, int) and n > 0]
+    if known and max(known) != limits.learnt_context:
+        limits.learnt_context = max(known)
+        log.info("context length %d (from %s)", max(known), node.name)
+    return limits.learnt_context
+
+
 async def learn_context_length(
     limits: Limits, topology: Topology, transport: Transport, stop: asyncio.Event
 ) -> None:
-    """Keep `limits.learnt_context` as the primary reports it (`/v1/models`)."""
+    """Keep `limits.learnt_context` as the primary reports it, every minute."""
     while not stop.is_set():
-        node = topology.nodes.get(topology.primary or "")
-        if node is not None:
-            try:
-                async with transport.session.get(
-                    node.engine_url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)
-                ) as resp:
-                    data = await resp.json()
-                lengths = [
-                    m.get("max_model_len") for m in data.get("data", []) if isinstance(m, dict)
-                ]
-                known = [n for n in lengths if isinstance(n, int) and n > 0]
-                if known and max(known) != limits.learnt_context:
-                    limits.learnt_context = max(known)
-                    log.info("context length %d (from %s)", max(known), node.name)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
-                pass
+        await ask_context_length(limits, topology, transport)
         delay = 60.0 if limits.learnt_context else 2.0
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)

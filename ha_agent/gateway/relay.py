@@ -112,7 +112,7 @@ class Relay:
         self.events = events
         self.retry_deadline = settings.retry_deadline
         self.warmer = warmer
-        self.admission = Admission(settings, topology, metrics, events)  # overload, QoD
+        self.admission = Admission(settings, topology, transport, metrics, events)  # overload, QoD
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -139,7 +139,7 @@ class Relay:
             rejected = self._client_error(endpoint, f"request body over {MAX_BODY} bytes", 413)
             return self._timed(endpoint, False, rejected, started)
         if kind is not None and payload is not None:
-            refused = self.admission.admit(request, kind, payload)
+            refused = await self.admission.admit(request, kind, payload)
             if refused is not None:
                 return self._timed(endpoint, False, refused, started)
         stream = bool(payload and payload.get("stream") is True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
+from aiohttp.test_utils import TestServer, make_mocked_request
 
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import AgentStatus, EngineState, EngineStatus, Role
@@ -21,7 +21,7 @@ from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
 from ha_agent.gateway.quarantine import Quarantine, fingerprint, node_died
 from ha_agent.gateway.topology import NodeView, Topology
-from ha_agent.gateway.transport import UpstreamFailure
+from ha_agent.gateway.transport import Transport, UpstreamFailure
 from tests.support.fakes import FakeClock, FakeStore
 
 NESTED = "(?:a{1000}){1000}"
@@ -46,7 +46,7 @@ def admission(tmp_path: Any) -> Admission:
     topology.primary = "a"
     for node in topology.nodes.values():
         node.status = status()
-    adm = Admission(settings, topology, RelayMetrics(), events)
+    adm = Admission(settings, topology, Transport(0.5, 60), RelayMetrics(), events)
     adm.confirm_s = 0.5
     return adm
 
@@ -64,7 +64,7 @@ def body_of(resp: web.Response) -> Any:
 
 
 @pytest.mark.parametrize("size", [4 * 1024 * 1024, 15 * 1024 * 1024])
-def test_a_prompt_longer_than_the_context_is_refused_fast_in_each_shape(
+async def test_a_prompt_longer_than_the_context_is_refused_fast_in_each_shape(
     admission: Admission, size: int
 ) -> None:
     text = "x" * size
@@ -78,7 +78,7 @@ def test_a_prompt_longer_than_the_context_is_refused_fast_in_each_shape(
         ),
     ):
         started = time.perf_counter()
-        resp = admission.admit(request(path), kind, payload)
+        resp = await admission.admit(request(path), kind, payload)
         took = time.perf_counter() - started
         assert resp is not None and resp.status == 400
         assert took < 0.1, took
@@ -100,6 +100,34 @@ def test_a_prompt_that_fits_passes_and_token_ids_are_counted_exactly() -> None:
     assert why == "The input (100 tokens) is longer than the model's context length (100 tokens)."
     # ids and text together share the context
     assert limits.check(GENERATE, {"input_ids": list(range(90)), "text": "z" * 200}) is not None
+
+
+async def test_an_unknown_context_is_asked_of_the_primary_before_a_big_prompt(
+    admission: Admission,
+) -> None:
+    """Right after the relay starts, a big prompt waits for the primary's
+    max_model_len (SGLang's /v1/models) instead of slipping through."""
+    asked: list[str] = []
+
+    async def models(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.json_response({"object": "list", "data": [{"id": "m", "max_model_len": 1000}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    server = TestServer(app)
+    await server.start_server()
+    admission.limits = Limits(LimitSettings())
+    admission.topology.nodes["a"].engine_url = str(server.make_url("")).rstrip("/")
+    try:
+        assert await admission.admit(request("/generate"), GENERATE, {"text": "short"}) is None
+        assert asked == [], "a short prompt never waits"
+        resp = await admission.admit(request("/generate"), GENERATE, {"text": "x" * 20000})
+        assert resp is not None and resp.status == 400
+        assert asked == ["/v1/models"] and admission.limits.learnt_context == 1000
+    finally:
+        await admission.transport.close()
+        await server.close()
 
 
 def test_the_context_is_unknown_until_learnt_then_applies() -> None:
@@ -124,10 +152,12 @@ def test_prompt_size_reads_every_prompt_shape() -> None:
         (CHAT, {"model": "m", "messages": [{"role": "user", "content": "q"}], "regex": NESTED}),
     ],
 )
-def test_a_nested_regex_is_refused_fast(admission: Admission, kind: str, payload: Any) -> None:
+async def test_a_nested_regex_is_refused_fast(
+    admission: Admission, kind: str, payload: Any
+) -> None:
     path = {GENERATE: "/generate", COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
     started = time.perf_counter()
-    resp = admission.admit(request(path[kind]), kind, payload)
+    resp = await admission.admit(request(path[kind]), kind, payload)
     assert time.perf_counter() - started < 0.1
     assert resp is not None and resp.status == 400
     assert "regex nests repeats" in json.dumps(body_of(resp))
@@ -153,18 +183,18 @@ def test_constraint_bounds() -> None:
 # -- shedding ----------------------------------------------------------------------------
 
 
-def test_a_saturated_primary_sheds_with_retry_after(admission: Admission) -> None:
+async def test_a_saturated_primary_sheds_with_retry_after(admission: Admission) -> None:
     payload = {"text": "hi"}
-    assert admission.admit(request("/generate"), GENERATE, payload) is None
+    assert await admission.admit(request("/generate"), GENERATE, payload) is None
     admission.topology.nodes["a"].status = status(queued=16)
-    resp = admission.admit(request("/v1/completions"), COMPLETIONS, payload)
+    resp = await admission.admit(request("/v1/completions"), COMPLETIONS, payload)
     assert resp is not None and resp.status == 429
     assert resp.headers["Retry-After"] == "2"
     assert "saturated (16 requests queued, bound 16)" in body_of(resp)["message"]
     # the standby's queue is not the primary's
     admission.topology.nodes["a"].status = status(queued=3)
     admission.topology.nodes["b"].status = status(queued=1000)
-    assert admission.admit(request("/generate"), GENERATE, payload) is None
+    assert await admission.admit(request("/generate"), GENERATE, payload) is None
 
 
 # -- quarantine --------------------------------------------------------------------------
@@ -200,14 +230,14 @@ def test_quarantine_expires() -> None:
 async def test_two_nodes_dying_with_a_request_quarantine_it(admission: Admission) -> None:
     payload = {"text": "boom", "sampling_params": {"max_new_tokens": 4}}
     req = request("/generate")
-    assert admission.admit(req, GENERATE, payload) is None
+    assert await admission.admit(req, GENERATE, payload) is None
     broke = UpstreamFailure("connection closed before the response")
     # First node: a re-send, at once (judged in the background).
     admission.topology.nodes["a"].failed = True
     assert await asyncio.wait_for(admission.node_failed(req, "a", broke), 0.05) is None
     # Identical requests on the same dead node are the same one failure.
     other = request("/generate")
-    assert admission.admit(other, GENERATE, payload) is None
+    assert await admission.admit(other, GENERATE, payload) is None
     assert await admission.node_failed(other, "a", broke) is None
     # Second node: quarantined, with the event and the metric.
     admission.topology.nodes["b"].status = status(EngineState.DEAD)
@@ -216,9 +246,9 @@ async def test_two_nodes_dying_with_a_request_quarantine_it(admission: Admission
     assert admission.metrics.quarantined._value.get() == 1
     assert any(e.event == "QUERY_QUARANTINED" for e in admission.events.recent)
     # Afterwards the same request is refused at admission: 503, saying why.
-    resp = admission.admit(request("/v1/completions"), COMPLETIONS, {"prompt": "x"})
+    resp = await admission.admit(request("/v1/completions"), COMPLETIONS, {"prompt": "x"})
     assert resp is None, "other requests pass"
-    resp = admission.admit(request("/generate"), GENERATE, payload)
+    resp = await admission.admit(request("/generate"), GENERATE, payload)
     assert resp is not None and resp.status == 503
     assert "quarantined" in body_of(resp)["error"]["message"]
 
@@ -228,7 +258,7 @@ async def test_a_broken_connection_on_a_node_that_kept_serving_is_no_crash(
 ) -> None:
     payload = {"text": "long story"}
     req = request("/generate")
-    assert admission.admit(req, GENERATE, payload) is None
+    assert await admission.admit(req, GENERATE, payload) is None
     broke = UpstreamFailure("response body broken: payload not completed")
     assert await admission.node_failed(req, "a", broke) is None
     assert await admission.node_failed(req, "b", broke) is None  # both stayed healthy
