@@ -5,15 +5,17 @@ a node that died of something else, fatal for a request that *is* the cause (a p
 that trips a kernel bug, a grammar that crashes the compiler). Re-sent to the next node,
 it kills that one too, and a client that retries kills them in turn.
 
-The rule: a request may be in flight on a node that failed *once*; its second such
-failure (the same fingerprint, on any node, within `window` seconds) quarantines the
-fingerprint for `ttl` seconds. A quarantined request is answered 503 at admission with
-a message that says why, the event QUERY_QUARANTINED is logged, and
-`sglang_ha_relay_quarantined_total` counts it. Everyone else is served as usual.
+The rule (admission.py applies it): a request may be in flight on a node that failed
+*once*, and is re-sent; when a second, different node fails holding the same
+fingerprint (within `window` seconds), the fingerprint is quarantined for `ttl`
+seconds. A quarantined request is answered 503 at admission with a message that says
+why, the event QUERY_QUARANTINED is logged, and `sglang_ha_relay_quarantined_total`
+counts it. Everyone else is served as usual.
 
 A failure counts when the node's connection broke or the topology abandoned the node
-(its engine dead, hung, or its agent gone) while the request was on it; a connect
-error (nothing reached the node), a timeout or an HTTP status do not.
+while the request was on it, and the topology then saw the node stop serving (its
+engine dead, hung or starting, or its agent gone); a connect error (nothing reached
+the node), a timeout or an HTTP status never count.
 
 The fingerprint is blake2b over the endpoint, the prompt and the constraint fields
 (regex, json_schema, ebnf, response_format): what can make an engine crash, not the
