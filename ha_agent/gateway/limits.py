@@ -186,10 +186,29 @@ def _strings(value: Any, budget: int = 100_000) -> Iterator[Any]:
             yield item
 
 
+def _chat_text(messages: Any) -> list[str]:
+    """The text of chat messages: string contents and `text` parts only. Images, audio
+    and video (data URIs can be megabytes) are not text tokens; the engine counts them."""
+    out: list[str] = []
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out += [
+                p["text"]
+                for p in content
+                if isinstance(p, dict)
+                and p.get("type") == "text"
+                and isinstance(p.get("text"), str)
+            ]
+    return out
+
+
 def prompt_size(kind: str, payload: dict[str, Any]) -> tuple[int, int]:
     """(characters of text, token ids) in the request's prompt; cheap, no tokenizer."""
     if kind == CHAT:
-        fields: list[Any] = [payload.get("messages")]
+        fields: list[Any] = [_chat_text(payload.get("messages"))]
     elif kind == COMPLETIONS:
         fields = [payload.get("prompt")]
     elif kind == GENERATE:

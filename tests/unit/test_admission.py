@@ -25,6 +25,7 @@ from ha_agent.gateway.transport import Transport, UpstreamFailure
 from tests.support.fakes import FakeClock, FakeStore
 
 NESTED = "(?:a{1000}){1000}"
+MB = 1024 * 1024
 
 
 def status(state: EngineState = EngineState.HEALTHY, queued: float = 0) -> AgentStatus:
@@ -139,7 +140,12 @@ def test_the_context_is_unknown_until_learnt_then_applies() -> None:
 
 def test_prompt_size_reads_every_prompt_shape() -> None:
     chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "abc"}]}]}
-    assert prompt_size(CHAT, chat)[0] >= 3
+    assert prompt_size(CHAT, chat) == (3, 0)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * MB}}
+    multimodal = {
+        "messages": [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}]
+    }
+    assert prompt_size(CHAT, multimodal) == (2, 0), "an image is not text tokens"
     assert prompt_size(COMPLETIONS, {"prompt": [[1, 2, 3]]}) == (0, 3)
     assert prompt_size(GENERATE, {"text": ["ab", "cde"]}) == (5, 0)
 
