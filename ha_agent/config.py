@@ -462,6 +462,30 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     cors_allow_credentials: bool = Field(
         True, description="CORS Access-Control-Allow-Credentials, as SGLang (true)."
     )
+    # Overload and query-of-death protection (gateway/limits.py, shedding.py, quarantine.py).
+    context_length: int = Field(
+        0, ge=0, description="Refuse longer prompts (tokens); 0: the primary's max_model_len."
+    )
+    prompt_chars_per_token: float = Field(
+        10.0, gt=0, description="Characters one token may hold at most (prompt estimate)."
+    )
+    constraint_max_bytes: int = Field(
+        65536, gt=0, description="Largest regex / json_schema / ebnf accepted, bytes."
+    )
+    constraint_max_depth: int = Field(32, gt=0, description="Deepest json_schema accepted.")
+    regex_max_repeat: int = Field(
+        100_000, gt=0, description="Largest product of nested regex repeat counts."
+    )
+    warm_max_chars: int = Field(
+        65536, ge=0, description="The warmer never mirrors a longer prompt (characters)."
+    )
+    shed_queue_bound: int = Field(
+        256, ge=0, description="Answer 429 while the primary has this many queued (0: off)."
+    )
+    shed_retry_after: int = Field(2, ge=1, description="Retry-After sent with a 429, s.")
+    quarantine_ttl: float = Field(
+        600.0, gt=0, description="How long a query of death is refused, s."
+    )
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
     nginx_backup_file: str | None = Field(
         None,

@@ -55,6 +55,18 @@ class RelayMetrics:
         self.inflight = Gauge(
             "sglang_ha_relay_inflight", "Requests in flight through the relay.", registry=r
         )
+        self.refused = Counter(
+            "sglang_ha_relay_refused",
+            "Requests answered at admission without an engine: reason is limits (too"
+            " heavy, 400), shed (primary saturated, 429) or quarantined (query of death, 503).",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "sglang_ha_relay_quarantined",
+            "Request fingerprints quarantined after the nodes holding them failed twice.",
+            registry=r,
+        )
         self.auth_rejected = Counter(
             "sglang_ha_relay_auth_rejected",
             "Admin requests rejected for a missing or wrong token.",

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -34,7 +34,9 @@ from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway import sse
+from ha_agent.gateway.admission import Admission
 from ha_agent.gateway.cors import Cors, on_prepare
+from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import Migration
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
@@ -48,7 +50,7 @@ from ha_agent.gateway.transport import (
 )
 from ha_agent.gateway.warming import Warmer
 from ha_agent.openapi import inference
-from ha_agent.openapi.endpoints import Endpoint, ErrorShape, Semantics
+from ha_agent.openapi.endpoints import Endpoint, Semantics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,7 +58,6 @@ R = TypeVar("R", bound=web.StreamResponse)
 
 NODE_HEADER = "X-SGLang-HA-Node"
 MAX_BODY = 64 * 1024 * 1024
-JSON = "application/json"  # as SGLang's ORJSONResponse: no charset
 
 
 class ClientGone(Exception):
@@ -115,6 +116,7 @@ class Relay:
         self.warmer = warmer
         self.cors = Cors.parse(settings.cors_allow_origins, settings.cors_allow_credentials)
         self.owners = RidOwners()
+        self.admission = Admission(settings, topology, transport, metrics, events)  # overload, QoD
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -145,10 +147,12 @@ class Relay:
         endpoint = _label(route)
         if route.semantics is Semantics.SCOPED_ABORT:
             return self._timed(endpoint, False, await self._abort(request, payload), started)
-        stream = bool(payload and payload.get("stream") is True)
         migrates = route.semantics is Semantics.MIGRATE
-        if self.warmer is not None and migrates and payload is not None:
-            self.warmer.offer(route.kind, payload)
+        if migrates and payload is not None:
+            refused = await self.admission.admit(request, route.kind, payload)
+            if refused is not None:
+                return self._timed(endpoint, False, refused, started)
+        stream = bool(payload and payload.get("stream") is True)
         self.metrics.inflight.inc()
         rids = self.owners.hold(request, payload)
         try:
@@ -161,6 +165,17 @@ class Relay:
         finally:
             self.owners.release(rids)
             self.metrics.inflight.dec()
+        # Mirrored only once the primary has served it (a stream: at its first byte,
+        # in _stream): a query of death that kills the primary must not kill the
+        # standby at the same moment (quarantine.py).
+        if (
+            self.warmer
+            and migrates
+            and payload is not None
+            and not stream
+            and response.status == 200
+        ):
+            self.warmer.offer(route.kind, payload)
         return self._timed(endpoint, stream, response, started)
 
     def _timed(self, endpoint: str, stream: bool, response: R, started: float) -> R:
@@ -173,9 +188,8 @@ class Relay:
     def _client_error(self, route: Endpoint | None, bad: inference.BadInput) -> web.Response:
         """The refusal in SGLang's shape for the route (native /generate, OpenAI...)."""
         self.metrics.requests.labels(_label(route), "-", "client_error", str(bad.status)).inc()
-        shape = route.errors if route is not None else None
         headers = {"Allow": bad.allow} if bad.allow else None
-        return _json(inference.error_body(shape, bad), bad.status, headers)
+        return refusal(route, bad, headers)
 
     # -- abort by rid, for the client that started the request ---------------------------
 
@@ -265,6 +279,9 @@ class Relay:
             except UpstreamFailure as failure:
                 self._note_failure(node, failure, tried)
                 failures.append(f"{node.name}: {failure.reason}")
+                if why := await self.admission.node_failed(request, node.name, failure):
+                    self.metrics.requests.labels(endpoint, "-", "failed", "503").inc()
+                    return refusal(route, inference.BadInput(why, 503))
                 continue
             except _Retryable as answer:
                 answers += 1
@@ -285,7 +302,7 @@ class Relay:
                 status=last.status, headers=response_headers(last.headers), body=last.body
             )
         why = "no node could serve the request: " + "; ".join(failures[-4:])
-        return _json(inference.error_body(route.errors, inference.BadInput(why, 503)), 503)
+        return refusal(route, inference.BadInput(why, 503))
 
     async def _fetch(
         self, node: NodeView, request: web.Request, body: bytes
@@ -316,6 +333,9 @@ class Relay:
     ) -> web.StreamResponse:
         migration = Migration(kind, payload)
         state = _StreamState(request, kind, migration, started, self.metrics)
+        if self.warmer is not None:
+            warmer = self.warmer
+            state.on_begin = lambda: warmer.offer(kind, payload)
         try:
             return await self._stream_loop(state, migration.first_body(body))
         except (ClientGone, asyncio.CancelledError):
@@ -351,6 +371,9 @@ class Relay:
             except UpstreamFailure as failure:
                 self._note_failure(node, failure, tried)
                 failures.append(f"{node.name}: {failure.reason}")
+                why_stop = await self.admission.node_failed(state.request, node.name, failure)
+                if why_stop:
+                    return await self._give_up(state, why_stop)
                 if not state.started:
                     continue  # nothing sent yet: a plain retry
                 if state.migrations and state.writes == segment_writes:
@@ -411,8 +434,7 @@ class Relay:
     async def _give_up(self, state: _StreamState, why: str) -> web.StreamResponse:
         if not state.started:
             self.metrics.requests.labels(state.kind, "-", "failed", "503").inc()
-            shape = ErrorShape.NATIVE if state.kind == "generate" else ErrorShape.OPENAI
-            return _json(inference.error_body(shape, inference.BadInput(why, 503)), 503)
+            return refusal_at(state.request.path, 503, why)
         self.metrics.migrations.labels(state.kind, "failed").inc()
         self.metrics.requests.labels(state.kind, "-", "failed", "200").inc()
         await state.finish(sse.error_event(f"stream interrupted; {why}; retry the request"))
@@ -501,7 +523,7 @@ class Relay:
             self.metrics.requests.labels(route.kind, node.name, "ok", "200").inc()
             return out.result()
         why = "no node could serve the request: " + "; ".join(failures[-4:])
-        return _json(inference.error_body(route.errors, inference.BadInput(why, 503)), 503)
+        return refusal(route, inference.BadInput(why, 503))
 
     async def _relay_events(
         self, node: NodeView, request: web.Request, body: bytes, out: _Unresumable
@@ -643,12 +665,6 @@ def _label(route: Endpoint | None) -> str:
     return route.kind if route is not None and route.generation else "other"
 
 
-def _json(obj: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=json.dumps(obj).encode(), status=status, content_type=JSON, headers=headers
-    )
-
-
 class _StreamState:
     """The client's side of one streaming request, across segments."""
 
@@ -672,6 +688,7 @@ class _StreamState:
         self.migrations = 0
         self.writes = 0
         self._first_event_sent = False
+        self.on_begin: Callable[[], None] | None = None  # the primary took it (warming)
 
     @property
     def started(self) -> bool:
@@ -711,6 +728,8 @@ class _StreamState:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
             raise ClientGone() from exc
         self.response = response
+        if self.on_begin is not None:
+            self.on_begin()
 
     async def write(self, data: bytes) -> None:
         assert self.response is not None

@@ -12,6 +12,7 @@ from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
 from ha_agent.gateway.admin import RelayAdmin
+from ha_agent.gateway.limits import learn_context_length
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.nginx_sync import keep_in_sync
 from ha_agent.gateway.relay import Relay
@@ -41,6 +42,7 @@ class RelayService:
             settings.warm_rate,
             self.metrics.registry,
             max_inflight=settings.warm_max_inflight,
+            max_chars=settings.warm_max_chars,
         )
         self.topology.config_observers.append(self._config_changed)
         self.relay = Relay(
@@ -83,6 +85,11 @@ class RelayService:
         self._tasks = [
             asyncio.ensure_future(self.topology.run(self._stop)),
             asyncio.ensure_future(self.events.forward(self._stop)),
+            asyncio.ensure_future(
+                learn_context_length(
+                    self.relay.admission.limits, self.topology, self.transport, self._stop
+                )
+            ),
         ]
         if self.s.nginx_backup_file:
             self._tasks.append(

@@ -1,7 +1,7 @@
 """Keep the standby's prefix cache warm from live traffic.
 
 After a failover the new primary's cache is cold and the first requests pay a full
-prefill. So a bounded sample of the requests sent to the primary is mirrored to the
+prefill. So a bounded sample of the requests the primary has served is mirrored to the
 standby as prefill-only work: the same prompt, one new token, the answer thrown
 away. SGLang's radix cache keeps the prompt's KV, so the same prefixes hit cache
 there after a takeover.
@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
+from ha_agent.gateway.limits import prompt_size
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
 from ha_agent.gateway.topology import NodeView, Topology
 from ha_agent.gateway.transport import Transport
@@ -107,11 +108,14 @@ class Warmer:
         registry: CollectorRegistry | None,
         max_inflight: int = 4,
         clock: Any = time.monotonic,
+        max_chars: int = 65536,
     ) -> None:
         self.topology = topology
         self.transport = transport
         self.rate = rate
         self.max_inflight = max_inflight
+        # A big prompt is never mirrored: tokenizing it would stall the standby too.
+        self.max_chars = max_chars
         self.clock = clock
         self._tokens = rate
         self._filled_at = clock()
@@ -161,6 +165,8 @@ class Warmer:
             return
         node = self.standby()
         if node is None or not self._has_token():
+            return
+        if sum(prompt_size(kind, body)) > self.max_chars:
             return
         key = prefix_key(kind, body)
         if self._mirrored_lately(node.name, key):

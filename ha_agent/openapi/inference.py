@@ -96,7 +96,11 @@ def error_body(shape: ErrorShape | None, bad: BadInput) -> dict[str, Any]:
     }
 
 
-_ERROR_TYPES = {413: "RequestTooLarge", 503: "ServiceUnavailableError"}
+_ERROR_TYPES = {
+    413: "RequestTooLarge",
+    429: "RateLimitError",
+    503: "ServiceUnavailableError",
+}
 
 
 def check_route(method: str, raw_path: str) -> Endpoint:

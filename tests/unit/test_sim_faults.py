@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -230,3 +231,39 @@ def test_oom_knob_kills_the_process_with_sigkill() -> None:
 def test_oom_from_sim_faults_env_at_startup() -> None:
     proc = _spawn(_free_port(), SIM_FAULTS='{"oom": true}', SIM_STARTUP_DELAY="0.2")
     _assert_oom_death(proc)
+
+
+def test_crash_marker_kills_the_process_only_for_the_marked_prompt() -> None:
+    port = _free_port()
+    proc = _spawn(port, SIM_FAULTS='{"crash_marker": "QOD-7f3a"}')
+    try:
+        _wait_healthy(proc, port)
+
+        def generate(text: str) -> int:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/generate",
+                data=json.dumps({"text": text, "sampling_params": {"max_new_tokens": 2}}).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return int(resp.status)
+
+        assert generate("an innocent prompt") == 200
+        with pytest.raises((OSError, http.client.HTTPException)):
+            generate("a prompt with QOD-7f3a inside")  # the connection drops
+        _, stderr = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == -signal.SIGKILL
+    assert b"Scheduler hit an exception" in stderr
+    assert b"CUDA error: an illegal memory access" in stderr
+
+
+async def test_crash_marker_knob_is_validated(sim_client: TestClient) -> None:
+    r = await sim_client.post("/sim/faults", json={"crash_marker": 5})
+    assert r.status == 400
+    r = await sim_client.post("/sim/faults", json={"crash_marker": "X"})
+    assert (await r.json())["crash_marker"] == "X"
