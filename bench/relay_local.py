@@ -42,11 +42,6 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
 async def main_async(args: argparse.Namespace) -> None:
     with redis_server() as redis:
         async with local_cluster(redis, relay=False, sim_env=SIM) as cluster:
@@ -68,11 +63,19 @@ async def main_async(args: argparse.Namespace) -> None:
                 "HA_HA_LOG": os.path.join(cluster.workdir, "relay.ha.log"),
                 "HA_LOG_LEVEL": "WARNING",
             }
-            proc = subprocess.Popen([sys.executable, "-m", "ha_agent.gateway"], env=env)
+            metrics_dir = tempfile.mkdtemp(prefix="sglang-ha-relay-metrics-")
+            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "ha_agent.gateway"],
+                    env={**env, "HA_RELAY_WORKER_INDEX": str(i)},
+                )
+                for i in range(args.workers)
+            ]
             try:
                 url = f"http://127.0.0.1:{port}"
                 await _wait_healthy(f"http://127.0.0.1:{admin}/health", 20.0)
-                pids = [proc.pid, *_children(proc.pid)]
+                pids = [p.pid for p in procs]
                 sim = cluster.nodes[primary].sim
                 assert sim is not None and sim.proc is not None
                 args.sim_pid = sim.proc.pid
@@ -82,8 +85,11 @@ async def main_async(args: argparse.Namespace) -> None:
                 if args.profile:
                     await _profile(url, pids, args)
             finally:
-                proc.terminate()
-                proc.wait(timeout=10)
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    proc.wait(timeout=10)
+                shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 async def _wait_healthy(url: str, timeout: float) -> None:
