@@ -184,6 +184,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--paths", default="direct,relay")
     parser.add_argument("--profile", help="py-spy raw (collapsed) output file")
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
     asyncio.run(main_async(parser.parse_args()))
     return 0
 

@@ -52,6 +52,9 @@ T = TypeVar("T")
 R = TypeVar("R", bound=web.StreamResponse)
 
 NODE_HEADER = "X-SGLang-HA-Node"
+# Which relay worker holds a stream (ha_agent/gateway/workers.py): a stream lives
+# and dies with its worker.
+WORKER_HEADER = "X-SGLang-HA-Relay-Worker"
 MAX_BODY = 64 * 1024 * 1024
 _ERROR_TYPES = {404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
 
@@ -284,6 +287,7 @@ class Relay:
     ) -> web.StreamResponse:
         migration = Migration(kind, payload)
         state = _StreamState(request, kind, migration, started, self.metrics)
+        state.worker = self.s.relay_worker_index
         try:
             return await self._stream_loop(state, migration.first_body(body))
         except (ClientGone, asyncio.CancelledError):
@@ -456,6 +460,7 @@ class _StreamState:
         self._raw: list[bytes] | None = []  # None once read
         self.migrations = 0
         self.writes = 0
+        self.worker = 0
         self._first_event_sent = False
 
     @property
@@ -488,6 +493,7 @@ class _StreamState:
             return  # a continuation: the client's response is already under way
         headers = response_headers(upstream.headers)
         headers[NODE_HEADER] = node.name
+        headers[WORKER_HEADER] = str(self.worker)
         headers["X-Accel-Buffering"] = "no"  # tell Nginx not to buffer, whatever its config
         headers["Cache-Control"] = "no-cache"
         response = web.StreamResponse(status=200, headers=headers)
