@@ -14,26 +14,6 @@ from typing import Any
 DONE = b"data: [DONE]\n\n"
 
 
-class EventSplitter:
-    """Feed bytes in; get back the longest prefix made of complete events."""
-
-    def __init__(self) -> None:
-        self._buf = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        buf = self._buf + chunk if self._buf else chunk
-        cut = buf.rfind(b"\n\n")
-        if cut < 0:
-            self._buf = buf
-            return b""
-        self._buf = buf[cut + 2 :]
-        return buf[: cut + 2]
-
-    @property
-    def pending(self) -> bytes:
-        return self._buf
-
-
 def iter_data(raw: bytes) -> Iterator[str]:
     """The `data:` payload of each event in `raw` (complete events only)."""
     for event in raw.split(b"\n\n"):
