@@ -55,6 +55,7 @@ class UpstreamStream(asyncio.Protocol):
         self._sink: Sink | None = None
         self._need = -1  # chunked: bytes of chunk data still expected (-1: a size line)
         self._finished = False
+        self._sink_done = False  # the sink saw the stream's last event
         self._resumer: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -172,6 +173,7 @@ class UpstreamStream(asyncio.Protocol):
         if self._sink is None:
             self._body += data
         elif self._sink(data):
+            self._sink_done = True
             self._finish()
 
     def _finish(self) -> None:
@@ -208,10 +210,13 @@ class UpstreamStream(asyncio.Protocol):
             early, self._body = bytes(self._body), bytearray()
             try:
                 if sink(early):
+                    self._sink_done = True
                     self._finish()
             except Exception as exc:
                 self._fail(exc)
         await self._end
+        if not self._sink_done:  # the body ended cleanly, but before the last event
+            raise UpstreamFailure("stream ended without [DONE]")
 
     def pause_until_drained(self, client: asyncio.Transport, low: int) -> None:
         """The client reads slower than the engine writes: stop reading the engine

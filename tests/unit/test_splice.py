@@ -135,3 +135,13 @@ async def test_an_exception_in_the_sink_reaches_the_relay(resolver: CachingResol
     async with server:
         with pytest.raises(Gone):
             await run_stream(port, resolver, failing)
+
+
+async def test_a_body_that_ends_before_the_last_event_is_a_failure(
+    resolver: CachingResolver,
+) -> None:
+    """A clean end of the HTTP body (the last chunk) without [DONE] is a break too."""
+    server, port = await serve(HEAD + chunked(EVENTS[:10]), 64)
+    async with server:
+        with pytest.raises(UpstreamFailure, match="without"):
+            await run_stream(port, resolver, until_done)
