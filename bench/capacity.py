@@ -87,6 +87,10 @@ class Row:
     itl_p99_ms: float | None
     proxy_cores: float | None
     cpu_per_event_us: float | None
+    # The proxy's CPU while it carries nothing (during the direct runs of the same
+    # rounds: health checks, topology polls), and CPU per event with that taken off.
+    idle_cores: float | None
+    marginal_us: float | None
     errors: int
 
     def to_json(self) -> dict[str, Any]:
@@ -146,6 +150,17 @@ def aggregate(runs: list[dict[str, Any]]) -> list[Row]:
             if proxy and proxy in r.get("cpu", {})
         )
         events = sum(r["metered_events"] for r in group if proxy and proxy in r.get("cpu", {}))
+        idle = [
+            r["cpu"][proxy]
+            for r in by_key.get((c, "direct"), [])
+            if proxy and proxy in r.get("cpu", {})
+        ]
+        idle_cores = statistics.mean(idle) if idle else None
+        idle_seconds = sum(
+            (idle_cores or 0.0) * r["metered_seconds"]
+            for r in group
+            if proxy and proxy in r.get("cpu", {})
+        )
         rows.append(
             Row(
                 concurrency=c,
@@ -159,6 +174,12 @@ def aggregate(runs: list[dict[str, Any]]) -> list[Row]:
                 itl_p99_ms=_percentile(hist, 0.99),
                 proxy_cores=round(statistics.mean(cores), 3) if cores else None,
                 cpu_per_event_us=round(cpu_seconds / events * 1e6, 1) if events and cores else None,
+                idle_cores=None if idle_cores is None else round(idle_cores, 3),
+                marginal_us=(
+                    round((cpu_seconds - idle_seconds) / events * 1e6, 1)
+                    if events and cores and idle_cores is not None
+                    else None
+                ),
                 errors=sum(1 for r in group for s in r["samples"] if not s[3] and not s[2]),
             )
         )
@@ -212,7 +233,8 @@ def markdown(rows: list[Row], cfg: CapacityConfig, workers: int, engine: str) ->
         f" (`ignore_eos`), closed loop; {cfg.rounds} rounds × {cfg.duration:.0f} s per"
         f" path (after {cfg.warmup:.0f} s warm-up), paths rotating. Proxy CPU: the"
         " proxy container's cgroup counter over the run (the gateway's is Nginx and"
-        " relay together).",
+        " relay together); idle CPU: the same counter during the direct runs, when the"
+        " proxy carries nothing (health checks, topology polls).",
         "",
     ]
     for c in cfg.concurrencies:
@@ -220,8 +242,8 @@ def markdown(rows: list[Row], cfg: CapacityConfig, workers: int, engine: str) ->
             f"**{c} streams**",
             "",
             "| path | events/s | vs direct (per round) | TTFT p50 | ITL p99 | proxy CPU"
-            " | CPU per event | failed |",
-            "|---|---|---|---|---|---|---|---|",
+            " | CPU per event | idle CPU | CPU per event above idle | failed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r.concurrency == c):
             rounds = ", ".join(f"{x:.2f}" for x in r.vs_direct_rounds)
@@ -230,7 +252,8 @@ def markdown(rows: list[Row], cfg: CapacityConfig, workers: int, engine: str) ->
                 f"| {LABELS[r.path].format(n=workers)} | {r.events_per_s:.0f} | {ratio}"
                 f" | {fmt(r.ttft_p50_ms)} ms | {fmt(r.itl_p99_ms)} ms"
                 f" | {fmt(r.proxy_cores, '.2f')} cores"
-                f" | {fmt(r.cpu_per_event_us)} µs | {r.errors} |"
+                f" | {fmt(r.cpu_per_event_us)} µs | {fmt(r.idle_cores, '.3f')} cores"
+                f" | {fmt(r.marginal_us)} µs | {r.errors} |"
             )
         lines.append("")
     verdict = targets(rows, workers)

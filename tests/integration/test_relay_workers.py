@@ -56,8 +56,8 @@ async def _stream(
             async for line in resp.aiter_lines():
                 if line == "data: [DONE]":
                     result.done = True
-                elif line.startswith("data: {") and '"content":"' in line:
-                    result.events += 1
+                elif '"content":"' in line and '"content":""' not in line:
+                    result.events += 1  # a content chunk (the role chunk's is empty)
                     first.set()
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
