@@ -115,14 +115,21 @@ promtool: alerts-lint  ## alerts-lint, then the alert rules' unit tests (prometh
 	promtool test rules prometheus/tests/*.yaml
 
 # --- benchmark -------------------------------------------------------------------------
-# Path overhead (direct / Nginx / Nginx + relay) and failover against the article's
+# Capacity (bench/capacity.py), path overhead (direct / Nginx / Nginx + relay) and
+# failover against the article's
 # Nginx and SGLang's router, in one run: bench/results/ and docs/benchmarks.md.
 # The lock serialises load-generating runs on a shared host (timings stay honest).
 .PHONY: bench
 BENCH_TRIALS ?= 2
 DOCKER_LOCK  ?= /tmp/sglang-ha-docker.lock
-bench: venv docker secrets  ## path overhead + failover vs baselines, $(BENCH_TRIALS) trials (~13 min)
+bench: venv docker secrets  ## capacity, path overhead, failover vs baselines, $(BENCH_TRIALS) trials (~20 min)
 	flock $(DOCKER_LOCK) $(PY) -m bench --trials $(BENCH_TRIALS) --out bench/results
+
+# The capacity table alone (bench/capacity.py, ~6 min): events/s, TTFT, ITL and CPU
+# per event, direct / Nginx / SGLang's router / our gateway at 1 and N relay workers.
+.PHONY: bench-capacity
+bench-capacity: venv docker secrets  ## capacity: events/s and CPU per event per path (~6 min)
+	flock $(DOCKER_LOCK) $(PY) -m bench --phases capacity --out bench/results
 
 .PHONY: clean
 clean:

@@ -424,6 +424,18 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     relay_port: int = Field(8001, description="Relay data-plane port.")
     relay_admin_port: int = Field(8002, description="Relay status and metrics port (internal).")
     relay_host_admin: str = Field("0.0.0.0", description="Relay admin bind address.")
+    relay_workers: int = Field(
+        0,
+        ge=0,
+        description="Relay worker processes sharing the ports (0: the CPUs the gateway"
+        " container may use; see ha_agent/gateway/workers.py).",
+    )
+    relay_worker_index: int = Field(
+        0,
+        ge=0,
+        description="This worker's number (set by supervisord); worker 0 records the"
+        " topology's HA events and keeps Nginx's backup list.",
+    )
     admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
     nodes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

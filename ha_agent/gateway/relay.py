@@ -29,11 +29,12 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
-from ha_agent.gateway import sse
+from ha_agent.gateway import splice, sse
 from ha_agent.gateway.admission import Admission
 from ha_agent.gateway.cors import Cors, on_prepare
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
@@ -57,7 +58,13 @@ T = TypeVar("T")
 R = TypeVar("R", bound=web.StreamResponse)
 
 NODE_HEADER = "X-SGLang-HA-Node"
+# Which relay worker holds a stream (ha_agent/gateway/workers.py): a stream lives
+# and dies with its worker.
+WORKER_HEADER = "X-SGLang-HA-Relay-Worker"
 MAX_BODY = 64 * 1024 * 1024
+# A client this far behind pauses the engine's connection until it is under LOW.
+_CLIENT_HIGH = 256 * 1024
+_CLIENT_LOW = 64 * 1024
 
 
 class ClientGone(Exception):
@@ -336,6 +343,7 @@ class Relay:
         if self.warmer is not None:
             warmer = self.warmer
             state.on_begin = lambda: warmer.offer(kind, payload)
+        state.worker = self.s.relay_worker_index
         try:
             return await self._stream_loop(state, migration.first_body(body))
         except (ClientGone, asyncio.CancelledError):
@@ -442,48 +450,68 @@ class Relay:
 
     async def _stream_segment(self, node: NodeView, state: _StreamState, body: bytes) -> None:
         request = state.request
+        conn = await splice.open_stream(
+            node.engine_url,
+            request.path_qs,
+            forward_headers(request.headers),
+            body,
+            self.transport.resolver,
+            self.transport.connect_timeout,
+        )
         try:
-            async with self.transport.session.post(
-                node.engine_url + request.path_qs,
-                data=body,
-                headers=forward_headers(request.headers),
-            ) as upstream:
-                if upstream.status != 200:
-                    data = await upstream.read()
-                    if upstream.status in RETRYABLE_STATUS:
-                        raise UpstreamFailure(f"HTTP {upstream.status}")
-                    if state.started:
-                        raise UpstreamFailure(f"continuation refused with HTTP {upstream.status}")
-                    headers = response_headers(upstream.headers)
-                    raise _Passthrough(
-                        web.Response(status=upstream.status, headers=headers, body=data)
-                    )
-                await state.begin(node, upstream)
-                await self._pump(state, upstream)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            raise classify(exc) from exc
+            status, headers = await conn.head()
+            if status != 200:
+                data = await conn.read_all()
+                if status in RETRYABLE_STATUS:
+                    raise UpstreamFailure(f"HTTP {status}")
+                if state.started:
+                    raise UpstreamFailure(f"continuation refused with HTTP {status}")
+                raise _Passthrough(
+                    web.Response(status=status, headers=response_headers(headers), body=data)
+                )
+            await state.begin(node, headers)
+            await conn.pump(self._sink(state, conn))
+        finally:
+            conn.close()
 
-    async def _pump(self, state: _StreamState, upstream: aiohttp.ClientResponse) -> None:
-        splitter = sse.EventSplitter()
-        rewrite = state.migrations > 0
+    def _sink(self, state: _StreamState, conn: splice.UpstreamStream) -> splice.Sink:
+        """Whole events, as they come, to the client, from the engine connection's
+        callbacks (splice.py). On the first segment the bytes go through untouched
+        but for two byte searches (an engine abort; the running usage the relay
+        asked for, cut off again): nothing is parsed unless the stream breaks
+        (absorb_first_segment). Continuations are rewritten event by event (rare)."""
         mig = state.migration
-        async for chunk in upstream.content.iter_any():
-            out = splitter.feed(chunk)
-            if not out:
-                continue
+        rewrite = state.migrations > 0
+        send = state.send
+        client = state.client_transport
+        assert client is not None  # begin() came first
+        pending = b""  # an event not yet complete
+
+        def sink(chunk: bytes) -> bool:
+            nonlocal pending
+            if pending:
+                chunk = pending + chunk
+            cut = chunk.rfind(b"\n\n") + 2
+            if cut == 1:  # no event ends here (rfind gave -1)
+                pending = chunk
+                return False
+            if cut == len(chunk):  # the usual case: the read ends on an event
+                out, pending = chunk, b""
+            else:
+                out, pending = chunk[:cut], chunk[cut:]
             if rewrite:
                 out, abort = mig.rewrite(out)
             else:
                 raw, out, abort = mig.screen(out)
                 state.keep_raw(raw)
-            if out:
-                await state.write(out)
+            if out and send(out) > _CLIENT_HIGH:
+                conn.pause_until_drained(client, _CLIENT_LOW)
             if abort is not None:
                 # The engine ended the stream on its own fault (500/503): a break.
                 raise UpstreamFailure(abort)
-            if out.endswith(sse.DONE):
-                return
-        raise UpstreamFailure("stream ended without [DONE]")
+            return out.endswith(sse.DONE)
+
+        return sink
 
     # -- streams that cannot move (the Responses API) ------------------------------------
 
@@ -682,11 +710,15 @@ class _StreamState:
         self.started_at = started_at
         self.metrics = metrics
         self.response: web.StreamResponse | None = None
+        self.client_transport: asyncio.Transport | None = None
+        self._chunked = True
         # The first segment's events, unparsed, as a list: joined only if the stream
         # breaks (adding bytes to bytes copied the whole stream on every event).
         self._raw: list[bytes] | None = []  # None once read
+        self._latest_only = migration.latest_event_holds_all
         self.migrations = 0
         self.writes = 0
+        self.worker = 0
         self._first_event_sent = False
         self.on_begin: Callable[[], None] | None = None  # the primary took it (warming)
 
@@ -710,37 +742,43 @@ class _StreamState:
     def keep_raw(self, out: bytes) -> None:
         if self._raw is None or not out:
             return
-        if self.migration.latest_event_holds_all:
+        if self._latest_only:
             self._raw = [out]
         else:
             self._raw.append(out)
 
-    async def begin(self, node: NodeView, upstream: aiohttp.ClientResponse) -> None:
+    async def begin(self, node: NodeView, upstream_headers: CIMultiDict[str]) -> None:
         if self.response is not None:
             return  # a continuation: the client's response is already under way
-        headers = response_headers(upstream.headers)
+        headers = response_headers(upstream_headers)
         headers[NODE_HEADER] = node.name
+        headers[WORKER_HEADER] = str(self.worker)
         headers["X-Accel-Buffering"] = "no"  # tell Nginx not to buffer, whatever its config
         headers["Cache-Control"] = "no-cache"
         response = web.StreamResponse(status=200, headers=headers)
         try:
             await response.prepare(self.request)
+            await response.write(b"")  # the head goes out now: events go straight after
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
             raise ClientGone() from exc
         self.response = response
+        self.client_transport = self.request.transport
+        self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
         if self.on_begin is not None:
             self.on_begin()
 
-    async def write(self, data: bytes) -> None:
-        assert self.response is not None
+    def send(self, data: bytes) -> int:
+        """Events to the client's socket, framed as aiohttp would have: returns the
+        bytes the client has not taken yet (splice.py pauses the engine above a bound)."""
         if not self._first_event_sent:
             self._first_event_sent = True
             self.metrics.ttft.labels(self.kind).observe(time.monotonic() - self.started_at)
-        try:
-            await self.response.write(data)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
-            raise ClientGone() from exc
+        t = self.client_transport
+        if t is None or t.is_closing():
+            raise ClientGone()
+        t.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
         self.writes += 1
+        return t.get_write_buffer_size()
 
     async def finish(self, tail: bytes) -> None:
         assert self.response is not None

@@ -57,7 +57,7 @@ def forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
         if key.lower() not in _HOP and key.lower() != "content-encoding":
@@ -100,6 +100,8 @@ class Transport:
         # (RelaySettings.engine_headers). The one place upstream credentials are set.
         self.headers = dict(headers or {})
         self._session: aiohttp.ClientSession | None = None
+        # Shared with the streaming segments' own connections (splice.py).
+        self.resolver = CachingResolver()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -109,7 +111,7 @@ class Transport:
                     limit=0,
                     keepalive_timeout=30,
                     use_dns_cache=False,  # CachingResolver caches, on its own threads
-                    resolver=CachingResolver(),
+                    resolver=self.resolver,
                     enable_cleanup_closed=True,
                 ),
                 timeout=aiohttp.ClientTimeout(

@@ -6,6 +6,13 @@ if [ -z "${HA_REDIS_PASSWORD:-}" ]; then
   exit 2
 fi
 mkdir -p /run/sglang-ha /var/log/sglang /var/lib/sglang-ha/nginx
+# Relay workers: HA_RELAY_WORKERS, or the CPUs this container may use. Their metrics
+# are summed through files in PROMETHEUS_MULTIPROC_DIR (fresh at every start).
+HA_RELAY_WORKERS="$(python3 -m ha_agent.gateway.workers)"
+export HA_RELAY_WORKERS
+export PROMETHEUS_MULTIPROC_DIR=/run/sglang-ha/relay-metrics
+rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 python3 -m ha_agent.gateway.nginx_conf
 nginx -e stderr -t -c /run/sglang-ha/nginx.conf
 exec supervisord -n -c /etc/sglang-ha/supervisord.conf
