@@ -34,7 +34,6 @@ class TimingWarning(UserWarning):
 # (ha_redis_password, ha_admin_token, sim_admin_token...), gives that setting.
 # Read once at import: the containers set it before any process starts.
 _SECRETS_DIR = os.environ.get("HA_SECRETS_DIR") or None
-_FROM_SECRETS: dict[str, Any] = {"secrets_dir": _SECRETS_DIR}
 
 
 def _split_csv(value: object) -> object:
@@ -56,7 +55,7 @@ class LoggingSettings(BaseSettings):
 class RedisSettings(BaseSettings):
     """How to reach the coordination store: Redis through Sentinel."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", **_FROM_SECRETS)
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     cluster: str = Field(
         "sglang-ha", description="Name of this HA cluster; prefixes every Redis key."
@@ -353,7 +352,7 @@ class AgentSettings(
 ):
     """The node agent: one per GPU host, next to its engine."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", **_FROM_SECRETS)
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     node_name: str = Field("sglang-01", description="This node's name, unique in the cluster.")
     advertise_engine_url: str | None = Field(
@@ -389,7 +388,7 @@ class AgentSettings(
 class RelaySettings(RedisSettings, EngineAuthSettings):
     """The leader-aware relay in the gateway."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", **_FROM_SECRETS)
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     relay_host: str = Field(
         "127.0.0.1", description="Relay data-plane bind address (behind Nginx)."
@@ -504,7 +503,7 @@ DYNAMIC_SETTINGS: tuple[str, ...] = tuple(DynamicConfig.model_fields)
 class SimSettings(BaseSettings):
     """The SGLang-compatible engine simulator (CPU demo and tests only)."""
 
-    model_config = SettingsConfigDict(env_prefix="SIM_", extra="ignore", **_FROM_SECRETS)
+    model_config = SettingsConfigDict(env_prefix="SIM_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     host: str = "0.0.0.0"
     port: int = 30000
