@@ -401,6 +401,13 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         default_factory=list,
         description="Seed nodes name=engine_url=agent_url, comma separated; registry adds more.",
     )
+    media_url_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL prefixes media fields may name (else data:/base64 only); comma separated.",
+    )
+    allow_custom_logit_processor: bool = Field(
+        False, description="Let clients send custom_logit_processor (code the engine runs)."
+    )
     poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
     connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")
     first_byte_timeout: float = Field(
@@ -435,7 +442,7 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     )
     nginx_reload_command: str = Field("nginx -s reload", description="How to reload Nginx.")
 
-    @field_validator("nodes", mode="before")
+    @field_validator("nodes", "media_url_allow", mode="before")
     @classmethod
     def _csv_nodes(cls, value: object) -> object:
         return _split_csv(value)

@@ -35,6 +35,7 @@ from ha_agent.events import EventLog
 from ha_agent.gateway import sse
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import ENDPOINTS, Migration
+from ha_agent.gateway.policy import FieldPolicy, RequestPolicy
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
@@ -110,9 +111,11 @@ class Relay:
         self.events = events
         self.retry_deadline = settings.retry_deadline
         self.warmer = warmer
+        self.policy = RequestPolicy(FieldPolicy.from_settings(settings))
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
+        self.policy.install(app)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
@@ -129,6 +132,8 @@ class Relay:
             body = await request.read()
             if kind is not None:
                 payload = inference.check_body(kind, inference.parse_json(body))
+                # Fields that reach files, URLs or code; our rid for the client's (policy.py).
+                body, payload = self.policy.check(request, payload, body).sent
         except inference.BadInput as bad:
             rejected = self._client_error(endpoint, bad.message, bad.status, bad.allow)
             return self._timed(endpoint, False, rejected, started)

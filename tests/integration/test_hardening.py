@@ -450,12 +450,16 @@ def test_every_admin_endpoint_of_every_agent_needs_the_token(stack: Stack) -> No
         assert httpx.post(relay + path, timeout=5).status_code == 405
 
 
+# Inside a Redis container: its admin password from its secret file (no environment).
+ADMIN_AUTH = 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)"'
+
+
 def test_agents_and_relay_use_the_restricted_redis_user(stack: Stack) -> None:
     stack.wait_stable()
     users = {}
     for service in ("redis-1", "redis-2"):
         code, out = stack.container(service).exec_run(
-            ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli ACL LIST']
+            ["sh", "-c", f"{ADMIN_AUTH} redis-cli ACL LIST"]
         )
         assert code == 0
         users[service] = out.decode()
@@ -466,7 +470,7 @@ def test_agents_and_relay_use_the_restricted_redis_user(stack: Stack) -> None:
         found = []
         for service in ("redis-1", "redis-2"):
             _, out = stack.container(service).exec_run(
-                ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli CLIENT LIST']
+                ["sh", "-c", f"{ADMIN_AUTH} redis-cli CLIENT LIST"]
             )
             found += [line for line in out.decode().splitlines() if "user=sglang-ha" in line]
         return found
@@ -475,8 +479,10 @@ def test_agents_and_relay_use_the_restricted_redis_user(stack: Stack) -> None:
     assert len(wait_until(clients, 10, "agent connections")) >= 3
     # Under that user, nothing beyond its own keys and data commands.
     for command in ("FLUSHALL", "CONFIG GET requirepass", "KEYS *", "SET other 1", "ACL LIST"):
+        # The Redis container has only the hash: the agents' password comes from here.
         code, out = stack.container("redis-1").exec_run(
-            ["sh", "-c", f'REDISCLI_AUTH="$HA_REDIS_PASSWORD" redis-cli --user sglang-ha {command}']
+            ["sh", "-c", f"redis-cli --user sglang-ha {command}"],
+            environment={"REDISCLI_AUTH": stack.secrets["HA_REDIS_PASSWORD"]},
         )
         assert b"NOPERM" in out, (command, out)
 
