@@ -408,6 +408,9 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     allow_custom_logit_processor: bool = Field(
         False, description="Let clients send custom_logit_processor (code the engine runs)."
     )
+    body_timeout: float = Field(
+        60.0, gt=0, description="A request body must arrive whole within this, s (else 408)."
+    )
     poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
     connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")
     first_byte_timeout: float = Field(

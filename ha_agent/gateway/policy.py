@@ -28,15 +28,19 @@ answered like every other bad input and never reaches an engine.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import hashlib
 import json
+import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ha_agent.openapi.inference import BadInput
 
@@ -67,6 +71,7 @@ class FieldPolicy:
 
     media_url_allow: tuple[str, ...] = ()
     allow_custom_logit_processor: bool = False
+    body_timeout: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: Any) -> FieldPolicy:
@@ -75,6 +80,7 @@ class FieldPolicy:
             allow_custom_logit_processor=bool(
                 getattr(settings, "allow_custom_logit_processor", False)
             ),
+            body_timeout=float(getattr(settings, "body_timeout", 60.0)),
         )
 
 
@@ -221,9 +227,20 @@ class RequestPolicy:
 
     def install(self, app: web.Application) -> None:
         """Echo the rid pair in the response headers (streams included) and forget it
-        when the handler is done."""
+        when the handler is done; quiet aiohttp's log of malformed requests."""
         app.on_response_prepare.append(self._headers)
         app.middlewares.append(self._release)
+        quiet_protocol_errors()
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The whole body within ``body_timeout`` s in total (Nginx streams it through
+        and only bounds the time between two reads): else a 408, never an engine."""
+        try:
+            return await asyncio.wait_for(request.read(), self.policy.body_timeout)
+        except TimeoutError:
+            raise BadInput(
+                f"request body not received within {self.policy.body_timeout:g} s", 408
+            ) from None
 
     def check(self, request: web.Request, payload: dict[str, Any], body: bytes) -> Applied:
         applied = apply(payload, body, self.policy)
@@ -257,3 +274,41 @@ def _header_value(rids: list[str]) -> str:
     if len(rids) == 1 and rids[0].isascii() and rids[0].isprintable() and len(rids[0]) <= 256:
         return rids[0]
     return json.dumps(rids if len(rids) > 1 else rids[0], ensure_ascii=True)[:4096]
+
+
+class _ProtocolErrors(logging.Filter):
+    """aiohttp logs every malformed request (a header over its 8190 bytes...) at ERROR
+    with a traceback that quotes the start of the offending line: often a bearer
+    token. Keep one line without any request content, at most once per ``every`` s,
+    with the count of those left out."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self.last = -every
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.dropped += 1
+            return False
+        record.msg = "malformed request refused: %s %s (%d more since the last line)"
+        record.args = (type(exc).__name__, exc.code, self.dropped)
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self.last, self.dropped = now, 0
+        return True
+
+
+_QUIET = _ProtocolErrors()
+
+
+def quiet_protocol_errors() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if _QUIET not in logger.filters:
+        logger.addFilter(_QUIET)

@@ -129,7 +129,7 @@ class Relay:
         try:
             # Bad input is answered here and never reaches an engine (inference.py).
             inference.check_route(request.method, request.raw_path)
-            body = await request.read()
+            body = await self.policy.read_body(request)
             if kind is not None:
                 payload = inference.check_body(kind, inference.parse_json(body))
                 # Fields that reach files, URLs or code; our rid for the client's (policy.py).

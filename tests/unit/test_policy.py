@@ -178,3 +178,52 @@ async def test_in_an_app_the_rid_pair_is_in_the_headers_and_the_map_while_runnin
         assert "Set-Cookie" not in resp.headers
         resp = await client.post("/generate", json={"text": "x", "lora_path": "/x"})
         assert resp.status == 400 and CLIENT_RID_HEADER not in resp.headers
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
+    policy = RequestPolicy(FieldPolicy(body_timeout=0.5))
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            body = await policy.read_body(request)
+        except BadInput as bad:
+            return web.json_response({"code": bad.status}, status=bad.status)
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_post("/generate", handler)
+    async with TestClient(TestServer(app)) as client:
+        assert (await (await client.post("/generate", data=b"{}")).read()) == b"{}"
+        port = client.server.port
+        assert port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert status.split()[1] == b"408"
+        assert loop.time() - started < 2
+
+
+async def test_malformed_requests_log_one_line_without_their_content(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    RequestPolicy(DEFAULT).install(app)
+    app.router.add_get("/", ok)
+    async with TestClient(TestServer(app)) as client:
+        port = client.server.port
+        assert port is not None
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer SECRET" + b"x" * 9000)
+            writer.write(b"\r\n\r\n")
+            assert b" 400 " in await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+    lines = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]  # rate-limited
+    assert "SECRET" not in caplog.text and lines[0].exc_info is None
