@@ -32,8 +32,9 @@ NODES = {"sglang-01": "node-1", "sglang-02": "node-2"}
 def read_secrets() -> dict[str, str]:
     path = COMPOSE_DIR / "secrets.env"
     key_file = COMPOSE_DIR / "secrets" / "engine_api_key"
-    if not path.exists() or not key_file.exists():
-        subprocess.run([str(ROOT / "scripts" / "secrets.sh")], check=True)
+    # Always: it keeps what exists, and completes an older layout (one file per
+    # service's secret, separate Sentinel and simulator values).
+    subprocess.run([str(ROOT / "scripts" / "secrets.sh")], check=True)
     out = {}
     for line in path.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
