@@ -105,7 +105,11 @@ def engines_resumed(stack: Stack) -> Iterator[None]:
     finally:
         for node in NODES:
             with contextlib.suppress(httpx.HTTPError, LookupError):
-                httpx.post(f"{stack.engine_url(node)}/continue_generation", timeout=5)
+                httpx.post(
+                    f"{stack.engine_url(node)}/continue_generation",
+                    headers=stack.engine_auth,
+                    timeout=5,
+                )
 
 
 # -- the flood ------------------------------------------------------------------------------
@@ -319,7 +323,9 @@ def test_engine_admin_endpoints_are_not_reachable_through_the_gateway(stack: Sta
     url = stack.gateway_url
     with engines_resumed(stack):
         _admin_paths_refused(stack, url, sim_auth)
-    info = httpx.get(f"{stack.engine_url(primary)}/get_server_info", timeout=5).json()
+    info = httpx.get(
+        f"{stack.engine_url(primary)}/get_server_info", headers=stack.engine_auth, timeout=5
+    ).json()
     assert info["paused"] is False
     r = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
     assert r.status_code == 200

@@ -75,6 +75,11 @@ class Stack(ClusterView):
         return str(next(iter(networks.values()))["IPAddress"])
 
     @property
+    def engine_auth(self) -> dict[str, str]:
+        """What the agents and relay present to an engine (SGLang --api-key)."""
+        return {"Authorization": f"Bearer {self.secrets['HA_ENGINE_API_KEY']}"}
+
+    @property
     def gateway_url(self) -> str:
         c = self.container("gateway")
         c.reload()
