@@ -12,7 +12,8 @@
 #   ha_sentinel_password (HA_SENTINEL_PASSWORD) a Sentinel's own requirepass
 #   redis_sentinel_password (REDIS_SENTINEL_PASSWORD) what a Sentinel logs in with
 #                                            (without it: REDIS_PASSWORD, as before)
-#   EXPORTER_SENTINELS     the Sentinels the exporter scrapes, host:port, comma separated
+#   EXPORTER_REDIS, EXPORTER_SENTINELS  what the exporter scrapes, host:port, comma
+#                          separated (defaults: this stack's members)
 #   REDIS_DATA_DIR         config and replication files (default /data)
 #   REDIS_MASTER_HOST      initial master's name (default redis-1)
 #   SENTINEL_MASTER_NAME   default sglang-ha;  SENTINEL_QUORUM default 2
@@ -136,19 +137,26 @@ CONF
     # exported to this process only, not the container's configuration.
     REDIS_PASSWORD=$(secret redis_password REDIS_PASSWORD)
     need "$REDIS_PASSWORD" "the Redis password (redis_password / REDIS_PASSWORD)"
-    export REDIS_PASSWORD
-    # The Sentinels have their own password: a per-target map (others: the one above).
+    # The Sentinels have their own password: a per-target map. The exporter reads the
+    # map only when no single password is set, so it names every target.
     sentinel_pw=$(secret ha_sentinel_password HA_SENTINEL_PASSWORD)
     if [ -n "$sentinel_pw" ]; then
       map=/tmp/redis-exporter-passwords.json
       sep="{"
+      : > "$map.new"
+      for target in $(echo "${EXPORTER_REDIS:-${MASTER_HOST}:${MASTER_PORT},redis-2:6379}" | tr ',' ' '); do
+        printf '%s"redis://%s": "%s"' "$sep" "$target" "$REDIS_PASSWORD" >> "$map.new"
+        sep=", "
+      done
       for target in $(echo "${EXPORTER_SENTINELS:-sentinel-1:26379,sentinel-2:26379,sentinel-3:26379}" | tr ',' ' '); do
         printf '%s"redis://%s": "%s"' "$sep" "$target" "$sentinel_pw" >> "$map.new"
-        sep=", "
       done
       echo "}" >> "$map.new"
       mv "$map.new" "$map"
+      unset REDIS_PASSWORD
       set -- -redis.password-file "$map"
+    else
+      export REDIS_PASSWORD
     fi
     exec prometheus-redis-exporter "$@" -web.listen-address ":9121" \
       -redis.addr "redis://${MASTER_HOST}:${MASTER_PORT}"
