@@ -76,8 +76,8 @@ verify: venv  ## the pre-production checklist against the running stack (DISRUPT
 	$(PY) -m ha_agent.ctl verify --project $(PROJECT) $(if $(DISRUPTIVE),--disruptive,)
 
 # --- tests ---------------------------------------------------------------------------
-.PHONY: test lint unit test-integration failover-test
-test: lint unit test-integration  ## everything CI runs: lint, unit, integration + failover scenarios
+.PHONY: test lint unit conformance test-integration failover-test
+test: lint unit conformance test-integration  ## everything CI runs: lint, unit, conformance, integration + failover scenarios
 
 lint: venv  ## ruff and mypy
 	$(PY) -m ruff check ha_agent bench tests
@@ -87,6 +87,10 @@ lint: venv  ## ruff and mypy
 unit: venv  ## unit tests (real Redis where a test needs one)
 	scripts/ensure-test-tools.sh
 	$(PYTEST) tests/unit -q
+
+conformance: venv  ## SGLang's behaviours, same verdict through the gateway as direct (tests/conformance/verdicts.md)
+	scripts/sglang-test-kits.sh $(PY) .cache/sglang-0.5.19
+	$(PYTEST) tests/conformance -q
 
 test-integration: venv docker secrets  ## the CPU stack in containers, driven from pytest (all faults once)
 	scripts/ensure-test-tools.sh

@@ -97,7 +97,7 @@ def direct_nginx_conf(template: str, engine: str) -> str:
     text, include = re.subn(
         r"^\s*include /run/sglang-ha/nginx-backup-servers\.conf;\n", "", text, flags=re.M
     )
-    if relay != 1 or include != 1:
+    if relay != 2 or include != 1:  # the main upstream and the relay-only one
         raise ValueError(
             "the gateway's Nginx template changed: update bench.stacks.direct_nginx_conf"
         )

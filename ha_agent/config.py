@@ -200,7 +200,17 @@ class EngineHealthSettings(BaseSettings):
     scrape_interval: float = Field(0.5, gt=0, description="How often /metrics is read, s.")
     scrape_timeout: float = Field(1.0, gt=0, description="Timeout of one /metrics read, s.")
     unresponsive_after: int = Field(
-        2, ge=1, description="Consecutive timed-out reads before the engine counts as frozen."
+        2,
+        ge=1,
+        description="Consecutive unanswered reads, its process using no CPU (or out of"
+        " sight), before the engine counts as frozen.",
+    )
+    busy_unresponsive_limit: float = Field(
+        30.0,
+        gt=0,
+        description="An engine whose /metrics go unanswered while its process keeps using"
+        " CPU (SGLang tokenizes big prompts in its HTTP process), or that is healthy but"
+        " shows no progress at all, counts as hung after this long, s.",
     )
     stall_timeout: float = Field(
         1.5,
@@ -250,6 +260,32 @@ class EngineHealthSettings(BaseSettings):
         description="Sidecar with engine_pid/engine_process: the engine's log file, read"
         " for out-of-memory lines when it dies.",
     )
+
+    @property
+    def hang_detection_time(self) -> float:
+        """Worst case from a hung scheduler (requests present, no token) to `hung`:
+        the stall, one canary, one scrape interval to notice."""
+        return self.stall_timeout + self.canary_timeout + self.scrape_interval
+
+    @property
+    def frozen_detection_time(self) -> float:
+        """Worst case from an unanswering engine that uses no CPU to `hung`."""
+        return self.unresponsive_after * (self.scrape_timeout + self.scrape_interval)
+
+    @model_validator(mode="after")
+    def _busy_outlasts_quick_verdicts(self) -> EngineHealthSettings:
+        # Why: the busy bound is the slow path; were it shorter than the quick verdicts
+        # it would turn every slow read into a hang and undo the distinction.
+        floor = max(self.hang_detection_time, self.frozen_detection_time)
+        if self.busy_unresponsive_limit < floor:
+            warnings.warn(
+                f"busy_unresponsive_limit {self.busy_unresponsive_limit:g}s is shorter than"
+                f" the quick hang verdicts ({floor:g}s); raised to {floor:g}s",
+                TimingWarning,
+                stacklevel=2,
+            )
+            self.busy_unresponsive_limit = floor
+        return self
 
     @model_validator(mode="after")
     def _one_watch(self) -> EngineHealthSettings:
@@ -436,6 +472,13 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     )
     max_sequence_length: int = Field(
         131072, gt=0, description="No migration past this many prompt+generated tokens."
+    )
+    cors_allow_origins: str = Field(
+        "*",
+        description="CORS origins, comma separated; * as SGLang (always on there); empty: off.",
+    )
+    cors_allow_credentials: bool = Field(
+        True, description="CORS Access-Control-Allow-Credentials, as SGLang (true)."
     )
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
     nginx_backup_file: str | None = Field(

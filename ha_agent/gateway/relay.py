@@ -20,6 +20,7 @@ per-token delay.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -33,8 +34,9 @@ from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway import sse
+from ha_agent.gateway.cors import Cors, on_prepare
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.migration import ENDPOINTS, Migration
+from ha_agent.gateway.migration import Migration
 from ha_agent.gateway.policy import FieldPolicy, RequestPolicy
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
@@ -47,6 +49,7 @@ from ha_agent.gateway.transport import (
 )
 from ha_agent.gateway.warming import Warmer
 from ha_agent.openapi import inference
+from ha_agent.openapi.endpoints import Endpoint, ErrorShape, Semantics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +57,7 @@ R = TypeVar("R", bound=web.StreamResponse)
 
 NODE_HEADER = "X-SGLang-HA-Node"
 MAX_BODY = 64 * 1024 * 1024
-_ERROR_TYPES = {404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
+JSON = "application/json"  # as SGLang's ORJSONResponse: no charset
 
 
 class ClientGone(Exception):
@@ -111,45 +114,58 @@ class Relay:
         self.events = events
         self.retry_deadline = settings.retry_deadline
         self.warmer = warmer
+        self.cors = Cors.parse(settings.cors_allow_origins, settings.cors_allow_credentials)
+        self.owners = RidOwners()
         self.policy = RequestPolicy(FieldPolicy.from_settings(settings))
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
         self.policy.install(app)
         app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_response_prepare.append(on_prepare(self.cors))
         return app
 
     # -- entry ---------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        kind = ENDPOINTS.get(request.path) if request.method == "POST" else None
-        endpoint = kind or "other"
+        if self.cors is not None and Cors.is_preflight(request):
+            return self._timed("other", False, self.cors.preflight(request), started)
+        route: Endpoint | None = None
         payload: dict[str, Any] | None = None
         try:
             # Bad input is answered here and never reaches an engine (inference.py).
-            inference.check_route(request.method, request.raw_path)
+            route = inference.check_route(request.method, request.raw_path)
             body = await self.policy.read_body(request)
-            if kind is not None:
-                payload = inference.check_body(kind, inference.parse_json(body))
-                # Fields that reach files, URLs or code; our rid for the client's (policy.py).
-                body, payload = self.policy.check(request, payload, body).sent
+            if route.json_body:
+                payload = inference.check_body(route.kind, inference.parse_json(body))
+                if route.semantics is not Semantics.SCOPED_ABORT:
+                    # Fields that reach files, URLs or code; our rid for theirs (policy.py).
+                    body, payload = self.policy.check(request, payload, body).sent
         except inference.BadInput as bad:
-            rejected = self._client_error(endpoint, bad.message, bad.status, bad.allow)
-            return self._timed(endpoint, False, rejected, started)
+            rejected = self._client_error(route, bad)
+            return self._timed(_label(route), False, rejected, started)
         except web.HTTPRequestEntityTooLarge:
-            rejected = self._client_error(endpoint, f"request body over {MAX_BODY} bytes", 413)
-            return self._timed(endpoint, False, rejected, started)
+            too_large = inference.BadInput(f"request body over {MAX_BODY} bytes", 413)
+            return self._timed(_label(route), False, self._client_error(route, too_large), started)
+        endpoint = _label(route)
+        if route.semantics is Semantics.SCOPED_ABORT:
+            return self._timed(endpoint, False, await self._abort(request, payload), started)
         stream = bool(payload and payload.get("stream") is True)
-        if self.warmer is not None and kind is not None and payload is not None:
-            self.warmer.offer(kind, payload)
+        migrates = route.semantics is Semantics.MIGRATE
+        if self.warmer is not None and migrates and payload is not None:
+            self.warmer.offer(route.kind, payload)
         self.metrics.inflight.inc()
+        rids = self.owners.hold(request, payload)
         try:
-            if stream and kind is not None and payload is not None:
-                response = await self._stream(request, kind, payload, body, started)
+            if stream and migrates and payload is not None:
+                response = await self._stream(request, route.kind, payload, body, started)
+            elif stream and route.semantics is Semantics.STREAM_ERROR:
+                response = await self._stream_unresumable(request, route, body)
             else:
-                response = await self._unary(request, endpoint, body)
+                response = await self._unary(request, route, body)
         finally:
+            self.owners.release(rids)
             self.metrics.inflight.dec()
         return self._timed(endpoint, stream, response, started)
 
@@ -160,16 +176,41 @@ class Relay:
         )
         return response
 
-    def _client_error(
-        self, endpoint: str, message: str, status: int = 400, allow: str | None = None
-    ) -> web.Response:
-        self.metrics.requests.labels(endpoint, "-", "client_error", str(status)).inc()
-        kind = _ERROR_TYPES.get(status, "BadRequestError")
-        return web.json_response(
-            {"object": "error", "message": message, "type": kind, "code": status},
-            status=status,
-            headers={"Allow": allow} if allow else None,
-        )
+    def _client_error(self, route: Endpoint | None, bad: inference.BadInput) -> web.Response:
+        """The refusal in SGLang's shape for the route (native /generate, OpenAI...)."""
+        self.metrics.requests.labels(_label(route), "-", "client_error", str(bad.status)).inc()
+        shape = route.errors if route is not None else None
+        headers = {"Allow": bad.allow} if bad.allow else None
+        return _json(inference.error_body(shape, bad), bad.status, headers)
+
+    # -- abort by rid, for the client that started the request ---------------------------
+
+    async def _abort(self, request: web.Request, payload: dict[str, Any] | None) -> web.Response:
+        """SGLang's /abort_request, scoped: a client may abort the requests it started
+        (same credential, or same address without one) by the `rid` it sent. Any other
+        rid answers 200 and does nothing, as SGLang does for a rid it does not know;
+        abort_all stays admin surface."""
+        body = payload or {}
+        if body.get("abort_all") not in (None, False):
+            bad = inference.BadInput("abort_all is not available through the gateway", 403)
+            return self._client_error(None, bad)
+        rid = body.get("rid")
+        if isinstance(rid, str):  # the client's own rid stands for ours (policy.py)
+            rid = self.policy.rids.lookup(self.policy.rids.owner(request), rid) or rid
+        if not isinstance(rid, str) or not self.owners.owns(request, rid):
+            return web.Response(status=200)
+        data = json.dumps({"rid": rid}).encode()
+        headers = forward_headers(request.headers)
+        headers["Content-Type"] = JSON
+        for node in self.topology.routing_order():
+            try:
+                async with self.transport.session.post(
+                    node.engine_url + "/abort_request", data=data, headers=headers
+                ) as resp:
+                    await resp.read()
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                log.info("abort of a request on %s failed: %s", node.name, exc)
+        return web.Response(status=200)
 
     # -- picking nodes and running attempts ----------------------------------------------
 
@@ -209,7 +250,8 @@ class Relay:
 
     # -- non-streaming -------------------------------------------------------------------
 
-    async def _unary(self, request: web.Request, endpoint: str, body: bytes) -> web.Response:
+    async def _unary(self, request: web.Request, route: Endpoint, body: bytes) -> web.Response:
+        endpoint = _label(route)
         deadline = time.monotonic() + self.retry_deadline
         tried: set[str] = set()
         last: _Retryable | None = None
@@ -250,15 +292,8 @@ class Relay:
             return web.Response(
                 status=last.status, headers=response_headers(last.headers), body=last.body
             )
-        return web.json_response(
-            {
-                "object": "error",
-                "message": "no node could serve the request: " + "; ".join(failures[-4:]),
-                "type": "ServiceUnavailableError",
-                "code": 503,
-            },
-            status=503,
-        )
+        why = "no node could serve the request: " + "; ".join(failures[-4:])
+        return _json(inference.error_body(route.errors, inference.BadInput(why, 503)), 503)
 
     async def _fetch(
         self, node: NodeView, request: web.Request, body: bytes
@@ -384,10 +419,8 @@ class Relay:
     async def _give_up(self, state: _StreamState, why: str) -> web.StreamResponse:
         if not state.started:
             self.metrics.requests.labels(state.kind, "-", "failed", "503").inc()
-            return web.json_response(
-                {"object": "error", "message": why, "type": "ServiceUnavailableError", "code": 503},
-                status=503,
-            )
+            shape = ErrorShape.NATIVE if state.kind == "generate" else ErrorShape.OPENAI
+            return _json(inference.error_body(shape, inference.BadInput(why, 503)), 503)
         self.metrics.migrations.labels(state.kind, "failed").inc()
         self.metrics.requests.labels(state.kind, "-", "failed", "200").inc()
         await state.finish(sse.error_event(f"stream interrupted; {why}; retry the request"))
@@ -437,6 +470,191 @@ class Relay:
             if out.endswith(sse.DONE):
                 return
         raise UpstreamFailure("stream ended without [DONE]")
+
+    # -- streams that cannot move (the Responses API) ------------------------------------
+
+    async def _stream_unresumable(
+        self, request: web.Request, route: Endpoint, body: bytes
+    ) -> web.StreamResponse:
+        """Retried before its first byte like a unary request; a break after it ends
+        the client's stream with an explicit `error` event (the Responses API's own
+        ResponseErrorEvent), never a silent cut."""
+        deadline = time.monotonic() + self.retry_deadline
+        tried: set[str] = set()
+        failures: list[str] = []
+        rounds = 0
+        out = _Unresumable()
+        while True:
+            node = self._pick(tried)
+            if node is None:
+                if await self._next_round(tried, deadline, rounds):
+                    rounds += 1
+                    continue
+                break
+            try:
+                await self._run(node, self._relay_events(node, request, body, out))
+            except _Passthrough as final:
+                return final.response
+            except ClientGone:
+                self.metrics.requests.labels(route.kind, node.name, "client_gone", "499").inc()
+                return out.result()
+            except UpstreamFailure as failure:
+                self._note_failure(node, failure, tried)
+                failures.append(f"{node.name}: {failure.reason}")
+                if out.response is None:
+                    continue  # nothing sent yet: a plain retry
+                self.metrics.requests.labels(route.kind, node.name, "failed", "200").inc()
+                await out.fail(f"stream interrupted: {node.name} failed ({failure.reason})")
+                return out.result()
+            self.metrics.requests.labels(route.kind, node.name, "ok", "200").inc()
+            return out.result()
+        why = "no node could serve the request: " + "; ".join(failures[-4:])
+        return _json(inference.error_body(route.errors, inference.BadInput(why, 503)), 503)
+
+    async def _relay_events(
+        self, node: NodeView, request: web.Request, body: bytes, out: _Unresumable
+    ) -> None:
+        try:
+            async with self.transport.session.request(
+                request.method,
+                node.engine_url + request.path_qs,
+                data=body,
+                headers=forward_headers(request.headers),
+            ) as upstream:
+                if upstream.status != 200:
+                    data = await upstream.read()
+                    if upstream.status in RETRYABLE_STATUS:
+                        raise UpstreamFailure(f"HTTP {upstream.status}")
+                    headers = response_headers(upstream.headers)
+                    raise _Passthrough(
+                        web.Response(status=upstream.status, headers=headers, body=data)
+                    )
+                await out.begin(request, node, upstream)
+                splitter = sse.EventSplitter()
+                async for chunk in upstream.content.iter_any():
+                    events = splitter.feed(chunk)
+                    if events:
+                        await out.write(events)
+                if not out.finished:
+                    raise UpstreamFailure("stream ended before its final event")
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise classify(exc) from exc
+
+
+class _Unresumable:
+    """The client's side of a Responses API stream (`event:` + `data:` events that end
+    with response.completed / .incomplete / .failed or an error, no [DONE])."""
+
+    FINAL = (
+        b"event: response.completed",
+        b"event: response.incomplete",
+        b"event: response.failed",
+        b"event: error",
+    )
+
+    def __init__(self) -> None:
+        self.response: web.StreamResponse | None = None
+        self.last = b""
+
+    @property
+    def finished(self) -> bool:
+        event = self.last.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+        return event.startswith(self.FINAL)
+
+    def result(self) -> web.StreamResponse:
+        assert self.response is not None
+        return self.response
+
+    async def begin(
+        self, request: web.Request, node: NodeView, upstream: aiohttp.ClientResponse
+    ) -> None:
+        headers = response_headers(upstream.headers)
+        headers[NODE_HEADER] = node.name
+        headers["X-Accel-Buffering"] = "no"
+        response = web.StreamResponse(status=200, headers=headers)
+        try:
+            await response.prepare(request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone() from exc
+        self.response = response
+
+    async def write(self, events: bytes) -> None:
+        assert self.response is not None
+        self.last = events
+        try:
+            await self.response.write(events)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone() from exc
+
+    async def fail(self, message: str) -> None:
+        """End with the Responses API's error event, numbered after the last one sent."""
+        number = 0
+        for event in sse.iter_json(self.last):
+            seq = event.get("sequence_number")
+            if isinstance(seq, int):
+                number = seq + 1
+        error = {
+            "type": "error",
+            "code": "503",
+            "message": message + "; retry the request",
+            "param": None,
+            "sequence_number": number,
+        }
+        data = b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+        assert self.response is not None
+        try:
+            await self.response.write(data)
+            await self.response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+
+
+class RidOwners:
+    """Which client started the request with a given `rid`, while it runs: the scope
+    of a client's abort. A client is its credential (the Authorization header), or
+    without one its address (the peer Nginx saw: the last X-Forwarded-For entry)."""
+
+    def __init__(self) -> None:
+        self._owners: dict[str, str] = {}
+
+    @staticmethod
+    def scope(request: web.Request) -> str:
+        auth = request.headers.get("Authorization")
+        if auth:
+            return "key:" + hashlib.sha256(auth.encode(errors="replace")).hexdigest()
+        forwarded = request.headers.get("X-Forwarded-For")
+        peer = forwarded.rsplit(",", 1)[-1].strip() if forwarded else (request.remote or "")
+        return "addr:" + peer
+
+    def hold(self, request: web.Request, payload: dict[str, Any] | None) -> list[str]:
+        rid = payload.get("rid") if payload else None
+        if rid is None:
+            return []
+        scope = self.scope(request)
+        held = []
+        for one in rid if isinstance(rid, list) else [rid]:
+            if isinstance(one, str) and one and one not in self._owners:
+                self._owners[one] = scope
+                held.append(one)
+        return held
+
+    def release(self, held: list[str]) -> None:
+        for rid in held:
+            self._owners.pop(rid, None)
+
+    def owns(self, request: web.Request, rid: str) -> bool:
+        return self._owners.get(rid) == self.scope(request)
+
+
+def _label(route: Endpoint | None) -> str:
+    """The metrics label: the generation kind, or "other" (a bounded set)."""
+    return route.kind if route is not None and route.generation else "other"
+
+
+def _json(obj: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(obj).encode(), status=status, content_type=JSON, headers=headers
+    )
 
 
 class _StreamState:

@@ -36,10 +36,11 @@ from prometheus_client import CollectorRegistry, Counter
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
 from ha_agent.gateway.topology import NodeView, Topology
 from ha_agent.gateway.transport import Transport
+from ha_agent.openapi.endpoints import BY_PATH, GENERATION_PATHS
 
 log = logging.getLogger(__name__)
 
-PATHS = {GENERATE: "/generate", COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
+PATHS = {kind: GENERATION_PATHS[kind] for kind in (GENERATE, COMPLETIONS, CHAT)}
 TAIL_CHARS = 256  # the end of a prompt that does not count as its shared prefix
 BLOCK_CHARS = 512  # prefixes are compared in whole blocks of this many characters
 RECENT_S = 60.0  # a prefix mirrored this recently is still in the standby's cache
@@ -70,7 +71,7 @@ def prefill_only(kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
             return None
         params = out.get("sampling_params")
         params = dict(params) if isinstance(params, dict) else {}
-        for key in ("json_schema", "regex", "ebnf", "structural_tag", "min_new_tokens"):
+        for key in (*BY_PATH["/generate"].constraint_keys, "min_new_tokens"):
             params.pop(key, None)
         params["max_new_tokens"] = 1
         out["sampling_params"] = params

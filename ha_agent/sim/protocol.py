@@ -23,6 +23,26 @@ from ha_agent.sim.tokenizer import SimTokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang SamplingParams default
 DEFAULT_SEED = 0  # the simulator is always deterministic
+# TokenizerManager._validate_one_request (managers/tokenizer_manager.py), for a server
+# started without --enable-custom-logit-processor (the simulator never has one).
+NO_CUSTOM_LOGIT_PROCESSOR = (
+    "The server is not configured to enable custom logit processor. "
+    "Please set `--enable-custom-logit-processor` to enable this feature."
+)
+
+
+def _refuse_unsupported(body: Any) -> None:
+    """What SGLang does and the simulator cannot: refused clearly, never ignored."""
+    if not isinstance(body, dict):
+        return
+    if body.get("custom_logit_processor"):
+        raise BadRequest(NO_CUSTOM_LOGIT_PROCESSOR)
+    if body.get("cache_salt") is not None:
+        raise BadRequest("cache_salt is not supported by the simulator")
+    params = body.get("sampling_params")
+    for where in (body, params if isinstance(params, dict) else {}):
+        if where.get("logit_bias"):
+            raise BadRequest("logit_bias is not supported by the simulator")
 
 
 class BadRequest(ValueError):
@@ -282,6 +302,11 @@ class RequestBuilder:
         )
         if n not in (None, 1):
             raise BadRequest("n > 1 is not supported by the simulator (send n requests)")
+        if frequency_penalty or presence_penalty or repetition_penalty not in (None, 1.0):
+            raise BadRequest(
+                "frequency_penalty, presence_penalty and repetition_penalty are not supported "
+                "by the simulator (it samples without penalties)"
+            )
         if stop_regex:
             raise BadRequest("stop_regex is not supported by the simulator")
         try:
@@ -331,10 +356,13 @@ class RequestBuilder:
     # -- POST /generate -------------------------------------------------------------
     def generate(self, body: Any) -> GenerateCall:
         req: GenerateBody = _parse(GenerateBody, body)
+        _refuse_unsupported(body)
         if req.input_embeds is not None or req.image_data is not None:
             raise BadRequest("input_embeds and image_data are not supported by the simulator")
-        if (req.text is None) == (req.input_ids is None):
-            raise BadRequest("Either text or input_ids should be provided (exactly one).")
+        if req.text is None and req.input_ids is None:
+            raise BadRequest("Either text, input_ids or input_embeds should be provided.")
+        if req.text is not None:
+            req.input_ids = None  # text wins (_determine_batch_size, managers/io_struct.py)
         if req.return_logprob not in (None, False):
             raise BadRequest("return_logprob is not supported by the simulator")
         batch = BadRequest("batch requests are not supported by the simulator (one per request)")
@@ -385,6 +413,7 @@ class RequestBuilder:
     # -- POST /v1/completions -------------------------------------------------------
     def completion(self, body: Any) -> OpenAICall:
         req: CompletionBody = _parse(CompletionBody, body)
+        _refuse_unsupported(body)
         prompt: Any = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -413,13 +442,15 @@ class RequestBuilder:
     # -- POST /v1/chat/completions --------------------------------------------------
     def chat(self, body: Any) -> OpenAICall:
         req: ChatBody = _parse(ChatBody, body)
+        _refuse_unsupported(body)
         if not req.messages:
             raise BadRequest("Messages cannot be empty.")
         if req.logprobs:
             raise BadRequest("logprobs are not supported by the simulator")
-        choice = req.tool_choice
-        if choice == "required" or isinstance(choice, dict):
-            raise BadRequest("tool calls are not supported by the simulator")
+        if req.tools and req.tool_choice != "none":
+            # SGLang renders the tools into the prompt and may parse tool calls out of
+            # the answer; the simulator does neither, so it says so.
+            raise BadRequest("tools are not supported by the simulator")
         messages = [m.model_dump() for m in req.messages]
         try:
             prompt_text = render_chat(messages, req.continue_final_message)

@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ha_agent import __version__
 from ha_agent.config import SimSettings
+from ha_agent.gateway.cors import Cors, on_prepare
+from ha_agent.sim.extra_routes import ExtraRoutes
 from ha_agent.sim.faults import FaultError, Faults, die_of_oom
 from ha_agent.sim.generator import SamplingKey
 from ha_agent.sim.grammar import GrammarError
@@ -135,6 +137,16 @@ def _api_key_middleware(api_key: str | None, admin_key: str | None) -> Any:
         return _json({"error": "Unauthorized"}, 401)
 
     return check
+
+
+def _preflight(cors: Cors) -> Any:
+    @web.middleware
+    async def preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if Cors.is_preflight(request):
+            return cors.preflight(request)
+        return await handler(request)
+
+    return preflight
 
 
 @web.middleware
@@ -487,7 +499,11 @@ def create_app(settings: SimSettings | None = None) -> web.Application:
         keys = (settings.api_key, settings.admin_api_key)
         api_key, admin_key = (k.get_secret_value() if k else None for k in keys)
         middlewares.insert(0, _api_key_middleware(api_key, admin_key))
+    # SGLang's CORSMiddleware: always on, every origin, credentials (http_server.py).
+    cors = Cors(frozenset({"*"}), credentials=True)
+    middlewares.insert(0, _preflight(cors))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
+    app.on_response_prepare.append(on_prepare(cors))
     app[SIM_KEY] = server
     app.cleanup_ctx.append(server.lifecycle)
     app.on_shutdown.append(server.on_shutdown)
@@ -505,6 +521,7 @@ def create_app(settings: SimSettings | None = None) -> web.Application:
     r.add_put("/generate", server.generate)
     r.add_post("/v1/completions", server.completions)
     r.add_post("/v1/chat/completions", server.chat_completions)
+    ExtraRoutes(server.tokenizer, settings.context_length).register(r)
     r.add_post("/abort_request", server.abort_request)
     r.add_post("/pause_generation", server.pause_generation)
     r.add_post("/continue_generation", server.continue_generation)

@@ -39,3 +39,8 @@ def test_failover_scenario(stack: Stack, fault_name: str) -> None:
     assert f"FAILOVER_INITIATED from {old} to {new}" in ha_log, summary
     if fault_name == "engine-oom":
         assert f"ENGINE_OOM {old}" in ha_log
+    if fault_name == "engine-sigstop":
+        # Seen in /proc (state T) by the agent in the same container, not by timeouts.
+        assert f"ENGINE_UNHEALTHY {old} hung: frozen: engine process stopped" in ha_log
+    if fault_name == "engine-hang":
+        assert f"ENGINE_UNHEALTHY {old} hung: canary timed out" in ha_log

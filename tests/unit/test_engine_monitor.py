@@ -12,8 +12,21 @@ import httpx
 import pytest
 
 from ha_agent.config import EngineHealthSettings
-from ha_agent.node.engine.client import EngineClient
+from ha_agent.node.engine.client import (
+    CanaryResult,
+    EngineClient,
+    EngineSample,
+    EngineTimeout,
+    parse_metrics,
+)
 from ha_agent.node.engine.monitor import EngineState, HealthMonitor
+from ha_agent.node.engine.process import (
+    ProcessActivity,
+    ProcessState,
+    ProcessWatch,
+    read_activity,
+)
+from tests.support.fakes import FakeClock
 from tests.support.processes import free_port
 from tests.support.sim import sim_in_process, sim_process
 
@@ -193,3 +206,308 @@ async def test_frozen_engine_process_is_detected_and_recovers() -> None:
             os.kill(sim.proc.pid, signal.SIGCONT)
         await tick_until(monitor, is_state(EngineState.HEALTHY), timeout=10)
         await monitor.client.close()
+
+
+# -- the judgement on SGLang's signals, on a fake clock -----------------------------------
+#
+# SGLang 0.5.19 moves `sglang:realtime_tokens_total` every decode iteration and prefill
+# chunk (python/sglang/srt/managers/scheduler_components/metrics_reporter.py), but
+# `generation_tokens_total` and `num_requests_total` only when a request finishes
+# (python/sglang/srt/managers/tokenizer_manager.py). It tokenizes prompts in its HTTP
+# process, whose /metrics then waits. These engines script exactly that.
+
+
+class ScriptedSGLang:
+    """EngineClient's interface over a scripted engine on a fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.running = 0.0
+        self.queued = 0.0
+        self.realtime_tokens = 0.0
+        self.generation_tokens = 0.0
+        self.requests = 0.0
+        self.tokens_per_tick = 0.0  # what the scheduler produces per scrape interval
+        self.metrics_stall = 0.0  # /metrics unanswered (HTTP process busy or frozen)
+        self.canary_wait = 0.05  # how long a canary waits before its token
+        self.canaries = 0
+        self.canary_prefill = 0.0  # realtime tokens a canary's own prefill adds
+        self._moved = asyncio.Event()
+
+    def produce(self) -> None:
+        self.realtime_tokens += self.tokens_per_tick
+
+    def time_moved(self) -> None:
+        """Wake a canary in flight: the fake clock went on."""
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    async def scrape(self, timeout: float) -> EngineSample:
+        if self.metrics_stall:
+            self.clock.advance(timeout)  # the read waits out its timeout
+            raise EngineTimeout(f"/metrics timed out after {timeout:g}s")
+        return EngineSample(
+            at=self.clock(),
+            latency=0.01,
+            running=self.running,
+            queued=self.queued,
+            realtime_tokens=self.realtime_tokens,
+            generation_tokens=self.generation_tokens,
+            requests=self.requests,
+        )
+
+    async def canary(self, timeout: float) -> CanaryResult:
+        self.canaries += 1
+        self.realtime_tokens += self.canary_prefill
+        started = self.clock()
+        while self.clock() - started < min(self.canary_wait, timeout):
+            await self._moved.wait()
+        waited = self.clock() - started
+        if waited >= timeout:
+            return CanaryResult(False, waited, f"canary timed out after {timeout:g}s", True)
+        return CanaryResult(True, waited, "canary generated a token")
+
+    async def close(self) -> None:
+        return None
+
+
+class ScriptedProcess(ProcessWatch):
+    """supervisord's view (running, pid) and /proc's (state letter, CPU time)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.letter = "S"
+        self.supervisor_state = "RUNNING"
+        self.cpu_share = 0.01  # of one core, from now on
+        self._cpu = 0.0
+        self._at = clock()
+
+    async def read(self, timeout: float) -> ProcessState:
+        if self.supervisor_state != "RUNNING":
+            return ProcessState("engine", self.supervisor_state, 0)
+        return ProcessState("engine", "RUNNING", 4242)
+
+    def activity(self, pid: int) -> ProcessActivity | None:
+        assert pid == 4242
+        now = self.clock()
+        self._cpu += (now - self._at) * self.cpu_share
+        self._at = now
+        return ProcessActivity(self.letter, self._cpu)
+
+    def describe(self) -> str:
+        return "scripted"
+
+
+def scripted(
+    process: bool = True, **overrides: float
+) -> tuple[HealthMonitor, ScriptedSGLang, ScriptedProcess, FakeClock]:
+    clock = FakeClock()
+    engine = ScriptedSGLang(clock)
+    proc = ScriptedProcess(clock)
+    # The shipped timings (config.py), not the fast ones of the simulator tests above.
+    values: dict[str, float | str | None] = {"supervisor_socket": None, **overrides}
+    s = EngineHealthSettings(**values)  # type: ignore[arg-type]
+    monitor = HealthMonitor(s, engine, proc if process else None, clock=clock)  # type: ignore[arg-type]
+    return monitor, engine, proc, clock
+
+
+async def run_for(
+    monitor: HealthMonitor,
+    engine: ScriptedSGLang,
+    seconds: float,
+    until: Callable[[HealthMonitor], bool] = lambda m: False,
+) -> tuple[float, set[EngineState]]:
+    """Tick every scrape_interval of fake time for `seconds` (or until `until`); the
+    engine produces as scripted. Returns the fake time taken and the states seen."""
+    clock = engine.clock
+    started = clock()
+    seen: set[EngineState] = set()
+    while clock() - started < seconds:
+        engine.produce()
+        engine.time_moved()
+        await monitor.tick()
+        for _ in range(5):  # let a canary in flight see the clock
+            await asyncio.sleep(0)
+        seen.add(monitor.health.state)
+        if until(monitor):
+            break
+        clock.advance(monitor.s.scrape_interval)
+    return clock() - started, seen
+
+
+async def confirmed(monitor: HealthMonitor, engine: ScriptedSGLang) -> None:
+    await run_for(monitor, engine, 5, until=is_state(EngineState.HEALTHY))
+    assert monitor.health.state is EngineState.HEALTHY, monitor.health
+
+
+def saturated(engine: ScriptedSGLang) -> None:
+    """More long generations than fit: a full batch, a queue, KV cache full. Tokens
+    flow every iteration, none finishes, a canary waits far beyond its timeout."""
+    engine.running, engine.queued = 256, 40
+    engine.tokens_per_tick = 256 * 10
+    engine.canary_wait = 30.0
+
+
+async def test_parse_reads_sglang_progress_counters() -> None:
+    # As SGLang 0.5.19 renders them: realtime tokens per mode and DP rank, finished
+    # requests per is_streaming (python/sglang/srt/observability/metrics_collector.py).
+    text = "\n".join(
+        [
+            "# TYPE sglang:realtime_tokens_total counter",
+            'sglang:realtime_tokens_total{model_name="m",dp_rank="0",mode="decode"} 1200.0',
+            'sglang:realtime_tokens_total{model_name="m",dp_rank="1",mode="decode"} 800.0',
+            'sglang:realtime_tokens_total{model_name="m",dp_rank="0",mode="prefill_compute"} 50.0',
+            "# TYPE sglang:generation_tokens_total counter",
+            'sglang:generation_tokens_total{model_name="m",is_streaming="true"} 7.0',
+            "# TYPE sglang:num_requests_total counter",
+            'sglang:num_requests_total{model_name="m",is_streaming="false"} 3.0',
+            "# TYPE sglang:num_running_reqs gauge",
+            'sglang:num_running_reqs{model_name="m",dp_rank="0"} 4.0',
+            'sglang:num_running_reqs{model_name="m",dp_rank="1"} 2.0',
+            "# TYPE sglang:num_queue_reqs gauge",
+            'sglang:num_queue_reqs{model_name="m",dp_rank="0"} 1.0',
+        ]
+    )
+    sample = parse_metrics(text, at=1.0, latency=0.01)
+    assert sample.realtime_tokens == 2050
+    assert sample.work_done == (2050, 7, 3)
+    assert (sample.running, sample.queued, sample.busy) == (6, 1, True)
+
+
+async def test_saturated_engine_with_tokens_flowing_stays_healthy_without_canaries() -> None:
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    canaries = engine.canaries
+    saturated(engine)
+    _, seen = await run_for(monitor, engine, 60)
+    assert seen == {EngineState.HEALTHY}, monitor.health
+    # Realtime tokens prove progress: no canary queues up behind the full batch.
+    assert engine.canaries == canaries
+
+
+async def test_canary_behind_a_long_prefill_is_slowness_not_a_hang() -> None:
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    saturated(engine)
+    # One prefill chunk longer than stall_timeout: nothing moves, a canary goes out
+    # and waits behind the batch; then decoding resumes while it still waits.
+    engine.tokens_per_tick = 0
+    await run_for(monitor, engine, monitor.s.stall_timeout + 1.0)
+    assert engine.canaries >= 2, "the stall sent a canary"
+    engine.tokens_per_tick = 2560
+    _, seen = await run_for(monitor, engine, 20)
+    assert seen == {EngineState.HEALTHY}, monitor.health
+    assert monitor.recent_success_rate(least=1) is not None
+
+
+async def test_tokens_stop_with_requests_present_is_hung_within_bound() -> None:
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    saturated(engine)
+    await run_for(monitor, engine, 10)
+    engine.tokens_per_tick = 0  # the scheduler hangs; gauges keep their last values
+    took, _ = await run_for(monitor, engine, 30, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG, monitor.health
+    assert "canary timed out" in monitor.health.reason
+    assert took <= monitor.s.hang_detection_time + monitor.s.scrape_interval, took
+    # Leaves time for the lease to pass within the 6 s failover target.
+    assert took <= 4.5, took
+
+
+async def test_a_canarys_own_prefill_is_not_progress() -> None:
+    # A scheduler that still prefills what arrives but never decodes: the only
+    # movement is the canary's own prompt token.
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    saturated(engine)
+    await run_for(monitor, engine, 5)
+    engine.tokens_per_tick, engine.canary_prefill = 0, 1
+    took, _ = await run_for(monitor, engine, 30, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG, monitor.health
+    assert took <= monitor.s.hang_detection_time + monitor.s.scrape_interval, took
+
+
+async def test_slow_metrics_of_a_busy_process_are_not_a_hang_within_the_bound() -> None:
+    monitor, engine, proc, _ = scripted()
+    await confirmed(monitor, engine)
+    # A big prompt being tokenized in the HTTP process: /metrics waits, a core is busy.
+    engine.metrics_stall, proc.cpu_share = 1.0, 0.95
+    _, seen = await run_for(monitor, engine, monitor.s.busy_unresponsive_limit - 2)
+    assert seen == {EngineState.HEALTHY}, monitor.health
+    # It ends: judged healthy throughout, and no canary was fired meanwhile.
+    engine.metrics_stall, proc.cpu_share = 0.0, 0.01
+    _, seen = await run_for(monitor, engine, 10)
+    assert seen == {EngineState.HEALTHY}, monitor.health
+
+
+async def test_busy_but_never_answering_is_hung_at_the_bound() -> None:
+    monitor, engine, proc, _ = scripted()
+    await confirmed(monitor, engine)
+    engine.metrics_stall, proc.cpu_share = 1.0, 1.0  # a spinning HTTP process
+    took, _ = await run_for(monitor, engine, 60, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG
+    assert "although busy" in monitor.health.reason
+    limit = monitor.s.busy_unresponsive_limit
+    assert limit <= took <= limit + monitor.s.scrape_timeout + monitor.s.scrape_interval
+
+
+async def test_tokenizing_while_an_idle_canary_waits_is_not_a_hang() -> None:
+    monitor, engine, proc, _ = scripted()
+    await confirmed(monitor, engine)
+    # Idle until canary_idle sends its check; just then a big prompt arrives and
+    # its tokenization holds the HTTP process (and the canary with it) for 6 s.
+    sent = engine.canaries
+    engine.canary_wait = 6.0
+    took, _ = await run_for(monitor, engine, 10, until=lambda m: engine.canaries > sent)
+    assert engine.canaries == sent + 1 and took <= monitor.s.canary_idle + 1, "idle canary out"
+    engine.metrics_stall, proc.cpu_share = 1.0, 1.0
+    _, seen = await run_for(monitor, engine, 6.0)
+    engine.metrics_stall, proc.cpu_share, engine.canary_wait = 0.0, 0.01, 0.05
+    _, after = await run_for(monitor, engine, 10)
+    assert seen | after == {EngineState.HEALTHY}, monitor.health
+
+
+async def test_stopped_process_is_hung_at_once() -> None:
+    monitor, engine, proc, _ = scripted()
+    await confirmed(monitor, engine)
+    proc.letter, proc.cpu_share, engine.metrics_stall = "T", 0.0, 1.0  # SIGSTOP
+    took, _ = await run_for(monitor, engine, 10, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG
+    assert "frozen" in monitor.health.reason and "state T" in monitor.health.reason
+    assert took <= monitor.s.scrape_interval, took
+    proc.letter, proc.cpu_share, engine.metrics_stall = "S", 0.01, 0.0  # SIGCONT
+    await run_for(monitor, engine, 5, until=is_state(EngineState.HEALTHY))
+    assert monitor.health.state is EngineState.HEALTHY
+
+
+async def test_engine_stopped_by_supervisord_is_dead_not_frozen() -> None:
+    monitor, engine, proc, _ = scripted()
+    await confirmed(monitor, engine)
+    proc.supervisor_state = "STOPPED"  # supervisorctl stop engine: no process at all
+    await run_for(monitor, engine, 1)
+    assert monitor.health.state is EngineState.DEAD, monitor.health
+
+
+async def test_unanswered_metrics_without_cpu_is_hung_quickly() -> None:
+    monitor, engine, proc, _ = scripted()
+    await confirmed(monitor, engine)
+    engine.metrics_stall, proc.cpu_share = 1.0, 0.0  # deadlocked: asleep, no CPU
+    took, _ = await run_for(monitor, engine, 10, until=is_state(EngineState.HUNG))
+    assert "process not using CPU" in monitor.health.reason
+    assert took <= monitor.s.frozen_detection_time, took
+
+
+async def test_without_a_process_view_unanswered_metrics_fall_back_to_the_quick_rule() -> None:
+    # Sidecar with the engine in a container of its own: /proc cannot show it.
+    monitor, engine, _, _ = scripted(process=False)
+    await confirmed(monitor, engine)
+    engine.metrics_stall = 1.0
+    took, _ = await run_for(monitor, engine, 10, until=is_state(EngineState.HUNG))
+    assert "process out of sight" in monitor.health.reason
+    assert took <= monitor.s.frozen_detection_time, took
+
+
+def test_read_activity_of_a_real_process() -> None:
+    own = read_activity(os.getpid())
+    assert own is not None and not own.stopped and own.cpu_seconds > 0
+    assert read_activity(2**22 + 7) is None  # beyond pid_max: no such process

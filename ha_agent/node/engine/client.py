@@ -18,9 +18,15 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+# Summed over every label set (modes, DP ranks, is_streaming). Which of these SGLang
+# 0.5.19 moves when is in docs/architecture.md ("Engine health").
 _SUMMED = {
     "sglang:num_running_reqs": "running",
     "sglang:num_queue_reqs": "queued",
+    # Per decode iteration and per prefill batch (chunk), by the scheduler:
+    # python/sglang/srt/managers/scheduler_components/metrics_reporter.py.
+    "sglang:realtime_tokens_total": "realtime_tokens",
+    # Only when a request finishes (python/sglang/srt/managers/tokenizer_manager.py).
     "sglang:generation_tokens_total": "generation_tokens",
     "sglang:num_requests_total": "requests",
     "sglang:num_aborted_requests_total": "aborted",
@@ -48,10 +54,21 @@ class EngineSample:
     latency: float
     running: float = 0.0
     queued: float = 0.0
+    realtime_tokens: float = 0.0
     generation_tokens: float = 0.0
     requests: float = 0.0
     aborted: float = 0.0
     token_usage: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.running + self.queued > 0
+
+    @property
+    def work_done(self) -> tuple[float, float, float]:
+        """Counters that only the engine's scheduler moves: any rise is progress.
+        (Aborts are left out: SGLang counts them when asked, not when done.)"""
+        return (self.realtime_tokens, self.generation_tokens, self.requests)
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,9 @@ class CanaryResult:
     ok: bool
     latency: float
     detail: str
+    # No answer within the bound (as opposed to an error answer): behind a saturated
+    # batch that is slowness, not a hang, if the engine kept producing meanwhile.
+    timed_out: bool = False
 
 
 def parse_metrics(text: str, at: float, latency: float) -> EngineSample:
@@ -128,7 +148,10 @@ class EngineClient:
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             await self.abort(rid)
             return CanaryResult(
-                False, time.monotonic() - started, f"canary timed out after {timeout:g}s"
+                False,
+                time.monotonic() - started,
+                f"canary timed out after {timeout:g}s",
+                timed_out=True,
             )
         except aiohttp.ClientError as exc:
             return CanaryResult(

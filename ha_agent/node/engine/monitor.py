@@ -1,17 +1,25 @@
 """Judge the local engine: starting, healthy, hung or dead.
 
-Signals, cheapest first:
-1. supervisord: is the engine process running at all, and how did it last exit?
-2. /metrics, every `scrape_interval`: connection refused means dead, repeated
-   timeouts mean frozen (SIGSTOP, a wedged HTTP server). The generated-token
-   counter moving proves progress for free while real traffic runs.
+Signals, cheapest first (which hold on real SGLang: docs/architecture.md):
+1. The process: supervisord (running? how did it last exit?) and /proc (stopped by
+   SIGSTOP? using CPU?).
+2. /metrics, every `scrape_interval`. Connection refused means dead. Progress is
+   any rise of the counters only the scheduler moves: `sglang:realtime_tokens_total`
+   (every decode iteration and prefill chunk), `generation_tokens_total` and
+   `num_requests_total` (both at request finish). Unanswered reads mean frozen when
+   the process uses no CPU (or is out of sight); while it keeps using CPU (SGLang
+   tokenizes big prompts in its HTTP process) they are tolerated up to
+   `busy_unresponsive_limit`.
 3. A canary generation (one token, bounded, aborted on timeout), only when needed:
-   to confirm a start or a recovery, when requests are present but no token moved
+   to confirm a start or a recovery, when requests are present but nothing moved
    for `stall_timeout` (a hung scheduler whose /health still says 200), and after
-   `canary_idle` with no progress at all. Never more than one in flight.
+   `canary_idle` with no progress at all. Never more than one in flight. It waits
+   in the same queue as everyone, so a timeout while the engine kept producing (a
+   saturated batch) or kept its process busy is slowness, not a hang.
 
-Only the canary, process death or an unanswering engine can make a healthy engine
-unhealthy. What clients send (4xx, garbage, floods) is never an input here.
+Only the canary, the process, an unanswering engine or `busy_unresponsive_limit`
+without any progress can make a healthy engine unhealthy. What clients send (4xx,
+garbage, floods) is never an input here.
 """
 
 from __future__ import annotations
@@ -34,9 +42,17 @@ from ha_agent.node.engine.client import (
     EngineTimeout,
     EngineUnreachable,
 )
-from ha_agent.node.engine.process import ProcessState, ProcessWatch
+from ha_agent.node.engine.process import ProcessActivity, ProcessState, ProcessWatch
 
 log = logging.getLogger(__name__)
+
+# Share of one core the engine's process must have used while /metrics went
+# unanswered to count as busy rather than frozen. Tokenizing uses a whole core; a
+# stopped or deadlocked process close to none (its idle event loop well under 1 %).
+BUSY_CPU_SHARE = 0.05
+# What a canary itself adds to the progress counters (its prompt token's prefill, its
+# one token, its request finishing or aborted) and so cannot count as others' progress.
+CANARY_OWN_WORK = 4.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,10 @@ class HealthMonitor:
         self._last: EngineSample | None = None
         self._last_progress = now
         self._timeouts = 0
+        self._idle_timeouts = 0  # unanswered reads in a row with the process using no CPU
+        self._unanswered_since: float | None = None
+        self._excused_at = -1.0  # last time an unanswered read was excused as busy
+        self._engine_pid = 0
         self._canary: asyncio.Task[CanaryResult] | None = None
         self._canary_failures = 0
         self._next_canary_at = 0.0
@@ -124,6 +144,8 @@ class HealthMonitor:
         self._last = None
         self._last_progress = now
         self._timeouts = 0
+        self._idle_timeouts = 0
+        self._unanswered_since = None
         self._canary_failures = 0
         self._next_canary_at = 0.0
 
@@ -133,9 +155,20 @@ class HealthMonitor:
         now = self.clock()
         if self.process is not None:
             proc = await self._read_process()
+            # Alive but stopped (SIGSTOP, a paused container); supervisord's own
+            # STOPPED (stopped by an operator) has no pid and is down.
+            if proc is not None and proc.state == "STOPPED" and proc.pid:
+                self._frozen(f"process {proc.describe()}")
+                return self.health
             if proc is not None and not proc.running:
                 self._process_down(proc)
                 return self.health
+            if proc is not None:
+                self._engine_pid = proc.pid
+        before = self._activity()
+        if before is not None and before.stopped:
+            self._frozen(f"engine process stopped (state {before.letter}, pid {self._engine_pid})")
+            return self.health
 
         try:
             sample = await self.client.scrape(self.s.scrape_timeout)
@@ -143,20 +176,78 @@ class HealthMonitor:
             self._not_listening(now)
             return self.health
         except (EngineTimeout, EngineBadAnswer) as exc:
-            self._timeouts += 1
-            if (
-                self._timeouts >= self.s.unresponsive_after
-                and self.health.state is not EngineState.DEAD
-            ):
-                self._cancel_canary()
-                self._set(EngineState.HUNG, f"unresponsive: {exc} ({self._timeouts}x in a row)")
+            self._unanswered(now, str(exc), before)
             return self.health
-        self._timeouts = 0
+        self._timeouts = self._idle_timeouts = 0
+        self._unanswered_since = None
         for observe in self.probe_observers:
             observe("metrics", sample.latency)
         self._observe(sample)
+        if self._no_progress_too_long(self.clock()):
+            return self.health
         self._maybe_canary(self.clock())
         return self.health
+
+    def _activity(self) -> ProcessActivity | None:
+        if self.process is None or not self._engine_pid:
+            return None
+        return self.process.activity(self._engine_pid)
+
+    def _frozen(self, reason: str) -> None:
+        self._cancel_canary()
+        if self.health.state is not EngineState.DEAD:
+            self._set(EngineState.HUNG, f"frozen: {reason}")
+
+    def _unanswered(self, started: float, error: str, before: ProcessActivity | None) -> None:
+        """/metrics timed out or answered garbage: frozen, or only busy?"""
+        now = self.clock()
+        after = self._activity()
+        self._timeouts += 1
+        if self._unanswered_since is None:
+            self._unanswered_since = started
+        unanswered_for = now - self._unanswered_since
+        share = None
+        if before is not None and after is not None and now > started:
+            share = (after.cpu_seconds - before.cpu_seconds) / (now - started)
+        if after is not None and after.stopped:
+            self._frozen(f"engine process stopped (state {after.letter})")
+            return
+        if share is not None and share >= BUSY_CPU_SHARE:
+            self._idle_timeouts = 0
+            self._excused_at = now
+            if unanswered_for >= self.s.busy_unresponsive_limit:
+                self._cancel_canary()
+                self._set(
+                    EngineState.HUNG,
+                    f"unresponsive for {unanswered_for:.0f}s although busy"
+                    f" (process at {share:.0%} CPU): {error}",
+                )
+            else:
+                log.debug("engine slow but busy (%.0f%% CPU): %s", share * 100, error)
+            return
+        self._idle_timeouts += 1
+        if self._idle_timeouts >= self.s.unresponsive_after and self.health.state not in (
+            EngineState.DEAD,
+            EngineState.HUNG,
+        ):
+            self._cancel_canary()
+            basis = "process not using CPU" if share is not None else "process out of sight"
+            self._set(
+                EngineState.HUNG,
+                f"unresponsive: {error} ({self._idle_timeouts}x in a row, {basis})",
+            )
+
+    def _no_progress_too_long(self, now: float) -> bool:
+        """The backstop: a healthy engine with no progress at all for the busy bound
+        (every canary excused as waiting behind a busy engine) is hung."""
+        quiet_for = now - self._last_progress
+        if self.health.state is not EngineState.HEALTHY:
+            return False
+        if quiet_for < self.s.busy_unresponsive_limit:
+            return False
+        self._cancel_canary()
+        self._set(EngineState.HUNG, f"no progress for {quiet_for:.0f}s")
+        return True
 
     async def _read_process(self) -> ProcessState | None:
         assert self.process is not None
@@ -199,12 +290,13 @@ class HealthMonitor:
         prev, self._last = self._last, sample
         if prev is None:
             return
-        if sample.generation_tokens < prev.generation_tokens:
+        done, before = sample.work_done, prev.work_done
+        if any(now < then for now, then in zip(done, before, strict=True)):
             # Counters went back: the engine restarted under us.
             self._engine_restarted()
             self._last = sample
             return
-        if sample.generation_tokens > prev.generation_tokens:
+        if done != before:
             self._last_progress = sample.at
 
     def _maybe_canary(self, now: float) -> None:
@@ -212,7 +304,7 @@ class HealthMonitor:
             return
         state = self.health.state
         sample = self._last
-        busy = sample is not None and (sample.running + sample.queued) > 0
+        busy = sample is not None and sample.busy
         quiet_for = now - self._last_progress
         if state is not EngineState.HEALTHY:
             why = "confirm the engine works"
@@ -225,10 +317,17 @@ class HealthMonitor:
                 self._set(EngineState.HEALTHY, self.health.reason)  # refresh numbers
             return
         log.debug("canary: %s", why)
+        started = now
+        work = self._work_done()
         self._canary = asyncio.ensure_future(self.client.canary(self.s.canary_timeout))
-        self._canary.add_done_callback(lambda task: self._canary_done(task, why))
+        self._canary.add_done_callback(lambda task: self._canary_done(task, why, started, work))
 
-    def _canary_done(self, task: asyncio.Task[CanaryResult], why: str) -> None:
+    def _work_done(self) -> float:
+        return sum(self._last.work_done) if self._last is not None else 0.0
+
+    def _canary_done(
+        self, task: asyncio.Task[CanaryResult], why: str, started: float, work: float
+    ) -> None:
         self._canary = None
         if task.cancelled():
             return
@@ -243,6 +342,16 @@ class HealthMonitor:
             self._canary_failures = 0
             self._last_progress = now
             self._set(EngineState.HEALTHY, f"{result.detail} in {result.latency * 1000:.0f} ms")
+            return
+        # It queued behind everyone else. If the engine kept producing meanwhile (a
+        # saturated batch, a long prefill) or kept its process busy with /metrics
+        # unanswered (tokenizing), that is slowness; the hang backstop is
+        # busy_unresponsive_limit without any progress.
+        moved = self._work_done() - work
+        progressed = moved > CANARY_OWN_WORK or self._excused_at > started
+        if result.timed_out and progressed and self.health.state is EngineState.HEALTHY:
+            log.info("%s, but the engine is busy and progressing: not hung", result.detail)
+            self._next_canary_at = now + self.s.stall_timeout
             return
         self._canary_failures += 1
         # Back off on a sick engine: one probe at a time, and fewer as it stays sick.

@@ -68,12 +68,54 @@ class ProcessState:
         return f"{self.state.lower()}{how}{oom}"
 
 
+# /proc/<pid>/stat state letters: T/t stopped (SIGSTOP, traced), Z/X gone.
+_STOPPED, _GONE = "Tt", "ZX"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class ProcessActivity:
+    """What /proc says of the engine's main process (SGLang's HTTP server and
+    tokenizer): stopped or not, and the CPU time it has used.
+
+    Why: when /metrics goes unanswered, a SIGSTOPped or deadlocked engine uses no
+    CPU, while one tokenizing a big prompt in its HTTP process uses a whole core.
+    """
+
+    letter: str  # R running, S sleeping, D disk wait, T stopped...
+    cpu_seconds: float  # user + system, all threads
+
+    @property
+    def stopped(self) -> bool:
+        return self.letter in _STOPPED
+
+
+def read_activity(pid: int, proc: str = "/proc") -> ProcessActivity | None:
+    """The activity of `pid`, None if it is gone or /proc does not show it."""
+    try:
+        with open(f"{proc}/{pid}/stat") as fh:
+            raw = fh.read()
+        # The command name (field 2) may hold spaces and parentheses: split after it.
+        fields = raw[raw.rindex(")") + 2 :].split()
+        letter, utime, stime = fields[0], int(fields[11]), int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+    if letter in _GONE:
+        return None
+    return ProcessActivity(letter, (utime + stime) / _CLOCK_TICKS)
+
+
 class ProcessWatch:
     """Reads the engine's process state; raises when the source itself is away
     (the monitor then falls back to HTTP signals alone)."""
 
     async def read(self, timeout: float) -> ProcessState:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def activity(self, pid: int) -> ProcessActivity | None:
+        """/proc's view of the running engine `pid`, where this agent shares its PID
+        namespace; None where it cannot see it (a container's host PID)."""
+        return None
 
     def describe(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
@@ -119,9 +161,11 @@ class SupervisorWatch(ProcessWatch):
     async def read(self, timeout: float) -> ProcessState:
         return await asyncio.wait_for(asyncio.to_thread(self._read), timeout)
 
+    def activity(self, pid: int) -> ProcessActivity | None:
+        # The agent runs under the same supervisord, in the same PID namespace.
+        return read_activity(pid)
 
-# /proc/<pid>/stat state letters: T/t stopped (SIGSTOP, traced), Z/X gone.
-_STOPPED, _GONE = "Tt", "ZX"
+
 LOG_TAIL = 65536
 
 
@@ -240,3 +284,6 @@ class HostProcessWatch(ProcessWatch):
 
     async def read(self, timeout: float) -> ProcessState:
         return await asyncio.wait_for(asyncio.to_thread(self._read), timeout)
+
+    def activity(self, pid: int) -> ProcessActivity | None:
+        return read_activity(pid, self.proc)
