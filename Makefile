@@ -26,8 +26,8 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed  ## the Python virtualenv for tests and tools
 docker:  ## Docker engine, Compose v2 and the base image (only what is missing)
 	scripts/ensure-docker.sh
-secrets: ## compose/secrets.env with random Redis password and admin token (once)
-	scripts/secrets.sh
+secrets: ## one secret file per value and service in compose/secrets/ (ROTATE=1: draw all again)
+	scripts/secrets.sh $(if $(filter 1,$(ROTATE)),--rotate)
 images: docker secrets  ## build the node, gateway and redis images
 	$(COMPOSE) build
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -26,6 +27,13 @@ FailbackPolicy = Literal["never", "negotiated", "preferred"]
 
 class TimingWarning(UserWarning):
     """A timing setting was adjusted to keep the lease safe."""
+
+
+# Secrets as files (compose `secrets:`), never environment: with HA_SECRETS_DIR set
+# (/run/secrets in the stacks), a file there named like the variable, lower case
+# (ha_redis_password, ha_admin_token, sim_admin_token...), gives that setting.
+# Read once at import: the containers set it before any process starts.
+_SECRETS_DIR = os.environ.get("HA_SECRETS_DIR") or None
 
 
 def _split_csv(value: object) -> object:
@@ -47,7 +55,7 @@ class LoggingSettings(BaseSettings):
 class RedisSettings(BaseSettings):
     """How to reach the coordination store: Redis through Sentinel."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     cluster: str = Field(
         "sglang-ha", description="Name of this HA cluster; prefixes every Redis key."
@@ -380,7 +388,7 @@ class AgentSettings(
 ):
     """The node agent: one per GPU host, next to its engine."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     node_name: str = Field("sglang-01", description="This node's name, unique in the cluster.")
     advertise_engine_url: str | None = Field(
@@ -416,7 +424,7 @@ class AgentSettings(
 class RelaySettings(RedisSettings, EngineAuthSettings):
     """The leader-aware relay in the gateway."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     relay_host: str = Field(
         "127.0.0.1", description="Relay data-plane bind address (behind Nginx)."
@@ -440,6 +448,16 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     nodes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Seed nodes name=engine_url=agent_url, comma separated; registry adds more.",
+    )
+    media_url_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL prefixes media fields may name (else data:/base64 only); comma separated.",
+    )
+    allow_custom_logit_processor: bool = Field(
+        False, description="Let clients send custom_logit_processor (code the engine runs)."
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="A request body must arrive whole within this, s (else 408)."
     )
     poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
     connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")
@@ -506,7 +524,7 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     )
     nginx_reload_command: str = Field("nginx -s reload", description="How to reload Nginx.")
 
-    @field_validator("nodes", mode="before")
+    @field_validator("nodes", "media_url_allow", mode="before")
     @classmethod
     def _csv_nodes(cls, value: object) -> object:
         return _split_csv(value)
@@ -574,7 +592,7 @@ DYNAMIC_SETTINGS: tuple[str, ...] = tuple(DynamicConfig.model_fields)
 class SimSettings(BaseSettings):
     """The SGLang-compatible engine simulator (CPU demo and tests only)."""
 
-    model_config = SettingsConfigDict(env_prefix="SIM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SIM_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     host: str = "0.0.0.0"
     port: int = 30000

@@ -40,6 +40,7 @@ from ha_agent.gateway.cors import Cors, on_prepare
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import Migration
+from ha_agent.gateway.policy import FieldPolicy, RequestPolicy
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
@@ -124,9 +125,11 @@ class Relay:
         self.cors = Cors.parse(settings.cors_allow_origins, settings.cors_allow_credentials)
         self.owners = RidOwners()
         self.admission = Admission(settings, topology, transport, metrics, events)  # overload, QoD
+        self.policy = RequestPolicy(FieldPolicy.from_settings(settings))
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
+        self.policy.install(app)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         app.on_response_prepare.append(on_prepare(self.cors))
         return app
@@ -142,9 +145,12 @@ class Relay:
         try:
             # Bad input is answered here and never reaches an engine (inference.py).
             route = inference.check_route(request.method, request.raw_path)
-            body = await request.read()
+            body = await self.policy.read_body(request)
             if route.json_body:
                 payload = inference.check_body(route.kind, inference.parse_json(body))
+                if route.semantics is not Semantics.SCOPED_ABORT:
+                    # Fields that reach files, URLs or code; our rid for theirs (policy.py).
+                    body, payload = self.policy.check(request, payload, body).sent
         except inference.BadInput as bad:
             rejected = self._client_error(route, bad)
             return self._timed(_label(route), False, rejected, started)
@@ -210,6 +216,8 @@ class Relay:
             bad = inference.BadInput("abort_all is not available through the gateway", 403)
             return self._client_error(None, bad)
         rid = body.get("rid")
+        if isinstance(rid, str):  # the client's own rid stands for ours (policy.py)
+            rid = self.policy.rids.lookup(self.policy.rids.owner(request), rid) or rid
         if not isinstance(rid, str) or not self.owners.owns(request, rid):
             return web.Response(status=200)
         data = json.dumps({"rid": rid}).encode()

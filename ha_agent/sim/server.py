@@ -347,12 +347,14 @@ class SimServer:
 
     # -- fault knobs ----------------------------------------------------------------
     def _authorized(self, request: web.Request) -> bool:
+        # Closed without a token: the knobs can hang or kill the engine.
         token = self.settings.admin_token
         if token is None:
-            return True
-        given = request.headers.get("Authorization", "")
-        expected = "Bearer " + token.get_secret_value()
-        return hmac.compare_digest(given.encode(), expected.encode())
+            return False
+        # aiohttp keeps undecodable header bytes as surrogates: compare bytes, no 500.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        expected = ("Bearer " + token.get_secret_value()).encode()
+        return hmac.compare_digest(given, expected)
 
     async def sim_faults(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

@@ -1,8 +1,11 @@
 #!/bin/sh
 # Gateway entrypoint: render Nginx's config from the environment, then supervisord.
 set -eu
-if [ -z "${HA_REDIS_PASSWORD:-}" ]; then
-  echo "HA_REDIS_PASSWORD is not set: Redis is password-protected (run 'make secrets')" >&2
+# The Redis password: a secret file (HA_SECRETS_DIR, compose `secrets:`) or, across
+# hosts, the environment.
+if [ -z "${HA_REDIS_PASSWORD:-}" ] && [ ! -s "${HA_SECRETS_DIR:-/run/secrets}/ha_redis_password" ]; then
+  echo "no Redis password: neither ${HA_SECRETS_DIR:-/run/secrets}/ha_redis_password nor" \
+    "HA_REDIS_PASSWORD (run 'make secrets')" >&2
   exit 2
 fi
 mkdir -p /run/sglang-ha /var/log/sglang /var/lib/sglang-ha/nginx

@@ -310,3 +310,45 @@ async def _until(predicate: Callable[[], bool], timeout: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+async def _raw_bytes(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, rest
+
+
+@needs_nginx
+async def test_every_edge_failure_is_json_never_html() -> None:
+    """Request-line failures used to get Nginx's HTML 500 (named error locations
+    cannot serve them); oversized headers an HTML 400."""
+    big = "x" * 9000
+    cases = {
+        b"GET /%00 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 400,
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 400,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 400,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+        + big.encode()
+        + b"\r\n\r\n": 431,
+        b"GET /" + big.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 414,
+        b"GARBAGE\r\n\r\n": 400,
+        b"GET /_error/503 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 404,
+    }
+    async with gateway() as gw:
+        for request, expected in cases.items():
+            status, headers, body = await _raw_bytes(gw.port, request)
+            assert status == expected, (request[:40], status, body[:80])
+            assert headers.get("content-type", "").startswith("application/json"), (
+                request[:40],
+                headers,
+            )
+            assert json.loads(body)["code"] == expected, body
+        assert gw.upstream.seen == []

@@ -509,9 +509,11 @@ async def test_a_client_abort_ends_the_stream_and_is_not_migrated(cluster: Local
                 continue
             events.append(line[5:].strip())
             if len(events) == 5:
+                # The engine knows the relay's rid for it (policy.py), named in a header.
+                assert resp.headers["X-SGLang-HA-Client-Rid"] == "client-abort-1"
                 r = await client.post(
                     cluster.nodes[primary].engine_url + "/abort_request",
-                    json={"rid": "client-abort-1"},
+                    json={"rid": resp.headers["X-SGLang-HA-Rid"]},
                 )
                 assert r.status_code == 200
     finish = last_json(events)["meta_info"]["finish_reason"]
