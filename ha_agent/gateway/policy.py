@@ -42,7 +42,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ha_agent.openapi.inference import BadInput
+from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_RID_HEADER = "X-SGLang-HA-Client-Rid"
@@ -152,10 +152,10 @@ def check_fields(payload: dict[str, Any], policy: FieldPolicy) -> None:
     for name, why in FORBIDDEN.items():
         if payload.get(name) is not None:
             raise BadInput(f"{name} is not accepted: {why}")
-    if payload.get("custom_logit_processor") is not None and not (
-        policy.allow_custom_logit_processor
-    ):
-        raise BadInput("custom_logit_processor is not accepted: it runs code on the engine")
+    # It runs code on the engine. Refused in SGLang's own words for a server without
+    # --enable-custom-logit-processor, so a client sees what a direct SGLang would say.
+    if payload.get("custom_logit_processor") and not policy.allow_custom_logit_processor:
+        raise BadInput(NO_CUSTOM_LOGIT_PROCESSOR)
     _walk_media(payload, policy, "")
 
 

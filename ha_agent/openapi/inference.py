@@ -49,6 +49,14 @@ __all__ = ["MODEL_PREFIX", "PUBLIC_ROUTES", "BadInput", "check_body", "check_rou
 # Exact public paths and their methods (HEAD is accepted wherever GET is).
 PUBLIC_ROUTES: dict[str, frozenset[str]] = {e.path: e.methods for e in ROUTES}
 
+# TokenizerManager._validate_one_request (srt/managers/tokenizer_manager.py), for a
+# server started without --enable-custom-logit-processor: the gateway refuses such a
+# request with the same words (gateway/policy.py), and so does the simulator.
+NO_CUSTOM_LOGIT_PROCESSOR = (
+    "The server is not configured to enable custom logit processor. "
+    "Please set `--enable-custom-logit-processor` to enable this feature."
+)
+
 # OpenAI's own limit on `n`; SGLang has none, and n copies of a request are n requests.
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20

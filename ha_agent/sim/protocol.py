@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ha_agent.config import SimSettings
+from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR
 from ha_agent.sim.chat_template import render_chat
 from ha_agent.sim.generator import SamplingKey, StopRules
 from ha_agent.sim.grammar import GrammarError, compile_constraint, constraint_from_response_format
@@ -23,12 +24,6 @@ from ha_agent.sim.tokenizer import SimTokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang SamplingParams default
 DEFAULT_SEED = 0  # the simulator is always deterministic
-# TokenizerManager._validate_one_request (managers/tokenizer_manager.py), for a server
-# started without --enable-custom-logit-processor (the simulator never has one).
-NO_CUSTOM_LOGIT_PROCESSOR = (
-    "The server is not configured to enable custom logit processor. "
-    "Please set `--enable-custom-logit-processor` to enable this feature."
-)
 
 
 def _refuse_unsupported(body: Any) -> None:

@@ -22,7 +22,7 @@ from ha_agent.gateway.policy import (
     check_fields,
     media_allowed,
 )
-from ha_agent.openapi.inference import BadInput
+from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
 DEFAULT = FieldPolicy()
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(200)).decode()
@@ -96,7 +96,6 @@ def test_an_allow_list_opens_only_its_prefixes() -> None:
         ("bootstrap_host", "10.0.0.9"),
         ("bootstrap_port", 8998),
         ("bootstrap_room", 1),
-        ("custom_logit_processor", '{"callable": "gASV..."}'),
     ],
 )
 def test_fields_that_steer_the_engine_are_refused(field: str, value: Any) -> None:
@@ -104,6 +103,15 @@ def test_fields_that_steer_the_engine_are_refused(field: str, value: Any) -> Non
         check_fields({"text": "x", field: value}, DEFAULT)
     assert field in info.value.message
     check_fields({"text": "x", field: None}, DEFAULT)  # null is "not set"
+
+
+def test_custom_logit_processor_is_refused_in_sglangs_own_words() -> None:
+    """As a server without --enable-custom-logit-processor answers (tokenizer_manager.py):
+    a client sees the same refusal through the gateway as straight at SGLang."""
+    with pytest.raises(BadInput) as info:
+        check_fields({"text": "x", "custom_logit_processor": '{"callable": "gASV..."}'}, DEFAULT)
+    assert info.value.message == NO_CUSTOM_LOGIT_PROCESSOR
+    check_fields({"text": "x", "custom_logit_processor": None}, DEFAULT)
 
 
 def test_custom_logit_processor_when_the_operator_enables_it() -> None:
