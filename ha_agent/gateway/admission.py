@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 class Ticket:
     """An admitted generation request; its fingerprint is computed only when needed."""
 
-    __slots__ = ("_fp", "kind", "payload")
+    __slots__ = ("_fp", "kind", "payload", "suspects")
 
     def __init__(self, kind: str, payload: dict[str, Any]) -> None:
         self.kind, self.payload = kind, payload
         self._fp: str | None = None
+        # Nodes this very request was on when they failed, each with the judgement
+        # whether the node really stopped serving.
+        self.suspects: list[tuple[str, asyncio.Future[bool]]] = []
 
     @property
     def fingerprint(self) -> str:
@@ -69,8 +72,6 @@ class Admission:
         self.topology = topology
         self.transport = transport
         self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this
-        # Per fingerprint: has each node that failed holding it really stopped serving?
-        self._suspects: dict[str, list[tuple[str, asyncio.Future[bool]]]] = {}
         self.metrics = metrics
         self.events = events
 
@@ -118,23 +119,20 @@ class Admission:
         ticket: Ticket | None = request.get(_KEY)
         if ticket is None or not node_died(failure.reason, failure.connect):
             return None
-        fp = ticket.fingerprint
         judged = asyncio.ensure_future(self._confirm(node, failure.reason))
-        # Other nodes that failed holding this fingerprint (identical requests on the
-        # one node that died are one failure, not many).
+        # Other nodes that failed while holding this same request. Per request, not per
+        # fingerprint across requests: identical prompts from many clients, on nodes
+        # that died for unrelated reasons minutes apart, are no query of death.
         earlier = [
-            f
-            for other, f in self._suspects.get(fp, [])
-            if other != node and (not f.done() or f.result())
+            f for other, f in ticket.suspects if other != node and (not f.done() or f.result())
         ]
-        self._suspects.setdefault(fp, []).append((node, judged))
-        self._forget_later(fp, (node, judged))
+        ticket.suspects.append((node, judged))
         if not earlier or not await judged:
             return None
         if not any(await asyncio.gather(*earlier)):
             return None
+        fp = ticket.fingerprint
         self.quarantine.hold(fp)
-        self._suspects.pop(fp, None)
         self.metrics.quarantined.inc()
         self.events.emit(
             ev.QUERY_QUARANTINED,
@@ -158,17 +156,3 @@ class Admission:
                 return True
             await asyncio.sleep(0.05)
         return False
-
-    def _forget_later(self, fp: str, item: tuple[str, asyncio.Future[bool]]) -> None:
-        def forget(_: object) -> None:
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.quarantine.window, self._drop, fp, item)
-
-        item[1].add_done_callback(forget)
-
-    def _drop(self, fp: str, item: tuple[str, asyncio.Future[bool]]) -> None:
-        items = self._suspects.get(fp)
-        if items is not None and item in items:
-            items.remove(item)
-            if not items:
-                del self._suspects[fp]

@@ -6,9 +6,10 @@ that trips a kernel bug, a grammar that crashes the compiler). Re-sent to the ne
 it kills that one too, and a client that retries kills them in turn.
 
 The rule (admission.py applies it): a request may be in flight on a node that failed
-*once*, and is re-sent; when a second, different node fails holding the same
-fingerprint (within `window` seconds), the fingerprint is quarantined for `ttl`
-seconds. A quarantined request is answered 503 at admission with a message that says
+*once*, and is re-sent; when a second, different node fails holding that same request,
+its fingerprint is quarantined for `ttl` seconds. Counted per request, never across
+requests: identical prompts (a shared system prompt, a load test) on nodes that died
+for unrelated reasons are no query of death. A quarantined request is answered 503 at admission with a message that says
 why, the event QUERY_QUARANTINED is logged, and `sglang_ha_relay_quarantined_total`
 counts it. Everyone else is served as usual.
 
@@ -23,8 +24,7 @@ sampling knobs.
 
 State is per relay process, on purpose: the store is for coordination, not business
 data, and every count here is about one request: the worker that holds a request sees
-both failures of its nodes. A client retrying on another worker gets one more try
-there (at most one more crash per worker). No anchor (Patroni, Sentinel, LiteLLM,
+both failures of its nodes. No anchor (Patroni, Sentinel, LiteLLM,
 SGLang's router) has this: they re-send or give up, without remembering why.
 """
 

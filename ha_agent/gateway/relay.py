@@ -461,7 +461,7 @@ class Relay:
         conn = await splice.open_stream(
             node.engine_url,
             request.path_qs,
-            forward_headers(request.headers),
+            self.transport.upstream_headers(request.headers),
             body,
             self.transport.resolver,
             self.transport.connect_timeout,

@@ -103,6 +103,14 @@ class Transport:
         # Shared with the streaming segments' own connections (splice.py).
         self.resolver = CachingResolver()
 
+    def upstream_headers(self, client: Mapping[str, str]) -> CIMultiDict[str]:
+        """What a request to an engine carries: the client's end-to-end headers, then
+        our credentials (for connections made outside the session: splice.py)."""
+        out = forward_headers(client)
+        for key, value in self.headers.items():
+            out[key] = value
+        return out
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
