@@ -10,8 +10,8 @@ The rule (admission.py applies it): a request may be in flight on a node that fa
 its fingerprint is quarantined for `ttl` seconds. Counted per request, never across
 requests: identical prompts (a shared system prompt, a load test) on nodes that died
 for unrelated reasons are no query of death. A quarantined request is answered 503
-at admission with a message that says why, the event QUERY_QUARANTINED is logged, and `sglang_ha_relay_quarantined_total`
-counts it. Everyone else is served as usual.
+at admission with a message that says why, the event QUERY_QUARANTINED is logged,
+and `sglang_ha_relay_quarantined_total` counts it. Everyone else is served as usual.
 
 A failure counts when the node's connection broke or the topology abandoned the node
 while the request was on it, and the topology then saw the node stop serving (its
