@@ -59,6 +59,13 @@ class Target:
     name: str
     url: str
     session: aiohttp.ClientSession
+    # An engine started with --api-key (the stacks' engines are): what a client that
+    # talks to SGLang directly presents. The gateway needs none from clients.
+    api_key: str | None = None
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     async def call(
         self,
@@ -71,12 +78,15 @@ class Target:
     ) -> Answer:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        hdrs.update(self.auth)
         hdrs.update(headers or {})
         async with self.session.request(method, self.url + path, data=data, headers=hdrs) as r:
             return _screen(Answer(r.status, r.headers, await r.read()))
 
     def openai(self) -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        return AsyncOpenAI(
+            base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, timeout=30
+        )
 
 
 def _screen(answer: Answer) -> Answer:
@@ -216,7 +226,7 @@ async def abort_own_request_by_rid(t: Target) -> Obs:
     body = {"text": "long", "rid": rid, "stream": True, "sampling_params": sp}
     url = t.url + "/generate"
     last: dict[str, Any] = {}
-    async with t.session.post(url, json=body) as r:
+    async with t.session.post(url, json=body, headers=t.auth) as r:
         assert r.status == 200
         first = await r.content.readuntil(b"\n\n")
         assert first.startswith(b"data: {")
@@ -253,7 +263,7 @@ async def flush_cache_is_admin(t: Target) -> Obs:
 
 @check
 async def unknown_path_404(t: Target) -> Obs:
-    async with t.session.get(t.url + "/no/such/path") as r:
+    async with t.session.get(t.url + "/no/such/path", headers=t.auth) as r:
         assert r.status == 404
         return {"status": r.status, "body": await r.json()}
 
@@ -523,7 +533,9 @@ async def cors_preflight(t: Target) -> Obs:
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type",
     }
-    async with t.session.options(t.url + "/v1/chat/completions", headers=headers) as r:
+    async with t.session.options(
+        t.url + "/v1/chat/completions", headers={**t.auth, **headers}
+    ) as r:
         assert r.status == 200
         h = r.headers
         assert h["Access-Control-Allow-Origin"] == "https://app.example"
@@ -533,7 +545,9 @@ async def cors_preflight(t: Target) -> Obs:
 
 @check
 async def cors_simple_request(t: Target) -> Obs:
-    async with t.session.get(t.url + "/v1/models", headers={"Origin": "https://x.example"}) as r:
+    async with t.session.get(
+        t.url + "/v1/models", headers={**t.auth, "Origin": "https://x.example"}
+    ) as r:
         assert r.headers["Access-Control-Allow-Origin"] == "*"
         h = r.headers
         return {k: h.get(k) for k in sorted(h) if k.lower().startswith("access-control-")}

@@ -19,7 +19,12 @@ async def stack_targets(stack: Stack) -> AsyncIterator[Targets]:
     primary = stack.wait_stable()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         yield Targets(
-            Target("direct", stack.engine_url(primary), session),
+            Target(
+                "direct",
+                stack.engine_url(primary),
+                session,
+                api_key=stack.secrets["HA_ENGINE_API_KEY"],
+            ),
             Target("gateway", stack.gateway_url, session),
             real=False,  # the stack's engines are simulators
         )
