@@ -115,12 +115,17 @@ async def watch_agents(stack: Stack, http: httpx.AsyncClient, seen: Observed, un
         await asyncio.sleep(0.5)
 
 
-async def big_prompts(http: httpx.AsyncClient, url: str, seen: Observed, t0: float) -> None:
-    """Prompts far beyond the context: seconds of tokenizing, then a 400, as SGLang."""
+async def big_prompts(
+    http: httpx.AsyncClient, url: str, key: str, seen: Observed, t0: float
+) -> None:
+    """Prompts far beyond the context, straight at the engine (with its API key; the
+    gateway refuses them before any engine sees them): seconds of tokenizing, then a
+    400, as SGLang."""
     for at in BIG_PROMPTS_AT:
         await asyncio.sleep(max(t0 + at - time.monotonic(), 0))
         body = {"text": BIG_PROMPT, "sampling_params": {"max_new_tokens": 8}}
-        r = await http.post(f"{url}/generate", json=body, timeout=60)
+        auth = {"Authorization": f"Bearer {key}"}
+        r = await http.post(f"{url}/generate", json=body, headers=auth, timeout=60)
         seen.big_prompt_status.append(r.status_code)
 
 
@@ -138,7 +143,7 @@ async def saturate(stack: Stack, primary: str) -> Observed:
         watchers = [
             watch_queue(http, engine, seen, until),
             watch_agents(stack, http, seen, until),
-            big_prompts(http, engine, seen, t0),
+            big_prompts(http, engine, stack.secrets["HA_ENGINE_API_KEY"], seen, t0),
         ]
         try:
             await asyncio.wait_for(asyncio.gather(*watchers), timeout=DURATION + 60)
