@@ -516,6 +516,11 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     quarantine_ttl: float = Field(
         600.0, gt=0, description="How long a query of death is refused, s."
     )
+    quarantine_dir: Path | None = Field(
+        None,
+        description="A folder the gateway's relay workers share quarantined requests"
+        " through; unset: each worker keeps its own.",
+    )
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
     nginx_backup_file: str | None = Field(
         None,

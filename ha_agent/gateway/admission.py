@@ -68,7 +68,7 @@ class Admission:
             )
         )
         self.shedder = Shedder(topology, settings.shed_queue_bound, settings.shed_retry_after)
-        self.quarantine = Quarantine(settings.quarantine_ttl)
+        self.quarantine = Quarantine(settings.quarantine_ttl, shared=settings.quarantine_dir)
         self.topology = topology
         self.transport = transport
         self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this

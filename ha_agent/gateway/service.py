@@ -74,10 +74,17 @@ class RelayService:
     def _config_changed(self, config: DynamicConfig) -> None:
         """edit-config's warming rate, or the environment's when it is unset (the rate
         is the gateway's: each worker takes its share)."""
-        rate = config.warm_rate if config.warm_rate is not None else self.s.warm_rate
-        rate = share(rate, self.workers)
+        total = config.warm_rate if config.warm_rate is not None else self.s.warm_rate
+        rate = share(total, self.workers)
         if rate != self.warmer.rate:
-            log.info("warming rate %g -> %g mirrors/s (dynamic config)", self.warmer.rate, rate)
+            # Said in the gateway's terms, as edit-config set it; the worker's share after.
+            log.info(
+                "warming rate %g -> %g mirrors/s (dynamic config; %g per worker of %d)",
+                self.warmer.rate * self.workers,
+                total,
+                rate,
+                self.workers,
+            )
             self.warmer.rate = rate
 
     async def start(self) -> None:

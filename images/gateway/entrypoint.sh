@@ -16,6 +16,9 @@ export HA_RELAY_WORKERS
 export PROMETHEUS_MULTIPROC_DIR=/run/sglang-ha/relay-metrics
 rm -rf "$PROMETHEUS_MULTIPROC_DIR"
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+# A query of death one worker quarantined is refused by all (gateway/quarantine.py).
+export HA_QUARANTINE_DIR=/run/sglang-ha/quarantine
+rm -rf "$HA_QUARANTINE_DIR"
 python3 -m ha_agent.gateway.nginx_conf
 nginx -e stderr -t -c /run/sglang-ha/nginx.conf
 exec supervisord -n -c /etc/sglang-ha/supervisord.conf

@@ -273,47 +273,66 @@ def test_a_query_of_death_kills_each_node_at_most_once(stack: Stack) -> None:
     unhealthy_before = {n: stack.ha_log(n).count("ENGINE_UNHEALTHY") for n in NODES.values()}
     relay_log_before = stack.ha_log("gateway").count("QUERY_QUARANTINED")
     deadly = {"text": f"tell me {MARKER}", "sampling_params": {"max_new_tokens": 4}}
-    innocent = {"text": "hello", "sampling_params": {"max_new_tokens": 8}}
+    quarantined = "quarantined"
 
-    async def run() -> tuple[list[httpx.Response], list[str], list[int]]:
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response], float, list[str]]:
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as http:
             url = stack.gateway_url
             stop = time.monotonic() + 40
-            codes: list[int] = []
+            outcomes: list[str] = []
 
-            async def everyone_else() -> None:
+            async def everyone_else(client: int) -> None:
+                n = 0
                 while time.monotonic() < stop:
+                    n += 1  # distinct prompts, as distinct users send
+                    innocent = {
+                        "text": f"hello {client}.{n}",
+                        "sampling_params": {"max_new_tokens": 8},
+                    }
                     try:
                         r = await http.post(f"{url}/generate", json=innocent)
-                        codes.append(r.status_code)
-                    except httpx.HTTPError:
-                        codes.append(0)
+                        ok = r.status_code == 200
+                        said = "" if ok else r.json()["error"]["message"]
+                        outcomes.append("ok" if ok else f"{r.status_code} {said}")
+                    except (httpx.HTTPError, ValueError, KeyError) as exc:
+                        outcomes.append(f"error {exc!r}")
                     await asyncio.sleep(0.2)
 
-            others = [asyncio.ensure_future(everyone_else()) for _ in range(4)]
+            others = [asyncio.ensure_future(everyone_else(c)) for c in range(4)]
             first = await http.post(f"{url}/generate", json=deadly)
             await asyncio.to_thread(stack.wait_stable, 60)
             started = time.monotonic()
-            again = await http.post(f"{url}/generate", json=deadly)
-            fast = time.monotonic() - started
+            # Several times, on fresh connections: every relay worker must refuse it.
+            again = []
+            for _ in range(4):
+                async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as fresh:
+                    again.append(await fresh.post(f"{url}/generate", json=deadly))
+            slowest = (time.monotonic() - started) / len(again)
             await asyncio.gather(*others)
-            return [first, again], [f"{fast:.3f}"], codes
+            return [first], again, slowest, outcomes
 
-    (first, again), (fast,), codes = asyncio.run(run())
+    (first,), again, per_try, outcomes = asyncio.run(run())
+    ok = outcomes.count("ok")
     print(
-        f"query of death: {first.status_code}, then {again.status_code} in {fast}s; "
-        f"others: {len(codes)} requests, {codes.count(200)} ok"
+        f"query of death: {first.status_code}, then {[r.status_code for r in again]}"
+        f" in {per_try:.3f}s each; others: {len(outcomes)} requests, {ok} ok"
     )
-    for r in (first, again):
+    for r in (first, *again):
         assert r.status_code == 503, r.text
-        assert "quarantined" in r.json()["error"]["message"]
-    assert float(fast) < 1.0
+        assert quarantined in r.json()["error"]["message"]
+    assert per_try < 1.0
     crashes = {
         n: stack.ha_log(n).count("ENGINE_UNHEALTHY") - unhealthy_before[n] for n in NODES.values()
     }
     assert all(c <= 1 for c in crashes.values()), crashes
-    assert stack.ha_log("gateway").count("QUERY_QUARANTINED") == relay_log_before + 1
+    # Everyone else was served (retried across the restarts), except a request that
+    # was on both failed nodes with it: the rule cannot tell it from the culprit, so it
+    # is not re-sent a second time (each client has one request in flight at a time).
+    collateral = [o for o in outcomes if o != "ok"]
+    assert all(o.startswith("503 ") and quarantined in o for o in collateral), collateral
+    assert len(collateral) <= 4, collateral
+    assert ok >= len(outcomes) - 4 and ok > 50, outcomes[-5:]
+    held = 1 + len(collateral)
+    assert stack.ha_log("gateway").count("QUERY_QUARANTINED") == relay_log_before + held
     metrics = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=5).text
-    assert "sglang_ha_relay_quarantined_total 1.0" in metrics
-    # Everyone else was served (retried across the restarts, never failed).
-    assert codes and set(codes) == {200}, sorted(set(codes))
+    assert f"sglang_ha_relay_quarantined_total {float(held)}" in metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -231,6 +232,24 @@ def test_quarantine_expires() -> None:
     assert q.held("f") == 60
     clock.advance(61)
     assert q.held("f") == 0 and not q
+
+
+def test_a_quarantine_is_shared_by_the_gateways_workers(tmp_path: Path) -> None:
+    """A client's next attempt may land on any relay worker: all of them refuse it."""
+    clock, wall = FakeClock(), FakeClock()
+    wall.advance(1_000_000.0)
+    one = Quarantine(ttl=60, clock=clock, shared=tmp_path / "q", wall=wall)
+    two = Quarantine(ttl=60, clock=clock, shared=tmp_path / "q", wall=wall)
+    assert not two
+    one.hold("f")
+    one.hold("g")  # a second hold within the folder's mtime tick is seen as well
+    assert two and two.held("f") == 60 and two.held("g") == 60 and two.held("h") == 0
+    clock.advance(61)
+    wall.advance(61)
+    assert two.held("f") == 0
+    three = Quarantine(ttl=60, clock=clock, shared=tmp_path / "q", wall=wall)
+    assert not three, "expired holds are not taken in (and their files go)"
+    assert list((tmp_path / "q").iterdir()) == []
 
 
 async def test_two_nodes_dying_with_a_request_quarantine_it(admission: Admission) -> None:
