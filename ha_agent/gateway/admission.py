@@ -21,7 +21,7 @@ from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.quarantine import Quarantine, fingerprint, node_died
 from ha_agent.gateway.shedding import Shedder
 from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import Transport, UpstreamFailure
+from ha_agent.gateway.transport import FailureKind, Transport, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ class Admission:
         background, so a plain failover re-sends at once; only a second one waits.
         """
         ticket: Ticket | None = request.get(_KEY)
-        if ticket is None or not node_died(failure.reason, failure.connect):
+        if ticket is None or not node_died(failure):
             return None
-        judged = asyncio.ensure_future(self._confirm(node, failure.reason))
+        judged = asyncio.ensure_future(self._confirm(node, failure.kind))
         # Other nodes that failed while holding this same request. Per request, not per
         # fingerprint across requests: identical prompts from many clients, on nodes
         # that died for unrelated reasons minutes apart, are no query of death.
@@ -145,9 +145,9 @@ class Admission:
             f" (a query of death); refused for {self.quarantine.ttl:.0f}s"
         )
 
-    async def _confirm(self, name: str, reason: str) -> bool:
+    async def _confirm(self, name: str, kind: FailureKind) -> bool:
         """Did the node stop serving (not just drop one connection)?"""
-        if "abandoned" in reason:
+        if kind is FailureKind.ABANDONED:
             return True  # the topology already judged the node failed
         deadline = time.monotonic() + self.confirm_s
         while time.monotonic() < deadline:

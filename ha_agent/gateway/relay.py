@@ -44,6 +44,7 @@ from ha_agent.gateway.policy import FieldPolicy, RequestPolicy
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
+    FailureKind,
     Transport,
     UpstreamFailure,
     classify,
@@ -248,7 +249,9 @@ class Relay:
             return await task
         except asyncio.CancelledError:
             if attempt.abandoned is not None:
-                raise UpstreamFailure(f"abandoned: {attempt.abandoned}") from None
+                raise UpstreamFailure(
+                    f"abandoned: {attempt.abandoned}", FailureKind.ABANDONED
+                ) from None
             raise
         finally:
             node.inflight.discard(attempt)
@@ -257,7 +260,7 @@ class Relay:
         tried.add(node.name)
         if failure.connect:
             self.topology.connect_failed(node)
-        self.metrics.retries.labels(node.name, _reason_label(failure.reason)).inc()
+        self.metrics.retries.labels(node.name, _RETRY_LABEL[failure.kind]).inc()
         log.info("attempt on %s failed: %s", node.name, failure.reason)
 
     async def _next_round(self, tried: set[str], deadline: float, round_no: int) -> bool:
@@ -301,7 +304,8 @@ class Relay:
             except _Retryable as answer:
                 answers += 1
                 last = answer
-                self._note_failure(node, UpstreamFailure(f"HTTP {answer.status}"), tried)
+                refused = UpstreamFailure(f"HTTP {answer.status}", FailureKind.HTTP)
+                self._note_failure(node, refused, tried)
                 failures.append(f"{node.name}: HTTP {answer.status}")
                 continue
             outcome = "ok" if status < 400 else "client_error"
@@ -471,9 +475,11 @@ class Relay:
             if status != 200:
                 data = await conn.read_all()
                 if status in RETRYABLE_STATUS:
-                    raise UpstreamFailure(f"HTTP {status}")
+                    raise UpstreamFailure(f"HTTP {status}", FailureKind.HTTP)
                 if state.started:
-                    raise UpstreamFailure(f"continuation refused with HTTP {status}")
+                    # An engine error (501...) is an engine's answer; anything else, a refusal.
+                    kind = FailureKind.HTTP if status >= 500 else FailureKind.CONTINUATION_REFUSED
+                    raise UpstreamFailure(f"continuation refused with HTTP {status}", kind)
                 raise _Passthrough(
                     web.Response(status=status, headers=response_headers(headers), body=data)
                 )
@@ -516,7 +522,7 @@ class Relay:
                 conn.pause_until_drained(client, _CLIENT_LOW)
             if abort is not None:
                 # The engine ended the stream on its own fault (500/503): a break.
-                raise UpstreamFailure(abort)
+                raise UpstreamFailure(abort, FailureKind.ENGINE_ABORT)
             return out.endswith(sse.DONE)
 
         return sink
@@ -574,7 +580,7 @@ class Relay:
                 if upstream.status != 200:
                     data = await upstream.read()
                     if upstream.status in RETRYABLE_STATUS:
-                        raise UpstreamFailure(f"HTTP {upstream.status}")
+                        raise UpstreamFailure(f"HTTP {upstream.status}", FailureKind.HTTP)
                     headers = response_headers(upstream.headers)
                     raise _Passthrough(
                         web.Response(status=upstream.status, headers=headers, body=data)
@@ -798,19 +804,17 @@ class _StreamState:
             pass
 
 
-def _reason_label(reason: str) -> str:
-    """A short, bounded label for a failure (no addresses, no free text)."""
-    for key, label in (
-        ("engine abort", "engine_abort"),
-        ("connect", "connect"),
-        ("abandoned", "node_failed"),
-        ("timed out", "timeout"),
-        ("closed", "closed"),
-        ("broken", "broken"),
-        ("HTTP 5", "http_5xx"),
-        ("without [DONE]", "truncated"),
-        ("refused with HTTP", "continuation_refused"),
-    ):
-        if key in reason:
-            return label
-    return "other"
+# The retry counter's label per failure kind (a bounded set, no free text). A connection
+# that closed or failed before the response has always been counted as `connect`.
+_RETRY_LABEL = {
+    FailureKind.CONNECT: "connect",
+    FailureKind.CLOSED: "connect",
+    FailureKind.ABANDONED: "node_failed",
+    FailureKind.TIMEOUT: "timeout",
+    FailureKind.BROKEN: "broken",
+    FailureKind.HTTP: "http_5xx",
+    FailureKind.TRUNCATED: "truncated",
+    FailureKind.CONTINUATION_REFUSED: "continuation_refused",
+    FailureKind.ENGINE_ABORT: "engine_abort",
+    FailureKind.OTHER: "other",
+}
