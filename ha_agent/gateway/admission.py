@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -48,15 +49,20 @@ class Ticket:
 _KEY = web.RequestKey("sglang_ha_admitted", Ticket)  # the request's Ticket
 
 
+@dataclass(frozen=True)
+class RelayParts:
+    """What a relay worker is built from, and hands to the helpers it runs (admission)."""
+
+    settings: RelaySettings
+    topology: Topology
+    transport: Transport
+    metrics: RelayMetrics
+    events: EventLog
+
+
 class Admission:
-    def __init__(
-        self,
-        settings: RelaySettings,
-        topology: Topology,
-        transport: Transport,
-        metrics: RelayMetrics,
-        events: EventLog,
-    ) -> None:
+    def __init__(self, parts: RelayParts) -> None:
+        settings = parts.settings
         self.limits = Limits(
             LimitSettings(
                 context_length=settings.context_length,
@@ -67,13 +73,11 @@ class Admission:
                 warm_max_chars=settings.warm_max_chars,
             )
         )
-        self.shedder = Shedder(topology, settings.shed_queue_bound, settings.shed_retry_after)
+        self.shedder = Shedder(parts.topology, settings.shed_queue_bound, settings.shed_retry_after)
         self.quarantine = Quarantine(settings.quarantine_ttl, shared=settings.quarantine_dir)
-        self.topology = topology
-        self.transport = transport
+        self.topology, self.transport = parts.topology, parts.transport
+        self.metrics, self.events = parts.metrics, parts.events
         self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this
-        self.metrics = metrics
-        self.events = events
 
     async def admit(
         self, request: web.Request, kind: str, payload: dict[str, Any]

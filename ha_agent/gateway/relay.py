@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -35,7 +36,7 @@ from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway import splice, sse
-from ha_agent.gateway.admission import Admission
+from ha_agent.gateway.admission import Admission, RelayParts
 from ha_agent.gateway.cors import Cors, on_prepare
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
@@ -125,7 +126,8 @@ class Relay:
         self.warmer = warmer
         self.cors = Cors.parse(settings.cors_allow_origins, settings.cors_allow_credentials)
         self.owners = RidOwners()
-        self.admission = Admission(settings, topology, transport, metrics, events)  # overload, QoD
+        # Overload and query-of-death checks.
+        self.admission = Admission(RelayParts(settings, topology, transport, metrics, events))
         self.policy = RequestPolicy(FieldPolicy.from_settings(settings))
 
     def app(self) -> web.Application:
@@ -707,34 +709,29 @@ def _label(route: Endpoint | None) -> str:
     return route.kind if route is not None and route.generation else "other"
 
 
+@dataclass(eq=False)
 class _StreamState:
     """The client's side of one streaming request, across segments."""
 
-    def __init__(
-        self,
-        request: web.Request,
-        kind: str,
-        migration: Migration,
-        started_at: float,
-        metrics: RelayMetrics,
-    ) -> None:
-        self.request = request
-        self.kind = kind
-        self.migration = migration
-        self.started_at = started_at
-        self.metrics = metrics
-        self.response: web.StreamResponse | None = None
-        self.client_transport: asyncio.Transport | None = None
-        self._chunked = True
-        # The first segment's events, unparsed, as a list: joined only if the stream
-        # breaks (adding bytes to bytes copied the whole stream on every event).
-        self._raw: list[bytes] | None = []  # None once read
-        self._latest_only = migration.latest_event_holds_all
-        self.migrations = 0
-        self.writes = 0
-        self.worker = 0
-        self._first_event_sent = False
-        self.on_begin: Callable[[], None] | None = None  # the primary took it (warming)
+    request: web.Request
+    kind: str
+    migration: Migration
+    started_at: float
+    metrics: RelayMetrics
+    response: web.StreamResponse | None = None
+    client_transport: asyncio.Transport | None = None
+    migrations: int = 0
+    writes: int = 0
+    worker: int = 0
+    on_begin: Callable[[], None] | None = None  # the primary took it (warming)
+    _chunked: bool = True
+    # The first segment's events, unparsed, as a list: joined only if the stream
+    # breaks (adding bytes to bytes copied the whole stream on every event).
+    _raw: list[bytes] | None = field(default_factory=list)  # None once read
+    _first_event_sent: bool = False
+
+    def __post_init__(self) -> None:
+        self._latest_only = self.migration.latest_event_holds_all
 
     @property
     def started(self) -> bool:

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import AgentStatus, EngineState, EngineStatus, Role
 from ha_agent.events import EventLog
-from ha_agent.gateway.admission import Admission
+from ha_agent.gateway.admission import Admission, RelayParts
 from ha_agent.gateway.limits import Limits, LimitSettings, constraints, prompt_size
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
@@ -49,7 +49,7 @@ def admission(tmp_path: Any) -> Admission:
     topology.primary = "a"
     for node in topology.nodes.values():
         node.status = status()
-    adm = Admission(settings, topology, Transport(0.5, 60), RelayMetrics(), events)
+    adm = Admission(RelayParts(settings, topology, Transport(0.5, 60), RelayMetrics(), events))
     adm.confirm_s = 0.5
     return adm
 
