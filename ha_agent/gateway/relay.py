@@ -238,10 +238,6 @@ class Relay:
 
     # -- picking nodes and running attempts ----------------------------------------------
 
-    def _pick(self, tried: set[str]) -> NodeView | None:
-        order = self.topology.routing_order(exclude=tried)
-        return order[0] if order else None
-
     async def _run(self, node: NodeView, work: Awaitable[T]) -> T:
         attempt = Attempt(node)
         task = asyncio.ensure_future(work)
@@ -258,47 +254,27 @@ class Relay:
         finally:
             node.inflight.discard(attempt)
 
-    def _note_failure(self, node: NodeView, failure: UpstreamFailure, tried: set[str]) -> None:
-        tried.add(node.name)
-        if failure.connect:
-            self.topology.connect_failed(node)
-        self.metrics.retries.labels(node.name, _RETRY_LABEL[failure.kind]).inc()
-        log.info("attempt on %s failed: %s", node.name, failure.reason)
-
-    async def _next_round(self, tried: set[str], deadline: float, round_no: int) -> bool:
-        """All nodes failed once: wait a little (a promotion may be under way) and
-        start over, until the deadline."""
-        if time.monotonic() >= deadline:
-            return False
-        tried.clear()
-        await asyncio.sleep(min(0.1 * 2**round_no, 1.0))
-        return True
+    def _tries(self) -> _Tries:
+        return _Tries(self.topology, self.metrics, self.retry_deadline)
 
     # -- non-streaming -------------------------------------------------------------------
 
     async def _unary(self, request: web.Request, route: Endpoint, body: bytes) -> web.Response:
         endpoint = _label(route)
-        deadline = time.monotonic() + self.retry_deadline
-        tried: set[str] = set()
+        tries = self._tries()
         last: _Retryable | None = None
-        failures: list[str] = []
-        rounds = 0
         answers = 0
         # Connection-level failures (refused, timed out, abandoned) retry until the
         # deadline: a busy machine or a failover in progress must not turn into a
         # 503. Engine *answers* (5xx) are bounded by max_attempts.
         while answers < self.s.max_attempts:
-            node = self._pick(tried)
+            node = await tries.next()
             if node is None:
-                if not await self._next_round(tried, deadline, rounds):
-                    break
-                rounds += 1
-                continue
+                break
             try:
                 status, headers, data = await self._run(node, self._fetch(node, request, body))
             except UpstreamFailure as failure:
-                self._note_failure(node, failure, tried)
-                failures.append(f"{node.name}: {failure.reason}")
+                tries.failed(node, failure)
                 if why := await self.admission.node_failed(request, node.name, failure):
                     self.metrics.requests.labels(endpoint, "-", "failed", "503").inc()
                     return refusal(route, inference.BadInput(why, 503))
@@ -306,9 +282,7 @@ class Relay:
             except _Retryable as answer:
                 answers += 1
                 last = answer
-                refused = UpstreamFailure(f"HTTP {answer.status}", FailureKind.HTTP)
-                self._note_failure(node, refused, tried)
-                failures.append(f"{node.name}: HTTP {answer.status}")
+                tries.failed(node, UpstreamFailure(f"HTTP {answer.status}", FailureKind.HTTP))
                 continue
             outcome = "ok" if status < 400 else "client_error"
             self.metrics.requests.labels(endpoint, node.name, outcome, str(status)).inc()
@@ -322,7 +296,7 @@ class Relay:
             return web.Response(
                 status=last.status, headers=response_headers(last.headers), body=last.body
             )
-        why = "no node could serve the request: " + "; ".join(failures[-4:])
+        why = "no node could serve the request: " + tries.latest()
         return refusal(route, inference.BadInput(why, 503))
 
     async def _fetch(
@@ -369,20 +343,13 @@ class Relay:
 
     async def _stream_loop(self, state: _StreamState, body: bytes) -> web.StreamResponse:
         kind = state.kind
-        deadline = time.monotonic() + self.retry_deadline
-        tried: set[str] = set()
-        failures: list[str] = []
-        rounds = 0
+        tries = self._tries()
         segment_body = body
         segment_writes = 0  # events written when the current segment began
         while True:
-            node = self._pick(tried)
+            node = await tries.next()
             if node is None:
-                if await self._next_round(tried, deadline, rounds):
-                    rounds += 1
-                    continue
-                why = "no node could serve it: " + "; ".join(failures[-4:])
-                return await self._give_up(state, why)
+                return await self._give_up(state, "no node could serve it: " + tries.latest())
             try:
                 await self._run(node, self._stream_segment(node, state, segment_body))
             except _Passthrough as final:
@@ -391,8 +358,7 @@ class Relay:
                 self.metrics.requests.labels(kind, node.name, outcome, str(status)).inc()
                 return final.response
             except UpstreamFailure as failure:
-                self._note_failure(node, failure, tried)
-                failures.append(f"{node.name}: {failure.reason}")
+                tries.failed(node, failure)
                 why_stop = await self.admission.node_failed(state.request, node.name, failure)
                 if why_stop:
                     return await self._give_up(state, why_stop)
@@ -405,8 +371,7 @@ class Relay:
                 if next_body is None:
                     return state.result()
                 segment_body, segment_writes = next_body, state.writes
-                tried, rounds = {node.name}, 0
-                deadline = time.monotonic() + self.retry_deadline
+                tries.restart(node)
                 continue
             except ClientGone:
                 self.metrics.requests.labels(kind, node.name, "client_gone", "499").inc()
@@ -537,17 +502,11 @@ class Relay:
         """Retried before its first byte like a unary request; a break after it ends
         the client's stream with an explicit `error` event (the Responses API's own
         ResponseErrorEvent), never a silent cut."""
-        deadline = time.monotonic() + self.retry_deadline
-        tried: set[str] = set()
-        failures: list[str] = []
-        rounds = 0
+        tries = self._tries()
         out = _Unresumable()
         while True:
-            node = self._pick(tried)
+            node = await tries.next()
             if node is None:
-                if await self._next_round(tried, deadline, rounds):
-                    rounds += 1
-                    continue
                 break
             try:
                 await self._run(node, self._relay_events(node, request, body, out))
@@ -557,8 +516,7 @@ class Relay:
                 self.metrics.requests.labels(route.kind, node.name, "client_gone", "499").inc()
                 return out.result()
             except UpstreamFailure as failure:
-                self._note_failure(node, failure, tried)
-                failures.append(f"{node.name}: {failure.reason}")
+                tries.failed(node, failure)
                 if out.response is None:
                     continue  # nothing sent yet: a plain retry
                 self.metrics.requests.labels(route.kind, node.name, "failed", "200").inc()
@@ -566,7 +524,7 @@ class Relay:
                 return out.result()
             self.metrics.requests.labels(route.kind, node.name, "ok", "200").inc()
             return out.result()
-        why = "no node could serve the request: " + "; ".join(failures[-4:])
+        why = "no node could serve the request: " + tries.latest()
         return refusal(route, inference.BadInput(why, 503))
 
     async def _relay_events(
@@ -597,6 +555,48 @@ class Relay:
                     raise UpstreamFailure("stream ended before its final event")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise classify(exc) from exc
+
+
+class _Tries:
+    """The nodes one request tries, in routing order: each once; once all failed, a
+    short pause (a promotion may be under way) and another round, until the deadline."""
+
+    def __init__(self, topology: Topology, metrics: RelayMetrics, deadline_s: float) -> None:
+        self.topology = topology
+        self.metrics = metrics
+        self.deadline_s = deadline_s
+        self.failures: list[str] = []  # "node: reason", for the final answer
+        self.restart()
+
+    def restart(self, broken: NodeView | None = None) -> None:
+        """A fresh deadline and round (a stream moving on from the `broken` node)."""
+        self.tried = {broken.name} if broken is not None else set()
+        self.rounds = 0
+        self.deadline = time.monotonic() + self.deadline_s
+
+    async def next(self) -> NodeView | None:
+        """The node to try next, or None once the deadline passed."""
+        while True:
+            order = self.topology.routing_order(exclude=self.tried)
+            if order:
+                return order[0]
+            if time.monotonic() >= self.deadline:
+                return None
+            self.tried.clear()
+            await asyncio.sleep(min(0.1 * 2**self.rounds, 1.0))
+            self.rounds += 1
+
+    def failed(self, node: NodeView, failure: UpstreamFailure) -> None:
+        self.tried.add(node.name)
+        if failure.connect:
+            self.topology.connect_failed(node)
+        self.metrics.retries.labels(node.name, _RETRY_LABEL[failure.kind]).inc()
+        log.info("attempt on %s failed: %s", node.name, failure.reason)
+        self.failures.append(f"{node.name}: {failure.reason}")
+
+    def latest(self) -> str:
+        """The last few failures, for the answer that gives up."""
+        return "; ".join(self.failures[-4:])
 
 
 class _Unresumable:
