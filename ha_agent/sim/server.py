@@ -377,16 +377,11 @@ class SimServer:
             call = self.builder.generate(await _read_json(request))
         except BadRequest as exc:
             return _bad_request(exc, native=True)
-        job_or_error = self._start(request, call.gen, native=True)
-        if isinstance(job_or_error, web.Response):
-            return job_or_error
-        job = job_or_error
+        job = self._start(request, call.gen, native=True)
+        if isinstance(job, web.Response):
+            return job
         if not call.stream:
-            await _wait_finished(job)
-            aborted = engine_abort(job)
-            if aborted is not None:
-                return _json(abort_error_body(*aborted), aborted[0])
-            return _json(generate_payload(job))
+            return await _whole(job, lambda: generate_payload(job))
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)  # /generate sends headers before the first token
         try:
@@ -416,10 +411,9 @@ class SimServer:
             call: OpenAICall = self.builder.chat(body) if chat else self.builder.completion(body)
         except BadRequest as exc:
             return _bad_request(exc, native=False)
-        job_or_error = self._start(request, call.gen, native=False)
-        if isinstance(job_or_error, web.Response):
-            return job_or_error
-        job = job_or_error
+        job = self._start(request, call.gen, native=False)
+        if isinstance(job, web.Response):
+            return job
         cache_report = self.settings.enable_cache_report
         fmt = (
             ChatFormatter(call, job, cache_report)
@@ -427,11 +421,7 @@ class SimServer:
             else CompletionFormatter(call, job, cache_report)
         )
         if not call.stream:
-            await _wait_finished(job)
-            aborted = engine_abort(job)
-            if aborted is not None:
-                return _json(abort_error_body(*aborted), aborted[0])
-            return _json(fmt.response())
+            return await _whole(job, fmt.response)
         resp: web.StreamResponse | None = None
         try:
             # Like SGLang, headers go out with the first chunk (after prefill).
@@ -473,6 +463,16 @@ class SimServer:
 
 
 SIM_KEY = web.AppKey("sglang_ha_sim", SimServer)
+
+
+async def _whole(job: Job, payload: Callable[[], Any]) -> web.Response:
+    """A non-streaming answer: the finished job's payload, or its engine abort's status
+    and error (tokenizer_manager.py, `_handle_abort_finish_reason`)."""
+    await _wait_finished(job)
+    aborted = engine_abort(job)
+    if aborted is not None:
+        return _json(abort_error_body(*aborted), aborted[0])
+    return _json(payload())
 
 
 async def _wait_finished(job: Job) -> None:
