@@ -156,16 +156,7 @@ class ExtraRoutes:
         }
         return _json({"error": error}, 400)
 
-    def register(self, router: web.UrlDispatcher) -> None:
-        for path in ("/v1/tokenize", "/tokenize"):
-            router.add_post(path, self.tokenize)
-        for path in ("/v1/detokenize", "/detokenize"):
-            router.add_post(path, self.detokenize)
-        router.add_post("/v1/embeddings", self.not_embedding_openai)
-        router.add_post("/v1/classify", self.not_embedding_openai)
-        for method in ("POST", "PUT"):
-            router.add_route(method, "/v1/rerank", self.not_embedding_openai)
-            router.add_route(method, "/encode", self.not_embedding_native)
-            router.add_route(method, "/classify", self.not_embedding_native)
-        router.add_post("/v1/score", self.score)
-        router.add_post("/v1/responses", self.responses)
+    # What SGLang answers a generation model on the embedding routes, by endpoint kind
+    # (ha_agent/openapi/endpoints.py; create_app registers them from that table).
+    embeddings = classify = rerank = not_embedding_openai
+    encode = classify_native = not_embedding_native
