@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +22,7 @@ from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.quarantine import Quarantine, fingerprint, node_died
 from ha_agent.gateway.shedding import Shedder
 from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import Transport, UpstreamFailure
+from ha_agent.gateway.transport import FailureKind, Transport, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,20 @@ class Ticket:
 _KEY = web.RequestKey("sglang_ha_admitted", Ticket)  # the request's Ticket
 
 
+@dataclass(frozen=True)
+class RelayParts:
+    """What a relay worker is built from, and hands to the helpers it runs (admission)."""
+
+    settings: RelaySettings
+    topology: Topology
+    transport: Transport
+    metrics: RelayMetrics
+    events: EventLog
+
+
 class Admission:
-    def __init__(
-        self,
-        settings: RelaySettings,
-        topology: Topology,
-        transport: Transport,
-        metrics: RelayMetrics,
-        events: EventLog,
-    ) -> None:
+    def __init__(self, parts: RelayParts) -> None:
+        settings = parts.settings
         self.limits = Limits(
             LimitSettings(
                 context_length=settings.context_length,
@@ -67,13 +73,11 @@ class Admission:
                 warm_max_chars=settings.warm_max_chars,
             )
         )
-        self.shedder = Shedder(topology, settings.shed_queue_bound, settings.shed_retry_after)
+        self.shedder = Shedder(parts.topology, settings.shed_queue_bound, settings.shed_retry_after)
         self.quarantine = Quarantine(settings.quarantine_ttl, shared=settings.quarantine_dir)
-        self.topology = topology
-        self.transport = transport
+        self.topology, self.transport = parts.topology, parts.transport
+        self.metrics, self.events = parts.metrics, parts.events
         self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this
-        self.metrics = metrics
-        self.events = events
 
     async def admit(
         self, request: web.Request, kind: str, payload: dict[str, Any]
@@ -117,9 +121,9 @@ class Admission:
         background, so a plain failover re-sends at once; only a second one waits.
         """
         ticket: Ticket | None = request.get(_KEY)
-        if ticket is None or not node_died(failure.reason, failure.connect):
+        if ticket is None or not node_died(failure):
             return None
-        judged = asyncio.ensure_future(self._confirm(node, failure.reason))
+        judged = asyncio.ensure_future(self._confirm(node, failure.kind))
         # Other nodes that failed while holding this same request. Per request, not per
         # fingerprint across requests: identical prompts from many clients, on nodes
         # that died for unrelated reasons minutes apart, are no query of death.
@@ -145,9 +149,9 @@ class Admission:
             f" (a query of death); refused for {self.quarantine.ttl:.0f}s"
         )
 
-    async def _confirm(self, name: str, reason: str) -> bool:
+    async def _confirm(self, name: str, kind: FailureKind) -> bool:
         """Did the node stop serving (not just drop one connection)?"""
-        if "abandoned" in reason:
+        if kind is FailureKind.ABANDONED:
             return True  # the topology already judged the node failed
         deadline = time.monotonic() + self.confirm_s
         while time.monotonic() < deadline:

@@ -46,23 +46,20 @@ from pathlib import Path
 from typing import Any
 
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
+from ha_agent.gateway.transport import FailureKind, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
-_CRASH_MARKS = (
-    "abandoned",
-    "connection closed",
-    "response body broken",
-    "connection error",
-    "without [DONE]",
+_CRASH_KINDS = frozenset(
+    {FailureKind.ABANDONED, FailureKind.CLOSED, FailureKind.BROKEN, FailureKind.TRUNCATED}
 )
 _CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf", "response_format", "structural_tag")
 MAX_TRACKED = 10_000
 
 
-def node_died(reason: str, connect: bool) -> bool:
+def node_died(failure: UpstreamFailure) -> bool:
     """Did this attempt fail because its node went away while holding the request?"""
-    return not connect and any(mark in reason for mark in _CRASH_MARKS)
+    return not failure.connect and failure.kind in _CRASH_KINDS
 
 
 def fingerprint(kind: str, payload: dict[str, Any]) -> str:

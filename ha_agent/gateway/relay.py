@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -35,7 +36,7 @@ from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway import splice, sse
-from ha_agent.gateway.admission import Admission
+from ha_agent.gateway.admission import Admission, RelayParts
 from ha_agent.gateway.cors import Cors, on_prepare
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
@@ -44,6 +45,7 @@ from ha_agent.gateway.policy import FieldPolicy, RequestPolicy
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
+    FailureKind,
     Transport,
     UpstreamFailure,
     classify,
@@ -124,7 +126,8 @@ class Relay:
         self.warmer = warmer
         self.cors = Cors.parse(settings.cors_allow_origins, settings.cors_allow_credentials)
         self.owners = RidOwners()
-        self.admission = Admission(settings, topology, transport, metrics, events)  # overload, QoD
+        # Overload and query-of-death checks.
+        self.admission = Admission(RelayParts(settings, topology, transport, metrics, events))
         self.policy = RequestPolicy(FieldPolicy.from_settings(settings))
 
     def app(self) -> web.Application:
@@ -235,10 +238,6 @@ class Relay:
 
     # -- picking nodes and running attempts ----------------------------------------------
 
-    def _pick(self, tried: set[str]) -> NodeView | None:
-        order = self.topology.routing_order(exclude=tried)
-        return order[0] if order else None
-
     async def _run(self, node: NodeView, work: Awaitable[T]) -> T:
         attempt = Attempt(node)
         task = asyncio.ensure_future(work)
@@ -248,52 +247,34 @@ class Relay:
             return await task
         except asyncio.CancelledError:
             if attempt.abandoned is not None:
-                raise UpstreamFailure(f"abandoned: {attempt.abandoned}") from None
+                raise UpstreamFailure(
+                    f"abandoned: {attempt.abandoned}", FailureKind.ABANDONED
+                ) from None
             raise
         finally:
             node.inflight.discard(attempt)
 
-    def _note_failure(self, node: NodeView, failure: UpstreamFailure, tried: set[str]) -> None:
-        tried.add(node.name)
-        if failure.connect:
-            self.topology.connect_failed(node)
-        self.metrics.retries.labels(node.name, _reason_label(failure.reason)).inc()
-        log.info("attempt on %s failed: %s", node.name, failure.reason)
-
-    async def _next_round(self, tried: set[str], deadline: float, round_no: int) -> bool:
-        """All nodes failed once: wait a little (a promotion may be under way) and
-        start over, until the deadline."""
-        if time.monotonic() >= deadline:
-            return False
-        tried.clear()
-        await asyncio.sleep(min(0.1 * 2**round_no, 1.0))
-        return True
+    def _tries(self) -> _Tries:
+        return _Tries(self.topology, self.metrics, self.retry_deadline)
 
     # -- non-streaming -------------------------------------------------------------------
 
     async def _unary(self, request: web.Request, route: Endpoint, body: bytes) -> web.Response:
         endpoint = _label(route)
-        deadline = time.monotonic() + self.retry_deadline
-        tried: set[str] = set()
+        tries = self._tries()
         last: _Retryable | None = None
-        failures: list[str] = []
-        rounds = 0
         answers = 0
         # Connection-level failures (refused, timed out, abandoned) retry until the
         # deadline: a busy machine or a failover in progress must not turn into a
         # 503. Engine *answers* (5xx) are bounded by max_attempts.
         while answers < self.s.max_attempts:
-            node = self._pick(tried)
+            node = await tries.next()
             if node is None:
-                if not await self._next_round(tried, deadline, rounds):
-                    break
-                rounds += 1
-                continue
+                break
             try:
                 status, headers, data = await self._run(node, self._fetch(node, request, body))
             except UpstreamFailure as failure:
-                self._note_failure(node, failure, tried)
-                failures.append(f"{node.name}: {failure.reason}")
+                tries.failed(node, failure)
                 if why := await self.admission.node_failed(request, node.name, failure):
                     self.metrics.requests.labels(endpoint, "-", "failed", "503").inc()
                     return refusal(route, inference.BadInput(why, 503))
@@ -301,8 +282,7 @@ class Relay:
             except _Retryable as answer:
                 answers += 1
                 last = answer
-                self._note_failure(node, UpstreamFailure(f"HTTP {answer.status}"), tried)
-                failures.append(f"{node.name}: HTTP {answer.status}")
+                tries.failed(node, UpstreamFailure(f"HTTP {answer.status}", FailureKind.HTTP))
                 continue
             outcome = "ok" if status < 400 else "client_error"
             self.metrics.requests.labels(endpoint, node.name, outcome, str(status)).inc()
@@ -316,7 +296,7 @@ class Relay:
             return web.Response(
                 status=last.status, headers=response_headers(last.headers), body=last.body
             )
-        why = "no node could serve the request: " + "; ".join(failures[-4:])
+        why = "no node could serve the request: " + tries.latest()
         return refusal(route, inference.BadInput(why, 503))
 
     async def _fetch(
@@ -363,20 +343,13 @@ class Relay:
 
     async def _stream_loop(self, state: _StreamState, body: bytes) -> web.StreamResponse:
         kind = state.kind
-        deadline = time.monotonic() + self.retry_deadline
-        tried: set[str] = set()
-        failures: list[str] = []
-        rounds = 0
+        tries = self._tries()
         segment_body = body
         segment_writes = 0  # events written when the current segment began
         while True:
-            node = self._pick(tried)
+            node = await tries.next()
             if node is None:
-                if await self._next_round(tried, deadline, rounds):
-                    rounds += 1
-                    continue
-                why = "no node could serve it: " + "; ".join(failures[-4:])
-                return await self._give_up(state, why)
+                return await self._give_up(state, "no node could serve it: " + tries.latest())
             try:
                 await self._run(node, self._stream_segment(node, state, segment_body))
             except _Passthrough as final:
@@ -385,8 +358,7 @@ class Relay:
                 self.metrics.requests.labels(kind, node.name, outcome, str(status)).inc()
                 return final.response
             except UpstreamFailure as failure:
-                self._note_failure(node, failure, tried)
-                failures.append(f"{node.name}: {failure.reason}")
+                tries.failed(node, failure)
                 why_stop = await self.admission.node_failed(state.request, node.name, failure)
                 if why_stop:
                     return await self._give_up(state, why_stop)
@@ -399,8 +371,7 @@ class Relay:
                 if next_body is None:
                     return state.result()
                 segment_body, segment_writes = next_body, state.writes
-                tried, rounds = {node.name}, 0
-                deadline = time.monotonic() + self.retry_deadline
+                tries.restart(node)
                 continue
             except ClientGone:
                 self.metrics.requests.labels(kind, node.name, "client_gone", "499").inc()
@@ -471,9 +442,11 @@ class Relay:
             if status != 200:
                 data = await conn.read_all()
                 if status in RETRYABLE_STATUS:
-                    raise UpstreamFailure(f"HTTP {status}")
+                    raise UpstreamFailure(f"HTTP {status}", FailureKind.HTTP)
                 if state.started:
-                    raise UpstreamFailure(f"continuation refused with HTTP {status}")
+                    # An engine error (501...) is an engine's answer; anything else, a refusal.
+                    kind = FailureKind.HTTP if status >= 500 else FailureKind.CONTINUATION_REFUSED
+                    raise UpstreamFailure(f"continuation refused with HTTP {status}", kind)
                 raise _Passthrough(
                     web.Response(status=status, headers=response_headers(headers), body=data)
                 )
@@ -516,7 +489,7 @@ class Relay:
                 conn.pause_until_drained(client, _CLIENT_LOW)
             if abort is not None:
                 # The engine ended the stream on its own fault (500/503): a break.
-                raise UpstreamFailure(abort)
+                raise UpstreamFailure(abort, FailureKind.ENGINE_ABORT)
             return out.endswith(sse.DONE)
 
         return sink
@@ -529,17 +502,11 @@ class Relay:
         """Retried before its first byte like a unary request; a break after it ends
         the client's stream with an explicit `error` event (the Responses API's own
         ResponseErrorEvent), never a silent cut."""
-        deadline = time.monotonic() + self.retry_deadline
-        tried: set[str] = set()
-        failures: list[str] = []
-        rounds = 0
+        tries = self._tries()
         out = _Unresumable()
         while True:
-            node = self._pick(tried)
+            node = await tries.next()
             if node is None:
-                if await self._next_round(tried, deadline, rounds):
-                    rounds += 1
-                    continue
                 break
             try:
                 await self._run(node, self._relay_events(node, request, body, out))
@@ -549,8 +516,7 @@ class Relay:
                 self.metrics.requests.labels(route.kind, node.name, "client_gone", "499").inc()
                 return out.result()
             except UpstreamFailure as failure:
-                self._note_failure(node, failure, tried)
-                failures.append(f"{node.name}: {failure.reason}")
+                tries.failed(node, failure)
                 if out.response is None:
                     continue  # nothing sent yet: a plain retry
                 self.metrics.requests.labels(route.kind, node.name, "failed", "200").inc()
@@ -558,7 +524,7 @@ class Relay:
                 return out.result()
             self.metrics.requests.labels(route.kind, node.name, "ok", "200").inc()
             return out.result()
-        why = "no node could serve the request: " + "; ".join(failures[-4:])
+        why = "no node could serve the request: " + tries.latest()
         return refusal(route, inference.BadInput(why, 503))
 
     async def _relay_events(
@@ -574,7 +540,7 @@ class Relay:
                 if upstream.status != 200:
                     data = await upstream.read()
                     if upstream.status in RETRYABLE_STATUS:
-                        raise UpstreamFailure(f"HTTP {upstream.status}")
+                        raise UpstreamFailure(f"HTTP {upstream.status}", FailureKind.HTTP)
                     headers = response_headers(upstream.headers)
                     raise _Passthrough(
                         web.Response(status=upstream.status, headers=headers, body=data)
@@ -589,6 +555,48 @@ class Relay:
                     raise UpstreamFailure("stream ended before its final event")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise classify(exc) from exc
+
+
+class _Tries:
+    """The nodes one request tries, in routing order: each once; once all failed, a
+    short pause (a promotion may be under way) and another round, until the deadline."""
+
+    def __init__(self, topology: Topology, metrics: RelayMetrics, deadline_s: float) -> None:
+        self.topology = topology
+        self.metrics = metrics
+        self.deadline_s = deadline_s
+        self.failures: list[str] = []  # "node: reason", for the final answer
+        self.restart()
+
+    def restart(self, broken: NodeView | None = None) -> None:
+        """A fresh deadline and round (a stream moving on from the `broken` node)."""
+        self.tried = {broken.name} if broken is not None else set()
+        self.rounds = 0
+        self.deadline = time.monotonic() + self.deadline_s
+
+    async def next(self) -> NodeView | None:
+        """The node to try next, or None once the deadline passed."""
+        while True:
+            order = self.topology.routing_order(exclude=self.tried)
+            if order:
+                return order[0]
+            if time.monotonic() >= self.deadline:
+                return None
+            self.tried.clear()
+            await asyncio.sleep(min(0.1 * 2**self.rounds, 1.0))
+            self.rounds += 1
+
+    def failed(self, node: NodeView, failure: UpstreamFailure) -> None:
+        self.tried.add(node.name)
+        if failure.connect:
+            self.topology.connect_failed(node)
+        self.metrics.retries.labels(node.name, _RETRY_LABEL[failure.kind]).inc()
+        log.info("attempt on %s failed: %s", node.name, failure.reason)
+        self.failures.append(f"{node.name}: {failure.reason}")
+
+    def latest(self) -> str:
+        """The last few failures, for the answer that gives up."""
+        return "; ".join(self.failures[-4:])
 
 
 class _Unresumable:
@@ -701,34 +709,29 @@ def _label(route: Endpoint | None) -> str:
     return route.kind if route is not None and route.generation else "other"
 
 
+@dataclass(eq=False)
 class _StreamState:
     """The client's side of one streaming request, across segments."""
 
-    def __init__(
-        self,
-        request: web.Request,
-        kind: str,
-        migration: Migration,
-        started_at: float,
-        metrics: RelayMetrics,
-    ) -> None:
-        self.request = request
-        self.kind = kind
-        self.migration = migration
-        self.started_at = started_at
-        self.metrics = metrics
-        self.response: web.StreamResponse | None = None
-        self.client_transport: asyncio.Transport | None = None
-        self._chunked = True
-        # The first segment's events, unparsed, as a list: joined only if the stream
-        # breaks (adding bytes to bytes copied the whole stream on every event).
-        self._raw: list[bytes] | None = []  # None once read
-        self._latest_only = migration.latest_event_holds_all
-        self.migrations = 0
-        self.writes = 0
-        self.worker = 0
-        self._first_event_sent = False
-        self.on_begin: Callable[[], None] | None = None  # the primary took it (warming)
+    request: web.Request
+    kind: str
+    migration: Migration
+    started_at: float
+    metrics: RelayMetrics
+    response: web.StreamResponse | None = None
+    client_transport: asyncio.Transport | None = None
+    migrations: int = 0
+    writes: int = 0
+    worker: int = 0
+    on_begin: Callable[[], None] | None = None  # the primary took it (warming)
+    _chunked: bool = True
+    # The first segment's events, unparsed, as a list: joined only if the stream
+    # breaks (adding bytes to bytes copied the whole stream on every event).
+    _raw: list[bytes] | None = field(default_factory=list)  # None once read
+    _first_event_sent: bool = False
+
+    def __post_init__(self) -> None:
+        self._latest_only = self.migration.latest_event_holds_all
 
     @property
     def started(self) -> bool:
@@ -798,19 +801,17 @@ class _StreamState:
             pass
 
 
-def _reason_label(reason: str) -> str:
-    """A short, bounded label for a failure (no addresses, no free text)."""
-    for key, label in (
-        ("engine abort", "engine_abort"),
-        ("connect", "connect"),
-        ("abandoned", "node_failed"),
-        ("timed out", "timeout"),
-        ("closed", "closed"),
-        ("broken", "broken"),
-        ("HTTP 5", "http_5xx"),
-        ("without [DONE]", "truncated"),
-        ("refused with HTTP", "continuation_refused"),
-    ):
-        if key in reason:
-            return label
-    return "other"
+# The retry counter's label per failure kind (a bounded set, no free text). A connection
+# that closed or failed before the response has always been counted as `connect`.
+_RETRY_LABEL = {
+    FailureKind.CONNECT: "connect",
+    FailureKind.CLOSED: "connect",
+    FailureKind.ABANDONED: "node_failed",
+    FailureKind.TIMEOUT: "timeout",
+    FailureKind.BROKEN: "broken",
+    FailureKind.HTTP: "http_5xx",
+    FailureKind.TRUNCATED: "truncated",
+    FailureKind.CONTINUATION_REFUSED: "continuation_refused",
+    FailureKind.ENGINE_ABORT: "engine_abort",
+    FailureKind.OTHER: "other",
+}

@@ -78,51 +78,39 @@ def _unary(
     return Endpoint(path, kind, methods, Semantics.IDEMPOTENT, errors, json_body=True)
 
 
+def _generation(
+    path: str,
+    kind: str,
+    errors: ErrorShape,
+    prompt_field: str,
+    budget_keys: tuple[str, ...],
+    constraint_keys: tuple[str, ...],
+    methods: frozenset[str] = _POST,
+    semantics: Semantics = Semantics.MIGRATE,
+) -> Endpoint:
+    return Endpoint(
+        path,
+        kind,
+        methods,
+        semantics,
+        errors,
+        prompt_field=prompt_field,
+        budget_keys=budget_keys,
+        constraint_keys=constraint_keys,
+        json_body=True,
+    )
+
+
+# fmt: off
 ROUTES: tuple[Endpoint, ...] = (
-    Endpoint(
-        "/generate",
-        GENERATE,
-        _POST_PUT,
-        Semantics.MIGRATE,
-        ErrorShape.NATIVE,
-        prompt_field="text",
-        budget_keys=("sampling_params.max_new_tokens",),
-        constraint_keys=_GRAMMAR,
-        json_body=True,
-    ),
-    Endpoint(
-        "/v1/completions",
-        COMPLETIONS,
-        _POST,
-        Semantics.MIGRATE,
-        ErrorShape.OPENAI,
-        prompt_field="prompt",
-        budget_keys=("max_tokens",),
-        constraint_keys=_OPENAI_GRAMMAR,
-        json_body=True,
-    ),
-    Endpoint(
-        "/v1/chat/completions",
-        CHAT,
-        _POST,
-        Semantics.MIGRATE,
-        ErrorShape.OPENAI,
-        prompt_field="messages",
-        budget_keys=("max_completion_tokens", "max_tokens"),
-        constraint_keys=(*_OPENAI_GRAMMAR, "tools"),
-        json_body=True,
-    ),
-    Endpoint(
-        "/v1/responses",
-        RESPONSES,
-        _POST,
-        Semantics.STREAM_ERROR,
-        ErrorShape.RESPONSES,
-        prompt_field="input",
-        budget_keys=("max_output_tokens",),
-        constraint_keys=("text", "tools"),
-        json_body=True,
-    ),
+    _generation("/generate", GENERATE, ErrorShape.NATIVE, "text",
+                ("sampling_params.max_new_tokens",), _GRAMMAR, _POST_PUT),
+    _generation("/v1/completions", COMPLETIONS, ErrorShape.OPENAI, "prompt",
+                ("max_tokens",), _OPENAI_GRAMMAR),
+    _generation("/v1/chat/completions", CHAT, ErrorShape.OPENAI, "messages",
+                ("max_completion_tokens", "max_tokens"), (*_OPENAI_GRAMMAR, "tools")),
+    _generation("/v1/responses", RESPONSES, ErrorShape.RESPONSES, "input",
+                ("max_output_tokens",), ("text", "tools"), semantics=Semantics.STREAM_ERROR),
     _unary("/v1/embeddings", "embeddings"),
     _unary("/v1/classify", "classify"),
     _unary("/encode", "encode", _POST_PUT, errors=ErrorShape.NATIVE),
@@ -142,6 +130,7 @@ ROUTES: tuple[Endpoint, ...] = (
         "/abort_request", "abort", _POST, Semantics.SCOPED_ABORT, ErrorShape.NATIVE, json_body=True
     ),
 )
+# fmt: on
 BY_PATH: dict[str, Endpoint] = {e.path: e for e in ROUTES}
 
 # `GET /v1/models/{id}`: ids like "Qwen/Qwen2.5-7B-Instruct"; nothing that could be

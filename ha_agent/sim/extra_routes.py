@@ -57,16 +57,18 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
     return body
 
 
+async def _openai_body(request: web.Request) -> dict[str, Any] | web.Response:
+    bad = _json_media(request)
+    return bad if bad is not None else await _body(request)
+
+
 class ExtraRoutes:
     def __init__(self, tokenizer: SimTokenizer, context_length: int) -> None:
         self.tok = tokenizer
         self.context_length = context_length
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        bad = _json_media(request)
-        if bad is not None:
-            return bad
-        body = await _body(request)
+        body = await _openai_body(request)
         if isinstance(body, web.Response):
             return body
         prompt, messages = body.get("prompt"), body.get("messages")
@@ -96,10 +98,7 @@ class ExtraRoutes:
         return _json({"tokens": tokens, "count": count, "max_model_len": self.context_length})
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        bad = _json_media(request)
-        if bad is not None:
-            return bad
-        body = await _body(request)
+        body = await _openai_body(request)
         if isinstance(body, web.Response):
             return body
         tokens = body.get("tokens")
@@ -127,10 +126,7 @@ class ExtraRoutes:
         return _json({"text": texts if rows is not None else texts[0]})
 
     async def not_embedding_openai(self, request: web.Request) -> web.Response:
-        bad = _json_media(request)
-        if bad is not None:
-            return bad
-        body = await _body(request)
+        body = await _openai_body(request)
         if isinstance(body, web.Response):
             return body
         return _json(openai_error(NOT_EMBEDDING, "BadRequestError", 400), 400)
@@ -160,16 +156,7 @@ class ExtraRoutes:
         }
         return _json({"error": error}, 400)
 
-    def register(self, router: web.UrlDispatcher) -> None:
-        for path in ("/v1/tokenize", "/tokenize"):
-            router.add_post(path, self.tokenize)
-        for path in ("/v1/detokenize", "/detokenize"):
-            router.add_post(path, self.detokenize)
-        router.add_post("/v1/embeddings", self.not_embedding_openai)
-        router.add_post("/v1/classify", self.not_embedding_openai)
-        for method in ("POST", "PUT"):
-            router.add_route(method, "/v1/rerank", self.not_embedding_openai)
-            router.add_route(method, "/encode", self.not_embedding_native)
-            router.add_route(method, "/classify", self.not_embedding_native)
-        router.add_post("/v1/score", self.score)
-        router.add_post("/v1/responses", self.responses)
+    # What SGLang answers a generation model on the embedding routes, by endpoint kind
+    # (ha_agent/openapi/endpoints.py; create_app registers them from that table).
+    embeddings = classify = rerank = not_embedding_openai
+    encode = classify_native = not_embedding_native

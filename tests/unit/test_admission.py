@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
@@ -16,13 +17,13 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import AgentStatus, EngineState, EngineStatus, Role
 from ha_agent.events import EventLog
-from ha_agent.gateway.admission import Admission
+from ha_agent.gateway.admission import Admission, RelayParts
 from ha_agent.gateway.limits import Limits, LimitSettings, constraints, prompt_size
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
 from ha_agent.gateway.quarantine import Quarantine, fingerprint, node_died
 from ha_agent.gateway.topology import NodeView, Topology
-from ha_agent.gateway.transport import Transport, UpstreamFailure
+from ha_agent.gateway.transport import FailureKind, Transport, UpstreamFailure, classify
 from tests.support.fakes import FakeClock, FakeStore
 
 NESTED = "(?:a{1000}){1000}"
@@ -48,7 +49,7 @@ def admission(tmp_path: Any) -> Admission:
     topology.primary = "a"
     for node in topology.nodes.values():
         node.status = status()
-    adm = Admission(settings, topology, Transport(0.5, 60), RelayMetrics(), events)
+    adm = Admission(RelayParts(settings, topology, Transport(0.5, 60), RelayMetrics(), events))
     adm.confirm_s = 0.5
     return adm
 
@@ -208,12 +209,17 @@ async def test_a_saturated_primary_sheds_with_retry_after(admission: Admission) 
 
 
 def test_what_counts_as_a_node_dying_with_the_request() -> None:
-    assert node_died("abandoned: a failed: engine dead", False)
-    assert node_died("connection closed before the response", False)
-    assert node_died("stream ended without [DONE]", False)
-    assert not node_died("connect failed: refused", True)
-    assert not node_died("timed out before the first byte", False)
-    assert not node_died("HTTP 503", False)
+    assert node_died(UpstreamFailure("abandoned: a failed: engine dead", FailureKind.ABANDONED))
+    assert node_died(classify(aiohttp.ServerDisconnectedError()))
+    assert node_died(classify(aiohttp.ClientPayloadError("payload not completed")))
+    assert node_died(UpstreamFailure("stream ended without [DONE]", FailureKind.TRUNCATED))
+    assert not node_died(UpstreamFailure("connect failed", FailureKind.CONNECT, connect=True))
+    assert not node_died(classify(asyncio.TimeoutError()))
+    assert not node_died(UpstreamFailure("HTTP 503", FailureKind.HTTP))
+    # The engine's own words in an abort do not make it a crash.
+    assert not node_died(
+        UpstreamFailure("engine abort 500: connection closed", FailureKind.ENGINE_ABORT)
+    )
 
 
 def test_fingerprint_covers_prompt_and_constraints_not_sampling() -> None:
@@ -256,7 +262,7 @@ async def test_two_nodes_dying_with_a_request_quarantine_it(admission: Admission
     payload = {"text": "boom", "sampling_params": {"max_new_tokens": 4}}
     req = request("/generate")
     assert await admission.admit(req, GENERATE, payload) is None
-    broke = UpstreamFailure("connection closed before the response")
+    broke = classify(aiohttp.ServerDisconnectedError())
     # First node: a re-send, at once (judged in the background).
     admission.topology.nodes["a"].failed = True
     assert await asyncio.wait_for(admission.node_failed(req, "a", broke), 0.05) is None
@@ -284,11 +290,16 @@ async def test_a_broken_connection_on_a_node_that_kept_serving_is_no_crash(
     payload = {"text": "long story"}
     req = request("/generate")
     assert await admission.admit(req, GENERATE, payload) is None
-    broke = UpstreamFailure("response body broken: payload not completed")
+    broke = classify(aiohttp.ClientPayloadError("payload not completed"))
     assert await admission.node_failed(req, "a", broke) is None
     assert await admission.node_failed(req, "b", broke) is None  # both stayed healthy
     assert not admission.quarantine
-    assert await admission.node_failed(req, "b", UpstreamFailure("connect failed", True)) is None
+    assert (
+        await admission.node_failed(
+            req, "b", UpstreamFailure("connect failed", FailureKind.CONNECT, connect=True)
+        )
+        is None
+    )
 
 
 def test_every_new_setting_is_an_env_knob(monkeypatch: pytest.MonkeyPatch) -> None:
