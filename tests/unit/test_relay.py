@@ -157,21 +157,16 @@ async def broken_stream(
     """Stream through the relay and break the primary's engine after some events."""
     primary = cluster.primary()
     assert primary is not None
-    events: list[str] = []
-    async with (
-        httpx.AsyncClient(timeout=30) as client,
-        client.stream("POST", cluster.relay_url + path, json=body) as resp,
-    ):
-        assert resp.status_code == 200
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            events.append(line[5:].strip())
-            if len(events) == after_events:
-                if fault == "kill":
-                    cluster.kill_engine(primary)
-                else:
-                    cluster.freeze_engine(primary)
+
+    async def on_event(events: list[str], _: httpx.Response) -> None:
+        if len(events) == after_events:
+            if fault == "kill":
+                cluster.kill_engine(primary)
+            else:
+                cluster.freeze_engine(primary)
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + path, body, on_event)
     return events, primary
 
 
@@ -405,20 +400,16 @@ async def test_second_failure_during_a_migrated_stream(cluster: LocalCluster) ->
         "sampling_params": {"max_new_tokens": 400, "ignore_eos": True},
     }
     expected = await reference(cluster, second, "/generate", body)
-    events: list[str] = []
-    async with (
-        httpx.AsyncClient(timeout=60) as client,
-        client.stream("POST", cluster.relay_url + "/generate", json=body) as resp,
-    ):
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            events.append(line[5:].strip())
-            if len(events) == 20:
-                cluster.kill_engine(first)
-                cluster.start_engine(first)  # it comes back (supervisord would restart it)
-            if len(events) == 120:
-                cluster.kill_engine(second)
+
+    async def on_event(events: list[str], _: httpx.Response) -> None:
+        if len(events) == 20:
+            cluster.kill_engine(first)
+            cluster.start_engine(first)  # it comes back (supervisord would restart it)
+        if len(events) == 120:
+            cluster.kill_engine(second)
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        events = await collect_stream(client, cluster.relay_url + "/generate", body, on_event)
     assert last_json(events)["output_ids"] == last_json(expected)["output_ids"]
     assert events.count("[DONE]") == 1
 
@@ -499,23 +490,19 @@ async def test_a_client_abort_ends_the_stream_and_is_not_migrated(cluster: Local
         "stream": True,
         "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True},
     }
-    events: list[str] = []
-    async with (
-        httpx.AsyncClient(timeout=30) as client,
-        client.stream("POST", cluster.relay_url + "/generate", json=body) as resp,
-    ):
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            events.append(line[5:].strip())
-            if len(events) == 5:
-                # The engine knows the relay's rid for it (policy.py), named in a header.
-                assert resp.headers["X-SGLang-HA-Client-Rid"] == "client-abort-1"
-                r = await client.post(
-                    cluster.nodes[primary].engine_url + "/abort_request",
-                    json={"rid": resp.headers["X-SGLang-HA-Rid"]},
-                )
-                assert r.status_code == 200
+
+    async def on_event(events: list[str], resp: httpx.Response) -> None:
+        if len(events) == 5:
+            # The engine knows the relay's rid for it (policy.py), named in a header.
+            assert resp.headers["X-SGLang-HA-Client-Rid"] == "client-abort-1"
+            r = await client.post(
+                cluster.nodes[primary].engine_url + "/abort_request",
+                json={"rid": resp.headers["X-SGLang-HA-Rid"]},
+            )
+            assert r.status_code == 200
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + "/generate", body, on_event)
     finish = last_json(events)["meta_info"]["finish_reason"]
     assert finish["type"] == "abort" and finish.get("status_code") is None
     assert last_json(events)["meta_info"]["completion_tokens"] < 2000
