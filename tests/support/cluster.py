@@ -146,6 +146,14 @@ class LocalCluster:
                 return node.name
         return None
 
+    def primary_sim(self) -> tuple[str, SimHandle]:
+        """The primary's name and its simulator (to inject faults into)."""
+        primary = self.primary()
+        assert primary is not None
+        sim = self.nodes[primary].sim
+        assert sim is not None
+        return primary, sim
+
     async def wait_for(self, predicate: Any, timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

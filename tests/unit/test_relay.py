@@ -106,10 +106,7 @@ async def test_crash_of_the_primary_fails_no_request(
 async def test_engine_500s_are_retried_on_the_other_node(
     cluster: LocalCluster, http: httpx.AsyncClient
 ) -> None:
-    primary = cluster.primary()
-    assert primary is not None
-    sim = cluster.nodes[primary].sim
-    assert sim is not None
+    primary, sim = cluster.primary_sim()
     await sim.faults(error_rate=1.0)
     for _ in range(10):
         r = await http.post(
@@ -123,10 +120,7 @@ async def test_engine_500s_are_retried_on_the_other_node(
 async def test_non_stream_requests_on_a_hung_primary_are_resent(
     cluster: LocalCluster, http: httpx.AsyncClient
 ) -> None:
-    primary = cluster.primary()
-    assert primary is not None
-    sim = cluster.nodes[primary].sim
-    assert sim is not None
+    primary, sim = cluster.primary_sim()
     body = {"text": "x", "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True}}
     pending = [
         asyncio.ensure_future(http.post(f"{cluster.relay_url}/generate", json=body))
@@ -170,6 +164,23 @@ async def broken_stream(
     return events, primary
 
 
+def generate_stream(prompt: list[int] | str, tokens: int = LONG, **extra: Any) -> dict[str, Any]:
+    """A streaming /generate body for exactly ``tokens`` tokens (EOS ignored)."""
+    key = "input_ids" if isinstance(prompt, list) else "text"
+    sampling = {"max_new_tokens": tokens, "ignore_eos": True}
+    return {key: prompt, **extra, "stream": True, "sampling_params": sampling}
+
+
+def openai_stream(seed: int, budget: str = "max_tokens", **fields: Any) -> dict[str, Any]:
+    """A streaming OpenAI body (``prompt=`` or ``messages=`` in ``fields``) for exactly
+    LONG tokens, its budget under the key ``budget``."""
+    return {"model": "m", **fields, budget: LONG, "ignore_eos": True, "stream": True, "seed": seed}
+
+
+def user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
 def last_json(events: list[str]) -> dict[str, Any]:
     return json.loads(next(e for e in reversed(events) if e.startswith("{")))
 
@@ -177,11 +188,7 @@ def last_json(events: list[str]) -> dict[str, Any]:
 async def test_generate_stream_with_input_ids_continues_byte_for_byte(
     cluster: LocalCluster,
 ) -> None:
-    body = {
-        "input_ids": [5, 6, 7, 300, 301],
-        "stream": True,
-        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
-    }
+    body = generate_stream([5, 6, 7, 300, 301])
     events, primary = await broken_stream(cluster, "/generate", body)
     expected = await reference(cluster, cluster.other(primary), "/generate", body)
     assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
@@ -205,15 +212,7 @@ async def test_generate_stream_with_text_continues(cluster: LocalCluster) -> Non
 
 
 async def test_completions_stream_continues_with_usage_counted_once(cluster: LocalCluster) -> None:
-    body = {
-        "model": "m",
-        "prompt": "The quick brown fox",
-        "max_tokens": LONG,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "seed": 7,
-    }
+    body = openai_stream(7, prompt="The quick brown fox", stream_options={"include_usage": True})
     events, primary = await broken_stream(cluster, "/v1/completions", body)
     expected = await reference(cluster, cluster.other(primary), "/v1/completions", body)
 
@@ -251,15 +250,12 @@ async def chat_events(cluster: LocalCluster, body: dict[str, Any]) -> tuple[list
 async def test_chat_stream_keeps_the_budget_and_running_usage_across_a_migration(
     cluster: LocalCluster,
 ) -> None:
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Count the ways a lease can expire."}],
-        "max_completion_tokens": LONG,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        "seed": 11,
-    }
+    body = openai_stream(
+        11,
+        "max_completion_tokens",
+        messages=user("Count the ways a lease can expire."),
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
     got, want = await chat_events(cluster, body)
     content = [c for c in got if c["choices"] and c["choices"][0]["delta"].get("content")]
     running = [c["usage"] for c in content]
@@ -280,14 +276,7 @@ async def test_chat_stream_keeps_the_budget_and_running_usage_across_a_migration
 async def test_chat_stream_without_stream_options_gets_no_usage_after_a_migration(
     cluster: LocalCluster,
 ) -> None:
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Describe a fencing token."}],
-        "max_tokens": LONG,
-        "ignore_eos": True,
-        "stream": True,
-        "seed": 5,
-    }
+    body = openai_stream(5, messages=user("Describe a fencing token."))
     got, want = await chat_events(cluster, body)
     assert all("usage" not in c for c in got), "SGLang omits usage nobody asked for"
     assert all("usage" not in c for c in want)
@@ -377,11 +366,7 @@ async def test_constrained_stream_ends_with_an_explicit_retryable_error(
 
 
 async def test_frozen_primary_stream_moves_on(cluster: LocalCluster) -> None:
-    body = {
-        "input_ids": [1, 2, 3],
-        "stream": True,
-        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
-    }
+    body = generate_stream([1, 2, 3])
     events, primary = await broken_stream(cluster, "/generate", body, fault="freeze")
     try:
         expected = await reference(cluster, cluster.other(primary), "/generate", body)
@@ -394,11 +379,7 @@ async def test_second_failure_during_a_migrated_stream(cluster: LocalCluster) ->
     first = cluster.primary()
     assert first is not None
     second = cluster.other(first)
-    body = {
-        "input_ids": [9, 9, 9],
-        "stream": True,
-        "sampling_params": {"max_new_tokens": 400, "ignore_eos": True},
-    }
+    body = generate_stream([9, 9, 9], 400)
     expected = await reference(cluster, second, "/generate", body)
 
     async def on_event(events: list[str], _: httpx.Response) -> None:
@@ -422,19 +403,10 @@ async def test_engine_abort_is_migrated_like_a_break(cluster: LocalCluster, stat
     """SGLang ends a request itself on a running timeout (503) or when the KV cache runs
     out (500): an error event on the OpenAI endpoints (serving_chat.py). The client must
     see neither the error nor a short answer."""
-    primary = cluster.primary()
-    assert primary is not None
-    sim = cluster.nodes[primary].sim
-    assert sim is not None
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Tell me about leases."}],
-        "max_tokens": LONG,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "seed": 2,
-    }
+    primary, sim = cluster.primary_sim()
+    body = openai_stream(
+        2, messages=user("Tell me about leases."), stream_options={"include_usage": True}
+    )
     expected = await reference(cluster, cluster.other(primary), "/v1/chat/completions", body)
     await sim.faults(abort_after_tokens=30, abort_status=status)
     async with httpx.AsyncClient(timeout=30) as client:
@@ -458,15 +430,8 @@ async def test_engine_abort_is_migrated_like_a_break(cluster: LocalCluster, stat
 
 
 async def test_generate_engine_abort_continues_from_the_token_ids(cluster: LocalCluster) -> None:
-    primary = cluster.primary()
-    assert primary is not None
-    sim = cluster.nodes[primary].sim
-    assert sim is not None
-    body = {
-        "input_ids": [11, 12, 13, 14],
-        "stream": True,
-        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
-    }
+    primary, sim = cluster.primary_sim()
+    body = generate_stream([11, 12, 13, 14])
     expected = await reference(cluster, cluster.other(primary), "/generate", body)
     await sim.faults(abort_after_tokens=40, abort_status=503)
     async with httpx.AsyncClient(timeout=30) as client:
@@ -484,12 +449,7 @@ async def test_a_client_abort_ends_the_stream_and_is_not_migrated(cluster: Local
     request's own end (tokenizer_manager.py), passed through as SGLang sent it."""
     primary = cluster.primary()
     assert primary is not None
-    body = {
-        "text": "abort me",
-        "rid": "client-abort-1",
-        "stream": True,
-        "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True},
-    }
+    body = generate_stream("abort me", 2000, rid="client-abort-1")
 
     async def on_event(events: list[str], resp: httpx.Response) -> None:
         if len(events) == 5:
