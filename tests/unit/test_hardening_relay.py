@@ -28,6 +28,7 @@ from ha_agent.sim import create_app
 from ha_agent.sim.protocol import BadRequest, RequestBuilder
 from ha_agent.sim.tokenizer import SimTokenizer
 from tests.support.fakes import settled_topology
+from tests.support.raw_http import framed, raw_http
 from tests.unit.conftest import SIM_FAST, sim_metric
 
 
@@ -81,19 +82,9 @@ async def rig(sim_env_clean: None) -> AsyncIterator[RelayRig]:
 
 
 async def raw_request(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), rest
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, _, rest = await raw_http(port, framed(head, body))
+    return status, rest
 
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
