@@ -19,15 +19,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ha_agent.config import RelaySettings, SimSettings
-from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.config import SimSettings
 from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.transport import Transport
 from ha_agent.openapi import inference
 from ha_agent.sim import create_app
 from ha_agent.sim.protocol import BadRequest, RequestBuilder
 from ha_agent.sim.tokenizer import SimTokenizer
-from tests.support.fakes import settled_topology
+from tests.support.fakes import relay_over
 from tests.support.raw_http import framed, raw_http
 from tests.unit.conftest import SIM_FAST, sim_metric
 
@@ -57,14 +55,7 @@ async def start_rig(**sim: Any) -> tuple[RelayRig, list[TestClient]]:
         c = TestClient(TestServer(create_app(settings)))
         await c.start_server()
         sims[name] = c
-    relay_settings = RelaySettings(
-        nodes=[f"{n}=http://127.0.0.1:{c.server.port}=http://127.0.0.1:9" for n, c in sims.items()],
-        redis_url="redis://unused",
-        retry_deadline=5.0,
-    )
-    topology = settled_topology(relay_settings)
-    events = topology.events
-    relay = Relay(relay_settings, topology, Transport(0.5, 30.0), RelayMetrics(), events)
+    relay = relay_over([f"http://127.0.0.1:{c.server.port}" for c in sims.values()])
     client = TestClient(TestServer(relay.app()))
     await client.start_server()
     return RelayRig(client, relay, sims), [client, *sims.values()]
