@@ -47,8 +47,13 @@ class RelayRig:
         now = t.clock()
         return [(n.name, n.failed, n.can_serve(now), n.engine_state) for n in t.nodes.values()]
 
+    async def close(self) -> None:
+        await self.relay.transport.close()
+        for c in (self.client, *self.sims.values()):
+            await c.close()
 
-async def start_rig(**sim: Any) -> tuple[RelayRig, list[TestClient]]:
+
+async def start_rig(**sim: Any) -> RelayRig:
     sims: dict[str, TestClient] = {}
     for name in ("sglang-01", "sglang-02"):
         settings = SimSettings(**{**SIM_FAST, "context_length": 512, **sim})
@@ -58,18 +63,16 @@ async def start_rig(**sim: Any) -> tuple[RelayRig, list[TestClient]]:
     relay = relay_over([f"http://127.0.0.1:{c.server.port}" for c in sims.values()])
     client = TestClient(TestServer(relay.app()))
     await client.start_server()
-    return RelayRig(client, relay, sims), [client, *sims.values()]
+    return RelayRig(client, relay, sims)
 
 
 @pytest.fixture
 async def rig(sim_env_clean: None) -> AsyncIterator[RelayRig]:
-    r, clients = await start_rig()
+    r = await start_rig()
     try:
         yield r
     finally:
-        await r.relay.transport.close()
-        for c in clients:
-            await c.close()
+        await r.close()
 
 
 async def raw_request(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:

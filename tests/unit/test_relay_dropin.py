@@ -19,13 +19,11 @@ from tests.unit.test_hardening_relay import RelayRig, start_rig
 
 @pytest.fixture
 async def slow_rig() -> AsyncIterator[RelayRig]:
-    r, clients = await start_rig(itl=0.004, context_length=4096)
+    r = await start_rig(itl=0.004, context_length=4096)
     try:
         yield r
     finally:
-        await r.relay.transport.close()
-        for c in clients:
-            await c.close()
+        await r.close()
 
 
 async def _stream_with_abort(
