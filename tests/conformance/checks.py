@@ -356,13 +356,8 @@ async def completion_basic(t: Target) -> Obs:
 @check
 async def completion_values_as_strings(t: Target) -> Obs:
     """pydantic's lax mode: "8", "0.5", "false" are read as numbers and booleans."""
-    body = {
-        "model": "m",
-        "prompt": "hi",
-        "max_tokens": "8",
-        "temperature": "0.5",
-        "stream": "false",
-    }
+    as_strings = {"max_tokens": "8", "temperature": "0.5", "stream": "false"}
+    body = {"model": "m", "prompt": "hi", **as_strings}
     a = await t.call("POST", "/v1/completions", body)
     assert a.status == 200 and a.headers["Content-Type"] == "application/json", a.body
     return {"text": a.json()["choices"][0]["text"]}
