@@ -59,10 +59,11 @@ class RunSpec:
     stream: bool
     concurrency: int
     duration: float
+    # Every run says its own bounds, in count as well as in time (no silent default).
+    max_requests: int
+    timeout: float  # per request
     warmup: float = 1.0
     max_tokens: int = 32
-    max_requests: int = 20000
-    timeout: float = 30.0
 
 
 class PlanConfig(Protocol):
