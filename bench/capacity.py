@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from bench.loadgen import RunSpec
+from bench.loadgen import RunSpec, rotating_plan
 from bench.overhead import run_loadgen
 
 PATHS = ("direct", "nginx", "router", "gateway-1w", "gateway")
@@ -52,28 +52,15 @@ class CapacityConfig:
 
 
 def plan(urls: dict[str, str], cfg: CapacityConfig) -> list[RunSpec]:
-    specs = []
-    for c in cfg.concurrencies:
-        for r in range(cfg.rounds):
-            shift = r % len(PATHS)
-            for path in PATHS[shift:] + PATHS[:shift]:
-                specs.append(
-                    RunSpec(
-                        name=f"capacity/{path}/c{c}/r{r + 1}",
-                        path=path,
-                        url=urls[path],
-                        stream=True,
-                        concurrency=c,
-                        duration=cfg.duration,
-                        warmup=cfg.warmup,
-                        max_tokens=cfg.max_tokens,
-                        # Bound on count as well as time, far above what 10 ms per
-                        # token allows in the run.
-                        max_requests=c * 40,
-                        timeout=cfg.timeout,
-                    )
-                )
-    return specs
+    return rotating_plan(
+        urls,
+        PATHS,
+        cfg,
+        stream=True,
+        name="capacity/{path}/c{c}/r{r}",
+        # Far above what 10 ms per token allows in the run.
+        max_requests=lambda c: c * 40,
+    )
 
 
 @dataclass

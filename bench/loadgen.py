@@ -18,9 +18,10 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -58,10 +59,64 @@ class RunSpec:
     stream: bool
     concurrency: int
     duration: float
+    # Every run says its own bounds, in count as well as in time (no silent default).
+    max_requests: int
+    timeout: float  # per request
     warmup: float = 1.0
     max_tokens: int = 32
-    max_requests: int = 20000
-    timeout: float = 30.0
+
+
+class PlanConfig(Protocol):
+    """What a benchmark's config sets for each of its runs."""
+
+    @property
+    def concurrencies(self) -> tuple[int, ...]: ...
+    @property
+    def rounds(self) -> int: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def warmup(self) -> float: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def timeout(self) -> float: ...
+
+
+def rotating_plan(
+    urls: dict[str, str],
+    paths: Sequence[str],
+    cfg: PlanConfig,
+    *,
+    stream: bool,
+    name: str,
+    max_requests: Callable[[int], int],
+) -> list[RunSpec]:
+    """Every run of each concurrency in `cfg`, in the order they are made: each round
+    runs every path once, the order rotating each round, so that slow drift of a
+    shared machine falls on every path alike. `name` is formatted with `path`, `c`
+    (concurrency) and `r` (round, from 1); `max_requests(concurrency)` bounds a run's
+    count as well as its time."""
+    specs = []
+    for c in cfg.concurrencies:
+        for r in range(cfg.rounds):
+            shift = r % len(paths)
+            for path in [*paths[shift:], *paths[:shift]]:
+                specs.append(
+                    RunSpec(
+                        name=name.format(path=path, c=c, r=r + 1),
+                        path=path,
+                        url=urls[path],
+                        stream=stream,
+                        concurrency=c,
+                        duration=cfg.duration,
+                        warmup=cfg.warmup,
+                        max_tokens=cfg.max_tokens,
+                        max_requests=max_requests(c),
+                        timeout=cfg.timeout,
+                    )
+                )
+    return specs
 
 
 @dataclass

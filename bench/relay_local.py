@@ -117,6 +117,7 @@ async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespac
         warmup=1.0,
         max_tokens=128,
         max_requests=args.streams * 200,
+        timeout=30.0,
     )
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "plan.json").write_text(json.dumps([asdict(spec)]))

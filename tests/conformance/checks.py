@@ -120,6 +120,12 @@ def check(fn: Check) -> Check:
 
 CHAT = [{"role": "user", "content": "Tell me about the sea."}]
 
+
+async def chat(client: AsyncOpenAI, **params: Any) -> Any:
+    """The openai client's `chat.completions.create` for CHAT, model "m"."""
+    return await client.chat.completions.create(model="m", messages=CHAT, **params)  # type: ignore[arg-type]
+
+
 # -- native API (test_srt_endpoint.py) -------------------------------------------------
 
 
@@ -350,13 +356,8 @@ async def completion_basic(t: Target) -> Obs:
 @check
 async def completion_values_as_strings(t: Target) -> Obs:
     """pydantic's lax mode: "8", "0.5", "false" are read as numbers and booleans."""
-    body = {
-        "model": "m",
-        "prompt": "hi",
-        "max_tokens": "8",
-        "temperature": "0.5",
-        "stream": "false",
-    }
+    as_strings = {"max_tokens": "8", "temperature": "0.5", "stream": "false"}
+    body = {"model": "m", "prompt": "hi", **as_strings}
     a = await t.call("POST", "/v1/completions", body)
     assert a.status == 200 and a.headers["Content-Type"] == "application/json", a.body
     return {"text": a.json()["choices"][0]["text"]}
@@ -391,8 +392,8 @@ async def wrong_content_type(t: Target) -> Obs:
 @check
 async def chat_openai_client(t: Target) -> Obs:
     client = t.openai()
-    r = await client.chat.completions.create(model="m", messages=CHAT, max_tokens=12, seed=3)  # type: ignore[arg-type]
-    again = await client.chat.completions.create(model="m", messages=CHAT, max_tokens=12, seed=3)  # type: ignore[arg-type]
+    r = await chat(client, max_tokens=12, seed=3)
+    again = await chat(client, max_tokens=12, seed=3)
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == again.choices[0].message.content  # seeded
     assert r.usage is not None and r.usage.completion_tokens <= 12
@@ -402,13 +403,7 @@ async def chat_openai_client(t: Target) -> Obs:
 @check
 async def chat_stream_with_usage(t: Target) -> Obs:
     client = t.openai()
-    stream = await client.chat.completions.create(
-        model="m",
-        messages=CHAT,  # type: ignore[arg-type]
-        max_tokens=10,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
+    stream = await chat(client, max_tokens=10, stream=True, stream_options={"include_usage": True})
     text, usage, chunks_after_usage = "", None, 0
     async for chunk in stream:
         if usage is not None:
@@ -439,10 +434,10 @@ async def chat_stream_continuous_usage(t: Target) -> Obs:
 @check
 async def chat_stop_string(t: Target) -> Obs:
     client = t.openai()
-    full = await client.chat.completions.create(model="m", messages=CHAT, max_tokens=20)  # type: ignore[arg-type]
+    full = await chat(client, max_tokens=20)
     words = (full.choices[0].message.content or "").split()
     stop = words[3] if len(words) > 4 else "the"
-    r = await client.chat.completions.create(model="m", messages=CHAT, max_tokens=20, stop=[stop])  # type: ignore[arg-type]
+    r = await chat(client, max_tokens=20, stop=[stop])
     content = r.choices[0].message.content or ""
     assert stop not in content
     return {"text": content, "finish": r.choices[0].finish_reason}
@@ -456,9 +451,8 @@ async def chat_json_schema(t: Target) -> Obs:
         "required": ["name", "age"],
     }
     client = t.openai()
-    r = await client.chat.completions.create(
-        model="m",
-        messages=CHAT,  # type: ignore[arg-type]
+    r = await chat(
+        client,
         max_tokens=120,
         response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
     )
@@ -475,13 +469,7 @@ async def chat_tools_auto(t: Target) -> Obs:
     }
     client = t.openai()
     try:
-        r = await client.chat.completions.create(
-            model="m",
-            messages=CHAT,  # type: ignore[arg-type]
-            max_tokens=20,
-            tools=[tool],  # type: ignore[list-item]
-            tool_choice="auto",
-        )
+        r = await chat(client, max_tokens=20, tools=[tool], tool_choice="auto")
     except Exception as exc:
         _openai_unsupported(exc)
         raise
@@ -507,19 +495,14 @@ async def chat_n_two(t: Target) -> Obs:
 async def stream_early_close(t: Target) -> Obs:
     """A client that leaves mid-stream: the server stays healthy and serves the next."""
     client = t.openai()
-    stream = await client.chat.completions.create(
-        model="m",
-        messages=CHAT,  # type: ignore[arg-type]
-        max_tokens=300,
-        stream=True,
-    )
+    stream = await chat(client, max_tokens=300, stream=True)
     first = None
     async for chunk in stream:
         first = chunk
         break
     await stream.close()
     assert first is not None and first.choices[0].delta.role == "assistant"
-    after = await client.chat.completions.create(model="m", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+    after = await chat(client, max_tokens=2)
     return {"after": after.choices[0].finish_reason}
 
 

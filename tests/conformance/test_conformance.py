@@ -19,13 +19,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ha_agent.config import RelaySettings, SimSettings
-from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.config import SimSettings
 from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.transport import Transport
 from ha_agent.sim import create_app
 from tests.conformance.checks import CHECKS, Target, run
-from tests.support.fakes import settled_topology
+from tests.support.fakes import relay_over
 
 TABLE_FILE = Path(__file__).with_name("verdicts.md")
 VERDICTS = ("pass", "model-specific", "simulator-unsupported", "intentionally-closed")
@@ -71,15 +69,7 @@ async def targets() -> AsyncIterator[Targets]:
             await c.start_server()
             sims[name] = c
             clients.append(c)
-        settings = RelaySettings(
-            nodes=[
-                f"{n}=http://127.0.0.1:{c.server.port}=http://127.0.0.1:9" for n, c in sims.items()
-            ],
-            redis_url="redis://unused",
-            retry_deadline=5.0,
-        )
-        topology = settled_topology(settings)
-        relay = Relay(settings, topology, Transport(0.5, 30.0), RelayMetrics(), topology.events)
+        relay = relay_over([f"http://127.0.0.1:{c.server.port}" for c in sims.values()])
         gateway = TestClient(TestServer(relay.app()))
         await gateway.start_server()
         clients.append(gateway)

@@ -29,13 +29,11 @@ import openai
 import pytest
 from aiohttp import web
 
-from ha_agent.config import RelaySettings, SimSettings
-from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.config import SimSettings
 from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.transport import Transport
 from ha_agent.sim import create_app
 from tests.conformance.test_conformance import SIM
-from tests.support.fakes import settled_topology
+from tests.support.fakes import relay_over
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEEL = Path(os.environ.get("SGLANG_WHEEL_DIR", ROOT / ".cache" / "sglang-0.5.19"))
@@ -90,15 +88,7 @@ class Servers:
 
     async def _start(self) -> tuple[str, str]:
         urls = [await self._serve(create_app(SimSettings(**SIM))) for _ in range(2)]
-        settings = RelaySettings(
-            nodes=[f"sglang-0{i + 1}={u}=http://127.0.0.1:9" for i, u in enumerate(urls)],
-            redis_url="redis://unused",
-            retry_deadline=5.0,
-        )
-        topology = settled_topology(settings)
-        self.relay = Relay(
-            settings, topology, Transport(0.5, 30.0), RelayMetrics(), topology.events
-        )
+        self.relay = relay_over(urls)
         return urls[0], await self._serve(self.relay.app())
 
     async def _stop(self) -> None:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.support.raw_http import raw_http
 from tests.support.stack import Stack
 
 # From inside a container's network namespace: each engine's admin and read routes,
@@ -180,17 +181,7 @@ def _gateway_address(stack: Stack) -> tuple[str, int]:
 
 
 async def _raw(host: str, port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout=15)
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
+    return await raw_http(port, request, host=host, timeout=15)
 
 
 def test_request_line_and_header_failures_get_json(stack: Stack) -> None:

@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.stack import NODES, Stack, require_host_tools, running_stack
+from tests.support import load_watch as watch
+from tests.support.stack import NODES, Stack, overlay_stack
 
 OVERLAY = Path(__file__).with_name("overload.compose.yaml")
 MAX_RUNNING = 8  # as in the overlay
@@ -41,9 +42,7 @@ NESTED_REGEX = "(?:a{1000}){1000}"
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    require_host_tools()
-    files = ("compose.yaml", "compose.test.yaml", str(OVERLAY))
-    with running_stack(files, prefix="sglang-ha-overload") as s:
+    with overlay_stack(OVERLAY, "sglang-ha-overload") as s:
         yield s
 
 
@@ -83,7 +82,7 @@ class Observed:
     failed: list[str] = field(default_factory=list)
     bad: list[tuple[str, int, float]] = field(default_factory=list)  # (what, status, s)
     metrics_latency: list[float] = field(default_factory=list)
-    views: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    views: watch.Views = field(default_factory=list)
 
 
 async def watch_metrics(http: httpx.AsyncClient, engine: str, seen: Observed, until: float) -> None:
@@ -95,19 +94,6 @@ async def watch_metrics(http: httpx.AsyncClient, engine: str, seen: Observed, un
         except httpx.HTTPError:
             seen.metrics_latency.append(float("inf"))
         await asyncio.sleep(0.1)
-
-
-async def watch_agents(stack: Stack, http: httpx.AsyncClient, seen: Observed, until: float) -> None:
-    while time.monotonic() < until:
-        view = {}
-        for node in NODES:
-            try:
-                s = (await http.get(f"{stack.agent_url(node)}/ha/status", timeout=2)).json()
-                view[node] = (s["role"], s["epoch"], s["engine"]["state"])
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                view[node] = ("unanswered", None, str(exc))
-        seen.views.append((time.monotonic(), view))
-        await asyncio.sleep(0.5)
 
 
 async def valid_client(http: httpx.AsyncClient, url: str, seen: Observed, until: float) -> None:
@@ -133,13 +119,7 @@ async def valid_client(http: httpx.AsyncClient, url: str, seen: Observed, until:
                 if r.status_code != 200:
                     seen.failed.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
                     continue
-                last = ""
-                async for line in r.aiter_lines():
-                    if line.startswith("data:") and "[DONE]" not in line:
-                        last = line
-                if '"completion_tokens":200' not in last.replace(" ", ""):
-                    seen.failed.append(f"ended early: {last[-200:]}")
-                else:
+                if await watch.stream_completed(r, 200, seen.failed):
                     seen.ok += 1
         except httpx.HTTPError as exc:
             seen.failed.append(f"{type(exc).__name__}: {exc}")
@@ -162,16 +142,6 @@ async def bad_client(http: httpx.AsyncClient, url: str, seen: Observed, until: f
             seen.bad.append((what, r.status_code, time.monotonic() - started))
         except httpx.HTTPError as exc:
             seen.bad.append((f"{what}: {type(exc).__name__}", 0, time.monotonic() - started))
-
-
-def role_changes(seen: Observed, primary: str, epochs: dict[str, Any]) -> list[Any]:
-    t0 = seen.views[0][0] if seen.views else 0.0
-    return [
-        (round(t - t0, 1), view)
-        for t, view in seen.views
-        if view[primary] != ("primary", epochs[primary], "healthy")
-        or any(view[n][0] == "primary" for n in NODES if n != primary)
-    ]
 
 
 def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) -> None:
@@ -223,7 +193,7 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
 def test_sixty_seconds_of_saturation_and_bad_input_change_no_role(stack: Stack) -> None:
     primary = stack.wait_stable()
     epochs = {n: (stack.agent_status(n) or {}).get("epoch") for n in NODES}
-    logs_before = {n: len(stack.ha_log(n).splitlines()) for n in NODES.values()}
+    logs_before = watch.ha_log_lengths(stack)
 
     async def run() -> Observed:
         seen = Observed()
@@ -234,7 +204,7 @@ def test_sixty_seconds_of_saturation_and_bad_input_change_no_role(stack: Stack) 
             tasks = [valid_client(http, url, seen, until) for _ in range(CLIENTS)]
             tasks += [bad_client(http, url, seen, until) for _ in range(2)]
             tasks += [
-                watch_agents(stack, http, seen, until),
+                watch.watch_agents(stack, http, seen.views, until),
                 watch_metrics(http, stack.engine_url(primary), seen, until),
             ]
             # Every request is bounded by REQUEST_TIMEOUT: nothing may hang past it.
@@ -250,12 +220,10 @@ def test_sixty_seconds_of_saturation_and_bad_input_change_no_role(stack: Stack) 
         f"engine /metrics p50 {statistics.median(seen.metrics_latency):.3f}s "
         f"max {max(seen.metrics_latency):.3f}s"
     )
-    changed = role_changes(seen, primary, epochs)
+    changed = watch.role_changes(seen.views, primary, epochs)
     assert not changed, changed[:5]
-    for service, before in logs_before.items():
-        new = stack.ha_log(service).splitlines()[before:]
-        moved = [line for line in new if "FAILOVER" in line or "ENGINE_UNHEALTHY" in line]
-        assert not moved, moved
+    moved = watch.moved_lines(stack, logs_before)
+    assert not moved, moved
     assert not seen.failed, seen.failed[:5]
     assert seen.ok >= MAX_RUNNING, seen.ok
     # The load saturated: the relay shed, always saying when to come back.

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ha_agent.config import SimSettings
 from ha_agent.sim.server import create_app
-from tests.support.processes import free_port, wait_until
+from tests.support.processes import free_port, stop_process, wait_until
 
 FAST = {
     "startup_delay": 0.0,
@@ -91,10 +91,5 @@ def sim_process(
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+                proc.send_signal(signal.SIGCONT)  # a frozen one could not act on SIGTERM
+        stop_process(proc)

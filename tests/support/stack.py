@@ -222,3 +222,11 @@ def running_stack(
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+@contextlib.contextmanager
+def overlay_stack(overlay: Path, prefix: str) -> Iterator[Stack]:
+    """The test stack with one more compose file over it, for a module's own settings."""
+    require_host_tools()
+    with running_stack(("compose.yaml", "compose.test.yaml", str(overlay)), prefix=prefix) as s:
+        yield s

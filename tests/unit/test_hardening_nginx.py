@@ -29,7 +29,8 @@ from aiohttp import web
 
 from ha_agent.gateway.nginx_conf import DEFAULTS, render_template
 from ha_agent.openapi.inference import MODEL_PREFIX, PUBLIC_ROUTES
-from tests.support.processes import free_port
+from tests.support.processes import free_port, stop_process
+from tests.support.raw_http import framed, raw_http
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = (ROOT / "nginx" / "nginx.conf.template").read_text()
@@ -161,12 +162,7 @@ async def gateway(**env: str) -> AsyncIterator[Gateway]:
             await asyncio.sleep(0.05)
         yield Gateway(url, port, upstream, workdir)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, timeout=10)
         await runner.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -208,17 +204,8 @@ async def test_only_the_public_api_is_proxied() -> None:
 
 
 async def _raw(port: int, head: str, body: bytes = b"") -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            (head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-        )
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-    first, _, rest = raw.partition(b"\r\n\r\n")
-    return int(first.split()[1]), rest
+    status, _, rest = await raw_http(port, framed(head, body))
+    return status, rest
 
 
 @needs_nginx
@@ -312,20 +299,6 @@ async def _until(predicate: Callable[[], bool], timeout: float) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _raw_bytes(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, rest
-
-
 @needs_nginx
 async def test_every_edge_failure_is_json_never_html() -> None:
     """Request-line failures used to get Nginx's HTML 500 (named error locations
@@ -344,7 +317,7 @@ async def test_every_edge_failure_is_json_never_html() -> None:
     }
     async with gateway() as gw:
         for request, expected in cases.items():
-            status, headers, body = await _raw_bytes(gw.port, request)
+            status, headers, body = await raw_http(gw.port, request)
             assert status == expected, (request[:40], status, body[:80])
             assert headers.get("content-type", "").startswith("application/json"), (
                 request[:40],

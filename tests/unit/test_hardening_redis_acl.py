@@ -158,14 +158,19 @@ def test_the_entrypoint_writes_the_user_with_a_hashed_password(tmp_path: Path) -
     # Everything up to the role dispatch: the settings and functions, no exec.
     head = script[: script.index('case "${ROLE}" in')]
     base = {"REDIS_PASSWORD": "admin-pw", "PATH": "/usr/bin:/bin", "REDIS_DATA_DIR": str(tmp_path)}
-    out = subprocess.run(
-        ["sh", "-c", head + "\nacl_users"],
-        env={**base, "HA_REDIS_PASSWORD": PASSWORD},
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
+
+    def acl_users(env: dict[str, str], settings: str = head) -> str:
+        run = subprocess.run(
+            ["sh", "-c", settings + "\nacl_users"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return run.stdout
+
+    out = acl_users({**base, "HA_REDIS_PASSWORD": PASSWORD})
     import hashlib
 
     digest = hashlib.sha256(PASSWORD.encode()).hexdigest()
@@ -175,23 +180,9 @@ def test_the_entrypoint_writes_the_user_with_a_hashed_password(tmp_path: Path) -
     secrets = tmp_path / "run-secrets"
     secrets.mkdir()
     (secrets / "redis_sentinel_password.sha256").write_text("ab" * 32 + "\n")
-    out = subprocess.run(
-        ["sh", "-c", head.replace("/run/secrets/", f"{secrets}/") + "\nacl_users"],
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
+    out = acl_users(base, head.replace("/run/secrets/", f"{secrets}/"))
     assert out.startswith("user sentinel on #" + "ab" * 32 + " resetchannels &* -@all "), out
-    none = subprocess.run(
-        ["sh", "-c", head + "\nacl_users"],
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
+    none = acl_users(base)
     assert none == "", "no passwords: no ACL users"
 
 

@@ -19,15 +19,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ha_agent.config import RelaySettings, SimSettings
-from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.config import SimSettings
 from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.transport import Transport
 from ha_agent.openapi import inference
 from ha_agent.sim import create_app
 from ha_agent.sim.protocol import BadRequest, RequestBuilder
 from ha_agent.sim.tokenizer import SimTokenizer
-from tests.support.fakes import settled_topology
+from tests.support.fakes import relay_over
+from tests.support.raw_http import framed, raw_http
 from tests.unit.conftest import SIM_FAST, sim_metric
 
 
@@ -48,52 +47,38 @@ class RelayRig:
         now = t.clock()
         return [(n.name, n.failed, n.can_serve(now), n.engine_state) for n in t.nodes.values()]
 
+    async def close(self) -> None:
+        await self.relay.transport.close()
+        for c in (self.client, *self.sims.values()):
+            await c.close()
 
-async def start_rig(**sim: Any) -> tuple[RelayRig, list[TestClient]]:
+
+async def start_rig(**sim: Any) -> RelayRig:
     sims: dict[str, TestClient] = {}
     for name in ("sglang-01", "sglang-02"):
         settings = SimSettings(**{**SIM_FAST, "context_length": 512, **sim})
         c = TestClient(TestServer(create_app(settings)))
         await c.start_server()
         sims[name] = c
-    relay_settings = RelaySettings(
-        nodes=[f"{n}=http://127.0.0.1:{c.server.port}=http://127.0.0.1:9" for n, c in sims.items()],
-        redis_url="redis://unused",
-        retry_deadline=5.0,
-    )
-    topology = settled_topology(relay_settings)
-    events = topology.events
-    relay = Relay(relay_settings, topology, Transport(0.5, 30.0), RelayMetrics(), events)
+    relay = relay_over([f"http://127.0.0.1:{c.server.port}" for c in sims.values()])
     client = TestClient(TestServer(relay.app()))
     await client.start_server()
-    return RelayRig(client, relay, sims), [client, *sims.values()]
+    return RelayRig(client, relay, sims)
 
 
 @pytest.fixture
 async def rig(sim_env_clean: None) -> AsyncIterator[RelayRig]:
-    r, clients = await start_rig()
+    r = await start_rig()
     try:
         yield r
     finally:
-        await r.relay.transport.close()
-        for c in clients:
-            await c.close()
+        await r.close()
 
 
 async def raw_request(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), rest
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, _, rest = await raw_http(port, framed(head, body))
+    return status, rest
 
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -13,23 +13,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ha_agent.config import RelaySettings
-from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.transport import Transport
-from tests.support.fakes import settled_topology
+from tests.support.fakes import relay_over
 from tests.unit.test_hardening_relay import RelayRig, start_rig
 
 
 @pytest.fixture
 async def slow_rig() -> AsyncIterator[RelayRig]:
-    r, clients = await start_rig(itl=0.004, context_length=4096)
+    r = await start_rig(itl=0.004, context_length=4096)
     try:
         yield r
     finally:
-        await r.relay.transport.close()
-        for c in clients:
-            await c.close()
+        await r.close()
 
 
 async def _stream_with_abort(
@@ -83,17 +77,8 @@ async def _relay_on(
     servers = [TestClient(TestServer(app)) for app in upstreams]
     for s in servers:
         await s.start_server()
-    relay_settings = RelaySettings(
-        nodes=[
-            f"sglang-0{i + 1}=http://127.0.0.1:{s.server.port}=http://127.0.0.1:9"
-            for i, s in enumerate(servers)
-        ],
-        redis_url="redis://unused",
-        retry_deadline=2.0,
-        **settings,
-    )
-    topology = settled_topology(relay_settings)
-    relay = Relay(relay_settings, topology, Transport(0.5, 30.0), RelayMetrics(), topology.events)
+    urls = [f"http://127.0.0.1:{s.server.port}" for s in servers]
+    relay = relay_over(urls, retry_deadline=2.0, **settings)
     client = TestClient(TestServer(relay.app()))
     await client.start_server()
     return client, servers
