@@ -65,7 +65,10 @@ class EventLog:
         self._wake = asyncio.Event()
         self.recent: collections.deque[HAEvent] = collections.deque(maxlen=50)
 
-        self._logger = logging.getLogger(f"sglang_ha.events.{node}")
+        # One logger per log, not per name: a relay worker holds two logs named "relay"
+        # (its own events, and the topology's, which only worker 0 writes to the file),
+        # and a shared logger would take the second one's handlers for both.
+        self._logger = logging.getLogger(f"sglang_ha.events.{node}.{id(self):x}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
         fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
