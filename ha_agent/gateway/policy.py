@@ -17,9 +17,12 @@ Some request fields make SGLang act outside the request itself:
   client's choice here;
 - ``rid``: SGLang's request id, which /abort_request and its bookkeeping key on; a
   client-chosen one can collide with another client's (or a warming mirror's,
-  ``HA_WARM_*``). It is replaced by ours; the client's travels back in the
-  ``X-SGLang-HA-Client-Rid`` response header, and ``RidMap`` keeps the pair while the
-  request runs, so that a client's abort by its own rid can be resolved to ours.
+  ``HA_WARM_*``). It is replaced by ours, derived from the client (its credential, or
+  its address without one) and its rid (``engine_rid``); the client's travels back in
+  the ``X-SGLang-HA-Client-Rid`` response header. Derived, not drawn and remembered:
+  a client's abort by its own rid reaches the same engine rid in whichever relay
+  worker it lands, with no state shared between them, and nobody else can name it.
+  As on SGLang, one client reusing a rid for two requests at once collides.
 
 ``apply`` is called by the relay's request check once the body has passed
 ha_agent/openapi/inference.py; a refusal is an ``inference.BadInput`` (400), so it is
@@ -34,8 +37,7 @@ import hashlib
 import json
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +46,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_RID_HEADER = "X-SGLang-HA-Client-Rid"
 RID_HEADER = "X-SGLang-HA-Rid"
 RID_PREFIX = "HA_"
@@ -92,7 +93,6 @@ class Applied:
     payload: dict[str, Any]
     client_rids: list[str] = field(default_factory=list)
     our_rids: list[str] = field(default_factory=list)
-    owner: str = ""
 
     @property
     def sent(self) -> tuple[bytes, dict[str, Any]]:
@@ -159,12 +159,25 @@ def check_fields(payload: dict[str, Any], policy: FieldPolicy) -> None:
     _walk_media(payload, policy, "")
 
 
-def new_rid() -> str:
-    return f"{RID_PREFIX}{uuid.uuid4().hex}"
+def rid_owner(request: web.BaseRequest) -> str:
+    """Whoever may act on a request: the client's credential when it sent one, else
+    its address as Nginx saw it."""
+    auth = request.headers.get("Authorization")
+    if auth:
+        digest = hashlib.sha256(auth.encode("utf-8", "surrogateescape")).hexdigest()
+        return f"key:{digest[:32]}"
+    # Set by our Nginx (the relay listens on loopback behind it), not by the client.
+    return "addr:" + (request.headers.get("X-Real-IP") or request.remote or "-")
 
 
-def apply(payload: dict[str, Any], body: bytes, policy: FieldPolicy) -> Applied:
-    """Check the fields, then replace a client's rid(s) with ours.
+def engine_rid(owner: str, client_rid: str) -> str:
+    """The rid an engine sees for `client_rid` sent by `owner`."""
+    material = f"{owner}\0{client_rid}".encode("utf-8", "surrogateescape")
+    return RID_PREFIX + hashlib.blake2b(material, digest_size=16).hexdigest()
+
+
+def apply(payload: dict[str, Any], body: bytes, policy: FieldPolicy, owner: str = "") -> Applied:
+    """Check the fields, then replace a client's rid(s) with ours (for `owner`).
 
     The body is re-encoded only when a rid was replaced; otherwise the client's bytes
     go upstream unchanged.
@@ -176,43 +189,9 @@ def apply(payload: dict[str, Any], body: bytes, policy: FieldPolicy) -> Applied:
     clients = [rid] if isinstance(rid, str) else list(rid) if isinstance(rid, list) else None
     if clients is None or not all(isinstance(r, str) for r in clients):
         raise BadInput("rid must be a string or a list of strings")
-    ours = [new_rid() for _ in clients]
+    ours = [engine_rid(owner, r) for r in clients]
     out = {**payload, "rid": ours[0] if isinstance(rid, str) else ours}
     return Applied(json.dumps(out).encode(), out, clients, ours)
-
-
-class RidMap:
-    """Client rid -> our rid, per client, while the request runs.
-
-    The owner is whoever may act on the request: the client's credential when it sent
-    one, else its address as Nginx saw it. ``lookup`` is what an abort by the
-    client's own rid (issue 15) resolves through; nobody else's rids are visible.
-    """
-
-    def __init__(self) -> None:
-        self._map: dict[tuple[str, str], str] = {}
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-    @staticmethod
-    def owner(request: web.BaseRequest) -> str:
-        auth = request.headers.get("Authorization")
-        if auth:
-            digest = hashlib.sha256(auth.encode("utf-8", "surrogateescape")).hexdigest()
-            return f"key:{digest[:32]}"
-        # Set by our Nginx (the relay listens on loopback behind it), not by the client.
-        return "addr:" + (request.headers.get("X-Real-IP") or request.remote or "-")
-
-    def bind(self, owner: str, client_rid: str, our_rid: str) -> None:
-        self._map[(owner, client_rid)] = our_rid
-
-    def lookup(self, owner: str, client_rid: str) -> str | None:
-        return self._map.get((owner, client_rid))
-
-    def release(self, owner: str, client_rid: str, our_rid: str) -> None:
-        if self._map.get((owner, client_rid)) == our_rid:
-            del self._map[(owner, client_rid)]
 
 
 _APPLIED: web.RequestKey[Applied] = web.RequestKey("sglang_ha_rids", Applied)
@@ -223,13 +202,11 @@ class RequestPolicy:
 
     def __init__(self, policy: FieldPolicy) -> None:
         self.policy = policy
-        self.rids = RidMap()
 
     def install(self, app: web.Application) -> None:
-        """Echo the rid pair in the response headers (streams included) and forget it
-        when the handler is done; quiet aiohttp's log of malformed requests."""
+        """Echo the rid pair in the response headers (streams included); quiet
+        aiohttp's log of malformed requests."""
         app.on_response_prepare.append(self._headers)
-        app.middlewares.append(self._release)
         quiet_protocol_errors()
 
     async def read_body(self, request: web.Request) -> bytes:
@@ -243,23 +220,11 @@ class RequestPolicy:
             ) from None
 
     def check(self, request: web.Request, payload: dict[str, Any], body: bytes) -> Applied:
-        applied = apply(payload, body, self.policy)
+        owner = rid_owner(request) if "rid" in payload else ""
+        applied = apply(payload, body, self.policy, owner)
         if applied.client_rids:
-            applied.owner = self.rids.owner(request)
-            for client_rid, ours in zip(applied.client_rids, applied.our_rids, strict=True):
-                self.rids.bind(applied.owner, client_rid, ours)
             request[_APPLIED] = applied
         return applied
-
-    @web.middleware
-    async def _release(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        finally:
-            applied = request.get(_APPLIED)
-            if applied is not None:
-                for client_rid, ours in zip(applied.client_rids, applied.our_rids, strict=True):
-                    self.rids.release(applied.owner, client_rid, ours)
 
     @staticmethod
     async def _headers(request: web.Request, response: web.StreamResponse) -> None:

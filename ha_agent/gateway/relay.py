@@ -20,7 +20,6 @@ per-token delay.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -41,7 +40,7 @@ from ha_agent.gateway.cors import Cors, on_prepare
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import Migration
-from ha_agent.gateway.policy import FieldPolicy, RequestPolicy
+from ha_agent.gateway.policy import FieldPolicy, RequestPolicy, engine_rid, rid_owner
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
@@ -125,7 +124,6 @@ class Relay:
         self.retry_deadline = settings.retry_deadline
         self.warmer = warmer
         self.cors = Cors.parse(settings.cors_allow_origins, settings.cors_allow_credentials)
-        self.owners = RidOwners()
         # Overload and query-of-death checks.
         self.admission = Admission(RelayParts(settings, topology, transport, metrics, events))
         self.policy = RequestPolicy(FieldPolicy.from_settings(settings))
@@ -170,7 +168,6 @@ class Relay:
                 return self._timed(endpoint, False, refused, started)
         stream = bool(payload and payload.get("stream") is True)
         self.metrics.inflight.inc()
-        rids = self.owners.hold(request, payload)
         try:
             if stream and migrates and payload is not None:
                 response = await self._stream(request, route.kind, payload, body, started)
@@ -179,7 +176,6 @@ class Relay:
             else:
                 response = await self._unary(request, route, body)
         finally:
-            self.owners.release(rids)
             self.metrics.inflight.dec()
         # Mirrored only once the primary has served it (a stream: at its first byte,
         # in _stream): a query of death that kills the primary must not kill the
@@ -211,19 +207,18 @@ class Relay:
 
     async def _abort(self, request: web.Request, payload: dict[str, Any] | None) -> web.Response:
         """SGLang's /abort_request, scoped: a client may abort the requests it started
-        (same credential, or same address without one) by the `rid` it sent. Any other
-        rid answers 200 and does nothing, as SGLang does for a rid it does not know;
-        abort_all stays admin surface."""
+        (same credential, or same address without one) by the `rid` it sent. The
+        engine's rid is derived from the client and its rid (policy.engine_rid), so any
+        relay worker finds it and no one can name another client's; an unknown one
+        answers 200 and does nothing, as SGLang does. abort_all stays admin surface."""
         body = payload or {}
         if body.get("abort_all") not in (None, False):
             bad = inference.BadInput("abort_all is not available through the gateway", 403)
             return self._client_error(None, bad)
         rid = body.get("rid")
-        if isinstance(rid, str):  # the client's own rid stands for ours (policy.py)
-            rid = self.policy.rids.lookup(self.policy.rids.owner(request), rid) or rid
-        if not isinstance(rid, str) or not self.owners.owns(request, rid):
+        if not isinstance(rid, str) or not rid:
             return web.Response(status=200)
-        data = json.dumps({"rid": rid}).encode()
+        data = json.dumps({"rid": engine_rid(rid_owner(request), rid)}).encode()
         headers = forward_headers(request.headers)
         headers["Content-Type"] = JSON
         for node in self.topology.routing_order():
@@ -665,43 +660,6 @@ class _Unresumable:
             await self.response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
-
-
-class RidOwners:
-    """Which client started the request with a given `rid`, while it runs: the scope
-    of a client's abort. A client is its credential (the Authorization header), or
-    without one its address (the peer Nginx saw: the last X-Forwarded-For entry)."""
-
-    def __init__(self) -> None:
-        self._owners: dict[str, str] = {}
-
-    @staticmethod
-    def scope(request: web.Request) -> str:
-        auth = request.headers.get("Authorization")
-        if auth:
-            return "key:" + hashlib.sha256(auth.encode(errors="replace")).hexdigest()
-        forwarded = request.headers.get("X-Forwarded-For")
-        peer = forwarded.rsplit(",", 1)[-1].strip() if forwarded else (request.remote or "")
-        return "addr:" + peer
-
-    def hold(self, request: web.Request, payload: dict[str, Any] | None) -> list[str]:
-        rid = payload.get("rid") if payload else None
-        if rid is None:
-            return []
-        scope = self.scope(request)
-        held = []
-        for one in rid if isinstance(rid, list) else [rid]:
-            if isinstance(one, str) and one and one not in self._owners:
-                self._owners[one] = scope
-                held.append(one)
-        return held
-
-    def release(self, held: list[str]) -> None:
-        for rid in held:
-            self._owners.pop(rid, None)
-
-    def owns(self, request: web.Request, rid: str) -> bool:
-        return self._owners.get(rid) == self.scope(request)
 
 
 def _label(route: Endpoint | None) -> str:
