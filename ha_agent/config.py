@@ -93,25 +93,6 @@ class RedisSettings(BaseSettings):
 DYNAMIC: dict[str, Any] = {"dynamic": True}
 
 
-def timing_rules_broken(
-    lease_ttl: float, loop_wait: float, retry_timeout: float, safety_margin: float
-) -> list[str]:
-    """The lease-timing rules these values break (empty: none), as sentences."""
-    broken = []
-    budget = loop_wait + 2 * retry_timeout
-    if budget > lease_ttl:
-        broken.append(
-            f"loop_wait + 2*retry_timeout <= lease_ttl: {loop_wait:g} + 2*{retry_timeout:g}"
-            f" = {budget:g}s exceeds lease_ttl {lease_ttl:g}s"
-        )
-    if safety_margin >= lease_ttl - loop_wait:
-        broken.append(
-            f"safety_margin < lease_ttl - loop_wait: {safety_margin:g}s leaves no time to"
-            f" renew a {lease_ttl:g}s lease every {loop_wait:g}s"
-        )
-    return broken
-
-
 class LeaseTiming(BaseSettings):
     """Lease timing, after Patroni: loop_wait + 2 * retry_timeout <= ttl.
 
@@ -165,6 +146,22 @@ class LeaseTiming(BaseSettings):
             )
             self.safety_margin = new_margin
         return self
+
+    def rules_broken(self) -> list[str]:
+        """The lease-timing rules these values break (empty: none), as sentences."""
+        broken = []
+        budget = self.loop_wait + 2 * self.retry_timeout
+        if budget > self.lease_ttl:
+            broken.append(
+                f"loop_wait + 2*retry_timeout <= lease_ttl: {self.loop_wait:g} +"
+                f" 2*{self.retry_timeout:g} = {budget:g}s exceeds lease_ttl {self.lease_ttl:g}s"
+            )
+        if self.safety_margin >= self.lease_ttl - self.loop_wait:
+            broken.append(
+                f"safety_margin < lease_ttl - loop_wait: {self.safety_margin:g}s leaves no"
+                f" time to renew a {self.lease_ttl:g}s lease every {self.loop_wait:g}s"
+            )
+        return broken
 
     # Derived timings: named once here, so no caller redoes the arithmetic.
 
@@ -595,9 +592,7 @@ class DynamicConfig(BaseModel):
         update = {k: v for k, v in self.values().items() if k in type(settings).model_fields}
         result = settings.model_copy(update=update)
         if isinstance(result, LeaseTiming):
-            broken = timing_rules_broken(
-                result.lease_ttl, result.loop_wait, result.retry_timeout, result.safety_margin
-            )
+            broken = result.rules_broken()
             if broken:
                 raise ValueError("breaks the lease-timing rule " + "; ".join(broken))
         return result
