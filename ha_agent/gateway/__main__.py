@@ -1,5 +1,4 @@
-"""`sglang-ha-relay`: the leader-aware relay behind Nginx (run by supervisord);
-`sglang-ha-relay-watchdog`: kills a relay worker whose event loop froze."""
+"""`sglang-ha-relay`: the leader-aware relay behind Nginx (run by supervisord)."""
 
 from __future__ import annotations
 
@@ -8,22 +7,10 @@ import sys
 from ha_agent import daemon
 from ha_agent.config import RelaySettings
 from ha_agent.gateway.service import RelayService
-from ha_agent.gateway.watchdog import WatchdogService
 
 
 def main(argv: list[str] | None = None) -> int:
     return daemon.run("sglang-ha-relay", __doc__, "relay", RelaySettings, RelayService, argv)
-
-
-def watchdog(argv: list[str] | None = None) -> int:
-    return daemon.run(
-        "sglang-ha-relay-watchdog",
-        WatchdogService.__doc__,
-        "relay-watchdog",
-        RelaySettings,
-        WatchdogService,
-        argv,
-    )
 
 
 if __name__ == "__main__":
