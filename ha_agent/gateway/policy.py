@@ -73,6 +73,9 @@ class FieldPolicy:
     media_url_allow: tuple[str, ...] = ()
     allow_custom_logit_processor: bool = False
     body_timeout: float = 60.0
+    # What our Nginx puts in Authorization (the engines' key, for its last-resort
+    # path): no client's credential, so it never names a client (rid_owner).
+    engine_authorization: str = ""
 
     @classmethod
     def from_settings(cls, settings: Any) -> FieldPolicy:
@@ -82,6 +85,9 @@ class FieldPolicy:
                 getattr(settings, "allow_custom_logit_processor", False)
             ),
             body_timeout=float(getattr(settings, "body_timeout", 60.0)),
+            engine_authorization=settings.engine_headers().get("Authorization", "")
+            if hasattr(settings, "engine_headers")
+            else "",
         )
 
 
@@ -159,11 +165,12 @@ def check_fields(payload: dict[str, Any], policy: FieldPolicy) -> None:
     _walk_media(payload, policy, "")
 
 
-def rid_owner(request: web.BaseRequest) -> str:
+def rid_owner(request: web.BaseRequest, not_a_client: str = "") -> str:
     """Whoever may act on a request: the client's credential when it sent one, else
-    its address as Nginx saw it."""
+    its address as Nginx saw it. `not_a_client` is the Authorization our own Nginx
+    sets (the engines' key): behind it, every client is known by its address."""
     auth = request.headers.get("Authorization")
-    if auth:
+    if auth and auth != not_a_client:
         digest = hashlib.sha256(auth.encode("utf-8", "surrogateescape")).hexdigest()
         return f"key:{digest[:32]}"
     # Set by our Nginx (the relay listens on loopback behind it), not by the client.
@@ -220,7 +227,7 @@ class RequestPolicy:
             ) from None
 
     def check(self, request: web.Request, payload: dict[str, Any], body: bytes) -> Applied:
-        owner = rid_owner(request) if "rid" in payload else ""
+        owner = rid_owner(request, self.policy.engine_authorization) if "rid" in payload else ""
         applied = apply(payload, body, self.policy, owner)
         if applied.client_rids:
             request[_APPLIED] = applied

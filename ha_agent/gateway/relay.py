@@ -218,7 +218,8 @@ class Relay:
         rid = body.get("rid")
         if not isinstance(rid, str) or not rid:
             return web.Response(status=200)
-        data = json.dumps({"rid": engine_rid(rid_owner(request), rid)}).encode()
+        owner = rid_owner(request, self.policy.policy.engine_authorization)
+        data = json.dumps({"rid": engine_rid(owner, rid)}).encode()
         headers = forward_headers(request.headers)
         headers["Content-Type"] = JSON
         for node in self.topology.routing_order():

@@ -233,3 +233,20 @@ async def test_malformed_requests_log_one_line_without_their_content(
     lines = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert len(lines) == 1, [r.getMessage() for r in lines]  # rate-limited
     assert "SECRET" not in caplog.text and lines[0].exc_info is None
+
+
+def test_behind_our_nginx_a_client_is_its_address_not_the_engine_key() -> None:
+    """Nginx puts the engines' key in Authorization for every request: it names no
+    client, so two clients behind it stay apart by address."""
+    from aiohttp.test_utils import make_mocked_request
+
+    engine = "Bearer engine-key"
+
+    def owner(headers: dict[str, str]) -> str:
+        return rid_owner(make_mocked_request("POST", "/generate", headers=headers), engine)
+
+    a = owner({"Authorization": engine, "X-Real-IP": "10.0.0.1"})
+    b = owner({"Authorization": engine, "X-Real-IP": "10.0.0.2"})
+    assert a == "addr:10.0.0.1" and b == "addr:10.0.0.2"
+    assert engine_rid(a, "same") != engine_rid(b, "same")
+    assert owner({"Authorization": "Bearer client", "X-Real-IP": "10.0.0.1"}).startswith("key:")
