@@ -47,6 +47,7 @@ global_defs {
     enable_script_security
     vrrp_garp_master_delay 0
     vrrp_garp_master_repeat 3
+    vrrp_version 3
 }
 
 vrrp_script gateway_ok {
@@ -63,7 +64,6 @@ vrrp_instance gateway {
     virtual_router_id ${VRRP_ROUTER_ID:-51}
     priority ${VRRP_PRIORITY:-100}
     advert_int ${VRRP_ADVERT:-1}
-    vrrp_version 3
     nopreempt
 ${unicast}
     virtual_ipaddress {
