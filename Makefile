@@ -26,8 +26,8 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed  ## the Python virtualenv for tests and tools
 docker:  ## Docker engine, Compose v2 and the base image (only what is missing)
 	scripts/ensure-docker.sh
-secrets: ## compose/secrets.env with random Redis password and admin token (once)
-	scripts/secrets.sh
+secrets: ## one secret file per value and service in compose/secrets/ (ROTATE=1: draw all again)
+	scripts/secrets.sh $(if $(filter 1,$(ROTATE)),--rotate)
 images: docker secrets  ## build the node, gateway and redis images
 	$(COMPOSE) build
 
@@ -76,8 +76,8 @@ verify: venv  ## the pre-production checklist against the running stack (DISRUPT
 	$(PY) -m ha_agent.ctl verify --project $(PROJECT) $(if $(DISRUPTIVE),--disruptive,)
 
 # --- tests ---------------------------------------------------------------------------
-.PHONY: test lint unit test-integration failover-test
-test: lint unit test-integration  ## everything CI runs: lint, unit, integration + failover scenarios
+.PHONY: test lint unit conformance test-integration failover-test
+test: lint unit conformance test-integration  ## everything CI runs: lint, unit, conformance, integration + failover scenarios
 
 lint: venv  ## ruff and mypy
 	$(PY) -m ruff check ha_agent bench tests
@@ -87,6 +87,10 @@ lint: venv  ## ruff and mypy
 unit: venv  ## unit tests (real Redis where a test needs one)
 	scripts/ensure-test-tools.sh
 	$(PYTEST) tests/unit -q
+
+conformance: venv  ## SGLang's behaviours, same verdict through the gateway as direct (tests/conformance/verdicts.md)
+	scripts/sglang-test-kits.sh $(PY) .cache/sglang-0.5.19
+	$(PYTEST) tests/conformance -q
 
 test-integration: venv docker secrets  ## the CPU stack in containers, driven from pytest (all faults once)
 	scripts/ensure-test-tools.sh
@@ -111,14 +115,21 @@ promtool: alerts-lint  ## alerts-lint, then the alert rules' unit tests (prometh
 	promtool test rules prometheus/tests/*.yaml
 
 # --- benchmark -------------------------------------------------------------------------
-# Path overhead (direct / Nginx / Nginx + relay) and failover against the article's
+# Capacity (bench/capacity.py), path overhead (direct / Nginx / Nginx + relay) and
+# failover against the article's
 # Nginx and SGLang's router, in one run: bench/results/ and docs/benchmarks.md.
 # The lock serialises load-generating runs on a shared host (timings stay honest).
 .PHONY: bench
 BENCH_TRIALS ?= 2
 DOCKER_LOCK  ?= /tmp/sglang-ha-docker.lock
-bench: venv docker secrets  ## path overhead + failover vs baselines, $(BENCH_TRIALS) trials (~13 min)
+bench: venv docker secrets  ## capacity, path overhead, failover vs baselines, $(BENCH_TRIALS) trials (~20 min)
 	flock $(DOCKER_LOCK) $(PY) -m bench --trials $(BENCH_TRIALS) --out bench/results
+
+# The capacity table alone (bench/capacity.py, ~6 min): events/s, TTFT, ITL and CPU
+# per event, direct / Nginx / SGLang's router / our gateway at 1 and N relay workers.
+.PHONY: bench-capacity
+bench-capacity: venv docker secrets  ## capacity: events/s and CPU per event per path (~6 min)
+	flock $(DOCKER_LOCK) $(PY) -m bench --phases capacity --out bench/results
 
 .PHONY: clean
 clean:

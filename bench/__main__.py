@@ -2,6 +2,10 @@
 
     python -m bench [--trials N] [--phases overhead,ours,warming,baselines] [--out DIR]
 
+0. capacity:  our CPU stack; 64 and 128 streams of 128 tokens straight to the
+              primary's engine, through Nginx alone, SGLang's router and our
+              gateway (1 relay worker, and one per CPU): events/s, TTFT, ITL, CPU
+              per event (bench/capacity.py).
 1. overhead:  our CPU stack; the same load straight to the primary's engine, through
               an Nginx with the gateway's config, and through Nginx + relay.
 2. ours:      the same stack; each fault N times under the failover harness's load.
@@ -10,7 +14,7 @@
 3. baselines: the same engines behind the article's Nginx and SGLang's router
               (defaults, and 1 s health checks); each fault N times, all at once.
 
-Writes bench/results/{overhead,failover,warming}.json (with the machine's
+Writes bench/results/{capacity,overhead,failover,warming}.json (with the machine's
 description), overhead-samples.json and failover-requests.json (raw), overhead.md,
 failover.md, warming.md, summary.md and two plots. Every stack gets a unique project
 name and is removed.
@@ -27,14 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import overhead, report, warming
+from bench import capacity, overhead, report, warming
+from bench.capacity import CapacityConfig
 from bench.failover import BENCH_FAULTS, Trial, run_baselines, run_ours
 from bench.overhead import OverheadConfig
 from bench.stacks import baselines, build_images, our_stack
 from tests.failover import runner
 from tests.failover.scenarios import FAULTS
 
-PHASES = ("overhead", "ours", "warming", "baselines")
+PHASES = ("capacity", "overhead", "ours", "warming", "baselines")
 # The simulator's settings on every engine (its defaults: see docs/simulator.md).
 ENGINE = "ITL 10 ms × (1 + 0.01 × (running − 1)), TTFT 20 ms + 0.2 ms per prompt token"
 
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=OverheadConfig.rounds)
     parser.add_argument("--duration", type=float, default=OverheadConfig.duration)
     parser.add_argument("--concurrencies", default="1,16,64")
+    parser.add_argument("--capacity-rounds", type=int, default=CapacityConfig.rounds)
     parser.add_argument("--no-build", action="store_true", help="use the images as built")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -76,10 +82,30 @@ def main(argv: list[str] | None = None) -> int:
         phase_done("build", t)
 
     trials: list[Trial] = []
-    if {"overhead", "ours", "warming"} & set(phases):
+    if {"capacity", "overhead", "ours", "warming"} & set(phases):
         t = time.monotonic()
         with our_stack() as ours:
             phase_done("our stack up", t)
+            if "capacity" in phases:
+                t = time.monotonic()
+                print(f"== capacity: {ours.capacity_urls()}", flush=True)
+                workers = ours.relay_workers()
+                ccfg = CapacityConfig(rounds=args.capacity_rounds)
+                rows, runs = capacity.run(ours.capacity_urls(), ccfg, ours.cpu_files())
+                phase_done("capacity", t)
+                report.write_json(
+                    args.out / "capacity.json",
+                    {
+                        **meta,
+                        "config": {**ccfg.__dict__, "engine": ENGINE, "relay_workers": workers},
+                        "targets": capacity.targets(rows, workers),
+                        "rows": [r.to_json() for r in rows],
+                    },
+                )
+                (args.out / "capacity-samples.json").write_text(json.dumps(runs))
+                (args.out / "capacity.md").write_text(
+                    capacity.markdown(rows, ccfg, workers, ENGINE)
+                )
             if "overhead" in phases:
                 t = time.monotonic()
                 print(f"== path overhead: {ours.urls()}", flush=True)
@@ -184,6 +210,7 @@ def _write_summary(out: Path, meta: dict[str, Any]) -> None:
         f" Docker {m['docker']}, no GPU; {m['date']}. Phase times (s): {meta['phase_seconds']}."
     )
     for name, title, plot in (
+        ("capacity", "Capacity: events/s and CPU per event", None),
         ("overhead", "Path overhead", "overhead.png"),
         ("failover", "Failover against the baselines", "failover.png"),
         ("warming", "Warm standby: TTFT after a failover", None),

@@ -75,6 +75,10 @@ class CpuMeter:
         self._t0 = time.monotonic()
         self._start = self._read()
 
+    def elapsed(self) -> float:
+        """Seconds from start() to now."""
+        return time.monotonic() - self._t0
+
     def cores(self) -> dict[str, float]:
         elapsed = max(time.monotonic() - self._t0, 1e-9)
         end = self._read()

@@ -18,18 +18,28 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from bench.cpu import CpuMeter
 
-# A content delta of the OpenAI chat stream (the role chunk and the finish chunk
-# do not match): SGLang and the simulator serialise compactly, so one pattern
-# counts tokens without parsing each event.
-TOKEN_MARK = b'"delta":{"content":'
+# Content deltas of the OpenAI chat stream, counted without parsing each event:
+# SGLang (and the simulator) serialise compactly, every chunk's delta carries
+# "content" ("" in the role chunk, absent from the finish chunk); see
+# python/sglang/srt/entrypoints/openai/serving_chat.py. Counted on whole events only.
+CONTENT_MARK = b'"content":"'
+EMPTY_CONTENT = b'"content":""'
+
+
+def count_tokens(events: bytes) -> int:
+    """Content chunks with text in `events` (whole SSE events)."""
+    return events.count(CONTENT_MARK) - events.count(EMPTY_CONTENT)
+
+
 DONE_MARK = b"data: [DONE]"
 PROMPTS = [
     "Explain leader leases in two sentences.",
@@ -49,10 +59,64 @@ class RunSpec:
     stream: bool
     concurrency: int
     duration: float
+    # Every run says its own bounds, in count as well as in time (no silent default).
+    max_requests: int
+    timeout: float  # per request
     warmup: float = 1.0
     max_tokens: int = 32
-    max_requests: int = 20000
-    timeout: float = 30.0
+
+
+class PlanConfig(Protocol):
+    """What a benchmark's config sets for each of its runs."""
+
+    @property
+    def concurrencies(self) -> tuple[int, ...]: ...
+    @property
+    def rounds(self) -> int: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def warmup(self) -> float: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def timeout(self) -> float: ...
+
+
+def rotating_plan(
+    urls: dict[str, str],
+    paths: Sequence[str],
+    cfg: PlanConfig,
+    *,
+    stream: bool,
+    name: str,
+    max_requests: Callable[[int], int],
+) -> list[RunSpec]:
+    """Every run of each concurrency in `cfg`, in the order they are made: each round
+    runs every path once, the order rotating each round, so that slow drift of a
+    shared machine falls on every path alike. `name` is formatted with `path`, `c`
+    (concurrency) and `r` (round, from 1); `max_requests(concurrency)` bounds a run's
+    count as well as its time."""
+    specs = []
+    for c in cfg.concurrencies:
+        for r in range(cfg.rounds):
+            shift = r % len(paths)
+            for path in [*paths[shift:], *paths[:shift]]:
+                specs.append(
+                    RunSpec(
+                        name=name.format(path=path, c=c, r=r + 1),
+                        path=path,
+                        url=urls[path],
+                        stream=stream,
+                        concurrency=c,
+                        duration=cfg.duration,
+                        warmup=cfg.warmup,
+                        max_tokens=cfg.max_tokens,
+                        max_requests=max_requests(c),
+                        timeout=cfg.timeout,
+                    )
+                )
+    return specs
 
 
 @dataclass
@@ -75,12 +139,24 @@ class RunResult:
     window: tuple[float, float]  # measured interval, from the run's start
     samples: list[Sample] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # cores used, measured interval
+    # Streams, by arrival time: content events inside the window (throughput), and
+    # from the window's start to the run's end (the interval the CPU is read over).
+    window_events: int = 0
+    metered_events: int = 0
+    metered_seconds: float = 0.0
+    # Gaps between consecutive content events of a stream, inside the window (ms,
+    # rounded to 0.1): events that arrive in one read count as gaps of 0.
+    itl_ms: dict[float, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "spec": asdict(self.spec),
             "window": list(self.window),
             "cpu": self.cpu,
+            "window_events": self.window_events,
+            "metered_events": self.metered_events,
+            "metered_seconds": round(self.metered_seconds, 4),
+            "itl_ms": sorted(self.itl_ms.items()),
             # Compact rows: [start, end, ok, warm, tokens, ttft, last_token, error]
             "samples": [
                 [
@@ -97,6 +173,20 @@ class RunResult:
             ],
         }
 
+    def note_events(self, found: int, now: float, previous: float | None) -> None:
+        lo, hi = self.window
+        if now < lo:
+            return
+        self.metered_events += found
+        if now > hi:
+            return
+        self.window_events += found
+        if previous is not None and previous >= lo:
+            gap = round((now - previous) * 1000, 1)
+            self.itl_ms[gap] = self.itl_ms.get(gap, 0) + 1
+        if found > 1:
+            self.itl_ms[0.0] = self.itl_ms.get(0.0, 0) + found - 1
+
 
 def body(i: int, spec: RunSpec) -> bytes:
     payload: dict[str, Any] = {
@@ -112,7 +202,12 @@ def body(i: int, spec: RunSpec) -> bytes:
 
 
 async def _one(
-    session: aiohttp.ClientSession, spec: RunSpec, i: int, zero: float, warm_until: float
+    session: aiohttp.ClientSession,
+    spec: RunSpec,
+    i: int,
+    zero: float,
+    warm_until: float,
+    result: RunResult | None = None,
 ) -> Sample:
     start = time.monotonic() - zero
     sample = Sample(start=start, end=start, ok=False, warm=start < warm_until)
@@ -126,7 +221,7 @@ async def _one(
                 await resp.read()
                 sample.error = f"HTTP {resp.status}"
             elif spec.stream:
-                await _read_stream(resp, sample, zero)
+                await _read_stream(resp, sample, zero, result)
             else:
                 data = json.loads(await resp.read())
                 sample.tokens = int(data["usage"]["completion_tokens"])
@@ -137,22 +232,28 @@ async def _one(
     return sample
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, sample: Sample, zero: float) -> None:
-    tail = b""  # the end of the previous chunk: a mark may straddle two reads
-    keep = len(TOKEN_MARK) - 1
+async def _read_stream(
+    resp: aiohttp.ClientResponse, sample: Sample, zero: float, result: RunResult | None = None
+) -> None:
+    pending = b""  # an event not yet complete
     done = False
     async for chunk in resp.content.iter_any():
         now = time.monotonic() - zero
-        view = tail + chunk
-        found = view.count(TOKEN_MARK)
+        view = pending + chunk if pending else chunk
+        cut = view.rfind(b"\n\n") + 2
+        pending = view[cut:]
+        if not cut:
+            continue
+        found = count_tokens(view[:cut])
         if found:
+            if result is not None:
+                result.note_events(found, now, sample.last_token)
             if sample.ttft is None:
                 sample.ttft = now - sample.start
             sample.tokens += found
             sample.last_token = now
-        if DONE_MARK in view[-len(DONE_MARK) - 4 :]:
+        if view[:cut].endswith(DONE_MARK + b"\n\n"):
             done = True
-        tail = view[-keep:]
     sample.ok = done
     if not done:
         sample.error = "stream ended without [DONE]"
@@ -171,7 +272,7 @@ async def run(spec: RunSpec, meter: CpuMeter | None = None) -> RunResult:
         i = w
         while time.monotonic() - zero < stop_at and issued < spec.max_requests:
             issued += 1
-            result.samples.append(await _one(session, spec, i, zero, spec.warmup))
+            result.samples.append(await _one(session, spec, i, zero, spec.warmup, result))
             i += spec.concurrency
 
     if meter is not None:  # from the end of the warm-up to the last answer
@@ -182,6 +283,7 @@ async def run(spec: RunSpec, meter: CpuMeter | None = None) -> RunResult:
         await asyncio.gather(*(worker(w, session) for w in range(spec.concurrency)))
     if meter is not None:
         result.cpu = meter.cores()
+        result.metered_seconds = meter.elapsed()
     return result
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import RunSpec
+from bench.loadgen import RunSpec, rotating_plan
 from bench.stats import CellStats, Comparison, RoundWindow, cell_stats, compare
 
 PATHS = ("direct", "nginx", "relay")
@@ -37,27 +37,16 @@ def plan(urls: dict[str, str], cfg: OverheadConfig) -> list[RunSpec]:
     """Every run, in the order they are made (paths rotate each round)."""
     specs = []
     for stream in MODES:
-        for c in cfg.concurrencies:
-            for r in range(cfg.rounds):
-                shift = r % len(PATHS)
-                for path in PATHS[shift:] + PATHS[:shift]:
-                    mode = "stream" if stream else "nonstream"
-                    specs.append(
-                        RunSpec(
-                            name=f"{path}/{mode}/c{c}/r{r + 1}",
-                            path=path,
-                            url=urls[path],
-                            stream=stream,
-                            concurrency=c,
-                            duration=cfg.duration,
-                            warmup=cfg.warmup,
-                            max_tokens=cfg.max_tokens,
-                            # A bound on count as well as time: far above what the
-                            # engine's latency allows in `duration`.
-                            max_requests=max(200, c * 100),
-                            timeout=cfg.timeout,
-                        )
-                    )
+        mode = "stream" if stream else "nonstream"
+        specs += rotating_plan(
+            urls,
+            PATHS,
+            cfg,
+            stream=stream,
+            name="{path}/" + mode + "/c{c}/r{r}",
+            # Far above what the engine's latency allows in `duration`.
+            max_requests=lambda c: max(200, c * 100),
+        )
     return specs
 
 

@@ -97,7 +97,11 @@ def direct_nginx_conf(template: str, engine: str) -> str:
     text, include = re.subn(
         r"^\s*include /run/sglang-ha/nginx-backup-servers\.conf;\n", "", text, flags=re.M
     )
-    if relay != 1 or include != 1:
+    # One worker, as "Nginx alone" in the capacity table: its CPU per event is the
+    # cost of one process, like the router's.
+    text, workers = re.subn(r"^worker_processes \S+;", "worker_processes 1;", text, flags=re.M)
+    # The main upstream and the relay-only one (/abort_request).
+    if relay != 2 or include != 1 or workers != 1:
         raise ValueError(
             "the gateway's Nginx template changed: update bench.stacks.direct_nginx_conf"
         )
@@ -119,6 +123,24 @@ class OurStack:
             "relay": f"http://{s.ip('gateway')}:{FRONTEND_PORT}",
         }
 
+    def capacity_urls(self) -> dict[str, str]:
+        """The capacity benchmark's paths (bench/capacity.py)."""
+        s, urls = self.stack, self.urls()
+        return {
+            "direct": urls["direct"],
+            "nginx": urls["nginx"],
+            "router": f"http://{s.ip('router-direct')}:{FRONTEND_PORT}",
+            "gateway-1w": f"http://{s.ip('gateway-1w')}:{FRONTEND_PORT}",
+            "gateway": urls["relay"],
+        }
+
+    def relay_workers(self) -> int:
+        """Relay workers in the stack's gateway (what its entrypoint resolved)."""
+        out = self.stack.container("gateway").exec_run(
+            ["supervisorctl", "-c", "/etc/sglang-ha/supervisord.conf", "status"]
+        )
+        return sum(line.startswith("relay:") for line in out.output.decode().splitlines())
+
     def cpu_files(self) -> dict[str, str]:
         """Where the kernel counts each part's CPU time (see bench.cpu)."""
         standby = next(n for n in NODES if n != self.primary)
@@ -127,6 +149,8 @@ class OurStack:
             "standby node": NODES[standby],
             "gateway (Nginx + relay)": "gateway",
             "nginx-direct": "nginx-direct",
+            "router-direct": "router-direct",
+            "gateway-1w": "gateway-1w",
         }
         out = {}
         for name, service in parts.items():
@@ -158,9 +182,12 @@ def our_stack() -> Iterator[OurStack]:
             conf = direct_nginx_conf(template, f"{NODES[primary]}:30000")
             Path(tmp, "nginx.conf").write_text(conf)
             os.chmod(Path(tmp, "nginx.conf"), 0o644)
-            compose.run("up", "-d", "--no-deps", "nginx-direct", timeout=120)
+            compose.env["BENCH_ENGINE_URL"] = f"http://{stack.ip(NODES[primary])}:30000"
+            compose.run(
+                "up", "-d", "--no-deps", "nginx-direct", "router-direct", "gateway-1w", timeout=180
+            )
             ours = OurStack(stack, compose, primary)
-            _wait_answers(ours.urls().values(), 60.0)
+            _wait_answers(ours.capacity_urls().values(), 90.0)
             yield ours
         finally:
             _release_faults(compose)

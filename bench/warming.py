@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from bench.loadgen import TOKEN_MARK
+from bench.loadgen import count_tokens
 from bench.stacks import OurStack
 from bench.stats import percentile
 from tests.support.stack import NODES
@@ -118,7 +118,7 @@ async def _one(session: aiohttp.ClientSession, url: str, k: int, zero: float) ->
             node = resp.headers.get("x-sglang-ha-node")
             if resp.status == 200:
                 async for chunk in resp.content.iter_any():
-                    if ttft is None and TOKEN_MARK in chunk:
+                    if ttft is None and count_tokens(chunk) > 0:
                         ttft = time.monotonic() - start
                 ok = ttft is not None
             else:

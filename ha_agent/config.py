@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -26,6 +27,13 @@ FailbackPolicy = Literal["never", "negotiated", "preferred"]
 
 class TimingWarning(UserWarning):
     """A timing setting was adjusted to keep the lease safe."""
+
+
+# Secrets as files (compose `secrets:`), never environment: with HA_SECRETS_DIR set
+# (/run/secrets in the stacks), a file there named like the variable, lower case
+# (ha_redis_password, ha_admin_token, sim_admin_token...), gives that setting.
+# Read once at import: the containers set it before any process starts.
+_SECRETS_DIR = os.environ.get("HA_SECRETS_DIR") or None
 
 
 def _split_csv(value: object) -> object:
@@ -47,7 +55,7 @@ class LoggingSettings(BaseSettings):
 class RedisSettings(BaseSettings):
     """How to reach the coordination store: Redis through Sentinel."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     cluster: str = Field(
         "sglang-ha", description="Name of this HA cluster; prefixes every Redis key."
@@ -83,25 +91,6 @@ class RedisSettings(BaseSettings):
 # Marks a setting that `sglang-ha edit-config` can change cluster-wide at run time
 # (DynamicConfig below); docs/configuration.md lists them.
 DYNAMIC: dict[str, Any] = {"dynamic": True}
-
-
-def timing_rules_broken(
-    lease_ttl: float, loop_wait: float, retry_timeout: float, safety_margin: float
-) -> list[str]:
-    """The lease-timing rules these values break (empty: none), as sentences."""
-    broken = []
-    budget = loop_wait + 2 * retry_timeout
-    if budget > lease_ttl:
-        broken.append(
-            f"loop_wait + 2*retry_timeout <= lease_ttl: {loop_wait:g} + 2*{retry_timeout:g}"
-            f" = {budget:g}s exceeds lease_ttl {lease_ttl:g}s"
-        )
-    if safety_margin >= lease_ttl - loop_wait:
-        broken.append(
-            f"safety_margin < lease_ttl - loop_wait: {safety_margin:g}s leaves no time to"
-            f" renew a {lease_ttl:g}s lease every {loop_wait:g}s"
-        )
-    return broken
 
 
 class LeaseTiming(BaseSettings):
@@ -157,6 +146,22 @@ class LeaseTiming(BaseSettings):
             )
             self.safety_margin = new_margin
         return self
+
+    def rules_broken(self) -> list[str]:
+        """The lease-timing rules these values break (empty: none), as sentences."""
+        broken = []
+        budget = self.loop_wait + 2 * self.retry_timeout
+        if budget > self.lease_ttl:
+            broken.append(
+                f"loop_wait + 2*retry_timeout <= lease_ttl: {self.loop_wait:g} +"
+                f" 2*{self.retry_timeout:g} = {budget:g}s exceeds lease_ttl {self.lease_ttl:g}s"
+            )
+        if self.safety_margin >= self.lease_ttl - self.loop_wait:
+            broken.append(
+                f"safety_margin < lease_ttl - loop_wait: {self.safety_margin:g}s leaves no"
+                f" time to renew a {self.lease_ttl:g}s lease every {self.loop_wait:g}s"
+            )
+        return broken
 
     # Derived timings: named once here, so no caller redoes the arithmetic.
 
@@ -380,7 +385,7 @@ class AgentSettings(
 ):
     """The node agent: one per GPU host, next to its engine."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     node_name: str = Field("sglang-01", description="This node's name, unique in the cluster.")
     advertise_engine_url: str | None = Field(
@@ -416,7 +421,7 @@ class AgentSettings(
 class RelaySettings(RedisSettings, EngineAuthSettings):
     """The leader-aware relay in the gateway."""
 
-    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     relay_host: str = Field(
         "127.0.0.1", description="Relay data-plane bind address (behind Nginx)."
@@ -424,10 +429,32 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     relay_port: int = Field(8001, description="Relay data-plane port.")
     relay_admin_port: int = Field(8002, description="Relay status and metrics port (internal).")
     relay_host_admin: str = Field("0.0.0.0", description="Relay admin bind address.")
+    relay_workers: int = Field(
+        0,
+        ge=0,
+        description="Relay worker processes sharing the ports (0: the CPUs the gateway"
+        " container may use; see ha_agent/gateway/workers.py).",
+    )
+    relay_worker_index: int = Field(
+        0,
+        ge=0,
+        description="This worker's number (set by supervisord); worker 0 records the"
+        " topology's HA events and keeps Nginx's backup list.",
+    )
     admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
     nodes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Seed nodes name=engine_url=agent_url, comma separated; registry adds more.",
+    )
+    media_url_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL prefixes media fields may name (else data:/base64 only); comma separated.",
+    )
+    allow_custom_logit_processor: bool = Field(
+        False, description="Let clients send custom_logit_processor (code the engine runs)."
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="A request body must arrive whole within this, s (else 408)."
     )
     poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
     connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")
@@ -455,6 +482,42 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     max_sequence_length: int = Field(
         131072, gt=0, description="No migration past this many prompt+generated tokens."
     )
+    cors_allow_origins: str = Field(
+        "*",
+        description="CORS origins, comma separated; * as SGLang (always on there); empty: off.",
+    )
+    cors_allow_credentials: bool = Field(
+        True, description="CORS Access-Control-Allow-Credentials, as SGLang (true)."
+    )
+    # Overload and query-of-death protection (gateway/limits.py, shedding.py, quarantine.py).
+    context_length: int = Field(
+        0, ge=0, description="Refuse longer prompts (tokens); 0: the primary's max_model_len."
+    )
+    prompt_chars_per_token: float = Field(
+        10.0, gt=0, description="Characters one token may hold at most (prompt estimate)."
+    )
+    constraint_max_bytes: int = Field(
+        65536, gt=0, description="Largest regex / json_schema / ebnf accepted, bytes."
+    )
+    constraint_max_depth: int = Field(32, gt=0, description="Deepest json_schema accepted.")
+    regex_max_repeat: int = Field(
+        100_000, gt=0, description="Largest product of nested regex repeat counts."
+    )
+    warm_max_chars: int = Field(
+        65536, ge=0, description="The warmer never mirrors a longer prompt (characters)."
+    )
+    shed_queue_bound: int = Field(
+        256, ge=0, description="Answer 429 while the primary has this many queued (0: off)."
+    )
+    shed_retry_after: int = Field(2, ge=1, description="Retry-After sent with a 429, s.")
+    quarantine_ttl: float = Field(
+        600.0, gt=0, description="How long a query of death is refused, s."
+    )
+    quarantine_dir: Path | None = Field(
+        None,
+        description="A folder the gateway's relay workers share quarantined requests"
+        " through; unset: each worker keeps its own.",
+    )
     ha_log: str = Field("/var/log/sglang/ha.log", description="Human HA event log.")
     nginx_backup_file: str | None = Field(
         None,
@@ -463,7 +526,7 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     )
     nginx_reload_command: str = Field("nginx -s reload", description="How to reload Nginx.")
 
-    @field_validator("nodes", mode="before")
+    @field_validator("nodes", "media_url_allow", mode="before")
     @classmethod
     def _csv_nodes(cls, value: object) -> object:
         return _split_csv(value)
@@ -517,9 +580,7 @@ class DynamicConfig(BaseModel):
         update = {k: v for k, v in self.values().items() if k in type(settings).model_fields}
         result = settings.model_copy(update=update)
         if isinstance(result, LeaseTiming):
-            broken = timing_rules_broken(
-                result.lease_ttl, result.loop_wait, result.retry_timeout, result.safety_margin
-            )
+            broken = result.rules_broken()
             if broken:
                 raise ValueError("breaks the lease-timing rule " + "; ".join(broken))
         return result
@@ -531,7 +592,7 @@ DYNAMIC_SETTINGS: tuple[str, ...] = tuple(DynamicConfig.model_fields)
 class SimSettings(BaseSettings):
     """The SGLang-compatible engine simulator (CPU demo and tests only)."""
 
-    model_config = SettingsConfigDict(env_prefix="SIM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SIM_", extra="ignore", secrets_dir=_SECRETS_DIR)
 
     host: str = "0.0.0.0"
     port: int = 30000

@@ -71,6 +71,12 @@ def render() -> str:
         "without a restart. It is checked against the same types and ranges and against",
         "the timing rule first, and refused (never adjusted) if it breaks one.",
         "",
+        "Secrets can come as files instead of environment: with `HA_SECRETS_DIR` set",
+        "(`/run/secrets` in the stacks, where compose mounts each service's own), a file",
+        "there named like the variable in lower case (`ha_redis_password`,",
+        "`ha_sentinel_password`, `ha_admin_token`, `sim_admin_token`) sets it",
+        "(docs/security.md).",
+        "",
     ]
     for title, cls, prefix in SECTIONS:
         lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]

@@ -50,6 +50,7 @@ NODE_UNREACHABLE = "NODE_UNREACHABLE"
 NODE_REACHABLE = "NODE_REACHABLE"
 NODE_REMOVED = "NODE_REMOVED"
 STREAM_MIGRATED = "STREAM_MIGRATED"
+QUERY_QUARANTINED = "QUERY_QUARANTINED"  # relay: a request that took down two nodes
 # Operator actions (sglang-ha edit-config, restart, remove).
 CONFIG_CHANGED = "CONFIG_CHANGED"
 ENGINE_RESTART_REQUESTED = "ENGINE_RESTART_REQUESTED"
@@ -63,7 +64,10 @@ class EventLog:
         self._wake = asyncio.Event()
         self.recent: collections.deque[HAEvent] = collections.deque(maxlen=50)
 
-        self._logger = logging.getLogger(f"sglang_ha.events.{node}")
+        # One logger per log, not per name: a relay worker holds two logs named "relay"
+        # (its own events, and the topology's, which only worker 0 writes to the file),
+        # and a shared logger would take the second one's handlers for both.
+        self._logger = logging.getLogger(f"sglang_ha.events.{node}.{id(self):x}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
         fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")

@@ -8,10 +8,11 @@ rolling-restart) print the HA events as they happen, from the store's history.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import click
 from click.shell_completion import get_completion_class
@@ -33,16 +34,27 @@ def _client(ctx: click.Context) -> ClusterClient:
 
 
 @click.group(context_settings=CONTEXT)
-@click.option("--token", envvar="HA_ADMIN_TOKEN", default=None, help="Admin token.")
+@click.option(
+    "--token-file",
+    type=click.File("r"),
+    default=None,
+    help="File holding the admin token ('-': stdin). Never on the command line.",
+)
 @click.pass_context
-def cli(ctx: click.Context, token: str | None) -> None:
+def cli(ctx: click.Context, token_file: TextIO | None) -> None:
     """Look at and steer an sglang-ha cluster.
 
     Settings come from the agent's HA_* environment (inside a node container all
-    is set); the admin token from HA_ADMIN_TOKEN or --token.
+    is set); the admin token from --token-file, HA_ADMIN_TOKEN, or the node's
+    secret file (/run/secrets/ha_admin_token).
     """
     if ctx.obj is None:  # tests pass their own client
-        ctx.obj = {"settings": AgentSettings(), "token": token}
+        settings = AgentSettings()
+        # A token in argv would show in every process list: file or environment only.
+        token = token_file.read().strip() if token_file else os.environ.get("HA_ADMIN_TOKEN")
+        if not token and settings.admin_token is not None:
+            token = settings.admin_token.get_secret_value()
+        ctx.obj = {"settings": settings, "token": token or None}
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -51,7 +63,7 @@ def cli(ctx: click.Context, token: str | None) -> None:
 def _fail(code: int, data: dict[str, Any]) -> click.ClickException:
     message = str(data.get("detail") or json.dumps(data))
     if code == 401:
-        return click.ClickException(f"refused: {message} (set HA_ADMIN_TOKEN or --token)")
+        return click.ClickException(f"refused: {message} (set HA_ADMIN_TOKEN or --token-file)")
     if code == 0 or message.startswith("refused"):
         return click.ClickException(message)
     return click.ClickException(f"refused ({code}): {message}")

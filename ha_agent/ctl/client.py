@@ -89,24 +89,23 @@ class ClusterClient:
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        try:
-            r = httpx.post(
-                f"{api_url}{path}",
-                json=body or {},
-                headers=self._headers(),
-                timeout=timeout or self.timeout,
-            )
-        except httpx.HTTPError as exc:
-            return 0, {"detail": f"{api_url} did not answer: {exc}"}
-        try:
-            data = r.json()
-        except ValueError:
-            data = {"detail": r.text}
-        return r.status_code, data if isinstance(data, dict) else {"detail": data}
+        return self._call(
+            "POST",
+            api_url,
+            path,
+            json=body or {},
+            headers=self._headers(),
+            timeout=timeout or self.timeout,
+        )
 
     def get(self, api_url: str, path: str) -> tuple[int, dict[str, Any]]:
+        return self._call("GET", api_url, path, timeout=self.timeout)
+
+    @staticmethod
+    def _call(method: str, api_url: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        """(status, JSON object) of an agent's answer; (0, why) when none came."""
         try:
-            r = httpx.get(f"{api_url}{path}", timeout=self.timeout)
+            r = httpx.request(method, f"{api_url}{path}", **kwargs)
         except httpx.HTTPError as exc:
             return 0, {"detail": f"{api_url} did not answer: {exc}"}
         try:

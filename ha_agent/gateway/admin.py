@@ -47,6 +47,6 @@ class RelayAdmin:
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(self.metrics.registry),
+            body=generate_latest(self.metrics.exposed),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )

@@ -1,11 +1,21 @@
-"""The relay's Prometheus metrics."""
+"""The relay's Prometheus metrics.
+
+With several relay workers (ha_agent/gateway/workers.py) PROMETHEUS_MULTIPROC_DIR is
+set and prometheus_client keeps each worker's counters and histograms in files
+there; `exposed` then sums them over every worker, live or gone, so whichever
+worker answers a scrape reports the whole gateway. The topology gauges are read
+from the answering worker's own view (every worker follows the same store).
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -53,7 +63,22 @@ class RelayMetrics:
             registry=r,
         )
         self.inflight = Gauge(
-            "sglang_ha_relay_inflight", "Requests in flight through the relay.", registry=r
+            "sglang_ha_relay_inflight",
+            "Requests in flight through the relay.",
+            registry=r,
+            multiprocess_mode="livesum",  # summed over live workers
+        )
+        self.refused = Counter(
+            "sglang_ha_relay_refused",
+            "Requests answered at admission without an engine: reason is limits (too"
+            " heavy, 400), shed (primary saturated, 429) or quarantined (query of death, 503).",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "sglang_ha_relay_quarantined",
+            "Request fingerprints quarantined after the nodes holding them failed twice.",
+            registry=r,
         )
         self.auth_rejected = Counter(
             "sglang_ha_relay_auth_rejected",
@@ -62,8 +87,38 @@ class RelayMetrics:
             registry=r,
         )
 
+        # What /metrics serves: this registry, or the sum over all workers.
+        self.exposed = r
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:
+            forget_dead_workers(Path(directory))
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed, path=directory)
+
     def attach(self, topology: Topology) -> None:
-        self.registry.register(_TopologyCollector(topology))
+        collector = _TopologyCollector(topology)
+        self.registry.register(collector)
+        if self.exposed is not self.registry:
+            self.exposed.register(collector)
+
+
+_LIVE_GAUGE = re.compile(r"gauge_live\w*_(\d+)\.db$")
+
+
+def forget_dead_workers(directory: Path) -> None:
+    """Drop the in-flight gauges of workers that are gone (killed, restarted): a
+    dead worker's requests are no longer in flight. Its counters stay counted."""
+    for path in directory.glob("gauge_live*.db"):
+        match = _LIVE_GAUGE.search(path.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, str(directory))
+        except PermissionError:
+            pass  # alive, another user's
 
 
 class _TopologyCollector(Collector):

@@ -57,11 +57,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ha_agent.gateway import sse
+from ha_agent.openapi.endpoints import BY_PATH, CHAT, COMPLETIONS, GENERATE, ROUTES, Semantics
 
-GENERATE, COMPLETIONS, CHAT = "generate", "completions", "chat"
-ENDPOINTS = {"/generate": GENERATE, "/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+__all__ = ["CHAT", "COMPLETIONS", "ENDPOINTS", "GENERATE", "Migration"]
 
-_CONSTRAINED_KEYS = ("json_schema", "regex", "ebnf", "structural_tag")
+# The endpoints whose streams migrate (openapi/endpoints.py), path -> kind.
+ENDPOINTS = {e.path: e.kind for e in ROUTES if e.semantics is Semantics.MIGRATE}
+
+# The sampling_params keys that constrain output to a grammar (the table's row).
+_CONSTRAINED_KEYS = BY_PATH["/generate"].constraint_keys
 # An abort with one of these statuses is the engine's fault (tokenizer_manager.py,
 # `_handle_abort_finish_reason`); 400 is the request's, None the client's own abort.
 ENGINE_FAULT_STATUS = frozenset({500, 503})

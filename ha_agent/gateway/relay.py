@@ -23,21 +23,28 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
-from ha_agent.gateway import sse
+from ha_agent.gateway import splice, sse
+from ha_agent.gateway.admission import Admission, RelayParts
+from ha_agent.gateway.cors import Cors, on_prepare
+from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.migration import ENDPOINTS, Migration
+from ha_agent.gateway.migration import Migration
+from ha_agent.gateway.policy import FieldPolicy, RequestPolicy, engine_rid, rid_owner
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
+    FailureKind,
     Transport,
     UpstreamFailure,
     classify,
@@ -46,14 +53,20 @@ from ha_agent.gateway.transport import (
 )
 from ha_agent.gateway.warming import Warmer
 from ha_agent.openapi import inference
+from ha_agent.openapi.endpoints import Endpoint, Semantics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R", bound=web.StreamResponse)
 
 NODE_HEADER = "X-SGLang-HA-Node"
+# Which relay worker holds a stream (ha_agent/gateway/workers.py): a stream lives
+# and dies with its worker.
+WORKER_HEADER = "X-SGLang-HA-Relay-Worker"
 MAX_BODY = 64 * 1024 * 1024
-_ERROR_TYPES = {404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
+# A client this far behind pauses the engine's connection until it is under LOW.
+_CLIENT_HIGH = 256 * 1024
+_CLIENT_LOW = 64 * 1024
 
 
 class ClientGone(Exception):
@@ -110,42 +123,71 @@ class Relay:
         self.events = events
         self.retry_deadline = settings.retry_deadline
         self.warmer = warmer
+        self.cors = Cors.parse(settings.cors_allow_origins, settings.cors_allow_credentials)
+        # Overload and query-of-death checks.
+        self.admission = Admission(RelayParts(settings, topology, transport, metrics, events))
+        self.policy = RequestPolicy(FieldPolicy.from_settings(settings))
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
+        self.policy.install(app)
         app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_response_prepare.append(on_prepare(self.cors))
         return app
 
     # -- entry ---------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        kind = ENDPOINTS.get(request.path) if request.method == "POST" else None
-        endpoint = kind or "other"
+        if self.cors is not None and Cors.is_preflight(request):
+            return self._timed("other", False, self.cors.preflight(request), started)
+        route: Endpoint | None = None
         payload: dict[str, Any] | None = None
         try:
             # Bad input is answered here and never reaches an engine (inference.py).
-            inference.check_route(request.method, request.raw_path)
-            body = await request.read()
-            if kind is not None:
-                payload = inference.check_body(kind, inference.parse_json(body))
+            route = inference.check_route(request.method, request.raw_path)
+            body = await self.policy.read_body(request)
+            if route.json_body:
+                payload = inference.check_body(route.kind, inference.parse_json(body))
+                if route.semantics is not Semantics.SCOPED_ABORT:
+                    # Fields that reach files, URLs or code; our rid for theirs (policy.py).
+                    body, payload = self.policy.check(request, payload, body).sent
         except inference.BadInput as bad:
-            rejected = self._client_error(endpoint, bad.message, bad.status, bad.allow)
-            return self._timed(endpoint, False, rejected, started)
+            rejected = self._client_error(route, bad)
+            return self._timed(_label(route), False, rejected, started)
         except web.HTTPRequestEntityTooLarge:
-            rejected = self._client_error(endpoint, f"request body over {MAX_BODY} bytes", 413)
-            return self._timed(endpoint, False, rejected, started)
+            too_large = inference.BadInput(f"request body over {MAX_BODY} bytes", 413)
+            return self._timed(_label(route), False, self._client_error(route, too_large), started)
+        endpoint = _label(route)
+        if route.semantics is Semantics.SCOPED_ABORT:
+            return self._timed(endpoint, False, await self._abort(request, payload), started)
+        migrates = route.semantics is Semantics.MIGRATE
+        if migrates and payload is not None:
+            refused = await self.admission.admit(request, route.kind, payload)
+            if refused is not None:
+                return self._timed(endpoint, False, refused, started)
         stream = bool(payload and payload.get("stream") is True)
-        if self.warmer is not None and kind is not None and payload is not None:
-            self.warmer.offer(kind, payload)
         self.metrics.inflight.inc()
         try:
-            if stream and kind is not None and payload is not None:
-                response = await self._stream(request, kind, payload, body, started)
+            if stream and migrates and payload is not None:
+                response = await self._stream(request, route.kind, payload, body, started)
+            elif stream and route.semantics is Semantics.STREAM_ERROR:
+                response = await self._stream_unresumable(request, route, body)
             else:
-                response = await self._unary(request, endpoint, body)
+                response = await self._unary(request, route, body)
         finally:
             self.metrics.inflight.dec()
+        # Mirrored only once the primary has served it (a stream: at its first byte,
+        # in _stream): a query of death that kills the primary must not kill the
+        # standby at the same moment (quarantine.py).
+        if (
+            self.warmer
+            and migrates
+            and payload is not None
+            and not stream
+            and response.status == 200
+        ):
+            self.warmer.offer(route.kind, payload)
         return self._timed(endpoint, stream, response, started)
 
     def _timed(self, endpoint: str, stream: bool, response: R, started: float) -> R:
@@ -155,22 +197,42 @@ class Relay:
         )
         return response
 
-    def _client_error(
-        self, endpoint: str, message: str, status: int = 400, allow: str | None = None
-    ) -> web.Response:
-        self.metrics.requests.labels(endpoint, "-", "client_error", str(status)).inc()
-        kind = _ERROR_TYPES.get(status, "BadRequestError")
-        return web.json_response(
-            {"object": "error", "message": message, "type": kind, "code": status},
-            status=status,
-            headers={"Allow": allow} if allow else None,
-        )
+    def _client_error(self, route: Endpoint | None, bad: inference.BadInput) -> web.Response:
+        """The refusal in SGLang's shape for the route (native /generate, OpenAI...)."""
+        self.metrics.requests.labels(_label(route), "-", "client_error", str(bad.status)).inc()
+        headers = {"Allow": bad.allow} if bad.allow else None
+        return refusal(route, bad, headers)
+
+    # -- abort by rid, for the client that started the request ---------------------------
+
+    async def _abort(self, request: web.Request, payload: dict[str, Any] | None) -> web.Response:
+        """SGLang's /abort_request, scoped: a client may abort the requests it started
+        (same credential, or same address without one) by the `rid` it sent. The
+        engine's rid is derived from the client and its rid (policy.engine_rid), so any
+        relay worker finds it and no one can name another client's; an unknown one
+        answers 200 and does nothing, as SGLang does. abort_all stays admin surface."""
+        body = payload or {}
+        if body.get("abort_all") not in (None, False):
+            bad = inference.BadInput("abort_all is not available through the gateway", 403)
+            return self._client_error(None, bad)
+        rid = body.get("rid")
+        if not isinstance(rid, str) or not rid:
+            return web.Response(status=200)
+        owner = rid_owner(request, self.policy.policy.engine_authorization)
+        data = json.dumps({"rid": engine_rid(owner, rid)}).encode()
+        headers = forward_headers(request.headers)
+        headers["Content-Type"] = JSON
+        for node in self.topology.routing_order():
+            try:
+                async with self.transport.session.post(
+                    node.engine_url + "/abort_request", data=data, headers=headers
+                ) as resp:
+                    await resp.read()
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                log.info("abort of a request on %s failed: %s", node.name, exc)
+        return web.Response(status=200)
 
     # -- picking nodes and running attempts ----------------------------------------------
-
-    def _pick(self, tried: set[str]) -> NodeView | None:
-        order = self.topology.routing_order(exclude=tried)
-        return order[0] if order else None
 
     async def _run(self, node: NodeView, work: Awaitable[T]) -> T:
         attempt = Attempt(node)
@@ -181,57 +243,42 @@ class Relay:
             return await task
         except asyncio.CancelledError:
             if attempt.abandoned is not None:
-                raise UpstreamFailure(f"abandoned: {attempt.abandoned}") from None
+                raise UpstreamFailure(
+                    f"abandoned: {attempt.abandoned}", FailureKind.ABANDONED
+                ) from None
             raise
         finally:
             node.inflight.discard(attempt)
 
-    def _note_failure(self, node: NodeView, failure: UpstreamFailure, tried: set[str]) -> None:
-        tried.add(node.name)
-        if failure.connect:
-            self.topology.connect_failed(node)
-        self.metrics.retries.labels(node.name, _reason_label(failure.reason)).inc()
-        log.info("attempt on %s failed: %s", node.name, failure.reason)
-
-    async def _next_round(self, tried: set[str], deadline: float, round_no: int) -> bool:
-        """All nodes failed once: wait a little (a promotion may be under way) and
-        start over, until the deadline."""
-        if time.monotonic() >= deadline:
-            return False
-        tried.clear()
-        await asyncio.sleep(min(0.1 * 2**round_no, 1.0))
-        return True
+    def _tries(self) -> _Tries:
+        return _Tries(self.topology, self.metrics, self.retry_deadline)
 
     # -- non-streaming -------------------------------------------------------------------
 
-    async def _unary(self, request: web.Request, endpoint: str, body: bytes) -> web.Response:
-        deadline = time.monotonic() + self.retry_deadline
-        tried: set[str] = set()
+    async def _unary(self, request: web.Request, route: Endpoint, body: bytes) -> web.Response:
+        endpoint = _label(route)
+        tries = self._tries()
         last: _Retryable | None = None
-        failures: list[str] = []
-        rounds = 0
         answers = 0
         # Connection-level failures (refused, timed out, abandoned) retry until the
         # deadline: a busy machine or a failover in progress must not turn into a
         # 503. Engine *answers* (5xx) are bounded by max_attempts.
         while answers < self.s.max_attempts:
-            node = self._pick(tried)
+            node = await tries.next()
             if node is None:
-                if not await self._next_round(tried, deadline, rounds):
-                    break
-                rounds += 1
-                continue
+                break
             try:
                 status, headers, data = await self._run(node, self._fetch(node, request, body))
             except UpstreamFailure as failure:
-                self._note_failure(node, failure, tried)
-                failures.append(f"{node.name}: {failure.reason}")
+                tries.failed(node, failure)
+                if why := await self.admission.node_failed(request, node.name, failure):
+                    self.metrics.requests.labels(endpoint, "-", "failed", "503").inc()
+                    return refusal(route, inference.BadInput(why, 503))
                 continue
             except _Retryable as answer:
                 answers += 1
                 last = answer
-                self._note_failure(node, UpstreamFailure(f"HTTP {answer.status}"), tried)
-                failures.append(f"{node.name}: HTTP {answer.status}")
+                tries.failed(node, UpstreamFailure(f"HTTP {answer.status}", FailureKind.HTTP))
                 continue
             outcome = "ok" if status < 400 else "client_error"
             self.metrics.requests.labels(endpoint, node.name, outcome, str(status)).inc()
@@ -245,15 +292,8 @@ class Relay:
             return web.Response(
                 status=last.status, headers=response_headers(last.headers), body=last.body
             )
-        return web.json_response(
-            {
-                "object": "error",
-                "message": "no node could serve the request: " + "; ".join(failures[-4:]),
-                "type": "ServiceUnavailableError",
-                "code": 503,
-            },
-            status=503,
-        )
+        why = "no node could serve the request: " + tries.latest()
+        return refusal(route, inference.BadInput(why, 503))
 
     async def _fetch(
         self, node: NodeView, request: web.Request, body: bytes
@@ -284,6 +324,10 @@ class Relay:
     ) -> web.StreamResponse:
         migration = Migration(kind, payload)
         state = _StreamState(request, kind, migration, started, self.metrics)
+        if self.warmer is not None:
+            warmer = self.warmer
+            state.on_begin = lambda: warmer.offer(kind, payload)
+        state.worker = self.s.relay_worker_index
         try:
             return await self._stream_loop(state, migration.first_body(body))
         except (ClientGone, asyncio.CancelledError):
@@ -295,20 +339,13 @@ class Relay:
 
     async def _stream_loop(self, state: _StreamState, body: bytes) -> web.StreamResponse:
         kind = state.kind
-        deadline = time.monotonic() + self.retry_deadline
-        tried: set[str] = set()
-        failures: list[str] = []
-        rounds = 0
+        tries = self._tries()
         segment_body = body
         segment_writes = 0  # events written when the current segment began
         while True:
-            node = self._pick(tried)
+            node = await tries.next()
             if node is None:
-                if await self._next_round(tried, deadline, rounds):
-                    rounds += 1
-                    continue
-                why = "no node could serve it: " + "; ".join(failures[-4:])
-                return await self._give_up(state, why)
+                return await self._give_up(state, "no node could serve it: " + tries.latest())
             try:
                 await self._run(node, self._stream_segment(node, state, segment_body))
             except _Passthrough as final:
@@ -317,8 +354,10 @@ class Relay:
                 self.metrics.requests.labels(kind, node.name, outcome, str(status)).inc()
                 return final.response
             except UpstreamFailure as failure:
-                self._note_failure(node, failure, tried)
-                failures.append(f"{node.name}: {failure.reason}")
+                tries.failed(node, failure)
+                why_stop = await self.admission.node_failed(state.request, node.name, failure)
+                if why_stop:
+                    return await self._give_up(state, why_stop)
                 if not state.started:
                     continue  # nothing sent yet: a plain retry
                 if state.migrations and state.writes == segment_writes:
@@ -328,8 +367,7 @@ class Relay:
                 if next_body is None:
                     return state.result()
                 segment_body, segment_writes = next_body, state.writes
-                tried, rounds = {node.name}, 0
-                deadline = time.monotonic() + self.retry_deadline
+                tries.restart(node)
                 continue
             except ClientGone:
                 self.metrics.requests.labels(kind, node.name, "client_gone", "499").inc()
@@ -379,10 +417,7 @@ class Relay:
     async def _give_up(self, state: _StreamState, why: str) -> web.StreamResponse:
         if not state.started:
             self.metrics.requests.labels(state.kind, "-", "failed", "503").inc()
-            return web.json_response(
-                {"object": "error", "message": why, "type": "ServiceUnavailableError", "code": 503},
-                status=503,
-            )
+            return refusal_at(state.request.path, 503, why)
         self.metrics.migrations.labels(state.kind, "failed").inc()
         self.metrics.requests.labels(state.kind, "-", "failed", "200").inc()
         await state.finish(sse.error_event(f"stream interrupted; {why}; retry the request"))
@@ -390,8 +425,110 @@ class Relay:
 
     async def _stream_segment(self, node: NodeView, state: _StreamState, body: bytes) -> None:
         request = state.request
+        conn = await splice.open_stream(
+            node.engine_url,
+            request.path_qs,
+            self.transport.upstream_headers(request.headers),
+            body,
+            self.transport.resolver,
+            self.transport.connect_timeout,
+        )
         try:
-            async with self.transport.session.post(
+            status, headers = await conn.head()
+            if status != 200:
+                data = await conn.read_all()
+                if status in RETRYABLE_STATUS:
+                    raise UpstreamFailure(f"HTTP {status}", FailureKind.HTTP)
+                if state.started:
+                    # An engine error (501...) is an engine's answer; anything else, a refusal.
+                    kind = FailureKind.HTTP if status >= 500 else FailureKind.CONTINUATION_REFUSED
+                    raise UpstreamFailure(f"continuation refused with HTTP {status}", kind)
+                raise _Passthrough(
+                    web.Response(status=status, headers=response_headers(headers), body=data)
+                )
+            await state.begin(node, headers)
+            await conn.pump(self._sink(state, conn))
+        finally:
+            conn.close()
+
+    def _sink(self, state: _StreamState, conn: splice.UpstreamStream) -> splice.Sink:
+        """Whole events, as they come, to the client, from the engine connection's
+        callbacks (splice.py). On the first segment the bytes go through untouched
+        but for two byte searches (an engine abort; the running usage the relay
+        asked for, cut off again): nothing is parsed unless the stream breaks
+        (absorb_first_segment). Continuations are rewritten event by event (rare)."""
+        mig = state.migration
+        rewrite = state.migrations > 0
+        send = state.send
+        client = state.client_transport
+        assert client is not None  # begin() came first
+        pending = b""  # an event not yet complete
+
+        def sink(chunk: bytes) -> bool:
+            nonlocal pending
+            if pending:
+                chunk = pending + chunk
+            cut = chunk.rfind(b"\n\n") + 2
+            if cut == 1:  # no event ends here (rfind gave -1)
+                pending = chunk
+                return False
+            if cut == len(chunk):  # the usual case: the read ends on an event
+                out, pending = chunk, b""
+            else:
+                out, pending = chunk[:cut], chunk[cut:]
+            if rewrite:
+                out, abort = mig.rewrite(out)
+            else:
+                raw, out, abort = mig.screen(out)
+                state.keep_raw(raw)
+            if out and send(out) > _CLIENT_HIGH:
+                conn.pause_until_drained(client, _CLIENT_LOW)
+            if abort is not None:
+                # The engine ended the stream on its own fault (500/503): a break.
+                raise UpstreamFailure(abort, FailureKind.ENGINE_ABORT)
+            return out.endswith(sse.DONE)
+
+        return sink
+
+    # -- streams that cannot move (the Responses API) ------------------------------------
+
+    async def _stream_unresumable(
+        self, request: web.Request, route: Endpoint, body: bytes
+    ) -> web.StreamResponse:
+        """Retried before its first byte like a unary request; a break after it ends
+        the client's stream with an explicit `error` event (the Responses API's own
+        ResponseErrorEvent), never a silent cut."""
+        tries = self._tries()
+        out = _Unresumable()
+        while True:
+            node = await tries.next()
+            if node is None:
+                break
+            try:
+                await self._run(node, self._relay_events(node, request, body, out))
+            except _Passthrough as final:
+                return final.response
+            except ClientGone:
+                self.metrics.requests.labels(route.kind, node.name, "client_gone", "499").inc()
+                return out.result()
+            except UpstreamFailure as failure:
+                tries.failed(node, failure)
+                if out.response is None:
+                    continue  # nothing sent yet: a plain retry
+                self.metrics.requests.labels(route.kind, node.name, "failed", "200").inc()
+                await out.fail(f"stream interrupted: {node.name} failed ({failure.reason})")
+                return out.result()
+            self.metrics.requests.labels(route.kind, node.name, "ok", "200").inc()
+            return out.result()
+        why = "no node could serve the request: " + tries.latest()
+        return refusal(route, inference.BadInput(why, 503))
+
+    async def _relay_events(
+        self, node: NodeView, request: web.Request, body: bytes, out: _Unresumable
+    ) -> None:
+        try:
+            async with self.transport.session.request(
+                request.method,
                 node.engine_url + request.path_qs,
                 data=body,
                 headers=forward_headers(request.headers),
@@ -399,64 +536,161 @@ class Relay:
                 if upstream.status != 200:
                     data = await upstream.read()
                     if upstream.status in RETRYABLE_STATUS:
-                        raise UpstreamFailure(f"HTTP {upstream.status}")
-                    if state.started:
-                        raise UpstreamFailure(f"continuation refused with HTTP {upstream.status}")
+                        raise UpstreamFailure(f"HTTP {upstream.status}", FailureKind.HTTP)
                     headers = response_headers(upstream.headers)
                     raise _Passthrough(
                         web.Response(status=upstream.status, headers=headers, body=data)
                     )
-                await state.begin(node, upstream)
-                await self._pump(state, upstream)
+                await out.begin(request, node, upstream)
+                splitter = sse.EventSplitter()
+                async for chunk in upstream.content.iter_any():
+                    events = splitter.feed(chunk)
+                    if events:
+                        await out.write(events)
+                if not out.finished:
+                    raise UpstreamFailure("stream ended before its final event")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise classify(exc) from exc
 
-    async def _pump(self, state: _StreamState, upstream: aiohttp.ClientResponse) -> None:
-        splitter = sse.EventSplitter()
-        rewrite = state.migrations > 0
-        mig = state.migration
-        async for chunk in upstream.content.iter_any():
-            out = splitter.feed(chunk)
-            if not out:
-                continue
-            if rewrite:
-                out, abort = mig.rewrite(out)
-            else:
-                raw, out, abort = mig.screen(out)
-                state.keep_raw(raw)
-            if out:
-                await state.write(out)
-            if abort is not None:
-                # The engine ended the stream on its own fault (500/503): a break.
-                raise UpstreamFailure(abort)
-            if out.endswith(sse.DONE):
-                return
-        raise UpstreamFailure("stream ended without [DONE]")
+
+class _Tries:
+    """The nodes one request tries, in routing order: each once; once all failed, a
+    short pause (a promotion may be under way) and another round, until the deadline."""
+
+    def __init__(self, topology: Topology, metrics: RelayMetrics, deadline_s: float) -> None:
+        self.topology = topology
+        self.metrics = metrics
+        self.deadline_s = deadline_s
+        self.failures: list[str] = []  # "node: reason", for the final answer
+        self.restart()
+
+    def restart(self, broken: NodeView | None = None) -> None:
+        """A fresh deadline and round (a stream moving on from the `broken` node)."""
+        self.tried = {broken.name} if broken is not None else set()
+        self.rounds = 0
+        self.deadline = time.monotonic() + self.deadline_s
+
+    async def next(self) -> NodeView | None:
+        """The node to try next, or None once the deadline passed."""
+        while True:
+            order = self.topology.routing_order(exclude=self.tried)
+            if order:
+                return order[0]
+            if time.monotonic() >= self.deadline:
+                return None
+            self.tried.clear()
+            await asyncio.sleep(min(0.1 * 2**self.rounds, 1.0))
+            self.rounds += 1
+
+    def failed(self, node: NodeView, failure: UpstreamFailure) -> None:
+        self.tried.add(node.name)
+        if failure.connect:
+            self.topology.connect_failed(node)
+        self.metrics.retries.labels(node.name, _RETRY_LABEL[failure.kind]).inc()
+        log.info("attempt on %s failed: %s", node.name, failure.reason)
+        self.failures.append(f"{node.name}: {failure.reason}")
+
+    def latest(self) -> str:
+        """The last few failures, for the answer that gives up."""
+        return "; ".join(self.failures[-4:])
 
 
+class _Unresumable:
+    """The client's side of a Responses API stream (`event:` + `data:` events that end
+    with response.completed / .incomplete / .failed or an error, no [DONE])."""
+
+    FINAL = (
+        b"event: response.completed",
+        b"event: response.incomplete",
+        b"event: response.failed",
+        b"event: error",
+    )
+
+    def __init__(self) -> None:
+        self.response: web.StreamResponse | None = None
+        self.last = b""
+
+    @property
+    def finished(self) -> bool:
+        event = self.last.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+        return event.startswith(self.FINAL)
+
+    def result(self) -> web.StreamResponse:
+        assert self.response is not None
+        return self.response
+
+    async def begin(
+        self, request: web.Request, node: NodeView, upstream: aiohttp.ClientResponse
+    ) -> None:
+        headers = response_headers(upstream.headers)
+        headers[NODE_HEADER] = node.name
+        headers["X-Accel-Buffering"] = "no"
+        response = web.StreamResponse(status=200, headers=headers)
+        try:
+            await response.prepare(request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone() from exc
+        self.response = response
+
+    async def write(self, events: bytes) -> None:
+        assert self.response is not None
+        self.last = events
+        try:
+            await self.response.write(events)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone() from exc
+
+    async def fail(self, message: str) -> None:
+        """End with the Responses API's error event, numbered after the last one sent."""
+        number = 0
+        for event in sse.iter_json(self.last):
+            seq = event.get("sequence_number")
+            if isinstance(seq, int):
+                number = seq + 1
+        error = {
+            "type": "error",
+            "code": "503",
+            "message": message + "; retry the request",
+            "param": None,
+            "sequence_number": number,
+        }
+        data = b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+        assert self.response is not None
+        try:
+            await self.response.write(data)
+            await self.response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+
+
+def _label(route: Endpoint | None) -> str:
+    """The metrics label: the generation kind, or "other" (a bounded set)."""
+    return route.kind if route is not None and route.generation else "other"
+
+
+@dataclass(eq=False)
 class _StreamState:
     """The client's side of one streaming request, across segments."""
 
-    def __init__(
-        self,
-        request: web.Request,
-        kind: str,
-        migration: Migration,
-        started_at: float,
-        metrics: RelayMetrics,
-    ) -> None:
-        self.request = request
-        self.kind = kind
-        self.migration = migration
-        self.started_at = started_at
-        self.metrics = metrics
-        self.response: web.StreamResponse | None = None
-        # The first segment's events, unparsed, as a list: joined only if the stream
-        # breaks (adding bytes to bytes copied the whole stream on every event).
-        self._raw: list[bytes] | None = []  # None once read
-        self.migrations = 0
-        self.writes = 0
-        self._first_event_sent = False
+    request: web.Request
+    kind: str
+    migration: Migration
+    started_at: float
+    metrics: RelayMetrics
+    response: web.StreamResponse | None = None
+    client_transport: asyncio.Transport | None = None
+    migrations: int = 0
+    writes: int = 0
+    worker: int = 0
+    on_begin: Callable[[], None] | None = None  # the primary took it (warming)
+    _chunked: bool = True
+    # The first segment's events, unparsed, as a list: joined only if the stream
+    # breaks (adding bytes to bytes copied the whole stream on every event).
+    _raw: list[bytes] | None = field(default_factory=list)  # None once read
+    _first_event_sent: bool = False
+
+    def __post_init__(self) -> None:
+        self._latest_only = self.migration.latest_event_holds_all
 
     @property
     def started(self) -> bool:
@@ -478,35 +712,43 @@ class _StreamState:
     def keep_raw(self, out: bytes) -> None:
         if self._raw is None or not out:
             return
-        if self.migration.latest_event_holds_all:
+        if self._latest_only:
             self._raw = [out]
         else:
             self._raw.append(out)
 
-    async def begin(self, node: NodeView, upstream: aiohttp.ClientResponse) -> None:
+    async def begin(self, node: NodeView, upstream_headers: CIMultiDict[str]) -> None:
         if self.response is not None:
             return  # a continuation: the client's response is already under way
-        headers = response_headers(upstream.headers)
+        headers = response_headers(upstream_headers)
         headers[NODE_HEADER] = node.name
+        headers[WORKER_HEADER] = str(self.worker)
         headers["X-Accel-Buffering"] = "no"  # tell Nginx not to buffer, whatever its config
         headers["Cache-Control"] = "no-cache"
         response = web.StreamResponse(status=200, headers=headers)
         try:
             await response.prepare(self.request)
+            await response.write(b"")  # the head goes out now: events go straight after
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
             raise ClientGone() from exc
         self.response = response
+        self.client_transport = self.request.transport
+        self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        if self.on_begin is not None:
+            self.on_begin()
 
-    async def write(self, data: bytes) -> None:
-        assert self.response is not None
+    def send(self, data: bytes) -> int:
+        """Events to the client's socket, framed as aiohttp would have: returns the
+        bytes the client has not taken yet (splice.py pauses the engine above a bound)."""
         if not self._first_event_sent:
             self._first_event_sent = True
             self.metrics.ttft.labels(self.kind).observe(time.monotonic() - self.started_at)
-        try:
-            await self.response.write(data)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
-            raise ClientGone() from exc
+        t = self.client_transport
+        if t is None or t.is_closing():
+            raise ClientGone()
+        t.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
         self.writes += 1
+        return t.get_write_buffer_size()
 
     async def finish(self, tail: bytes) -> None:
         assert self.response is not None
@@ -518,19 +760,17 @@ class _StreamState:
             pass
 
 
-def _reason_label(reason: str) -> str:
-    """A short, bounded label for a failure (no addresses, no free text)."""
-    for key, label in (
-        ("engine abort", "engine_abort"),
-        ("connect", "connect"),
-        ("abandoned", "node_failed"),
-        ("timed out", "timeout"),
-        ("closed", "closed"),
-        ("broken", "broken"),
-        ("HTTP 5", "http_5xx"),
-        ("without [DONE]", "truncated"),
-        ("refused with HTTP", "continuation_refused"),
-    ):
-        if key in reason:
-            return label
-    return "other"
+# The retry counter's label per failure kind (a bounded set, no free text). A connection
+# that closed or failed before the response has always been counted as `connect`.
+_RETRY_LABEL = {
+    FailureKind.CONNECT: "connect",
+    FailureKind.CLOSED: "connect",
+    FailureKind.ABANDONED: "node_failed",
+    FailureKind.TIMEOUT: "timeout",
+    FailureKind.BROKEN: "broken",
+    FailureKind.HTTP: "http_5xx",
+    FailureKind.TRUNCATED: "truncated",
+    FailureKind.CONTINUATION_REFUSED: "continuation_refused",
+    FailureKind.ENGINE_ABORT: "engine_abort",
+    FailureKind.OTHER: "other",
+}

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 
 from aiohttp import web
 
 from ha_agent.config import DynamicConfig, RelaySettings
 from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
-from ha_agent.events import EventLog
+from ha_agent.events import EventLog, HAEvent
 from ha_agent.gateway.admin import RelayAdmin
+from ha_agent.gateway.limits import learn_context_length
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.nginx_sync import keep_in_sync
 from ha_agent.gateway.relay import Relay
 from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
 from ha_agent.gateway.warming import Warmer
+from ha_agent.gateway.workers import share
 
 log = logging.getLogger(__name__)
+
+
+class _OtherWorkersEvents(EventLog):
+    """The topology's events in workers other than 0: worker 0 records each one
+    once for the gateway (every worker sees the same changes)."""
+
+    def emit(self, event: str, detail: str = "") -> HAEvent:
+        return HAEvent(ts=time.time(), event=event, node=self.node, detail=detail)
 
 
 class RelayService:
@@ -28,8 +40,15 @@ class RelayService:
         self.store = store or RedisLeaseStore(
             settings, retry_timeout=min(settings.poll_interval, 0.5)
         )
+        # Per-request events (STREAM_MIGRATED) come from the worker holding the stream.
         self.events = EventLog(settings.ha_log, "relay", self.store)
-        self.topology = Topology(settings, self.store, self.events)
+        self.leading_worker = settings.relay_worker_index == 0
+        workers = max(settings.relay_workers, 1)  # 0 (not resolved): one process
+        self.workers = workers
+        topology_events = (
+            self.events if self.leading_worker else _OtherWorkersEvents(None, "relay", None)
+        )
+        self.topology = Topology(settings, self.store, topology_events)
         self.metrics = RelayMetrics()
         self.metrics.attach(self.topology)
         self.transport = Transport(
@@ -38,9 +57,10 @@ class RelayService:
         self.warmer = Warmer(
             self.topology,
             self.transport,
-            settings.warm_rate,
+            share(settings.warm_rate, workers),  # the configured rate is the gateway's
             self.metrics.registry,
-            max_inflight=settings.warm_max_inflight,
+            max_inflight=math.ceil(settings.warm_max_inflight / workers),
+            max_chars=settings.warm_max_chars,
         )
         self.topology.config_observers.append(self._config_changed)
         self.relay = Relay(
@@ -52,10 +72,19 @@ class RelayService:
         self._tasks: list[asyncio.Future[None]] = []
 
     def _config_changed(self, config: DynamicConfig) -> None:
-        """edit-config's warming rate, or the environment's when it is unset."""
-        rate = config.warm_rate if config.warm_rate is not None else self.s.warm_rate
+        """edit-config's warming rate, or the environment's when it is unset (the rate
+        is the gateway's: each worker takes its share)."""
+        total = config.warm_rate if config.warm_rate is not None else self.s.warm_rate
+        rate = share(total, self.workers)
         if rate != self.warmer.rate:
-            log.info("warming rate %g -> %g mirrors/s (dynamic config)", self.warmer.rate, rate)
+            # Said in the gateway's terms, as edit-config set it; the worker's share after.
+            log.info(
+                "warming rate %g -> %g mirrors/s (dynamic config; %g per worker of %d)",
+                self.warmer.rate * self.workers,
+                total,
+                rate,
+                self.workers,
+            )
             self.warmer.rate = rate
 
     async def start(self) -> None:
@@ -73,9 +102,13 @@ class RelayService:
         await web.TCPSite(
             self._data, self.s.relay_host, self.s.relay_port, backlog=1024, reuse_port=True
         ).start()
-        await web.TCPSite(self._admin, self.s.relay_host_admin, self.s.relay_admin_port).start()
+        # Every worker answers the admin port too; /metrics sums over the workers.
+        await web.TCPSite(
+            self._admin, self.s.relay_host_admin, self.s.relay_admin_port, reuse_port=True
+        ).start()
         log.info(
-            "relay on %s:%d, primary %s",
+            "relay worker %d on %s:%d, primary %s",
+            self.s.relay_worker_index,
             self.s.relay_host,
             self.s.relay_port,
             self.topology.primary,
@@ -83,8 +116,13 @@ class RelayService:
         self._tasks = [
             asyncio.ensure_future(self.topology.run(self._stop)),
             asyncio.ensure_future(self.events.forward(self._stop)),
+            asyncio.ensure_future(
+                learn_context_length(
+                    self.relay.admission.limits, self.topology, self.transport, self._stop
+                )
+            ),
         ]
-        if self.s.nginx_backup_file:
+        if self.s.nginx_backup_file and self.leading_worker:
             self._tasks.append(
                 asyncio.ensure_future(
                     keep_in_sync(

@@ -8,6 +8,7 @@ could have answered anything (retry it elsewhere), or after the response started
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Mapping
 
 import aiohttp
@@ -40,12 +41,31 @@ _HOP = frozenset(
 )
 
 
+class FailureKind(enum.Enum):
+    """What went wrong with an attempt: what the retry label, the query-of-death
+    rule and the migration read (the reason is for people, not for code)."""
+
+    CONNECT = "connect"  # no connection: refused, unreachable, connect timed out
+    TIMEOUT = "timeout"  # no answer in time
+    CLOSED = "closed"  # the connection closed or failed before the response began
+    BROKEN = "broken"  # the response body broke off
+    TRUNCATED = "truncated"  # the body ended cleanly, before the stream's [DONE]
+    ABANDONED = "abandoned"  # the topology judged the node failed while it held it
+    HTTP = "http"  # the engine answered a retryable status
+    CONTINUATION_REFUSED = "continuation_refused"  # a stream's next segment refused
+    ENGINE_ABORT = "engine_abort"  # the engine ended the stream on its own fault
+    OTHER = "other"
+
+
 class UpstreamFailure(Exception):
     """This attempt failed before the response started; another node may serve it."""
 
-    def __init__(self, reason: str, connect: bool = False) -> None:
+    def __init__(
+        self, reason: str, kind: FailureKind = FailureKind.OTHER, connect: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
         self.connect = connect  # nothing reached the node at all
 
 
@@ -57,7 +77,7 @@ def forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
         if key.lower() not in _HOP and key.lower() != "content-encoding":
@@ -68,17 +88,20 @@ def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 def classify(exc: BaseException) -> UpstreamFailure:
     """Map a client exception raised before the response started."""
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamFailure(f"connect failed: {exc.os_error or exc}", connect=True)
+        return UpstreamFailure(
+            f"connect failed: {exc.os_error or exc}", FailureKind.CONNECT, connect=True
+        )
     if isinstance(exc, aiohttp.ServerTimeoutError):
-        return UpstreamFailure(f"timed out: {exc}", connect="connect" in str(exc).lower())
+        connect = "connect" in str(exc).lower()
+        return UpstreamFailure(f"timed out: {exc}", FailureKind.TIMEOUT, connect=connect)
     if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamFailure("timed out before the first byte")
+        return UpstreamFailure("timed out before the first byte", FailureKind.TIMEOUT)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamFailure("connection closed before the response")
+        return UpstreamFailure("connection closed before the response", FailureKind.CLOSED)
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamFailure(f"response body broken: {exc}")
+        return UpstreamFailure(f"response body broken: {exc}", FailureKind.BROKEN)
     if isinstance(exc, (aiohttp.ClientOSError, ConnectionError, OSError)):
-        return UpstreamFailure(f"connection error: {exc}")
+        return UpstreamFailure(f"connection error: {exc}", FailureKind.CLOSED)
     if isinstance(exc, aiohttp.ClientError):
         return UpstreamFailure(f"{type(exc).__name__}: {exc}")
     raise exc
@@ -100,6 +123,16 @@ class Transport:
         # (RelaySettings.engine_headers). The one place upstream credentials are set.
         self.headers = dict(headers or {})
         self._session: aiohttp.ClientSession | None = None
+        # Shared with the streaming segments' own connections (splice.py).
+        self.resolver = CachingResolver()
+
+    def upstream_headers(self, client: Mapping[str, str]) -> CIMultiDict[str]:
+        """What a request to an engine carries: the client's end-to-end headers, then
+        our credentials (for connections made outside the session: splice.py)."""
+        out = forward_headers(client)
+        for key, value in self.headers.items():
+            out[key] = value
+        return out
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -109,7 +142,7 @@ class Transport:
                     limit=0,
                     keepalive_timeout=30,
                     use_dns_cache=False,  # CachingResolver caches, on its own threads
-                    resolver=CachingResolver(),
+                    resolver=self.resolver,
                     enable_cleanup_closed=True,
                 ),
                 timeout=aiohttp.ClientTimeout(

@@ -1,7 +1,7 @@
 """Keep the standby's prefix cache warm from live traffic.
 
 After a failover the new primary's cache is cold and the first requests pay a full
-prefill. So a bounded sample of the requests sent to the primary is mirrored to the
+prefill. So a bounded sample of the requests the primary has served is mirrored to the
 standby as prefill-only work: the same prompt, one new token, the answer thrown
 away. SGLang's radix cache keeps the prompt's KV, so the same prefixes hit cache
 there after a takeover.
@@ -33,13 +33,15 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
+from ha_agent.gateway.limits import prompt_size
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
 from ha_agent.gateway.topology import NodeView, Topology
 from ha_agent.gateway.transport import Transport
+from ha_agent.openapi.endpoints import BY_PATH, GENERATION_PATHS
 
 log = logging.getLogger(__name__)
 
-PATHS = {GENERATE: "/generate", COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
+PATHS = {kind: GENERATION_PATHS[kind] for kind in (GENERATE, COMPLETIONS, CHAT)}
 TAIL_CHARS = 256  # the end of a prompt that does not count as its shared prefix
 BLOCK_CHARS = 512  # prefixes are compared in whole blocks of this many characters
 RECENT_S = 60.0  # a prefix mirrored this recently is still in the standby's cache
@@ -70,7 +72,7 @@ def prefill_only(kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
             return None
         params = out.get("sampling_params")
         params = dict(params) if isinstance(params, dict) else {}
-        for key in ("json_schema", "regex", "ebnf", "structural_tag", "min_new_tokens"):
+        for key in (*BY_PATH["/generate"].constraint_keys, "min_new_tokens"):
             params.pop(key, None)
         params["max_new_tokens"] = 1
         out["sampling_params"] = params
@@ -106,11 +108,14 @@ class Warmer:
         registry: CollectorRegistry | None,
         max_inflight: int = 4,
         clock: Any = time.monotonic,
+        max_chars: int = 65536,
     ) -> None:
         self.topology = topology
         self.transport = transport
         self.rate = rate
         self.max_inflight = max_inflight
+        # A big prompt is never mirrored: tokenizing it would stall the standby too.
+        self.max_chars = max_chars
         self.clock = clock
         self._tokens = rate
         self._filled_at = clock()
@@ -160,6 +165,8 @@ class Warmer:
             return
         node = self.standby()
         if node is None or not self._has_token():
+            return
+        if sum(prompt_size(kind, body)) > self.max_chars:
             return
         key = prefix_key(kind, body)
         if self._mirrored_lately(node.name, key):

@@ -34,7 +34,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from ha_agent.auth import TokenAuth
+from ha_agent.auth import Handler, TokenAuth
 from ha_agent.config import DYNAMIC_SETTINGS, DynamicConfig
 from ha_agent.dcs.base import DCSError, Role, Switchover
 from ha_agent.events import (
@@ -49,6 +49,9 @@ from ha_agent.node.engine_control import EngineControl, EngineControlError
 from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.openapi.agent import AGENT_SPEC
+
+# Patroni's other names for the same probes.
+_ALIASES = {"leader": "primary", "standby": "replica"}
 
 
 def _plain(ok: bool, detail: str) -> web.Response:
@@ -70,31 +73,25 @@ class AgentApi:
         self._restarting = False
 
     def app(self) -> web.Application:
+        """The routes are the OpenAPI document's (openapi/agent.py), one table for both:
+        `get /ha/status` is served by `get_status`; an operation that names a `security`
+        scheme needs the token (every state-changing route: tests/unit/test_api_agent.py)."""
         app = web.Application(client_max_size=65536, middlewares=[json_errors])
-        r = app.router
-        r.add_get("/health", self.get_health)
-        r.add_get("/primary", self.get_primary)
-        r.add_get("/leader", self.get_primary)
-        r.add_get("/replica", self.get_replica)
-        r.add_get("/standby", self.get_replica)
-        r.add_get("/liveness", self.get_liveness)
-        r.add_get("/readiness", self.get_readiness)
-        r.add_get("/ha/status", self.get_status)
-        r.add_get("/ha/history", self.get_history)
-        r.add_get("/ha/config", self.get_config)
-        r.add_get("/metrics", self.get_metrics)
-        r.add_get("/openapi.json", self.get_openapi)
-        # Every state-changing route needs the token (tests/unit/test_api_agent.py).
-        r.add_post("/ha/switchover", self.auth.required(self.post_switchover))
-        r.add_post("/ha/failover", self.auth.required(self.post_failover))
-        r.add_post("/ha/pause", self.auth.required(self.post_pause))
-        r.add_post("/ha/resume", self.auth.required(self.post_resume))
-        r.add_post("/ha/failsafe", self.auth.required(self.post_failsafe))
-        r.add_post("/ha/negotiate", self.auth.required(self.post_negotiate))
-        r.add_post("/ha/config", self.auth.required(self.post_config))
-        r.add_post("/ha/restart-engine", self.auth.required(self.post_restart_engine))
-        r.add_post("/ha/remove", self.auth.required(self.post_remove))
+        for path, operations in AGENT_SPEC["paths"].items():
+            for method, operation in operations.items():
+                handler = self._handler(method, path)
+                if "security" in operation:
+                    handler = self.auth.required(handler)
+                if method == "get":
+                    app.router.add_get(path, handler)  # and HEAD, for probes
+                else:
+                    app.router.add_route(method.upper(), path, handler)
         return app
+
+    def _handler(self, method: str, path: str) -> Handler:
+        name = path.rsplit("/", 1)[-1].removesuffix(".json").replace("-", "_")
+        handler: Handler = getattr(self, f"{method}_{_ALIASES.get(name, name)}")
+        return handler
 
     # -- health --------------------------------------------------------------------------
 

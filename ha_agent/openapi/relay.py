@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ha_agent.openapi import JSON, OPENAPI_VERSION, json_response, metrics_path
+from ha_agent.openapi.endpoints import ROUTES, Endpoint
 from ha_agent.openapi.inference import MAX_N, MAX_TOP_LOGPROBS
 
 
@@ -25,6 +26,23 @@ def _given(name: str) -> dict[str, Any]:
 
 
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+
+
+def _lax(fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI routes read values as SGLang's pydantic models do (lax mode):
+    numbers and booleans may come as strings ("0.5", "8", "false") and booleans as
+    0/1; what the relay cannot read so is the engine's to refuse."""
+    out = {}
+    for key, schema in fields.items():
+        types = schema.get("type")
+        scalar = isinstance(types, list) and any(
+            t in types for t in ("number", "integer", "boolean")
+        )
+        if scalar:
+            out[key] = {"anyOf": [schema, {"type": "string"}, {"type": "boolean"}]}
+        else:
+            out[key] = schema
+    return out
 
 
 def _sampling(max_key: str, max_minimum: int, min_key: str) -> dict[str, Any]:
@@ -46,12 +64,7 @@ def _sampling(max_key: str, max_minimum: int, min_key: str) -> dict[str, Any]:
         min_key: _n({"type": "integer", "minimum": 0, "description": f"at most {max_key}"}),
         "n": _n({"type": "integer", "minimum": 1, "maximum": MAX_N}),
         "stop_token_ids": _n(_TOKEN_IDS),
-        "logit_bias": _n(
-            {
-                "type": "object",
-                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-            }
-        ),
+        "logit_bias": _n({"type": "object", "additionalProperties": {"type": "number"}}),
     }
 
 
@@ -74,10 +87,14 @@ CHAT_REQUEST: dict[str, Any] = {
                 "properties": {"role": {"type": "string"}},
             },
         },
-        **_OPENAI_COMMON,
-        **_sampling("max_tokens", 0, "min_tokens"),
-        "max_completion_tokens": _n({"type": "integer", "minimum": 0}),
-        "top_logprobs": _n({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+        **_lax(
+            {
+                **_OPENAI_COMMON,
+                **_sampling("max_tokens", 0, "min_tokens"),
+                "max_completion_tokens": _n({"type": "integer", "minimum": 0}),
+                "top_logprobs": _n({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+            }
+        ),
     },
 }
 
@@ -93,9 +110,13 @@ COMPLETION_REQUEST: dict[str, Any] = {
                 {"type": "array", "minItems": 1, "items": {**_TOKEN_IDS, "minItems": 1}},
             ]
         },
-        **_OPENAI_COMMON,
-        **_sampling("max_tokens", 1, "min_tokens"),
-        "logprobs": _n({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+        **_lax(
+            {
+                **_OPENAI_COMMON,
+                **_sampling("max_tokens", 1, "min_tokens"),
+                "logprobs": _n({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+            }
+        ),
     },
 }
 
@@ -106,7 +127,7 @@ _SAMPLING_PARAMS = {
 
 GENERATE_REQUEST: dict[str, Any] = {
     "type": "object",
-    "description": "exactly one of text, input_ids, input_embeds",
+    "description": "one of text, input_ids, input_embeds (text wins, as SGLang)",
     "properties": {
         "text": _n({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
         "input_ids": _n(
@@ -120,9 +141,9 @@ GENERATE_REQUEST: dict[str, Any] = {
         "sampling_params": _n(
             {"anyOf": [_SAMPLING_PARAMS, {"type": "array", "items": _SAMPLING_PARAMS}]}
         ),
-        "stream": _n({"type": "boolean"}),
+        **_lax({"stream": _n({"type": "boolean"})}),
     },
-    "oneOf": [_given("text"), _given("input_ids"), _given("input_embeds")],
+    "anyOf": [_given("text"), _given("input_ids"), _given("input_embeds")],
 }
 
 _ERROR = {"type": "object", "description": "OpenAI-style error (engine errors pass through)"}
@@ -181,9 +202,9 @@ INFERENCE_SPEC: dict[str, Any] = {
         "/v1/completions": _generation("OpenAI completion", COMPLETION_REQUEST),
         "/generate": _generation("SGLang native generation", GENERATE_REQUEST),
         "/v1/embeddings": _generation(
-            "OpenAI embeddings (404 where the engine serves no embedding model)",
+            "OpenAI embeddings (400 where the engine serves no embedding model)",
             {"type": "object"},
-            404,
+            400,
         ),
         "/v1/models": _read("served models"),
         "/v1/models/{model}": {
@@ -212,6 +233,28 @@ INFERENCE_SPEC: dict[str, Any] = {
         "/get_model_info": _read("model information"),
     },
 }
+
+
+def _relayed(endpoint: Endpoint) -> dict[str, Any]:
+    """A route the relay passes on without checking more than its JSON."""
+    operation = {
+        "summary": f"{endpoint.kind}: {endpoint.semantics.value} (docs/compatibility.md)",
+        "requestBody": {"required": True, "content": {JSON: {"schema": {"type": "object"}}}},
+        "responses": {
+            "200": {"description": "the engine's answer"},
+            "400": json_response("refused (by the relay or the engine)", _ERROR),
+            "403": json_response("abort_all is not available through the gateway", _ERROR),
+            "503": json_response("no node could serve it", _ERROR),
+        },
+    }
+    return {m.lower(): operation for m in sorted(endpoint.methods) if m != "HEAD"}
+
+
+# Every other public route of the endpoint table, as relayed.
+for _endpoint in ROUTES:
+    if _endpoint.path not in INFERENCE_SPEC["paths"]:
+        INFERENCE_SPEC["paths"][_endpoint.path] = _relayed(_endpoint)
+INFERENCE_SPEC["paths"]["/generate"]["put"] = INFERENCE_SPEC["paths"]["/generate"]["post"]
 
 _OK = {
     "type": "object",

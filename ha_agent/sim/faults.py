@@ -12,6 +12,12 @@
   ``abort`` carrying the status code, as SGLang's scheduler does on a running timeout or
   when the KV cache runs out (FINISH_ABORT in ``srt/managers/schedule_batch.py``); the
   HTTP layer then answers as SGLang does (an error chunk, or an error status). 0 = off.
+* ``crash_marker``: a query of death. A request whose prompt holds this text makes the
+  engine crash when its prefill starts, as a kernel fault does on SGLang: the scheduler
+  logs "Scheduler hit an exception" with the CUDA error, its parent's SIGQUIT handler
+  kills the whole process tree (``python/sglang/srt/managers/scheduler.py``,
+  ``srt/entrypoints/engine.py``), and supervisord restarts the engine. Every connection
+  drops at once. The knob is in memory, so the restarted engine has it off. "" = off.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Faults:
     fail_health: bool = False
     abort_after_tokens: int = 0
     abort_status: int = 503
+    crash_marker: str = ""
 
     def __post_init__(self) -> None:
         self._requests_seen = 0
@@ -66,7 +73,10 @@ class Faults:
         for key, value in patch.items():
             if key not in known:
                 raise FaultError(f"unknown fault knob {key!r}; known knobs: {', '.join(known)}")
-            if key in ("hang", "oom", "fail_health"):
+            if key == "crash_marker":
+                if not isinstance(value, str):
+                    raise FaultError("crash_marker must be a string")
+            elif key in ("hang", "oom", "fail_health"):
                 if not isinstance(value, bool):
                     raise FaultError(f"{key} must be true or false")
             else:
@@ -94,6 +104,10 @@ class Faults:
     def clear(self) -> None:
         self.update(asdict(Faults()))
 
+    def kills(self, prompt: str) -> bool:
+        """Does this prompt trip the query-of-death knob?"""
+        return bool(self.crash_marker) and self.crash_marker in prompt
+
     def next_request_fails(self) -> bool:
         """Deterministic error injection: fail when the running share crosses a whole request."""
         n = self._requests_seen
@@ -106,5 +120,20 @@ def die_of_oom() -> None:
     """Behave like an engine killed by a CUDA OOM: the message, then SIGKILL (exit 137)."""
     log.critical("sglang-ha-sim: simulating a CUDA out-of-memory crash (fault knob 'oom')")
     sys.stderr.write(OOM_LINE + "\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+CRASH_LINES = (
+    "Scheduler hit an exception: Traceback (most recent call last):\n"
+    "RuntimeError: CUDA error: an illegal memory access was encountered\n"
+    "Received sigquit from a child process. It usually means the child failed."
+)
+
+
+def die_of_crash() -> None:
+    """Behave like an engine whose scheduler hit a CUDA fault: the lines, then SIGKILL."""
+    log.critical("sglang-ha-sim: simulating a scheduler crash (fault knob 'crash_marker')")
+    sys.stderr.write(CRASH_LINES + "\n")
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -78,13 +78,16 @@ def constraint_from_response_format(response_format: dict[str, Any] | None) -> s
     raise GrammarError(f"response_format type {kind!r} is not supported by the simulator")
 
 
-def generate_constrained(constraint: Constraint, seed_material: bytes) -> str:
-    """The full constrained output, deterministic in the request (prompt, seed, params)."""
+def generate_constrained(
+    constraint: Constraint, seed_material: bytes, max_chars: int | None = None
+) -> str:
+    """The constrained output, deterministic in the request (prompt, seed, params);
+    a regex's only as far as ``max_chars`` (what the token budget can hold)."""
     digest = hashlib.blake2b(seed_material, digest_size=8, person=b"sim-grammar-v1").digest()
     rng = random.Random(int.from_bytes(digest, "little"))
     try:
         if constraint.kind == "regex":
-            return generate_regex(constraint.spec, rng)
+            return generate_regex(constraint.spec, rng, max_chars)
         value = SchemaGenerator(constraint.schema, rng).generate()
     except (RegexUnsupported, SchemaUnsupported) as exc:
         raise GrammarError(str(exc)) from None

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ha_agent.config import SimSettings
+from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR
 from ha_agent.sim.chat_template import render_chat
 from ha_agent.sim.generator import SamplingKey, StopRules
 from ha_agent.sim.grammar import GrammarError, compile_constraint, constraint_from_response_format
@@ -23,6 +24,20 @@ from ha_agent.sim.tokenizer import SimTokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang SamplingParams default
 DEFAULT_SEED = 0  # the simulator is always deterministic
+
+
+def _refuse_unsupported(body: Any) -> None:
+    """What SGLang does and the simulator cannot: refused clearly, never ignored."""
+    if not isinstance(body, dict):
+        return
+    if body.get("custom_logit_processor"):
+        raise BadRequest(NO_CUSTOM_LOGIT_PROCESSOR)
+    if body.get("cache_salt") is not None:
+        raise BadRequest("cache_salt is not supported by the simulator")
+    params = body.get("sampling_params")
+    for where in (body, params if isinstance(params, dict) else {}):
+        if where.get("logit_bias"):
+            raise BadRequest("logit_bias is not supported by the simulator")
 
 
 class BadRequest(ValueError):
@@ -240,52 +255,34 @@ class RequestBuilder:
         return self.tok.decode(ids), ids
 
     def _build(
-        self,
-        *,
-        prompt_text: str,
-        prompt_ids: list[int],
-        max_new_tokens: int | None,
-        temperature: float | None,
-        top_p: float | None,
-        top_k: int | None,
-        min_p: float | None = None,
-        frequency_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        repetition_penalty: float | None = None,
-        min_new_tokens: int | None = None,
-        seed: int | None,
-        stop: str | list[str] | None,
-        stop_token_ids: list[int] | None,
-        stop_regex: str | list[str] | None,
-        ignore_eos: bool | None,
-        no_stop_trim: bool | None,
-        json_schema: str | None,
-        regex: str | None,
-        ebnf: str | None,
-        n: int | None,
-        rid: str | None,
+        self, sp: SamplingParamsBody, prompt_text: str, prompt_ids: list[int], rid: str | None
     ) -> GenRequest:
-        temp = 1.0 if temperature is None else temperature
-        tp = 1.0 if top_p is None else top_p
-        tk = -1 if top_k is None else top_k
-        min_tokens = min_new_tokens or 0
+        temp = 1.0 if sp.temperature is None else sp.temperature
+        tp = 1.0 if sp.top_p is None else sp.top_p
+        tk = -1 if sp.top_k is None else sp.top_k
+        min_tokens = sp.min_new_tokens or 0
         _verify(
             temperature=temp,
             top_p=tp,
             top_k=tk,
-            min_p=0.0 if min_p is None else min_p,
-            frequency_penalty=frequency_penalty or 0.0,
-            presence_penalty=presence_penalty or 0.0,
-            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            min_p=0.0 if sp.min_p is None else sp.min_p,
+            frequency_penalty=sp.frequency_penalty or 0.0,
+            presence_penalty=sp.presence_penalty or 0.0,
+            repetition_penalty=1.0 if sp.repetition_penalty is None else sp.repetition_penalty,
             min_new_tokens=min_tokens,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=sp.max_new_tokens,
         )
-        if n not in (None, 1):
+        if sp.n not in (None, 1):
             raise BadRequest("n > 1 is not supported by the simulator (send n requests)")
-        if stop_regex:
+        if sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty not in (None, 1.0):
+            raise BadRequest(
+                "frequency_penalty, presence_penalty and repetition_penalty are not supported "
+                "by the simulator (it samples without penalties)"
+            )
+        if sp.stop_regex:
             raise BadRequest("stop_regex is not supported by the simulator")
         try:
-            constraint = compile_constraint(json_schema, regex, ebnf)
+            constraint = compile_constraint(sp.json_schema, sp.regex, sp.ebnf)
         except GrammarError as exc:
             raise BadRequest(str(exc)) from None
         ctx = self.settings.context_length
@@ -296,28 +293,28 @@ class RequestBuilder:
                 f"({ctx} tokens)."
             )
         # None means "no limit" (the scheduler bounds it, scheduler.clip_max_new_tokens).
-        if max_new_tokens is not None and n_in + max_new_tokens > ctx:
+        if sp.max_new_tokens is not None and n_in + sp.max_new_tokens > ctx:
             raise BadRequest(
                 f"Requested token count exceeds the model's maximum context length of {ctx} "
-                f"tokens. You requested a total of {n_in + max_new_tokens} tokens: {n_in} "
-                f"tokens from the input messages and {max_new_tokens} tokens for the "
+                f"tokens. You requested a total of {n_in + sp.max_new_tokens} tokens: {n_in} "
+                f"tokens from the input messages and {sp.max_new_tokens} tokens for the "
                 "completion. Please reduce the number of tokens in the input messages or the "
                 "completion to fit within the limit."
             )
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = [sp.stop] if isinstance(sp.stop, str) else list(sp.stop or [])
         rules = StopRules(
             stop=[s for s in stops if s],
-            stop_token_ids=frozenset(stop_token_ids or ()),
+            stop_token_ids=frozenset(sp.stop_token_ids or ()),
             # A grammar ends with EOS; ignoring it would only pad the output.
-            ignore_eos=bool(ignore_eos) and constraint is None,
-            no_stop_trim=bool(no_stop_trim),
+            ignore_eos=bool(sp.ignore_eos) and constraint is None,
+            no_stop_trim=bool(sp.no_stop_trim),
         )
         return GenRequest(
             prompt_text=prompt_text,
             prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=sp.max_new_tokens,
             sampling=SamplingKey(
-                seed=DEFAULT_SEED if seed is None else seed,
+                seed=DEFAULT_SEED if sp.sampling_seed is None else sp.sampling_seed,
                 temperature=temp,
                 top_p=tp,
                 top_k=tk,
@@ -331,10 +328,13 @@ class RequestBuilder:
     # -- POST /generate -------------------------------------------------------------
     def generate(self, body: Any) -> GenerateCall:
         req: GenerateBody = _parse(GenerateBody, body)
+        _refuse_unsupported(body)
         if req.input_embeds is not None or req.image_data is not None:
             raise BadRequest("input_embeds and image_data are not supported by the simulator")
-        if (req.text is None) == (req.input_ids is None):
-            raise BadRequest("Either text or input_ids should be provided (exactly one).")
+        if req.text is None and req.input_ids is None:
+            raise BadRequest("Either text, input_ids or input_embeds should be provided.")
+        if req.text is not None:
+            req.input_ids = None  # text wins (_determine_batch_size, managers/io_struct.py)
         if req.return_logprob not in (None, False):
             raise BadRequest("return_logprob is not supported by the simulator")
         batch = BadRequest("batch requests are not supported by the simulator (one per request)")
@@ -355,36 +355,14 @@ class RequestBuilder:
             prompt_text, prompt_ids = req.text, self.tok.encode(req.text)
         else:
             prompt_text, prompt_ids = self._prompt_from_ids(list(req.input_ids or []))  # type: ignore[arg-type]
-        gen = self._build(
-            prompt_text=prompt_text,
-            prompt_ids=prompt_ids,
-            max_new_tokens=sp.max_new_tokens,
-            temperature=sp.temperature,
-            top_p=sp.top_p,
-            top_k=sp.top_k,
-            min_p=sp.min_p,
-            frequency_penalty=sp.frequency_penalty,
-            presence_penalty=sp.presence_penalty,
-            repetition_penalty=sp.repetition_penalty,
-            min_new_tokens=sp.min_new_tokens,
-            seed=sp.sampling_seed,
-            stop=sp.stop,
-            stop_token_ids=sp.stop_token_ids,
-            stop_regex=sp.stop_regex,
-            ignore_eos=sp.ignore_eos,
-            no_stop_trim=sp.no_stop_trim,
-            json_schema=sp.json_schema,
-            regex=sp.regex,
-            ebnf=sp.ebnf,
-            n=sp.n,
-            rid=req.rid,
-        )
+        gen = self._build(sp, prompt_text, prompt_ids, req.rid)
         gen.stream = req.stream
         return GenerateCall(gen=gen, stream=req.stream)
 
     # -- POST /v1/completions -------------------------------------------------------
     def completion(self, body: Any) -> OpenAICall:
         req: CompletionBody = _parse(CompletionBody, body)
+        _refuse_unsupported(body)
         prompt: Any = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -413,13 +391,15 @@ class RequestBuilder:
     # -- POST /v1/chat/completions --------------------------------------------------
     def chat(self, body: Any) -> OpenAICall:
         req: ChatBody = _parse(ChatBody, body)
+        _refuse_unsupported(body)
         if not req.messages:
             raise BadRequest("Messages cannot be empty.")
         if req.logprobs:
             raise BadRequest("logprobs are not supported by the simulator")
-        choice = req.tool_choice
-        if choice == "required" or isinstance(choice, dict):
-            raise BadRequest("tool calls are not supported by the simulator")
+        if req.tools and req.tool_choice != "none":
+            # SGLang renders the tools into the prompt and may parse tool calls out of
+            # the answer; the simulator does neither, so it says so.
+            raise BadRequest("tools are not supported by the simulator")
         messages = [m.model_dump() for m in req.messages]
         try:
             prompt_text = render_chat(messages, req.continue_final_message)
@@ -443,9 +423,9 @@ class RequestBuilder:
         max_tokens: int | None,
         json_schema: str | None,
     ) -> GenRequest:
-        return self._build(
-            prompt_text=prompt_text,
-            prompt_ids=prompt_ids,
+        # SGLang's to_sampling_params (entrypoints/openai/protocol.py): the OpenAI
+        # request's fields as the engine's sampling parameters.
+        sp = SamplingParamsBody.model_construct(
             max_new_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
@@ -455,7 +435,7 @@ class RequestBuilder:
             presence_penalty=req.presence_penalty,
             repetition_penalty=req.repetition_penalty,
             min_new_tokens=req.min_tokens,
-            seed=req.seed,
+            sampling_seed=req.seed,
             stop=req.stop,
             stop_token_ids=req.stop_token_ids,
             stop_regex=req.stop_regex,
@@ -465,8 +445,8 @@ class RequestBuilder:
             regex=req.regex,
             ebnf=req.ebnf,
             n=req.n,
-            rid=req.rid,
         )
+        return self._build(sp, prompt_text, prompt_ids, req.rid)
 
     @staticmethod
     def _call(req: CompletionBody | ChatBody, gen: GenRequest, echo_text: str = "") -> OpenAICall:

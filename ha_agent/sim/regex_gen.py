@@ -23,6 +23,10 @@ class RegexUnsupported(ValueError):
     """The pattern is invalid or uses a construct the simulator cannot generate."""
 
 
+class _Enough(Exception):
+    """The output already holds as much as the request may generate."""
+
+
 _ALPHABET = [chr(c) for c in range(0x20, 0x7F)]
 _WORD = set(string.ascii_letters + string.digits + "_")
 _SPACE = set(" \t\n\r\f\v")
@@ -103,8 +107,12 @@ def _check(parsed: sre_parse.SubPattern) -> None:
             _check(av)
 
 
-def _emit(parsed: sre_parse.SubPattern, rng: random.Random, out: list[str]) -> None:
+def _emit(
+    parsed: sre_parse.SubPattern, rng: random.Random, out: list[str], limit: int | None = None
+) -> None:
     for op, av in parsed:
+        if limit is not None and len(out) >= limit:
+            raise _Enough()
         if op is sre_parse.LITERAL:
             out.append(chr(av))
         elif op is sre_parse.NOT_LITERAL:
@@ -114,18 +122,18 @@ def _emit(parsed: sre_parse.SubPattern, rng: random.Random, out: list[str]) -> N
         elif op is sre_parse.IN:
             out.append(_pick_class(av, rng))
         elif op is sre_parse.BRANCH:
-            _emit(rng.choice(av[1]), rng, out)
+            _emit(rng.choice(av[1]), rng, out, limit)
         elif op is sre_parse.SUBPATTERN:
-            _emit(av[3], rng, out)
+            _emit(av[3], rng, out, limit)
         elif op in _REPEATS:
             lo, hi, sub = av
             if lo > _MAX_MIN_REPEAT:
                 raise RegexUnsupported(f"regex repeat minimum {lo} is too large to generate")
             top = lo + _MAX_EXTRA_REPEAT if hi is sre_parse.MAXREPEAT else min(hi, lo + 3)
             for _ in range(rng.randint(lo, max(lo, top))):
-                _emit(sub, rng, out)
+                _emit(sub, rng, out, limit)
         elif op is getattr(sre_parse, "ATOMIC_GROUP", None):
-            _emit(av, rng, out)
+            _emit(av, rng, out, limit)
         elif op is sre_parse.AT:
             continue  # anchors and \b are zero-width; fullmatch checks the result
         else:
@@ -143,13 +151,22 @@ def validate_regex(pattern: str) -> re.Pattern[str]:
     return compiled
 
 
-def generate_regex(pattern: str, rng: random.Random) -> str:
-    """A string ``s`` with ``re.fullmatch(pattern, s)``, deterministic in ``rng``."""
+def generate_regex(pattern: str, rng: random.Random, max_chars: int | None = None) -> str:
+    """A string ``s`` with ``re.fullmatch(pattern, s)``, deterministic in ``rng``.
+
+    With ``max_chars``, only the first ``max_chars`` characters of such a string: a
+    grammar-constrained engine decodes token by token and stops at ``max_new_tokens``,
+    so it never expands a pattern further than it generates (``(?:a{1000}){1000}``
+    costs SGLang nothing until it decodes). The caller's budget covers that many tokens.
+    """
     compiled = validate_regex(pattern)
     parsed = sre_parse.parse(pattern)
     for _ in range(_ATTEMPTS):
         out: list[str] = []
-        _emit(parsed, rng, out)
+        try:
+            _emit(parsed, rng, out, max_chars)
+        except _Enough:
+            return "".join(out)[:max_chars]
         candidate = "".join(out)
         if compiled.fullmatch(candidate):
             return candidate

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ha_agent.config import SimSettings
-from ha_agent.sim.faults import Faults
+from ha_agent.sim.faults import Faults, die_of_crash
 from ha_agent.sim.generator import Detokenizer, FixedStream, SamplingKey, StopRules, TokenStream
 from ha_agent.sim.grammar import Constraint, generate_constrained
 from ha_agent.sim.metrics import SchedulerStats, SimMetrics
@@ -131,7 +131,9 @@ class Job:
         self.stream: TokenStream | FixedStream
         if req.constraint is not None:
             material = req.sampling.header() + req.prompt_text.encode("utf-8", "surrogatepass")
-            text = generate_constrained(req.constraint, material)
+            # No further than max_new_tokens can reach (a word token is <= 13 characters).
+            budget = None if req.max_new_tokens is None else (req.max_new_tokens + 1) * 16
+            text = generate_constrained(req.constraint, material, budget)
             self.stream = FixedStream(tokenizer.encode(text))
         else:
             self.stream = TokenStream(tokenizer, req.sampling, req.prompt_text, eos_rate)
@@ -390,6 +392,8 @@ class Engine:
             _resolve(job._admission)
 
     async def _prefill(self, job: Job) -> None:
+        if self.faults.kills(job.req.prompt_text):
+            die_of_crash()
         ids = job.req.prompt_ids
         job.cached_tokens = self.cache.match(ids)
         s = self.settings

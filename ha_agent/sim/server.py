@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ha_agent import __version__
 from ha_agent.config import SimSettings
+from ha_agent.gateway.cors import Cors, on_prepare
+from ha_agent.openapi.endpoints import ROUTES
+from ha_agent.sim.extra_routes import ExtraRoutes
 from ha_agent.sim.faults import FaultError, Faults, die_of_oom
 from ha_agent.sim.generator import SamplingKey
 from ha_agent.sim.grammar import GrammarError
@@ -135,6 +138,16 @@ def _api_key_middleware(api_key: str | None, admin_key: str | None) -> Any:
         return _json({"error": "Unauthorized"}, 401)
 
     return check
+
+
+def _preflight(cors: Cors) -> Any:
+    @web.middleware
+    async def preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if Cors.is_preflight(request):
+            return cors.preflight(request)
+        return await handler(request)
+
+    return preflight
 
 
 @web.middleware
@@ -335,12 +348,14 @@ class SimServer:
 
     # -- fault knobs ----------------------------------------------------------------
     def _authorized(self, request: web.Request) -> bool:
+        # Closed without a token: the knobs can hang or kill the engine.
         token = self.settings.admin_token
         if token is None:
-            return True
-        given = request.headers.get("Authorization", "")
-        expected = "Bearer " + token.get_secret_value()
-        return hmac.compare_digest(given.encode(), expected.encode())
+            return False
+        # aiohttp keeps undecodable header bytes as surrogates: compare bytes, no 500.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        expected = ("Bearer " + token.get_secret_value()).encode()
+        return hmac.compare_digest(given, expected)
 
     async def sim_faults(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -363,27 +378,18 @@ class SimServer:
             call = self.builder.generate(await _read_json(request))
         except BadRequest as exc:
             return _bad_request(exc, native=True)
-        job_or_error = self._start(request, call.gen, native=True)
-        if isinstance(job_or_error, web.Response):
-            return job_or_error
-        job = job_or_error
+        job = self._start(request, call.gen, native=True)
+        if isinstance(job, web.Response):
+            return job
         if not call.stream:
-            await _wait_finished(job)
-            aborted = engine_abort(job)
-            if aborted is not None:
-                return _json(abort_error_body(*aborted), aborted[0])
-            return _json(generate_payload(job))
+            return await _whole(job, lambda: generate_payload(job))
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)  # /generate sends headers before the first token
-        try:
+        with _client_watch(job):
             async for _ in job.updates():
                 await resp.write(sse(generate_payload(job)))
             await resp.write(DONE)
             await resp.write_eof()
-        except (ConnectionError, asyncio.CancelledError) as exc:
-            _client_gone(job)  # the engine aborts it after disconnect_abort_delay
-            if isinstance(exc, asyncio.CancelledError):
-                raise
         return resp
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -391,6 +397,9 @@ class SimServer:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._openai(request, chat=True)
+
+    chat = chat_completions  # the endpoint kinds' names (openapi/endpoints.py)
+    abort = abort_request
 
     async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
         media = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
@@ -402,10 +411,9 @@ class SimServer:
             call: OpenAICall = self.builder.chat(body) if chat else self.builder.completion(body)
         except BadRequest as exc:
             return _bad_request(exc, native=False)
-        job_or_error = self._start(request, call.gen, native=False)
-        if isinstance(job_or_error, web.Response):
-            return job_or_error
-        job = job_or_error
+        job = self._start(request, call.gen, native=False)
+        if isinstance(job, web.Response):
+            return job
         cache_report = self.settings.enable_cache_report
         fmt = (
             ChatFormatter(call, job, cache_report)
@@ -413,13 +421,9 @@ class SimServer:
             else CompletionFormatter(call, job, cache_report)
         )
         if not call.stream:
-            await _wait_finished(job)
-            aborted = engine_abort(job)
-            if aborted is not None:
-                return _json(abort_error_body(*aborted), aborted[0])
-            return _json(fmt.response())
+            return await _whole(job, fmt.response)
         resp: web.StreamResponse | None = None
-        try:
+        with _client_watch(job):
             # Like SGLang, headers go out with the first chunk (after prefill).
             async for _ in job.updates():
                 chunks = fmt.chunks()
@@ -435,10 +439,6 @@ class SimServer:
                 await resp.write(chunk)
             await resp.write(DONE)
             await resp.write_eof()
-        except (ConnectionError, asyncio.CancelledError) as exc:
-            _client_gone(job)  # the engine aborts it after disconnect_abort_delay
-            if isinstance(exc, asyncio.CancelledError):
-                raise
         return resp if resp is not None else web.Response(status=499)
 
     def _start(self, request: web.Request, gen: Any, native: bool) -> Job | web.Response:
@@ -461,6 +461,16 @@ class SimServer:
 SIM_KEY = web.AppKey("sglang_ha_sim", SimServer)
 
 
+async def _whole(job: Job, payload: Callable[[], Any]) -> web.Response:
+    """A non-streaming answer: the finished job's payload, or its engine abort's status
+    and error (tokenizer_manager.py, `_handle_abort_finish_reason`)."""
+    await _wait_finished(job)
+    aborted = engine_abort(job)
+    if aborted is not None:
+        return _json(abort_error_body(*aborted), aborted[0])
+    return _json(payload())
+
+
 async def _wait_finished(job: Job) -> None:
     try:
         async for _ in job.updates():
@@ -468,6 +478,18 @@ async def _wait_finished(job: Job) -> None:
     except asyncio.CancelledError:  # handler_cancellation: the client went away
         _client_gone(job)
         raise
+
+
+@contextlib.contextmanager
+def _client_watch(job: Job) -> Iterator[None]:
+    """A stream whose client went away (a failed write, or the handler cancelled): the
+    engine aborts its request after disconnect_abort_delay, as SGLang does."""
+    try:
+        yield
+    except (ConnectionError, asyncio.CancelledError) as exc:
+        _client_gone(job)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
 
 
 def _client_gone(job: Job) -> None:
@@ -485,25 +507,27 @@ def create_app(settings: SimSettings | None = None) -> web.Application:
         keys = (settings.api_key, settings.admin_api_key)
         api_key, admin_key = (k.get_secret_value() if k else None for k in keys)
         middlewares.insert(0, _api_key_middleware(api_key, admin_key))
+    # SGLang's CORSMiddleware: always on, every origin, credentials (http_server.py).
+    cors = Cors(frozenset({"*"}), credentials=True)
+    middlewares.insert(0, _preflight(cors))
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
+    app.on_response_prepare.append(on_prepare(cors))
     app[SIM_KEY] = server
     app.cleanup_ctx.append(server.lifecycle)
     app.on_shutdown.append(server.on_shutdown)
     r = app.router
-    for path in ("/health", "/health_generate"):
-        r.add_get(path, server.health)
+    # SGLang's public API: the endpoint table the gateway reads too (openapi/endpoints.py),
+    # each row served by the handler named after its kind.
+    extra = ExtraRoutes(server.tokenizer, settings.context_length)
+    for endpoint in ROUTES:
+        name = endpoint.kind.replace("-", "_")
+        handler = getattr(extra, name, None) or getattr(server, name)
+        for method in endpoint.methods:
+            r.add_route(method, endpoint.path, handler)
     r.add_get("/ready", server.ready)
-    for path in ("/model_info", "/get_model_info"):
-        r.add_get(path, server.model_info)
     for path in ("/server_info", "/get_server_info"):
         r.add_get(path, server.server_info)
-    r.add_get("/v1/models", server.models)
     r.add_get("/v1/models/{model:.+}", server.model)
-    r.add_post("/generate", server.generate)
-    r.add_put("/generate", server.generate)
-    r.add_post("/v1/completions", server.completions)
-    r.add_post("/v1/chat/completions", server.chat_completions)
-    r.add_post("/abort_request", server.abort_request)
     r.add_post("/pause_generation", server.pause_generation)
     r.add_post("/continue_generation", server.continue_generation)
     r.add_route("GET", "/flush_cache", server.flush_cache)

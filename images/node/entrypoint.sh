@@ -78,8 +78,11 @@ esac
 if [ "${ENGINE}" = sglang ]; then
   : "${MODEL_PATH:?ENGINE=sglang needs MODEL_PATH (a Hugging Face id or a local path)}"
 fi
-if [ -z "${HA_REDIS_PASSWORD:-}" ]; then
-  echo "HA_REDIS_PASSWORD is not set: Redis is password-protected (run 'make secrets')" >&2
+# The Redis password: a secret file (HA_SECRETS_DIR, compose `secrets:`) or, across
+# hosts, the environment.
+if [ -z "${HA_REDIS_PASSWORD:-}" ] && [ ! -s "${HA_SECRETS_DIR:-/run/secrets}/ha_redis_password" ]; then
+  echo "no Redis password: neither ${HA_SECRETS_DIR:-/run/secrets}/ha_redis_password nor" \
+    "HA_REDIS_PASSWORD (run 'make secrets')" >&2
   exit 2
 fi
 mkdir -p /var/log/sglang /run/sglang-ha

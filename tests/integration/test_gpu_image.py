@@ -107,40 +107,23 @@ def gpu_node_stack(cache: Path) -> Iterator[tuple[str, list[str]]]:
         )
 
 
+def _service_ids(project: str, service: str, *, stopped_too: bool = False) -> list[str]:
+    """The ids of a compose service's containers: running ones, or all."""
+    project_label = f"label=com.docker.compose.project={project}"
+    service_label = f"label=com.docker.compose.service={service}"
+    every = ["-a"] if stopped_too else []
+    cmd = ["docker", "ps", "-q", *every, "--filter", project_label, "--filter", service_label]
+    return _run(cmd, timeout=30).stdout.split()
+
+
 def _container(project: str, service: str) -> str:
-    out = _run(
-        [
-            "docker",
-            "ps",
-            "-q",
-            "--filter",
-            f"label=com.docker.compose.project={project}",
-            "--filter",
-            f"label=com.docker.compose.service={service}",
-        ],
-        timeout=30,
-    )
-    ids = out.stdout.split()
+    ids = _service_ids(project, service)
     assert ids, f"no container for {service}"
     return ids[0]
 
 
 def _health(project: str, service: str) -> str:
-    out = _run(
-        [
-            "docker",
-            "ps",
-            "-a",
-            "--format",
-            "{{.ID}}",
-            "--filter",
-            f"label=com.docker.compose.project={project}",
-            "--filter",
-            f"label=com.docker.compose.service={service}",
-        ],
-        timeout=30,
-    )
-    ids = out.stdout.split()
+    ids = _service_ids(project, service, stopped_too=True)
     if not ids:
         return "missing"
     state = _inspect(ids[0])["State"]

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import docker
@@ -33,7 +33,7 @@ from ha_agent.node.engine.container import ContainerWatch, demux, docker_time, e
 from ha_agent.node.engine.process import HostProcessWatch, ProcessState
 from tests.failover.load import Load
 from tests.failover.runner import ScenarioResult, assert_clean_failover, run_scenario
-from tests.failover.scenarios import Fault
+from tests.failover.scenarios import Action, Fault, by_name, heals_itself, sim_knobs
 from tests.support.multihost import LABEL, MultiHost, running_hosts
 from tests.support.stack import COMPOSE_DIR, Stack, require_host_tools
 
@@ -209,25 +209,25 @@ def _assert_clean_failover(hosts: MultiHost, result: ScenarioResult) -> str:
     return summary
 
 
-HOST_FAULTS = {
-    f.name: f
-    for f in (
-        Fault(
-            "host-kill",
-            "every container of the primary's host killed at once (the server dies)",
-            lambda s, n: cast(MultiHost, s).kill_host(n),
-            lambda s, n: cast(MultiHost, s).start_host(n),
-            target_recovery=3.0,
-        ),
-        Fault(
-            "host-nic-down",
-            "eth0 down in every network namespace of the primary's host",
-            lambda s, n: cast(MultiHost, s).host_nic(n, "down"),
-            lambda s, n: cast(MultiHost, s).host_nic(n, "up"),
-            target_recovery=3.0,
-        ),
-    )
-}
+def on_hosts(act: Callable[[MultiHost, str], None]) -> Action:
+    """A fault action on the multi-host stacks (the runner hands them over as a Stack)."""
+    return lambda s, n: act(cast(MultiHost, s), n)
+
+
+HOST_FAULTS = by_name(
+    Fault(
+        "host-kill",
+        "every container of the primary's host killed at once (the server dies)",
+        on_hosts(MultiHost.kill_host),
+        on_hosts(MultiHost.start_host),
+    ),
+    Fault(
+        "host-nic-down",
+        "eth0 down in every network namespace of the primary's host",
+        on_hosts(lambda h, n: h.host_nic(n, "down")),
+        on_hosts(lambda h, n: h.host_nic(n, "up")),
+    ),
+)
 
 
 @pytest.mark.parametrize("fault_name", list(HOST_FAULTS))
@@ -237,26 +237,21 @@ def test_failover_across_hosts(hosts: MultiHost, fault_name: str) -> None:
     _assert_clean_failover(hosts, result)
 
 
-SIDECAR_FAULTS = {
-    f.name: f
-    for f in (
-        Fault(
-            "sidecar-engine-oom",
-            "the user's engine container dies of OOM (CUDA OOM line, SIGKILL, exit 137);"
-            " Docker restarts it",
-            lambda s, n: cast(MultiHost, s).sim_faults(n, oom=True),
-            lambda s, n: None,
-            target_recovery=3.0,
-        ),
-        Fault(
-            "sidecar-engine-kill",
-            "docker kill of the user's engine container (the agent beside it stays up)",
-            lambda s, n: cast(MultiHost, s).kill_engine_container(n),
-            lambda s, n: cast(MultiHost, s).start_engine_container(n),
-            target_recovery=3.0,
-        ),
-    )
-}
+SIDECAR_FAULTS = by_name(
+    Fault(
+        "sidecar-engine-oom",
+        "the user's engine container dies of OOM (CUDA OOM line, SIGKILL, exit 137);"
+        " Docker restarts it",
+        sim_knobs(oom=True),
+        heals_itself,
+    ),
+    Fault(
+        "sidecar-engine-kill",
+        "docker kill of the user's engine container (the agent beside it stays up)",
+        on_hosts(MultiHost.kill_engine_container),
+        on_hosts(MultiHost.start_engine_container),
+    ),
+)
 
 
 @pytest.mark.parametrize("fault_name", list(SIDECAR_FAULTS))

@@ -106,7 +106,7 @@ def test_sentinel_promotes_a_new_master_under_load_without_a_role_change(stack: 
             [
                 "sh",
                 "-c",
-                'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p 26379 '
+                'REDISCLI_AUTH="$(cat /run/secrets/ha_sentinel_password)" redis-cli -p 26379 '
                 "sentinel get-master-addr-by-name sglang-ha",
             ]
         )

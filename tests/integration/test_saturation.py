@@ -17,12 +17,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.stack import NODES, Stack, require_host_tools, running_stack
+from tests.support import load_watch as watch
+from tests.support.stack import NODES, Stack, overlay_stack
 
 OVERLAY = Path(__file__).with_name("saturation.compose.yaml")
 MAX_RUNNING = 8  # as in the overlay
@@ -37,9 +37,7 @@ BIG_PROMPTS_AT = (20.0, 40.0)
 
 @pytest.fixture(scope="module")
 def saturable_stack() -> Iterator[Stack]:
-    require_host_tools()
-    files = ("compose.yaml", "compose.test.yaml", str(OVERLAY))
-    with running_stack(files, prefix="sglang-ha-saturation") as s:
+    with overlay_stack(OVERLAY, "sglang-ha-saturation") as s:
         yield s
 
 
@@ -55,7 +53,7 @@ def metric(text: str, name: str) -> float | None:
 @dataclass
 class Observed:
     queue: list[tuple[float, float | None]] = field(default_factory=list)  # (t, queued)
-    views: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # agents
+    views: watch.Views = field(default_factory=list)  # agents
     slow_metrics: list[float] = field(default_factory=list)  # /metrics answers > 1 s
     finished: int = 0
     failed: list[str] = field(default_factory=list)
@@ -75,13 +73,7 @@ async def generate(http: httpx.AsyncClient, url: str, seen: Observed, until: flo
                 if r.status_code != 200:
                     seen.failed.append(f"HTTP {r.status_code}")
                     continue
-                last = ""
-                async for line in r.aiter_lines():
-                    if line.startswith("data:") and "[DONE]" not in line:
-                        last = line
-                if f'"completion_tokens":{GENERATION}' not in last.replace(" ", ""):
-                    seen.failed.append(f"ended early: {last[-200:]}")
-                else:
+                if await watch.stream_completed(r, GENERATION, seen.failed):
                     seen.finished += 1
         except httpx.HTTPError as exc:
             seen.failed.append(f"{type(exc).__name__}: {exc}")
@@ -102,25 +94,17 @@ async def watch_queue(http: httpx.AsyncClient, url: str, seen: Observed, until: 
         await asyncio.sleep(max(0.5 - took, 0.05))
 
 
-async def watch_agents(stack: Stack, http: httpx.AsyncClient, seen: Observed, until: float) -> None:
-    while time.monotonic() < until:
-        view = {}
-        for node in NODES:
-            try:
-                s = (await http.get(f"{stack.agent_url(node)}/ha/status", timeout=2)).json()
-                view[node] = (s["role"], s["epoch"], s["engine"]["state"], s["engine"]["reason"])
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                view[node] = ("unanswered", None, None, str(exc))
-        seen.views.append((time.monotonic(), view))
-        await asyncio.sleep(0.5)
-
-
-async def big_prompts(http: httpx.AsyncClient, url: str, seen: Observed, t0: float) -> None:
-    """Prompts far beyond the context: seconds of tokenizing, then a 400, as SGLang."""
+async def big_prompts(
+    http: httpx.AsyncClient, url: str, key: str, seen: Observed, t0: float
+) -> None:
+    """Prompts far beyond the context, straight at the engine (with its API key; the
+    gateway refuses them before any engine sees them): seconds of tokenizing, then a
+    400, as SGLang."""
     for at in BIG_PROMPTS_AT:
         await asyncio.sleep(max(t0 + at - time.monotonic(), 0))
         body = {"text": BIG_PROMPT, "sampling_params": {"max_new_tokens": 8}}
-        r = await http.post(f"{url}/generate", json=body, timeout=60)
+        auth = {"Authorization": f"Bearer {key}"}
+        r = await http.post(f"{url}/generate", json=body, headers=auth, timeout=60)
         seen.big_prompt_status.append(r.status_code)
 
 
@@ -137,8 +121,8 @@ async def saturate(stack: Stack, primary: str) -> Observed:
         engine = stack.engine_url(primary)
         watchers = [
             watch_queue(http, engine, seen, until),
-            watch_agents(stack, http, seen, until),
-            big_prompts(http, engine, seen, t0),
+            watch.watch_agents(stack, http, seen.views, until),
+            big_prompts(http, engine, stack.secrets["HA_ENGINE_API_KEY"], seen, t0),
         ]
         try:
             await asyncio.wait_for(asyncio.gather(*watchers), timeout=DURATION + 60)
@@ -155,23 +139,16 @@ def test_saturation_and_big_prompts_cause_no_role_change(saturable_stack: Stack)
     stack = saturable_stack
     primary = stack.wait_stable()
     epochs = {n: (stack.agent_status(n) or {}).get("epoch") for n in NODES}
-    logs_before = {n: len(stack.ha_log(n).splitlines()) for n in NODES.values()}
+    logs_before = watch.ha_log_lengths(stack)
 
     seen = asyncio.run(saturate(stack, primary))
 
     t0 = seen.queue[0][0]
     # 0 role changes: the same primary, the same epoch, the engine healthy throughout.
-    changed = [
-        (round(t - t0, 1), view)
-        for t, view in seen.views
-        if view[primary][:3] != ("primary", epochs[primary], "healthy")
-        or any(view[n][0] == "primary" for n in NODES if n != primary)
-    ]
+    changed = watch.role_changes(seen.views, primary, epochs)
     assert not changed, changed[:5]
-    for service, before in logs_before.items():
-        new = stack.ha_log(service).splitlines()[before:]
-        moved = [line for line in new if "FAILOVER" in line or "ENGINE_UNHEALTHY" in line]
-        assert not moved, moved
+    moved = watch.moved_lines(stack, logs_before)
+    assert not moved, moved
     # The load was what it claims: a queue on the primary at every sample after the
     # ramp, full-length generations finishing, and the big prompts refused after
     # seconds of tokenizing that held up /metrics (else nothing was tested).

@@ -9,7 +9,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +146,14 @@ class LocalCluster:
                 return node.name
         return None
 
+    def primary_sim(self) -> tuple[str, SimHandle]:
+        """The primary's name and its simulator (to inject faults into)."""
+        primary = self.primary()
+        assert primary is not None
+        sim = self.nodes[primary].sim
+        assert sim is not None
+        return primary, sim
+
     async def wait_for(self, predicate: Any, timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -211,12 +219,20 @@ async def local_cluster(
                     node._sim_cm.__exit__(None, None, None)
 
 
-async def collect_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> list[str]:
-    """The `data:` payloads of one SSE response, in order."""
+OnEvent = Callable[[list[str], httpx.Response], Awaitable[None]]
+
+
+async def collect_stream(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], on_event: OnEvent | None = None
+) -> list[str]:
+    """The `data:` payloads of one SSE response, in order. ``on_event`` is awaited after
+    each payload with those so far, to break something mid-stream."""
     out: list[str] = []
     async with client.stream("POST", url, json=body) as resp:
         assert resp.status_code == 200, await resp.aread()
         async for line in resp.aiter_lines():
             if line.startswith("data:"):
                 out.append(line[5:].strip())
+                if on_event is not None:
+                    await on_event(out, resp)
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from ha_agent.config import DynamicConfig, RelaySettings
@@ -21,7 +21,10 @@ from ha_agent.dcs.base import (
     Switchover,
 )
 from ha_agent.events import EventLog
+from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.gateway.relay import Relay
 from ha_agent.gateway.topology import Topology
+from ha_agent.gateway.transport import Transport
 from ha_agent.node.engine.monitor import EngineHealth
 
 
@@ -243,3 +246,16 @@ def settled_topology(settings: RelaySettings, primary: str = "sglang-01") -> Top
         node.status = agent_status(name, Role.PRIMARY if name == primary else Role.STANDBY)
     topology.primary, topology.epoch = primary, 1
     return topology
+
+
+def relay_over(urls: Sequence[str], retry_deadline: float = 5.0, **settings: Any) -> Relay:
+    """A relay in front of the engines at `urls` (sglang-01, sglang-02, ...), its
+    topology settled: no store, no agents."""
+    relay_settings = RelaySettings(
+        nodes=[f"sglang-0{i + 1}={u}=http://127.0.0.1:9" for i, u in enumerate(urls)],
+        redis_url="redis://unused",
+        retry_deadline=retry_deadline,
+        **settings,
+    )
+    topology = settled_topology(relay_settings)
+    return Relay(relay_settings, topology, Transport(0.5, 30.0), RelayMetrics(), topology.events)

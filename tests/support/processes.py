@@ -40,6 +40,17 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 @dataclass
 class RedisProcess:
     port: int
@@ -51,13 +62,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
 
     def pause(self) -> None:
         """SIGSTOP: the store hangs (worse than down: connections time out)."""

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ha_agent.config import SimSettings
 from ha_agent.sim.server import create_app
-from tests.support.processes import free_port, wait_until
+from tests.support.processes import free_port, stop_process, wait_until
 
 FAST = {
     "startup_delay": 0.0,
@@ -24,7 +24,10 @@ FAST = {
     "prefill_per_token": 0.0,
     "itl": 0.005,
     "eos_rate": 0.0,
+    # /sim/faults is closed without a token (ha_agent/sim/server.py).
+    "admin_token": "sim-test-token",
 }
+SIM_AUTH = {"Authorization": "Bearer sim-test-token"}
 
 
 @dataclass
@@ -35,12 +38,13 @@ class SimHandle:
 
     async def faults(self, **knobs: Any) -> None:
         async with httpx.AsyncClient() as client:
-            r = await client.post(f"{self.url}/sim/faults", json=knobs, timeout=5)
+            r = await client.post(f"{self.url}/sim/faults", json=knobs, headers=SIM_AUTH, timeout=5)
             r.raise_for_status()
 
     async def clear_faults(self) -> None:
         async with httpx.AsyncClient() as client:
-            (await client.delete(f"{self.url}/sim/faults", timeout=5)).raise_for_status()
+            r = await client.delete(f"{self.url}/sim/faults", headers=SIM_AUTH, timeout=5)
+            r.raise_for_status()
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -87,10 +91,5 @@ def sim_process(
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+                proc.send_signal(signal.SIGCONT)  # a frozen one could not act on SIGTERM
+        stop_process(proc)

@@ -32,8 +32,9 @@ NODES = {"sglang-01": "node-1", "sglang-02": "node-2"}
 def read_secrets() -> dict[str, str]:
     path = COMPOSE_DIR / "secrets.env"
     key_file = COMPOSE_DIR / "secrets" / "engine_api_key"
-    if not path.exists() or not key_file.exists():
-        subprocess.run([str(ROOT / "scripts" / "secrets.sh")], check=True)
+    # Always: it keeps what exists, and completes an older layout (one file per
+    # service's secret, separate Sentinel and simulator values).
+    subprocess.run([str(ROOT / "scripts" / "secrets.sh")], check=True)
     out = {}
     for line in path.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
@@ -72,6 +73,11 @@ class Stack(ClusterView):
         c.reload()
         networks = c.attrs["NetworkSettings"]["Networks"]
         return str(next(iter(networks.values()))["IPAddress"])
+
+    @property
+    def engine_auth(self) -> dict[str, str]:
+        """What the agents and relay present to an engine (SGLang --api-key)."""
+        return {"Authorization": f"Bearer {self.secrets['HA_ENGINE_API_KEY']}"}
 
     @property
     def gateway_url(self) -> str:
@@ -216,3 +222,11 @@ def running_stack(
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+@contextlib.contextmanager
+def overlay_stack(overlay: Path, prefix: str) -> Iterator[Stack]:
+    """The test stack with one more compose file over it, for a module's own settings."""
+    require_host_tools()
+    with running_stack(("compose.yaml", "compose.test.yaml", str(overlay)), prefix=prefix) as s:
+        yield s

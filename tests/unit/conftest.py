@@ -25,7 +25,9 @@ SIM_FAST: dict[str, Any] = {
     "disconnect_abort_delay": 0.0,
     "drain_timeout": 0.0,
     "health_check_interval": 0.01,  # SGLang looks every 1 s
+    "admin_token": "sim-test-token",  # /sim/faults is closed without one
 }
+SIM_AUTH = {"Authorization": "Bearer sim-test-token"}
 
 SimClientFactory = Callable[..., Awaitable[TestClient]]
 
@@ -48,7 +50,10 @@ async def sim_client_factory(sim_env_clean: None) -> AsyncIterator[SimClientFact
     clients: list[TestClient] = []
 
     async def make(**overrides: Any) -> TestClient:
-        client = TestClient(TestServer(create_app(make_sim_settings(**overrides))))
+        # The fault knobs' token on every request; a test's own header replaces it.
+        client = TestClient(
+            TestServer(create_app(make_sim_settings(**overrides))), headers=SIM_AUTH
+        )
         await client.start_server()
         clients.append(client)
         return client

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -26,6 +27,13 @@ from tests.support.fakes import FakeClock, FakeEngine, FakePeers, FakeStore
 
 TOKEN = "s3cret-admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def get_ok(client: TestClient, path: str) -> Any:
+    """GET `path`: it answers 200; its JSON body."""
+    r = await client.get(path)
+    assert r.status == 200, await r.text()
+    return await r.json()
 
 
 @dataclass
@@ -251,9 +259,7 @@ async def test_an_unexpected_error_is_a_json_500_logged_as_a_bug(
 async def test_openapi_document_describes_exactly_the_routes(
     client: TestClient, agent: AgentFixture
 ) -> None:
-    r = await client.get("/openapi.json")
-    assert r.status == 200
-    doc = await r.json()
+    doc = await get_ok(client, "/openapi.json")
     assert doc == AGENT_SPEC
     served = {
         (route.method.lower(), route.resource.canonical)

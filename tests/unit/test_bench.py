@@ -263,3 +263,45 @@ def test_warming_requests_share_long_prefixes_and_vary_the_question() -> None:
     bodies = [warm_body(k).decode() for k in range(40)]
     assert len(set(bodies)) == 40
     assert bodies[0].split("Question")[0] == bodies[10].split("Question")[0]
+
+
+def _capacity_run(
+    path: str, rnd: int, events: int, cpu: dict[str, float], gaps: list[list[float]]
+) -> dict[str, Any]:
+    return {
+        "spec": {"name": f"capacity/{path}/c64/r{rnd}", "path": path, "concurrency": 64},
+        "window": [2.0, 12.0],
+        "window_events": events,
+        "metered_events": events + 100,
+        "metered_seconds": 11.0,
+        "cpu": cpu,
+        "itl_ms": gaps,
+        # [start, end, ok, warm, tokens, ttft, last_token, error]
+        "samples": [[3.0, 5.0, True, False, 128, 0.05, 5.0, None]],
+    }
+
+
+def test_capacity_rates_ratios_and_cpu_per_event() -> None:
+    from bench.capacity import aggregate, targets
+
+    gw = "gateway (Nginx + relay)"
+    runs = [
+        _capacity_run("direct", 1, 30000, {gw: 0.05}, [[10.0, 99], [40.0, 1]]),
+        _capacity_run("gateway", 1, 28500, {gw: 0.35}, [[10.0, 97], [50.0, 3]]),
+        _capacity_run("direct", 2, 20000, {gw: 0.05}, [[10.0, 100]]),
+        _capacity_run("gateway", 2, 20000, {gw: 0.25}, [[10.0, 100]]),
+    ]
+    rows = {r.path: r for r in aggregate(runs)}
+    ours = rows["gateway"]
+    assert ours.events_per_s == 2425.0  # (2850 + 2000) / 2
+    assert ours.vs_direct_rounds == [0.95, 1.0]  # per round, against that round's direct
+    assert ours.vs_direct == 0.975
+    assert ours.itl_p99_ms == 50.0
+    assert ours.ttft_p50_ms == 50.0
+    # CPU seconds over events in the metered interval: (0.35 + 0.25) × 11 s / 48,700.
+    assert ours.cpu_per_event_us == pytest.approx(135.5, abs=0.1)
+    # Above idle: the container's CPU during the direct runs (0.05 cores) taken off.
+    assert ours.marginal_us == pytest.approx((0.6 - 0.1) * 11 / 48700 * 1e6, abs=0.1)
+    assert rows["direct"].vs_direct is None
+    met = {t["what"]: t["met"] for t in targets(list(rows.values()), 2)}
+    assert met == {"gateway (2 workers) events/s vs direct, 64 streams": True}

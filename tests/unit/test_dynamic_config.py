@@ -23,7 +23,7 @@ from ha_agent.dcs.base import Member
 from ha_agent.node.api import AgentApi
 from ha_agent.node.engine_control import EngineControl, EngineControlError
 from tests.support.fakes import agent_status
-from tests.unit.test_api_agent import AUTH, AgentFixture, make_agent
+from tests.unit.test_api_agent import AUTH, AgentFixture, get_ok, make_agent
 
 
 @pytest.fixture
@@ -114,9 +114,7 @@ async def test_an_unreadable_stored_config_keeps_the_settings_in_effect(
 async def test_config_route_validates_stores_and_records_the_diff(
     client: TestClient, agent: AgentFixture
 ) -> None:
-    r = await client.get("/ha/config")
-    assert r.status == 200
-    body = await r.json()
+    body = await get_ok(client, "/ha/config")
     assert body["config"] == {} and body["effective"]["lease_ttl"] == 2.5
     r = await client.post(
         "/ha/config", json={"config": {"lease_ttl": 4, "failback": "preferred"}}, headers=AUTH
@@ -224,12 +222,18 @@ async def test_a_planned_restart_does_not_count_as_a_flap(agent: AgentFixture) -
 # -- /ha/remove ------------------------------------------------------------------------------
 
 
-async def test_remove_refuses_the_primary_and_a_running_node(
-    client: TestClient, agent: AgentFixture
-) -> None:
+async def a_registered_peer(agent: AgentFixture) -> Member:
+    """sglang-02 in the store, and seen by the primary's next cycle."""
     peer = Member("sglang-02", "http://sglang-02:30000", "http://sglang-02:8008")
     await agent.store.register(peer, ttl=60)
     await agent.ha.run_cycle()
+    return peer
+
+
+async def test_remove_refuses_the_primary_and_a_running_node(
+    client: TestClient, agent: AgentFixture
+) -> None:
+    peer = await a_registered_peer(agent)
     r = await client.post("/ha/remove", json={"node": "sglang-01"}, headers=AUTH)
     assert r.status == 409 and "is the primary" in (await r.json())["detail"]
     agent.ha.peers.statuses[peer.api_url] = agent_status("sglang-02")  # type: ignore[attr-defined]
@@ -242,9 +246,7 @@ async def test_remove_refuses_the_primary_and_a_running_node(
 async def test_remove_forgets_a_stopped_node_everywhere(
     client: TestClient, agent: AgentFixture
 ) -> None:
-    peer = Member("sglang-02", "http://sglang-02:30000", "http://sglang-02:8008")
-    await agent.store.register(peer, ttl=60)
-    await agent.ha.run_cycle()
+    await a_registered_peer(agent)
     assert "sglang-02" in agent.ha.state.known_peers
     r = await client.post("/ha/remove", json={"node": "sglang-02"}, headers=AUTH)
     assert r.status == 200, await r.text()

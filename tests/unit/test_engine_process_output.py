@@ -3,7 +3,7 @@ already started the next one by the time the agent reads the log."""
 
 from __future__ import annotations
 
-from ha_agent.node.engine.process import OOM_TEXT, START_MARKER, output_of_run
+from ha_agent.node.engine.process import OOM_TEXT, START_MARKER, SupervisorWatch, output_of_run
 
 
 def marker(pid: int) -> str:
@@ -34,3 +34,40 @@ def test_without_a_known_pid_the_last_run_counts() -> None:
     log = marker(11) + "CUDA out of memory\n" + marker(122) + "exit\n"
     assert not oom_in(log, 0)
     assert oom_in(marker(11) + "CUDA out of memory\n", 0)
+
+
+class _FakeSupervisor:
+    """supervisord's XML-RPC as SupervisorWatch reads it: a process state, its stderr
+    log and supervisord's own log."""
+
+    def __init__(self) -> None:
+        self.info = {"statename": "RUNNING", "pid": 10}
+        self.stderr = marker(10) + "loading\n"
+        self.log = ""
+
+    def getProcessInfo(self, program: str) -> dict[str, object]:
+        return self.info
+
+    def tailProcessStderrLog(self, program: str, offset: int, length: int) -> list[object]:
+        return [self.stderr, 0, False]
+
+    def readLog(self, offset: int, length: int) -> str:
+        return self.log
+
+
+def test_an_oom_line_logged_after_the_death_is_still_seen() -> None:
+    """supervisord may report the death before it drained the run's last output."""
+    watch = SupervisorWatch("/nonexistent.sock", "engine")
+    fake = _FakeSupervisor()
+    watch._rpc = type("Rpc", (), {"supervisor": fake})()
+    assert watch._read().running
+    fake.info = {"statename": "EXITED", "pid": 0}
+    fake.log = "INFO exited: engine (terminated by SIGKILL; not expected)\n"
+    first = watch._read()
+    assert not first.running and not first.oom and "SIGKILL" in first.exit_how
+    fake.stderr += "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate\n"
+    fake.info = {"statename": "STARTING", "pid": 0}
+    assert watch._read().oom, "the late line counts for the run that died"
+    fake.info = {"statename": "RUNNING", "pid": 11}
+    fake.stderr += marker(11)
+    assert not watch._read().oom, "the next run starts clean"

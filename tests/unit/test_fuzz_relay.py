@@ -63,11 +63,10 @@ class Rig:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fuzz-relay", daemon=True)
         self.rig: RelayRig | None = None
-        self._clients: list[Any] = []
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.rig, self._clients = self.loop.run_until_complete(
+        self.rig = self.loop.run_until_complete(
             start_rig(startup_delay=0.0, itl=0.0005, ttft_base=0.0)
         )
         self._ready.set()
@@ -84,9 +83,7 @@ class Rig:
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
             assert self.rig is not None
-            await self.rig.relay.transport.close()
-            for c in self._clients:
-                await c.close()
+            await self.rig.close()
 
         self.call(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)

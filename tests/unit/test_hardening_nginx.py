@@ -29,7 +29,8 @@ from aiohttp import web
 
 from ha_agent.gateway.nginx_conf import DEFAULTS, render_template
 from ha_agent.openapi.inference import MODEL_PREFIX, PUBLIC_ROUTES
-from tests.support.processes import free_port
+from tests.support.processes import free_port, stop_process
+from tests.support.raw_http import framed, raw_http
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = (ROOT / "nginx" / "nginx.conf.template").read_text()
@@ -161,12 +162,7 @@ async def gateway(**env: str) -> AsyncIterator[Gateway]:
             await asyncio.sleep(0.05)
         yield Gateway(url, port, upstream, workdir)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, timeout=10)
         await runner.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -189,7 +185,6 @@ async def test_only_the_public_api_is_proxied() -> None:
         reached = len(gw.upstream.seen)
         for path in (
             "/pause_generation",
-            "/abort_request",
             "/flush_cache",
             "/get_server_info",
             "/metrics",
@@ -204,22 +199,13 @@ async def test_only_the_public_api_is_proxied() -> None:
             # Raw, unnormalised paths: what Nginx sees is what a client sent.
             status, body = await _raw(gw.port, f"POST {path} HTTP/1.1\r\nHost: x\r\n")
             assert status == 404, (path, body)
-            assert json.loads(body)["code"] == 404
+            assert json.loads(body) == {"detail": "Not Found"}  # as SGLang (Starlette)
         assert len(gw.upstream.seen) == reached, gw.upstream.seen[reached:]
 
 
 async def _raw(port: int, head: str, body: bytes = b"") -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            (head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-        )
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-    first, _, rest = raw.partition(b"\r\n\r\n")
-    return int(first.split()[1]), rest
+    status, _, rest = await raw_http(port, framed(head, body))
+    return status, rest
 
 
 @needs_nginx
@@ -311,3 +297,31 @@ async def _until(predicate: Callable[[], bool], timeout: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+@needs_nginx
+async def test_every_edge_failure_is_json_never_html() -> None:
+    """Request-line failures used to get Nginx's HTML 500 (named error locations
+    cannot serve them); oversized headers an HTML 400."""
+    big = "x" * 9000
+    cases = {
+        b"GET /%00 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 400,
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 400,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 400,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+        + big.encode()
+        + b"\r\n\r\n": 431,
+        b"GET /" + big.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 414,
+        b"GARBAGE\r\n\r\n": 400,
+        b"GET /_error/503 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n": 404,
+    }
+    async with gateway() as gw:
+        for request, expected in cases.items():
+            status, headers, body = await raw_http(gw.port, request)
+            assert status == expected, (request[:40], status, body[:80])
+            assert headers.get("content-type", "").startswith("application/json"), (
+                request[:40],
+                headers,
+            )
+            assert json.loads(body)["code"] == expected, body
+        assert gw.upstream.seen == []

@@ -157,25 +157,68 @@ def test_the_entrypoint_writes_the_user_with_a_hashed_password(tmp_path: Path) -
     script = ENTRYPOINT.read_text()
     # Everything up to the role dispatch: the settings and functions, no exec.
     head = script[: script.index('case "${ROLE}" in')]
-    out = subprocess.run(
-        ["sh", "-c", head + "\nagent_user"],
-        env={"REDIS_PASSWORD": "admin-pw", "HA_REDIS_PASSWORD": PASSWORD, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
+    base = {"REDIS_PASSWORD": "admin-pw", "PATH": "/usr/bin:/bin", "REDIS_DATA_DIR": str(tmp_path)}
+
+    def acl_users(env: dict[str, str], settings: str = head) -> str:
+        run = subprocess.run(
+            ["sh", "-c", settings + "\nacl_users"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return run.stdout
+
+    out = acl_users({**base, "HA_REDIS_PASSWORD": PASSWORD})
     import hashlib
 
     digest = hashlib.sha256(PASSWORD.encode()).hexdigest()
     assert out.strip() == f"user sglang-ha on #{digest} " + " ".join(acl_rule())
     assert PASSWORD not in out
-    none = subprocess.run(
-        ["sh", "-c", head + "\nagent_user"],
-        env={"REDIS_PASSWORD": "admin-pw", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
-    assert none == "", "no agent password: no agent user"
+    # The Sentinels' user, from its hash file (the server never sees the password).
+    secrets = tmp_path / "run-secrets"
+    secrets.mkdir()
+    (secrets / "redis_sentinel_password.sha256").write_text("ab" * 32 + "\n")
+    out = acl_users(base, head.replace("/run/secrets/", f"{secrets}/"))
+    assert out.startswith("user sentinel on #" + "ab" * 32 + " resetchannels &* -@all "), out
+    none = acl_users(base)
+    assert none == "", "no passwords: no ACL users"
+
+
+async def test_the_sentinel_user_may_run_a_failover_and_nothing_else(
+    redis_proc: RedisProcess, admin: aioredis.Redis
+) -> None:
+    """The Sentinels' ACL user (images/redis/entrypoint.sh SENTINEL_ACL): every
+    command a Sentinel sends to monitor and fail over, and no data or other admin."""
+    match = re.search(r'^SENTINEL_ACL="([^"]+)"$', ENTRYPOINT.read_text(), re.M)
+    assert match
+    await admin.execute_command(
+        "ACL", "SETUSER", "sentinel", "on", ">sentinel-pw", *match.group(1).split()
+    )
+    await admin.set("sglang-ha:acl:k", "v")
+    client = aioredis.from_url(redis_proc.url, username="sentinel", password="sentinel-pw")
+    try:
+        assert await client.ping()
+        assert "role" in (await client.info("replication"))
+        await client.execute_command("ROLE")
+        await client.execute_command("CLIENT", "SETNAME", "sentinel-test")
+        await client.publish("__sentinel__:hello", "x")
+        async with client.pipeline(transaction=True) as pipe:  # MULTI ... EXEC
+            pipe.ping()
+            await pipe.execute()
+        await client.execute_command("REPLICAOF", "NO", "ONE")  # a no-op on a master
+        for command in (
+            ("GET", "sglang-ha:acl:k"),
+            ("SET", "x", "1"),
+            ("FLUSHALL",),
+            ("CONFIG", "GET", "requirepass"),
+            ("ACL", "LIST"),
+            ("KEYS", "*"),
+            ("SHUTDOWN",),
+        ):
+            with pytest.raises(aioredis.ResponseError, match="no permissions"):
+                await client.execute_command(*command)
+    finally:
+        await client.aclose()
+    assert await admin.get("sglang-ha:acl:k") == b"v"

@@ -7,17 +7,19 @@ tests/integration/test_observability.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.relay import Relay
+from ha_agent.gateway.relay import _RETRY_LABEL, Relay
 from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import Transport
+from ha_agent.gateway.transport import FailureKind, Transport, classify
 from tests.support.fakes import FakeClock, FakeStore
 
 SEEDS = ["sglang-01=http://a:30000=http://a:8008", "sglang-02=http://b:30000=http://b:8008"]
@@ -82,3 +84,38 @@ async def test_the_topology_view(relay: tuple[TestClient, RelayMetrics, Topology
     assert value(metrics, "sglang_ha_relay_epoch") == 7
     assert value(metrics, "sglang_ha_relay_degraded") == 0
     assert value(metrics, "sglang_ha_relay_leader_changes_total") == 0
+
+
+# docs/observability.md: sglang_ha_relay_retries_total's reasons.
+DOCUMENTED_RETRY_REASONS = {
+    "connect",
+    "node_failed",
+    "timeout",
+    "closed",
+    "broken",
+    "http_5xx",
+    "truncated",
+    "continuation_refused",
+    "engine_abort",
+    "other",
+}
+
+
+def test_every_failure_kind_has_a_documented_retry_reason() -> None:
+    assert set(_RETRY_LABEL) == set(FailureKind)
+    assert set(_RETRY_LABEL.values()) <= DOCUMENTED_RETRY_REASONS
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (aiohttp.ServerDisconnectedError(), "connect"),
+        (ConnectionResetError(104, "reset"), "connect"),
+        (asyncio.TimeoutError(), "timeout"),
+        (aiohttp.ConnectionTimeoutError("Connection timeout to host http://a:30000"), "timeout"),
+        (aiohttp.ClientPayloadError("payload not completed"), "broken"),
+        (aiohttp.InvalidURL("x"), "other"),
+    ],
+)
+def test_a_failure_is_counted_by_its_kind(exc: BaseException, reason: str) -> None:
+    assert _RETRY_LABEL[classify(exc).kind] == reason

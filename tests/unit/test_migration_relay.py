@@ -22,11 +22,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ha_agent.config import RelaySettings
-from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.transport import Transport
-from tests.support.fakes import settled_topology
+from tests.support.fakes import relay_over
 from tests.unit.test_migration import chat_chunk, chat_usage_chunk, completion_chunk, data, usage
 
 Script = Callable[[dict[str, Any]], list[bytes]]
@@ -82,14 +79,7 @@ async def rig_factory() -> AsyncIterator[Callable[[Engine, Engine], Any]]:
             await server.start_server()
             servers.append(server)
             urls.append(f"http://127.0.0.1:{server.port}")
-        settings = RelaySettings(
-            nodes=[f"sglang-0{i + 1}={u}=http://127.0.0.1:9" for i, u in enumerate(urls)],
-            redis_url="redis://unused",
-            retry_deadline=5.0,
-        )
-        topology = settled_topology(settings)
-        events = topology.events
-        relay = Relay(settings, topology, Transport(0.5, 30.0), RelayMetrics(), events)
+        relay = relay_over(urls)
         relays.append(relay)
         server = TestServer(relay.app())
         await server.start_server()

@@ -106,10 +106,7 @@ async def test_crash_of_the_primary_fails_no_request(
 async def test_engine_500s_are_retried_on_the_other_node(
     cluster: LocalCluster, http: httpx.AsyncClient
 ) -> None:
-    primary = cluster.primary()
-    assert primary is not None
-    sim = cluster.nodes[primary].sim
-    assert sim is not None
+    primary, sim = cluster.primary_sim()
     await sim.faults(error_rate=1.0)
     for _ in range(10):
         r = await http.post(
@@ -123,10 +120,7 @@ async def test_engine_500s_are_retried_on_the_other_node(
 async def test_non_stream_requests_on_a_hung_primary_are_resent(
     cluster: LocalCluster, http: httpx.AsyncClient
 ) -> None:
-    primary = cluster.primary()
-    assert primary is not None
-    sim = cluster.nodes[primary].sim
-    assert sim is not None
+    primary, sim = cluster.primary_sim()
     body = {"text": "x", "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True}}
     pending = [
         asyncio.ensure_future(http.post(f"{cluster.relay_url}/generate", json=body))
@@ -157,22 +151,34 @@ async def broken_stream(
     """Stream through the relay and break the primary's engine after some events."""
     primary = cluster.primary()
     assert primary is not None
-    events: list[str] = []
-    async with (
-        httpx.AsyncClient(timeout=30) as client,
-        client.stream("POST", cluster.relay_url + path, json=body) as resp,
-    ):
-        assert resp.status_code == 200
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            events.append(line[5:].strip())
-            if len(events) == after_events:
-                if fault == "kill":
-                    cluster.kill_engine(primary)
-                else:
-                    cluster.freeze_engine(primary)
+
+    async def on_event(events: list[str], _: httpx.Response) -> None:
+        if len(events) == after_events:
+            if fault == "kill":
+                cluster.kill_engine(primary)
+            else:
+                cluster.freeze_engine(primary)
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + path, body, on_event)
     return events, primary
+
+
+def generate_stream(prompt: list[int] | str, tokens: int = LONG, **extra: Any) -> dict[str, Any]:
+    """A streaming /generate body for exactly ``tokens`` tokens (EOS ignored)."""
+    key = "input_ids" if isinstance(prompt, list) else "text"
+    sampling = {"max_new_tokens": tokens, "ignore_eos": True}
+    return {key: prompt, **extra, "stream": True, "sampling_params": sampling}
+
+
+def openai_stream(seed: int, budget: str = "max_tokens", **fields: Any) -> dict[str, Any]:
+    """A streaming OpenAI body (``prompt=`` or ``messages=`` in ``fields``) for exactly
+    LONG tokens, its budget under the key ``budget``."""
+    return {"model": "m", **fields, budget: LONG, "ignore_eos": True, "stream": True, "seed": seed}
+
+
+def user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
 
 
 def last_json(events: list[str]) -> dict[str, Any]:
@@ -182,11 +188,7 @@ def last_json(events: list[str]) -> dict[str, Any]:
 async def test_generate_stream_with_input_ids_continues_byte_for_byte(
     cluster: LocalCluster,
 ) -> None:
-    body = {
-        "input_ids": [5, 6, 7, 300, 301],
-        "stream": True,
-        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
-    }
+    body = generate_stream([5, 6, 7, 300, 301])
     events, primary = await broken_stream(cluster, "/generate", body)
     expected = await reference(cluster, cluster.other(primary), "/generate", body)
     assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
@@ -210,15 +212,7 @@ async def test_generate_stream_with_text_continues(cluster: LocalCluster) -> Non
 
 
 async def test_completions_stream_continues_with_usage_counted_once(cluster: LocalCluster) -> None:
-    body = {
-        "model": "m",
-        "prompt": "The quick brown fox",
-        "max_tokens": LONG,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "seed": 7,
-    }
+    body = openai_stream(7, prompt="The quick brown fox", stream_options={"include_usage": True})
     events, primary = await broken_stream(cluster, "/v1/completions", body)
     expected = await reference(cluster, cluster.other(primary), "/v1/completions", body)
 
@@ -256,15 +250,12 @@ async def chat_events(cluster: LocalCluster, body: dict[str, Any]) -> tuple[list
 async def test_chat_stream_keeps_the_budget_and_running_usage_across_a_migration(
     cluster: LocalCluster,
 ) -> None:
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Count the ways a lease can expire."}],
-        "max_completion_tokens": LONG,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        "seed": 11,
-    }
+    body = openai_stream(
+        11,
+        "max_completion_tokens",
+        messages=user("Count the ways a lease can expire."),
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
     got, want = await chat_events(cluster, body)
     content = [c for c in got if c["choices"] and c["choices"][0]["delta"].get("content")]
     running = [c["usage"] for c in content]
@@ -285,14 +276,7 @@ async def test_chat_stream_keeps_the_budget_and_running_usage_across_a_migration
 async def test_chat_stream_without_stream_options_gets_no_usage_after_a_migration(
     cluster: LocalCluster,
 ) -> None:
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Describe a fencing token."}],
-        "max_tokens": LONG,
-        "ignore_eos": True,
-        "stream": True,
-        "seed": 5,
-    }
+    body = openai_stream(5, messages=user("Describe a fencing token."))
     got, want = await chat_events(cluster, body)
     assert all("usage" not in c for c in got), "SGLang omits usage nobody asked for"
     assert all("usage" not in c for c in want)
@@ -382,11 +366,7 @@ async def test_constrained_stream_ends_with_an_explicit_retryable_error(
 
 
 async def test_frozen_primary_stream_moves_on(cluster: LocalCluster) -> None:
-    body = {
-        "input_ids": [1, 2, 3],
-        "stream": True,
-        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
-    }
+    body = generate_stream([1, 2, 3])
     events, primary = await broken_stream(cluster, "/generate", body, fault="freeze")
     try:
         expected = await reference(cluster, cluster.other(primary), "/generate", body)
@@ -399,26 +379,18 @@ async def test_second_failure_during_a_migrated_stream(cluster: LocalCluster) ->
     first = cluster.primary()
     assert first is not None
     second = cluster.other(first)
-    body = {
-        "input_ids": [9, 9, 9],
-        "stream": True,
-        "sampling_params": {"max_new_tokens": 400, "ignore_eos": True},
-    }
+    body = generate_stream([9, 9, 9], 400)
     expected = await reference(cluster, second, "/generate", body)
-    events: list[str] = []
-    async with (
-        httpx.AsyncClient(timeout=60) as client,
-        client.stream("POST", cluster.relay_url + "/generate", json=body) as resp,
-    ):
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            events.append(line[5:].strip())
-            if len(events) == 20:
-                cluster.kill_engine(first)
-                cluster.start_engine(first)  # it comes back (supervisord would restart it)
-            if len(events) == 120:
-                cluster.kill_engine(second)
+
+    async def on_event(events: list[str], _: httpx.Response) -> None:
+        if len(events) == 20:
+            cluster.kill_engine(first)
+            cluster.start_engine(first)  # it comes back (supervisord would restart it)
+        if len(events) == 120:
+            cluster.kill_engine(second)
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        events = await collect_stream(client, cluster.relay_url + "/generate", body, on_event)
     assert last_json(events)["output_ids"] == last_json(expected)["output_ids"]
     assert events.count("[DONE]") == 1
 
@@ -431,19 +403,10 @@ async def test_engine_abort_is_migrated_like_a_break(cluster: LocalCluster, stat
     """SGLang ends a request itself on a running timeout (503) or when the KV cache runs
     out (500): an error event on the OpenAI endpoints (serving_chat.py). The client must
     see neither the error nor a short answer."""
-    primary = cluster.primary()
-    assert primary is not None
-    sim = cluster.nodes[primary].sim
-    assert sim is not None
-    body = {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Tell me about leases."}],
-        "max_tokens": LONG,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "seed": 2,
-    }
+    primary, sim = cluster.primary_sim()
+    body = openai_stream(
+        2, messages=user("Tell me about leases."), stream_options={"include_usage": True}
+    )
     expected = await reference(cluster, cluster.other(primary), "/v1/chat/completions", body)
     await sim.faults(abort_after_tokens=30, abort_status=status)
     async with httpx.AsyncClient(timeout=30) as client:
@@ -467,15 +430,8 @@ async def test_engine_abort_is_migrated_like_a_break(cluster: LocalCluster, stat
 
 
 async def test_generate_engine_abort_continues_from_the_token_ids(cluster: LocalCluster) -> None:
-    primary = cluster.primary()
-    assert primary is not None
-    sim = cluster.nodes[primary].sim
-    assert sim is not None
-    body = {
-        "input_ids": [11, 12, 13, 14],
-        "stream": True,
-        "sampling_params": {"max_new_tokens": LONG, "ignore_eos": True},
-    }
+    primary, sim = cluster.primary_sim()
+    body = generate_stream([11, 12, 13, 14])
     expected = await reference(cluster, cluster.other(primary), "/generate", body)
     await sim.faults(abort_after_tokens=40, abort_status=503)
     async with httpx.AsyncClient(timeout=30) as client:
@@ -493,27 +449,20 @@ async def test_a_client_abort_ends_the_stream_and_is_not_migrated(cluster: Local
     request's own end (tokenizer_manager.py), passed through as SGLang sent it."""
     primary = cluster.primary()
     assert primary is not None
-    body = {
-        "text": "abort me",
-        "rid": "client-abort-1",
-        "stream": True,
-        "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True},
-    }
-    events: list[str] = []
-    async with (
-        httpx.AsyncClient(timeout=30) as client,
-        client.stream("POST", cluster.relay_url + "/generate", json=body) as resp,
-    ):
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            events.append(line[5:].strip())
-            if len(events) == 5:
-                r = await client.post(
-                    cluster.nodes[primary].engine_url + "/abort_request",
-                    json={"rid": "client-abort-1"},
-                )
-                assert r.status_code == 200
+    body = generate_stream("abort me", 2000, rid="client-abort-1")
+
+    async def on_event(events: list[str], resp: httpx.Response) -> None:
+        if len(events) == 5:
+            # The engine knows the relay's rid for it (policy.py), named in a header.
+            assert resp.headers["X-SGLang-HA-Client-Rid"] == "client-abort-1"
+            r = await client.post(
+                cluster.nodes[primary].engine_url + "/abort_request",
+                json={"rid": resp.headers["X-SGLang-HA-Rid"]},
+            )
+            assert r.status_code == 200
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + "/generate", body, on_event)
     finish = last_json(events)["meta_info"]["finish_reason"]
     assert finish["type"] == "abort" and finish.get("status_code") is None
     assert last_json(events)["meta_info"]["completion_tokens"] < 2000

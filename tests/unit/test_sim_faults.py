@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -154,6 +155,31 @@ async def test_admin_token_is_required_when_set(sim_client_factory: SimClientFac
     assert (await client.get("/health")).status == 503
 
 
+async def test_faults_closed_without_a_token(sim_client_factory: SimClientFactory):
+    client = await sim_client_factory(admin_token=None)
+    for method in ("GET", "POST", "DELETE"):
+        resp = await client.request(method, "/sim/faults", json={"hang": True})
+        assert resp.status == 401, method
+    assert (await client.get("/health")).status == 200  # nothing was changed
+
+
+async def test_non_utf8_token_is_refused_not_a_500(sim_client_factory: SimClientFactory):
+
+    client = await sim_client_factory(admin_token="s3cret")
+    # Raw bytes: HTTP clients refuse to send non-ASCII header values themselves.
+    request = (
+        b"GET /sim/faults HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    port = client.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.split()[1] == b"401", status_line
+
+
 async def test_faults_from_settings_and_env(sim_client_factory, monkeypatch):
     client = await sim_client_factory(faults={"fail_health": True, "slow_factor": 3})
     assert (await client.get("/health")).status == 503
@@ -209,14 +235,14 @@ def _assert_oom_death(proc: subprocess.Popen[bytes]) -> None:
 
 def test_oom_knob_kills_the_process_with_sigkill() -> None:
     port = _free_port()
-    proc = _spawn(port)
+    proc = _spawn(port, SIM_ADMIN_TOKEN="t0k")
     try:
         _wait_healthy(proc, port)
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/sim/faults",
             data=b'{"oom": true}',
             method="POST",
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Authorization": "Bearer t0k"},
         )
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert json.loads(resp.read())["oom"] is True
@@ -230,3 +256,39 @@ def test_oom_knob_kills_the_process_with_sigkill() -> None:
 def test_oom_from_sim_faults_env_at_startup() -> None:
     proc = _spawn(_free_port(), SIM_FAULTS='{"oom": true}', SIM_STARTUP_DELAY="0.2")
     _assert_oom_death(proc)
+
+
+def test_crash_marker_kills_the_process_only_for_the_marked_prompt() -> None:
+    port = _free_port()
+    proc = _spawn(port, SIM_FAULTS='{"crash_marker": "QOD-7f3a"}')
+    try:
+        _wait_healthy(proc, port)
+
+        def generate(text: str) -> int:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/generate",
+                data=json.dumps({"text": text, "sampling_params": {"max_new_tokens": 2}}).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return int(resp.status)
+
+        assert generate("an innocent prompt") == 200
+        with pytest.raises((OSError, http.client.HTTPException)):
+            generate("a prompt with QOD-7f3a inside")  # the connection drops
+        _, stderr = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == -signal.SIGKILL
+    assert b"Scheduler hit an exception" in stderr
+    assert b"CUDA error: an illegal memory access" in stderr
+
+
+async def test_crash_marker_knob_is_validated(sim_client: TestClient) -> None:
+    r = await sim_client.post("/sim/faults", json={"crash_marker": 5})
+    assert r.status == 400
+    r = await sim_client.post("/sim/faults", json={"crash_marker": "X"})
+    assert (await r.json())["crash_marker"] == "X"

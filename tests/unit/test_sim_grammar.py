@@ -164,3 +164,19 @@ def test_unsupported_constraints_are_clear_errors(
 ) -> None:
     with pytest.raises(GrammarError, match=re.escape(needle)):
         compile_constraint(json_schema, regex, ebnf)
+
+
+def test_a_nested_regex_is_generated_only_as_far_as_the_token_budget() -> None:
+    """SGLang decodes a grammar token by token up to max_new_tokens; it never expands
+    `(?:a{1000}){1000}` whole. The simulator stops at the budget likewise."""
+    import time
+
+    from ha_agent.sim.grammar import compile_constraint, generate_constrained
+
+    constraint = compile_constraint(None, "(?:a{1000}){1000}", None)
+    assert constraint is not None
+    started = time.perf_counter()
+    text = generate_constrained(constraint, b"seed", max_chars=17 * 16)
+    assert time.perf_counter() - started < 0.05
+    assert text == "a" * (17 * 16)
+    assert generate_constrained(constraint, b"seed") == "a" * 1_000_000  # unbounded: whole

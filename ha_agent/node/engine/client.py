@@ -13,25 +13,17 @@ import contextlib
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-# Summed over every label set (modes, DP ranks, is_streaming). Which of these SGLang
-# 0.5.19 moves when is in docs/architecture.md ("Engine health").
-_SUMMED = {
-    "sglang:num_running_reqs": "running",
-    "sglang:num_queue_reqs": "queued",
-    # Per decode iteration and per prefill batch (chunk), by the scheduler:
-    # python/sglang/srt/managers/scheduler_components/metrics_reporter.py.
-    "sglang:realtime_tokens_total": "realtime_tokens",
-    # Only when a request finishes (python/sglang/srt/managers/tokenizer_manager.py).
-    "sglang:generation_tokens_total": "generation_tokens",
-    "sglang:num_requests_total": "requests",
-    "sglang:num_aborted_requests_total": "aborted",
-    "sglang:token_usage": "token_usage",
-}
+
+def _summed(metric: str) -> Any:
+    """A sample's field: this SGLang metric summed over every label set (modes, DP
+    ranks, is_streaming)."""
+    return field(default=0.0, metadata={"metric": metric})
 
 
 class EngineUnreachable(Exception):
@@ -50,15 +42,19 @@ class EngineBadAnswer(Exception):
 class EngineSample:
     """The few numbers health needs, read from one /metrics scrape."""
 
+    # Which of these SGLang 0.5.19 moves when: docs/architecture.md ("Engine health").
     at: float
     latency: float
-    running: float = 0.0
-    queued: float = 0.0
-    realtime_tokens: float = 0.0
-    generation_tokens: float = 0.0
-    requests: float = 0.0
-    aborted: float = 0.0
-    token_usage: float = 0.0
+    running: float = _summed("sglang:num_running_reqs")
+    queued: float = _summed("sglang:num_queue_reqs")
+    # Per decode iteration and per prefill batch (chunk), by the scheduler:
+    # python/sglang/srt/managers/scheduler_components/metrics_reporter.py.
+    realtime_tokens: float = _summed("sglang:realtime_tokens_total")
+    # Only when a request finishes (python/sglang/srt/managers/tokenizer_manager.py).
+    generation_tokens: float = _summed("sglang:generation_tokens_total")
+    requests: float = _summed("sglang:num_requests_total")
+    aborted: float = _summed("sglang:num_aborted_requests_total")
+    token_usage: float = _summed("sglang:token_usage")
 
     @property
     def busy(self) -> bool:
@@ -69,6 +65,10 @@ class EngineSample:
         """Counters that only the engine's scheduler moves: any rise is progress.
         (Aborts are left out: SGLang counts them when asked, not when done.)"""
         return (self.realtime_tokens, self.generation_tokens, self.requests)
+
+
+# metric name -> EngineSample field
+_SUMMED = {f.metadata["metric"]: f.name for f in fields(EngineSample) if "metric" in f.metadata}
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,9 @@ def parse_metrics(text: str, at: float, latency: float) -> EngineSample:
     values = dict.fromkeys(_SUMMED.values(), 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            field = _SUMMED.get(sample.name)
-            if field is not None:
-                values[field] += float(sample.value)
+            name = _SUMMED.get(sample.name)
+            if name is not None:
+                values[name] += float(sample.value)
     return EngineSample(at=at, latency=latency, **values)
 
 

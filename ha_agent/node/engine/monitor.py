@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ha_agent.config import EngineHealthSettings
-from ha_agent.dcs.base import EngineState
+from ha_agent.dcs.base import EngineState, EngineStatus
 from ha_agent.node.engine.client import (
     CanaryResult,
     EngineBadAnswer,
@@ -70,6 +70,18 @@ class EngineHealth:
     @property
     def healthy(self) -> bool:
         return self.state is EngineState.HEALTHY
+
+    def status(self, now: float) -> EngineStatus:
+        """The judgement as the agent reports it to peers, the relay and the CLI."""
+        return EngineStatus(
+            state=self.state,
+            reason=self.reason,
+            for_seconds=round(now - self.since, 1),
+            oom=self.oom,
+            running=self.running,
+            queued=self.queued,
+            token_usage=self.token_usage,
+        )
 
 
 Listener = Callable[[EngineHealth, EngineHealth], None]

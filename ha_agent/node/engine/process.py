@@ -134,6 +134,7 @@ class SupervisorWatch(ProcessWatch):
         self._last_pid = 0
         self._last_exit = ""
         self._last_oom = False
+        self._dead_pid = 0  # the run that died last, whose output tells how
 
     def describe(self) -> str:
         return f"supervisord program {self.program}"
@@ -141,11 +142,17 @@ class SupervisorWatch(ProcessWatch):
     def _read(self) -> ProcessState:
         info = self._rpc.supervisor.getProcessInfo(self.program)
         state, pid = str(info["statename"]), int(info["pid"])
-        if state != "RUNNING" and (self._last_pid or not self._last_exit):
-            # The process just went away: find out how, once.
-            self._last_exit = self._exit_how()
-            tail = str(self._rpc.supervisor.tailProcessStderrLog(self.program, 0, 16384)[0])
-            self._last_oom = bool(OOM_TEXT.search(output_of_run(tail, self._last_pid)))
+        if state != "RUNNING":
+            if self._last_pid or not self._last_exit:
+                # The process just went away: find out how, once.
+                self._last_exit = self._exit_how()
+                self._dead_pid = self._last_pid
+            if not self._last_oom:
+                # Looked at on every read while it is down, not once: supervisord may
+                # report the death before it has drained the run's last output (the
+                # OOM line) from the pipe into the log.
+                tail = str(self._rpc.supervisor.tailProcessStderrLog(self.program, 0, 16384)[0])
+                self._last_oom = bool(OOM_TEXT.search(output_of_run(tail, self._dead_pid)))
         if state == "RUNNING" and pid != self._last_pid:
             self._last_oom = False
         self._last_pid = pid if state == "RUNNING" else 0

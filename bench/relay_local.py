@@ -1,0 +1,194 @@
+"""A developer's loop for the relay's per-event cost, without Docker.
+
+    python -m bench.relay_local [--streams 64] [--seconds 6] [--workers 1] [--profile OUT]
+
+Starts a redis-server, two simulator processes (ITL 10 ms) with their agents, and
+the relay as its own process(es) (`sglang-ha-relay`, as in the gateway); then the
+capacity load (bench.loadgen) straight to the primary's engine and through the
+relay, one after the other, and prints events/s and the relay's CPU per event.
+`--profile` records the relay under load with py-spy (`py-spy` on PATH or in
+/tmp/pyspy). Numbers here are for iterating only; `make bench` is the measurement.
+"""
+
+# ruff: noqa: ASYNC220, ASYNC240  (a developer tool: blocking set-up calls are harmless here)
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from bench.loadgen import RunSpec
+from tests.support.cluster import local_cluster
+from tests.support.processes import free_port, redis_server
+
+SIM = {"SIM_ITL": "0.01", "SIM_TTFT_BASE": "0.02", "SIM_PREFILL_PER_TOKEN": "0.0002"}
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    with redis_server() as redis:
+        async with local_cluster(redis, relay=False, sim_env=SIM) as cluster:
+            primary = await cluster.wait_ready()
+            port, admin = free_port(), free_port()
+            env = {
+                **os.environ,
+                "HA_RELAY_HOST": "127.0.0.1",
+                "HA_RELAY_PORT": str(port),
+                "HA_RELAY_ADMIN_PORT": str(admin),
+                "HA_RELAY_HOST_ADMIN": "127.0.0.1",
+                "HA_RELAY_WORKERS": str(args.workers),
+                "HA_NODES": ",".join(
+                    f"{n.name}={n.engine_url}={n.api_url}" for n in cluster.nodes.values()
+                ),
+                "HA_CLUSTER": "local",
+                "HA_REDIS_URL": redis.url,
+                "HA_REDIS_PASSWORD": redis.password,
+                "HA_HA_LOG": os.path.join(cluster.workdir, "relay.ha.log"),
+                "HA_LOG_LEVEL": "WARNING",
+            }
+            metrics_dir = tempfile.mkdtemp(prefix="sglang-ha-relay-metrics-")
+            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "ha_agent.gateway"],
+                    env={**env, "HA_RELAY_WORKER_INDEX": str(i)},
+                )
+                for i in range(args.workers)
+            ]
+            try:
+                url = f"http://127.0.0.1:{port}"
+                await _wait_healthy(f"http://127.0.0.1:{admin}/health", 20.0)
+                pids = [p.pid for p in procs]
+                sim = cluster.nodes[primary].sim
+                assert sim is not None and sim.proc is not None
+                args.sim_pid = sim.proc.pid
+                targets = {"direct": cluster.nodes[primary].engine_url, "relay": url}
+                for name in args.paths.split(","):
+                    await _measure(name, targets[name], pids, args)
+                if args.profile:
+                    await _profile(url, pids, args)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    proc.wait(timeout=10)
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _wait_healthy(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                if (await client.get(url, timeout=1)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not healthy after {timeout}s")
+            await asyncio.sleep(0.2)
+
+
+async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespace) -> None:
+    spec = RunSpec(
+        name=name,
+        path=name,
+        url=url,
+        stream=True,
+        concurrency=args.streams,
+        duration=args.seconds,
+        warmup=1.0,
+        max_tokens=128,
+        max_requests=args.streams * 200,
+        timeout=30.0,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "plan.json").write_text(json.dumps([asdict(spec)]))
+        before, t0 = _cpu_seconds(pids), time.monotonic()
+        sim_before = _cpu_seconds([args.sim_pid])
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.loadgen", f"{tmp}/plan.json", f"{tmp}/out.json"
+        )
+        await asyncio.wait_for(proc.wait(), args.seconds + 60)
+        cpu, wall = _cpu_seconds(pids) - before, time.monotonic() - t0
+        sim_cores = (_cpu_seconds([args.sim_pid]) - sim_before) / wall
+        run = json.loads(Path(tmp, "out.json").read_text())[0]
+    errors = [s[7] for s in run["samples"] if s[7]]
+    if errors:
+        print(f"{name}: {len(errors)} errors, e.g. {errors[0]}")
+    lo, hi = run["window"]
+    tokens = run["window_events"]
+    rate = tokens / (hi - lo)
+    gaps = sorted((float(k), n) for k, n in run["itl_ms"])
+    total, seen, p99 = sum(n for _, n in gaps), 0, 0.0
+    for gap, n in gaps:
+        seen += n
+        if seen >= 0.99 * total:
+            p99 = gap
+            break
+    relay_cores = cpu / wall
+    per_event = cpu / max(tokens, 1) * 1e6 if name != "direct" else 0.0
+    print(
+        f"{name:7s} {rate:8.0f} events/s  ITL p99 {p99:.0f} ms  relay {relay_cores:.2f} cores"
+        f" (~{per_event:.0f} us/event, whole run incl. warm-up), engine {sim_cores:.2f} cores",
+        flush=True,
+    )
+
+
+async def _profile(url: str, pids: list[int], args: argparse.Namespace) -> None:
+    spy = shutil.which("py-spy") or "/tmp/pyspy/bin/py-spy"
+    env = {**os.environ, "PYTHONPATH": "/tmp/pyspy:" + os.environ.get("PYTHONPATH", "")}
+    target = pids[-1]
+    rec = subprocess.Popen(
+        [
+            spy,
+            "record",
+            "-p",
+            str(target),
+            "-d",
+            str(int(args.seconds)),
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "-o",
+            args.profile,
+            "--nonblocking",
+        ],
+        env=env,
+    )
+    await _measure("relay", url, pids, args)
+    rec.wait(timeout=args.seconds + 60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.relay_local", description=__doc__)
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--paths", default="direct,relay")
+    parser.add_argument("--profile", help="py-spy raw (collapsed) output file")
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
+    asyncio.run(main_async(parser.parse_args()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

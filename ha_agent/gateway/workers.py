@@ -1,0 +1,70 @@
+"""How many relay workers, and what only one of them does.
+
+The relay runs as N independent processes (supervisord's `numprocs`, see
+images/gateway/supervisord.conf), all bound to the same data and admin ports with
+SO_REUSEPORT: the kernel spreads Nginx's connections over them, and a request's
+whole life (its retries, its stream's migrations) stays in the worker that
+accepted it, so no state is shared and no affinity is needed. Each worker keeps
+its own topology view (its own poll of the store and the agents).
+
+What must happen once per gateway, not once per worker, is worker 0's: the
+topology's HA events (LEADER_CHANGED, NODE_UNREACHABLE, ...) and Nginx's backup
+list. Metrics are summed over the workers with prometheus_client's multiprocess
+mode (PROMETHEUS_MULTIPROC_DIR, set by the image's entrypoint).
+
+`python -m ha_agent.gateway.workers` prints the number to run: HA_RELAY_WORKERS
+if set and not 0, else the CPUs this container may use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
+    """The CPU quota of this cgroup in cores (v2 cpu.max or v1 cfs quota), None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+
+
+def usable_cpus(root: Path = CGROUP) -> int:
+    """The cores this process may run on: its affinity, capped by the cgroup quota."""
+    cpus = len(os.sched_getaffinity(0))
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        cpus = min(cpus, max(1, math.ceil(limit)))
+    return max(1, cpus)
+
+
+def worker_count(configured: int | None = None) -> int:
+    """HA_RELAY_WORKERS when set to a positive number, else usable_cpus()."""
+    if configured is None:
+        try:
+            configured = int(os.environ.get("HA_RELAY_WORKERS", "0") or 0)
+        except ValueError:
+            configured = 0
+    return configured if configured > 0 else usable_cpus()
+
+
+def share(total: float, workers: int) -> float:
+    """One worker's part of a gateway-wide rate (the standby warming's mirrors)."""
+    return total / max(workers, 1)
+
+
+if __name__ == "__main__":
+    print(worker_count())
+    sys.exit(0)

@@ -1,0 +1,128 @@
+"""Issue 17: the relay runs as several worker processes; one dying (kill -9) loses
+only the streams it held. Streams on the other workers finish whole, requests sent
+while it is down are answered (Nginx re-sends what reached no worker), and
+supervisord brings the worker back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.support.stack import Stack
+
+SUPERVISORCTL = ["supervisorctl", "-c", "/etc/sglang-ha/supervisord.conf"]
+STREAMS = 16
+TOKENS = 400  # about 5 s at the simulator's 10 ms per token under this load
+
+
+@dataclass
+class StreamResult:
+    worker: str | None = None
+    events: int = 0
+    done: bool = False
+    error: str | None = None
+
+
+def _relay_pids(stack: Stack) -> dict[str, int]:
+    """Relay worker index -> pid, from supervisord (RUNNING workers only)."""
+    _, out = stack.container("gateway").exec_run([*SUPERVISORCTL, "status"])
+    pids = {}
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("relay:relay-") and "RUNNING" in parts:
+            pid = parts[parts.index("pid") + 1].rstrip(",")
+            pids[parts[0].rsplit("-", 1)[1]] = int(pid)
+    return pids
+
+
+async def _stream(
+    client: httpx.AsyncClient, url: str, i: int, first: asyncio.Event
+) -> StreamResult:
+    result = StreamResult()
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": f"worker crash test {i}"}],
+        "max_tokens": TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            result.worker = resp.headers.get("x-sglang-ha-relay-worker")
+            async for line in resp.aiter_lines():
+                if line == "data: [DONE]":
+                    result.done = True
+                elif '"content":"' in line and '"content":""' not in line:
+                    result.events += 1  # a content chunk (the role chunk's is empty)
+                    first.set()
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _wait_workers(stack: Stack, count: int, timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = _relay_pids(stack)
+        if len(pids) >= count:
+            return pids
+        if time.monotonic() > deadline:
+            raise AssertionError(f"relay workers running: {pids}, want {count}")
+        time.sleep(0.2)
+
+
+def test_a_relay_worker_crash_loses_only_its_own_streams(stack: Stack) -> None:
+    before = _wait_workers(stack, 1, 30.0)
+    if len(before) < 2:
+        pytest.skip(f"the gateway runs {len(before)} relay worker(s): nothing to compare")
+
+    async def scenario() -> tuple[str, list[StreamResult], list[int]]:
+        url = stack.gateway_url
+        limits = httpx.Limits(max_connections=STREAMS + 8)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            started = [asyncio.Event() for _ in range(STREAMS)]
+            tasks = [
+                asyncio.ensure_future(_stream(client, url, i, started[i])) for i in range(STREAMS)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
+            victim = "0"
+            # kill -9 (the image has no kill binary; its Python does the same).
+            pid = before[victim]
+            code, out = stack.container("gateway").exec_run(
+                ["python3", "-c", f"import os, signal; os.kill({pid}, signal.SIGKILL)"]
+            )
+            assert code == 0, out
+            # Requests sent while the worker is gone or restarting: all answered.
+            statuses = []
+            for k in range(20):
+                r = await client.post(
+                    f"{url}/v1/chat/completions",
+                    json={
+                        "model": "default",
+                        "messages": [{"role": "user", "content": f"during the crash {k}"}],
+                        "max_tokens": 4,
+                    },
+                )
+                statuses.append(r.status_code)
+                await asyncio.sleep(0.05)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+            return victim, results, statuses
+
+    victim, results, statuses = asyncio.run(scenario())
+    held = [r for r in results if r.worker == victim]
+    others = [r for r in results if r.worker != victim]
+    summary = [r.__dict__ for r in results]
+    # SO_REUSEPORT spreads Nginx's connections: both workers held streams.
+    assert held and others, summary
+    # The other workers' streams are untouched: whole, to [DONE].
+    assert all(r.done and r.events == TOKENS and r.error is None for r in others), summary
+    # The dead worker's streams are cut (the client sees a broken stream, not a hang).
+    assert all(not r.done for r in held), summary
+    assert statuses == [200] * len(statuses), statuses
+    # supervisord restarts the worker; the gateway is whole again.
+    after = _wait_workers(stack, len(before), 30.0)
+    assert after[victim] != before[victim]
