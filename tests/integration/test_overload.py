@@ -1,8 +1,9 @@
 """Overload, heavy requests and a query of death never cost the pair (issue 14).
 
 - Heavy requests (4 MB and 15 MB prompts, under the gateway's 16 MB body limit, and a
-  nested regex) are refused by the relay with a 400 in well under 100 ms, before any
-  engine tokenizes them, and the engine's /metrics stays fast meanwhile.
+  nested regex) are refused by the relay with a 400 before any engine tokenizes them
+  (4 MB and the regex in under 100 ms end to end, 15 MB within 1 s: its transfer
+  through Nginx), and the engine's /metrics stays under 100 ms meanwhile.
 - 60 s of a saturating load with a flood of bad input at the same time: 0 role
   changes, 0 failed valid requests (a 429 with Retry-After is *shed*, reported
   apart), every bad request answered 4xx quickly, nothing hangs past its timeout.
@@ -177,10 +178,9 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
     print("heavy requests (what, status, s):", [(w, c, round(t, 3)) for w, c, t in seen.bad])
     print(f"engine /metrics max {max(seen.metrics_latency):.3f}s")
     assert {c for _, c, _ in seen.bad} == {400}, seen.bad
-    # End to end through Nginx. A 15 MB body is first buffered by Nginx (to a temporary
-    # file) and then moved to the relay, which parses it (~10-20 ms): on the 2-core CPU
-    # stack that transfer alone measured 150-300 ms, so 15 MB is held to 1 s here; the
-    # others to the issue's 100 ms.
+    # End to end through Nginx. A 15 MB body streams through Nginx to the relay, which
+    # reads it whole and parses it (~10-20 ms): on the 2-core CPU stack that transfer
+    # measured 150-300 ms, so 15 MB is held to 1 s here; the others to the issue's 100 ms.
     bound = {"4MB prompt": 0.1, "15MB prompt": 1.0, "nested regex": 0.1}
     slow = [(w, round(t, 3)) for w, _, t in seen.bad if t >= bound[w]]
     assert not slow, f"a heavy request was slow: {slow}"
