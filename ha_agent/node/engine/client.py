@@ -73,6 +73,8 @@ _SUMMED = {f.metadata["metric"]: f.name for f in fields(EngineSample) if "metric
 
 @dataclass(frozen=True)
 class CanaryResult:
+    """What one canary generation showed: a token came out (ok) or not, and how long."""
+
     ok: bool
     latency: float
     detail: str

@@ -57,6 +57,9 @@ CANARY_OWN_WORK = 4.0
 
 @dataclass(frozen=True)
 class EngineHealth:
+    """The monitor's judgement of its engine and the numbers behind it; `status()` is
+    what the agent reports of it."""
+
     state: EngineState
     reason: str
     since: float
