@@ -441,6 +441,18 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         description="This worker's number (set by supervisord); worker 0 records the"
         " topology's HA events and keeps Nginx's backup list.",
     )
+    heartbeat_dir: Path | None = Field(
+        None,
+        description="Each relay worker touches <dir>/<index> while its event loop runs;"
+        " the watchdog kills a worker whose file goes stale (gateway/watchdog.py).",
+    )
+    heartbeat_interval: float = Field(0.1, gt=0, description="Worker heartbeat period, s.")
+    stall_limit: float = Field(
+        0.8,
+        gt=0,
+        description="A worker whose heartbeat is this old is frozen: killed so that Nginx"
+        " sends its requests elsewhere and supervisord restarts it, s.",
+    )
     admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
     nodes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -51,6 +51,7 @@ NODE_REACHABLE = "NODE_REACHABLE"
 NODE_REMOVED = "NODE_REMOVED"
 STREAM_MIGRATED = "STREAM_MIGRATED"
 QUERY_QUARANTINED = "QUERY_QUARANTINED"  # relay: a request that took down two nodes
+RELAY_WORKER_STALLED = "RELAY_WORKER_STALLED"  # watchdog: a frozen relay worker killed
 # Operator actions (sglang-ha edit-config, restart, remove).
 CONFIG_CHANGED = "CONFIG_CHANGED"
 ENGINE_RESTART_REQUESTED = "ENGINE_RESTART_REQUESTED"

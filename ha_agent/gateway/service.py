@@ -21,6 +21,7 @@ from ha_agent.gateway.relay import Relay
 from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
 from ha_agent.gateway.warming import Warmer
+from ha_agent.gateway.watchdog import beat
 from ha_agent.gateway.workers import share
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,17 @@ class RelayService:
                 )
             ),
         ]
+        if self.s.heartbeat_dir is not None:  # the watchdog's sign of life (watchdog.py)
+            self._tasks.append(
+                asyncio.ensure_future(
+                    beat(
+                        self.s.heartbeat_dir,
+                        self.s.relay_worker_index,
+                        self.s.heartbeat_interval,
+                        self._stop,
+                    )
+                )
+            )
         if self.s.nginx_backup_file and self.leading_worker:
             self._tasks.append(
                 asyncio.ensure_future(

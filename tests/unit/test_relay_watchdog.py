@@ -1,0 +1,93 @@
+"""The relay watchdog (gateway/watchdog.py): a worker whose event loop stops is killed;
+a running one, a dead one and one that just started are left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ha_agent.config import RelaySettings
+from ha_agent.gateway.watchdog import WatchdogService, beat, stalled
+from tests.support.fakes import FakeClock, FakeStore
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    """A process standing in for a relay worker (the watchdog only sees its pid)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def heartbeat(directory: Path, index: int, pid: int, age: float) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / str(index)
+    path.write_text(str(pid))
+    then = time.time() - age
+    os.utime(path, (then, then))
+
+
+async def test_a_worker_beats_while_its_loop_runs(tmp_path: Path) -> None:
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(beat(tmp_path / "hb", 3, 0.01, stop))
+    await asyncio.sleep(0.05)
+    path = tmp_path / "hb" / "3"
+    assert path.read_text() == str(os.getpid())
+    first = path.stat().st_mtime_ns
+    await asyncio.sleep(0.05)
+    assert path.stat().st_mtime_ns > first, "the mtime moves while the loop runs"
+    assert stalled(tmp_path / "hb", 0.5) == []
+    stop.set()
+    await asyncio.wait_for(task, 1.0)
+
+
+def test_only_a_live_process_with_a_stale_heartbeat_is_stalled(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=10)
+    heartbeat(tmp_path, 0, child.pid, age=5.0)
+    heartbeat(tmp_path, 1, os.getpid(), age=0.0)  # beating
+    heartbeat(tmp_path, 2, dead.pid, age=5.0)  # gone: supervisord's to restart
+    (tmp_path / ".3.123").write_text("not yet renamed")
+    found = stalled(tmp_path, 0.8)
+    assert [(s.index, s.pid) for s in found] == [("0", child.pid)]
+    assert found[0].age >= 5.0
+
+
+def test_the_watchdog_kills_a_frozen_worker_and_says_so(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    os.kill(child.pid, signal.SIGSTOP)  # frozen, as `kill -STOP` leaves it
+    heartbeat(tmp_path / "hb", 1, child.pid, age=2.0)
+    settings = RelaySettings(
+        heartbeat_dir=tmp_path / "hb", stall_limit=0.8, ha_log=str(tmp_path / "ha.log")
+    )
+    watchdog = WatchdogService(settings, store=FakeStore(FakeClock()))
+    try:
+        found = watchdog.check()
+        assert [s.pid for s in found] == [child.pid]
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert watchdog.stalls._value.get() == 1
+        [event] = [e for e in watchdog.events.recent if e.event == "RELAY_WORKER_STALLED"]
+        assert f"relay worker 1 (pid {child.pid})" in event.detail
+        assert watchdog.check() == [], "a dead worker is not killed twice"
+    finally:
+        watchdog.events.close()
+    assert "RELAY_WORKER_STALLED relay worker 1" in (tmp_path / "ha.log").read_text()
+
+
+def test_the_watchdog_needs_the_heartbeat_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="HA_HEARTBEAT_DIR"):
+        WatchdogService(
+            RelaySettings(ha_log=str(tmp_path / "ha.log")), store=FakeStore(FakeClock())
+        )
