@@ -51,7 +51,8 @@ NODE_REACHABLE = "NODE_REACHABLE"
 NODE_REMOVED = "NODE_REMOVED"
 STREAM_MIGRATED = "STREAM_MIGRATED"
 QUERY_QUARANTINED = "QUERY_QUARANTINED"  # relay: a request that took down two nodes
-RELAY_WORKER_STALLED = "RELAY_WORKER_STALLED"  # watchdog: a frozen relay worker killed
+RELAY_WORKER_STALLED = "RELAY_WORKER_STALLED"  # watchdog: a relay worker froze
+RELAY_WORKER_RECOVERED = "RELAY_WORKER_RECOVERED"  # watchdog: it beats again
 # Operator actions (sglang-ha edit-config, restart, remove).
 CONFIG_CHANGED = "CONFIG_CHANGED"
 ENGINE_RESTART_REQUESTED = "ENGINE_RESTART_REQUESTED"

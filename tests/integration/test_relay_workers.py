@@ -3,8 +3,9 @@ only the streams it held. Streams on the other workers finish whole, requests se
 while it is down are answered (Nginx re-sends what reached no worker), and
 supervisord brings the worker back.
 
-Issue 20: a worker that freezes (SIGSTOP) is killed by the watchdog within a second,
-so requests stop waiting on it long before the freeze would end."""
+Issue 20: a worker that freezes (SIGSTOP) is taken out of Nginx's rotation by the
+watchdog within a second, so new requests stop waiting on it long before the freeze
+ends; the requests it held finish when it resumes, and it rejoins."""
 
 from __future__ import annotations
 
@@ -158,35 +159,37 @@ def test_a_frozen_relay_worker_is_bypassed_within_a_second(stack: Stack) -> None
                 lambda: stack.ha_log("gateway").count("RELAY_WORKER_STALLED") > stalls_before,
                 timeout=FREEZE,
                 interval=0.1,
-                what="the watchdog to kill the frozen worker",
+                what="the watchdog to take the frozen worker out of the rotation",
             )
             noticed = time.monotonic() - zero - frozen
             # The fault lasts its full length, as a real freeze would.
             time.sleep(max(0.0, frozen + FREEZE - (time.monotonic() - zero)))
         finally:
-            _signal(stack, pid, "SIGCONT")  # a no-op once it is dead
+            _signal(stack, pid, "SIGCONT")
         resumed = time.monotonic() - zero
         time.sleep(2.0)
     records = load.records
     during = [r for r in records if frozen + 1.0 <= r.start <= resumed - 3.0]
     print(
-        f"frozen at {frozen:.1f}s, killed after {noticed:.2f}s; {len(during)} requests"
-        f" started during the freeze, slowest {max(r.latency for r in during):.2f}s; "
+        f"frozen at {frozen:.1f}s, out of rotation after {noticed:.2f}s; {len(during)}"
+        f" requests started during the freeze, slowest {max(r.latency for r in during):.2f}s; "
         + load.summary()
     )
     assert noticed < FREEZE / 2
     # Every request that started after the first second finished without waiting for
-    # the freeze to end, and none failed.
+    # the freeze to end.
     assert len(during) > 20, load.summary()
     late = [r.to_json() for r in during if not r.ok or r.end >= resumed]
     assert not late, late[:3]
-    # Non-streaming requests never fail: what the dead worker held is re-sent by Nginx.
-    assert not [r for r in records if not r.ok and not r.stream], load.summary()
-    # A stream can fail only if that worker carried it when it froze.
-    assert all(r.start < frozen + 1.0 for r in load.failed), load.summary()
-    detail = stack.ha_log("gateway").splitlines()
-    assert any(f"relay worker {victim} (pid {pid})" in line for line in detail)
+    # None failed, streams included: what the frozen worker held waited for it.
+    assert not load.failed, load.summary()
+    log = stack.ha_log("gateway")
+    assert f"relay worker {victim} (pid {pid}): no heartbeat" in log
+    wait_until(
+        lambda: f"RELAY_WORKER_RECOVERED relay worker {victim}" in stack.ha_log("gateway"),
+        timeout=10,
+        what="the worker back in the rotation",
+    )
     metrics = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=5).text
     assert "sglang_ha_relay_worker_stalls_total 1.0" in metrics
-    after = _wait_workers(stack, len(before), 30.0)
-    assert after[victim] != pid, "supervisord started the worker again"
+    assert _wait_workers(stack, len(before), 30.0)[victim] == pid, "resumed, not restarted"

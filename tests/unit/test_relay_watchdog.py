@@ -64,26 +64,95 @@ def test_only_a_live_process_with_a_stale_heartbeat_is_stalled(
     assert found[0].age >= 5.0
 
 
-def test_the_watchdog_kills_a_frozen_worker_and_says_so(
+def _watchdog(tmp_path: Path, **extra: object) -> tuple[WatchdogService, list[str]]:
+    reloads: list[str] = []
+
+    async def reload(command: str, why: str) -> None:
+        reloads.append(why)
+
+    settings = RelaySettings(
+        heartbeat_dir=tmp_path / "hb",
+        stall_limit=0.8,
+        ha_log=str(tmp_path / "ha.log"),
+        **extra,  # type: ignore[arg-type]
+    )
+    return WatchdogService(settings, store=FakeStore(FakeClock()), reload=reload), reloads
+
+
+async def test_a_frozen_worker_leaves_nginx_rotation_and_comes_back(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    """Not killed: the requests it holds finish when it resumes (Nginx could not
+    re-send their bodies); new ones go to the other workers meanwhile."""
+    servers = tmp_path / "relay-servers.conf"
+    watchdog, reloads = _watchdog(
+        tmp_path,
+        relay_workers=2,
+        relay_worker_port_base=8100,
+        nginx_relay_file=str(servers),
+        stall_kill_after=30.0,
+    )
+    try:
+        heartbeat(tmp_path / "hb", 0, os.getpid(), age=0.0)
+        heartbeat(tmp_path / "hb", 1, child.pid, age=2.0)
+        found = await watchdog.check()
+        assert [s.pid for s in found] == [child.pid]
+        assert child.poll() is None, "not killed"
+        text = servers.read_text()
+        assert "server 127.0.0.1:8101 max_fails=1 fail_timeout=2s down;" in text
+        assert "server 127.0.0.1:8100 max_fails=1 fail_timeout=2s;" in text
+        assert len(reloads) == 1 and "8101" in reloads[0]
+        await watchdog.check()
+        assert len(reloads) == 1, "no reload while nothing changes"
+        assert watchdog.stalls._value.get() == 1
+        heartbeat(tmp_path / "hb", 1, child.pid, age=0.0)  # it beats again
+        assert await watchdog.check() == []
+        assert " down;" not in servers.read_text() and len(reloads) == 2
+        seen = [e.event for e in watchdog.events.recent]
+        assert seen == ["RELAY_WORKER_STALLED", "RELAY_WORKER_RECOVERED"]
+        assert f"relay worker 1 (pid {child.pid})" in watchdog.events.recent[0].detail
+    finally:
+        watchdog.events.close()
+    log = (tmp_path / "ha.log").read_text()
+    assert "RELAY_WORKER_STALLED relay worker 1" in log and "out of Nginx's rotation" in log
+
+
+async def test_a_worker_frozen_for_good_is_killed_in_the_end(
     tmp_path: Path, child: subprocess.Popen[bytes]
 ) -> None:
     os.kill(child.pid, signal.SIGSTOP)  # frozen, as `kill -STOP` leaves it
-    heartbeat(tmp_path / "hb", 1, child.pid, age=2.0)
-    settings = RelaySettings(
-        heartbeat_dir=tmp_path / "hb", stall_limit=0.8, ha_log=str(tmp_path / "ha.log")
+    watchdog, _ = _watchdog(
+        tmp_path,
+        relay_workers=2,
+        relay_worker_port_base=8100,
+        nginx_relay_file=str(tmp_path / "servers.conf"),
+        stall_kill_after=1.0,
     )
-    watchdog = WatchdogService(settings, store=FakeStore(FakeClock()))
     try:
-        found = watchdog.check()
-        assert [s.pid for s in found] == [child.pid]
+        heartbeat(tmp_path / "hb", 1, child.pid, age=2.0)  # out of rotation 2 s ago
+        await watchdog.check()
+        assert child.poll() is None
+        heartbeat(tmp_path / "hb", 1, child.pid, age=3.5)
+        await watchdog.check()
         assert child.wait(timeout=10) == -signal.SIGKILL
-        assert watchdog.stalls._value.get() == 1
-        [event] = [e for e in watchdog.events.recent if e.event == "RELAY_WORKER_STALLED"]
-        assert f"relay worker 1 (pid {child.pid})" in event.detail
-        assert watchdog.check() == [], "a dead worker is not killed twice"
+        assert "killed, supervisord restarts it" in watchdog.events.recent[-1].detail
     finally:
         watchdog.events.close()
-    assert "RELAY_WORKER_STALLED relay worker 1" in (tmp_path / "ha.log").read_text()
+
+
+async def test_with_one_shared_port_a_frozen_worker_is_killed_at_once(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    watchdog, reloads = _watchdog(tmp_path)
+    try:
+        heartbeat(tmp_path / "hb", 0, child.pid, age=2.0)
+        found = await watchdog.check()
+        assert [s.pid for s in found] == [child.pid]
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert reloads == [] and "killed" in watchdog.events.recent[0].detail
+        assert await watchdog.check() == [], "a dead worker is not killed twice"
+    finally:
+        watchdog.events.close()
 
 
 def test_the_watchdog_needs_the_heartbeat_folder(tmp_path: Path) -> None:
