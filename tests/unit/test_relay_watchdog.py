@@ -160,3 +160,20 @@ def test_the_watchdog_needs_the_heartbeat_folder(tmp_path: Path) -> None:
         WatchdogService(
             RelaySettings(ha_log=str(tmp_path / "ha.log")), store=FakeStore(FakeClock())
         )
+
+
+def test_nginx_lists_a_port_per_relay_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start: every worker's own port (none down), or the shared one without them."""
+    from ha_agent.gateway.nginx_conf import relay_ports
+    from ha_agent.gateway.nginx_sync import render_relay_servers
+
+    env = {"HA_RELAY_WORKERS": "3", "HA_RELAY_WORKER_PORT_BASE": "8100"}
+    assert relay_ports(env) == [8100, 8101, 8102]
+    assert relay_ports({"HA_RELAY_PORT": "8001"}) == [8001]
+    text = render_relay_servers([8100, 8101], {8101})
+    assert text.splitlines()[1:] == [
+        "server 127.0.0.1:8100 max_fails=1 fail_timeout=2s;",
+        "server 127.0.0.1:8101 max_fails=1 fail_timeout=2s down;",
+    ]
