@@ -36,6 +36,14 @@ def test_without_a_known_pid_the_last_run_counts() -> None:
     assert oom_in(marker(11) + "CUDA out of memory\n", 0)
 
 
+def test_the_latest_run_with_the_pid_counts_when_an_older_container_reused_it() -> None:
+    """The log is a volume: a container started before this one also had pid 11."""
+    old_container = marker(11) + "served for an hour\n" + marker(57) + "restarted\n"
+    log = old_container + marker(11) + "torch.OutOfMemoryError: CUDA out of memory\n"
+    assert oom_in(log, 11)
+    assert oom_in(log + marker(180), 11)
+
+
 class _FakeSupervisor:
     """supervisord's XML-RPC as SupervisorWatch reads it: a process state, its stderr
     log and supervisord's own log."""

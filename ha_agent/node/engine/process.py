@@ -33,9 +33,12 @@ def output_of_run(log: str, pid: int) -> str:
 
     The launcher marks each start with its pid (it execs the engine, so the pid is
     the engine's). supervisord may already have started the next run by the time
-    we read, so the last run in the log is not necessarily the one that died.
+    we read, so the last run in the log is not necessarily the one that died. The
+    log outlives the container (a volume) and pids start over in a new one: the
+    latest run with that pid is the one.
     """
-    own = re.search(rf"{re.escape(START_MARKER)}[^\n]*\(pid {pid}\)", log) if pid else None
+    runs = list(re.finditer(rf"{re.escape(START_MARKER)}[^\n]*\(pid {pid}\)", log)) if pid else []
+    own = runs[-1] if runs else None
     if own:
         return log[own.end() :].split(START_MARKER, 1)[0]
     others = [m.start() for m in re.finditer(re.escape(START_MARKER), log)]
