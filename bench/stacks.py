@@ -89,8 +89,8 @@ def direct_nginx_conf(template: str, engine: str) -> str:
     (host:port): the "Nginx only" path differs from ours by the relay alone."""
     text = render_template(template, {})
     text, relay = re.subn(
-        r"^\s*server 127\.0\.0\.1:\d+ (max_fails=\S+ fail_timeout=\S+);.*$",
-        lambda m: f"        server {engine} {m.group(1)};",
+        r"^\s*include /run/sglang-ha/nginx-relay-servers\.conf;$",
+        f"        server {engine} max_fails=1 fail_timeout=2s;",
         text,
         flags=re.M,
     )

@@ -441,6 +441,35 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         description="This worker's number (set by supervisord); worker 0 records the"
         " topology's HA events and keeps Nginx's backup list.",
     )
+    relay_worker_port_base: int = Field(
+        0,
+        ge=0,
+        description="Worker i also listens on this port + i, alone, so that Nginx can"
+        " take one worker out of its rotation (0: the shared port only).",
+    )
+    nginx_relay_file: str | None = Field(
+        None,
+        description="The include file listing the relay workers for Nginx; the watchdog"
+        " marks a frozen one down in it and reloads Nginx.",
+    )
+    heartbeat_dir: Path | None = Field(
+        None,
+        description="Each relay worker touches <dir>/<index> while its event loop runs;"
+        " the watchdog watches the files (gateway/watchdog.py).",
+    )
+    heartbeat_interval: float = Field(0.1, gt=0, description="Worker heartbeat period, s.")
+    stall_limit: float = Field(
+        0.8,
+        gt=0,
+        description="A worker whose heartbeat is this old is frozen: taken out of Nginx's"
+        " rotation until it beats again, s.",
+    )
+    stall_kill_after: float = Field(
+        30.0,
+        gt=0,
+        description="A worker frozen this long is killed (supervisord restarts it); its"
+        " requests are lost then, s.",
+    )
     admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
     nodes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

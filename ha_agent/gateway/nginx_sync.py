@@ -1,4 +1,5 @@
-"""Keep Nginx's last-resort upstreams equal to the nodes the relay knows.
+"""Keep Nginx's upstreams right: the last-resort engines equal to the nodes the relay
+knows, and the relay workers with the frozen ones marked down (watchdog.py).
 
 Nginx (open source) resolves upstream names once, at load time, and refuses to
 start if one does not resolve. So the relay writes the engines' *addresses* into
@@ -60,6 +61,17 @@ def render(nodes: Iterable[NodeView], known: dict[str, str] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+def render_relay_servers(ports: list[int], down: set[int] | None = None) -> str:
+    """The relay workers Nginx sends to, one port each; `down` ones stay listed (the
+    file keeps its shape) but get nothing new."""
+    down = down or set()
+    lines = ["# Written by the sglang-ha gateway: its relay workers (down: frozen)."]
+    for port in ports:
+        mark = " down" if port in down else ""
+        lines.append(f"server 127.0.0.1:{port} max_fails=1 fail_timeout=2s{mark};")
+    return "\n".join(lines) + "\n"
+
+
 async def keep_in_sync(
     topology: Topology, path: str, reload_command: str, stop: asyncio.Event, every: float = 2.0
 ) -> None:
@@ -67,8 +79,8 @@ async def keep_in_sync(
     while not stop.is_set():
         text = await asyncio.to_thread(render, list(topology.nodes.values()), known)
         if _changed(path, text):
-            await asyncio.to_thread(_write, path, text)
-            await _reload(reload_command)
+            await asyncio.to_thread(write_atomic, path, text)
+            await reload_nginx(reload_command)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every)
 
@@ -81,14 +93,14 @@ def _changed(path: str, text: str) -> bool:
         return True
 
 
-def _write(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
 
 
-async def _reload(command: str) -> None:
+async def reload_nginx(command: str, why: str = "last-resort upstreams updated") -> None:
     proc = await asyncio.create_subprocess_exec(
         *shlex.split(command), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -101,4 +113,4 @@ async def _reload(command: str) -> None:
     if proc.returncode:
         log.warning("nginx reload failed (%s): %s", proc.returncode, out.decode(errors="replace"))
     else:
-        log.info("nginx last-resort upstreams updated")
+        log.info("nginx reloaded: %s", why)

@@ -21,6 +21,7 @@ from ha_agent.gateway.relay import Relay
 from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
 from ha_agent.gateway.warming import Warmer
+from ha_agent.gateway.watchdog import beat
 from ha_agent.gateway.workers import share
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ class RelayService:
         await web.TCPSite(
             self._data, self.s.relay_host, self.s.relay_port, backlog=1024, reuse_port=True
         ).start()
+        if self.s.relay_worker_port_base:
+            # Its own port besides: Nginx lists each worker, so that the watchdog can
+            # take a frozen one out of the rotation (watchdog.py).
+            port = self.s.relay_worker_port_base + self.s.relay_worker_index
+            await web.TCPSite(self._data, self.s.relay_host, port, backlog=1024).start()
         # Every worker answers the admin port too; /metrics sums over the workers.
         await web.TCPSite(
             self._admin, self.s.relay_host_admin, self.s.relay_admin_port, reuse_port=True
@@ -122,6 +128,17 @@ class RelayService:
                 )
             ),
         ]
+        if self.s.heartbeat_dir is not None:  # the watchdog's sign of life (watchdog.py)
+            self._tasks.append(
+                asyncio.ensure_future(
+                    beat(
+                        self.s.heartbeat_dir,
+                        self.s.relay_worker_index,
+                        self.s.heartbeat_interval,
+                        self._stop,
+                    )
+                )
+            )
         if self.s.nginx_backup_file and self.leading_worker:
             self._tasks.append(
                 asyncio.ensure_future(

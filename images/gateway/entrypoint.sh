@@ -16,6 +16,9 @@ export HA_RELAY_WORKERS
 export PROMETHEUS_MULTIPROC_DIR=/run/sglang-ha/relay-metrics
 rm -rf "$PROMETHEUS_MULTIPROC_DIR"
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+# Each worker's heartbeat, which the watchdog reads (gateway/watchdog.py).
+export HA_HEARTBEAT_DIR=/run/sglang-ha/relay-heartbeat
+rm -rf "$HA_HEARTBEAT_DIR"
 # A query of death one worker quarantined is refused by all (gateway/quarantine.py).
 export HA_QUARANTINE_DIR=/run/sglang-ha/quarantine
 rm -rf "$HA_QUARANTINE_DIR"

@@ -1,7 +1,11 @@
 """Issue 17: the relay runs as several worker processes; one dying (kill -9) loses
 only the streams it held. Streams on the other workers finish whole, requests sent
 while it is down are answered (Nginx re-sends what reached no worker), and
-supervisord brings the worker back."""
+supervisord brings the worker back.
+
+Issue 20: a worker that freezes (SIGSTOP) is taken out of Nginx's rotation by the
+watchdog within a second, so new requests stop waiting on it long before the freeze
+ends; the requests it held finish when it resumes, and it rejoins."""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from tests.support.background_load import background_load
+from tests.support.processes import wait_until
 from tests.support.stack import Stack
 
 SUPERVISORCTL = ["supervisorctl", "-c", "/etc/sglang-ha/supervisord.conf"]
@@ -126,3 +132,64 @@ def test_a_relay_worker_crash_loses_only_its_own_streams(stack: Stack) -> None:
     # supervisord restarts the worker; the gateway is whole again.
     after = _wait_workers(stack, len(before), 30.0)
     assert after[victim] != before[victim]
+
+
+FREEZE = 12.0  # seconds the worker stays stopped, as in the issue
+
+
+def _signal(stack: Stack, pid: int, sig: str) -> None:
+    """kill -SIG inside the gateway (the image has no kill binary; its Python does it)."""
+    stack.container("gateway").exec_run(
+        ["python3", "-c", f"import os, signal; os.kill({pid}, signal.{sig})"]
+    )
+
+
+def test_a_frozen_relay_worker_is_bypassed_within_a_second(stack: Stack) -> None:
+    before = _wait_workers(stack, 1, 30.0)
+    victim = "0"
+    pid = before[victim]
+    stalls_before = stack.ha_log("gateway").count("RELAY_WORKER_STALLED")
+    zero = time.monotonic()
+    with background_load(stack.gateway_url, concurrency=16, clock_zero=zero) as load:
+        time.sleep(3.0)  # the load under way, on every worker
+        frozen = time.monotonic() - zero
+        _signal(stack, pid, "SIGSTOP")
+        try:
+            wait_until(
+                lambda: stack.ha_log("gateway").count("RELAY_WORKER_STALLED") > stalls_before,
+                timeout=FREEZE,
+                interval=0.1,
+                what="the watchdog to take the frozen worker out of the rotation",
+            )
+            noticed = time.monotonic() - zero - frozen
+            # The fault lasts its full length, as a real freeze would.
+            time.sleep(max(0.0, frozen + FREEZE - (time.monotonic() - zero)))
+        finally:
+            _signal(stack, pid, "SIGCONT")
+        resumed = time.monotonic() - zero
+        time.sleep(2.0)
+    records = load.records
+    during = [r for r in records if frozen + 1.0 <= r.start <= resumed - 3.0]
+    print(
+        f"frozen at {frozen:.1f}s, out of rotation after {noticed:.2f}s; {len(during)}"
+        f" requests started during the freeze, slowest {max(r.latency for r in during):.2f}s; "
+        + load.summary()
+    )
+    assert noticed < FREEZE / 2
+    # Every request that started after the first second finished without waiting for
+    # the freeze to end.
+    assert len(during) > 20, load.summary()
+    late = [r.to_json() for r in during if not r.ok or r.end >= resumed]
+    assert not late, late[:3]
+    # None failed, streams included: what the frozen worker held waited for it.
+    assert not load.failed, load.summary()
+    log = stack.ha_log("gateway")
+    assert f"relay worker {victim} (pid {pid}): no heartbeat" in log
+    wait_until(
+        lambda: f"RELAY_WORKER_RECOVERED relay worker {victim}" in stack.ha_log("gateway"),
+        timeout=10,
+        what="the worker back in the rotation",
+    )
+    metrics = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=5).text
+    assert "sglang_ha_relay_worker_stalls_total 1.0" in metrics
+    assert _wait_workers(stack, len(before), 30.0)[victim] == pid, "resumed, not restarted"

@@ -35,9 +35,10 @@ class LoadResult:
 
 @contextlib.contextmanager
 def background_load(
-    base_url: str, concurrency: int = 6, stream_every: int = 2
+    base_url: str, concurrency: int = 6, stream_every: int = 2, clock_zero: float | None = None
 ) -> Iterator[LoadResult]:
-    """Load runs while the block runs; stops (bounded) when it exits."""
+    """Load runs while the block runs; stops (bounded) when it exits. Records' times
+    are seconds after `clock_zero` (a time.monotonic() value; default: the start)."""
     result = LoadResult()
     started = threading.Event()
     holder: dict[str, object] = {}
@@ -45,7 +46,9 @@ def background_load(
     def run() -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        load = Load(base_url, concurrency=concurrency, stream_every=stream_every)
+        load = Load(
+            base_url, concurrency=concurrency, stream_every=stream_every, clock_zero=clock_zero
+        )
         stop = asyncio.Event()
         holder["loop"], holder["stop"] = loop, stop
         try:

@@ -154,7 +154,7 @@ def test_direct_nginx_conf_swaps_the_relay_for_the_engine_only() -> None:
     template = (ROOT / "nginx" / "nginx.conf.template").read_text()
     conf = direct_nginx_conf(template, "node-1:30000")
     assert "server node-1:30000 max_fails=1 fail_timeout=2s;" in conf
-    assert "127.0.0.1:8001" not in conf
+    assert "127.0.0.1:8001" not in conf and "nginx-relay-servers.conf" not in conf
     assert "nginx-backup-servers.conf" not in conf
     assert not re.search(r"@[A-Z][A-Z0-9_]*@", conf)  # every placeholder rendered
     # the rest of the gateway's proxying is unchanged

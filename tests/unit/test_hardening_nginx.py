@@ -28,6 +28,7 @@ import pytest
 from aiohttp import web
 
 from ha_agent.gateway.nginx_conf import DEFAULTS, render_template
+from ha_agent.gateway.nginx_sync import render_relay_servers
 from ha_agent.openapi.inference import MODEL_PREFIX, PUBLIC_ROUTES
 from tests.support.processes import free_port, stop_process
 from tests.support.raw_http import framed, raw_http
@@ -130,6 +131,7 @@ def start_nginx(
         text = text.replace(path, workdir)
     text = text.replace("127.0.0.1:8003", f"127.0.0.1:{free_port()}")
     Path(workdir, "nginx-backup-servers.conf").write_text("")
+    Path(workdir, "nginx-relay-servers.conf").write_text(render_relay_servers([upstream_port]))
     conf = Path(workdir, "nginx.conf")
     conf.write_text(text)
     proc = subprocess.Popen(

@@ -1,0 +1,179 @@
+"""The relay watchdog (gateway/watchdog.py): a worker whose event loop stops is killed;
+a running one, a dead one and one that just started are left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ha_agent.config import RelaySettings
+from ha_agent.gateway.watchdog import WatchdogService, beat, stalled
+from tests.support.fakes import FakeClock, FakeStore
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    """A process standing in for a relay worker (the watchdog only sees its pid)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def heartbeat(directory: Path, index: int, pid: int, age: float) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / str(index)
+    path.write_text(str(pid))
+    then = time.time() - age
+    os.utime(path, (then, then))
+
+
+async def test_a_worker_beats_while_its_loop_runs(tmp_path: Path) -> None:
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(beat(tmp_path / "hb", 3, 0.01, stop))
+    await asyncio.sleep(0.05)
+    path = tmp_path / "hb" / "3"
+    assert path.read_text() == str(os.getpid())
+    first = path.stat().st_mtime_ns
+    await asyncio.sleep(0.05)
+    assert path.stat().st_mtime_ns > first, "the mtime moves while the loop runs"
+    assert stalled(tmp_path / "hb", 0.5) == []
+    stop.set()
+    await asyncio.wait_for(task, 1.0)
+
+
+def test_only_a_live_process_with_a_stale_heartbeat_is_stalled(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=10)
+    heartbeat(tmp_path, 0, child.pid, age=5.0)
+    heartbeat(tmp_path, 1, os.getpid(), age=0.0)  # beating
+    heartbeat(tmp_path, 2, dead.pid, age=5.0)  # gone: supervisord's to restart
+    (tmp_path / ".3.123").write_text("not yet renamed")
+    found = stalled(tmp_path, 0.8)
+    assert [(s.index, s.pid) for s in found] == [("0", child.pid)]
+    assert found[0].age >= 5.0
+
+
+def _watchdog(tmp_path: Path, **extra: object) -> tuple[WatchdogService, list[str]]:
+    reloads: list[str] = []
+
+    async def reload(command: str, why: str) -> None:
+        reloads.append(why)
+
+    settings = RelaySettings(
+        heartbeat_dir=tmp_path / "hb",
+        stall_limit=0.8,
+        ha_log=str(tmp_path / "ha.log"),
+        **extra,  # type: ignore[arg-type]
+    )
+    return WatchdogService(settings, store=FakeStore(FakeClock()), reload=reload), reloads
+
+
+async def test_a_frozen_worker_leaves_nginx_rotation_and_comes_back(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    """Not killed: the requests it holds finish when it resumes (Nginx could not
+    re-send their bodies); new ones go to the other workers meanwhile."""
+    servers = tmp_path / "relay-servers.conf"
+    watchdog, reloads = _watchdog(
+        tmp_path,
+        relay_workers=2,
+        relay_worker_port_base=8100,
+        nginx_relay_file=str(servers),
+        stall_kill_after=30.0,
+    )
+    try:
+        heartbeat(tmp_path / "hb", 0, os.getpid(), age=0.0)
+        heartbeat(tmp_path / "hb", 1, child.pid, age=2.0)
+        found = await watchdog.check()
+        assert [s.pid for s in found] == [child.pid]
+        assert child.poll() is None, "not killed"
+        text = servers.read_text()
+        assert "server 127.0.0.1:8101 max_fails=1 fail_timeout=2s down;" in text
+        assert "server 127.0.0.1:8100 max_fails=1 fail_timeout=2s;" in text
+        assert len(reloads) == 1 and "8101" in reloads[0]
+        await watchdog.check()
+        assert len(reloads) == 1, "no reload while nothing changes"
+        assert watchdog.stalls._value.get() == 1
+        heartbeat(tmp_path / "hb", 1, child.pid, age=0.0)  # it beats again
+        assert await watchdog.check() == []
+        assert " down;" not in servers.read_text() and len(reloads) == 2
+        seen = [e.event for e in watchdog.events.recent]
+        assert seen == ["RELAY_WORKER_STALLED", "RELAY_WORKER_RECOVERED"]
+        assert f"relay worker 1 (pid {child.pid})" in watchdog.events.recent[0].detail
+    finally:
+        watchdog.events.close()
+    log = (tmp_path / "ha.log").read_text()
+    assert "RELAY_WORKER_STALLED relay worker 1" in log and "out of Nginx's rotation" in log
+
+
+async def test_a_worker_frozen_for_good_is_killed_in_the_end(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    os.kill(child.pid, signal.SIGSTOP)  # frozen, as `kill -STOP` leaves it
+    watchdog, _ = _watchdog(
+        tmp_path,
+        relay_workers=2,
+        relay_worker_port_base=8100,
+        nginx_relay_file=str(tmp_path / "servers.conf"),
+        stall_kill_after=1.0,
+    )
+    try:
+        heartbeat(tmp_path / "hb", 1, child.pid, age=2.0)  # out of rotation 2 s ago
+        await watchdog.check()
+        assert child.poll() is None
+        heartbeat(tmp_path / "hb", 1, child.pid, age=3.5)
+        await watchdog.check()
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert "killed, supervisord restarts it" in watchdog.events.recent[-1].detail
+    finally:
+        watchdog.events.close()
+
+
+async def test_with_one_shared_port_a_frozen_worker_is_killed_at_once(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    watchdog, reloads = _watchdog(tmp_path)
+    try:
+        heartbeat(tmp_path / "hb", 0, child.pid, age=2.0)
+        found = await watchdog.check()
+        assert [s.pid for s in found] == [child.pid]
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert reloads == [] and "killed" in watchdog.events.recent[0].detail
+        assert await watchdog.check() == [], "a dead worker is not killed twice"
+    finally:
+        watchdog.events.close()
+
+
+def test_the_watchdog_needs_the_heartbeat_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="HA_HEARTBEAT_DIR"):
+        WatchdogService(
+            RelaySettings(ha_log=str(tmp_path / "ha.log")), store=FakeStore(FakeClock())
+        )
+
+
+def test_nginx_lists_a_port_per_relay_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start: every worker's own port (none down), or the shared one without them."""
+    from ha_agent.gateway.nginx_conf import relay_ports
+    from ha_agent.gateway.nginx_sync import render_relay_servers
+
+    env = {"HA_RELAY_WORKERS": "3", "HA_RELAY_WORKER_PORT_BASE": "8100"}
+    assert relay_ports(env) == [8100, 8101, 8102]
+    assert relay_ports({"HA_RELAY_PORT": "8001"}) == [8001]
+    text = render_relay_servers([8100, 8101], {8101})
+    assert text.splitlines()[1:] == [
+        "server 127.0.0.1:8100 max_fails=1 fail_timeout=2s;",
+        "server 127.0.0.1:8101 max_fails=1 fail_timeout=2s down;",
+    ]
