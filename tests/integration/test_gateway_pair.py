@@ -14,12 +14,11 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
+from tests.support.probes import Prober, Record, takeover
 from tests.support.processes import wait_until
 from tests.support.stack import Stack, running_stack
 
@@ -31,13 +30,6 @@ CLIENTS = 6
 # then gratuitous ARP.
 TAKEOVER_BOUND = {"frozen": 3.0, "host died": 5.0}
 SIDECAR = {"gateway": "vrrp-1", "gateway-2": "vrrp-2"}
-
-
-@dataclass
-class Record:
-    start: float
-    end: float
-    ok: bool
 
 
 @pytest.fixture(scope="module")
@@ -113,55 +105,6 @@ class ClosedLoop:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30)
-
-
-class Prober:
-    """New requests at a steady pace (every 0.1 s, each on its own connection, 2 s
-    bound), whatever the load's clients are stuck on: what "new requests succeed
-    again" measures."""
-
-    def __init__(self, url: str, zero: float) -> None:
-        self.url, self.zero = url, zero
-        self.records: list[Record] = []
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=32)
-        self._thread = threading.Thread(target=self._run)
-
-    def _probe(self) -> None:
-        start = time.monotonic() - self.zero
-        try:
-            r = httpx.get(f"{self.url}/v1/models", timeout=httpx.Timeout(2.0, connect=0.5))
-            ok = r.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        self.records.append(Record(start, time.monotonic() - self.zero, ok))
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self._pool.submit(self._probe)
-
-    def __enter__(self) -> Prober:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self._pool.shutdown(wait=True)
-
-
-def takeover(records: list[Record], fault_at: float) -> float:
-    """Seconds from the fault until new requests succeed again for good: the start of
-    the first one after which every one started succeeded."""
-    after = sorted((r for r in records if r.start >= fault_at), key=lambda r: r.start)
-    recovered = None
-    for r in after:
-        if not r.ok:
-            recovered = None
-        elif recovered is None:
-            recovered = r.start
-    assert recovered is not None, "requests never succeeded again"
-    return recovered - fault_at
 
 
 def test_the_pair_keeps_its_address_through_a_frozen_and_a_killed_gateway(

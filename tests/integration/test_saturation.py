@@ -31,7 +31,7 @@ GENERATION = 2000
 DURATION = 60.0
 RAMP = 5.0  # until the first batch is admitted and the queue has formed
 # About 40 MB of prompt: seconds of tokenizing, then refused as longer than the context.
-BIG_PROMPT = "lorem ipsum dolor sit amet, " * 1_500_000
+BIG_PROMPT = "lorem ipsum dolor sit amet, " * 2_200_000
 BIG_PROMPTS_AT = (20.0, 40.0)
 
 
