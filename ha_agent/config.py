@@ -459,7 +459,7 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     )
     heartbeat_interval: float = Field(0.1, gt=0, description="Worker heartbeat period, s.")
     stall_limit: float = Field(
-        0.8,
+        0.6,
         gt=0,
         description="A worker whose heartbeat is this old is frozen: taken out of Nginx's"
         " rotation until it beats again, s.",

@@ -97,6 +97,7 @@ class Progress:
     prompt_tokens: int | None = None  # the original request's prompt
     finished: bool = False
     final_usage_sent: bool = False
+    role_sent: bool = False  # chat: the client has its `role` chunk
     response_id: str | None = None
     created: int | None = None
     model: str | None = None
@@ -494,6 +495,8 @@ class _Chat(_Kind):
         delta = choice.get("delta") or {}
         if delta.get("tool_calls") or delta.get("reasoning_content"):
             p.tool_or_reasoning = True
+        if delta.get("role"):
+            p.role_sent = True
         return str(delta.get("content") or "")
 
     def continuation(
@@ -524,7 +527,9 @@ class _Chat(_Kind):
         choices = event.get("choices") or []
         if choices:
             delta = choices[0].get("delta") or {}
-            if "role" in delta:
+            # One role chunk per answer: a segment sent again after a break before any
+            # event keeps its own (the client has none yet).
+            if "role" in delta and mig.progress.role_sent:
                 delta.pop("role")
                 if not delta.get("content") and not choices[0].get("finish_reason"):
                     return None  # the client already has its role chunk

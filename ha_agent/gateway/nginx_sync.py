@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shlex
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from ha_agent.atomic_file import write_atomic
 from ha_agent.gateway.topology import NodeView, Topology
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,6 @@ def _changed(path: str, text: str) -> bool:
             return fh.read() != text
     except OSError:
         return True
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 async def reload_nginx(command: str, why: str = "last-resort upstreams updated") -> None:

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ha_agent.atomic_file import write_atomic
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
 from ha_agent.gateway.transport import FailureKind, UpstreamFailure
 
@@ -121,10 +122,8 @@ class Quarantine:
     def hold(self, fp: str) -> None:
         self._remember(fp, self.clock() + self.ttl)
         if self.shared is not None:
-            tmp = self.shared / f".{fp}.{os.getpid()}"
             try:
-                tmp.write_text(repr(self.wall() + self.ttl))
-                os.replace(tmp, self.shared / fp)
+                write_atomic(self.shared / fp, repr(self.wall() + self.ttl))
             except OSError as exc:  # this worker still holds it
                 log.warning("quarantine not shared with the other workers: %s", exc)
 

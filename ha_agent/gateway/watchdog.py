@@ -42,11 +42,12 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter
 
 from ha_agent import events as ev
+from ha_agent.atomic_file import write_atomic
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
-from ha_agent.gateway.nginx_sync import reload_nginx, render_relay_servers, write_atomic
+from ha_agent.gateway.nginx_sync import reload_nginx, render_relay_servers
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,7 @@ def _announce(heartbeat_dir: Path, index: int) -> Path:
     one's at once, so the watchdog never judges a new process by an old age."""
     heartbeat_dir.mkdir(parents=True, exist_ok=True)
     path = heartbeat_dir / str(index)
-    tmp = heartbeat_dir / f".{index}.{os.getpid()}"
-    tmp.write_text(str(os.getpid()))
-    os.replace(tmp, path)
+    write_atomic(path, str(os.getpid()))
     return path
 
 
@@ -90,6 +89,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _age(path: str | Path, now: Callable[[], float]) -> float | None:
+    """Seconds since the heartbeat at `path` last moved, None without one."""
+    try:
+        return now() - os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
 def stalled(heartbeat_dir: Path, limit: float, now: Callable[[], float] = time.time) -> list[Stall]:
     """The workers whose heartbeat is older than `limit` and whose process still lives
     (a dead one is supervisord's to restart; its next heartbeat replaces the file)."""
@@ -99,18 +106,18 @@ def stalled(heartbeat_dir: Path, limit: float, now: Callable[[], float] = time.t
     except OSError:
         return []
     for entry in entries:
+        age = _age(entry.path, now)
         try:
-            age = now() - entry.stat().st_mtime
             pid = int(Path(entry.path).read_text())
         except (OSError, ValueError):
             continue
-        if age > limit and _alive(pid):
+        if age is not None and age > limit and _alive(pid):
             found.append(Stall(entry.name, pid, age))
     return found
 
 
 class WatchdogService:
-    """Checks the heartbeats every eighth of the stall limit; acts on the frozen."""
+    """Checks the heartbeats every tenth of the stall limit; acts on the frozen."""
 
     def __init__(
         self,
@@ -194,10 +201,8 @@ class WatchdogService:
         self._killed.add(stall.pid)
 
     def _beating(self, index: str) -> bool:
-        try:
-            return self.clock() - (self.dir / index).stat().st_mtime <= self.limit
-        except OSError:
-            return False
+        age = _age(self.dir / index, self.clock)
+        return age is not None and age <= self.limit
 
     async def _publish(self) -> None:
         assert self.nginx_file is not None
@@ -220,7 +225,7 @@ class WatchdogService:
             except Exception:  # never let one bad look end the watch
                 log.exception("BUG: relay watchdog check failed")
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.limit / 8)
+                await asyncio.wait_for(self._stop.wait(), self.limit / 10)
 
     async def start(self) -> None:
         self._tasks = [

@@ -46,6 +46,8 @@ class RequestRecord:
     text_matches: bool | None = None
     usage_matches: bool | None = None  # (prompt, completion) tokens as the reference's
     completion_tokens: int | None = None
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens as received
+    usage_expected: tuple[int, int] | None = None  # ... as the uninterrupted reference's
 
     @property
     def latency(self) -> float:
@@ -128,7 +130,8 @@ class Load:
             rec.completion_tokens = usage.completion_tokens
             if prompt in self.reference_usage:
                 got = (usage.prompt_tokens, usage.completion_tokens)
-                rec.usage_matches = got == self.reference_usage[prompt]
+                rec.usage, rec.usage_expected = got, self.reference_usage[prompt]
+                rec.usage_matches = got == rec.usage_expected
         else:
             rec.usage_matches = False  # asked for and missing
         return rec

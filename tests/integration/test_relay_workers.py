@@ -10,6 +10,8 @@ ends; the requests it held finish when it resumes, and it rejoins."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import time
 from dataclasses import dataclass
 
@@ -139,10 +141,27 @@ FREEZE = 12.0  # seconds the worker stays stopped, as in the issue
 
 
 def _signal(stack: Stack, pid: int, sig: str) -> None:
-    """kill -SIG inside the gateway (the image has no kill binary; its Python does it)."""
+    """kill -SIG inside the gateway (the image has no kill binary; its Python does it,
+    so the signal leaves at the end of the exec, after the interpreter has started)."""
     stack.container("gateway").exec_run(
         ["python3", "-c", f"import os, signal; os.kill({pid}, signal.{sig})"]
     )
+
+
+def _rotation_changes(stack: Stack, since: float) -> list[float]:
+    """Wall-clock times after `since` at which the watchdog had Nginx reload its list of
+    relay workers with one marked down: its own log line, written once the reload
+    command returned."""
+    times = []
+    for line in stack.logs("gateway").splitlines():
+        if "nginx reloaded: relay workers down: [" not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            stamp = at.replace(tzinfo=datetime.timezone.utc).timestamp()
+            if stamp >= since:
+                times.append(stamp)
+    return times
 
 
 def test_a_frozen_relay_worker_is_bypassed_within_a_second(stack: Stack) -> None:
@@ -159,22 +178,24 @@ def test_a_frozen_relay_worker_is_bypassed_within_a_second(stack: Stack) -> None
         Prober(stack.gateway_url, zero, timeout=FREEZE + 10) as probes,
     ):
         time.sleep(3.0)  # the load under way, on every worker
-        frozen = time.monotonic() - zero
         _signal(stack, pid, "SIGSTOP")
+        frozen, frozen_wall = time.monotonic() - zero, time.time()
         try:
             wait_until(
                 lambda: stack.ha_log("gateway").count("RELAY_WORKER_STALLED") > stalls_before,
                 timeout=FREEZE,
-                interval=0.1,
+                interval=0.25,
                 what="the watchdog to take the frozen worker out of the rotation",
             )
-            noticed = time.monotonic() - zero - frozen
             # The fault lasts its full length, as a real freeze would.
             time.sleep(max(0.0, frozen + FREEZE - (time.monotonic() - zero)))
         finally:
             _signal(stack, pid, "SIGCONT")
         resumed = time.monotonic() - zero
         time.sleep(2.0)
+    reloads = _rotation_changes(stack, frozen_wall)
+    assert reloads, "the watchdog never had Nginx reload"
+    noticed = reloads[0] - frozen_wall
     during = [r for r in probes.records if frozen + 1.0 <= r.start <= resumed - 3.0]
     slowest = max((r.end - r.start for r in during), default=0.0)
     print(
@@ -183,7 +204,7 @@ def test_a_frozen_relay_worker_is_bypassed_within_a_second(stack: Stack) -> None
         f" probes {len(probes.records)}, {sum(not r.ok for r in probes.records)} failed; "
         + load.summary()
     )
-    assert noticed < FREEZE / 2
+    assert noticed < 1.0
     # Every request that started after the first second finished without waiting for
     # the freeze to end.
     assert len(during) > 20, len(probes.records)
@@ -199,6 +220,8 @@ def test_a_frozen_relay_worker_is_bypassed_within_a_second(stack: Stack) -> None
         timeout=10,
         what="the worker back in the rotation",
     )
+    # The metric counts what the log records (a stall each).
     metrics = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=5).text
-    assert "sglang_ha_relay_worker_stalls_total 1.0" in metrics
+    stalls = stack.ha_log("gateway").count("): no heartbeat")
+    assert f"sglang_ha_relay_worker_stalls_total {float(stalls)}" in metrics, stalls
     assert _wait_workers(stack, len(before), 30.0)[victim] == pid, "resumed, not restarted"

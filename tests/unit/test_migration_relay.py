@@ -295,3 +295,68 @@ async def test_generate_continues_from_token_ids_with_spliced_logprobs(
     assert meta["input_token_logprobs"] == [[None, 40, None], [None, 41, None]]
     texts = [e["text"] for e in events[:-1]]
     assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+
+
+WORDS = 8  # the answer: w0 .. w7, one token each, max_tokens 8
+
+
+def _whole_answer(body: dict[str, Any], prompt: int, first: int) -> list[bytes]:
+    """SGLang's chat stream from token `first` on, up to the budget: role chunk, one
+    content chunk per token (running usage when asked), finish chunk, usage, [DONE]."""
+    left = body.get("max_completion_tokens") or body["max_tokens"]
+    use = (lambda n: usage(prompt, n)) if running(body) else (lambda n: None)
+    out = [chat_chunk({"role": "assistant", "content": ""})]
+    for n in range(1, left + 1):
+        out.append(chat_chunk({"content": f"w{first + n - 1} "}, use=use(n)))
+    out.append(chat_chunk({}, finish="length"))
+    if final_usage(body):
+        out.append(chat_usage_chunk(usage(prompt, left)))
+    return [*out, b"data: [DONE]\n\n"]
+
+
+def _primary_breaking_after(events: int) -> Script:
+    return lambda body: _whole_answer(body, PROMPT_TOKENS, 0)[:events]
+
+
+def _standby(body: dict[str, Any]) -> list[bytes]:
+    """A continuation (the partial answer as the last assistant message) goes on from
+    the next word, its prompt re-encoded; a request sent again starts over."""
+    messages = body["messages"]
+    if body.get("continue_final_message"):
+        done = messages[-1]["content"].count("w")
+        return _whole_answer(body, PROMPT_TOKENS + 2 * done, done)
+    return _whole_answer(body, PROMPT_TOKENS, 0)
+
+
+@pytest.mark.parametrize("events", range(WORDS + 4))  # role, 8 words, finish, usage
+@pytest.mark.parametrize("running_usage", [False, True], ids=["final-usage", "running-usage"])
+async def test_a_break_after_any_event_leaves_the_client_the_whole_answer_and_usage(
+    rig_factory: Callable[[Engine, Engine], Any], events: int, running_usage: bool
+) -> None:
+    rig = await rig_factory(
+        Engine([(_primary_breaking_after(events), True)]), Engine([(_standby, False)])
+    )
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": WORDS,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": running_usage},
+    }
+    got = await stream(rig.url + "/v1/chat/completions", body)
+    assert got[-1] == "[DONE]"
+    chunks = got[:-1]
+    assert content(chunks) == "".join(f"w{i} " for i in range(WORDS))
+    assert [c["choices"][0]["delta"].get("role") for c in chunks if c["choices"]].count(
+        "assistant"
+    ) == 1
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    finals = [c["usage"] for c in chunks if not c["choices"]]
+    assert len(finals) == 1 and chunks[-1]["choices"] == [], chunks[-3:]
+    assert (finals[0]["prompt_tokens"], finals[0]["completion_tokens"]) == (PROMPT_TOKENS, WORDS)
+    assert finals[0]["total_tokens"] == PROMPT_TOKENS + WORDS
+    # Running usage only when the client asked for it, counting on across the break.
+    runs = [c["usage"]["completion_tokens"] for c in chunks if c["choices"] and c.get("usage")]
+    assert bool(runs) == running_usage
+    if running_usage:
+        assert runs == sorted(runs) and runs[-1] == WORDS
