@@ -37,9 +37,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -201,6 +201,37 @@ def apply(payload: dict[str, Any], body: bytes, policy: FieldPolicy, owner: str 
     return Applied(json.dumps(out).encode(), out, clients, ours)
 
 
+T = TypeVar("T")
+_SLICE = 0.5  # s: one wait of within_running_time
+
+
+async def within_running_time(work: Awaitable[T], timeout: float) -> T | None:
+    """`work`'s result, or None once it has taken `timeout` s of this loop's running
+    time. A stall of the loop itself (a frozen worker resumed, a blocked loop) is not
+    charged: the client's bytes sat in the socket all along, and on resuming, uvloop
+    (libuv) fires due timers before it reads the sockets, so a plain deadline would
+    turn every request the worker held into a timeout. So it waits in slices, and a
+    slice that overran by more than a slice (the loop stood still) does not count."""
+    task = asyncio.ensure_future(work)
+    left = timeout
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            began, wait = loop.time(), min(left, _SLICE)
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if done:
+                return task.result()
+            elapsed = loop.time() - began
+            if elapsed > wait + _SLICE:
+                continue  # the loop stalled: look again before blaming the client
+            left -= elapsed
+            if left <= 0:
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 _APPLIED: web.RequestKey[Applied] = web.RequestKey("sglang_ha_rids", Applied)
 
 
@@ -219,12 +250,10 @@ class RequestPolicy:
     async def read_body(self, request: web.Request) -> bytes:
         """The whole body within ``body_timeout`` s in total (Nginx streams it through
         and only bounds the time between two reads): else a 408, never an engine."""
-        try:
-            return await asyncio.wait_for(request.read(), self.policy.body_timeout)
-        except TimeoutError:
-            raise BadInput(
-                f"request body not received within {self.policy.body_timeout:g} s", 408
-            ) from None
+        body = await within_running_time(request.read(), self.policy.body_timeout)
+        if body is None:
+            raise BadInput(f"request body not received within {self.policy.body_timeout:g} s", 408)
+        return body
 
     def check(self, request: web.Request, payload: dict[str, Any], body: bytes) -> Applied:
         owner = rid_owner(request, self.policy.engine_authorization) if "rid" in payload else ""

@@ -7,6 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
+import socket
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -210,6 +215,58 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
         writer.close()
         assert status.split()[1] == b"408"
         assert loop.time() - started < 2
+
+
+_FROZEN_READER = """
+import asyncio, sys, uvloop
+from ha_agent.gateway.policy import within_running_time
+
+async def main():
+    done = asyncio.get_running_loop().create_future()
+
+    async def serve(reader, writer):
+        print("reading", flush=True)
+        done.set_result(await within_running_time(reader.readexactly(5), 0.5))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    print(repr(await asyncio.wait_for(done, 10)), flush=True)
+
+uvloop.run(main())
+"""
+
+
+def _read_across_a_freeze(send: bool) -> str:
+    """A relay-like reader on uvloop, frozen (SIGSTOP) for 1.5 s, three times the 0.5 s it
+    allows, while the five bytes it waits for arrive (or not); then resumed."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FROZEN_READER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            assert child.stdout.readline().strip() == "reading"
+            child.send_signal(signal.SIGSTOP)
+            if send:
+                conn.sendall(b"hello")
+            time.sleep(1.5)  # the freeze's length, as SIGSTOP holds a real worker
+            child.send_signal(signal.SIGCONT)
+            out, _ = child.communicate(timeout=10)
+        return out.strip()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_freeze_of_the_relay_is_not_charged_to_the_client() -> None:
+    # The bytes sat in the socket all along; on resuming, libuv fires the due timer
+    # before it reads them (epoll_wait returns EINTR after SIGCONT).
+    assert _read_across_a_freeze(send=True) == "b'hello'"
+
+
+def test_a_client_that_sends_nothing_still_times_out_after_a_freeze() -> None:
+    assert _read_across_a_freeze(send=False) == "None"
 
 
 async def test_malformed_requests_log_one_line_without_their_content(
