@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
+from ha_agent.gateway.prompt_scan import PromptScanner
 from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
 
@@ -86,6 +87,23 @@ class Limits:
         return self._prompt(kind, payload) or self._constraints(kind, payload)
 
     # -- prompt length ---------------------------------------------------------------
+
+    def scanner(self, kind: str) -> PromptScanner | None:
+        """A scanner that refuses this kind's prompt while the body arrives
+        (prompt_scan.py); None while the context is unknown or for other kinds."""
+        context = self.context_length
+        if context is None:
+            return None
+        scanner = PromptScanner(kind, context * self.s.chars_per_token)
+        return scanner if scanner.active else None
+
+    def too_long(self, scanner: PromptScanner) -> str:
+        """Why a prompt the scanner found too long is refused (as `_prompt` says it)."""
+        chars = scanner.chars_at_least
+        return (
+            f"The input (over {chars} characters, at least {int(chars / self.s.chars_per_token)}"
+            f" tokens) is longer than the model's context length ({self.context_length} tokens)."
+        )
 
     def _prompt(self, kind: str, payload: dict[str, Any]) -> str | None:
         context = self.context_length

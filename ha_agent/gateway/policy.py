@@ -44,6 +44,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ha_agent.gateway.prompt_scan import PromptScanner, PromptTooLong
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
 CLIENT_RID_HEADER = "X-SGLang-HA-Client-Rid"
@@ -216,11 +217,14 @@ class RequestPolicy:
         app.on_response_prepare.append(self._headers)
         quiet_protocol_errors()
 
-    async def read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request, scanner: PromptScanner | None = None) -> bytes:
         """The whole body within ``body_timeout`` s in total (Nginx streams it through
-        and only bounds the time between two reads): else a 408, never an engine."""
+        and only bounds the time between two reads): else a 408, never an engine.
+        With a scanner, each chunk is followed as it arrives: `PromptTooLong` as soon as
+        the prompt cannot fit, without reading the rest (prompt_scan.py)."""
+        read = request.read() if scanner is None else _read_scanning(request, scanner)
         try:
-            return await asyncio.wait_for(request.read(), self.policy.body_timeout)
+            return await asyncio.wait_for(read, self.policy.body_timeout)
         except TimeoutError:
             raise BadInput(
                 f"request body not received within {self.policy.body_timeout:g} s", 408
@@ -240,6 +244,21 @@ class RequestPolicy:
             # Header values must stay one line of visible ASCII: JSON-quote them.
             response.headers[CLIENT_RID_HEADER] = _header_value(applied.client_rids)
             response.headers[RID_HEADER] = _header_value(applied.our_rids)
+
+
+async def _read_scanning(request: web.Request, scanner: PromptScanner) -> bytes:
+    """`request.read()` (the same size limit and 413), feeding each chunk to scanner."""
+    limit = request.client_max_size
+    if limit:  # as aiohttp's own read: fewer pause/resume cycles for big bodies
+        request.content.set_read_chunk_size(limit)
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if limit and len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+        if scanner.feed(chunk):
+            raise PromptTooLong(scanner)
+    return bytes(body)
 
 
 def _header_value(rids: list[str]) -> str:
