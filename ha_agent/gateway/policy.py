@@ -220,8 +220,9 @@ class RequestPolicy:
     async def read_body(self, request: web.Request, scanner: PromptScanner | None = None) -> bytes:
         """The whole body within ``body_timeout`` s in total (Nginx streams it through
         and only bounds the time between two reads): else a 408, never an engine.
-        With a scanner, each chunk is followed as it arrives: `PromptTooLong` as soon as
-        the prompt cannot fit, without reading the rest (prompt_scan.py)."""
+        With a scanner, each chunk is followed as it arrives: `PromptTooLong` for a
+        prompt that cannot fit, the body after that point read but neither kept nor
+        parsed (prompt_scan.py)."""
         read = request.read() if scanner is None else _read_scanning(request, scanner)
         try:
             return await asyncio.wait_for(read, self.policy.body_timeout)
@@ -247,17 +248,29 @@ class RequestPolicy:
 
 
 async def _read_scanning(request: web.Request, scanner: PromptScanner) -> bytes:
-    """`request.read()` (the same size limit and 413), feeding each chunk to scanner."""
+    """`request.read()` (the same size limit and 413), feeding each chunk to scanner.
+
+    Once the prompt is too long, the rest is read and dropped (neither kept nor
+    parsed), and only then refused: answered before its body is all in, Nginx (1.22)
+    sends the answer with `Connection: keep-alive` yet closes the client's connection
+    right after it (`ngx_http_finalize_connection`: lingering close while the body is
+    still being read), and a client that reuses the connection at once loses its next
+    request (measured: 5 in 30 after a 4 MB prompt, through httpx)."""
     limit = request.client_max_size
     if limit:  # as aiohttp's own read: fewer pause/resume cycles for big bodies
         request.content.set_read_chunk_size(limit)
     body = bytearray()
+    size = 0
     while chunk := await request.content.readany():
-        body += chunk
-        if limit and len(body) > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
-        if scanner.feed(chunk):
-            raise PromptTooLong(scanner)
+        size += len(chunk)
+        if limit and size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        if not scanner.over:
+            body += chunk
+            if scanner.feed(chunk):
+                body.clear()
+    if scanner.over:
+        raise PromptTooLong(scanner)
     return bytes(body)
 
 
