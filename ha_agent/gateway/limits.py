@@ -11,7 +11,9 @@ relay refuses them first, counted cheaply:
 - token-id prompts by their length (exact);
 - text by characters: a prompt of more than `context_length * chars_per_token`
   characters cannot fit (the estimate is generous on purpose: refusing a valid prompt
-  is worse than tokenizing a slightly too long one, which the engine still refuses).
+  is worse than tokenizing a slightly too long one, which the engine still refuses);
+  counted while the body still arrives by `scanner` (prompt_scan.py), so a 15 MB
+  prompt is never kept or parsed whole.
 
 `context_length` is the relay's setting, or else what the primary reports as
 `max_model_len` in `GET /v1/models` (SGLang's `model_config.context_len`; its

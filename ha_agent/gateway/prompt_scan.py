@@ -8,17 +8,21 @@ fields `limits.prompt_size` counts (chat `messages[*].content` and its parts'
 `text`, completions `prompt`, /generate `text`, a string or a list of them). Once
 that bound is past `context_length * chars_per_token`, `Limits.check` on the parsed
 body would refuse it too (it counts at least these characters and allows at most
-that many), so the relay answers the same 400 without reading the rest.
+that many), so the relay answers the same 400 without keeping or parsing the rest
+(it still reads it: see `policy._read_scanning` for why).
 
 Only prompt fields count: other strings may legitimately be megabytes (base64 images,
 audio and video in `image_url`, `image_data`, `input_audio`...), and the body's size
 alone is never a reason. The scanner is a fast path, never the judge: on anything it
 does not follow (an escaped key, nesting past `MAX_DEPTH`, more than `MAX_EVENTS`
-tokens, invalid JSON) it stops counting, and the whole body goes to the usual parse
-and checks. One difference it cannot see coming: a key repeated later in the same
-object replaces the earlier value in the parsed body (`json.loads` keeps the last),
-so a prompt string already too long is refused even when a later duplicate key would
-have replaced it with a short one.
+tokens, a stray closing bracket) it stops counting, and the whole body goes to the
+usual parse and checks. Three differences it cannot see coming: a body that turns
+out not to be JSON after a too long prompt gets the length 400 rather than the
+parse's 400; a chat content part's `text` counts whatever the part's `type` (which
+may come after it), where `prompt_size` counts `text` parts only; and a key repeated
+later in the same object replaces the earlier value in the parsed body (`json.loads`
+keeps the last), so a prompt string already too long is refused even when a later
+duplicate key would have replaced it with a short one.
 
 The count is a lower bound on the decoded characters: a UTF-8 continuation byte
 (0x80-0xBF) adds no character, and each backslash takes 6 bytes off the count, which
