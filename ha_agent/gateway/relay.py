@@ -148,7 +148,7 @@ class Relay:
             # Bad input is answered here and never reaches an engine (inference.py).
             route = inference.check_route(request.method, request.raw_path)
             # A generation request's prompt too long for the context is refused while
-            # its body still arrives (prompt_scan.py): 15 MB need not be read whole.
+            # its body still arrives (prompt_scan.py): 15 MB are neither kept nor parsed.
             scanner = None
             if route.json_body and route.semantics is Semantics.MIGRATE:
                 scanner = self.admission.scanner(route.kind)
