@@ -19,6 +19,7 @@ from ha_agent.events import EventLog
 from ha_agent.gateway.errors import refusal_at
 from ha_agent.gateway.limits import Limits, LimitSettings, ask_context_length
 from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.gateway.prompt_scan import PromptScanner
 from ha_agent.gateway.quarantine import Quarantine, fingerprint, node_died
 from ha_agent.gateway.shedding import Shedder
 from ha_agent.gateway.topology import Topology
@@ -78,6 +79,16 @@ class Admission:
         self.topology, self.transport = parts.topology, parts.transport
         self.metrics, self.events = parts.metrics, parts.events
         self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this
+
+    def scanner(self, kind: str) -> PromptScanner | None:
+        """For reading the body of a generation request: refuses a prompt too long
+        for the context while it arrives (None: nothing to scan for)."""
+        return self.limits.scanner(kind)
+
+    def refuse_long(self, request: web.Request, scanner: PromptScanner) -> web.Response:
+        """The answer to a prompt the scanner found too long: as `admit`'s."""
+        self.metrics.refused.labels(scanner.kind, "limits").inc()
+        return refusal_at(request.path, 400, self.limits.too_long(scanner))
 
     async def admit(
         self, request: web.Request, kind: str, payload: dict[str, Any]

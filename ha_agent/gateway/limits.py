@@ -11,7 +11,9 @@ relay refuses them first, counted cheaply:
 - token-id prompts by their length (exact);
 - text by characters: a prompt of more than `context_length * chars_per_token`
   characters cannot fit (the estimate is generous on purpose: refusing a valid prompt
-  is worse than tokenizing a slightly too long one, which the engine still refuses).
+  is worse than tokenizing a slightly too long one, which the engine still refuses);
+  counted while the body still arrives by `scanner` (prompt_scan.py), so a 15 MB
+  prompt is never kept or parsed whole.
 
 `context_length` is the relay's setting, or else what the primary reports as
 `max_model_len` in `GET /v1/models` (SGLang's `model_config.context_len`; its
@@ -40,6 +42,7 @@ from typing import Any
 import aiohttp
 
 from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
+from ha_agent.gateway.prompt_scan import PromptScanner
 from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
 
@@ -86,6 +89,23 @@ class Limits:
         return self._prompt(kind, payload) or self._constraints(kind, payload)
 
     # -- prompt length ---------------------------------------------------------------
+
+    def scanner(self, kind: str) -> PromptScanner | None:
+        """A scanner that refuses this kind's prompt while the body arrives
+        (prompt_scan.py); None while the context is unknown or for other kinds."""
+        context = self.context_length
+        if context is None:
+            return None
+        scanner = PromptScanner(kind, context * self.s.chars_per_token)
+        return scanner if scanner.active else None
+
+    def too_long(self, scanner: PromptScanner) -> str:
+        """Why a prompt the scanner found too long is refused (as `_prompt` says it)."""
+        chars = scanner.chars_at_least
+        return (
+            f"The input (over {chars} characters, at least {int(chars / self.s.chars_per_token)}"
+            f" tokens) is longer than the model's context length ({self.context_length} tokens)."
+        )
 
     def _prompt(self, kind: str, payload: dict[str, Any]) -> str | None:
         context = self.context_length

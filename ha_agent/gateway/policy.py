@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ha_agent.gateway.prompt_scan import PromptScanner, PromptTooLong
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
 CLIENT_RID_HEADER = "X-SGLang-HA-Client-Rid"
@@ -247,10 +248,14 @@ class RequestPolicy:
         app.on_response_prepare.append(self._headers)
         quiet_protocol_errors()
 
-    async def read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request, scanner: PromptScanner | None = None) -> bytes:
         """The whole body within ``body_timeout`` s in total (Nginx streams it through
-        and only bounds the time between two reads): else a 408, never an engine."""
-        body = await within_running_time(request.read(), self.policy.body_timeout)
+        and only bounds the time between two reads): else a 408, never an engine.
+        With a scanner, each chunk is followed as it arrives: `PromptTooLong` for a
+        prompt that cannot fit, the body after that point read but neither kept nor
+        parsed (prompt_scan.py)."""
+        read = request.read() if scanner is None else _read_scanning(request, scanner)
+        body = await within_running_time(read, self.policy.body_timeout)
         if body is None:
             raise BadInput(f"request body not received within {self.policy.body_timeout:g} s", 408)
         return body
@@ -269,6 +274,33 @@ class RequestPolicy:
             # Header values must stay one line of visible ASCII: JSON-quote them.
             response.headers[CLIENT_RID_HEADER] = _header_value(applied.client_rids)
             response.headers[RID_HEADER] = _header_value(applied.our_rids)
+
+
+async def _read_scanning(request: web.Request, scanner: PromptScanner) -> bytes:
+    """`request.read()` (the same size limit and 413), feeding each chunk to scanner.
+
+    Once the prompt is too long, the rest is read and dropped (neither kept nor
+    parsed), and only then refused: answered before its body is all in, Nginx (1.22)
+    sends the answer with `Connection: keep-alive` yet closes the client's connection
+    right after it (`ngx_http_finalize_connection`: lingering close while the body is
+    still being read), and a client that reuses the connection at once loses its next
+    request (measured: 5 in 30 after a 4 MB prompt, through httpx)."""
+    limit = request.client_max_size
+    if limit:  # as aiohttp's own read: fewer pause/resume cycles for big bodies
+        request.content.set_read_chunk_size(limit)
+    body = bytearray()
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if limit and size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        if not scanner.over:
+            body += chunk
+            if scanner.feed(chunk):
+                body.clear()
+    if scanner.over:
+        raise PromptTooLong(scanner)
+    return bytes(body)
 
 
 def _header_value(rids: list[str]) -> str:

@@ -41,6 +41,7 @@ from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.migration import Migration
 from ha_agent.gateway.policy import FieldPolicy, RequestPolicy, engine_rid, rid_owner
+from ha_agent.gateway.prompt_scan import PromptTooLong
 from ha_agent.gateway.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.transport import (
     RETRYABLE_STATUS,
@@ -146,7 +147,12 @@ class Relay:
         try:
             # Bad input is answered here and never reaches an engine (inference.py).
             route = inference.check_route(request.method, request.raw_path)
-            body = await self.policy.read_body(request)
+            # A generation request's prompt too long for the context is refused while
+            # its body still arrives (prompt_scan.py): 15 MB are neither kept nor parsed.
+            scanner = None
+            if route.json_body and route.semantics is Semantics.MIGRATE:
+                scanner = self.admission.scanner(route.kind)
+            body = await self.policy.read_body(request, scanner)
             if route.json_body:
                 payload = inference.check_body(route.kind, inference.parse_json(body))
                 if route.semantics is not Semantics.SCOPED_ABORT:
@@ -155,6 +161,9 @@ class Relay:
         except inference.BadInput as bad:
             rejected = self._client_error(route, bad)
             return self._timed(_label(route), False, rejected, started)
+        except PromptTooLong as long:
+            too_long = self.admission.refuse_long(request, long.scanner)
+            return self._timed(_label(route), False, too_long, started)
         except web.HTTPRequestEntityTooLarge:
             too_large = inference.BadInput(f"request body over {MAX_BODY} bytes", 413)
             return self._timed(_label(route), False, self._client_error(route, too_large), started)

@@ -2,8 +2,9 @@
 
 - Heavy requests (4 MB and 15 MB prompts, under the gateway's 16 MB body limit, and a
   nested regex) are refused by the relay with a 400 before any engine tokenizes them
-  (4 MB and the regex in under 100 ms end to end, 15 MB within 1 s: its transfer
-  through Nginx), and the engine's /metrics stays under 100 ms meanwhile.
+  (4 MB and the regex in under 100 ms end to end, 15 MB within 300 ms: its transfer
+  through Nginx), the client's next request is served, and the engine's /metrics
+  stays under 100 ms meanwhile.
 - 60 s of a saturating load with a flood of bad input at the same time: 0 role
   changes, 0 failed valid requests (a 429 with Retry-After is *shed*, reported
   apart), every bad request answered 4xx quickly, nothing hangs past its timeout.
@@ -167,6 +168,14 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
                         timeout=30,
                     )
                     seen.bad.append((what, r.status_code, time.monotonic() - started))
+                    # The same client's next request, on the connection just used.
+                    ok = await http.post(
+                        f"{stack.gateway_url}/generate",
+                        json={"text": "hi", "sampling_params": {"max_new_tokens": 2}},
+                        timeout=30,
+                    )
+                    if ok.status_code != 200:
+                        seen.failed.append(f"after {what}: HTTP {ok.status_code}")
             await asyncio.sleep(0.5)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -178,10 +187,15 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
     print("heavy requests (what, status, s):", [(w, c, round(t, 3)) for w, c, t in seen.bad])
     print(f"engine /metrics max {max(seen.metrics_latency):.3f}s")
     assert {c for _, c, _ in seen.bad} == {400}, seen.bad
-    # End to end through Nginx. A 15 MB body streams through Nginx to the relay, which
-    # reads it whole and parses it (~10-20 ms): on the 2-core CPU stack that transfer
-    # measured 150-300 ms, so 15 MB is held to 1 s here; the others to the 100 ms.
-    bound = {"4MB prompt": 0.1, "15MB prompt": 1.0, "nested regex": 0.1}
+    assert not seen.failed, seen.failed
+    # End to end through Nginx. The relay counts the prompt while the body streams in
+    # (gateway/prompt_scan.py) and neither keeps nor parses the rest, but it still
+    # reads all of it before answering (else Nginx closes the client's connection
+    # under it, policy.py). Moving 15 MB through Docker's port proxy, Nginx and the
+    # relay on the 2-core CPU stack measured 23-101 ms (median 43 ms, 30 runs; before
+    # the scanner 44-160 ms): not reliably under the 100 ms, so 15 MB is held
+    # to 300 ms here; the others to the 100 ms.
+    bound = {"4MB prompt": 0.1, "15MB prompt": 0.3, "nested regex": 0.1}
     slow = [(w, round(t, 3)) for w, _, t in seen.bad if t >= bound[w]]
     assert not slow, f"a heavy request was slow: {slow}"
     assert len(seen.metrics_latency) >= 10
