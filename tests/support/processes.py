@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -17,10 +18,35 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, for a server a test starts a moment later. Taken below the
+    kernel's ephemeral range: a port from bind(0) is one any outgoing connection (to
+    Redis, to an engine) may take as its source port before the server binds it
+    (seen in CI: EADDRINUSE). Never the same port twice in one test process."""
+    high = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(10000, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in 10000-{high}")
 
 
 def wait_until(

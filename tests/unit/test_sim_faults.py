@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from ha_agent.config import SimSettings
 from ha_agent.sim.faults import Faults
+from tests.support.processes import free_port
 from tests.unit.conftest import SimClientFactory, sim_json_events, sim_metric, sim_read_sse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,12 +191,6 @@ async def test_faults_from_settings_and_env(sim_client_factory, monkeypatch):
 
 
 # -- oom: a real process, killed like the OOM killer / a CUDA OOM would ---------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _spawn(port: int, **env: str) -> subprocess.Popen[bytes]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_")}
     full_env.update({"SIM_STARTUP_DELAY": "0", "PYTHONPATH": str(REPO), **env})
@@ -234,7 +228,7 @@ def _assert_oom_death(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_oom_knob_kills_the_process_with_sigkill() -> None:
-    port = _free_port()
+    port = free_port()
     proc = _spawn(port, SIM_ADMIN_TOKEN="t0k")
     try:
         _wait_healthy(proc, port)
@@ -254,12 +248,12 @@ def test_oom_knob_kills_the_process_with_sigkill() -> None:
 
 
 def test_oom_from_sim_faults_env_at_startup() -> None:
-    proc = _spawn(_free_port(), SIM_FAULTS='{"oom": true}', SIM_STARTUP_DELAY="0.2")
+    proc = _spawn(free_port(), SIM_FAULTS='{"oom": true}', SIM_STARTUP_DELAY="0.2")
     _assert_oom_death(proc)
 
 
 def test_crash_marker_kills_the_process_only_for_the_marked_prompt() -> None:
-    port = _free_port()
+    port = free_port()
     proc = _spawn(port, SIM_FAULTS='{"crash_marker": "QOD-7f3a"}')
     try:
         _wait_healthy(proc, port)
