@@ -101,9 +101,11 @@ class Limits:
 
     def too_long(self, scanner: PromptScanner) -> str:
         """Why a prompt the scanner found too long is refused (as `_prompt` says it)."""
-        chars = scanner.chars_at_least
+        return self._too_many_chars(f"over {scanner.chars_at_least}", scanner.chars_at_least)
+
+    def _too_many_chars(self, said: str, chars: int) -> str:
         return (
-            f"The input (over {chars} characters, at least {int(chars / self.s.chars_per_token)}"
+            f"The input ({said} characters, at least {int(chars / self.s.chars_per_token)}"
             f" tokens) is longer than the model's context length ({self.context_length} tokens)."
         )
 
@@ -119,10 +121,7 @@ class Limits:
             )
         budget = (context - ids) * self.s.chars_per_token
         if chars > budget:
-            return (
-                f"The input ({chars} characters, at least {int(chars / self.s.chars_per_token)}"
-                f" tokens) is longer than the model's context length ({context} tokens)."
-            )
+            return self._too_many_chars(str(chars), chars)
         return None
 
     # -- structured output -----------------------------------------------------------
