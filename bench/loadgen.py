@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from bench.cpu import CpuMeter
+from bench.credentials import engine_headers_if_any
 
 # Content deltas of the OpenAI chat stream, counted without parsing each event:
 # SGLang (and the simulator) serialise compactly, every chunk's delta carries
@@ -278,7 +279,10 @@ async def run(spec: RunSpec, meter: CpuMeter | None = None) -> RunResult:
     if meter is not None:  # from the end of the warm-up to the last answer
         asyncio.get_running_loop().call_later(spec.warmup, meter.start)
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)
+        connector=connector,
+        timeout=timeout,
+        headers=engine_headers_if_any(),
+        skip_auto_headers=("User-Agent",),
     ) as session:
         await asyncio.gather(*(worker(w, session) for w in range(spec.concurrency)))
     if meter is not None:

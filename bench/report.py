@@ -25,7 +25,7 @@ SYSTEM_LABELS = {
     "sglang-ha": "sglang-ha (Nginx + relay + agents)",
     "nginx-article": "article's Nginx (primary + backup)",
     "router-default": "sglang-router, defaults",
-    "router-hc1s": "sglang-router, 1 s health checks",
+    "router-hc1s": "sglang-router, 1 s health checks (2 s timeout)",
 }
 
 

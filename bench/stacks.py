@@ -26,6 +26,7 @@ import httpx
 from testcontainers.compose import DockerCompose
 
 from bench.cpu import container_cpu_file
+from bench.credentials import engine_authorization, engine_headers
 from ha_agent.gateway.nginx_conf import render_template
 from tests.failover.load import PROMPTS
 from tests.support.stack import COMPOSE_DIR, NODES, ROOT, Stack, read_secrets
@@ -84,10 +85,12 @@ def build_images() -> None:
 # -- our stack ------------------------------------------------------------------------
 
 
-def direct_nginx_conf(template: str, engine: str) -> str:
+def direct_nginx_conf(template: str, engine: str, authorization: str) -> str:
     """The gateway's own Nginx configuration with the relay swapped for `engine`
-    (host:port): the "Nginx only" path differs from ours by the relay alone."""
-    text = render_template(template, {})
+    (host:port): the "Nginx only" path differs from ours by the relay alone. It
+    presents the engines' key (`authorization`) as the gateway's Nginx does on its
+    last-resort path."""
+    text = render_template(template, {"ENGINE_AUTHORIZATION": authorization})
     text, relay = re.subn(
         r"^\s*include /run/sglang-ha/nginx-relay-servers\.conf;$",
         f"        server {engine} max_fails=1 fail_timeout=2s;",
@@ -106,6 +109,18 @@ def direct_nginx_conf(template: str, engine: str) -> str:
             "the gateway's Nginx template changed: update bench.stacks.direct_nginx_conf"
         )
     return text
+
+
+GATEWAY_UID = 1000  # the gateway image's user (images/gateway/Dockerfile)
+
+
+def _write_for_gateway_user(path: Path, text: str) -> None:
+    """It holds the engines' key: readable by the gateway image's user only, as the
+    gateway's own rendered config is (ha_agent/gateway/nginx_conf.py)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chown(path, GATEWAY_UID, GATEWAY_UID)
 
 
 @dataclass
@@ -179,9 +194,8 @@ def our_stack() -> Iterator[OurStack]:
             stack = _stack(compose)
             primary = stack.wait_stable(120.0)
             template = (ROOT / "nginx" / "nginx.conf.template").read_text()
-            conf = direct_nginx_conf(template, f"{NODES[primary]}:30000")
-            Path(tmp, "nginx.conf").write_text(conf)
-            os.chmod(Path(tmp, "nginx.conf"), 0o644)
+            conf = direct_nginx_conf(template, f"{NODES[primary]}:30000", engine_authorization())
+            _write_for_gateway_user(Path(tmp, "nginx.conf"), conf)
             compose.env["BENCH_ENGINE_URL"] = f"http://{stack.ip(NODES[primary])}:30000"
             compose.run(
                 "up", "-d", "--no-deps", "nginx-direct", "router-direct", "gateway-1w", timeout=180
@@ -265,12 +279,7 @@ class Baselines:
         pending = list(BASELINE_FRONTENDS)
         for _ in range(tries):
             self.compose.run("restart", "--timeout", "2", *pending, timeout=120)
-            deadline = time.monotonic() + timeout
-            for frontend in pending:
-                while not self._ready(frontend):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{frontend} not ready after {timeout}s")
-                    time.sleep(0.2)
+            self.wait_frontends(pending, timeout)
             for frontend in pending:
                 serving[frontend] = self.serving_engine(frontend)
             pending = [f for f in pending if serving[f] != fault_node]
@@ -286,6 +295,17 @@ class Baselines:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"baseline engines not healthy after {timeout}s")
             time.sleep(0.2)
+
+    def wait_frontends(self, frontends: Iterable[str], timeout: float) -> None:
+        """Each front-end ready to route: the router's own health check passes before
+        it has checked its workers, and until then it answers 503 "No available
+        workers" (seen: the first request of a run, right after `up --wait`)."""
+        deadline = time.monotonic() + timeout
+        for frontend in frontends:
+            while not self._ready(frontend):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{frontend} not ready after {timeout}s")
+                time.sleep(0.2)
 
     def serving_engine(self, frontend: str) -> str | None:
         """The engine that answered every probe through `frontend` (by the engines'
@@ -337,6 +357,7 @@ def baselines() -> Iterator[Baselines]:
         compose.run("up", "-d", "--wait", "--wait-timeout", "180", timeout=300)
         b = Baselines(_stack(compose), compose)
         b.wait_engines(90.0)
+        b.wait_frontends(BASELINE_FRONTENDS, 90.0)
         yield b
     finally:
         _release_faults(compose)
@@ -363,7 +384,9 @@ def _generates(base: str, prompt: str = "ping", stream: bool = False, seed: int 
         "stream": stream,
     }
     try:
-        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=5)
+        r = httpx.post(
+            f"{base}/v1/chat/completions", json=body, headers=engine_headers(), timeout=5
+        )
         return r.status_code == 200 and (not stream or r.text.endswith("data: [DONE]\n\n"))
     except httpx.HTTPError:
         return False

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import httpx
 
+from bench.credentials import engine_headers
 from bench.loadgen import count_tokens
 from bench.stacks import OurStack
 from bench.stats import percentile
@@ -166,7 +167,8 @@ def _flush_caches(ours: OurStack) -> None:
     for service in NODES.values():
         url = f"http://{ours.stack.ip(service)}:30000/flush_cache"
         deadline = time.monotonic() + 20
-        while httpx.post(url, timeout=5).status_code != 200:  # refused while requests run
+        # Refused while requests run; SGLang's admin-optional level takes the API key.
+        while httpx.post(url, headers=engine_headers(), timeout=5).status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service}: /flush_cache kept refusing")
             time.sleep(0.2)

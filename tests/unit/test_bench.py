@@ -152,8 +152,10 @@ def test_aggregate_compares_every_path_with_direct_of_the_same_cell() -> None:
 
 def test_direct_nginx_conf_swaps_the_relay_for_the_engine_only() -> None:
     template = (ROOT / "nginx" / "nginx.conf.template").read_text()
-    conf = direct_nginx_conf(template, "node-1:30000")
+    conf = direct_nginx_conf(template, "node-1:30000", "Bearer k3y")
     assert "server node-1:30000 max_fails=1 fail_timeout=2s;" in conf
+    # the engines' key, as the gateway's Nginx presents it (SGLang --api-key)
+    assert 'proxy_set_header Authorization "Bearer k3y";' in conf
     assert "127.0.0.1:8001" not in conf and "nginx-relay-servers.conf" not in conf
     assert "nginx-backup-servers.conf" not in conf
     assert not re.search(r"@[A-Z][A-Z0-9_]*@", conf)  # every placeholder rendered
@@ -161,7 +163,7 @@ def test_direct_nginx_conf_swaps_the_relay_for_the_engine_only() -> None:
     for directive in ("proxy_buffering off;", "keepalive 256;", "proxy_http_version 1.1;"):
         assert directive in conf
     with pytest.raises(ValueError):
-        direct_nginx_conf("events {}\n", "node-1:30000")
+        direct_nginx_conf("events {}\n", "node-1:30000", "Bearer k3y")
 
 
 def test_pick_subnet_avoids_every_overlap() -> None:
