@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.support.raw_http import raw_http
+from tests.support.secrets_held import distinct_secret_values, secrets_held
 from tests.support.stack import Stack
 
 # From inside a container's network namespace: each engine's admin and read routes,
@@ -86,13 +87,6 @@ def test_from_the_gateway_only_the_engine_key_opens_an_engine(stack: Stack) -> N
     assert set(others.values()) == {401}, others
 
 
-def _secret_values(stack: Stack) -> dict[str, str]:
-    values = {k: v for k, v in stack.secrets.items() if len(v) >= 16}
-    # Every job has a value of its own: none shared between two names.
-    assert len(set(values.values())) == len(values), "two secrets share a value"
-    return values
-
-
 # The secrets each service may hold (scripts/secrets.sh, compose/*.yaml), nothing else.
 OWN = {
     "redis-1": {"REDIS_PASSWORD"},
@@ -115,19 +109,11 @@ OWN["node-2"] = OWN["node-1"]
 def test_each_container_holds_only_its_own_secrets_and_none_as_environment(
     stack: Stack,
 ) -> None:
-    values = _secret_values(stack)
+    values = distinct_secret_values(stack.secrets)
     for service, own in OWN.items():
-        c = stack.container(service)
-        c.reload()
-        config_env = "\n".join(c.attrs["Config"]["Env"] or [])
-        code, env = c.exec_run(["env"])
-        assert code == 0
-        code, files = c.exec_run(["sh", "-c", "cat /run/secrets/* 2>/dev/null; true"])
-        held = {name for name, value in values.items() if value.encode() in files}
+        held, leaked = secrets_held(stack.container(service), values)
         assert held == own, (service, sorted(held))
-        for name, value in values.items():
-            assert value not in config_env, f"{name} in {service}'s docker inspect"
-            assert value.encode() not in env, f"{name} in {service}'s environment"
+        assert not leaked, (service, leaked)
 
 
 def test_every_container_runs_without_capabilities_or_a_writable_root(stack: Stack) -> None:

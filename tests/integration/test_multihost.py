@@ -35,6 +35,7 @@ from tests.failover.load import Load
 from tests.failover.runner import ScenarioResult, assert_clean_failover, run_scenario
 from tests.failover.scenarios import Action, Fault, by_name, heals_itself, sim_knobs
 from tests.support.multihost import LABEL, MultiHost, running_hosts
+from tests.support.secrets_held import distinct_secret_values, secrets_held
 from tests.support.stack import COMPOSE_DIR, Stack, require_host_tools
 
 pytestmark = pytest.mark.timeout(900)
@@ -81,6 +82,22 @@ def test_control_host_stack_bakes_in_no_node_address() -> None:
     )
     published = sorted(p["published"] for s in local["services"].values() for p in s["ports"])
     assert published == ["26379", "26380", "26381", "6379", "8000"]
+    # Secrets as files, each service its own, none from secrets.env.
+    assert _secret_files(services["gateway"]) == {
+        "engine_api_key",
+        "ha_redis_password",
+        "ha_sentinel_password",
+    }
+    assert _secret_files(services["sentinel-1"]) == {
+        "ha_sentinel_password",
+        "redis_sentinel_password",
+    }
+    assert _secret_files(services["redis-1"]) == {
+        "redis_password",
+        "ha_redis_password_sha256",
+        "redis_sentinel_password_sha256",
+    }
+    assert all("secrets.env" not in str(svc.get("env_file")) for svc in services.values())
 
 
 @pytest.mark.parametrize(
@@ -110,6 +127,24 @@ def test_node_host_stack_advertises_the_host_address(files: tuple[str, ...]) -> 
         assert ports == [8008, 30000]
     assert ("deploy" in node) == (files == ("node-host.yaml",))
     assert config["services"]["sentinel"]["environment"]["REDIS_MASTER_HOST"] == "10.0.0.10"
+    # Secrets as files, each service its own (the running hosts' test checks the values).
+    own = {"engine_api_key", "ha_redis_password", "ha_sentinel_password", "ha_admin_token"}
+    own |= {
+        ("node-host.yaml",): {"hf_token"},
+        ("node-host.yaml", "node-host.cpu.yaml"): {"sim_admin_token"},
+        ("node-host.yaml", "node-sidecar.yaml"): set(),
+    }[files]
+    assert _secret_files(node) == own
+    assert env["HA_ENGINE_API_KEY_FILE"] == "/run/secrets/engine_api_key"
+    assert _secret_files(config["services"]["sentinel"]) == {
+        "ha_sentinel_password",
+        "redis_sentinel_password",
+    }
+    assert all("secrets.env" not in str(svc.get("env_file")) for svc in config["services"].values())
+
+
+def _secret_files(service: dict[str, Any]) -> set[str]:
+    return {s["source"] for s in service.get("secrets", [])}
 
 
 # -- the hosts ------------------------------------------------------------------------------
@@ -128,6 +163,37 @@ def test_hosts_reach_each_other_only_through_published_ports(hosts: MultiHost) -
     assert not _connects(hosts, "sglang-01", redis_ip, 6379), "networks are not isolated"
     assert _connects(hosts, "sglang-01", hosts.control.addr, 6379)
     assert _connects(hosts, "sglang-01", hosts.host_of("sglang-02").addr, 8008)
+
+
+# The secrets each container of the multi-host stacks may hold (compose/*-host.yaml).
+NODE_OWN = {"HA_ENGINE_API_KEY", "HA_REDIS_PASSWORD", "HA_SENTINEL_PASSWORD", "HA_ADMIN_TOKEN"}
+HOST_OWN = {
+    ("ctl", "redis-1"): {"REDIS_PASSWORD"},
+    ("ctl", "sentinel-1"): {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
+    ("ctl", "gateway"): {"HA_ENGINE_API_KEY", "HA_REDIS_PASSWORD", "HA_SENTINEL_PASSWORD"},
+    ("gpu1", "node"): NODE_OWN | {"SIM_ADMIN_TOKEN"},  # the simulator's fault knobs
+    ("gpu1", "sentinel"): {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
+    ("gpu1", "redis-replica"): {"REDIS_PASSWORD"},
+    ("gpu2", "node"): NODE_OWN,  # sidecar: the agent only
+    ("gpu2", "sentinel"): {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
+}
+
+
+def test_each_host_container_holds_only_its_own_secrets_as_files(hosts: MultiHost) -> None:
+    values = distinct_secret_values(hosts.secrets)
+    for (key, service), own in HOST_OWN.items():
+        held, leaked = secrets_held(hosts.container(hosts.hosts[key], service), values)
+        assert held == own, (key, service, sorted(held))
+        assert not leaked, (key, service, leaked)
+
+
+def test_an_engine_on_its_host_answers_only_with_the_engine_key(hosts: MultiHost) -> None:
+    """Published on the host's address for the gateway and the agents: the key, not
+    the network, is what keeps others out (SGLang's --api-key; the simulator here)."""
+    url = f"{hosts.engine_url('sglang-01')}/get_server_info"
+    assert httpx.get(url, timeout=5).status_code == 401
+    key = {"Authorization": f"Bearer {hosts.secrets['HA_ENGINE_API_KEY']}"}
+    assert httpx.get(url, headers=key, timeout=5).status_code == 200
 
 
 def test_gateway_learns_every_node_from_the_registry(hosts: MultiHost) -> None:
