@@ -470,6 +470,20 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         description="A worker frozen this long is killed (supervisord restarts it); its"
         " requests are lost then, s.",
     )
+    access_log: Path = Field(
+        Path("/var/log/sglang/access.log"),
+        description="Nginx's access log, rotated by the watchdog (gateway/access_log.py).",
+    )
+    access_log_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=4096, description="Rotate the access log past this size, bytes."
+    )
+    access_log_keep: int = Field(
+        4, ge=1, description="Rotated access logs kept (access.log.1 ... .N), the oldest dropped."
+    )
+    nginx_pid_file: Path = Field(
+        Path("/run/sglang-ha/nginx.pid"),
+        description="The Nginx master's pid file: told to reopen its logs after a rotation.",
+    )
     admin_token: SecretStr | None = Field(None, description="Shared token for admin endpoints.")
     nodes: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -25,6 +25,8 @@ to leave, and a frozen worker is killed at once.
 The watchdog records RELAY_WORKER_STALLED and RELAY_WORKER_RECOVERED in the HA log
 and counts `sglang_ha_relay_worker_stalls_total` (summed with the workers' metrics
 through PROMETHEUS_MULTIPROC_DIR); the SglangHaRelayWorkerStalled alert reads it.
+Being the gateway's one housekeeping process, it also keeps Nginx's access log to a
+size (gateway/access_log.py).
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
+from ha_agent.gateway.access_log import AccessLogRotator
 from ha_agent.gateway.nginx_sync import reload_nginx, render_relay_servers
 
 log = logging.getLogger(__name__)
+
+ACCESS_LOG_CHECK_INTERVAL = 5.0  # s; a flood writes a few MB/s at most
 
 
 def _announce(heartbeat_dir: Path, index: int) -> Path:
@@ -150,6 +155,13 @@ class WatchdogService:
         )
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Future[None]] = []
+        # The gateway's other housekeeping: Nginx's access log kept to a size.
+        self.access_log = AccessLogRotator(
+            settings.access_log,
+            settings.access_log_max_bytes,
+            settings.access_log_keep,
+            settings.nginx_pid_file,
+        )
 
     @property
     def rotates(self) -> bool:
@@ -231,6 +243,7 @@ class WatchdogService:
         self._tasks = [
             asyncio.ensure_future(self._run()),
             asyncio.ensure_future(self.events.forward(self._stop)),
+            asyncio.ensure_future(self.access_log.run(self._stop, ACCESS_LOG_CHECK_INTERVAL)),
         ]
 
     async def stop(self) -> None:

@@ -27,6 +27,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from ha_agent.gateway.access_log import AccessLogRotator
 from ha_agent.gateway.nginx_conf import DEFAULTS, render_template
 from ha_agent.gateway.nginx_sync import render_relay_servers
 from ha_agent.openapi.inference import MODEL_PREFIX, PUBLIC_ROUTES
@@ -327,3 +328,43 @@ async def test_every_edge_failure_is_json_never_html() -> None:
             )
             assert json.loads(body)["code"] == expected, body
         assert gw.upstream.seen == []
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _access_logs(workdir: str) -> dict[str, str]:
+    return {p.name: p.read_text() for p in Path(workdir).glob("access.log*")}
+
+
+@needs_nginx
+async def test_the_access_log_is_kept_to_its_size_without_losing_a_line() -> None:
+    """The watchdog's rotation against the real Nginx: renamed, Nginx told to reopen
+    (SIGUSR1), the oldest file dropped, and every request of the files kept on record."""
+    async with gateway() as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        log = Path(gw.workdir, "access.log")
+        rotator = AccessLogRotator(log, 4096, keep=2, pid_file=Path(gw.workdir, "nginx.pid"))
+        sent: list[str] = []
+        for rotation in range(3):
+            while _size(log) <= 4096:
+                sent.append(f"r{rotation}n{len(sent)}")
+                assert (await http.get(f"/v1/models?{sent[-1]}")).status_code == 200
+                await _until(lambda: f"?{sent[-1]} " in _text(log), 5)
+            assert rotator.check()
+            assert _size(log) == 0
+        sent.append("last")
+        assert (await http.get("/v1/models?last")).status_code == 200
+        await _until(lambda: "?last " in _text(log), 5)
+        assert not rotator.check()  # small again: left alone
+        logs = _access_logs(gw.workdir)
+        assert sorted(logs) == ["access.log", "access.log.1", "access.log.2"]
+        kept = "".join(logs.values())
+        # The first rotation's file was dropped (keep=2); everything after is there once.
+        later = [m for m in sent if not m.startswith("r0")]
+        assert all(kept.count(f"?{m} ") == 1 for m in later), later
+        assert not any(f"?{m} " in kept for m in sent if m.startswith("r0"))
