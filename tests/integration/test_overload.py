@@ -2,8 +2,8 @@
 
 - Heavy requests (4 MB and 15 MB prompts, under the gateway's 16 MB body limit, and a
   nested regex) are refused by the relay with a 400 before any engine tokenizes them
-  (4 MB and the regex in under 100 ms end to end, 15 MB within 300 ms: its transfer
-  through Nginx), the client's next request is served, and the engine's /metrics
+  (the median of three tries of each under 100 ms end to end, every try under 1 s),
+  the client's next request is served, and the engine's /metrics
   stays under 100 ms meanwhile.
 - 60 s of a saturating load with a flood of bad input at the same time: 0 role
   changes, 0 failed valid requests (a 429 with Retry-After is *shed*, reported
@@ -191,17 +191,16 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
     # End to end through Nginx. The relay counts the prompt while the body streams in
     # (gateway/prompt_scan.py) and neither keeps nor parses the rest, but it still
     # reads all of it before answering (else Nginx closes the client's connection
-    # under it, policy.py). Moving 15 MB through Docker's port proxy, Nginx and the
-    # relay on the 2-core CPU stack measured 23-101 ms (median 43 ms, 30 runs; before
-    # the scanner 44-160 ms): not reliably under the 100 ms, so 15 MB is held
-    # to 300 ms here; the others to the 100 ms. The median of each kind's
-    # three tries: on this shared machine one try in a CI run took 139 ms for a
-    # nested regex the other two refused in 26 and 45 ms. None may take a second.
-    bound = {"4MB prompt": 0.1, "15MB prompt": 0.3, "nested regex": 0.1}
+    # under it, policy.py). A 15 MB prompt through Docker's port proxy, Nginx (256 KB
+    # body pieces) and the relay on the 2-core CPU stack: median 19-20 ms, at most
+    # 38-82 ms per 20 runs. The median of each kind's three tries is held to the
+    # issue's 100 ms: single tries see outliers on this shared machine (one nested
+    # regex took 139 ms in a CI run, its twins 26 and 45 ms). None may take a second.
+    bound = 0.1
     times: dict[str, list[float]] = {}
     for what, _, took in seen.bad:
         times.setdefault(what, []).append(took)
-    slow = {w: sorted(t) for w, t in times.items() if statistics.median(t) >= bound[w]}
+    slow = {w: sorted(t) for w, t in times.items() if statistics.median(t) >= bound}
     assert not slow, f"heavy requests were slow: {slow}"
     assert max(t for _, _, t in seen.bad) < 1.0, seen.bad
     assert len(seen.metrics_latency) >= 10
