@@ -6,7 +6,9 @@ disconnect watcher aborts it ``disconnect_abort_delay`` seconds later. Latencies
 asyncio sleeps, cheap on CPU:
 
 * TTFT = (``ttft_base`` + ``prefill_per_token`` x uncached prompt tokens) x slow_factor;
-* ITL = ``itl`` x (1 + ``concurrency_slowdown`` x (running - 1)) x slow_factor;
+* ITL = ``itl`` x (1 + ``concurrency_slowdown`` x (running - 1)) x slow_factor, one
+  decode step for the whole running batch: as on SGLang, every running stream gets its
+  token at the same instant, once per step;
 * at most ``max_running_requests`` run; the rest wait in a FIFO queue.
 """
 
@@ -230,6 +232,14 @@ class Job:
             handle.cancel()
             self._waiter = None
 
+    async def wait_on(self, fut: asyncio.Future[None]) -> None:
+        """Wait for ``fut``, which ``wake()`` (abort) resolves early."""
+        self._waiter = fut
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
     def wake(self) -> None:
         _resolve(self._waiter)
         _resolve(self._admission)
@@ -265,6 +275,8 @@ class Engine:
         self._kv_used = 0  # prompt + output tokens of running requests
         self._kv_remaining = 0  # sum of running requests' remaining_estimate()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._step_waiters: list[asyncio.Future[None]] = []
+        self._step_timer: asyncio.TimerHandle | None = None
 
     # -- status ---------------------------------------------------------------------
     def started(self) -> bool:
@@ -322,7 +334,7 @@ class Engine:
                     break
                 self._step(job)
                 if not job.finished:
-                    await job.sleep(self._itl())
+                    await self._next_decode_step(job)
         except asyncio.CancelledError:
             self._finish(job, abort_reason("server shutting down"))
             raise
@@ -419,6 +431,28 @@ class Engine:
                 await job.sleep(_POLL)
                 continue
             return
+
+    async def _next_decode_step(self, job: Job) -> None:
+        """Wait for the end of the batch's decode step in progress (one starts if none is).
+
+        SGLang decodes every running request in one forward pass and sends that step's
+        tokens on together (scheduler -> detokenizer -> tokenizer manager as one batch
+        output, ``stream_output`` in scheduler_output_processor_mixin.py), so the streams
+        of a batch get their tokens in one burst per step, not each on its own clock; a
+        request that joins mid-step gets its next token when the step in progress ends.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._step_waiters.append(fut)
+        if self._step_timer is None:
+            self._step_timer = loop.call_later(self._itl(), self._end_decode_step)
+        await job.wait_on(fut)
+
+    def _end_decode_step(self) -> None:
+        self._step_timer = None
+        waiters, self._step_waiters = self._step_waiters, []
+        for fut in waiters:
+            _resolve(fut)
 
     def _itl(self) -> float:
         s = self.settings
