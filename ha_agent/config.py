@@ -441,11 +441,11 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         description="This worker's number (set by supervisord); worker 0 records the"
         " topology's HA events and keeps Nginx's backup list.",
     )
-    relay_worker_port_base: int = Field(
-        0,
-        ge=0,
-        description="Worker i also listens on this port + i, alone, so that Nginx can"
-        " take one worker out of its rotation (0: the shared port only).",
+    relay_worker_socket_dir: Path | None = Field(
+        None,
+        description="Worker i also listens on <dir>/relay-<i>.sock, alone: Nginx reaches"
+        " each worker there (a Unix socket costs less per streamed event than loopback"
+        " TCP) and can take one out of its rotation (unset: the shared port only).",
     )
     nginx_relay_file: str | None = Field(
         None,
@@ -573,6 +573,11 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     @classmethod
     def _csv_nodes(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("relay_worker_socket_dir", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # set empty: back to the shared TCP port
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -13,7 +13,7 @@ import re
 import sys
 
 from ha_agent.config import EngineAuthSettings
-from ha_agent.gateway.nginx_sync import render, render_relay_servers
+from ha_agent.gateway.nginx_sync import relay_worker_sockets, render, render_relay_servers
 from ha_agent.gateway.topology import parse_seed
 
 DEFAULTS = {
@@ -42,13 +42,13 @@ def render_template(template: str, env: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(value, template)
 
 
-def relay_ports(env: dict[str, str] | os._Environ[str]) -> list[int]:
-    """Where Nginx finds the relay: a port per worker when they have their own
-    (HA_RELAY_WORKER_PORT_BASE), else the port they share."""
-    base = int(env.get("HA_RELAY_WORKER_PORT_BASE") or 0)
-    if not base:
-        return [int(env.get("HA_RELAY_PORT") or DEFAULTS["HA_RELAY_PORT"])]
-    return [base + i for i in range(max(int(env.get("HA_RELAY_WORKERS") or 1), 1))]
+def relay_servers(env: dict[str, str] | os._Environ[str]) -> list[str]:
+    """Where Nginx finds the relay: each worker's own Unix socket when they have one
+    (HA_RELAY_WORKER_SOCKET_DIR), else the TCP port they share."""
+    socket_dir = env.get("HA_RELAY_WORKER_SOCKET_DIR")
+    if not socket_dir:
+        return [f"127.0.0.1:{int(env.get('HA_RELAY_PORT') or DEFAULTS['HA_RELAY_PORT'])}"]
+    return relay_worker_sockets(socket_dir, int(env.get("HA_RELAY_WORKERS") or 1))
 
 
 def main() -> int:
@@ -64,7 +64,7 @@ def main() -> int:
         fh.write(text)
     relay_file = os.environ.get("HA_NGINX_RELAY_FILE", "/run/sglang-ha/nginx-relay-servers.conf")
     with open(relay_file, "w") as fh:
-        fh.write(render_relay_servers(relay_ports(os.environ)))
+        fh.write(render_relay_servers(relay_servers(os.environ)))
     seeds = [s.strip() for s in os.environ.get("HA_NODES", "").split(",") if s.strip()]
     with open(backup_path, "w") as fh:
         fh.write(render(parse_seed(s) for s in seeds))

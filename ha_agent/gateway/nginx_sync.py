@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shlex
 import socket
 from collections.abc import Iterable
@@ -61,14 +62,19 @@ def render(nodes: Iterable[NodeView], known: dict[str, str] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def render_relay_servers(ports: list[int], down: set[int] | None = None) -> str:
-    """The relay workers Nginx sends to, one port each; `down` ones stay listed (the
-    file keeps its shape) but get nothing new."""
+def relay_worker_sockets(socket_dir: str | os.PathLike[str], workers: int) -> list[str]:
+    """Each relay worker's own Unix socket, as Nginx names it (`unix:` + path)."""
+    return [f"unix:{os.path.join(socket_dir, f'relay-{i}.sock')}" for i in range(max(workers, 1))]
+
+
+def render_relay_servers(servers: list[str], down: set[str] | None = None) -> str:
+    """The relay workers Nginx sends to, one address each; `down` ones stay listed
+    (the file keeps its shape) but get nothing new."""
     down = down or set()
     lines = ["# Written by the sglang-ha gateway: its relay workers (down: frozen)."]
-    for port in ports:
-        mark = " down" if port in down else ""
-        lines.append(f"server 127.0.0.1:{port} max_fails=1 fail_timeout=2s{mark};")
+    for server in servers:
+        mark = " down" if server in down else ""
+        lines.append(f"server {server} max_fails=1 fail_timeout=2s{mark};")
     return "\n".join(lines) + "\n"
 
 

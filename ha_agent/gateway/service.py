@@ -103,11 +103,13 @@ class RelayService:
         await web.TCPSite(
             self._data, self.s.relay_host, self.s.relay_port, backlog=1024, reuse_port=True
         ).start()
-        if self.s.relay_worker_port_base:
-            # Its own port besides: Nginx lists each worker, so that the watchdog can
-            # take a frozen one out of the rotation (watchdog.py).
-            port = self.s.relay_worker_port_base + self.s.relay_worker_index
-            await web.TCPSite(self._data, self.s.relay_host, port, backlog=1024).start()
+        if self.s.relay_worker_socket_dir:
+            # Its own Unix socket besides: Nginx lists each worker, so that the watchdog
+            # can take a frozen one out of the rotation (watchdog.py), and a Unix socket
+            # costs Nginx and the relay less per streamed event than loopback TCP.
+            path = self.s.relay_worker_socket_dir / f"relay-{self.s.relay_worker_index}.sock"
+            path.unlink(missing_ok=True)  # left by this worker's previous life
+            await web.UnixSite(self._data, str(path), backlog=1024).start()
         # Every worker answers the admin port too; /metrics sums over the workers.
         await web.TCPSite(
             self._admin, self.s.relay_host_admin, self.s.relay_admin_port, reuse_port=True

@@ -1,7 +1,7 @@
 """Gray-failure detection for the relay, as the agent does for engines.
 
 A relay worker whose process is alive but whose event loop no longer runs (SIGSTOP,
-a blocked loop, a deadlock) still owns its port: the kernel keeps accepting Nginx's
+a blocked loop, a deadlock) still owns its socket: the kernel keeps accepting Nginx's
 connections for it, and Nginx then waits on them for up to GATEWAY_READ_TIMEOUT.
 Liveness of the process says nothing; only progress of its loop does.
 
@@ -9,7 +9,7 @@ So each worker touches `<heartbeat_dir>/<index>` (its pid inside) every
 `heartbeat_interval` from its event loop (`beat`), and the watchdog, a process of
 its own under the gateway's supervisord, acts on a file older than `stall_limit`:
 
-- it marks that worker's port `down` in Nginx's list of relay workers and reloads
+- it marks that worker's socket `down` in Nginx's list of relay workers and reloads
   Nginx: new requests go to the other workers (or, none left, to the nodes
   directly), while the requests the frozen worker holds wait for it and complete
   when it resumes. Not killed at once, on purpose: Nginx streams request bodies to
@@ -19,7 +19,7 @@ its own under the gateway's supervisord, acts on a file older than `stall_limit`
 - still frozen after `stall_kill_after` (30 s), it is killed and supervisord starts
   it again: a worker stuck for good must not hold its requests forever.
 
-Where the workers share one port (no `relay_worker_port_base`), there is no rotation
+Where the workers share one port (no `relay_worker_socket_dir`), there is no rotation
 to leave, and a frozen worker is killed at once.
 
 The watchdog records RELAY_WORKER_STALLED and RELAY_WORKER_RECOVERED in the HA log
@@ -50,7 +50,7 @@ from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
 from ha_agent.gateway.access_log import AccessLogRotator
-from ha_agent.gateway.nginx_sync import reload_nginx, render_relay_servers
+from ha_agent.gateway.nginx_sync import relay_worker_sockets, reload_nginx, render_relay_servers
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ class WatchdogService:
         self.dir = settings.heartbeat_dir
         self.limit = settings.stall_limit
         self.kill_after = settings.stall_kill_after
-        base, workers = settings.relay_worker_port_base, max(settings.relay_workers, 1)
-        self.ports = [base + i for i in range(workers)] if base else []
+        socket_dir, workers = settings.relay_worker_socket_dir, settings.relay_workers
+        self.servers = relay_worker_sockets(socket_dir, workers) if socket_dir else []
         self.nginx_file = settings.nginx_relay_file
         self.reload_command = settings.nginx_reload_command
         self.store = store or RedisLeaseStore(settings, retry_timeout=0.5)
@@ -165,8 +165,8 @@ class WatchdogService:
 
     @property
     def rotates(self) -> bool:
-        """Whether a frozen worker can leave Nginx's rotation (a port each)."""
-        return bool(self.ports and self.nginx_file)
+        """Whether a frozen worker can leave Nginx's rotation (a socket each)."""
+        return bool(self.servers and self.nginx_file)
 
     async def check(self) -> list[Stall]:
         """One look: frozen workers out of the rotation (or killed), beating ones back."""
@@ -218,9 +218,9 @@ class WatchdogService:
 
     async def _publish(self) -> None:
         assert self.nginx_file is not None
-        down = {self.ports[int(i)] for i in self.down if int(i) < len(self.ports)}
+        down = {self.servers[int(i)] for i in self.down if int(i) < len(self.servers)}
         await asyncio.to_thread(
-            write_atomic, self.nginx_file, render_relay_servers(self.ports, down)
+            write_atomic, self.nginx_file, render_relay_servers(self.servers, down)
         )
         await self.reload(self.reload_command, f"relay workers down: {sorted(down) or 'none'}")
 

@@ -132,7 +132,9 @@ def start_nginx(
         text = text.replace(path, workdir)
     text = text.replace("127.0.0.1:8003", f"127.0.0.1:{free_port()}")
     Path(workdir, "nginx-backup-servers.conf").write_text("")
-    Path(workdir, "nginx-relay-servers.conf").write_text(render_relay_servers([upstream_port]))
+    Path(workdir, "nginx-relay-servers.conf").write_text(
+        render_relay_servers([f"127.0.0.1:{upstream_port}"])
+    )
     conf = Path(workdir, "nginx.conf")
     conf.write_text(text)
     proc = subprocess.Popen(

@@ -88,7 +88,7 @@ async def test_a_frozen_worker_leaves_nginx_rotation_and_comes_back(
     watchdog, reloads = _watchdog(
         tmp_path,
         relay_workers=2,
-        relay_worker_port_base=8100,
+        relay_worker_socket_dir=Path("/run/sglang-ha"),
         nginx_relay_file=str(servers),
         stall_kill_after=30.0,
     )
@@ -99,9 +99,9 @@ async def test_a_frozen_worker_leaves_nginx_rotation_and_comes_back(
         assert [s.pid for s in found] == [child.pid]
         assert child.poll() is None, "not killed"
         text = servers.read_text()
-        assert "server 127.0.0.1:8101 max_fails=1 fail_timeout=2s down;" in text
-        assert "server 127.0.0.1:8100 max_fails=1 fail_timeout=2s;" in text
-        assert len(reloads) == 1 and "8101" in reloads[0]
+        assert "server unix:/run/sglang-ha/relay-1.sock max_fails=1 fail_timeout=2s down;" in text
+        assert "server unix:/run/sglang-ha/relay-0.sock max_fails=1 fail_timeout=2s;" in text
+        assert len(reloads) == 1 and "relay-1.sock" in reloads[0]
         await watchdog.check()
         assert len(reloads) == 1, "no reload while nothing changes"
         assert watchdog.stalls._value.get() == 1
@@ -124,7 +124,7 @@ async def test_a_worker_frozen_for_good_is_killed_in_the_end(
     watchdog, _ = _watchdog(
         tmp_path,
         relay_workers=2,
-        relay_worker_port_base=8100,
+        relay_worker_socket_dir=Path("/run/sglang-ha"),
         nginx_relay_file=str(tmp_path / "servers.conf"),
         stall_kill_after=1.0,
     )
@@ -162,18 +162,20 @@ def test_the_watchdog_needs_the_heartbeat_folder(tmp_path: Path) -> None:
         )
 
 
-def test_nginx_lists_a_port_per_relay_worker(
+def test_nginx_lists_a_socket_per_relay_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At start: every worker's own port (none down), or the shared one without them."""
-    from ha_agent.gateway.nginx_conf import relay_ports
+    """At start: every worker's own socket (none down), or the shared port without them."""
+    from ha_agent.gateway.nginx_conf import relay_servers
     from ha_agent.gateway.nginx_sync import render_relay_servers
 
-    env = {"HA_RELAY_WORKERS": "3", "HA_RELAY_WORKER_PORT_BASE": "8100"}
-    assert relay_ports(env) == [8100, 8101, 8102]
-    assert relay_ports({"HA_RELAY_PORT": "8001"}) == [8001]
-    text = render_relay_servers([8100, 8101], {8101})
+    env = {"HA_RELAY_WORKERS": "3", "HA_RELAY_WORKER_SOCKET_DIR": "/run/x"}
+    assert relay_servers(env) == [f"unix:/run/x/relay-{i}.sock" for i in range(3)]
+    assert relay_servers({"HA_RELAY_PORT": "8001"}) == ["127.0.0.1:8001"]
+    text = render_relay_servers(
+        ["unix:/run/x/relay-0.sock", "unix:/run/x/relay-1.sock"], {"unix:/run/x/relay-1.sock"}
+    )
     assert text.splitlines()[1:] == [
-        "server 127.0.0.1:8100 max_fails=1 fail_timeout=2s;",
-        "server 127.0.0.1:8101 max_fails=1 fail_timeout=2s down;",
+        "server unix:/run/x/relay-0.sock max_fails=1 fail_timeout=2s;",
+        "server unix:/run/x/relay-1.sock max_fails=1 fail_timeout=2s down;",
     ]
