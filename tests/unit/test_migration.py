@@ -231,6 +231,10 @@ def test_stripped_stream_is_what_sglang_sends_without_running_usage() -> None:
     # Usage with cached-token details (--enable-cache-report) is cut the same way.
     detailed = {**usage(3, 1), "prompt_tokens_details": {"cached_tokens": 2}}
     assert mig.screen(completion_chunk("x", use=detailed))[1] == completion_chunk("x")
+    # Usage that is not the chunk's last key (not SGLang's order): parsed, not cut blind.
+    odd = b'data: {"id":"c","usage":{"prompt_tokens":3},"extra":{"a":1},"choices":[]}\n\n'
+    (stripped,) = events(mig.screen(odd)[1])
+    assert not stripped.get("usage") and stripped["extra"] == {"a": 1}
 
 
 def test_engine_without_running_usage_falls_back_to_counting_chunks() -> None:
