@@ -34,12 +34,18 @@ from tests.support.processes import free_port, redis_server
 SIM = {"SIM_ITL": "0.01", "SIM_TTFT_BASE": "0.02", "SIM_PREFILL_PER_TOKEN": "0.0002"}
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
+def _cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of these processes (/proc/PID/stat utime, stime)."""
+    user = system = 0.0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
+        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return user, system
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    return sum(_cpu_split(pids))
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -121,13 +127,16 @@ async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespac
     )
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "plan.json").write_text(json.dumps([asdict(spec)]))
-        before, t0 = _cpu_seconds(pids), time.monotonic()
+        split_before, t0 = _cpu_split(pids), time.monotonic()
         sim_before = _cpu_seconds([args.sim_pid])
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.loadgen", f"{tmp}/plan.json", f"{tmp}/out.json"
         )
         await asyncio.wait_for(proc.wait(), args.seconds + 60)
-        cpu, wall = _cpu_seconds(pids) - before, time.monotonic() - t0
+        split_after, wall = _cpu_split(pids), time.monotonic() - t0
+        user = split_after[0] - split_before[0]
+        system = split_after[1] - split_before[1]
+        cpu = user + system
         sim_cores = (_cpu_seconds([args.sim_pid]) - sim_before) / wall
         run = json.loads(Path(tmp, "out.json").read_text())[0]
     errors = [s[7] for s in run["samples"] if s[7]]
@@ -147,7 +156,8 @@ async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespac
     per_event = cpu / max(tokens, 1) * 1e6 if name != "direct" else 0.0
     print(
         f"{name:7s} {rate:8.0f} events/s  ITL p99 {p99:.0f} ms  relay {relay_cores:.2f} cores"
-        f" (~{per_event:.0f} us/event, whole run incl. warm-up), engine {sim_cores:.2f} cores",
+        f" (~{per_event:.0f} us/event, whole run incl. warm-up; {user / max(cpu, 1e-9):.0%} user,"
+        f" {system / max(cpu, 1e-9):.0%} kernel), engine {sim_cores:.2f} cores",
         flush=True,
     )
 
