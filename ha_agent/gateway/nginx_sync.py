@@ -62,9 +62,14 @@ def render(nodes: Iterable[NodeView], known: dict[str, str] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+def relay_worker_socket(socket_dir: str | os.PathLike[str], index: int) -> str:
+    """Where relay worker `index` listens alone (service.py) and Nginx finds it."""
+    return os.path.join(socket_dir, f"relay-{index}.sock")
+
+
 def relay_worker_sockets(socket_dir: str | os.PathLike[str], workers: int) -> list[str]:
     """Each relay worker's own Unix socket, as Nginx names it (`unix:` + path)."""
-    return [f"unix:{os.path.join(socket_dir, f'relay-{i}.sock')}" for i in range(max(workers, 1))]
+    return [f"unix:{relay_worker_socket(socket_dir, i)}" for i in range(max(workers, 1))]
 
 
 def render_relay_servers(servers: list[str], down: set[str] | None = None) -> str:

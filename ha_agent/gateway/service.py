@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
 import time
 
 from aiohttp import web
@@ -16,7 +18,7 @@ from ha_agent.events import EventLog, HAEvent
 from ha_agent.gateway.admin import RelayAdmin
 from ha_agent.gateway.limits import learn_context_length
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.nginx_sync import keep_in_sync
+from ha_agent.gateway.nginx_sync import keep_in_sync, relay_worker_socket
 from ha_agent.gateway.relay import Relay
 from ha_agent.gateway.topology import Topology
 from ha_agent.gateway.transport import Transport
@@ -107,9 +109,10 @@ class RelayService:
             # Its own Unix socket besides: Nginx lists each worker, so that the watchdog
             # can take a frozen one out of the rotation (watchdog.py), and a Unix socket
             # costs Nginx and the relay less per streamed event than loopback TCP.
-            path = self.s.relay_worker_socket_dir / f"relay-{self.s.relay_worker_index}.sock"
-            path.unlink(missing_ok=True)  # left by this worker's previous life
-            await web.UnixSite(self._data, str(path), backlog=1024).start()
+            path = relay_worker_socket(self.s.relay_worker_socket_dir, self.s.relay_worker_index)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left by this worker's previous life
+            await web.UnixSite(self._data, path, backlog=1024).start()
         # Every worker answers the admin port too; /metrics sums over the workers.
         await web.TCPSite(
             self._admin, self.s.relay_host_admin, self.s.relay_admin_port, reuse_port=True

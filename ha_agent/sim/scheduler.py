@@ -225,12 +225,10 @@ class Job:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         handle = loop.call_later(delay, _resolve, fut)
-        self._waiter = fut
         try:
-            await fut
+            await self.wait_on(fut)
         finally:
             handle.cancel()
-            self._waiter = None
 
     async def wait_on(self, fut: asyncio.Future[None]) -> None:
         """Wait for ``fut``, which ``wake()`` (abort) resolves early."""
