@@ -27,7 +27,7 @@ from testcontainers.compose import DockerCompose
 
 from bench.cpu import container_cpu_file
 from bench.credentials import engine_authorization, engine_headers
-from ha_agent.gateway.nginx_conf import render_template
+from ha_agent.gateway.edge.nginx_conf import render_template
 from tests.failover.load import PROMPTS
 from tests.support.stack import COMPOSE_DIR, NODES, ROOT, Stack, read_secrets
 
@@ -116,7 +116,7 @@ GATEWAY_UID = 1000  # the gateway image's user (images/gateway/Dockerfile)
 
 def _write_for_gateway_user(path: Path, text: str) -> None:
     """It holds the engines' key: readable by the gateway image's user only, as the
-    gateway's own rendered config is (ha_agent/gateway/nginx_conf.py)."""
+    gateway's own rendered config is (ha_agent/gateway/edge/nginx_conf.py)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)

@@ -1,7 +1,7 @@
 """Warm standby: TTFT of the first requests after a failover, with and without warming.
 
 A new primary's prefix cache is cold unless the relay mirrored live requests to it
-as prefill-only work while it was the standby (ha_agent/gateway/warming.py). The
+as prefill-only work while it was the standby (ha_agent/gateway/upstream/warming.py). The
 simulator's cache model makes the difference measurable: TTFT grows with the
 *uncached* prompt tokens. For each variant (warming on at the default rate, off):
 

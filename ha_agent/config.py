@@ -433,7 +433,7 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         0,
         ge=0,
         description="Relay worker processes sharing the ports (0: the CPUs the gateway"
-        " container may use; see ha_agent/gateway/workers.py).",
+        " container may use; see ha_agent/gateway/edge/workers.py).",
     )
     relay_worker_index: int = Field(
         0,
@@ -455,7 +455,7 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     heartbeat_dir: Path | None = Field(
         None,
         description="Each relay worker touches <dir>/<index> while its event loop runs;"
-        " the watchdog watches the files (gateway/watchdog.py).",
+        " the watchdog watches the files (gateway/edge/watchdog.py).",
     )
     heartbeat_interval: float = Field(0.1, gt=0, description="Worker heartbeat period, s.")
     stall_limit: float = Field(
@@ -472,7 +472,7 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     )
     access_log: Path = Field(
         Path("/var/log/sglang/access.log"),
-        description="Nginx's access log, rotated by the watchdog (gateway/access_log.py).",
+        description="Nginx's access log, rotated by the watchdog (gateway/edge/access_log.py).",
     )
     access_log_max_bytes: int = Field(
         64 * 1024 * 1024, ge=4096, description="Rotate the access log past this size, bytes."
@@ -532,7 +532,7 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     cors_allow_credentials: bool = Field(
         True, description="CORS Access-Control-Allow-Credentials, as SGLang (true)."
     )
-    # Overload and query-of-death protection (gateway/limits.py, shedding.py, quarantine.py).
+    # Overload and query-of-death protection (gateway/admission/: limits, shedding, quarantine).
     context_length: int = Field(
         0, ge=0, description="Refuse longer prompts (tokens); 0: the primary's max_model_len."
     )

@@ -7,8 +7,8 @@ import sys
 
 from ha_agent import daemon
 from ha_agent.config import RelaySettings
+from ha_agent.gateway.edge.watchdog import WatchdogService
 from ha_agent.gateway.service import RelayService
-from ha_agent.gateway.watchdog import WatchdogService
 
 
 def main(argv: list[str] | None = None) -> int:

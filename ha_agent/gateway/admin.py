@@ -6,7 +6,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.topology import Topology
+from ha_agent.gateway.upstream.topology import Topology
 from ha_agent.httpjson import json_errors
 from ha_agent.openapi.relay import ADMIN_SPEC, INFERENCE_SPEC
 

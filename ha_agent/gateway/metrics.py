@@ -1,6 +1,6 @@
 """The relay's Prometheus metrics.
 
-With several relay workers (ha_agent/gateway/workers.py) PROMETHEUS_MULTIPROC_DIR is
+With several relay workers (ha_agent/gateway/edge/workers.py) PROMETHEUS_MULTIPROC_DIR is
 set and prometheus_client keeps each worker's counters and histograms in files
 there; `exposed` then sums them over every worker, live or gone, so whichever
 worker answers a scrape reports the whole gateway. The topology gauges are read
@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from ha_agent.gateway.topology import Topology
+    from ha_agent.gateway.upstream.topology import Topology
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

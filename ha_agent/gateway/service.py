@@ -16,15 +16,15 @@ from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog, HAEvent
 from ha_agent.gateway.admin import RelayAdmin
-from ha_agent.gateway.limits import learn_context_length
+from ha_agent.gateway.admission.limits import learn_context_length
+from ha_agent.gateway.edge.nginx_sync import keep_in_sync, relay_worker_socket
+from ha_agent.gateway.edge.watchdog import beat
+from ha_agent.gateway.edge.workers import share
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.nginx_sync import keep_in_sync, relay_worker_socket
-from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import Transport
-from ha_agent.gateway.warming import Warmer
-from ha_agent.gateway.watchdog import beat
-from ha_agent.gateway.workers import share
+from ha_agent.gateway.stream.relay import Relay
+from ha_agent.gateway.upstream.topology import Topology
+from ha_agent.gateway.upstream.transport import Transport
+from ha_agent.gateway.upstream.warming import Warmer
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ and says how the gateway treats it:
 
 - `Semantics.MIGRATE`: a generation. Unary answers are retried on another node before
   the first byte; a stream that breaks after it is continued elsewhere
-  (gateway/migration.py) or ended with an explicit retryable error event.
+  (gateway/stream/migration.py) or ended with an explicit retryable error event.
 - `Semantics.STREAM_ERROR`: a generation whose stream cannot be resumed (the Responses
   API: its events carry sequence numbers and output item ids that a second engine
   would restart): unary retried before the first byte; a broken stream ends with an
@@ -42,7 +42,7 @@ class ErrorShape(Enum):
     RESPONSES = "responses"  # serving_responses.py: {"error": {"message", "type", "param", "code"}}
 
 
-# Generation kinds (gateway/migration.py has one strategy per kind).
+# Generation kinds (gateway/stream/migration.py has one strategy per kind).
 GENERATE, COMPLETIONS, CHAT, RESPONSES = "generate", "completions", "chat", "responses"
 
 

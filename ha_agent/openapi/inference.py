@@ -51,7 +51,7 @@ PUBLIC_ROUTES: dict[str, frozenset[str]] = {e.path: e.methods for e in ROUTES}
 
 # TokenizerManager._validate_one_request (srt/managers/tokenizer_manager.py), for a
 # server started without --enable-custom-logit-processor: the gateway refuses such a
-# request with the same words (gateway/policy.py), and so does the simulator.
+# request with the same words (gateway/admission/policy.py), and so does the simulator.
 NO_CUSTOM_LOGIT_PROCESSOR = (
     "The server is not configured to enable custom logit processor. "
     "Please set `--enable-custom-logit-processor` to enable this feature."

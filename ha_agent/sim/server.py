@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ha_agent import __version__
 from ha_agent.config import SimSettings
-from ha_agent.gateway.cors import Cors, on_prepare
+from ha_agent.httpcors import Cors, on_prepare
 from ha_agent.openapi.endpoints import ROUTES
 from ha_agent.sim.extra_routes import ExtraRoutes
 from ha_agent.sim.faults import FaultError, Faults, die_of_oom

@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.config import SimSettings
-from ha_agent.gateway.relay import Relay
+from ha_agent.gateway.stream.relay import Relay
 from ha_agent.sim import create_app
 from tests.conformance.checks import CHECKS, Target, run
 from tests.support.fakes import relay_over

@@ -30,7 +30,7 @@ import pytest
 from aiohttp import web
 
 from ha_agent.config import SimSettings
-from ha_agent.gateway.relay import Relay
+from ha_agent.gateway.stream.relay import Relay
 from ha_agent.sim import create_app
 from tests.conformance.test_conformance import SIM
 from tests.support.fakes import relay_over

@@ -358,7 +358,7 @@ def _render_nginx(stack: Stack, overrides: dict[str, str]) -> None:
     (what the entrypoint does at start) and reload Nginx."""
     script = (
         "import json, os, sys\n"
-        "from ha_agent.gateway.nginx_conf import render_template\n"
+        "from ha_agent.gateway.edge.nginx_conf import render_template\n"
         "env = {**os.environ, **json.loads(sys.argv[1])}\n"
         "text = render_template(open('/etc/sglang-ha/nginx/nginx.conf.template').read(), env)\n"
         "open('/run/sglang-ha/nginx.conf', 'w').write(text)\n"

@@ -189,7 +189,7 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
     assert {c for _, c, _ in seen.bad} == {400}, seen.bad
     assert not seen.failed, seen.failed
     # End to end through Nginx. The relay counts the prompt while the body streams in
-    # (gateway/prompt_scan.py) and neither keeps nor parses the rest, but it still
+    # (gateway/admission/prompt_scan.py) and neither keeps nor parses the rest, but it still
     # reads all of it before answering (else Nginx closes the client's connection
     # under it, policy.py). A 15 MB prompt through Docker's port proxy, Nginx (256 KB
     # body pieces) and the relay on the 2-core CPU stack: median 19-20 ms, at most

@@ -22,9 +22,9 @@ from ha_agent.dcs.base import (
 )
 from ha_agent.events import EventLog
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.relay import Relay
-from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import Transport
+from ha_agent.gateway.stream.relay import Relay
+from ha_agent.gateway.upstream.topology import Topology
+from ha_agent.gateway.upstream.transport import Transport
 from ha_agent.node.engine.monitor import EngineHealth
 
 

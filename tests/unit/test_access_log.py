@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from ha_agent.gateway.access_log import AccessLogRotator
+from ha_agent.gateway.edge.access_log import AccessLogRotator
 
 
 def _rotator(tmp_path: Path, sent: list[tuple[int, int]]) -> AccessLogRotator:

@@ -1,4 +1,4 @@
-"""Admission at the relay (gateway/limits.py, shedding.py, quarantine.py, admission.py):
+"""Admission at the relay (gateway/admission/limits.py, shedding.py, quarantine.py, admission.py):
 what a client sees for a too-heavy request, a saturated primary and a query of death."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import AgentStatus, EngineState, EngineStatus, Role
 from ha_agent.events import EventLog
-from ha_agent.gateway.admission import Admission, RelayParts
-from ha_agent.gateway.limits import Limits, LimitSettings, constraints, prompt_size
+from ha_agent.gateway.admission.gate import Admission, RelayParts
+from ha_agent.gateway.admission.limits import Limits, LimitSettings, constraints, prompt_size
+from ha_agent.gateway.admission.quarantine import Quarantine, fingerprint, node_died
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
-from ha_agent.gateway.quarantine import Quarantine, fingerprint, node_died
-from ha_agent.gateway.topology import NodeView, Topology
-from ha_agent.gateway.transport import FailureKind, Transport, UpstreamFailure, classify
+from ha_agent.gateway.upstream.topology import NodeView, Topology
+from ha_agent.gateway.upstream.transport import FailureKind, Transport, UpstreamFailure, classify
+from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 from tests.support.fakes import FakeClock, FakeStore
 
 NESTED = "(?:a{1000}){1000}"
@@ -311,7 +311,7 @@ def test_every_new_setting_is_an_env_knob(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 async def test_the_warmer_never_mirrors_a_big_prompt() -> None:
-    from ha_agent.gateway.warming import Warmer
+    from ha_agent.gateway.upstream.warming import Warmer
 
     sent: list[Any] = []
 

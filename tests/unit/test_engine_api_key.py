@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from pydantic import ValidationError
 
 from ha_agent.config import AgentSettings, RelaySettings
-from ha_agent.gateway.transport import Transport, forward_headers
+from ha_agent.gateway.upstream.transport import Transport, forward_headers
 from ha_agent.node.engine.client import EngineClient
 
 KEY = "engine-secret-key"
@@ -150,7 +150,7 @@ def test_nginx_last_resort_path_sends_the_engine_key_never_a_clients(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str | None
 ) -> None:
     """Relay down, Nginx goes straight to the engines: it must present the key too."""
-    from ha_agent.gateway import nginx_conf
+    from ha_agent.gateway.edge import nginx_conf
 
     template = Path(__file__).resolve().parents[2] / "nginx" / "nginx.conf.template"
     monkeypatch.setenv("NGINX_TEMPLATE", str(template))

@@ -27,9 +27,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from ha_agent.gateway.access_log import AccessLogRotator
-from ha_agent.gateway.nginx_conf import DEFAULTS, render_template
-from ha_agent.gateway.nginx_sync import render_relay_servers
+from ha_agent.gateway.edge.access_log import AccessLogRotator
+from ha_agent.gateway.edge.nginx_conf import DEFAULTS, render_template
+from ha_agent.gateway.edge.nginx_sync import render_relay_servers
 from ha_agent.openapi.inference import MODEL_PREFIX, PUBLIC_ROUTES
 from tests.support.processes import free_port, stop_process
 from tests.support.raw_http import framed, raw_http

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.topology import Topology
+from ha_agent.gateway.upstream.topology import Topology
 from ha_agent.node.gpu import GpuCollector
 from tests.support.fakes import FakeClock, FakeStore
 from tests.unit.test_metrics_agent import NODE, FakeNvml, build

@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.relay import _RETRY_LABEL, Relay
-from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import FailureKind, Transport, classify
+from ha_agent.gateway.stream.relay import _RETRY_LABEL, Relay
+from ha_agent.gateway.upstream.topology import Topology
+from ha_agent.gateway.upstream.transport import FailureKind, Transport, classify
 from tests.support.fakes import FakeClock, FakeStore
 
 SEEDS = ["sglang-01=http://a:30000=http://a:8008", "sglang-02=http://b:30000=http://b:8008"]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ha_agent.gateway import sse
-from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE, Migration
+from ha_agent.gateway.stream import sse
+from ha_agent.gateway.stream.migration import Migration
+from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 
 RID = "chatcmpl-1"
 

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ha_agent.gateway.relay import Relay
+from ha_agent.gateway.stream.relay import Relay
 from tests.support.fakes import relay_over
 from tests.unit.test_migration import chat_chunk, chat_usage_chunk, completion_chunk, data, usage
 

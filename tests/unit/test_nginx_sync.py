@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from ha_agent.gateway.nginx_conf import render_template
-from ha_agent.gateway.nginx_sync import render
-from ha_agent.gateway.topology import parse_seed
+from ha_agent.gateway.edge.nginx_conf import render_template
+from ha_agent.gateway.edge.nginx_sync import render
+from ha_agent.gateway.upstream.topology import parse_seed
 
 
 def test_nodes_are_written_by_address_and_kept_while_unresolvable(

@@ -1,4 +1,4 @@
-"""The field policy for inference bodies (ha_agent/gateway/policy.py), alone and in
+"""The field policy for inference bodies (ha_agent/gateway/admission/policy.py), alone and in
 the relay: what would make an engine read files, reach URLs or run code is refused
 with a 400 before any engine sees it; a client's rid is replaced by ours."""
 
@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ha_agent.gateway.policy import (
+from ha_agent.gateway.admission.policy import (
     CLIENT_RID_HEADER,
     RID_HEADER,
     FieldPolicy,
@@ -219,7 +219,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
 
 _FROZEN_READER = """
 import asyncio, sys, uvloop
-from ha_agent.gateway.policy import within_running_time
+from ha_agent.gateway.admission.policy import within_running_time
 
 async def main():
     done = asyncio.get_running_loop().create_future()

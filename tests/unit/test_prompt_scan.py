@@ -1,5 +1,5 @@
 """A prompt too long for the context is refused while its body arrives
-(gateway/prompt_scan.py): the scanner counts what `limits.prompt_size` counts, never
+(gateway/admission/prompt_scan.py): the scanner counts what `limits.prompt_size` counts, never
 more, at any chunking; the relay answers the usual 400 without keeping or parsing the
 rest, and a big body that is not a long prompt (base64 media) goes through untouched."""
 
@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ha_agent.gateway.limits import prompt_size
-from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
-from ha_agent.gateway.prompt_scan import MAX_DEPTH, MAX_EVENTS, PromptScanner
-from ha_agent.gateway.relay import Relay
+from ha_agent.gateway.admission.limits import prompt_size
+from ha_agent.gateway.admission.prompt_scan import MAX_DEPTH, MAX_EVENTS, PromptScanner
+from ha_agent.gateway.stream.relay import Relay
+from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 from tests.support.fakes import relay_over
 
 MB = 1024 * 1024

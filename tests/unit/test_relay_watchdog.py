@@ -1,4 +1,4 @@
-"""The relay watchdog (gateway/watchdog.py): a worker whose event loop stops is killed;
+"""The relay watchdog (gateway/edge/watchdog.py): a worker whose event loop stops is killed;
 a running one, a dead one and one that just started are left alone."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ha_agent.config import RelaySettings
-from ha_agent.gateway.watchdog import WatchdogService, beat, stalled
+from ha_agent.gateway.edge.watchdog import WatchdogService, beat, stalled
 from tests.support.fakes import FakeClock, FakeStore
 
 
@@ -166,8 +166,8 @@ def test_nginx_lists_a_socket_per_relay_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At start: every worker's own socket (none down), or the shared port without them."""
-    from ha_agent.gateway.nginx_conf import relay_servers
-    from ha_agent.gateway.nginx_sync import render_relay_servers
+    from ha_agent.gateway.edge.nginx_conf import relay_servers
+    from ha_agent.gateway.edge.nginx_sync import render_relay_servers
 
     env = {"HA_RELAY_WORKERS": "3", "HA_RELAY_WORKER_SOCKET_DIR": "/run/x"}
     assert relay_servers(env) == [f"unix:/run/x/relay-{i}.sock" for i in range(3)]

@@ -1,4 +1,4 @@
-"""Several relay workers (ha_agent/gateway/workers.py): how many, which one speaks
+"""Several relay workers (ha_agent/gateway/edge/workers.py): how many, which one speaks
 for the gateway, and metrics that add up over all of them."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ha_agent.gateway.workers import cgroup_cpu_limit, usable_cpus, worker_count
+from ha_agent.gateway.edge.workers import cgroup_cpu_limit, usable_cpus, worker_count
 
 
 def test_the_cgroup_quota_caps_the_workers(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The streaming splice's HTTP/1.1 reading (ha_agent/gateway/splice.py), against a
+"""The streaming splice's HTTP/1.1 reading (ha_agent/gateway/stream/splice.py), against a
 real socket server that frames its answers as uvicorn and aiohttp do, cut at
 awkward places: what the relay's sink receives is exactly the body, whatever the
 reads look like, and a body cut short is a failure, never a clean end."""
@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from multidict import CIMultiDict
 
-from ha_agent.gateway.splice import UpstreamStream, open_stream
-from ha_agent.gateway.transport import UpstreamFailure
+from ha_agent.gateway.stream.splice import UpstreamStream, open_stream
+from ha_agent.gateway.upstream.transport import UpstreamFailure
 from ha_agent.resolver import CachingResolver
 
 EVENTS = [b'data: {"n":%d,"x":"%s"}\n\n' % (i, b"y" * (i * 7)) for i in range(40)] + [

@@ -7,8 +7,8 @@ import pytest
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import Member
 from ha_agent.events import EventLog
-from ha_agent.gateway import topology as topo
-from ha_agent.gateway.topology import Topology
+from ha_agent.gateway.upstream import topology as topo
+from ha_agent.gateway.upstream.topology import Topology
 from tests.support.fakes import FakeClock, FakeStore
 
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import httpx
 
-from ha_agent.gateway.migration import CHAT, GENERATE
-from ha_agent.gateway.warming import Warmer, prefill_only, prefix_key
+from ha_agent.gateway.upstream.warming import Warmer, prefill_only, prefix_key
+from ha_agent.openapi.endpoints import CHAT, GENERATE
 from tests.support.cluster import local_cluster
 from tests.support.fakes import FakeClock
 from tests.support.processes import RedisProcess

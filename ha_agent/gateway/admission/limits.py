@@ -41,10 +41,10 @@ from typing import Any
 
 import aiohttp
 
-from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
-from ha_agent.gateway.prompt_scan import PromptScanner
-from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import Transport
+from ha_agent.gateway.admission.prompt_scan import PromptScanner
+from ha_agent.gateway.upstream.topology import Topology
+from ha_agent.gateway.upstream.transport import Transport
+from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 
 try:  # Python >= 3.11
     import re._parser as sre_parse

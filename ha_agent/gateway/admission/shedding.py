@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ha_agent.gateway.topology import Topology
+from ha_agent.gateway.upstream.topology import Topology
 
 
 @dataclass(frozen=True)

@@ -34,16 +34,15 @@ from multidict import CIMultiDict
 from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
-from ha_agent.gateway import splice, sse
-from ha_agent.gateway.admission import Admission, RelayParts
-from ha_agent.gateway.cors import Cors, on_prepare
+from ha_agent.gateway.admission.gate import Admission, RelayParts
+from ha_agent.gateway.admission.policy import FieldPolicy, RequestPolicy, engine_rid, rid_owner
+from ha_agent.gateway.admission.prompt_scan import PromptTooLong
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.migration import Migration
-from ha_agent.gateway.policy import FieldPolicy, RequestPolicy, engine_rid, rid_owner
-from ha_agent.gateway.prompt_scan import PromptTooLong
-from ha_agent.gateway.topology import Abandonable, NodeView, Topology
-from ha_agent.gateway.transport import (
+from ha_agent.gateway.stream import splice, sse
+from ha_agent.gateway.stream.migration import Migration
+from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
+from ha_agent.gateway.upstream.transport import (
     RETRYABLE_STATUS,
     FailureKind,
     Transport,
@@ -52,7 +51,8 @@ from ha_agent.gateway.transport import (
     forward_headers,
     response_headers,
 )
-from ha_agent.gateway.warming import Warmer
+from ha_agent.gateway.upstream.warming import Warmer
+from ha_agent.httpcors import Cors, on_prepare
 from ha_agent.openapi import inference
 from ha_agent.openapi.endpoints import Endpoint, Semantics
 
@@ -61,7 +61,7 @@ T = TypeVar("T")
 R = TypeVar("R", bound=web.StreamResponse)
 
 NODE_HEADER = "X-SGLang-HA-Node"
-# Which relay worker holds a stream (ha_agent/gateway/workers.py): a stream lives
+# Which relay worker holds a stream (ha_agent/gateway/edge/workers.py): a stream lives
 # and dies with its worker.
 WORKER_HEADER = "X-SGLang-HA-Relay-Worker"
 MAX_BODY = 64 * 1024 * 1024

@@ -26,7 +26,7 @@ The watchdog records RELAY_WORKER_STALLED and RELAY_WORKER_RECOVERED in the HA l
 and counts `sglang_ha_relay_worker_stalls_total` (summed with the workers' metrics
 through PROMETHEUS_MULTIPROC_DIR); the SglangHaRelayWorkerStalled alert reads it.
 Being the gateway's one housekeeping process, it also keeps Nginx's access log to a
-size (gateway/access_log.py).
+size (gateway/edge/access_log.py).
 """
 
 from __future__ import annotations
@@ -49,8 +49,12 @@ from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
-from ha_agent.gateway.access_log import AccessLogRotator
-from ha_agent.gateway.nginx_sync import relay_worker_sockets, reload_nginx, render_relay_servers
+from ha_agent.gateway.edge.access_log import AccessLogRotator
+from ha_agent.gateway.edge.nginx_sync import (
+    relay_worker_sockets,
+    reload_nginx,
+    render_relay_servers,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from ha_agent.atomic_file import write_atomic
-from ha_agent.gateway.topology import NodeView, Topology
+from ha_agent.gateway.upstream.topology import NodeView, Topology
 
 log = logging.getLogger(__name__)
 

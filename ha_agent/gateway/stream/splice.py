@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from ha_agent.gateway.transport import FailureKind, UpstreamFailure
+from ha_agent.gateway.upstream.transport import FailureKind, UpstreamFailure
 from ha_agent.resolver import CachingResolver
 
 # Sink(events) -> True once the stream is over (its last event was passed on).

@@ -13,8 +13,8 @@ import re
 import sys
 
 from ha_agent.config import EngineAuthSettings
-from ha_agent.gateway.nginx_sync import relay_worker_sockets, render, render_relay_servers
-from ha_agent.gateway.topology import parse_seed
+from ha_agent.gateway.edge.nginx_sync import relay_worker_sockets, render, render_relay_servers
+from ha_agent.gateway.upstream.topology import parse_seed
 
 DEFAULTS = {
     "GATEWAY_PORT": "8000",

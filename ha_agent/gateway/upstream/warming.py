@@ -33,11 +33,10 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
-from ha_agent.gateway.limits import prompt_size
-from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
-from ha_agent.gateway.topology import NodeView, Topology
-from ha_agent.gateway.transport import Transport
-from ha_agent.openapi.endpoints import BY_PATH, GENERATION_PATHS
+from ha_agent.gateway.admission.limits import prompt_size
+from ha_agent.gateway.upstream.topology import NodeView, Topology
+from ha_agent.gateway.upstream.transport import Transport
+from ha_agent.openapi.endpoints import BY_PATH, CHAT, COMPLETIONS, GENERATE, GENERATION_PATHS
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import EngineState
 from ha_agent.events import EventLog
+from ha_agent.gateway.admission.limits import Limits, LimitSettings, ask_context_length
+from ha_agent.gateway.admission.prompt_scan import PromptScanner
+from ha_agent.gateway.admission.quarantine import Quarantine, fingerprint, node_died
+from ha_agent.gateway.admission.shedding import Shedder
 from ha_agent.gateway.errors import refusal_at
-from ha_agent.gateway.limits import Limits, LimitSettings, ask_context_length
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.prompt_scan import PromptScanner
-from ha_agent.gateway.quarantine import Quarantine, fingerprint, node_died
-from ha_agent.gateway.shedding import Shedder
-from ha_agent.gateway.topology import Topology
-from ha_agent.gateway.transport import FailureKind, Transport, UpstreamFailure
+from ha_agent.gateway.upstream.topology import Topology
+from ha_agent.gateway.upstream.transport import FailureKind, Transport, UpstreamFailure
 
 log = logging.getLogger(__name__)
 

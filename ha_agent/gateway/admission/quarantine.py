@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from ha_agent.atomic_file import write_atomic
-from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
-from ha_agent.gateway.transport import FailureKind, UpstreamFailure
+from ha_agent.gateway.upstream.transport import FailureKind, UpstreamFailure
+from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 
 log = logging.getLogger(__name__)
 

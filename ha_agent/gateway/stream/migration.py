@@ -57,13 +57,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ha_agent.gateway import sse
-from ha_agent.openapi.endpoints import BY_PATH, CHAT, COMPLETIONS, GENERATE, ROUTES, Semantics
-
-__all__ = ["CHAT", "COMPLETIONS", "ENDPOINTS", "GENERATE", "Migration"]
-
-# The endpoints whose streams migrate (openapi/endpoints.py), path -> kind.
-ENDPOINTS = {e.path: e.kind for e in ROUTES if e.semantics is Semantics.MIGRATE}
+from ha_agent.gateway.stream import sse
+from ha_agent.openapi.endpoints import BY_PATH, CHAT, COMPLETIONS, GENERATE
 
 # The sampling_params keys that constrain output to a grammar (the table's row).
 _CONSTRAINED_KEYS = BY_PATH["/generate"].constraint_keys

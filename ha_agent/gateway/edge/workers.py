@@ -12,7 +12,7 @@ topology's HA events (LEADER_CHANGED, NODE_UNREACHABLE, ...) and Nginx's backup
 list. Metrics are summed over the workers with prometheus_client's multiprocess
 mode (PROMETHEUS_MULTIPROC_DIR, set by the image's entrypoint).
 
-`python -m ha_agent.gateway.workers` prints the number to run: HA_RELAY_WORKERS
+`python -m ha_agent.gateway.edge.workers` prints the number to run: HA_RELAY_WORKERS
 if set and not 0, else the CPUs this container may use.
 """
 

@@ -32,7 +32,7 @@ covers every escape (`\\n` is 2 bytes for 1 character, a surrogate pair `\\uD83D
 
 from __future__ import annotations
 
-from ha_agent.gateway.migration import CHAT, COMPLETIONS, GENERATE
+from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 
 # The prompt strings' paths from the body's root, per endpoint kind ("*": any array
 # item); as in `limits.prompt_size` (`_chat_text` for chat).

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ha_agent.gateway.prompt_scan import PromptScanner, PromptTooLong
+from ha_agent.gateway.admission.prompt_scan import PromptScanner, PromptTooLong
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
 CLIENT_RID_HEADER = "X-SGLang-HA-Client-Rid"
