@@ -32,7 +32,6 @@ PROMPTS = [
 ]
 MAX_TOKENS = 48
 # httpx's words for a connection the server closed before any byte of the answer.
-CLOSED_UNANSWERED = "Server disconnected without sending a response"
 
 
 @dataclass
@@ -50,7 +49,6 @@ class RequestRecord:
     completion_tokens: int | None = None
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens as received
     usage_expected: tuple[int, int] | None = None  # ... as the uninterrupted reference's
-    resent: bool = False  # sent again after a keep-alive connection closed under it
 
     @property
     def latency(self) -> float:
@@ -72,7 +70,6 @@ class Load:
         stream_every: int = 2,
         max_requests: int = 20000,
         clock_zero: float | None = None,
-        resend_on_closed_keepalive: bool = False,
     ) -> None:
         self.client = openai.AsyncOpenAI(
             base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60.0
@@ -85,10 +82,6 @@ class Load:
         self.references: dict[int, str] = {}
         self.reference_usage: dict[int, tuple[int, int]] = {}
         self._issued = 0
-        # Nginx closes a keep-alive connection once its response is done after a reload;
-        # a request a client sends on it in that instant gets no answer at all. The
-        # OpenAI SDKs re-send it by default (max_retries=2); with this, once, as marked.
-        self.resend_on_closed_keepalive = resend_on_closed_keepalive
 
     def now(self) -> float:
         return time.monotonic() - self.zero
@@ -107,14 +100,6 @@ class Load:
                 self.reference_usage[i] = (reply.usage.prompt_tokens, reply.usage.completion_tokens)
 
     async def _one(self, i: int, stream: bool) -> RequestRecord:
-        rec = await self._attempt(i, stream)
-        if self.resend_on_closed_keepalive and CLOSED_UNANSWERED in (rec.error or ""):
-            again = await self._attempt(i, stream)
-            again.start, again.resent = rec.start, True
-            return again
-        return rec
-
-    async def _attempt(self, i: int, stream: bool) -> RequestRecord:
         start = self.now()
         prompt = i % len(PROMPTS)
         node = None

@@ -20,10 +20,6 @@ class LoadResult:
         return [r for r in self.records if not r.ok]
 
     @property
-    def resent(self) -> list[RequestRecord]:
-        return [r for r in self.records if r.resent]
-
-    @property
     def mismatched(self) -> list[RequestRecord]:
         return [r for r in self.records if r.ok and r.text_matches is False]
 
@@ -32,8 +28,7 @@ class LoadResult:
         return (
             f"{len(self.records)} requests, {len(self.failed)} failed"
             f" ({sum(1 for r in self.failed if r.stream)} streams),"
-            f" {len(self.mismatched)} text mismatches, {len(self.resent)} re-sent after"
-            " a keep-alive close;"
+            f" {len(self.mismatched)} text mismatches;"
             f" errors: {sorted(e or '' for e in errors)[:5]}"
         )
 
@@ -44,11 +39,9 @@ def background_load(
     concurrency: int = 6,
     stream_every: int = 2,
     clock_zero: float | None = None,
-    resend_on_closed_keepalive: bool = False,
 ) -> Iterator[LoadResult]:
     """Load runs while the block runs; stops (bounded) when it exits. Records' times
-    are seconds after `clock_zero` (a time.monotonic() value; default: the start).
-    `resend_on_closed_keepalive`: see Load."""
+    are seconds after `clock_zero` (a time.monotonic() value; default: the start)."""
     result = LoadResult()
     started = threading.Event()
     holder: dict[str, object] = {}
@@ -61,7 +54,6 @@ def background_load(
             concurrency=concurrency,
             stream_every=stream_every,
             clock_zero=clock_zero,
-            resend_on_closed_keepalive=resend_on_closed_keepalive,
         )
         stop = asyncio.Event()
         holder["loop"], holder["stop"] = loop, stop

@@ -1,5 +1,6 @@
-"""The relay watchdog (gateway/edge/watchdog.py): a worker whose event loop stops is killed;
-a running one, a dead one and one that just started are left alone."""
+"""The relay watchdog (gateway/edge/watchdog.py): a worker whose event loop stops leaves
+Nginx's rotation (its socket hidden) or, with no socket of its own, is killed; a running
+one, a dead one and one that just started are left alone."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from ha_agent.config import RelaySettings
 from ha_agent.gateway.edge.watchdog import WatchdogService, beat, stalled
@@ -64,50 +66,71 @@ def test_only_a_live_process_with_a_stale_heartbeat_is_stalled(
     assert found[0].age >= 5.0
 
 
-def _watchdog(tmp_path: Path, **extra: object) -> tuple[WatchdogService, list[str]]:
-    reloads: list[str] = []
-
-    async def reload(command: str, why: str) -> None:
-        reloads.append(why)
-
+def _watchdog(tmp_path: Path, **extra: object) -> WatchdogService:
     settings = RelaySettings(
         heartbeat_dir=tmp_path / "hb",
         stall_limit=0.8,
         ha_log=str(tmp_path / "ha.log"),
         **extra,  # type: ignore[arg-type]
     )
-    return WatchdogService(settings, store=FakeStore(FakeClock()), reload=reload), reloads
+    return WatchdogService(settings, store=FakeStore(FakeClock()))
+
+
+async def _answers(path: Path) -> str:
+    """What a request over the Unix socket at `path` gets, as Nginx would connect."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 2)
+    writer.close()
+    return data.decode().rsplit("\r\n", 1)[-1]
+
+
+@pytest.fixture
+async def worker_socket(tmp_path: Path) -> AsyncIterator[Path]:
+    """Relay worker 1's own socket, served as the worker serves it (aiohttp UnixSite)."""
+    sockets = tmp_path / "sock"
+    sockets.mkdir()
+    app = web.Application()
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="worker 1")
+
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(sockets / "relay-1.sock")).start()
+    yield sockets
+    await runner.cleanup()
 
 
 async def test_a_frozen_worker_leaves_nginx_rotation_and_comes_back(
-    tmp_path: Path, child: subprocess.Popen[bytes]
+    tmp_path: Path, child: subprocess.Popen[bytes], worker_socket: Path
 ) -> None:
     """Not killed: the requests it holds finish when it resumes (Nginx could not
-    re-send their bodies); new ones go to the other workers meanwhile."""
-    servers = tmp_path / "relay-servers.conf"
-    watchdog, reloads = _watchdog(
-        tmp_path,
-        relay_workers=2,
-        relay_worker_socket_dir=Path("/run/sglang-ha"),
-        nginx_relay_file=str(servers),
-        stall_kill_after=30.0,
+    re-send their bodies); new connections find no socket and Nginx moves them to the
+    other workers meanwhile. No Nginx reload, so no client keep-alive is closed."""
+    sock = worker_socket / "relay-1.sock"
+    watchdog = _watchdog(
+        tmp_path, relay_workers=2, relay_worker_socket_dir=worker_socket, stall_kill_after=30.0
     )
     try:
+        assert await _answers(sock) == "worker 1"
         heartbeat(tmp_path / "hb", 0, os.getpid(), age=0.0)
         heartbeat(tmp_path / "hb", 1, child.pid, age=2.0)
         found = await watchdog.check()
         assert [s.pid for s in found] == [child.pid]
         assert child.poll() is None, "not killed"
-        text = servers.read_text()
-        assert "server unix:/run/sglang-ha/relay-1.sock max_fails=1 fail_timeout=2s down;" in text
-        assert "server unix:/run/sglang-ha/relay-0.sock max_fails=1 fail_timeout=2s;" in text
-        assert len(reloads) == 1 and "relay-1.sock" in reloads[0]
+        # A connect now fails at once, as Nginx's does: it moves to the next worker.
+        with pytest.raises(FileNotFoundError):
+            await _answers(sock)
         await watchdog.check()
-        assert len(reloads) == 1, "no reload while nothing changes"
-        assert watchdog.stalls._value.get() == 1
+        assert watchdog.stalls._value.get() == 1, "one stall, counted once"
         heartbeat(tmp_path / "hb", 1, child.pid, age=0.0)  # it beats again
         assert await watchdog.check() == []
-        assert " down;" not in servers.read_text() and len(reloads) == 2
+        # The same listening socket is reachable again under its name.
+        assert await _answers(sock) == "worker 1"
+        assert sorted(os.listdir(worker_socket)) == ["relay-1.sock"]
         seen = [e.event for e in watchdog.events.recent]
         assert seen == ["RELAY_WORKER_STALLED", "RELAY_WORKER_RECOVERED"]
         assert f"relay worker 1 (pid {child.pid})" in watchdog.events.recent[0].detail
@@ -121,12 +144,11 @@ async def test_a_worker_frozen_for_good_is_killed_in_the_end(
     tmp_path: Path, child: subprocess.Popen[bytes]
 ) -> None:
     os.kill(child.pid, signal.SIGSTOP)  # frozen, as `kill -STOP` leaves it
-    watchdog, _ = _watchdog(
-        tmp_path,
-        relay_workers=2,
-        relay_worker_socket_dir=Path("/run/sglang-ha"),
-        nginx_relay_file=str(tmp_path / "servers.conf"),
-        stall_kill_after=1.0,
+    sockets = tmp_path / "sock"
+    sockets.mkdir()
+    (sockets / "relay-1.sock").write_text("stands in for the frozen worker's socket")
+    watchdog = _watchdog(
+        tmp_path, relay_workers=2, relay_worker_socket_dir=sockets, stall_kill_after=1.0
     )
     try:
         heartbeat(tmp_path / "hb", 1, child.pid, age=2.0)  # out of rotation 2 s ago
@@ -136,6 +158,13 @@ async def test_a_worker_frozen_for_good_is_killed_in_the_end(
         await watchdog.check()
         assert child.wait(timeout=10) == -signal.SIGKILL
         assert "killed, supervisord restarts it" in watchdog.events.recent[-1].detail
+        # supervisord's new worker binds a fresh socket and beats: the old file goes.
+        (sockets / "relay-1.sock").write_text("the new worker's socket")
+        heartbeat(tmp_path / "hb", 1, os.getpid(), age=0.0)
+        await watchdog.check()
+        assert os.listdir(sockets) == ["relay-1.sock"]
+        assert (sockets / "relay-1.sock").read_text() == "the new worker's socket"
+        assert watchdog.events.recent[-1].event == "RELAY_WORKER_RECOVERED"
     finally:
         watchdog.events.close()
 
@@ -143,13 +172,13 @@ async def test_a_worker_frozen_for_good_is_killed_in_the_end(
 async def test_with_one_shared_port_a_frozen_worker_is_killed_at_once(
     tmp_path: Path, child: subprocess.Popen[bytes]
 ) -> None:
-    watchdog, reloads = _watchdog(tmp_path)
+    watchdog = _watchdog(tmp_path)
     try:
         heartbeat(tmp_path / "hb", 0, child.pid, age=2.0)
         found = await watchdog.check()
         assert [s.pid for s in found] == [child.pid]
         assert child.wait(timeout=10) == -signal.SIGKILL
-        assert reloads == [] and "killed" in watchdog.events.recent[0].detail
+        assert "killed" in watchdog.events.recent[0].detail
         assert await watchdog.check() == [], "a dead worker is not killed twice"
     finally:
         watchdog.events.close()
@@ -165,17 +194,15 @@ def test_the_watchdog_needs_the_heartbeat_folder(tmp_path: Path) -> None:
 def test_nginx_lists_a_socket_per_relay_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At start: every worker's own socket (none down), or the shared port without them."""
+    """At start: every worker's own socket, or the shared port without them."""
     from ha_agent.gateway.edge.nginx_conf import relay_servers
     from ha_agent.gateway.edge.nginx_sync import render_relay_servers
 
     env = {"HA_RELAY_WORKERS": "3", "HA_RELAY_WORKER_SOCKET_DIR": "/run/x"}
     assert relay_servers(env) == [f"unix:/run/x/relay-{i}.sock" for i in range(3)]
     assert relay_servers({"HA_RELAY_PORT": "8001"}) == ["127.0.0.1:8001"]
-    text = render_relay_servers(
-        ["unix:/run/x/relay-0.sock", "unix:/run/x/relay-1.sock"], {"unix:/run/x/relay-1.sock"}
-    )
+    text = render_relay_servers(["unix:/run/x/relay-0.sock", "unix:/run/x/relay-1.sock"])
     assert text.splitlines()[1:] == [
         "server unix:/run/x/relay-0.sock max_fails=1 fail_timeout=2s;",
-        "server unix:/run/x/relay-1.sock max_fails=1 fail_timeout=2s down;",
+        "server unix:/run/x/relay-1.sock max_fails=1 fail_timeout=2s;",
     ]

@@ -1,5 +1,5 @@
 """Keep Nginx's upstreams right: the last-resort engines equal to the nodes the relay
-knows, and the relay workers with the frozen ones marked down (watchdog.py).
+knows, and the relay workers' sockets (a frozen one's is hidden by watchdog.py).
 
 Nginx (open source) resolves upstream names once, at load time, and refuses to
 start if one does not resolve. So the relay writes the engines' *addresses* into
@@ -72,14 +72,11 @@ def relay_worker_sockets(socket_dir: str | os.PathLike[str], workers: int) -> li
     return [f"unix:{relay_worker_socket(socket_dir, i)}" for i in range(max(workers, 1))]
 
 
-def render_relay_servers(servers: list[str], down: set[str] | None = None) -> str:
-    """The relay workers Nginx sends to, one address each; `down` ones stay listed
-    (the file keeps its shape) but get nothing new."""
-    down = down or set()
-    lines = ["# Written by the sglang-ha gateway: its relay workers (down: frozen)."]
-    for server in servers:
-        mark = " down" if server in down else ""
-        lines.append(f"server {server} max_fails=1 fail_timeout=2s{mark};")
+def render_relay_servers(servers: list[str]) -> str:
+    """The relay workers Nginx sends to, one address each. Written once at start: a
+    frozen worker leaves the rotation by its socket's name, not by a reload."""
+    lines = ["# Written by the sglang-ha gateway: its relay workers."]
+    lines += [f"server {server} max_fails=1 fail_timeout=2s;" for server in servers]
     return "\n".join(lines) + "\n"
 
 

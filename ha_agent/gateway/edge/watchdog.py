@@ -9,15 +9,22 @@ So each worker touches `<heartbeat_dir>/<index>` (its pid inside) every
 `heartbeat_interval` from its event loop (`beat`), and the watchdog, a process of
 its own under the gateway's supervisord, acts on a file older than `stall_limit`:
 
-- it marks that worker's socket `down` in Nginx's list of relay workers and reloads
-  Nginx: new requests go to the other workers (or, none left, to the nodes
-  directly), while the requests the frozen worker holds wait for it and complete
-  when it resumes. Not killed at once, on purpose: Nginx streams request bodies to
-  the relay, and a body already sent cannot be re-sent, so a kill would turn every
-  request the worker holds into an error (measured: 51 in a 12 s freeze);
-- once its heartbeat moves again, the worker goes back into the rotation;
+- it takes that worker's socket out of Nginx's reach by renaming it (`relay-<i>.sock`
+  -> `relay-<i>.sock.frozen`): Nginx's next connect fails at once (no such file) and
+  `proxy_next_upstream` moves the request to another worker (or, none left, to the
+  nodes directly), while the requests the frozen worker holds wait for it and complete
+  when it resumes. No Nginx reload: a reload closes the clients' idle keep-alive
+  connections, and a client that sends on one at that instant loses its request
+  (measured: 9 of 937 in a 12 s freeze). Nginx keeps no idle connections to the relay
+  workers (no upstream `keepalive`), or it would send on one to the frozen worker.
+  Not killed at once, on purpose: Nginx streams request bodies to the relay, and a
+  body already sent cannot be re-sent, so a kill would turn every request the worker
+  holds into an error (measured: 51 in a 12 s freeze);
+- once its heartbeat moves again, its socket gets its name back (the same listening
+  socket: a rename keeps it) and it is in the rotation again;
 - still frozen after `stall_kill_after` (30 s), it is killed and supervisord starts
-  it again: a worker stuck for good must not hold its requests forever.
+  it again (the new process binds a fresh socket; the old one's renamed file is
+  removed): a worker stuck for good must not hold its requests forever.
 
 Where the workers share one port (no `relay_worker_socket_dir`), there is no rotation
 to leave, and a frozen worker is killed at once.
@@ -37,7 +44,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,15 +57,13 @@ from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
 from ha_agent.gateway.edge.access_log import AccessLogRotator
-from ha_agent.gateway.edge.nginx_sync import (
-    relay_worker_sockets,
-    reload_nginx,
-    render_relay_servers,
-)
+from ha_agent.gateway.edge.nginx_sync import relay_worker_socket
 
 log = logging.getLogger(__name__)
 
 ACCESS_LOG_CHECK_INTERVAL = 5.0  # s; a flood writes a few MB/s at most
+# A frozen worker's socket, renamed out of Nginx's reach until the worker beats again.
+HIDDEN_SUFFIX = ".frozen"
 
 
 def _announce(heartbeat_dir: Path, index: int) -> Path:
@@ -86,6 +91,19 @@ class Stall:
     index: str
     pid: int
     age: float
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    pid: int
+    since: float  # when it last beat
+
+
+def _pid(heartbeat: Path) -> int | None:
+    try:
+        return int(heartbeat.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -116,9 +134,8 @@ def stalled(heartbeat_dir: Path, limit: float, now: Callable[[], float] = time.t
         return []
     for entry in entries:
         age = _age(entry.path, now)
-        try:
-            pid = int(Path(entry.path).read_text())
-        except (OSError, ValueError):
+        pid = _pid(Path(entry.path))
+        if pid is None:
             continue
         if age is not None and age > limit and _alive(pid):
             found.append(Stall(entry.name, pid, age))
@@ -133,7 +150,6 @@ class WatchdogService:
         settings: RelaySettings,
         store: LeaseStore | None = None,
         kill: Callable[[int, int], None] = os.kill,
-        reload: Callable[[str, str], Awaitable[None]] = reload_nginx,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if settings.heartbeat_dir is None:
@@ -141,14 +157,11 @@ class WatchdogService:
         self.dir = settings.heartbeat_dir
         self.limit = settings.stall_limit
         self.kill_after = settings.stall_kill_after
-        socket_dir, workers = settings.relay_worker_socket_dir, settings.relay_workers
-        self.servers = relay_worker_sockets(socket_dir, workers) if socket_dir else []
-        self.nginx_file = settings.nginx_relay_file
-        self.reload_command = settings.nginx_reload_command
+        self.socket_dir = settings.relay_worker_socket_dir
         self.store = store or RedisLeaseStore(settings, retry_timeout=0.5)
         self.events = EventLog(settings.ha_log, "relay", self.store)
-        self.kill, self.reload, self.clock = kill, reload, clock
-        self.down: dict[str, float] = {}  # worker index -> when it last beat
+        self.kill, self.clock = kill, clock
+        self.down: dict[str, _Frozen] = {}  # worker index -> the frozen process
         self._killed: set[int] = set()
         # Its own registry: the relay workers' /metrics sums this process's file
         # (PROMETHEUS_MULTIPROC_DIR), the watchdog serves nothing itself.
@@ -170,25 +183,26 @@ class WatchdogService:
     @property
     def rotates(self) -> bool:
         """Whether a frozen worker can leave Nginx's rotation (a socket each)."""
-        return bool(self.servers and self.nginx_file)
+        return self.socket_dir is not None
 
     async def check(self) -> list[Stall]:
         """One look: frozen workers out of the rotation (or killed), beating ones back."""
         now = self.clock()
         found = stalled(self.dir, self.limit, now=self.clock)
-        changed = False
         for stall in found:
-            if stall.index not in self.down:
-                self.down[stall.index] = now - stall.age
+            first = self.down.get(stall.index)
+            if first is None:
+                self.down[stall.index] = _Frozen(stall.pid, now - stall.age)
                 self.stalls.inc()
-                changed = True
+                if self.rotates:
+                    self._hide(stall.index)
                 action = "out of Nginx's rotation" if self.rotates else "killed"
                 self._say(
                     ev.RELAY_WORKER_STALLED, stall, f"no heartbeat for {stall.age:.1f}s; {action}"
                 )
                 if not self.rotates:
                     self._kill(stall)
-            elif now - self.down[stall.index] >= self.kill_after and stall.pid not in self._killed:
+            elif now - first.since >= self.kill_after and stall.pid not in self._killed:
                 self._say(
                     ev.RELAY_WORKER_STALLED,
                     stall,
@@ -197,15 +211,35 @@ class WatchdogService:
                 self._kill(stall)
         frozen = {s.index for s in found}
         for index in [i for i in self.down if i not in frozen and self._beating(i)]:
-            del self.down[index]
-            changed = True
+            was = self.down.pop(index)
+            if self.rotates:
+                self._show(index, resumed=_pid(self.dir / index) == was.pid)
             self.events.emit(
                 ev.RELAY_WORKER_RECOVERED,
                 f"relay worker {index}: beating again; back in Nginx's rotation",
             )
-        if changed and self.rotates:
-            await self._publish()
         return found
+
+    def _socket(self, index: str) -> Path:
+        assert self.socket_dir is not None
+        return Path(relay_worker_socket(self.socket_dir, int(index)))
+
+    def _hide(self, index: str) -> None:
+        """Out of Nginx's reach: a connect finds no such file and moves on at once."""
+        path = self._socket(index)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, path.with_name(path.name + HIDDEN_SUFFIX))
+
+    def _show(self, index: str, resumed: bool) -> None:
+        """The same process resumed: its socket gets its name back. A new process (the
+        old one was killed) has bound a fresh socket: the old one's file goes."""
+        path = self._socket(index)
+        hidden = path.with_name(path.name + HIDDEN_SUFFIX)
+        with contextlib.suppress(FileNotFoundError):
+            if resumed and not path.exists():
+                os.replace(hidden, path)
+            else:
+                os.unlink(hidden)
 
     def _say(self, event: str, stall: Stall, what: str) -> None:
         self.events.emit(event, f"relay worker {stall.index} (pid {stall.pid}): {what}")
@@ -219,14 +253,6 @@ class WatchdogService:
     def _beating(self, index: str) -> bool:
         age = _age(self.dir / index, self.clock)
         return age is not None and age <= self.limit
-
-    async def _publish(self) -> None:
-        assert self.nginx_file is not None
-        down = {self.servers[int(i)] for i in self.down if int(i) < len(self.servers)}
-        await asyncio.to_thread(
-            write_atomic, self.nginx_file, render_relay_servers(self.servers, down)
-        )
-        await self.reload(self.reload_command, f"relay workers down: {sorted(down) or 'none'}")
 
     async def _run(self) -> None:
         log.info(
