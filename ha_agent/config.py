@@ -447,11 +447,6 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         " each worker there (a Unix socket costs less per streamed event than loopback"
         " TCP) and can take one out of its rotation (unset: the shared port only).",
     )
-    nginx_relay_file: str | None = Field(
-        None,
-        description="The include file listing the relay workers for Nginx; the watchdog"
-        " marks a frozen one down in it and reloads Nginx.",
-    )
     heartbeat_dir: Path | None = Field(
         None,
         description="Each relay worker touches <dir>/<index> while its event loop runs;"
