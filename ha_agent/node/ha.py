@@ -37,6 +37,7 @@ from ha_agent.dcs.base import (
     Member,
     Role,
     Switchover,
+    Transition,
 )
 from ha_agent.events import EventLog
 from ha_agent.node.arbiter import FileArbiter
@@ -46,12 +47,6 @@ from ha_agent.node.failback import Failback
 from ha_agent.node.peers import PeerClient
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Transition:
-    at: float  # wall clock, for humans
-    what: str
 
 
 @dataclass
@@ -164,11 +159,7 @@ class Ha:
             priority=self.s.priority,
             failback=self.s.failback,
             held_back_for=round(self.damper.held_back_for(), 1),
-            last_transition=(
-                {"at": st.last_transition.at, "what": st.last_transition.what}
-                if st.last_transition
-                else None
-            ),
+            last_transition=st.last_transition,
             last_cycle=self.last_cycle_message,
             last_cycle_age=round(self.clock() - self.last_cycle_at, 2),
             lease_ttl=self.s.lease_ttl,
@@ -279,9 +270,9 @@ class Ha:
             name=self.name,
             engine_url=self.advertised_engine_url(),
             api_url=self.advertised_api_url(),
-            role=Role.PRIMARY.value if self.is_primary() else Role.STANDBY.value,
+            role=Role.PRIMARY if self.is_primary() else Role.STANDBY,
             epoch=self.state.epoch,
-            engine_health=h.state.value,
+            engine_health=h.state,
             priority=self.s.priority,
         )
         with contextlib.suppress(DCSError):
@@ -474,7 +465,7 @@ class Ha:
         switch = cluster.switchover
         if switch is not None and switch.to_node not in (None, self.name):
             target = st.members.get(switch.to_node)
-            if target is not None and target.engine_health == EngineState.HEALTHY.value:
+            if target is not None and target.engine_health is EngineState.HEALTHY:
                 return f"no leader; planned switchover to {switch.to_node}: leaving it the lease"
         if self.clock() - st.handed_over_at < self.s.handover_grace and switch is not None:
             return "no leader; we just handed over: leaving the lease to the switchover target"
@@ -521,7 +512,7 @@ class Ha:
         fresh = 2 * self.s.loop_wait + 2 * self.s.retry_timeout + 1.0
         now = time.time()
         return any(
-            m.engine_health == EngineState.HEALTHY.value and now - m.updated <= fresh
+            m.engine_health is EngineState.HEALTHY and now - m.updated <= fresh
             for name, m in self.state.members.items()
             if name not in (self.name, exclude)
         )
