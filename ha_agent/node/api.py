@@ -112,7 +112,7 @@ class AgentApi:
 
     async def get_liveness(self, request: web.Request) -> web.Response:
         age = self.ha.clock() - self.ha.last_cycle_at
-        limit = 3 * self.ha.s.loop_wait + 2 * self.ha.s.retry_timeout
+        limit = self.ha.s.liveness_limit
         return _plain(age <= limit, f"last HA cycle {age:.2f}s ago (limit {limit:.2f}s)")
 
     async def get_readiness(self, request: web.Request) -> web.Response:

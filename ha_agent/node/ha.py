@@ -509,10 +509,9 @@ class Ha:
     def _other_healthy_member(self, exclude: str | None = None) -> bool:
         """Another node that could lead now: registered recently with a healthy engine,
         and not the primary whose lease just lapsed (its entry outlives it)."""
-        fresh = 2 * self.s.loop_wait + 2 * self.s.retry_timeout + 1.0
         now = time.time()
         return any(
-            m.engine_health is EngineState.HEALTHY and now - m.updated <= fresh
+            m.engine_health is EngineState.HEALTHY and now - m.updated <= self.s.registration_fresh
             for name, m in self.state.members.items()
             if name not in (self.name, exclude)
         )
