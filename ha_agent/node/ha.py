@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from ha_agent.dcs.base import (
     Cluster,
     DCSError,
     EngineState,
+    HAEvent,
     LeaseStore,
     Member,
     Role,
@@ -66,6 +68,35 @@ class HAState:
     # Every peer ever seen, kept when the store forgets them (e.g. Redis came back
     # empty): the standby must still be able to ask the old primary if it is alive.
     known_peers: dict[str, Member] = field(default_factory=dict)
+
+
+class Refusal(enum.Enum):
+    """Why the cluster's state refuses what an admin asked for."""
+
+    NO_PRIMARY = "no primary"
+    ALREADY_PRIMARY = "already primary"
+    UNKNOWN_NODE = "unknown node"
+    NOT_HEALTHY = "not healthy"
+    IS_PRIMARY = "is the primary"
+    STILL_RUNS = "agent still runs"
+    CONFIG_CHANGED = "config changed meanwhile"
+
+
+class Refused(Exception):
+    """An admin request the cluster's state refuses; `detail` says why to a human."""
+
+    def __init__(self, why: Refusal, detail: str) -> None:
+        super().__init__(detail)
+        self.why = why
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A hand-over of the lease requested: from whom (None: nobody held it) to whom."""
+
+    from_node: str | None
+    to_node: str
 
 
 class Ha:
@@ -288,7 +319,7 @@ class Ha:
             return f"demoted: engine {h.state.value} ({h.reason}); released the lease"
         switch = cluster.switchover
         if switch is not None and switch.from_node == self.name and not st.paused:
-            target = await self._switchover_target(cluster, switch.to_node)
+            target = await self.takeover_candidate(cluster, self.name, switch.to_node)
             if target is None:
                 return await self._renew(
                     cluster, note="; switchover pending: no healthy target yet"
@@ -523,8 +554,14 @@ class Ha:
         status = await self.peers.status(member.api_url)
         return bool(status and status.is_primary and status.epoch >= self.state.max_epoch_seen)
 
-    async def _switchover_target(self, cluster: Cluster, wanted: str | None) -> str | None:
-        candidates = [m for m in cluster.members if m.name != self.name]
+    async def takeover_candidate(
+        self, cluster: Cluster, leaving: str | None, wanted: str | None
+    ) -> str | None:
+        """Who may take the lease over from `leaving`: `wanted` if named, else the
+        first other registered node, whose agent answers with a healthy engine. The
+        one rule for a switchover in the cycle and for the admin's switchover and
+        failover alike. None: no node qualifies now."""
+        candidates = [m for m in cluster.members if m.name != leaving]
         if wanted is not None:
             candidates = [m for m in candidates if m.name == wanted]
         for member in candidates:
@@ -532,6 +569,126 @@ class Ha:
             if status and status.engine.healthy:
                 return member.name
         return None
+
+    # -- what an admin asks for (node/api.py translates HTTP to these) -----------------
+
+    async def switch_over(self, to: str | None) -> Handover:
+        """Request a planned hand-over from the primary to `to` (any healthy standby
+        if None). Raises Refused, or DCSError with the store away."""
+        cluster = await self.dcs.get_cluster()
+        if cluster.leader is None:
+            raise Refused(
+                Refusal.NO_PRIMARY, "there is no primary to switch over from; use failover"
+            )
+        leader = cluster.leader.node
+        if to == leader:
+            raise Refused(Refusal.ALREADY_PRIMARY, f"{to} is already the primary")
+        if to is not None and cluster.member(to) is None:
+            raise Refused(Refusal.UNKNOWN_NODE, f"unknown node {to!r}")
+        chosen = await self.takeover_candidate(cluster, leader, to)
+        if chosen is None:
+            who = to or "any standby"
+            raise Refused(
+                Refusal.NOT_HEALTHY, f"refused: {who} is not healthy; the primary keeps the lease"
+            )
+        switch = Switchover(from_node=leader, to_node=chosen, requested_at=time.time())
+        await self.dcs.request_switchover(switch, self.s.switchover_ttl)
+        self.events.emit(ev.SWITCHOVER_REQUESTED, f"from {leader} to {chosen} (by admin)")
+        return Handover(leader, chosen)
+
+    async def fail_over(self, to: str) -> Handover:
+        """Drop the current lease (whoever holds it) so that `to` takes it: for when
+        the primary is gone. Raises Refused, or DCSError with the store away."""
+        cluster = await self.dcs.get_cluster()
+        if cluster.member(to) is None:
+            raise Refused(Refusal.UNKNOWN_NODE, f"unknown node {to!r}")
+        if await self.takeover_candidate(cluster, None, to) is None:
+            raise Refused(Refusal.NOT_HEALTHY, f"refused: {to} is not healthy")
+        previous = cluster.leader.node if cluster.leader else None
+        await self.dcs.request_switchover(
+            Switchover(from_node=previous or "", to_node=to, requested_at=time.time()),
+            self.s.switchover_ttl,
+        )
+        epoch = await self.dcs.force_release()
+        self.events.emit(ev.FAILOVER_FORCED, f"from {previous} to {to} (epoch now > {epoch})")
+        return Handover(previous, to)
+
+    async def history(self, count: int) -> list[HAEvent]:
+        return await self.dcs.history(count)
+
+    async def set_paused(self, paused: bool) -> None:
+        """Suspend (or resume) automatic actions cluster-wide; this agent acts on it
+        at once, the others at their next cycle or notification."""
+        await self.dcs.set_paused(paused)
+        self.wake.set()
+
+    async def stored_config(self) -> DynamicConfig:
+        """The dynamic settings as stored. Raises ValueError if they are not valid,
+        DCSError with the store away."""
+        return await self.dcs.get_config()
+
+    async def edit_config(self, config: DynamicConfig, previous: DynamicConfig | None) -> list[str]:
+        """Store `config` in place of `previous` (the stored value if None) and
+        return the changes (empty: nothing to change, nothing written). Raises
+        ValueError if it breaks this agent's rules, Refused if the stored value is no
+        longer `previous`, DCSError with the store away."""
+        # The rules are the agents' own: what could not be applied is not stored.
+        config.applied_to(self.env_settings)
+        try:
+            current = await self.dcs.get_config()
+        except ValueError:
+            current = DynamicConfig()  # unreadable: a valid value may replace it
+        previous = previous if previous is not None else current
+        changes = previous.diff(config)
+        if not changes:
+            return []
+        if not await self.dcs.set_config(config, previous):
+            raise Refused(
+                Refusal.CONFIG_CHANGED, "the config changed meanwhile; read it again and retry"
+            )
+        self.events.emit(ev.CONFIG_CHANGED, ", ".join(changes) + " (by admin)")
+        self.wake.set()
+        return changes
+
+    def restart_engine_requested(self) -> None:
+        """An admin restarts this node's engine now: not a flap, and in the history."""
+        self.expect_engine_restart(self.s.startup_grace)
+        self.events.emit(ev.ENGINE_RESTART_REQUESTED, f"{self.name} (by admin)")
+
+    async def remove_node(self, node: str) -> None:
+        """Deregister a stopped node. Raises Refused for the primary, an unknown node
+        or one whose agent still answers (it would register again), DCSError with
+        the store away."""
+        cluster = await self.dcs.get_cluster()
+        if cluster.leader is not None and cluster.leader.node == node:
+            raise Refused(Refusal.IS_PRIMARY, f"{node} is the primary: switch over first")
+        member = cluster.member(node) or self.state.known_peers.get(node)
+        if member is None:
+            raise Refused(Refusal.UNKNOWN_NODE, f"unknown node {node!r}")
+        if node == self.name or await self.peers.status(member.api_url) is not None:
+            raise Refused(
+                Refusal.STILL_RUNS,
+                f"{node}'s agent still runs (it would register again): stop it first",
+            )
+        await self.dcs.forget(node)
+        # A removed node is no peer to ask for failsafe acks any more.
+        self.state.known_peers.pop(node, None)
+        self.state.members.pop(node, None)
+        self.events.emit(ev.NODE_REMOVED, f"{node} (by admin)")
+
+    async def wait_for_leader(self, node: str, timeout: float) -> bool:
+        """Whether the store names `node` the leader within `timeout` s (real time:
+        the admin's request waits on other agents, not on this one's clock)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                cluster = await self.dcs.get_cluster()
+                if cluster.leader is not None and cluster.leader.node == node:
+                    return True
+            except DCSError:
+                pass
+            await asyncio.sleep(0.2)
+        return False
 
     # -- the store is away -------------------------------------------------------------
 
