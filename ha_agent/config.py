@@ -410,6 +410,12 @@ class FailbackSettings(BaseSettings):
         description="Healthy this long before a preferred node gets the lease back, s.",
         json_schema_extra=DYNAMIC,
     )
+    preferred_check_interval: float = Field(
+        5.0,
+        gt=0,
+        description="How often a primary asks the preferred node (failback=preferred)"
+        " whether it is ready to take the role back, s.",
+    )
     degraded_queue: int = Field(
         32, ge=1, description="Queued requests that make a primary degraded."
     )

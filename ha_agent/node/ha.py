@@ -61,8 +61,6 @@ class HAState:
     degraded: bool = False
     paused: bool = False
     handed_over_at: float = -1e9  # monotonic time of our last planned hand-over
-    failsafe_acked_at: float = -1e9  # monotonic: when a primary last asked us to ack it
-    failsafe_acked_for: str | None = None
     last_transition: Transition | None = None
     members: dict[str, Member] = field(default_factory=dict)  # as registered now
     # Every peer ever seen, kept when the store forgets them (e.g. Redis came back
@@ -129,6 +127,7 @@ class Ha:
         self._planned_restart_until = -1e9  # monotonic: an admin restarts the engine
         self.last_cycle_at = clock()
         self.last_cycle_message = "starting"
+        self._last_logged: str | None = None  # repeated cycle sentences log at debug
         self.wake = asyncio.Event()
         self.transitions_total = 0
         self.failovers_total = 0
@@ -355,7 +354,7 @@ class Ha:
         preferred = self.failback.preferred(self.name, self.s.priority, st.members)
         member = st.members.get(preferred) if preferred else None
         now = self.clock()
-        if member is None or now - self._preferred_checked_at < 5.0:
+        if member is None or now - self._preferred_checked_at < self.s.preferred_check_interval:
             return None
         self._preferred_checked_at = now
         status = await self.peers.status(member.api_url)
@@ -765,8 +764,6 @@ class Ha:
         st = self.state
         if self.is_primary() or leader == self.name or epoch < st.max_epoch_seen:
             return False
-        st.failsafe_acked_at = self.clock()
-        st.failsafe_acked_for = leader
         st.leader = leader
         return True
 
@@ -818,7 +815,7 @@ class Ha:
         while not stop.is_set():
             started = self.clock()
             message = await self.run_cycle()
-            if message != getattr(self, "_last_logged", None):
+            if message != self._last_logged:
                 log.info("%s", message)
                 self._last_logged = message
             else:
