@@ -195,7 +195,7 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
     # reads all of it before answering (else Nginx closes the client's connection
     # under it, policy.py). A 15 MB prompt through Docker's port proxy, Nginx (256 KB
     # body pieces) and the relay on the 2-core CPU stack: median 19-20 ms, at most
-    # 38-82 ms per 20 runs. The median of each kind's three tries is held to the
+    # 38-82 ms per 20 runs. The median of each request's three tries is held to the
     # target of 100 ms: single tries see outliers on this shared machine (one nested
     # regex took 139 ms in a CI run, its twins 26 and 45 ms). None may take a second.
     bound = 0.1
