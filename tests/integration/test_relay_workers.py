@@ -1,9 +1,9 @@
-"""The relay runs as several worker processes; one dying (kill -9) loses
+"""Issue 17: the relay runs as several worker processes; one dying (kill -9) loses
 only the streams it held. Streams on the other workers finish whole, requests sent
 while it is down are answered (Nginx re-sends what reached no worker), and
 supervisord brings the worker back.
 
-A worker that freezes (SIGSTOP) is taken out of Nginx's rotation by the
+Issue 20: a worker that freezes (SIGSTOP) is taken out of Nginx's rotation by the
 watchdog within a second, so new requests stop waiting on it long before the freeze
 ends; the requests it held finish when it resumes, and it rejoins."""
 
