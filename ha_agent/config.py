@@ -121,22 +121,35 @@ class LeaseTiming(BaseSettings):
         json_schema_extra=DYNAMIC,
     )
 
-    @model_validator(mode="after")
-    def _patroni_rule(self) -> LeaseTiming:
+    # The two timing rules, stated once: the validator below lowers a value that
+    # breaks one (environment), `rules_broken` names them (dynamic config refuses).
+
+    def _renew_budget(self) -> float:
+        """One cycle plus two full store retries: what a renewal may take."""
+        return self.loop_wait + 2 * self.retry_timeout
+
+    def _retry_rule_broken(self) -> bool:
         # Why: a primary must get two full retries in before its lease can lapse,
         # otherwise one slow Redis answer makes it lose the lease while healthy.
-        budget = self.loop_wait + 2 * self.retry_timeout
-        if budget > self.lease_ttl:
+        return self._renew_budget() > self.lease_ttl
+
+    def _margin_rule_broken(self) -> bool:
+        # Why: a primary that fences itself before its next cycle never renews.
+        return self.safety_margin >= self.lease_ttl - self.loop_wait
+
+    @model_validator(mode="after")
+    def _patroni_rule(self) -> LeaseTiming:
+        if self._retry_rule_broken():
             new_retry = max((self.lease_ttl - self.loop_wait) / 2, 0.05)
             warnings.warn(
-                f"loop_wait + 2*retry_timeout = {budget:g}s exceeds"
+                f"loop_wait + 2*retry_timeout = {self._renew_budget():g}s exceeds"
                 f" lease_ttl = {self.lease_ttl:g}s;"
                 f" retry_timeout lowered from {self.retry_timeout:g}s to {new_retry:g}s",
                 TimingWarning,
                 stacklevel=2,
             )
             self.retry_timeout = new_retry
-        if self.safety_margin >= self.lease_ttl - self.loop_wait:
+        if self._margin_rule_broken():
             new_margin = max((self.lease_ttl - self.loop_wait) / 2, 0.0)
             warnings.warn(
                 f"safety_margin {self.safety_margin:g}s leaves no time to renew;"
@@ -150,13 +163,13 @@ class LeaseTiming(BaseSettings):
     def rules_broken(self) -> list[str]:
         """The lease-timing rules these values break (empty: none), as sentences."""
         broken = []
-        budget = self.loop_wait + 2 * self.retry_timeout
-        if budget > self.lease_ttl:
+        if self._retry_rule_broken():
             broken.append(
                 f"loop_wait + 2*retry_timeout <= lease_ttl: {self.loop_wait:g} +"
-                f" 2*{self.retry_timeout:g} = {budget:g}s exceeds lease_ttl {self.lease_ttl:g}s"
+                f" 2*{self.retry_timeout:g} = {self._renew_budget():g}s exceeds"
+                f" lease_ttl {self.lease_ttl:g}s"
             )
-        if self.safety_margin >= self.lease_ttl - self.loop_wait:
+        if self._margin_rule_broken():
             broken.append(
                 f"safety_margin < lease_ttl - loop_wait: {self.safety_margin:g}s leaves no"
                 f" time to renew a {self.lease_ttl:g}s lease every {self.loop_wait:g}s"
@@ -175,6 +188,37 @@ class LeaseTiming(BaseSettings):
         """How long a switchover or forced failover waits to see the new leader:
         a few lease lifetimes, never under 10 s."""
         return max(4 * self.lease_ttl, 10.0)
+
+    @property
+    def registration_fresh(self) -> float:
+        """How recently a member must have registered to count as a live candidate:
+        two cycles' registrations, each with its full store retries, plus a second
+        of slack for the clocks of two nodes (`Member.updated` is the writer's)."""
+        return 2 * self.loop_wait + 2 * self.retry_timeout + 1.0
+
+    @property
+    def liveness_limit(self) -> float:
+        """The longest an HA cycle may be overdue before /liveness fails: three
+        cycles plus one cycle's two store retries, so one slow store is no hang."""
+        return 3 * self.loop_wait + 2 * self.retry_timeout
+
+    @property
+    def handover_follow_timeout(self) -> float:
+        """How long the CLI follows a switchover: the agent's own wait plus 10 s for
+        the CLI's polls and the new primary's first status."""
+        return self.handover_wait + 10.0
+
+    @property
+    def config_apply_wait(self) -> float:
+        """How long the CLI waits to see every agent apply a dynamic config: ten
+        cycles (each agent reads the store once a cycle), never under 5 s."""
+        return max(5.0, 10 * self.loop_wait)
+
+    @property
+    def operator_retry_timeout(self) -> float:
+        """How long one store read of the CLI may retry: the agents' retry_timeout,
+        at least 2 s, since an operator would rather wait than read nothing."""
+        return max(self.retry_timeout, 2.0)
 
     @property
     def handover_grace(self) -> float:
@@ -365,6 +409,12 @@ class FailbackSettings(BaseSettings):
         ge=0,
         description="Healthy this long before a preferred node gets the lease back, s.",
         json_schema_extra=DYNAMIC,
+    )
+    preferred_check_interval: float = Field(
+        5.0,
+        gt=0,
+        description="How often a primary asks the preferred node (failback=preferred)"
+        " whether it is ready to take the role back, s.",
     )
     degraded_queue: int = Field(
         32, ge=1, description="Queued requests that make a primary degraded."

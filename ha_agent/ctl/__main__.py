@@ -137,10 +137,6 @@ def _status_of(view: ClusterView, node: str) -> AgentStatus | None:
     return row.status if row else None
 
 
-def _handover_timeout(client: ClusterClient) -> float:
-    return client.s.handover_wait + 10.0
-
-
 def _switchover(
     client: ClusterClient, follower: EventFollower, target: str | None, wait: bool = True
 ) -> str:
@@ -166,7 +162,7 @@ def _switchover(
         status = _status_of(v, chosen)
         return v.primary == chosen and status is not None and status.role is Role.PRIMARY
 
-    _wait(client, follower, f"{chosen} to take over", moved, _handover_timeout(client))
+    _wait(client, follower, f"{chosen} to take over", moved, client.s.handover_follow_timeout)
     click.echo(f"switched over from {primary} to {chosen} in {time.monotonic() - started:.1f}s")
     return chosen
 
@@ -191,7 +187,9 @@ def _restart(
             status = _status_of(v, node)
             return status is not None and status.role is Role.STANDBY
 
-        _wait(client, follower, f"{node} to step down", stepped_down, _handover_timeout(client))
+        _wait(
+            client, follower, f"{node} to step down", stepped_down, client.s.handover_follow_timeout
+        )
 
     def drained(v: ClusterView) -> bool:
         status = _status_of(v, node)
@@ -488,7 +486,7 @@ def edit_config(
 
 def _wait_applied(client: ClusterClient, view: ClusterView, config: dict[str, Any]) -> None:
     """Show each agent taking the new values into effect (bounded: a few cycles)."""
-    deadline = time.monotonic() + max(5.0, 10 * client.s.loop_wait)
+    deadline = time.monotonic() + client.s.config_apply_wait
     pending = [n for n in view.nodes if n.status is not None]
     while pending:
         for row in list(pending):

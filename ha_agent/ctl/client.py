@@ -53,7 +53,7 @@ class ClusterClient:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     async def _store_read(self) -> tuple[Cluster | None, str | None]:
-        store = RedisLeaseStore(self.s, retry_timeout=max(self.s.retry_timeout, 2.0))
+        store = RedisLeaseStore(self.s, retry_timeout=self.s.operator_retry_timeout)
         try:
             return await store.get_cluster(), None
         except DCSError as exc:
@@ -116,7 +116,7 @@ class ClusterClient:
 
     def history(self, count: int) -> list[HAEvent]:
         async def read() -> list[HAEvent]:
-            store = RedisLeaseStore(self.s, retry_timeout=max(self.s.retry_timeout, 2.0))
+            store = RedisLeaseStore(self.s, retry_timeout=self.s.operator_retry_timeout)
             try:
                 return await store.history(count)
             finally:

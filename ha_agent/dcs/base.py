@@ -16,9 +16,9 @@ import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar, get_args
 
-from ha_agent.config import DynamicConfig
+from ha_agent.config import DynamicConfig, FailbackPolicy
 
 
 class DCSError(Exception):
@@ -47,6 +47,24 @@ def parse_token(raw: str) -> tuple[int, str]:
     return int(epoch), node
 
 
+class Role(str, enum.Enum):
+    """A node's role. FENCED: it still believes it is primary, but its lease may
+    have lapsed, so it serves nothing as primary until it renews."""
+
+    PRIMARY = "primary"
+    STANDBY = "standby"
+    FENCED = "fenced"
+
+
+class EngineState(str, enum.Enum):
+    """How an agent judges its engine (monitor.py decides which)."""
+
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    HUNG = "hung"
+    DEAD = "dead"
+
+
 R = TypeVar("R", bound="StoredRecord")
 
 
@@ -71,11 +89,17 @@ class Member(StoredRecord):
     name: str
     engine_url: str
     api_url: str
-    role: str = "standby"
+    role: Role = Role.STANDBY
     epoch: int = 0
-    engine_health: str = "starting"
+    engine_health: EngineState = EngineState.STARTING
     priority: int = 0
     updated: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        # Stored as the enums' string values (what older agents wrote too); the JSON
+        # reader hands those back, and an unknown one raises ValueError.
+        object.__setattr__(self, "role", Role(self.role))
+        object.__setattr__(self, "engine_health", EngineState(self.engine_health))
 
 
 @dataclass(frozen=True)
@@ -131,20 +155,42 @@ class HAEvent:
         )
 
 
-class Role(str, enum.Enum):
-    """A node's role. FENCED: it still believes it is primary, but its lease may
-    have lapsed, so it serves nothing as primary until it renews."""
+@dataclass(frozen=True)
+class Transition:
+    """A node's last change of role, as its agent reports it."""
 
-    PRIMARY = "primary"
-    STANDBY = "standby"
-    FENCED = "fenced"
+    at: float  # wall clock, for humans
+    what: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "what": self.what}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Transition:
+        if not isinstance(data, Mapping):
+            raise ValueError("last transition is not an object")
+        return cls(at=_num(data, "at"), what=str(data.get("what", "")))
 
 
-class EngineState(str, enum.Enum):
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    HUNG = "hung"
-    DEAD = "dead"
+@dataclass(frozen=True)
+class NodeRemoved:
+    """The notice on the leader channel that a node was deregistered: watchers
+    (agents, relays) stop treating it as a peer at once, not when its entry expires.
+    On the wire: "removed <node>"."""
+
+    node: str
+
+    prefix: ClassVar[str] = "removed "
+
+    def encode(self) -> str:
+        return self.prefix + self.node
+
+    @classmethod
+    def decode(cls, message: str) -> NodeRemoved | None:
+        """The notice in `message`, or None if the message says something else."""
+        if not message.startswith(cls.prefix):
+            return None
+        return cls(message.removeprefix(cls.prefix))
 
 
 def _num(data: Mapping[str, Any], key: str, default: float = 0.0) -> float:
@@ -204,9 +250,9 @@ class AgentStatus:
     degraded: bool = False
     paused: bool = False
     priority: int = 0
-    failback: str = ""
+    failback: FailbackPolicy = "never"
     held_back_for: float = 0.0
-    last_transition: Mapping[str, Any] | None = None
+    last_transition: Transition | None = None
     last_cycle: str = ""
     last_cycle_age: float = 0.0
     lease_ttl: float = 0.0  # in effect on this agent (edit-config changes it live)
@@ -220,7 +266,7 @@ class AgentStatus:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(role=self.role.value, engine=self.engine.to_json())
-        data["last_transition"] = dict(self.last_transition) if self.last_transition else None
+        data["last_transition"] = self.last_transition.to_json() if self.last_transition else None
         return data
 
     @classmethod
@@ -232,6 +278,9 @@ class AgentStatus:
             raise ValueError(f"'epoch' is not an integer: {epoch!r}")
         leader = data.get("leader")
         transition = data.get("last_transition")
+        failback = data.get("failback", "never")
+        if failback not in get_args(FailbackPolicy):
+            raise ValueError(f"'failback' is not a failback policy: {failback!r}")
         return cls(
             node=str(data.get("node", "")),
             role=Role(data.get("role")),
@@ -244,9 +293,9 @@ class AgentStatus:
             degraded=bool(data.get("degraded", False)),
             paused=bool(data.get("paused", False)),
             priority=int(_num(data, "priority")),
-            failback=str(data.get("failback", "")),
+            failback=failback,
             held_back_for=_num(data, "held_back_for"),
-            last_transition=transition if isinstance(transition, Mapping) else None,
+            last_transition=Transition.from_json(transition) if transition is not None else None,
             last_cycle=str(data.get("last_cycle", "")),
             last_cycle_age=_num(data, "last_cycle_age"),
             lease_ttl=_num(data, "lease_ttl"),

@@ -52,6 +52,7 @@ from ha_agent.dcs.base import (
     Leader,
     LeaseStore,
     Member,
+    NodeRemoved,
     Switchover,
     lease_token,
     parse_token,
@@ -366,7 +367,7 @@ class RedisLeaseStore(LeaseStore):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.srem(self.k_members, name)
                 pipe.delete(self.k_member + name)
-                pipe.publish(self.channel, f"removed {name}")
+                pipe.publish(self.channel, NodeRemoved(name).encode())
                 await pipe.execute()
 
         await self._call("forget", write)

@@ -8,7 +8,7 @@ Four jobs, one subpackage each, in the order a request meets them:
 - `admission/`: what is checked before an engine sees a request — field policy,
   size limits (the streaming prompt scanner), shedding, query-of-death quarantine;
 - `stream/`: the request path itself — the relay, SSE framing, the zero-copy
-  splice of a stream's bytes and the migration of a broken stream to another node;
+  pass-through of a stream's bytes and the migration of a broken stream to another node;
 - `upstream/`: the relay's view of the nodes — topology from the store and the
   agents, the HTTP transport to the engines, and the warmer that keeps the
   standby's cache warm.

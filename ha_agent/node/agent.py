@@ -11,7 +11,7 @@ from aiohttp import web
 from ha_agent import events as ev
 from ha_agent.auth import TokenAuth
 from ha_agent.config import AgentSettings
-from ha_agent.dcs.base import DCSError, LeaseStore, Role
+from ha_agent.dcs.base import DCSError, LeaseStore, NodeRemoved, Role
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
 from ha_agent.node.api import AgentApi
@@ -93,10 +93,10 @@ class NodeAgent:
 
     async def _follow_notifications(self) -> None:
         async for message in self.store.watch():
-            if message.startswith("removed "):
+            removed = NodeRemoved.decode(message)
+            if removed is not None:
                 # Decommissioned (sglang-ha remove): no longer a peer to ask for acks.
-                name = message.split(" ", 1)[1]
-                self.ha.state.known_peers.pop(name, None)
+                self.ha.state.known_peers.pop(removed.node, None)
             self.ha.wake.set()
             if self._stop.is_set():
                 return

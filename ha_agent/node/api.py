@@ -26,8 +26,6 @@ Admin routes (Bearer token):
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from aiohttp import web
@@ -36,19 +34,24 @@ from pydantic import ValidationError
 
 from ha_agent.auth import Handler, TokenAuth
 from ha_agent.config import DYNAMIC_SETTINGS, DynamicConfig
-from ha_agent.dcs.base import DCSError, Role, Switchover
-from ha_agent.events import (
-    CONFIG_CHANGED,
-    ENGINE_RESTART_REQUESTED,
-    FAILOVER_FORCED,
-    NODE_REMOVED,
-    SWITCHOVER_REQUESTED,
-)
+from ha_agent.dcs.base import DCSError, Role
 from ha_agent.httpjson import error, json_errors, optional_str, read_object
 from ha_agent.node.engine_control import EngineControl, EngineControlError
-from ha_agent.node.ha import Ha
+from ha_agent.node.ha import Ha, Refusal, Refused
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.openapi.agent import AGENT_SPEC
+
+# How each refusal answers: a conflict with the cluster's state, a node nobody
+# registered, or a target that cannot serve.
+_REFUSAL_STATUS = {
+    Refusal.NO_PRIMARY: 409,
+    Refusal.ALREADY_PRIMARY: 409,
+    Refusal.UNKNOWN_NODE: 404,
+    Refusal.NOT_HEALTHY: 412,
+    Refusal.IS_PRIMARY: 409,
+    Refusal.STILL_RUNS: 409,
+    Refusal.CONFIG_CHANGED: 409,
+}
 
 # Patroni's other names for the same probes.
 _ALIASES = {"leader": "primary", "standby": "replica"}
@@ -112,7 +115,7 @@ class AgentApi:
 
     async def get_liveness(self, request: web.Request) -> web.Response:
         age = self.ha.clock() - self.ha.last_cycle_at
-        limit = 3 * self.ha.s.loop_wait + 2 * self.ha.s.retry_timeout
+        limit = self.ha.s.liveness_limit
         return _plain(age <= limit, f"last HA cycle {age:.2f}s ago (limit {limit:.2f}s)")
 
     async def get_readiness(self, request: web.Request) -> web.Response:
@@ -128,7 +131,7 @@ class AgentApi:
         except ValueError:
             return error(400, "count must be an integer")
         try:
-            rows = await self.ha.dcs.history(count)
+            rows = await self.ha.history(count)
         except DCSError as exc:
             return error(503, f"history unavailable: {exc}")
         return web.json_response(
@@ -148,50 +151,28 @@ class AgentApi:
         body = await read_object(request)
         target = optional_str(body, "to")
         try:
-            cluster = await self.ha.dcs.get_cluster()
+            moved = await self.ha.switch_over(target)
+        except Refused as exc:
+            return error(_REFUSAL_STATUS[exc.why], exc.detail)
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
-        if cluster.leader is None:
-            return error(409, "there is no primary to switch over from; use failover")
-        leader = cluster.leader.node
-        if target == leader:
-            return error(409, f"{target} is already the primary")
-        candidates = [m for m in cluster.members if m.name != leader]
-        if target is not None:
-            candidates = [m for m in candidates if m.name == target]
-            if not candidates:
-                return error(404, f"unknown node {target!r}")
-        healthy = []
-        for member in candidates:
-            status = await self.ha.peers.status(member.api_url)
-            if status and status.engine.healthy:
-                healthy.append(member.name)
-        if not healthy:
-            who = target or "any standby"
-            return error(412, f"refused: {who} is not healthy; the primary keeps the lease")
-        chosen = target or healthy[0]
-        switch = Switchover(from_node=leader, to_node=chosen, requested_at=time.time())
-        try:
-            await self.ha.dcs.request_switchover(switch, self.ha.s.switchover_ttl)
-        except DCSError as exc:
-            return error(503, f"coordination store unreachable: {exc}")
-        self.ha.events.emit(SWITCHOVER_REQUESTED, f"from {leader} to {chosen} (by admin)")
-        moved = {"from": leader, "to": chosen}
+        leader, chosen = moved.from_node, moved.to_node
+        names = {"from": leader, "to": chosen}
         if request.query.get("wait", "true") == "false":
             return web.json_response(
-                {"detail": f"switchover from {leader} to {chosen} requested", **moved},
+                {"detail": f"switchover from {leader} to {chosen} requested", **names},
                 status=202,
             )
-        done = await self._wait_for_leader(chosen, timeout=self.ha.s.handover_wait)
+        done = await self.ha.wait_for_leader(chosen, timeout=self.ha.s.handover_wait)
         if not done:
             return web.json_response(
                 {
                     "detail": f"switchover from {leader} to {chosen} requested, not yet done",
-                    **moved,
+                    **names,
                 },
                 status=202,
             )
-        return web.json_response({"detail": f"switched over from {leader} to {chosen}", **moved})
+        return web.json_response({"detail": f"switched over from {leader} to {chosen}", **names})
 
     async def post_failover(self, request: web.Request) -> web.Response:
         body = await read_object(request)
@@ -201,30 +182,16 @@ class AgentApi:
         if body.get("force") is not True:
             return error(400, 'failover drops the current lease; confirm with "force": true')
         try:
-            cluster = await self.ha.dcs.get_cluster()
+            moved = await self.ha.fail_over(target)
+        except Refused as exc:
+            return error(_REFUSAL_STATUS[exc.why], exc.detail)
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
-        member = cluster.member(target)
-        if member is None:
-            return error(404, f"unknown node {target!r}")
-        status = await self.ha.peers.status(member.api_url)
-        if not status or not status.engine.healthy:
-            return error(412, f"refused: {target} is not healthy")
-        previous = cluster.leader.node if cluster.leader else None
-        try:
-            await self.ha.dcs.request_switchover(
-                Switchover(from_node=previous or "", to_node=target, requested_at=time.time()),
-                self.ha.s.switchover_ttl,
-            )
-            epoch = await self.ha.dcs.force_release()
-        except DCSError as exc:
-            return error(503, f"coordination store unreachable: {exc}")
-        self.ha.events.emit(FAILOVER_FORCED, f"from {previous} to {target} (epoch now > {epoch})")
-        done = await self._wait_for_leader(target, timeout=self.ha.s.handover_wait)
+        done = await self.ha.wait_for_leader(target, timeout=self.ha.s.handover_wait)
         status_code = 200 if done else 202
         return web.json_response(
             {
-                "detail": f"forced failover from {previous} to {target}"
+                "detail": f"forced failover from {moved.from_node} to {target}"
                 + ("" if done else " requested")
             },
             status=status_code,
@@ -238,10 +205,9 @@ class AgentApi:
 
     async def _set_paused(self, paused: bool) -> web.Response:
         try:
-            await self.ha.dcs.set_paused(paused)
+            await self.ha.set_paused(paused)
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
-        self.ha.wake.set()
         return web.json_response({"paused": paused})
 
     async def post_failsafe(self, request: web.Request) -> web.Response:
@@ -272,7 +238,7 @@ class AgentApi:
 
     async def get_config(self, request: web.Request) -> web.Response:
         try:
-            config = await self.ha.dcs.get_config()
+            config = await self.ha.stored_config()
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
         except ValueError as exc:
@@ -291,28 +257,15 @@ class AgentApi:
         except ValidationError as exc:
             return error(422, "refused: " + _validation_message(exc))
         try:
-            # The rules are the agents' own: what could not be applied is not stored.
-            config.applied_to(self.ha.env_settings)
+            changes = await self.ha.edit_config(config, previous)
+        except Refused as exc:
+            return error(_REFUSAL_STATUS[exc.why], exc.detail)
+        except DCSError as exc:
+            return error(503, f"coordination store unreachable: {exc}")
         except ValueError as exc:
             return error(422, f"refused: {exc}")
-        try:
-            current = await self.ha.dcs.get_config()
-        except DCSError as exc:
-            return error(503, f"coordination store unreachable: {exc}")
-        except ValueError:
-            current = DynamicConfig()  # unreadable: a valid value may replace it
-        previous = previous if previous is not None else current
-        changes = previous.diff(config)
         if not changes:
             return web.json_response({"detail": "no change", "config": config.values(), "diff": []})
-        try:
-            stored = await self.ha.dcs.set_config(config, previous)
-        except DCSError as exc:
-            return error(503, f"coordination store unreachable: {exc}")
-        if not stored:
-            return error(409, "the config changed meanwhile; read it again and retry")
-        self.ha.events.emit(CONFIG_CHANGED, ", ".join(changes) + " (by admin)")
-        self.ha.wake.set()
         return web.json_response(
             {"detail": "; ".join(changes), "config": config.values(), "diff": changes}
         )
@@ -328,8 +281,7 @@ class AgentApi:
             return error(409, f"{self.ha.name}: a restart is already under way")
         self._restarting = True
         try:
-            self.ha.expect_engine_restart(self.ha.s.startup_grace)
-            self.ha.events.emit(ENGINE_RESTART_REQUESTED, f"{self.ha.name} (by admin)")
+            self.ha.restart_engine_requested()
             pid = await self.engine_control.restart()
         except EngineControlError as exc:
             return error(503, f"could not restart the engine: {exc}")
@@ -345,37 +297,12 @@ class AgentApi:
         if node is None:
             return error(400, "remove needs 'node': the node to deregister")
         try:
-            cluster = await self.ha.dcs.get_cluster()
+            await self.ha.remove_node(node)
+        except Refused as exc:
+            return error(_REFUSAL_STATUS[exc.why], exc.detail)
         except DCSError as exc:
             return error(503, f"coordination store unreachable: {exc}")
-        if cluster.leader is not None and cluster.leader.node == node:
-            return error(409, f"{node} is the primary: switch over first")
-        member = cluster.member(node) or self.ha.state.known_peers.get(node)
-        if member is None:
-            return error(404, f"unknown node {node!r}")
-        if node == self.ha.name or await self.ha.peers.status(member.api_url) is not None:
-            return error(409, f"{node}'s agent still runs (it would register again): stop it first")
-        try:
-            await self.ha.dcs.forget(node)
-        except DCSError as exc:
-            return error(503, f"coordination store unreachable: {exc}")
-        # A removed node is no peer to ask for failsafe acks any more.
-        self.ha.state.known_peers.pop(node, None)
-        self.ha.state.members.pop(node, None)
-        self.ha.events.emit(NODE_REMOVED, f"{node} (by admin)")
         return web.json_response({"detail": f"removed {node} from the cluster"})
-
-    async def _wait_for_leader(self, node: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                cluster = await self.ha.dcs.get_cluster()
-                if cluster.leader is not None and cluster.leader.node == node:
-                    return True
-            except DCSError:
-                pass
-            await asyncio.sleep(0.2)
-        return False
 
 
 def _validation_message(exc: ValidationError) -> str:

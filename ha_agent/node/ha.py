@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -33,10 +34,12 @@ from ha_agent.dcs.base import (
     Cluster,
     DCSError,
     EngineState,
+    HAEvent,
     LeaseStore,
     Member,
     Role,
     Switchover,
+    Transition,
 )
 from ha_agent.events import EventLog
 from ha_agent.node.arbiter import FileArbiter
@@ -49,12 +52,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Transition:
-    at: float  # wall clock, for humans
-    what: str
-
-
-@dataclass
 class HAState:
     role: Role = Role.STANDBY
     epoch: int = 0  # the epoch we hold (primary) or last saw (standby)
@@ -64,13 +61,40 @@ class HAState:
     degraded: bool = False
     paused: bool = False
     handed_over_at: float = -1e9  # monotonic time of our last planned hand-over
-    failsafe_acked_at: float = -1e9  # monotonic: when a primary last asked us to ack it
-    failsafe_acked_for: str | None = None
     last_transition: Transition | None = None
     members: dict[str, Member] = field(default_factory=dict)  # as registered now
     # Every peer ever seen, kept when the store forgets them (e.g. Redis came back
     # empty): the standby must still be able to ask the old primary if it is alive.
     known_peers: dict[str, Member] = field(default_factory=dict)
+
+
+class Refusal(enum.Enum):
+    """Why the cluster's state refuses what an admin asked for."""
+
+    NO_PRIMARY = "no primary"
+    ALREADY_PRIMARY = "already primary"
+    UNKNOWN_NODE = "unknown node"
+    NOT_HEALTHY = "not healthy"
+    IS_PRIMARY = "is the primary"
+    STILL_RUNS = "agent still runs"
+    CONFIG_CHANGED = "config changed meanwhile"
+
+
+class Refused(Exception):
+    """An admin request the cluster's state refuses; `detail` says why to a human."""
+
+    def __init__(self, why: Refusal, detail: str) -> None:
+        super().__init__(detail)
+        self.why = why
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A hand-over of the lease requested: from whom (None: nobody held it) to whom."""
+
+    from_node: str | None
+    to_node: str
 
 
 class Ha:
@@ -103,6 +127,7 @@ class Ha:
         self._planned_restart_until = -1e9  # monotonic: an admin restarts the engine
         self.last_cycle_at = clock()
         self.last_cycle_message = "starting"
+        self._last_logged: str | None = None  # repeated cycle sentences log at debug
         self.wake = asyncio.Event()
         self.transitions_total = 0
         self.failovers_total = 0
@@ -164,11 +189,7 @@ class Ha:
             priority=self.s.priority,
             failback=self.s.failback,
             held_back_for=round(self.damper.held_back_for(), 1),
-            last_transition=(
-                {"at": st.last_transition.at, "what": st.last_transition.what}
-                if st.last_transition
-                else None
-            ),
+            last_transition=st.last_transition,
             last_cycle=self.last_cycle_message,
             last_cycle_age=round(self.clock() - self.last_cycle_at, 2),
             lease_ttl=self.s.lease_ttl,
@@ -279,9 +300,9 @@ class Ha:
             name=self.name,
             engine_url=self.advertised_engine_url(),
             api_url=self.advertised_api_url(),
-            role=Role.PRIMARY.value if self.is_primary() else Role.STANDBY.value,
+            role=Role.PRIMARY if self.is_primary() else Role.STANDBY,
             epoch=self.state.epoch,
-            engine_health=h.state.value,
+            engine_health=h.state,
             priority=self.s.priority,
         )
         with contextlib.suppress(DCSError):
@@ -297,7 +318,7 @@ class Ha:
             return f"demoted: engine {h.state.value} ({h.reason}); released the lease"
         switch = cluster.switchover
         if switch is not None and switch.from_node == self.name and not st.paused:
-            target = await self._switchover_target(cluster, switch.to_node)
+            target = await self.takeover_candidate(cluster, self.name, switch.to_node)
             if target is None:
                 return await self._renew(
                     cluster, note="; switchover pending: no healthy target yet"
@@ -333,7 +354,7 @@ class Ha:
         preferred = self.failback.preferred(self.name, self.s.priority, st.members)
         member = st.members.get(preferred) if preferred else None
         now = self.clock()
-        if member is None or now - self._preferred_checked_at < 5.0:
+        if member is None or now - self._preferred_checked_at < self.s.preferred_check_interval:
             return None
         self._preferred_checked_at = now
         status = await self.peers.status(member.api_url)
@@ -474,7 +495,7 @@ class Ha:
         switch = cluster.switchover
         if switch is not None and switch.to_node not in (None, self.name):
             target = st.members.get(switch.to_node)
-            if target is not None and target.engine_health == EngineState.HEALTHY.value:
+            if target is not None and target.engine_health is EngineState.HEALTHY:
                 return f"no leader; planned switchover to {switch.to_node}: leaving it the lease"
         if self.clock() - st.handed_over_at < self.s.handover_grace and switch is not None:
             return "no leader; we just handed over: leaving the lease to the switchover target"
@@ -518,10 +539,9 @@ class Ha:
     def _other_healthy_member(self, exclude: str | None = None) -> bool:
         """Another node that could lead now: registered recently with a healthy engine,
         and not the primary whose lease just lapsed (its entry outlives it)."""
-        fresh = 2 * self.s.loop_wait + 2 * self.s.retry_timeout + 1.0
         now = time.time()
         return any(
-            m.engine_health == EngineState.HEALTHY.value and now - m.updated <= fresh
+            m.engine_health is EngineState.HEALTHY and now - m.updated <= self.s.registration_fresh
             for name, m in self.state.members.items()
             if name not in (self.name, exclude)
         )
@@ -533,8 +553,14 @@ class Ha:
         status = await self.peers.status(member.api_url)
         return bool(status and status.is_primary and status.epoch >= self.state.max_epoch_seen)
 
-    async def _switchover_target(self, cluster: Cluster, wanted: str | None) -> str | None:
-        candidates = [m for m in cluster.members if m.name != self.name]
+    async def takeover_candidate(
+        self, cluster: Cluster, leaving: str | None, wanted: str | None
+    ) -> str | None:
+        """Who may take the lease over from `leaving`: `wanted` if named, else the
+        first other registered node, whose agent answers with a healthy engine. The
+        one rule for a switchover in the cycle and for the admin's switchover and
+        failover alike. None: no node qualifies now."""
+        candidates = [m for m in cluster.members if m.name != leaving]
         if wanted is not None:
             candidates = [m for m in candidates if m.name == wanted]
         for member in candidates:
@@ -542,6 +568,126 @@ class Ha:
             if status and status.engine.healthy:
                 return member.name
         return None
+
+    # -- what an admin asks for (node/api.py translates HTTP to these) -----------------
+
+    async def switch_over(self, to: str | None) -> Handover:
+        """Request a planned hand-over from the primary to `to` (any healthy standby
+        if None). Raises Refused, or DCSError with the store away."""
+        cluster = await self.dcs.get_cluster()
+        if cluster.leader is None:
+            raise Refused(
+                Refusal.NO_PRIMARY, "there is no primary to switch over from; use failover"
+            )
+        leader = cluster.leader.node
+        if to == leader:
+            raise Refused(Refusal.ALREADY_PRIMARY, f"{to} is already the primary")
+        if to is not None and cluster.member(to) is None:
+            raise Refused(Refusal.UNKNOWN_NODE, f"unknown node {to!r}")
+        chosen = await self.takeover_candidate(cluster, leader, to)
+        if chosen is None:
+            who = to or "any standby"
+            raise Refused(
+                Refusal.NOT_HEALTHY, f"refused: {who} is not healthy; the primary keeps the lease"
+            )
+        switch = Switchover(from_node=leader, to_node=chosen, requested_at=time.time())
+        await self.dcs.request_switchover(switch, self.s.switchover_ttl)
+        self.events.emit(ev.SWITCHOVER_REQUESTED, f"from {leader} to {chosen} (by admin)")
+        return Handover(leader, chosen)
+
+    async def fail_over(self, to: str) -> Handover:
+        """Drop the current lease (whoever holds it) so that `to` takes it: for when
+        the primary is gone. Raises Refused, or DCSError with the store away."""
+        cluster = await self.dcs.get_cluster()
+        if cluster.member(to) is None:
+            raise Refused(Refusal.UNKNOWN_NODE, f"unknown node {to!r}")
+        if await self.takeover_candidate(cluster, None, to) is None:
+            raise Refused(Refusal.NOT_HEALTHY, f"refused: {to} is not healthy")
+        previous = cluster.leader.node if cluster.leader else None
+        await self.dcs.request_switchover(
+            Switchover(from_node=previous or "", to_node=to, requested_at=time.time()),
+            self.s.switchover_ttl,
+        )
+        epoch = await self.dcs.force_release()
+        self.events.emit(ev.FAILOVER_FORCED, f"from {previous} to {to} (epoch now > {epoch})")
+        return Handover(previous, to)
+
+    async def history(self, count: int) -> list[HAEvent]:
+        return await self.dcs.history(count)
+
+    async def set_paused(self, paused: bool) -> None:
+        """Suspend (or resume) automatic actions cluster-wide; this agent acts on it
+        at once, the others at their next cycle or notification."""
+        await self.dcs.set_paused(paused)
+        self.wake.set()
+
+    async def stored_config(self) -> DynamicConfig:
+        """The dynamic settings as stored. Raises ValueError if they are not valid,
+        DCSError with the store away."""
+        return await self.dcs.get_config()
+
+    async def edit_config(self, config: DynamicConfig, previous: DynamicConfig | None) -> list[str]:
+        """Store `config` in place of `previous` (the stored value if None) and
+        return the changes (empty: nothing to change, nothing written). Raises
+        ValueError if it breaks this agent's rules, Refused if the stored value is no
+        longer `previous`, DCSError with the store away."""
+        # The rules are the agents' own: what could not be applied is not stored.
+        config.applied_to(self.env_settings)
+        try:
+            current = await self.dcs.get_config()
+        except ValueError:
+            current = DynamicConfig()  # unreadable: a valid value may replace it
+        previous = previous if previous is not None else current
+        changes = previous.diff(config)
+        if not changes:
+            return []
+        if not await self.dcs.set_config(config, previous):
+            raise Refused(
+                Refusal.CONFIG_CHANGED, "the config changed meanwhile; read it again and retry"
+            )
+        self.events.emit(ev.CONFIG_CHANGED, ", ".join(changes) + " (by admin)")
+        self.wake.set()
+        return changes
+
+    def restart_engine_requested(self) -> None:
+        """An admin restarts this node's engine now: not a flap, and in the history."""
+        self.expect_engine_restart(self.s.startup_grace)
+        self.events.emit(ev.ENGINE_RESTART_REQUESTED, f"{self.name} (by admin)")
+
+    async def remove_node(self, node: str) -> None:
+        """Deregister a stopped node. Raises Refused for the primary, an unknown node
+        or one whose agent still answers (it would register again), DCSError with
+        the store away."""
+        cluster = await self.dcs.get_cluster()
+        if cluster.leader is not None and cluster.leader.node == node:
+            raise Refused(Refusal.IS_PRIMARY, f"{node} is the primary: switch over first")
+        member = cluster.member(node) or self.state.known_peers.get(node)
+        if member is None:
+            raise Refused(Refusal.UNKNOWN_NODE, f"unknown node {node!r}")
+        if node == self.name or await self.peers.status(member.api_url) is not None:
+            raise Refused(
+                Refusal.STILL_RUNS,
+                f"{node}'s agent still runs (it would register again): stop it first",
+            )
+        await self.dcs.forget(node)
+        # A removed node is no peer to ask for failsafe acks any more.
+        self.state.known_peers.pop(node, None)
+        self.state.members.pop(node, None)
+        self.events.emit(ev.NODE_REMOVED, f"{node} (by admin)")
+
+    async def wait_for_leader(self, node: str, timeout: float) -> bool:
+        """Whether the store names `node` the leader within `timeout` s (real time:
+        the admin's request waits on other agents, not on this one's clock)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                cluster = await self.dcs.get_cluster()
+                if cluster.leader is not None and cluster.leader.node == node:
+                    return True
+            except DCSError:
+                pass
+            await asyncio.sleep(0.2)
+        return False
 
     # -- the store is away -------------------------------------------------------------
 
@@ -618,8 +764,6 @@ class Ha:
         st = self.state
         if self.is_primary() or leader == self.name or epoch < st.max_epoch_seen:
             return False
-        st.failsafe_acked_at = self.clock()
-        st.failsafe_acked_for = leader
         st.leader = leader
         return True
 
@@ -671,7 +815,7 @@ class Ha:
         while not stop.is_set():
             started = self.clock()
             message = await self.run_cycle()
-            if message != getattr(self, "_last_logged", None):
+            if message != self._last_logged:
                 log.info("%s", message)
                 self._last_logged = message
             else:

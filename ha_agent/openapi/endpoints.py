@@ -1,5 +1,5 @@
 """The public SGLang API, one row per route: what the relay, the warmer, the request
-checks, the simulator and the docs all read (issue 18's one endpoint table).
+checks, the simulator and the docs all read, so that a route is described once.
 
 Every row is a route SGLang 0.5.19 serves (python/sglang/srt/entrypoints/http_server.py)
 and says how the gateway treats it:

@@ -90,15 +90,19 @@ def error_body(shape: ErrorShape | None, bad: BadInput) -> dict[str, Any]:
     if bad.status == 405:
         return {"detail": "Method Not Allowed"}
     if shape is ErrorShape.RESPONSES:
-        kind = "Bad Request" if bad.validation else "invalid_request_error"
-        return {"error": {"message": bad.message, "type": kind, "param": None, "code": bad.status}}
+        error_type = "Bad Request" if bad.validation else "invalid_request_error"
+        return {
+            "error": {"message": bad.message, "type": error_type, "param": None, "code": bad.status}
+        }
     if shape is ErrorShape.NATIVE and not bad.validation and bad.status != 413:
         return {"error": {"message": bad.message}}
-    kind = "Bad Request" if bad.validation else _ERROR_TYPES.get(bad.status, "BadRequestError")
+    error_type = (
+        "Bad Request" if bad.validation else _ERROR_TYPES.get(bad.status, "BadRequestError")
+    )
     return {
         "object": "error",
         "message": bad.message,
-        "type": kind,
+        "type": error_type,
         "param": None,
         "code": bad.status,
     }

@@ -22,12 +22,12 @@ def _text(content: Any) -> str:
         return content
     parts = []
     for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
+        part_type = part.get("type") if isinstance(part, dict) else None
+        if part_type == "text":
             parts.append(str(part.get("text") or ""))
         else:
             raise ValueError(
-                f"message content part of type {kind!r} is not supported by the simulator "
+                f"message content part of type {part_type!r} is not supported by the simulator "
                 "(text only)"
             )
     return "".join(parts)

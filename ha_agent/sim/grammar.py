@@ -28,9 +28,9 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    kind: str  # "json_schema" or "regex"
+    key: str  # the request key that carried it: "json_schema" or "regex"
     spec: str
-    schema: Any = None  # parsed JSON Schema for kind == "json_schema"
+    schema: Any = None  # parsed JSON Schema for key == "json_schema"
 
 
 def compile_constraint(
@@ -64,18 +64,18 @@ def constraint_from_response_format(response_format: dict[str, Any] | None) -> s
     """Map OpenAI ``response_format`` to SGLang's json_schema string, as SGLang does."""
     if not response_format:
         return None
-    kind = response_format.get("type")
-    if kind == "json_object":
+    format_type = response_format.get("type")
+    if format_type == "json_object":
         return JSON_OBJECT_SCHEMA
-    if kind == "json_schema":
+    if format_type == "json_schema":
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if schema is None:
             raise GrammarError("schema_ is required for json_schema response format request.")
         return json.dumps(schema)
-    if kind in (None, "text"):
+    if format_type in (None, "text"):
         return None
-    raise GrammarError(f"response_format type {kind!r} is not supported by the simulator")
+    raise GrammarError(f"response_format type {format_type!r} is not supported by the simulator")
 
 
 def generate_constrained(
@@ -86,7 +86,7 @@ def generate_constrained(
     digest = hashlib.blake2b(seed_material, digest_size=8, person=b"sim-grammar-v1").digest()
     rng = random.Random(int.from_bytes(digest, "little"))
     try:
-        if constraint.kind == "regex":
+        if constraint.key == "regex":
             return generate_regex(constraint.spec, rng, max_chars)
         value = SchemaGenerator(constraint.schema, rng).generate()
     except (RegexUnsupported, SchemaUnsupported) as exc:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import yaml
 
 from tests.support.background_load import background_load
 from tests.support.processes import wait_until
 from tests.support.stack import NODES, Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def ctl(stack: Stack, *args: str, service: str = "node-1") -> tuple[int, str]:

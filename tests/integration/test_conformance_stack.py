@@ -13,6 +13,8 @@ from tests.conformance.checks import CHECKS, Target
 from tests.conformance.test_conformance import Targets, assert_same_verdict
 from tests.support.stack import Stack
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 async def stack_targets(stack: Stack) -> AsyncIterator[Targets]:

@@ -1,4 +1,4 @@
-"""Every fault once, under load, against the real stack — with the issue's targets.
+"""Every fault once, under load, against the real stack — with the recovery targets.
 
 0 failed non-streaming requests in every scenario, 0 lost streams (they migrate),
 every answer identical to an uninterrupted run, 100 % success again within 3 s
@@ -18,6 +18,8 @@ from tests.failover.runner import assert_clean_failover, run_scenario
 from tests.failover.scenarios import FAULTS
 from tests.support.stack import Stack
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 
 @pytest.mark.parametrize("fault_name", list(FAULTS))
 def test_failover_scenario(stack: Stack, fault_name: str) -> None:
@@ -32,10 +34,11 @@ def test_failover_scenario(stack: Stack, fault_name: str) -> None:
             await load.close()
 
     result = asyncio.run(scenario())
-    assert result.target_recovery == fault.target_recovery
     summary = assert_clean_failover(result)
     ha_log = stack.ha_log("node-1") + stack.ha_log("node-2")
     old, new = result.primary_before, result.primary_after
+    # The lease moved to the other node, and the old primary did not take it back.
+    assert new is not None and new != old, summary
     assert f"FAILOVER_INITIATED from {old} to {new}" in ha_log, summary
     if fault_name == "engine-oom":
         assert f"ENGINE_OOM {old}" in ha_log

@@ -1,4 +1,4 @@
-"""Issue 20: two gateways share one address (compose/gateway-pair.yaml, keepalived).
+"""Two gateways share one address (compose/gateway-pair.yaml, keepalived).
 
 Clients use the virtual IP only. Under closed-loop load the active gateway is
 frozen (docker pause: its keepalived sidecar's health check fails and gives the
@@ -22,7 +22,7 @@ from tests.support.probes import Prober, Record, takeover
 from tests.support.processes import wait_until
 from tests.support.stack import Stack, running_stack
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 CLIENTS = 6
 # Freeze: the health check (every 1 s, 0.8 s bound) fails, the master sends priority

@@ -33,7 +33,7 @@ from ha_agent.config import SimSettings
 from tests.support.stack import COMPOSE_DIR, ROOT, read_secrets
 
 # Building the node, gateway and Redis images on a fresh machine takes minutes.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 STANDIN = "sglang-ha/sglang-standin:0.5.19"
 NODE_IMAGE = "sglang-ha/node:standin-test"

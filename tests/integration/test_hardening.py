@@ -23,6 +23,8 @@ import redis as sync_redis
 
 from tests.support.stack import NODES, Stack
 
+pytestmark = pytest.mark.integration
+
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12}
 LONG_STREAM = {
     "text": "Tell me everything",

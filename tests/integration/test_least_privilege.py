@@ -1,4 +1,4 @@
-"""Least privilege inside the stack, proved from the inside (issue 16, docs/security.md):
+"""Least privilege inside the stack, proved from the inside (docs/security.md):
 what each container can reach, which secrets it holds, what it may do as a process,
 and what the edge does with input meant to wear it down."""
 
@@ -16,6 +16,8 @@ import pytest
 from tests.support.raw_http import raw_http
 from tests.support.secrets_held import distinct_secret_values, secrets_held
 from tests.support.stack import Stack
+
+pytestmark = pytest.mark.integration
 
 # From inside a container's network namespace: each engine's admin and read routes,
 # without a key, with a wrong one, and (to show the key is what matters) with the

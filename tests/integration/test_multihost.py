@@ -38,7 +38,7 @@ from tests.support.multihost import LABEL, MultiHost, running_hosts
 from tests.support.secrets_held import distinct_secret_values, secrets_held
 from tests.support.stack import COMPOSE_DIR, Stack, require_host_tools
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from tests.support.processes import wait_until
 from tests.support.stack import NODES, ROOT, Stack, running_stack
 from tests.unit.test_metrics_dashboard import dashboard_queries, load_dashboard
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # Everything but Grafana, which cannot be pulled here.
 SERVICES = [

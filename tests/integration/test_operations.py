@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.support.background_load import background_load
 from tests.support.processes import wait_until
 from tests.support.stack import NODES, Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SERVICE = {name: service for name, service in NODES.items()}
 

@@ -11,10 +11,13 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from tests.support.background_load import background_load
 from tests.support.processes import wait_until
 from tests.support.stack import NODES, Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OUTAGE = 10.0  # seconds the store stays away, several lease TTLs
 

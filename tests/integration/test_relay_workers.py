@@ -24,6 +24,8 @@ from tests.support.probes import Prober
 from tests.support.processes import wait_until
 from tests.support.stack import Stack
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 SUPERVISORCTL = ["supervisorctl", "-c", "/etc/sglang-ha/supervisord.conf"]
 STREAMS = 16
 TOKENS = 400  # about 5 s at the simulator's 10 ms per token under this load

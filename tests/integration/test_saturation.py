@@ -1,4 +1,4 @@
-"""A saturated primary is not a hung one (issue 13).
+"""A saturated primary is not a hung one.
 
 On SGLang a long generation adds to `generation_tokens_total` only when it finishes,
 a new request (the agent's canary too) waits while the batch is full, and a big
@@ -23,6 +23,8 @@ import pytest
 
 from tests.support import load_watch as watch
 from tests.support.stack import NODES, Stack, overlay_stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OVERLAY = Path(__file__).with_name("saturation.compose.yaml")
 MAX_RUNNING = 8  # as in the overlay

@@ -10,6 +10,8 @@ import pytest
 
 from tests.support.stack import COMPOSE_DIR, NODES, Stack
 
+pytestmark = pytest.mark.integration
+
 
 def test_chat_completion_through_the_gateway(stack: Stack) -> None:
     client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)

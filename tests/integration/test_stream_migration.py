@@ -1,8 +1,8 @@
-"""Issue #4's acceptance on the real stack: with 32 concurrent streams, killing,
+"""Stream migration on the real stack: with 32 concurrent streams, killing,
 freezing or cutting the network of the primary mid-stream loses no stream, every
 migrated stream reads exactly like an uninterrupted run (the deterministic
 simulator makes that checkable), and counts its tokens as the engine did: the
-original prompt, exactly the requested budget (issue #13)."""
+original prompt, exactly the requested budget."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from tests.failover.load import MAX_TOKENS, Load
 from tests.failover.runner import run_scenario
 from tests.failover.scenarios import FAULTS
 from tests.support.stack import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STREAMS = 32
 

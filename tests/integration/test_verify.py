@@ -6,9 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.stack import ROOT, Stack
 
+pytestmark = pytest.mark.integration
 
+
+@pytest.mark.slow  # --disruptive fails the primary over and back
 def test_verify_checklist_passes_and_restores_the_stack(stack: Stack) -> None:
     stack.wait_stable()
     result = subprocess.run(

@@ -17,6 +17,7 @@ from ha_agent.dcs.base import (
     Leader,
     LeaseStore,
     Member,
+    NodeRemoved,
     Role,
     Switchover,
 )
@@ -125,7 +126,7 @@ class FakeStore(LeaseStore):
     async def forget(self, name: str) -> None:
         self._check()
         self.members.pop(name, None)
-        self.notifications.append(f"removed {name}")
+        self.notifications.append(NodeRemoved(name).encode())
 
     async def get_config(self) -> DynamicConfig:
         self._check()

@@ -22,7 +22,7 @@ from ha_agent.gateway.admission.limits import Limits, LimitSettings, constraints
 from ha_agent.gateway.admission.quarantine import Quarantine, fingerprint, node_died
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.upstream.topology import NodeView, Topology
-from ha_agent.gateway.upstream.transport import FailureKind, Transport, UpstreamFailure, classify
+from ha_agent.gateway.upstream.transport import FailureCause, Transport, UpstreamFailure, classify
 from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 from tests.support.fakes import FakeClock, FakeStore
 
@@ -209,16 +209,16 @@ async def test_a_saturated_primary_sheds_with_retry_after(admission: Admission) 
 
 
 def test_what_counts_as_a_node_dying_with_the_request() -> None:
-    assert node_died(UpstreamFailure("abandoned: a failed: engine dead", FailureKind.ABANDONED))
+    assert node_died(UpstreamFailure("abandoned: a failed: engine dead", FailureCause.ABANDONED))
     assert node_died(classify(aiohttp.ServerDisconnectedError()))
     assert node_died(classify(aiohttp.ClientPayloadError("payload not completed")))
-    assert node_died(UpstreamFailure("stream ended without [DONE]", FailureKind.TRUNCATED))
-    assert not node_died(UpstreamFailure("connect failed", FailureKind.CONNECT, connect=True))
+    assert node_died(UpstreamFailure("stream ended without [DONE]", FailureCause.TRUNCATED))
+    assert not node_died(UpstreamFailure("connect failed", FailureCause.CONNECT, connect=True))
     assert not node_died(classify(asyncio.TimeoutError()))
-    assert not node_died(UpstreamFailure("HTTP 503", FailureKind.HTTP))
+    assert not node_died(UpstreamFailure("HTTP 503", FailureCause.HTTP))
     # The engine's own words in an abort do not make it a crash.
     assert not node_died(
-        UpstreamFailure("engine abort 500: connection closed", FailureKind.ENGINE_ABORT)
+        UpstreamFailure("engine abort 500: connection closed", FailureCause.ENGINE_ABORT)
     )
 
 
@@ -296,7 +296,7 @@ async def test_a_broken_connection_on_a_node_that_kept_serving_is_no_crash(
     assert not admission.quarantine
     assert (
         await admission.node_failed(
-            req, "b", UpstreamFailure("connect failed", FailureKind.CONNECT, connect=True)
+            req, "b", UpstreamFailure("connect failed", FailureCause.CONNECT, connect=True)
         )
         is None
     )

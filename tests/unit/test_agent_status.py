@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ha_agent.dcs.base import AgentStatus, Role
+from ha_agent.dcs.base import AgentStatus, Role, Transition
 from tests.support.fakes import agent_status
 
 
@@ -19,7 +19,7 @@ def test_round_trip_through_json() -> None:
         epoch=7,
         lease_time_left=1.25,
         queued=3.0,
-        last_transition={"at": 1.0, "what": "promoted"},
+        last_transition=Transition(1.0, "promoted"),
     )
     wire = json.loads(json.dumps(status.to_json()))
     assert wire["role"] == "primary" and wire["engine"]["state"] == "healthy"
@@ -41,6 +41,8 @@ def test_a_primary_without_lease_time_is_not_counted_as_primary() -> None:
         ({"engine": {"state": "melting"}}, "melting"),
         ({"engine": None}, "engine"),
         ({"lease_time_left": "lots"}, "lease_time_left"),
+        ({"failback": "sometimes"}, "failback"),
+        ({"last_transition": "promoted"}, "last transition"),
     ],
 )
 def test_malformed_answers_are_refused(change: dict[str, Any], why: str) -> None:

@@ -18,12 +18,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.auth import TokenAuth
 from ha_agent.config import AgentSettings
+from ha_agent.dcs.base import EngineState, Member
 from ha_agent.events import EventLog
 from ha_agent.node.api import AgentApi
 from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.openapi.agent import AGENT_SPEC
-from tests.support.fakes import FakeClock, FakeEngine, FakePeers, FakeStore
+from tests.support.fakes import FakeClock, FakeEngine, FakePeers, FakeStore, agent_status
 
 TOKEN = "s3cret-admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -181,6 +182,89 @@ async def test_malformed_failover_bodies_get_a_400_with_the_reason(
     assert r.status == 400, await r.text()
     assert words in (await r.json())["detail"]
     assert agent.ha.is_primary() and agent.store.switchover is None
+
+
+# -- switchover and failover: who may take over ------------------------------------------
+
+
+async def with_peer(agent: AgentFixture, engine: EngineState) -> str:
+    """sglang-02 registered, its agent answering with an engine in state `engine`."""
+    peer = Member("sglang-02", "http://sglang-02:30000", "http://sglang-02:8008")
+    await agent.store.register(peer, ttl=60)
+    agent.ha.peers.statuses[peer.api_url] = agent_status("sglang-02", engine=engine)  # type: ignore[attr-defined]
+    return peer.name
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"to": "sglang-01"}, 409, "already the primary"),
+        ({"to": "nobody"}, 404, "unknown node"),
+        ({"to": "sglang-02"}, 412, "sglang-02 is not healthy"),
+        ({}, 412, "any standby is not healthy"),
+    ],
+)
+async def test_switchover_is_refused_unless_a_healthy_node_can_take_over(
+    client: TestClient, agent: AgentFixture, body: dict[str, str], status: int, words: str
+) -> None:
+    await with_peer(agent, EngineState.HUNG)
+    r = await client.post("/ha/switchover", json=body, headers=AUTH)
+    assert r.status == status, await r.text()
+    assert words in (await r.json())["detail"]
+    assert agent.store.switchover is None and agent.ha.is_primary()
+
+
+async def test_switchover_to_a_healthy_standby_is_requested_and_carried_out(
+    client: TestClient, agent: AgentFixture
+) -> None:
+    await with_peer(agent, EngineState.HEALTHY)
+    r = await client.post("/ha/switchover?wait=false", json={}, headers=AUTH)
+    assert r.status == 202, await r.text()
+    assert (await r.json())["to"] == "sglang-02"
+    assert agent.store.switchover is not None and agent.store.switchover.to_node == "sglang-02"
+    # The primary's next cycle hands the lease over to the node the API chose.
+    assert "planned switchover to sglang-02" in await agent.ha.run_cycle()
+    assert not agent.ha.is_primary()
+
+
+async def test_switchover_without_a_primary_says_to_fail_over(
+    client: TestClient, agent: AgentFixture
+) -> None:
+    await with_peer(agent, EngineState.HEALTHY)
+    agent.store.leader = None
+    r = await client.post("/ha/switchover", json={"to": "sglang-02"}, headers=AUTH)
+    assert r.status == 409 and "use failover" in (await r.json())["detail"]
+
+
+async def test_forced_failover_needs_a_known_healthy_target(
+    client: TestClient, agent: AgentFixture
+) -> None:
+    await with_peer(agent, EngineState.DEAD)
+    body = {"to": "nobody", "force": True}
+    r = await client.post("/ha/failover", json=body, headers=AUTH)
+    assert r.status == 404
+    r = await client.post("/ha/failover", json={**body, "to": "sglang-02"}, headers=AUTH)
+    assert r.status == 412 and "sglang-02 is not healthy" in (await r.json())["detail"]
+    assert agent.store.leader is not None, "a refused failover leaves the lease alone"
+
+
+async def test_forced_failover_drops_the_lease_for_the_target(
+    client: TestClient, agent: AgentFixture
+) -> None:
+    await with_peer(agent, EngineState.HEALTHY)
+    body = {"to": "sglang-02", "force": True}
+    request = asyncio.ensure_future(client.post("/ha/failover", json=body, headers=AUTH))
+    for _ in range(100):  # the lease is dropped, under a bumped epoch
+        if agent.store.leader is None:
+            break
+        await asyncio.sleep(0.01)
+    assert agent.store.leader is None and agent.store.epoch == 2
+    assert agent.store.switchover is not None and agent.store.switchover.to_node == "sglang-02"
+    # The target's agent takes the free lease; the admin's request sees it and says done.
+    assert await agent.store.acquire("sglang-02", ttl=5, min_epoch=2) == 3
+    r = await asyncio.wait_for(request, timeout=5)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["detail"] == "forced failover from sglang-01 to sglang-02"
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ test_lease_store_contract.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from ha_agent.config import RedisSettings
-from ha_agent.dcs.base import DCSError
+from ha_agent.dcs.base import DCSError, EngineState, Member, NodeRemoved, Role
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from tests.support.processes import RedisProcess
 
@@ -62,6 +63,33 @@ async def test_watchers_hear_acquire_and_release(store: RedisLeaseStore) -> None
     await store.release("a", epoch)
     await asyncio.wait_for(task, timeout=5)
     assert heard == ["acquired 1:a", "released 1:a"]
+
+
+async def test_a_member_is_stored_as_the_json_older_agents_wrote(store: RedisLeaseStore) -> None:
+    member = Member(
+        "a", "http://a:30000", "http://a:8008", role=Role.PRIMARY, engine_health=EngineState.HUNG
+    )
+    await store.register(member, ttl=5)
+    stored = json.loads(await store._client.get(store.k_member + "a"))
+    assert stored["role"] == "primary" and stored["engine_health"] == "hung"
+
+
+async def test_removing_a_node_tells_the_watchers_which_one(store: RedisLeaseStore) -> None:
+    heard: list[str] = []
+
+    async def listen() -> None:
+        async for message in store.watch():
+            heard.append(message)
+            return
+
+    task = asyncio.ensure_future(listen())
+    await asyncio.sleep(0.3)  # let the subscription start
+    await store.register(Member("b", "http://b:30000", "http://b:8008"), ttl=5)
+    await store.forget("b")
+    await asyncio.wait_for(task, timeout=5)
+    assert heard == ["removed b"], "the notice relays and agents of another version parse"
+    assert NodeRemoved.decode(heard[0]) == NodeRemoved("b")
+    assert NodeRemoved.decode("released 1:b") is None
 
 
 async def test_unreachable_store_raises_dcs_error_within_retry_timeout(

@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from ha_agent.config import DynamicConfig, RedisSettings
-from ha_agent.dcs.base import HAEvent, LeaseStore, Member, Switchover
+from ha_agent.dcs.base import EngineState, HAEvent, LeaseStore, Member, Role, Switchover
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from tests.support.fakes import FakeClock, FakeStore
 from tests.support.processes import RedisProcess
@@ -191,3 +191,19 @@ async def test_forget_drops_a_member_from_the_registry(rig: Rig) -> None:
     await s.register(Member("b", "http://b:30000", "http://b:8008"), ttl=5)
     await s.forget("b")
     assert {m.name for m in (await s.get_cluster()).members} == {"a"}
+
+
+async def test_members_read_back_with_their_role_and_engine_state(rig: Rig) -> None:
+    s = rig.store
+    member = Member(
+        "a",
+        "http://a:30000",
+        "http://a:8008",
+        role=Role.PRIMARY,
+        epoch=3,
+        engine_health=EngineState.HEALTHY,
+    )
+    await s.register(member, ttl=5)
+    (read,) = (await s.get_cluster()).members
+    assert read.role is Role.PRIMARY and read.engine_health is EngineState.HEALTHY
+    assert read == member

@@ -19,7 +19,7 @@ from ha_agent.events import EventLog
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.stream.relay import _RETRY_LABEL, Relay
 from ha_agent.gateway.upstream.topology import Topology
-from ha_agent.gateway.upstream.transport import FailureKind, Transport, classify
+from ha_agent.gateway.upstream.transport import FailureCause, Transport, classify
 from tests.support.fakes import FakeClock, FakeStore
 
 SEEDS = ["sglang-01=http://a:30000=http://a:8008", "sglang-02=http://b:30000=http://b:8008"]
@@ -102,7 +102,7 @@ DOCUMENTED_RETRY_REASONS = {
 
 
 def test_every_failure_kind_has_a_documented_retry_reason() -> None:
-    assert set(_RETRY_LABEL) == set(FailureKind)
+    assert set(_RETRY_LABEL) == set(FailureCause)
     assert set(_RETRY_LABEL.values()) <= DOCUMENTED_RETRY_REASONS
 
 
@@ -118,4 +118,4 @@ def test_every_failure_kind_has_a_documented_retry_reason() -> None:
     ],
 )
 def test_a_failure_is_counted_by_its_kind(exc: BaseException, reason: str) -> None:
-    assert _RETRY_LABEL[classify(exc).kind] == reason
+    assert _RETRY_LABEL[classify(exc).cause] == reason

@@ -1,4 +1,4 @@
-"""The relay's drop-in parts (issue 15) that the conformance suite cannot show by
+"""The relay's drop-in parts that the conformance suite cannot show by
 comparing with an engine: the scoped abort's scope, the CORS policy as configured,
 and a Responses API stream that breaks."""
 

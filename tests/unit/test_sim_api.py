@@ -505,6 +505,24 @@ async def test_prefix_cache_hits_lower_ttft(sim_client_factory: SimClientFactory
 
 
 # -- metrics and disconnects -----------------------------------------------------------
+async def test_gen_throughput_is_published_at_the_decode_log_point(
+    sim_client_factory: SimClientFactory,
+):
+    # SGLang publishes tokens / seconds since the last log point every
+    # decode_log_interval (40) decode iterations; 40 tokens at 10 ms each take at
+    # least 0.4 s, so the value is above 0 and at most 100 tokens/s.
+    client = await sim_client_factory(itl=0.01)
+    resp = await start_stream(client, "throughput", fixed(200))
+    assert await sim_metric(client, "sglang:gen_throughput") == 0, "nothing logged yet"
+
+    async def past_the_log_point() -> bool:
+        return await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") > 40
+
+    await sim_wait_for(past_the_log_point)
+    assert 0 < await sim_metric(client, "sglang:gen_throughput") <= 100
+    await sim_read_sse(resp)
+
+
 async def test_metrics_names_and_counts_at_request_end(sim_client_factory: SimClientFactory):
     client = await sim_client_factory(itl=0.01)
     resp = await start_stream(client, "count", fixed(40))
@@ -523,7 +541,6 @@ async def test_metrics_names_and_counts_at_request_end(sim_client_factory: SimCl
     assert await sim_metric(client, "sglang:generation_tokens_total") == 40
     assert await sim_metric(client, "sglang:num_requests_total") == 1
     assert await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") == 40
-    assert await sim_metric(client, "sglang:gen_throughput") >= 0
     text = await (await client.get("/metrics")).text()
     for name in [
         "sglang:num_running_reqs",

@@ -23,7 +23,7 @@ from ha_agent.gateway.admission.shedding import Shedder
 from ha_agent.gateway.errors import refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.upstream.topology import Topology
-from ha_agent.gateway.upstream.transport import FailureKind, Transport, UpstreamFailure
+from ha_agent.gateway.upstream.transport import FailureCause, Transport, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Admission:
         ticket: Ticket | None = request.get(_KEY)
         if ticket is None or not node_died(failure):
             return None
-        judged = asyncio.ensure_future(self._confirm(node, failure.kind))
+        judged = asyncio.ensure_future(self._confirm(node, failure.cause))
         # Other nodes that failed while holding this same request. Per request, not per
         # fingerprint across requests: identical prompts from many clients, on nodes
         # that died for unrelated reasons minutes apart, are no query of death.
@@ -160,9 +160,9 @@ class Admission:
             f" (a query of death); refused for {self.quarantine.ttl:.0f}s"
         )
 
-    async def _confirm(self, name: str, kind: FailureKind) -> bool:
+    async def _confirm(self, name: str, cause: FailureCause) -> bool:
         """Did the node stop serving (not just drop one connection)?"""
-        if kind is FailureKind.ABANDONED:
+        if cause is FailureCause.ABANDONED:
             return True  # the topology already judged the node failed
         deadline = time.monotonic() + self.confirm_s
         while time.monotonic() < deadline:

@@ -165,11 +165,6 @@ class Limits:
             return f"json_schema is nested deeper than {limit} levels"
         return None
 
-    def warmable(self, kind: str, payload: dict[str, Any]) -> bool:
-        """The warmer never mirrors a big prompt (it would stall the standby too)."""
-        chars, ids = prompt_size(kind, payload)
-        return chars + ids <= self.s.warm_max_chars
-
 
 def _strings(value: Any, budget: int = 100_000) -> Iterator[Any]:
     """Every leaf of a prompt value, breadth bounded (a prompt is shallow)."""

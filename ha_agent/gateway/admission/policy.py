@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ha_agent.config import RelaySettings
 from ha_agent.gateway.admission.prompt_scan import PromptScanner, PromptTooLong
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
@@ -79,16 +80,12 @@ class FieldPolicy:
     engine_authorization: str = ""
 
     @classmethod
-    def from_settings(cls, settings: Any) -> FieldPolicy:
+    def from_settings(cls, settings: RelaySettings) -> FieldPolicy:
         return cls(
-            media_url_allow=tuple(getattr(settings, "media_url_allow", ()) or ()),
-            allow_custom_logit_processor=bool(
-                getattr(settings, "allow_custom_logit_processor", False)
-            ),
-            body_timeout=float(getattr(settings, "body_timeout", 60.0)),
-            engine_authorization=settings.engine_headers().get("Authorization", "")
-            if hasattr(settings, "engine_headers")
-            else "",
+            media_url_allow=tuple(settings.media_url_allow),
+            allow_custom_logit_processor=settings.allow_custom_logit_processor,
+            body_timeout=settings.body_timeout,
+            engine_authorization=settings.engine_headers().get("Authorization", ""),
         )
 
 

@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from ha_agent.atomic_file import write_atomic
-from ha_agent.gateway.upstream.transport import FailureKind, UpstreamFailure
+from ha_agent.gateway.upstream.transport import FailureCause, UpstreamFailure
 from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 
 log = logging.getLogger(__name__)
 
-_CRASH_KINDS = frozenset(
-    {FailureKind.ABANDONED, FailureKind.CLOSED, FailureKind.BROKEN, FailureKind.TRUNCATED}
+_CRASH_CAUSES = frozenset(
+    {FailureCause.ABANDONED, FailureCause.CLOSED, FailureCause.BROKEN, FailureCause.TRUNCATED}
 )
 _CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf", "response_format", "structural_tag")
 MAX_TRACKED = 10_000
@@ -60,7 +60,7 @@ MAX_TRACKED = 10_000
 
 def node_died(failure: UpstreamFailure) -> bool:
     """Did this attempt fail because its node went away while holding the request?"""
-    return not failure.connect and failure.kind in _CRASH_KINDS
+    return not failure.connect and failure.cause in _CRASH_CAUSES
 
 
 def fingerprint(kind: str, payload: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""Nginx's access log kept to a bounded size (issue 16: a flood of requests must not
-fill the gateway's log volume).
+"""Nginx's access log kept to a bounded size, so that a flood of requests cannot fill
+the gateway's log volume.
 
 Nginx never rotates its own files. As logrotate does, without copytruncate (which
 loses the lines written between the copy and the truncate): the file is renamed

@@ -39,12 +39,12 @@ from ha_agent.gateway.admission.policy import FieldPolicy, RequestPolicy, engine
 from ha_agent.gateway.admission.prompt_scan import PromptTooLong
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.stream import splice, sse
+from ha_agent.gateway.stream import passthrough, sse
 from ha_agent.gateway.stream.migration import Migration
 from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import (
     RETRYABLE_STATUS,
-    FailureKind,
+    FailureCause,
     Transport,
     UpstreamFailure,
     classify,
@@ -253,7 +253,7 @@ class Relay:
         except asyncio.CancelledError:
             if attempt.abandoned is not None:
                 raise UpstreamFailure(
-                    f"abandoned: {attempt.abandoned}", FailureKind.ABANDONED
+                    f"abandoned: {attempt.abandoned}", FailureCause.ABANDONED
                 ) from None
             raise
         finally:
@@ -287,7 +287,7 @@ class Relay:
             except _Retryable as answer:
                 answers += 1
                 last = answer
-                tries.failed(node, UpstreamFailure(f"HTTP {answer.status}", FailureKind.HTTP))
+                tries.failed(node, UpstreamFailure(f"HTTP {answer.status}", FailureCause.HTTP))
                 continue
             outcome = "ok" if status < 400 else "client_error"
             self.metrics.requests.labels(endpoint, node.name, outcome, str(status)).inc()
@@ -434,7 +434,7 @@ class Relay:
 
     async def _stream_segment(self, node: NodeView, state: _StreamState, body: bytes) -> None:
         request = state.request
-        conn = await splice.open_stream(
+        conn = await passthrough.open_stream(
             node.engine_url,
             request.path_qs,
             self.transport.upstream_headers(request.headers),
@@ -447,11 +447,13 @@ class Relay:
             if status != 200:
                 data = await conn.read_all()
                 if status in RETRYABLE_STATUS:
-                    raise UpstreamFailure(f"HTTP {status}", FailureKind.HTTP)
+                    raise UpstreamFailure(f"HTTP {status}", FailureCause.HTTP)
                 if state.started:
                     # An engine error (501...) is an engine's answer; anything else, a refusal.
-                    kind = FailureKind.HTTP if status >= 500 else FailureKind.CONTINUATION_REFUSED
-                    raise UpstreamFailure(f"continuation refused with HTTP {status}", kind)
+                    cause = (
+                        FailureCause.HTTP if status >= 500 else FailureCause.CONTINUATION_REFUSED
+                    )
+                    raise UpstreamFailure(f"continuation refused with HTTP {status}", cause)
                 raise _Passthrough(
                     web.Response(status=status, headers=response_headers(headers), body=data)
                 )
@@ -460,9 +462,9 @@ class Relay:
         finally:
             conn.close()
 
-    def _sink(self, state: _StreamState, conn: splice.UpstreamStream) -> splice.Sink:
+    def _sink(self, state: _StreamState, conn: passthrough.UpstreamStream) -> passthrough.Sink:
         """Whole events, as they come, to the client, from the engine connection's
-        callbacks (splice.py). On the first segment the bytes go through untouched
+        callbacks (passthrough.py). On the first segment the bytes go through untouched
         but for two byte searches (an engine abort; the running usage the relay
         asked for, cut off again): nothing is parsed unless the stream breaks
         (absorb_first_segment). Continuations are rewritten event by event (rare)."""
@@ -494,7 +496,7 @@ class Relay:
                 conn.pause_until_drained(client, _CLIENT_LOW)
             if abort is not None:
                 # The engine ended the stream on its own fault (500/503): a break.
-                raise UpstreamFailure(abort, FailureKind.ENGINE_ABORT)
+                raise UpstreamFailure(abort, FailureCause.ENGINE_ABORT)
             return out.endswith(sse.DONE)
 
         return sink
@@ -545,7 +547,7 @@ class Relay:
                 if upstream.status != 200:
                     data = await upstream.read()
                     if upstream.status in RETRYABLE_STATUS:
-                        raise UpstreamFailure(f"HTTP {upstream.status}", FailureKind.HTTP)
+                        raise UpstreamFailure(f"HTTP {upstream.status}", FailureCause.HTTP)
                     headers = response_headers(upstream.headers)
                     raise _Passthrough(
                         web.Response(status=upstream.status, headers=headers, body=data)
@@ -595,7 +597,7 @@ class _Tries:
         self.tried.add(node.name)
         if failure.connect:
             self.topology.connect_failed(node)
-        self.metrics.retries.labels(node.name, _RETRY_LABEL[failure.kind]).inc()
+        self.metrics.retries.labels(node.name, _RETRY_LABEL[failure.cause]).inc()
         log.info("attempt on %s failed: %s", node.name, failure.reason)
         self.failures.append(f"{node.name}: {failure.reason}")
 
@@ -748,7 +750,7 @@ class _StreamState:
 
     def send(self, data: bytes) -> int:
         """Events to the client's socket, framed as aiohttp would have: returns the
-        bytes the client has not taken yet (splice.py pauses the engine above a bound)."""
+        bytes the client has not taken yet (passthrough.py pauses the engine above a bound)."""
         if not self._first_event_sent:
             self._first_event_sent = True
             self.metrics.ttft.labels(self.kind).observe(time.monotonic() - self.started_at)
@@ -769,17 +771,17 @@ class _StreamState:
             pass
 
 
-# The retry counter's label per failure kind (a bounded set, no free text). A connection
+# The retry counter's label per failure cause (a bounded set, no free text). A connection
 # that closed or failed before the response has always been counted as `connect`.
 _RETRY_LABEL = {
-    FailureKind.CONNECT: "connect",
-    FailureKind.CLOSED: "connect",
-    FailureKind.ABANDONED: "node_failed",
-    FailureKind.TIMEOUT: "timeout",
-    FailureKind.BROKEN: "broken",
-    FailureKind.HTTP: "http_5xx",
-    FailureKind.TRUNCATED: "truncated",
-    FailureKind.CONTINUATION_REFUSED: "continuation_refused",
-    FailureKind.ENGINE_ABORT: "engine_abort",
-    FailureKind.OTHER: "other",
+    FailureCause.CONNECT: "connect",
+    FailureCause.CLOSED: "connect",
+    FailureCause.ABANDONED: "node_failed",
+    FailureCause.TIMEOUT: "timeout",
+    FailureCause.BROKEN: "broken",
+    FailureCause.HTTP: "http_5xx",
+    FailureCause.TRUNCATED: "truncated",
+    FailureCause.CONTINUATION_REFUSED: "continuation_refused",
+    FailureCause.ENGINE_ABORT: "engine_abort",
+    FailureCause.OTHER: "other",
 }

@@ -27,7 +27,15 @@ import aiohttp
 
 from ha_agent import events as ev
 from ha_agent.config import DynamicConfig, RelaySettings
-from ha_agent.dcs.base import AgentStatus, Cluster, DCSError, EngineState, LeaseStore, Role
+from ha_agent.dcs.base import (
+    AgentStatus,
+    Cluster,
+    DCSError,
+    EngineState,
+    LeaseStore,
+    NodeRemoved,
+    Role,
+)
 from ha_agent.events import EventLog
 from ha_agent.resolver import CachingResolver
 
@@ -331,8 +339,9 @@ class Topology:
 
     async def _follow_notifications(self, stop: asyncio.Event) -> None:
         async for message in self.store.watch():
-            if message.startswith("removed "):
-                self.forget(message.split(" ", 1)[1])
+            removed = NodeRemoved.decode(message)
+            if removed is not None:
+                self.forget(removed.node)
             self._wake.set()
             if stop.is_set():
                 return

@@ -41,7 +41,7 @@ _HOP = frozenset(
 )
 
 
-class FailureKind(enum.Enum):
+class FailureCause(enum.Enum):
     """What went wrong with an attempt: what the retry label, the query-of-death
     rule and the migration read (the reason is for people, not for code)."""
 
@@ -61,11 +61,11 @@ class UpstreamFailure(Exception):
     """This attempt failed before the response started; another node may serve it."""
 
     def __init__(
-        self, reason: str, kind: FailureKind = FailureKind.OTHER, connect: bool = False
+        self, reason: str, cause: FailureCause = FailureCause.OTHER, connect: bool = False
     ) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.kind = kind
+        self.cause = cause
         self.connect = connect  # nothing reached the node at all
 
 
@@ -89,19 +89,19 @@ def classify(exc: BaseException) -> UpstreamFailure:
     """Map a client exception raised before the response started."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamFailure(
-            f"connect failed: {exc.os_error or exc}", FailureKind.CONNECT, connect=True
+            f"connect failed: {exc.os_error or exc}", FailureCause.CONNECT, connect=True
         )
     if isinstance(exc, aiohttp.ServerTimeoutError):
         connect = "connect" in str(exc).lower()
-        return UpstreamFailure(f"timed out: {exc}", FailureKind.TIMEOUT, connect=connect)
+        return UpstreamFailure(f"timed out: {exc}", FailureCause.TIMEOUT, connect=connect)
     if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamFailure("timed out before the first byte", FailureKind.TIMEOUT)
+        return UpstreamFailure("timed out before the first byte", FailureCause.TIMEOUT)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamFailure("connection closed before the response", FailureKind.CLOSED)
+        return UpstreamFailure("connection closed before the response", FailureCause.CLOSED)
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamFailure(f"response body broken: {exc}", FailureKind.BROKEN)
+        return UpstreamFailure(f"response body broken: {exc}", FailureCause.BROKEN)
     if isinstance(exc, (aiohttp.ClientOSError, ConnectionError, OSError)):
-        return UpstreamFailure(f"connection error: {exc}", FailureKind.CLOSED)
+        return UpstreamFailure(f"connection error: {exc}", FailureCause.CLOSED)
     if isinstance(exc, aiohttp.ClientError):
         return UpstreamFailure(f"{type(exc).__name__}: {exc}")
     raise exc
@@ -123,12 +123,12 @@ class Transport:
         # (RelaySettings.engine_headers). The one place upstream credentials are set.
         self.headers = dict(headers or {})
         self._session: aiohttp.ClientSession | None = None
-        # Shared with the streaming segments' own connections (splice.py).
+        # Shared with the streaming segments' own connections (passthrough.py).
         self.resolver = CachingResolver()
 
     def upstream_headers(self, client: Mapping[str, str]) -> CIMultiDict[str]:
         """What a request to an engine carries: the client's end-to-end headers, then
-        our credentials (for connections made outside the session: splice.py)."""
+        our credentials (for connections made outside the session: passthrough.py)."""
         out = forward_headers(client)
         for key, value in self.headers.items():
             out[key] = value

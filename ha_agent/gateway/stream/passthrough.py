@@ -1,5 +1,6 @@
-"""A stream's body spliced from the engine's connection to the client's, in the
-event loop's own callbacks (issue 17: the relay's per-event cost).
+"""A stream's body passed through from the engine's connection to the client's, in the
+event loop's own callbacks, because the relay's cost per streamed event bounds the
+gateway's throughput.
 
 Profiled under load (py-spy, bench/relay_local.py), most of the relay's Python time
 per streamed event went to aiohttp's client machinery: the parser feeding a
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from ha_agent.gateway.upstream.transport import FailureKind, UpstreamFailure
+from ha_agent.gateway.upstream.transport import FailureCause, UpstreamFailure
 from ha_agent.resolver import CachingResolver
 
 # Sink(events) -> True once the stream is over (its last event was passed on).
@@ -88,12 +89,12 @@ class UpstreamStream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._head_done:
             reason = f"connection error: {exc}" if exc else "connection closed before the response"
-            self._fail(UpstreamFailure(reason, FailureKind.CLOSED))
+            self._fail(UpstreamFailure(reason, FailureCause.CLOSED))
         elif not self._finished:
             self._fail(
-                UpstreamFailure(f"response body broken: {exc}", FailureKind.BROKEN)
+                UpstreamFailure(f"response body broken: {exc}", FailureCause.BROKEN)
                 if exc
-                else UpstreamFailure("stream ended without [DONE]", FailureKind.TRUNCATED)
+                else UpstreamFailure("stream ended without [DONE]", FailureCause.TRUNCATED)
             )
 
     # -- parsing -------------------------------------------------------------------------
@@ -216,7 +217,7 @@ class UpstreamStream(asyncio.Protocol):
                 self._fail(exc)
         await self._end
         if not self._sink_done:  # the body ended cleanly, but before the last event
-            raise UpstreamFailure("stream ended without [DONE]", FailureKind.TRUNCATED)
+            raise UpstreamFailure("stream ended without [DONE]", FailureCause.TRUNCATED)
 
     def pause_until_drained(self, client: asyncio.Transport, low: int) -> None:
         """The client reads slower than the engine writes: stop reading the engine
@@ -270,9 +271,11 @@ async def open_stream(
             loop.create_connection(UpstreamStream, address, port), connect_timeout
         )
     except asyncio.TimeoutError:
-        raise UpstreamFailure("timed out: connect", FailureKind.CONNECT, connect=True) from None
+        raise UpstreamFailure("timed out: connect", FailureCause.CONNECT, connect=True) from None
     except (OSError, IndexError, KeyError) as exc:
-        raise UpstreamFailure(f"connect failed: {exc}", FailureKind.CONNECT, connect=True) from None
+        raise UpstreamFailure(
+            f"connect failed: {exc}", FailureCause.CONNECT, connect=True
+        ) from None
     lines = [f"POST {path_qs} HTTP/1.1", f"Host: {parts.netloc}"]
     for key, value in headers.items():
         if key.lower() != "connection":

@@ -1,4 +1,4 @@
-"""The streaming splice's HTTP/1.1 reading (ha_agent/gateway/stream/splice.py), against a
+"""The stream pass-through's HTTP/1.1 reading (ha_agent/gateway/stream/passthrough.py), against a
 real socket server that frames its answers as uvicorn and aiohttp do, cut at
 awkward places: what the relay's sink receives is exactly the body, whatever the
 reads look like, and a body cut short is a failure, never a clean end."""
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from multidict import CIMultiDict
 
-from ha_agent.gateway.stream.splice import UpstreamStream, open_stream
+from ha_agent.gateway.stream.passthrough import UpstreamStream, open_stream
 from ha_agent.gateway.upstream.transport import UpstreamFailure
 from ha_agent.resolver import CachingResolver
 
