@@ -42,9 +42,9 @@ relay migrates it like a break. An abort without a status code (the client's own
 
 Refused (the stream ends with an explicit retryable error event instead):
 grammar-constrained output (the row's constraint keys: grammars, response_format,
-tools; `Endpoint.constrained`) —
-an engine restarted on prompt + partial output would start a fresh document —
-and requests migration cannot express exactly (n > 1, batches, echo).
+tools; `Endpoint.constrained`) — an engine restarted on prompt + partial output
+would start a fresh document — and requests migration cannot express exactly
+(n > 1, batches, echo).
 
 The first segment is never parsed while it flows: its raw events are kept and read
 only if the stream breaks; the only work per event is a byte search for an abort
