@@ -63,9 +63,6 @@ class PromptShape(Enum):
     MESSAGES = "messages"  # chat messages: string contents and `text` content parts
 
 
-_ABSENT = object()
-
-
 def as_int(value: Any) -> int | None:
     """SGLang's pydantic models coerce "16" to 16; a bad value is the engine's to refuse."""
     if value is None or isinstance(value, bool):
@@ -101,6 +98,11 @@ class Endpoint:
     min_budget_key: str | None = None  # the least number of tokens asked for
     # The keys that constrain the output: grammars, `response_format`, tools.
     constraint_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Every check reads a generation's prompt and budget: a row without them is a bug.
+        if self.generation and not (self.prompt_fields and self.budget_keys):
+            raise ValueError(f"generation route {self.path} needs prompt and budget keys")
 
     @property
     def generation(self) -> bool:

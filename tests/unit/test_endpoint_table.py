@@ -198,3 +198,11 @@ def test_constrained_names_what_binds_the_output() -> None:
     assert chat.constrained({"response_format": {"type": "json_object"}}) == "response_format"
     assert gen.constrained({"sampling_params": {"structural_tag": "{}"}}) == "structural_tag"
     assert gen.constrained({"regex": "a"}) is None, "/generate reads its sampling_params"
+
+
+def test_every_grammar_key_is_bounded_in_size() -> None:
+    limits = Limits(LimitSettings(context_length=1000, constraint_max_bytes=100))
+    for key in GRAMMAR_KEYS:
+        body = {"text": "q", "sampling_params": {key: "a" * 101}}
+        assert f"{key} is 101 bytes" in (limits.check(GENERATE, body) or ""), key
+        assert limits.check(GENERATE, {"text": "q", "sampling_params": {key: "a" * 99}}) is None
