@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter
 from ha_agent.gateway.admission.limits import prompt_size
 from ha_agent.gateway.upstream.topology import NodeView, Topology
 from ha_agent.gateway.upstream.transport import Transport
-from ha_agent.openapi.endpoints import generation
+from ha_agent.openapi.endpoints import GENERATIONS, generation
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +159,12 @@ class Warmer:
         if self._mirrored_lately(node.name, key):
             return  # keep the token for a prefix the standby lacks
         mirror = prefill_only(kind, body)
-        route = generation(kind)
-        if mirror is None or route is None:
+        if mirror is None:
             return
         self._tokens -= 1.0
         self._remember(key)
-        task = asyncio.ensure_future(self._send(node, route.path, mirror))
+        path = GENERATIONS[kind].path  # prefill_only knows the kind
+        task = asyncio.ensure_future(self._send(node, path, mirror))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
