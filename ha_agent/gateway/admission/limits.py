@@ -44,7 +44,7 @@ import aiohttp
 from ha_agent.gateway.admission.prompt_scan import PromptScanner
 from ha_agent.gateway.upstream.topology import Topology
 from ha_agent.gateway.upstream.transport import Transport
-from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
+from ha_agent.openapi.endpoints import generation
 
 try:  # Python >= 3.11
     import re._parser as sre_parse
@@ -55,7 +55,6 @@ import re
 
 log = logging.getLogger(__name__)
 
-_CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf")
 # While the context is not known yet (the relay just started), a prompt this short goes
 # on; a longer one waits for the primary's answer (milliseconds) before it is judged.
 UNKNOWN_OK = 16384
@@ -183,37 +182,14 @@ def _strings(value: Any, budget: int = 100_000) -> Iterator[Any]:
             yield item
 
 
-def _chat_text(messages: Any) -> list[str]:
-    """The text of chat messages: string contents and `text` parts only. Images, audio
-    and video (data URIs can be megabytes) are not text tokens; the engine counts them."""
-    out: list[str] = []
-    for message in messages if isinstance(messages, list) else []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            out.append(content)
-        elif isinstance(content, list):
-            out += [
-                p["text"]
-                for p in content
-                if isinstance(p, dict)
-                and p.get("type") == "text"
-                and isinstance(p.get("text"), str)
-            ]
-    return out
-
-
 def prompt_size(kind: str, payload: dict[str, Any]) -> tuple[int, int]:
-    """(characters of text, token ids) in the request's prompt; cheap, no tokenizer."""
-    if kind == CHAT:
-        fields: list[Any] = [_chat_text(payload.get("messages"))]
-    elif kind == COMPLETIONS:
-        fields = [payload.get("prompt")]
-    elif kind == GENERATE:
-        fields = [payload.get("text"), payload.get("input_ids")]
-    else:
+    """(characters of text, token ids) in the request's prompt (the endpoint table's
+    `prompt_text`); cheap, no tokenizer."""
+    route = generation(kind)
+    if route is None:
         return 0, 0
     chars = ids = 0
-    for field in fields:
+    for field in route.prompt_text(payload):
         for leaf in _strings(field):
             if isinstance(leaf, str):
                 chars += len(leaf)
@@ -223,22 +199,10 @@ def prompt_size(kind: str, payload: dict[str, Any]) -> tuple[int, int]:
 
 
 def constraints(kind: str, payload: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(name, value) of every structured-output constraint in the request."""
-    found: list[tuple[str, Any]] = []
-    if kind == GENERATE:
-        params = payload.get("sampling_params")
-        for p in params if isinstance(params, list) else [params]:
-            if isinstance(p, dict):
-                found += [(k, p[k]) for k in _CONSTRAINT_KEYS if p.get(k) is not None]
-        return found
-    found += [(k, payload[k]) for k in _CONSTRAINT_KEYS if payload.get(k) is not None]
-    fmt = payload.get("response_format")
-    if isinstance(fmt, dict):
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if schema is not None:
-            found.append(("json_schema", schema))
-    return found
+    """(name, value) of every structured-output constraint in the request (the
+    endpoint table's `grammars`)."""
+    route = generation(kind)
+    return [] if route is None else route.grammars(payload)
 
 
 def _repeat_product(parsed: Any, outer: int, cap: int) -> int:

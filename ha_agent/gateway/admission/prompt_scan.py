@@ -4,8 +4,9 @@ A 15 MB prompt under the gateway's 16 MB body limit costs the relay the whole
 transfer, a full JSON parse and only then `Limits.check`'s verdict. The scanner
 follows the JSON as chunks arrive, with C-level searches (no per-byte Python), and
 keeps a lower bound on the characters of the request's prompt strings: the same
-fields `limits.prompt_size` counts (chat `messages[*].content` and its parts'
-`text`, completions `prompt`, /generate `text`, a string or a list of them). Once
+fields `limits.prompt_size` counts, as the endpoint table's `prompt_paths` places them
+(chat `messages[*].content` and its parts' `text`; completions `prompt`, /generate
+`text` and `input_ids`, a string or a list of them). Once
 that bound is past `context_length * chars_per_token`, `Limits.check` on the parsed
 body would refuse it too (it counts at least these characters and allows at most
 that many), so the relay answers the same 400 without keeping or parsing the rest
@@ -32,15 +33,8 @@ covers every escape (`\\n` is 2 bytes for 1 character, a surrogate pair `\\uD83D
 
 from __future__ import annotations
 
-from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
+from ha_agent.openapi.endpoints import generation
 
-# The prompt strings' paths from the body's root, per endpoint kind ("*": any array
-# item); as in `limits.prompt_size` (`_chat_text` for chat).
-PROMPT_PATHS: dict[str, frozenset[tuple[str, ...]]] = {
-    CHAT: frozenset({("messages", "*", "content"), ("messages", "*", "content", "*", "text")}),
-    COMPLETIONS: frozenset({("prompt",), ("prompt", "*")}),
-    GENERATE: frozenset({("text",), ("text", "*")}),
-}
 MAX_DEPTH = 16  # prompt paths are at most 5 deep; past this: give up
 MAX_EVENTS = 20_000  # structural tokens and escaped quotes followed at most
 _KEY_MAX = 64  # longer keys are no prompt key: kept as "?"
@@ -62,7 +56,10 @@ class PromptScanner:
 
     def __init__(self, kind: str, max_chars: float) -> None:
         self.kind = kind
-        self.paths = PROMPT_PATHS.get(kind, frozenset())
+        # The prompt strings' paths from the body's root: where the endpoint table's
+        # `prompt_text`, which `limits.prompt_size` counts, finds them.
+        route = generation(kind)
+        self.paths = route.prompt_paths() if route is not None else frozenset()
         self.max_chars = max_chars
         self.chars = 0  # lower bound on the prompt's characters in strings ended so far
         self._string_chars = 0  # the same for the string being read (may dip below 0)

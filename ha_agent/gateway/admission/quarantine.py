@@ -21,9 +21,9 @@ while the request was on it, and the topology then saw the node stop serving (it
 engine dead, hung or starting, or its agent gone); a connect error (nothing reached
 the node), a timeout or an HTTP status never count.
 
-The fingerprint is blake2b over the endpoint, the prompt and the constraint fields
-(regex, json_schema, ebnf, response_format): what can make an engine crash, not the
-sampling knobs.
+The fingerprint is blake2b over the endpoint, the prompt fields and the constraint
+keys as the endpoint table lists them (grammars, response_format, tools): what can
+make an engine crash, not the sampling knobs.
 
 Counting is per relay process: every count is about one request, and the worker that
 holds a request sees both failures of its nodes. The verdict is shared with the
@@ -47,14 +47,13 @@ from typing import Any
 
 from ha_agent.atomic_file import write_atomic
 from ha_agent.gateway.upstream.transport import FailureCause, UpstreamFailure
-from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
+from ha_agent.openapi.endpoints import generation
 
 log = logging.getLogger(__name__)
 
 _CRASH_CAUSES = frozenset(
     {FailureCause.ABANDONED, FailureCause.CLOSED, FailureCause.BROKEN, FailureCause.TRUNCATED}
 )
-_CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf", "response_format", "structural_tag")
 MAX_TRACKED = 10_000
 
 
@@ -64,16 +63,11 @@ def node_died(failure: UpstreamFailure) -> bool:
 
 
 def fingerprint(kind: str, payload: dict[str, Any]) -> str:
-    if kind == GENERATE:
-        params = payload.get("sampling_params")
-        prompt: Any = [payload.get("text"), payload.get("input_ids")]
-        constraint = (
-            {k: params.get(k) for k in _CONSTRAINT_FIELDS} if isinstance(params, dict) else params
-        )
-    else:
-        prompt = payload.get("messages") if kind == CHAT else payload.get("prompt")
-        constraint = {k: payload.get(k) for k in _CONSTRAINT_FIELDS}
-    assert kind in (GENERATE, CHAT, COMPLETIONS)
+    route = generation(kind)
+    assert route is not None, f"no generation endpoint of kind {kind!r}"
+    # The prompt fields and constraint keys as the endpoint table lists them.
+    prompt = route.prompt_values(payload)
+    constraint = route.constraint_values(payload)
     material = json.dumps([kind, prompt, constraint], sort_keys=True, default=str)
     return hashlib.blake2b(material.encode(errors="replace"), digest_size=16).hexdigest()
 

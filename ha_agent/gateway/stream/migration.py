@@ -3,7 +3,9 @@
 After NVIDIA Dynamo's request migration: the relay re-sends the request with the
 output produced so far appended to the prompt and the token budget lowered by
 what was already generated, then splices the new stream onto the client's. One
-strategy per endpoint (`_Generate`, `_Completions`, `_Chat`) says how:
+strategy per MIGRATE row of the endpoint table (`_Generate`, `_Completions`, `_Chat`,
+registered in `STRATEGIES` by `@strategy(kind)`; a MIGRATE row without one fails at
+import) says how; the row says where the prompt, the budget and the constraints are:
 
 - SGLang `/generate`: `input_ids` + the output ids so far (exact token ids), or
   `text` + the text so far for a text prompt; events stay cumulative over the whole
@@ -27,8 +29,8 @@ with its `--stream-response-default-include-usage` (`openai/utils.py`), so the
 final usage chunk comes exactly when it would have.
 
 The continuation's budget is the requested one minus the tokens generated so far
-(`max_new_tokens` / `max_tokens` / `max_completion_tokens`; a null budget stays
-null, as SGLang then runs to the context limit), so the whole answer is at most the
+(the row's budget key and default, `Endpoint.budget`; a null budget stays null, as
+SGLang then runs to the context limit), so the whole answer is at most the
 requested length. Spliced usage: the original prompt's tokens, the completion
 tokens of all segments summed.
 
@@ -39,9 +41,10 @@ relay migrates it like a break. An abort without a status code (the client's own
 `/abort_request`) and a 400 are the request's end and pass through.
 
 Refused (the stream ends with an explicit retryable error event instead):
-grammar-constrained output (json_schema, regex, ebnf, response_format, tools) —
-an engine restarted on prompt + partial output would start a fresh document —
-and requests migration cannot express exactly (n > 1, batches, echo).
+grammar-constrained output (the row's constraint keys: grammars, response_format,
+tools; `Endpoint.constrained`) — an engine restarted on prompt + partial output
+would start a fresh document — and requests migration cannot express exactly
+(n > 1, batches, echo).
 
 The first segment is never parsed while it flows: its raw events are kept and read
 only if the stream breaks; the only work per event is a byte search for an abort
@@ -54,21 +57,27 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ha_agent.gateway.stream import sse
-from ha_agent.openapi.endpoints import BY_PATH, CHAT, COMPLETIONS, GENERATE
+from ha_agent.openapi.endpoints import (
+    CHAT,
+    COMPLETIONS,
+    FORMAT_KEY,
+    GENERATE,
+    GENERATIONS,
+    TOOLS_KEY,
+    Endpoint,
+    Semantics,
+    generation,
+)
+from ha_agent.openapi.endpoints import as_int as _as_int
 
-# The sampling_params keys that constrain output to a grammar (the table's row).
-_CONSTRAINED_KEYS = BY_PATH["/generate"].constraint_keys
 # An abort with one of these statuses is the engine's fault (tokenizer_manager.py,
 # `_handle_abort_finish_reason`); 400 is the request's, None the client's own abort.
 ENGINE_FAULT_STATUS = frozenset({500, 503})
-# SamplingParams.max_new_tokens when the key is absent (srt/sampling/sampling_params.py);
-# CompletionRequest.max_tokens (srt/entrypoints/openai/protocol.py).
-GENERATE_DEFAULT_BUDGET = 128
-COMPLETIONS_DEFAULT_BUDGET = 16
 # meta_info arrays that grow with the output (`_INCREMENTAL_STREAMING_META_INFO_KEYS`,
 # tokenizer_manager.py) and those about the prompt, which stay the original's.
 _OUTPUT_ARRAYS = (
@@ -110,23 +119,13 @@ class Progress:
         return self.tokens == 0 and not self.text and not self.output_ids
 
 
-def _as_int(value: Any) -> int | None:
-    """SGLang's pydantic models coerce "16" to 16; a bad value is the engine's to refuse."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
 class Migration:
     """Continuation logic for one streaming request."""
 
     def __init__(self, kind: str, body: dict[str, Any]) -> None:
         self.kind = kind
         self.body = body
-        self.api: _Kind = _KINDS[kind]
+        self.api: Strategy = STRATEGIES[kind]
         self.progress = Progress()
         self._base = Progress()  # progress at the start of the current segment
         self.segments = 1
@@ -255,7 +254,7 @@ class Migration:
 
     def budget(self) -> int | None:
         """The requested completion budget, None when unbounded (a null budget)."""
-        return self.api.budget(self.body)
+        return self.api.route.budget(self.body)
 
     def continuation(self) -> dict[str, Any] | None:
         """The request for the next segment, or None if nothing is left to generate."""
@@ -332,19 +331,43 @@ class Migration:
         return self.api.closing(self) + sse.DONE
 
 
-class _Kind:
-    """What differs between the inference endpoints (one instance per kind)."""
+STRATEGIES: dict[str, Strategy] = {}  # kind -> its strategy, filled by @strategy
+_S = TypeVar("_S", bound="type[Strategy]")
+
+
+def strategy(kind: str) -> Callable[[_S], _S]:
+    """Register the class as the strategy of the endpoint table's MIGRATE row `kind`."""
+
+    def register(cls: _S) -> _S:
+        route = generation(kind)
+        if route is None or route.semantics is not Semantics.MIGRATE:
+            raise ValueError(f"{kind!r} is no MIGRATE row of the endpoint table")
+        STRATEGIES[kind] = cls(route)
+        return cls
+
+    return register
+
+
+class Strategy:
+    """What differs between the inference endpoints: one instance per MIGRATE row of the
+    endpoint table, registered with `@strategy(kind)`; the row (`route`) says where the
+    prompt, the budget and the constraints are."""
 
     openai = True
     abort_marker = b'data: {"error"'  # create_streaming_error_response (serving_base.py)
     usage_off = b""  # how a chunk without running usage ends (see _Chat, _Completions)
 
+    def __init__(self, route: Endpoint) -> None:
+        self.route = route
+
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        if any(body.get(k) for k in _CONSTRAINED_KEYS):
-            return "grammar-constrained output cannot be resumed on another engine"
-        fmt = body.get("response_format")
-        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        bound = self.route.constrained(body)
+        if bound == TOOLS_KEY:
+            return "tool calls cannot be resumed"
+        if bound == FORMAT_KEY:
             return "grammar-constrained output (response_format) cannot be resumed"
+        if bound is not None:
+            return "grammar-constrained output cannot be resumed on another engine"
         if (_as_int(body.get("n")) or 1) != 1:
             return "n > 1"
         return None
@@ -356,9 +379,6 @@ class _Kind:
         if isinstance(error, dict) and _as_int(error.get("code")) in ENGINE_FAULT_STATUS:
             return f"engine abort {error.get('code')}: {str(error.get('message'))[:200]}"
         return None
-
-    def budget(self, body: dict[str, Any]) -> int | None:
-        raise NotImplementedError
 
     def track(self, mig: Migration, event: dict[str, Any]) -> None:
         p = mig.progress
@@ -430,7 +450,8 @@ class _Kind:
         raise NotImplementedError
 
 
-class _Completions(_Kind):
+@strategy(COMPLETIONS)
+class _Completions(Strategy):
     # CompletionStreamResponse is dumped without exclude_none: "usage":null.
     usage_off = b',"usage":null'
 
@@ -440,9 +461,6 @@ class _Completions(_Kind):
         if body.get("echo"):
             return "echo"
         return super().refusal(body, progress)
-
-    def budget(self, body: dict[str, Any]) -> int | None:
-        return _as_int(body.get("max_tokens", COMPLETIONS_DEFAULT_BUDGET))
 
     def piece(self, p: Progress, choice: dict[str, Any]) -> str:
         return str(choice.get("text") or "")
@@ -454,7 +472,7 @@ class _Completions(_Kind):
         self, mig: Migration, body: dict[str, Any], left: int | None
     ) -> dict[str, Any]:
         if left is not None:
-            body["max_tokens"] = left
+            body[self.route.budget_key(body)] = left
         self.set_budget(body, left, mig.progress.tokens)
         body["prompt"] = str(body["prompt"]) + mig.progress.text
         return body
@@ -475,21 +493,17 @@ class _Completions(_Kind):
         return out
 
 
-class _Chat(_Kind):
+@strategy(CHAT)
+class _Chat(Strategy):
     # StreamChunk (sse_utils.py) omits a None usage.
     usage_off = b""
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        if body.get("tools") and body.get("tool_choice") != "none":
+        if self.route.constrained(body) == TOOLS_KEY:
             return "tool calls cannot be resumed"
         if progress.tool_or_reasoning:
             return "tool-call or reasoning deltas cannot be resumed"
         return super().refusal(body, progress)
-
-    def budget(self, body: dict[str, Any]) -> int | None:
-        # `max_completion_tokens or max_tokens` (ChatCompletionRequest.to_sampling_params);
-        # None: SGLang generates up to the context length.
-        return _as_int(body.get("max_completion_tokens") or body.get("max_tokens"))
 
     def piece(self, p: Progress, choice: dict[str, Any]) -> str:
         delta = choice.get("delta") or {}
@@ -503,9 +517,7 @@ class _Chat(_Kind):
         self, mig: Migration, body: dict[str, Any], left: int | None
     ) -> dict[str, Any]:
         if left is not None:
-            body["max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"] = (
-                left
-            )
+            body[self.route.budget_key(body)] = left
         self.set_budget(body, left, mig.progress.tokens)
         text = mig.progress.text
         messages = list(body.get("messages") or [])
@@ -553,7 +565,8 @@ class _Chat(_Kind):
         return out
 
 
-class _Generate(_Kind):
+@strategy(GENERATE)
+class _Generate(Strategy):
     openai = False
     # meta_info.finish_reason of an abort, as orjson writes it (http_server.py).
     abort_marker = b'"type":"abort"'
@@ -562,7 +575,7 @@ class _Generate(_Kind):
         params = body.get("sampling_params") or {}
         if not isinstance(params, dict):
             return "sampling_params is not an object"
-        if any(params.get(k) for k in _CONSTRAINED_KEYS):
+        if self.route.constrained(body) is not None:
             return "grammar-constrained output cannot be resumed on another engine"
         if (_as_int(params.get("n")) or 1) != 1:
             return "n > 1"
@@ -583,12 +596,6 @@ class _Generate(_Kind):
         ):
             return f"engine abort {finish.get('status_code')}: {str(finish.get('message'))[:200]}"
         return None
-
-    def budget(self, body: dict[str, Any]) -> int | None:
-        params = body.get("sampling_params") or {}
-        if "max_new_tokens" not in params:
-            return GENERATE_DEFAULT_BUDGET
-        return _as_int(params["max_new_tokens"])  # null: up to the context length
 
     def track(self, mig: Migration, event: dict[str, Any]) -> None:
         p, base = mig.progress, mig.base
@@ -678,4 +685,14 @@ class _Generate(_Kind):
         return sse.encode({"text": p.text, "output_ids": p.output_ids, "meta_info": meta})
 
 
-_KINDS: dict[str, _Kind] = {GENERATE: _Generate(), COMPLETIONS: _Completions(), CHAT: _Chat()}
+def unmigrated() -> list[str]:
+    """The MIGRATE kinds of the endpoint table without a strategy (none, or a bug)."""
+    return sorted(
+        kind
+        for kind, route in GENERATIONS.items()
+        if route.semantics is Semantics.MIGRATE and kind not in STRATEGIES
+    )
+
+
+if unmigrated():  # a MIGRATE row needs its strategy before the relay can start
+    raise ImportError(f"MIGRATE endpoints without a migration strategy: {unmigrated()}")

@@ -36,25 +36,25 @@ from prometheus_client import CollectorRegistry, Counter
 from ha_agent.gateway.admission.limits import prompt_size
 from ha_agent.gateway.upstream.topology import NodeView, Topology
 from ha_agent.gateway.upstream.transport import Transport
-from ha_agent.openapi.endpoints import BY_PATH, CHAT, COMPLETIONS, GENERATE, GENERATION_PATHS
+from ha_agent.openapi.endpoints import GENERATIONS, generation
 
 log = logging.getLogger(__name__)
 
-PATHS = {kind: GENERATION_PATHS[kind] for kind in (GENERATE, COMPLETIONS, CHAT)}
 TAIL_CHARS = 256  # the end of a prompt that does not count as its shared prefix
 BLOCK_CHARS = 512  # prefixes are compared in whole blocks of this many characters
 RECENT_S = 60.0  # a prefix mirrored this recently is still in the standby's cache
 RECENT_MAX = 4096  # prefixes remembered at most
 
 
+# Top-level options about the answer, not the prompt (the OpenAI requests'): a mirror
+# asks for one plain choice.
+_ANSWER_KEYS = ("tool_choice", "stream_options", "n", "logprobs", "top_logprobs", "echo")
+
+
 def prefix_key(kind: str, body: dict[str, Any]) -> str:
     """A short digest of the request's model and prompt, less its last characters."""
-    if kind == CHAT:
-        prompt: Any = body.get("messages")
-    elif kind == COMPLETIONS:
-        prompt = body.get("prompt")
-    else:
-        prompt = body.get("text", body.get("input_ids"))
+    route = generation(kind)
+    prompt = route.prompt(body) if route is not None else None
     text = prompt if isinstance(prompt, str) else json.dumps(prompt, default=str)
     # Cut on a block boundary: a tail one character longer must not move the cut.
     cut = max(len(text) - TAIL_CHARS, 0) // BLOCK_CHARS * BLOCK_CHARS
@@ -63,37 +63,25 @@ def prefix_key(kind: str, body: dict[str, Any]) -> str:
 
 
 def prefill_only(kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
-    """The request reduced to its prompt and one token, or None if it cannot be."""
+    """The request reduced to its prompt and one token, or None if it cannot be: no
+    constraint, no minimum length, a budget of 1 (in the endpoint table's keys)."""
+    route = generation(kind)
+    if route is None or not any(key in body for key in route.prompt_fields):
+        return None
     out = copy.deepcopy(body)
     out["stream"] = False
-    if kind == GENERATE:
-        if "text" not in out and "input_ids" not in out:
-            return None
-        params = out.get("sampling_params")
-        params = dict(params) if isinstance(params, dict) else {}
-        for key in (*BY_PATH["/generate"].constraint_keys, "min_new_tokens"):
-            params.pop(key, None)
-        params["max_new_tokens"] = 1
-        out["sampling_params"] = params
-        out["rid"] = f"HA_WARM_{uuid.uuid4().hex}"
-        return out
-    for key in (
-        "response_format",
-        "json_schema",
-        "regex",
-        "ebnf",
-        "tools",
-        "tool_choice",
-        "stream_options",
-        "min_tokens",
-        "n",
-        "logprobs",
-        "top_logprobs",
-        "echo",
-    ):
+    for key in _ANSWER_KEYS:
         out.pop(key, None)
-    out.pop("max_completion_tokens", None)
-    out["max_tokens"] = 1
+    if route.params is None:
+        params = out
+    else:
+        sent = out.get(route.params)
+        params = out[route.params] = dict(sent) if isinstance(sent, dict) else {}
+    for key in (*route.constraint_keys, *route.budget_keys):
+        params.pop(key, None)
+    if route.min_budget_key is not None:
+        params.pop(route.min_budget_key, None)
+    params[route.budget_keys[-1]] = 1
     out["rid"] = f"HA_WARM_{uuid.uuid4().hex}"
     return out
 
@@ -175,7 +163,8 @@ class Warmer:
             return
         self._tokens -= 1.0
         self._remember(key)
-        task = asyncio.ensure_future(self._send(node, PATHS[kind], mirror))
+        path = GENERATIONS[kind].path  # prefill_only knows the kind
+        task = asyncio.ensure_future(self._send(node, path, mirror))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
