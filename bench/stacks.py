@@ -91,9 +91,11 @@ def direct_nginx_conf(template: str, engine: str, authorization: str) -> str:
     presents the engines' key (`authorization`) as the gateway's Nginx does on its
     last-resort path."""
     text = render_template(template, {"ENGINE_AUTHORIZATION": authorization})
+    # With a keep-alive cache to the engine, as any Nginx in front of SGLang has (the
+    # gateway keeps none to its relay workers, so that none is used on a frozen one).
     text, relay = re.subn(
         r"^\s*include /run/sglang-ha/nginx-relay-servers\.conf;$",
-        f"        server {engine} max_fails=1 fail_timeout=2s;",
+        f"        server {engine} max_fails=1 fail_timeout=2s;\n        keepalive 256;",
         text,
         flags=re.M,
     )

@@ -153,7 +153,7 @@ def test_aggregate_compares_every_path_with_direct_of_the_same_cell() -> None:
 def test_direct_nginx_conf_swaps_the_relay_for_the_engine_only() -> None:
     template = (ROOT / "nginx" / "nginx.conf.template").read_text()
     conf = direct_nginx_conf(template, "node-1:30000", "Bearer k3y")
-    assert "server node-1:30000 max_fails=1 fail_timeout=2s;" in conf
+    assert "server node-1:30000 max_fails=1 fail_timeout=2s;\n        keepalive 256;" in conf
     # the engines' key, as the gateway's Nginx presents it (SGLang --api-key)
     assert 'proxy_set_header Authorization "Bearer k3y";' in conf
     assert "127.0.0.1:8001" not in conf and "nginx-relay-servers.conf" not in conf
