@@ -380,8 +380,50 @@ class FailbackSettings(BaseSettings):
     )
 
 
+class EngineRestartSettings(BaseSettings):
+    """Restarting a hung engine without an operator, once another node serves.
+
+    A hung engine never comes back by itself (SGLang's own watchdog ends it only with
+    a batch in flight, after --watchdog-timeout): its agent restarts it through
+    supervisord, damped and bounded, so the pair gets its standby back unattended.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    engine_auto_restart: bool = Field(
+        True,
+        description="Restart this node's engine (through supervisord) when it is hung and"
+        " another node is the healthy primary; never while this node holds the lease.",
+    )
+    engine_restart_after: float = Field(
+        10.0,
+        gt=0,
+        description="Hung this long before the first automatic restart; each restart"
+        " already made in the window doubles it (damping), s.",
+    )
+    engine_restart_limit: int = Field(
+        3,
+        ge=1,
+        description="Automatic restarts allowed per engine_restart_window; after that the"
+        " engine stays hung for an operator.",
+    )
+    engine_restart_window: float = Field(
+        3600.0, gt=0, description="Window over which automatic restarts are counted, s."
+    )
+    engine_restart_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="How long supervisord may take to kill the hung engine and start a new one, s.",
+    )
+
+
 class AgentSettings(
-    RedisSettings, LeaseTiming, EngineHealthSettings, FailbackSettings, EngineAuthSettings
+    RedisSettings,
+    LeaseTiming,
+    EngineHealthSettings,
+    FailbackSettings,
+    EngineAuthSettings,
+    EngineRestartSettings,
 ):
     """The node agent: one per GPU host, next to its engine."""
 
