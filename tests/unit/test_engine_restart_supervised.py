@@ -15,6 +15,7 @@ import time
 import xmlrpc.client
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -85,7 +86,7 @@ def supervised_engine(workdir: str, port: int) -> Iterator[str]:
 
 def engine_pid(socket: str) -> int:
     transport = SupervisorTransport(None, None, f"unix://{socket}")
-    rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    rpc: Any = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
     return int(rpc.supervisor.getProcessInfo("engine")["pid"])
 
 
