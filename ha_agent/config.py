@@ -743,7 +743,22 @@ class SimSettings(BaseSettings):
         2.0, ge=0, description="A request whose client went away is aborted this much later, s."
     )
     drain_timeout: float = Field(
-        5.0, ge=0, description="On shutdown, running requests may finish this long, s."
+        5.0,
+        ge=0,
+        description="On SIGINT, running requests may finish this long, s (SIGTERM drains"
+        " as SGLang does, with no deadline).",
+    )
+    sigterm_poll_interval: float = Field(
+        5.0,
+        gt=0,
+        description="How often the SIGTERM drain looks for remaining requests, s (SGLang's"
+        " fixed 5 s; lower only in tests).",
+    )
+    watchdog_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="As SGLang's --watchdog-timeout: a batch in flight with no forward for"
+        " this long kills the process (SIGKILL), s; 0 = off.",
     )
     faults: dict[str, object] = Field(
         default_factory=dict,
