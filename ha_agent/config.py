@@ -313,20 +313,30 @@ class EngineAuthSettings(BaseSettings):
     engine_api_key_file: str | None = Field(
         None, description="File holding the engines' API key (e.g. /run/secrets/engine_api_key)."
     )
+    engine_admin_api_key: SecretStr | None = Field(
+        None,
+        description="The engines' admin key (SGLang --admin-api-key), presented on"
+        " /abort_request (canary and client aborts); prefer engine_admin_api_key_file.",
+    )
+    engine_admin_api_key_file: str | None = Field(
+        None, description="File holding the engines' admin key (SGLang --admin-api-key)."
+    )
 
     @model_validator(mode="after")
     def _key_from_file(self) -> EngineAuthSettings:
-        if not self.engine_api_key_file:
-            return self
-        if self.engine_api_key is not None:
-            raise ValueError("set engine_api_key or engine_api_key_file, not both")
-        try:
-            key = Path(self.engine_api_key_file).read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"engine_api_key_file: {exc}") from exc
-        if not key:
-            raise ValueError(f"engine_api_key_file {self.engine_api_key_file} is empty")
-        self.engine_api_key = SecretStr(key)
+        for name in ("engine_api_key", "engine_admin_api_key"):
+            path = getattr(self, f"{name}_file")
+            if not path:
+                continue
+            if getattr(self, name) is not None:
+                raise ValueError(f"set {name} or {name}_file, not both")
+            try:
+                key = Path(path).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"{name}_file: {exc}") from exc
+            if not key:
+                raise ValueError(f"{name}_file {path} is empty")
+            setattr(self, name, SecretStr(key))
         return self
 
     def engine_headers(self) -> dict[str, str]:
@@ -334,6 +344,14 @@ class EngineAuthSettings(BaseSettings):
         if self.engine_api_key is None:
             return {}
         return {"Authorization": f"Bearer {self.engine_api_key.get_secret_value()}"}
+
+    def engine_admin_headers(self) -> dict[str, str]:
+        """Headers of an admin route (/abort_request): with --admin-api-key set SGLang
+        accepts only that key there (`decide_request_auth`, python/sglang/srt/utils/
+        auth.py, ADMIN_OPTIONAL), else the API key as everywhere."""
+        if self.engine_admin_api_key is None:
+            return self.engine_headers()
+        return {"Authorization": f"Bearer {self.engine_admin_api_key.get_secret_value()}"}
 
 
 class FailbackSettings(BaseSettings):

@@ -50,7 +50,11 @@ class NodeAgent:
         self.process = engine_process_watch(settings, supervised)
         self.metrics = AgentMetrics()
         self.monitor = HealthMonitor(
-            settings, EngineClient(settings.engine_url, settings.engine_headers()), self.process
+            settings,
+            EngineClient(
+                settings.engine_url, settings.engine_headers(), settings.engine_admin_headers()
+            ),
+            self.process,
         )
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         # Acks get what a store operation gets (retry_timeout): asked only when the
