@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from ha_agent.auth import Handler, TokenAuth
 from ha_agent.config import DYNAMIC_SETTINGS, DynamicConfig
-from ha_agent.dcs.base import DCSError, Role, Switchover
+from ha_agent.dcs.base import DCSError, EngineState, Role, Switchover
 from ha_agent.events import (
     CONFIG_CHANGED,
     ENGINE_RESTART_REQUESTED,
@@ -330,7 +330,8 @@ class AgentApi:
         try:
             self.ha.expect_engine_restart(self.ha.s.startup_grace)
             self.ha.events.emit(ENGINE_RESTART_REQUESTED, f"{self.ha.name} (by admin)")
-            pid = await self.engine_control.restart()
+            hung = self.ha.engine_health.state is EngineState.HUNG
+            pid = await self.engine_control.restart(hung=hung)
         except EngineControlError as exc:
             return error(503, f"could not restart the engine: {exc}")
         finally:

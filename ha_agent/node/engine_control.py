@@ -48,9 +48,12 @@ class EngineControl:
         except (OSError, xmlrpc.client.Error) as exc:
             raise EngineControlError(f"supervisord: {exc}") from exc
 
-    async def restart(self, timeout: float = 90.0) -> int:
-        """Stop the engine (it drains), start it again; the new process's pid.
+    async def restart(self, timeout: float = 90.0, hung: bool = False) -> int:
+        """Stop the engine (it drains), start it again; the new process's pid. A hung
+        engine is killed instead: its drain would never end (`kill_and_start`).
         Health is the monitor's business: the caller waits for ENGINE_HEALTHY."""
+        if hung:
+            return await self.kill_and_start(timeout)
         return await self._one_at_a_time(self._restart, timeout)
 
     async def kill_and_start(self, timeout: float) -> int:

@@ -6,6 +6,7 @@ any command, within the bound docs/failover.md states.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -50,7 +51,7 @@ directory={ROOT}
 autorestart=true
 startsecs=1
 startretries=1000
-stopwaitsecs=5
+stopwaitsecs=30
 stopasgroup=true
 killasgroup=true
 stdout_logfile={workdir}/engine.log
@@ -156,3 +157,65 @@ async def test_hung_primary_is_restarted_and_is_a_healthy_standby_again(
     # the engine's own start (a simulator: about a second) and one canary.
     assert back < moved + RESTART_AFTER + 15.0, (moved, restarted, back)
     assert new_node.agent is not None and new_node.agent.ha.is_primary()
+
+
+async def restart_by_admin(node: LocalNode) -> tuple[int, dict[str, Any], float]:
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=120) as http:
+        r = await http.post(
+            f"{node.api_url}/ha/restart-engine",
+            json={},
+            headers={"Authorization": "Bearer test-token"},
+        )
+    return r.status_code, r.json(), time.monotonic() - started
+
+
+async def test_planned_restart_of_the_standby_drains_on_sigterm_and_comes_back(
+    cluster: tuple[LocalCluster, dict[str, str]],
+) -> None:
+    """`sglang-ha restart` of a standby: supervisord's SIGTERM, which SGLang (and the
+    simulator) answers by draining, then exiting once nothing is left: seconds, not
+    supervisord's 30 s stopwaitsecs. No role change."""
+    c, sockets = cluster
+    primary = await c.wait_ready(timeout=30)
+    standby = c.other(primary)
+    node = c.nodes[standby]
+    assert node.agent is not None
+    pid_before = engine_pid(sockets[standby])
+    code, body, took = await restart_by_admin(node)
+    assert code == 200, body
+    assert body["pid"] != pid_before
+    # SGLang looks for SIGTERM every 5 s, then finds nothing to drain.
+    assert took < 5.0 + 5.0, took
+    agent = node.agent
+    await c.wait_for(
+        lambda: agent.ha.is_standby() and agent.ha.engine_health.healthy, 30, "healthy again"
+    )
+    assert c.primary() == primary
+    assert "ENGINE_AUTO_RESTART" not in c.ha_log(standby)
+
+
+async def test_admin_restart_of_a_hung_engine_kills_it_rather_than_waiting_on_its_drain(
+    cluster: tuple[LocalCluster, dict[str, str]],
+) -> None:
+    """A hung engine never finishes SGLang's SIGTERM drain: a stop would last
+    supervisord's whole stopwaitsecs (30 s). The agent kills it instead."""
+    c, sockets = cluster
+    primary = await c.wait_ready(timeout=30)
+    standby = c.other(primary)
+    node = c.nodes[standby]
+    assert node.sim is not None and node.agent is not None
+    agent = node.agent
+    await node.sim.faults(hang=True)
+    # A request in flight that never finishes: what SGLang's drain would wait for.
+    async with httpx.AsyncClient(timeout=60) as http:
+        stuck = asyncio.ensure_future(
+            http.post(f"{node.engine_url}/generate", json={"text": "x"}, timeout=60)
+        )
+        await c.wait_for(lambda: agent.ha.engine_health.state.value == "hung", 15, "hung")
+        code, body, took = await restart_by_admin(node)
+        stuck.cancel()
+    assert code == 200, body
+    assert took < 10.0, f"waited {took:.1f}s: the stop waited on the drain"
+    await c.wait_for(lambda: agent.ha.engine_health.healthy, 30, "healthy again")
+    assert c.primary() == primary
