@@ -74,6 +74,8 @@ class EngineRestarter:
             return Decision(False, "engine hung; automatic restart is off")
         if self.control is None:
             return Decision(False, "engine hung; not ours to restart (sidecar): restart it there")
+        if self.control.busy:  # the operator's restart, under way
+            return Decision(False, "engine hung; a restart is already under way")
         if ha.state.paused:
             return Decision(False, "engine hung; automatic actions are paused")
         if ha.state.role is Role.PRIMARY:

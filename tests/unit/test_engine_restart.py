@@ -150,6 +150,16 @@ async def test_paused_or_switched_off_means_no_restart(
     assert control.calls == [] and "is off" in pair.a.ha.status().engine_restart
 
 
+async def test_no_automatic_restart_while_the_operators_runs(
+    store: FakeStore, clock: FakeClock, control: FakeControl
+) -> None:
+    pair = await hung_primary(store, clock, control)
+    control.busy = True
+    await pair.run(20.0)
+    assert control.calls == [] and pair.restarts() == []
+    assert "already under way" in pair.a.ha.status().engine_restart
+
+
 async def test_sidecar_cannot_restart_and_says_so(store: FakeStore, clock: FakeClock) -> None:
     pair = await hung_primary(store, clock, None)
     await pair.run(20.0)

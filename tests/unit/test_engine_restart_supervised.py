@@ -206,6 +206,7 @@ async def test_admin_restart_of_a_hung_engine_kills_it_rather_than_waiting_on_it
     node = c.nodes[standby]
     assert node.sim is not None and node.agent is not None
     agent = node.agent
+    pid_before = engine_pid(sockets[standby])
     await node.sim.faults(hang=True)
     # A request in flight that never finishes: what SGLang's drain would wait for.
     async with httpx.AsyncClient(timeout=60) as http:
@@ -216,6 +217,7 @@ async def test_admin_restart_of_a_hung_engine_kills_it_rather_than_waiting_on_it
         code, body, took = await restart_by_admin(node)
         stuck.cancel()
     assert code == 200, body
+    assert body["pid"] != pid_before
     assert took < 10.0, f"waited {took:.1f}s: the stop waited on the drain"
     await c.wait_for(lambda: agent.ha.engine_health.healthy, 30, "healthy again")
     assert c.primary() == primary
