@@ -14,12 +14,14 @@ import pytest
 from prometheus_client import generate_latest
 
 from ha_agent import events as ev
-from ha_agent.dcs.base import AgentStatus, Role
+from ha_agent.ctl import output
+from ha_agent.ctl.client import ClusterView, NodeRow
+from ha_agent.dcs.base import AgentStatus, Cluster, Leader, Role
 from ha_agent.node.engine.monitor import EngineState
 from ha_agent.node.engine_control import EngineControl, EngineControlError
 from ha_agent.node.engine_restart import EngineRestarter
 from ha_agent.node.metrics import AgentMetrics
-from tests.support.fakes import FakeClock, FakeStore
+from tests.support.fakes import FakeClock, FakeStore, agent_status
 from tests.unit.test_ha import Node, make_node
 
 
@@ -279,3 +281,21 @@ async def test_one_restart_at_a_time() -> None:
     control.busy = True
     with pytest.raises(EngineControlError, match="already under way"):
         await control.kill_and_start(timeout=1.0)
+
+
+def test_status_table_says_why_a_hung_engine_is_or_is_not_restarted() -> None:
+    note = "engine hung for 4s; restart after 10s (sglang-02 serves)"
+    rows = [
+        NodeRow(
+            "sglang-01",
+            "http://sglang-01:8008",
+            agent_status(
+                "sglang-01", engine=EngineState.HUNG, engine_restart=note, engine_restarts=1
+            ),
+        ),
+        NodeRow("sglang-02", "http://sglang-02:8008", agent_status("sglang-02", Role.PRIMARY)),
+    ]
+    view = ClusterView(Cluster(Leader("sglang-02", 2, 2000), max_epoch=2), None, rows)
+    lines = output.status_table(view).splitlines()
+    assert lines[-1] == f"sglang-01: {note} (1 automatic restart(s) lately)"
+    assert not any(line.startswith("sglang-02:") for line in lines)
