@@ -357,20 +357,30 @@ class EngineAuthSettings(BaseSettings):
     engine_api_key_file: str | None = Field(
         None, description="File holding the engines' API key (e.g. /run/secrets/engine_api_key)."
     )
+    engine_admin_api_key: SecretStr | None = Field(
+        None,
+        description="The engines' admin key (SGLang --admin-api-key), presented on"
+        " /abort_request (canary and client aborts); prefer engine_admin_api_key_file.",
+    )
+    engine_admin_api_key_file: str | None = Field(
+        None, description="File holding the engines' admin key (SGLang --admin-api-key)."
+    )
 
     @model_validator(mode="after")
     def _key_from_file(self) -> EngineAuthSettings:
-        if not self.engine_api_key_file:
-            return self
-        if self.engine_api_key is not None:
-            raise ValueError("set engine_api_key or engine_api_key_file, not both")
-        try:
-            key = Path(self.engine_api_key_file).read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"engine_api_key_file: {exc}") from exc
-        if not key:
-            raise ValueError(f"engine_api_key_file {self.engine_api_key_file} is empty")
-        self.engine_api_key = SecretStr(key)
+        for name in ("engine_api_key", "engine_admin_api_key"):
+            path = getattr(self, f"{name}_file")
+            if not path:
+                continue
+            if getattr(self, name) is not None:
+                raise ValueError(f"set {name} or {name}_file, not both")
+            try:
+                key = Path(path).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"{name}_file: {exc}") from exc
+            if not key:
+                raise ValueError(f"{name}_file {path} is empty")
+            setattr(self, name, SecretStr(key))
         return self
 
     def engine_headers(self) -> dict[str, str]:
@@ -378,6 +388,14 @@ class EngineAuthSettings(BaseSettings):
         if self.engine_api_key is None:
             return {}
         return {"Authorization": f"Bearer {self.engine_api_key.get_secret_value()}"}
+
+    def engine_admin_headers(self) -> dict[str, str]:
+        """Headers of an admin route (/abort_request): with --admin-api-key set SGLang
+        accepts only that key there (`decide_request_auth`, python/sglang/srt/utils/
+        auth.py, ADMIN_OPTIONAL), else the API key as everywhere."""
+        if self.engine_admin_api_key is None:
+            return self.engine_headers()
+        return {"Authorization": f"Bearer {self.engine_admin_api_key.get_secret_value()}"}
 
 
 class FailbackSettings(BaseSettings):
@@ -430,8 +448,50 @@ class FailbackSettings(BaseSettings):
     )
 
 
+class EngineRestartSettings(BaseSettings):
+    """Restarting a hung engine without an operator, once another node serves.
+
+    A hung engine never comes back by itself (SGLang's own watchdog ends it only with
+    a batch in flight, after --watchdog-timeout): its agent restarts it through
+    supervisord, damped and bounded, so the pair gets its standby back unattended.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    engine_auto_restart: bool = Field(
+        True,
+        description="Restart this node's engine (through supervisord) when it is hung and"
+        " another node is the healthy primary; never while this node holds the lease.",
+    )
+    engine_restart_after: float = Field(
+        10.0,
+        gt=0,
+        description="Hung this long before the first automatic restart; each restart"
+        " already made in the window doubles it (damping), s.",
+    )
+    engine_restart_limit: int = Field(
+        3,
+        ge=1,
+        description="Automatic restarts allowed per engine_restart_window; after that the"
+        " engine stays hung for an operator.",
+    )
+    engine_restart_window: float = Field(
+        3600.0, gt=0, description="Window over which automatic restarts are counted, s."
+    )
+    engine_restart_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="How long supervisord may take to kill the hung engine and start a new one, s.",
+    )
+
+
 class AgentSettings(
-    RedisSettings, LeaseTiming, EngineHealthSettings, FailbackSettings, EngineAuthSettings
+    RedisSettings,
+    LeaseTiming,
+    EngineHealthSettings,
+    FailbackSettings,
+    EngineAuthSettings,
+    EngineRestartSettings,
 ):
     """The node agent: one per GPU host, next to its engine."""
 
@@ -746,7 +806,22 @@ class SimSettings(BaseSettings):
         2.0, ge=0, description="A request whose client went away is aborted this much later, s."
     )
     drain_timeout: float = Field(
-        5.0, ge=0, description="On shutdown, running requests may finish this long, s."
+        5.0,
+        ge=0,
+        description="On SIGINT, running requests may finish this long, s (SIGTERM drains"
+        " as SGLang does, with no deadline).",
+    )
+    sigterm_poll_interval: float = Field(
+        5.0,
+        gt=0,
+        description="How often the SIGTERM drain looks for remaining requests, s (SGLang's"
+        " fixed 5 s; lower only in tests).",
+    )
+    watchdog_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="As SGLang's --watchdog-timeout: a batch in flight with no forward for"
+        " this long kills the process (SIGKILL), s; 0 = off.",
     )
     faults: dict[str, object] = Field(
         default_factory=dict,

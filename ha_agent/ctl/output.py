@@ -60,6 +60,12 @@ def status_table(view: ClusterView) -> str:
             )
         )
     lines = _columns(rows)
+    # Why a hung engine is (not yet) restarted, and how many automatic restarts so far.
+    for n in view.nodes:
+        s = n.status
+        if s is not None and (s.engine_restart or s.engine_restarts):
+            note = s.engine_restart or "engine not hung"
+            lines.append(f"{n.name}: {note} ({s.engine_restarts} automatic restart(s) lately)")
     c = view.cluster
     if c is not None:
         leader = f"{c.leader.node} (epoch {c.leader.epoch})" if c.leader else "none"

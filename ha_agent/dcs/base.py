@@ -257,6 +257,8 @@ class AgentStatus:
     last_cycle_age: float = 0.0
     lease_ttl: float = 0.0  # in effect on this agent (edit-config changes it live)
     loop_wait: float = 0.0
+    engine_restarts: int = 0  # automatic restarts of a hung engine, in the window
+    engine_restart: str = ""  # why the agent does or does not restart a hung engine
 
     @property
     def is_primary(self) -> bool:
@@ -300,6 +302,8 @@ class AgentStatus:
             last_cycle_age=_num(data, "last_cycle_age"),
             lease_ttl=_num(data, "lease_ttl"),
             loop_wait=_num(data, "loop_wait"),
+            engine_restarts=int(_num(data, "engine_restarts")),
+            engine_restart=str(data.get("engine_restart", "")),
         )
 
 

@@ -55,7 +55,10 @@ class RelayService:
         self.metrics = RelayMetrics()
         self.metrics.attach(self.topology)
         self.transport = Transport(
-            settings.connect_timeout, settings.first_byte_timeout, settings.engine_headers()
+            settings.connect_timeout,
+            settings.first_byte_timeout,
+            settings.engine_headers(),
+            settings.engine_admin_headers(),
         )
         self.warmer = Warmer(
             self.topology,

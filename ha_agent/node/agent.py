@@ -20,6 +20,7 @@ from ha_agent.node.engine.container import ContainerWatch
 from ha_agent.node.engine.monitor import HealthMonitor
 from ha_agent.node.engine.process import HostProcessWatch, ProcessWatch, SupervisorWatch
 from ha_agent.node.engine_control import EngineControl
+from ha_agent.node.engine_restart import EngineRestarter
 from ha_agent.node.ha import Ha
 from ha_agent.node.metrics import AgentMetrics
 from ha_agent.node.peers import PeerClient
@@ -49,7 +50,11 @@ class NodeAgent:
         self.process = engine_process_watch(settings, supervised)
         self.metrics = AgentMetrics()
         self.monitor = HealthMonitor(
-            settings, EngineClient(settings.engine_url, settings.engine_headers()), self.process
+            settings,
+            EngineClient(
+                settings.engine_url, settings.engine_headers(), settings.engine_admin_headers()
+            ),
+            self.process,
         )
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         # Acks get what a store operation gets (retry_timeout): asked only when the
@@ -65,6 +70,8 @@ class NodeAgent:
         control = None
         if isinstance(self.process, SupervisorWatch) and settings.supervisor_socket:
             control = EngineControl(settings.supervisor_socket, settings.engine_program)
+        self.restarter = EngineRestarter(self.ha, control)
+        self.metrics.attach_restarter(self.restarter)
         self.api = AgentApi(
             self.ha, self.metrics, TokenAuth(token, self.metrics.auth_rejected), control
         )
@@ -81,6 +88,7 @@ class NodeAgent:
         self._tasks = [
             asyncio.ensure_future(self.monitor.run(self._stop)),
             asyncio.ensure_future(self.ha.run(self._stop)),
+            asyncio.ensure_future(self.restarter.run(self._stop)),
             asyncio.ensure_future(self.events.forward(self._stop)),
             asyncio.ensure_future(self._follow_notifications()),
         ]

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from ha_agent.auth import Handler, TokenAuth
 from ha_agent.config import DYNAMIC_SETTINGS, DynamicConfig
-from ha_agent.dcs.base import DCSError, Role
+from ha_agent.dcs.base import DCSError, EngineState, Role
 from ha_agent.httpjson import error, json_errors, optional_str, read_object
 from ha_agent.node.engine_control import EngineControl, EngineControlError
 from ha_agent.node.ha import Ha, Refusal, Refused
@@ -282,7 +282,9 @@ class AgentApi:
         self._restarting = True
         try:
             self.ha.restart_engine_requested()
-            pid = await self.engine_control.restart()
+            # A hung engine never finishes SGLang's SIGTERM drain: killed instead.
+            hung = self.ha.engine_health.state is EngineState.HUNG
+            pid = await self.engine_control.restart(hung=hung)
         except EngineControlError as exc:
             return error(503, f"could not restart the engine: {exc}")
         finally:

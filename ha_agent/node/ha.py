@@ -134,6 +134,9 @@ class Ha:
         self.renew_latency: float | None = None
         # Called with each successful renewal's latency (the metrics' histogram).
         self.renew_observers: list[Callable[[float], None]] = []
+        # Written by the engine restarter (node/engine_restart.py), shown in status.
+        self.engine_restarts = 0
+        self.engine_restart_note = ""
         engine.on_change(self._engine_changed)
 
     # -- what the API and metrics read -------------------------------------------------
@@ -194,6 +197,8 @@ class Ha:
             last_cycle_age=round(self.clock() - self.last_cycle_at, 2),
             lease_ttl=self.s.lease_ttl,
             loop_wait=self.s.loop_wait,
+            engine_restarts=self.engine_restarts,
+            engine_restart=self.engine_restart_note,
         )
 
     # -- the cycle -----------------------------------------------------------------------

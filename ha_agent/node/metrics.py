@@ -20,6 +20,7 @@ from ha_agent.dcs.base import EngineState, Role
 from ha_agent.node.gpu import GpuCollector, load_nvml
 
 if TYPE_CHECKING:
+    from ha_agent.node.engine_restart import EngineRestarter
     from ha_agent.node.ha import Ha
 
 
@@ -41,6 +42,13 @@ class AgentMetrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=self.registry,
         )
+        self.engine_auto_restarts = Counter(
+            "sglang_ha_engine_auto_restarts",
+            "Automatic restarts of this node's hung engine, by outcome (ok: supervisord"
+            " started a new one; failed: it did not in time).",
+            ["node", "outcome"],
+            registry=self.registry,
+        )
         self.auth_rejected = Counter(
             "sglang_ha_agent_auth_rejected",
             "Admin requests rejected for a missing or wrong token.",
@@ -56,6 +64,12 @@ class AgentMetrics:
         probes = {p: self.probe_latency.labels(ha.name, p) for p in ("metrics", "canary")}
         ha.engine.probe_observers.append(lambda probe, seconds: probes[probe].observe(seconds))
         self.registry.register(gpu or GpuCollector(ha.name, load_nvml()))
+
+    def attach_restarter(self, restarter: EngineRestarter) -> None:
+        outcomes = {
+            o: self.engine_auto_restarts.labels(restarter.ha.name, o) for o in ("ok", "failed")
+        }
+        restarter.observers.append(lambda outcome: outcomes[outcome].inc())
 
 
 class _HaCollector(Collector):

@@ -10,12 +10,13 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 
 from aiohttp import web
 
 from ha_agent.config import SimSettings
-from ha_agent.sim.server import create_app
+from ha_agent.sim.server import SIM_KEY, create_app
 
 log = logging.getLogger("ha_agent.sim")
 
@@ -44,6 +45,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+async def _drain_on_sigterm(app: web.Application) -> None:
+    """SGLang's SIGTERM: keep serving and drain (ha_agent/sim/lifecycle.py), not
+    aiohttp's stop-at-once. Startup hooks run after aiohttp installed its own."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, app[SIM_KEY].termination.sigterm_handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     loop = _new_loop()
     asyncio.set_event_loop(loop)
+    app.on_startup.append(_drain_on_sigterm)
     web.run_app(
         app,
         host=settings.host,

@@ -1,7 +1,8 @@
 """Fault knobs that make the simulator fail the way real engines do (gray failures too).
 
 * ``hang``: running and new generations stop producing tokens; health, model info and
-  metrics still answer (SGLang issues #4191, #6624).
+  metrics still answer (SGLang issues #4191, #6624). Struck with requests running, it
+  ends as SGLang's scheduler watchdog ends it (ha_agent/sim/lifecycle.py).
 * ``slow_factor``: multiplies every latency (prefill, decode).
 * ``error_rate``: that fraction of generation requests answer HTTP 500. Counter based,
   not random: with 0.25 exactly every fourth request fails.

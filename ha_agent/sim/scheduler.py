@@ -175,13 +175,15 @@ class Job:
         return self.detok.output_ids
 
     def meta_info(self) -> dict[str, Any]:
-        """SGLang's meta_info (tokenizer_manager._handle_batch_output)."""
+        """SGLang's meta_info (tokenizer_manager._handle_batch_output); queue_time comes
+        with --enable-metrics (scheduler time stats)."""
         meta: dict[str, Any] = {
             "id": self.rid,
             "finish_reason": self.finish_reason,
             "prompt_tokens": len(self.req.prompt_ids),
             "weight_version": self.weight_version,
-            "total_retractions": self.retractions,
+            "num_retractions": self.retractions,
+            "reasoning_tokens": 0,  # no reasoning parser here
             "completion_tokens": len(self.detok.output_ids),
             "cached_tokens": self.cached_tokens,
             "queue_time": self.queue_time,

@@ -28,6 +28,7 @@ from ha_agent.sim.extra_routes import ExtraRoutes
 from ha_agent.sim.faults import FaultError, Faults, die_of_oom
 from ha_agent.sim.generator import SamplingKey
 from ha_agent.sim.grammar import GrammarError
+from ha_agent.sim.lifecycle import Lifecycle
 from ha_agent.sim.metrics import SimMetrics
 from ha_agent.sim.protocol import (
     BadRequest,
@@ -179,23 +180,34 @@ class SimServer:
         self.engine = Engine(settings, self.tokenizer, self.metrics, self.faults)
         self.builder = RequestBuilder(settings, self.tokenizer)
         self.created = int(time.time())
+        self.termination = Lifecycle(self)
 
     # -- lifecycle ------------------------------------------------------------------
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         engine = self.engine
         engine.ready_at = time.monotonic() + self.settings.startup_delay
-        watcher = asyncio.create_task(engine.watch_disconnects(), name="sim-disconnects")
+        watchers = [
+            asyncio.create_task(engine.watch_disconnects(), name="sim-disconnects"),
+            asyncio.create_task(self.termination.sigterm_watchdog(), name="sim-sigterm"),
+            asyncio.create_task(self.termination.scheduler_watchdog(), name="sim-watchdog"),
+        ]
+        self.termination.note_faults()
         loop = asyncio.get_running_loop()
         oom = loop.call_later(self.settings.startup_delay, die_of_oom) if self.faults.oom else None
         yield
         if oom is not None:
             oom.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for watcher in watchers:
+            watcher.cancel()
+        for watcher in watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     async def on_shutdown(self, app: web.Application) -> None:
-        await self.engine.shutdown(self.settings.drain_timeout)
+        # After SGLang's SIGTERM drain nothing is left to wait for (or, when its last
+        # /health failed, nothing is waited for); drain_timeout is for SIGINT.
+        grace = 0.0 if self.termination.exited else self.settings.drain_timeout
+        await self.engine.shutdown(grace)
 
     # -- health and info ------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -208,7 +220,9 @@ class SimServer:
         The check's own request is not aborted on either outcome: it stays queued.
         """
         e, s = self.engine, self.settings
-        if e.shutting_down or not e.started() or self.faults.fail_health:
+        if e.shutting_down or self.termination.gracefully_exit:
+            return _empty(503)
+        if not e.started() or self.faults.fail_health:
             return _empty(503)
         gen = GenRequest(
             prompt_text=self.tokenizer.decode([0]),
@@ -224,17 +238,15 @@ class SimServer:
         while time.monotonic() < deadline:
             await asyncio.sleep(s.health_check_interval)
             if e.last_output_at > tic:
+                self.termination.health_failed = False  # server_status = ServerStatus.Up
                 return _empty(200)
         log.error(
             "Health check failed. Server couldn't get a response from detokenizer for last "
             "%g seconds.",
             s.health_check_timeout,
         )
+        self.termination.health_failed = True  # server_status = ServerStatus.UnHealthy
         return _empty(503)
-
-    async def ready(self, request: web.Request) -> web.Response:
-        e = self.engine
-        return _empty(200 if e.started() and not e.paused and not e.shutting_down else 503)
 
     async def model_info(self, request: web.Request) -> web.Response:
         name = self.settings.model_name
@@ -370,6 +382,7 @@ class SimServer:
             if self.faults.oom:
                 asyncio.get_running_loop().call_later(_OOM_DELAY, die_of_oom)
             log.warning("sglang-ha-sim fault knobs now %s", self.faults.as_dict())
+        self.termination.note_faults()
         return _json(self.faults.as_dict())
 
     # -- generation -----------------------------------------------------------------
@@ -524,7 +537,8 @@ def create_app(settings: SimSettings | None = None) -> web.Application:
         handler = getattr(extra, name, None) or getattr(server, name)
         for method in endpoint.methods:
             r.add_route(method, endpoint.path, handler)
-    r.add_get("/ready", server.ready)
+    # No GET /ready: it came in SGLang 0.5.23 (http_server.py `ready`); 0.5.19, the
+    # pinned version, answers it 404 like any unknown path.
     for path in ("/server_info", "/get_server_info"):
         r.add_get(path, server.server_info)
     r.add_get("/v1/models/{model:.+}", server.model)

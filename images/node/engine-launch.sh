@@ -26,6 +26,15 @@ case "${ENGINE}" in
     elif [ -n "${HA_ENGINE_API_KEY:-}" ]; then
       set -- "$@" --api-key "${HA_ENGINE_API_KEY}"
     fi
+    # --admin-api-key guards admin routes, /abort_request included: the agent and the
+    # relay present it from the same file (HA_ENGINE_ADMIN_API_KEY_FILE).
+    if [ -n "${HA_ENGINE_ADMIN_API_KEY_FILE:-}" ]; then
+      if [ ! -r "${HA_ENGINE_ADMIN_API_KEY_FILE}" ]; then
+        echo "HA_ENGINE_ADMIN_API_KEY_FILE=${HA_ENGINE_ADMIN_API_KEY_FILE} is not readable by $(id -un)" >&2
+        exit 2
+      fi
+      set -- "$@" --admin-api-key "$(cat "${HA_ENGINE_ADMIN_API_KEY_FILE}")"
+    fi
     # shellcheck disable=SC2086  # SGLANG_EXTRA_ARGS is a list of flags
     exec "${ENGINE_PYTHON:-/usr/bin/python3}" -m sglang.launch_server "$@" ${SGLANG_EXTRA_ARGS:-}
     ;;

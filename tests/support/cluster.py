@@ -97,7 +97,7 @@ class LocalCluster:
     def thaw_engine(self, name: str) -> None:
         self.kill_engine(name, signal.SIGCONT)
 
-    async def start_agent(self, name: str, **overrides: Any) -> None:
+    async def start_agent(self, name: str, supervised: bool = False, **overrides: Any) -> None:
         node = self.nodes[name]
         settings = AgentSettings(
             node_name=name,
@@ -111,7 +111,7 @@ class LocalCluster:
             **self.redis_settings(),
             **{**FAST_AGENT, **overrides},
         )
-        node.agent = NodeAgent(settings, supervised=False)
+        node.agent = NodeAgent(settings, supervised=supervised)
         await node.agent.start()
 
     async def stop_agent(self, name: str, release: bool = True) -> None:

@@ -259,4 +259,7 @@ def relay_over(urls: Sequence[str], retry_deadline: float = 5.0, **settings: Any
         **settings,
     )
     topology = settled_topology(relay_settings)
-    return Relay(relay_settings, topology, Transport(0.5, 30.0), RelayMetrics(), topology.events)
+    transport = Transport(
+        0.5, 30.0, relay_settings.engine_headers(), relay_settings.engine_admin_headers()
+    )
+    return Relay(relay_settings, topology, transport, RelayMetrics(), topology.events)

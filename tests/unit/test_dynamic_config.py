@@ -167,7 +167,7 @@ class FakeControl(EngineControl):
         self.fail = fail
         self.restarts = 0
 
-    async def restart(self, timeout: float = 90.0) -> int:
+    async def restart(self, timeout: float = 90.0, hung: bool = False) -> int:
         if self.fail:
             raise EngineControlError("supervisord: no such socket")
         self.restarts += 1

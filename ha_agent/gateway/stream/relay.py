@@ -230,6 +230,7 @@ class Relay:
         owner = rid_owner(request, self.policy.policy.engine_authorization)
         data = json.dumps({"rid": engine_rid(owner, rid)}).encode()
         headers = forward_headers(request.headers)
+        headers.update(self.transport.admin_headers)
         headers["Content-Type"] = JSON
         for node in self.topology.routing_order():
             try:
@@ -237,6 +238,13 @@ class Relay:
                     node.engine_url + "/abort_request", data=data, headers=headers
                 ) as resp:
                     await resp.read()
+                    if resp.status == 401:
+                        log.error(
+                            "%s refused a client's abort with 401: the engine runs with"
+                            " --admin-api-key, which admin routes require; give the relay"
+                            " HA_ENGINE_ADMIN_API_KEY_FILE",
+                            node.name,
+                        )
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 log.info("abort of a request on %s failed: %s", node.name, exc)
         return web.Response(status=200)

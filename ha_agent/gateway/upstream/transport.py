@@ -116,12 +116,16 @@ class Transport:
         connect_timeout: float,
         first_byte_timeout: float,
         headers: Mapping[str, str] | None = None,
+        admin_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.first_byte_timeout = first_byte_timeout
         # Sent on every upstream request, relayed or warming: the engines' API key
         # (RelaySettings.engine_headers). The one place upstream credentials are set.
         self.headers = dict(headers or {})
+        # On /abort_request: the engines' admin key where they have one
+        # (RelaySettings.engine_admin_headers).
+        self.admin_headers = dict(admin_headers if admin_headers is not None else self.headers)
         self._session: aiohttp.ClientSession | None = None
         # Shared with the streaming segments' own connections (passthrough.py).
         self.resolver = CachingResolver()

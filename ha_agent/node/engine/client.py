@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
 
 
 def _summed(metric: str) -> Any:
@@ -94,10 +97,17 @@ def parse_metrics(text: str, at: float, latency: float) -> EngineSample:
 
 
 class EngineClient:
-    def __init__(self, base_url: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str] | None = None,
+        admin_headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         # The engine's API key (EngineAuthSettings.engine_headers), on every request.
         self.headers = dict(headers or {})
+        # On /abort_request: the admin key where the engine has one.
+        self.admin_headers = dict(admin_headers if admin_headers is not None else self.headers)
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -166,9 +176,18 @@ class EngineClient:
             async with self._http().post(
                 f"{self.base_url}/abort_request",
                 json={"rid": rid},
+                headers=self.admin_headers,
                 timeout=aiohttp.ClientTimeout(total=1.0),
             ) as resp:
                 await resp.read()
+                if resp.status == 401:
+                    # Loud: the probe stays queued on the engine, and they pile up.
+                    log.error(
+                        "engine refused the abort of canary %s with 401: it runs with"
+                        " --admin-api-key, which admin routes require; give the agent"
+                        " HA_ENGINE_ADMIN_API_KEY_FILE",
+                        rid,
+                    )
 
     async def close(self) -> None:
         if self._session is not None:

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     if args.api_key:
         env["SIM_API_KEY"] = args.api_key  # not argv: the simulator's ps line stays clean
+    if args.admin_api_key:
+        env["SIM_ADMIN_API_KEY"] = args.admin_api_key
     name = args.served_model_name or args.model_path
     cmd = [
         SIM,
