@@ -703,6 +703,11 @@ class SimSettings(BaseSettings):
     drain_timeout: float = Field(
         5.0, ge=0, description="On shutdown, running requests may finish this long, s."
     )
+    reasoning_parser: Literal["", "qwen3", "deepseek-r1"] = Field(
+        "",
+        description="As SGLang's --reasoning-parser: chat answers think first and stream"
+        " reasoning_content (empty: off, reasoning_content null).",
+    )
     faults: dict[str, object] = Field(
         default_factory=dict,
         description="Fault knobs active from startup, JSON (SIM_FAULTS='{\"hang\": true}').",

@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ha_agent.config import SimSettings
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR
-from ha_agent.sim.chat_template import render_chat
+from ha_agent.sim.chat_template import final_assistant, render_chat
 from ha_agent.sim.generator import SamplingKey, StopRules
 from ha_agent.sim.grammar import GrammarError, compile_constraint, constraint_from_response_format
+from ha_agent.sim.reasoning import TEMPLATE_THINK, ReasoningSpec, thinking_requested
 from ha_agent.sim.scheduler import GenRequest
 from ha_agent.sim.tokenizer import SimTokenizer
 
@@ -164,6 +165,8 @@ class ChatBody(_OpenAICommon):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     continue_final_message: bool = False
+    separate_reasoning: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -180,6 +183,7 @@ class OpenAICall:
     include_usage: bool
     continuous_usage: bool
     echo_text: str = ""
+    reasoning: ReasoningSpec | None = None  # chat with --reasoning-parser
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -401,8 +405,22 @@ class RequestBuilder:
             # the answer; the simulator does neither, so it says so.
             raise BadRequest("tools are not supported by the simulator")
         messages = [m.model_dump() for m in req.messages]
+        spec = None
+        parser = self.settings.reasoning_parser
+        if parser:
+            spec = ReasoningSpec(
+                parser=parser,
+                thinking=thinking_requested(parser, req.chat_template_kwargs or {}),
+                separate=req.separate_reasoning,
+                previous=final_assistant(messages, req.continue_final_message),
+            )
+        think = spec.think_mode() if spec is not None else None
         try:
-            prompt_text = render_chat(messages, req.continue_final_message)
+            prompt_text = render_chat(
+                messages,
+                req.continue_final_message,
+                TEMPLATE_THINK[parser] if think is not None else "",
+            )
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         try:
@@ -413,7 +431,10 @@ class RequestBuilder:
         gen = self._openai_gen(
             req, prompt_text, self.tok.encode(prompt_text), max_tokens, json_schema
         )
-        return self._call(req, gen)
+        gen.think = think
+        call = self._call(req, gen)
+        call.reasoning = spec
+        return call
 
     def _openai_gen(
         self,

@@ -29,6 +29,7 @@ from ha_agent.sim.generator import Detokenizer, FixedStream, SamplingKey, StopRu
 from ha_agent.sim.grammar import Constraint, generate_constrained
 from ha_agent.sim.metrics import SchedulerStats, SimMetrics
 from ha_agent.sim.prefix_cache import PrefixCache
+from ha_agent.sim.reasoning import ThinkMode
 from ha_agent.sim.tokenizer import SimTokenizer
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class GenRequest:
     min_new_tokens: int = 0
     constraint: Constraint | None = None
     rid: str | None = None
+    think: ThinkMode | None = None  # a thinking model's start (sim/reasoning.py)
     stream: bool = False  # the metrics' is_streaming label
     log_metrics: bool = True  # False for health checks (GenerateReqInput.log_metrics)
 
@@ -138,7 +140,7 @@ class Job:
             text = generate_constrained(req.constraint, material, budget)
             self.stream = FixedStream(tokenizer.encode(text))
         else:
-            self.stream = TokenStream(tokenizer, req.sampling, req.prompt_text, eos_rate)
+            self.stream = TokenStream(tokenizer, req.sampling, req.prompt_text, eos_rate, req.think)
         self.created = time.time()
         self.created_mono = time.monotonic()
         self.state = "new"  # new -> waiting -> running -> finished
