@@ -525,6 +525,11 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     max_sequence_length: int = Field(
         131072, gt=0, description="No migration past this many prompt+generated tokens."
     )
+    reasoning_parser: Literal["", "qwen3", "deepseek-r1"] = Field(
+        "",
+        description="The engines' --reasoning-parser: chat streams that carried"
+        " reasoning_content migrate (empty: such streams end with a retryable error).",
+    )
     cors_allow_origins: str = Field(
         "*",
         description="CORS origins, comma separated; * as SGLang (always on there); empty: off.",

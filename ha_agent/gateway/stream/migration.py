@@ -12,7 +12,8 @@ strategy per endpoint (`_Generate`, `_Completions`, `_Chat`) says how:
 - `/v1/completions`: prompt + text so far; chunks keep the original `id`.
 - `/v1/chat/completions`: the partial answer becomes a final assistant message
   continued with SGLang's `continue_final_message`; the repeated role chunk is
-  dropped; chunks keep the original `id`.
+  dropped; chunks keep the original `id`. A reasoning stream (`--reasoning-parser`)
+  continues from the model's own text, rebuilt from the deltas (see `ReasoningFormat`).
 
 Token counts come from the engine, never from counting chunks: SGLang skips chat
 chunks whose text delta is empty (`srt/entrypoints/openai/serving_chat.py`) and,
@@ -39,9 +40,14 @@ relay migrates it like a break. An abort without a status code (the client's own
 `/abort_request`) and a 400 are the request's end and pass through.
 
 Refused (the stream ends with an explicit retryable error event instead):
-grammar-constrained output (json_schema, regex, ebnf, response_format, tools) —
-an engine restarted on prompt + partial output would start a fresh document —
-and requests migration cannot express exactly (n > 1, batches, echo).
+grammar-constrained output (json_schema, regex, ebnf, response_format) — an engine
+restarted on prompt + partial output would start a fresh document —, a chat stream
+that has sent a `tool_calls` delta (the tool-call parser consumed the model's text and
+sent a parsed form of it; `continue_final_message` continues only the `content` string,
+`serving_chat.py` `_handle_last_assistant_message`, so the call cannot be handed back),
+reasoning when the relay does not know the engines' reasoning parser, and requests
+migration cannot express exactly (n > 1, batches, echo). A request with `tools` whose
+answer so far is text or reasoning migrates like any other.
 
 The first segment is never parsed while it flows: its raw events are kept and read
 only if the stream breaks; the only work per event is a byte search for an abort
@@ -101,7 +107,10 @@ class Progress:
     response_id: str | None = None
     created: int | None = None
     model: str | None = None
-    tool_or_reasoning: bool = False
+    tool_calls: bool = False  # chat: a tool_calls delta was sent
+    reasoning: str = ""  # chat: the reasoning_content sent so far
+    reasoning_over: bool = False  # chat: content came after the reasoning
+    reasoning_tokens: int = 0  # as the engine counts them (up to and with </think>)
     meta: dict[str, Any] = field(default_factory=dict)  # /generate: the latest meta_info
     arrays: dict[str, list[Any]] = field(default_factory=dict)  # /generate output logprobs
 
@@ -120,12 +129,55 @@ def _as_int(value: Any) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """How an engine's `--reasoning-parser` turns the model's text into deltas, so the
+    text can be rebuilt for `continue_final_message` (python/sglang/srt/, 0.5.19).
+
+    `parser/reasoning_parser.py`: both detectors split on `<think>` / `</think>`, strip
+    the opening tag once and pass everything else through unchanged, so the model's text
+    is `start + reasoning + "</think>" + content`. `start` is what the model writes
+    itself: Qwen3's template ends the prompt at the assistant turn and the model writes
+    `<think>`; DeepSeek-R1's template writes `<think>\n` into the prompt. The continued
+    message is the detector's `previous_content` (`ReasoningParser.__init__`): `<think>`
+    in it starts the continuation inside the reasoning, `</think>` after it, so the
+    continuation's deltas go on where the client's stopped. `toggle` is the
+    `chat_template_kwargs` key that turns thinking off (`serving_chat.py`
+    `_get_reasoning_from_request`), None when it is always on.
+    """
+
+    start: str
+    toggle: str | None
+
+    def thinking(self, body: dict[str, Any]) -> bool:
+        kwargs = body.get("chat_template_kwargs")
+        if self.toggle is None or not isinstance(kwargs, dict):
+            return True
+        return kwargs.get(self.toggle) is not False
+
+    def text(self, body: dict[str, Any], p: Progress) -> str:
+        """The model's text so far, as the engine generated it."""
+        if not self.thinking(body):
+            return p.text
+        if p.reasoning_over or p.text:
+            return self.start + p.reasoning + "</think>" + p.text
+        return self.start + p.reasoning
+
+
+REASONING_FORMATS = {
+    "qwen3": ReasoningFormat(start="<think>", toggle="enable_thinking"),
+    "deepseek-r1": ReasoningFormat(start="", toggle=None),
+}
+
+
 class Migration:
     """Continuation logic for one streaming request."""
 
-    def __init__(self, kind: str, body: dict[str, Any]) -> None:
+    def __init__(self, kind: str, body: dict[str, Any], reasoning_parser: str = "") -> None:
         self.kind = kind
         self.body = body
+        # The engines' --reasoning-parser, as far as the relay knows it.
+        self.reasoning = REASONING_FORMATS.get(reasoning_parser)
         self.api: _Kind = _KINDS[kind]
         self.progress = Progress()
         self._base = Progress()  # progress at the start of the current segment
@@ -164,6 +216,11 @@ class Migration:
 
     def refusal(self) -> str | None:
         """Why this request cannot be migrated, or None."""
+        if self.progress.reasoning:
+            if self.reasoning is None:
+                return "reasoning deltas: the engines' reasoning parser is not configured"
+            if self.body.get("continue_final_message"):
+                return "reasoning after the client's own continue_final_message"
         return self.api.refusal(self.body, self.progress)
 
     @property
@@ -239,10 +296,19 @@ class Migration:
             if done is not None:
                 self._seg_usage = done
             self.note_prompt(usage.get("prompt_tokens"))
+            self._count_reasoning(_as_int(usage.get("reasoning_tokens")))
         if chunk_has_text:
             self._seg_chunks += 1
         seg = self._seg_usage if self._seg_usage is not None else self._seg_chunks
         self.progress.tokens = self._base.tokens + seg
+
+    def _count_reasoning(self, seg: int | None) -> None:
+        """SGLang counts reasoning tokens per request until it generates `</think>`
+        (schedule_batch.py `Req.update_reasoning_tokens`): a continuation that starts
+        after it counts every token, so once the reasoning ended the count stays."""
+        base = self._base
+        if seg is not None and not base.reasoning_over:
+            self.progress.reasoning_tokens = base.reasoning_tokens + seg
 
     def note_prompt(self, prompt_tokens: Any) -> None:
         """The original prompt's size: the first segment's, or a resent request's when
@@ -324,6 +390,8 @@ class Migration:
             usage["total_tokens"] = (_as_int(usage.get("prompt_tokens")) or 0) + (
                 _as_int(usage.get("completion_tokens")) or 0
             )
+        if "reasoning_tokens" in usage:
+            usage["reasoning_tokens"] = self.progress.reasoning_tokens
 
     def closing_events(self) -> bytes:
         """What ends the client's stream when nothing was left to generate (the break
@@ -423,7 +491,7 @@ class _Kind:
             "total_tokens": prompt + p.tokens,
             "completion_tokens": p.tokens,
             "prompt_tokens_details": None,
-            "reasoning_tokens": 0,
+            "reasoning_tokens": p.reasoning_tokens,
         }
 
     def closing(self, mig: Migration) -> bytes:
@@ -480,10 +548,8 @@ class _Chat(_Kind):
     usage_off = b""
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        if body.get("tools") and body.get("tool_choice") != "none":
-            return "tool calls cannot be resumed"
-        if progress.tool_or_reasoning:
-            return "tool-call or reasoning deltas cannot be resumed"
+        if progress.tool_calls:
+            return "a tool call in flight cannot be resumed"
         return super().refusal(body, progress)
 
     def budget(self, body: dict[str, Any]) -> int | None:
@@ -493,11 +559,17 @@ class _Chat(_Kind):
 
     def piece(self, p: Progress, choice: dict[str, Any]) -> str:
         delta = choice.get("delta") or {}
-        if delta.get("tool_calls") or delta.get("reasoning_content"):
-            p.tool_or_reasoning = True
+        if delta.get("tool_calls"):
+            p.tool_calls = True
+        thought = delta.get("reasoning_content")
+        if thought:
+            p.reasoning += str(thought)
         if delta.get("role"):
             p.role_sent = True
-        return str(delta.get("content") or "")
+        text = str(delta.get("content") or "")
+        if text and p.reasoning:
+            p.reasoning_over = True
+        return text
 
     def continuation(
         self, mig: Migration, body: dict[str, Any], left: int | None
@@ -508,6 +580,8 @@ class _Chat(_Kind):
             )
         self.set_budget(body, left, mig.progress.tokens)
         text = mig.progress.text
+        if mig.reasoning is not None:
+            text = mig.reasoning.text(mig.body, mig.progress)
         messages = list(body.get("messages") or [])
         last = messages[-1] if messages else None
         if (

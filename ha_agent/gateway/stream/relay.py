@@ -331,7 +331,7 @@ class Relay:
         body: bytes,
         started: float,
     ) -> web.StreamResponse:
-        migration = Migration(kind, payload)
+        migration = Migration(kind, payload, self.s.reasoning_parser)
         state = _StreamState(request, kind, migration, started, self.metrics)
         if self.warmer is not None:
             warmer = self.warmer
