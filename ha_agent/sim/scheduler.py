@@ -42,16 +42,6 @@ class DuplicateRequestId(ValueError):
     pass
 
 
-# Messages of SGLang's own engine-side aborts (scheduler.py, schedule_batch.py).
-ENGINE_ABORT_MESSAGES = {
-    503: "Request running timeout reached.",
-    500: (
-        "Out of memory even after retracting all other requests in the decode batch. "
-        "Aborting the last request."
-    ),
-}
-
-
 class _HttpRequest(Protocol):  # the part of aiohttp's web.Request we use
     @property
     def transport(self) -> asyncio.BaseTransport | None: ...
@@ -499,8 +489,8 @@ class Engine:
         n = self.faults.abort_after_tokens
         if n <= 0 or len(job.output_ids) < n:
             return None
-        status = int(self.faults.abort_status)
-        return abort_reason(ENGINE_ABORT_MESSAGES[status], status)
+        status, message = self.faults.engine_abort()
+        return abort_reason(message, status)
 
     def _finish(self, job: Job, reason: dict[str, Any]) -> None:
         if job.finished:

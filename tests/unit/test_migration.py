@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from ha_agent.gateway.stream import sse
 from ha_agent.gateway.stream.migration import Migration
 from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
@@ -283,9 +285,12 @@ def test_break_after_the_last_token_ends_the_stream_well_formed() -> None:
 # -- engine aborts ------------------------------------------------------------------------
 
 
-def sglang_error(code: int, name: str) -> bytes:
+NODE_ABORT = "Retraction host KV pool exhausted. Aborting the request."  # retract_decode
+
+
+def sglang_error(code: int, name: str, message: str = NODE_ABORT) -> bytes:
     # create_streaming_error_response (serving_base.py) uses json.dumps' default spacing.
-    error = {"object": "error", "message": "Request running timeout reached.", "type": name}
+    error = {"object": "error", "message": message, "type": name}
     return (
         b"data: " + json.dumps({"error": {**error, "param": None, "code": code}}).encode() + b"\n\n"
     )
@@ -295,10 +300,13 @@ def test_engine_abort_on_an_openai_stream_is_a_break() -> None:
     mig = Migration(CHAT, chat_body(stream_options={"include_usage": True}))
     before = chat_chunk({"content": "a"}, use=usage(3, 1))
     raw = (
-        before + sglang_error(503, "SERVICE_UNAVAILABLE") + chat_usage_chunk(usage(3, 1)) + sse.DONE
+        before
+        + sglang_error(500, "INTERNAL_SERVER_ERROR")
+        + chat_usage_chunk(usage(3, 1))
+        + sse.DONE
     )
     kept, client, abort = mig.screen(raw)
-    assert abort is not None and "503" in abort
+    assert abort is not None and "500" in abort
     assert kept == before, "nothing from the abort on reaches the client"
     assert client == chat_chunk({"content": "a"})
 
@@ -307,6 +315,38 @@ def test_a_400_error_event_is_the_requests_answer_and_passes_through() -> None:
     mig = Migration(COMPLETIONS, {"prompt": "p", "stream": True})
     raw = sglang_error(400, "BadRequestError") + sse.DONE
     assert mig.screen(raw) == (raw, raw, None)
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (503, "Request running timeout reached."),
+        (
+            500,
+            "Out of memory even after retracting all other requests in the decode batch. "
+            "Aborting the last request.",
+        ),
+    ],
+)
+def test_aborts_the_request_causes_pass_through_and_are_not_migrated(
+    code: int, message: str
+) -> None:
+    """scheduler.py `_abort_on_running_timeout` and schedule_batch.py `retract_decode`:
+    the request's own length or size; another node would end it the same way."""
+    mig = Migration(CHAT, chat_body())
+    raw = (
+        chat_chunk({"content": "a"}, use=usage(3, 1)) + sglang_error(code, "E", message) + sse.DONE
+    )
+    assert mig.screen(raw)[2] is None
+    gen = Migration(GENERATE, {"input_ids": [1, 2, 3], "stream": True})
+    finish = {"type": "abort", "message": message, "status_code": code, "err_type": None}
+    raw = gen_event("ab", [7, 8]) + gen_event("abc", [7, 8, 9], finish=finish) + sse.DONE
+    assert gen.screen(raw)[2] is None
+    migrate_after = Migration(CHAT, chat_body())
+    first_segment(migrate_after, chat_chunk({"content": "a"}, use=usage(3, 1)))
+    migrate(migrate_after)
+    out, abort = migrate_after.rewrite(sglang_error(code, "E", message))
+    assert abort is None and events(out)[0]["error"]["message"] == message
 
 
 def gen_event(

@@ -111,7 +111,9 @@ async def pair_factory(sim_client_factory: SimClientFactory) -> AsyncIterator[An
 
 async def abort_after(sim: TestClient, tokens: int) -> None:
     r = await sim.post(
-        "/sim/faults", json={"abort_after_tokens": tokens, "abort_status": 503}, headers=SIM_AUTH
+        "/sim/faults",
+        json={"abort_after_tokens": tokens, "abort_cause": "retract_host_pool"},
+        headers=SIM_AUTH,
     )
     assert r.status == 200
 

@@ -37,7 +37,8 @@ An engine-side abort (`finish_reason` of type `abort` with status 500/503,
 `srt/managers/tokenizer_manager.py`; on the OpenAI endpoints an in-band error event
 with that code, `serving_chat.py`, `serving_completions.py`) is a node fault: the
 relay migrates it like a break. An abort without a status code (the client's own
-`/abort_request`) and a 400 are the request's end and pass through.
+`/abort_request`), a 400, and the two aborts the request causes itself (see
+`REQUEST_CAUSED_ABORTS`) are the request's end and pass through.
 
 Refused (the stream ends with an explicit retryable error event instead):
 grammar-constrained output (json_schema, regex, ebnf, response_format) — an engine
@@ -71,6 +72,26 @@ _CONSTRAINED_KEYS = BY_PATH["/generate"].constraint_keys
 # An abort with one of these statuses is the engine's fault (tokenizer_manager.py,
 # `_handle_abort_finish_reason`); 400 is the request's, None the client's own abort.
 ENGINE_FAULT_STATUS = frozenset({500, 503})
+# Engine-side aborts with a 500/503 that the request causes, not the node: another
+# node would end it the same way, so they are neither migrated nor retried.
+# "Request running timeout reached." (503): SGLANG_REQ_RUNNING_TIMEOUT ran out for this
+# request (scheduler.py `_abort_on_running_timeout`); "Out of memory even after
+# retracting all other requests" (500): this request alone does not fit the KV pool
+# (schedule_batch.py `retract_decode`).
+REQUEST_CAUSED_ABORTS = (
+    "Request running timeout reached.",
+    "Out of memory even after retracting all other requests",
+)
+_REQUEST_CAUSED_BYTES = tuple(m.encode() for m in REQUEST_CAUSED_ABORTS)
+
+
+def request_caused(message: Any) -> bool:
+    """Is this engine abort's message one the request causes itself?"""
+    if isinstance(message, bytes):
+        return any(m in message for m in _REQUEST_CAUSED_BYTES)
+    return any(m in str(message) for m in REQUEST_CAUSED_ABORTS)
+
+
 # SamplingParams.max_new_tokens when the key is absent (srt/sampling/sampling_params.py);
 # CompletionRequest.max_tokens (srt/entrypoints/openai/protocol.py).
 GENERATE_DEFAULT_BUDGET = 128
@@ -421,7 +442,11 @@ class _Kind:
         """The engine ended the stream on its own fault (serving_chat.py and
         serving_completions.py turn a 500/503 abort into an error event)."""
         error = event.get("error")
-        if isinstance(error, dict) and _as_int(error.get("code")) in ENGINE_FAULT_STATUS:
+        if (
+            isinstance(error, dict)
+            and _as_int(error.get("code")) in ENGINE_FAULT_STATUS
+            and not request_caused(error.get("message"))
+        ):
             return f"engine abort {error.get('code')}: {str(error.get('message'))[:200]}"
         return None
 
@@ -654,6 +679,7 @@ class _Generate(_Kind):
             isinstance(finish, dict)
             and finish.get("type") == "abort"
             and _as_int(finish.get("status_code")) in ENGINE_FAULT_STATUS
+            and not request_caused(finish.get("message"))
         ):
             return f"engine abort {finish.get('status_code')}: {str(finish.get('message'))[:200]}"
         return None

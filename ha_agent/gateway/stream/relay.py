@@ -40,7 +40,7 @@ from ha_agent.gateway.admission.prompt_scan import PromptTooLong
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.stream import splice, sse
-from ha_agent.gateway.stream.migration import Migration
+from ha_agent.gateway.stream.migration import Migration, request_caused
 from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import (
     RETRYABLE_STATUS,
@@ -315,7 +315,9 @@ class Relay:
                 headers=forward_headers(request.headers),
             ) as resp:
                 data = await resp.read()
-                if resp.status in RETRYABLE_STATUS:
+                # A 500/503 the request caused itself (an engine abort, migration.py)
+                # is its answer: another node would end it the same way.
+                if resp.status in RETRYABLE_STATUS and not request_caused(data):
                     raise _Retryable(resp.status, resp.headers, data)
                 return resp.status, resp.headers, data
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
