@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ha_agent.gateway.stream import sse
-from ha_agent.gateway.stream.migration import Migration
+from ha_agent.gateway.stream.migration import ContinuationRefused, Migration
 from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 
 RID = "chatcmpl-1"
@@ -345,8 +345,10 @@ def test_aborts_the_request_causes_pass_through_and_are_not_migrated(
     migrate_after = Migration(CHAT, chat_body())
     first_segment(migrate_after, chat_chunk({"content": "a"}, use=usage(3, 1)))
     migrate(migrate_after)
-    out, abort = migrate_after.rewrite(sglang_error(code, "E", message))
-    assert abort is None and events(out)[0]["error"]["message"] == message
+    out, abort = migrate_after.rewrite(
+        chat_chunk({"content": "b"}, use=usage(5, 1), rid="c") + sglang_error(code, "E", message)
+    )
+    assert abort is None and events(out)[1]["error"]["message"] == message
 
 
 def gen_event(
@@ -375,6 +377,17 @@ def test_generate_engine_abort_migrates_but_a_client_abort_ends_the_stream() -> 
     client_abort = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
     raw = running + gen_event("abc", [7, 8, 9], finish=client_abort) + sse.DONE
     assert mig.screen(raw)[2] is None
+
+
+def test_an_error_before_any_output_of_a_continuation_is_a_refusal() -> None:
+    """SGLang's /generate stream refuses an invalid request in-band (http_server.py
+    generate_request): HTTP 200, then `{"error": {..., "code": 400}}`, then [DONE]."""
+    mig = Migration(GENERATE, {"input_ids": [1, 2, 3], "stream": True})
+    first_segment(mig, gen_event("ab", [7, 8]))
+    migrate(mig)
+    error = {"message": "too long", "type": "invalid_request_error", "code": 400}
+    with pytest.raises(ContinuationRefused, match="too long"):
+        mig.rewrite(data({"error": {**error, "retryable": False}}) + sse.DONE)
 
 
 def test_engine_abort_in_a_continuation_ends_that_segment() -> None:

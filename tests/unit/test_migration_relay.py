@@ -360,3 +360,32 @@ async def test_a_break_after_any_event_leaves_the_client_the_whole_answer_and_us
     assert bool(runs) == running_usage
     if running_usage:
         assert runs == sorted(runs) and runs[-1] == WORDS
+
+
+def _refuses_in_band(body: dict[str, Any]) -> list[bytes]:
+    """SGLang's /generate stream answering an invalid request (http_server.py
+    generate_request): HTTP 200, an `error` event with code 400, [DONE]."""
+    error = {
+        "message": "The input (9000 tokens) is longer than the model's context length.",
+        "type": "invalid_request_error",
+        "code": 400,
+        "retryable": False,
+    }
+    return [data({"error": error}), b"data: [DONE]\n\n"]
+
+
+async def test_a_continuation_refused_in_band_is_a_refusal_not_a_migration(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    primary = Engine([(generate_segment([1, 2, 3, 4], breaks=True), True)])
+    standby = Engine([(_refuses_in_band, False)] * 8)
+    rig = await rig_factory(primary, standby)
+    body = {"input_ids": [40, 41], "stream": True, "sampling_params": {"max_new_tokens": 10}}
+    events = await stream(rig.url + "/generate", body)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    error = events[-2]["error"]
+    assert "retry the request" in error["message"], "the relay's own retryable end"
+    assert "refused in-band" in error["message"] and "context length" in error["message"]
+    assert not [e for e in events[:-2] if "error" in e], "SGLang's 400 is not passed on"
+    assert events[-3]["output_ids"] == [1, 2, 3, 4]
+    assert standby.bodies[0]["input_ids"] == [40, 41, 1, 2, 3, 4]

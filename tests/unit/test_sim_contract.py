@@ -556,3 +556,26 @@ async def test_unsupported_features_are_refused_not_ignored(
     resp = await client.post(path, json=body)
     assert resp.status == 400
     assert "not supported by the simulator" in await resp.text()
+
+
+async def test_generate_stream_refuses_in_band_with_http_200(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/http_server.py (generate_request, stream: the
+    tokenizer manager's ValueError becomes `data: {"error": {..., "code": 400,
+    "retryable": false}}` after the 200 headers, then [DONE]); without stream, a 400."""
+    client = await sim_client_factory(context_length=64)
+    too_long = {"text": "x", "stream": True, "sampling_params": {"max_new_tokens": 100}}
+    resp = await client.post("/generate", json=too_long)
+    payloads = await sim_read_sse(resp)
+    assert payloads[-1] == "[DONE]" and len(payloads) == 2
+    error = json.loads(payloads[0])["error"]
+    assert error["code"] == 400 and error["retryable"] is False
+    assert error["type"] == "invalid_request_error" and "context length" in error["message"]
+    plain = await client.post("/generate", json={**too_long, "stream": False})
+    assert plain.status == 400
+    rid = {"text": "y", "stream": True, "rid": "dup", "sampling_params": {"max_new_tokens": 40}}
+    first = await client.post("/generate", json=rid)
+    second = await sim_read_sse(await client.post("/generate", json=rid))
+    assert json.loads(second[0])["error"]["code"] == 400
+    await sim_read_sse(first)

@@ -114,6 +114,12 @@ _FINAL_USAGE = b'"choices":[]'
 _USAGE_LAST = re.compile(rb"\{(?:[^{}]|\{[^{}]*\})*\}\}")
 
 
+class ContinuationRefused(Exception):
+    """The engine refused a continuation in-band, before any output of it (SGLang's
+    `/generate` stream answers an invalid request with HTTP 200 and an `error` event,
+    `http_server.py` `generate_request`): a refusal, not a migrated stream."""
+
+
 @dataclass
 class Progress:
     """What the client has been sent so far, over all segments."""
@@ -138,6 +144,12 @@ class Progress:
     @property
     def empty(self) -> bool:
         return self.tokens == 0 and not self.text and not self.output_ids
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return f"continuation refused in-band ({error.get('code')}): {error.get('message')}"[:300]
+    return f"continuation refused in-band: {error}"[:300]
 
 
 def _as_int(value: Any) -> int | None:
@@ -206,6 +218,7 @@ class Migration:
         self._cumulative = True  # /generate without --incremental-streaming-output
         self._seg_usage: int | None = None  # the engine's count in this segment
         self._seg_chunks = 0  # content chunks in this segment (engines without usage)
+        self._seg_events = 0  # events a continuation segment has sent the client
         opts = body.get("stream_options")
         self._opts_ok = self.api.openai and (opts is None or isinstance(opts, dict))
         opts = opts if isinstance(opts, dict) else {}
@@ -361,7 +374,7 @@ class Migration:
     def start_segment(self) -> None:
         self.segments += 1
         self._base = copy.deepcopy(self.progress)
-        self._seg_usage, self._seg_chunks = None, 0
+        self._seg_usage, self._seg_chunks, self._seg_events = None, 0, 0
 
     # -- splicing a continuation onto the client's stream --------------------------------
 
@@ -384,11 +397,14 @@ class Migration:
             if reason is not None:
                 return bytes(out), reason
             if "error" in event:
+                if self._seg_events == 0 and not out:
+                    raise ContinuationRefused(_error_text(event["error"]))
                 out += sse.encode(event)
                 continue
             spliced = self.api.splice(self, event)
             if spliced is not None:
                 out += sse.encode(spliced)
+                self._seg_events += 1
         return bytes(out), None
 
     @property

@@ -40,7 +40,7 @@ from ha_agent.gateway.admission.prompt_scan import PromptTooLong
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.stream import splice, sse
-from ha_agent.gateway.stream.migration import Migration, request_caused
+from ha_agent.gateway.stream.migration import ContinuationRefused, Migration, request_caused
 from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import (
     RETRYABLE_STATUS,
@@ -371,6 +371,13 @@ class Relay:
                     return await self._give_up(state, why_stop)
                 if not state.started:
                     continue  # nothing sent yet: a plain retry
+                if failure.kind is FailureKind.CONTINUATION_REFUSED:
+                    # The engine judged the continuation itself (too long, ...): another
+                    # node would refuse it too. The client's stream ends, retryable.
+                    self.events.emit(
+                        ev.STREAM_MIGRATED, f"refused by {node.name}: {failure.reason}"
+                    )
+                    return await self._give_up(state, failure.reason)
                 if state.migrations and state.writes == segment_writes:
                     continue  # the continuation never got going: send it elsewhere as is
                 # Bytes already reached the client: continue the stream elsewhere.
@@ -488,7 +495,10 @@ class Relay:
             else:
                 out, pending = chunk[:cut], chunk[cut:]
             if rewrite:
-                out, abort = mig.rewrite(out)
+                try:
+                    out, abort = mig.rewrite(out)
+                except ContinuationRefused as refused:
+                    raise UpstreamFailure(str(refused), FailureKind.CONTINUATION_REFUSED) from None
             else:
                 raw, out, abort = mig.screen(out)
                 state.keep_raw(raw)
