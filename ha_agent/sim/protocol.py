@@ -95,6 +95,7 @@ class GenerateBody(_Model):
     rid: str | list[str] | None = None
     stream: bool = False
     return_logprob: bool | list[bool] | None = False
+    return_prompt_token_ids: bool = False
 
 
 class StreamOptions(_Model):
@@ -133,6 +134,7 @@ class CompletionBody(_OpenAICommon):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    return_token_ids: bool = False
     json_schema: str | None = None
 
     @field_validator("max_tokens")
@@ -173,6 +175,7 @@ class ChatBody(_OpenAICommon):
 class GenerateCall:
     gen: GenRequest
     stream: bool
+    return_prompt_token_ids: bool = False
 
 
 @dataclass
@@ -184,6 +187,7 @@ class OpenAICall:
     continuous_usage: bool
     echo_text: str = ""
     reasoning: ReasoningSpec | None = None  # chat with --reasoning-parser
+    return_token_ids: bool = False  # completions
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -361,7 +365,9 @@ class RequestBuilder:
             prompt_text, prompt_ids = self._prompt_from_ids(list(req.input_ids or []))  # type: ignore[arg-type]
         gen = self._build(sp, prompt_text, prompt_ids, req.rid)
         gen.stream = req.stream
-        return GenerateCall(gen=gen, stream=req.stream)
+        return GenerateCall(
+            gen=gen, stream=req.stream, return_prompt_token_ids=req.return_prompt_token_ids
+        )
 
     # -- POST /v1/completions -------------------------------------------------------
     def completion(self, body: Any) -> OpenAICall:
@@ -390,7 +396,9 @@ class RequestBuilder:
         if from_format is not None:
             json_schema = from_format
         gen = self._openai_gen(req, prompt_text, prompt_ids, req.max_tokens, json_schema)
-        return self._call(req, gen, echo_text=prompt_text if req.echo else "")
+        call = self._call(req, gen, echo_text=prompt_text if req.echo else "")
+        call.return_token_ids = req.return_token_ids
+        return call
 
     # -- POST /v1/chat/completions --------------------------------------------------
     def chat(self, body: Any) -> OpenAICall:

@@ -44,12 +44,15 @@ def native_error(message: str) -> dict[str, Any]:
     return {"error": {"message": message}}
 
 
-def generate_payload(job: Job) -> dict[str, Any]:
-    return {
+def generate_payload(job: Job, prompt_token_ids: bool = False) -> dict[str, Any]:
+    out = {
         "text": job.detok.visible_text(),
         "output_ids": list(job.output_ids),
         "meta_info": job.meta_info(),
     }
+    if prompt_token_ids:  # return_prompt_token_ids: tokenizer_manager.py, every output
+        out["prompt_token_ids"] = list(job.req.prompt_ids)
+    return out
 
 
 def engine_abort(job: Job) -> tuple[int, str] | None:
@@ -135,6 +138,7 @@ class CompletionFormatter:
         self.created = int(time.time())
         self._offset = 0
         self._first = True
+        self._ids_sent = 0  # return_token_ids: output ids already in a chunk
 
     def _head(self) -> dict[str, Any]:
         return {
@@ -154,17 +158,24 @@ class CompletionFormatter:
         if aborted is not None:  # an error chunk instead of the last output
             return [streaming_error(*aborted)]
         delta = self._delta()
-        if self._first:
+        first, self._first = self._first, False
+        if first:
             delta = self.call.echo_text + delta
-            self._first = False
         reason, matched = _finish(self.job)
-        choice = {
+        choice: dict[str, Any] = {
             "index": 0,
             "text": delta,
             "logprobs": None,
             "finish_reason": reason,
             "matched_stop": matched,
         }
+        if self.call.return_token_ids:
+            # serving_completions.py: the ids new since the last chunk, and the prompt's
+            # on the first (CompletionResponseStreamChoice drops them when None).
+            ids = self.job.output_ids
+            choice["token_ids"], self._ids_sent = list(ids[self._ids_sent :]), len(ids)
+            if first:
+                choice["prompt_token_ids"] = list(self.job.req.prompt_ids)
         chunk = {**self._head(), "choices": [choice], "usage": self._running_usage()}
         return [sse(chunk)]
 
@@ -181,13 +192,16 @@ class CompletionFormatter:
 
     def response(self) -> dict[str, Any]:
         reason, matched = _finish(self.job)
-        choice = {
+        choice: dict[str, Any] = {
             "index": 0,
             "text": self.call.echo_text + self.job.detok.visible_text(),
             "logprobs": None,
             "finish_reason": reason,
             "matched_stop": matched,
         }
+        if self.call.return_token_ids:
+            choice["token_ids"] = list(self.job.output_ids)
+            choice["prompt_token_ids"] = list(self.job.req.prompt_ids)
         return {
             **self._head(),
             "choices": [choice],

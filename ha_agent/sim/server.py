@@ -388,12 +388,12 @@ class SimServer:
                 return await _in_band_error(request, _error_message(job))
             return job
         if not call.stream:
-            return await _whole(job, lambda: generate_payload(job))
+            return await _whole(job, lambda: generate_payload(job, call.return_prompt_token_ids))
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)  # /generate sends headers before the first token
         with _client_watch(job):
             async for _ in job.updates():
-                await resp.write(sse(generate_payload(job)))
+                await resp.write(sse(generate_payload(job, call.return_prompt_token_ids)))
             await resp.write(DONE)
             await resp.write_eof()
         return resp

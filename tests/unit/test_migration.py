@@ -199,11 +199,12 @@ def test_budget_holds_over_two_migrations() -> None:
 
 def test_client_asking_for_running_usage_gets_it_spliced() -> None:
     opts = {"include_usage": False, "continuous_usage_stats": True}
-    mig = Migration(
-        COMPLETIONS, {"prompt": "p", "max_tokens": 9, "stream": True, "stream_options": opts}
-    )
+    body = {"prompt": "p", "max_tokens": 9, "stream": True, "stream_options": opts}
+    mig = Migration(COMPLETIONS, {**body, "return_token_ids": True})
     raw = completion_chunk("a", use=usage(4, 2))
     assert mig.first_body(b"raw") == b"raw", "the client's own request goes up unchanged"
+    added = json.loads(Migration(COMPLETIONS, body).first_body(b"raw"))
+    assert added == {**body, "return_token_ids": True}, "the ids the relay continues from"
     assert first_segment(mig, raw) == raw
     migrate(mig)
     out, _ = mig.rewrite(completion_chunk("b", use=usage(6, 3), rid="q"))

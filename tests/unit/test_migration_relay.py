@@ -389,3 +389,67 @@ async def test_a_continuation_refused_in_band_is_a_refusal_not_a_migration(
     assert not [e for e in events[:-2] if "error" in e], "SGLang's 400 is not passed on"
     assert events[-3]["output_ids"] == [1, 2, 3, 4]
     assert standby.bodies[0]["input_ids"] == [40, 41, 1, 2, 3, 4]
+
+
+PROMPT_IDS = [101, 102, 103]
+
+
+def _completion_ids(first: int, count: int, prompt_ids: list[int] | None) -> list[bytes]:
+    """Completion chunks with SGLang's return_token_ids fields (serving_completions.py):
+    each chunk the ids new since the last, the first chunk the prompt's too."""
+    out = []
+    for n in range(count):
+        chunk = json.loads(completion_chunk(f" t{first + n}", use=usage(3, n + 1))[6:])
+        chunk["choices"][0]["token_ids"] = [first + n]
+        if n == 0 and prompt_ids is not None:
+            chunk["choices"][0]["prompt_token_ids"] = prompt_ids
+        out.append(data(chunk))
+    return out
+
+
+def _completion_primary(body: dict[str, Any]) -> list[bytes]:
+    assert body["return_token_ids"] is True, "the relay asks for the ids it continues from"
+    return _completion_ids(0, 4, PROMPT_IDS)
+
+
+def _completion_standby(body: dict[str, Any]) -> list[bytes]:
+    left = body["max_tokens"]
+    chunks = _completion_ids(4, left, list(body["prompt"]))
+    return [*chunks, completion_chunk("", finish="length"), b"data: [DONE]\n\n"]
+
+
+async def test_completions_continue_from_the_token_ids_not_the_text(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    """No tokenizer at the splice: the standby gets the prompt's ids as the engine
+    tokenized it plus the output's ids; the client, who did not ask, sees no ids."""
+    rig = await rig_factory(
+        Engine([(_completion_primary, True)]), Engine([(_completion_standby, False)])
+    )
+    body = {"model": "m", "prompt": "p q", "max_tokens": 10, "stream": True}
+    events = await stream(rig.url + "/v1/completions", body)
+    sent = rig.standby.bodies[0]
+    assert sent["prompt"] == [*PROMPT_IDS, 0, 1, 2, 3] and sent["max_tokens"] == 6
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(f" t{i}" for i in range(10))
+    assert all(
+        "token_ids" not in c["choices"][0] and "prompt_token_ids" not in c["choices"][0]
+        for c in chunks
+    )
+
+
+def _completion_primary_asked(body: dict[str, Any]) -> list[bytes]:
+    return _completion_ids(0, 4, PROMPT_IDS)
+
+
+async def test_completions_ids_a_client_asked_for_stay_the_originals(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(
+        Engine([(_completion_primary_asked, True)]), Engine([(_completion_standby, False)])
+    )
+    body = {"prompt": "p q", "max_tokens": 10, "stream": True, "return_token_ids": True}
+    events = await stream(rig.url + "/v1/completions", body)
+    choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
+    assert [t for c in choices for t in c.get("token_ids", [])] == list(range(10))
+    assert [c["prompt_token_ids"] for c in choices if "prompt_token_ids" in c] == [PROMPT_IDS]

@@ -5,11 +5,16 @@ output produced so far appended to the prompt and the token budget lowered by
 what was already generated, then splices the new stream onto the client's. One
 strategy per endpoint (`_Generate`, `_Completions`, `_Chat`) says how:
 
-- SGLang `/generate`: `input_ids` + the output ids so far (exact token ids), or
-  `text` + the text so far for a text prompt; events stay cumulative over the whole
+- SGLang `/generate`: `input_ids` + the output ids so far (exact token ids; for a text
+  prompt too when the client asked `return_prompt_token_ids`, `managers/io_struct.py`,
+  which every event then carries), or `text` + the text so far; events stay cumulative
+  over the whole
   answer (`text`, `output_ids`, `meta_info.completion_tokens`, the output logprob
   arrays), under the original `meta_info.id`.
-- `/v1/completions`: prompt + text so far; chunks keep the original `id`.
+- `/v1/completions`: the prompt's token ids + the output's (exact: the relay asks for
+  `return_token_ids`, `serving_completions.py`, and cuts the ids off the client's copy
+  when the client did not ask), else prompt + text so far; chunks keep the original
+  `id`.
 - `/v1/chat/completions`: the partial answer becomes a final assistant message
   continued with SGLang's `continue_final_message`; the repeated role chunk is
   dropped; chunks keep the original `id`. A reasoning stream (`--reasoning-parser`)
@@ -107,6 +112,9 @@ _OUTPUT_ARRAYS = (
 )
 _INPUT_ARRAYS = ("input_token_logprobs", "input_top_logprobs", "input_token_ids_logprobs")
 _USAGE_KEY = b',"usage":{'
+_IDS_KEY = b'token_ids":['
+# A completion choice's token id lists (return_token_ids): ints only, no nesting.
+_TOKEN_IDS = re.compile(rb',"(?:prompt_)?token_ids":\[[0-9,]*\]')
 _FINAL_USAGE = b'"choices":[]'
 # The usage object, then the chunk's own closing brace, and nothing after: flat, or
 # with flat objects inside (prompt_tokens_details with --enable-cache-report).
@@ -126,6 +134,7 @@ class Progress:
 
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
+    prompt_ids: list[int] | None = None  # the original prompt's ids, when the engine said
     tokens: int = 0  # completion tokens, as the engine counted them
     prompt_tokens: int | None = None  # the original request's prompt
     finished: bool = False
@@ -226,23 +235,29 @@ class Migration:
         self.wants_final_usage = bool(opts.get("include_usage"))
         # Cut the running usage we asked for off the client's copy of the stream.
         self._strip = self._opts_ok and not self.wants_running_usage
+        # Token ids the relay asks for (completions' return_token_ids), to cut off again.
+        self._ids_added = self.api.wants_ids(body)
 
     # -- the request the engine sees -----------------------------------------------------
 
     def upstream(self, body: dict[str, Any]) -> dict[str, Any]:
-        """`body` with the running usage the relay counts by (OpenAI endpoints)."""
-        if not self._opts_ok or self.wants_running_usage:
+        """`body` with the running usage the relay counts by (OpenAI endpoints) and the
+        token ids it continues from (completions)."""
+        if (not self._opts_ok or self.wants_running_usage) and not self._ids_added:
             return body
         out = dict(body)
-        out["stream_options"] = {
-            **(body.get("stream_options") or {}),
-            "continuous_usage_stats": True,
-        }
+        if self._opts_ok and not self.wants_running_usage:
+            out["stream_options"] = {
+                **(body.get("stream_options") or {}),
+                "continuous_usage_stats": True,
+            }
+        if self._ids_added:
+            out["return_token_ids"] = True
         return out
 
     def first_body(self, raw: bytes) -> bytes:
-        """The first segment's request: the client's bytes, unless usage must be added."""
-        if not self._opts_ok or self.wants_running_usage:
+        """The first segment's request: the client's bytes, unless the relay adds to it."""
+        if (not self._opts_ok or self.wants_running_usage) and not self._ids_added:
             return raw
         return json.dumps(self.upstream(self.body)).encode()
 
@@ -276,6 +291,8 @@ class Migration:
         if self.api.abort_marker in out:
             out, abort = self._cut_at_abort(out)
         client = self._strip_usage(out) if self._strip and _USAGE_KEY in out else out
+        if self._ids_added and _IDS_KEY in client:
+            client = _TOKEN_IDS.sub(b"", client)
         return out, client, abort
 
     def _cut_at_abort(self, out: bytes) -> tuple[bytes, str | None]:
@@ -469,6 +486,10 @@ class _Kind:
     def budget(self, body: dict[str, Any]) -> int | None:
         raise NotImplementedError
 
+    def wants_ids(self, body: dict[str, Any]) -> bool:
+        """Should the relay ask the engine for token ids the client did not ask for?"""
+        return False
+
     def track(self, mig: Migration, event: dict[str, Any]) -> None:
         p = mig.progress
         p.response_id = p.response_id or event.get("id")
@@ -544,8 +565,12 @@ class _Completions(_Kind):
     usage_off = b',"usage":null'
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        if not isinstance(body.get("prompt"), str):
-            return "only a single text prompt can be continued"
+        prompt = body.get("prompt")
+        ids = isinstance(prompt, list) and bool(prompt) and all(type(t) is int for t in prompt)
+        if not isinstance(prompt, str) and not (
+            ids and len(progress.output_ids) == progress.tokens
+        ):
+            return "only a single text prompt, or token ids with the output's, can be continued"
         if body.get("echo"):
             return "echo"
         return super().refusal(body, progress)
@@ -553,7 +578,16 @@ class _Completions(_Kind):
     def budget(self, body: dict[str, Any]) -> int | None:
         return _as_int(body.get("max_tokens", COMPLETIONS_DEFAULT_BUDGET))
 
+    def wants_ids(self, body: dict[str, Any]) -> bool:
+        return body.get("stream") is True and not body.get("return_token_ids")
+
     def piece(self, p: Progress, choice: dict[str, Any]) -> str:
+        ids = choice.get("token_ids")  # return_token_ids: the ids new in this chunk
+        if isinstance(ids, list):
+            p.output_ids += ids
+        prompt = choice.get("prompt_token_ids")
+        if isinstance(prompt, list) and p.prompt_ids is None:
+            p.prompt_ids = prompt
         return str(choice.get("text") or "")
 
     def drop_usage(self, event: dict[str, Any]) -> None:
@@ -562,11 +596,27 @@ class _Completions(_Kind):
     def continuation(
         self, mig: Migration, body: dict[str, Any], left: int | None
     ) -> dict[str, Any]:
+        p = mig.progress
         if left is not None:
             body["max_tokens"] = left
-        self.set_budget(body, left, mig.progress.tokens)
-        body["prompt"] = str(body["prompt"]) + mig.progress.text
+        self.set_budget(body, left, p.tokens)
+        prompt_ids = body["prompt"] if isinstance(body["prompt"], list) else p.prompt_ids
+        if prompt_ids is not None and len(p.output_ids) == p.tokens:
+            # Exact: the very ids the engine read and wrote, no tokenizer at the splice.
+            body["prompt"] = list(prompt_ids) + p.output_ids
+        else:
+            body["prompt"] = str(body["prompt"]) + p.text
         return body
+
+    def splice(self, mig: Migration, event: dict[str, Any]) -> dict[str, Any] | None:
+        out = super().splice(mig, event)  # tracks the ids first
+        for choice in event.get("choices") or []:
+            # The continuation's prompt is not the client's (it had the original's in
+            # its first chunk); ids the relay asked for the client never did.
+            choice.pop("prompt_token_ids", None)
+            if mig._ids_added:
+                choice.pop("token_ids", None)
+        return out
 
     def closing(self, mig: Migration) -> bytes:
         p = mig.progress
@@ -710,6 +760,9 @@ class _Generate(_Kind):
         p, base = mig.progress, mig.base
         meta = event.get("meta_info") or {}
         p.response_id = p.response_id or meta.get("id")
+        prompt = event.get("prompt_token_ids")  # return_prompt_token_ids, every event
+        if isinstance(prompt, list) and p.prompt_ids is None:
+            p.prompt_ids = prompt
         ids = event.get("output_ids")
         text = event.get("text", "")
         done = _as_int(meta.get("completion_tokens"))
@@ -748,6 +801,11 @@ class _Generate(_Kind):
         if isinstance(body.get("input_ids"), list):
             # Exact: the engine continues from the very tokens it produced.
             body["input_ids"] = list(body["input_ids"]) + p.output_ids
+        elif p.prompt_ids is not None and mig._cumulative:
+            # A text prompt as the engine tokenized it: no tokenizer at the splice (text
+            # wins over input_ids in GenerateReqInput, so it goes).
+            body.pop("text", None)
+            body["input_ids"] = list(p.prompt_ids) + p.output_ids
         else:
             body["text"] = str(body.get("text", "")) + p.text
         return body
@@ -768,6 +826,8 @@ class _Generate(_Kind):
         for key in _INPUT_ARRAYS:  # about the original prompt, not prompt + output
             if key in meta and key in base.meta:
                 meta[key] = base.meta[key]
+        if "prompt_token_ids" in event and p.prompt_ids is not None:
+            event["prompt_token_ids"] = p.prompt_ids
         if isinstance(meta.get("completion_tokens"), int):
             meta["completion_tokens"] += base.tokens
         if isinstance(meta.get("prompt_tokens"), int) and p.prompt_tokens is not None:
