@@ -169,6 +169,11 @@ def test_the_continuation_is_the_models_own_text() -> None:
     assert r1.text(plain, after) == "\nok</think>The answer"
     off = {"chat_template_kwargs": {"enable_thinking": False}}
     assert qwen.text(off, Progress(text="Hi")) == "Hi"
+    raw = {"separate_reasoning": False}  # the engine streams the tags as content
+    assert qwen.text(raw, Progress(text="<think>a</think>b")) == "<think>a</think>b"
+    closed_at_once = Progress(text="Hi")  # Qwen3 wrote <think></think> before the answer
+    assert qwen.text(plain, closed_at_once) == "<think></think>Hi"
+    assert r1.text(plain, closed_at_once) == "</think>Hi"
 
 
 def test_a_tool_call_delta_is_refused_but_text_before_it_migrates() -> None:
@@ -178,3 +183,17 @@ def test_a_tool_call_delta_is_refused_but_text_before_it_migrates() -> None:
     assert mig.refusal() is None
     mig.progress.tool_calls = True
     assert mig.refusal() == "a tool call in flight cannot be resumed"
+
+
+async def test_reasoning_left_in_the_content_migrates_as_text(pair_factory: Any) -> None:
+    """`separate_reasoning: false` (serving_chat.py): no parser runs, the tags stream as
+    content, and that content is the model's text as it is."""
+    pair = await pair_factory("qwen3", "qwen3")
+    want = await read(pair.engine_url(pair.standby), body(separate_reasoning=False))
+    _, text, order = split(want)
+    assert text.startswith("<think>") and set(order) == {"c"}
+    await abort_after(pair.primary, 6)
+    got = await read(pair.url, body(separate_reasoning=False))
+    assert split(got) == ("", text, order)
+    assert got[-2]["usage"]["completion_tokens"] == want[-2]["usage"]["completion_tokens"]
+    assert pair.migrations("migrated") == 1

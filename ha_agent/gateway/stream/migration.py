@@ -199,8 +199,8 @@ class ReasoningFormat:
 
     def text(self, body: dict[str, Any], p: Progress) -> str:
         """The model's text so far, as the engine generated it."""
-        if not self.thinking(body):
-            return p.text
+        if not self.thinking(body) or body.get("separate_reasoning") is False:
+            return p.text  # no reasoning, or the tags are in the content already
         if p.reasoning_over or p.text:
             return self.start + p.reasoning + "</think>" + p.text
         return self.start + p.reasoning
