@@ -453,3 +453,46 @@ async def test_completions_ids_a_client_asked_for_stay_the_originals(
     choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
     assert [t for c in choices for t in c.get("token_ids", [])] == list(range(10))
     assert [c["prompt_token_ids"] for c in choices if "prompt_token_ids" in c] == [PROMPT_IDS]
+
+
+def _generate_with_prompt_ids(first: int, count: int, prompt_ids: list[int]) -> list[bytes]:
+    """Cumulative /generate events carrying `prompt_token_ids` (return_prompt_token_ids,
+    tokenizer_manager.py: every output)."""
+    out = []
+    for n in range(1, count + 1):
+        ids = list(range(first, first + n))
+        meta = {"id": "g-9", "finish_reason": None, "prompt_tokens": len(prompt_ids)}
+        meta["completion_tokens"] = n
+        event = {"text": "x" * n, "output_ids": ids, "meta_info": meta}
+        out.append(data({**event, "prompt_token_ids": prompt_ids}))
+    return out
+
+
+def _generate_text_primary(body: dict[str, Any]) -> list[bytes]:
+    return _generate_with_prompt_ids(0, 3, PROMPT_IDS)
+
+
+def _generate_ids_standby(body: dict[str, Any]) -> list[bytes]:
+    left = body["sampling_params"]["max_new_tokens"]
+    events = _generate_with_prompt_ids(3, left, body["input_ids"])
+    return [*events, b"data: [DONE]\n\n"]
+
+
+async def test_a_generate_text_prompt_continues_from_the_prompt_ids_the_client_asked(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(
+        Engine([(_generate_text_primary, True)]), Engine([(_generate_ids_standby, False)])
+    )
+    body = {
+        "text": "p q",
+        "stream": True,
+        "return_prompt_token_ids": True,
+        "sampling_params": {"max_new_tokens": 8},
+    }
+    events = await stream(rig.url + "/generate", body)
+    sent = rig.standby.bodies[0]
+    assert "text" not in sent and sent["input_ids"] == [*PROMPT_IDS, 0, 1, 2]
+    assert sent["sampling_params"]["max_new_tokens"] == 5
+    assert events[-2]["output_ids"] == list(range(8))
+    assert {tuple(e["prompt_token_ids"]) for e in events[:-1]} == {tuple(PROMPT_IDS)}
