@@ -496,3 +496,69 @@ async def test_a_generate_text_prompt_continues_from_the_prompt_ids_the_client_a
     assert sent["sampling_params"]["max_new_tokens"] == 5
     assert events[-2]["output_ids"] == list(range(8))
     assert {tuple(e["prompt_token_ids"]) for e in events[:-1]} == {tuple(PROMPT_IDS)}
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+
+
+def _tool_primary(calls: bool) -> Script:
+    """A chat stream with tools: text first, then (if `calls`) the first tool_calls delta
+    as serving_chat.py `_process_tool_call_stream` sends it (id and name, no arguments)."""
+
+    def script(body: dict[str, Any]) -> list[bytes]:
+        out = [
+            chat_chunk({"role": "assistant", "content": ""}),
+            chat_chunk({"content": "Let me check."}, use=usage(PROMPT_TOKENS, 4)),
+        ]
+        if calls:
+            call = {
+                "id": "call_0",
+                "index": 0,
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": ""},
+            }
+            out.append(chat_chunk({"tool_calls": [call]}, use=usage(PROMPT_TOKENS, 12)))
+        return out
+
+    return script
+
+
+def _tool_standby(body: dict[str, Any]) -> list[bytes]:
+    left = body["max_tokens"]
+    return [
+        chat_chunk({"role": "assistant", "content": ""}),
+        chat_chunk({"content": " Sunny."}, use=usage(PROMPT_TOKENS + 4, left)),
+        chat_chunk({}, finish="stop"),
+        b"data: [DONE]\n\n",
+    ]
+
+
+async def test_a_tool_call_in_flight_ends_with_the_retryable_error(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(Engine([(_tool_primary(True), True)]), Engine([(_tool_standby, False)]))
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    events = await stream(
+        rig.url + "/v1/chat/completions", {**body, "max_tokens": 30, "stream": True}
+    )
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]["message"]
+    assert "retry the request" in error and "tool call" in error
+    assert rig.standby.bodies == [], "nothing re-sent: the call cannot be handed back"
+
+
+async def test_a_tools_request_still_answering_in_text_migrates(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(
+        Engine([(_tool_primary(False), True)]), Engine([(_tool_standby, False)])
+    )
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    events = await stream(
+        rig.url + "/v1/chat/completions", {**body, "max_tokens": 30, "stream": True}
+    )
+    sent = rig.standby.bodies[0]
+    assert sent["tools"] == TOOLS and sent["continue_final_message"] is True
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Let me check."}
+    assert sent["max_tokens"] == 26
+    assert content(events) == "Let me check. Sunny."
