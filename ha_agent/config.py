@@ -630,6 +630,11 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     max_sequence_length: int = Field(
         131072, gt=0, description="No migration past this many prompt+generated tokens."
     )
+    reasoning_parser: Literal["", "qwen3", "deepseek-r1"] = Field(
+        "",
+        description="The engines' --reasoning-parser: chat streams that carried"
+        " reasoning_content migrate (empty: such streams end with a retryable error).",
+    )
     cors_allow_origins: str = Field(
         "*",
         description="CORS origins, comma separated; * as SGLang (always on there); empty: off.",
@@ -822,6 +827,11 @@ class SimSettings(BaseSettings):
         ge=0,
         description="As SGLang's --watchdog-timeout: a batch in flight with no forward for"
         " this long kills the process (SIGKILL), s; 0 = off.",
+    )
+    reasoning_parser: Literal["", "qwen3", "deepseek-r1"] = Field(
+        "",
+        description="As SGLang's --reasoning-parser: chat answers think first and stream"
+        " reasoning_content (empty: off, reasoning_content null).",
     )
     faults: dict[str, object] = Field(
         default_factory=dict,

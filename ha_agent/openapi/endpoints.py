@@ -190,11 +190,14 @@ class Endpoint:
                     found.append(("json_schema", schema))
         return found
 
-    def constrained(self, body: dict[str, Any]) -> str | None:
+    def constrained(self, body: dict[str, Any], grammar_only: bool = False) -> str | None:
         """The first constraint key that binds this body's output, or None: a grammar
-        set, a `response_format` other than text, tools not turned off."""
+        set, a `response_format` other than text, tools not turned off (`grammar_only`:
+        not tools, whose answer is free text until the model calls one)."""
         for params in self._param_dicts(body):
             for key in self.constraint_keys:
+                if grammar_only and key == TOOLS_KEY:
+                    continue
                 value = params.get(key)
                 if key == FORMAT_KEY:
                     bound = isinstance(value, dict) and value.get("type") not in (None, "text")

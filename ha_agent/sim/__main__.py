@@ -35,6 +35,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--admin-api-key",
         help="as SGLang's --admin-api-key (SIM_ADMIN_API_KEY, SIM_ADMIN_API_KEY_FILE)",
     )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=["qwen3", "deepseek-r1"],
+        help="as SGLang's --reasoning-parser (SIM_REASONING_PARSER)",
+    )
     p.add_argument("--validate-config", action="store_true", help="print settings and exit")
     return p.parse_args(argv)
 
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_name": args.model_name,
             "api_key": args.api_key,
             "admin_api_key": args.admin_api_key,
+            "reasoning_parser": args.reasoning_parser,
         }.items()
         if v is not None
     }

@@ -33,8 +33,21 @@ def _text(content: Any) -> str:
     return "".join(parts)
 
 
-def render_chat(messages: list[dict[str, Any]], continue_final_message: bool) -> str:
-    """Render messages (already validated) into the prompt the engine continues."""
+def final_assistant(messages: list[dict[str, Any]], continue_final_message: bool) -> str | None:
+    """The content continue_final_message continues (ReasoningParser's previous_content)."""
+    if continue_final_message and messages and messages[-1]["role"] == "assistant":
+        content = messages[-1].get("content")
+        return content if isinstance(content, str) else None
+    return None
+
+
+def render_chat(
+    messages: list[dict[str, Any]], continue_final_message: bool, generation_prefix: str = ""
+) -> str:
+    """Render messages (already validated) into the prompt the engine continues.
+
+    `generation_prefix` is what the template writes at the start of the assistant turn
+    (DeepSeek-R1's `<think>\n`, sim/reasoning.py); a continued message comes after it."""
     msgs = list(messages)
     prefix = ""
     if msgs and msgs[-1]["role"] == "assistant" and isinstance(msgs[-1].get("content"), str):
@@ -44,4 +57,4 @@ def render_chat(messages: list[dict[str, Any]], continue_final_message: bool) ->
         else:
             msgs[-1] = {"role": "user", "content": msgs[-1]["content"]}
     rendered = [f"<|{m['role']}|>\n{_text(m.get('content'))}{END}" for m in msgs]
-    return "".join(rendered) + "<|assistant|>\n" + prefix
+    return "".join(rendered) + "<|assistant|>\n" + generation_prefix + prefix

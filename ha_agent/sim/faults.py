@@ -8,11 +8,11 @@
   not random: with 0.25 exactly every fourth request fails.
 * ``oom``: print a CUDA OOM line to stderr and SIGKILL this process.
 * ``fail_health``: ``/health`` and ``/health_generate`` answer 503.
-* ``abort_after_tokens`` (with ``abort_status`` 503 or 500): the engine itself ends every
-  request that reaches that many generated tokens with a ``finish_reason`` of type
-  ``abort`` carrying the status code, as SGLang's scheduler does on a running timeout or
-  when the KV cache runs out (FINISH_ABORT in ``srt/managers/schedule_batch.py``); the
-  HTTP layer then answers as SGLang does (an error chunk, or an error status). 0 = off.
+* ``abort_after_tokens`` (with ``abort_cause``, or ``abort_status`` 503 or 500): the
+  engine itself ends every request that reaches that many generated tokens with a
+  ``finish_reason`` of type ``abort`` carrying SGLang's status code and message for that
+  cause (``ENGINE_ABORTS``); the HTTP layer then answers as SGLang does (an error chunk,
+  or an error status). 0 = off.
 * ``crash_marker``: a query of death. A request whose prompt holds this text makes the
   engine crash when its prefill starts, as a kernel fault does on SGLang: the scheduler
   logs "Scheduler hit an exception" with the CUDA error, its parent's SIGQUIT handler
@@ -44,6 +44,26 @@ OOM_LINE = (
 )
 
 
+# SGLang's engine-side aborts after output began, by cause: (status, message).
+ENGINE_ABORTS: dict[str, tuple[int, str]] = {
+    # scheduler.py _abort_on_running_timeout (SGLANG_REQ_RUNNING_TIMEOUT): the request's
+    # own length against the operator's limit.
+    "running_timeout": (503, "Request running timeout reached."),
+    # schedule_batch.py retract_decode: the last request left does not fit the KV pool
+    # alone (the request's size).
+    "oom_after_retract": (
+        500,
+        "Out of memory even after retracting all other requests in the decode batch. "
+        "Aborting the last request.",
+    ),
+    # schedule_batch.py retract_decode: a retracted request's backup did not fit the
+    # host pool (the node's memory pressure, not this request).
+    "retract_host_pool": (500, "Retraction host KV pool exhausted. Aborting the request."),
+}
+# abort_cause "" : abort_status picks the cause.
+_CAUSE_BY_STATUS = {503: "running_timeout", 500: "oom_after_retract"}
+
+
 class FaultError(ValueError):
     """A bad knob name or value (the admin endpoint answers 400)."""
 
@@ -57,6 +77,7 @@ class Faults:
     fail_health: bool = False
     abort_after_tokens: int = 0
     abort_status: int = 503
+    abort_cause: str = ""
     crash_marker: str = ""
 
     def __post_init__(self) -> None:
@@ -77,6 +98,9 @@ class Faults:
             if key == "crash_marker":
                 if not isinstance(value, str):
                     raise FaultError("crash_marker must be a string")
+            elif key == "abort_cause":
+                if value != "" and value not in ENGINE_ABORTS:
+                    raise FaultError(f"abort_cause must be one of: {', '.join(ENGINE_ABORTS)}")
             elif key in ("hang", "oom", "fail_health"):
                 if not isinstance(value, bool):
                     raise FaultError(f"{key} must be true or false")
@@ -104,6 +128,10 @@ class Faults:
 
     def clear(self) -> None:
         self.update(asdict(Faults()))
+
+    def engine_abort(self) -> tuple[int, str]:
+        """(status, message) of the engine-side abort knob ``abort_after_tokens``."""
+        return ENGINE_ABORTS[self.abort_cause or _CAUSE_BY_STATUS[int(self.abort_status)]]
 
     def kills(self, prompt: str) -> bool:
         """Does this prompt trip the query-of-death knob?"""

@@ -15,12 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ha_agent.sim.reasoning import ThinkMode
 from ha_agent.sim.tokenizer import EOS_ID, SimTokenizer
 
 _KEY = b"sglang-ha-simulator"  # fixed key: identical streams on every instance
 _PERSON = b"sim-gen-v1"
 _GREEDY_WORDS = 64  # temperature 0 picks among the most frequent words only
 _TWO64 = 1 << 64
+# Inside the reasoning, the chance per token that the model closes it with `</think>`.
+THINK_END_RATE = 0.08
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,13 @@ class SamplingKey:
 
 
 class TokenStream:
-    """Free generation: the next token from the rolling state; O(1) work per token."""
+    """Free generation: the next token from the rolling state; O(1) work per token.
+
+    A thinking model (`think`) writes `<think>` first when its template does not, and
+    closes the reasoning with `</think>` where the same state says so: the added tokens'
+    text enters the state like any other, so a continuation whose context holds them
+    (continue_final_message) goes on exactly as the original would have.
+    """
 
     def __init__(
         self,
@@ -62,18 +71,33 @@ class TokenStream:
         key: SamplingKey,
         context_text: str,
         eos_rate: float,
+        think: ThinkMode | None = None,
     ) -> None:
         self._tok = tokenizer
         self._k = key.candidate_count(tokenizer.num_words)
         self._eos_threshold = int(eos_rate * _TWO64)
+        self._think_end = self._eos_threshold + int(THINK_END_RATE * _TWO64)
         self._h = hashlib.blake2b(digest_size=16, key=_KEY, person=_PERSON)
         self._h.update(key.header())
         self._h.update(context_text.encode("utf-8", "surrogatepass"))
+        self._start = think is not None and think.emit_start
+        self._reasoning = think is not None and (think.emit_start or think.in_reasoning)
+
+    def _added(self, token_id: int) -> int:
+        self._h.update(self._tok.piece_bytes[token_id])
+        return token_id
 
     def next_token(self, allow_eos: bool) -> int:
+        if self._start:
+            self._start = False
+            return self._added(self._tok.think_start_id)
         digest = self._h.digest()  # digest() does not consume the running state
-        if allow_eos and int.from_bytes(digest[:8], "little") < self._eos_threshold:
+        draw = int.from_bytes(digest[:8], "little")
+        if allow_eos and draw < self._eos_threshold:
             return EOS_ID
+        if self._reasoning and self._eos_threshold <= draw < self._think_end:
+            self._reasoning = False
+            return self._added(self._tok.think_end_id)
         index = int.from_bytes(digest[8:], "little") % self._k
         self._h.update(self._tok.word_bytes[index])
         return self._tok.word_id(index)

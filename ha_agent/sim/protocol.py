@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ha_agent.config import SimSettings
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR
-from ha_agent.sim.chat_template import render_chat
+from ha_agent.sim.chat_template import final_assistant, render_chat
 from ha_agent.sim.generator import SamplingKey, StopRules
 from ha_agent.sim.grammar import GrammarError, compile_constraint, constraint_from_response_format
+from ha_agent.sim.reasoning import TEMPLATE_THINK, ReasoningSpec, thinking_requested
 from ha_agent.sim.scheduler import GenRequest
 from ha_agent.sim.tokenizer import SimTokenizer
 
@@ -94,6 +95,7 @@ class GenerateBody(_Model):
     rid: str | list[str] | None = None
     stream: bool = False
     return_logprob: bool | list[bool] | None = False
+    return_prompt_token_ids: bool = False
 
 
 class StreamOptions(_Model):
@@ -132,6 +134,7 @@ class CompletionBody(_OpenAICommon):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    return_token_ids: bool = False
     json_schema: str | None = None
 
     @field_validator("max_tokens")
@@ -164,12 +167,15 @@ class ChatBody(_OpenAICommon):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     continue_final_message: bool = False
+    separate_reasoning: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @dataclass
 class GenerateCall:
     gen: GenRequest
     stream: bool
+    return_prompt_token_ids: bool = False
 
 
 @dataclass
@@ -180,6 +186,8 @@ class OpenAICall:
     include_usage: bool
     continuous_usage: bool
     echo_text: str = ""
+    reasoning: ReasoningSpec | None = None  # chat with --reasoning-parser
+    return_token_ids: bool = False  # completions
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -357,7 +365,9 @@ class RequestBuilder:
             prompt_text, prompt_ids = self._prompt_from_ids(list(req.input_ids or []))  # type: ignore[arg-type]
         gen = self._build(sp, prompt_text, prompt_ids, req.rid)
         gen.stream = req.stream
-        return GenerateCall(gen=gen, stream=req.stream)
+        return GenerateCall(
+            gen=gen, stream=req.stream, return_prompt_token_ids=req.return_prompt_token_ids
+        )
 
     # -- POST /v1/completions -------------------------------------------------------
     def completion(self, body: Any) -> OpenAICall:
@@ -386,7 +396,9 @@ class RequestBuilder:
         if from_format is not None:
             json_schema = from_format
         gen = self._openai_gen(req, prompt_text, prompt_ids, req.max_tokens, json_schema)
-        return self._call(req, gen, echo_text=prompt_text if req.echo else "")
+        call = self._call(req, gen, echo_text=prompt_text if req.echo else "")
+        call.return_token_ids = req.return_token_ids
+        return call
 
     # -- POST /v1/chat/completions --------------------------------------------------
     def chat(self, body: Any) -> OpenAICall:
@@ -401,8 +413,22 @@ class RequestBuilder:
             # the answer; the simulator does neither, so it says so.
             raise BadRequest("tools are not supported by the simulator")
         messages = [m.model_dump() for m in req.messages]
+        spec = None
+        parser = self.settings.reasoning_parser
+        if parser:
+            spec = ReasoningSpec(
+                parser=parser,
+                thinking=thinking_requested(parser, req.chat_template_kwargs or {}),
+                separate=req.separate_reasoning,
+                previous=final_assistant(messages, req.continue_final_message),
+            )
+        think = spec.think_mode() if spec is not None else None
         try:
-            prompt_text = render_chat(messages, req.continue_final_message)
+            prompt_text = render_chat(
+                messages,
+                req.continue_final_message,
+                TEMPLATE_THINK[parser] if think is not None else "",
+            )
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         try:
@@ -413,7 +439,10 @@ class RequestBuilder:
         gen = self._openai_gen(
             req, prompt_text, self.tok.encode(prompt_text), max_tokens, json_schema
         )
-        return self._call(req, gen)
+        gen.think = think
+        call = self._call(req, gen)
+        call.reasoning = spec
+        return call
 
     def _openai_gen(
         self,

@@ -18,7 +18,9 @@ from http import HTTPStatus
 from typing import Any
 
 from ha_agent.sim.protocol import OpenAICall
+from ha_agent.sim.reasoning import reasoning_tokens
 from ha_agent.sim.scheduler import Job
+from ha_agent.sim.tokenizer import get_tokenizer
 
 DONE = b"data: [DONE]\n\n"
 
@@ -42,12 +44,15 @@ def native_error(message: str) -> dict[str, Any]:
     return {"error": {"message": message}}
 
 
-def generate_payload(job: Job) -> dict[str, Any]:
-    return {
+def generate_payload(job: Job, prompt_token_ids: bool = False) -> dict[str, Any]:
+    out = {
         "text": job.detok.visible_text(),
         "output_ids": list(job.output_ids),
         "meta_info": job.meta_info(),
     }
+    if prompt_token_ids:  # return_prompt_token_ids: tokenizer_manager.py, every output
+        out["prompt_token_ids"] = list(job.req.prompt_ids)
+    return out
 
 
 def engine_abort(job: Job) -> tuple[int, str] | None:
@@ -84,9 +89,18 @@ def _details(cached: int) -> dict[str, Any]:
     }
 
 
+def _reasoning_tokens(job: Job) -> int:
+    """meta_info.reasoning_tokens: counted only for a thinking chat request
+    (GenerateReqInput.require_reasoning, set by serving_chat.py)."""
+    if job.req.think is None:
+        return 0
+    return reasoning_tokens(job.output_ids, get_tokenizer().think_end_id)
+
+
 def usage(job: Job, cache_report: bool, exclude_none: bool = False) -> dict[str, Any]:
     """UsageInfo (protocol.py); details only with cache report and a cached count > 0."""
     prompt, completion = len(job.req.prompt_ids), len(job.output_ids)
+    thought = _reasoning_tokens(job)
     details = _details(job.cached_tokens) if cache_report and job.cached_tokens > 0 else None
     if exclude_none:  # model_dump_json(exclude_none=True), completions' final chunk
         slim = {"cached_tokens": job.cached_tokens} if details else None
@@ -94,14 +108,14 @@ def usage(job: Job, cache_report: bool, exclude_none: bool = False) -> dict[str,
         out["completion_tokens"] = completion
         if slim:
             out["prompt_tokens_details"] = slim
-        out["reasoning_tokens"] = 0
+        out["reasoning_tokens"] = thought
         return out
     return {
         "prompt_tokens": prompt,
         "total_tokens": prompt + completion,
         "completion_tokens": completion,
         "prompt_tokens_details": details,
-        "reasoning_tokens": 0,
+        "reasoning_tokens": thought,
     }
 
 
@@ -124,6 +138,7 @@ class CompletionFormatter:
         self.created = int(time.time())
         self._offset = 0
         self._first = True
+        self._ids_sent = 0  # return_token_ids: output ids already in a chunk
 
     def _head(self) -> dict[str, Any]:
         return {
@@ -143,17 +158,24 @@ class CompletionFormatter:
         if aborted is not None:  # an error chunk instead of the last output
             return [streaming_error(*aborted)]
         delta = self._delta()
-        if self._first:
+        first, self._first = self._first, False
+        if first:
             delta = self.call.echo_text + delta
-            self._first = False
         reason, matched = _finish(self.job)
-        choice = {
+        choice: dict[str, Any] = {
             "index": 0,
             "text": delta,
             "logprobs": None,
             "finish_reason": reason,
             "matched_stop": matched,
         }
+        if self.call.return_token_ids:
+            # serving_completions.py: the ids new since the last chunk, and the prompt's
+            # on the first (CompletionResponseStreamChoice drops them when None).
+            ids = self.job.output_ids
+            choice["token_ids"], self._ids_sent = list(ids[self._ids_sent :]), len(ids)
+            if first:
+                choice["prompt_token_ids"] = list(self.job.req.prompt_ids)
         chunk = {**self._head(), "choices": [choice], "usage": self._running_usage()}
         return [sse(chunk)]
 
@@ -170,13 +192,16 @@ class CompletionFormatter:
 
     def response(self) -> dict[str, Any]:
         reason, matched = _finish(self.job)
-        choice = {
+        choice: dict[str, Any] = {
             "index": 0,
             "text": self.call.echo_text + self.job.detok.visible_text(),
             "logprobs": None,
             "finish_reason": reason,
             "matched_stop": matched,
         }
+        if self.call.return_token_ids:
+            choice["token_ids"] = list(self.job.output_ids)
+            choice["prompt_token_ids"] = list(self.job.req.prompt_ids)
         return {
             **self._head(),
             "choices": [choice],
@@ -186,9 +211,20 @@ class CompletionFormatter:
 
 
 class ChatFormatter(CompletionFormatter):
-    """``/v1/chat/completions``: role chunk, content deltas, finish chunk, usage chunk."""
+    """``/v1/chat/completions``: role chunk, content deltas, finish chunk, usage chunk.
+
+    With a reasoning parser (``serving_chat._generate_stream_content``) each update's
+    delta goes through the parser first: its reasoning part is a chunk of its own
+    (``reasoning_content``), then the rest a content chunk, each with running usage;
+    what the parser still holds is flushed when the request finishes (not on abort).
+    """
 
     object_name = "chat.completion.chunk"
+
+    def __init__(self, call: OpenAICall, job: Job, cache_report: bool) -> None:
+        super().__init__(call, job, cache_report)
+        spec = call.reasoning
+        self._parser = spec.detector() if spec is not None and spec.separate else None
 
     def _chunk(
         self,
@@ -224,6 +260,13 @@ class ChatFormatter(CompletionFormatter):
             self._first = False
             out.append(self._chunk({"reasoning_content": None, "role": "assistant", "content": ""}))
         delta = self._delta()
+        if self._parser is not None:
+            thought, delta = self._parser.parse(delta)
+            if self.job.finished:
+                more_thought, more = self._parser.finish()
+                thought, delta = thought + more_thought, delta + more
+            if thought:
+                out.append(self._chunk({"reasoning_content": thought}, with_usage=True))
         if delta:  # serving_chat.py: an update whose text delta is empty sends no chunk
             out.append(self._chunk({"reasoning_content": None, "content": delta}, with_usage=True))
         if self.job.finished:
@@ -238,10 +281,14 @@ class ChatFormatter(CompletionFormatter):
 
     def response(self) -> dict[str, Any]:
         reason, matched = _finish(self.job)
+        text, thought = self.job.detok.visible_text(), ""
+        spec = self.call.reasoning
+        if spec is not None and spec.separate:  # _build_chat_response: parse_non_stream
+            thought, text = spec.detector().parse_whole(text)
         message = {
             "role": "assistant",
-            "content": self.job.detok.visible_text(),
-            "reasoning_content": None,
+            "content": text,
+            "reasoning_content": thought or None,
             "tool_calls": None,
         }
         choice = {

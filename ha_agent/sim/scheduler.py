@@ -29,6 +29,7 @@ from ha_agent.sim.generator import Detokenizer, FixedStream, SamplingKey, StopRu
 from ha_agent.sim.grammar import Constraint, generate_constrained
 from ha_agent.sim.metrics import SchedulerStats, SimMetrics
 from ha_agent.sim.prefix_cache import PrefixCache
+from ha_agent.sim.reasoning import ThinkMode
 from ha_agent.sim.tokenizer import SimTokenizer
 
 log = logging.getLogger(__name__)
@@ -39,16 +40,6 @@ _WATCH_INTERVAL = 0.1  # disconnect watcher period
 
 class DuplicateRequestId(ValueError):
     pass
-
-
-# Messages of SGLang's own engine-side aborts (scheduler.py, schedule_batch.py).
-ENGINE_ABORT_MESSAGES = {
-    503: "Request running timeout reached.",
-    500: (
-        "Out of memory even after retracting all other requests in the decode batch. "
-        "Aborting the last request."
-    ),
-}
 
 
 class _HttpRequest(Protocol):  # the part of aiohttp's web.Request we use
@@ -68,6 +59,7 @@ class GenRequest:
     min_new_tokens: int = 0
     constraint: Constraint | None = None
     rid: str | None = None
+    think: ThinkMode | None = None  # a thinking model's start (sim/reasoning.py)
     stream: bool = False  # the metrics' is_streaming label
     log_metrics: bool = True  # False for health checks (GenerateReqInput.log_metrics)
 
@@ -138,7 +130,7 @@ class Job:
             text = generate_constrained(req.constraint, material, budget)
             self.stream = FixedStream(tokenizer.encode(text))
         else:
-            self.stream = TokenStream(tokenizer, req.sampling, req.prompt_text, eos_rate)
+            self.stream = TokenStream(tokenizer, req.sampling, req.prompt_text, eos_rate, req.think)
         self.created = time.time()
         self.created_mono = time.monotonic()
         self.state = "new"  # new -> waiting -> running -> finished
@@ -499,8 +491,8 @@ class Engine:
         n = self.faults.abort_after_tokens
         if n <= 0 or len(job.output_ids) < n:
             return None
-        status = int(self.faults.abort_status)
-        return abort_reason(ENGINE_ABORT_MESSAGES[status], status)
+        status, message = self.faults.engine_abort()
+        return abort_reason(message, status)
 
     def _finish(self, job: Job, reason: dict[str, Any]) -> None:
         if job.finished:

@@ -387,20 +387,26 @@ class SimServer:
 
     # -- generation -----------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        body: Any = None
         try:
-            call = self.builder.generate(await _read_json(request))
+            body = await _read_json(request)
+            call = self.builder.generate(body)
         except BadRequest as exc:
+            if not exc.validation and isinstance(body, dict) and body.get("stream") is True:
+                return await _in_band_error(request, exc.message)
             return _bad_request(exc, native=True)
         job = self._start(request, call.gen, native=True)
         if isinstance(job, web.Response):
+            if job.status == 400 and call.stream:  # a duplicate rid: tokenizer_manager's
+                return await _in_band_error(request, _error_message(job))
             return job
         if not call.stream:
-            return await _whole(job, lambda: generate_payload(job))
+            return await _whole(job, lambda: generate_payload(job, call.return_prompt_token_ids))
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         await resp.prepare(request)  # /generate sends headers before the first token
         with _client_watch(job):
             async for _ in job.updates():
-                await resp.write(sse(generate_payload(job)))
+                await resp.write(sse(generate_payload(job, call.return_prompt_token_ids)))
             await resp.write(DONE)
             await resp.write_eof()
         return resp
@@ -472,6 +478,26 @@ class SimServer:
 
 
 SIM_KEY = web.AppKey("sglang_ha_sim", SimServer)
+
+
+async def _in_band_error(request: web.Request, message: str) -> web.StreamResponse:
+    """http_server.py `generate_request` with `stream: true`: the tokenizer manager's
+    ValueError (prompt too long, bad sampling parameters, duplicate rid) comes after the
+    200 headers, as one `error` event (`code` 400, `retryable` false), then [DONE]."""
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    await resp.prepare(request)
+    error = {"message": message, "type": "invalid_request_error", "code": 400, "retryable": False}
+    await resp.write(sse({"error": error}))
+    await resp.write(DONE)
+    await resp.write_eof()
+    return resp
+
+
+def _error_message(resp: web.Response) -> str:
+    try:
+        return str(json.loads(resp.body)["error"]["message"])  # type: ignore[arg-type]
+    except (ValueError, KeyError, TypeError):
+        return "Invalid request"
 
 
 async def _whole(job: Job, payload: Callable[[], Any]) -> web.Response:

@@ -8,7 +8,10 @@ Vocabulary (ids are stable across processes and versions of this file's data):
   so generated text is clean ASCII words;
 * then every pair of printable ASCII characters whose second character is not a space
   (``"ab"``, ``'{"'``), so prompts and JSON cost about half a token per character,
-  close to what real BPE tokenizers cost.
+  close to what real BPE tokenizers cost;
+* last ``<think>`` and ``</think>``, one added token each, matched in text before
+  anything else and kept in decoded text, as Qwen3's and DeepSeek-R1's tokenizers do
+  (the reasoning parsers split on them, ``ha_agent/sim/reasoning.py``).
 
 ``decode(encode(text)) == text`` for any ``str`` (lone surrogates included).
 """
@@ -41,7 +44,8 @@ _CODAS = ("", "", "", "n", "r", "s", "t", "l", "m", "x")
 
 # One regex pass does the whole scan in C: a vocabulary word (space + letters, ending at a
 # word boundary), else a printable pair, else a single character (bytes of its UTF-8).
-_SCAN = re.compile(r" [a-z]{1,16}(?![a-z])|[\x20-\x7e][\x21-\x7e]|.", re.DOTALL)
+_SCAN = re.compile(r"</?think>| [a-z]{1,16}(?![a-z])|[\x20-\x7e][\x21-\x7e]|.", re.DOTALL)
+_ADDED = ("<think>", "</think>")
 _PAIRS_ONLY = re.compile(r"[\x20-\x7e][\x21-\x7e]|.", re.DOTALL)
 
 
@@ -75,11 +79,15 @@ class SimTokenizer:
         first_pair = _FIRST_WORD_ID + len(self.words)
         pairs = [a + b for a in _PRINTABLE for b in _PAIR_SECOND]
         self._pair_to_id = {p: first_pair + i for i, p in enumerate(pairs)}
-        self.vocab_size = first_pair + len(pairs)
+        first_added = first_pair + len(pairs)
+        self._added_to_id = {t: first_added + i for i, t in enumerate(_ADDED)}
+        self.think_start_id, self.think_end_id = first_added, first_added + 1
+        self.vocab_size = first_added + len(_ADDED)
         table: list[bytes] = [bytes([b]) for b in range(256)]
         table.append(b"")  # EOS when special tokens are skipped
         table.extend(p.encode("ascii") for p in self.word_pieces)
         table.extend(p.encode("ascii") for p in pairs)
+        table.extend(t.encode("ascii") for t in _ADDED)
         self.piece_bytes = table
         self._bytes_with_special = [*table[:EOS_ID], EOS_TEXT.encode(), *table[EOS_ID + 1 :]]
         self.word_bytes: list[bytes] = [p.encode("ascii") for p in self.word_pieces]
@@ -104,6 +112,8 @@ class SimTokenizer:
                 ids.append(tid)
             elif len(piece) == 2 and piece in pairs:
                 ids.append(pairs[piece])
+            elif piece[0] == "<" and piece in self._added_to_id:
+                ids.append(self._added_to_id[piece])
             elif len(piece) == 1:
                 ids.extend(piece.encode("utf-8", "surrogatepass"))
             else:  # a space + letters that is not a vocabulary word

@@ -24,10 +24,14 @@ async def run_all(
         for trial in range(1, trials + 1):
             for name in faults:
                 result = await run_scenario(stack, FAULTS[name], trial, load)
+                ok = [r for r in result.records if r["ok"]]
                 print(
                     f"[{name} #{trial}] detected {result.detected} promoted {result.promoted}"
                     f" recovered {result.recovered} failed {result.nonstream_failed}/"
                     f"{result.stream_failed} migrated {result.migrations}"
+                    f" text mismatches {result.text_mismatches}"
+                    f" usage mismatches {sum(1 for r in ok if r['usage_matches'] is False)}"
+                    f" reasoning answers {sum(1 for r in ok if r['reasoning'])}"
                     f" rejoined {result.rejoined_as_standby}",
                     flush=True,
                 )
@@ -49,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         help="compose files of the stack under test (compose/), e.g. the GPU stack for gpu-smoke",
     )
     parser.add_argument(
+        "--reasoning-parser",
+        choices=["qwen3", "deepseek-r1"],
+        help="run the simulator nodes with this --reasoning-parser and tell the relay"
+        " (adds compose/reasoning.test.yaml)",
+    )
+    parser.add_argument(
         "--rejoin-timeout",
         type=float,
         default=runner.REJOIN_TIMEOUT,
@@ -60,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in faults if f not in FAULTS]
     if unknown:
         parser.error(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
-    with running_stack(tuple(f for f in args.stack_files.split(",") if f)) as stack:
+    files = [f for f in args.stack_files.split(",") if f]
+    env = {}
+    if args.reasoning_parser:
+        files.append("reasoning.test.yaml")
+        env["SGLANG_HA_REASONING_PARSER"] = args.reasoning_parser
+    with running_stack(tuple(files), env=env) as stack:
         try:
             results = asyncio.run(run_all(stack, faults, args.trials, args.concurrency))
         finally:

@@ -6,6 +6,11 @@ answer is also compared with a reference text and usage taken before any fault: 
 migrated stream must read exactly like an uninterrupted one (byte identity is the
 simulator's; on SGLang a migrated stream is a continuation, docs/failover.md) and
 count its tokens as the engine did (the original prompt, the requested budget).
+
+With the engines' `--reasoning-parser` on (`--reasoning-parser` of `python -m
+tests.failover`), the text compared is the reasoning, then `</think>`, then the
+content, the usage includes `reasoning_tokens`, and a stream whose reasoning deltas do
+not all come before its content is a mismatch.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ class RequestRecord:
     text_matches: bool | None = None
     usage_matches: bool | None = None  # (prompt, completion) tokens as the reference's
     completion_tokens: int | None = None
-    usage: tuple[int, int] | None = None  # (prompt, completion) tokens as received
-    usage_expected: tuple[int, int] | None = None  # ... as the uninterrupted reference's
+    # (prompt, completion, reasoning) tokens as received, and as the reference's
+    usage: tuple[int, int, int] | None = None
+    usage_expected: tuple[int, int, int] | None = None
+    reasoning: bool = False  # the answer carried reasoning_content
 
     @property
     def latency(self) -> float:
@@ -56,6 +63,20 @@ class RequestRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _usage(usage: CompletionUsage) -> tuple[int, int, int]:
+    # SGLang's UsageInfo.reasoning_tokens is no OpenAI field: the client keeps it as extra.
+    reasoning = (usage.model_extra or {}).get("reasoning_tokens") or 0
+    return usage.prompt_tokens, usage.completion_tokens, int(reasoning)
+
+
+def _joined(reasoning: str, content: str) -> str:
+    return f"{reasoning}</think>{content}" if reasoning else content
+
+
+def _extra(obj: Any, key: str) -> str:
+    return str((getattr(obj, "model_extra", None) or {}).get(key) or "")
 
 
 def _messages(i: int) -> list[ChatCompletionMessageParam]:
@@ -80,7 +101,7 @@ class Load:
         self.zero = clock_zero if clock_zero is not None else time.monotonic()
         self.records: list[RequestRecord] = []
         self.references: dict[int, str] = {}
-        self.reference_usage: dict[int, tuple[int, int]] = {}
+        self.reference_usage: dict[int, tuple[int, int, int]] = {}
         self._issued = 0
 
     def now(self) -> float:
@@ -95,9 +116,12 @@ class Load:
                 temperature=0,
                 seed=i,
             )
-            self.references[i] = reply.choices[0].message.content or ""
+            message = reply.choices[0].message
+            self.references[i] = _joined(
+                _extra(message, "reasoning_content"), message.content or ""
+            )
             if reply.usage is not None:
-                self.reference_usage[i] = (reply.usage.prompt_tokens, reply.usage.completion_tokens)
+                self.reference_usage[i] = _usage(reply.usage)
 
     async def _one(self, i: int, stream: bool) -> RequestRecord:
         start = self.now()
@@ -108,6 +132,7 @@ class Load:
             if stream:
                 text, node, ttft, gap, usage = await self._stream(prompt, start)
                 rec = RequestRecord(start, self.now(), True, True, node, ttft=ttft, max_gap=gap)
+                rec.reasoning = "</think>" in text
             else:
                 raw = await self.client.chat.completions.with_raw_response.create(
                     model="default",
@@ -118,9 +143,11 @@ class Load:
                 )
                 node = raw.headers.get("x-sglang-ha-node")
                 reply = raw.parse()
-                text = reply.choices[0].message.content or ""
+                message = reply.choices[0].message
+                reasoning = _extra(message, "reasoning_content")
+                text = _joined(reasoning, message.content or "")
                 usage = reply.usage
-                rec = RequestRecord(start, self.now(), False, True, node)
+                rec = RequestRecord(start, self.now(), False, True, node, reasoning=bool(reasoning))
         except (openai.APIError, openai.APIConnectionError, asyncio.TimeoutError) as exc:
             cause = f" ({exc.__cause__})" if exc.__cause__ else ""
             return RequestRecord(
@@ -136,7 +163,7 @@ class Load:
         if usage is not None:
             rec.completion_tokens = usage.completion_tokens
             if prompt in self.reference_usage:
-                got = (usage.prompt_tokens, usage.completion_tokens)
+                got = _usage(usage)
                 rec.usage, rec.usage_expected = got, self.reference_usage[prompt]
                 rec.usage_matches = got == rec.usage_expected
         else:
@@ -147,6 +174,8 @@ class Load:
         self, prompt: int, start: float
     ) -> tuple[str, str | None, float, float, CompletionUsage | None]:
         pieces: list[str] = []
+        thoughts: list[str] = []
+        in_order = True  # every reasoning delta before any content
         usage: CompletionUsage | None = None
         last = start
         ttft: float | None = None
@@ -171,11 +200,18 @@ class Load:
                 last = now
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
+                    thought = _extra(choice.delta, "reasoning_content")
+                    if thought:
+                        thoughts.append(thought)
+                        in_order = in_order and not any(pieces)
                     pieces.append(choice.delta.content or "")
                     finished = finished or choice.finish_reason is not None
         if not finished:
             raise openai.APIError("stream ended without a finish_reason", None, body=None)  # type: ignore[arg-type]
-        return "".join(pieces), node, ttft or 0.0, gap, usage
+        text = _joined("".join(thoughts), "".join(pieces))
+        if not in_order:
+            text = "(reasoning after content) " + text  # never equal to the reference
+        return text, node, ttft or 0.0, gap, usage
 
     async def _worker(self, worker: int, stop: asyncio.Event) -> None:
         n = worker

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from ha_agent.gateway.stream import sse
-from ha_agent.gateway.stream.migration import Migration
+from ha_agent.gateway.stream.migration import ContinuationRefused, Migration
 from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 
 RID = "chatcmpl-1"
@@ -197,11 +199,12 @@ def test_budget_holds_over_two_migrations() -> None:
 
 def test_client_asking_for_running_usage_gets_it_spliced() -> None:
     opts = {"include_usage": False, "continuous_usage_stats": True}
-    mig = Migration(
-        COMPLETIONS, {"prompt": "p", "max_tokens": 9, "stream": True, "stream_options": opts}
-    )
+    body = {"prompt": "p", "max_tokens": 9, "stream": True, "stream_options": opts}
+    mig = Migration(COMPLETIONS, {**body, "return_token_ids": True})
     raw = completion_chunk("a", use=usage(4, 2))
     assert mig.first_body(b"raw") == b"raw", "the client's own request goes up unchanged"
+    added = json.loads(Migration(COMPLETIONS, body).first_body(b"raw"))
+    assert added == {**body, "return_token_ids": True}, "the ids the relay continues from"
     assert first_segment(mig, raw) == raw
     migrate(mig)
     out, _ = mig.rewrite(completion_chunk("b", use=usage(6, 3), rid="q"))
@@ -283,9 +286,12 @@ def test_break_after_the_last_token_ends_the_stream_well_formed() -> None:
 # -- engine aborts ------------------------------------------------------------------------
 
 
-def sglang_error(code: int, name: str) -> bytes:
+NODE_ABORT = "Retraction host KV pool exhausted. Aborting the request."  # retract_decode
+
+
+def sglang_error(code: int, name: str, message: str = NODE_ABORT) -> bytes:
     # create_streaming_error_response (serving_base.py) uses json.dumps' default spacing.
-    error = {"object": "error", "message": "Request running timeout reached.", "type": name}
+    error = {"object": "error", "message": message, "type": name}
     return (
         b"data: " + json.dumps({"error": {**error, "param": None, "code": code}}).encode() + b"\n\n"
     )
@@ -295,10 +301,13 @@ def test_engine_abort_on_an_openai_stream_is_a_break() -> None:
     mig = Migration(CHAT, chat_body(stream_options={"include_usage": True}))
     before = chat_chunk({"content": "a"}, use=usage(3, 1))
     raw = (
-        before + sglang_error(503, "SERVICE_UNAVAILABLE") + chat_usage_chunk(usage(3, 1)) + sse.DONE
+        before
+        + sglang_error(500, "INTERNAL_SERVER_ERROR")
+        + chat_usage_chunk(usage(3, 1))
+        + sse.DONE
     )
     kept, client, abort = mig.screen(raw)
-    assert abort is not None and "503" in abort
+    assert abort is not None and "500" in abort
     assert kept == before, "nothing from the abort on reaches the client"
     assert client == chat_chunk({"content": "a"})
 
@@ -307,6 +316,40 @@ def test_a_400_error_event_is_the_requests_answer_and_passes_through() -> None:
     mig = Migration(COMPLETIONS, {"prompt": "p", "stream": True})
     raw = sglang_error(400, "BadRequestError") + sse.DONE
     assert mig.screen(raw) == (raw, raw, None)
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (503, "Request running timeout reached."),
+        (
+            500,
+            "Out of memory even after retracting all other requests in the decode batch. "
+            "Aborting the last request.",
+        ),
+    ],
+)
+def test_aborts_the_request_causes_pass_through_and_are_not_migrated(
+    code: int, message: str
+) -> None:
+    """scheduler.py `_abort_on_running_timeout` and schedule_batch.py `retract_decode`:
+    the request's own length or size; another node would end it the same way."""
+    mig = Migration(CHAT, chat_body())
+    raw = (
+        chat_chunk({"content": "a"}, use=usage(3, 1)) + sglang_error(code, "E", message) + sse.DONE
+    )
+    assert mig.screen(raw)[2] is None
+    gen = Migration(GENERATE, {"input_ids": [1, 2, 3], "stream": True})
+    finish = {"type": "abort", "message": message, "status_code": code, "err_type": None}
+    raw = gen_event("ab", [7, 8]) + gen_event("abc", [7, 8, 9], finish=finish) + sse.DONE
+    assert gen.screen(raw)[2] is None
+    migrate_after = Migration(CHAT, chat_body())
+    first_segment(migrate_after, chat_chunk({"content": "a"}, use=usage(3, 1)))
+    migrate(migrate_after)
+    out, abort = migrate_after.rewrite(
+        chat_chunk({"content": "b"}, use=usage(5, 1), rid="c") + sglang_error(code, "E", message)
+    )
+    assert abort is None and events(out)[1]["error"]["message"] == message
 
 
 def gen_event(
@@ -335,6 +378,17 @@ def test_generate_engine_abort_migrates_but_a_client_abort_ends_the_stream() -> 
     client_abort = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
     raw = running + gen_event("abc", [7, 8, 9], finish=client_abort) + sse.DONE
     assert mig.screen(raw)[2] is None
+
+
+def test_an_error_before_any_output_of_a_continuation_is_a_refusal() -> None:
+    """SGLang's /generate stream refuses an invalid request in-band (http_server.py
+    generate_request): HTTP 200, then `{"error": {..., "code": 400}}`, then [DONE]."""
+    mig = Migration(GENERATE, {"input_ids": [1, 2, 3], "stream": True})
+    first_segment(mig, gen_event("ab", [7, 8]))
+    migrate(mig)
+    error = {"message": "too long", "type": "invalid_request_error", "code": 400}
+    with pytest.raises(ContinuationRefused, match="too long"):
+        mig.rewrite(data({"error": {**error, "retryable": False}}) + sse.DONE)
 
 
 def test_engine_abort_in_a_continuation_ends_that_segment() -> None:

@@ -360,3 +360,205 @@ async def test_a_break_after_any_event_leaves_the_client_the_whole_answer_and_us
     assert bool(runs) == running_usage
     if running_usage:
         assert runs == sorted(runs) and runs[-1] == WORDS
+
+
+def _refuses_in_band(body: dict[str, Any]) -> list[bytes]:
+    """SGLang's /generate stream answering an invalid request (http_server.py
+    generate_request): HTTP 200, an `error` event with code 400, [DONE]."""
+    error = {
+        "message": "The input (9000 tokens) is longer than the model's context length.",
+        "type": "invalid_request_error",
+        "code": 400,
+        "retryable": False,
+    }
+    return [data({"error": error}), b"data: [DONE]\n\n"]
+
+
+async def test_a_continuation_refused_in_band_is_a_refusal_not_a_migration(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    primary = Engine([(generate_segment([1, 2, 3, 4], breaks=True), True)])
+    standby = Engine([(_refuses_in_band, False)] * 8)
+    rig = await rig_factory(primary, standby)
+    body = {"input_ids": [40, 41], "stream": True, "sampling_params": {"max_new_tokens": 10}}
+    events = await stream(rig.url + "/generate", body)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    error = events[-2]["error"]
+    assert "retry the request" in error["message"], "the relay's own retryable end"
+    assert "refused in-band" in error["message"] and "context length" in error["message"]
+    assert not [e for e in events[:-2] if "error" in e], "SGLang's 400 is not passed on"
+    assert events[-3]["output_ids"] == [1, 2, 3, 4]
+    assert standby.bodies[0]["input_ids"] == [40, 41, 1, 2, 3, 4]
+
+
+PROMPT_IDS = [101, 102, 103]
+
+
+def _completion_ids(first: int, count: int, prompt_ids: list[int] | None) -> list[bytes]:
+    """Completion chunks with SGLang's return_token_ids fields (serving_completions.py):
+    each chunk the ids new since the last, the first chunk the prompt's too."""
+    out = []
+    for n in range(count):
+        chunk = json.loads(completion_chunk(f" t{first + n}", use=usage(3, n + 1))[6:])
+        chunk["choices"][0]["token_ids"] = [first + n]
+        if n == 0 and prompt_ids is not None:
+            chunk["choices"][0]["prompt_token_ids"] = prompt_ids
+        out.append(data(chunk))
+    return out
+
+
+def _completion_primary(body: dict[str, Any]) -> list[bytes]:
+    assert body["return_token_ids"] is True, "the relay asks for the ids it continues from"
+    return _completion_ids(0, 4, PROMPT_IDS)
+
+
+def _completion_standby(body: dict[str, Any]) -> list[bytes]:
+    left = body["max_tokens"]
+    chunks = _completion_ids(4, left, list(body["prompt"]))
+    return [*chunks, completion_chunk("", finish="length"), b"data: [DONE]\n\n"]
+
+
+async def test_completions_continue_from_the_token_ids_not_the_text(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    """No tokenizer at the splice: the standby gets the prompt's ids as the engine
+    tokenized it plus the output's ids; the client, who did not ask, sees no ids."""
+    rig = await rig_factory(
+        Engine([(_completion_primary, True)]), Engine([(_completion_standby, False)])
+    )
+    body = {"model": "m", "prompt": "p q", "max_tokens": 10, "stream": True}
+    events = await stream(rig.url + "/v1/completions", body)
+    sent = rig.standby.bodies[0]
+    assert sent["prompt"] == [*PROMPT_IDS, 0, 1, 2, 3] and sent["max_tokens"] == 6
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(f" t{i}" for i in range(10))
+    assert all(
+        "token_ids" not in c["choices"][0] and "prompt_token_ids" not in c["choices"][0]
+        for c in chunks
+    )
+
+
+def _completion_primary_asked(body: dict[str, Any]) -> list[bytes]:
+    return _completion_ids(0, 4, PROMPT_IDS)
+
+
+async def test_completions_ids_a_client_asked_for_stay_the_originals(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(
+        Engine([(_completion_primary_asked, True)]), Engine([(_completion_standby, False)])
+    )
+    body = {"prompt": "p q", "max_tokens": 10, "stream": True, "return_token_ids": True}
+    events = await stream(rig.url + "/v1/completions", body)
+    choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
+    assert [t for c in choices for t in c.get("token_ids", [])] == list(range(10))
+    assert [c["prompt_token_ids"] for c in choices if "prompt_token_ids" in c] == [PROMPT_IDS]
+
+
+def _generate_with_prompt_ids(first: int, count: int, prompt_ids: list[int]) -> list[bytes]:
+    """Cumulative /generate events carrying `prompt_token_ids` (return_prompt_token_ids,
+    tokenizer_manager.py: every output)."""
+    out = []
+    for n in range(1, count + 1):
+        ids = list(range(first, first + n))
+        meta = {"id": "g-9", "finish_reason": None, "prompt_tokens": len(prompt_ids)}
+        meta["completion_tokens"] = n
+        event = {"text": "x" * n, "output_ids": ids, "meta_info": meta}
+        out.append(data({**event, "prompt_token_ids": prompt_ids}))
+    return out
+
+
+def _generate_text_primary(body: dict[str, Any]) -> list[bytes]:
+    return _generate_with_prompt_ids(0, 3, PROMPT_IDS)
+
+
+def _generate_ids_standby(body: dict[str, Any]) -> list[bytes]:
+    left = body["sampling_params"]["max_new_tokens"]
+    events = _generate_with_prompt_ids(3, left, body["input_ids"])
+    return [*events, b"data: [DONE]\n\n"]
+
+
+async def test_a_generate_text_prompt_continues_from_the_prompt_ids_the_client_asked(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(
+        Engine([(_generate_text_primary, True)]), Engine([(_generate_ids_standby, False)])
+    )
+    body = {
+        "text": "p q",
+        "stream": True,
+        "return_prompt_token_ids": True,
+        "sampling_params": {"max_new_tokens": 8},
+    }
+    events = await stream(rig.url + "/generate", body)
+    sent = rig.standby.bodies[0]
+    assert "text" not in sent and sent["input_ids"] == [*PROMPT_IDS, 0, 1, 2]
+    assert sent["sampling_params"]["max_new_tokens"] == 5
+    assert events[-2]["output_ids"] == list(range(8))
+    assert {tuple(e["prompt_token_ids"]) for e in events[:-1]} == {tuple(PROMPT_IDS)}
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+
+
+def _tool_primary(calls: bool) -> Script:
+    """A chat stream with tools: text first, then (if `calls`) the first tool_calls delta
+    as serving_chat.py `_process_tool_call_stream` sends it (id and name, no arguments)."""
+
+    def script(body: dict[str, Any]) -> list[bytes]:
+        out = [
+            chat_chunk({"role": "assistant", "content": ""}),
+            chat_chunk({"content": "Let me check."}, use=usage(PROMPT_TOKENS, 4)),
+        ]
+        if calls:
+            call = {
+                "id": "call_0",
+                "index": 0,
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": ""},
+            }
+            out.append(chat_chunk({"tool_calls": [call]}, use=usage(PROMPT_TOKENS, 12)))
+        return out
+
+    return script
+
+
+def _tool_standby(body: dict[str, Any]) -> list[bytes]:
+    left = body["max_tokens"]
+    return [
+        chat_chunk({"role": "assistant", "content": ""}),
+        chat_chunk({"content": " Sunny."}, use=usage(PROMPT_TOKENS + 4, left)),
+        chat_chunk({}, finish="stop"),
+        b"data: [DONE]\n\n",
+    ]
+
+
+async def test_a_tool_call_in_flight_ends_with_the_retryable_error(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(Engine([(_tool_primary(True), True)]), Engine([(_tool_standby, False)]))
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    events = await stream(
+        rig.url + "/v1/chat/completions", {**body, "max_tokens": 30, "stream": True}
+    )
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]["message"]
+    assert "retry the request" in error and "tool call" in error
+    assert rig.standby.bodies == [], "nothing re-sent: the call cannot be handed back"
+
+
+async def test_a_tools_request_still_answering_in_text_migrates(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    rig = await rig_factory(
+        Engine([(_tool_primary(False), True)]), Engine([(_tool_standby, False)])
+    )
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    events = await stream(
+        rig.url + "/v1/chat/completions", {**body, "max_tokens": 30, "stream": True}
+    )
+    sent = rig.standby.bodies[0]
+    assert sent["tools"] == TOOLS and sent["continue_final_message"] is True
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Let me check."}
+    assert sent["max_tokens"] == 26
+    assert content(events) == "Let me check. Sunny."

@@ -398,17 +398,18 @@ async def test_second_failure_during_a_migrated_stream(cluster: LocalCluster) ->
 # -- engine-side aborts ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", [503, 500])
-async def test_engine_abort_is_migrated_like_a_break(cluster: LocalCluster, status: int) -> None:
-    """SGLang ends a request itself on a running timeout (503) or when the KV cache runs
-    out (500): an error event on the OpenAI endpoints (serving_chat.py). The client must
-    see neither the error nor a short answer."""
+async def test_engine_abort_is_migrated_like_a_break(cluster: LocalCluster) -> None:
+    """SGLang ends a request itself when a retracted request's KV backup does not fit the
+    host pool (500, schedule_batch.py retract_decode: the node's memory pressure): an
+    error event on the OpenAI endpoints (serving_chat.py). The client must see neither
+    the error nor a short answer."""
+    status = 500
     primary, sim = cluster.primary_sim()
     body = openai_stream(
         2, messages=user("Tell me about leases."), stream_options={"include_usage": True}
     )
     expected = await reference(cluster, cluster.other(primary), "/v1/chat/completions", body)
-    await sim.faults(abort_after_tokens=30, abort_status=status)
+    await sim.faults(abort_after_tokens=30, abort_cause="retract_host_pool")
     async with httpx.AsyncClient(timeout=30) as client:
         events = await collect_stream(client, cluster.relay_url + "/v1/chat/completions", body)
     assert not [e for e in events if '"error"' in e]
@@ -433,7 +434,7 @@ async def test_generate_engine_abort_continues_from_the_token_ids(cluster: Local
     primary, sim = cluster.primary_sim()
     body = generate_stream([11, 12, 13, 14])
     expected = await reference(cluster, cluster.other(primary), "/generate", body)
-    await sim.faults(abort_after_tokens=40, abort_status=503)
+    await sim.faults(abort_after_tokens=40, abort_cause="retract_host_pool")
     async with httpx.AsyncClient(timeout=30) as client:
         events = await collect_stream(client, cluster.relay_url + "/generate", body)
     got, want = last_json(events), last_json(expected)
@@ -442,6 +443,30 @@ async def test_generate_engine_abort_continues_from_the_token_ids(cluster: Local
     assert got["meta_info"]["completion_tokens"] == LONG
     assert got["meta_info"]["prompt_tokens"] == 4
     assert "STREAM_MIGRATED" in cluster.ha_log("relay")
+
+
+@pytest.mark.parametrize("cause", ["running_timeout", "oom_after_retract"])
+async def test_an_abort_the_request_caused_is_its_answer_not_a_node_fault(
+    cluster: LocalCluster, cause: str
+) -> None:
+    """A running timeout (503) or a request too big for the KV pool alone (500) would end
+    the same way on the other node: the client gets SGLang's error, nothing migrates,
+    and a non-stream request is not re-sent."""
+    primary, sim = cluster.primary_sim()
+    await sim.faults(abort_after_tokens=10, abort_cause=cause)
+    body = openai_stream(2, messages=user("Tell me about leases."))
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + "/v1/chat/completions", body)
+        plain = await client.post(
+            cluster.relay_url + "/v1/chat/completions", json={**body, "stream": False}
+        )
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] in (500, 503)
+    assert plain.status_code == error["code"]
+    assert plain.headers["X-SGLang-HA-Node"] == primary, "not re-sent to the other node"
+    assert "STREAM_MIGRATED" not in cluster.ha_log("relay")
+    assert cluster.primary() == primary
 
 
 async def test_a_client_abort_ends_the_stream_and_is_not_migrated(cluster: LocalCluster) -> None:

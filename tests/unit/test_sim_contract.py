@@ -556,3 +556,62 @@ async def test_unsupported_features_are_refused_not_ignored(
     resp = await client.post(path, json=body)
     assert resp.status == 400
     assert "not supported by the simulator" in await resp.text()
+
+
+async def test_generate_stream_refuses_in_band_with_http_200(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/http_server.py (generate_request, stream: the
+    tokenizer manager's ValueError becomes `data: {"error": {..., "code": 400,
+    "retryable": false}}` after the 200 headers, then [DONE]); without stream, a 400."""
+    client = await sim_client_factory(context_length=64)
+    too_long = {"text": "x", "stream": True, "sampling_params": {"max_new_tokens": 100}}
+    resp = await client.post("/generate", json=too_long)
+    payloads = await sim_read_sse(resp)
+    assert payloads[-1] == "[DONE]" and len(payloads) == 2
+    error = json.loads(payloads[0])["error"]
+    assert error["code"] == 400 and error["retryable"] is False
+    assert error["type"] == "invalid_request_error" and "context length" in error["message"]
+    plain = await client.post("/generate", json={**too_long, "stream": False})
+    assert plain.status == 400
+    rid = {"text": "y", "stream": True, "rid": "dup", "sampling_params": {"max_new_tokens": 40}}
+    first = await client.post("/generate", json=rid)
+    second = await sim_read_sse(await client.post("/generate", json=rid))
+    assert json.loads(second[0])["error"]["code"] == 400
+    await sim_read_sse(first)
+
+
+async def test_token_ids_come_back_where_sglang_returns_them(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_completions.py (return_token_ids:
+    each chunk the output ids new since the last, the first chunk the prompt's;
+    CompletionResponseStreamChoice drops them when None) and
+    python/sglang/srt/managers/tokenizer_manager.py (return_prompt_token_ids: every
+    /generate output carries `prompt_token_ids`)."""
+    client = await sim_client_factory()
+    tok = get_tokenizer()
+    body = {"prompt": "Count to ten", "max_tokens": 12, "ignore_eos": True, "stream": True}
+    chunks = _data(
+        await sim_read_sse(
+            await client.post("/v1/completions", json={**body, "return_token_ids": True})
+        )
+    )
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert choices[0]["prompt_token_ids"] == tok.encode("Count to ten")
+    assert all("prompt_token_ids" not in c for c in choices[1:])
+    ids = [t for c in choices for t in c["token_ids"]]
+    assert len(ids) == 12 and tok.decode(ids) == "".join(c["text"] for c in choices)
+    plain = _data(await sim_read_sse(await client.post("/v1/completions", json=body)))
+    assert all("token_ids" not in c["choices"][0] for c in plain if c["choices"])
+    gen = await client.post(
+        "/generate",
+        json={
+            "text": "Count to ten",
+            "return_prompt_token_ids": True,
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 4},
+        },
+    )
+    events = _data(await sim_read_sse(gen))
+    assert all(e["prompt_token_ids"] == tok.encode("Count to ten") for e in events)

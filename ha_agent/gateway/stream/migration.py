@@ -7,14 +7,20 @@ strategy per MIGRATE row of the endpoint table (`_Generate`, `_Completions`, `_C
 registered in `STRATEGIES` by `@strategy(kind)`; a MIGRATE row without one fails at
 import) says how; the row says where the prompt, the budget and the constraints are:
 
-- SGLang `/generate`: `input_ids` + the output ids so far (exact token ids), or
-  `text` + the text so far for a text prompt; events stay cumulative over the whole
+- SGLang `/generate`: `input_ids` + the output ids so far (exact token ids; for a text
+  prompt too when the client asked `return_prompt_token_ids`, `managers/io_struct.py`,
+  which every event then carries), or `text` + the text so far; events stay cumulative
+  over the whole
   answer (`text`, `output_ids`, `meta_info.completion_tokens`, the output logprob
   arrays), under the original `meta_info.id`.
-- `/v1/completions`: prompt + text so far; chunks keep the original `id`.
+- `/v1/completions`: the prompt's token ids + the output's (exact: the relay asks for
+  `return_token_ids`, `serving_completions.py`, and cuts the ids off the client's copy
+  when the client did not ask), else prompt + text so far; chunks keep the original
+  `id`.
 - `/v1/chat/completions`: the partial answer becomes a final assistant message
   continued with SGLang's `continue_final_message`; the repeated role chunk is
-  dropped; chunks keep the original `id`.
+  dropped; chunks keep the original `id`. A reasoning stream (`--reasoning-parser`)
+  continues from the model's own text, rebuilt from the deltas (see `ReasoningFormat`).
 
 Token counts come from the engine, never from counting chunks: SGLang skips chat
 chunks whose text delta is empty (`srt/entrypoints/openai/serving_chat.py`) and,
@@ -38,13 +44,18 @@ An engine-side abort (`finish_reason` of type `abort` with status 500/503,
 `srt/managers/tokenizer_manager.py`; on the OpenAI endpoints an in-band error event
 with that code, `serving_chat.py`, `serving_completions.py`) is a node fault: the
 relay migrates it like a break. An abort without a status code (the client's own
-`/abort_request`) and a 400 are the request's end and pass through.
+`/abort_request`), a 400, and the two aborts the request causes itself (see
+`REQUEST_CAUSED_ABORTS`) are the request's end and pass through.
 
 Refused (the stream ends with an explicit retryable error event instead):
-grammar-constrained output (the row's constraint keys: grammars, response_format,
-tools; `Endpoint.constrained`) — an engine restarted on prompt + partial output
-would start a fresh document — and requests migration cannot express exactly
-(n > 1, batches, echo).
+grammar-constrained output (the row's grammar keys and a `response_format`;
+`Endpoint.constrained`) — an engine restarted on prompt + partial output would start a
+fresh document —, a chat stream that has sent a `tool_calls` delta (the tool-call
+parser consumed the model's text and sent a parsed form of it; `continue_final_message`
+continues only the `content` string, `serving_chat.py` `_handle_last_assistant_message`,
+so the call cannot be handed back), reasoning when the relay does not know the engines'
+reasoning parser, and requests migration cannot express exactly (n > 1, batches, echo).
+A request with `tools` whose answer so far is text or reasoning migrates like any other.
 
 The first segment is never parsed while it flows: its raw events are kept and read
 only if the stream breaks; the only work per event is a byte search for an abort
@@ -68,7 +79,6 @@ from ha_agent.openapi.endpoints import (
     FORMAT_KEY,
     GENERATE,
     GENERATIONS,
-    TOOLS_KEY,
     Endpoint,
     Semantics,
     generation,
@@ -78,6 +88,26 @@ from ha_agent.openapi.endpoints import as_int as _as_int
 # An abort with one of these statuses is the engine's fault (tokenizer_manager.py,
 # `_handle_abort_finish_reason`); 400 is the request's, None the client's own abort.
 ENGINE_FAULT_STATUS = frozenset({500, 503})
+# Engine-side aborts with a 500/503 that the request causes, not the node: another
+# node would end it the same way, so they are neither migrated nor retried.
+# "Request running timeout reached." (503): SGLANG_REQ_RUNNING_TIMEOUT ran out for this
+# request (scheduler.py `_abort_on_running_timeout`); "Out of memory even after
+# retracting all other requests" (500): this request alone does not fit the KV pool
+# (schedule_batch.py `retract_decode`).
+REQUEST_CAUSED_ABORTS = (
+    "Request running timeout reached.",
+    "Out of memory even after retracting all other requests",
+)
+_REQUEST_CAUSED_BYTES = tuple(m.encode() for m in REQUEST_CAUSED_ABORTS)
+
+
+def request_caused(message: Any) -> bool:
+    """Is this engine abort's message one the request causes itself?"""
+    if isinstance(message, bytes):
+        return any(m in message for m in _REQUEST_CAUSED_BYTES)
+    return any(m in str(message) for m in REQUEST_CAUSED_ABORTS)
+
+
 # meta_info arrays that grow with the output (`_INCREMENTAL_STREAMING_META_INFO_KEYS`,
 # tokenizer_manager.py) and those about the prompt, which stay the original's.
 _OUTPUT_ARRAYS = (
@@ -89,11 +119,20 @@ _OUTPUT_ARRAYS = (
 )
 _INPUT_ARRAYS = ("input_token_logprobs", "input_top_logprobs", "input_token_ids_logprobs")
 _USAGE_KEY = b',"usage":{'
+_IDS_KEY = b'token_ids":['
+# A completion choice's token id lists (return_token_ids): ints only, no nesting.
+_TOKEN_IDS = re.compile(rb',"(?:prompt_)?token_ids":\[[0-9,]*\]')
 _FINAL_USAGE = b'"choices":[]'
 # The usage object, then the chunk's own closing brace, and nothing after: flat, or
 # with flat objects inside (prompt_tokens_details with --enable-cache-report).
 # Usage holds names and numbers only, so no brace can hide in a string there.
 _USAGE_LAST = re.compile(rb"\{(?:[^{}]|\{[^{}]*\})*\}\}")
+
+
+class ContinuationRefused(Exception):
+    """The engine refused a continuation in-band, before any output of it (SGLang's
+    `/generate` stream answers an invalid request with HTTP 200 and an `error` event,
+    `http_server.py` `generate_request`): a refusal, not a migrated stream."""
 
 
 @dataclass
@@ -102,6 +141,7 @@ class Progress:
 
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
+    prompt_ids: list[int] | None = None  # the original prompt's ids, when the engine said
     tokens: int = 0  # completion tokens, as the engine counted them
     prompt_tokens: int | None = None  # the original request's prompt
     finished: bool = False
@@ -110,7 +150,10 @@ class Progress:
     response_id: str | None = None
     created: int | None = None
     model: str | None = None
-    tool_or_reasoning: bool = False
+    tool_calls: bool = False  # chat: a tool_calls delta was sent
+    reasoning: str = ""  # chat: the reasoning_content sent so far
+    reasoning_over: bool = False  # chat: content came after the reasoning
+    reasoning_tokens: int = 0  # as the engine counts them (up to and with </think>)
     meta: dict[str, Any] = field(default_factory=dict)  # /generate: the latest meta_info
     arrays: dict[str, list[Any]] = field(default_factory=dict)  # /generate output logprobs
 
@@ -119,12 +162,61 @@ class Progress:
         return self.tokens == 0 and not self.text and not self.output_ids
 
 
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return f"continuation refused in-band ({error.get('code')}): {error.get('message')}"[:300]
+    return f"continuation refused in-band: {error}"[:300]
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """How an engine's `--reasoning-parser` turns the model's text into deltas, so the
+    text can be rebuilt for `continue_final_message` (python/sglang/srt/, 0.5.19).
+
+    `parser/reasoning_parser.py`: both detectors split on `<think>` / `</think>`, strip
+    the opening tag once and pass everything else through unchanged, so the model's text
+    is `start + reasoning + "</think>" + content`. `start` is what the model writes
+    itself: Qwen3's template ends the prompt at the assistant turn and the model writes
+    `<think>`; DeepSeek-R1's template writes `<think>\n` into the prompt. The continued
+    message is the detector's `previous_content` (`ReasoningParser.__init__`): `<think>`
+    in it starts the continuation inside the reasoning, `</think>` after it, so the
+    continuation's deltas go on where the client's stopped. `toggle` is the
+    `chat_template_kwargs` key that turns thinking off (`serving_chat.py`
+    `_get_reasoning_from_request`), None when it is always on.
+    """
+
+    start: str
+    toggle: str | None
+
+    def thinking(self, body: dict[str, Any]) -> bool:
+        kwargs = body.get("chat_template_kwargs")
+        if self.toggle is None or not isinstance(kwargs, dict):
+            return True
+        return kwargs.get(self.toggle) is not False
+
+    def text(self, body: dict[str, Any], p: Progress) -> str:
+        """The model's text so far, as the engine generated it."""
+        if not self.thinking(body) or body.get("separate_reasoning") is False:
+            return p.text  # no reasoning, or the tags are in the content already
+        if p.reasoning_over or p.text:
+            return self.start + p.reasoning + "</think>" + p.text
+        return self.start + p.reasoning
+
+
+REASONING_FORMATS = {
+    "qwen3": ReasoningFormat(start="<think>", toggle="enable_thinking"),
+    "deepseek-r1": ReasoningFormat(start="", toggle=None),
+}
+
+
 class Migration:
     """Continuation logic for one streaming request."""
 
-    def __init__(self, kind: str, body: dict[str, Any]) -> None:
+    def __init__(self, kind: str, body: dict[str, Any], reasoning_parser: str = "") -> None:
         self.kind = kind
         self.body = body
+        # The engines' --reasoning-parser, as far as the relay knows it.
+        self.reasoning = REASONING_FORMATS.get(reasoning_parser)
         self.api: Strategy = STRATEGIES[kind]
         self.progress = Progress()
         self._base = Progress()  # progress at the start of the current segment
@@ -132,6 +224,7 @@ class Migration:
         self._cumulative = True  # /generate without --incremental-streaming-output
         self._seg_usage: int | None = None  # the engine's count in this segment
         self._seg_chunks = 0  # content chunks in this segment (engines without usage)
+        self._seg_events = 0  # events a continuation segment has sent the client
         opts = body.get("stream_options")
         self._opts_ok = self.api.openai and (opts is None or isinstance(opts, dict))
         opts = opts if isinstance(opts, dict) else {}
@@ -139,23 +232,29 @@ class Migration:
         self.wants_final_usage = bool(opts.get("include_usage"))
         # Cut the running usage we asked for off the client's copy of the stream.
         self._strip = self._opts_ok and not self.wants_running_usage
+        # Token ids the relay asks for (completions' return_token_ids), to cut off again.
+        self._ids_added = self.api.wants_ids(body)
 
     # -- the request the engine sees -----------------------------------------------------
 
     def upstream(self, body: dict[str, Any]) -> dict[str, Any]:
-        """`body` with the running usage the relay counts by (OpenAI endpoints)."""
-        if not self._opts_ok or self.wants_running_usage:
+        """`body` with the running usage the relay counts by (OpenAI endpoints) and the
+        token ids it continues from (completions)."""
+        if (not self._opts_ok or self.wants_running_usage) and not self._ids_added:
             return body
         out = dict(body)
-        out["stream_options"] = {
-            **(body.get("stream_options") or {}),
-            "continuous_usage_stats": True,
-        }
+        if self._opts_ok and not self.wants_running_usage:
+            out["stream_options"] = {
+                **(body.get("stream_options") or {}),
+                "continuous_usage_stats": True,
+            }
+        if self._ids_added:
+            out["return_token_ids"] = True
         return out
 
     def first_body(self, raw: bytes) -> bytes:
-        """The first segment's request: the client's bytes, unless usage must be added."""
-        if not self._opts_ok or self.wants_running_usage:
+        """The first segment's request: the client's bytes, unless the relay adds to it."""
+        if (not self._opts_ok or self.wants_running_usage) and not self._ids_added:
             return raw
         return json.dumps(self.upstream(self.body)).encode()
 
@@ -163,6 +262,11 @@ class Migration:
 
     def refusal(self) -> str | None:
         """Why this request cannot be migrated, or None."""
+        if self.progress.reasoning:
+            if self.reasoning is None:
+                return "reasoning deltas: the engines' reasoning parser is not configured"
+            if self.body.get("continue_final_message"):
+                return "reasoning after the client's own continue_final_message"
         return self.api.refusal(self.body, self.progress)
 
     @property
@@ -184,6 +288,8 @@ class Migration:
         if self.api.abort_marker in out:
             out, abort = self._cut_at_abort(out)
         client = self._strip_usage(out) if self._strip and _USAGE_KEY in out else out
+        if self._ids_added and _IDS_KEY in client:
+            client = _TOKEN_IDS.sub(b"", client)
         return out, client, abort
 
     def _cut_at_abort(self, out: bytes) -> tuple[bytes, str | None]:
@@ -238,10 +344,19 @@ class Migration:
             if done is not None:
                 self._seg_usage = done
             self.note_prompt(usage.get("prompt_tokens"))
+            self._count_reasoning(_as_int(usage.get("reasoning_tokens")))
         if chunk_has_text:
             self._seg_chunks += 1
         seg = self._seg_usage if self._seg_usage is not None else self._seg_chunks
         self.progress.tokens = self._base.tokens + seg
+
+    def _count_reasoning(self, seg: int | None) -> None:
+        """SGLang counts reasoning tokens per request until it generates `</think>`
+        (schedule_batch.py `Req.update_reasoning_tokens`): a continuation that starts
+        after it counts every token, so once the reasoning ended the count stays."""
+        base = self._base
+        if seg is not None and not base.reasoning_over:
+            self.progress.reasoning_tokens = base.reasoning_tokens + seg
 
     def note_prompt(self, prompt_tokens: Any) -> None:
         """The original prompt's size: the first segment's, or a resent request's when
@@ -273,7 +388,7 @@ class Migration:
     def start_segment(self) -> None:
         self.segments += 1
         self._base = copy.deepcopy(self.progress)
-        self._seg_usage, self._seg_chunks = None, 0
+        self._seg_usage, self._seg_chunks, self._seg_events = None, 0, 0
 
     # -- splicing a continuation onto the client's stream --------------------------------
 
@@ -296,11 +411,14 @@ class Migration:
             if reason is not None:
                 return bytes(out), reason
             if "error" in event:
+                if self._seg_events == 0 and not out:
+                    raise ContinuationRefused(_error_text(event["error"]))
                 out += sse.encode(event)
                 continue
             spliced = self.api.splice(self, event)
             if spliced is not None:
                 out += sse.encode(spliced)
+                self._seg_events += 1
         return bytes(out), None
 
     @property
@@ -323,6 +441,8 @@ class Migration:
             usage["total_tokens"] = (_as_int(usage.get("prompt_tokens")) or 0) + (
                 _as_int(usage.get("completion_tokens")) or 0
             )
+        if "reasoning_tokens" in usage:
+            usage["reasoning_tokens"] = self.progress.reasoning_tokens
 
     def closing_events(self) -> bytes:
         """What ends the client's stream when nothing was left to generate (the break
@@ -361,9 +481,9 @@ class Strategy:
         self.route = route
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        bound = self.route.constrained(body)
-        if bound == TOOLS_KEY:
-            return "tool calls cannot be resumed"
+        # Tools alone do not refuse: until a tool_calls delta is sent (the chat
+        # strategy's refusal), the answer is text like any other.
+        bound = self.route.constrained(body, grammar_only=True)
         if bound == FORMAT_KEY:
             return "grammar-constrained output (response_format) cannot be resumed"
         if bound is not None:
@@ -376,9 +496,17 @@ class Strategy:
         """The engine ended the stream on its own fault (serving_chat.py and
         serving_completions.py turn a 500/503 abort into an error event)."""
         error = event.get("error")
-        if isinstance(error, dict) and _as_int(error.get("code")) in ENGINE_FAULT_STATUS:
+        if (
+            isinstance(error, dict)
+            and _as_int(error.get("code")) in ENGINE_FAULT_STATUS
+            and not request_caused(error.get("message"))
+        ):
             return f"engine abort {error.get('code')}: {str(error.get('message'))[:200]}"
         return None
+
+    def wants_ids(self, body: dict[str, Any]) -> bool:
+        """Should the relay ask the engine for token ids the client did not ask for?"""
+        return False
 
     def track(self, mig: Migration, event: dict[str, Any]) -> None:
         p = mig.progress
@@ -443,7 +571,7 @@ class Strategy:
             "total_tokens": prompt + p.tokens,
             "completion_tokens": p.tokens,
             "prompt_tokens_details": None,
-            "reasoning_tokens": 0,
+            "reasoning_tokens": p.reasoning_tokens,
         }
 
     def closing(self, mig: Migration) -> bytes:
@@ -456,13 +584,26 @@ class _Completions(Strategy):
     usage_off = b',"usage":null'
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        if not isinstance(body.get("prompt"), str):
-            return "only a single text prompt can be continued"
+        prompt = body.get("prompt")
+        ids = isinstance(prompt, list) and bool(prompt) and all(type(t) is int for t in prompt)
+        if not isinstance(prompt, str) and not (
+            ids and len(progress.output_ids) == progress.tokens
+        ):
+            return "only a single text prompt, or token ids with the output's, can be continued"
         if body.get("echo"):
             return "echo"
         return super().refusal(body, progress)
 
+    def wants_ids(self, body: dict[str, Any]) -> bool:
+        return body.get("stream") is True and not body.get("return_token_ids")
+
     def piece(self, p: Progress, choice: dict[str, Any]) -> str:
+        ids = choice.get("token_ids")  # return_token_ids: the ids new in this chunk
+        if isinstance(ids, list):
+            p.output_ids += ids
+        prompt = choice.get("prompt_token_ids")
+        if isinstance(prompt, list) and p.prompt_ids is None:
+            p.prompt_ids = prompt
         return str(choice.get("text") or "")
 
     def drop_usage(self, event: dict[str, Any]) -> None:
@@ -471,11 +612,27 @@ class _Completions(Strategy):
     def continuation(
         self, mig: Migration, body: dict[str, Any], left: int | None
     ) -> dict[str, Any]:
+        p = mig.progress
         if left is not None:
             body[self.route.budget_key(body)] = left
-        self.set_budget(body, left, mig.progress.tokens)
-        body["prompt"] = str(body["prompt"]) + mig.progress.text
+        self.set_budget(body, left, p.tokens)
+        prompt_ids = body["prompt"] if isinstance(body["prompt"], list) else p.prompt_ids
+        if prompt_ids is not None and len(p.output_ids) == p.tokens:
+            # Exact: the very ids the engine read and wrote, no tokenizer at the splice.
+            body["prompt"] = list(prompt_ids) + p.output_ids
+        else:
+            body["prompt"] = str(body["prompt"]) + p.text
         return body
+
+    def splice(self, mig: Migration, event: dict[str, Any]) -> dict[str, Any] | None:
+        out = super().splice(mig, event)  # tracks the ids first
+        for choice in event.get("choices") or []:
+            # The continuation's prompt is not the client's (it had the original's in
+            # its first chunk); ids the relay asked for the client never did.
+            choice.pop("prompt_token_ids", None)
+            if mig._ids_added:
+                choice.pop("token_ids", None)
+        return out
 
     def closing(self, mig: Migration) -> bytes:
         p = mig.progress
@@ -499,19 +656,23 @@ class _Chat(Strategy):
     usage_off = b""
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        if self.route.constrained(body) == TOOLS_KEY:
-            return "tool calls cannot be resumed"
-        if progress.tool_or_reasoning:
-            return "tool-call or reasoning deltas cannot be resumed"
+        if progress.tool_calls:
+            return "a tool call in flight cannot be resumed"
         return super().refusal(body, progress)
 
     def piece(self, p: Progress, choice: dict[str, Any]) -> str:
         delta = choice.get("delta") or {}
-        if delta.get("tool_calls") or delta.get("reasoning_content"):
-            p.tool_or_reasoning = True
+        if delta.get("tool_calls"):
+            p.tool_calls = True
+        thought = delta.get("reasoning_content")
+        if thought:
+            p.reasoning += str(thought)
         if delta.get("role"):
             p.role_sent = True
-        return str(delta.get("content") or "")
+        text = str(delta.get("content") or "")
+        if text and p.reasoning:
+            p.reasoning_over = True
+        return text
 
     def continuation(
         self, mig: Migration, body: dict[str, Any], left: int | None
@@ -520,6 +681,8 @@ class _Chat(Strategy):
             body[self.route.budget_key(body)] = left
         self.set_budget(body, left, mig.progress.tokens)
         text = mig.progress.text
+        if mig.reasoning is not None:
+            text = mig.reasoning.text(mig.body, mig.progress)
         messages = list(body.get("messages") or [])
         last = messages[-1] if messages else None
         if (
@@ -593,6 +756,7 @@ class _Generate(Strategy):
             isinstance(finish, dict)
             and finish.get("type") == "abort"
             and _as_int(finish.get("status_code")) in ENGINE_FAULT_STATUS
+            and not request_caused(finish.get("message"))
         ):
             return f"engine abort {finish.get('status_code')}: {str(finish.get('message'))[:200]}"
         return None
@@ -601,6 +765,9 @@ class _Generate(Strategy):
         p, base = mig.progress, mig.base
         meta = event.get("meta_info") or {}
         p.response_id = p.response_id or meta.get("id")
+        prompt = event.get("prompt_token_ids")  # return_prompt_token_ids, every event
+        if isinstance(prompt, list) and p.prompt_ids is None:
+            p.prompt_ids = prompt
         ids = event.get("output_ids")
         text = event.get("text", "")
         done = _as_int(meta.get("completion_tokens"))
@@ -639,6 +806,11 @@ class _Generate(Strategy):
         if isinstance(body.get("input_ids"), list):
             # Exact: the engine continues from the very tokens it produced.
             body["input_ids"] = list(body["input_ids"]) + p.output_ids
+        elif p.prompt_ids is not None and mig._cumulative:
+            # A text prompt as the engine tokenized it: no tokenizer at the splice (text
+            # wins over input_ids in GenerateReqInput, so it goes).
+            body.pop("text", None)
+            body["input_ids"] = list(p.prompt_ids) + p.output_ids
         else:
             body["text"] = str(body.get("text", "")) + p.text
         return body
@@ -659,6 +831,8 @@ class _Generate(Strategy):
         for key in _INPUT_ARRAYS:  # about the original prompt, not prompt + output
             if key in meta and key in base.meta:
                 meta[key] = base.meta[key]
+        if "prompt_token_ids" in event and p.prompt_ids is not None:
+            event["prompt_token_ids"] = p.prompt_ids
         if isinstance(meta.get("completion_tokens"), int):
             meta["completion_tokens"] += base.tokens
         if isinstance(meta.get("prompt_tokens"), int) and p.prompt_tokens is not None:

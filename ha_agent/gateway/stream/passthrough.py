@@ -215,6 +215,8 @@ class UpstreamStream(asyncio.Protocol):
                     self._finish()
             except Exception as exc:
                 self._fail(exc)
+                if self._end.done() and self._end.exception() is None:
+                    raise  # the whole body had already come: _end holds no failure
         await self._end
         if not self._sink_done:  # the body ended cleanly, but before the last event
             raise UpstreamFailure("stream ended without [DONE]", FailureCause.TRUNCATED)

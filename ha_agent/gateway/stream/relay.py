@@ -40,7 +40,7 @@ from ha_agent.gateway.admission.prompt_scan import PromptTooLong
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.stream import passthrough, sse
-from ha_agent.gateway.stream.migration import Migration
+from ha_agent.gateway.stream.migration import ContinuationRefused, Migration, request_caused
 from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import (
     RETRYABLE_STATUS,
@@ -323,7 +323,9 @@ class Relay:
                 headers=forward_headers(request.headers),
             ) as resp:
                 data = await resp.read()
-                if resp.status in RETRYABLE_STATUS:
+                # A 500/503 the request caused itself (an engine abort, migration.py)
+                # is its answer: another node would end it the same way.
+                if resp.status in RETRYABLE_STATUS and not request_caused(data):
                     raise _Retryable(resp.status, resp.headers, data)
                 return resp.status, resp.headers, data
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
@@ -339,7 +341,7 @@ class Relay:
         body: bytes,
         started: float,
     ) -> web.StreamResponse:
-        migration = Migration(kind, payload)
+        migration = Migration(kind, payload, self.s.reasoning_parser)
         state = _StreamState(request, kind, migration, started, self.metrics)
         if self.warmer is not None:
             warmer = self.warmer
@@ -377,6 +379,13 @@ class Relay:
                     return await self._give_up(state, why_stop)
                 if not state.started:
                     continue  # nothing sent yet: a plain retry
+                if failure.cause is FailureCause.CONTINUATION_REFUSED:
+                    # The engine judged the continuation itself (too long, ...): another
+                    # node would refuse it too. The client's stream ends, retryable.
+                    self.events.emit(
+                        ev.STREAM_MIGRATED, f"refused by {node.name}: {failure.reason}"
+                    )
+                    return await self._give_up(state, failure.reason)
                 if state.migrations and state.writes == segment_writes:
                     continue  # the continuation never got going: send it elsewhere as is
                 # Bytes already reached the client: continue the stream elsewhere.
@@ -496,7 +505,10 @@ class Relay:
             else:
                 out, pending = chunk[:cut], chunk[cut:]
             if rewrite:
-                out, abort = mig.rewrite(out)
+                try:
+                    out, abort = mig.rewrite(out)
+                except ContinuationRefused as refused:
+                    raise UpstreamFailure(str(refused), FailureCause.CONTINUATION_REFUSED) from None
             else:
                 raw, out, abort = mig.screen(out)
                 state.keep_raw(raw)
