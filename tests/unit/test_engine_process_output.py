@@ -3,7 +3,14 @@ already started the next one by the time the agent reads the log."""
 
 from __future__ import annotations
 
-from ha_agent.node.engine.process import OOM_TEXT, START_MARKER, SupervisorWatch, output_of_run
+from ha_agent.node.engine.process import (
+    EXCEPTION_TEXT,
+    OOM_TEXT,
+    START_MARKER,
+    SupervisorWatch,
+    output_of_run,
+)
+from ha_agent.sim.faults import CRASH_LINES, OOM_LINE
 
 
 def marker(pid: int) -> str:
@@ -79,3 +86,29 @@ def test_an_oom_line_logged_after_the_death_is_still_seen() -> None:
     fake.info = {"statename": "RUNNING", "pid": 11}
     fake.stderr += marker(11)
     assert not watch._read().oom, "the next run starts clean"
+
+
+def test_the_engines_own_exception_is_told_from_a_kill_and_an_oom() -> None:
+    """SGLang's scheduler logs "Scheduler hit an exception" before it takes the server
+    down (srt/managers/scheduler.py); a kill or an OOM kill never print it."""
+    assert EXCEPTION_TEXT.search(CRASH_LINES)
+    assert EXCEPTION_TEXT.search("[2026-12-06] DetokenizerManager hit an exception: Traceback")
+    assert not EXCEPTION_TEXT.search(OOM_LINE)
+    assert not EXCEPTION_TEXT.search("Received sigquit from a child process.")
+    watch = SupervisorWatch("/nonexistent.sock", "engine")
+    fake = _FakeSupervisor()
+    watch._rpc = type("Rpc", (), {"supervisor": fake})()
+    assert watch._read().running
+    fake.info = {"statename": "EXITED", "pid": 0}
+    fake.log = "INFO exited: engine (terminated by SIGKILL; not expected)\n"
+    assert not watch._read().exception, "a kill"
+    fake.stderr += CRASH_LINES + "\n"  # drained into the log after the death was seen
+    gone = watch._read()
+    assert gone.exception and not gone.oom and "own exception" in gone.describe()
+    fake.info = {"statename": "RUNNING", "pid": 11}
+    fake.stderr += marker(11)
+    assert not watch._read().exception, "the next run starts clean"
+    fake.info = {"statename": "EXITED", "pid": 0}
+    fake.stderr += OOM_LINE + "\n"
+    gone = watch._read()
+    assert gone.oom and not gone.exception
