@@ -3,10 +3,13 @@ already started the next one by the time the agent reads the log."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ha_agent.node.engine.process import (
     EXCEPTION_TEXT,
     OOM_TEXT,
     START_MARKER,
+    HostProcessWatch,
     SupervisorWatch,
     output_of_run,
 )
@@ -112,3 +115,40 @@ def test_the_engines_own_exception_is_told_from_a_kill_and_an_oom() -> None:
     fake.stderr += OOM_LINE + "\n"
     gone = watch._read()
     assert gone.oom and not gone.exception
+
+
+def test_a_sidecar_engine_restarted_between_two_looks_still_tells_how_it_died(
+    tmp_path: Path,
+) -> None:
+    """An engine restarted at once (a user's own supervisor) is never seen gone: the
+    new run's appearance reports the old one's death, once, with what its log said."""
+    proc, log = tmp_path / "proc", tmp_path / "engine.log"
+    proc.mkdir()
+    log.write_text("starting\n")
+
+    def run(pid: int, start: int) -> None:
+        (proc / str(pid)).mkdir()
+        rest = " ".join(["0"] * 17)
+        (proc / str(pid) / "stat").write_text(f"{pid} (python) S 1 {rest} {start} 0 0\n")
+        (proc / str(pid) / "cmdline").write_bytes(
+            b"python\x00-m\x00ha_agent.sim\x00--port\x00030\x00"
+        )
+
+    def gone(pid: int) -> None:
+        for f in (proc / str(pid)).iterdir():
+            f.unlink()
+        (proc / str(pid)).rmdir()
+
+    watch = HostProcessWatch(pattern="ha_agent.sim --port 030", log_file=str(log), proc=str(proc))
+    run(100, 5)
+    assert watch._read().running
+    with log.open("a") as fh:
+        fh.write(CRASH_LINES + "\n")
+    gone(100)
+    run(101, 9)
+    died = watch._read()
+    assert not died.running and died.exception and not died.oom
+    assert watch._read().running and watch._read().pid == 101
+    gone(101)  # kill -9, seen this time
+    killed = watch._read()
+    assert killed.state == "EXITED" and not killed.exception

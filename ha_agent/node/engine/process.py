@@ -296,8 +296,15 @@ class HostProcessWatch(ProcessWatch):
         if found is not None:
             pid, letter, started = found
             if self._run != (pid, started):
+                # Died and came back between two reads (restarted at once): the death
+                # still happened, and how matters. Reported once, as supervisord's
+                # BACKOFF; the new run is reported from the next read on.
+                missed = self._run is not None and self._gone is None
+                said = self._log_says() if missed else (False, False)
                 self._run, self._gone = (pid, started), None
                 self._log_offset = self._log_size()
+                if missed:
+                    return ProcessState(self.name, "BACKOFF", 0, "gone and started again", *said)
             if letter in _STOPPED:
                 return ProcessState(self.name, "STOPPED", pid)  # SIGSTOP: frozen
             return ProcessState(self.name, "RUNNING", pid)
