@@ -446,6 +446,23 @@ async def test_a_broken_connection_on_a_node_that_kept_serving_is_no_crash(
     assert await asyncio.wait_for(adm.node_failed(req, "b", connect), 0.05) is None
 
 
+async def test_a_connection_broken_on_an_engine_still_listening_is_re_sent_at_once(
+    admission: Admission,
+) -> None:
+    """A stale keep-alive on a live engine: no crash, no wait for the agent's word."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        admission.topology.nodes["a"].engine_url = f"http://127.0.0.1:{port}"
+        req = await admitted(admission, "hello")
+        await sent(admission, req)
+        assert await asyncio.wait_for(admission.node_failed(req, "a", BROKE), 0.6) is None
+        assert await sent(admission, req, timeout=0.05) == set()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_one_suspect_at_a_time_across_the_relay_workers(tmp_path: Path) -> None:
     one, two = Solo(tmp_path), Solo(tmp_path)
     first = await one.acquire(1.0)

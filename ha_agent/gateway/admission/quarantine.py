@@ -53,6 +53,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ha_agent.atomic_file import write_atomic
 from ha_agent.dcs.base import EngineState
@@ -87,11 +88,35 @@ class Cause(enum.Enum):
     NONE = "the node kept serving"  # a connection broke, nothing more
 
 
+async def still_listening(engine_url: str, timeout: float = 0.5) -> bool:
+    """Does the engine still accept connections? SGLang's HTTP server dies with its
+    scheduler (the SIGQUIT handler kills the process tree), so a connection broken by
+    a crash finds the port closed; one broken on a live engine (a stale keep-alive)
+    does not."""
+    url = urlsplit(engine_url)
+    try:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if host is None:
+        return False
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 async def crash_cause(topology: Topology, name: str, since: float, within: float) -> Cause:
     """How node `name` failed, for a request sent to it at `since` (monotonic): its
     engine's own exception when the agent's count of those rose after `since`."""
     deadline = time.monotonic() + within
     down_since: float | None = None
+    node = topology.nodes.get(name)
+    healthy = node is not None and not node.failed and node.engine_state is EngineState.HEALTHY
+    if healthy and node is not None and await still_listening(node.engine_url):
+        return Cause.NONE
     while True:
         now = time.monotonic()
         node = topology.nodes.get(name)
