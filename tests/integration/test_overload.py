@@ -11,6 +11,7 @@
 - A query of death (the simulator's crash_marker) under load: each node dies at most
   once for it and never both at once, the relay quarantines it alone (503,
   QUERY_QUARANTINED, the metric), and everyone else is served throughout.
+- The standby's engine hung, then the primary's killed: nothing is quarantined.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import httpx
 import pytest
 
 from tests.support import load_watch as watch
+from tests.support.background_load import background_load
+from tests.support.processes import wait_until
 from tests.support.stack import NODES, Stack, overlay_stack
 
 OVERLAY = Path(__file__).with_name("overload.compose.yaml")
@@ -334,3 +337,30 @@ def test_a_query_of_death_costs_only_itself(stack: Stack) -> None:
     assert stack.ha_log("gateway").count("QUERY_QUARANTINED") == relay_log_before + 1
     metrics = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=5).text
     assert "sglang_ha_relay_quarantined_total 1.0" in metrics
+
+
+def test_the_standby_hung_then_the_primary_killed_quarantines_nothing(stack: Stack) -> None:
+    """Two unrelated faults are no query of death: the standby's engine hangs, 3 s later
+    the primary's engine is killed, under load from clients that never retry."""
+    primary = stack.wait_stable()
+    standby = next(n for n in NODES if n != primary)
+    relay_log_before = stack.ha_log("gateway").count("QUERY_QUARANTINED")
+
+    def engine_state(node: str) -> Any:
+        return (stack.agent_status(node) or {}).get("engine", {}).get("state")
+
+    try:
+        with background_load(stack.gateway_url) as load:
+            stack.sim_faults(standby, hang=True)
+            wait_until(lambda: engine_state(standby) == "hung", 20, what="the standby judged hung")
+            time.sleep(3)  # as the user did
+            stack.signal_engine(primary, "KILL")
+            wait_until(lambda: engine_state(primary) != "healthy", 20, what="the primary seen dead")
+            stack.sim_faults(standby)  # the hang ends
+            stack.wait_stable(60)
+    finally:
+        stack.sim_faults(standby)
+    print(f"standby hung, primary killed: {load.summary()}")
+    quarantined = [r.error for r in load.records if "quarantined" in (r.error or "")]
+    assert not quarantined, quarantined[:3]
+    assert stack.ha_log("gateway").count("QUERY_QUARANTINED") == relay_log_before
