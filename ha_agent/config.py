@@ -299,7 +299,7 @@ class EngineHealthSettings(BaseSettings):
     engine_log: str | None = Field(
         None,
         description="Sidecar with engine_pid/engine_process: the engine's log file, read"
-        " for out-of-memory lines when it dies.",
+        " for out-of-memory lines and the engine's own exception when it dies.",
     )
 
     @property
@@ -665,6 +665,12 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
     shed_retry_after: int = Field(2, ge=1, description="Retry-After sent with a 429, s.")
     quarantine_ttl: float = Field(
         600.0, gt=0, description="How long a query of death is refused, s."
+    )
+    quarantine_suspect_wait: float = Field(
+        120.0,
+        gt=0,
+        description="How long a request on an engine that crashed of its own exception"
+        " waits to be re-sent alone while fewer than two nodes serve, s; then 503.",
     )
     quarantine_dir: Path | None = Field(
         None,

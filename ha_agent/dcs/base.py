@@ -208,6 +208,9 @@ class EngineStatus:
     reason: str = ""
     for_seconds: float = 0.0
     oom: bool = False
+    # Engine runs that ended in the engine's own exception since the agent started
+    # (process.py EXCEPTION_TEXT): what the relay's query-of-death rule reads.
+    exceptions: int = 0
     running: float = 0.0
     queued: float = 0.0
     token_usage: float = 0.0
@@ -228,6 +231,7 @@ class EngineStatus:
             reason=str(data.get("reason", "")),
             for_seconds=_num(data, "for_seconds"),
             oom=bool(data.get("oom", False)),
+            exceptions=int(_num(data, "exceptions")),
             running=_num(data, "running"),
             queued=_num(data, "queued"),
             token_usage=_num(data, "token_usage"),

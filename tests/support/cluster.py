@@ -63,6 +63,9 @@ class LocalCluster:
     relay_port: int = 0
     admin_port: int = 0
     sim_env: dict[str, str] = field(default_factory=dict)
+    # Agents watch their engine's process and its log (sidecar mode, engine_process):
+    # how it died (the engine's own exception, an OOM) reaches the relay.
+    watch_process: bool = False
 
     @property
     def relay_url(self) -> str:
@@ -79,8 +82,12 @@ class LocalCluster:
 
     def start_engine(self, name: str) -> None:
         node = self.nodes[name]
-        node._sim_cm = sim_process(name, port=node.engine_port, **self.sim_env)
+        log_file = self.engine_log(name) if self.watch_process else None
+        node._sim_cm = sim_process(name, port=node.engine_port, log_file=log_file, **self.sim_env)
         node.sim = node._sim_cm.__enter__()
+
+    def engine_log(self, name: str) -> str:
+        return os.path.join(self.workdir, f"{name}.engine.log")
 
     def kill_engine(self, name: str, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[name]
@@ -99,6 +106,12 @@ class LocalCluster:
 
     async def start_agent(self, name: str, supervised: bool = False, **overrides: Any) -> None:
         node = self.nodes[name]
+        if self.watch_process:
+            overrides = {
+                "engine_process": f"ha_agent.sim --host 127.0.0.1 --port {node.engine_port}",
+                "engine_log": self.engine_log(name),
+                **overrides,
+            }
         settings = AgentSettings(
             node_name=name,
             engine_url=node.engine_url,
@@ -195,9 +208,12 @@ async def local_cluster(
     names: tuple[str, ...] = ("sglang-01", "sglang-02"),
     relay: bool = True,
     sim_env: dict[str, str] | None = None,
+    watch_process: bool = False,
 ) -> AsyncIterator[LocalCluster]:
     workdir = tempfile.mkdtemp(prefix="sglang-ha-cluster-")
-    cluster = LocalCluster(redis=redis, workdir=workdir, sim_env=sim_env or {})
+    cluster = LocalCluster(
+        redis=redis, workdir=workdir, sim_env=sim_env or {}, watch_process=watch_process
+    )
     for name in names:
         cluster.nodes[name] = LocalNode(name, free_port(), free_port())
     try:

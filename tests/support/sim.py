@@ -68,17 +68,20 @@ async def sim_in_process(name: str = "sim", **overrides: Any) -> AsyncIterator[S
 
 @contextlib.contextmanager
 def sim_process(
-    name: str = "sim", port: int | None = None, **env_overrides: str
+    name: str = "sim", port: int | None = None, log_file: str | None = None, **env_overrides: str
 ) -> Iterator[SimHandle]:
+    """A simulator process; its stderr appended to `log_file` (as supervisord keeps an
+    engine's) when given."""
     port = port or free_port()
     env = {**os.environ, **{f"SIM_{k.upper()}": str(v) for k, v in FAST.items()}}
     env.update({"SIM_INSTANCE_NAME": name, **env_overrides})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ha_agent.sim", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log_file or os.devnull, "ab") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ha_agent.sim", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     handle = SimHandle(url=f"http://127.0.0.1:{port}", proc=proc)
     try:
         wait_until(

@@ -19,7 +19,7 @@ from ha_agent.dcs.base import AgentStatus, EngineState, EngineStatus, Role
 from ha_agent.events import EventLog
 from ha_agent.gateway.admission.gate import Admission, RelayParts
 from ha_agent.gateway.admission.limits import Limits, LimitSettings, constraints, prompt_size
-from ha_agent.gateway.admission.quarantine import Quarantine, fingerprint, node_died
+from ha_agent.gateway.admission.quarantine import Quarantine, Solo, fingerprint, node_died
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.upstream.topology import NodeView, Topology
 from ha_agent.gateway.upstream.transport import FailureCause, Transport, UpstreamFailure, classify
@@ -30,10 +30,14 @@ NESTED = "(?:a{1000}){1000}"
 MB = 1024 * 1024
 
 
-def status(state: EngineState = EngineState.HEALTHY, queued: float = 0) -> AgentStatus:
-    return AgentStatus(
-        node="n", role=Role.PRIMARY, epoch=1, engine=EngineStatus(state=state, queued=queued)
-    )
+def status(
+    state: EngineState = EngineState.HEALTHY,
+    queued: float = 0,
+    exceptions: int = 0,
+    oom: bool = False,
+) -> AgentStatus:
+    engine = EngineStatus(state=state, queued=queued, exceptions=exceptions, oom=oom)
+    return AgentStatus(node="n", role=Role.PRIMARY, epoch=1, engine=engine)
 
 
 @pytest.fixture
@@ -48,9 +52,9 @@ def admission(tmp_path: Any) -> Admission:
     topology = Topology(settings, FakeStore(FakeClock()), events)
     topology.primary = "a"
     for node in topology.nodes.values():
-        node.status = status()
+        topology.took_status(node, status())
     adm = Admission(RelayParts(settings, topology, Transport(0.5, 60), RelayMetrics(), events))
-    adm.confirm_s = 0.5
+    adm.confirm_s = 3.0
     return adm
 
 
@@ -258,48 +262,217 @@ def test_a_quarantine_is_shared_by_the_gateways_workers(tmp_path: Path) -> None:
     assert list((tmp_path / "q").iterdir()) == []
 
 
-async def test_two_nodes_dying_with_a_request_quarantine_it(admission: Admission) -> None:
-    payload = {"text": "boom", "sampling_params": {"max_new_tokens": 4}}
+def crash(adm: Admission, name: str, exception: bool = True, **how: Any) -> None:
+    """The node's engine died, as its agent reports it (with the engine's own exception
+    in its output, or not) and the relay's topology judges it."""
+    topo = adm.topology
+    node = topo.nodes[name]
+    before = node.exceptions_seen or 0
+    state = how.pop("state", EngineState.DEAD)
+    topo.took_status(node, status(state, exceptions=before + exception, **how))
+    node.failed = True
+
+
+def restart(adm: Admission, name: str) -> None:
+    topo = adm.topology
+    node = topo.nodes[name]
+    topo.took_status(node, status(exceptions=node.exceptions_seen or 0))
+    node.failed = False
+
+
+BROKE = classify(aiohttp.ServerDisconnectedError())
+
+
+async def admitted(adm: Admission, prompt: str) -> web.Request:
     req = request("/generate")
-    assert await admission.admit(req, GENERATE, payload) is None
-    broke = classify(aiohttp.ServerDisconnectedError())
-    # First node: a re-send, at once (judged in the background).
-    admission.topology.nodes["a"].failed = True
-    assert await asyncio.wait_for(admission.node_failed(req, "a", broke), 0.05) is None
-    # Identical requests on the same dead node are the same one failure.
-    other = request("/generate")
-    assert await admission.admit(other, GENERATE, payload) is None
-    assert await admission.node_failed(other, "a", broke) is None
-    # Second node: quarantined, with the event and the metric.
-    admission.topology.nodes["b"].status = status(EngineState.DEAD)
-    why = await admission.node_failed(req, "b", broke)
+    payload = {"text": prompt, "sampling_params": {"max_new_tokens": 4}}
+    assert await adm.admit(req, GENERATE, payload) is None
+    return req
+
+
+async def sent(adm: Admission, req: web.Request, timeout: float = 2.0) -> set[str]:
+    """The request goes out (attempt() let it); the nodes it avoids."""
+    avoid, why = await asyncio.wait_for(adm.attempt(req), timeout)
+    assert why is None, why
+    return avoid
+
+
+async def held_back(adm: Admission, req: web.Request) -> bool:
+    """attempt() still holds the request back after a moment (bounded); then the
+    client gives up on it."""
+    try:
+        await asyncio.wait_for(adm.attempt(req), 0.3)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+def held(adm: Admission, prompt: str) -> bool:
+    fp = fingerprint(GENERATE, {"text": prompt, "sampling_params": {"max_new_tokens": 4}})
+    return adm.quarantine.held(fp) > 0
+
+
+async def test_only_the_culprit_is_quarantined_and_never_both_engines_down(
+    admission: Admission,
+) -> None:
+    """Three requests in prefill on a when its engine crashed of its own exception:
+    none is re-sent while b alone serves; then one at a time, the culprit first on b,
+    whose crash with it alone quarantines it; the two others are served."""
+    adm = admission
+    culprit, one, two = [await admitted(adm, p) for p in ("boom", "hello", "world")]
+    for req in (culprit, one, two):
+        await sent(adm, req)
+    crash(adm, "a")
+    verdicts = await asyncio.gather(*(adm.node_failed(r, "a", BROKE) for r in (culprit, one, two)))
+    assert verdicts == [None, None, None], "suspects, not culprits: one crash proves nothing"
+    # b alone serves: a second crash would leave no engine, so nothing goes.
+    assert await held_back(adm, culprit)
+    restart(adm, "a")
+    assert await sent(adm, culprit) == {"a"}, "alone, and to the node it did not crash"
+    assert await held_back(adm, one), "one suspect at a time"
+    crash(adm, "b")
+    why = await adm.node_failed(culprit, "b", BROKE)
     assert why is not None and "quarantined" in why and "query of death" in why
-    assert admission.metrics.quarantined._value.get() == 1
-    assert any(e.event == "QUERY_QUARANTINED" for e in admission.events.recent)
-    # Afterwards the same request is refused at admission: 503, saying why.
-    resp = await admission.admit(request("/v1/completions"), COMPLETIONS, {"prompt": "x"})
-    assert resp is None, "other requests pass"
-    resp = await admission.admit(request("/generate"), GENERATE, payload)
+    assert adm.metrics.quarantined._value.get() == 1
+    assert [e.event for e in adm.events.recent].count("QUERY_QUARANTINED") == 1
+    assert await held_back(adm, one), "b is down now: a waits for it"
+    restart(adm, "b")
+    await sent(adm, one)
+    assert await held_back(adm, two)
+    adm.progressed(one)  # its first event: past its prefill
+    await sent(adm, two)
+    adm.done(two)
+    assert held(adm, "boom") and not held(adm, "hello") and not held(adm, "world")
+    resp = await adm.admit(request("/generate"), GENERATE, {"text": "boom"})
+    assert resp is None, "another prompt passes (the fingerprint covers sampling_params too)"
+    again = request("/generate")
+    resp = await adm.admit(
+        again, GENERATE, {"text": "boom", "sampling_params": {"max_new_tokens": 4}}
+    )
     assert resp is not None and resp.status == 503
     assert "quarantined" in body_of(resp)["error"]["message"]
+
+
+async def test_a_request_that_received_tokens_is_no_suspect(admission: Admission) -> None:
+    adm = admission
+    streamed = await admitted(adm, "a story")
+    await sent(adm, streamed)
+    crash(adm, "a")
+    # No wait for the cause: it was past its prefill there, so it moves on at once.
+    verdict = adm.node_failed(streamed, "a", BROKE, received=True)
+    assert await asyncio.wait_for(verdict, 0.05) is None
+    assert await sent(adm, streamed, timeout=0.05) == set()
+    restart(adm, "a")
+    await sent(adm, streamed)
+    crash(adm, "b")
+    assert await adm.node_failed(streamed, "b", BROKE, received=True) is None
+    assert not adm.quarantine and adm.metrics.quarantined._value.get() == 0
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {},  # kill -9: dead, no exception in its output
+        {"oom": True},
+        {"state": EngineState.HUNG},
+        {"agent_lost": True},
+    ],
+    ids=["kill", "oom-kill", "hang", "lost-node"],
+)
+async def test_no_request_is_blamed_for_a_kill_an_oom_a_hang_or_a_lost_node(
+    admission: Admission, how: dict[str, Any]
+) -> None:
+    """Every request on it is re-sent as in any failover, suspects or not."""
+    adm = admission
+    req = await admitted(adm, "boom")
+    await sent(adm, req)
+    agent_lost = how.pop("agent_lost", False)
+    crash(adm, "a", exception=False, **how)
+    if agent_lost:
+        adm.topology.nodes["a"].status = None
+    started = time.monotonic()
+    assert await adm.node_failed(req, "a", BROKE) is None
+    assert time.monotonic() - started < 2.5, "decided within the grace, not the deadline"
+    assert await sent(adm, req, timeout=0.05) == set(), "re-sent at once, b alone serving"
+    crash(adm, "b", exception=False, **how)
+    assert await adm.node_failed(req, "b", BROKE) is None
+    assert not adm.quarantine
+
+
+async def test_the_standby_hung_then_the_primary_killed_quarantine_nothing(
+    admission: Admission,
+) -> None:
+    """Two nodes failing for two reasons is not one request killing both."""
+    adm = admission
+    reqs = [await admitted(adm, f"prompt {i}") for i in range(16)]
+    for req in reqs:
+        await sent(adm, req)
+    crash(adm, "b", exception=False, state=EngineState.HUNG)
+    crash(adm, "a", exception=False)
+    verdicts = await asyncio.gather(*(adm.node_failed(r, "a", BROKE) for r in reqs))
+    assert verdicts == [None] * 16
+    for req in reqs:
+        assert await sent(adm, req, timeout=0.05) == set()
+    assert not adm.quarantine and adm.metrics.quarantined._value.get() == 0
+
+
+async def test_a_suspect_held_back_too_long_is_refused_not_quarantined(
+    admission: Admission,
+) -> None:
+    adm = admission
+    adm.suspect_wait = 0.5
+    req = await admitted(adm, "hello")
+    await sent(adm, req)
+    crash(adm, "a")
+    assert await adm.node_failed(req, "a", BROKE) is None
+    _, why = await asyncio.wait_for(adm.attempt(req), 2.0)
+    assert why is not None and "not quarantined" in why
+    assert not adm.quarantine
 
 
 async def test_a_broken_connection_on_a_node_that_kept_serving_is_no_crash(
     admission: Admission,
 ) -> None:
-    payload = {"text": "long story"}
-    req = request("/generate")
-    assert await admission.admit(req, GENERATE, payload) is None
+    adm = admission
+    adm.confirm_s = 0.3
+    req = await admitted(adm, "long story")
     broke = classify(aiohttp.ClientPayloadError("payload not completed"))
-    assert await admission.node_failed(req, "a", broke) is None
-    assert await admission.node_failed(req, "b", broke) is None  # both stayed healthy
-    assert not admission.quarantine
-    assert (
-        await admission.node_failed(
-            req, "b", UpstreamFailure("connect failed", FailureCause.CONNECT, connect=True)
-        )
-        is None
-    )
+    await sent(adm, req)
+    assert await adm.node_failed(req, "a", broke) is None
+    await sent(adm, req, timeout=0.05)
+    assert await adm.node_failed(req, "b", broke) is None  # both stayed healthy
+    assert not adm.quarantine
+    connect = UpstreamFailure("connect failed", FailureCause.CONNECT, connect=True)
+    assert await asyncio.wait_for(adm.node_failed(req, "b", connect), 0.05) is None
+
+
+async def test_a_connection_broken_on_an_engine_still_listening_is_re_sent_at_once(
+    admission: Admission,
+) -> None:
+    """A stale keep-alive on a live engine: no crash, no wait for the agent's word."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        admission.topology.nodes["a"].engine_url = f"http://127.0.0.1:{port}"
+        req = await admitted(admission, "hello")
+        await sent(admission, req)
+        assert await asyncio.wait_for(admission.node_failed(req, "a", BROKE), 0.6) is None
+        assert await sent(admission, req, timeout=0.05) == set()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_one_suspect_at_a_time_across_the_relay_workers(tmp_path: Path) -> None:
+    one, two = Solo(tmp_path), Solo(tmp_path)
+    first = await one.acquire(1.0)
+    assert first is not None
+    assert await two.acquire(0.2) is None, "the other worker waits"
+    first.release()
+    first.release()  # idempotent
+    second = await two.acquire(1.0)
+    assert second is not None
+    second.release()
 
 
 def test_every_new_setting_is_an_env_knob(monkeypatch: pytest.MonkeyPatch) -> None:

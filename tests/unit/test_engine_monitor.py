@@ -278,13 +278,14 @@ class ScriptedProcess(ProcessWatch):
         self.clock = clock
         self.letter = "S"
         self.supervisor_state = "RUNNING"
+        self.exception = False  # the run that ended logged the engine's own exception
         self.cpu_share = 0.01  # of one core, from now on
         self._cpu = 0.0
         self._at = clock()
 
     async def read(self, timeout: float) -> ProcessState:
         if self.supervisor_state != "RUNNING":
-            return ProcessState("engine", self.supervisor_state, 0)
+            return ProcessState("engine", self.supervisor_state, 0, exception=self.exception)
         return ProcessState("engine", "RUNNING", 4242)
 
     def activity(self, pid: int) -> ProcessActivity | None:
@@ -486,6 +487,32 @@ async def test_engine_stopped_by_supervisord_is_dead_not_frozen() -> None:
     proc.supervisor_state = "STOPPED"  # supervisorctl stop engine: no process at all
     await run_for(monitor, engine, 1)
     assert monitor.health.state is EngineState.DEAD, monitor.health
+
+
+async def test_each_run_ended_by_the_engines_own_exception_is_counted_once() -> None:
+    """What the relay's query-of-death rule reads: a kill is not counted, and a crash
+    is counted once however many ticks see the engine down."""
+    monitor, engine, proc, clock = scripted()
+    await confirmed(monitor, engine)
+
+    def crashes() -> int:
+        return monitor.health.status(clock()).exceptions
+
+    proc.supervisor_state = "EXITED"  # kill -9: no exception in its output
+    await run_for(monitor, engine, 2)
+    assert monitor.health.state is EngineState.DEAD and crashes() == 0
+    proc.supervisor_state = "RUNNING"
+    await confirmed(monitor, engine)
+    proc.supervisor_state, proc.exception = "EXITED", True  # "Scheduler hit an exception"
+    await run_for(monitor, engine, 2)
+    assert monitor.health.state is EngineState.DEAD and crashes() == 1
+    assert "own exception" in monitor.health.reason
+    proc.supervisor_state, proc.exception = "RUNNING", False
+    await confirmed(monitor, engine)
+    assert crashes() == 1, "the count outlives the run"
+    proc.supervisor_state, proc.exception = "BACKOFF", True
+    await run_for(monitor, engine, 1)
+    assert crashes() == 2
 
 
 async def test_unanswered_metrics_without_cpu_is_hung_quickly() -> None:

@@ -3,7 +3,17 @@ already started the next one by the time the agent reads the log."""
 
 from __future__ import annotations
 
-from ha_agent.node.engine.process import OOM_TEXT, START_MARKER, SupervisorWatch, output_of_run
+from pathlib import Path
+
+from ha_agent.node.engine.process import (
+    EXCEPTION_TEXT,
+    OOM_TEXT,
+    START_MARKER,
+    HostProcessWatch,
+    SupervisorWatch,
+    output_of_run,
+)
+from ha_agent.sim.faults import CRASH_LINES, OOM_LINE
 
 
 def marker(pid: int) -> str:
@@ -79,3 +89,66 @@ def test_an_oom_line_logged_after_the_death_is_still_seen() -> None:
     fake.info = {"statename": "RUNNING", "pid": 11}
     fake.stderr += marker(11)
     assert not watch._read().oom, "the next run starts clean"
+
+
+def test_the_engines_own_exception_is_told_from_a_kill_and_an_oom() -> None:
+    """SGLang's scheduler logs "Scheduler hit an exception" before it takes the server
+    down (srt/managers/scheduler.py); a kill or an OOM kill never print it."""
+    assert EXCEPTION_TEXT.search(CRASH_LINES)
+    assert EXCEPTION_TEXT.search("[2026-12-06] DetokenizerManager hit an exception: Traceback")
+    assert not EXCEPTION_TEXT.search(OOM_LINE)
+    assert not EXCEPTION_TEXT.search("Received sigquit from a child process.")
+    watch = SupervisorWatch("/nonexistent.sock", "engine")
+    fake = _FakeSupervisor()
+    watch._rpc = type("Rpc", (), {"supervisor": fake})()
+    assert watch._read().running
+    fake.info = {"statename": "EXITED", "pid": 0}
+    fake.log = "INFO exited: engine (terminated by SIGKILL; not expected)\n"
+    assert not watch._read().exception, "a kill"
+    fake.stderr += CRASH_LINES + "\n"  # drained into the log after the death was seen
+    gone = watch._read()
+    assert gone.exception and not gone.oom and "own exception" in gone.describe()
+    fake.info = {"statename": "RUNNING", "pid": 11}
+    fake.stderr += marker(11)
+    assert not watch._read().exception, "the next run starts clean"
+    fake.info = {"statename": "EXITED", "pid": 0}
+    fake.stderr += OOM_LINE + "\n"
+    gone = watch._read()
+    assert gone.oom and not gone.exception
+
+
+def test_a_sidecar_engine_restarted_between_two_looks_still_tells_how_it_died(
+    tmp_path: Path,
+) -> None:
+    """An engine restarted at once (a user's own supervisor) is never seen gone: the
+    new run's appearance reports the old one's death, once, with what its log said."""
+    proc, log = tmp_path / "proc", tmp_path / "engine.log"
+    proc.mkdir()
+    log.write_text("starting\n")
+
+    def run(pid: int, start: int) -> None:
+        (proc / str(pid)).mkdir()
+        rest = " ".join(["0"] * 17)
+        (proc / str(pid) / "stat").write_text(f"{pid} (python) S 1 {rest} {start} 0 0\n")
+        (proc / str(pid) / "cmdline").write_bytes(
+            b"python\x00-m\x00ha_agent.sim\x00--port\x00030\x00"
+        )
+
+    def gone(pid: int) -> None:
+        for f in (proc / str(pid)).iterdir():
+            f.unlink()
+        (proc / str(pid)).rmdir()
+
+    watch = HostProcessWatch(pattern="ha_agent.sim --port 030", log_file=str(log), proc=str(proc))
+    run(100, 5)
+    assert watch._read().running
+    with log.open("a") as fh:
+        fh.write(CRASH_LINES + "\n")
+    gone(100)
+    run(101, 9)
+    died = watch._read()
+    assert not died.running and died.exception and not died.oom
+    assert watch._read().running and watch._read().pid == 101
+    gone(101)  # kill -9, seen this time
+    killed = watch._read()
+    assert killed.state == "EXITED" and not killed.exception

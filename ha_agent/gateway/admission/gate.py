@@ -14,16 +14,23 @@ from aiohttp import web
 
 from ha_agent import events as ev
 from ha_agent.config import RelaySettings
-from ha_agent.dcs.base import EngineState
 from ha_agent.events import EventLog
 from ha_agent.gateway.admission.limits import Limits, LimitSettings, ask_context_length
 from ha_agent.gateway.admission.prompt_scan import PromptScanner
-from ha_agent.gateway.admission.quarantine import Quarantine, fingerprint, node_died
+from ha_agent.gateway.admission.quarantine import (
+    Cause,
+    Held,
+    Quarantine,
+    Solo,
+    crash_cause,
+    fingerprint,
+    node_died,
+)
 from ha_agent.gateway.admission.shedding import Shedder
 from ha_agent.gateway.errors import refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.upstream.topology import Topology
-from ha_agent.gateway.upstream.transport import FailureCause, Transport, UpstreamFailure
+from ha_agent.gateway.upstream.transport import Transport, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +38,28 @@ log = logging.getLogger(__name__)
 class Ticket:
     """An admitted generation request; its fingerprint is computed only when needed."""
 
-    __slots__ = ("_fp", "kind", "payload", "suspects")
+    __slots__ = ("_fp", "crashed", "kind", "payload", "sent_at", "solo", "suspect_since")
 
     def __init__(self, kind: str, payload: dict[str, Any]) -> None:
         self.kind, self.payload = kind, payload
         self._fp: str | None = None
-        # Nodes this very request was on when they failed, each with the judgement
-        # whether the node really stopped serving.
-        self.suspects: list[tuple[str, asyncio.Future[bool]]] = []
+        self.sent_at = 0.0  # when the current attempt went out (monotonic)
+        # Nodes whose engine crashed of its own exception while this request was on
+        # it, before it had received anything from it (quarantine.py: a suspect).
+        self.crashed: list[str] = []
+        self.suspect_since = 0.0
+        self.solo: Held | None = None  # the one-suspect-at-a-time slot, while held
 
     @property
     def fingerprint(self) -> str:
         if self._fp is None:
             self._fp = fingerprint(self.kind, self.payload)
         return self._fp
+
+    def release(self) -> None:
+        if self.solo is not None:
+            self.solo.release()
+            self.solo = None
 
 
 _KEY = web.RequestKey("sglang_ha_admitted", Ticket)  # the request's Ticket
@@ -76,6 +91,8 @@ class Admission:
         )
         self.shedder = Shedder(parts.topology, settings.shed_queue_bound, settings.shed_retry_after)
         self.quarantine = Quarantine(settings.quarantine_ttl, shared=settings.quarantine_dir)
+        self.solo = Solo(settings.quarantine_dir)
+        self.suspect_wait = settings.quarantine_suspect_wait
         self.topology, self.transport = parts.topology, parts.transport
         self.metrics, self.events = parts.metrics, parts.events
         self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this
@@ -109,7 +126,8 @@ class Admission:
                 return refusal_at(
                     path,
                     503,
-                    "this request is quarantined: the nodes that held it failed twice"
+                    "this request is quarantined: engines crashed of their own exception"
+                    " with it twice, the second time with no other suspect on the engine"
                     f" (a query of death); refused for another {left:.0f}s",
                 )
         shed = self.shedder.check()
@@ -119,55 +137,95 @@ class Admission:
         request[_KEY] = ticket
         return None
 
-    async def node_failed(
-        self, request: web.Request, node: str, failure: UpstreamFailure
-    ) -> str | None:
-        """An attempt failed. When the request's second node died holding it, the
-        reason to stop re-sending it; else None (re-send as usual).
+    async def attempt(self, request: web.Request) -> tuple[set[str], str | None]:
+        """Before each upstream attempt: the nodes to avoid if another can serve, and
+        a reason to stop instead (None: go on).
 
-        A broken connection is only a *suspected* crash (a stream can break for other
-        reasons, and a migration re-sends it): it counts once the topology has seen
-        that node stop serving (its agent reports the engine dead, hung or starting,
-        or stops answering) within `confirm_s`. The first failure is judged in the
-        background, so a plain failover re-sends at once; only a second one waits.
+        A request that was a suspect of an engine's crash waits until at least two
+        nodes serve (a second crash must leave one) and it holds the solo slot, so
+        that a second crash with it on the engine can only be its doing.
         """
         ticket: Ticket | None = request.get(_KEY)
-        if ticket is None or not node_died(failure):
+        if ticket is None:
+            return set(), None
+        if ticket.crashed:
+            deadline = ticket.suspect_since + self.suspect_wait
+            while not (ticket.solo is not None and self._enough_serving()):
+                left = deadline - time.monotonic()
+                if ticket.solo is None and left > 0 and self._enough_serving():
+                    ticket.solo = await self.solo.acquire(left)
+                    continue
+                if left <= 0:
+                    ticket.release()
+                    self.metrics.refused.labels(ticket.kind, "suspect_wait").inc()
+                    return set(), (
+                        f"{', '.join(ticket.crashed)} crashed of the engine's own exception"
+                        " while this request was starting there, and it could not be re-sent"
+                        f" alone with another node serving within {self.suspect_wait:.0f}s;"
+                        " it is not quarantined: retry it"
+                    )
+                await asyncio.sleep(0.05)
+        ticket.sent_at = time.monotonic()
+        return set(ticket.crashed), None
+
+    def progressed(self, request: web.Request) -> None:
+        """The request received its first event (or its answer): past its prefill, it is
+        no suspect any more, and the next one may go."""
+        ticket: Ticket | None = request.get(_KEY)
+        if ticket is not None:
+            ticket.crashed.clear()
+            ticket.release()
+
+    def done(self, request: web.Request) -> None:
+        """The request ended, however: give back what it holds."""
+        self.progressed(request)
+
+    async def node_failed(
+        self, request: web.Request, node: str, failure: UpstreamFailure, received: bool = False
+    ) -> str | None:
+        """An attempt failed. The reason to stop re-sending the request when it is
+        the culprit of a query of death; else None (re-send as usual).
+
+        `received`: the request had received an event from this node (a stream past its
+        prefill there): not a suspect, whatever the cause. Otherwise the request waits
+        for the cause (bounded by `confirm_s`): only the engine's own exception makes
+        it a suspect (quarantine.py).
+        """
+        ticket: Ticket | None = request.get(_KEY)
+        if ticket is None:
             return None
-        judged = asyncio.ensure_future(self._confirm(node, failure.cause))
-        # Other nodes that failed while holding this same request. Per request, not per
-        # fingerprint across requests: identical prompts from many clients, on nodes
-        # that died for unrelated reasons minutes apart, are no query of death.
-        earlier = [
-            f for other, f in ticket.suspects if other != node and (not f.done() or f.result())
-        ]
-        ticket.suspects.append((node, judged))
-        if not earlier or not await judged:
+        if received or not node_died(failure):
             return None
-        if not any(await asyncio.gather(*earlier)):
+        cause = await crash_cause(self.topology, node, ticket.sent_at, self.confirm_s)
+        if cause is not Cause.EXCEPTION:
+            log.info("%s failed holding a request (%s): re-sent", node, cause.value)
             return None
+        # Alone on the engines as a suspect, and a suspect of an earlier crash too (of
+        # the other node, as attempt() prefers; of the same one only in a one-node
+        # cluster): no one else can have caused both.
+        alone, earlier = ticket.solo is not None, list(ticket.crashed)
+        if not ticket.crashed:
+            ticket.suspect_since = time.monotonic()
+        ticket.crashed.append(node)
+        ticket.release()
+        if not (alone and earlier):
+            return None  # a suspect: re-sent alone once two nodes serve (attempt())
         fp = ticket.fingerprint
         self.quarantine.hold(fp)
         self.metrics.quarantined.inc()
         self.events.emit(
             ev.QUERY_QUARANTINED,
-            f"{ticket.kind} request {fp[:12]}: {node} failed holding it, the second node"
-            f" to; refused for {self.quarantine.ttl:.0f}s",
+            f"{ticket.kind} request {fp[:12]}: {node}'s engine crashed of its own exception"
+            f" with it alone under suspicion, after {', '.join(earlier)}'s did with it;"
+            f" refused for {self.quarantine.ttl:.0f}s",
         )
-        log.warning("quarantined request %s after %s failed holding it", fp, node)
+        log.warning("quarantined request %s after %s crashed holding it alone", fp, node)
         return (
-            "this request is quarantined: the two nodes that held it both failed"
+            "this request is quarantined: two engines crashed of their own exception with it"
             f" (a query of death); refused for {self.quarantine.ttl:.0f}s"
         )
 
-    async def _confirm(self, name: str, cause: FailureCause) -> bool:
-        """Did the node stop serving (not just drop one connection)?"""
-        if cause is FailureCause.ABANDONED:
-            return True  # the topology already judged the node failed
-        deadline = time.monotonic() + self.confirm_s
-        while time.monotonic() < deadline:
-            node = self.topology.nodes.get(name)
-            if node is None or node.failed or node.engine_state is not EngineState.HEALTHY:
-                return True
-            await asyncio.sleep(0.05)
-        return False
+    def _enough_serving(self) -> bool:
+        now = self.topology.clock()
+        nodes = self.topology.nodes.values()
+        return sum(n.can_serve(now) for n in nodes) >= min(2, len(nodes))

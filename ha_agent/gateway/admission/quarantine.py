@@ -1,40 +1,49 @@
-"""Query-of-death protection: a request that crashes engines is not re-sent forever.
+"""Query-of-death protection: a request that crashes engines is not re-sent forever,
+and nothing else is blamed.
 
 The relay re-sends a request whose node failed while it held it (relay.py): right for
 a node that died of something else, fatal for a request that *is* the cause (a prompt
-that trips a kernel bug, a grammar that crashes the compiler). Re-sent to the next node,
-it kills that one too, and a client that retries kills them in turn.
+that trips a kernel bug, a grammar that crashes the compiler). Re-sent to the next node
+at once, it kills that one too, and the pair has no engine left.
 
-The rule (admission.py applies it): a request may be in flight on a node that failed
-*once*, and is re-sent; when a second, different node fails holding that same request,
-its fingerprint is quarantined for `ttl` seconds. Counted per request, never across
-requests: identical prompts (a shared system prompt, a load test) on nodes that died
-for unrelated reasons are no query of death. A quarantined request is answered 503
-at admission with a message that says why, the event QUERY_QUARANTINED is logged,
-and `sglang_ha_relay_quarantined_total` counts it. Everyone else is served as usual,
-except a request that happened to be on both failed nodes with the culprit (re-sent
-with it after the first crash): the rule cannot tell the two apart, so it is refused
-and quarantined too. With distinct prompts that costs only those few requests.
-
-A failure counts when the node's connection broke or the topology abandoned the node
-while the request was on it, and the topology then saw the node stop serving (its
-engine dead, hung or starting, or its agent gone); a connect error (nothing reached
-the node), a timeout or an HTTP status never count.
+Who can be guilty (gate.py applies it):
+- Only a crash by the engine's *own exception* counts: the agent reads the engine's
+  output ("Scheduler hit an exception", node/engine/process.py) and reports how many
+  runs ended so; the relay sees that count rise (topology.py). A kill, an OOM kill, a
+  hang or a lost node is no request's doing: every request on it is re-sent at once,
+  as for any failover, and nothing is counted.
+- Only a request that had not received anything from that node yet is a *suspect*:
+  one that already streamed tokens was past its prefill there. (A non-streaming
+  request shows nothing before its answer, so it always is one.)
+- A suspect is not re-sent while the crash leaves fewer than two nodes serving (a
+  second crash would leave none), and then *alone*: one suspect at a time on the
+  engines, across the gateway's relay workers (`Solo`, a lock file in
+  `quarantine_dir`), held until its first event or its answer, and on a node it did
+  not crash when one serves. Everything else is served meanwhile.
+- A suspect that, sent alone, is again on a node when that node's engine crashes of
+  its own exception before answering is the culprit: its fingerprint is quarantined
+  for `ttl` seconds (503 at admission, saying why; the event QUERY_QUARANTINED; the
+  counter `sglang_ha_relay_quarantined_total`). The others it crashed with at first
+  are served, one by one, and never quarantined.
+- A suspect still waiting after `suspect_wait` seconds is refused with a 503 that says
+  it is not quarantined: retrying it is the client's choice.
 
 The fingerprint is blake2b over the endpoint, the prompt fields and the constraint
 keys as the endpoint table lists them (grammars, response_format, tools): what can
 make an engine crash, not the sampling knobs.
 
-Counting is per relay process: every count is about one request, and the worker that
-holds a request sees both failures of its nodes. The verdict is shared with the
-gateway's other workers through a folder (`quarantine_dir`), not the store: the
-store is for coordination, not request data. No anchor (Patroni, Sentinel, LiteLLM,
-SGLang's router) has this: they re-send or give up, without remembering why.
+The verdict is shared with the gateway's other workers through a folder
+(`quarantine_dir`), not the store: the store is for coordination, not request data.
+No anchor (Patroni, Sentinel, LiteLLM, SGLang's router) has this: they re-send or give
+up, without remembering why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import enum
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,8 +53,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ha_agent.atomic_file import write_atomic
+from ha_agent.dcs.base import EngineState
+from ha_agent.gateway.upstream.topology import Topology
 from ha_agent.gateway.upstream.transport import FailureCause, UpstreamFailure
 from ha_agent.openapi.endpoints import generation
 
@@ -55,11 +67,139 @@ _CRASH_CAUSES = frozenset(
     {FailureCause.ABANDONED, FailureCause.CLOSED, FailureCause.BROKEN, FailureCause.TRUNCATED}
 )
 MAX_TRACKED = 10_000
+# How long a node may show down (dead, starting) before its agent's count of engine
+# exceptions must have risen if its engine died of one: the agent reads the engine's
+# output while the engine is down (a tick, 0.5 s) and the relay polls it (0.5 s).
+EXCEPTION_GRACE = 1.5
 
 
 def node_died(failure: UpstreamFailure) -> bool:
     """Did this attempt fail because its node went away while holding the request?"""
     return not failure.connect and failure.cause in _CRASH_CAUSES
+
+
+class Cause(enum.Enum):
+    """Why a node stopped while a request was on it, as far as a request could be
+    to blame."""
+
+    EXCEPTION = "the engine's own exception"  # what a request can cause
+    OTHER = "a kill, an OOM kill, a hang or a lost node"  # what no request causes
+    NONE = "the node kept serving"  # a connection broke, nothing more
+
+
+async def still_listening(engine_url: str, timeout: float = 0.5) -> bool:
+    """Does the engine still accept connections? SGLang's HTTP server dies with its
+    scheduler (the SIGQUIT handler kills the process tree), so a connection broken by
+    a crash finds the port closed; one broken on a live engine (a stale keep-alive)
+    does not."""
+    url = urlsplit(engine_url)
+    try:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if host is None:
+        return False
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def crash_cause(topology: Topology, name: str, since: float, within: float) -> Cause:
+    """How node `name` failed, for a request sent to it at `since` (monotonic): its
+    engine's own exception when the agent's count of those rose after `since`."""
+    deadline = time.monotonic() + within
+    down_since: float | None = None
+    node = topology.nodes.get(name)
+    healthy = node is not None and not node.failed and node.engine_state is EngineState.HEALTHY
+    if healthy and node is not None and await still_listening(node.engine_url):
+        return Cause.NONE
+    while True:
+        now = time.monotonic()
+        node = topology.nodes.get(name)
+        if node is None:
+            return Cause.OTHER  # decommissioned meanwhile
+        if node.exception_seen_at > since:
+            return Cause.EXCEPTION
+        status = node.status
+        if status is None:
+            if node.failed:
+                return Cause.OTHER  # the agent is gone: a lost node, no verdict on the engine
+        elif status.engine.state is EngineState.HUNG or status.engine.oom:
+            return Cause.OTHER
+        if node.failed or (status is not None and not status.engine.healthy):
+            down_since = now if down_since is None else down_since
+            if now - down_since >= EXCEPTION_GRACE:
+                return Cause.OTHER
+        if now >= deadline:
+            return Cause.OTHER if down_since is not None else Cause.NONE
+        await asyncio.sleep(0.05)
+
+
+class Solo:
+    """One suspect at a time on the engines, for every relay worker of the gateway.
+
+    With `shared` (the quarantine folder) it is an flock on a file there, polled, so
+    a worker that dies holding it frees it (the kernel drops the lock with the fd);
+    without, a lock of this process.
+    """
+
+    POLL = 0.05
+
+    def __init__(self, shared: Path | None) -> None:
+        self.path = shared / ".solo.lock" if shared is not None else None
+        self._local = asyncio.Lock()
+
+    async def acquire(self, timeout: float) -> Held | None:
+        """The slot, or None when `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        try:
+            await asyncio.wait_for(self._local.acquire(), max(timeout, 0.0))
+        except asyncio.TimeoutError:
+            return None
+        if self.path is None:
+            return Held(self._local, None)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # unshared folder: this worker alone keeps to the rule
+            log.warning("suspects not serialised with the other workers: %s", exc)
+            return Held(self._local, None)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return Held(self._local, fd)
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        break
+                await asyncio.sleep(self.POLL)
+        except BaseException:  # cancelled: the client went away
+            os.close(fd)
+            self._local.release()
+            raise
+        os.close(fd)
+        self._local.release()
+        return None
+
+
+class Held:
+    """A held `Solo` slot; `release` is idempotent."""
+
+    __slots__ = ("_fd", "_local")
+
+    def __init__(self, local: asyncio.Lock | None, fd: int | None) -> None:
+        self._local, self._fd = local, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # drops the flock
+            self._fd = None
+        if self._local is not None:
+            self._local.release()
+            self._local = None
 
 
 def fingerprint(kind: str, payload: dict[str, Any]) -> str:

@@ -186,7 +186,8 @@ class Relay:
                 response = await self._unary(request, route, body)
         finally:
             self.metrics.inflight.dec()
-        # Mirrored only once the primary has served it (a stream: at its first byte,
+            self.admission.done(request)
+        # Mirrored only once the primary has served it (a stream: at its first event,
         # in _stream): a query of death that kills the primary must not kill the
         # standby at the same moment (quarantine.py).
         if (
@@ -281,7 +282,11 @@ class Relay:
         # deadline: a busy machine or a failover in progress must not turn into a
         # 503. Engine *answers* (5xx) are bounded by max_attempts.
         while answers < self.s.max_attempts:
-            node = await tries.next()
+            avoid, held_back = await self.admission.attempt(request)
+            if held_back is not None:
+                self.metrics.requests.labels(endpoint, "-", "failed", "503").inc()
+                return refusal(route, inference.BadInput(held_back, 503))
+            node = await tries.next(avoid)
             if node is None:
                 break
             try:
@@ -343,10 +348,17 @@ class Relay:
     ) -> web.StreamResponse:
         migration = Migration(kind, payload, self.s.reasoning_parser)
         state = _StreamState(request, kind, migration, started, self.metrics)
-        if self.warmer is not None:
-            warmer = self.warmer
-            state.on_begin = lambda: warmer.offer(kind, payload)
         state.worker = self.s.relay_worker_index
+
+        def first_event() -> None:
+            # Past its prefill: no suspect of a crash any more, and only now mirrored
+            # to the standby (the head comes before the prefill: a query of death
+            # mirrored then would crash the standby with the primary).
+            self.admission.progressed(request)
+            if self.warmer is not None:
+                self.warmer.offer(kind, payload)
+
+        state.on_first_event = first_event
         try:
             return await self._stream_loop(state, migration.first_body(body))
         except (ClientGone, asyncio.CancelledError):
@@ -362,7 +374,10 @@ class Relay:
         segment_body = body
         segment_writes = 0  # events written when the current segment began
         while True:
-            node = await tries.next()
+            avoid, held_back = await self.admission.attempt(state.request)
+            if held_back is not None:
+                return await self._give_up(state, held_back)
+            node = await tries.next(avoid)
             if node is None:
                 return await self._give_up(state, "no node could serve it: " + tries.latest())
             try:
@@ -374,7 +389,10 @@ class Relay:
                 return final.response
             except UpstreamFailure as failure:
                 tries.failed(node, failure)
-                why_stop = await self.admission.node_failed(state.request, node.name, failure)
+                # A stream that received events was past its prefill: never a suspect.
+                why_stop = await self.admission.node_failed(
+                    state.request, node.name, failure, received=state.writes > 0
+                )
                 if why_stop:
                     return await self._give_up(state, why_stop)
                 if not state.started:
@@ -601,11 +619,16 @@ class _Tries:
         self.rounds = 0
         self.deadline = time.monotonic() + self.deadline_s
 
-    async def next(self) -> NodeView | None:
-        """The node to try next, or None once the deadline passed."""
+    async def next(self, avoid: set[str] | frozenset[str] = frozenset()) -> NodeView | None:
+        """The node to try next, or None once the deadline passed; one in `avoid` only
+        when no other is left to try."""
         while True:
             order = self.topology.routing_order(exclude=self.tried)
             if order:
+                now = self.topology.clock()
+                for node in order if avoid else ():
+                    if node.can_serve(now) and node.name not in avoid:
+                        return node
                 return order[0]
             if time.monotonic() >= self.deadline:
                 return None
@@ -713,7 +736,7 @@ class _StreamState:
     migrations: int = 0
     writes: int = 0
     worker: int = 0
-    on_begin: Callable[[], None] | None = None  # the primary took it (warming)
+    on_first_event: Callable[[], None] | None = None  # past its prefill (quarantine, warming)
     _chunked: bool = True
     # The first segment's events, unparsed, as a list: joined only if the stream
     # breaks (adding bytes to bytes copied the whole stream on every event).
@@ -765,8 +788,6 @@ class _StreamState:
         self.response = response
         self.client_transport = self.request.transport
         self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
-        if self.on_begin is not None:
-            self.on_begin()
 
     def send(self, data: bytes) -> int:
         """Events to the client's socket, framed as aiohttp would have: returns the
@@ -774,6 +795,8 @@ class _StreamState:
         if not self._first_event_sent:
             self._first_event_sent = True
             self.metrics.ttft.labels(self.kind).observe(time.monotonic() - self.started_at)
+            if self.on_first_event is not None:
+                self.on_first_event()
         t = self.client_transport
         if t is None or t.is_closing():
             raise ClientGone()

@@ -70,6 +70,10 @@ class NodeView:
     inflight: set[Abandonable] = field(default_factory=set)
     seed: bool = False  # from HA_NODES: kept even when it is not registered
     registered_at: float = 0.0  # monotonic, when the registry last listed it
+    # When a poll last showed the agent's count of engine runs ended by the engine's
+    # own exception go up (monotonic; -inf: never): the query-of-death rule's input.
+    exception_seen_at: float = float("-inf")
+    exceptions_seen: int | None = None  # that count, as last polled
 
     @property
     def engine_state(self) -> EngineState | None:
@@ -248,12 +252,20 @@ class Topology:
                 async with self._http().get(f"{node.agent_url}/ha/status") as resp:
                     if resp.status != 200:
                         raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-                    node.status = AgentStatus.from_json(await resp.json())
-                    node.agent_misses = 0
+                    self.took_status(node, AgentStatus.from_json(await resp.json()))
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 node.agent_misses += 1
 
         await asyncio.gather(*(poll(n) for n in list(self.nodes.values())))
+
+    def took_status(self, node: NodeView, status: AgentStatus) -> None:
+        """An agent's answer to a poll."""
+        node.status, node.agent_misses = status, 0
+        count = status.engine.exceptions
+        # The first answer only teaches the count; a lower one is a restarted agent.
+        if node.exceptions_seen is not None and count > node.exceptions_seen:
+            node.exception_seen_at = self.clock()
+        node.exceptions_seen = count
 
     def _judge_failures(self) -> None:
         for node in self.nodes.values():

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from ha_agent.node.engine.process import OOM_TEXT, ProcessState, ProcessWatch
+from ha_agent.node.engine.process import EXCEPTION_TEXT, OOM_TEXT, ProcessState, ProcessWatch
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ContainerWatch(ProcessWatch):
         self._http: aiohttp.ClientSession | None = None
         self._run: tuple[str, str] | None = None  # (id, StartedAt) of the run last seen running
         self._explained: tuple[str, str] | None = None  # the run whose end was read
-        self._gone = ("", False)  # (how, oom) of the run that ended
+        self._gone = ("", False, False)  # (how, oom, exception) of the run that ended
         self._api_ok = True
 
     def describe(self) -> str:
@@ -133,7 +133,10 @@ class ContainerWatch(ProcessWatch):
         body = await self._get(f"/containers/{quote(self.container, safe='')}/json")
         return json.loads(body) if body is not None else None
 
-    async def _oom_in_logs(self, cid: str, tty: bool, since: str, until: float = 0) -> bool:
+    async def _logs_say(
+        self, cid: str, tty: bool, since: str, until: float = 0
+    ) -> tuple[bool, bool]:
+        """Whether the run's last output tells an OOM, and the engine's own exception."""
         params = {"stdout": "1", "stderr": "1", "tail": str(LOG_TAIL_LINES)}
         if docker_time(since):
             params["since"] = f"{docker_time(since):.6f}"
@@ -143,8 +146,9 @@ class ContainerWatch(ProcessWatch):
             body = await self._get(f"/containers/{cid}/logs", **params)
         except DockerUnavailable as exc:  # e.g. a logging driver without read support
             log.debug("engine container logs unreadable: %s", exc)
-            return False
-        return bool(body) and bool(OOM_TEXT.search(demux(body or b"", tty)))
+            return False, False
+        text = demux(body or b"", tty)
+        return bool(OOM_TEXT.search(text)), bool(EXCEPTION_TEXT.search(text))
 
     async def _events(self, cid: str, since: float) -> list[dict[str, Any]]:
         """The container's die and oom events since a time (bounded: until now)."""
@@ -160,19 +164,18 @@ class ContainerWatch(ProcessWatch):
 
     # -- the state -----------------------------------------------------------------------
 
-    async def _explain_exit(self, info: dict[str, Any]) -> tuple[str, bool]:
+    async def _explain_exit(self, info: dict[str, Any]) -> tuple[str, bool, bool]:
         """How the run in `info` ended, the container not running now."""
         st = info["State"]
         code, oom = int(st.get("ExitCode") or 0), bool(st.get("OOMKilled"))
         how = exit_how(code, oom, str(st.get("Error") or ""))
-        if not oom:
-            tty = bool(info.get("Config", {}).get("Tty"))
-            oom = await self._oom_in_logs(info["Id"], tty, str(st.get("StartedAt", "")))
-        return how, oom
+        tty = bool(info.get("Config", {}).get("Tty"))
+        said_oom, exception = await self._logs_say(info["Id"], tty, str(st.get("StartedAt", "")))
+        return how, oom or said_oom, exception
 
     async def _explain_missed(
         self, info: dict[str, Any], previous: tuple[str, str]
-    ) -> tuple[str, bool]:
+    ) -> tuple[str, bool, bool]:
         """How an earlier run ended that Docker restarted before we looked again."""
         cid, started = previous
         events = await self._events(cid, docker_time(started))
@@ -183,18 +186,19 @@ class ContainerWatch(ProcessWatch):
             how = exit_how(code, oom)
         else:
             how = "exited (status unknown)"
-        if not oom:
-            tty = bool(info.get("Config", {}).get("Tty"))
-            until = docker_time(str(info["State"].get("StartedAt", "")))
-            oom = await self._oom_in_logs(cid, tty, started, until)
-        return f"{how}; restarted by Docker", oom
+        tty = bool(info.get("Config", {}).get("Tty"))
+        until = docker_time(str(info["State"].get("StartedAt", "")))
+        said_oom, exception = await self._logs_say(cid, tty, started, until)
+        return f"{how}; restarted by Docker", oom or said_oom, exception
 
     async def _read(self) -> ProcessState:
         info = await self._inspect()
         if info is None:
             if self._run is None:
                 return ProcessState(self.name, "STARTING", 0, "container not found yet")
-            return ProcessState(self.name, "EXITED", 0, "container removed", self._gone[1])
+            return ProcessState(
+                self.name, "EXITED", 0, "container removed", self._gone[1], self._gone[2]
+            )
         st = info["State"]
         run = (str(info["Id"]), str(st.get("StartedAt", "")))
         status = str(st.get("Status", "exited"))
@@ -202,9 +206,9 @@ class ContainerWatch(ProcessWatch):
             if self._run is not None and run != self._run and self._explained != self._run:
                 # Died and came back between two reads (Docker restarts at once): the
                 # death still happened, and how matters (OOM). Report it once.
-                how, oom = await self._explain_missed(info, self._run)
+                how, oom, exception = await self._explain_missed(info, self._run)
                 self._explained, self._run = self._run, run
-                return ProcessState(self.name, "BACKOFF", 0, how, oom)
+                return ProcessState(self.name, "BACKOFF", 0, how, oom, exception)
             self._run = run
             return ProcessState(self.name, "RUNNING", int(st.get("Pid") or 0))
         if status == "paused":

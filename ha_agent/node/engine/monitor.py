@@ -64,6 +64,11 @@ class EngineHealth:
     reason: str
     since: float
     oom: bool = False
+    # The engine's own exception ended the run (not a kill, an OOM kill or a hang);
+    # `exceptions` counts such runs since the agent started, so a reader that polls
+    # sees one even when the engine was restarted between two polls.
+    exception: bool = False
+    exceptions: int = 0
     running: float = 0.0
     queued: float = 0.0
     token_usage: float = 0.0
@@ -81,6 +86,7 @@ class EngineHealth:
             reason=self.reason,
             for_seconds=round(now - self.since, 1),
             oom=self.oom,
+            exceptions=self.exceptions,
             running=self.running,
             queued=self.queued,
             token_usage=self.token_usage,
@@ -134,11 +140,14 @@ class HealthMonitor:
         now = self.clock()
         since = old.since if old.state is state else now
         sample = self._last
+        exception = bool(extra.get("exception", False))
         self.health = EngineHealth(
             state=state,
             reason=reason,
             since=since,
             oom=bool(extra.get("oom", False)),
+            exception=exception,
+            exceptions=old.exceptions + int(exception and not old.exception),
             running=sample.running if sample else 0.0,
             queued=sample.queued if sample else 0.0,
             token_usage=sample.token_usage if sample else 0.0,
@@ -278,7 +287,12 @@ class HealthMonitor:
         if proc.state in ("STARTING",) and self.health.state is EngineState.STARTING:
             self._set(EngineState.STARTING, f"process {proc.describe()}")
         else:
-            self._set(EngineState.DEAD, f"process {proc.describe()}", oom=proc.oom)
+            self._set(
+                EngineState.DEAD,
+                f"process {proc.describe()}",
+                oom=proc.oom,
+                exception=proc.exception,
+            )
 
     def _not_listening(self, now: float) -> None:
         self._cancel_canary()
@@ -289,7 +303,10 @@ class HealthMonitor:
         if state is not EngineState.DEAD:
             self._engine_restarted()
         self._set(
-            EngineState.DEAD, "engine not listening (connection refused)", oom=self.health.oom
+            EngineState.DEAD,
+            "engine not listening (connection refused)",
+            oom=self.health.oom,
+            exception=self.health.exception,
         )
 
     def recent_success_rate(self, window: float = 120.0, least: int = 3) -> float | None:

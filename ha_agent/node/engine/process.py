@@ -25,6 +25,15 @@ from supervisor.xmlrpc import SupervisorTransport
 # The engine launcher prints this to stderr, with "(pid N)", before it execs the engine.
 START_MARKER = "sglang-ha: engine starting"
 OOM_TEXT = re.compile(r"out of memory|OutOfMemoryError|oom-kill", re.IGNORECASE)
+# The engine's own fatal exception, logged by the process that raised it just before it
+# takes the server down (SGLang 0.5.19 `srt/managers/scheduler.py` run_scheduler_process,
+# and likewise data_parallel_controller.py, detokenizer_manager.py, tokenizer_manager.py,
+# multi_tokenizer_mixin.py). A kill, an OOM kill or a lost node never print it: only this
+# kind of death can be caused by a request (a kernel fault at its prefill).
+EXCEPTION_TEXT = re.compile(
+    r"\b(?:Scheduler|DataParallelController|DetokenizerManager|TokenizerManager"
+    r"|MultiDetokenizerRouter|MultiTokenizerRouter) hit an exception"
+)
 _EXIT_LINE = re.compile(r"exited: (?P<name>\S+) \((?P<how>[^)]*)\)")
 
 
@@ -58,6 +67,7 @@ class ProcessState:
     pid: int
     exit_how: str = ""  # "terminated by SIGKILL", "exit status 1"
     oom: bool = False
+    exception: bool = False  # the run's output ends in the engine's own exception
 
     @property
     def running(self) -> bool:
@@ -68,7 +78,8 @@ class ProcessState:
             return f"running (pid {self.pid})"
         how = f", last exit: {self.exit_how}" if self.exit_how else ""
         oom = " — out of memory" if self.oom else ""
-        return f"{self.state.lower()}{how}{oom}"
+        exc = " — the engine's own exception" if self.exception else ""
+        return f"{self.state.lower()}{how}{oom}{exc}"
 
 
 # /proc/<pid>/stat state letters: T/t stopped (SIGSTOP, traced), Z/X gone.
@@ -137,6 +148,7 @@ class SupervisorWatch(ProcessWatch):
         self._last_pid = 0
         self._last_exit = ""
         self._last_oom = False
+        self._last_exception = False
         self._dead_pid = 0  # the run that died last, whose output tells how
 
     def describe(self) -> str:
@@ -150,16 +162,20 @@ class SupervisorWatch(ProcessWatch):
                 # The process just went away: find out how, once.
                 self._last_exit = self._exit_how()
                 self._dead_pid = self._last_pid
-            if not self._last_oom:
+            if not (self._last_oom and self._last_exception):
                 # Looked at on every read while it is down, not once: supervisord may
                 # report the death before it has drained the run's last output (the
-                # OOM line) from the pipe into the log.
+                # OOM line, the exception) from the pipe into the log.
                 tail = str(self._rpc.supervisor.tailProcessStderrLog(self.program, 0, 16384)[0])
-                self._last_oom = bool(OOM_TEXT.search(output_of_run(tail, self._dead_pid)))
+                out = output_of_run(tail, self._dead_pid)
+                self._last_oom = self._last_oom or bool(OOM_TEXT.search(out))
+                self._last_exception = self._last_exception or bool(EXCEPTION_TEXT.search(out))
         if state == "RUNNING" and pid != self._last_pid:
-            self._last_oom = False
+            self._last_oom = self._last_exception = False
         self._last_pid = pid if state == "RUNNING" else 0
-        return ProcessState(self.program, state, pid, self._last_exit, self._last_oom)
+        return ProcessState(
+            self.program, state, pid, self._last_exit, self._last_oom, self._last_exception
+        )
 
     def _exit_how(self) -> str:
         log = str(self._rpc.supervisor.readLog(-16384, 0))
@@ -250,18 +266,20 @@ class HostProcessWatch(ProcessWatch):
         except OSError:
             return 0
 
-    def _oom_in_log(self) -> bool:
-        """Whether the engine's log says it ran out of memory since this run was seen."""
+    def _log_says(self) -> tuple[bool, bool]:
+        """Whether the engine's log says it ran out of memory, and whether it hit its
+        own exception, since this run was seen."""
         if not self.log_file:
-            return False
+            return False, False
         try:
             with open(self.log_file, "rb") as fh:
                 size = fh.seek(0, os.SEEK_END)
                 start = self._log_offset if self._log_offset <= size else 0  # rotated
                 fh.seek(max(start, size - LOG_TAIL))
-                return bool(OOM_TEXT.search(fh.read().decode(errors="replace")))
+                text = fh.read().decode(errors="replace")
         except OSError:
-            return False
+            return False, False
+        return bool(OOM_TEXT.search(text)), bool(EXCEPTION_TEXT.search(text))
 
     def _alive(self) -> tuple[int, str, int] | None:
         """(pid, state letter, start time) of the engine if it is alive."""
@@ -278,8 +296,15 @@ class HostProcessWatch(ProcessWatch):
         if found is not None:
             pid, letter, started = found
             if self._run != (pid, started):
+                # Died and came back between two reads (restarted at once): the death
+                # still happened, and how matters. Reported once, as supervisord's
+                # BACKOFF; the new run is reported from the next read on.
+                missed = self._run is not None and self._gone is None
+                said = self._log_says() if missed else (False, False)
                 self._run, self._gone = (pid, started), None
                 self._log_offset = self._log_size()
+                if missed:
+                    return ProcessState(self.name, "BACKOFF", 0, "gone and started again", *said)
             if letter in _STOPPED:
                 return ProcessState(self.name, "STOPPED", pid)  # SIGSTOP: frozen
             return ProcessState(self.name, "RUNNING", pid)
@@ -287,8 +312,9 @@ class HostProcessWatch(ProcessWatch):
             # Never seen yet: the user's engine may simply not be up.
             return ProcessState(self.name, "STARTING", 0, "not found yet")
         if self._gone is None:
+            oom, exception = self._log_says()
             self._gone = ProcessState(
-                self.name, "EXITED", 0, "gone (exit status unknown)", self._oom_in_log()
+                self.name, "EXITED", 0, "gone (exit status unknown)", oom, exception
             )
         return self._gone
 
