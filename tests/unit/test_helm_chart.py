@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import importlib.util
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -136,14 +137,19 @@ def test_helm_lints_every_values_file_without_warnings(values_file: Path) -> Non
     assert not report["errors"] and not problems, problems or report["errors"]
 
 
-def test_every_values_file_renders_the_components(rendered: list[dict[str, Any]]) -> None:
+def test_every_values_file_renders_the_components(
+    values_file: Path, rendered: list[dict[str, Any]]
+) -> None:
     kinds = {(component(w), w["kind"]) for w in workloads(rendered)}
-    assert kinds == {
+    expected = {
         ("node", "StatefulSet"),
         ("redis", "StatefulSet"),
         ("sentinel", "StatefulSet"),
         ("gateway", "Deployment"),
     }
+    if load_values(values_file).get("metrics", {}).get("serviceMonitor", {}).get("enabled"):
+        expected.add(("redis-exporter", "Deployment"))
+    assert kinds == expected
     assert one(rendered, "StatefulSet", "-sentinel")["spec"]["replicas"] == 3
 
 
@@ -193,7 +199,19 @@ def test_prometheus_rule_is_the_promtool_tested_rule_file() -> None:
     expected = yaml.safe_load((ROOT / "prometheus/alerts/sglang-ha.yaml").read_text())
     assert rule["spec"]["groups"] == expected["groups"]
     monitor = one(docs, "ServiceMonitor", "")
-    ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    # The rules select on compose's job names (prometheus/prometheus.yml): every
+    # job they name is set on an endpoint, or `up{job=...}` alerts could never fire
+    # and the Redis ones would fire for want of series.
+    jobs = {
+        r["replacement"]
+        for e in monitor["spec"]["endpoints"]
+        for r in e["relabelings"]
+        if r["targetLabel"] == "job"
+    }
+    named = set(re.findall(r'job="([^"]+)"', yaml.safe_dump(expected)))
+    assert named and named <= jobs
+    scrape = yaml.safe_load((ROOT / "prometheus/prometheus.yml").read_text())
+    assert jobs <= {j["job_name"] for j in scrape["scrape_configs"]}
     # Every port the ServiceMonitor scrapes is a named port of a Service it selects.
     wanted = monitor["spec"]["selector"]["matchLabels"]
     services = [
@@ -201,8 +219,11 @@ def test_prometheus_rule_is_the_promtool_tested_rule_file() -> None:
         for s in docs
         if s["kind"] == "Service" and wanted.items() <= s["metadata"]["labels"].items()
     ]
-    named = {p["name"] for s in services for p in s["spec"]["ports"]}
-    assert ports <= named and ports == {"agent", "relay-admin", "nginx-metrics"}
+    ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    assert ports <= {p["name"] for s in services for p in s["spec"]["ports"]}
+    # One exporter scrape per Redis member and Sentinel, as compose's static targets.
+    targets = [e["params"]["target"][0] for e in monitor["spec"]["endpoints"] if "params" in e]
+    assert len(targets) == 5 and len(set(targets)) == 5
 
 
 def test_grafana_dashboard_is_the_repository_dashboard() -> None:
@@ -345,6 +366,7 @@ def test_each_component_mounts_the_secrets_compose_gives_it(values_file: Path) -
         "gateway": compose_secrets("control.yaml", "gateway"),
         "redis": compose_secrets("control.yaml", "redis-1"),
         "sentinel": compose_secrets("control.yaml", "sentinel-1"),
+        "redis-exporter": compose_secrets("monitoring.yaml", "redis-exporter"),
     }
     for w in workloads(docs):
         assert mounted_secret_keys(w) == expected[component(w)], component(w)
@@ -415,12 +437,16 @@ def ingress_to(docs: list[dict[str, Any]], labels: dict[str, str], port: int) ->
     return sources
 
 
+COMPONENTS = ("node", "gateway", "redis", "sentinel", "redis-exporter")
+
+
 def pod_labels(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
     for w in workloads(docs):
         if component(w) == name:
             labels: dict[str, str] = w["spec"]["template"]["metadata"]["labels"]
             return labels
-    raise AssertionError(name)
+    # Not rendered: labels no policy selects (the chart's selector labels + component).
+    return {"app.kubernetes.io/component": name}
 
 
 def admitted(docs: list[dict[str, Any]], target: str, port: int) -> set[str]:
@@ -432,7 +458,7 @@ def admitted(docs: list[dict[str, Any]], target: str, port: int) -> set[str]:
             continue
         for peer in sources:
             assert set(peer) == {"podSelector"}, peer  # no namespace-wide openings
-            for name in ("node", "gateway", "redis", "sentinel"):
+            for name in COMPONENTS:
                 if selects(peer["podSelector"], pod_labels(docs, name)):
                     who.add(name)
     return who
@@ -452,17 +478,26 @@ def test_every_pod_is_under_a_default_deny_ingress_policy(rendered: list[dict[st
         assert any(selects(d["spec"]["podSelector"], labels) for d in deny), component(w)
 
 
-def test_network_segmentation_matches_compose(rendered: list[dict[str, Any]]) -> None:
+def test_network_segmentation_matches_compose(
+    values_file: Path, rendered: list[dict[str, Any]]
+) -> None:
+    exporter = (
+        {"redis-exporter"}
+        if any(component(w) == "redis-exporter" for w in workloads(rendered))
+        else set()
+    )
     # The engine: only the relay (its own agent uses loopback, which no policy sees).
     assert admitted(rendered, "node", 30000) == {"gateway"}
     # The agent: the relay and the other agents.
     assert admitted(rendered, "node", 8008) == {"gateway", "node"}
     # Redis and the Sentinels: only what uses them.
-    assert admitted(rendered, "redis", 6379) == {"node", "gateway", "redis", "sentinel"}
-    assert admitted(rendered, "sentinel", 26379) == {"node", "gateway", "sentinel"}
+    assert admitted(rendered, "redis", 6379) == {"node", "gateway", "redis", "sentinel"} | exporter
+    assert admitted(rendered, "sentinel", 26379) == {"node", "gateway", "sentinel"} | exporter
     # Clients reach the gateway's port, and nothing else of it.
     assert admitted(rendered, "gateway", 8000) == {"*"}
     assert admitted(rendered, "gateway", 8002) == set()
+    if exporter:
+        assert admitted(rendered, "redis-exporter", 9121) == set()
 
 
 def test_metrics_openings_are_limited_to_the_metrics_ports() -> None:
