@@ -17,6 +17,7 @@ import http.server
 import importlib.util
 import json
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -583,3 +584,26 @@ def test_prestop_gives_up_within_its_bounds(tmp_path: Path) -> None:
     started = time.monotonic()
     prestop.main(handover=1, drain=1)
     assert time.monotonic() - started < 5
+
+
+def test_each_node_names_every_other_agent_as_a_peer_and_not_itself() -> None:
+    sts = one(render(load_values(CHART / "values-pool-cpu.yaml")), "StatefulSet", "-node")
+    node = containers(sts)[0]
+    env = {e["name"]: e.get("value") for e in node["env"]}
+    script = node["command"][-1]
+    assert script.rstrip().endswith("exec /etc/sglang-ha/entrypoint.sh")
+    probe = script.replace("exec /etc/sglang-ha/entrypoint.sh", 'echo "$HA_PEERS"')
+    agents = env["HA_ALL_AGENTS"].split(",")
+    assert len(agents) == 3
+    for i in range(3):
+        pod = f"{RELEASE}-sglang-ha-node-{i}"
+        out = subprocess.run(
+            ["sh", "-c", probe],
+            env={"PATH": "/usr/bin:/bin", "POD_NAME": pod, "HA_ALL_AGENTS": env["HA_ALL_AGENTS"]},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        assert out.split(",") == [a for a in agents if not a.startswith(f"http://{pod}.")]
+        assert len(out.split(",")) == 2
