@@ -1,0 +1,82 @@
+"""What the Helm chart relies on when Kubernetes stops a node's pod, on the CPU stack.
+
+Kubernetes runs the preStop hook, then sends SIGTERM to the container's PID 1 and
+kills it after terminationGracePeriodSeconds. Here the chart's own preStop script
+(charts/sglang-ha/files/prestop.py) runs in the primary's node container with the
+chart's arguments, then `docker stop` sends the same SIGTERM with the same grace, under
+continuous load through the gateway. What a cluster adds (probe periods, endpoint
+propagation, kube-proxy) is not exercised: docs/kubernetes.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+
+from ha_agent.config import LeaseTiming
+from tests.support.background_load import background_load
+from tests.support.processes import wait_until
+from tests.support.stack import NODES, Stack
+
+PRESTOP = Path(__file__).resolve().parents[2] / "charts/sglang-ha/files/prestop.py"
+# The chart's defaults (values.yaml): lease TTL 2.5 s, drain 60 s; supervisord's
+# stopwaitsecs of the engine (30) and the agent (10), as the chart adds them up.
+HANDOVER = LeaseTiming(lease_ttl=2.5).handover_wait
+DRAIN = 60
+GRACE = HANDOVER + DRAIN + 30 + 10
+
+
+def primary_code(stack: Stack, node: str) -> int:
+    try:
+        return httpx.get(f"{stack.agent_url(node)}/primary", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def test_prestop_then_sigterm_moves_the_primary_with_no_failed_request(stack: Stack) -> None:
+    primary = stack.wait_stable()
+    standby = next(n for n in NODES if n != primary)
+    container = stack.container(NODES[primary])
+    try:
+        with background_load(stack.gateway_url) as load:
+            time.sleep(2)
+            started = time.monotonic()
+            # The preStop exec, as the chart writes it (the script's text, same argv).
+            code, out = container.exec_run(
+                [
+                    "/opt/sglang-ha/bin/python",
+                    "-c",
+                    PRESTOP.read_text(),
+                    f"{HANDOVER:g}",
+                    str(DRAIN),
+                ]
+            )
+            prestop_s = time.monotonic() - started
+            log = out.decode(errors="replace")
+            assert code == 0, log
+            assert "stepped down" in log and "drained" in log, log
+            # Readiness follows the role: the old primary answers 503 at once, the
+            # standby 200 within a lease TTL of the step-down.
+            assert primary_code(stack, primary) == 503
+            wait_until(
+                lambda: primary_code(stack, standby) == 200,
+                timeout=2.5,
+                what=f"{standby} /primary 200 within 2.5 s of the step-down",
+            )
+            stop_started = time.monotonic()
+            container.stop(timeout=int(GRACE - prestop_s))
+            stop_s = time.monotonic() - stop_started
+            time.sleep(3)
+        assert not load.failed, load.summary()
+        assert not load.mismatched, load.summary()
+        assert load.records, load.summary()
+        # SIGTERM ended it well inside the grace: supervisord's stop, not the SIGKILL.
+        assert prestop_s + stop_s < GRACE, (prestop_s, stop_s)
+        assert stop_s < 30 + 10, stop_s
+        container.reload()
+        assert container.attrs["State"]["ExitCode"] == 0, container.attrs["State"]
+    finally:
+        stack.start_container(primary)
+    assert stack.wait_stable(timeout=120) == standby
