@@ -80,3 +80,59 @@ def test_prestop_then_sigterm_moves_the_primary_with_no_failed_request(stack: St
     finally:
         stack.start_container(primary)
     assert stack.wait_stable(timeout=120) == standby
+
+
+def test_a_node_back_under_a_new_address_is_followed_by_the_gateway(stack: Stack) -> None:
+    """A pod restarted by Kubernetes comes back under the same DNS name with a new IP.
+    Here: the standby's container leaves the stack's network and joins it again under
+    the same aliases, which gives it another address; the relay, which dials nodes
+    by name, must reach it there once it is primary."""
+    primary = stack.wait_stable()
+    standby = next(n for n in NODES if n != primary)
+    service = NODES[standby]
+    container = stack.container(service)
+    old_ip = stack.ip(service)
+    (net_name, settings), *_ = container.attrs["NetworkSettings"]["Networks"].items()
+    aliases = [a for a in settings.get("Aliases") or [] if a != container.id[:12]]
+    network = stack.client.networks.get(net_name)
+    container.stop(timeout=30)
+    network.disconnect(container)
+    # Docker would give the node its freed address again: a placeholder takes it first.
+    placeholder = stack.client.containers.run(
+        container.image.id,
+        entrypoint=["sleep", "600"],
+        detach=True,
+        network=net_name,
+        labels={"com.docker.compose.project": stack.project},
+    )
+    try:
+        network.connect(container, aliases=aliases or [service])
+        container.start()
+    finally:
+        placeholder.remove(force=True)
+    new_ip = stack.ip(service)
+    assert new_ip != old_ip, f"{service} got its old address {old_ip} back"
+    restarted = time.monotonic()
+    stack.wait_stable(timeout=120)
+    with background_load(stack.gateway_url) as load:
+        time.sleep(2)
+        # The primary's agent refuses a switchover to a node it does not see healthy:
+        # accepted only once the names resolve to the new address. Bounded by 30 s
+        # from the restart (the relay's resolver keeps an answer 5 s).
+        refusals: list[str] = []
+        while True:
+            code, out = container.exec_run(["sglang-ha", "switchover", "--to", standby])
+            if code == 0:
+                break
+            refusals.append(out.decode(errors="replace").strip())
+            assert time.monotonic() - restarted < 30, refusals
+            time.sleep(1)
+        followed_s = time.monotonic() - restarted
+        time.sleep(3)
+    print(
+        f"switchover to the readdressed node accepted {followed_s:.1f}s after its restart"
+        f" ({len(refusals)} refused before)"
+    )
+    assert not load.failed, load.summary()
+    # One primary, and the relay settled and routing to it (ClusterView.wait_stable).
+    assert stack.wait_stable() == standby
