@@ -131,8 +131,9 @@ def compose_secrets(file: str, service: str) -> set[str]:
 # --- helm lint and helm template ------------------------------------------------------
 
 
-def test_helm_lints_every_values_file_without_warnings(values_file: Path) -> None:
-    report = helm.lint(CHART, load_values(values_file), strict=True, namespace=NAMESPACE)
+@pytest.mark.parametrize("path", [CHART / "values.yaml", *VALUES], ids=lambda p: p.stem)
+def test_helm_lints_every_values_file_without_warnings(path: Path) -> None:
+    report = helm.lint(CHART, load_values(path), strict=True, namespace=NAMESPACE)
     # Severity 1 is INFO (e.g. "icon is recommended"); 2 WARNING, 3 ERROR.
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert not report["errors"] and not problems, problems or report["errors"]
