@@ -14,13 +14,16 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+import yaml
 
 from ha_agent.config import LeaseTiming
 from tests.support.background_load import background_load
 from tests.support.processes import wait_until
 from tests.support.stack import NODES, Stack
 
-PRESTOP = Path(__file__).resolve().parents[2] / "charts/sglang-ha/files/prestop.py"
+CHART = Path(__file__).resolve().parents[2] / "charts/sglang-ha"
+PRESTOP = CHART / "files/prestop.py"
 # The chart's defaults (values.yaml): lease TTL 2.5 s, drain 60 s; supervisord's
 # stopwaitsecs of the engine (30) and the agent (10), as the chart adds them up.
 HANDOVER = LeaseTiming(lease_ttl=2.5).handover_wait
@@ -136,3 +139,79 @@ def test_a_node_back_under_a_new_address_is_followed_by_the_gateway(stack: Stack
     assert not load.failed, load.summary()
     # One primary, and the relay settled and routing to it (ClusterView.wait_stable).
     assert stack.wait_stable() == standby
+
+
+def test_the_cpu_node_image_runs_as_the_chart_starts_it(stack: Stack, tmp_path: Path) -> None:
+    """The chart's node container (command, env, user, read-only root, no capability,
+    secrets as files), from the rendered chart, on the CPU node image, with no Redis
+    reachable: the agent must answer /liveness (the kubelet never restarts it for a
+    store outage), /readiness (engine healthy) and /primary 503."""
+    helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+    values = yaml.safe_load((CHART / "values-pair-cpu.yaml").read_text())
+    out = helm.Chart.load(CHART).render(values, name="demo", namespace="ai", is_install=True)
+    sts = next(
+        d
+        for path, text in out.items()
+        if path.endswith(".yaml")
+        for d in yaml.safe_load_all(text)
+        if d and d.get("kind") == "StatefulSet" and d["metadata"]["name"].endswith("-node")
+    )
+    pod = sts["spec"]["template"]["spec"]
+    (node,) = pod["containers"]
+    name = "demo-sglang-ha-node-0"
+    env = {e["name"]: e["value"] for e in node["env"] if "value" in e}
+    env = {k: v.replace("$(POD_NAME)", name) for k, v in env.items()}
+    env["POD_NAME"] = name
+    env["HA_SENTINELS"] = "127.0.0.1:1"  # nothing answers: a store outage
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for item in next(v for v in pod["volumes"] if v["name"] == "secrets")["projected"]["sources"][
+        0
+    ]["secret"]["items"]:
+        (secrets / item["path"]).write_text(f"test-{item['key']}\n")
+        (secrets / item["path"]).chmod(0o444)
+    sc, psc = node["securityContext"], pod["securityContext"]
+    tmpfs = {
+        m["mountPath"]: f"uid={psc['runAsUser']},gid={psc['fsGroup']}"
+        for m in node["volumeMounts"]
+        if m["name"] in ("run", "tmp", "logs")
+    }
+    image = stack.container("node-1").image.id
+    container = stack.client.containers.run(
+        image,
+        entrypoint=node["command"][:2],
+        command=node["command"][2:],
+        environment=env,
+        user=f"{psc['runAsUser']}:{psc['runAsGroup']}",
+        read_only=sc["readOnlyRootFilesystem"],
+        cap_drop=sc["capabilities"]["drop"],
+        security_opt=["no-new-privileges"],
+        tmpfs=tmpfs,
+        volumes={str(secrets): {"bind": "/run/secrets", "mode": "ro"}},
+        detach=True,
+        labels={"com.docker.compose.project": stack.project},
+    )
+    try:
+        container.reload()
+        ip = next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+
+        def code(path: str) -> int:
+            try:
+                return httpx.get(f"http://{ip}:8008{path}", timeout=2).status_code
+            except httpx.HTTPError:
+                return 0
+
+        wait_until(lambda: code("/readiness") == 200, timeout=60, what="engine healthy")
+        assert code("/liveness") == 200
+        assert code("/primary") == 503
+        _, environ = container.exec_run(
+            ["sh", "-c", "tr '\\0' '\\n' < /proc/$(pgrep -f sglang-ha-agent | head -1)/environ"]
+        )
+        peers = [
+            line.split("=", 1)[1]
+            for line in environ.decode().splitlines()
+            if line.startswith("HA_PEERS=")
+        ]
+        assert peers == [env["HA_ALL_AGENTS"].split(",")[1]], peers
+    finally:
+        container.remove(force=True)
