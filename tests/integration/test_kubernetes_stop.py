@@ -22,6 +22,8 @@ from tests.support.background_load import background_load
 from tests.support.processes import wait_until
 from tests.support.stack import NODES, Stack
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 CHART = Path(__file__).resolve().parents[2] / "charts/sglang-ha"
 PRESTOP = CHART / "files/prestop.py"
 # The chart's defaults (values.yaml): lease TTL 2.5 s, drain 60 s; supervisord's
