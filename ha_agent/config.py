@@ -660,6 +660,18 @@ class SimSettings(BaseSettings):
         0.01, ge=0, description="ITL grows by this fraction per extra running request."
     )
     max_running_requests: int = Field(256, ge=1, description="More requests wait in the queue.")
+    max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        description="As SGLang's --max-queued-requests: a request that would wait behind"
+        " this many is refused with 503 'The request queue is full.'; unset = no limit.",
+    )
+    chunked_prefill_size: int = Field(
+        8192,
+        ge=-1,
+        description="As SGLang's --chunked-prefill-size (8192 as it resolves on an 80 GB"
+        " GPU): tokens per prefill forward; -1 = no chunking, one prompt one forward.",
+    )
     max_total_tokens: int = Field(
         65536, ge=1, description="KV pool size in tokens: admission budget and prefix cache."
     )
@@ -708,6 +720,12 @@ class SimSettings(BaseSettings):
         description="Fault knobs active from startup, JSON (SIM_FAULTS='{\"hang\": true}').",
     )
     log_level: str = Field("info", description="Log level of the simulator process.")
+
+    @model_validator(mode="after")
+    def _chunk_size(self) -> SimSettings:
+        if self.chunked_prefill_size == 0:
+            raise ValueError("chunked_prefill_size must be positive, or -1 for no chunking")
+        return self
 
     @model_validator(mode="after")
     def _keys_from_files(self) -> SimSettings:

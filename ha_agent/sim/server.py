@@ -202,10 +202,13 @@ class SimServer:
         """SGLang's health_generate (python/sglang/srt/entrypoints/http_server.py).
 
         A 1-token generation (rid HEALTH_CHECK_*, input_ids [0], not counted in metrics)
-        goes through the same queue as every request; the answer is 200 as soon as *any*
-        output reached the tokenizer after the check began (other requests' tokens count,
+        goes to the scheduler. An idle scheduler runs it like any request, its output
+        through the detokenizer; a busy one does not queue it but signals back after its
+        next batch result, skipping the detokenizer (Scheduler.process_input_requests,
+        maybe_send_health_check_signal). The answer is 200 as soon as *any* output
+        reached the tokenizer after the check began (other requests' tokens count,
         sglang#6624), looked at every second, else 503 after SGLANG_HEALTH_CHECK_TIMEOUT.
-        The check's own request is not aborted on either outcome: it stays queued.
+        A check that did run is not aborted on either outcome.
         """
         e, s = self.engine, self.settings
         if e.shutting_down or not e.started() or self.faults.fail_health:
@@ -219,7 +222,8 @@ class SimServer:
             log_metrics=False,
         )
         tic = time.monotonic()
-        e.submit(gen)
+        if not e.health_check():
+            e.submit(gen)
         deadline = tic + s.health_check_timeout
         while time.monotonic() < deadline:
             await asyncio.sleep(s.health_check_interval)
