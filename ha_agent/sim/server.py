@@ -271,6 +271,9 @@ class SimServer:
                 "host": s.host,
                 "port": s.port,
                 "context_length": s.context_length,
+                "chunked_prefill_size": s.chunked_prefill_size,
+                # TpModelWorker.get_worker_info: max_req_len - 5 (scheduler_info).
+                "max_req_input_len": min(s.context_length - 1, s.max_total_tokens - 1) - 5,
                 "max_running_requests": s.max_running_requests,
                 "max_total_num_tokens": s.max_total_tokens,
                 "page_size": s.page_size,
