@@ -641,7 +641,7 @@ async def test_forward_time_grows_with_prefill_tokens_and_chunks_split_it(
     the chunk left is cut, rem_chunk_tokens) and python/sglang/srt/server_args.py
     (--chunked-prefill-size, -1 disables chunking): with chunks, the prefill counters
     rise chunk by chunk; without, in one step; a forward's time grows with its tokens."""
-    client = await sim_client_factory(prefill_per_token=0.0005, chunked_prefill_size=500)
+    client = await sim_client_factory(prefill_per_token=0.001, chunked_prefill_size=500)
     short = await (await client.post("/generate", json=_prompt_of(200, 1, first=8))).json()
     long = asyncio.create_task(client.post("/generate", json=_prompt_of(2000, 1)))
     seen: set[float] = set()
@@ -712,10 +712,6 @@ async def test_detokenizer_stall_stops_client_output_not_the_scheduler(
     assert await sim_metric(client, "sglang:inter_token_latency_seconds_count") > itl + 20
     await client.post("/abort_request", json={"abort_all": True})
     await sim_read_sse(stream)
-
-    async def idle() -> bool:
-        return (await sim_live_state(client))["num_running_reqs"] == 0
-
-    await sim_wait_for(idle)
-    await client.post("/sim/faults", json={"detok_stall": True})
-    assert (await client.get("/health")).status == 503  # idle: its own output is held
+    idle = await sim_client_factory(health_check_interval=0.05, health_check_timeout=0.4)
+    await idle.post("/sim/faults", json={"detok_stall": True})
+    assert (await idle.get("/health")).status == 503  # idle: its own output is held

@@ -249,10 +249,7 @@ class HealthMonitor:
             return
         if self._limits_task is not None:
             return
-        reader = getattr(self.client, "forward_limits", None)
-        if reader is None:
-            return
-        self._limits_task = asyncio.ensure_future(reader(self.s.scrape_timeout))
+        self._limits_task = asyncio.ensure_future(self.client.forward_limits(self.s.scrape_timeout))
         self._limits_task.add_done_callback(self._limits_read)
 
     def _limits_read(self, task: asyncio.Future[ForwardLimits | None]) -> None:
