@@ -107,6 +107,9 @@ HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"  # python/sglang/srt/constants.py
 # (the first request is taken whole however long it is: PrefillAdder.add_one_req).
 MAX_PREFILL_TOKENS = 16384
 QUEUE_FULL_MESSAGE = "The request queue is full."  # Scheduler._abort_on_queued_limit
+# SGLANG_FORCE_STREAM_INTERVAL (srt/environ.py): OutputStreamer.accept sends a
+# non-streaming request's output on every 50 tokens (and when it finishes).
+FORCE_STREAM_INTERVAL = 50
 
 
 def clip_max_new_tokens(settings: SimSettings, input_len: int, max_new: int | None) -> int:
@@ -628,7 +631,7 @@ class Engine:
             self.metrics.decode_log(self.stats())
         if finish is not None:
             self._finish(job, finish)
-        else:
+        elif req.stream or len(job.output_ids) % FORCE_STREAM_INTERVAL == 0:
             self._deliver(job)
         if self.waiting:  # the scheduler tries to admit at every iteration
             self._drain()

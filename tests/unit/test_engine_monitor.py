@@ -302,6 +302,9 @@ class ScriptedSGLang:
         self.forward_until = 0.0  # a forward pass in flight: nothing moves until then
         self.limits: ForwardLimits | None = None  # what /server_info says
         self.overloaded = False  # the canary is refused: queue full
+        self.deliver_every = 1  # scrape intervals between outputs reaching the tokenizer
+        self._ticks = 0
+        self._undelivered = 0.0
         self.metrics_stall = 0.0  # /metrics unanswered (HTTP process busy or frozen)
         self.canary_wait = 0.05  # how long a canary waits before its token
         self.canaries = 0
@@ -313,8 +316,11 @@ class ScriptedSGLang:
             return
         self.decode_tokens += self.tokens_per_tick
         self.prefill_tokens += self.prefill_per_tick
-        if not self.detok_stalled:
-            self.later_tokens += self.tokens_per_tick
+        self._undelivered += self.tokens_per_tick
+        self._ticks += 1
+        if not self.detok_stalled and self._ticks % self.deliver_every == 0:
+            self.later_tokens += self._undelivered
+            self._undelivered = 0
 
     def long_forward(self, prompt_tokens: float, seconds: float) -> None:
         """One prefill forward of ``prompt_tokens`` starts now and ends in ``seconds``."""
@@ -603,6 +609,19 @@ async def test_output_stall_is_hung_within_6s() -> None:
     assert monitor.health.state is EngineState.HUNG, monitor.health
     assert "none delivered" in monitor.health.reason
     assert took <= 6.0, took
+
+
+async def test_non_streaming_batch_delivered_every_50_tokens_is_not_an_output_stall() -> None:
+    # Non-streaming requests reach the tokenizer manager every 50 tokens
+    # (SGLANG_FORCE_STREAM_INTERVAL): a saturated batch of them decodes for seconds
+    # between deliveries while a canary waits behind it.
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    saturated(engine)
+    engine.tokens_per_tick = 256 * 5  # 256 requests, 20 iterations a second
+    engine.deliver_every = 10  # 50 iterations: 2.5 s between outputs
+    _, seen = await run_for(monitor, engine, 30)
+    assert seen == {EngineState.HEALTHY}, monitor.health
 
 
 async def test_prompts_in_chunks_are_busy_not_an_output_stall() -> None:

@@ -347,6 +347,7 @@ async def test_lagging_reader_gets_several_tokens_per_event() -> None:
         prompt_ids=tok.encode(prompt),
         max_new_tokens=60,
         rules=StopRules(ignore_eos=True),
+        stream=True,
     )
     job = engine.submit(req)
     seen: list[int] = []
@@ -715,3 +716,33 @@ async def test_detokenizer_stall_stops_client_output_not_the_scheduler(
     idle = await sim_client_factory(health_check_interval=0.05, health_check_timeout=0.4)
     await idle.post("/sim/faults", json={"detok_stall": True})
     assert (await idle.get("/health")).status == 503  # idle: its own output is held
+
+
+async def test_non_streaming_output_reaches_the_tokenizer_every_50_tokens(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/scheduler_components/output_streamer.py
+    (OutputStreamer.accept: a non-streaming request is sent on every
+    SGLANG_FORCE_STREAM_INTERVAL = 50 tokens, srt/environ.py, and when it finishes) and
+    python/sglang/srt/managers/tokenizer_manager.py (collect_metrics: the first output
+    received is the time to first token, later ones add their new tokens to the
+    inter-token histogram)."""
+    client = await sim_client_factory(itl=0.01)
+    task = asyncio.create_task(client.post("/generate", json=_gen("quiet", 120, stream=False)))
+
+    async def count(name: str) -> float:  # 0 before the histogram's first observation
+        return sum(v for _, v in await samples(client, name))
+
+    seen: set[tuple[float, float]] = set()
+    while not task.done():
+        seen.add(
+            (
+                await count("sglang:time_to_first_token_seconds_count"),
+                await count("sglang:inter_token_latency_seconds_count"),
+            )
+        )
+        await asyncio.sleep(0.02)
+    assert (await task).status == 200
+    assert seen <= {(0, 0), (1, 0), (1, 50), (1, 70)}, seen
+    assert (1, 0) in seen  # the first output came at 50 tokens, not at the first
+    assert await sim_metric(client, "sglang:inter_token_latency_seconds_count") == 70

@@ -61,6 +61,11 @@ BUSY_CPU_SHARE = 0.05
 # What a canary itself adds to the progress counters (its prompt token's prefill, its
 # one token, its request finishing or aborted) and so cannot count as others' progress.
 CANARY_OWN_WORK = 4.0
+# SGLANG_FORCE_STREAM_INTERVAL (srt/environ.py, used in scheduler_components/
+# output_streamer.py): a non-streaming request's output goes to the tokenizer manager
+# every 50 tokens, so up to 50 tokens per running request may be decoded and not yet
+# delivered on a healthy engine.
+DELIVERY_INTERVAL = 50
 # The longest forward assumed until the engine's /server_info says: SGLang 0.5.19's
 # chunked_prefill_size on an 80 GB-class GPU (srt/arg_groups/memory_hook.py).
 DEFAULT_FORWARD_TOKENS = 8192
@@ -122,6 +127,10 @@ class HealthMonitor:
         self._activity_floor = now  # the latest movement happened after this
         self._silent_until: float | None = None  # an excused silence ends here
         self._rate_seen = 0.0  # prefill tokens/s the counters proved, this engine run
+        # Tokens decoded since the last delivery: output clients are owed. The scheduler
+        # may have finished every request (its gauges say idle) while the clients still
+        # wait for all of it behind a stalled detokenizer.
+        self._owed = 0.0
         self._limits: ForwardLimits | None = None
         self._limits_task: asyncio.Future[ForwardLimits | None] | None = None
         self._timeouts = 0
@@ -179,6 +188,7 @@ class HealthMonitor:
         self._activity_floor = now
         self._silent_until = None
         self._rate_seen = 0.0
+        self._owed = 0.0
         self._limits = None
         self._timeouts = 0
         self._idle_timeouts = 0
@@ -389,8 +399,16 @@ class HealthMonitor:
             self._engine_restarted()
             self._last = sample
             return
+        decoded = sample.decode_tokens - prev.decode_tokens
         if sample.delivered != prev.delivered:
             self._last_progress = sample.at
+            self._owed = 0.0
+        else:
+            self._owed += decoded
+            if decoded > 0 and not self._output_stalled(sample):
+                # Non-streaming requests are delivered every 50 tokens: decoding within
+                # that slack is progress clients will see.
+                self._last_progress = sample.at
         moved = sum(done) - sum(before)
         if moved > CANARY_OWN_WORK or (moved > 0 and self._canary is None):
             prefilled = sample.prefill_tokens - prev.prefill_tokens
@@ -409,7 +427,7 @@ class HealthMonitor:
             return
         state = self.health.state
         sample = self._last
-        busy = sample is not None and sample.busy
+        busy = sample is not None and (sample.busy or self._output_stalled(sample))
         quiet_for = now - self._last_progress
         if state is not EngineState.HEALTHY:
             why = "confirm the engine works"
@@ -429,14 +447,19 @@ class HealthMonitor:
         self._canary = asyncio.ensure_future(self.client.canary(self.s.canary_timeout))
         self._canary.add_done_callback(lambda task: self._canary_done(task, why, started, before))
 
-    def _moved_since(self, before: EngineSample | None) -> tuple[float, float, float]:
-        """(delivered, decoded, prefilled) since ``before``."""
+    def _output_stalled(self, sample: EngineSample) -> bool:
+        """More tokens decoded since the last delivery than a healthy engine can hold
+        back (DELIVERY_INTERVAL per running request): the output path is stuck."""
+        slack = DELIVERY_INTERVAL * max(sample.running, 1.0) + CANARY_OWN_WORK
+        return self._owed > slack
+
+    def _moved_since(self, before: EngineSample | None) -> tuple[float, float]:
+        """(delivered, prefilled) since ``before``."""
         now = self._last
         if before is None or now is None:
-            return (0.0, 0.0, 0.0)
+            return (0.0, 0.0)
         return (
             now.delivered - before.delivered,
-            now.decode_tokens - before.decode_tokens,
             now.prefill_tokens + now.prefill_cached - before.prefill_tokens - before.prefill_cached,
         )
 
@@ -485,9 +508,9 @@ class HealthMonitor:
             self._set(EngineState.HUNG, f"{result.detail} ({why}){self._stall_note(before)}")
 
     def _stall_note(self, before: EngineSample | None) -> str:
-        delivered, decoded, _ = self._moved_since(before)
-        if decoded > CANARY_OWN_WORK and delivered <= CANARY_OWN_WORK:
-            return f": {decoded:.0f} tokens decoded, none delivered (output stalled)"
+        delivered, _ = self._moved_since(before)
+        if self._last is not None and self._output_stalled(self._last) and not delivered:
+            return f": {self._owed:.0f} tokens decoded, none delivered (output stalled)"
         return ""
 
     def _excused_timeout(
@@ -495,14 +518,14 @@ class HealthMonitor:
     ) -> bool:
         """A canary queued behind everyone else timed out on a healthy engine: is that
         slowness (True: not a failure) or a hang?"""
-        delivered, decoded, prefilled = self._moved_since(before)
+        delivered, prefilled = self._moved_since(before)
         if delivered > CANARY_OWN_WORK or self._excused_at > started:
             # Clients got tokens (a saturated batch), or /metrics went unanswered with
             # the process busy (tokenizing): slowness.
             log.info("%s, but the engine is busy and delivering: not hung", result.detail)
             self._next_canary_at = now + self.s.stall_timeout
             return True
-        if decoded > CANARY_OWN_WORK:
+        if self._last is not None and self._output_stalled(self._last):
             return False  # decoded but not delivered: the output path is stuck
         if prefilled > CANARY_OWN_WORK:
             # A long prompt in chunks: decode waits for all of them, nothing is
