@@ -17,8 +17,10 @@ Signals, cheapest first (which hold on real SGLang: docs/architecture.md):
    delivered for `stall_timeout`, and after `canary_idle` with no progress at all.
    Never more than one in flight. It waits in the same queue as everyone, so a
    timeout is judged by what moved meanwhile: tokens delivered, or a prefill ending
-   (a long prompt in chunks), is busy; tokens decoded but not delivered is an output
-   stall (hung); nothing at all is a hang only once the engine has been silent longer
+   (a long prompt in chunks), is busy; more tokens decoded since the last delivery
+   than a healthy engine holds back (non-streaming output goes out every 50 tokens) is
+   an output stall (hung), and counts as requests present even when the gauges say
+   idle; nothing at all is a hang only once the engine has been silent longer
    than one forward pass may take: the most prompt tokens a forward can hold (a
    chunk, or the longest prompt with chunking off) at the prefill rate its counters
    have proved (`prefill_rate` at least). A canary refused with "queue is full" is
