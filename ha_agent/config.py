@@ -238,7 +238,7 @@ class EngineHealthSettings(BaseSettings):
     engine_url: str = Field(
         "http://127.0.0.1:30000", description="The engine as the agent reaches it."
     )
-    scrape_interval: float = Field(0.5, gt=0, description="How often /metrics is read, s.")
+    scrape_interval: float = Field(0.25, gt=0, description="How often /metrics is read, s.")
     scrape_timeout: float = Field(1.0, gt=0, description="Timeout of one /metrics read, s.")
     unresponsive_after: int = Field(
         2,
@@ -254,15 +254,33 @@ class EngineHealthSettings(BaseSettings):
         " shows no progress at all, counts as hung after this long, s.",
     )
     stall_timeout: float = Field(
-        1.5,
+        0.5,
         gt=0,
-        description="Requests running but no token produced for this long: suspect a hang, s.",
+        description="Requests present but no token reaching clients for this long: send a"
+        " canary, s.",
     )
     canary_idle: float = Field(
         5.0, gt=0, description="Send a canary generation after this long without real progress, s."
     )
     canary_timeout: float = Field(
-        2.0, gt=0, description="A canary that takes longer counts as failed, s."
+        1.0,
+        gt=0,
+        description="A canary that takes longer counts as failed, unless the engine"
+        " delivered tokens or prefilled meanwhile, or may still be in one forward pass, s.",
+    )
+    prefill_rate: float = Field(
+        4000.0,
+        gt=0,
+        description="Prompt tokens per second the engine prefills at least (a floor: the"
+        " monitor raises it to what the engine's counters prove). With the longest forward"
+        " it bounds how long one forward pass may run silent, tokens/s.",
+    )
+    max_forward_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most prompt tokens one forward pass can hold; unset = read from the"
+        " engine's /server_info (chunked_prefill_size, or with chunking off the longest"
+        " prompt it accepts), 8192 until then.",
     )
     canary_failures: int = Field(
         1, ge=1, description="Failed canaries in a row before the engine is hung."
@@ -304,8 +322,9 @@ class EngineHealthSettings(BaseSettings):
 
     @property
     def hang_detection_time(self) -> float:
-        """Worst case from a hung scheduler (requests present, no token) to `hung`:
-        the stall, one canary, one scrape interval to notice."""
+        """Worst case from a hung scheduler (requests present, no token) to `hung` when
+        no long forward may be in flight: the stall, one canary, one scrape interval to
+        notice. Longer by up to the forward allowance when one may be."""
         return self.stall_timeout + self.canary_timeout + self.scrape_interval
 
     @property
@@ -776,6 +795,18 @@ class SimSettings(BaseSettings):
         0.01, ge=0, description="ITL grows by this fraction per extra running request."
     )
     max_running_requests: int = Field(256, ge=1, description="More requests wait in the queue.")
+    max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        description="As SGLang's --max-queued-requests: a request that would wait behind"
+        " this many is refused with 503 'The request queue is full.'; unset = no limit.",
+    )
+    chunked_prefill_size: int = Field(
+        4096,
+        ge=-1,
+        description="As SGLang's --chunked-prefill-size (4096: what 0.5.19 resolves when"
+        " it finds no GPU memory): tokens per prefill forward; -1 = no chunking.",
+    )
     max_total_tokens: int = Field(
         65536, ge=1, description="KV pool size in tokens: admission budget and prefix cache."
     )
@@ -844,6 +875,12 @@ class SimSettings(BaseSettings):
         description="Fault knobs active from startup, JSON (SIM_FAULTS='{\"hang\": true}').",
     )
     log_level: str = Field("info", description="Log level of the simulator process.")
+
+    @model_validator(mode="after")
+    def _chunk_size(self) -> SimSettings:
+        if self.chunked_prefill_size == 0:
+            raise ValueError("chunked_prefill_size must be positive, or -1 for no chunking")
+        return self
 
     @model_validator(mode="after")
     def _keys_from_files(self) -> SimSettings:

@@ -13,6 +13,13 @@
   ``finish_reason`` of type ``abort`` carrying SGLang's status code and message for that
   cause (``ENGINE_ABORTS``); the HTTP layer then answers as SGLang does (an error chunk,
   or an error status). 0 = off.
+* ``detok_stall``: the detokenizer stops passing output on. The scheduler keeps
+  running (``realtime_tokens_total`` and the gauges keep moving) while no token reaches
+  a client and nothing the tokenizer manager counts moves (time to first token,
+  inter-token latency, the per-request counters). ``/health`` answers 200 while the
+  scheduler is busy (its busy-path signal skips the detokenizer,
+  ``Scheduler.maybe_send_health_check_signal``) and 503 when idle. ``false`` releases
+  what was held, each stream's latest state at once.
 * ``crash_marker``: a query of death. A request whose prompt holds this text makes the
   engine crash when its prefill starts, as a kernel fault does on SGLang: the scheduler
   logs "Scheduler hit an exception" with the CUDA error, its parent's SIGQUIT handler
@@ -79,6 +86,7 @@ class Faults:
     abort_status: int = 503
     abort_cause: str = ""
     crash_marker: str = ""
+    detok_stall: bool = False
 
     def __post_init__(self) -> None:
         self._requests_seen = 0
@@ -101,7 +109,7 @@ class Faults:
             elif key == "abort_cause":
                 if value != "" and value not in ENGINE_ABORTS:
                     raise FaultError(f"abort_cause must be one of: {', '.join(ENGINE_ABORTS)}")
-            elif key in ("hang", "oom", "fail_health"):
+            elif key in ("hang", "oom", "fail_health", "detok_stall"):
                 if not isinstance(value, bool):
                     raise FaultError(f"{key} must be true or false")
             else:

@@ -282,6 +282,13 @@ class SimMetrics:
     def first_token(self, latency: float, stream: bool) -> None:
         self.ttft.labels(**self.tok_labels, is_streaming=_streaming(stream)).observe(latency)
 
+    def inter_tokens(self, interval: float, tokens: int) -> None:
+        """``observe_inter_token_latency``: one output received with ``tokens`` new
+        tokens after ``interval`` s adds ``tokens`` to the count and ``interval`` to the
+        sum, each token in the bucket of interval / tokens."""
+        for _ in range(tokens):
+            self.itl.observe(interval / tokens)
+
     def finished(self, prompt: int, completion: int, cached: int, e2e: float, stream: bool) -> None:
         """``observe_one_finished_request``: the whole request, counted at its end."""
         labels = {**self.tok_labels, "is_streaming": _streaming(stream)}

@@ -5,16 +5,27 @@ so, as on SGLang, a client that goes away does not stop its generation at once: 
 disconnect watcher aborts it ``disconnect_abort_delay`` seconds later. Latencies are
 asyncio sleeps, cheap on CPU:
 
-* TTFT = (``ttft_base`` + ``prefill_per_token`` x uncached prompt tokens) x slow_factor;
-* ITL = ``itl`` x (1 + ``concurrency_slowdown`` x (running - 1)) x slow_factor, one
-  decode step for the whole running batch: as on SGLang, every running stream gets its
-  token at the same instant, once per step;
+* one forward at a time, as SGLang's scheduler loop runs one batch at a time
+  (``Scheduler.get_next_batch_to_run``: "Run prefill first if possible"): a prefill
+  forward blocks the decode step for its whole length;
+* a prefill forward takes (``ttft_base`` + ``prefill_per_token`` x its uncached prompt
+  tokens) x slow_factor; the requests admitted since the last forward share it, up to
+  ``chunked_prefill_size`` tokens (a longer prompt is cut into chunks, one forward each;
+  -1 turns chunking off, so one long prompt is one long forward);
+* a decode step takes ``itl`` x (1 + ``concurrency_slowdown`` x (running - 1)) x
+  slow_factor for the whole running batch: every running stream gets its token at the
+  same instant, once per step;
+* counters and gauges move when a batch completes, never during a forward
+  (``process_batch_result_prefill`` -> ``report_prefill_stats``);
+* output reaches clients through a detokenizer stage, which the ``detok_stall`` fault
+  knob stops while the scheduler keeps producing;
 * at most ``max_running_requests`` run; the rest wait in a FIFO queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -84,6 +95,13 @@ INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = INIT_NEW_TOKEN_RATIO * 0.14
 NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
 HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"  # python/sglang/srt/constants.py
+# ServerArgs.max_prefill_tokens: a prefill batch's token budget when chunking is off
+# (the first request is taken whole however long it is: PrefillAdder.add_one_req).
+MAX_PREFILL_TOKENS = 16384
+QUEUE_FULL_MESSAGE = "The request queue is full."  # Scheduler._abort_on_queued_limit
+# SGLANG_FORCE_STREAM_INTERVAL (srt/environ.py): OutputStreamer.accept sends a
+# non-streaming request's output on every 50 tokens (and when it finishes).
+FORCE_STREAM_INTERVAL = 50
 
 
 def clip_max_new_tokens(settings: SimSettings, input_len: int, max_new: int | None) -> int:
@@ -137,6 +155,9 @@ class Job:
         self.queue_time = 0.0
         self.cached_tokens = 0
         self.prefilled = False
+        self.prefill_left = 0  # uncached prompt tokens not yet through a forward
+        self.prefill_cached_reported = False
+        self._prefill_done: asyncio.Future[None] | None = None
         self.retractions = 0
         self.finish_reason: dict[str, Any] | None = None
         self.e2e_latency: float | None = None
@@ -146,6 +167,11 @@ class Job:
         self.client_gone_at: float | None = None
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
+        # The tokenizer manager's view (what passed the detokenizer): ReqState's
+        # ttft_observed, last_completion_tokens and last_time.
+        self.delivered_tokens = 0
+        self.delivered_at: float | None = None
+        self.finish_counted = False
         self.version = 0
         self._changed = asyncio.Event()
         self._waiter: asyncio.Future[None] | None = None
@@ -268,11 +294,22 @@ class Engine:
         self._kv_remaining = 0  # sum of running requests' remaining_estimate()
         self._tasks: set[asyncio.Task[None]] = set()
         self._step_waiters: list[asyncio.Future[None]] = []
-        self._step_timer: asyncio.TimerHandle | None = None
+        self._prefill_queue: deque[Job] = deque()
+        self._forward_loop: asyncio.Task[None] | None = None
+        self._work = asyncio.Event()
+        self.forwarding: str | None = None  # "prefill" / "decode" while a forward runs
+        self.forward_started = 0.0
+        self._deferred_health = 0  # Scheduler.return_health_check_ipcs
+        self._undelivered: dict[str, Job] = {}  # outputs held by a stalled detokenizer
 
     # -- status ---------------------------------------------------------------------
     def started(self) -> bool:
         return time.monotonic() >= self.ready_at
+
+    def is_fully_idle(self) -> bool:
+        """Scheduler.is_fully_idle(for_health_check=True): nothing running, nothing
+        waiting, no batch in flight."""
+        return not self.running and not self.waiting and self.forwarding is None
 
     def stats(self) -> SchedulerStats:
         """Live scheduler state, as published at a log point."""
@@ -341,7 +378,13 @@ class Engine:
         if job.abort_message is not None:
             self._finish(job, abort_reason(job.abort_message))
             return
-        if self.paused or self.waiting or not self._fits(job):
+        must_wait = self.paused or self.waiting or not self._fits(job)
+        limit = self.settings.max_queued_requests
+        if must_wait and limit is not None and len(self.waiting) + 1 > limit:
+            # Scheduler._abort_on_queued_limit: the newcomer is refused with 503.
+            self._finish(job, abort_reason(QUEUE_FULL_MESSAGE, 503))
+            return
+        if must_wait:
             job.state = "waiting"
             self.waiting.append(job)
             await self._wait_admission(job)
@@ -396,16 +439,131 @@ class Engine:
             _resolve(job._admission)
 
     async def _prefill(self, job: Job) -> None:
-        if self.faults.kills(job.req.prompt_text):
-            die_of_crash()
+        """Queue the prompt for the forward loop and wait until its last chunk is done."""
         ids = job.req.prompt_ids
         job.cached_tokens = self.cache.match(ids)
-        s = self.settings
-        uncached = len(ids) - job.cached_tokens
-        await job.sleep((s.ttft_base + s.prefill_per_token * uncached) * self.faults.slow_factor)
+        job.prefill_left = len(ids) - job.cached_tokens
+        job._prefill_done = asyncio.get_running_loop().create_future()
+        self._prefill_queue.append(job)
+        self._kick()
+        await job.wait_on(job._prefill_done)
+        if job.prefill_left > 0:  # woken by an abort before its prefill ended
+            return
         self.cache.insert(ids)
         job.prefilled = True
-        self.metrics.on_prefill(uncached, job.cached_tokens, self.stats())
+
+    # -- the forward loop: one batch at a time -------------------------------------
+    def _kick(self) -> None:
+        self._work.set()
+        if self._forward_loop is None or self._forward_loop.done():
+            self._forward_loop = asyncio.create_task(self._run_forwards(), name="sim-forwards")
+
+    async def _run_forwards(self) -> None:
+        """Scheduler.event_loop_normal: prefill first if there is one, else a decode step."""
+        while True:
+            await self._while_hung()  # a hung scheduler runs nothing
+            batch = self._prefill_batch()
+            if batch:
+                await self._prefill_forward(batch)
+            elif self._step_waiters:
+                await self._decode_forward()
+            else:
+                self._send_health_signals()  # Scheduler.on_idle: no batch to run
+                self._work.clear()
+                await self._work.wait()
+
+    def _prefill_batch(self) -> list[tuple[Job, int]]:
+        """PrefillAdder (schedule_policy.py): the queued prompts, in order, up to
+        chunked_prefill_size tokens; a prompt that does not fit is cut (a chunk) and
+        ends the batch. With chunking off the first prompt is taken whole and others
+        join while the batch stays within max_prefill_tokens."""
+        chunk = self.settings.chunked_prefill_size
+        budget = chunk if chunk > 0 else MAX_PREFILL_TOKENS
+        batch: list[tuple[Job, int]] = []
+        tokens = 0
+        for job in list(self._prefill_queue):
+            if job.finished or job.abort_message is not None:
+                self._prefill_queue.remove(job)
+                continue
+            if job.state != "running":  # retracted: back in the waiting queue
+                continue
+            room = budget - tokens
+            if chunk > 0:
+                take = min(job.prefill_left, room)
+                if take <= 0 and job.prefill_left > 0:
+                    break
+            else:
+                if batch and job.prefill_left > room:
+                    break
+                take = job.prefill_left
+            batch.append((job, take))
+            tokens += take
+            if take < job.prefill_left or tokens >= budget:
+                break
+        return batch
+
+    async def _prefill_forward(self, batch: list[tuple[Job, int]]) -> None:
+        for job, _ in batch:
+            if self.faults.kills(job.req.prompt_text):
+                die_of_crash()
+        s = self.settings
+        computed = sum(take for _, take in batch)
+        await self._forward(
+            "prefill", (s.ttft_base + s.prefill_per_token * computed) * self.faults.slow_factor
+        )
+        cached = 0
+        for job, take in batch:
+            if not job.prefill_cached_reported:
+                job.prefill_cached_reported = True
+                cached += job.cached_tokens
+            job.prefill_left -= take
+            if job.prefill_left <= 0:
+                if job in self._prefill_queue:
+                    self._prefill_queue.remove(job)
+                _resolve(job._prefill_done)
+        # process_batch_result_prefill -> report_prefill_stats: only now, at the end.
+        self.metrics.on_prefill(computed, cached, self.stats())
+        self._send_health_signals(one=True)
+
+    async def _decode_forward(self) -> None:
+        await self._forward("decode", self._itl())
+        waiters, self._step_waiters = self._step_waiters, []
+        for fut in waiters:
+            _resolve(fut)
+        self._send_health_signals(one=True)
+
+    async def _forward(self, kind: str, seconds: float) -> None:
+        """One batch on the device: nothing else runs meanwhile. A hang that starts
+        during it holds the result back (the scheduler never gets to process it)."""
+        self.forwarding, self.forward_started = kind, time.monotonic()
+        try:
+            await asyncio.sleep(max(seconds, 0.0))
+            await self._while_hung()
+        finally:
+            self.forwarding = None
+
+    async def _while_hung(self) -> None:
+        while True:
+            if not self.faults.hang:
+                return
+            await asyncio.sleep(_POLL)
+
+    def health_check(self) -> bool:
+        """A /health request reaching the scheduler (process_input_requests): while it
+        is busy the check is not queued but answered after the next batch result (or
+        from on_idle), without the detokenizer. True: deferred; False: run it."""
+        if self.is_fully_idle():
+            return False
+        self._deferred_health += 1
+        return True
+
+    def _send_health_signals(self, one: bool = False) -> None:
+        """maybe_send_health_check_signal: a HealthCheckOutput straight to the tokenizer
+        manager, which only bumps last_receive_tstamp (one per batch result). A paused
+        scheduler loops without reaching either (event_loop_normal)."""
+        if self._deferred_health and not self.paused:
+            self._deferred_health = self._deferred_health - 1 if one else 0
+            self.last_output_at = time.monotonic()
 
     async def _gate(self, job: Job) -> None:
         """Hold a request while the engine is hung, paused in place, or it was retracted."""
@@ -425,7 +583,7 @@ class Engine:
             return
 
     async def _next_decode_step(self, job: Job) -> None:
-        """Wait for the end of the batch's decode step in progress (one starts if none is).
+        """Wait for the end of the batch's next decode step.
 
         SGLang decodes every running request in one forward pass and sends that step's
         tokens on together (scheduler -> detokenizer -> tokenizer manager as one batch
@@ -433,18 +591,10 @@ class Engine:
         of a batch get their tokens in one burst per step, not each on its own clock; a
         request that joins mid-step gets its next token when the step in progress ends.
         """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._step_waiters.append(fut)
-        if self._step_timer is None:
-            self._step_timer = loop.call_later(self._itl(), self._end_decode_step)
+        self._kick()
         await job.wait_on(fut)
-
-    def _end_decode_step(self) -> None:
-        self._step_timer = None
-        waiters, self._step_waiters = self._step_waiters, []
-        for fut in waiters:
-            _resolve(fut)
 
     def _itl(self) -> float:
         s = self.settings
@@ -468,21 +618,15 @@ class Engine:
         if finish is None:
             finish = self._engine_abort(job)
         now = time.monotonic()
-        log = req.log_metrics
         if job.first_token_at is None:
             job.first_token_at = now
-            if log:
-                self.metrics.first_token(now - job.created_mono, req.stream)
-        elif log:
-            self.metrics.itl.observe(now - job.last_token_at)
         job.last_token_at = now
-        self.last_output_at = now
         if self.metrics.on_decode_token(len(self.running)):
             self.metrics.decode_log(self.stats())
         if finish is not None:
             self._finish(job, finish)
-        else:
-            job.notify()
+        elif req.stream or len(job.output_ids) % FORCE_STREAM_INTERVAL == 0:
+            self._deliver(job)
         if self.waiting:  # the scheduler tries to admit at every iteration
             self._drain()
 
@@ -499,16 +643,48 @@ class Engine:
             return
         job.finish_reason = reason
         job.e2e_latency = time.time() - job.created
-        self.last_output_at = time.monotonic()
-        if job.req.log_metrics:  # TokenizerManager.collect_metrics, at the request's end
-            self.metrics.finished(
-                prompt=len(job.req.prompt_ids),
-                completion=len(job.output_ids),
-                cached=job.cached_tokens,
-                e2e=job.e2e_latency,
-                stream=job.req.stream,
-            )
+        self._deliver(job)
+
+    def _deliver(self, job: Job) -> None:
+        """The detokenizer hands the job's latest output to the tokenizer manager, which
+        observes TTFT / inter-token latency per output received and counts the request
+        when it finishes (TokenizerManager.handle_loop -> collect_metrics); a stalled
+        detokenizer holds it back, however much the scheduler produces meanwhile."""
+        if self.faults.detok_stall:
+            self._undelivered[job.rid] = job
+            return
+        self._undelivered.pop(job.rid, None)
+        now = time.monotonic()
+        self.last_output_at = now  # TokenizerManager.last_receive_tstamp
+        req = job.req
+        n = len(job.output_ids)
+        if req.log_metrics:
+            if job.delivered_at is None:
+                if n or job.finished:
+                    self.metrics.first_token(now - job.created_mono, req.stream)
+                    job.delivered_at, job.delivered_tokens = now, n
+            elif n > job.delivered_tokens:
+                self.metrics.inter_tokens(now - job.delivered_at, n - job.delivered_tokens)
+                job.delivered_at, job.delivered_tokens = now, n
+        if job.finished and not job.finish_counted:
+            job.finish_counted = True
+            job.e2e_latency = time.time() - job.created
+            if req.log_metrics:  # TokenizerManager.collect_metrics, at the request's end
+                self.metrics.finished(
+                    prompt=len(req.prompt_ids),
+                    completion=n,
+                    cached=job.cached_tokens,
+                    e2e=job.e2e_latency,
+                    stream=req.stream,
+                )
         job.notify()
+
+    def flush_detokenizer(self) -> None:
+        """The stall cleared: the held outputs go out, each as its latest state."""
+        if self.faults.detok_stall:
+            return
+        for job in list(self._undelivered.values()):
+            self._deliver(job)
 
     def _release(self, job: Job) -> None:
         if not job.finished:
@@ -517,6 +693,8 @@ class Engine:
         self._stop_running(job)
         if job in self.waiting:
             self.waiting.remove(job)
+        if job in self._prefill_queue:
+            self._prefill_queue.remove(job)
         self.jobs.pop(job.rid, None)
         if job.prefilled:
             self.cache.insert(job.req.prompt_ids + job.output_ids)
@@ -582,6 +760,8 @@ class Engine:
         delay = self.settings.disconnect_abort_delay
         while True:
             await asyncio.sleep(_WATCH_INTERVAL)
+            if self._undelivered:
+                self.flush_detokenizer()
             now = time.monotonic()
             for job in list(self.jobs.values()):
                 if job.client_gone_at is None and job.client_disconnected():
@@ -609,3 +789,7 @@ class Engine:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+        if self._forward_loop is not None:
+            self._forward_loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._forward_loop

@@ -214,10 +214,13 @@ class SimServer:
         """SGLang's health_generate (python/sglang/srt/entrypoints/http_server.py).
 
         A 1-token generation (rid HEALTH_CHECK_*, input_ids [0], not counted in metrics)
-        goes through the same queue as every request; the answer is 200 as soon as *any*
-        output reached the tokenizer after the check began (other requests' tokens count,
+        goes to the scheduler. An idle scheduler runs it like any request, its output
+        through the detokenizer; a busy one does not queue it but signals back after its
+        next batch result, skipping the detokenizer (Scheduler.process_input_requests,
+        maybe_send_health_check_signal). The answer is 200 as soon as *any* output
+        reached the tokenizer after the check began (other requests' tokens count,
         sglang#6624), looked at every second, else 503 after SGLANG_HEALTH_CHECK_TIMEOUT.
-        The check's own request is not aborted on either outcome: it stays queued.
+        A check that did run is not aborted on either outcome.
         """
         e, s = self.engine, self.settings
         if e.shutting_down or self.termination.gracefully_exit:
@@ -233,7 +236,8 @@ class SimServer:
             log_metrics=False,
         )
         tic = time.monotonic()
-        e.submit(gen)
+        if not e.health_check():
+            e.submit(gen)
         deadline = tic + s.health_check_timeout
         while time.monotonic() < deadline:
             await asyncio.sleep(s.health_check_interval)
@@ -279,6 +283,9 @@ class SimServer:
                 "host": s.host,
                 "port": s.port,
                 "context_length": s.context_length,
+                "chunked_prefill_size": s.chunked_prefill_size,
+                # TpModelWorker.get_worker_info: max_req_len - 5 (scheduler_info).
+                "max_req_input_len": min(s.context_length - 1, s.max_total_tokens - 1) - 5,
                 "max_running_requests": s.max_running_requests,
                 "max_total_num_tokens": s.max_total_tokens,
                 "page_size": s.page_size,

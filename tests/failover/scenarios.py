@@ -90,6 +90,14 @@ FAULTS: dict[str, Fault] = by_name(
         target_recovery=6.0,
     ),
     Fault(
+        "detok-stall",
+        "the detokenizer stalls: the scheduler keeps decoding, no token reaches a client"
+        " (simulator knob)",
+        sim_knobs(detok_stall=True),
+        sim_knobs(),
+        target_recovery=6.0,
+    ),
+    Fault(
         "engine-500",
         "the engine answers every generation with HTTP 500 (simulator knob)",
         sim_knobs(error_rate=1.0),

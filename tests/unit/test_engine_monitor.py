@@ -17,6 +17,7 @@ from ha_agent.node.engine.client import (
     EngineClient,
     EngineSample,
     EngineTimeout,
+    ForwardLimits,
     parse_metrics,
 )
 from ha_agent.node.engine.monitor import EngineState, HealthMonitor
@@ -119,6 +120,70 @@ async def test_hang_with_health_200_is_detected_under_load() -> None:
         await monitor.client.close()
 
 
+def _prompt(tokens: int, max_new: int, first: int = 7) -> dict[str, object]:
+    return {
+        "input_ids": [first] + [5] * (tokens - 1),
+        "sampling_params": {"max_new_tokens": max_new, "ignore_eos": True},
+    }
+
+
+async def test_one_long_forward_on_the_simulator_is_busy_not_hung() -> None:
+    # --chunked-prefill-size -1: a 3000-token prompt at 1 ms a token is one 3 s forward;
+    # decode waits behind it and no counter moves until it ends.
+    async with sim_in_process(prefill_per_token=0.001, chunked_prefill_size=-1) as sim:
+        monitor = HealthMonitor(settings(sim.url, prefill_rate=500))
+        await tick_until(monitor, is_state(EngineState.HEALTHY), timeout=5)
+        async with httpx.AsyncClient(timeout=30) as client:
+            other = asyncio.ensure_future(
+                client.post(f"{sim.url}/generate", json=_prompt(10, 300, first=9))
+            )
+            await asyncio.sleep(0.5)
+            long = asyncio.ensure_future(client.post(f"{sim.url}/generate", json=_prompt(3000, 1)))
+            seen: set[EngineState] = set()
+            while not long.done():
+                await monitor.tick()
+                seen.add(monitor.health.state)
+                await asyncio.sleep(monitor.s.scrape_interval)
+            assert (await long).status_code == 200
+            assert (await other).status_code == 200  # the other client's request completed
+        assert seen == {EngineState.HEALTHY}, monitor.health
+        assert monitor.max_forward_tokens() == 32762  # read from /server_info
+        await monitor.client.close()
+
+
+async def test_detokenizer_stall_on_the_simulator_is_hung_within_6s() -> None:
+    async with sim_in_process() as sim:
+        monitor = HealthMonitor(settings(sim.url))
+        await tick_until(monitor, is_state(EngineState.HEALTHY), timeout=5)
+        async with httpx.AsyncClient(timeout=30) as client:
+            load = asyncio.ensure_future(
+                client.post(f"{sim.url}/generate", json=_prompt(10, 20000))
+            )
+            await tick_until(monitor, lambda m: m.health.running > 0, timeout=5)
+            await sim.faults(detok_stall=True)
+            took = await tick_until(monitor, is_state(EngineState.HUNG), timeout=10)
+            load.cancel()
+        assert took < 6.0, took
+        assert "none delivered" in monitor.health.reason
+        await monitor.client.close()
+
+
+async def test_canary_refused_for_a_full_queue_is_overload() -> None:
+    # --max-queued-requests 1: one running, one waiting, the canary is refused with 503.
+    async with sim_in_process(max_running_requests=1, max_queued_requests=1) as sim:
+        client = EngineClient(sim.url)
+        async with httpx.AsyncClient(timeout=30) as http:
+            running = asyncio.ensure_future(http.post(f"{sim.url}/generate", json=_prompt(5, 500)))
+            await asyncio.sleep(0.2)
+            waiting = asyncio.ensure_future(http.post(f"{sim.url}/generate", json=_prompt(5, 1)))
+            await asyncio.sleep(0.2)
+            result = await client.canary(1.0)
+            await http.post(f"{sim.url}/abort_request", json={"abort_all": True})
+            await asyncio.gather(running, waiting)
+        assert result.overloaded and not result.ok, result
+        await client.close()
+
+
 async def test_timed_out_canaries_are_aborted_and_never_pile_up() -> None:
     async with sim_in_process() as sim:
         client = EngineClient(sim.url)
@@ -210,11 +275,13 @@ async def test_frozen_engine_process_is_detected_and_recovers() -> None:
 
 # -- the judgement on SGLang's signals, on a fake clock -----------------------------------
 #
-# SGLang 0.5.19 moves `sglang:realtime_tokens_total` every decode iteration and prefill
-# chunk (python/sglang/srt/managers/scheduler_components/metrics_reporter.py), but
-# `generation_tokens_total` and `num_requests_total` only when a request finishes
-# (python/sglang/srt/managers/tokenizer_manager.py). It tokenizes prompts in its HTTP
-# process, whose /metrics then waits. These engines script exactly that.
+# SGLang 0.5.19 moves `sglang:realtime_tokens_total` at the end of every decode iteration
+# and prefill forward (chunk) (python/sglang/srt/managers/scheduler_components/
+# metrics_reporter.py); the tokenizer manager counts each output it receives past the
+# detokenizer (time-to-first-token and inter-token histograms) and each request when it
+# finishes (python/sglang/srt/managers/tokenizer_manager.py collect_metrics). A prefill
+# forward blocks decode and moves nothing until it ends. It tokenizes prompts in its
+# HTTP process, whose /metrics then waits. These engines script exactly that.
 
 
 class ScriptedSGLang:
@@ -224,10 +291,20 @@ class ScriptedSGLang:
         self.clock = clock
         self.running = 0.0
         self.queued = 0.0
-        self.realtime_tokens = 0.0
+        self.prefill_tokens = 0.0
+        self.decode_tokens = 0.0
+        self.later_tokens = 0.0  # delivered: the inter-token histogram's count
         self.generation_tokens = 0.0
         self.requests = 0.0
-        self.tokens_per_tick = 0.0  # what the scheduler produces per scrape interval
+        self.tokens_per_tick = 0.0  # what the scheduler decodes per scrape interval
+        self.prefill_per_tick = 0.0  # prompt tokens of prefill chunks ending per interval
+        self.detok_stalled = False  # decoded tokens do not reach the tokenizer manager
+        self.forward_until = 0.0  # a forward pass in flight: nothing moves until then
+        self.limits: ForwardLimits | None = None  # what /server_info says
+        self.overloaded = False  # the canary is refused: queue full
+        self.deliver_every = 1  # scrape intervals between outputs reaching the tokenizer
+        self._ticks = 0
+        self._undelivered = 0.0
         self.metrics_stall = 0.0  # /metrics unanswered (HTTP process busy or frozen)
         self.canary_wait = 0.05  # how long a canary waits before its token
         self.canaries = 0
@@ -235,7 +312,24 @@ class ScriptedSGLang:
         self._moved = asyncio.Event()
 
     def produce(self) -> None:
-        self.realtime_tokens += self.tokens_per_tick
+        if self.clock() < self.forward_until:
+            return
+        self.decode_tokens += self.tokens_per_tick
+        self.prefill_tokens += self.prefill_per_tick
+        self._undelivered += self.tokens_per_tick
+        self._ticks += 1
+        if not self.detok_stalled and self._ticks % self.deliver_every == 0:
+            self.later_tokens += self._undelivered
+            self._undelivered = 0
+
+    def long_forward(self, prompt_tokens: float, seconds: float) -> None:
+        """One prefill forward of ``prompt_tokens`` starts now and ends in ``seconds``."""
+        self.forward_until = self.clock() + seconds
+        self._forward_tokens = prompt_tokens
+
+    def forward_ended(self) -> None:
+        self.prefill_tokens += self._forward_tokens
+        self.forward_until = 0.0
 
     def time_moved(self) -> None:
         """Wake a canary in flight: the fake clock went on."""
@@ -251,14 +345,21 @@ class ScriptedSGLang:
             latency=0.01,
             running=self.running,
             queued=self.queued,
-            realtime_tokens=self.realtime_tokens,
+            prefill_tokens=self.prefill_tokens,
+            decode_tokens=self.decode_tokens,
+            later_tokens=self.later_tokens,
             generation_tokens=self.generation_tokens,
             requests=self.requests,
         )
 
+    async def forward_limits(self, timeout: float) -> ForwardLimits | None:
+        return self.limits
+
     async def canary(self, timeout: float) -> CanaryResult:
         self.canaries += 1
-        self.realtime_tokens += self.canary_prefill
+        if self.overloaded:
+            return CanaryResult(False, 0.01, "canary refused: queue full", overloaded=True)
+        self.prefill_tokens += self.canary_prefill
         started = self.clock()
         while self.clock() - started < min(self.canary_wait, timeout):
             await self._moved.wait()
@@ -349,6 +450,13 @@ def saturated(engine: ScriptedSGLang) -> None:
     engine.canary_wait = 30.0
 
 
+def ordinary(engine: ScriptedSGLang) -> None:
+    """A few streams decoding; a canary gets its token within a step or two."""
+    engine.running, engine.queued = 8, 0
+    engine.tokens_per_tick = 8 * 10
+    engine.canary_wait = 0.05
+
+
 async def test_parse_reads_sglang_progress_counters() -> None:
     # As SGLang 0.5.19 renders them: realtime tokens per mode and DP rank, finished
     # requests per is_streaming (python/sglang/srt/observability/metrics_collector.py).
@@ -371,8 +479,28 @@ async def test_parse_reads_sglang_progress_counters() -> None:
     )
     sample = parse_metrics(text, at=1.0, latency=0.01)
     assert sample.realtime_tokens == 2050
-    assert sample.work_done == (2050, 7, 3)
+    assert (sample.prefill_tokens, sample.decode_tokens) == (50, 2000)
+    assert sample.delivered == 7 + 3
     assert (sample.running, sample.queued, sample.busy) == (6, 1, True)
+
+
+async def test_parse_reads_what_the_tokenizer_manager_received() -> None:
+    # Histograms count tokens received past the detokenizer: the first of each request
+    # (time_to_first_token) and every later one (inter_token_latency, count += tokens).
+    text = "\n".join(
+        [
+            "# TYPE sglang:time_to_first_token_seconds histogram",
+            'sglang:time_to_first_token_seconds_bucket{model_name="m",le="+Inf"} 4.0',
+            'sglang:time_to_first_token_seconds_count{model_name="m",is_streaming="true"} 4.0',
+            'sglang:time_to_first_token_seconds_sum{model_name="m",is_streaming="true"} 0.4',
+            "# TYPE sglang:inter_token_latency_seconds histogram",
+            'sglang:inter_token_latency_seconds_bucket{model_name="m",le="+Inf"} 96.0',
+            'sglang:inter_token_latency_seconds_count{model_name="m"} 96.0',
+            'sglang:inter_token_latency_seconds_sum{model_name="m"} 1.9',
+        ]
+    )
+    sample = parse_metrics(text, at=1.0, latency=0.01)
+    assert (sample.first_tokens, sample.later_tokens, sample.delivered) == (4, 96, 100)
 
 
 async def test_saturated_engine_with_tokens_flowing_stays_healthy_without_canaries() -> None:
@@ -403,6 +531,7 @@ async def test_canary_behind_a_long_prefill_is_slowness_not_a_hang() -> None:
 
 async def test_tokens_stop_with_requests_present_is_hung_within_bound() -> None:
     monitor, engine, _, _ = scripted()
+    engine.limits = ForwardLimits(4096, 32762)  # the simulator's defaults
     await confirmed(monitor, engine)
     saturated(engine)
     await run_for(monitor, engine, 10)
@@ -411,14 +540,124 @@ async def test_tokens_stop_with_requests_present_is_hung_within_bound() -> None:
     assert monitor.health.state is EngineState.HUNG, monitor.health
     assert "canary timed out" in monitor.health.reason
     assert took <= monitor.s.hang_detection_time + monitor.s.scrape_interval, took
-    # Leaves time for the lease to pass within the 6 s failover target.
-    assert took <= 4.5, took
+    assert took <= 2.0, took
+
+
+async def test_hang_under_ordinary_load_is_caught_within_2s() -> None:
+    # An 80 GB-class GPU's chunk (8192) and prompts arriving all along: the counters
+    # prove a prefill rate above the floor, so one forward cannot be long.
+    monitor, engine, _, _ = scripted()
+    engine.limits = ForwardLimits(8192, 131066)
+    await confirmed(monitor, engine)
+    ordinary(engine)
+    engine.prefill_per_tick = 4000  # prompts of a few thousand tokens every interval
+    await run_for(monitor, engine, 10)
+    assert monitor.prefill_rate() >= 8000
+    engine.tokens_per_tick = engine.prefill_per_tick = 0  # the scheduler hangs
+    engine.canary_wait = 3600
+    took, _ = await run_for(monitor, engine, 30, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG, monitor.health
+    assert took <= 2.0, took
+
+
+async def test_one_forward_of_20s_is_busy_not_hung() -> None:
+    # --chunked-prefill-size -1 and a 100k-token prompt: one prefill forward of 20 s
+    # blocks decode and moves no counter until it ends (process_batch_result_prefill).
+    monitor, engine, _, _ = scripted()
+    engine.limits = ForwardLimits(-1, 131066)
+    await confirmed(monitor, engine)
+    ordinary(engine)
+    await run_for(monitor, engine, 5)
+    assert monitor.forward_allowance() > 20
+    engine.long_forward(100_000, 20.0)
+    engine.canary_wait = 30.0  # the canary waits behind the forward too
+    _, seen = await run_for(monitor, engine, 20.0)
+    assert seen == {EngineState.HEALTHY}, monitor.health
+    engine.forward_ended()
+    engine.canary_wait = 0.05
+    _, after = await run_for(monitor, engine, 10)
+    assert after == {EngineState.HEALTHY}, monitor.health
+    # It learnt the rate the forward showed: later silences are judged by it.
+    assert monitor.prefill_rate() >= 100_000 / 20.5
+
+
+async def test_silence_longer_than_any_forward_is_hung() -> None:
+    monitor, engine, _, _ = scripted()
+    engine.limits = ForwardLimits(-1, 32762)  # the simulator with chunking off
+    await confirmed(monitor, engine)
+    ordinary(engine)
+    await run_for(monitor, engine, 5)
+    engine.long_forward(1.0, 3600)  # a forward that never ends: a hang in the GPU
+    engine.canary_wait = 3600
+    allowance = monitor.forward_allowance()
+    took, _ = await run_for(monitor, engine, 60, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG, monitor.health
+    bound = min(allowance, monitor.s.busy_unresponsive_limit)
+    assert bound - 0.5 <= took <= bound + 2 * monitor.s.scrape_interval, (took, bound)
+
+
+async def test_output_stall_is_hung_within_6s() -> None:
+    # The detokenizer stops: the scheduler keeps decoding (realtime tokens rise), no
+    # token reaches the tokenizer manager, so clients get nothing.
+    monitor, engine, _, _ = scripted()
+    engine.limits = ForwardLimits(4096, 32762)
+    await confirmed(monitor, engine)
+    ordinary(engine)
+    await run_for(monitor, engine, 5)
+    engine.detok_stalled = True
+    engine.canary_wait = 3600  # its token is held too
+    took, _ = await run_for(monitor, engine, 30, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG, monitor.health
+    assert "none delivered" in monitor.health.reason
+    assert took <= 6.0, took
+
+
+async def test_non_streaming_batch_delivered_every_50_tokens_is_not_an_output_stall() -> None:
+    # Non-streaming requests reach the tokenizer manager every 50 tokens
+    # (SGLANG_FORCE_STREAM_INTERVAL): a saturated batch of them decodes for seconds
+    # between deliveries while a canary waits behind it.
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    saturated(engine)
+    engine.tokens_per_tick = 256 * 5  # 256 requests, 20 iterations a second
+    engine.deliver_every = 10  # 50 iterations: 2.5 s between outputs
+    _, seen = await run_for(monitor, engine, 30)
+    assert seen == {EngineState.HEALTHY}, monitor.health
+
+
+async def test_prompts_in_chunks_are_busy_not_an_output_stall() -> None:
+    # A long prompt in chunks: prefill forwards back to back, decode waits, nothing is
+    # delivered for seconds; every chunk's end moves the prefill counter.
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    ordinary(engine)
+    await run_for(monitor, engine, 5)
+    engine.tokens_per_tick, engine.prefill_per_tick = 0, 4096
+    engine.canary_wait = 30.0
+    _, seen = await run_for(monitor, engine, 15)
+    assert seen == {EngineState.HEALTHY}, monitor.health
+
+
+async def test_queue_full_canary_is_overload_not_a_hang() -> None:
+    # Prefill forwards back to back with --max-queued-requests reached: the canary is
+    # refused at once with 503 "The request queue is full.".
+    monitor, engine, _, _ = scripted()
+    await confirmed(monitor, engine)
+    saturated(engine)
+    engine.tokens_per_tick, engine.prefill_per_tick = 0, 4096
+    engine.overloaded = True
+    sent = engine.canaries
+    _, seen = await run_for(monitor, engine, 10)
+    assert seen == {EngineState.HEALTHY}, monitor.health
+    assert engine.canaries > sent  # it did ask, and was refused
+    assert monitor.recent_success_rate(least=1) == 1.0  # a refusal is not a failure
 
 
 async def test_a_canarys_own_prefill_is_not_progress() -> None:
     # A scheduler that still prefills what arrives but never decodes: the only
     # movement is the canary's own prompt token.
     monitor, engine, _, _ = scripted()
+    engine.limits = ForwardLimits(4096, 32762)
     await confirmed(monitor, engine)
     saturated(engine)
     await run_for(monitor, engine, 5)

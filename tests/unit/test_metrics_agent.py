@@ -44,6 +44,9 @@ class ScriptedEngine:
         self.canaries += 1
         return CanaryResult(True, 0.3, "canary generated a token")
 
+    async def forward_limits(self, timeout: float) -> None:
+        return None  # /server_info says nothing: the monitor's default applies
+
     async def close(self) -> None:
         return None
 

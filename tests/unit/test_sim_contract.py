@@ -66,6 +66,16 @@ def _gen(text: str, n: int, stream: bool = True, **extra: Any) -> dict[str, Any]
     }
 
 
+def _prompt_of(tokens: int, n: int, stream: bool = False, first: int = 7) -> dict[str, Any]:
+    """A /generate body whose prompt is exactly ``tokens`` tokens (no prefix shared
+    with another ``first``)."""
+    return {
+        "input_ids": [first] + [5] * (tokens - 1),
+        "stream": stream,
+        "sampling_params": {"max_new_tokens": n, "ignore_eos": True},
+    }
+
+
 # -- 1. request counters move at request finish -----------------------------------------
 async def test_request_counters_grow_when_the_request_finishes(
     sim_client_factory: SimClientFactory,
@@ -337,6 +347,7 @@ async def test_lagging_reader_gets_several_tokens_per_event() -> None:
         prompt_ids=tok.encode(prompt),
         max_new_tokens=60,
         rules=StopRules(ignore_eos=True),
+        stream=True,
     )
     job = engine.submit(req)
     seen: list[int] = []
@@ -386,55 +397,77 @@ async def test_chat_skips_empty_deltas_and_always_sends_reasoning_content(
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-# -- 6. health checks and admission share the scheduler's queue -------------------------
-async def test_health_check_is_a_queued_generation_any_output_counts(
+# -- 6. health checks: not queued behind a busy scheduler --------------------------------
+async def test_health_check_while_busy_is_answered_after_the_next_batch_not_queued(
     sim_client_factory: SimClientFactory,
 ) -> None:
     """python/sglang/srt/entrypoints/http_server.py (health_generate: a 1-token request
-    rid HEALTH_CHECK_*, input_ids [0], log_metrics=False; 200 once any output arrives
-    after it began, looked at every second; 503 after SGLANG_HEALTH_CHECK_TIMEOUT)."""
+    rid HEALTH_CHECK_*, 200 once any output reached the tokenizer after it began, looked
+    at every second) and python/sglang/srt/managers/scheduler.py (process_input_requests:
+    a health check reaching a busy scheduler is not queued; maybe_send_health_check_signal
+    answers it after the next batch result)."""
     client = await sim_client_factory(
         itl=0.005, max_running_requests=1, health_check_interval=0.05, health_check_timeout=0.5
     )
     busy = await client.post("/generate", json=_gen("busy", 200))
     await next_event(busy)
-    health = asyncio.create_task(client.get("/health"))
-
-    async def health_queued() -> bool:  # behind the running request, like any request
-        return (await sim_live_state(client))["num_queue_reqs"] == 1
-
-    await sim_wait_for(health_queued)
-    # 200 although its own token has not come: the busy request's output counts.
-    assert (await asyncio.wait_for(health, 5)).status == 200
-    assert (await sim_live_state(client))["num_queue_reqs"] == 1  # still waiting, not aborted
+    assert (await asyncio.wait_for(client.get("/health"), 5)).status == 200
+    live = await sim_live_state(client)
+    assert live["num_queue_reqs"] == 0  # never queued behind the running request
     await sim_read_sse(busy)
-
-    async def drained() -> bool:
-        return (await sim_live_state(client))["num_queue_reqs"] == 0
-
-    await sim_wait_for(drained)
     assert await sim_metric(client, "sglang:num_requests_total") == 1  # health not counted
 
 
-async def test_health_is_503_when_nothing_comes_out(sim_client_factory: SimClientFactory) -> None:
-    """python/sglang/srt/entrypoints/http_server.py (health_generate times out when no
-    output reaches the tokenizer, e.g. behind a long prefill: sglang#22511)."""
+async def test_health_check_when_idle_runs_as_a_generation(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/http_server.py (health_generate) and
+    python/sglang/srt/managers/scheduler.py (is_fully_idle: an idle scheduler runs the
+    check's 1-token request; its output goes through the detokenizer); a hung scheduler
+    gives no output and the check is 503 after SGLANG_HEALTH_CHECK_TIMEOUT."""
+    client = await sim_client_factory(health_check_interval=0.05, health_check_timeout=0.4)
+    assert (await client.get("/health")).status == 200
+    assert await sim_metric(client, "sglang:realtime_tokens_total", mode="decode") == 1
+    await client.post("/sim/faults", json={"hang": True})
+    assert (await client.get("/health")).status == 503
+
+
+async def test_health_behind_a_long_forward_waits_for_its_end(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/scheduler.py (maybe_send_health_check_signal after
+    process_batch_result; "prevent the health check signal being blocked by long context
+    prefill" only as far as the forward in flight ends): a check during one forward
+    longer than SGLANG_HEALTH_CHECK_TIMEOUT is 503 (sglang#22511); shorter, 200 at its
+    end."""
     client = await sim_client_factory(
-        max_running_requests=1,
-        prefill_per_token=0.01,
+        prefill_per_token=0.001,
+        chunked_prefill_size=-1,
         health_check_interval=0.05,
         health_check_timeout=0.4,
     )
-    long_prefill = asyncio.create_task(
-        client.post("/generate", json=_gen("p" * 400, 1, stream=False))
-    )
+    long_prefill = asyncio.create_task(client.post("/generate", json=_prompt_of(1000, 1)))
 
     async def prefilling() -> bool:
         return (await sim_live_state(client))["num_running_reqs"] == 1
 
     await sim_wait_for(prefilling)
-    assert (await client.get("/health")).status == 503
+    assert (await client.get("/health")).status == 503  # the forward takes 1 s
     assert (await asyncio.wait_for(long_prefill, 10)).status == 200
+    short = await sim_client_factory(
+        prefill_per_token=0.0002,
+        chunked_prefill_size=-1,
+        health_check_interval=0.05,
+        health_check_timeout=0.6,
+    )
+    shorter = asyncio.create_task(short.post("/generate", json=_prompt_of(1000, 1)))
+
+    async def short_prefilling() -> bool:
+        return (await sim_live_state(short))["num_running_reqs"] == 1
+
+    await sim_wait_for(short_prefilling)
+    assert (await short.get("/health")).status == 200  # answered when the ~0.2 s forward ends
+    assert (await asyncio.wait_for(shorter, 10)).status == 200
 
 
 async def test_new_requests_wait_for_kv_room(sim_client_factory: SimClientFactory) -> None:
@@ -615,3 +648,160 @@ async def test_token_ids_come_back_where_sglang_returns_them(
     )
     events = _data(await sim_read_sse(gen))
     assert all(e["prompt_token_ids"] == tok.encode("Count to ten") for e in events)
+
+
+# -- 9. one forward at a time: prefill blocks decode, counters move at batch end ---------
+async def _gaps_while(resp: ClientResponse, task: asyncio.Task[Any]) -> float:
+    """The longest silence between a stream's events while ``task`` runs."""
+    loop = asyncio.get_running_loop()
+    last, longest = loop.time(), 0.0
+    while not task.done():
+        try:
+            await next_event(resp, timeout=5.0)
+        except asyncio.TimeoutError:
+            break
+        now = loop.time()
+        longest, last = max(longest, now - last), now
+    return longest
+
+
+async def test_prefill_forward_blocks_the_decode_step_for_its_whole_length(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/scheduler.py (get_next_batch_to_run: "Run prefill first
+    if possible"; one batch per loop iteration, so a running stream gets no token while
+    a prefill forward runs) and python/sglang/srt/managers/scheduler_components/
+    metrics_reporter.py (report_prefill_stats, called from process_batch_result_prefill:
+    the prefill counters move when the forward ends, not during it)."""
+    client = await sim_client_factory(itl=0.005, prefill_per_token=0.0005, chunked_prefill_size=-1)
+    stream = await client.post("/generate", json=_gen("decoding", 2000))
+    await next_event(stream)
+    before = await sim_metric(client, "sglang:realtime_tokens_total", mode="prefill_compute")
+    long = asyncio.create_task(client.post("/generate", json=_prompt_of(2000, 1)))
+
+    async def forward_started() -> bool:
+        return (await sim_live_state(client))["num_running_reqs"] == 2
+
+    await sim_wait_for(forward_started)
+    during = await sim_metric(client, "sglang:realtime_tokens_total", mode="prefill_compute")
+    gap = await _gaps_while(stream, long)
+    out = await (await long).json()
+    assert during == before  # nothing counted mid-forward
+    assert gap > 0.8  # the 2000-token forward takes 1 s and the stream got nothing
+    after = await sim_metric(client, "sglang:realtime_tokens_total", mode="prefill_compute")
+    assert after == before + 2000
+    assert out["meta_info"]["e2e_latency"] >= 1.0
+    await client.post("/abort_request", json={"abort_all": True})
+
+
+async def test_forward_time_grows_with_prefill_tokens_and_chunks_split_it(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/schedule_policy.py (PrefillAdder: a prompt longer than
+    the chunk left is cut, rem_chunk_tokens) and python/sglang/srt/server_args.py
+    (--chunked-prefill-size, -1 disables chunking): with chunks, the prefill counters
+    rise chunk by chunk; without, in one step; a forward's time grows with its tokens."""
+    client = await sim_client_factory(prefill_per_token=0.001, chunked_prefill_size=500)
+    short = await (await client.post("/generate", json=_prompt_of(200, 1, first=8))).json()
+    long = asyncio.create_task(client.post("/generate", json=_prompt_of(2000, 1)))
+    seen: set[float] = set()
+    while not long.done():
+        seen.add(await sim_metric(client, "sglang:realtime_tokens_total", mode="prefill_compute"))
+        await asyncio.sleep(0.02)
+    out = await (await long).json()
+    assert out["meta_info"]["e2e_latency"] > 5 * short["meta_info"]["e2e_latency"]
+    assert {v - 200 for v in seen} <= {0, 500, 1000, 1500, 2000}
+    assert len({500, 1000, 1500} & {v - 200 for v in seen}) >= 2  # chunk by chunk
+
+
+async def test_queue_full_is_a_503(sim_client_factory: SimClientFactory) -> None:
+    """python/sglang/srt/managers/scheduler.py (_abort_on_queued_limit: with
+    --max-queued-requests, a request that would wait behind that many is aborted with
+    status 503, "The request queue is full.")."""
+    client = await sim_client_factory(itl=0.01, max_running_requests=1, max_queued_requests=1)
+    running = await client.post("/generate", json=_gen("one", 500))
+    await next_event(running)
+    queued = asyncio.create_task(client.post("/generate", json=_gen("two", 1, stream=False)))
+
+    async def one_waits() -> bool:
+        return (await sim_live_state(client))["num_queue_reqs"] == 1
+
+    await sim_wait_for(one_waits)
+    refused = await client.post("/generate", json=_gen("three", 1, stream=False))
+    assert refused.status == 503
+    assert "The request queue is full." in await refused.text()
+    await client.post("/abort_request", json={"abort_all": True})
+    await queued
+
+
+# -- 10. the detokenizer stage ------------------------------------------------------------
+async def test_detokenizer_stall_stops_client_output_not_the_scheduler(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/detokenizer_manager.py (every batch output passes it on
+    its way to the tokenizer manager), python/sglang/srt/managers/tokenizer_manager.py
+    (collect_metrics: time to first token and inter-token latency observed per output
+    received; last_receive_tstamp) and python/sglang/srt/observability/
+    metrics_collector.py (observe_inter_token_latency): with the detokenizer stalled the
+    scheduler's realtime_tokens_total keeps rising, the tokenizer-side histograms and the
+    stream do not; /health answers 200 only while the scheduler is busy
+    (Scheduler.maybe_send_health_check_signal skips the detokenizer)."""
+    client = await sim_client_factory(
+        itl=0.005, health_check_interval=0.05, health_check_timeout=0.4
+    )
+    stream = await client.post("/generate", json=_gen("stalled", 3000))
+    await next_event(stream)
+    await next_event(stream)
+    await client.post("/sim/faults", json={"detok_stall": True})
+    await asyncio.sleep(0.05)  # an event already on its way may still arrive
+    itl = await sim_metric(client, "sglang:inter_token_latency_seconds_count")
+    decode = await sim_metric(client, "sglang:realtime_tokens_total", mode="decode")
+
+    async def scheduler_runs_on() -> bool:
+        now = await sim_metric(client, "sglang:realtime_tokens_total", mode="decode")
+        return now > decode + 20
+
+    await sim_wait_for(scheduler_runs_on)
+    with pytest.raises(asyncio.TimeoutError):
+        await next_event(stream, timeout=0.3)
+    assert await sim_metric(client, "sglang:inter_token_latency_seconds_count") == itl
+    assert (await client.get("/health")).status == 200  # busy: the signal skips it
+    await client.post("/sim/faults", json={"detok_stall": False})
+    event = await next_event(stream, timeout=2.0)
+    assert len(event["output_ids"]) > 20  # everything held back, at once
+    assert await sim_metric(client, "sglang:inter_token_latency_seconds_count") > itl + 20
+    await client.post("/abort_request", json={"abort_all": True})
+    await sim_read_sse(stream)
+    idle = await sim_client_factory(health_check_interval=0.05, health_check_timeout=0.4)
+    await idle.post("/sim/faults", json={"detok_stall": True})
+    assert (await idle.get("/health")).status == 503  # idle: its own output is held
+
+
+async def test_non_streaming_output_reaches_the_tokenizer_every_50_tokens(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/scheduler_components/output_streamer.py
+    (OutputStreamer.accept: a non-streaming request is sent on every
+    SGLANG_FORCE_STREAM_INTERVAL = 50 tokens, srt/environ.py, and when it finishes) and
+    python/sglang/srt/managers/tokenizer_manager.py (collect_metrics: the first output
+    received is the time to first token, later ones add their new tokens to the
+    inter-token histogram)."""
+    client = await sim_client_factory(itl=0.01)
+    task = asyncio.create_task(client.post("/generate", json=_gen("quiet", 120, stream=False)))
+
+    async def count(name: str) -> float:  # 0 before the histogram's first observation
+        return sum(v for _, v in await samples(client, name))
+
+    seen: set[tuple[float, float]] = set()
+    while not task.done():
+        seen.add(
+            (
+                await count("sglang:time_to_first_token_seconds_count"),
+                await count("sglang:inter_token_latency_seconds_count"),
+            )
+        )
+        await asyncio.sleep(0.02)
+    assert (await task).status == 200
+    assert seen <= {(0, 0), (1, 0), (1, 50), (1, 70)}, seen
+    assert (1, 0) in seen  # the first output came at 50 tokens, not at the first
+    assert await sim_metric(client, "sglang:inter_token_latency_seconds_count") == 70

@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 log = logging.getLogger(__name__)
 
 
-def _summed(metric: str) -> Any:
-    """A sample's field: this SGLang metric summed over every label set (modes, DP
-    ranks, is_streaming)."""
-    return field(default=0.0, metadata={"metric": metric})
+def _summed(metric: str, mode: str | None = None) -> Any:
+    """A sample's field: this SGLang metric summed over every label set (DP ranks,
+    is_streaming), or over those with this ``mode`` label only."""
+    return field(default=0.0, metadata={"metric": metric, "mode": mode})
 
 
 class EngineUnreachable(Exception):
@@ -50,10 +50,16 @@ class EngineSample:
     latency: float
     running: float = _summed("sglang:num_running_reqs")
     queued: float = _summed("sglang:num_queue_reqs")
-    # Per decode iteration and per prefill batch (chunk), by the scheduler:
-    # python/sglang/srt/managers/scheduler_components/metrics_reporter.py.
-    realtime_tokens: float = _summed("sglang:realtime_tokens_total")
-    # Only when a request finishes (python/sglang/srt/managers/tokenizer_manager.py).
+    # Produced: at the end of each decode iteration and each prefill forward (chunk),
+    # by the scheduler (srt/managers/scheduler_components/metrics_reporter.py).
+    prefill_tokens: float = _summed("sglang:realtime_tokens_total", "prefill_compute")
+    prefill_cached: float = _summed("sglang:realtime_tokens_total", "prefill_cache")
+    decode_tokens: float = _summed("sglang:realtime_tokens_total", "decode")
+    # Delivered: what reached the tokenizer manager past the detokenizer
+    # (srt/managers/tokenizer_manager.py collect_metrics): the first token, every later
+    # token (the inter-token histogram counts tokens), and each request at its end.
+    first_tokens: float = _summed("sglang:time_to_first_token_seconds_count")
+    later_tokens: float = _summed("sglang:inter_token_latency_seconds_count")
     generation_tokens: float = _summed("sglang:generation_tokens_total")
     requests: float = _summed("sglang:num_requests_total")
     aborted: float = _summed("sglang:num_aborted_requests_total")
@@ -64,14 +70,35 @@ class EngineSample:
         return self.running + self.queued > 0
 
     @property
-    def work_done(self) -> tuple[float, float, float]:
-        """Counters that only the engine's scheduler moves: any rise is progress.
-        (Aborts are left out: SGLang counts them when asked, not when done.)"""
-        return (self.realtime_tokens, self.generation_tokens, self.requests)
+    def realtime_tokens(self) -> float:
+        return self.prefill_tokens + self.prefill_cached + self.decode_tokens
+
+    @property
+    def delivered(self) -> float:
+        """Tokens and finished requests that reached the tokenizer manager: what clients
+        see. (Aborts are left out: SGLang counts them when asked, not when done.)"""
+        return self.first_tokens + self.later_tokens + self.generation_tokens + self.requests
+
+    @property
+    def work_done(self) -> tuple[float, ...]:
+        """Every counter the engine moves as it works (produced and delivered); any of
+        them going back means a new engine run."""
+        return (
+            self.prefill_tokens,
+            self.prefill_cached,
+            self.decode_tokens,
+            self.first_tokens,
+            self.later_tokens,
+            self.generation_tokens,
+            self.requests,
+        )
 
 
-# metric name -> EngineSample field
-_SUMMED = {f.metadata["metric"]: f.name for f in fields(EngineSample) if "metric" in f.metadata}
+# metric name -> [(mode label or None, EngineSample field)]
+_SUMMED: dict[str, list[tuple[str | None, str]]] = {}
+for _f in fields(EngineSample):
+    if "metric" in _f.metadata:
+        _SUMMED.setdefault(_f.metadata["metric"], []).append((_f.metadata["mode"], _f.name))
 
 
 @dataclass(frozen=True)
@@ -84,15 +111,42 @@ class CanaryResult:
     # No answer within the bound (as opposed to an error answer): behind a saturated
     # batch that is slowness, not a hang, if the engine kept producing meanwhile.
     timed_out: bool = False
+    # Refused because the waiting queue is full (--max-queued-requests): overload. The
+    # refusal comes from the scheduler's input loop, so the scheduler is running.
+    overloaded: bool = False
+
+
+# Scheduler._abort_on_queued_limit (srt/managers/scheduler.py), answered with 503.
+QUEUE_FULL = "queue is full"
+
+
+@dataclass(frozen=True)
+class ForwardLimits:
+    """What bounds one forward pass, from the engine's /server_info."""
+
+    chunked_prefill_size: int | None  # None or <= 0: chunking off
+    max_input_tokens: int | None  # the longest prompt the engine accepts
+
+    @property
+    def max_forward_tokens(self) -> int | None:
+        """Most prompt tokens one prefill forward can hold: a chunk, or with chunking
+        off the longest prompt (PrefillAdder takes a first request whole)."""
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size > 0:
+            return self.chunked_prefill_size
+        return self.max_input_tokens
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def parse_metrics(text: str, at: float, latency: float) -> EngineSample:
-    values = dict.fromkeys(_SUMMED.values(), 0.0)
+    values = {name: 0.0 for wanted in _SUMMED.values() for _, name in wanted}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            name = _SUMMED.get(sample.name)
-            if name is not None:
-                values[name] += float(sample.value)
+            for mode, name in _SUMMED.get(sample.name, ()):
+                if mode is None or sample.labels.get("mode") == mode:
+                    values[name] += float(sample.value)
     return EngineSample(at=at, latency=latency, **values)
 
 
@@ -152,8 +206,13 @@ class EngineClient:
             async with self._http().post(
                 f"{self.base_url}/generate", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
-                await resp.read()
+                answer = await resp.read()
                 latency = time.monotonic() - started
+                text = answer.decode("utf-8", "replace").lower()
+                if resp.status == 503 and QUEUE_FULL in text:
+                    return CanaryResult(
+                        False, latency, "canary refused: queue full", overloaded=True
+                    )
                 if resp.status != 200:
                     return CanaryResult(False, latency, f"canary answered HTTP {resp.status}")
                 return CanaryResult(True, latency, "canary generated a token")
@@ -169,6 +228,30 @@ class EngineClient:
             return CanaryResult(
                 False, time.monotonic() - started, f"canary failed: {type(exc).__name__}"
             )
+
+    async def forward_limits(self, timeout: float) -> ForwardLimits | None:
+        """chunked_prefill_size and the longest prompt from /server_info (SGLang's
+        resolved server args plus scheduler info, max_req_input_len); None if it does
+        not answer in time or says neither. It asks the scheduler too, so call it on a
+        healthy engine."""
+        try:
+            async with self._http().get(
+                f"{self.base_url}/server_info", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                info = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+        if not isinstance(info, dict):
+            return None
+        chunk = _positive_int(info.get("chunked_prefill_size"))
+        longest = _positive_int(info.get("max_req_input_len")) or _positive_int(
+            info.get("context_length")
+        )
+        if chunk is None and longest is None:
+            return None
+        return ForwardLimits(chunk, longest)
 
     async def abort(self, rid: str) -> None:
         # Best effort and short: a frozen engine will not answer this either.

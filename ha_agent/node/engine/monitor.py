@@ -3,23 +3,32 @@
 Signals, cheapest first (which hold on real SGLang: docs/architecture.md):
 1. The process: supervisord (running? how did it last exit?) and /proc (stopped by
    SIGSTOP? using CPU?).
-2. /metrics, every `scrape_interval`. Connection refused means dead. Progress is
-   any rise of the counters only the scheduler moves: `sglang:realtime_tokens_total`
-   (every decode iteration and prefill chunk), `generation_tokens_total` and
-   `num_requests_total` (both at request finish). Unanswered reads mean frozen when
-   the process uses no CPU (or is out of sight); while it keeps using CPU (SGLang
-   tokenizes big prompts in its HTTP process) they are tolerated up to
-   `busy_unresponsive_limit`.
+2. /metrics, every `scrape_interval`. Connection refused means dead. Two kinds of
+   counters move, both only when a batch completes: what the scheduler *produced*
+   (`sglang:realtime_tokens_total` per mode, at the end of each prefill forward or
+   chunk and each decode iteration) and what was *delivered* to the tokenizer
+   manager past the detokenizer, i.e. what clients see (the time-to-first-token and
+   inter-token histograms' counts, `generation_tokens_total`, `num_requests_total`).
+   Progress is delivered progress. Unanswered reads mean frozen when the process uses
+   no CPU (or is out of sight); while it keeps using CPU (SGLang tokenizes big prompts
+   in its HTTP process) they are tolerated up to `busy_unresponsive_limit`.
 3. A canary generation (one token, bounded, aborted on timeout), only when needed:
-   to confirm a start or a recovery, when requests are present but nothing moved
-   for `stall_timeout` (a hung scheduler whose /health still says 200), and after
-   `canary_idle` with no progress at all. Never more than one in flight. It waits
-   in the same queue as everyone, so a timeout while the engine kept producing (a
-   saturated batch) or kept its process busy is slowness, not a hang.
+   to confirm a start or a recovery, when requests are present but nothing was
+   delivered for `stall_timeout`, and after `canary_idle` with no progress at all.
+   Never more than one in flight. It waits in the same queue as everyone, so a
+   timeout is judged by what moved meanwhile: tokens delivered, or a prefill ending
+   (a long prompt in chunks), is busy; more tokens decoded since the last delivery
+   than a healthy engine holds back (non-streaming output goes out every 50 tokens) is
+   an output stall (hung), and counts as requests present even when the gauges say
+   idle; nothing at all is a hang only once the engine has been silent longer
+   than one forward pass may take: the most prompt tokens a forward can hold (a
+   chunk, or the longest prompt with chunking off) at the prefill rate its counters
+   have proved (`prefill_rate` at least). A canary refused with "queue is full" is
+   overload, not a failure.
 
-Only the canary, the process, an unanswering engine or `busy_unresponsive_limit`
-without any progress can make a healthy engine unhealthy. What clients send (4xx,
-garbage, floods) is never an input here.
+Only the canary, the process, an unanswering engine, a silence longer than a forward
+or `busy_unresponsive_limit` without any activity can make a healthy engine unhealthy.
+What clients send (4xx, garbage, floods) is never an input here.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from ha_agent.node.engine.client import (
     EngineSample,
     EngineTimeout,
     EngineUnreachable,
+    ForwardLimits,
 )
 from ha_agent.node.engine.process import ProcessActivity, ProcessState, ProcessWatch
 
@@ -53,6 +63,14 @@ BUSY_CPU_SHARE = 0.05
 # What a canary itself adds to the progress counters (its prompt token's prefill, its
 # one token, its request finishing or aborted) and so cannot count as others' progress.
 CANARY_OWN_WORK = 4.0
+# SGLANG_FORCE_STREAM_INTERVAL (srt/environ.py, used in scheduler_components/
+# output_streamer.py): a non-streaming request's output goes to the tokenizer manager
+# every 50 tokens, so up to 50 tokens per running request may be decoded and not yet
+# delivered on a healthy engine.
+DELIVERY_INTERVAL = 50
+# The longest forward assumed until the engine's /server_info says: SGLang 0.5.19's
+# chunked_prefill_size on an 80 GB-class GPU (srt/arg_groups/memory_hook.py).
+DEFAULT_FORWARD_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -112,7 +130,17 @@ class HealthMonitor:
         self.health = EngineHealth(EngineState.STARTING, "waiting for the engine", now)
         self._started_at = now  # start of the current engine run (for startup_grace)
         self._last: EngineSample | None = None
-        self._last_progress = now
+        self._last_progress = now  # tokens delivered to clients (or a canary answered)
+        self._last_activity = now  # anything moved: produced or delivered
+        self._activity_floor = now  # the latest movement happened after this
+        self._silent_until: float | None = None  # an excused silence ends here
+        self._rate_seen = 0.0  # prefill tokens/s the counters proved, this engine run
+        # Tokens decoded since the last delivery: output clients are owed. The scheduler
+        # may have finished every request (its gauges say idle) while the clients still
+        # wait for all of it behind a stalled detokenizer.
+        self._owed = 0.0
+        self._limits: ForwardLimits | None = None
+        self._limits_task: asyncio.Future[ForwardLimits | None] | None = None
         self._timeouts = 0
         self._idle_timeouts = 0  # unanswered reads in a row with the process using no CPU
         self._unanswered_since: float | None = None
@@ -167,6 +195,12 @@ class HealthMonitor:
         self._started_at = now
         self._last = None
         self._last_progress = now
+        self._last_activity = now
+        self._activity_floor = now
+        self._silent_until = None
+        self._rate_seen = 0.0
+        self._owed = 0.0
+        self._limits = None
         self._timeouts = 0
         self._idle_timeouts = 0
         self._unanswered_since = None
@@ -207,10 +241,66 @@ class HealthMonitor:
         for observe in self.probe_observers:
             observe("metrics", sample.latency)
         self._observe(sample)
-        if self._no_progress_too_long(self.clock()):
+        if self._no_progress_too_long(self.clock()) or self._silent_too_long(self.clock()):
             return self.health
         self._maybe_canary(self.clock())
         return self.health
+
+    # -- how long one forward pass may run ------------------------------------------------
+
+    def prefill_rate(self) -> float:
+        """Prompt tokens/s: the configured floor, or what the counters proved."""
+        return max(self.s.prefill_rate, self._rate_seen)
+
+    def max_forward_tokens(self) -> int:
+        if self.s.max_forward_tokens is not None:
+            return self.s.max_forward_tokens
+        limit = self._limits.max_forward_tokens if self._limits is not None else None
+        return limit or DEFAULT_FORWARD_TOKENS
+
+    def forward_allowance(self) -> float:
+        """How long one forward pass may keep the engine silent: the most prompt tokens a
+        forward can hold at the prefill rate, never less than a stall plus a canary."""
+        longest = self.max_forward_tokens() / self.prefill_rate()
+        return max(longest, self.s.stall_timeout + self.s.canary_timeout)
+
+    def _read_limits(self) -> None:
+        """Once per engine run, on a healthy engine: /server_info asks its scheduler."""
+        if self.s.max_forward_tokens is not None or self._limits is not None:
+            return
+        if self._limits_task is not None:
+            return
+        self._limits_task = asyncio.ensure_future(self.client.forward_limits(self.s.scrape_timeout))
+        self._limits_task.add_done_callback(self._limits_read)
+
+    def _limits_read(self, task: asyncio.Future[ForwardLimits | None]) -> None:
+        self._limits_task = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._limits = task.result()
+        if self._limits is not None:
+            log.info(
+                "engine forward limit: %s prompt tokens (chunked_prefill_size %s)",
+                self._limits.max_forward_tokens,
+                self._limits.chunked_prefill_size,
+            )
+
+    def _silent_too_long(self, now: float) -> bool:
+        """An excused silence (a canary timed out with nothing moving, but one forward
+        might still be running) that outlasted the allowance is a hang."""
+        if self._silent_until is None or self.health.state is not EngineState.HEALTHY:
+            return False
+        if now < self._silent_until:
+            return False
+        silent_for = now - self._last_activity
+        self._silent_until = None
+        self._cancel_canary()
+        self._set(
+            EngineState.HUNG,
+            f"nothing moved for {silent_for:.1f}s, longer than a forward of"
+            f" {self.max_forward_tokens()} prompt tokens at {self.prefill_rate():.0f} tokens/s",
+        )
+        return True
 
     def _activity(self) -> ProcessActivity | None:
         if self.process is None or not self._engine_pid:
@@ -262,9 +352,9 @@ class HealthMonitor:
             )
 
     def _no_progress_too_long(self, now: float) -> bool:
-        """The backstop: a healthy engine with no progress at all for the busy bound
+        """The backstop: a healthy engine with no activity at all for the busy bound
         (every canary excused as waiting behind a busy engine) is hung."""
-        quiet_for = now - self._last_progress
+        quiet_for = now - self._last_activity
         if self.health.state is not EngineState.HEALTHY:
             return False
         if quiet_for < self.s.busy_unresponsive_limit:
@@ -328,20 +418,42 @@ class HealthMonitor:
             self._engine_restarted()
             self._last = sample
             return
-        if done != before:
+        decoded = sample.decode_tokens - prev.decode_tokens
+        if sample.delivered != prev.delivered:
             self._last_progress = sample.at
+            self._owed = 0.0
+        else:
+            self._owed += decoded
+            if decoded > 0 and not self._output_stalled(sample):
+                # Non-streaming requests are delivered every 50 tokens: decoding within
+                # that slack is progress clients will see.
+                self._last_progress = sample.at
+        moved = sum(done) - sum(before)
+        if moved > CANARY_OWN_WORK or (moved > 0 and self._canary is None):
+            prefilled = sample.prefill_tokens - prev.prefill_tokens
+            if prefilled > 0:
+                # The forwards that did this began after the movement seen before, which
+                # happened after _activity_floor: a lower bound of the prefill rate.
+                took = sample.at - self._activity_floor
+                if took > 0:
+                    self._rate_seen = max(self._rate_seen, prefilled / took)
+            self._activity_floor = prev.at
+            self._last_activity = sample.at
+            self._silent_until = None
 
     def _maybe_canary(self, now: float) -> None:
         if self._canary is not None or now < self._next_canary_at:
             return
         state = self.health.state
         sample = self._last
-        busy = sample is not None and sample.busy
+        busy = sample is not None and (sample.busy or self._output_stalled(sample))
         quiet_for = now - self._last_progress
         if state is not EngineState.HEALTHY:
             why = "confirm the engine works"
+        elif self._silent_until is not None:
+            return  # a canary already waited; the allowance decides
         elif busy and quiet_for > self.s.stall_timeout:
-            why = f"requests running but no token for {quiet_for:.1f}s"
+            why = f"requests present but no token delivered for {quiet_for:.1f}s"
         elif quiet_for > self.s.canary_idle:
             why = "idle check"
         else:
@@ -350,15 +462,32 @@ class HealthMonitor:
             return
         log.debug("canary: %s", why)
         started = now
-        work = self._work_done()
+        before = self._last
         self._canary = asyncio.ensure_future(self.client.canary(self.s.canary_timeout))
-        self._canary.add_done_callback(lambda task: self._canary_done(task, why, started, work))
+        self._canary.add_done_callback(lambda task: self._canary_done(task, why, started, before))
 
-    def _work_done(self) -> float:
-        return sum(self._last.work_done) if self._last is not None else 0.0
+    def _output_stalled(self, sample: EngineSample) -> bool:
+        """More tokens decoded since the last delivery than a healthy engine can hold
+        back (DELIVERY_INTERVAL per running request): the output path is stuck."""
+        slack = DELIVERY_INTERVAL * max(sample.running, 1.0) + CANARY_OWN_WORK
+        return self._owed > slack
+
+    def _moved_since(self, before: EngineSample | None) -> tuple[float, float]:
+        """(delivered, prefilled) since ``before``."""
+        now = self._last
+        if before is None or now is None:
+            return (0.0, 0.0)
+        return (
+            now.delivered - before.delivered,
+            now.prefill_tokens + now.prefill_cached - before.prefill_tokens - before.prefill_cached,
+        )
 
     def _canary_done(
-        self, task: asyncio.Task[CanaryResult], why: str, started: float, work: float
+        self,
+        task: asyncio.Task[CanaryResult],
+        why: str,
+        started: float,
+        before: EngineSample | None,
     ) -> None:
         self._canary = None
         if task.cancelled():
@@ -367,23 +496,25 @@ class HealthMonitor:
         result = task.result() if exc is None else CanaryResult(False, 0.0, f"canary error: {exc}")
         now = self.clock()
         self.canary_latency = result.latency
-        self._canaries.append((now, result.ok))
+        if not result.overloaded:  # a refusal for load says nothing of the engine's health
+            self._canaries.append((now, result.ok))
         for observe in self.probe_observers:
             observe("canary", result.latency)
         if result.ok:
             self._canary_failures = 0
-            self._last_progress = now
+            self._last_progress = self._last_activity = now
+            self._silent_until = None
             self._set(EngineState.HEALTHY, f"{result.detail} in {result.latency * 1000:.0f} ms")
+            self._read_limits()
             return
-        # It queued behind everyone else. If the engine kept producing meanwhile (a
-        # saturated batch, a long prefill) or kept its process busy with /metrics
-        # unanswered (tokenizing), that is slowness; the hang backstop is
-        # busy_unresponsive_limit without any progress.
-        moved = self._work_done() - work
-        progressed = moved > CANARY_OWN_WORK or self._excused_at > started
-        if result.timed_out and progressed and self.health.state is EngineState.HEALTHY:
-            log.info("%s, but the engine is busy and progressing: not hung", result.detail)
+        if result.overloaded:
+            # The scheduler's input loop refused it: running, with a full queue. Load
+            # is the relay's to shed; a failover would hand the same load over.
+            log.info("%s: overloaded, not hung", result.detail)
             self._next_canary_at = now + self.s.stall_timeout
+            return
+        healthy = self.health.state is EngineState.HEALTHY
+        if result.timed_out and healthy and self._excused_timeout(result, started, before, now):
             return
         self._canary_failures += 1
         # Back off on a sick engine: one probe at a time, and fewer as it stays sick.
@@ -393,12 +524,57 @@ class HealthMonitor:
         if state is EngineState.STARTING and now - self._started_at < self.s.startup_grace:
             self._set(EngineState.STARTING, f"not ready yet: {result.detail}")
         elif self._canary_failures >= self.s.canary_failures and state is not EngineState.DEAD:
-            self._set(EngineState.HUNG, f"{result.detail} ({why})")
+            self._set(EngineState.HUNG, f"{result.detail} ({why}){self._stall_note(before)}")
+
+    def _stall_note(self, before: EngineSample | None) -> str:
+        delivered, _ = self._moved_since(before)
+        if self._last is not None and self._output_stalled(self._last) and not delivered:
+            return f": {self._owed:.0f} tokens decoded, none delivered (output stalled)"
+        return ""
+
+    def _excused_timeout(
+        self, result: CanaryResult, started: float, before: EngineSample | None, now: float
+    ) -> bool:
+        """A canary queued behind everyone else timed out on a healthy engine: is that
+        slowness (True: not a failure) or a hang?"""
+        delivered, prefilled = self._moved_since(before)
+        if delivered > CANARY_OWN_WORK or self._excused_at > started:
+            # Clients got tokens (a saturated batch), or /metrics went unanswered with
+            # the process busy (tokenizing): slowness.
+            log.info("%s, but the engine is busy and delivering: not hung", result.detail)
+            self._next_canary_at = now + self.s.stall_timeout
+            return True
+        if self._last is not None and self._output_stalled(self._last):
+            return False  # decoded but not delivered: the output path is stuck
+        if prefilled > CANARY_OWN_WORK:
+            # A long prompt in chunks: decode waits for all of them, nothing is
+            # delivered meanwhile; the backstop bounds it.
+            log.info("%s, but the engine is prefilling: not hung", result.detail)
+            self._next_canary_at = now + self.s.stall_timeout
+            return True
+        allowance = self.forward_allowance()
+        silent_for = now - self._last_activity
+        if silent_for >= allowance:
+            return False
+        # Nothing moved at all: a hang, or one forward pass still running (its counters
+        # move only when it ends). Wait out the longest it may take, then judge.
+        self._silent_until = self._last_activity + allowance
+        log.info(
+            "%s with nothing moving for %.1fs: within the %.1fs a forward of %d prompt"
+            " tokens may take at %.0f tokens/s",
+            result.detail,
+            silent_for,
+            allowance,
+            self.max_forward_tokens(),
+            self.prefill_rate(),
+        )
+        return True
 
     def _cancel_canary(self) -> None:
         if self._canary is not None:
             self._canary.cancel()
             self._canary = None
+        self._silent_until = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -413,4 +589,6 @@ class HealthMonitor:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
         self._cancel_canary()
+        if self._limits_task is not None:
+            self._limits_task.cancel()
         await self.client.close()
