@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -446,11 +447,18 @@ async def test_a_broken_connection_on_a_node_that_kept_serving_is_no_crash(
     assert await asyncio.wait_for(adm.node_failed(req, "b", connect), 0.05) is None
 
 
-async def test_a_connection_broken_on_an_engine_still_listening_is_re_sent_at_once(
+async def test_a_connection_broken_on_an_engine_still_answering_is_re_sent_at_once(
     admission: Admission,
 ) -> None:
     """A stale keep-alive on a live engine: no crash, no wait for the agent's word."""
-    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         admission.topology.nodes["a"].engine_url = f"http://127.0.0.1:{port}"
@@ -461,6 +469,28 @@ async def test_a_connection_broken_on_an_engine_still_listening_is_re_sent_at_on
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_crash_whose_port_still_accepts_while_it_exits_is_judged_by_the_agent(
+    admission: Admission,
+) -> None:
+    """A port that completes a connect but never answers, as a killed engine's can
+    while it exits: not taken for a live engine. The agent's count of exceptions
+    rises, so the request is a suspect and is not re-sent to the other node at once."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # never accepted: the kernel completes connects on the backlog
+    try:
+        admission.topology.nodes["a"].engine_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        req = await admitted(admission, "boom")
+        await sent(admission, req)
+        verdict = asyncio.ensure_future(admission.node_failed(req, "a", BROKE))
+        await asyncio.sleep(0.05)  # the agent's next poll shows the engine's exception
+        crash(admission, "a")
+        assert await asyncio.wait_for(verdict, 2.0) is None
+        assert await held_back(admission, req), "a suspect: not sent while b alone serves"
+    finally:
+        listener.close()
 
 
 async def test_one_suspect_at_a_time_across_the_relay_workers(tmp_path: Path) -> None:

@@ -87,11 +87,21 @@ class Cause(enum.Enum):
     NONE = "the node kept serving"  # a connection broke, nothing more
 
 
-async def still_listening(engine_url: str, timeout: float = 0.5) -> bool:
-    """Does the engine still accept connections? SGLang's HTTP server dies with its
+async def still_answering(engine_url: str, timeout: float = 0.5) -> bool:
+    """Does the engine's HTTP server still answer? SGLang's HTTP server dies with its
     scheduler (the SIGQUIT handler kills the process tree), so a connection broken by
-    a crash finds the port closed; one broken on a live engine (a stale keep-alive)
-    does not."""
+    a crash finds no server; one broken on a live engine (a stale keep-alive) does.
+
+    An accepted connection alone proves nothing: right after a process killed with
+    connections open has reset them, a connect to its port can still complete while
+    it exits (seen 16 times in 30 with a Python server SIGKILLed holding 20
+    connections on Linux, and by the relay right after a simulator's crash). Only an HTTP
+    status line proves a live server, whatever the status: `GET /metrics`, which
+    SGLang answers without asking the scheduler and without the API key
+    (`srt/utils/auth.py`; 404 without `--enable-metrics`). A live engine
+    too busy to answer within `timeout` (SGLang tokenizes in its HTTP process) is
+    not taken for one: crash_cause then waits for its agent's word instead.
+    """
     url = urlsplit(engine_url)
     try:
         host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
@@ -99,12 +109,24 @@ async def still_listening(engine_url: str, timeout: float = 0.5) -> bool:
         return False
     if host is None:
         return False
+
+    async def status_line() -> bytes:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=True if url.scheme == "https" else None
+        )
+        try:
+            request = f"GET /metrics HTTP/1.1\r\nHost: {url.netloc}\r\nConnection: close\r\n\r\n"
+            writer.write(request.encode())
+            await writer.drain()
+            return await reader.readline()
+        finally:
+            writer.close()
+
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+        line = await asyncio.wait_for(status_line(), timeout)
+    except (OSError, asyncio.TimeoutError, ValueError):
         return False
-    writer.close()
-    return True
+    return line.startswith(b"HTTP/")
 
 
 async def crash_cause(topology: Topology, name: str, since: float, within: float) -> Cause:
@@ -114,7 +136,7 @@ async def crash_cause(topology: Topology, name: str, since: float, within: float
     down_since: float | None = None
     node = topology.nodes.get(name)
     healthy = node is not None and not node.failed and node.engine_state is EngineState.HEALTHY
-    if healthy and node is not None and await still_listening(node.engine_url):
+    if healthy and node is not None and await still_answering(node.engine_url):
         return Cause.NONE
     while True:
         now = time.monotonic()
