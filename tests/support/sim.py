@@ -66,6 +66,10 @@ async def sim_in_process(name: str = "sim", **overrides: Any) -> AsyncIterator[S
         await handle.stop()
 
 
+class ExitedWhileStarting(Exception):
+    """The simulator process died before its /health answered 200."""
+
+
 @contextlib.contextmanager
 def sim_process(
     name: str = "sim", port: int | None = None, log_file: str | None = None, **env_overrides: str
@@ -86,10 +90,15 @@ def sim_process(
     try:
         wait_until(
             # SGLang's /health answers after its first 1 s look for output.
-            lambda: httpx.get(f"{handle.url}/health", timeout=5).status_code == 200,
+            lambda: (
+                proc.poll() is not None
+                or httpx.get(f"{handle.url}/health", timeout=5).status_code == 200
+            ),
             timeout=20,
             what="simulator process to start",
         )
+        if proc.poll() is not None:
+            raise ExitedWhileStarting(f"simulator {name} exited while starting ({proc.returncode})")
         yield handle
     finally:
         if proc.poll() is None:

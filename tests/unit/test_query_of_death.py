@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.cluster import LocalCluster, collect_stream, local_cluster
 from tests.support.processes import RedisProcess
+from tests.support.sim import ExitedWhileStarting
 
 MARKER = "QOD-5d1e"
 
@@ -40,16 +41,26 @@ def dead(cluster: LocalCluster, name: str) -> bool:
     return sim is None or sim.proc is None or sim.proc.poll() is not None
 
 
-def restart_if_dead(cluster: LocalCluster, name: str) -> bool:
-    """What supervisord does for a dead engine."""
+def restart_if_dead(cluster: LocalCluster, name: str) -> int:
+    """What supervisord does for a dead engine: start it again, and again if it dies
+    while starting (images/node/supervisord.conf: startretries=1000; bounded here so
+    a test cannot spin). How many times it was started."""
     node = cluster.nodes[name]
     if not dead(cluster, name):
-        return False
+        return 0
     if node.sim is not None:  # kill_engine() has already reaped its own kill
         node._sim_cm.__exit__(None, None, None)
     node.sim = None
-    cluster.start_engine(name)
-    return True
+    starts = 0
+    while True:
+        starts += 1
+        try:
+            cluster.start_engine(name)
+        except ExitedWhileStarting:
+            if starts >= 10:
+                raise
+            continue
+        return starts
 
 
 @dataclass
@@ -66,8 +77,8 @@ class Watch:
             if all(dead(self.cluster, n) for n in names):
                 self.both_down += 1
             for name in names:
-                if await asyncio.to_thread(restart_if_dead, self.cluster, name):
-                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                if starts := await asyncio.to_thread(restart_if_dead, self.cluster, name):
+                    self.restarts[name] = self.restarts.get(name, 0) + starts
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.05)
 
