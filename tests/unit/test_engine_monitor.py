@@ -612,6 +612,24 @@ async def test_output_stall_is_hung_within_6s() -> None:
     assert took <= 6.0, took
 
 
+async def test_output_stall_of_short_requests_is_hung_within_6s() -> None:
+    # Short requests behind a stalled detokenizer: the scheduler finishes them all before
+    # its decode counter is published again (per log interval), so few tokens look owed;
+    # its running gauge falls to 0 while no client got anything (seen in a CI run).
+    monitor, engine, _, _ = scripted()
+    engine.limits = ForwardLimits(4096, 32762)
+    await confirmed(monitor, engine)
+    ordinary(engine)
+    await run_for(monitor, engine, 5)
+    engine.detok_stalled = True
+    engine.canary_wait = 3600  # its token is held too
+    engine.tokens_per_tick = 0  # nothing decoded is published before they finish
+    engine.running = 0  # and the scheduler is idle: every request finished
+    took, _ = await run_for(monitor, engine, 30, until=is_state(EngineState.HUNG))
+    assert monitor.health.state is EngineState.HUNG, monitor.health
+    assert took <= 6.0 - 1.0, took  # well inside the bound, not the 5 s idle check
+
+
 async def test_non_streaming_batch_delivered_every_50_tokens_is_not_an_output_stall() -> None:
     # Non-streaming requests reach the tokenizer manager every 50 tokens
     # (SGLANG_FORCE_STREAM_INTERVAL): a saturated batch of them decodes for seconds

@@ -139,6 +139,12 @@ class HealthMonitor:
         # may have finished every request (its gauges say idle) while the clients still
         # wait for all of it behind a stalled detokenizer.
         self._owed = 0.0
+        # Requests left the scheduler (its running gauge fell) and nothing reached a
+        # client since: their output is owed too. With short requests a stalled
+        # detokenizer lets the scheduler finish them all between two publications of
+        # its decode counter (SGLang's realtime_tokens_total moves per log interval),
+        # so the tokens owed can stay under the slack while every client waits.
+        self._finished_unseen = False
         self._limits: ForwardLimits | None = None
         self._limits_task: asyncio.Future[ForwardLimits | None] | None = None
         self._timeouts = 0
@@ -200,6 +206,7 @@ class HealthMonitor:
         self._silent_until = None
         self._rate_seen = 0.0
         self._owed = 0.0
+        self._finished_unseen = False
         self._limits = None
         self._timeouts = 0
         self._idle_timeouts = 0
@@ -422,8 +429,11 @@ class HealthMonitor:
         if sample.delivered != prev.delivered:
             self._last_progress = sample.at
             self._owed = 0.0
+            self._finished_unseen = False
         else:
             self._owed += decoded
+            if sample.running < prev.running:
+                self._finished_unseen = True
             if decoded > 0 and not self._output_stalled(sample):
                 # Non-streaming requests are delivered every 50 tokens: decoding within
                 # that slack is progress clients will see.
@@ -446,7 +456,9 @@ class HealthMonitor:
             return
         state = self.health.state
         sample = self._last
-        busy = sample is not None and (sample.busy or self._output_stalled(sample))
+        busy = sample is not None and (
+            sample.busy or self._output_stalled(sample) or self._finished_unseen
+        )
         quiet_for = now - self._last_progress
         if state is not EngineState.HEALTHY:
             why = "confirm the engine works"
