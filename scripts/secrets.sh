@@ -87,4 +87,6 @@ write engine_api_key "$(get HA_ENGINE_API_KEY)"
 [ -e "$secrets/hf_token" ] || : > "$secrets/hf_token"
 # 0644: the containers' unprivileged users (redis, sglang) read their bind mounts;
 # the folder (0700) keeps everyone else on this host out.
-chmod 0644 "$secrets"/*
+find "$secrets" -maxdepth 1 -type f ! -name tls_ca.key -exec chmod 0644 {} +
+# TLS: the stack's CA and the edge and engine certificates (scripts/tls-certs.sh).
+"$(dirname "$0")/tls-certs.sh" $([ "$rotate" = 1 ] && echo --rotate) "$secrets"
