@@ -15,6 +15,9 @@
 # unless `--rotate` is given (then the leaf certificates are issued again; the CA is kept,
 # so verifiers need nothing new). Usage: tls-certs.sh [--rotate] [SECRETS_DIR]
 set -euo pipefail
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+have openssl || apt_install openssl
 rotate=0
 if [ "${1:-}" = --rotate ]; then rotate=1; shift; fi
 dir="${1:-$(cd "$(dirname "$0")/.." && pwd)/compose/secrets}"
