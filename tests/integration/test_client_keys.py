@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support.processes import wait_until
-from tests.support.stack import Stack, running_stack
+from tests.support.stack import ROOT, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +40,20 @@ def auth(key: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
-    keys = tmp_path_factory.mktemp("client-keys") / "client_keys"
+def keyed() -> Iterator[tuple[Stack, Path]]:
+    # In the checkout (git-ignored), where the stack's own secret files are: wherever
+    # the Docker daemon can mount those, it can mount this one.
+    (ROOT / ".cache").mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="client-keys-", dir=ROOT / ".cache"))
+    keys = folder / "client_keys"
     write_keys(keys, alice=ALICE, bob=BOB)
     files = ("compose.yaml", "compose.test.yaml", str(OVERLAY))
     env = {"TEST_CLIENT_KEYS_FILE": str(keys)}
-    with running_stack(files, prefix="sglang-ha-keys", env=env) as stack:
-        yield stack, keys
+    try:
+        with running_stack(files, prefix="sglang-ha-keys", env=env) as stack:
+            yield stack, keys
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def generate(rid: str, tokens: int) -> dict[str, Any]:
