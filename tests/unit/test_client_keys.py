@@ -491,3 +491,29 @@ async def test_with_keys_off_nginx_lets_everyone_through() -> None:
         assert (await http.get("/v1/models")).status_code == 200
         assert (await http.get("/v1/models", headers=auth("anything"))).status_code == 200
     assert len(seen) == 2
+
+
+def test_the_gateway_entrypoint_writes_nginxs_keys_or_refuses_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ha_agent.gateway.edge import nginx_conf
+
+    template = Path(__file__).resolve().parents[2] / "nginx" / "nginx.conf.template"
+    for name, value in {
+        "NGINX_TEMPLATE": str(template),
+        "NGINX_CONF": str(tmp_path / "nginx.conf"),
+        "HA_NGINX_BACKUP_FILE": str(tmp_path / "backup.conf"),
+        "HA_NGINX_RELAY_FILE": str(tmp_path / "relay.conf"),
+        "HA_NGINX_CLIENT_KEYS_FILE": str(tmp_path / "client-keys.conf"),
+        "HA_GATEWAY_BIND": "0.0.0.0",
+        "HA_CLIENT_KEYS_FILE": str(tmp_path / "client_keys"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HA_CLIENT_AUTH", raising=False)
+    assert nginx_conf.main() == 2
+    assert "run 'make secrets'" in capsys.readouterr().err
+    write_keys(tmp_path / "client_keys", alice=ALICE)
+    assert nginx_conf.main() == 0
+    rendered = tmp_path / "client-keys.conf"
+    assert '"alice";' in rendered.read_text() and 'default "";' in rendered.read_text()
+    assert rendered.stat().st_mode & 0o077 == 0  # it holds the keys
