@@ -150,7 +150,9 @@ class Relay:
         if self.cors is not None and Cors.is_preflight(request):
             return self._timed("other", False, self.cors.preflight(request), started)
         # The client's key before anything else, as SGLang's middleware (client_keys.py).
-        denied = self.clients.identify(request) or self.clients.admit(request)
+        denied = self.clients.identify(request)
+        if denied is None:
+            denied = self.clients.admit(request)
         if denied is not None:
             self.metrics.clients.labels(request[CLIENT], str(denied.status)).inc()
             return self._timed("other", False, denied, started)
