@@ -44,7 +44,7 @@ from ha_agent.gateway.upstream.transport import forward_headers
 from ha_agent.sim.server import create_app
 from tests.support.fakes import FakeClock, relay_over
 from tests.support.processes import free_port, stop_process
-from tests.unit.conftest import SIM_FAST
+from tests.unit.conftest import SIM_AUTH, SIM_FAST
 from tests.unit.test_hardening_nginx import NGINX, needs_nginx, require_nginx, start_nginx
 
 __all__ = ["require_nginx"]  # the fixture `needs_nginx` names
@@ -294,6 +294,31 @@ async def test_a_stream_admitted_before_a_rotation_finishes_and_new_requests_nee
         assert last["meta_info"]["completion_tokens"] == 80 and ended
         assert (await client.get("/v1/models", headers=auth(new_alice))).status == 200
         assert (await client.get("/v1/models", headers=auth(BOB))).status == 200
+
+
+async def test_a_keyed_stream_migrates_as_before(tmp_path: Path, sim_env_clean: None) -> None:
+    """The primary's engine ends the stream on its own fault after 20 tokens: the
+    stream moves to the standby and ends whole, with the client's key checked once."""
+    async with gateway_relay(tmp_path, sims=2) as (client, relay, _):
+        primary = relay.topology.nodes[relay.topology.primary or ""].engine_url
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(
+                primary + "/sim/faults",
+                json={"abort_after_tokens": 20, "abort_cause": "retract_host_pool"},
+                headers=SIM_AUTH,
+            )
+            assert r.status_code == 200, r.text
+        body = {
+            "input_ids": [5, 6, 7],
+            "stream": True,
+            "sampling_params": {**LONG, "max_new_tokens": 60},
+        }
+        async with client.post("/generate", json=body, headers=auth(ALICE)) as stream:
+            assert stream.status == 200
+            last = await last_event(stream)
+        assert last["meta_info"]["finish_reason"]["type"] == "length"
+        assert len(last["output_ids"]) == 60
+        assert relay.metrics.migrations.labels("generate", "migrated")._value.get() == 1
 
 
 async def test_one_client_cannot_abort_anothers_request_from_the_same_address(
