@@ -102,11 +102,18 @@ def direct_nginx_conf(template: str, engine: str, authorization: str) -> str:
     text, include = re.subn(
         r"^\s*include /run/sglang-ha/nginx-backup-servers\.conf;\n", "", text, flags=re.M
     )
+    # No client keys on the baseline (the gateway's own are off on loopback too).
+    text, keys = re.subn(
+        r"^\s*include /run/sglang-ha/nginx-client-keys\.conf;$",
+        '        default "-";',
+        text,
+        flags=re.M,
+    )
     # One worker, as "Nginx alone" in the capacity table: its CPU per event is the
     # cost of one process, like the router's.
     text, workers = re.subn(r"^worker_processes \S+;", "worker_processes 1;", text, flags=re.M)
     # The main upstream and the relay-only one (/abort_request).
-    if relay != 2 or include != 1 or workers != 1:
+    if relay != 2 or include != 1 or workers != 1 or keys != 1:
         raise ValueError(
             "the gateway's Nginx template changed: update bench.stacks.direct_nginx_conf"
         )

@@ -10,6 +10,7 @@ Timing invariants (lease TTL vs loop and retry) are checked here and only here.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -547,7 +548,104 @@ class AgentSettings(
         return _split_csv(value)
 
 
-class RelaySettings(RedisSettings, EngineAuthSettings):
+class ClientKeyLimit(BaseModel):
+    """One client key's limits (0: none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: float = Field(0.0, ge=0, description="Requests per second the key may start.")
+    burst: int = Field(0, ge=0, description="Requests above the rate at once (0: the rate).")
+    concurrency: int = Field(0, ge=0, description="Requests in flight at once.")
+
+
+class ClientAuthSettings(BaseSettings):
+    """Client keys at the gateway: SGLang's --api-key, for the gateway's clients.
+
+    A file of ``name:key`` lines (a compose secret, re-read when it changes); the
+    relay checks ``Authorization: Bearer <key>`` as SGLang does
+    (python/sglang/srt/utils/auth.py ``decide_request_auth``) and knows the client
+    by the key's name. On by default as soon as the gateway is published beyond
+    loopback: a LAN address must never open the GPUs to anyone who reaches it.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    gateway_bind: str = Field(
+        "127.0.0.1",
+        description="The host address the gateway's port is published on (compose"
+        " GATEWAY_BIND); client_auth=auto turns keys on beyond loopback.",
+    )
+    client_auth: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Client keys at the gateway: auto is on unless gateway_bind is loopback.",
+    )
+    client_keys_file: Path = Field(
+        Path("/run/secrets/client_keys"),
+        description="The client keys, one name:key a line (make secrets); re-read on change.",
+    )
+    client_keys_poll: float = Field(
+        1.0, gt=0, description="How often the key file is looked at for a change, s."
+    )
+    client_key_rate: float = Field(
+        0.0, ge=0, description="Requests per second each key may start, gateway-wide (0: any)."
+    )
+    client_key_burst: int = Field(
+        0, ge=0, description="Requests a key may start at once above its rate (0: the rate)."
+    )
+    client_key_concurrency: int = Field(
+        0, ge=0, description="Requests each key may have in flight, gateway-wide (0: any)."
+    )
+    client_key_limits: dict[str, ClientKeyLimit] = Field(
+        default_factory=dict,
+        description="Per key name, limits in place of the defaults above, JSON"
+        ' (\'{"batch": {"rate": 5, "concurrency": 8}}\').',
+    )
+
+    @model_validator(mode="after")
+    def _keys_when_on(self) -> ClientAuthSettings:
+        # No gateway beyond loopback without keys: refused at start, with the way out.
+        if self.client_auth_on:
+            from ha_agent.gateway.admission.client_keys import KeyFileError, read_keys
+
+            try:
+                read_keys(self.client_keys_file)
+            except KeyFileError as exc:
+                raise ValueError(
+                    f"client keys are on (client_auth={self.client_auth}, gateway_bind"
+                    f" {self.gateway_bind!r}) but {exc}: run 'make secrets' (it writes"
+                    " compose/secrets/client_keys), or set HA_CLIENT_AUTH=off to serve"
+                    " anyone who reaches the gateway"
+                ) from None
+        return self
+
+    @property
+    def client_auth_on(self) -> bool:
+        if self.client_auth != "auto":
+            return self.client_auth == "on"
+        return not is_loopback(self.gateway_bind)
+
+    def client_key_limit(self, name: str) -> ClientKeyLimit:
+        """The limits of the key called `name`."""
+        return self.client_key_limits.get(name) or ClientKeyLimit(
+            rate=self.client_key_rate,
+            burst=self.client_key_burst,
+            concurrency=self.client_key_concurrency,
+        )
+
+
+def is_loopback(bind: str) -> bool:
+    """Is a published address reachable from this host only? (empty, 0.0.0.0 and
+    :: publish on every interface)."""
+    host = bind.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+class RelaySettings(RedisSettings, EngineAuthSettings, ClientAuthSettings):
     """The leader-aware relay in the gateway."""
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
@@ -703,6 +801,12 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         " (the registry's engines, by address) and reloads Nginx when it changes.",
     )
     nginx_reload_command: str = Field("nginx -s reload", description="How to reload Nginx.")
+    nginx_client_keys_file: str | None = Field(
+        None,
+        description="If set and client keys are on, the relay keeps Nginx's copy of the"
+        " keys (its map of valid Authorization headers) in this file and reloads Nginx"
+        " when the key file changes.",
+    )
 
     @field_validator("nodes", "media_url_allow", mode="before")
     @classmethod

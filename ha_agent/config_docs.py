@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings
 
 from ha_agent.config import (
     AgentSettings,
+    ClientAuthSettings,
     EngineAuthSettings,
     EngineHealthSettings,
     EngineRestartSettings,
@@ -33,6 +34,7 @@ SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
     ("Failback (agents)", FailbackSettings, "HA_"),
     ("Engine API key (agents, relay)", EngineAuthSettings, "HA_"),
     ("Agent", AgentSettings, "HA_"),
+    ("Client keys (gateway)", ClientAuthSettings, "HA_"),
     ("Relay (gateway)", RelaySettings, "HA_"),
     ("Simulator (CPU demo and tests only)", SimSettings, "SIM_"),
 ]

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from ha_agent.config import is_loopback
 from ha_agent.dcs.base import AgentStatus, Role
 
 SCHEMA = {
@@ -51,6 +52,7 @@ class Stack:
 
         self.project = project
         self.docker = docker.from_env()
+        self._client_headers: dict[str, str] | None = None
 
     def containers(self, prefix: str = "") -> list[Any]:
         found = self.docker.containers.list(
@@ -87,6 +89,19 @@ class Stack:
         binding = c.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]
         host = binding["HostIp"] if binding["HostIp"] not in ("0.0.0.0", "") else "127.0.0.1"
         return f"http://{host}:{binding['HostPort']}"
+
+    def gateway_bind(self) -> str:
+        """The host address the gateway's port is published on ("" or 0.0.0.0: all)."""
+        c = self.service("gateway")
+        c.reload()
+        return str(c.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostIp"])
+
+    def client_headers(self) -> dict[str, str]:
+        """A client key of the gateway's, read where the relay reads them, if keys are on
+        (every request the checks send through the gateway presents it)."""
+        if self._client_headers is None:
+            self._client_headers = _client_headers(self.service("gateway"))
+        return self._client_headers
 
     def status(self, node: str) -> AgentStatus | None:
         try:
@@ -132,6 +147,24 @@ def _engine_headers(container: Any) -> dict[str, str]:
     code, out = container.exec_run(["sh", "-c", 'cat "${HA_ENGINE_API_KEY_FILE:-/dev/null}"'])
     key = out.decode(errors="replace").strip() if code == 0 else ""
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _gateway_env(gateway: Any) -> dict[str, str]:
+    env = gateway.attrs["Config"]["Env"] or []
+    return dict(e.split("=", 1) for e in env if "=" in e)
+
+
+def _client_headers(gateway: Any) -> dict[str, str]:
+    """The first key of the gateway's client key file (name:key lines), if it has one."""
+    path = _gateway_env(gateway).get("HA_CLIENT_KEYS_FILE", "/run/secrets/client_keys")
+    code, out = gateway.exec_run(["cat", path])
+    if code != 0:
+        return {}
+    for line in out.decode(errors="replace").splitlines():
+        name, sep, key = line.strip().partition(":")
+        if sep and name and not name.startswith("#") and key.strip():
+            return {"Authorization": f"Bearer {key.strip()}"}
+    return {}
 
 
 # -- the checks --------------------------------------------------------------------------
@@ -182,8 +215,10 @@ def check_structured_output(stack: Stack, count: int = 100) -> Check:
         "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
     }
 
+    headers = stack.client_headers()
+
     def one(i: int) -> str | None:
-        r = _chat(base, {**body, "seed": i})
+        r = _chat(base, {**body, "seed": i}, headers=headers)
         if r.status_code != 200:
             return f"HTTP {r.status_code}"
         try:
@@ -208,13 +243,15 @@ def check_structured_output(stack: Stack, count: int = 100) -> Check:
 
 
 @contextlib.contextmanager
-def _requests_in_background(base: str) -> Iterator[list[tuple[float, int, str | None]]]:
+def _requests_in_background(
+    base: str, headers: dict[str, str]
+) -> Iterator[list[tuple[float, int, str | None]]]:
     """Sequential small requests through the gateway: (time, status, node)."""
     results: list[tuple[float, int, str | None]] = []
     stop = False
 
     def loop() -> None:
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, headers=headers) as client:
             while not stop and len(results) < 5000:
                 body = {
                     "model": "default",
@@ -254,7 +291,7 @@ def check_fault_injection(stack: Stack, target: float = 6.0) -> Check:
     gateway = stack.service("gateway")
     log_before = _access_log(gateway)
     frozen_at = 0.0
-    with _requests_in_background(stack.gateway_url()) as results:
+    with _requests_in_background(stack.gateway_url(), stack.client_headers()) as results:
         time.sleep(2)
         nodes[primary].pause()
         frozen_at = time.monotonic()
@@ -412,7 +449,12 @@ def check_name_resolution(stack: Stack) -> Check:
         if resolved != live:
             problems.append(f"{node} resolves gateway to {resolved}")
     try:
-        answered = httpx.get(stack.gateway_url() + "/v1/models", timeout=5).status_code == 200
+        answered = (
+            httpx.get(
+                stack.gateway_url() + "/v1/models", headers=stack.client_headers(), timeout=5
+            ).status_code
+            == 200
+        )
     except httpx.HTTPError:
         answered = False
     if not answered:
@@ -429,6 +471,58 @@ def check_name_resolution(stack: Stack) -> Check:
     )
 
 
+# What a gateway published beyond loopback must require of its clients: each returns
+# the problems it sees (empty: fine). The edge's TLS adds its own requirement here.
+EdgeRequirement = Callable[[Stack, str], list[str]]
+
+
+def _client_keys_required(stack: Stack, base: str) -> list[str]:
+    """Keys on: a request without one is SGLang's 401, one with a key is served."""
+    problems = []
+    if _gateway_env(stack.service("gateway")).get("HA_CLIENT_AUTH") == "off":
+        problems.append("HA_CLIENT_AUTH=off")
+    try:
+        without = httpx.get(base + "/v1/models", timeout=5).status_code
+        with_key = httpx.get(base + "/v1/models", headers=stack.client_headers(), timeout=5)
+    except httpx.HTTPError as exc:
+        return [*problems, f"the gateway does not answer ({type(exc).__name__})"]
+    if without != 401:
+        problems.append(f"a request without a client key got {without}, not 401")
+    if not stack.client_headers():
+        problems.append("no key in the gateway's client key file")
+    elif with_key.status_code != 200:
+        problems.append(f"a request with a client key got {with_key.status_code}")
+    return problems
+
+
+EDGE_REQUIREMENTS: list[EdgeRequirement] = [_client_keys_required]
+
+
+def check_edge(stack: Stack) -> Check:
+    bind = stack.gateway_bind()
+    if is_loopback(bind):
+        return Check(
+            8,
+            "edge",
+            "pass",
+            f"the gateway is published on {bind} only (this host): nothing to require",
+        )
+    base = stack.gateway_url()
+    problems = [p for requirement in EDGE_REQUIREMENTS for p in requirement(stack, base)]
+    return Check(
+        8,
+        "edge",
+        "fail" if problems else "pass",
+        f"published on {bind or 'every address'}: "
+        + ("; ".join(problems) if problems else "client keys required and accepted"),
+        ""
+        if not problems
+        else "Beyond loopback the gateway must require client keys: run 'make secrets'"
+        " (compose/secrets/client_keys) and leave HA_CLIENT_AUTH at auto or on"
+        " (docs/security.md).",
+    )
+
+
 CHECKS: list[tuple[int, Callable[[Stack], Check], bool]] = [
     (1, check_consistency, False),
     (2, check_structured_output, False),
@@ -437,6 +531,7 @@ CHECKS: list[tuple[int, Callable[[Stack], Check], bool]] = [
     (5, check_redis_fallback, True),
     (6, check_gpu_isolation, False),
     (7, check_name_resolution, False),
+    (8, check_edge, False),
 ]
 
 

@@ -80,6 +80,13 @@ class RelayMetrics:
             "Request fingerprints quarantined after the nodes holding them failed twice.",
             registry=r,
         )
+        self.clients = Counter(
+            "sglang_ha_relay_client_requests",
+            "Requests by client key name ('anonymous' without keys, or without a valid"
+            " one: the 401s) and status code, refusals at admission included.",
+            ["client", "code"],
+            registry=r,
+        )
         self.auth_rejected = Counter(
             "sglang_ha_relay_auth_rejected",
             "Admin requests rejected for a missing or wrong token.",

@@ -17,7 +17,11 @@ from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog, HAEvent
 from ha_agent.gateway.admin import RelayAdmin
 from ha_agent.gateway.admission.limits import learn_context_length
-from ha_agent.gateway.edge.nginx_sync import keep_in_sync, relay_worker_socket
+from ha_agent.gateway.edge.nginx_sync import (
+    keep_client_keys_in_sync,
+    keep_in_sync,
+    relay_worker_socket,
+)
 from ha_agent.gateway.edge.watchdog import beat
 from ha_agent.gateway.edge.workers import share
 from ha_agent.gateway.metrics import RelayMetrics
@@ -144,6 +148,15 @@ class RelayService:
                         self.s.relay_worker_index,
                         self.s.heartbeat_interval,
                         self._stop,
+                    )
+                )
+            )
+        keys = self.relay.clients.keys
+        if keys is not None and self.s.nginx_client_keys_file and self.leading_worker:
+            self._tasks.append(
+                asyncio.ensure_future(
+                    keep_client_keys_in_sync(
+                        keys, self.s.nginx_client_keys_file, self.s.nginx_reload_command, self._stop
                     )
                 )
             )

@@ -4,7 +4,9 @@ By default both targets are in-process: a simulator ("direct") and the relay in
 front of it and a second simulator ("gateway"), as tests/unit/test_relay.py builds
 them, so the suite runs in seconds in `make test`. Against a real deployment set
 CONFORMANCE_DIRECT_URL (an engine) and CONFORMANCE_GATEWAY_URL (the gateway in
-front of it): `simulator-unsupported` rows must then agree both ways too.
+front of it; CONFORMANCE_GATEWAY_KEY, a client key, where it requires one):
+`simulator-unsupported` rows must then agree both ways too. The in-process gateway
+requires a client key (docs/security.md) and the checks present one.
 """
 
 from __future__ import annotations
@@ -50,8 +52,18 @@ class Targets:
     real: bool
 
 
+# The in-process gateway's client key: SGLang's verdicts must hold with keys on.
+CLIENT_KEY = "conformance-client-key-0123456789"
+
+
+def client_key_file(folder: Path) -> Path:
+    path = folder / "client_keys"
+    path.write_text(f"conformance:{CLIENT_KEY}\n")
+    return path
+
+
 @pytest.fixture
-async def targets() -> AsyncIterator[Targets]:
+async def targets(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Targets]:
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
     direct_url = os.environ.get("CONFORMANCE_DIRECT_URL")
     gateway_url = os.environ.get("CONFORMANCE_GATEWAY_URL")
@@ -59,8 +71,11 @@ async def targets() -> AsyncIterator[Targets]:
     relay: Relay | None = None
     try:
         if direct_url and gateway_url:
+            key = os.environ.get("CONFORMANCE_GATEWAY_KEY")
             yield Targets(
-                Target("direct", direct_url, session), Target("gateway", gateway_url, session), True
+                Target("direct", direct_url, session),
+                Target("gateway", gateway_url, session, api_key=key),
+                True,
             )
             return
         sims: dict[str, TestClient] = {}
@@ -69,14 +84,18 @@ async def targets() -> AsyncIterator[Targets]:
             await c.start_server()
             sims[name] = c
             clients.append(c)
-        relay = relay_over([f"http://127.0.0.1:{c.server.port}" for c in sims.values()])
+        relay = relay_over(
+            [f"http://127.0.0.1:{c.server.port}" for c in sims.values()],
+            client_auth="on",
+            client_keys_file=client_key_file(tmp_path_factory.mktemp("keys")),
+        )
         gateway = TestClient(TestServer(relay.app()))
         await gateway.start_server()
         clients.append(gateway)
         primary = sims["sglang-01"]
         yield Targets(
             Target("direct", str(primary.make_url("")).rstrip("/"), session),
-            Target("gateway", str(gateway.make_url("")).rstrip("/"), session),
+            Target("gateway", str(gateway.make_url("")).rstrip("/"), session, api_key=CLIENT_KEY),
             False,
         )
     finally:

@@ -15,6 +15,7 @@ loop in a thread here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import re
@@ -24,15 +25,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import openai
 import pytest
+import requests
 from aiohttp import web
 
 from ha_agent.config import SimSettings
 from ha_agent.gateway.stream.relay import Relay
 from ha_agent.sim import create_app
-from tests.conformance.test_conformance import SIM
+from tests.conformance.test_conformance import CLIENT_KEY, SIM, client_key_file
 from tests.support.fakes import relay_over
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,9 +89,10 @@ class Servers:
         host, port = runner.addresses[0][:2]
         return f"http://{host}:{port}"
 
-    async def _start(self) -> tuple[str, str]:
+    async def _start(self, keys: Path) -> tuple[str, str]:
         urls = [await self._serve(create_app(SimSettings(**SIM))) for _ in range(2)]
-        self.relay = relay_over(urls)
+        # With client keys on: the kits' verdicts through the gateway hold with a key.
+        self.relay = relay_over(urls, client_auth="on", client_keys_file=client_key_file(keys))
         return urls[0], await self._serve(self.relay.app())
 
     async def _stop(self) -> None:
@@ -97,9 +101,9 @@ class Servers:
         for runner in reversed(self.runners):
             await runner.cleanup()
 
-    def start(self) -> tuple[str, str]:
+    def start(self, keys: Path) -> tuple[str, str]:
         self.thread.start()
-        return asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=60)
+        return asyncio.run_coroutine_threadsafe(self._start(keys), self.loop).result(timeout=60)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=60)
@@ -108,27 +112,56 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def urls() -> Iterator[dict[str, str]]:
+def urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     servers = Servers()
-    direct, gateway = servers.start()
+    direct, gateway = servers.start(tmp_path_factory.mktemp("keys"))
     try:
         yield {"direct": direct, "gateway": gateway}
     finally:
         servers.stop()
 
 
-def run_kit_test(module: str, method: str, base_url: str) -> tuple[str, str]:
+@contextlib.contextmanager
+def presenting(key: str | None) -> Iterator[None]:
+    """Every request the kit makes carries `key`, as a client of a server with
+    --api-key would send it: `requests` calls and the OpenAI clients it makes itself
+    (the kits are run unchanged, so the key is added under them)."""
+    if key is None:
+        yield
+        return
+    send = requests.Session.request
+    make = openai.Client
+
+    def request(self: requests.Session, method: str, url: str, **kw: Any) -> Any:
+        kw["headers"] = {"Authorization": f"Bearer {key}", **(kw.get("headers") or {})}
+        return send(self, method, url, **kw)
+
+    def client(*args: Any, **kw: Any) -> openai.Client:
+        return make(*args, **{**kw, "api_key": key})
+
+    with (
+        mock.patch.object(requests.Session, "request", request),
+        mock.patch.object(openai, "Client", client),
+        mock.patch.object(openai, "OpenAI", client),
+    ):
+        yield
+
+
+def run_kit_test(
+    module: str, method: str, base_url: str, key: str | None = None
+) -> tuple[str, str]:
     """(pass | fail | error | skip, detail) of one kit test against base_url."""
     mixin = getattr(_load(module), KITS[module])
     attrs: dict[str, Any] = {
         "base_url": base_url,
         "model": MODEL,
         "served_model_name": MODEL,
-        "client": openai.Client(base_url=base_url + "/v1", api_key="none", max_retries=0),
+        "client": openai.Client(base_url=base_url + "/v1", api_key=key or "none", max_retries=0),
     }
     host = type(f"{mixin.__name__}Host", (mixin, unittest.TestCase), attrs)
     result = unittest.TestResult()
-    host(method).run(result)
+    with presenting(key):
+        host(method).run(result)
     if result.errors:
         return "error", result.errors[0][1][-300:]
     if result.failures:
@@ -155,7 +188,7 @@ def test_kit_same_verdict_through_the_gateway(
 ) -> None:
     expected = read_table()[f"{module}.{method}"]
     direct, why_direct = run_kit_test(module, method, urls["direct"])
-    gateway, why_gateway = run_kit_test(module, method, urls["gateway"])
+    gateway, why_gateway = run_kit_test(module, method, urls["gateway"], CLIENT_KEY)
     if expected == "intentionally-closed":
         assert direct == "pass", why_direct
         assert gateway == "fail" and "404" in why_gateway, why_gateway

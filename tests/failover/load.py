@@ -91,9 +91,11 @@ class Load:
         stream_every: int = 2,
         max_requests: int = 20000,
         clock_zero: float | None = None,
+        api_key: str = "unused",
     ) -> None:
+        # api_key: the gateway's client key where it requires one (docs/security.md).
         self.client = openai.AsyncOpenAI(
-            base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60.0
+            base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=60.0
         )
         self.concurrency = concurrency
         self.stream_every = stream_every

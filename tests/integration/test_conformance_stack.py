@@ -27,7 +27,8 @@ async def stack_targets(stack: Stack) -> AsyncIterator[Targets]:
                 session,
                 api_key=stack.secrets["HA_ENGINE_API_KEY"],
             ),
-            Target("gateway", stack.gateway_url, session),
+            # Presented whether or not the gateway requires it (on beyond loopback).
+            Target("gateway", stack.gateway_url, session, api_key=stack.secrets["HA_CLIENT_KEY"]),
             real=False,  # the stack's engines are simulators
         )
 

@@ -96,7 +96,12 @@ OWN = {
     "sentinel-1": {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
     "sentinel-2": {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
     "sentinel-3": {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
-    "gateway": {"HA_ENGINE_API_KEY", "HA_REDIS_PASSWORD", "HA_SENTINEL_PASSWORD"},
+    "gateway": {
+        "HA_ENGINE_API_KEY",
+        "HA_CLIENT_KEY",
+        "HA_REDIS_PASSWORD",
+        "HA_SENTINEL_PASSWORD",
+    },
     "node-1": {
         "HA_ENGINE_API_KEY",
         "HA_REDIS_PASSWORD",

@@ -36,7 +36,13 @@ from tests.failover.runner import ScenarioResult, assert_clean_failover, run_sce
 from tests.failover.scenarios import Action, Fault, by_name, heals_itself, sim_knobs
 from tests.support.multihost import LABEL, MultiHost, running_hosts
 from tests.support.secrets_held import distinct_secret_values, secrets_held
-from tests.support.stack import COMPOSE_DIR, Stack, require_host_tools
+from tests.support.stack import COMPOSE_DIR, Stack, read_secrets, require_host_tools
+
+
+def client_key() -> str:
+    """The gateway's `default` client key (make secrets)."""
+    return read_secrets()["HA_CLIENT_KEY"]
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -85,6 +91,7 @@ def test_control_host_stack_bakes_in_no_node_address() -> None:
     # Secrets as files, each service its own, none from secrets.env.
     assert _secret_files(services["gateway"]) == {
         "engine_api_key",
+        "client_keys",
         "ha_redis_password",
         "ha_sentinel_password",
     }
@@ -170,7 +177,12 @@ NODE_OWN = {"HA_ENGINE_API_KEY", "HA_REDIS_PASSWORD", "HA_SENTINEL_PASSWORD", "H
 HOST_OWN = {
     ("ctl", "redis-1"): {"REDIS_PASSWORD"},
     ("ctl", "sentinel-1"): {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
-    ("ctl", "gateway"): {"HA_ENGINE_API_KEY", "HA_REDIS_PASSWORD", "HA_SENTINEL_PASSWORD"},
+    ("ctl", "gateway"): {
+        "HA_ENGINE_API_KEY",
+        "HA_CLIENT_KEY",
+        "HA_REDIS_PASSWORD",
+        "HA_SENTINEL_PASSWORD",
+    },
     ("gpu1", "node"): NODE_OWN | {"SIM_ADMIN_TOKEN"},  # the simulator's fault knobs
     ("gpu1", "sentinel"): {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
     ("gpu1", "redis-replica"): {"REDIS_PASSWORD"},
@@ -235,7 +247,9 @@ def test_cli_on_a_node_host_sees_the_whole_cluster(hosts: MultiHost) -> None:
 
 def test_chat_completion_through_the_gateway(hosts: MultiHost) -> None:
     primary = hosts.wait_stable()
-    client = openai.OpenAI(base_url=hosts.gateway_url + "/v1", api_key="unused", max_retries=0)
+    # Published on the host's address: the gateway requires a client key.
+    assert httpx.get(hosts.gateway_url + "/v1/models", timeout=10).status_code == 401
+    client = openai.OpenAI(base_url=hosts.gateway_url + "/v1", api_key=client_key(), max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model="default", messages=[{"role": "user", "content": "Hello"}], max_tokens=16
     )
@@ -248,7 +262,7 @@ def test_chat_completion_through_the_gateway(hosts: MultiHost) -> None:
 
 def _run(hosts: MultiHost, fault: Fault) -> ScenarioResult:
     async def scenario() -> ScenarioResult:
-        load = Load(hosts.gateway_url, concurrency=8)
+        load = Load(hosts.gateway_url, concurrency=8, api_key=client_key())
         try:
             await load.take_references()
             # The runner drives tests.support.stack.Stack; MultiHost offers the same calls.
@@ -358,6 +372,7 @@ def test_a_third_node_joins_by_starting_it(hosts: MultiHost) -> None:
         reply = httpx.post(
             hosts.gateway_url + "/v1/chat/completions",
             json={"model": "default", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {client_key()}"},
             timeout=30,
         )
         assert reply.status_code == 200, reply.text

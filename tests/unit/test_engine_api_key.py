@@ -157,6 +157,7 @@ def test_nginx_last_resort_path_sends_the_engine_key_never_a_clients(
     monkeypatch.setenv("NGINX_CONF", str(tmp_path / "nginx.conf"))
     monkeypatch.setenv("HA_NGINX_BACKUP_FILE", str(tmp_path / "backup.conf"))
     monkeypatch.setenv("HA_NGINX_RELAY_FILE", str(tmp_path / "relay.conf"))
+    monkeypatch.setenv("HA_NGINX_CLIENT_KEYS_FILE", str(tmp_path / "client-keys.conf"))
     monkeypatch.delenv("HA_ENGINE_API_KEY_FILE", raising=False)
     if key:
         monkeypatch.setenv("HA_ENGINE_API_KEY", key)

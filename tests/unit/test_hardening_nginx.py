@@ -29,7 +29,7 @@ from aiohttp import web
 
 from ha_agent.gateway.edge.access_log import AccessLogRotator
 from ha_agent.gateway.edge.nginx_conf import DEFAULTS, render_template
-from ha_agent.gateway.edge.nginx_sync import render_relay_servers
+from ha_agent.gateway.edge.nginx_sync import render_client_keys, render_relay_servers
 from ha_agent.openapi.inference import MODEL_PREFIX, PUBLIC_ROUTES
 from tests.support.processes import free_port, stop_process
 from tests.support.raw_http import framed, raw_http
@@ -114,7 +114,10 @@ class Gateway:
 
 
 def start_nginx(
-    upstream_port: int, env: dict[str, str]
+    upstream_port: int,
+    env: dict[str, str],
+    client_keys: dict[str, str] | None = None,
+    backup: str = "",
 ) -> tuple[str, int, subprocess.Popen[bytes]]:
     """Render the template as the gateway does and start nginx on a free port."""
     assert NGINX is not None
@@ -131,7 +134,8 @@ def start_nginx(
     for path in ("/run/sglang-ha", "/var/lib/sglang-ha", "/var/log/sglang"):
         text = text.replace(path, workdir)
     text = text.replace("127.0.0.1:8003", f"127.0.0.1:{free_port()}")
-    Path(workdir, "nginx-backup-servers.conf").write_text("")
+    Path(workdir, "nginx-backup-servers.conf").write_text(backup)
+    Path(workdir, "nginx-client-keys.conf").write_text(render_client_keys(client_keys))
     Path(workdir, "nginx-relay-servers.conf").write_text(
         render_relay_servers([f"127.0.0.1:{upstream_port}"])
     )

@@ -54,6 +54,7 @@ SECRET_KEYS = (
     "ha_admin_token",
     "sim_admin_token",
     "engine_api_key",
+    "client_keys",
 )
 
 helm.disable_logging()  # the symlinked files/ are announced at INFO on every load

@@ -17,9 +17,10 @@ Some request fields make SGLang act outside the request itself:
   client's choice here;
 - ``rid``: SGLang's request id, which /abort_request and its bookkeeping key on; a
   client-chosen one can collide with another client's (or a warming mirror's,
-  ``HA_WARM_*``). It is replaced by ours, derived from the client (its credential, or
-  its address without one) and its rid (``engine_rid``); the client's travels back in
-  the ``X-SGLang-HA-Client-Rid`` response header. Derived, not drawn and remembered:
+  ``HA_WARM_*``). It is replaced by ours, derived from the client (its client key's
+  name, else its credential, or its address without one) and its rid
+  (``engine_rid``); the client's travels back in the ``X-SGLang-HA-Client-Rid``
+  response header. Derived, not drawn and remembered:
   a client's abort by its own rid reaches the same engine rid in whichever relay
   worker it lands, with no state shared between them, and nobody else can name it.
   As on SGLang, one client reusing a rid for two requests at once collides.
@@ -45,6 +46,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ha_agent.config import RelaySettings
+from ha_agent.gateway.admission.client_keys import ANONYMOUS, CLIENT
 from ha_agent.gateway.admission.prompt_scan import PromptScanner, PromptTooLong
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
@@ -164,9 +166,14 @@ def check_fields(payload: dict[str, Any], policy: FieldPolicy) -> None:
 
 
 def rid_owner(request: web.BaseRequest, not_a_client: str = "") -> str:
-    """Whoever may act on a request: the client's credential when it sent one, else
-    its address as Nginx saw it. `not_a_client` is the Authorization our own Nginx
-    sets (the engines' key): behind it, every client is known by its address."""
+    """Whoever may act on a request: the name of its client key when keys are on
+    (client_keys.py; the same after the key is rotated), else the client's
+    credential when it sent one, else its address as Nginx saw it. `not_a_client`
+    is the Authorization our own Nginx sets (the engines' key): behind it, without
+    keys, every client is known by its address."""
+    name = request.get(CLIENT)
+    if name is not None and name != ANONYMOUS:
+        return f"client:{name}"
     auth = request.headers.get("Authorization")
     if auth and auth != not_a_client:
         digest = hashlib.sha256(auth.encode("utf-8", "surrogateescape")).hexdigest()

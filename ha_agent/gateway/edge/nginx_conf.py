@@ -12,8 +12,15 @@ import os
 import re
 import sys
 
-from ha_agent.config import EngineAuthSettings
-from ha_agent.gateway.edge.nginx_sync import relay_worker_sockets, render, render_relay_servers
+from ha_agent.config import ClientAuthSettings, EngineAuthSettings
+from ha_agent.gateway.admission.client_keys import read_keys
+from ha_agent.gateway.edge.nginx_sync import (
+    relay_worker_sockets,
+    render,
+    render_client_keys,
+    render_relay_servers,
+    write_private,
+)
 from ha_agent.gateway.upstream.topology import parse_seed
 
 DEFAULTS = {
@@ -65,6 +72,15 @@ def main() -> int:
     relay_file = os.environ.get("HA_NGINX_RELAY_FILE", "/run/sglang-ha/nginx-relay-servers.conf")
     with open(relay_file, "w") as fh:
         fh.write(render_relay_servers(relay_servers(os.environ)))
+    # Nginx's copy of the client keys, before it starts (the relay keeps it fresh).
+    keys_path = os.environ.get("HA_NGINX_CLIENT_KEYS_FILE", "/run/sglang-ha/nginx-client-keys.conf")
+    try:
+        auth = ClientAuthSettings()
+    except ValueError as exc:
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    keys = read_keys(auth.client_keys_file) if auth.client_auth_on else None
+    write_private(keys_path, render_client_keys(keys))
     seeds = [s.strip() for s in os.environ.get("HA_NODES", "").split(",") if s.strip()]
     with open(backup_path, "w") as fh:
         fh.write(render(parse_seed(s) for s in seeds))

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shlex
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from ha_agent.atomic_file import write_atomic
+from ha_agent.gateway.admission.client_keys import ClientKeys
 from ha_agent.gateway.upstream.topology import NodeView, Topology
 
 log = logging.getLogger(__name__)
@@ -115,3 +117,47 @@ async def reload_nginx(command: str, why: str = "last-resort upstreams updated")
         log.warning("nginx reload failed (%s): %s", proc.returncode, out.decode(errors="replace"))
     else:
         log.info("nginx reloaded: %s", why)
+
+
+def render_client_keys(keys: dict[str, str] | None) -> str:
+    """The body of Nginx's `map $http_authorization $sglang_ha_client` (the template):
+    the key's name for a valid `Authorization`, else empty, which Nginx answers with
+    SGLang's 401 before any upstream is chosen, so its last-resort path straight to
+    the engines needs a key too. None (keys off): every request passes.
+
+    As SGLang reads the header (client_keys.bearer): the scheme in any case, one
+    space, the key exactly. Keys hold only RFC 6750 b64token characters
+    (client_keys.KEY), of which `.` and `+` mean something in a regex.
+    """
+    lines = ["# Written by the sglang-ha relay from the client key file. Holds the keys: 0600."]
+    if keys is None:
+        lines.append('default "-";  # client keys off')
+    else:
+        lines.append('default "";')
+        for name, key in sorted(keys.items()):
+            pattern = re.sub(r"([.+])", r"\\\1", key)
+            lines.append(f'"~^(?i:bearer) {pattern}$" "{name}";')
+    return "\n".join(lines) + "\n"
+
+
+def write_private(path: str, text: str) -> None:
+    """Replace `path` with `text`, readable by this user only (it holds keys)."""
+    tmp = f"{path}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+async def keep_client_keys_in_sync(
+    keys: ClientKeys, path: str, reload_command: str, stop: asyncio.Event
+) -> None:
+    """Nginx's copy of the client keys follows the file within a poll and a reload;
+    a reload lets the streams under way finish in the old Nginx workers."""
+    while not stop.is_set():
+        keys.refresh()
+        text = render_client_keys(keys.keys)
+        if _changed(path, text):
+            await asyncio.to_thread(write_private, path, text)
+            await reload_nginx(reload_command, "client keys updated")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=keys.poll)

@@ -34,6 +34,7 @@ from multidict import CIMultiDict
 from ha_agent import events as ev
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
+from ha_agent.gateway.admission.client_keys import CLIENT, ClientGate
 from ha_agent.gateway.admission.gate import Admission, RelayParts
 from ha_agent.gateway.admission.policy import FieldPolicy, RequestPolicy, engine_rid, rid_owner
 from ha_agent.gateway.admission.prompt_scan import PromptTooLong
@@ -128,6 +129,12 @@ class Relay:
         # Overload and query-of-death checks.
         self.admission = Admission(RelayParts(settings, topology, transport, metrics, events))
         self.policy = RequestPolicy(FieldPolicy.from_settings(settings))
+        # Client keys (off on loopback): 401, the key's name, its limits (429).
+        self.clients = ClientGate(
+            settings,
+            max(settings.relay_workers, 1),
+            self.policy.policy.engine_authorization,
+        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -142,6 +149,21 @@ class Relay:
         started = time.monotonic()
         if self.cors is not None and Cors.is_preflight(request):
             return self._timed("other", False, self.cors.preflight(request), started)
+        # The client's key before anything else, as SGLang's middleware (client_keys.py).
+        denied = self.clients.identify(request)
+        if denied is None:
+            denied = self.clients.admit(request)
+        if denied is not None:
+            self.metrics.clients.labels(request[CLIENT], str(denied.status)).inc()
+            return self._timed("other", False, denied, started)
+        try:
+            response = await self._handle(request, started)
+        finally:
+            self.clients.release(request)
+        self.metrics.clients.labels(request[CLIENT], str(response.status)).inc()
+        return response
+
+    async def _handle(self, request: web.Request, started: float) -> web.StreamResponse:
         route: Endpoint | None = None
         payload: dict[str, Any] | None = None
         try:
@@ -217,7 +239,8 @@ class Relay:
 
     async def _abort(self, request: web.Request, payload: dict[str, Any] | None) -> web.Response:
         """SGLang's /abort_request, scoped: a client may abort the requests it started
-        (same credential, or same address without one) by the `rid` it sent. The
+        (same client key's name when keys are on; else same credential, or same
+        address without one) by the `rid` it sent. The
         engine's rid is derived from the client and its rid (policy.engine_rid), so any
         relay worker finds it and no one can name another client's; an unknown one
         answers 200 and does nothing, as SGLang does. abort_all stays admin surface."""

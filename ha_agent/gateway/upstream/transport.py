@@ -37,6 +37,8 @@ _HOP = frozenset(
         # engines' API key itself (Transport), so an OpenAI SDK's placeholder
         # key never reaches SGLang's --api-key check.
         "authorization",
+        # The client's key as our Nginx passes it to the relay (client_keys.py).
+        "x-sglang-ha-client-authorization",
     }
 )
 
