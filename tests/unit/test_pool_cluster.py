@@ -53,8 +53,9 @@ def last_json(events: list[str]) -> dict[str, Any]:
     return json.loads(next(e for e in reversed(events) if e.startswith("{")))
 
 
-async def test_all_three_nodes_serve_and_a_killed_engine_fails_no_stream(
-    pool: LocalCluster,
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_all_three_nodes_serve_and_a_lost_engine_fails_no_stream(
+    pool: LocalCluster, fault: str
 ) -> None:
     url = pool.relay_url + "/generate"
     async with httpx.AsyncClient(timeout=60) as client:
@@ -67,7 +68,7 @@ async def test_all_three_nodes_serve_and_a_killed_engine_fails_no_stream(
             served[r.headers[NODE]] += 1
         assert set(served) == set(NAMES), served
 
-        # Streams on every node; kill -9 one engine while they run.
+        # Streams on every node; kill -9 (or SIGSTOP) one engine while they run.
         started: dict[int, str] = {}
         all_started = asyncio.Event()
         count = 12
@@ -87,29 +88,48 @@ async def test_all_three_nodes_serve_and_a_killed_engine_fails_no_stream(
         ]
         await asyncio.wait_for(all_started.wait(), 30)
         victim = Counter(started.values()).most_common(1)[0][0]
-        pool.kill_engine(victim)
-        results = await asyncio.gather(*streams)
+        if fault == "kill":
+            pool.kill_engine(victim)
+        else:
+            pool.freeze_engine(victim)
+        try:
+            results = await asyncio.gather(*streams)
+            await check(pool, client, url, victim, started, results, count)
+        finally:
+            if fault == "freeze":
+                pool.thaw_engine(victim)
 
-        # Each stream whole, and token for token what an uninterrupted run gives.
-        survivor = pool.nodes[next(n for n in NAMES if n != victim)].engine_url + "/generate"
-        wanted = await asyncio.gather(
-            *(collect_stream(client, survivor, stream_body(i)) for i in range(count))
-        )
-        for i, (events, want) in enumerate(zip(results, wanted, strict=True)):
-            assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
-            got = last_json(events)
-            assert got["meta_info"]["completion_tokens"] == BUDGET, f"stream {i}"
-            assert got["output_ids"] == last_json(want)["output_ids"], f"stream {i}"
-        moved = [i for i, node in started.items() if node == victim]
-        assert moved, "the victim held streams"
-        assert pool.ha_log("relay").count("STREAM_MIGRATED") >= len(moved)
 
-        # The dead node is out of service; new requests go to the survivors only.
-        agent = pool.nodes[victim].agent
-        assert agent is not None
-        await pool.wait_for(lambda: not agent.ha.is_serving(), 10, f"{victim} out of service")
-        assert f"NODE_OUT_OF_SERVICE {victim}" in pool.ha_log(victim)
-        for i in range(100, 112):
-            body = {"input_ids": prompt(i), "sampling_params": {"max_new_tokens": 2}}
-            r = await client.post(url, json=body)
-            assert r.status_code == 200 and r.headers[NODE] != victim
+async def check(
+    pool: LocalCluster,
+    client: httpx.AsyncClient,
+    url: str,
+    victim: str,
+    started: dict[int, str],
+    results: list[list[str]],
+    count: int,
+) -> None:
+    """Every stream whole, the victim out of service, new requests on the survivors."""
+    # Each stream whole, and token for token what an uninterrupted run gives.
+    survivor = pool.nodes[next(n for n in NAMES if n != victim)].engine_url + "/generate"
+    wanted = await asyncio.gather(
+        *(collect_stream(client, survivor, stream_body(i)) for i in range(count))
+    )
+    for i, (events, want) in enumerate(zip(results, wanted, strict=True)):
+        assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+        got = last_json(events)
+        assert got["meta_info"]["completion_tokens"] == BUDGET, f"stream {i}"
+        assert got["output_ids"] == last_json(want)["output_ids"], f"stream {i}"
+    moved = [i for i, node in started.items() if node == victim]
+    assert moved, "the victim held streams"
+    assert pool.ha_log("relay").count("STREAM_MIGRATED") >= len(moved)
+
+    # The lost node is out of service; new requests go to the survivors only.
+    agent = pool.nodes[victim].agent
+    assert agent is not None
+    await pool.wait_for(lambda: not agent.ha.is_serving(), 10, f"{victim} out of service")
+    assert f"NODE_OUT_OF_SERVICE {victim}" in pool.ha_log(victim)
+    for i in range(100, 112):
+        body = {"input_ids": prompt(i), "sampling_params": {"max_new_tokens": 2}}
+        r = await client.post(url, json=body)
+        assert r.status_code == 200 and r.headers[NODE] != victim
