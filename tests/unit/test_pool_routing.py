@@ -14,7 +14,7 @@ from ha_agent.gateway.upstream.affinity import Affinity, affinity_of
 from ha_agent.gateway.upstream.topology import Abandonable, Topology
 from ha_agent.gateway.upstream.warming import Warmer
 from ha_agent.openapi.endpoints import CHAT, GENERATE
-from tests.support.fakes import agent_status, settled_topology
+from tests.support.fakes import FakeStore, agent_status, settled_topology
 
 NAMES = ("sglang-01", "sglang-02", "sglang-03")
 BLOCK = 256
@@ -151,6 +151,22 @@ def test_a_node_out_of_service_waits_behind_the_serving_ones() -> None:
     for i in range(30):
         order = t.routing_order(affinity=key(chat(doc(i) + "q")))
         assert order[-1].name == "sglang-02"
+
+
+async def test_a_store_outage_leaves_every_serving_node_in_the_routing() -> None:
+    t = pool()
+    store = t.store
+    assert isinstance(store, FakeStore)
+
+    async def agents_answer() -> None:  # the agents still answer the relay's polls
+        return None
+
+    t._poll_agents = agents_answer  # type: ignore[method-assign]
+    store.down = True
+    await t.refresh()
+    assert t.degraded
+    homes = {first(t, key(chat(doc(i) + "q"))) for i in range(60)}
+    assert homes == set(NAMES), "routing does not depend on the lease or the store"
 
 
 def test_pair_mode_routes_to_the_primary_whatever_the_prompt() -> None:
