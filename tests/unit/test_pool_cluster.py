@@ -98,6 +98,8 @@ async def test_all_three_nodes_serve_and_a_lost_engine_fails_no_stream(
         finally:
             if fault == "freeze":
                 pool.thaw_engine(victim)
+        if fault == "kill":
+            await rejoins(pool, client, url, victim)
 
 
 async def check(
@@ -133,3 +135,28 @@ async def check(
         body = {"input_ids": prompt(i), "sampling_params": {"max_new_tokens": 2}}
         r = await client.post(url, json=body)
         assert r.status_code == 200 and r.headers[NODE] != victim
+
+
+async def rejoins(pool: LocalCluster, client: httpx.AsyncClient, url: str, victim: str) -> None:
+    """The engine back (supervisord would restart it): the node rejoins after
+    HA_POOL_REJOIN_STABLE, not before, and takes new requests again."""
+    pool.start_engine(victim)
+    agent = pool.nodes[victim].agent
+    assert agent is not None
+    await pool.wait_for(lambda: agent.ha.engine_health.healthy, 20, f"{victim}'s engine healthy")
+    healthy_at = time.monotonic()
+    await pool.wait_for(agent.ha.is_serving, 20, f"{victim} back in service")
+    assert time.monotonic() - healthy_at >= agent.ha.s.pool_rejoin_stable - 0.5
+    assert f"NODE_REJOINED {victim}" in pool.ha_log(victim)
+    assert pool.relay is not None
+    view = pool.relay.topology.nodes[victim]
+    await pool.wait_for(
+        lambda: view.can_serve(time.monotonic()), 5, f"the relay routes to {victim}"
+    )
+    served: Counter[str] = Counter()
+    for i in range(200, 230):
+        body = {"input_ids": prompt(i), "sampling_params": {"max_new_tokens": 2}}
+        r = await client.post(url, json=body)
+        assert r.status_code == 200
+        served[r.headers[NODE]] += 1
+    assert served[victim] > 0, served
