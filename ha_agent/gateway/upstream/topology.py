@@ -95,6 +95,11 @@ class NodeView:
         )
 
 
+def _queued(node: NodeView) -> bool:
+    """Its engine has requests waiting, as its agent last reported."""
+    return node.status is not None and node.status.engine.queued > 0
+
+
 def parse_seed(item: str) -> NodeView:
     """`name=engine_url=agent_url` (from HA_NODES)."""
     parts = item.split("=")
@@ -172,6 +177,7 @@ class Topology:
             list(serving),
             lambda name: len(serving[name].inflight),
             ring_nodes=sorted(self.nodes),
+            queued=lambda name: _queued(serving[name]),
         )
 
         def rank(node: NodeView) -> tuple[int, int, str]:
