@@ -181,12 +181,12 @@ class Topology:
         )
 
         def rank(node: NodeView) -> tuple[int, int, str]:
-            if not node.failed and node.engine_state is EngineState.HEALTHY:
-                tier = 0  # out of service while it proves stable: better than unknown
-            elif not node.failed and now >= node.connect_failed_until:
-                tier = 1  # unknown health: not proven bad
-            else:
+            if node.failed or now < node.connect_failed_until:
                 tier = 2
+            elif node.engine_state is EngineState.HEALTHY:
+                tier = 0  # out of service while it proves stable: better than unknown
+            else:
+                tier = 1  # unknown health: not proven bad
             return (tier, len(node.inflight), node.name)
 
         rest = sorted((n for n in candidates if n.name not in serving), key=rank)
