@@ -10,6 +10,7 @@ Timing invariants (lease TTL vs loop and retry) are checked here and only here.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -545,6 +546,58 @@ class AgentSettings(
     @classmethod
     def _csv_peers(cls, value: object) -> object:
         return _split_csv(value)
+
+
+class EdgeTlsSettings(BaseSettings):
+    """TLS at the gateway's edge: Nginx's client listener (docs/security.md, "Edge TLS")."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    tls: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="TLS on the client port: auto is on when GATEWAY_BIND reaches beyond"
+        " loopback, off on the loopback demo; then plain HTTP to that port is refused.",
+    )
+    bind: str = Field(
+        "127.0.0.1",
+        description="Host address the gateway's port is published on (compose passes it"
+        " in); decides GATEWAY_TLS=auto.",
+    )
+    tls_cert: Path = Field(
+        Path("/run/secrets/gateway_tls.crt"),
+        description="The edge certificate (chain, PEM); `make secrets` makes one signed by"
+        " the stack's CA, or put your own there.",
+    )
+    tls_key: Path = Field(
+        Path("/run/secrets/gateway_tls.key"), description="Its private key (PEM)."
+    )
+    tls_check_interval: float = Field(
+        2.0,
+        gt=0,
+        description="How often the gateway's watchdog looks for a changed certificate or"
+        " key on disk (then Nginx reloads gracefully), s.",
+    )
+    http2: bool = Field(
+        False,
+        description="Offer HTTP/2 (ALPN h2) on the TLS listener as well as HTTP/1.1.",
+    )
+
+    @property
+    def tls_enabled(self) -> bool:
+        if self.tls != "auto":
+            return self.tls == "on"
+        return not is_loopback(self.bind)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address keeps a port on this host (empty or 0.0.0.0: every address)."""
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class RelaySettings(RedisSettings, EngineAuthSettings):

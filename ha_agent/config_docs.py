@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings
 
 from ha_agent.config import (
     AgentSettings,
+    EdgeTlsSettings,
     EngineAuthSettings,
     EngineHealthSettings,
     EngineRestartSettings,
@@ -34,6 +35,7 @@ SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
     ("Engine API key (agents, relay)", EngineAuthSettings, "HA_"),
     ("Agent", AgentSettings, "HA_"),
     ("Relay (gateway)", RelaySettings, "HA_"),
+    ("Edge TLS (gateway)", EdgeTlsSettings, "GATEWAY_"),
     ("Simulator (CPU demo and tests only)", SimSettings, "SIM_"),
 ]
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
-from ha_agent.config import EngineAuthSettings
+from ha_agent.config import EdgeTlsSettings, EngineAuthSettings
 from ha_agent.gateway.edge.nginx_sync import relay_worker_sockets, render, render_relay_servers
 from ha_agent.gateway.upstream.topology import parse_seed
 
@@ -28,7 +29,11 @@ DEFAULTS = {
     "GATEWAY_CONN_PER_CLIENT": "512",
     # Computed by main() from HA_ENGINE_API_KEY[_FILE], never set directly.
     "ENGINE_AUTHORIZATION": "",
+    # Computed from GATEWAY_TLS / GATEWAY_BIND (tls_placeholders), never set directly.
+    "EDGE_LISTEN_TLS": "",
+    "EDGE_TLS": "",
 }
+TLS_TEMPLATE = "edge-tls.conf.template"
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
 
 
@@ -40,6 +45,19 @@ def render_template(template: str, env: dict[str, str]) -> str:
         return env.get(name) or DEFAULTS[name]
 
     return _PLACEHOLDER.sub(value, template)
+
+
+def tls_placeholders(settings: EdgeTlsSettings, tls_template: str) -> dict[str, str]:
+    """The listen options and server directives for TLS at the edge: TLS and, with
+    GATEWAY_HTTP2, h2 (Nginx 1.22 takes it on `listen`), or nothing at all."""
+    if not settings.tls_enabled:
+        return {"EDGE_LISTEN_TLS": "", "EDGE_TLS": "        # TLS off (GATEWAY_TLS)."}
+    paths = {"EDGE_TLS_CERT": str(settings.tls_cert), "EDGE_TLS_KEY": str(settings.tls_key)}
+    directives = _PLACEHOLDER.sub(lambda m: paths[m.group(1)], tls_template).rstrip("\n")
+    return {
+        "EDGE_LISTEN_TLS": " ssl http2" if settings.http2 else " ssl",
+        "EDGE_TLS": directives,
+    }
 
 
 def relay_servers(env: dict[str, str] | os._Environ[str]) -> list[str]:
@@ -57,6 +75,8 @@ def main() -> int:
     backup_path = os.environ.get("HA_NGINX_BACKUP_FILE", "/run/sglang-ha/nginx-backup-servers.conf")
     env = dict(os.environ)
     env["ENGINE_AUTHORIZATION"] = EngineAuthSettings().engine_headers().get("Authorization", "")
+    tls_template = Path(template_path).with_name(TLS_TEMPLATE).read_text()
+    env.update(tls_placeholders(EdgeTlsSettings(), tls_template))
     with open(template_path) as fh:
         text = render_template(fh.read(), env)
     # It may hold the engines' key: readable by the gateway's user only.
