@@ -292,3 +292,53 @@ def test_a_half_written_pair_is_not_loaded(tmp_path: Path) -> None:
     cert.write_bytes(new_cert)
     assert watcher.check()
     assert len(sent) == 1 and sent[0][0] == 4242
+
+
+def _main_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Path:
+    conf = tmp_path / "nginx.conf"
+    monkeypatch.setenv("NGINX_TEMPLATE", str(ROOT / "nginx" / "nginx.conf.template"))
+    monkeypatch.setenv("NGINX_CONF", str(conf))
+    monkeypatch.setenv("HA_NGINX_BACKUP_FILE", str(tmp_path / "backup.conf"))
+    monkeypatch.setenv("HA_NGINX_RELAY_FILE", str(tmp_path / "relay.conf"))
+    for name in ("GATEWAY_TLS", "GATEWAY_BIND", "GATEWAY_HTTP2"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return conf
+
+
+def test_the_gateway_start_renders_tls_beyond_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ha_agent.gateway.edge import nginx_conf
+
+    make_certs(tmp_path)
+    conf = _main_env(
+        monkeypatch,
+        tmp_path,
+        GATEWAY_BIND="0.0.0.0",
+        GATEWAY_TLS_CERT=str(tmp_path / "gateway_tls.crt"),
+        GATEWAY_TLS_KEY=str(tmp_path / "gateway_tls.key"),
+    )
+    assert nginx_conf.main() == 0
+    assert listen_line(conf.read_text()) == "listen 8000 ssl backlog=4096;"
+    conf = _main_env(monkeypatch, tmp_path, GATEWAY_BIND="127.0.0.1")
+    assert nginx_conf.main() == 0
+    assert listen_line(conf.read_text()) == "listen 8000 backlog=4096;"
+
+
+def test_the_gateway_refuses_to_start_with_tls_on_and_no_usable_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ha_agent.gateway.edge import nginx_conf
+
+    conf = _main_env(
+        monkeypatch,
+        tmp_path,
+        GATEWAY_TLS="on",
+        GATEWAY_TLS_CERT=str(tmp_path / "none.crt"),
+        GATEWAY_TLS_KEY=str(tmp_path / "none.key"),
+    )
+    assert nginx_conf.main() == 2
+    assert "make secrets" in capsys.readouterr().err
+    assert not conf.exists()

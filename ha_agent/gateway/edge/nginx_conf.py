@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ha_agent.config import EdgeTlsSettings, EngineAuthSettings
 from ha_agent.gateway.edge.nginx_sync import relay_worker_sockets, render, render_relay_servers
+from ha_agent.gateway.edge.tls_reload import usable
 from ha_agent.gateway.upstream.topology import parse_seed
 
 DEFAULTS = {
@@ -75,8 +76,17 @@ def main() -> int:
     backup_path = os.environ.get("HA_NGINX_BACKUP_FILE", "/run/sglang-ha/nginx-backup-servers.conf")
     env = dict(os.environ)
     env["ENGINE_AUTHORIZATION"] = EngineAuthSettings().engine_headers().get("Authorization", "")
+    tls = EdgeTlsSettings()
+    if tls.tls_enabled and (problem := usable(tls.tls_cert, tls.tls_key)) is not None:
+        print(
+            f"TLS at the edge is on (GATEWAY_TLS={tls.tls}, GATEWAY_BIND={tls.bind or '*'}) but"
+            f" {tls.tls_cert} and {tls.tls_key} cannot be served: {problem}. Run"
+            " 'make secrets', put your own certificate there, or set GATEWAY_TLS=off.",
+            file=sys.stderr,
+        )
+        return 2
     tls_template = Path(template_path).with_name(TLS_TEMPLATE).read_text()
-    env.update(tls_placeholders(EdgeTlsSettings(), tls_template))
+    env.update(tls_placeholders(tls, tls_template))
     with open(template_path) as fh:
         text = render_template(fh.read(), env)
     # It may hold the engines' key: readable by the gateway's user only.
