@@ -342,3 +342,55 @@ def test_the_gateway_refuses_to_start_with_tls_on_and_no_usable_certificate(
     assert nginx_conf.main() == 2
     assert "make secrets" in capsys.readouterr().err
     assert not conf.exists()
+
+
+class FakeStack:
+    """What `sglang-ha verify`'s edge TLS check asks of the stack, for a local nginx."""
+
+    def __init__(self, bound: str, port: int, ca: Path) -> None:
+        self.bound, self.port, self.ca = bound, port, ca
+
+    def gateway_binding(self) -> tuple[str, str, int]:
+        return self.bound, "127.0.0.1", self.port
+
+    def edge_tls(self) -> bool:
+        from ha_agent.ctl.verify import _speaks_tls
+
+        return _speaks_tls("127.0.0.1", self.port)
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return trust(self.ca) if self.ca.is_file() else True
+
+
+@needs_nginx
+async def test_verify_passes_a_verified_edge_and_fails_plain_http_beyond_loopback(
+    tmp_path: Path,
+) -> None:
+    from ha_agent.ctl.verify import check_edge_tls
+
+    make_certs(tmp_path)
+    ca = tmp_path / "tls_ca.crt"
+    other = tmp_path / "other"
+    make_certs(other)  # another CA: the edge's certificate does not verify against it
+
+    def check(stack: FakeStack, min_days: int = 30) -> tuple[str, str]:
+        c = check_edge_tls(stack, min_days)  # type: ignore[arg-type]
+        return c.status, c.seen
+
+    async with gateway(**tls_env(tmp_path)) as gw:
+        status, seen = await asyncio.to_thread(check, FakeStack("0.0.0.0", gw.port, ca))
+        assert status == "pass", seen
+        assert "TLSv1.3" in seen and "days left" in seen
+        status, seen = await asyncio.to_thread(
+            check, FakeStack("0.0.0.0", gw.port, other / "tls_ca.crt")
+        )
+        assert status == "fail" and "does not verify" in seen
+        # Leaf certificates live 397 days: one asked to last 400 more is near its end.
+        status, seen = await asyncio.to_thread(check, FakeStack("0.0.0.0", gw.port, ca), 400)
+        assert status == "fail" and "days left" in seen
+    async with gateway() as gw:
+        status, seen = await asyncio.to_thread(check, FakeStack("0.0.0.0", gw.port, ca))
+        assert status == "fail" and "plain HTTP" in seen
+        status, seen = await asyncio.to_thread(check, FakeStack("127.0.0.1", gw.port, ca))
+        assert status == "pass" and "loopback only" in seen
