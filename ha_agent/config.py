@@ -581,6 +581,11 @@ class EdgeTlsSettings(BaseSettings):
         False,
         description="Offer HTTP/2 (ALPN h2) on the TLS listener as well as HTTP/1.1.",
     )
+    tls_loaded_file: Path = Field(
+        Path("/run/sglang-ha/edge-tls.loaded"),
+        description="Hash of the certificate and key Nginx last loaded, so that a restarted"
+        " watchdog still reloads Nginx for a change it did not see.",
+    )
 
     @property
     def tls_enabled(self) -> bool:

@@ -19,7 +19,7 @@ import pytest
 
 from ha_agent.config import EdgeTlsSettings, is_loopback
 from ha_agent.gateway.edge.nginx_conf import TLS_TEMPLATE, render_template, tls_placeholders
-from ha_agent.gateway.edge.tls_reload import CertificateWatcher
+from ha_agent.gateway.edge.tls_reload import CertificateWatcher, fingerprint, record_loaded
 from tests.unit.test_hardening_nginx import TEMPLATE, gateway, needs_nginx, require_nginx  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -281,7 +281,9 @@ def test_a_half_written_pair_is_not_loaded(tmp_path: Path) -> None:
     pid_file = tmp_path / "nginx.pid"
     pid_file.write_text("4242")
     sent: list[tuple[int, int]] = []
-    watcher = CertificateWatcher(cert, key, pid_file, lambda pid, sig: sent.append((pid, sig)))
+    watcher = CertificateWatcher(
+        cert, key, pid_file, signal_process=lambda pid, sig: sent.append((pid, sig))
+    )
     old_cert = cert.read_bytes()
     make_certs(tmp_path, rotate=True)
     new_cert = cert.read_bytes()
@@ -300,6 +302,7 @@ def _main_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Pa
     monkeypatch.setenv("NGINX_CONF", str(conf))
     monkeypatch.setenv("HA_NGINX_BACKUP_FILE", str(tmp_path / "backup.conf"))
     monkeypatch.setenv("HA_NGINX_RELAY_FILE", str(tmp_path / "relay.conf"))
+    monkeypatch.setenv("GATEWAY_TLS_LOADED_FILE", str(tmp_path / "edge-tls.loaded"))
     for name in ("GATEWAY_TLS", "GATEWAY_BIND", "GATEWAY_HTTP2"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -394,3 +397,23 @@ async def test_verify_passes_a_verified_edge_and_fails_plain_http_beyond_loopbac
         assert status == "fail" and "plain HTTP" in seen
         status, seen = await asyncio.to_thread(check, FakeStack("127.0.0.1", gw.port, ca))
         assert status == "pass" and "loopback only" in seen
+
+
+def test_a_restarted_watchdog_still_reloads_for_a_change_it_did_not_see(tmp_path: Path) -> None:
+    make_certs(tmp_path)
+    cert, key = tmp_path / "gateway_tls.crt", tmp_path / "gateway_tls.key"
+    pid_file, loaded = tmp_path / "nginx.pid", tmp_path / "edge-tls.loaded"
+    pid_file.write_text("4242")
+    sent: list[tuple[int, int]] = []
+
+    def watcher() -> CertificateWatcher:
+        return CertificateWatcher(
+            cert, key, pid_file, loaded, signal_process=lambda pid, sig: sent.append((pid, sig))
+        )
+
+    record_loaded(loaded, fingerprint(cert, key))  # as the gateway's start does
+    assert not watcher().check()
+    make_certs(tmp_path, rotate=True)  # while no watchdog runs
+    first = watcher()
+    assert first.check() and len(sent) == 1
+    assert not watcher().check()  # the reload was recorded: not again

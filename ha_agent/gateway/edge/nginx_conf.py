@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ha_agent.config import EdgeTlsSettings, EngineAuthSettings
 from ha_agent.gateway.edge.nginx_sync import relay_worker_sockets, render, render_relay_servers
-from ha_agent.gateway.edge.tls_reload import usable
+from ha_agent.gateway.edge.tls_reload import fingerprint, record_loaded, usable
 from ha_agent.gateway.upstream.topology import parse_seed
 
 DEFAULTS = {
@@ -87,6 +87,8 @@ def main() -> int:
         return 2
     tls_template = Path(template_path).with_name(TLS_TEMPLATE).read_text()
     env.update(tls_placeholders(tls, tls_template))
+    if tls.tls_enabled:  # the pair Nginx is about to load, for the watchdog
+        record_loaded(tls.tls_loaded_file, fingerprint(tls.tls_cert, tls.tls_key))
     with open(template_path) as fh:
         text = render_template(fh.read(), env)
     # It may hold the engines' key: readable by the gateway's user only.

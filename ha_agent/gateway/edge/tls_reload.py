@@ -21,6 +21,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+from ha_agent.atomic_file import write_atomic
 from ha_agent.gateway.edge.access_log import nginx_master
 
 log = logging.getLogger(__name__)
@@ -49,19 +50,37 @@ def usable(cert: Path, key: Path) -> str | None:
     return None
 
 
+def record_loaded(path: Path, digest: str | None) -> None:
+    """Remember which pair Nginx loaded (its hash), across watchdog restarts."""
+    if digest is not None:
+        with contextlib.suppress(OSError):
+            write_atomic(path, digest)
+
+
 class CertificateWatcher:
     def __init__(
         self,
         cert: Path,
         key: Path,
         pid_file: Path,
+        loaded_file: Path | None = None,
         signal_process: Callable[[int, int], None] = os.kill,
     ) -> None:
         self.cert, self.key, self.pid_file = cert, key, pid_file
+        self.loaded_file = loaded_file
         self.signal_process = signal_process
-        # What Nginx loaded at start (it starts before the watchdog looks).
-        self.loaded = fingerprint(cert, key)
+        # What Nginx loaded: recorded when its config was rendered and at each reload;
+        # without a record, what is on disk now (Nginx starts before the watchdog).
+        self.loaded = self._recorded() or fingerprint(cert, key)
         self._refused: str | None = None  # a pair already reported unusable
+
+    def _recorded(self) -> str | None:
+        if self.loaded_file is None:
+            return None
+        try:
+            return self.loaded_file.read_text().strip() or None
+        except OSError:
+            return None
 
     def check(self) -> bool:
         """Reload Nginx if the pair on disk changed and is usable; True if it was."""
@@ -86,6 +105,8 @@ class CertificateWatcher:
         except ProcessLookupError:
             return False
         self.loaded = now
+        if self.loaded_file is not None:
+            record_loaded(self.loaded_file, now)
         log.info("edge certificate changed on disk (sha256 %s): Nginx reloaded", now[:12])
         return True
 

@@ -184,7 +184,12 @@ class WatchdogService:
         )
         self.tls = tls if tls is not None else EdgeTlsSettings()
         self.certificate = (
-            CertificateWatcher(self.tls.tls_cert, self.tls.tls_key, settings.nginx_pid_file)
+            CertificateWatcher(
+                self.tls.tls_cert,
+                self.tls.tls_key,
+                settings.nginx_pid_file,
+                self.tls.tls_loaded_file,
+            )
             if self.tls.tls_enabled
             else None
         )
