@@ -575,16 +575,16 @@ class EdgeTlsSettings(BaseSettings):
         2.0,
         gt=0,
         description="How often the gateway's watchdog looks for a changed certificate or"
-        " key on disk (then Nginx reloads gracefully), s.",
+        " key on disk (the next TLS handshake gets it, no reload), s.",
     )
     http2: bool = Field(
         False,
         description="Offer HTTP/2 (ALPN h2) on the TLS listener as well as HTTP/1.1.",
     )
-    tls_loaded_file: Path = Field(
-        Path("/run/sglang-ha/edge-tls.loaded"),
-        description="Hash of the certificate and key Nginx last loaded, so that a restarted"
-        " watchdog still reloads Nginx for a change it did not see.",
+    tls_pair_file: Path = Field(
+        Path("/run/sglang-ha/edge-tls.pem"),
+        description="The gateway's own copy of the key and certificate, checked and"
+        " replaced whole, that Nginx reads at each TLS handshake.",
     )
 
     @property

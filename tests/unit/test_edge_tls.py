@@ -6,12 +6,14 @@ port, and taking a certificate rotated on disk without a restart or a failed req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import ssl
 import subprocess
 import time
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -19,8 +21,8 @@ import pytest
 
 from ha_agent.config import EdgeTlsSettings, is_loopback
 from ha_agent.gateway.edge.nginx_conf import TLS_TEMPLATE, render_template, tls_placeholders
-from ha_agent.gateway.edge.tls_reload import CertificateWatcher, fingerprint, record_loaded
-from tests.unit.test_hardening_nginx import TEMPLATE, gateway, needs_nginx, require_nginx  # noqa: F401  (fixture)
+from ha_agent.gateway.edge.tls_reload import CertificateWatcher, install
+from tests.unit.test_hardening_nginx import TEMPLATE, Gateway, gateway, needs_nginx, require_nginx  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 TLS_DIRECTIVES = (ROOT / "nginx" / TLS_TEMPLATE).read_text()
@@ -67,8 +69,10 @@ def test_tls_is_on_by_default_wherever_the_gateway_binds_beyond_loopback(
 def test_tls_on_renders_tls_12_and_13_only_with_modern_defaults() -> None:
     conf = rendered(tls="on")
     assert listen_line(conf) == "listen 8000 ssl backlog=4096;"
-    assert "ssl_certificate     /run/secrets/gateway_tls.crt;" in conf
-    assert "ssl_certificate_key /run/secrets/gateway_tls.key;" in conf
+    # Read at each handshake, from the gateway's own checked copy of the pair.
+    assert "ssl_certificate     $edge_tls_pair;" in conf
+    assert "ssl_certificate_key $edge_tls_pair;" in conf
+    assert "map $ssl_server_name $edge_tls_pair { default /run/sglang-ha/edge-tls.pem; }" in conf
     assert re.findall(r"^\s*ssl_protocols ([^;]*);", conf, re.M) == ["TLSv1.2 TLSv1.3"]
     ciphers = re.findall(r"^\s*ssl_ciphers ([^;]*);", conf, re.M)[0].split(":")
     # Forward secrecy and AEAD only: no RSA key exchange, CBC, SHA-1 or DHE suites.
@@ -94,10 +98,9 @@ def test_http2_is_offered_on_the_tls_listener_only_when_asked() -> None:
     assert listen_line(rendered(tls="on")) == "listen 8000 ssl backlog=4096;"
 
 
-def test_certificate_paths_come_from_the_settings() -> None:
-    conf = rendered(tls="on", tls_cert="/etc/mine/edge.pem", tls_key="/etc/mine/edge.key")
-    assert "ssl_certificate     /etc/mine/edge.pem;" in conf
-    assert "ssl_certificate_key /etc/mine/edge.key;" in conf
+def test_the_pair_nginx_reads_comes_from_the_settings() -> None:
+    conf = rendered(tls="on", tls_pair_file="/run/x/pair.pem")
+    assert "map $ssl_server_name $edge_tls_pair { default /run/x/pair.pem; }" in conf
 
 
 # -- a real nginx with the stack's certificates --------------------------------------------
@@ -134,21 +137,31 @@ def file_serial(cert: Path) -> str:
     return out.strip().split("=", 1)[1].upper()
 
 
-def tls_env(secrets: Path, **more: str) -> dict[str, str]:
-    settings = EdgeTlsSettings(
-        tls="on",
-        tls_cert=secrets / "gateway_tls.crt",
-        tls_key=secrets / "gateway_tls.key",
-        **more,  # type: ignore[arg-type]
-    )
+def tls_env(**more: str) -> dict[str, str]:
+    settings = EdgeTlsSettings(tls="on", **more)  # type: ignore[arg-type]
     return tls_placeholders(settings, TLS_DIRECTIVES)
+
+
+def watcher_for(secrets: Path, gw: Gateway) -> CertificateWatcher:
+    """What the gateway's watchdog does, for the test's nginx: its workers run as
+    nobody here (the test runs as root), so the pair is readable by all."""
+    cert, key = secrets / "gateway_tls.crt", secrets / "gateway_tls.key"
+    # /run/sglang-ha/edge-tls.pem in the image; the test's nginx has its own folder.
+    return CertificateWatcher(cert, key, Path(gw.workdir) / "edge-tls.pem", mode=0o644)
+
+
+@contextlib.asynccontextmanager
+async def tls_gateway(secrets: Path, **more: str) -> AsyncIterator[Gateway]:
+    async with gateway(**tls_env(**more)) as gw:
+        assert watcher_for(secrets, gw).check()  # as the gateway's start does
+        yield gw
 
 
 @needs_nginx
 async def test_clients_verify_the_edge_against_the_stack_ca(tmp_path: Path) -> None:
     make_certs(tmp_path)
     ca = tmp_path / "tls_ca.crt"
-    async with gateway(**tls_env(tmp_path)) as gw:
+    async with tls_gateway(tmp_path) as gw:
         url = f"https://localhost:{gw.port}"
         async with httpx.AsyncClient(verify=trust(ca), timeout=10) as http:
             r = await http.get(url + "/health")
@@ -191,7 +204,7 @@ def _handshake(port: int, context: ssl.SSLContext) -> None:
 @needs_nginx
 async def test_plain_http_to_the_tls_port_is_refused_with_a_json_400(tmp_path: Path) -> None:
     make_certs(tmp_path)
-    async with gateway(**tls_env(tmp_path)) as gw, httpx.AsyncClient(timeout=10) as http:
+    async with tls_gateway(tmp_path) as gw, httpx.AsyncClient(timeout=10) as http:
         r = await http.post(f"http://127.0.0.1:{gw.port}/v1/completions", content=b"{}")
         assert r.status_code == 400
         assert r.headers["content-type"].startswith("application/json")
@@ -204,7 +217,7 @@ async def test_http2_when_enabled_streams_the_same_events(tmp_path: Path) -> Non
     make_certs(tmp_path)
     ca = tmp_path / "tls_ca.crt"
     async with (
-        gateway(**tls_env(tmp_path, http2="true")) as gw,
+        tls_gateway(tmp_path, http2="true") as gw,
         httpx.AsyncClient(verify=trust(ca), http2=True, timeout=10) as http,
     ):
         url = f"https://localhost:{gw.port}/v1/chat/completions?stream=1&events=5"
@@ -221,9 +234,9 @@ async def test_a_rotated_certificate_is_served_without_a_restart_or_a_failed_req
 ) -> None:
     make_certs(tmp_path)
     ca = tmp_path / "tls_ca.crt"
-    cert, key = tmp_path / "gateway_tls.crt", tmp_path / "gateway_tls.key"
-    async with gateway(**tls_env(tmp_path)) as gw:
-        watcher = CertificateWatcher(cert, key, Path(gw.workdir) / "nginx.pid")
+    cert = tmp_path / "gateway_tls.crt"
+    async with tls_gateway(tmp_path) as gw:
+        watcher = watcher_for(tmp_path, gw)
         old = await asyncio.to_thread(served_serial, gw.port, ca)
         assert old == file_serial(cert)
         url = f"https://localhost:{gw.port}"
@@ -257,11 +270,11 @@ async def test_a_rotated_certificate_is_served_without_a_restart_or_a_failed_req
         streaming = asyncio.ensure_future(stream())
         polling = asyncio.ensure_future(requests())
         await asyncio.sleep(0.5)
-        assert not watcher.check()  # nothing changed yet: no reload
+        assert not watcher.check()  # nothing changed yet
         await asyncio.to_thread(make_certs, tmp_path, True)
         new = file_serial(cert)
         assert new != old
-        assert watcher.check()  # changed and usable: Nginx told to reload
+        assert watcher.check()  # changed and usable: handed to Nginx
         assert not watcher.check()  # once per change
         deadline = time.monotonic() + 10
         while (served := await asyncio.to_thread(served_serial, gw.port, ca)) != new:
@@ -275,25 +288,25 @@ async def test_a_rotated_certificate_is_served_without_a_restart_or_a_failed_req
         assert failures == []
 
 
-def test_a_half_written_pair_is_not_loaded(tmp_path: Path) -> None:
+def test_a_half_written_pair_is_not_handed_to_nginx(tmp_path: Path) -> None:
     make_certs(tmp_path)
     cert, key = tmp_path / "gateway_tls.crt", tmp_path / "gateway_tls.key"
-    pid_file = tmp_path / "nginx.pid"
-    pid_file.write_text("4242")
-    sent: list[tuple[int, int]] = []
-    watcher = CertificateWatcher(
-        cert, key, pid_file, signal_process=lambda pid, sig: sent.append((pid, sig))
-    )
+    pair = tmp_path / "edge-tls.pem"
+    watcher = CertificateWatcher(cert, key, pair)
+    assert watcher.check()
+    assert pair.stat().st_mode & 0o777 == 0o600  # a private key: the gateway's user only
+    first = pair.read_text()
+    assert first.index("PRIVATE KEY") < first.index("CERTIFICATE")
     old_cert = cert.read_bytes()
     make_certs(tmp_path, rotate=True)
     new_cert = cert.read_bytes()
-    # The new key is on disk, the certificate still the old one: not usable, no reload.
+    # The new key is on disk, the certificate still the old one: not usable, not handed on.
     cert.write_bytes(old_cert)
     assert not watcher.check()
-    assert sent == []
+    assert pair.read_text() == first
     cert.write_bytes(new_cert)
     assert watcher.check()
-    assert len(sent) == 1 and sent[0][0] == 4242
+    assert pair.read_text() == key.read_text() + cert.read_text()
 
 
 def _main_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Path:
@@ -302,7 +315,7 @@ def _main_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Pa
     monkeypatch.setenv("NGINX_CONF", str(conf))
     monkeypatch.setenv("HA_NGINX_BACKUP_FILE", str(tmp_path / "backup.conf"))
     monkeypatch.setenv("HA_NGINX_RELAY_FILE", str(tmp_path / "relay.conf"))
-    monkeypatch.setenv("GATEWAY_TLS_LOADED_FILE", str(tmp_path / "edge-tls.loaded"))
+    monkeypatch.setenv("GATEWAY_TLS_PAIR_FILE", str(tmp_path / "edge-tls.pem"))
     for name in ("GATEWAY_TLS", "GATEWAY_BIND", "GATEWAY_HTTP2"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -325,6 +338,8 @@ def test_the_gateway_start_renders_tls_beyond_loopback(
     )
     assert nginx_conf.main() == 0
     assert listen_line(conf.read_text()) == "listen 8000 ssl backlog=4096;"
+    pair = tmp_path / "edge-tls.pem"
+    assert pair.read_text().endswith((tmp_path / "gateway_tls.crt").read_text())
     conf = _main_env(monkeypatch, tmp_path, GATEWAY_BIND="127.0.0.1")
     assert nginx_conf.main() == 0
     assert listen_line(conf.read_text()) == "listen 8000 backlog=4096;"
@@ -381,7 +396,7 @@ async def test_verify_passes_a_verified_edge_and_fails_plain_http_beyond_loopbac
         c = check_edge_tls(stack, min_days)  # type: ignore[arg-type]
         return c.status, c.seen
 
-    async with gateway(**tls_env(tmp_path)) as gw:
+    async with tls_gateway(tmp_path) as gw:
         status, seen = await asyncio.to_thread(check, FakeStack("0.0.0.0", gw.port, ca))
         assert status == "pass", seen
         assert "TLSv1.3" in seen and "days left" in seen
@@ -399,21 +414,12 @@ async def test_verify_passes_a_verified_edge_and_fails_plain_http_beyond_loopbac
         assert status == "pass" and "loopback only" in seen
 
 
-def test_a_restarted_watchdog_still_reloads_for_a_change_it_did_not_see(tmp_path: Path) -> None:
+def test_a_restarted_watchdog_still_hands_on_a_change_it_did_not_see(tmp_path: Path) -> None:
     make_certs(tmp_path)
     cert, key = tmp_path / "gateway_tls.crt", tmp_path / "gateway_tls.key"
-    pid_file, loaded = tmp_path / "nginx.pid", tmp_path / "edge-tls.loaded"
-    pid_file.write_text("4242")
-    sent: list[tuple[int, int]] = []
-
-    def watcher() -> CertificateWatcher:
-        return CertificateWatcher(
-            cert, key, pid_file, loaded, signal_process=lambda pid, sig: sent.append((pid, sig))
-        )
-
-    record_loaded(loaded, fingerprint(cert, key))  # as the gateway's start does
-    assert not watcher().check()
+    pair = tmp_path / "edge-tls.pem"
+    assert install(cert, key, pair) is None  # as the gateway's start does
+    assert not CertificateWatcher(cert, key, pair).check()
     make_certs(tmp_path, rotate=True)  # while no watchdog runs
-    first = watcher()
-    assert first.check() and len(sent) == 1
-    assert not watcher().check()  # the reload was recorded: not again
+    assert CertificateWatcher(cert, key, pair).check()
+    assert not CertificateWatcher(cert, key, pair).check()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ha_agent.config import EdgeTlsSettings, EngineAuthSettings
 from ha_agent.gateway.edge.nginx_sync import relay_worker_sockets, render, render_relay_servers
-from ha_agent.gateway.edge.tls_reload import fingerprint, record_loaded, usable
+from ha_agent.gateway.edge.tls_reload import install
 from ha_agent.gateway.upstream.topology import parse_seed
 
 DEFAULTS = {
@@ -33,6 +33,7 @@ DEFAULTS = {
     # Computed from GATEWAY_TLS / GATEWAY_BIND (tls_placeholders), never set directly.
     "EDGE_LISTEN_TLS": "",
     "EDGE_TLS": "",
+    "EDGE_TLS_HTTP": "",
 }
 TLS_TEMPLATE = "edge-tls.conf.template"
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
@@ -49,15 +50,23 @@ def render_template(template: str, env: dict[str, str]) -> str:
 
 
 def tls_placeholders(settings: EdgeTlsSettings, tls_template: str) -> dict[str, str]:
-    """The listen options and server directives for TLS at the edge: TLS and, with
+    """The listen options and directives for TLS at the edge: TLS and, with
     GATEWAY_HTTP2, h2 (Nginx 1.22 takes it on `listen`), or nothing at all."""
     if not settings.tls_enabled:
-        return {"EDGE_LISTEN_TLS": "", "EDGE_TLS": "        # TLS off (GATEWAY_TLS)."}
-    paths = {"EDGE_TLS_CERT": str(settings.tls_cert), "EDGE_TLS_KEY": str(settings.tls_key)}
-    directives = _PLACEHOLDER.sub(lambda m: paths[m.group(1)], tls_template).rstrip("\n")
+        return {
+            "EDGE_LISTEN_TLS": "",
+            "EDGE_TLS": "        # TLS off (GATEWAY_TLS).",
+            "EDGE_TLS_HTTP": "    # TLS off (GATEWAY_TLS).",
+        }
+    directives = tls_template.rstrip("\n")
     return {
         "EDGE_LISTEN_TLS": " ssl http2" if settings.http2 else " ssl",
         "EDGE_TLS": directives,
+        # A variable, so that Nginx reads the pair at each handshake (tls_reload.py);
+        # `map` is allowed in the http block only.
+        "EDGE_TLS_HTTP": (
+            f"    map $ssl_server_name $edge_tls_pair {{ default {settings.tls_pair_file}; }}"
+        ),
     }
 
 
@@ -77,7 +86,9 @@ def main() -> int:
     env = dict(os.environ)
     env["ENGINE_AUTHORIZATION"] = EngineAuthSettings().engine_headers().get("Authorization", "")
     tls = EdgeTlsSettings()
-    if tls.tls_enabled and (problem := usable(tls.tls_cert, tls.tls_key)) is not None:
+    # The pair Nginx reads at each handshake, checked first: with TLS on and no usable
+    # certificate the gateway does not start, and says why.
+    if tls.tls_enabled and (problem := install(tls.tls_cert, tls.tls_key, tls.tls_pair_file)):
         print(
             f"TLS at the edge is on (GATEWAY_TLS={tls.tls}, GATEWAY_BIND={tls.bind or '*'}) but"
             f" {tls.tls_cert} and {tls.tls_key} cannot be served: {problem}. Run"
@@ -87,8 +98,6 @@ def main() -> int:
         return 2
     tls_template = Path(template_path).with_name(TLS_TEMPLATE).read_text()
     env.update(tls_placeholders(tls, tls_template))
-    if tls.tls_enabled:  # the pair Nginx is about to load, for the watchdog
-        record_loaded(tls.tls_loaded_file, fingerprint(tls.tls_cert, tls.tls_key))
     with open(template_path) as fh:
         text = render_template(fh.read(), env)
     # It may hold the engines' key: readable by the gateway's user only.

@@ -1,47 +1,36 @@
-"""The edge certificate reloaded when it changes on disk, without dropping a connection.
+"""The edge certificate taken up when it changes on disk, with no Nginx reload at all.
 
-Nginx reads its certificate and key at start and at a reload only. The watchdog (the
-gateway's housekeeping process) hashes both files every GATEWAY_TLS_CHECK_INTERVAL;
-once their content differs from what Nginx last loaded and the pair is usable (the
-key matches the certificate: a rotation writes one file, then the other), it sends
-the Nginx master SIGHUP (what `nginx -s reload` sends). The master starts workers
-with the new certificate for new connections; the old workers stop accepting and
-finish the requests they hold, streams included, before they exit.
+Nginx reads the certificate and key named by a *variable* at every TLS handshake
+(`ssl_certificate $edge_tls_pair`, nginx/edge-tls.conf.template), not once at start.
+What it reads is not the operator's files but one file of the gateway's own on its
+tmpfs (GATEWAY_TLS_PAIR_FILE): the key and the certificate chain together, written
+there only once the pair loads (the key matches the certificate), and replaced by a
+rename, so that a handshake reads the old pair or the new one, never half of each.
+
+The watchdog (the gateway's housekeeping process) compares the operator's files
+with that copy every GATEWAY_TLS_CHECK_INTERVAL and installs a changed pair. The next
+handshake gets it; connections already open, and their streams, are not touched.
+
+Why not a reload (SIGHUP): a reload makes the old workers close their idle keep-alive
+connections, and a client that sends on one at that instant gets no answer (seen in
+tests/integration/test_edge_tls.py: one failed request of ~100 during a reload).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import signal
 import ssl
-from collections.abc import Callable
 from pathlib import Path
-
-from ha_agent.atomic_file import write_atomic
-from ha_agent.gateway.edge.access_log import nginx_master
 
 log = logging.getLogger(__name__)
 
 
-def fingerprint(cert: Path, key: Path) -> str | None:
-    """Hash of the certificate and key as they are on disk (None while one is unreadable)."""
-    digest = hashlib.sha256()
-    try:
-        for path in (cert, key):
-            digest.update(path.read_bytes())
-            digest.update(b"\0")
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
 def usable(cert: Path, key: Path) -> str | None:
-    """Why Nginx could not load this pair (None: it can) -- a reload with a bad pair
-    fails and keeps the old one, but says so only in Nginx's own log."""
+    """Why a handshake could not use this pair (None: it can). A rotation writes one
+    file, then the other: a look in between sees a key that fits no certificate."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(cert, key)
@@ -50,64 +39,69 @@ def usable(cert: Path, key: Path) -> str | None:
     return None
 
 
-def record_loaded(path: Path, digest: str | None) -> None:
-    """Remember which pair Nginx loaded (its hash), across watchdog restarts."""
-    if digest is not None:
-        with contextlib.suppress(OSError):
-            write_atomic(path, digest)
+def pair_text(cert: Path, key: Path) -> str | None:
+    """The key, then the certificate chain, as Nginx reads both from one file."""
+    try:
+        key_text, cert_text = key.read_text(), cert.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return key_text.rstrip("\n") + "\n" + cert_text.rstrip("\n") + "\n"
+
+
+def installed(dest: Path) -> str | None:
+    try:
+        return dest.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def install(cert: Path, key: Path, dest: Path, mode: int = 0o600) -> str | None:
+    """Put the pair where Nginx reads it, whole, by a rename; None when done, else why
+    not (the pair on disk is not usable now: Nginx keeps the one it has)."""
+    text = pair_text(cert, key)
+    if text is None:
+        return f"cannot read {cert} or {key}"
+    problem = usable(cert, key)
+    if problem is not None:
+        return problem
+    if pair_text(cert, key) != text:
+        return "changed while it was checked"
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        # The private key: the gateway's user only (Nginx's workers run as it).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return None
 
 
 class CertificateWatcher:
-    def __init__(
-        self,
-        cert: Path,
-        key: Path,
-        pid_file: Path,
-        loaded_file: Path | None = None,
-        signal_process: Callable[[int, int], None] = os.kill,
-    ) -> None:
-        self.cert, self.key, self.pid_file = cert, key, pid_file
-        self.loaded_file = loaded_file
-        self.signal_process = signal_process
-        # What Nginx loaded: recorded when its config was rendered and at each reload;
-        # without a record, what is on disk now (Nginx starts before the watchdog).
-        self.loaded = self._recorded() or fingerprint(cert, key)
+    def __init__(self, cert: Path, key: Path, dest: Path, mode: int = 0o600) -> None:
+        self.cert, self.key, self.dest, self.mode = cert, key, dest, mode
         self._refused: str | None = None  # a pair already reported unusable
 
-    def _recorded(self) -> str | None:
-        if self.loaded_file is None:
-            return None
-        try:
-            return self.loaded_file.read_text().strip() or None
-        except OSError:
-            return None
-
     def check(self) -> bool:
-        """Reload Nginx if the pair on disk changed and is usable; True if it was."""
-        now = fingerprint(self.cert, self.key)
-        if now is None or now == self.loaded:
+        """Install the pair on disk if it differs from what Nginx reads and is usable;
+        True if it was installed."""
+        text = pair_text(self.cert, self.key)
+        if text is None or text == installed(self.dest):
             return False
-        problem = usable(self.cert, self.key)
+        problem = install(self.cert, self.key, self.dest, self.mode)
         if problem is not None:
-            if self._refused != now:  # once per content, not every look
+            if self._refused != text:  # once per content, not every look
                 log.warning(
                     "edge certificate changed on disk but is not usable yet (%s);"
                     " Nginx keeps serving the one it has",
                     problem,
                 )
-                self._refused = now
+                self._refused = text
             return False
-        pid = nginx_master(self.pid_file)
-        if pid is None:
-            return False  # Nginx not up: it loads the new pair when it starts
-        try:
-            self.signal_process(pid, signal.SIGHUP)
-        except ProcessLookupError:
-            return False
-        self.loaded = now
-        if self.loaded_file is not None:
-            record_loaded(self.loaded_file, now)
-        log.info("edge certificate changed on disk (sha256 %s): Nginx reloaded", now[:12])
+        log.info("edge certificate changed on disk: served from the next TLS handshake")
         return True
 
     async def run(self, stop: asyncio.Event, interval: float) -> None:

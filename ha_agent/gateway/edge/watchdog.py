@@ -33,8 +33,8 @@ The watchdog records RELAY_WORKER_STALLED and RELAY_WORKER_RECOVERED in the HA l
 and counts `sglang_ha_relay_worker_stalls_total` (summed with the workers' metrics
 through PROMETHEUS_MULTIPROC_DIR); the SglangHaRelayWorkerStalled alert reads it.
 Being the gateway's one housekeeping process, it also keeps Nginx's access log to a
-size (gateway/edge/access_log.py) and, with TLS at the edge, reloads Nginx when its
-certificate changes on disk (gateway/edge/tls_reload.py).
+size (gateway/edge/access_log.py) and, with TLS at the edge, hands Nginx a certificate
+changed on disk (gateway/edge/tls_reload.py).
 """
 
 from __future__ import annotations
@@ -184,12 +184,7 @@ class WatchdogService:
         )
         self.tls = tls if tls is not None else EdgeTlsSettings()
         self.certificate = (
-            CertificateWatcher(
-                self.tls.tls_cert,
-                self.tls.tls_key,
-                settings.nginx_pid_file,
-                self.tls.tls_loaded_file,
-            )
+            CertificateWatcher(self.tls.tls_cert, self.tls.tls_key, self.tls.tls_pair_file)
             if self.tls.tls_enabled
             else None
         )
