@@ -68,7 +68,7 @@ def test_tls_is_on_by_default_wherever_the_gateway_binds_beyond_loopback(
 
 def test_tls_on_renders_tls_12_and_13_only_with_modern_defaults() -> None:
     conf = rendered(tls="on")
-    assert listen_line(conf) == "listen 8000 ssl backlog=4096;"
+    assert listen_line(conf) == "listen 8000 ssl http2 backlog=4096;"
     # Read at each handshake, from the gateway's own checked copy of the pair.
     assert "ssl_certificate     $edge_tls_pair;" in conf
     assert "ssl_certificate_key $edge_tls_pair;" in conf
@@ -93,9 +93,9 @@ def test_tls_off_renders_no_tls_directive() -> None:
     assert "http2" not in listen_line(conf)
 
 
-def test_http2_is_offered_on_the_tls_listener_only_when_asked() -> None:
-    assert listen_line(rendered(tls="on", http2="true")) == "listen 8000 ssl http2 backlog=4096;"
-    assert listen_line(rendered(tls="on")) == "listen 8000 ssl backlog=4096;"
+def test_http2_is_offered_on_the_tls_listener_unless_turned_off() -> None:
+    assert listen_line(rendered(tls="on")) == "listen 8000 ssl http2 backlog=4096;"
+    assert listen_line(rendered(tls="on", http2="false")) == "listen 8000 ssl backlog=4096;"
 
 
 def test_the_pair_nginx_reads_comes_from_the_settings() -> None:
@@ -217,7 +217,7 @@ async def test_http2_when_enabled_streams_the_same_events(tmp_path: Path) -> Non
     make_certs(tmp_path)
     ca = tmp_path / "tls_ca.crt"
     async with (
-        tls_gateway(tmp_path, http2="true") as gw,
+        tls_gateway(tmp_path) as gw,
         httpx.AsyncClient(verify=trust(ca), http2=True, timeout=10) as http,
     ):
         url = f"https://localhost:{gw.port}/v1/chat/completions?stream=1&events=5"
@@ -226,6 +226,52 @@ async def test_http2_when_enabled_streams_the_same_events(tmp_path: Path) -> Non
             assert b"".join([c async for c in r.aiter_bytes()]) == b"".join(
                 f"data: {i}\n\n".encode() for i in range(5)
             )
+
+
+def _h2_one_event_then_reset(port: int, ca: Path) -> bytes:
+    """An HTTP/2 client that reads the first DATA of a stream, then cancels it with
+    RST_STREAM, as a browser or an h2 client that gives up does (httpx just stops
+    reading)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    context = trust(ca)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        headers = [
+            (":method", "GET"),
+            (":path", "/health?stream=1"),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+        ]
+        conn.send_headers(1, headers, end_stream=True)
+        tls.sendall(conn.data_to_send())
+        while True:
+            data = tls.recv(65536)
+            assert data, "connection closed before any event"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    conn.reset_stream(1)
+                    tls.sendall(conn.data_to_send())
+                    return bytes(event.data)
+
+
+@needs_nginx
+async def test_an_http2_client_that_cancels_a_stream_cancels_the_request_behind_nginx(
+    tmp_path: Path,
+) -> None:
+    make_certs(tmp_path)
+    async with tls_gateway(tmp_path) as gw:
+        first = await asyncio.to_thread(_h2_one_event_then_reset, gw.port, tmp_path / "tls_ca.crt")
+        assert first.startswith(b"data: 0")
+        await asyncio.wait_for(gw.upstream.cancelled.wait(), timeout=5)
 
 
 @needs_nginx
@@ -337,7 +383,7 @@ def test_the_gateway_start_renders_tls_beyond_loopback(
         GATEWAY_TLS_KEY=str(tmp_path / "gateway_tls.key"),
     )
     assert nginx_conf.main() == 0
-    assert listen_line(conf.read_text()) == "listen 8000 ssl backlog=4096;"
+    assert listen_line(conf.read_text()) == "listen 8000 ssl http2 backlog=4096;"
     pair = tmp_path / "edge-tls.pem"
     assert pair.read_text().endswith((tmp_path / "gateway_tls.crt").read_text())
     conf = _main_env(monkeypatch, tmp_path, GATEWAY_BIND="127.0.0.1")
