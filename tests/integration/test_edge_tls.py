@@ -85,7 +85,7 @@ def tls_stack() -> Iterator[TlsStack]:
             "  gateway:\n"
             "    environment:\n"
             '      GATEWAY_TLS: "on"\n'
-            # Looked at every half second, so the test waits little for the reload.
+            # Looked at every half second, so the test waits little for the swap.
             '      GATEWAY_TLS_CHECK_INTERVAL: "0.5"\n'
             "secrets:\n"
             "  gateway_tls_crt:\n"
@@ -196,7 +196,7 @@ async def test_a_rotated_certificate_is_served_with_no_restart_and_no_failed_req
     done.set()
     count = await asyncio.wait_for(polling, 60)
     assert events[-1] == "data: [DONE]"
-    # Every token of it, not a stream cut short by the reload.
+    # Every token of it, not a stream cut short by the swap.
     assert json.loads(events[-2].removeprefix("data:"))["meta_info"]["completion_tokens"] == 600
     assert count > 10
     assert failures == []
