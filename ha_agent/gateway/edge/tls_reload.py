@@ -12,8 +12,8 @@ with that copy every GATEWAY_TLS_CHECK_INTERVAL and installs a changed pair. The
 handshake gets it; connections already open, and their streams, are not touched.
 
 Why not a reload (SIGHUP): a reload makes the old workers close their idle keep-alive
-connections, and a client that sends on one at that instant gets no answer (seen in
-tests/integration/test_edge_tls.py: one failed request of ~100 during a reload).
+connections, and a client that sends on one at that instant gets no answer (seen
+through the CPU stack, tests/integration/test_edge_tls.py).
 """
 
 from __future__ import annotations
