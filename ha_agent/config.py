@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -610,10 +610,14 @@ class ClientAuthSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
 
+    # The one fact both edge defaults hang on (keys here, TLS in EdgeTlsSettings): read
+    # from the same GATEWAY_BIND, so keys and TLS can never disagree on where it is.
     gateway_bind: str = Field(
         "127.0.0.1",
-        description="The host address the gateway's port is published on (compose"
-        " GATEWAY_BIND); client_auth=auto turns keys on beyond loopback.",
+        validation_alias=AliasChoices("gateway_bind", "GATEWAY_BIND", "HA_GATEWAY_BIND"),
+        description="The host address the gateway's port is published on (env"
+        " GATEWAY_BIND, as EdgeTlsSettings reads it); client_auth=auto turns keys on"
+        " beyond loopback.",
     )
     client_auth: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -671,6 +675,53 @@ class ClientAuthSettings(BaseSettings):
             burst=self.client_key_burst,
             concurrency=self.client_key_concurrency,
         )
+
+
+class EdgeTlsSettings(BaseSettings):
+    """TLS at the gateway's edge: Nginx's client listener (docs/security.md, "Edge TLS")."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    tls: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="TLS on the client port: auto is on when GATEWAY_BIND reaches beyond"
+        " loopback, off on the loopback demo; then plain HTTP to that port is refused.",
+    )
+    bind: str = Field(
+        "127.0.0.1",
+        description="Host address the gateway's port is published on (compose passes it"
+        " in); decides GATEWAY_TLS=auto.",
+    )
+    tls_cert: Path = Field(
+        Path("/run/secrets/gateway_tls.crt"),
+        description="The edge certificate (chain, PEM); `make secrets` makes one signed by"
+        " the stack's CA, or put your own there.",
+    )
+    tls_key: Path = Field(
+        Path("/run/secrets/gateway_tls.key"), description="Its private key (PEM)."
+    )
+    tls_check_interval: float = Field(
+        2.0,
+        gt=0,
+        description="How often the gateway's watchdog looks for a changed certificate or"
+        " key on disk (the next TLS handshake gets it, no reload), s.",
+    )
+    http2: bool = Field(
+        True,
+        description="Offer HTTP/2 (ALPN h2) on the TLS listener as well as HTTP/1.1"
+        " (streams as fast through Nginx: docs/benchmarks.md, Edge TLS).",
+    )
+    tls_pair_file: Path = Field(
+        Path("/run/sglang-ha/edge-tls.pem"),
+        description="The gateway's own copy of the key and certificate, checked and"
+        " replaced whole, that Nginx reads at each TLS handshake.",
+    )
+
+    @property
+    def tls_enabled(self) -> bool:
+        if self.tls != "auto":
+            return self.tls == "on"
+        return not is_loopback(self.bind)
 
 
 def is_loopback(bind: str) -> bool:

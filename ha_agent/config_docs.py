@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings
 from ha_agent.config import (
     AgentSettings,
     ClientAuthSettings,
+    EdgeTlsSettings,
     EngineAuthSettings,
     EngineHealthSettings,
     EngineRestartSettings,
@@ -41,6 +42,7 @@ SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
     ("Agent", AgentSettings, "HA_"),
     ("Client keys (gateway)", ClientAuthSettings, "HA_"),
     ("Relay (gateway)", RelaySettings, "HA_"),
+    ("Edge TLS (gateway)", EdgeTlsSettings, "GATEWAY_"),
     ("Simulator (CPU demo and tests only)", SimSettings, "SIM_"),
 ]
 

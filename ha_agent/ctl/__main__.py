@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import click
@@ -525,11 +526,18 @@ def remove(ctx: click.Context, node: str, force: bool) -> None:
     "--disruptive", is_flag=True, help="Also freeze the primary and stop Redis (restored)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(project: str, disruptive: bool, as_json: bool) -> None:
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("compose/secrets/tls_ca.crt"),
+    show_default=True,
+    help="CA the gateway's TLS certificate must verify against.",
+)
+def verify(project: str, disruptive: bool, as_json: bool, ca: Path) -> None:
     """The pre-production checklist against a running stack (on the Docker host)."""
     from ha_agent.ctl import verify as checklist
 
-    results = checklist.run(project, disruptive)
+    results = checklist.run(project, disruptive, ca)
     click.echo(checklist.as_json(results) if as_json else checklist.render(results))
     if any(c.status == "fail" for c in results):
         raise SystemExit(1)

@@ -12,9 +12,12 @@ import concurrent.futures
 import contextlib
 import json
 import re
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,6 +36,10 @@ SCHEMA = {
     "required": ["name", "size", "price"],
     "additionalProperties": False,
 }
+# Where `make secrets` puts the stack's CA, from the repository root.
+DEFAULT_CA = Path("compose/secrets/tls_ca.crt")
+# A certificate closer to its end than this fails check 8: time to rotate it.
+MIN_CERT_DAYS = 30
 
 
 @dataclass
@@ -47,12 +54,14 @@ class Check:
 class Stack:
     """The stack's containers, found by their compose project label."""
 
-    def __init__(self, project: str) -> None:
+    def __init__(self, project: str, ca: Path = DEFAULT_CA) -> None:
         import docker  # only on the Docker host, only for verify
 
         self.project = project
         self.docker = docker.from_env()
         self._client_headers: dict[str, str] | None = None
+        self.ca = ca
+        self._tls: bool | None = None
 
     def containers(self, prefix: str = "") -> list[Any]:
         found = self.docker.containers.list(
@@ -83,12 +92,31 @@ class Stack:
             out[env.get("HA_NODE_NAME", c.name)] = c
         return out
 
-    def gateway_url(self) -> str:
+    def gateway_binding(self) -> tuple[str, str, int]:
+        """(the address it is published on, one to reach it at, the port)."""
         c = self.service("gateway")
         c.reload()
         binding = c.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]
-        host = binding["HostIp"] if binding["HostIp"] not in ("0.0.0.0", "") else "127.0.0.1"
-        return f"http://{host}:{binding['HostPort']}"
+        bound = binding["HostIp"]
+        host = bound if bound not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return bound, host, int(binding["HostPort"])
+
+    def edge_tls(self) -> bool:
+        """Whether the gateway's port speaks TLS (any certificate)."""
+        if self._tls is None:
+            _, host, port = self.gateway_binding()
+            self._tls = _speaks_tls(host, port)
+        return self._tls
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How a client here trusts the gateway: the stack's CA, else the system's."""
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca.is_file() else True
+
+    def gateway_url(self) -> str:
+        _, host, port = self.gateway_binding()
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.edge_tls() else 'http'}://{host}:{port}"
 
     def gateway_bind(self) -> str:
         """The host address the gateway's port is published on ("" or 0.0.0.0: all)."""
@@ -137,9 +165,29 @@ def _degraded(status: AgentStatus | None) -> bool:
 
 
 def _chat(
-    base: str, body: dict[str, Any], timeout: float = 60, headers: dict[str, str] | None = None
+    base: str,
+    body: dict[str, Any],
+    timeout: float = 60,
+    headers: dict[str, str] | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.Response:
-    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout, headers=headers)
+    return httpx.post(
+        f"{base}/v1/chat/completions", json=body, timeout=timeout, headers=headers, verify=verify
+    )
+
+
+def _speaks_tls(host: str, port: int) -> bool:
+    """A TLS handshake with whatever certificate: False where plain HTTP answers."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except ssl.SSLError:
+        return False
 
 
 def _engine_headers(container: Any) -> dict[str, str]:
@@ -218,7 +266,7 @@ def check_structured_output(stack: Stack, count: int = 100) -> Check:
     headers = stack.client_headers()
 
     def one(i: int) -> str | None:
-        r = _chat(base, {**body, "seed": i}, headers=headers)
+        r = _chat(base, {**body, "seed": i}, headers=headers, verify=stack.verify)
         if r.status_code != 200:
             return f"HTTP {r.status_code}"
         try:
@@ -244,14 +292,14 @@ def check_structured_output(stack: Stack, count: int = 100) -> Check:
 
 @contextlib.contextmanager
 def _requests_in_background(
-    base: str, headers: dict[str, str]
+    base: str, headers: dict[str, str], verify: ssl.SSLContext | bool
 ) -> Iterator[list[tuple[float, int, str | None]]]:
     """Sequential small requests through the gateway: (time, status, node)."""
     results: list[tuple[float, int, str | None]] = []
     stop = False
 
     def loop() -> None:
-        with httpx.Client(timeout=30, headers=headers) as client:
+        with httpx.Client(timeout=30, headers=headers, verify=verify) as client:
             while not stop and len(results) < 5000:
                 body = {
                     "model": "default",
@@ -291,7 +339,9 @@ def check_fault_injection(stack: Stack, target: float = 6.0) -> Check:
     gateway = stack.service("gateway")
     log_before = _access_log(gateway)
     frozen_at = 0.0
-    with _requests_in_background(stack.gateway_url(), stack.client_headers()) as results:
+    with _requests_in_background(
+        stack.gateway_url(), stack.client_headers(), stack.verify
+    ) as results:
         time.sleep(2)
         nodes[primary].pause()
         frozen_at = time.monotonic()
@@ -392,6 +442,7 @@ def check_redis_fallback(stack: Stack) -> Check:
                     "max_tokens": 4,
                     "messages": [{"role": "user", "content": "hi"}],
                 },
+                verify=stack.verify,
             ).status_code
             for _ in range(20)
         ]
@@ -449,12 +500,13 @@ def check_name_resolution(stack: Stack) -> Check:
         if resolved != live:
             problems.append(f"{node} resolves gateway to {resolved}")
     try:
-        answered = (
-            httpx.get(
-                stack.gateway_url() + "/v1/models", headers=stack.client_headers(), timeout=5
-            ).status_code
-            == 200
+        r = httpx.get(
+            stack.gateway_url() + "/v1/models",
+            headers=stack.client_headers(),
+            timeout=5,
+            verify=stack.verify,
         )
+        answered = r.status_code == 200
     except httpx.HTTPError:
         answered = False
     if not answered:
@@ -472,7 +524,7 @@ def check_name_resolution(stack: Stack) -> Check:
 
 
 # What a gateway published beyond loopback must require of its clients: each returns
-# the problems it sees (empty: fine). The edge's TLS adds its own requirement here.
+# the problems it sees (empty: fine). TLS is check 9's.
 EdgeRequirement = Callable[[Stack, str], list[str]]
 
 
@@ -482,8 +534,10 @@ def _client_keys_required(stack: Stack, base: str) -> list[str]:
     if _gateway_env(stack.service("gateway")).get("HA_CLIENT_AUTH") == "off":
         problems.append("HA_CLIENT_AUTH=off")
     try:
-        without = httpx.get(base + "/v1/models", timeout=5).status_code
-        with_key = httpx.get(base + "/v1/models", headers=stack.client_headers(), timeout=5)
+        without = httpx.get(base + "/v1/models", timeout=5, verify=stack.verify).status_code
+        with_key = httpx.get(
+            base + "/v1/models", headers=stack.client_headers(), timeout=5, verify=stack.verify
+        )
     except httpx.HTTPError as exc:
         return [*problems, f"the gateway does not answer ({type(exc).__name__})"]
     if without != 401:
@@ -503,7 +557,7 @@ def check_edge(stack: Stack) -> Check:
     if is_loopback(bind):
         return Check(
             8,
-            "edge",
+            "client keys",
             "pass",
             f"the gateway is published on {bind} only (this host): nothing to require",
         )
@@ -511,7 +565,7 @@ def check_edge(stack: Stack) -> Check:
     problems = [p for requirement in EDGE_REQUIREMENTS for p in requirement(stack, base)]
     return Check(
         8,
-        "edge",
+        "client keys",
         "fail" if problems else "pass",
         f"published on {bind or 'every address'}: "
         + ("; ".join(problems) if problems else "client keys required and accepted"),
@@ -523,6 +577,59 @@ def check_edge(stack: Stack) -> Check:
     )
 
 
+def check_edge_tls(stack: Stack, min_days: int = MIN_CERT_DAYS) -> Check:
+    bound, host, port = stack.gateway_binding()
+    beyond = not is_loopback(bound or "0.0.0.0")
+    where = f"published on {bound or '*'}:{port}"
+    if not stack.edge_tls():
+        if not beyond:
+            return Check(9, "edge TLS", "pass", f"{where} (loopback only): plain HTTP")
+        return Check(
+            9,
+            "edge TLS",
+            "fail",
+            f"{where}, beyond loopback, in plain HTTP",
+            "Set GATEWAY_TLS=auto (or on) in compose/.env and restart the gateway"
+            " (docs/security.md, Edge TLS).",
+        )
+    context = stack.verify if isinstance(stack.verify, ssl.SSLContext) else None
+    context = context or ssl.create_default_context()
+    trusted = str(stack.ca) if stack.ca.is_file() else "the system's CAs"
+    try:
+        with (
+            socket.create_connection((host, port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            cert = tls.getpeercert()
+            version = tls.version()
+    except ssl.SSLError as exc:
+        return Check(
+            9,
+            "edge TLS",
+            "fail",
+            f"{where}: TLS on, but its certificate does not verify against {trusted} for"
+            f" {host}: {exc}",
+            "Give the certificate the names clients use (GATEWAY_TLS_SANS=... make secrets"
+            " ROTATE=1) or point --ca at the CA that signed yours.",
+        )
+    assert cert is not None
+    days = (ssl.cert_time_to_seconds(str(cert["notAfter"])) - time.time()) / 86400
+    seen = (
+        f"{where}: {version}, certificate serial {cert['serialNumber']} verifies against"
+        f" {trusted}, {days:.0f} days left"
+    )
+    if days < min_days:
+        return Check(
+            9,
+            "edge TLS",
+            "fail",
+            seen,
+            "Rotate it: make secrets ROTATE=1 (or write your renewed certificate over"
+            " compose/secrets/gateway_tls.crt/.key); Nginx reloads it without a restart.",
+        )
+    return Check(9, "edge TLS", "pass", seen)
+
+
 CHECKS: list[tuple[int, Callable[[Stack], Check], bool]] = [
     (1, check_consistency, False),
     (2, check_structured_output, False),
@@ -532,11 +639,12 @@ CHECKS: list[tuple[int, Callable[[Stack], Check], bool]] = [
     (6, check_gpu_isolation, False),
     (7, check_name_resolution, False),
     (8, check_edge, False),
+    (9, check_edge_tls, False),
 ]
 
 
-def run(project: str, disruptive: bool) -> list[Check]:
-    stack = Stack(project)
+def run(project: str, disruptive: bool, ca: Path = DEFAULT_CA) -> list[Check]:
+    stack = Stack(project, ca)
     results = []
     for number, check, disturbs in CHECKS:
         if disturbs and not disruptive:

@@ -94,6 +94,8 @@ def test_control_host_stack_bakes_in_no_node_address() -> None:
         "client_keys",
         "ha_redis_password",
         "ha_sentinel_password",
+        "gateway_tls_crt",
+        "gateway_tls_key",
     }
     assert _secret_files(services["sentinel-1"]) == {
         "ha_sentinel_password",

@@ -121,6 +121,9 @@ class MultiHost(ClusterView):
             "HA_SENTINELS": self.sentinels(),
             "GATEWAY_BIND": ctl.addr,
             "GATEWAY_PORT": str(self.gateway_port),
+            # Plain HTTP at the edge, which these tests reach as clients; edge TLS has
+            # its own tests (tests/unit/test_edge_tls.py, tests/integration/test_edge_tls.py).
+            "GATEWAY_TLS": "off",
         }
         self.compose(ctl, "build")
         # The gateway turns healthy only once a node serves: wait for Redis alone.

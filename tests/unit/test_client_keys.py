@@ -207,7 +207,7 @@ def test_loopback_or_not() -> None:
 def test_keys_are_on_beyond_loopback_and_the_relay_refuses_to_start_without_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("HA_CLIENT_AUTH", "HA_GATEWAY_BIND", "HA_CLIENT_KEYS_FILE"):
+    for name in ("HA_CLIENT_AUTH", "HA_GATEWAY_BIND", "GATEWAY_BIND", "HA_CLIENT_KEYS_FILE"):
         monkeypatch.delenv(name, raising=False)
     missing = tmp_path / "client_keys"
     assert not RelaySettings(client_keys_file=missing).client_auth_on  # the loopback demo

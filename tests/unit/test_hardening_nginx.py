@@ -95,7 +95,7 @@ class Upstream:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             try:
-                for i in range(200):
+                for i in range(int(request.query.get("events", 200))):
                     await response.write(f"data: {i}\n\n".encode())
                     await asyncio.sleep(0.05)
             except asyncio.CancelledError:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
-from ha_agent.config import ClientAuthSettings, EngineAuthSettings
+from ha_agent.config import ClientAuthSettings, EdgeTlsSettings, EngineAuthSettings
 from ha_agent.gateway.admission.client_keys import read_keys
 from ha_agent.gateway.edge.nginx_sync import (
     relay_worker_sockets,
@@ -21,6 +22,7 @@ from ha_agent.gateway.edge.nginx_sync import (
     render_relay_servers,
     write_private,
 )
+from ha_agent.gateway.edge.tls_reload import install
 from ha_agent.gateway.upstream.topology import parse_seed
 
 DEFAULTS = {
@@ -35,7 +37,12 @@ DEFAULTS = {
     "GATEWAY_CONN_PER_CLIENT": "512",
     # Computed by main() from HA_ENGINE_API_KEY[_FILE], never set directly.
     "ENGINE_AUTHORIZATION": "",
+    # Computed from GATEWAY_TLS / GATEWAY_BIND (tls_placeholders), never set directly.
+    "EDGE_LISTEN_TLS": "",
+    "EDGE_TLS": "",
+    "EDGE_TLS_HTTP": "",
 }
+TLS_TEMPLATE = "edge-tls.conf.template"
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
 
 
@@ -47,6 +54,27 @@ def render_template(template: str, env: dict[str, str]) -> str:
         return env.get(name) or DEFAULTS[name]
 
     return _PLACEHOLDER.sub(value, template)
+
+
+def tls_placeholders(settings: EdgeTlsSettings, tls_template: str) -> dict[str, str]:
+    """The listen options and directives for TLS at the edge: TLS and, with
+    GATEWAY_HTTP2, h2 (Nginx 1.22 takes it on `listen`), or nothing at all."""
+    if not settings.tls_enabled:
+        return {
+            "EDGE_LISTEN_TLS": "",
+            "EDGE_TLS": "        # TLS off (GATEWAY_TLS).",
+            "EDGE_TLS_HTTP": "    # TLS off (GATEWAY_TLS).",
+        }
+    directives = tls_template.rstrip("\n")
+    return {
+        "EDGE_LISTEN_TLS": " ssl http2" if settings.http2 else " ssl",
+        "EDGE_TLS": directives,
+        # A variable, so that Nginx reads the pair at each handshake (tls_reload.py);
+        # `map` is allowed in the http block only.
+        "EDGE_TLS_HTTP": (
+            f"    map $ssl_server_name $edge_tls_pair {{ default {settings.tls_pair_file}; }}"
+        ),
+    }
 
 
 def relay_servers(env: dict[str, str] | os._Environ[str]) -> list[str]:
@@ -64,6 +92,19 @@ def main() -> int:
     backup_path = os.environ.get("HA_NGINX_BACKUP_FILE", "/run/sglang-ha/nginx-backup-servers.conf")
     env = dict(os.environ)
     env["ENGINE_AUTHORIZATION"] = EngineAuthSettings().engine_headers().get("Authorization", "")
+    tls = EdgeTlsSettings()
+    # The pair Nginx reads at each handshake, checked first: with TLS on and no usable
+    # certificate the gateway does not start, and says why.
+    if tls.tls_enabled and (problem := install(tls.tls_cert, tls.tls_key, tls.tls_pair_file)):
+        print(
+            f"TLS at the edge is on (GATEWAY_TLS={tls.tls}, GATEWAY_BIND={tls.bind or '*'}) but"
+            f" {tls.tls_cert} and {tls.tls_key} cannot be served: {problem}. Run"
+            " 'make secrets', put your own certificate there, or set GATEWAY_TLS=off.",
+            file=sys.stderr,
+        )
+        return 2
+    tls_template = Path(template_path).with_name(TLS_TEMPLATE).read_text()
+    env.update(tls_placeholders(tls, tls_template))
     with open(template_path) as fh:
         text = render_template(fh.read(), env)
     # It may hold the engines' key: readable by the gateway's user only.

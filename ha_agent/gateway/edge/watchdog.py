@@ -33,7 +33,8 @@ The watchdog records RELAY_WORKER_STALLED and RELAY_WORKER_RECOVERED in the HA l
 and counts `sglang_ha_relay_worker_stalls_total` (summed with the workers' metrics
 through PROMETHEUS_MULTIPROC_DIR); the SglangHaRelayWorkerStalled alert reads it.
 Being the gateway's one housekeeping process, it also keeps Nginx's access log to a
-size (gateway/edge/access_log.py).
+size (gateway/edge/access_log.py) and, with TLS at the edge, hands Nginx a certificate
+changed on disk (gateway/edge/tls_reload.py).
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ha_agent import events as ev
 from ha_agent.atomic_file import write_atomic
-from ha_agent.config import RelaySettings
+from ha_agent.config import EdgeTlsSettings, RelaySettings
 from ha_agent.dcs.base import LeaseStore
 from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog
 from ha_agent.gateway.edge.access_log import AccessLogRotator
 from ha_agent.gateway.edge.nginx_sync import relay_worker_socket
+from ha_agent.gateway.edge.tls_reload import CertificateWatcher
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ class WatchdogService:
         store: LeaseStore | None = None,
         kill: Callable[[int, int], None] = os.kill,
         clock: Callable[[], float] = time.time,
+        tls: EdgeTlsSettings | None = None,
     ) -> None:
         if settings.heartbeat_dir is None:
             raise ValueError("the relay watchdog needs HA_HEARTBEAT_DIR (the workers' heartbeats)")
@@ -178,6 +181,12 @@ class WatchdogService:
             settings.access_log_max_bytes,
             settings.access_log_keep,
             settings.nginx_pid_file,
+        )
+        self.tls = tls if tls is not None else EdgeTlsSettings()
+        self.certificate = (
+            CertificateWatcher(self.tls.tls_cert, self.tls.tls_key, self.tls.tls_pair_file)
+            if self.tls.tls_enabled
+            else None
         )
 
     @property
@@ -275,6 +284,10 @@ class WatchdogService:
             asyncio.ensure_future(self.events.forward(self._stop)),
             asyncio.ensure_future(self.access_log.run(self._stop, ACCESS_LOG_CHECK_INTERVAL)),
         ]
+        if self.certificate is not None:
+            self._tasks.append(
+                asyncio.ensure_future(self.certificate.run(self._stop, self.tls.tls_check_interval))
+            )
 
     async def stop(self) -> None:
         self._stop.set()
