@@ -37,6 +37,14 @@ def _cmd(*args: str) -> str:
         return ""
 
 
+def commit() -> str:
+    """The checkout's commit, marked "+changes" when the tracked tree differs from it:
+    every result names the code it measured."""
+    head = _cmd("git", "rev-parse", "--short=7", "HEAD")
+    dirty = _cmd("git", "status", "--porcelain", "--untracked-files=no")
+    return f"{head}+changes" if dirty else head
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     try:
@@ -49,6 +57,7 @@ def machine() -> dict[str, Any]:
         mem_kb = 0
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit(),
         "platform": platform.platform(),
         "cpu": cpu,
         "cpus": os.cpu_count(),
