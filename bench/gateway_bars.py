@@ -58,12 +58,12 @@ _EVENT = re.compile(rb'"content":"t(\d+)"')
 @dataclass(frozen=True)
 class BarsConfig:
     slots: tuple[int, ...] = (1, 2, 4)
-    latency_seconds: float = 8.0
+    latency_seconds: float = 12.0
     latency_tokens: int = 32
     scaling_workers: tuple[int, ...] = (1, 2)
     # Offered events/s; the relay alone costs tens of µs per event, so one worker
     # saturates inside this range on a core of this machine.
-    offered: tuple[int, ...] = (4000, 8000, 12000, 16000, 20000, 24000)
+    offered: tuple[int, ...] = (4000, 8000, 12000, 16000, 20000, 24000, 32000)
     scaling_tokens: int = 128
     scaling_warmup: float = 1.5
     scaling_seconds: float = 4.0
