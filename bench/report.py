@@ -38,10 +38,12 @@ def _cmd(*args: str) -> str:
 
 
 def commit() -> str:
-    """The checkout's commit, marked "+changes" when the tracked tree differs from it:
-    every result names the code it measured."""
+    """The checkout's commit, marked "+changes" when tracked code or images differ from
+    it (docs being edited during a run do not count): every result names the code it
+    measured."""
     head = _cmd("git", "rev-parse", "--short=7", "HEAD")
-    dirty = _cmd("git", "status", "--porcelain", "--untracked-files=no")
+    code = ("ha_agent", "bench", "tests", "nginx", "images", "compose", "scripts", "Dockerfile")
+    dirty = _cmd("git", "status", "--porcelain", "--untracked-files=no", "--", *code)
     return f"{head}+changes" if dirty else head
 
 
