@@ -233,8 +233,8 @@ def _write_summary(out: Path, meta: dict[str, Any]) -> None:
     (a later `--phases` run replaces some sections and keeps the others)."""
     parts = ["# sglang-ha benchmark (`make bench`)", ""]
     parts.append(
-        f"This summary was written {meta['machine']['date']}; each section names the run"
-        f" it comes from. Phase times of the last run (s): {meta['phase_seconds']}."
+        f"Last rewritten by the run of {meta['machine']['date']}; each section names the"
+        f" run it comes from. Phase times of that run (s): {meta['phase_seconds']}."
     )
     for name, title, plot in (
         ("capacity", "Capacity: events/s and CPU per event", None),
