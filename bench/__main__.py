@@ -13,8 +13,12 @@
               relay's standby warming on and off (bench/warming.py).
 3. baselines: the same engines behind the article's Nginx and SGLang's router
               (defaults, and 1 s health checks); each fault N times, all at once.
+4. light-latency, relay-scaling: local processes, no Docker; the relay in front of a
+              fixed-rate synthetic engine: added TTFT and ITL at 1-4 concurrent
+              pairs, and events/s at saturation with 1 and 2 relay workers
+              (bench/gateway_bars.py).
 
-Writes bench/results/{capacity,overhead,failover,warming}.json (with the machine's
+Writes bench/results/{capacity,overhead,failover,warming,gateway-bars}.json (with the machine's
 description), overhead-samples.json and failover-requests.json (raw), overhead.md,
 failover.md, warming.md, summary.md and two plots. Every stack gets a unique project
 name and is removed.
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import capacity, overhead, report, warming
+from bench import capacity, gateway_bars, overhead, report, warming
 from bench.capacity import CapacityConfig
 from bench.failover import BENCH_FAULTS, Trial, run_baselines, run_ours
 from bench.overhead import OverheadConfig
@@ -39,7 +43,8 @@ from bench.stacks import baselines, build_images, our_stack
 from tests.failover import runner
 from tests.failover.scenarios import FAULTS
 
-PHASES = ("capacity", "overhead", "ours", "warming", "baselines")
+PHASES = ("capacity", "overhead", "ours", "warming", "baselines", "light-latency", "relay-scaling")
+BARS = {"light-latency", "relay-scaling"}
 # The simulator's settings on every engine (its defaults: see docs/simulator.md).
 ENGINE = "ITL 10 ms × (1 + 0.01 × (running − 1)), TTFT 20 ms + 0.2 ms per prompt token"
 
@@ -133,6 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         with baselines() as base:
             trials += asyncio.run(run_baselines(base, args.trials, args.concurrency))
         phase_done("failover baselines", t)
+    if BARS & set(phases):
+        t = time.monotonic()
+        print("== gateway bars: light-load latency, relay-worker scaling", flush=True)
+        bcfg = gateway_bars.BarsConfig()
+        bars = gateway_bars.run(bcfg, BARS & set(phases))
+        phase_done("gateway bars", t)
+        report.write_json(
+            args.out / "gateway-bars.json", {**meta, **gateway_bars.to_json(bars, bcfg)}
+        )
+        (args.out / "gateway-bars.md").write_text(
+            gateway_bars.markdown(bars, bcfg, _run_line(meta))
+        )
     if trials:
         _write_failover(args.out, meta, trials, args)
     meta["total_seconds"] = round(time.monotonic() - began, 1)
@@ -202,22 +219,37 @@ def _write_failover(
     report.plot_failover(trials, out / "failover.png")
 
 
-def _write_summary(out: Path, meta: dict[str, Any]) -> None:
-    parts = ["# sglang-ha benchmark (`make bench`)", ""]
+def _run_line(meta: dict[str, Any]) -> str:
     m = meta["machine"]
+    return (
+        f"Run of {m['date']}, commit {m.get('commit') or 'not recorded'}; {m['cpu']},"
+        f" {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['platform']}, Docker {m['docker']},"
+        " no GPU."
+    )
+
+
+def _write_summary(out: Path, meta: dict[str, Any]) -> None:
+    """Every section from its own result file, each headed by its run's date and commit
+    (a later `--phases` run replaces some sections and keeps the others)."""
+    parts = ["# sglang-ha benchmark (`make bench`)", ""]
     parts.append(
-        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['platform']},"
-        f" Docker {m['docker']}, no GPU; {m['date']}. Phase times (s): {meta['phase_seconds']}."
+        f"Last rewritten by the run of {meta['machine']['date']}; each section names the"
+        f" run it comes from. Phase times of that run (s): {meta['phase_seconds']}."
     )
     for name, title, plot in (
         ("capacity", "Capacity: events/s and CPU per event", None),
         ("overhead", "Path overhead", "overhead.png"),
         ("failover", "Failover against the baselines", "failover.png"),
         ("warming", "Warm standby: TTFT after a failover", None),
+        ("gateway-bars", "Gateway bars: light-load latency and relay-worker scaling", None),
     ):
         md = out / f"{name}.md"
         if md.exists():
-            parts += ["", f"## {title}", "", md.read_text()]
+            parts += ["", f"## {title}", ""]
+            data = out / f"{name}.json"
+            if data.exists() and name != "gateway-bars":  # its .md carries its run line
+                parts += [_run_line(json.loads(data.read_text())), ""]
+            parts.append(md.read_text())
             if plot:
                 parts.append(f"![{title}]({plot})")
     (out / "summary.md").write_text("\n".join(parts) + "\n")

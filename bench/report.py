@@ -37,6 +37,16 @@ def _cmd(*args: str) -> str:
         return ""
 
 
+def commit() -> str:
+    """The checkout's commit, marked "+changes" when tracked code or images differ from
+    it (docs being edited during a run do not count): every result names the code it
+    measured."""
+    head = _cmd("git", "rev-parse", "--short=7", "HEAD")
+    code = ("ha_agent", "bench", "tests", "nginx", "images", "compose", "scripts", "Dockerfile")
+    dirty = _cmd("git", "status", "--porcelain", "--untracked-files=no", "--", *code)
+    return f"{head}+changes" if dirty else head
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     try:
@@ -49,6 +59,7 @@ def machine() -> dict[str, Any]:
         mem_kb = 0
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit(),
         "platform": platform.platform(),
         "cpu": cpu,
         "cpus": os.cpu_count(),

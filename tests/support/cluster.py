@@ -66,6 +66,9 @@ class LocalCluster:
     # Agents watch their engine's process and its log (sidecar mode, engine_process):
     # how it died (the engine's own exception, an OOM) reaches the relay.
     watch_process: bool = False
+    # The engine URL a node's agent advertises to the relay, where it is not the
+    # simulator itself (a front that answers the measured streams: bench/fixed_engine.py).
+    advertise: dict[str, str] = field(default_factory=dict)
 
     @property
     def relay_url(self) -> str:
@@ -115,7 +118,7 @@ class LocalCluster:
         settings = AgentSettings(
             node_name=name,
             engine_url=node.engine_url,
-            advertise_engine_url=node.engine_url,
+            advertise_engine_url=self.advertise.get(name, node.engine_url),
             advertise_api_url=node.api_url,
             api_host="127.0.0.1",
             api_port=node.api_port,
@@ -211,10 +214,15 @@ async def local_cluster(
     watch_process: bool = False,
     agent_settings: dict[str, Any] | None = None,
     relay_settings: dict[str, Any] | None = None,
+    advertise: dict[str, str] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     workdir = tempfile.mkdtemp(prefix="sglang-ha-cluster-")
     cluster = LocalCluster(
-        redis=redis, workdir=workdir, sim_env=sim_env or {}, watch_process=watch_process
+        redis=redis,
+        workdir=workdir,
+        sim_env=sim_env or {},
+        watch_process=watch_process,
+        advertise=advertise or {},
     )
     for name in names:
         cluster.nodes[name] = LocalNode(name, free_port(), free_port())

@@ -307,3 +307,19 @@ def test_capacity_rates_ratios_and_cpu_per_event() -> None:
     assert rows["direct"].vs_direct is None
     met = {t["what"]: t["met"] for t in targets(list(rows.values()), 2)}
     assert met == {"gateway (2 workers) events/s vs direct, 64 streams": True}
+
+
+def test_capacity_cpu_bar_is_nginx_plus_router_of_the_same_run() -> None:
+    from bench.capacity import Row, targets
+
+    def row(path: str, us: float | None) -> Row:
+        return Row(64, path, 3000.0, 0.9, [0.9], 40.0, 40.0, 0.3, us, 0.0, us, 0)
+
+    rows = [row("nginx", 33.0), row("router", 57.0), row("gateway-1w", 90.0), row("gateway", 96.0)]
+    bars = {t["what"]: t for t in targets(rows, 2) if t["issue"] == 27}
+    two = bars["gateway (2 relay workers) CPU per event vs Nginx alone + router, 64 streams (µs)"]
+    one = bars["gateway (1 relay worker) CPU per event vs Nginx alone + router, 64 streams (µs)"]
+    assert (two["target"], two["measured"], two["met"]) == ("<= 90.0 (33.0 + 57.0)", 96.0, False)
+    assert (one["measured"], one["met"]) == (90.0, True)
+    # Without a baseline measured in the run there is no bar to claim.
+    assert not [t for t in targets(rows[1:], 2) if t["issue"] == 27]

@@ -1,0 +1,224 @@
+"""A fixed-rate synthetic engine: the upstream for the gateway bars (bench/gateway_bars.py).
+
+    python -m bench.fixed_engine --port P --forward http://127.0.0.1:SIM [--ttft 0.02] [--itl 0.01]
+
+Streamed `/v1/chat/completions` are answered here: the first content event `ttft`
+after the request's last byte, then one every `itl` on the stream's own clock
+(`loop.call_at` on absolute times, so a late event does not shift the next), each a
+chunk in the shape the simulator and SGLang write (role on the first, running usage
+when `stream_options.continuous_usage_stats` asks for it, finish chunk, `[DONE]`).
+Each content delta is `t<ns>`: `time.monotonic_ns()` when the event was written,
+the host-wide clock a client on the same machine reads, so a client sees how long
+each event took to reach it. Any other request (non-streaming, `/abort_request`,
+the agents' and relay's probes) is passed to the simulator at `--forward` unchanged,
+so the engine still looks like SGLang to everything that is not the measured stream.
+
+Why not the simulator itself: its streams share one decode step (as SGLang's do) and
+it competes for the same 2 cores, so it would measure its own step quantisation and
+CPU, not the proxy. One write per event, no JSON parsing after the request: a few
+microseconds of CPU per event, so the proxy in front is the busy part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+    b"transfer-encoding: chunked\r\n\r\n"
+)
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class _Stream:
+    """One streamed answer, written event by event from timer callbacks."""
+
+    def __init__(
+        self,
+        proto: _Engine,
+        body: dict[str, Any],
+        start: float,
+        ttft: float,
+        itl: float,
+    ) -> None:
+        self.proto = proto
+        self.n = max(1, int(body.get("max_tokens") or body.get("max_completion_tokens") or 128))
+        opts = body.get("stream_options") or {}
+        self.running_usage = bool(opts.get("continuous_usage_stats"))
+        self.final_usage = bool(opts.get("include_usage"))
+        self.rid = f"fixed-{id(self):x}"
+        self.head = (
+            b'{"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"choices":['
+            % (self.rid.encode(), int(time.time()), _dumps(body.get("model", "default")))
+        )
+        self.prompt = 8
+        self.sent = 0
+        self.start, self.ttft, self.itl = start, ttft, itl
+        self.loop = asyncio.get_running_loop()
+        self.loop.call_at(start + ttft, self.tick)
+
+    def _usage(self, k: int) -> bytes:
+        return (
+            b'{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d,'
+            b'"prompt_tokens_details":null,"reasoning_tokens":0}'
+            % (self.prompt, self.prompt + k, k)
+        )
+
+    def tick(self) -> None:
+        if self.proto.closed:
+            return
+        self.sent += 1
+        k = self.sent
+        delta = b'"role":"assistant","content":' if k == 1 else b'"content":'
+        event = (
+            self.head
+            + b'{"index":0,"delta":{"reasoning_content":null,'
+            + delta
+            + b'"t%d"},"logprobs":null,"finish_reason":null,"matched_stop":null}]'
+            % time.monotonic_ns()
+        )
+        if self.running_usage:
+            event += b',"usage":' + self._usage(k)
+        out = _chunk(b"data: " + event + b"}\n\n")
+        if k >= self.n:
+            out += _chunk(
+                b"data: "
+                + self.head
+                + b'{"index":0,"delta":{"reasoning_content":null},"logprobs":null,'
+                b'"finish_reason":"length","matched_stop":null}]}\n\n'
+            )
+            if self.final_usage:
+                out += _chunk(b"data: " + self.head + b'],"usage":' + self._usage(k) + b"}\n\n")
+            out += _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+            self.proto.write(out)
+            self.proto.done()
+            return
+        self.proto.write(out)
+        self.loop.call_at(self.start + self.ttft + k * self.itl, self.tick)
+
+
+class _Engine(asyncio.Protocol):
+    def __init__(self, cfg: argparse.Namespace) -> None:
+        self.cfg = cfg
+        self.buf = b""
+        self.closed = False
+        self.busy = False
+        self.transport: asyncio.Transport | None = None
+        self.forwarding: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, same interface.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def done(self) -> None:
+        self.busy = False
+        if self.buf:
+            self._next()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.busy:
+            self._next()
+
+    def _next(self) -> None:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buf[:end].decode("latin-1")
+        lines = head.split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            # No client here sends chunked bodies (aiohttp sends a length); refuse plainly.
+            self.write(b"HTTP/1.1 411 Length Required\r\ncontent-length: 0\r\n\r\n")
+            self.buf = b""
+            return
+        if len(self.buf) < end + 4 + length:
+            return
+        raw = self.buf[: end + 4 + length]
+        body_bytes = raw[end + 4 :]
+        self.buf = self.buf[end + 4 + length :]
+        self.busy = True
+        body: dict[str, Any] = {}
+        if method == "POST" and target.split("?")[0] == "/v1/chat/completions":
+            try:
+                body = json.loads(body_bytes or b"{}")
+            except ValueError:
+                body = {}
+        if body.get("stream"):
+            self.write(_HEAD)
+            _Stream(self, body, asyncio.get_running_loop().time(), self.cfg.ttft, self.cfg.itl)
+        else:
+            self.forwarding = asyncio.ensure_future(self._forward(raw))
+
+    async def _forward(self, raw: bytes) -> None:
+        """Hand the request to the simulator on a connection of its own, and its answer
+        back; the simulator closes after it (`connection: close`), so does this."""
+        url = urlsplit(self.cfg.forward)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        kept = [
+            line
+            for line in head.split(b"\r\n")
+            if not line.lower().startswith((b"connection:", b"keep-alive:"))
+        ]
+        request = b"\r\n".join([*kept, b"connection: close"]) + b"\r\n\r\n" + body
+        try:
+            reader, writer = await asyncio.open_connection(url.hostname, url.port)
+            writer.write(request)
+            answer = await reader.read()
+            writer.close()
+        except OSError:
+            answer = b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n"
+        self.write(answer)
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def serve(cfg: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Engine(cfg), cfg.host, cfg.port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fixed_engine", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--forward", required=True, help="the simulator for everything else")
+    parser.add_argument("--ttft", type=float, default=0.02)
+    parser.add_argument("--itl", type=float, default=0.01)
+    cfg = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

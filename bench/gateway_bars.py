@@ -1,0 +1,602 @@
+"""The gateway's latency and worker-scaling bars, against a fixed-rate synthetic engine.
+
+    python -m bench --phases light-latency,relay-scaling     (under the Docker lock)
+
+Local processes, no Docker: a redis-server, two simulators with their agents (as
+bench/relay_local.py), in front of each simulator a fixed-rate engine
+(bench/fixed_engine.py) that answers the streams, and the relay as its own
+process(es) (`python -m ha_agent.gateway`, `HA_RELAY_WORKERS` of them on one
+SO_REUSEPORT port, as in the gateway image). The relay is reached directly, without
+the gateway's Nginx: the Nginx hop's cost is the capacity table's "Nginx alone" row.
+
+light-latency: 1, 2 and 4 client slots; each slot sends the same 32-token stream
+  straight to the engine and through the relay at the same instant (the order
+  alternating), again and again. Per pair: relay TTFT − direct TTFT; per event k of
+  the pair: the relay stream's gap before event k − the direct stream's (added
+  inter-token latency), and the relay's delivery delay − direct's (each event
+  carries the engine's write time, `time.monotonic_ns()`, one clock for every
+  process on the host). Bar: p50 ≤ 1 ms, p99 ≤ 3 ms for TTFT and ITL.
+relay-scaling: open-loop arrivals of 128-event streams (10 ms apart) at rising
+  offered rates, through the relay with 1 and then 2 workers; events delivered per
+  second in each window. Saturation throughput is the highest delivered rate over
+  the offered rates. Bar: 2 workers ≥ 1.8 × 1 worker. The CPU of the relay, the
+  engine and the client over each window is recorded: on a 2-core host the second
+  worker shares its core with the engine and the client, which the report states.
+"""
+
+# ruff: noqa: ASYNC220, ASYNC240  (set-up and teardown of local processes)
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+
+from tests.support.cluster import LocalCluster, local_cluster
+from tests.support.processes import free_port, redis_server
+
+NAMES = ("sglang-01", "sglang-02")
+ITL = 0.01
+TTFT = 0.02
+LATENCY_BAR = {"p50": 1.0, "p99": 3.0}  # ms, added by the relay
+SCALING_BAR = 1.8
+_EVENT = re.compile(rb'"content":"t(\d+)"')
+
+
+@dataclass(frozen=True)
+class BarsConfig:
+    slots: tuple[int, ...] = (1, 2, 4)
+    latency_seconds: float = 12.0
+    latency_tokens: int = 32
+    scaling_workers: tuple[int, ...] = (1, 2)
+    # Offered events/s; the relay alone costs tens of µs per event, so one worker
+    # saturates inside this range on a core of this machine.
+    offered: tuple[int, ...] = (4000, 8000, 12000, 16000, 20000, 24000, 32000)
+    scaling_tokens: int = 128
+    scaling_warmup: float = 1.5
+    scaling_seconds: float = 4.0
+
+
+# -- client (its own process: `python -m bench.gateway_bars client PLAN OUT`) ----------
+
+
+class _Stream(asyncio.Protocol):
+    """One raw HTTP/1.1 streamed request; arrival times of the content events."""
+
+    def __init__(self, request: bytes, keep_times: bool, done: asyncio.Future[None]) -> None:
+        self.request = request
+        self.keep_times = keep_times
+        self.done = done
+        self.buf = b""
+        self.sent_ns = 0
+        self.arrivals: list[tuple[int, int]] = []  # (arrival ns, engine write ns)
+        self.count = 0
+        self.counts: list[tuple[int, int]] = []  # (arrival ns, events in this read)
+        self.status = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, same interface.
+        self.transport = cast(asyncio.Transport, transport)
+        self.sent_ns = time.monotonic_ns()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        self.buf += data
+        cut = self.buf.rfind(b"\n\n")
+        if cut < 0:
+            return
+        ready, self.buf = self.buf[: cut + 2], self.buf[cut + 2 :]
+        if not self.status and ready.startswith(b"HTTP/1.1 "):
+            self.status = int(ready[9:12])
+        if self.keep_times:
+            self.arrivals += [(now, int(t)) for t in _EVENT.findall(ready)]
+        else:
+            n = ready.count(b'"content":"t')
+            self.count += n
+            self.counts.append((now, n))
+        if b"data: [DONE]" in ready and self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _request(host: str, port: int, tokens: int) -> bytes:
+    body = json.dumps(
+        {
+            "model": "default",
+            "messages": [{"role": "user", "content": "count"}],
+            "max_tokens": tokens,
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (host.encode(), port, len(body), body)
+    )
+
+
+async def _one(
+    url: str, tokens: int, keep_times: bool, timeout: float, sink: list[_Stream] | None = None
+) -> _Stream:
+    host, port = url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    proto = _Stream(_request(host, int(port), tokens), keep_times, done)
+    if sink is not None:
+        sink.append(proto)
+    try:
+        await loop.create_connection(lambda: proto, host, int(port))
+        await asyncio.wait_for(done, timeout)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        # Cut off or cancelled at the window's end: the stream must not go on loading
+        # the relay while the next rate is measured.
+        if proto.transport is not None and not done.done():
+            proto.transport.close()
+    return proto
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _pairs(plan: dict[str, Any]) -> dict[str, Any]:
+    """`slots` loops, each sending one stream direct and one through the relay at once."""
+    ttft: list[float] = []
+    itl: list[float] = []
+    delay: list[float] = []
+    failed = pairs = 0
+    end = time.monotonic() + plan["seconds"]
+
+    async def slot(i: int) -> None:
+        nonlocal failed, pairs
+        k = i
+        while time.monotonic() < end:
+            first, second = ("direct", "relay") if k % 2 == 0 else ("relay", "direct")
+            k += 1
+            got = await asyncio.gather(
+                _one(plan[first], plan["tokens"], True, 30.0),
+                _one(plan[second], plan["tokens"], True, 30.0),
+            )
+            by = {first: got[0], second: got[1]}
+            d, r = by["direct"], by["relay"]
+            if len(d.arrivals) != plan["tokens"] or len(r.arrivals) != plan["tokens"]:
+                failed += 1
+                continue
+            pairs += 1
+            ttft.append(((r.arrivals[0][0] - r.sent_ns) - (d.arrivals[0][0] - d.sent_ns)) / 1e6)
+            for j in range(1, plan["tokens"]):
+                gap_r = r.arrivals[j][0] - r.arrivals[j - 1][0]
+                gap_d = d.arrivals[j][0] - d.arrivals[j - 1][0]
+                itl.append((gap_r - gap_d) / 1e6)
+            for (ar, er), (ad, ed) in zip(r.arrivals, d.arrivals, strict=True):
+                delay.append(((ar - er) - (ad - ed)) / 1e6)
+
+    await asyncio.gather(*(slot(i) for i in range(plan["slots"])))
+
+    def summary(xs: list[float]) -> dict[str, Any]:
+        return {
+            "n": len(xs),
+            "p50": _pct(xs, 0.5),
+            "p99": _pct(xs, 0.99),
+            "mean": statistics.mean(xs) if xs else None,
+        }
+
+    return {
+        "slots": plan["slots"],
+        "pairs": pairs,
+        "failed_pairs": failed,
+        "ttft_added_ms": summary(ttft),
+        "itl_added_ms": summary(itl),
+        "event_delay_added_ms": summary(delay),
+    }
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _host_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole host, /proc/stat's first line."""
+    nums = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = nums[3] + nums[4]
+    return float(sum(nums) - idle), float(sum(nums))
+
+
+async def _open_loop(plan: dict[str, Any]) -> dict[str, Any]:
+    """Streams started at a fixed rate whatever happens to the earlier ones."""
+    loop = asyncio.get_running_loop()
+    rate = plan["offered"] / plan["tokens"]  # streams per second
+    t0 = loop.time()
+    lo, hi = t0 + plan["warmup"], t0 + plan["warmup"] + plan["seconds"]
+    tasks: list[asyncio.Task[_Stream]] = []
+    streams: list[_Stream] = []
+    groups = {k: [int(p) for p in v] for k, v in plan["pids"].items()}
+    groups["client"] = [os.getpid()]
+    i = 0
+    cpu0: dict[str, float] = {}
+    host0 = (0.0, 0.0)
+    while (start := t0 + i / rate) < hi:
+        if not cpu0 and loop.time() >= lo:
+            cpu0 = {k: _cpu_seconds(v) for k, v in groups.items()}
+            host0 = _host_busy()
+        await asyncio.sleep(max(0.0, start - loop.time()))
+        tasks.append(
+            asyncio.ensure_future(
+                _one(plan["url"], plan["tokens"], False, hi - loop.time() + 5, streams)
+            )
+        )
+        i += 1
+    await asyncio.sleep(max(0.0, hi - loop.time()))
+    cpu1 = {k: _cpu_seconds(v) for k, v in groups.items()}
+    host1 = _host_busy()
+    span = hi - (lo if cpu0 else t0)
+    lo_ns, hi_ns = int(lo * 1e9), int(hi * 1e9)
+    # loop.time() is time.monotonic() (asyncio's and uvloop's loops alike).
+    in_window = sum(n for s in streams for t, n in s.counts if lo_ns <= t < hi_ns)
+    running = [t for t in tasks if not t.done()]
+    finished = [s for s in streams if s.done.done()]
+    for task in running:
+        task.cancel()
+    for task in running:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    cpu = {k: round((cpu1[k] - cpu0.get(k, 0.0)) / span, 3) for k in groups}
+    busy = (host1[0] - host0[0]) / max(1.0, host1[1] - host0[1]) * (os.cpu_count() or 1)
+    return {
+        "offered_events_per_s": plan["offered"],
+        "streams_started": len(tasks),
+        "streams_open_at_end": len(running),
+        "failed": sum(1 for s in finished if s.status != 200),
+        "delivered_events_per_s": round(in_window / plan["seconds"], 1),
+        "cores": cpu,
+        "host_busy_cores": round(busy, 2),
+    }
+
+
+async def _client(plan_file: str, out_file: str) -> None:
+    plan = json.loads(Path(plan_file).read_text())
+    out = await (_pairs(plan) if plan["mode"] == "pairs" else _open_loop(plan))
+    Path(out_file).write_text(json.dumps(out))
+
+
+# -- the harness --------------------------------------------------------------------------
+
+
+@dataclass
+class Bars:
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    scaling: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    workers_for_latency: int = 0
+
+
+async def _run_client(plan: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The client in its own process; awaited, so the agents in this process keep
+    their leases while it runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "plan.json").write_text(json.dumps(plan))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.gateway_bars",
+            "client",
+            f"{tmp}/plan.json",
+            f"{tmp}/out.json",
+        )
+        if await asyncio.wait_for(proc.wait(), timeout) != 0:
+            raise RuntimeError(f"bench client failed ({proc.returncode}): {plan['mode']}")
+        result: dict[str, Any] = json.loads(Path(tmp, "out.json").read_text())
+        return result
+
+
+@contextlib.asynccontextmanager
+async def _fixed_engines(cluster: LocalCluster, ports: dict[str, int]) -> AsyncIterator[list[int]]:
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.fixed_engine",
+                "--port",
+                str(ports[name]),
+                "--forward",
+                node.engine_url,
+                "--ttft",
+                str(TTFT),
+                "--itl",
+                str(ITL),
+            ]
+        )
+        for name, node in cluster.nodes.items()
+    ]
+    try:
+        for name in cluster.nodes:
+            await _wait(f"http://127.0.0.1:{ports[name]}/health", 20.0)
+        yield [p.pid for p in procs]
+    finally:
+        await _stop(procs)
+
+
+@contextlib.asynccontextmanager
+async def _relay(cluster: LocalCluster, workers: int) -> AsyncIterator[tuple[str, list[int]]]:
+    port, admin = free_port(), free_port()
+    metrics_dir = tempfile.mkdtemp(prefix="sglang-ha-bars-metrics-")
+    env = {
+        **os.environ,
+        "HA_RELAY_HOST": "127.0.0.1",
+        "HA_RELAY_PORT": str(port),
+        "HA_RELAY_ADMIN_PORT": str(admin),
+        "HA_RELAY_HOST_ADMIN": "127.0.0.1",
+        "HA_RELAY_WORKERS": str(workers),
+        "HA_NODES": ",".join(
+            f"{n.name}={cluster.advertise[n.name]}={n.api_url}" for n in cluster.nodes.values()
+        ),
+        "HA_CLUSTER": "local",
+        "HA_REDIS_URL": cluster.redis.url,
+        "HA_REDIS_PASSWORD": cluster.redis.password,
+        "HA_HA_LOG": os.path.join(cluster.workdir, "relay.ha.log"),
+        "HA_LOG_LEVEL": "WARNING",
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ha_agent.gateway"],
+            env={**env, "HA_RELAY_WORKER_INDEX": str(i)},
+        )
+        for i in range(workers)
+    ]
+    try:
+        await _wait(f"http://127.0.0.1:{admin}/health", 30.0)
+        yield f"http://127.0.0.1:{port}", [p.pid for p in procs]
+    finally:
+        await _stop(procs)
+
+
+async def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, then waited for without blocking the loop the agents run on."""
+    for p in procs:
+        p.terminate()
+    for _ in range(150):  # 15 s
+        if all(p.poll() is not None for p in procs):
+            break
+        await asyncio.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+async def _wait(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url, timeout=2)).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not healthy after {timeout}s")
+            await asyncio.sleep(0.2)
+
+
+async def _wait_relay_routes(url: str, timeout: float) -> None:
+    """The relay answers a stream (it has found the primary) before a measurement."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = await _one(url, 2, True, 5.0)
+        if s.status == 200 and len(s.arrivals) == 2:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"relay at {url} did not stream within {timeout}s")
+        await asyncio.sleep(0.3)
+
+
+async def _run(cfg: BarsConfig, phases: set[str]) -> Bars:
+    bars = Bars()
+    fronts = {name: free_port() for name in NAMES}
+    advertise = {name: f"http://127.0.0.1:{p}" for name, p in fronts.items()}
+    sim_env = {"SIM_ITL": str(ITL), "SIM_TTFT_BASE": str(TTFT)}
+    with redis_server() as redis:
+        async with local_cluster(
+            redis, NAMES, relay=False, sim_env=sim_env, advertise=advertise
+        ) as cluster:
+            primary = await cluster.wait_ready()
+            direct = advertise[primary]
+            async with _fixed_engines(cluster, fronts) as engine_pids:
+                if "light-latency" in phases:
+                    bars.workers_for_latency = os.cpu_count() or 1
+                    async with _relay(cluster, bars.workers_for_latency) as (url, _):
+                        await _wait_relay_routes(url, 30.0)
+                        for slots in cfg.slots:
+                            plan = {
+                                "mode": "pairs",
+                                "direct": direct,
+                                "relay": url,
+                                "slots": slots,
+                                "seconds": cfg.latency_seconds,
+                                "tokens": cfg.latency_tokens,
+                            }
+                            res = await _run_client(plan, cfg.latency_seconds + 120)
+                            print(f"  light-latency/{slots}: {res['pairs']} pairs", flush=True)
+                            bars.latency.append(res)
+                if "relay-scaling" in phases:
+                    for workers in cfg.scaling_workers:
+                        async with _relay(cluster, workers) as (url, relay_pids):
+                            await _wait_relay_routes(url, 30.0)
+                            rows = []
+                            for offered in cfg.offered:
+                                plan = {
+                                    "mode": "open",
+                                    "url": url,
+                                    "offered": offered,
+                                    "tokens": cfg.scaling_tokens,
+                                    "warmup": cfg.scaling_warmup,
+                                    "seconds": cfg.scaling_seconds,
+                                    "pids": {"relay": relay_pids, "engine": engine_pids},
+                                }
+                                res = await _run_client(plan, cfg.scaling_seconds + 120)
+                                print(
+                                    f"  relay-scaling/{workers}w/{offered}:"
+                                    f" {res['delivered_events_per_s']} events/s",
+                                    flush=True,
+                                )
+                                rows.append(res)
+                                # Let the streams still open from this rate drain.
+                                await asyncio.sleep(2.0)
+                            bars.scaling[workers] = rows
+    return bars
+
+
+def run(cfg: BarsConfig, phases: set[str]) -> Bars:
+    return asyncio.run(_run(cfg, phases))
+
+
+def saturation(rows: list[dict[str, Any]]) -> float:
+    return max((r["delivered_events_per_s"] for r in rows), default=0.0)
+
+
+def targets(bars: Bars) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for res in bars.latency:
+        for key, label in (("ttft_added_ms", "TTFT"), ("itl_added_ms", "ITL")):
+            for q, bar in LATENCY_BAR.items():
+                got = res[key][q]
+                out.append(
+                    {
+                        "what": f"relay − direct {label} {q}, {res['slots']} pair slots (ms)",
+                        "target": f"<= {bar}",
+                        "measured": None if got is None else round(got, 3),
+                        "met": got is not None and got <= bar,
+                    }
+                )
+    if 1 in bars.scaling and 2 in bars.scaling:
+        one, two = saturation(bars.scaling[1]), saturation(bars.scaling[2])
+        ratio = two / one if one else 0.0
+        out.append(
+            {
+                "what": "relay events/s at saturation, 2 workers / 1 worker",
+                "target": f">= {SCALING_BAR}",
+                "measured": round(ratio, 3),
+                "met": ratio >= SCALING_BAR,
+            }
+        )
+    return out
+
+
+def to_json(bars: Bars, cfg: BarsConfig) -> dict[str, Any]:
+    return {
+        "config": {**cfg.__dict__, "itl_s": ITL, "ttft_s": TTFT},
+        "latency_relay_workers": bars.workers_for_latency,
+        "latency": bars.latency,
+        "scaling": {str(k): v for k, v in bars.scaling.items()},
+        "targets": targets(bars),
+    }
+
+
+def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
+    def ms(x: float | None) -> str:
+        return "—" if x is None else f"{x:+.3f}"
+
+    lines = [
+        run_line,
+        "",
+        "Upstream: a fixed-rate synthetic engine (`bench/fixed_engine.py`: first event"
+        f" {TTFT * 1000:.0f} ms after the request, then one every {ITL * 1000:.0f} ms on each"
+        " stream's own clock, a few µs of CPU per event) in front of each simulator, which"
+        " answers everything but the streams. The relay (`python -m ha_agent.gateway`) is"
+        " reached directly, without the gateway's Nginx; local processes, no Docker.",
+        "",
+    ]
+    if bars.latency:
+        lines += [
+            f"**Added latency at light load** (relay with {bars.workers_for_latency} workers;"
+            f" {cfg.latency_tokens}-event streams, each sent straight to the engine and through"
+            " the relay at the same instant; differences within each pair, ms)",
+            "",
+            "| pair slots | pairs (failed) | TTFT added p50 | p99 | ITL added p50 | p99"
+            " | event delivery added p50 | p99 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in bars.latency:
+            t, i, d = r["ttft_added_ms"], r["itl_added_ms"], r["event_delay_added_ms"]
+            lines.append(
+                f"| {r['slots']} | {r['pairs']} ({r['failed_pairs']}) | {ms(t['p50'])}"
+                f" | {ms(t['p99'])} | {ms(i['p50'])} | {ms(i['p99'])} | {ms(d['p50'])}"
+                f" | {ms(d['p99'])} |"
+            )
+        lines.append("")
+    if bars.scaling:
+        lines += [
+            f"**Relay workers at saturation** (open loop: {cfg.scaling_tokens}-event streams"
+            f" started at a fixed rate; {cfg.scaling_warmup:.1f} s warm-up, then"
+            f" {cfg.scaling_seconds:.0f} s counted; cores are CPU seconds per second over the"
+            " window)",
+            "",
+            "| relay workers | offered events/s | delivered events/s | streams started"
+            " (open at end) | failed | relay cores | engine cores | client cores | host busy"
+            " cores |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for workers, rows in sorted(bars.scaling.items()):
+            for r in rows:
+                c = r["cores"]
+                lines.append(
+                    f"| {workers} | {r['offered_events_per_s']} | {r['delivered_events_per_s']:.0f}"
+                    f" | {r['streams_started']} ({r['streams_open_at_end']}) | {r['failed']}"
+                    f" | {c['relay']:.2f} | {c['engine']:.2f} | {c['client']:.2f}"
+                    f" | {r['host_busy_cores']:.2f} |"
+                )
+        lines.append("")
+    verdict = targets(bars)
+    if verdict:
+        lines += ["| bar (issue 27) | target | measured | met |", "|---|---|---|---|"]
+        for t in verdict:
+            lines.append(
+                f"| {t['what']} | {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "client":
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(_client(argv[1], argv[2]))
+        return 0
+    print("usage: python -m bench --phases light-latency,relay-scaling", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,103 @@
+"""The gateway bars' own instruments: the fixed-rate engine and the paired client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from bench import gateway_bars
+from bench.gateway_bars import Bars, BarsConfig, _one, _open_loop, _pairs, targets
+from tests.support.processes import free_port, wait_until
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def engine() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.fixed_engine",
+            "--port",
+            str(port),
+            "--forward",
+            f"http://127.0.0.1:{free_port()}",
+            "--ttft",
+            "0.02",
+            "--itl",
+            "0.01",
+        ]
+    )
+    try:
+        wait_until(lambda: _accepts(port), timeout=20, what="fixed engine to listen")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_fixed_engine_streams_timestamped_events_at_its_rate(engine: str) -> None:
+    s = asyncio.run(_one(engine, 5, True, 10.0))
+    assert s.status == 200
+    assert len(s.arrivals) == 5
+    # Event k is written on the stream's own clock: never before 20 ms + k × 10 ms
+    # after the request (a late one, on a loaded machine, does not delay the next).
+    writes = [(w - s.sent_ns) / 1e6 for _, w in s.arrivals]
+    assert all(w >= 20.0 + k * 10.0 - 0.5 for k, w in enumerate(writes)), writes
+    assert writes[-1] < 1000.0, writes
+    # Each event arrives after the engine wrote it.
+    assert all(arrival >= write for arrival, write in s.arrivals)
+
+
+def test_a_path_compared_with_itself_adds_next_to_nothing(engine: str) -> None:
+    out = asyncio.run(
+        _pairs({"direct": engine, "relay": engine, "slots": 1, "seconds": 0.3, "tokens": 4})
+    )
+    assert out["pairs"] >= 1 and out["failed_pairs"] == 0
+    assert out["itl_added_ms"]["n"] == out["pairs"] * 3
+    assert out["event_delay_added_ms"]["n"] == out["pairs"] * 4
+    # The same engine both ways: any difference is the client's own noise.
+    assert abs(out["ttft_added_ms"]["p50"]) < 15.0
+
+
+def test_open_loop_counts_what_arrives_in_the_window(engine: str) -> None:
+    out = asyncio.run(
+        _open_loop(
+            {
+                "url": engine,
+                "offered": 400,
+                "tokens": 4,
+                "warmup": 0.2,
+                "seconds": 1.0,
+                "pids": {"engine": []},
+            }
+        )
+    )
+    assert out["failed"] == 0
+    assert out["streams_started"] >= 100
+    # 100 streams/s × 4 events: about 400 events/s once the first streams have ended.
+    assert 100 < out["delivered_events_per_s"] < 600
+    json.dumps(out)
+
+
+def test_scaling_bar_is_the_ratio_of_saturation_rates() -> None:
+    def rows(*rates: float) -> list[dict[str, float]]:
+        return [{"delivered_events_per_s": r} for r in rates]
+
+    bars = Bars(scaling={1: rows(4000, 9000, 8800), 2: rows(4000, 8000, 15000)})
+    (bar,) = targets(bars)
+    assert bar["measured"] == pytest.approx(15000 / 9000, abs=1e-3)
+    assert bar["met"] is False
+    assert gateway_bars.saturation([]) == 0.0
+    assert BarsConfig().offered == tuple(sorted(BarsConfig().offered))
