@@ -218,6 +218,9 @@ async def within_running_time(work: Awaitable[T], timeout: float) -> T | None:
     turn every request the worker held into a timeout. So it waits in slices, and a
     slice that overran by more than a slice (the loop stood still) does not count."""
     task = asyncio.ensure_future(work)
+    # If this wait is cancelled (the client left) as the read fails (its reset), the
+    # read's error is nobody's news: mark it seen, not "never retrieved" in the log.
+    task.add_done_callback(_seen)
     left = timeout
     loop = asyncio.get_running_loop()
     try:
@@ -235,6 +238,11 @@ async def within_running_time(work: Awaitable[T], timeout: float) -> T | None:
     finally:
         if not task.done():
             task.cancel()
+
+
+def _seen(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 _APPLIED: web.RequestKey[Applied] = web.RequestKey("sglang_ha_rids", Applied)

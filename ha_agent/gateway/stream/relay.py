@@ -76,6 +76,12 @@ class ClientGone(Exception):
     """The client went away; stop everything for this request."""
 
 
+def _client_gone_before_head() -> web.StreamResponse:
+    """What a handler returns when its client left before the response head went out:
+    aiohttp has no one to send it to (499, as Nginx logs a client that closed first)."""
+    return web.Response(status=499)
+
+
 class Attempt(Abandonable):
     """One upstream try, cancellable by the topology when its node fails."""
 
@@ -722,8 +728,7 @@ class _Unresumable:
         return event.startswith(self.FINAL)
 
     def result(self) -> web.StreamResponse:
-        assert self.response is not None
-        return self.response
+        return self.response if self.response is not None else _client_gone_before_head()
 
     async def begin(
         self, request: web.Request, node: NodeView, upstream: aiohttp.ClientResponse
@@ -804,8 +809,7 @@ class _StreamState:
         return self.response is not None and self.response.prepared
 
     def result(self) -> web.StreamResponse:
-        assert self.response is not None
-        return self.response
+        return self.response if self.response is not None else _client_gone_before_head()
 
     @property
     def segment_raw(self) -> bytes | None:
