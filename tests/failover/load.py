@@ -13,11 +13,13 @@ content, the usage includes `reasoning_tokens`, and a stream whose reasoning del
 not all come before its content is a mismatch.
 
 With `tools` (`--tool-call-parser` of `python -m tests.failover`), every other prompt
-carries a tool, so most of its answers are a call: the text compared is the content,
-then each call as `<call>name arguments</call>` (the id is a fresh uuid per answer on
-SGLang, so it is not compared). A stream the relay ends with its explicit retryable
-error because a tool call was in flight (`gateway/stream/migration.py`) is recorded as
-`refused`, not as a failure.
+carries a tool, so its answers are a call: the text compared is each call as
+`<call>name arguments</call>` (the id is a fresh uuid per answer on SGLang, so it is not
+compared). The words before a call are not compared: SGLang strips them in a
+non-stream answer and not in a stream, and its stream parser drops those that share an
+update with `<tool_call>` (serving_chat.py, function_call/base_format_detector.py). A
+stream the relay ends with its explicit retryable error because a tool call was in
+flight (`gateway/stream/migration.py`) is recorded as `refused`, not as a failure.
 """
 
 from __future__ import annotations
@@ -116,8 +118,12 @@ def _messages(i: int) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
 
 
-def _calls_text(calls: list[tuple[str, str]]) -> str:
-    return "".join(f"<call>{name} {arguments}</call>" for name, arguments in calls)
+def _answer_text(reasoning: str, content: str, calls: list[tuple[str, str]]) -> str:
+    """What is compared with the reference: with a call, the reasoning and the calls."""
+    if not calls:
+        return _joined(reasoning, content)
+    called = "".join(f"<call>{name} {arguments}</call>" for name, arguments in calls)
+    return _joined(reasoning, called)
 
 
 class Load:
@@ -160,9 +166,9 @@ class Load:
                 **self._tools(i),
             )
             message = reply.choices[0].message
-            self.references[i] = _joined(
-                _extra(message, "reasoning_content"), message.content or ""
-            ) + _calls_text(_message_calls(message))
+            self.references[i] = _answer_text(
+                _extra(message, "reasoning_content"), message.content or "", _message_calls(message)
+            )
             if reply.usage is not None:
                 self.reference_usage[i] = _usage(reply.usage)
 
@@ -191,7 +197,7 @@ class Load:
                 message = reply.choices[0].message
                 reasoning = _extra(message, "reasoning_content")
                 calls = _message_calls(message)
-                text = _joined(reasoning, message.content or "") + _calls_text(calls)
+                text = _answer_text(reasoning, message.content or "", calls)
                 usage = reply.usage
                 rec = RequestRecord(start, self.now(), False, True, node, reasoning=bool(reasoning))
                 rec.tool_calls = bool(calls)
@@ -266,8 +272,7 @@ class Load:
                     finished = finished or choice.finish_reason is not None
         if not finished:
             raise openai.APIError("stream ended without a finish_reason", None, body=None)  # type: ignore[arg-type]
-        text = _joined("".join(thoughts), "".join(pieces))
-        text += _calls_text([calls[i] for i in sorted(calls)])
+        text = _answer_text("".join(thoughts), "".join(pieces), [calls[i] for i in sorted(calls)])
         if not in_order:
             text = "(reasoning after content) " + text  # never equal to the reference
         return text, node, ttft or 0.0, gap, usage
