@@ -12,8 +12,8 @@ tests.failover`), the text compared is the reasoning, then `</think>`, then the
 content, the usage includes `reasoning_tokens`, and a stream whose reasoning deltas do
 not all come before its content is a mismatch.
 
-With `tools` (`--tool-call-parser` of `python -m tests.failover`), every other prompt
-carries a tool, so its answers are a call: the text compared is each call as
+With `tools` (`--tool-call-parser` of `python -m tests.failover`), half the prompts
+carry a tool, so its answers are a call: the text compared is each call as
 `<call>name arguments</call>` (the id is a fresh uuid per answer on SGLang, so it is not
 compared). The words before a call are not compared: SGLang strips them in a
 non-stream answer and not in a stream, and its stream parser drops those that share an
@@ -150,7 +150,8 @@ class Load:
         self.tools = tools
 
     def _tools(self, prompt: int) -> dict[str, Any]:
-        return {"tools": TOOLS} if self.tools and prompt % 2 == 0 else {}
+        # Prompts 0, 1, 4, 5: streams (even requests) and non-stream ones both get some.
+        return {"tools": TOOLS} if self.tools and (prompt // 2) % 2 == 0 else {}
 
     def now(self) -> float:
         return time.monotonic() - self.zero
