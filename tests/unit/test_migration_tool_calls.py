@@ -172,3 +172,30 @@ async def test_a_stream_with_a_call_under_way_ends_with_the_retryable_error(pair
     error = got[-2]["error"]["message"]
     assert "retry the request" in error and "tool call" in error
     assert pair.migrations("refused") == 1 and pair.migrations("migrated") == 0
+
+
+async def test_a_break_at_every_token_moves_exactly_when_no_call_delta_was_sent(
+    pair: Pair,
+) -> None:
+    """Every cut point of one answer: a break before the first tool_calls delta moves
+    (the client's answer is the unbroken one), a later one is refused; never anything
+    else."""
+    seed, want = await _seed_with_words_first(pair, 2)
+    expected = answer(want)
+    total = want[-2]["usage"]["completion_tokens"]
+    outcomes = []
+    for cut in range(1, total):
+        await abort_after(pair.primary, cut)
+        _, got = await read(pair.url, body(seed))
+        errors = [e["error"]["message"] for e in got if isinstance(e, dict) and "error" in e]
+        if errors:
+            assert "tool call" in errors[0] and answer(got)[1], (cut, errors)
+            outcomes.append("refused")
+        else:
+            assert answer(got) == (*expected[:2], ["tool_calls"]), cut
+            outcomes.append("moved")
+    first_refused = outcomes.index("refused")
+    assert outcomes == ["moved"] * first_refused + ["refused"] * (len(outcomes) - first_refused)
+    # The words, `<tool_call>`, "\n" and the call's opening up to its complete name move.
+    assert first_refused > len(expected[0].split()) + 2
+    assert pair.migrations("migrated") == first_refused
