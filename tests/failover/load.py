@@ -180,7 +180,11 @@ class Load:
         usage: CompletionUsage | None = None
         try:
             if stream:
-                text, node, ttft, gap, usage = await self._stream(prompt, start)
+                seen: dict[str, str | None] = {}  # the node, known even if the stream fails
+                try:
+                    text, node, ttft, gap, usage = await self._stream(prompt, start, seen)
+                finally:
+                    node = seen.get("node")
                 rec = RequestRecord(start, self.now(), True, True, node, ttft=ttft, max_gap=gap)
                 rec.reasoning = "</think>" in text
                 rec.tool_calls = "<call>" in text
@@ -228,7 +232,7 @@ class Load:
         return rec
 
     async def _stream(
-        self, prompt: int, start: float
+        self, prompt: int, start: float, seen: dict[str, str | None] | None = None
     ) -> tuple[str, str | None, float, float, CompletionUsage | None]:
         pieces: list[str] = []
         thoughts: list[str] = []
@@ -250,6 +254,8 @@ class Load:
             **self._tools(prompt),
         ) as response:
             node = response.headers.get("x-sglang-ha-node")
+            if seen is not None:
+                seen["node"] = node
             chunks: AsyncStream[ChatCompletionChunk] = await response.parse()
             async for chunk in chunks:
                 now = self.now()

@@ -67,8 +67,9 @@ class ScenarioResult:
     # Streams the relay ended with its explicit retryable error (a tool call in flight,
     # gateway/stream/migration.py): by design, so not in stream_failed.
     stream_refused: int = 0
-    # Tool streams (the request had tools) open on the faulted primary at the fault:
-    # completed (so moved to the standby) and refused.
+    # Tool streams (the request had tools) on the faulted primary, open at the fault or
+    # started before it was detected: completed (so moved, or done just before the
+    # fault took hold) and refused.
     tool_streams_moved: int = 0
     tool_streams_refused: int = 0
     errors: list[str] = field(default_factory=list)
@@ -238,10 +239,11 @@ def summarise(
                 history.append({"t": round(s.t - fault_at, 3), "node": node, "role": role})
                 last[node] = role
     during = [r.latency for r in records if fault_at <= r.start <= healed_at]
+    seen_at = fault_at + (detected or 0.0)
     open_tools = [
         r
         for r in records
-        if r.stream and r.tools and r.node == primary and r.start < fault_at < r.end
+        if r.stream and r.tools and r.node == primary and r.start < seen_at and r.end > fault_at
     ]
     return ScenarioResult(
         fault=fault.name,
