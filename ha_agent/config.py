@@ -1100,6 +1100,12 @@ class SimSettings(BaseSettings):
         description="As SGLang's --reasoning-parser: chat answers think first and stream"
         " reasoning_content (empty: off, reasoning_content null).",
     )
+    tool_call_parser: Literal["", "qwen25", "qwen"] = Field(
+        "",
+        description="As SGLang's --tool-call-parser: a chat request with tools gets a"
+        " tool call, streamed as tool_calls deltas (empty: off, the call stays in the"
+        " content).",
+    )
     faults: dict[str, object] = Field(
         default_factory=dict,
         description="Fault knobs active from startup, JSON (SIM_FAULTS='{\"hang\": true}').",

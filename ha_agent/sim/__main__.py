@@ -40,6 +40,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["qwen3", "deepseek-r1"],
         help="as SGLang's --reasoning-parser (SIM_REASONING_PARSER)",
     )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=["qwen25", "qwen"],
+        help="as SGLang's --tool-call-parser (SIM_TOOL_CALL_PARSER)",
+    )
     p.add_argument("--validate-config", action="store_true", help="print settings and exit")
     return p.parse_args(argv)
 
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             "api_key": args.api_key,
             "admin_api_key": args.admin_api_key,
             "reasoning_parser": args.reasoning_parser,
+            "tool_call_parser": args.tool_call_parser,
         }.items()
         if v is not None
     }

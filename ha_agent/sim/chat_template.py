@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 END = "<|end|>\n"
+ASSISTANT = "<|assistant|>\n"  # where the answer starts
 
 
 def _text(content: Any) -> str:
@@ -42,12 +43,17 @@ def final_assistant(messages: list[dict[str, Any]], continue_final_message: bool
 
 
 def render_chat(
-    messages: list[dict[str, Any]], continue_final_message: bool, generation_prefix: str = ""
+    messages: list[dict[str, Any]],
+    continue_final_message: bool,
+    generation_prefix: str = "",
+    tools: str = "",
 ) -> str:
     """Render messages (already validated) into the prompt the engine continues.
 
     `generation_prefix` is what the template writes at the start of the assistant turn
-    (DeepSeek-R1's `<think>\n`, sim/reasoning.py); a continued message comes after it."""
+    (DeepSeek-R1's `<think>\n`, sim/reasoning.py); a continued message comes after it.
+    `tools` (sim/tool_calls.py render_tools) opens the prompt, as tool-calling templates
+    put the tools in the system turn."""
     msgs = list(messages)
     prefix = ""
     if msgs and msgs[-1]["role"] == "assistant" and isinstance(msgs[-1].get("content"), str):
@@ -56,5 +62,6 @@ def render_chat(
             msgs = msgs[:-1]
         else:
             msgs[-1] = {"role": "user", "content": msgs[-1]["content"]}
-    rendered = [f"<|{m['role']}|>\n{_text(m.get('content'))}{END}" for m in msgs]
-    return "".join(rendered) + "<|assistant|>\n" + generation_prefix + prefix
+    rendered = [f"<|tools|>\n{tools}{END}"] if tools else []
+    rendered += [f"<|{m['role']}|>\n{_text(m.get('content'))}{END}" for m in msgs]
+    return "".join(rendered) + ASSISTANT + generation_prefix + prefix

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ha_agent.sim.chat_template import ASSISTANT
 from ha_agent.sim.reasoning import ThinkMode
 from ha_agent.sim.tokenizer import EOS_ID, SimTokenizer
+from ha_agent.sim.tool_calls import TOOL_END, TOOL_START, Tool, call_body
 
 _KEY = b"sglang-ha-simulator"  # fixed key: identical streams on every instance
 _PERSON = b"sim-gen-v1"
@@ -24,6 +26,9 @@ _GREEDY_WORDS = 64  # temperature 0 picks among the most frequent words only
 _TWO64 = 1 << 64
 # Inside the reasoning, the chance per token that the model closes it with `</think>`.
 THINK_END_RATE = 0.08
+# With tools, the chance per answer token that the model starts its call now (a few
+# words first, or none); it never ends its turn before it has called.
+TOOL_START_RATE = 0.35
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ class TokenStream:
     closes the reasoning with `</think>` where the same state says so: the added tokens'
     text enters the state like any other, so a continuation whose context holds them
     (continue_final_message) goes on exactly as the original would have.
+
+    With `tools` in its prompt it calls one (sim/tool_calls.py): the call's text is fixed
+    by the state at `<tool_call>`, so a context that stops inside the call is continued
+    to the same call, and a turn that holds a whole call ends.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class TokenStream:
         context_text: str,
         eos_rate: float,
         think: ThinkMode | None = None,
+        tools: tuple[Tool, ...] | None = None,
     ) -> None:
         self._tok = tokenizer
         self._k = key.candidate_count(tokenizer.num_words)
@@ -82,6 +92,34 @@ class TokenStream:
         self._h.update(context_text.encode("utf-8", "surrogatepass"))
         self._start = think is not None and think.emit_start
         self._reasoning = think is not None and (think.emit_start or think.in_reasoning)
+        self._tools = tools or ()
+        self._key = key
+        self._call: list[int] = []  # the rest of a tool call being written
+        self._called = False  # this turn holds a whole call: it ends
+        if self._tools:
+            self._resume_call(context_text)
+
+    def _state(self, text: str) -> hashlib.blake2b:
+        h = hashlib.blake2b(digest_size=16, key=_KEY, person=_PERSON)
+        h.update(self._key.header())
+        h.update(text.encode("utf-8", "surrogatepass"))
+        return h
+
+    def _resume_call(self, context: str) -> None:
+        """Where the answer so far (after the template's assistant tag) leaves a call."""
+        turn_at = context.rfind(ASSISTANT)
+        turn_at = 0 if turn_at < 0 else turn_at + len(ASSISTANT)
+        opened, closed = context.rfind(TOOL_START, turn_at), context.rfind(TOOL_END, turn_at)
+        if closed > opened:
+            self._called = True
+        elif opened >= 0:
+            cut = opened + len(TOOL_START)
+            body = call_body(self._tools, self._state(context[:cut]).digest())
+            written = context[cut:]
+            # Not this call's beginning: close what is open, as the model would.
+            rest = body[len(written) :] if body.startswith(written) else "\n" + TOOL_END
+            self._call = self._tok.encode(rest)
+            self._reasoning = False
 
     def _added(self, token_id: int) -> int:
         self._h.update(self._tok.piece_bytes[token_id])
@@ -91,13 +129,22 @@ class TokenStream:
         if self._start:
             self._start = False
             return self._added(self._tok.think_start_id)
+        if self._call:
+            token_id = self._added(self._call.pop(0))
+            self._called = not self._call
+            return token_id
         digest = self._h.digest()  # digest() does not consume the running state
         draw = int.from_bytes(digest[:8], "little")
-        if allow_eos and draw < self._eos_threshold:
+        calling = bool(self._tools) and not self._called and not self._reasoning
+        if allow_eos and (self._called or (draw < self._eos_threshold and not calling)):
             return EOS_ID
         if self._reasoning and self._eos_threshold <= draw < self._think_end:
             self._reasoning = False
             return self._added(self._tok.think_end_id)
+        if calling and draw < int(TOOL_START_RATE * _TWO64):
+            self._added(self._tok.tool_start_id)
+            self._call = self._tok.encode(call_body(self._tools, self._h.digest()))
+            return self._tok.tool_start_id
         index = int.from_bytes(digest[8:], "little") % self._k
         self._h.update(self._tok.word_bytes[index])
         return self._tok.word_id(index)

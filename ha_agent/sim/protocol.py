@@ -2,7 +2,8 @@
 
 Bodies are checked with pydantic (types) and then with SGLang's own sampling checks
 (``SamplingParams.verify``), so bad input gets a clear 400 with SGLang's message. What
-the simulator cannot do (batches, n > 1, logprobs, images, ebnf, tools) is refused with
+the simulator cannot do (batches, n > 1, logprobs, images, ebnf, a required or named
+tool_choice without a tool-call parser) is refused with
 a 400 that says so, rather than silently ignored.
 """
 
@@ -22,6 +23,7 @@ from ha_agent.sim.grammar import GrammarError, compile_constraint, constraint_fr
 from ha_agent.sim.reasoning import TEMPLATE_THINK, ReasoningSpec, thinking_requested
 from ha_agent.sim.scheduler import GenRequest
 from ha_agent.sim.tokenizer import SimTokenizer
+from ha_agent.sim.tool_calls import ToolsError, ToolSpec, render_tools, tool_spec
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang SamplingParams default
 DEFAULT_SEED = 0  # the simulator is always deterministic
@@ -187,6 +189,7 @@ class OpenAICall:
     continuous_usage: bool
     echo_text: str = ""
     reasoning: ReasoningSpec | None = None  # chat with --reasoning-parser
+    tools: ToolSpec | None = None  # chat with tools (and tool_choice not none)
     return_token_ids: bool = False  # completions
 
 
@@ -408,10 +411,10 @@ class RequestBuilder:
             raise BadRequest("Messages cannot be empty.")
         if req.logprobs:
             raise BadRequest("logprobs are not supported by the simulator")
-        if req.tools and req.tool_choice != "none":
-            # SGLang renders the tools into the prompt and may parse tool calls out of
-            # the answer; the simulator does neither, so it says so.
-            raise BadRequest("tools are not supported by the simulator")
+        try:
+            tools = tool_spec(req.tools, req.tool_choice, self.settings.tool_call_parser or None)
+        except ToolsError as exc:
+            raise BadRequest(str(exc)) from None
         messages = [m.model_dump() for m in req.messages]
         spec = None
         parser = self.settings.reasoning_parser
@@ -428,6 +431,7 @@ class RequestBuilder:
                 messages,
                 req.continue_final_message,
                 TEMPLATE_THINK[parser] if think is not None else "",
+                render_tools(tools.offered) if tools is not None else "",
             )
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
@@ -440,8 +444,10 @@ class RequestBuilder:
             req, prompt_text, self.tok.encode(prompt_text), max_tokens, json_schema
         )
         gen.think = think
+        gen.tools = tools.offered if tools is not None else None
         call = self._call(req, gen)
         call.reasoning = spec
+        call.tools = tools
         return call
 
     def _openai_gen(

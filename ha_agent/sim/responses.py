@@ -21,6 +21,7 @@ from ha_agent.sim.protocol import OpenAICall
 from ha_agent.sim.reasoning import reasoning_tokens
 from ha_agent.sim.scheduler import Job
 from ha_agent.sim.tokenizer import get_tokenizer
+from ha_agent.sim.tool_calls import CallItem, new_call_id
 
 DONE = b"data: [DONE]\n\n"
 
@@ -217,6 +218,14 @@ class ChatFormatter(CompletionFormatter):
     delta goes through the parser first: its reasoning part is a chunk of its own
     (``reasoning_content``), then the rest a content chunk, each with running usage;
     what the parser still holds is flushed when the request finishes (not on abort).
+
+    With tool-call parsing on (sim/tool_calls.py, ``_process_tool_call_stream``) the
+    rest of the delta goes through the tool-call parser instead of the content path:
+    its normal text and each call item are chunks dumped by pydantic
+    (``ChatCompletionStreamResponse.model_dump_json``: every delta field, ``usage``
+    null without continuous usage); when the request finishes, what the arguments
+    still lack follows (``_check_for_unstreamed_tool_args``, no usage) and the finish
+    chunk says ``tool_calls`` if a call was sent and the request stopped.
     """
 
     object_name = "chat.completion.chunk"
@@ -225,6 +234,9 @@ class ChatFormatter(CompletionFormatter):
         super().__init__(call, job, cache_report)
         spec = call.reasoning
         self._parser = spec.detector() if spec is not None and spec.separate else None
+        tools = call.tools
+        self._tool_parser = tools.detector() if tools is not None and tools.parsing else None
+        self._called = False  # has_tool_calls
 
     def _chunk(
         self,
@@ -251,6 +263,47 @@ class ChatFormatter(CompletionFormatter):
         # (serving_chat.py _continuous_usage_cached_details).
         return usage(self.job, self.cache_report) if self.call.continuous_usage else None
 
+    def _model_chunk(self, delta: dict[str, Any], with_usage: bool = True) -> bytes:
+        """ChatCompletionStreamResponse(...).model_dump_json(): DeltaMessage's fields all
+        present, usage null unless continuous."""
+        full = {"role": None, "content": None, "reasoning_content": None, "tool_calls": None}
+        choice = {
+            "index": 0,
+            "delta": {**full, **delta},
+            "logprobs": None,
+            "finish_reason": None,
+            "matched_stop": None,
+        }
+        running = self._running_usage() if with_usage else None
+        return sse({**self._head(), "choices": [choice], "usage": running})
+
+    def _call_chunk(self, item: CallItem, with_usage: bool = True) -> bytes:
+        call = {
+            "id": new_call_id() if item.name else None,
+            "index": item.tool_index,
+            "type": "function",
+            "function": {"name": item.name, "arguments": item.parameters},
+        }
+        return self._model_chunk({"tool_calls": [call]}, with_usage)
+
+    def _tool_path(self, delta: str) -> list[bytes]:
+        """serving_chat._process_tool_call_stream, then _check_for_unstreamed_tool_args."""
+        assert self._tool_parser is not None
+        out = []
+        normal, calls = self._tool_parser.parse(delta)
+        # parse_stream_end on a finish that is no abort: Qwen25Detector keeps the base
+        # finish(), which releases nothing.
+        if normal:
+            out.append(self._model_chunk({"content": normal}))
+        for item in calls:
+            self._called = True
+            out.append(self._call_chunk(item))
+        if self.job.finished:
+            rest = self._tool_parser.unstreamed_args()
+            if rest is not None:
+                out.append(self._call_chunk(CallItem(rest[0], None, rest[1]), with_usage=False))
+        return out
+
     def chunks(self) -> list[bytes]:
         aborted = engine_abort(self.job)
         if aborted is not None:  # serving_chat.py: the error chunk, then break
@@ -267,10 +320,14 @@ class ChatFormatter(CompletionFormatter):
                 thought, delta = thought + more_thought, delta + more
             if thought:
                 out.append(self._chunk({"reasoning_content": thought}, with_usage=True))
-        if delta:  # serving_chat.py: an update whose text delta is empty sends no chunk
+        if self._tool_parser is not None:
+            out += self._tool_path(delta)
+        elif delta:  # serving_chat.py: an update whose text delta is empty sends no chunk
             out.append(self._chunk({"reasoning_content": None, "content": delta}, with_usage=True))
         if self.job.finished:
             reason, matched = _finish(self.job)
+            if self._called and reason == "stop":
+                reason = "tool_calls"
             out.append(self._chunk({"reasoning_content": None}, reason, matched))
         return out
 
@@ -285,11 +342,29 @@ class ChatFormatter(CompletionFormatter):
         spec = self.call.reasoning
         if spec is not None and spec.separate:  # _build_chat_response: parse_non_stream
             thought, text = spec.detector().parse_whole(text)
+        calls = None
+        tools = self.call.tools
+        if tools is not None and tools.parsing:  # _process_tool_calls
+            detector = tools.detector()
+            if detector.has_tool_call(text):
+                text, items = detector.parse_whole(text)
+                if items:
+                    calls = [
+                        {
+                            "id": new_call_id(),
+                            "index": item.tool_index,
+                            "type": "function",
+                            "function": {"name": item.name, "arguments": item.parameters},
+                        }
+                        for item in items
+                    ]
+                    if reason == "stop":
+                        reason, matched = "tool_calls", None
         message = {
             "role": "assistant",
             "content": text,
             "reasoning_content": thought or None,
-            "tool_calls": None,
+            "tool_calls": calls,
         }
         choice = {
             "index": 0,

@@ -42,6 +42,7 @@ from ha_agent.sim.metrics import SchedulerStats, SimMetrics
 from ha_agent.sim.prefix_cache import PrefixCache
 from ha_agent.sim.reasoning import ThinkMode
 from ha_agent.sim.tokenizer import SimTokenizer
+from ha_agent.sim.tool_calls import Tool
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class GenRequest:
     constraint: Constraint | None = None
     rid: str | None = None
     think: ThinkMode | None = None  # a thinking model's start (sim/reasoning.py)
+    tools: tuple[Tool, ...] | None = None  # the tools in its prompt (sim/tool_calls.py)
     stream: bool = False  # the metrics' is_streaming label
     log_metrics: bool = True  # False for health checks (GenerateReqInput.log_metrics)
 
@@ -148,7 +150,9 @@ class Job:
             text = generate_constrained(req.constraint, material, budget)
             self.stream = FixedStream(tokenizer.encode(text))
         else:
-            self.stream = TokenStream(tokenizer, req.sampling, req.prompt_text, eos_rate, req.think)
+            self.stream = TokenStream(
+                tokenizer, req.sampling, req.prompt_text, eos_rate, req.think, req.tools
+            )
         self.created = time.time()
         self.created_mono = time.monotonic()
         self.state = "new"  # new -> waiting -> running -> finished

@@ -9,9 +9,11 @@ Vocabulary (ids are stable across processes and versions of this file's data):
 * then every pair of printable ASCII characters whose second character is not a space
   (``"ab"``, ``'{"'``), so prompts and JSON cost about half a token per character,
   close to what real BPE tokenizers cost;
-* last ``<think>`` and ``</think>``, one added token each, matched in text before
-  anything else and kept in decoded text, as Qwen3's and DeepSeek-R1's tokenizers do
-  (the reasoning parsers split on them, ``ha_agent/sim/reasoning.py``).
+* last ``<think>``, ``</think>``, ``<tool_call>`` and ``</tool_call>``, one added token
+  each, matched in text before anything else and kept in decoded text, as Qwen2.5's and
+  Qwen3's tokenizers do (not special: the reasoning parsers split on the first two,
+  ``ha_agent/sim/reasoning.py``, the tool-call parser on the others,
+  ``ha_agent/sim/tool_calls.py``).
 
 ``decode(encode(text)) == text`` for any ``str`` (lone surrogates included).
 """
@@ -44,8 +46,10 @@ _CODAS = ("", "", "", "n", "r", "s", "t", "l", "m", "x")
 
 # One regex pass does the whole scan in C: a vocabulary word (space + letters, ending at a
 # word boundary), else a printable pair, else a single character (bytes of its UTF-8).
-_SCAN = re.compile(r"</?think>| [a-z]{1,16}(?![a-z])|[\x20-\x7e][\x21-\x7e]|.", re.DOTALL)
-_ADDED = ("<think>", "</think>")
+_SCAN = re.compile(
+    r"</?think>|</?tool_call>| [a-z]{1,16}(?![a-z])|[\x20-\x7e][\x21-\x7e]|.", re.DOTALL
+)
+_ADDED = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 _PAIRS_ONLY = re.compile(r"[\x20-\x7e][\x21-\x7e]|.", re.DOTALL)
 
 
@@ -82,6 +86,7 @@ class SimTokenizer:
         first_added = first_pair + len(pairs)
         self._added_to_id = {t: first_added + i for i, t in enumerate(_ADDED)}
         self.think_start_id, self.think_end_id = first_added, first_added + 1
+        self.tool_start_id, self.tool_end_id = first_added + 2, first_added + 3
         self.vocab_size = first_added + len(_ADDED)
         table: list[bytes] = [bytes([b]) for b in range(256)]
         table.append(b"")  # EOS when special tokens are skipped

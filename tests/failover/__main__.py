@@ -15,9 +15,9 @@ from tests.support.stack import Stack, running_stack
 
 
 async def run_all(
-    stack: Stack, faults: list[str], trials: int, concurrency: int
+    stack: Stack, faults: list[str], trials: int, concurrency: int, tools: bool = False
 ) -> list[ScenarioResult]:
-    load = Load(stack.gateway_url, concurrency=concurrency)
+    load = Load(stack.gateway_url, concurrency=concurrency, tools=tools)
     await load.take_references()
     results = []
     try:
@@ -32,6 +32,9 @@ async def run_all(
                     f" text mismatches {result.text_mismatches}"
                     f" usage mismatches {sum(1 for r in ok if r['usage_matches'] is False)}"
                     f" reasoning answers {sum(1 for r in ok if r['reasoning'])}"
+                    f" tool-call answers {sum(1 for r in ok if r['tool_calls'])}"
+                    f" refused {result.stream_refused} (tool streams open at the fault:"
+                    f" moved {result.tool_streams_moved}, refused {result.tool_streams_refused})"
                     f" rejoined {result.rejoined_as_standby}",
                     flush=True,
                 )
@@ -59,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         " (adds compose/reasoning.test.yaml)",
     )
     parser.add_argument(
+        "--tool-call-parser",
+        choices=["qwen25", "qwen"],
+        help="run the simulator nodes with this --tool-call-parser and send tools with every"
+        " other prompt (adds compose/tool-calls.test.yaml)",
+    )
+    parser.add_argument(
         "--rejoin-timeout",
         type=float,
         default=runner.REJOIN_TIMEOUT,
@@ -75,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.reasoning_parser:
         files.append("reasoning.test.yaml")
         env["SGLANG_HA_REASONING_PARSER"] = args.reasoning_parser
+    if args.tool_call_parser:
+        files.append("tool-calls.test.yaml")
+        env["SGLANG_HA_TOOL_CALL_PARSER"] = args.tool_call_parser
     with running_stack(tuple(files), env=env) as stack:
         try:
-            results = asyncio.run(run_all(stack, faults, args.trials, args.concurrency))
+            results = asyncio.run(
+                run_all(stack, faults, args.trials, args.concurrency, bool(args.tool_call_parser))
+            )
         finally:
             # Keep the components' own logs beside the report, for post-mortems.
             args.out.mkdir(parents=True, exist_ok=True)

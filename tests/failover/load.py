@@ -11,6 +11,15 @@ With the engines' `--reasoning-parser` on (`--reasoning-parser` of `python -m
 tests.failover`), the text compared is the reasoning, then `</think>`, then the
 content, the usage includes `reasoning_tokens`, and a stream whose reasoning deltas do
 not all come before its content is a mismatch.
+
+With `tools` (`--tool-call-parser` of `python -m tests.failover`), half the prompts
+carry a tool, so its answers are a call: the text compared is each call as
+`<call>name arguments</call>` (the id is a fresh uuid per answer on SGLang, so it is not
+compared). The words before a call are not compared: SGLang strips them in a
+non-stream answer and not in a stream, and its stream parser drops those that share an
+update with `<tool_call>` (serving_chat.py, function_call/base_format_detector.py). A
+stream the relay ends with its explicit retryable error because a tool call was in
+flight (`gateway/stream/migration.py`) is recorded as `refused`, not as a failure.
 """
 
 from __future__ import annotations
@@ -36,6 +45,21 @@ PROMPTS = [
     "Name a good default for a lease TTL.",
 ]
 MAX_TOKENS = 48
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {"topic": {"type": "string", "maxLength": 12}},
+                "required": ["topic"],
+            },
+        },
+    }
+]
+# The relay's words when it ends a stream it cannot move (gateway/stream/relay.py).
+REFUSED = "the stream cannot move"
 # httpx's words for a connection the server closed before any byte of the answer.
 
 
@@ -56,6 +80,9 @@ class RequestRecord:
     usage: tuple[int, int, int] | None = None
     usage_expected: tuple[int, int, int] | None = None
     reasoning: bool = False  # the answer carried reasoning_content
+    tools: bool = False  # the request carried tools
+    tool_calls: bool = False  # the answer carried a tool call
+    refused: bool = False  # a stream the relay ended with its retryable error (not moved)
 
     @property
     def latency(self) -> float:
@@ -75,12 +102,28 @@ def _joined(reasoning: str, content: str) -> str:
     return f"{reasoning}</think>{content}" if reasoning else content
 
 
+def _message_calls(message: Any) -> list[tuple[str, str]]:
+    return [
+        (c.function.name, c.function.arguments)
+        for c in message.tool_calls or []
+        if getattr(c, "function", None) is not None
+    ]
+
+
 def _extra(obj: Any, key: str) -> str:
     return str((getattr(obj, "model_extra", None) or {}).get(key) or "")
 
 
 def _messages(i: int) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def _answer_text(reasoning: str, content: str, calls: list[tuple[str, str]]) -> str:
+    """What is compared with the reference: with a call, the reasoning and the calls."""
+    if not calls:
+        return _joined(reasoning, content)
+    called = "".join(f"<call>{name} {arguments}</call>" for name, arguments in calls)
+    return _joined(reasoning, called)
 
 
 class Load:
@@ -92,6 +135,7 @@ class Load:
         max_requests: int = 20000,
         clock_zero: float | None = None,
         api_key: str = "unused",
+        tools: bool = False,
     ) -> None:
         # api_key: the gateway's client key where it requires one (docs/security.md).
         self.client = openai.AsyncOpenAI(
@@ -105,6 +149,11 @@ class Load:
         self.references: dict[int, str] = {}
         self.reference_usage: dict[int, tuple[int, int, int]] = {}
         self._issued = 0
+        self.tools = tools
+
+    def _tools(self, prompt: int) -> dict[str, Any]:
+        # Prompts 0, 1, 4, 5: streams (even requests) and non-stream ones both get some.
+        return {"tools": TOOLS} if self.tools and (prompt // 2) % 2 == 0 else {}
 
     def now(self) -> float:
         return time.monotonic() - self.zero
@@ -117,10 +166,11 @@ class Load:
                 max_tokens=MAX_TOKENS,
                 temperature=0,
                 seed=i,
+                **self._tools(i),
             )
             message = reply.choices[0].message
-            self.references[i] = _joined(
-                _extra(message, "reasoning_content"), message.content or ""
+            self.references[i] = _answer_text(
+                _extra(message, "reasoning_content"), message.content or "", _message_calls(message)
             )
             if reply.usage is not None:
                 self.reference_usage[i] = _usage(reply.usage)
@@ -132,9 +182,14 @@ class Load:
         usage: CompletionUsage | None = None
         try:
             if stream:
-                text, node, ttft, gap, usage = await self._stream(prompt, start)
+                seen: dict[str, str | None] = {}  # the node, known even if the stream fails
+                try:
+                    text, node, ttft, gap, usage = await self._stream(prompt, start, seen)
+                finally:
+                    node = seen.get("node")
                 rec = RequestRecord(start, self.now(), True, True, node, ttft=ttft, max_gap=gap)
                 rec.reasoning = "</think>" in text
+                rec.tool_calls = "<call>" in text
             else:
                 raw = await self.client.chat.completions.with_raw_response.create(
                     model="default",
@@ -142,14 +197,17 @@ class Load:
                     max_tokens=MAX_TOKENS,
                     temperature=0,
                     seed=prompt,
+                    **self._tools(prompt),
                 )
                 node = raw.headers.get("x-sglang-ha-node")
                 reply = raw.parse()
                 message = reply.choices[0].message
                 reasoning = _extra(message, "reasoning_content")
-                text = _joined(reasoning, message.content or "")
+                calls = _message_calls(message)
+                text = _answer_text(reasoning, message.content or "", calls)
                 usage = reply.usage
                 rec = RequestRecord(start, self.now(), False, True, node, reasoning=bool(reasoning))
+                rec.tool_calls = bool(calls)
         except (openai.APIError, openai.APIConnectionError, asyncio.TimeoutError) as exc:
             cause = f" ({exc.__cause__})" if exc.__cause__ else ""
             return RequestRecord(
@@ -159,7 +217,10 @@ class Load:
                 False,
                 node,
                 error=f"{type(exc).__name__}: {exc}{cause}"[:300],
+                tools=bool(self._tools(prompt)),
+                refused=stream and REFUSED in str(exc),
             )
+        rec.tools = bool(self._tools(prompt))
         if prompt in self.references:
             rec.text_matches = text == self.references[prompt]
         if usage is not None:
@@ -173,10 +234,11 @@ class Load:
         return rec
 
     async def _stream(
-        self, prompt: int, start: float
+        self, prompt: int, start: float, seen: dict[str, str | None] | None = None
     ) -> tuple[str, str | None, float, float, CompletionUsage | None]:
         pieces: list[str] = []
         thoughts: list[str] = []
+        calls: dict[int, tuple[str, str]] = {}  # tool_calls deltas by call index
         in_order = True  # every reasoning delta before any content
         usage: CompletionUsage | None = None
         last = start
@@ -191,8 +253,11 @@ class Load:
             seed=prompt,
             stream=True,
             stream_options={"include_usage": True},
+            **self._tools(prompt),
         ) as response:
             node = response.headers.get("x-sglang-ha-node")
+            if seen is not None:
+                seen["node"] = node
             chunks: AsyncStream[ChatCompletionChunk] = await response.parse()
             async for chunk in chunks:
                 now = self.now()
@@ -207,10 +272,16 @@ class Load:
                         thoughts.append(thought)
                         in_order = in_order and not any(pieces)
                     pieces.append(choice.delta.content or "")
+                    for call in choice.delta.tool_calls or []:
+                        name, args = calls.get(call.index, ("", ""))
+                        fn = call.function
+                        if fn is not None:
+                            name, args = name + (fn.name or ""), args + (fn.arguments or "")
+                        calls[call.index] = (name, args)
                     finished = finished or choice.finish_reason is not None
         if not finished:
             raise openai.APIError("stream ended without a finish_reason", None, body=None)  # type: ignore[arg-type]
-        text = _joined("".join(thoughts), "".join(pieces))
+        text = _answer_text("".join(thoughts), "".join(pieces), [calls[i] for i in sorted(calls)])
         if not in_order:
             text = "(reasoning after content) " + text  # never equal to the reference
         return text, node, ttft or 0.0, gap, usage

@@ -43,8 +43,9 @@ def markdown(results: list[ScenarioResult]) -> str:
     lines = [
         "| fault | trials | detected s | promoted s | first success on standby s |"
         " 100 % success again s (target) | failed non-stream | failed streams |"
-        " migrated streams | text mismatches | p50 / p99 s | rejoined as standby |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " migrated streams | refused streams | tool streams at the fault: moved / refused |"
+        " text mismatches | p50 / p99 s | rejoined as standby |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for fault, rs in by_fault.items():
         lines.append(
@@ -52,7 +53,10 @@ def markdown(results: list[ScenarioResult]) -> str:
             f" {_dist([r.promoted for r in rs])} | {_dist([r.first_success for r in rs])} |"
             f" {_dist([r.recovered for r in rs])} (≤ {rs[0].target_recovery:g}) |"
             f" {sum(r.nonstream_failed for r in rs)} | {sum(r.stream_failed for r in rs)} |"
-            f" {sum(r.migrations for r in rs)} | {sum(r.text_mismatches for r in rs)} |"
+            f" {sum(r.migrations for r in rs)} | {sum(r.stream_refused for r in rs)} |"
+            f" {sum(r.tool_streams_moved for r in rs)} /"
+            f" {sum(r.tool_streams_refused for r in rs)} |"
+            f" {sum(r.text_mismatches for r in rs)} |"
             f" {_fmt(statistics.median([r.p50 for r in rs]))} /"
             f" {_fmt(max(r.p99 for r in rs))} |"
             f" {sum(r.rejoined_as_standby for r in rs)}/{len(rs)} |"

@@ -64,6 +64,14 @@ class ScenarioResult:
     role_history: list[dict[str, Any]]
     rejoined_as_standby: bool
     primary_after: str | None
+    # Streams the relay ended with its explicit retryable error (a tool call in flight,
+    # gateway/stream/migration.py): by design, so not in stream_failed.
+    stream_refused: int = 0
+    # Tool streams (the request had tools) on the faulted primary, open at the fault or
+    # started before it was detected: completed (so moved, or done just before the
+    # fault took hold) and refused.
+    tool_streams_moved: int = 0
+    tool_streams_refused: int = 0
     errors: list[str] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -231,6 +239,12 @@ def summarise(
                 history.append({"t": round(s.t - fault_at, 3), "node": node, "role": role})
                 last[node] = role
     during = [r.latency for r in records if fault_at <= r.start <= healed_at]
+    seen_at = fault_at + (detected or 0.0)
+    open_tools = [
+        r
+        for r in records
+        if r.stream and r.tools and r.node == primary and r.start < seen_at and r.end > fault_at
+    ]
     return ScenarioResult(
         fault=fault.name,
         description=fault.description,
@@ -246,7 +260,7 @@ def summarise(
         target_recovery=fault.target_recovery,
         requests=len(records),
         nonstream_failed=sum(1 for r in records if not r.ok and not r.stream),
-        stream_failed=sum(1 for r in records if not r.ok and r.stream),
+        stream_failed=sum(1 for r in records if not r.ok and r.stream and not r.refused),
         text_mismatches=sum(1 for r in records if r.ok and r.text_matches is False),
         p50=statistics.median([r.latency for r in records]) if records else 0.0,
         p99=_percentile([r.latency for r in records], 0.99),
@@ -257,4 +271,7 @@ def summarise(
         primary_after=None,
         errors=[r.error for r in records if r.error][:10],
         records=[r.to_json() for r in records],
+        stream_refused=sum(1 for r in records if r.refused),
+        tool_streams_moved=sum(1 for r in open_tools if r.ok),
+        tool_streams_refused=sum(1 for r in open_tools if r.refused),
     )

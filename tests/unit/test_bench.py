@@ -205,6 +205,33 @@ def test_trial_recovery_is_never_negative() -> None:
     assert Trial("nginx-article", "f", 1, result).recovered == 0.0
 
 
+def test_refused_tool_streams_are_counted_apart_from_failures() -> None:
+    """The relay's retryable error for a tool call in flight is by design: not a failed
+    stream; the tool streams open on the faulted primary are split into moved/refused."""
+
+    def stream(start: float, end: float, ok: bool, tools: bool, refused: bool = False) -> Any:
+        error = None if ok else "APIError: ... the stream cannot move ..."
+        return RequestRecord(start, end, True, ok, "a", error=error, tools=tools, refused=refused)
+
+    result = summarise(
+        Fault("f", "test fault", lambda s, n: None, lambda s, n: None, target_recovery=3.0),
+        1,
+        "a",
+        "b",
+        10.0,
+        18.0,
+        [
+            stream(9.0, 11.0, True, True),  # open at the fault, finished: moved
+            stream(9.5, 10.5, False, True, refused=True),  # a call under way: refused
+            stream(9.6, 10.6, False, False),  # a plain stream lost: a failure
+            stream(8.0, 9.0, True, True),  # done before the fault
+        ],
+        [],
+    )
+    assert (result.stream_failed, result.stream_refused) == (1, 1)
+    assert (result.tool_streams_moved, result.tool_streams_refused) == (1, 1)
+
+
 def test_cpu_counters_of_both_cgroup_versions_are_read_in_seconds(tmp_path: Path) -> None:
     v1 = tmp_path / "cpuacct.usage"
     v1.write_text("2500000000\n")

@@ -316,13 +316,13 @@ class Migration:
         # once sure that the usage object and the chunk's end are all that follow it
         # (a C regex, run per streamed event: no json.loads there).
         if _USAGE_LAST.fullmatch(event, at + 9):
-            return event[:at] + self.api.usage_off + b"}"
+            return event[:at] + self.api.usage_off_for(event) + b"}"
         try:
             whole = event.endswith(b"}") and isinstance(json.loads(event[at + 9 : -1]), dict)
         except ValueError:
             whole = False
         if whole:  # usage nested deeper than SGLang writes it today
-            return event[:at] + self.api.usage_off + b"}"
+            return event[:at] + self.api.usage_off_for(event) + b"}"
         return self._strip_parsed(event)
 
     def _strip_parsed(self, event: bytes) -> bytes:
@@ -538,6 +538,9 @@ class Strategy:
         if body.get("min_tokens"):
             body["min_tokens"] = max((_as_int(body["min_tokens"]) or 0) - tokens, 0)
 
+    def usage_off_for(self, event: bytes) -> bytes:
+        return self.usage_off
+
     def drop_usage(self, event: dict[str, Any]) -> None:
         event.pop("usage", None)
 
@@ -652,8 +655,22 @@ class _Completions(Strategy):
 
 @strategy(CHAT)
 class _Chat(Strategy):
-    # StreamChunk (sse_utils.py) omits a None usage.
+    # StreamChunk (sse_utils.py) omits a None usage; the tool-call parser's chunks
+    # (serving_chat.py _process_tool_call_stream, ChatCompletionStreamResponse
+    # .model_dump_json) carry every DeltaMessage field, tool_calls included, and
+    # "usage":null.
     usage_off = b""
+    _DUMPED = b'"tool_calls":'
+
+    def usage_off_for(self, event: bytes) -> bytes:
+        return b',"usage":null' if self._DUMPED in event else b""
+
+    def drop_usage(self, event: dict[str, Any]) -> None:
+        choices = event.get("choices") or []
+        if choices and "tool_calls" in (choices[0].get("delta") or {}):
+            event["usage"] = None
+        else:
+            event.pop("usage", None)
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
         if progress.tool_calls:
@@ -703,8 +720,10 @@ class _Chat(Strategy):
         if choices:
             delta = choices[0].get("delta") or {}
             # One role chunk per answer: a segment sent again after a break before any
-            # event keeps its own (the client has none yet).
-            if "role" in delta and mig.progress.role_sent:
+            # event keeps its own (the client has none yet). The tool-call parser's
+            # chunks carry "role": null (pydantic dumps, serving_chat.py
+            # _process_tool_call_stream): those are no role chunk.
+            if delta.get("role") and mig.progress.role_sent:
                 delta.pop("role")
                 if not delta.get("content") and not choices[0].get("finish_reason"):
                     return None  # the client already has its role chunk
