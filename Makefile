@@ -104,8 +104,9 @@ test-integration: venv docker secrets  ## the CPU stack in containers, driven fr
 	scripts/ensure-test-tools.sh
 	$(PYTEST) tests/integration -q
 
-failover-test: venv docker secrets  ## every fault, $(TRIALS) trials: failover-report.json/.md/.png
-	$(PY) -m tests.failover --trials $(TRIALS) --out reports/failover
+FAILOVER_OUT = reports/failover$(if $(filter pool,$(MODE)),-pool-$(NODES),$(if $(filter-out 2,$(NODES)),-$(NODES)))
+failover-test: venv docker secrets  ## every fault, $(TRIALS) trials, against MODE/NODES: failover-report.json/.md/.png
+	$(PY) -m tests.failover --trials $(TRIALS) --mode $(MODE) --nodes $(NODES) --out $(FAILOVER_OUT)
 
 # Two-GPU hosts only: the GPU stack with a small model, the crash, freeze and NIC
 # faults of the failover harness, report in reports/gpu-smoke/ (scripts/gpu-smoke.sh).

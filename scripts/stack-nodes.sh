@@ -5,9 +5,13 @@
 # agent and the relay, and lists every node where a component must know them all: each
 # agent's HA_PEERS, the relay's seed list HA_NODES (which also seeds Nginx's
 # last-resort direct upstreams), and Prometheus's agent and engine scrape targets
-# (compose/prometheus.generated.yml, mounted over prometheus/prometheus.yml).
+# (compose/stack.prometheus.generated.yml, mounted over prometheus/prometheus.yml).
 #
-#   scripts/stack-nodes.sh MODE NODES STACK    (STACK: compose.yaml | compose.gpu.yaml)
+#   scripts/stack-nodes.sh MODE NODES STACK [NAME]
+#     STACK: compose.yaml | compose.gpu.yaml; NAME (default `stack`) names the files,
+#     compose/NAME.generated.yaml and compose/NAME.prometheus.generated.yml, so that a
+#     test stack's never replaces the demo's. Both stay in compose/: the override's
+#     relative paths are read from there.
 #
 # The default, a pair of two nodes, needs no override: both generated files are removed,
 # so the stack is exactly the checked-in one. The Makefile adds the override to every
@@ -18,8 +22,13 @@ cd "$(dirname "$0")/.."
 mode=${1:-pair}
 nodes=${2:-2}
 stack=${3:-compose.yaml}
-out=compose/stack.generated.yaml
-prom=compose/prometheus.generated.yml
+name=${4:-stack}
+if ! [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]]; then
+  echo "error: NAME=$name: letters, digits, - and _ only" >&2
+  exit 2
+fi
+out=compose/$name.generated.yaml
+prom=compose/$name.prometheus.generated.yml
 
 case "$mode" in
   pair | pool) ;;
@@ -44,7 +53,7 @@ if [ -z "$base" ] && [ "$nodes" != 2 ]; then
   exit 2
 fi
 
-name() { printf 'sglang-%02d' "$1"; }
+node_name() { printf 'sglang-%02d' "$1"; }
 peers_of() {  # every agent but node $1
   local i list=
   for ((i = 1; i <= nodes; i++)); do
@@ -54,7 +63,7 @@ peers_of() {  # every agent but node $1
 }
 seeds=
 for ((i = 1; i <= nodes; i++)); do
-  seeds+="${seeds:+,}$(name "$i")=http://node-$i:30000=http://node-$i:8008"
+  seeds+="${seeds:+,}$(node_name "$i")=http://node-$i:30000=http://node-$i:8008"
 done
 
 {
@@ -71,11 +80,11 @@ done
     echo "      HA_MODE: $mode"
     echo "      HA_PEERS: $(peers_of "$i")"
     if [ "$i" -gt 2 ]; then
-      echo "      HA_NODE_NAME: $(name "$i")"
+      echo "      HA_NODE_NAME: $(node_name "$i")"
       echo "      HA_ADVERTISE_ENGINE_URL: http://node-$i:30000"
       echo "      HA_ADVERTISE_API_URL: http://node-$i:8008"
       if [ "$base" = nodes-cpu.yaml ]; then
-        echo "      SIM_INSTANCE_NAME: $(name "$i")"
+        echo "      SIM_INSTANCE_NAME: $(node_name "$i")"
       fi
       # Merged by target path: this node's own logs, not node-2's.
       echo "    volumes:"
@@ -101,7 +110,7 @@ done
   echo "      HA_NODES: $seeds"
   echo "  prometheus:"
   echo "    volumes:"
-  echo "      - ./prometheus.generated.yml:/etc/sglang-ha/prometheus/prometheus.yml:ro"
+  echo "      - ./$name.prometheus.generated.yml:/etc/sglang-ha/prometheus/prometheus.yml:ro"
   if [ "$nodes" -gt 2 ]; then
     echo "volumes:"
     for ((i = 3; i <= nodes; i++)); do echo "  node-$i-logs:"; done

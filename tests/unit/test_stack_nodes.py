@@ -79,7 +79,7 @@ def test_the_default_pair_is_the_checked_in_stack(tree: Path) -> None:
     result = generate(tree, "pair", "2", "compose.yaml")
     assert result.returncode == 0, result.stderr
     assert not (tree / "compose" / "stack.generated.yaml").exists()
-    assert not (tree / "compose" / "prometheus.generated.yml").exists()
+    assert not (tree / "compose" / "stack.prometheus.generated.yml").exists()
     config = compose_config(tree, "compose.yaml")
     nodes = sorted(s for s in config["services"] if s.startswith("node-"))
     assert nodes == ["node-1", "node-2"]
@@ -114,13 +114,13 @@ def test_a_pool_of_three_lists_every_node_everywhere(tree: Path) -> None:
     seeds = [s.split("=")[0] for s in gateway["HA_NODES"].split(",")]
     assert seeds == ["sglang-01", "sglang-02", "sglang-03"]
     mounts = {v["target"]: v["source"] for v in services["prometheus"]["volumes"]}
-    generated = tree / "compose" / "prometheus.generated.yml"
+    generated = tree / "compose" / "stack.prometheus.generated.yml"
     assert mounts["/etc/sglang-ha/prometheus/prometheus.yml"] == str(generated)
 
 
 def test_the_generated_scrape_config_has_every_node(tree: Path) -> None:
     assert generate(tree, "pool", "3", "compose.yaml").returncode == 0
-    generated = tree / "compose" / "prometheus.generated.yml"
+    generated = tree / "compose" / "stack.prometheus.generated.yml"
     config = yaml.safe_load(generated.read_text())
     for job, port in (("sglang-ha-agent", 8008), ("sglang-engine", 30000)):
         (scrape,) = [j for j in config["scrape_configs"] if j["job_name"] == job]
