@@ -10,6 +10,7 @@ Timing invariants (lease TTL vs loop and retry) are checked here and only here.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -23,6 +24,30 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 log = logging.getLogger(__name__)
 
 FailbackPolicy = Literal["never", "negotiated", "preferred"]
+
+
+class HaMode(str, enum.Enum):
+    """How the nodes share the work (HA_MODE, read by the agents and the relay alike).
+
+    pair: one primary (the lease holder) serves, the others stand by.
+    pool: every node whose engine is healthy serves; the lease holder only
+        coordinates (docs/architecture.md, "Pool mode").
+    """
+
+    PAIR = "pair"
+    POOL = "pool"
+
+
+class ModeSettings(BaseSettings):
+    """The one setting the agents and the relay must agree on."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    mode: HaMode = Field(
+        HaMode.PAIR,
+        description="pair (one primary serves, the others stand by) | pool (every"
+        " healthy node serves); the same value on every agent and the relay.",
+    )
 
 
 class TimingWarning(UserWarning):
@@ -504,7 +529,22 @@ class EngineRestartSettings(BaseSettings):
     )
 
 
+class PoolSettings(BaseSettings):
+    """Pool mode on the agent: when a node that was taken out of service serves again."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    pool_rejoin_stable: float = Field(
+        5.0,
+        ge=0,
+        description="Pool mode: a node taken out of service serves again only once its"
+        " engine has been healthy this long and flap damping no longer holds it back, s.",
+    )
+
+
 class AgentSettings(
+    ModeSettings,
+    PoolSettings,
     RedisSettings,
     LeaseTiming,
     EngineHealthSettings,
@@ -552,7 +592,7 @@ class AgentSettings(
         return _split_csv(value)
 
 
-class RelaySettings(RedisSettings, EngineAuthSettings):
+class RelaySettings(ModeSettings, RedisSettings, EngineAuthSettings):
     """The leader-aware relay in the gateway."""
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
@@ -648,6 +688,25 @@ class RelaySettings(RedisSettings, EngineAuthSettings):
         json_schema_extra=DYNAMIC,
     )
     warm_max_inflight: int = Field(4, ge=1, description="Mirrors in flight at most.")
+    affinity_block_chars: int = Field(
+        256,
+        gt=0,
+        description="Pool mode: prompts are matched to the node that holds their prefix"
+        " in blocks of this many characters.",
+    )
+    affinity_max_chars: int = Field(
+        32768,
+        gt=0,
+        description="Pool mode: only this many leading characters of a prompt count for"
+        " prefix affinity.",
+    )
+    affinity_load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="Pool mode: a node takes a request for a prefix it holds only while its"
+        " requests in flight stay within this factor of the pool's average (bounded-load"
+        " consistent hashing); past it the request goes to the least loaded node.",
+    )
     migration_limit: int = Field(
         3, ge=0, description="How often one stream may move to another node."
     )

@@ -6,6 +6,7 @@ unit test fails when docs/configuration.md is out of date.
 
 from __future__ import annotations
 
+import enum
 import sys
 
 from pydantic.fields import FieldInfo
@@ -19,6 +20,8 @@ from ha_agent.config import (
     FailbackSettings,
     LeaseTiming,
     LoggingSettings,
+    ModeSettings,
+    PoolSettings,
     RedisSettings,
     RelaySettings,
     SimSettings,
@@ -26,11 +29,13 @@ from ha_agent.config import (
 
 SECTIONS: list[tuple[str, type[BaseSettings], str]] = [
     ("Logging (agents, relay)", LoggingSettings, "HA_"),
+    ("Mode (agents, relay)", ModeSettings, "HA_"),
     ("Coordination store (agents, relay, CLI)", RedisSettings, "HA_"),
     ("Lease timing (agents)", LeaseTiming, "HA_"),
     ("Engine health (agents)", EngineHealthSettings, "HA_"),
     ("Engine restart (agents)", EngineRestartSettings, "HA_"),
     ("Failback (agents)", FailbackSettings, "HA_"),
+    ("Pool membership (agents)", PoolSettings, "HA_"),
     ("Engine API key (agents, relay)", EngineAuthSettings, "HA_"),
     ("Agent", AgentSettings, "HA_"),
     ("Relay (gateway)", RelaySettings, "HA_"),
@@ -49,6 +54,8 @@ def own_fields(cls: type[BaseSettings]) -> dict[str, FieldInfo]:
 
 def _default(field: FieldInfo) -> str:
     value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+    if isinstance(value, enum.Enum):
+        value = value.value
     if value is None or value == []:
         return "—"
     if isinstance(value, list):

@@ -94,6 +94,9 @@ class Member(StoredRecord):
     engine_health: EngineState = EngineState.STARTING
     priority: int = 0
     updated: float = field(default_factory=time.time)
+    # Whether the node takes new requests: the primary in a pair, every node in
+    # service in a pool. Absent in what older agents wrote: read as False.
+    serving: bool = False
 
     def __post_init__(self) -> None:
         # Stored as the enums' string values (what older agents wrote too); the JSON
@@ -263,6 +266,10 @@ class AgentStatus:
     loop_wait: float = 0.0
     engine_restarts: int = 0  # automatic restarts of a hung engine, in the window
     engine_restart: str = ""  # why the agent does or does not restart a hung engine
+    mode: str = "pair"  # HA_MODE of this agent
+    # Takes new requests now: the primary in a pair, a node in service in a pool.
+    serving: bool = False
+    pool: str = ""  # pool mode: the serving decision, in words
 
     @property
     def is_primary(self) -> bool:
@@ -308,6 +315,9 @@ class AgentStatus:
             loop_wait=_num(data, "loop_wait"),
             engine_restarts=int(_num(data, "engine_restarts")),
             engine_restart=str(data.get("engine_restart", "")),
+            mode=str(data.get("mode", "pair")),
+            serving=bool(data.get("serving", False)),
+            pool=str(data.get("pool", "")),
         )
 
 

@@ -4,6 +4,8 @@ Health routes (no auth; they reveal nothing secret):
     GET /health      200 while the engine is healthy, whatever the role
     GET /primary     200 only on the primary with a certainly-valid lease
     GET /replica     200 on a healthy standby
+    GET /serving     200 while this node takes new requests (pair: the primary;
+                     pool: in service)
     GET /liveness    200 while the HA loop is turning
     GET /readiness   200 while the engine can take requests
     GET /ha/status   role, epoch, lease time left, engine health, last transition
@@ -112,6 +114,13 @@ class AgentApi:
             ok,
             "healthy standby" if ok else f"not a healthy standby ({self.ha.status().role.value})",
         )
+
+    async def get_serving(self, request: web.Request) -> web.Response:
+        if self.ha.is_serving():
+            return _plain(True, "serving")
+        if self.ha.pool is None:
+            return _plain(False, f"not serving ({self.ha.status().role.value})")
+        return _plain(False, self.ha.pool.out_reason or self.ha.pool_note or "not serving yet")
 
     async def get_liveness(self, request: web.Request) -> web.Response:
         age = self.ha.clock() - self.ha.last_cycle_at

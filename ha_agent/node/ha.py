@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ha_agent import events as ev
-from ha_agent.config import DYNAMIC_SETTINGS, AgentSettings, DynamicConfig
+from ha_agent.config import DYNAMIC_SETTINGS, AgentSettings, DynamicConfig, HaMode
 from ha_agent.dcs.base import (
     AgentStatus,
     Cluster,
@@ -47,6 +47,7 @@ from ha_agent.node.damping import FlapDamper
 from ha_agent.node.engine.monitor import EngineHealth, HealthMonitor
 from ha_agent.node.failback import Failback
 from ha_agent.node.peers import PeerClient
+from ha_agent.node.pool import PoolMembership
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,20 @@ class Ha:
         self.clock = clock
         self.state = HAState()
         self.damper = FlapDamper(clock=clock)
+        # Pool mode: whether this node serves, decided from its engine alone; the
+        # lease then names the coordinator, not the node that serves.
+        self.pool = (
+            PoolMembership(settings, self.damper, events, clock)
+            if settings.mode is HaMode.POOL
+            else None
+        )
         self.failback = Failback(settings, clock=clock)
         self.arbiter = FileArbiter(settings.arbiter_file) if settings.arbiter_file else None
         self._preferred_checked_at = -1e9
         self._planned_restart_until = -1e9  # monotonic: an admin restarts the engine
         self.last_cycle_at = clock()
         self.last_cycle_message = "starting"
+        self.pool_note = ""  # pool mode: the last serving decision, in words
         self._last_logged: str | None = None  # repeated cycle sentences log at debug
         self.wake = asyncio.Event()
         self.transitions_total = 0
@@ -161,6 +170,13 @@ class Ha:
             and self.clock() < self.state.lease_valid_until
             and self.engine.health.healthy
         )
+
+    def is_serving(self) -> bool:
+        """Whether new requests may come here: the primary in a pair, a node in
+        service in a pool. Computed at call time, as is_primary."""
+        if self.pool is not None:
+            return self.pool.serving(self.engine.health)
+        return self.is_primary()
 
     def is_standby(self) -> bool:
         return not self.is_primary() and self.engine.health.healthy
@@ -199,6 +215,9 @@ class Ha:
             loop_wait=self.s.loop_wait,
             engine_restarts=self.engine_restarts,
             engine_restart=self.engine_restart_note,
+            mode=self.s.mode.value,
+            serving=self.is_serving(),
+            pool=self.pool_note,
         )
 
     # -- the cycle -----------------------------------------------------------------------
@@ -214,6 +233,13 @@ class Ha:
         return message
 
     async def _run_cycle(self) -> str:
+        if self.pool is None:
+            return await self._lease_cycle()
+        # Serving is decided before the store is read: an outage must not stop it.
+        self.pool_note = self.pool.decide(self.engine.health)
+        return f"{self.pool_note}; {await self._lease_cycle()}"
+
+    async def _lease_cycle(self) -> str:
         fenced = self._self_fence()
         try:
             cluster = await self.dcs.get_cluster()
@@ -309,6 +335,7 @@ class Ha:
             epoch=self.state.epoch,
             engine_health=h.state,
             priority=self.s.priority,
+            serving=self.is_serving(),
         )
         with contextlib.suppress(DCSError):
             await self.dcs.register(me, self.s.registry_ttl)
@@ -332,7 +359,8 @@ class Ha:
             await self._release(f"planned switchover to {target}", planned=True)
             self.events.emit(ev.SWITCHOVER_REQUESTED, f"from {self.name} to {target}")
             return f"demoted: planned switchover to {target}; released the lease"
-        if not st.paused and switch is None:
+        # No failback in a pool: the lease names the coordinator, every node serves.
+        if not st.paused and switch is None and self.pool is None:
             note = await self._failback_due(cluster)
             if note:
                 return await self._renew(cluster, note=note)
@@ -448,7 +476,11 @@ class Ha:
         sentence = (
             f"following {leader.node} (epoch {leader.epoch}) as standby; engine {h.state.value}"
         )
-        if not st.paused and self.failback.should_negotiate(h, self.damper.held_back_for()):
+        if (
+            self.pool is None
+            and not st.paused
+            and self.failback.should_negotiate(h, self.damper.held_back_for())
+        ):
             sentence += "; " + await self._ask_for_failback(leader.node, leader.epoch)
         return sentence
 
@@ -814,6 +846,8 @@ class Ha:
             self.damper.record_failure()
         if new.state is EngineState.HEALTHY:
             self._planned_restart_until = -1e9
+        if self.pool is not None:
+            self.pool.engine_changed(new)
         self.wake.set()  # act on it now, not at the next tick
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -95,6 +95,10 @@ AGENT_SPEC: dict[str, Any] = {
         "/leader": _probe("same as /primary"),
         "/replica": _probe("200 on a healthy standby"),
         "/standby": _probe("same as /replica"),
+        "/serving": _probe(
+            "200 while this node takes new requests: the primary in pair mode, a node"
+            " in service in pool mode (engine healthy, rejoin damping passed)"
+        ),
         "/liveness": _probe("200 while the HA loop is turning"),
         "/readiness": _probe("200 while the engine can take requests"),
         "/ha/status": {

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from ha_agent.config import AgentSettings, LeaseTiming, RelaySettings, TimingWarning
+from ha_agent.config import AgentSettings, HaMode, LeaseTiming, RelaySettings, TimingWarning
 
 
 def test_environment_overrides_and_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,6 +29,17 @@ def test_relay_seed_nodes_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
         "a=http://a:30000=http://a:8008",
         "b=http://b:30000=http://b:8008",
     ]
+
+
+def test_mode_is_pair_unless_set_and_one_setting_for_agent_and_relay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert AgentSettings().mode is HaMode.PAIR and RelaySettings().mode is HaMode.PAIR
+    monkeypatch.setenv("HA_MODE", "pool")
+    assert AgentSettings().mode is HaMode.POOL and RelaySettings().mode is HaMode.POOL
+    monkeypatch.setenv("HA_MODE", "ring")
+    with pytest.raises(ValidationError, match="'pair' or 'pool'"):
+        RelaySettings()
 
 
 def test_patroni_timing_rule_is_enforced_with_a_warning() -> None:

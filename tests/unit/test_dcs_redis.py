@@ -72,6 +72,26 @@ async def test_a_member_is_stored_as_the_json_older_agents_wrote(store: RedisLea
     await store.register(member, ttl=5)
     stored = json.loads(await store._client.get(store.k_member + "a"))
     assert stored["role"] == "primary" and stored["engine_health"] == "hung"
+    assert stored["serving"] is False
+
+
+async def test_a_member_from_an_agent_without_serving_reads_as_not_serving(
+    store: RedisLeaseStore,
+) -> None:
+    older = {
+        "name": "a",
+        "engine_url": "http://a:30000",
+        "api_url": "http://a:8008",
+        "role": "standby",
+        "epoch": 0,
+        "engine_health": "healthy",
+        "priority": 0,
+        "updated": time.time(),
+    }
+    await store._client.set(store.k_member + "a", json.dumps(older), px=5000)
+    await store._client.sadd(store.k_members, "a")
+    (member,) = (await store.get_cluster()).members
+    assert member.serving is False and member.engine_health is EngineState.HEALTHY
 
 
 async def test_removing_a_node_tells_the_watchers_which_one(store: RedisLeaseStore) -> None:

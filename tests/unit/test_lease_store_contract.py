@@ -207,3 +207,11 @@ async def test_members_read_back_with_their_role_and_engine_state(rig: Rig) -> N
     (read,) = (await s.get_cluster()).members
     assert read.role is Role.PRIMARY and read.engine_health is EngineState.HEALTHY
     assert read == member
+
+
+async def test_members_read_back_serving_or_not(rig: Rig) -> None:
+    s = rig.store
+    await s.register(Member("a", "http://a:30000", "http://a:8008", serving=True), ttl=5)
+    await s.register(Member("b", "http://b:30000", "http://b:8008"), ttl=5)
+    serving = {m.name: m.serving for m in (await s.get_cluster()).members}
+    assert serving == {"a": True, "b": False}
