@@ -72,6 +72,7 @@ def status_table(view: ClusterView, since: Traffic | None = None) -> str:
         "NODE",
         "ROLE",
         "ENGINE",
+        "SERVING",
         "ROUTED",
         "SHARE",
         "EPOCH",
@@ -85,13 +86,14 @@ def status_table(view: ClusterView, since: Traffic | None = None) -> str:
         s = n.status
         routed, share = _traffic_cells(view, n.name, since)
         if s is None:
-            rows.append((n.name, n.role, "?", routed, share, "?", "", "?", "?", n.api_url))
+            rows.append((n.name, n.role, "?", "?", routed, share, "?", "", "?", "?", n.api_url))
             continue
         rows.append(
             (
                 n.name,
                 n.role,
                 s.engine.state.value,
+                "yes" if s.serving else "no",
                 routed,
                 share,
                 str(s.epoch),
@@ -107,6 +109,11 @@ def status_table(view: ClusterView, since: Traffic | None = None) -> str:
         lines.append(f"SHARE: requests the relay answered from each node, {span}")
         for error in view.traffic.errors:
             lines.append(f"relay UNREACHABLE: {error}")
+    # Pool mode: why a node is out of service or not yet back in it.
+    for n in view.nodes:
+        s = n.status
+        if s is not None and s.mode == "pool" and s.pool and not s.serving:
+            lines.append(f"{n.name}: {s.pool}")
     # Why a hung engine is (not yet) restarted, and how many automatic restarts so far.
     for n in view.nodes:
         s = n.status
@@ -116,9 +123,12 @@ def status_table(view: ClusterView, since: Traffic | None = None) -> str:
     c = view.cluster
     if c is not None:
         leader = f"{c.leader.node} (epoch {c.leader.epoch})" if c.leader else "none"
+        modes = sorted({n.status.mode for n in view.nodes if n.status})
         lines.insert(
             0,
             f"cluster ok: leader {leader}, max epoch {c.max_epoch}"
+            # The default pair says nothing; a pool, or agents that disagree, say so.
+            + (f", mode {'/'.join(modes)}" if modes and modes != ["pair"] else "")
             + (", PAUSED" if c.paused else ""),
         )
     else:

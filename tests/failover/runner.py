@@ -180,7 +180,8 @@ async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> Sc
         if stack.mode == "pool":
             relay = await asyncio.to_thread(stack.relay_status) or {}
             routed = any(n["name"] == primary and n["can_serve"] for n in relay.get("nodes", []))
-            if old and old["engine"]["state"] == "healthy" and routed:
+            # Serving again: past the agent's rejoin damping, not only healthy.
+            if old and old["engine"]["state"] == "healthy" and old.get("serving") and routed:
                 rejoined = True
                 break
         elif old and old["role"] == "standby" and old["engine"]["state"] == "healthy":

@@ -79,7 +79,7 @@ class ClusterView:
             primaries = [n for n, s in statuses.items() if s and s["role"] == "primary"]
             if self.mode == "pool":
                 if (
-                    all(s and self.node_settled(s) for s in statuses.values())
+                    all(s and self.node_settled(s) and s.get("serving") for s in statuses.values())
                     and relay
                     and {n["name"] for n in relay["nodes"]} >= set(self.nodes)
                     and self.relay_settled(relay)

@@ -87,10 +87,11 @@ def test_status_renders_table_json_and_yaml() -> None:
     client = FakeClient()
     table = run(client, "status").output
     assert table.splitlines()[0] == "cluster ok: leader sglang-01 (epoch 1), max epoch 1"
-    assert table.splitlines()[2].split()[:7] == [
+    assert table.splitlines()[2].split()[:8] == [
         "sglang-01",
         "primary",
         "healthy",
+        "no",  # the fake's status does not say it serves
         "-",  # no relay to ask: no share of traffic
         "-",
         "1",
@@ -272,12 +273,21 @@ def relay_metrics(counts: dict[str, int], can_serve: dict[str, int]) -> str:
 
 
 def pool_view(traffic: Traffic | None) -> ClusterView:
+    """Three pool nodes; sglang-03's engine died and it is out of service."""
     names = ["sglang-01", "sglang-02", "sglang-03"]
     rows = [
         NodeRow(
             name,
             f"http://node-{i}:8008",
-            agent_status(name, Role.PRIMARY if i == 1 else Role.STANDBY, lease_time_left=1.9),
+            agent_status(
+                name,
+                Role.PRIMARY if i == 1 else Role.STANDBY,
+                EngineState.DEAD if i == 3 else EngineState.HEALTHY,
+                lease_time_left=1.9,
+                mode="pool",
+                serving=i != 3,
+                pool="engine dead" if i == 3 else "",
+            ),
         )
         for i, name in enumerate(names, 1)
     ]
@@ -302,13 +312,15 @@ def test_status_shows_each_nodes_share_of_traffic_summed_over_relays() -> None:
     )
     view = pool_view(traffic)
     lines = output.status_table(view).splitlines()
-    cells = {line.split()[0]: line.split()[3:6] for line in lines[2:5]}
+    assert lines[0] == "cluster ok: leader sglang-01 (epoch 1), max epoch 1, mode pool"
+    cells = {line.split()[0]: line.split()[2:7] for line in lines[2:5]}
     # Refused requests (node "-") are nobody's share: 60 + 40 + 0 = 100 routed.
     assert cells == {
-        "sglang-01": ["yes", "60%", "(60)"],
-        "sglang-02": ["yes", "40%", "(40)"],
-        "sglang-03": ["no", "0%", "(0)"],
+        "sglang-01": ["healthy", "yes", "yes", "60%", "(60)"],
+        "sglang-02": ["healthy", "yes", "yes", "40%", "(40)"],
+        "sglang-03": ["dead", "no", "no", "0%", "(0)"],
     }
+    assert "sglang-03: engine dead" in lines
     doc = output.status_document(view)
     assert [n["traffic"] for n in doc["nodes"]] == [
         {"requests": 60, "share": 0.6, "in_rotation": True},
@@ -325,7 +337,7 @@ def test_status_watch_shows_the_share_between_two_views() -> None:
         relay_metrics({"sglang-01": 100, "sglang-02": 0, "sglang-03": 30}, {}), after
     )
     lines = output.status_table(pool_view(after), since=before).splitlines()
-    shares = {line.split()[0]: line.split()[4] for line in lines[2:5]}
+    shares = {line.split()[0]: line.split()[5] for line in lines[2:5]}
     assert shares == {"sglang-01": "0%", "sglang-02": "0%", "sglang-03": "100%"}
     assert "since the last view" in output.status_table(pool_view(after), since=before)
 
@@ -334,7 +346,7 @@ def test_status_says_when_the_relay_does_not_answer() -> None:
     traffic = Traffic(errors=["http://gateway:8002: connection refused"])
     table = output.status_table(pool_view(traffic))
     assert "relay UNREACHABLE: http://gateway:8002: connection refused" in table
-    assert table.splitlines()[2].split()[3:5] == ["?", "-"]
+    assert table.splitlines()[2].split()[4:6] == ["?", "-"]
     doc = output.status_document(pool_view(traffic))
     assert [n["traffic"] for n in doc["nodes"]] == [None, None, None]
     assert doc["relay_errors"] == ["http://gateway:8002: connection refused"]
