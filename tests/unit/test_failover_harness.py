@@ -25,7 +25,8 @@ def sample(t: float, down: str | None = None, failed: str | None = None) -> Samp
 
 
 def pool_traffic() -> list[RequestRecord]:
-    """Every node serves before the fault at 10 s (in 30 batches of a third of a second); the stream on sglang-02 moves on."""
+    """Every node serves before the fault at 10 s, a request every third of a second;
+    a stream that outlives the fault, then the survivors' answers."""
     records = [
         RequestRecord(t / 3, t / 3 + 0.5, stream, True, NAMES[t % 3])
         for t in range(30)
