@@ -13,8 +13,11 @@
               relay's standby warming on and off (bench/warming.py).
 3. baselines: the same engines behind the article's Nginx and SGLang's router
               (defaults, and 1 s health checks); each fault N times, all at once.
+4. pool:      engines limited by their running slots (4 each, fixed decode time):
+              requests/s of the pair, the 2-node pool and SGLang's router over the
+              pool's engines; failed requests on kill -9 and freeze (bench/pool.py).
 
-Writes bench/results/{capacity,overhead,failover,warming}.json (with the machine's
+Writes bench/results/{capacity,overhead,failover,warming,pool}.json (with the machine's
 description), overhead-samples.json and failover-requests.json (raw), overhead.md,
 failover.md, warming.md, summary.md and two plots. Every stack gets a unique project
 name and is removed.
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import capacity, overhead, report, warming
+from bench import capacity, overhead, pool, report, warming
 from bench.capacity import CapacityConfig
 from bench.failover import BENCH_FAULTS, Trial, run_baselines, run_ours
 from bench.overhead import OverheadConfig
@@ -39,7 +42,7 @@ from bench.stacks import baselines, build_images, our_stack
 from tests.failover import runner
 from tests.failover.scenarios import FAULTS
 
-PHASES = ("capacity", "overhead", "ours", "warming", "baselines")
+PHASES = ("capacity", "overhead", "ours", "warming", "baselines", "pool")
 # The simulator's settings on every engine (its defaults: see docs/simulator.md).
 ENGINE = "ITL 10 ms × (1 + 0.01 × (running − 1)), TTFT 20 ms + 0.2 ms per prompt token"
 
@@ -135,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         phase_done("failover baselines", t)
     if trials:
         _write_failover(args.out, meta, trials, args)
+    if "pool" in phases:
+        t = time.monotonic()
+        print("== pool: pair, pool and SGLang's router, slot-limited engines", flush=True)
+        pcfg = pool.PoolConfig()
+        result = pool.run(pcfg, args.trials)
+        phase_done("pool", t)
+        report.write_json(
+            args.out / "pool.json",
+            {**meta, "commit": _commit(), "config": pcfg.__dict__, **result},
+        )
+        (args.out / "pool.md").write_text(pool.markdown(result, pcfg, args.trials))
     meta["total_seconds"] = round(time.monotonic() - began, 1)
     _write_summary(args.out, meta)
     print(f"== done in {meta['total_seconds']} s; see {args.out / 'summary.md'}", flush=True)
@@ -202,6 +216,18 @@ def _write_failover(
     report.plot_failover(trials, out / "failover.png")
 
 
+def _commit() -> str:
+    """The checkout's commit, `+dirty` with uncommitted changes: what was measured."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return run.stdout.strip()
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _write_summary(out: Path, meta: dict[str, Any]) -> None:
     parts = ["# sglang-ha benchmark (`make bench`)", ""]
     m = meta["machine"]
@@ -214,6 +240,7 @@ def _write_summary(out: Path, meta: dict[str, Any]) -> None:
         ("overhead", "Path overhead", "overhead.png"),
         ("failover", "Failover against the baselines", "failover.png"),
         ("warming", "Warm standby: TTFT after a failover", None),
+        ("pool", "Pool against pair and SGLang's router (slot-limited engines)", None),
     ):
         md = out / f"{name}.md"
         if md.exists():
