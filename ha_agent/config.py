@@ -705,7 +705,15 @@ class RelaySettings(ModeSettings, RedisSettings, EngineAuthSettings):
         ge=1.0,
         description="Pool mode: a node takes a request for a prefix it holds only while its"
         " requests in flight stay within this factor of the pool's average (bounded-load"
-        " consistent hashing); past it the request goes to the least loaded node.",
+        " consistent hashing, plus HA_AFFINITY_LOAD_SLACK); past it the request goes to"
+        " the next node on the ring within it.",
+    )
+    affinity_load_slack: int = Field(
+        4,
+        ge=0,
+        description="Pool mode: requests in flight a node may hold above that bound and"
+        " still take a prefix it holds (at low load the factor alone would spread"
+        " every conversation away from its cache).",
     )
     migration_limit: int = Field(
         3, ge=0, description="How often one stream may move to another node."

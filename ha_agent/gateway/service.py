@@ -67,6 +67,9 @@ class RelayService:
             self.metrics.registry,
             max_inflight=math.ceil(settings.warm_max_inflight / workers),
             max_chars=settings.warm_max_chars,
+            pool=self.topology.pool,
+            affinity_block=settings.affinity_block_chars,
+            affinity_max_chars=settings.affinity_max_chars,
         )
         self.topology.config_observers.append(self._config_changed)
         self.relay = Relay(

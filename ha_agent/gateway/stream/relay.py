@@ -41,6 +41,7 @@ from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.stream import passthrough, sse
 from ha_agent.gateway.stream.migration import ContinuationRefused, Migration, request_caused
+from ha_agent.gateway.upstream.affinity import Affinity, affinity_of
 from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import (
     RETRYABLE_STATUS,
@@ -176,14 +177,15 @@ class Relay:
             if refused is not None:
                 return self._timed(endpoint, False, refused, started)
         stream = bool(payload and payload.get("stream") is True)
+        affinity = self._affinity(route.kind, payload)
         self.metrics.inflight.inc()
         try:
             if stream and migrates and payload is not None:
-                response = await self._stream(request, route.kind, payload, body, started)
+                response = await self._stream(request, route.kind, payload, body, started, affinity)
             elif stream and route.semantics is Semantics.STREAM_ERROR:
-                response = await self._stream_unresumable(request, route, body)
+                response = await self._stream_unresumable(request, route, body, affinity)
             else:
-                response = await self._unary(request, route, body)
+                response = await self._unary(request, route, body, affinity)
         finally:
             self.metrics.inflight.dec()
             self.admission.done(request)
@@ -268,14 +270,26 @@ class Relay:
         finally:
             node.inflight.discard(attempt)
 
-    def _tries(self) -> _Tries:
-        return _Tries(self.topology, self.metrics, self.retry_deadline)
+    def _tries(self, affinity: Affinity | None = None) -> _Tries:
+        return _Tries(self.topology, self.metrics, self.retry_deadline, affinity)
+
+    def _affinity(self, kind: str, payload: dict[str, Any] | None) -> Affinity | None:
+        """Pool mode: the request's prefix keys (affinity.py); None in a pair."""
+        if not self.topology.pool or payload is None:
+            return None
+        return affinity_of(kind, payload, self.s.affinity_block_chars, self.s.affinity_max_chars)
 
     # -- non-streaming -------------------------------------------------------------------
 
-    async def _unary(self, request: web.Request, route: Endpoint, body: bytes) -> web.Response:
+    async def _unary(
+        self,
+        request: web.Request,
+        route: Endpoint,
+        body: bytes,
+        affinity: Affinity | None = None,
+    ) -> web.Response:
         endpoint = _label(route)
-        tries = self._tries()
+        tries = self._tries(affinity)
         last: _Retryable | None = None
         answers = 0
         # Connection-level failures (refused, timed out, abandoned) retry until the
@@ -345,9 +359,11 @@ class Relay:
         payload: dict[str, Any],
         body: bytes,
         started: float,
+        affinity: Affinity | None = None,
     ) -> web.StreamResponse:
         migration = Migration(kind, payload, self.s.reasoning_parser)
         state = _StreamState(request, kind, migration, started, self.metrics)
+        state.affinity = affinity
         state.worker = self.s.relay_worker_index
 
         def first_event() -> None:
@@ -370,7 +386,7 @@ class Relay:
 
     async def _stream_loop(self, state: _StreamState, body: bytes) -> web.StreamResponse:
         kind = state.kind
-        tries = self._tries()
+        tries = self._tries(state.affinity)
         segment_body = body
         segment_writes = 0  # events written when the current segment began
         while True:
@@ -542,12 +558,16 @@ class Relay:
     # -- streams that cannot move (the Responses API) ------------------------------------
 
     async def _stream_unresumable(
-        self, request: web.Request, route: Endpoint, body: bytes
+        self,
+        request: web.Request,
+        route: Endpoint,
+        body: bytes,
+        affinity: Affinity | None = None,
     ) -> web.StreamResponse:
         """Retried before its first byte like a unary request; a break after it ends
         the client's stream with an explicit `error` event (the Responses API's own
         ResponseErrorEvent), never a silent cut."""
-        tries = self._tries()
+        tries = self._tries(affinity)
         out = _Unresumable()
         while True:
             node = await tries.next()
@@ -606,10 +626,17 @@ class _Tries:
     """The nodes one request tries, in routing order: each once; once all failed, a
     short pause (a promotion may be under way) and another round, until the deadline."""
 
-    def __init__(self, topology: Topology, metrics: RelayMetrics, deadline_s: float) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        metrics: RelayMetrics,
+        deadline_s: float,
+        affinity: Affinity | None = None,
+    ) -> None:
         self.topology = topology
         self.metrics = metrics
         self.deadline_s = deadline_s
+        self.affinity = affinity  # pool mode: where the prompt's prefix is cached
         self.failures: list[str] = []  # "node: reason", for the final answer
         self.restart()
 
@@ -623,13 +650,15 @@ class _Tries:
         """The node to try next, or None once the deadline passed; one in `avoid` only
         when no other is left to try."""
         while True:
-            order = self.topology.routing_order(exclude=self.tried)
+            order = self.topology.routing_order(exclude=self.tried, affinity=self.affinity)
             if order:
                 now = self.topology.clock()
-                for node in order if avoid else ():
-                    if node.can_serve(now) and node.name not in avoid:
-                        return node
-                return order[0]
+                chosen = next(
+                    (n for n in order if avoid and n.can_serve(now) and n.name not in avoid),
+                    order[0],
+                )
+                self.topology.sent(chosen, self.affinity)
+                return chosen
             if time.monotonic() >= self.deadline:
                 return None
             self.tried.clear()
@@ -737,6 +766,7 @@ class _StreamState:
     writes: int = 0
     worker: int = 0
     on_first_event: Callable[[], None] | None = None  # past its prefill (quarantine, warming)
+    affinity: Affinity | None = None  # pool mode: the prompt's prefix keys
     _chunked: bool = True
     # The first segment's events, unparsed, as a list: joined only if the stream
     # breaks (adding bytes to bytes copied the whole stream on every event).

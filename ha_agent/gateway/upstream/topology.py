@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from ha_agent import events as ev
-from ha_agent.config import DynamicConfig, RelaySettings
+from ha_agent.config import DynamicConfig, HaMode, RelaySettings
 from ha_agent.dcs.base import (
     AgentStatus,
     Cluster,
@@ -37,6 +37,7 @@ from ha_agent.dcs.base import (
     Role,
 )
 from ha_agent.events import EventLog
+from ha_agent.gateway.upstream.affinity import Affinity, PrefixRouter
 from ha_agent.resolver import CachingResolver
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,16 @@ class NodeView:
         """As its agent last reported it; None while it has not."""
         return self.status.engine.state if self.status is not None else None
 
+    @property
+    def out_of_service(self) -> bool:
+        """A pool node its agent keeps out of service (rejoin damping) though healthy."""
+        return self.status is not None and self.status.mode == "pool" and not self.status.serving
+
     def can_serve(self, now: float) -> bool:
         return (
             not self.failed
             and self.engine_state is EngineState.HEALTHY
+            and not self.out_of_service
             and now >= self.connect_failed_until
         )
 
@@ -125,14 +132,24 @@ class Topology:
         # observers apply them (the warming rate) without a restart.
         self.config: DynamicConfig | None = DynamicConfig()
         self.config_observers: list[Callable[[DynamicConfig], None]] = []
+        self.pool = settings.mode is HaMode.POOL
+        self.router = PrefixRouter(settings.affinity_load_factor, settings.affinity_load_slack)
 
     # -- what the relay asks -------------------------------------------------------------
 
-    def routing_order(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[NodeView]:
-        """Nodes to try, best first: the primary, then healthy standbys, then the rest
-        as a last resort (better a try than a certain 503)."""
+    def routing_order(
+        self,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        affinity: Affinity | None = None,
+    ) -> list[NodeView]:
+        """Nodes to try, best first. Pair: the primary, then healthy standbys, then
+        the rest as a last resort (better a try than a certain 503). Pool: the
+        serving nodes by prefix affinity within the load bound (affinity.py), then
+        the rest as a last resort."""
         now = self.clock()
         candidates = [n for n in self.nodes.values() if n.name not in exclude]
+        if self.pool:
+            return self._pool_order(candidates, affinity, now)
         primary = self.nodes.get(self.primary) if self.primary else None
 
         def rank(node: NodeView) -> tuple[int, int, str]:
@@ -146,12 +163,41 @@ class Topology:
 
         return sorted(candidates, key=rank)
 
+    def _pool_order(
+        self, candidates: list[NodeView], affinity: Affinity | None, now: float
+    ) -> list[NodeView]:
+        serving = {n.name: n for n in candidates if n.can_serve(now)}
+        ranked = self.router.order(
+            affinity,
+            list(serving),
+            lambda name: len(serving[name].inflight),
+            ring_nodes=sorted(self.nodes),
+        )
+
+        def rank(node: NodeView) -> tuple[int, int, str]:
+            if not node.failed and node.engine_state is EngineState.HEALTHY:
+                tier = 0  # out of service while it proves stable: better than unknown
+            elif not node.failed and now >= node.connect_failed_until:
+                tier = 1  # unknown health: not proven bad
+            else:
+                tier = 2
+            return (tier, len(node.inflight), node.name)
+
+        rest = sorted((n for n in candidates if n.name not in serving), key=rank)
+        return [serving[name] for name in ranked] + rest
+
+    def sent(self, node: NodeView, affinity: Affinity | None) -> None:
+        """A request (or its continuation) went to `node`: its prefix is cached there."""
+        if self.pool:
+            self.router.learn(affinity, node.name)
+
     def connect_failed(self, node: NodeView) -> None:
         node.connect_failed_until = self.clock() + CONNECT_COOLDOWN
 
     def snapshot(self) -> dict[str, Any]:
         now = self.clock()
         return {
+            "mode": self.s.mode.value,
             "primary": self.primary,
             "epoch": self.epoch,
             "degraded": self.degraded,
@@ -166,6 +212,7 @@ class Topology:
                     "failed": n.failed,
                     "failed_reason": n.failed_reason,
                     "can_serve": n.can_serve(now),
+                    "serving": bool(n.status and n.status.serving),
                     "inflight": len(n.inflight),
                 }
                 for n in self.nodes.values()

@@ -16,6 +16,12 @@ sampling aliases with periodic traffic (every 8th request of a round-robin over 
 documents only ever hits the even ones: measured by `make bench`), and spends most
 mirrors on prefixes already warm. A request's prefix is its prompt without the last
 TAIL_CHARS characters (where the question usually varies), in whole blocks.
+
+In pool mode there is no standby: every node serves, and the node that would take a
+request over if its node died is the next one on the hash ring (affinity.py). So a
+mirror goes to that heir: the node the routing would choose with the request's
+current node left out, and only while it is serving with nothing queued. The same
+three bounds hold, for the gateway as a whole.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
 from ha_agent.gateway.admission.limits import prompt_size
+from ha_agent.gateway.upstream.affinity import affinity_of
 from ha_agent.gateway.upstream.topology import NodeView, Topology
 from ha_agent.gateway.upstream.transport import Transport
 from ha_agent.openapi.endpoints import GENERATIONS, generation
@@ -96,8 +103,14 @@ class Warmer:
         max_inflight: int = 4,
         clock: Any = time.monotonic,
         max_chars: int = 65536,
+        pool: bool = False,
+        affinity_block: int = 256,
+        affinity_max_chars: int = 32768,
     ) -> None:
         self.topology = topology
+        self.pool = pool
+        self.affinity_block = affinity_block
+        self.affinity_max_chars = affinity_max_chars
         self.transport = transport
         self.rate = rate
         self.max_inflight = max_inflight
@@ -123,13 +136,17 @@ class Warmer:
         return self._tokens >= 1.0
 
     def _mirrored_lately(self, node: str, key: str) -> bool:
-        if node != self._recent_node:  # a new standby: its cache is not the old one's
+        if self.pool:
+            key = f"{node}\0{key}"  # one heir per prefix, not one standby for all
+        elif node != self._recent_node:  # a new standby: its cache is not the old one's
             self._recent.clear()
             self._recent_node = node
         at = self._recent.get(key)
         return at is not None and self.clock() - at < RECENT_S
 
-    def _remember(self, key: str) -> None:
+    def _remember(self, node: str, key: str) -> None:
+        if self.pool:
+            key = f"{node}\0{key}"
         self._recent[key] = self.clock()
         self._recent.move_to_end(key)
         while len(self._recent) > RECENT_MAX:
@@ -146,11 +163,34 @@ class Warmer:
             return node
         return None
 
+    def heir(self, kind: str, body: dict[str, Any]) -> NodeView | None:
+        """Pool mode: the node that would take this request's prefix over if the node
+        holding it died; None if the prompt has no prefix key or the heir is busy."""
+        affinity = affinity_of(kind, body, self.affinity_block, self.affinity_max_chars)
+        if not affinity.keys:
+            return None
+        now = self.topology.clock()
+        order = self.topology.routing_order(affinity=affinity)
+        serving = [n for n in order if n.can_serve(now)]
+        holder = self.topology.router.learned_home(affinity, (n.name for n in serving))
+        if holder is None and serving:
+            holder = serving[0].name
+        heirs = self.topology.routing_order(exclude={holder or ""}, affinity=affinity)
+        node = heirs[0] if heirs else None
+        if node is None or not node.can_serve(now) or node.name == holder:
+            return None
+        if node.status is not None and node.status.engine.queued > 0:
+            return None  # never add to a queue
+        return node
+
+    def target(self, kind: str, body: dict[str, Any]) -> NodeView | None:
+        return self.heir(kind, body) if self.pool else self.standby()
+
     def offer(self, kind: str, body: dict[str, Any]) -> None:
         """Maybe mirror this request to the standby. Never blocks, never raises."""
         if self.rate <= 0 or len(self._inflight) >= self.max_inflight:
             return
-        node = self.standby()
+        node = self.target(kind, body)
         if node is None or not self._has_token():
             return
         if sum(prompt_size(kind, body)) > self.max_chars:
@@ -162,7 +202,7 @@ class Warmer:
         if mirror is None:
             return
         self._tokens -= 1.0
-        self._remember(key)
+        self._remember(node.name, key)
         path = GENERATIONS[kind].path  # prefill_only knows the kind
         task = asyncio.ensure_future(self._send(node, path, mirror))
         self._inflight.add(task)
