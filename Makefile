@@ -140,6 +140,13 @@ bench: venv docker secrets  ## capacity, path overhead, failover vs baselines, $
 bench-capacity: venv docker secrets  ## capacity: events/s and CPU per event per path (~6 min)
 	flock $(DOCKER_LOCK) $(PY) -m bench --phases capacity --out bench/results
 
+# The pool phase alone (bench/pool.py): requests/s of the pair, a 2-node pool and
+# SGLang's router over the same engines limited by their running slots, and failed
+# requests on kill -9 and freeze.
+.PHONY: bench-pool
+bench-pool: venv docker secrets  ## pool vs pair vs SGLang's router, slot-limited engines (~10 min)
+	flock $(DOCKER_LOCK) $(PY) -m bench --phases pool --trials $(BENCH_TRIALS) --out bench/results
+
 .PHONY: clean
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache reports
