@@ -19,8 +19,11 @@ not this machine's CPU. Three systems over the same engine settings:
 2. Faults: `kill -9` of an engine and a frozen node (docker pause), each `trials`
    times, under the failover harness's load (streams and not). The pair's fault hits
    its primary; in the pool stack the pool's gateway and the router are loaded at
-   once and see the very same fault, on node-1. Failed requests come from the
-   harness's own summary.
+   once and see the very same fault, on the engine that carries most of the router's
+   traffic (its cache-aware policy pins each prompt to a worker: the load's prompts
+   are sent through it once before the trial and the engines' request counters say
+   where they went), so that the fault cannot miss the router. Failed requests come
+   from the harness's own summary.
 
 Writes pool.json (config, machine, every run and trial) and pool.md.
 """
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 from testcontainers.compose import DockerCompose
 
@@ -49,13 +53,13 @@ from bench.overhead import run_loadgen
 from bench.stacks import FRONTEND_PORT, Compose, _our_services, _release_faults
 from bench.stats import END, OK, WARM
 from tests.failover import runner
+from tests.failover.load import PROMPTS
 from tests.failover.runner import ScenarioResult, summarise
 from tests.failover.scenarios import FAULTS
 from tests.support.stack import COMPOSE_DIR, ROOT, Stack, read_secrets
 
 SYSTEMS = ("pair", "pool", "router")
 POOL_FAULTS = ("engine-kill", "container-pause")
-FAULT_NODE = "sglang-01"  # the pool stack's struck node: both systems route to it
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,39 @@ def _load(url: str, concurrency: int, zero: float, key: str | None = None) -> Be
     return load
 
 
+def _served(stack: Stack) -> dict[str, float]:
+    """Requests each engine has counted (its /metrics needs no key)."""
+    out = {}
+    for node in stack.nodes:
+        text = httpx.get(f"{stack.engine_url(node)}/metrics", timeout=2).text
+        out[node] = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("sglang:num_requests_total")
+        )
+    return out
+
+
+def router_split(stack: Stack, url: str, key: str) -> dict[str, int]:
+    """Where the router sends the harness load's prompts: each once, streamed and not,
+    one at a time, counted by the engines (nothing else runs meanwhile)."""
+    before = _served(stack)
+    headers = {"Authorization": f"Bearer {key}"}
+    for i, prompt in enumerate(PROMPTS):
+        for stream in (False, True):
+            body = {
+                "model": "default",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 2,
+                "temperature": 0,
+                "seed": i,
+                "stream": stream,
+            }
+            httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    after = _served(stack)
+    return {n: int(after[n] - before[n]) for n in stack.nodes}
+
+
 async def fault_trials(stack: Stack, cfg: PoolConfig, trials: int) -> list[dict[str, Any]]:
     """Each fault `trials` times; every system of the stack under load at once."""
     zero = time.monotonic()
@@ -204,13 +241,17 @@ async def fault_trials(stack: Stack, cfg: PoolConfig, trials: int) -> list[dict[
         for n in range(1, trials + 1):
             for name in POOL_FAULTS:
                 leader = await asyncio.to_thread(stack.wait_stable, 120.0)
-                target = leader if stack.mode == "pair" else FAULT_NODE
+                target, split = leader, {}
+                if "router" in loads:
+                    url = _urls(stack)["router"]
+                    split = await asyncio.to_thread(router_split, stack, url, key)
+                    target = max(sorted(split), key=lambda node: split[node])
                 results = await _trial(stack, name, n, target, loads)
                 for system, result in results.items():
-                    out.append(_trial_row(system, result))
+                    out.append({**_trial_row(system, result), "router_split": split})
                     r = out[-1]
                     print(
-                        f"  [{system} {name} #{n} on {target}] failed"
+                        f"  [{system} {name} #{n} on {target}, router's probes {split}] failed"
                         f" {r['nonstream_failed']}/{r['stream_failed']} of {r['requests']},"
                         f" migrated streams {r['migrations']}",
                         flush=True,
@@ -353,7 +394,8 @@ def markdown(result: dict[str, Any], cfg: PoolConfig, trials: int) -> str:
         f" {s['pool_over_router'] if s['pool_over_router'] is not None else '—'}x."
         f" Faults: {trials} trial(s) each under the failover harness's load"
         f" ({cfg.fault_concurrency} clients per system, streams and not); the pair's on"
-        f" its primary, the pool's and the router's at once on {FAULT_NODE}.",
+        f" its primary, the pool's and the router's at once on the engine that carried"
+        f" most of the router's probes of the load's prompts.",
         "",
         "Targets: "
         + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in s["targets"].items()),
