@@ -15,6 +15,10 @@ Safety rules, in the order the cycle applies them:
    failover), the standby waits.
 4. With the store away (degraded mode) nobody is promoted; the primary stays
    primary only while every peer acknowledges it (Patroni's failsafe mode).
+
+In pool mode (HA_MODE=pool) the same cycle keeps the lease, which then names the
+coordinator; whether this node serves is decided first, from the engine alone
+(node/pool.py), so the store's state never stops a healthy node serving.
 """
 
 from __future__ import annotations

@@ -87,6 +87,12 @@ class _HaCollector(Collector):
         role.add_metric([node, Role.STANDBY.value], 0.0 if primary else 1.0)
         yield role
         yield _gauge("sglang_ha_is_primary", "1 while this node serves as primary.", node, primary)
+        yield _gauge(
+            "sglang_ha_serving",
+            "1 while this node takes new requests (pair: the primary; pool: in service).",
+            node,
+            ha.is_serving(),
+        )
         yield _gauge("sglang_ha_epoch", "Fencing epoch held or last seen.", node, ha.state.epoch)
         yield _gauge(
             "sglang_ha_lease_time_left_seconds",

@@ -113,6 +113,16 @@ AGENT_SPEC: dict[str, Any] = {
                             role={"type": "string"},
                             epoch={"type": "integer"},
                             engine={"type": "object"},
+                            mode={"type": "string", "enum": ["pair", "pool"]},
+                            serving={
+                                "type": "boolean",
+                                "description": "takes new requests: the primary in pair"
+                                " mode, a node in service in pool mode",
+                            },
+                            pool={
+                                "type": "string",
+                                "description": "pool mode: the serving decision, in words",
+                            },
                         ),
                     )
                 },

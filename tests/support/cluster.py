@@ -209,6 +209,8 @@ async def local_cluster(
     relay: bool = True,
     sim_env: dict[str, str] | None = None,
     watch_process: bool = False,
+    agent_settings: dict[str, Any] | None = None,
+    relay_settings: dict[str, Any] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     workdir = tempfile.mkdtemp(prefix="sglang-ha-cluster-")
     cluster = LocalCluster(
@@ -220,9 +222,9 @@ async def local_cluster(
         for name in names:
             cluster.start_engine(name)
         for name in names:
-            await cluster.start_agent(name)
+            await cluster.start_agent(name, **(agent_settings or {}))
         if relay:
-            await cluster.start_relay()
+            await cluster.start_relay(**(relay_settings or {}))
         yield cluster
     finally:
         if cluster.relay is not None:

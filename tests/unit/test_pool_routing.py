@@ -14,7 +14,7 @@ from ha_agent.gateway.upstream.affinity import Affinity, affinity_of
 from ha_agent.gateway.upstream.topology import Abandonable, Topology
 from ha_agent.gateway.upstream.warming import Warmer
 from ha_agent.openapi.endpoints import CHAT, GENERATE
-from tests.support.fakes import agent_status, settled_topology
+from tests.support.fakes import FakeStore, agent_status, settled_topology
 
 NAMES = ("sglang-01", "sglang-02", "sglang-03")
 BLOCK = 256
@@ -128,6 +128,18 @@ def test_no_node_is_loaded_past_the_bound_by_one_hot_prefix() -> None:
     assert min(counts.values()) > 0, "the spill reaches every node, in ring order"
 
 
+def test_a_home_with_a_queue_yields_to_a_node_without_one() -> None:
+    t = pool()
+    affinity = key(chat(doc(4) + "q"))
+    home = first(t, affinity)
+    t.nodes[home].status = agent_status(home, mode="pool", serving=True, queued=2)
+    assert first(t, affinity) != home, "free slots elsewhere beat a cached prefix"
+    # Every engine queues: the queue says nothing about where to go; affinity again.
+    for name in NAMES:
+        t.nodes[name].status = agent_status(name, mode="pool", serving=True, queued=2)
+    assert first(t, affinity) == home
+
+
 def test_a_failed_node_gets_nothing_and_its_prefixes_go_to_its_heir() -> None:
     t = pool()
     affinity = key(chat(doc(5) + "q"))
@@ -153,6 +165,22 @@ def test_a_node_out_of_service_waits_behind_the_serving_ones() -> None:
         assert order[-1].name == "sglang-02"
 
 
+async def test_a_store_outage_leaves_every_serving_node_in_the_routing() -> None:
+    t = pool()
+    store = t.store
+    assert isinstance(store, FakeStore)
+
+    async def agents_answer() -> None:  # the agents still answer the relay's polls
+        return None
+
+    t._poll_agents = agents_answer  # type: ignore[method-assign]
+    store.down = True
+    await t.refresh()
+    assert t.degraded
+    homes = {first(t, key(chat(doc(i) + "q"))) for i in range(60)}
+    assert homes == set(NAMES), "routing does not depend on the lease or the store"
+
+
 def test_pair_mode_routes_to_the_primary_whatever_the_prompt() -> None:
     s = RelaySettings(
         nodes=[f"{n}=http://{n}:30000=http://{n}:8008" for n in NAMES], redis_url="redis://unused"
@@ -163,9 +191,9 @@ def test_pair_mode_routes_to_the_primary_whatever_the_prompt() -> None:
         assert first(t, key(chat(doc(i) + "q"))) == "sglang-01"
 
 
-@pytest.mark.parametrize("holder_busy", [False, True])
+@pytest.mark.parametrize("heirs_busy", [False, True])
 async def test_the_warmer_mirrors_to_the_node_that_would_inherit_the_prefix(
-    holder_busy: bool,
+    heirs_busy: bool,
 ) -> None:
     t = pool()
     body = chat(doc(11) + "q")
@@ -176,6 +204,8 @@ async def test_the_warmer_mirrors_to_the_node_that_would_inherit_the_prefix(
     warmer = Warmer(t, None, rate=10, registry=None, pool=True)  # type: ignore[arg-type]
     target = warmer.target(CHAT, body)
     assert target is not None and target.name == heir != holder.name
-    if holder_busy:
-        t.nodes[heir].status = agent_status(heir, mode="pool", serving=True, queued=3)
+    if heirs_busy:
+        for name in NAMES:
+            if name != holder.name:
+                t.nodes[name].status = agent_status(name, mode="pool", serving=True, queued=3)
         assert warmer.target(CHAT, body) is None, "never add to a queue"

@@ -22,6 +22,11 @@ Hashing with Bounded Loads", 2017) with a learned refinement:
   every worker. The slack is there because at low load the factor alone is a bound
   of one or two requests, which would send every conversation away from its cache
   while nothing queues anywhere.
+- Queues: a node whose engine reports queued requests (its agent's `/ha/status`,
+  polled every `HA_POLL_INTERVAL`) counts as over the bound while another serving
+  node reports none. When the engines' running slots are the limit, a request that
+  would wait in one node's queue while another has free slots is worth more than its
+  cached prefix; the bound alone would let the home run 25 % over the average.
 - A node that failed, or a retry or a migration away from it, takes the same walk
   without it: its requests go to its ring successor (the node the warmer keeps warm
   for them, warming.py) unless that one is over the bound.
@@ -131,6 +136,7 @@ class PrefixRouter:
         serving: Sequence[str],
         load: Callable[[str], int],
         ring_nodes: Sequence[str] | None = None,
+        queued: Callable[[str], bool] = lambda _: False,
     ) -> list[str]:
         """The serving nodes, best first: the home within the bound, else the next on
         the ring within it; then the rest by load. `ring_nodes` (default `serving`)
@@ -138,7 +144,11 @@ class PrefixRouter:
         rejoining moves only its own share."""
         if not serving:
             return []
-        by_load = sorted(serving, key=lambda n: (load(n), n))
+        backlog = {n: queued(n) for n in serving}
+        # A queue counts only while some other node has none.
+        if all(backlog.values()):
+            backlog = dict.fromkeys(serving, False)
+        by_load = sorted(serving, key=lambda n: (backlog[n], load(n), n))
         if affinity is None or not affinity.keys:
             return by_load
         walk = [n for n in self.ring_walk(affinity.keys[0], ring_nodes or serving) if n in serving]
@@ -149,7 +159,7 @@ class PrefixRouter:
             walk.insert(0, home)
         total = sum(load(n) for n in serving)
         bound = math.ceil(self.load_factor * (total + 1) / len(serving)) + self.load_slack
-        chosen = next((n for n in walk if load(n) + 1 <= bound), by_load[0])
+        chosen = next((n for n in walk if load(n) + 1 <= bound and not backlog[n]), by_load[0])
         return [chosen, *(n for n in walk if n != chosen)]
 
     def learn(self, affinity: Affinity | None, node: str) -> None:

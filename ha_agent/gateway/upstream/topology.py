@@ -95,6 +95,11 @@ class NodeView:
         )
 
 
+def _queued(node: NodeView) -> bool:
+    """Its engine has requests waiting, as its agent last reported."""
+    return node.status is not None and node.status.engine.queued > 0
+
+
 def parse_seed(item: str) -> NodeView:
     """`name=engine_url=agent_url` (from HA_NODES)."""
     parts = item.split("=")
@@ -172,15 +177,16 @@ class Topology:
             list(serving),
             lambda name: len(serving[name].inflight),
             ring_nodes=sorted(self.nodes),
+            queued=lambda name: _queued(serving[name]),
         )
 
         def rank(node: NodeView) -> tuple[int, int, str]:
-            if not node.failed and node.engine_state is EngineState.HEALTHY:
-                tier = 0  # out of service while it proves stable: better than unknown
-            elif not node.failed and now >= node.connect_failed_until:
-                tier = 1  # unknown health: not proven bad
-            else:
+            if node.failed or now < node.connect_failed_until:
                 tier = 2
+            elif node.engine_state is EngineState.HEALTHY:
+                tier = 0  # out of service while it proves stable: better than unknown
+            else:
+                tier = 1  # unknown health: not proven bad
             return (tier, len(node.inflight), node.name)
 
         rest = sorted((n for n in candidates if n.name not in serving), key=rank)
