@@ -8,7 +8,14 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STACK     ?= $(shell scripts/detect-stack.sh)
 PROJECT   ?= sglang-ha
-COMPOSE   := docker compose -p $(PROJECT) -f compose/$(STACK)
+# pair: one primary, the others standbys (the default); pool: every healthy node serves.
+MODE      ?= pair
+NODES     ?= 2
+# `make up` writes compose/stack.generated.yaml for any other MODE or NODES
+# (scripts/stack-nodes.sh); every compose command here adds it while it exists, so
+# `make down`, `logs` and `ps` see the stack that `up` brought up.
+STACK_OVERRIDE := compose/stack.generated.yaml
+COMPOSE   = docker compose -p $(PROJECT) -f compose/$(STACK) $$([ ! -f $(STACK_OVERRIDE) ] || echo -f $(STACK_OVERRIDE))
 PYTEST    := $(PY) -m pytest
 TRIALS    ?= 3
 
@@ -43,12 +50,13 @@ UP_WAIT   ?= 600
 endif
 
 .PHONY: up down logs ps status history rolling-restart verify models
-up: docker secrets $(UP_NEEDS)  ## bring up the stack and wait until it is ready
-	@scripts/detect-stack.sh --check $(STACK)
+up: docker secrets $(UP_NEEDS)  ## bring up the stack and wait until it is ready (MODE=pair|pool NODES=N)
+	@NODES=$(NODES) scripts/detect-stack.sh --check $(STACK)
+	@scripts/stack-nodes.sh $(MODE) $(NODES) $(STACK)
 	@echo "==> building the images ($(STACK); the first build takes several minutes)"
 	$(COMPOSE) build
 	@echo "==> starting the containers; waiting until every one is healthy ('make logs' shows progress)"
-	$(COMPOSE) up -d --wait --wait-timeout $(UP_WAIT)
+	$(COMPOSE) up -d --wait --wait-timeout $(UP_WAIT) --remove-orphans
 	@scripts/print-endpoints.sh $(PROJECT) $(STACK)
 models: docker secrets  ## GPU stack: download MODEL_PATH into the model cache (progress shown)
 	@scripts/detect-stack.sh --check $(STACK)
@@ -96,8 +104,9 @@ test-integration: venv docker secrets  ## the CPU stack in containers, driven fr
 	scripts/ensure-test-tools.sh
 	$(PYTEST) tests/integration -q
 
-failover-test: venv docker secrets  ## every fault, $(TRIALS) trials: failover-report.json/.md/.png
-	$(PY) -m tests.failover --trials $(TRIALS) --out reports/failover
+FAILOVER_OUT = reports/failover$(if $(filter pool,$(MODE)),-pool-$(NODES),$(if $(filter-out 2,$(NODES)),-$(NODES)))
+failover-test: venv docker secrets  ## every fault, $(TRIALS) trials, against MODE/NODES: failover-report.json/.md/.png
+	$(PY) -m tests.failover --trials $(TRIALS) --mode $(MODE) --nodes $(NODES) --out $(FAILOVER_OUT)
 
 # Two-GPU hosts only: the GPU stack with a small model, the crash, freeze and NIC
 # faults of the failover harness, report in reports/gpu-smoke/ (scripts/gpu-smoke.sh).
@@ -130,6 +139,13 @@ bench: venv docker secrets  ## capacity, path overhead, failover vs baselines, $
 .PHONY: bench-capacity
 bench-capacity: venv docker secrets  ## capacity: events/s and CPU per event per path (~6 min)
 	flock $(DOCKER_LOCK) $(PY) -m bench --phases capacity --out bench/results
+
+# The pool phase alone (bench/pool.py): requests/s of the pair, a 2-node pool and
+# SGLang's router over the same engines limited by their running slots, and failed
+# requests on kill -9 and freeze.
+.PHONY: bench-pool
+bench-pool: venv docker secrets  ## pool vs pair vs SGLang's router, slot-limited engines (~10 min)
+	flock $(DOCKER_LOCK) $(PY) -m bench --phases pool --trials $(BENCH_TRIALS) --out bench/results
 
 .PHONY: clean
 clean:

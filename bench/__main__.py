@@ -17,9 +17,12 @@
               fixed-rate synthetic engine: added TTFT and ITL at 1-4 concurrent
               pairs, and events/s at saturation with 1 and 2 relay workers
               (bench/gateway_bars.py).
+5. pool:      engines limited by their running slots (4 each, fixed decode time):
+              requests/s of the pair, the 2-node pool and SGLang's router over the
+              pool's engines; failed requests on kill -9 and freeze (bench/pool.py).
 
-Writes bench/results/{capacity,overhead,failover,warming,gateway-bars}.json (with the machine's
-description), overhead-samples.json and failover-requests.json (raw), overhead.md,
+Writes bench/results/{capacity,overhead,failover,warming,gateway-bars,pool}.json (with the
+machine's description), overhead-samples.json and failover-requests.json (raw), overhead.md,
 failover.md, warming.md, summary.md and two plots. Every stack gets a unique project
 name and is removed.
 """
@@ -35,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import capacity, gateway_bars, overhead, report, warming
+from bench import capacity, gateway_bars, overhead, pool, report, warming
 from bench.capacity import CapacityConfig
 from bench.failover import BENCH_FAULTS, Trial, run_baselines, run_ours
 from bench.overhead import OverheadConfig
@@ -43,7 +46,16 @@ from bench.stacks import baselines, build_images, our_stack
 from tests.failover import runner
 from tests.failover.scenarios import FAULTS
 
-PHASES = ("capacity", "overhead", "ours", "warming", "baselines", "light-latency", "relay-scaling")
+PHASES = (
+    "capacity",
+    "overhead",
+    "ours",
+    "warming",
+    "baselines",
+    "light-latency",
+    "relay-scaling",
+    "pool",
+)
 BARS = {"light-latency", "relay-scaling"}
 # The simulator's settings on every engine (its defaults: see docs/simulator.md).
 ENGINE = "ITL 10 ms × (1 + 0.01 × (running − 1)), TTFT 20 ms + 0.2 ms per prompt token"
@@ -152,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     if trials:
         _write_failover(args.out, meta, trials, args)
+    if "pool" in phases:
+        t = time.monotonic()
+        print("== pool: pair, pool and SGLang's router, slot-limited engines", flush=True)
+        pcfg = pool.PoolConfig()
+        result = pool.run(pcfg, args.trials)
+        phase_done("pool", t)
+        report.write_json(
+            args.out / "pool.json",
+            {**meta, "config": pcfg.__dict__, **result},
+        )
+        (args.out / "pool.md").write_text(pool.markdown(result, pcfg, args.trials))
     meta["total_seconds"] = round(time.monotonic() - began, 1)
     _write_summary(args.out, meta)
     print(f"== done in {meta['total_seconds']} s; see {args.out / 'summary.md'}", flush=True)
@@ -242,6 +265,7 @@ def _write_summary(out: Path, meta: dict[str, Any]) -> None:
         ("failover", "Failover against the baselines", "failover.png"),
         ("warming", "Warm standby: TTFT after a failover", None),
         ("gateway-bars", "Gateway bars: light-load latency and relay-worker scaling", None),
+        ("pool", "Pool against pair and SGLang's router (slot-limited engines)", None),
     ):
         md = out / f"{name}.md"
         if md.exists():

@@ -65,6 +65,9 @@ class RunSpec:
     timeout: float  # per request
     warmup: float = 1.0
     max_tokens: int = 32
+    # Distinct conversations (each prompt opened by its own line), so that a router's
+    # prefix affinity sees many prefixes, as from many users; 0: the few PROMPTS alone.
+    conversations: int = 0
 
 
 class PlanConfig(Protocol):
@@ -189,10 +192,17 @@ class RunResult:
             self.itl_ms[0.0] = self.itl_ms.get(0.0, 0) + found - 1
 
 
+def _prompt(i: int, spec: RunSpec) -> str:
+    prompt = PROMPTS[i % len(PROMPTS)]
+    if spec.conversations:
+        return f"Conversation {i % spec.conversations}. {prompt}"
+    return prompt
+
+
 def body(i: int, spec: RunSpec) -> bytes:
     payload: dict[str, Any] = {
         "model": "default",
-        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        "messages": [{"role": "user", "content": _prompt(i, spec)}],
         "max_tokens": spec.max_tokens,
         "temperature": 0,
         # Every request generates exactly max_tokens: equal work on every path.

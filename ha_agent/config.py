@@ -589,8 +589,13 @@ class AgentSettings(
         description="Single-host only: a lock file on a volume both nodes share; lets the"
         " nodes fail over while Redis is away (see ha_agent/node/arbiter.py).",
     )
+    relay_admin_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The relays' admin URLs (their /metrics), comma separated: `sglang-ha"
+        " status` shows each node's share of the requests they routed. Empty: no share.",
+    )
 
-    @field_validator("peers", mode="before")
+    @field_validator("peers", "relay_admin_urls", mode="before")
     @classmethod
     def _csv_peers(cls, value: object) -> object:
         return _split_csv(value)

@@ -16,10 +16,10 @@ if [ "${1:-}" = --check ]; then
     echo "error: the GPU stack needs the NVIDIA container toolkit (no 'nvidia' runtime in docker info)" >&2
     exit 1
   fi
-  # Two nodes, one GPU each (NODE1_GPU, NODE2_GPU). Naming both GPUs is an explicit choice.
-  if [ "$n" -ge 2 ] || { [ -n "${NODE1_GPU:-}" ] && [ -n "${NODE2_GPU:-}" ]; }; then exit 0; fi
+  # One GPU per node (NODE1_GPU, NODE2_GPU...). Naming both GPUs is an explicit choice.
+  if [ "$n" -ge "${NODES:-2}" ] || { [ "${NODES:-2}" = 2 ] && [ -n "${NODE1_GPU:-}" ] && [ -n "${NODE2_GPU:-}" ]; }; then exit 0; fi
   cat >&2 <<MSG
-error: this host has $n NVIDIA GPU(s); the GPU pair runs one SGLang node per GPU
+error: this host has $n NVIDIA GPU(s); the GPU stack runs one SGLang node per GPU (NODES=${NODES:-2})
 (node-1 on NODE1_GPU=0, node-2 on NODE2_GPU=1), so a failover has somewhere to go.
 Choose one:
   - two GPU hosts, one node each:      docs/multi-host.md

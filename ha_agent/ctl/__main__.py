@@ -20,7 +20,7 @@ from click.shell_completion import get_completion_class
 
 from ha_agent.config import AgentSettings
 from ha_agent.ctl import output
-from ha_agent.ctl.client import ClusterClient, ClusterView, NodeRow
+from ha_agent.ctl.client import ClusterClient, ClusterView, NodeRow, Traffic
 from ha_agent.dcs.base import AgentStatus, HAEvent, Role
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -253,16 +253,19 @@ def status(
     interval: float,
     count: int | None,
 ) -> None:
-    """Nodes, roles, epoch, engine health, lease time left, degraded mode."""
+    """Nodes, roles, engine health, share of traffic, epoch, lease time left, degraded mode."""
     fmt = "json" if as_json else fmt
     client = _client(ctx)
     shown = 0
     clear = watch and fmt == "table" and sys.stdout.isatty()
+    previous: Traffic | None = None
     try:
         while True:
             view = client.view()
             if fmt == "table":
-                text = output.status_table(view)
+                # A watch shows each node's share of the traffic between two views.
+                text = output.status_table(view, since=previous)
+                previous = view.traffic
             else:
                 text = output.render(output.status_document(view), fmt)
             if clear:

@@ -2,7 +2,8 @@
 
 Like patronictl: state is read from the store (Redis), actions go through the
 agents' authenticated REST API. When the store is unreachable, the agents listed in
-HA_PEERS (and the local one) are asked directly, and the table says so.
+HA_PEERS (and the local one) are asked directly, and the table says so. Each node's
+share of traffic comes from the relays' request counters (HA_RELAY_ADMIN_URLS).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from ha_agent.config import AgentSettings
 from ha_agent.dcs.base import AgentStatus, Cluster, DCSError, HAEvent, Role
@@ -30,10 +32,53 @@ class NodeRow:
 
 
 @dataclass
+class Traffic:
+    """What the relays report per node, summed over every relay asked."""
+
+    requests: dict[str, float] = field(default_factory=dict)  # answered, by serving node
+    can_serve: dict[str, bool] = field(default_factory=dict)  # in the relays' rotation
+    errors: list[str] = field(default_factory=list)  # relays that did not answer
+
+    def share(self, node: str, since: Traffic | None = None) -> tuple[float, float] | None:
+        """(requests, fraction of all) for `node`, since `since` when given; None when
+        no relay answered or nothing was routed."""
+        if not self.requests and self.errors:
+            return None
+
+        def routed(name: str) -> float:
+            before = since.requests.get(name, 0.0) if since else 0.0
+            # A relay restart resets its counters: count from zero again.
+            now = self.requests.get(name, 0.0)
+            return now - before if now >= before else now
+
+        total = sum(routed(n) for n in self.requests)
+        if total <= 0:
+            return None
+        return routed(node), routed(node) / total
+
+
+def parse_relay_metrics(text: str, into: Traffic) -> None:
+    """Add one relay's per-node request counters and rotation gauges to `into`.
+    Requests no node answered (node="-": refused or no node could serve) are not
+    anyone's share."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            node = sample.labels.get("node")
+            if not node or node == "-":
+                continue
+            if sample.name == "sglang_ha_relay_requests_total":
+                into.requests[node] = into.requests.get(node, 0.0) + sample.value
+            elif sample.name == "sglang_ha_relay_node_can_serve":
+                # Several relays: in rotation if any of them routes to it.
+                into.can_serve[node] = into.can_serve.get(node, False) or sample.value > 0
+
+
+@dataclass
 class ClusterView:
     cluster: Cluster | None
     store_error: str | None
     nodes: list[NodeRow] = field(default_factory=list)
+    traffic: Traffic | None = None  # None: no relay to ask (HA_RELAY_ADMIN_URLS empty)
 
     @property
     def primary(self) -> str | None:
@@ -80,7 +125,19 @@ class ClusterClient:
                 except (httpx.HTTPError, ValueError):
                     status = None
                 rows.append(NodeRow(status.node if status else name, url, status))
-        return ClusterView(cluster, error, rows)
+            traffic = self._traffic(http) if self.s.relay_admin_urls else None
+        return ClusterView(cluster, error, rows, traffic)
+
+    def _traffic(self, http: httpx.Client) -> Traffic:
+        traffic = Traffic()
+        for url in self.s.relay_admin_urls:
+            try:
+                r = http.get(f"{url.rstrip('/')}/metrics")
+                r.raise_for_status()
+                parse_relay_metrics(r.text, traffic)
+            except (httpx.HTTPError, ValueError) as exc:
+                traffic.errors.append(f"{url}: {exc}")
+        return traffic
 
     def post(
         self,

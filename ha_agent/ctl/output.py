@@ -13,15 +13,28 @@ from typing import Any
 import yaml
 
 from ha_agent.config import DYNAMIC_SETTINGS
-from ha_agent.ctl.client import ClusterView
+from ha_agent.ctl.client import ClusterView, Traffic
 from ha_agent.dcs.base import HAEvent, Role
 
 FORMATS = ("table", "json", "yaml")
 
 
 def status_document(view: ClusterView) -> dict[str, Any]:
-    """`status -o json|yaml`: the store's view and each agent's own answer."""
+    """`status -o json|yaml`: the store's view, each agent's own answer, and what the
+    relays routed to each node since they started (null: no relay answered)."""
     c = view.cluster
+    t = view.traffic
+
+    def traffic(name: str) -> dict[str, Any] | None:
+        share = t.share(name) if t else None
+        if t is None or (share is None and not t.requests and t.errors):
+            return None
+        return {
+            "requests": int(t.requests.get(name, 0.0)),
+            "share": round(share[1], 4) if share else 0.0,
+            "in_rotation": t.can_serve.get(name),
+        }
+
     return {
         "leader": view.primary,
         "epoch": c.leader.epoch if c and c.leader else None,
@@ -33,25 +46,56 @@ def status_document(view: ClusterView) -> dict[str, Any]:
                 "name": n.name,
                 "api_url": n.api_url,
                 "status": n.status.to_json() if n.status else None,
+                "traffic": traffic(n.name),
             }
             for n in view.nodes
         ],
+        "relay_errors": t.errors if t else [],
     }
 
 
-def status_table(view: ClusterView) -> str:
-    header = ("NODE", "ROLE", "ENGINE", "EPOCH", "LEASE LEFT", "DEGRADED", "PAUSED", "API")
+def _traffic_cells(view: ClusterView, name: str, since: Traffic | None) -> tuple[str, str]:
+    """ROUTED (in the relays' rotation) and SHARE (of the requests they answered)."""
+    t = view.traffic
+    if t is None:
+        return "-", "-"
+    can = t.can_serve.get(name)
+    routed = "?" if can is None else ("yes" if can else "no")
+    share = t.share(name, since)
+    return routed, "-" if share is None else f"{100 * share[1]:.0f}% ({share[0]:.0f})"
+
+
+def status_table(view: ClusterView, since: Traffic | None = None) -> str:
+    """The status table; SHARE counts since the relays started, or since `since` (the
+    previous view of a watch)."""
+    header = (
+        "NODE",
+        "ROLE",
+        "ENGINE",
+        "SERVING",
+        "ROUTED",
+        "SHARE",
+        "EPOCH",
+        "LEASE LEFT",
+        "DEGRADED",
+        "PAUSED",
+        "API",
+    )
     rows: list[tuple[str, ...]] = [header]
     for n in view.nodes:
         s = n.status
+        routed, share = _traffic_cells(view, n.name, since)
         if s is None:
-            rows.append((n.name, n.role, "?", "?", "", "?", "?", n.api_url))
+            rows.append((n.name, n.role, "?", "?", routed, share, "?", "", "?", "?", n.api_url))
             continue
         rows.append(
             (
                 n.name,
                 n.role,
                 s.engine.state.value,
+                "yes" if s.serving else "no",
+                routed,
+                share,
                 str(s.epoch),
                 f"{s.lease_time_left:.1f}s" if s.role is Role.PRIMARY else "",
                 "yes" if s.degraded else "no",
@@ -60,6 +104,16 @@ def status_table(view: ClusterView) -> str:
             )
         )
     lines = _columns(rows)
+    if view.traffic is not None:
+        span = "since the last view" if since is not None else "since the relay started"
+        lines.append(f"SHARE: requests the relay answered from each node, {span}")
+        for error in view.traffic.errors:
+            lines.append(f"relay UNREACHABLE: {error}")
+    # Pool mode: why a node is out of service or not yet back in it.
+    for n in view.nodes:
+        s = n.status
+        if s is not None and s.mode == "pool" and s.pool and not s.serving:
+            lines.append(f"{n.name}: {s.pool}")
     # Why a hung engine is (not yet) restarted, and how many automatic restarts so far.
     for n in view.nodes:
         s = n.status
@@ -69,9 +123,12 @@ def status_table(view: ClusterView) -> str:
     c = view.cluster
     if c is not None:
         leader = f"{c.leader.node} (epoch {c.leader.epoch})" if c.leader else "none"
+        modes = sorted({n.status.mode for n in view.nodes if n.status})
         lines.insert(
             0,
             f"cluster ok: leader {leader}, max epoch {c.max_epoch}"
+            # The default pair says nothing; a pool, or agents that disagree, say so.
+            + (f", mode {'/'.join(modes)}" if modes and modes != ["pair"] else "")
             + (", PAUSED" if c.paused else ""),
         )
     else:

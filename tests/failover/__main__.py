@@ -26,7 +26,8 @@ async def run_all(
                 result = await run_scenario(stack, FAULTS[name], trial, load)
                 ok = [r for r in result.records if r["ok"]]
                 print(
-                    f"[{name} #{trial}] detected {result.detected} promoted {result.promoted}"
+                    f"[{stack.mode} {name} #{trial} on {result.primary_before}]"
+                    f" detected {result.detected} promoted {result.promoted}"
                     f" recovered {result.recovered} failed {result.nonstream_failed}/"
                     f"{result.stream_failed} migrated {result.migrations}"
                     f" text mismatches {result.text_mismatches}"
@@ -44,12 +45,33 @@ async def run_all(
     return results
 
 
+def _commit() -> str:
+    """The checkout's commit, `+dirty` with uncommitted changes, for the report."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return run.stdout.strip()
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.failover", description=__doc__)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated subset")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("reports/failover"))
+    parser.add_argument(
+        "--mode",
+        choices=["pair", "pool"],
+        default="pair",
+        help="HA_MODE of the stack under test (make up MODE=...)",
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=2, help="nodes in the stack (make up NODES=...), 2 to 9"
+    )
     parser.add_argument(
         "--stack-files",
         default="compose.yaml,compose.test.yaml",
@@ -74,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         help="how long a healed node may take to rejoin, s (real SGLang reloads its weights)",
     )
     args = parser.parse_args(argv)
+    if not 2 <= args.nodes <= 9:
+        parser.error("--nodes: 2 to 9")
     runner.REJOIN_TIMEOUT = args.rejoin_timeout
     faults = [f for f in args.faults.split(",") if f]
     unknown = [f for f in faults if f not in FAULTS]
@@ -87,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tool_call_parser:
         files.append("tool-calls.test.yaml")
         env["SGLANG_HA_TOOL_CALL_PARSER"] = args.tool_call_parser
-    with running_stack(tuple(files), env=env) as stack:
+    described = {"mode": args.mode, "nodes": args.nodes, "commit": _commit()}
+    with running_stack(tuple(files), env=env, mode=args.mode, nodes=args.nodes) as stack:
         try:
             results = asyncio.run(
                 run_all(stack, faults, args.trials, args.concurrency, bool(args.tool_call_parser))
@@ -95,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             # Keep the components' own logs beside the report, for post-mortems.
             args.out.mkdir(parents=True, exist_ok=True)
-            for service in ("gateway", "node-1", "node-2"):
+            for service in ("gateway", *stack.services.values()):
                 (args.out / f"log-{service}.txt").write_text(stack.logs(service))
             bugs = stack.bug_lines()
-    report.write(results, args.out)
+    report.write(results, args.out, described)
     if bugs:
         print("components logged BUG lines:\n" + "\n".join(bugs[:20]), file=sys.stderr)
     print((args.out / "failover-report.md").read_text())

@@ -40,11 +40,18 @@ def markdown(results: list[ScenarioResult]) -> str:
     by_fault: dict[str, list[ScenarioResult]] = {}
     for r in results:
         by_fault.setdefault(r.fault, []).append(r)
+    pool = bool(results) and results[0].mode == "pool"
+    # A pool promotes no standby and every survivor serves throughout: its columns say so.
+    first, rejoin = (
+        ("first success on a survivor s", "rejoined the rotation")
+        if pool
+        else ("first success on standby s", "rejoined as standby")
+    )
     lines = [
-        "| fault | trials | detected s | promoted s | first success on standby s |"
+        f"| fault | trials | detected s | promoted s | {first} |"
         " 100 % success again s (target) | failed non-stream | failed streams |"
         " migrated streams | refused streams | tool streams at the fault: moved / refused |"
-        " text mismatches | p50 / p99 s | rejoined as standby |",
+        f" text mismatches | p50 / p99 s | {rejoin} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for fault, rs in by_fault.items():
@@ -99,6 +106,7 @@ def plot(result: ScenarioResult, path: Path) -> None:
     for value, label, color in (
         (result.detected, "detected", "tab:orange"),
         (result.promoted, "standby promoted", "tab:blue"),
+        (result.first_success if result.mode == "pool" else None, "survivor served", "tab:blue"),
         (result.recovered, "100 % success again", "tab:green"),
     ):
         if value is not None:
@@ -115,7 +123,11 @@ def plot(result: ScenarioResult, path: Path) -> None:
             )
     ax.set_xlabel("seconds from the fault (request start)")
     ax.set_ylabel("request latency, s")
-    ax.set_title(f"{result.fault} — trial {result.trial}: {result.description}", fontsize=9)
+    ax.set_title(
+        f"{result.mode}: {result.fault} on {result.primary_before} — trial {result.trial}:"
+        f" {result.description}",
+        fontsize=9,
+    )
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -123,18 +135,23 @@ def plot(result: ScenarioResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: list[ScenarioResult], out: Path) -> None:
+def write(results: list[ScenarioResult], out: Path, stack: dict[str, Any] | None = None) -> None:
+    """`stack`: what ran (mode, nodes, commit), written at the top of the report."""
     out.mkdir(parents=True, exist_ok=True)
+    stack = stack or {"mode": results[0].mode if results else "pair"}
     payload = {
         "machine": machine(),
+        "stack": stack,
         "scenarios": [r.to_json(with_records=False) for r in results],
     }
     (out / "failover-report.json").write_text(json.dumps(payload, indent=2))
     (out / "failover-requests.json").write_text(
         json.dumps([{"fault": r.fault, "trial": r.trial, "records": r.records} for r in results])
     )
+    described = ", ".join(f"{k} {v}" for k, v in stack.items())
     (out / "failover-report.md").write_text(
-        f"# Failover report\n\nMachine: {payload['machine']}\n\n" + markdown(results)
+        f"# Failover report\n\nStack: {described}\n\nMachine: {payload['machine']}\n\n"
+        + markdown(results)
     )
     for r in results:
         plot(r, out / f"timeline-{r.fault}-{r.trial}.png")

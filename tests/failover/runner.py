@@ -10,6 +10,11 @@ Times are seconds from the fault:
                    (not failed, and not slower than the pre-fault p99 by more than
                    a margin);
 - disruption_end:  the last disturbed request finished.
+
+In a pool (HA_MODE=pool) every healthy node serves, so there is no standby to promote:
+`promoted` stays empty, `first_success` is the first request a survivor answered after
+the fault, and the struck node must come back into the relay's rotation healthy
+(`rejoined_as_standby` then means "rejoined"). The struck node rotates over the trials.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 from tests.failover.load import Load, RequestRecord
 from tests.failover.scenarios import Fault
-from tests.support.stack import NODES, Stack
+from tests.support.stack import Stack
 
 WARMUP = 4.0
 OBSERVE_AFTER_HEAL = 6.0
@@ -41,6 +46,7 @@ class Sample:
 
 @dataclass
 class ScenarioResult:
+    mode: str
     fault: str
     description: str
     trial: int
@@ -92,7 +98,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _sample(stack: Stack, t: float) -> Sample:
     roles, engines = {}, {}
-    for node in NODES:
+    for node in stack.nodes:
         status = stack.agent_status(node, timeout=0.3)
         roles[node] = status["role"] if status else "unreachable"
         engines[node] = status["engine"]["state"] if status else "unknown"
@@ -123,7 +129,8 @@ def assert_clean_failover(result: ScenarioResult) -> str:
     assert result.stream_failed == 0, summary
     assert result.text_mismatches == 0, summary
     assert result.detected is not None, summary
-    assert result.promoted is not None, summary
+    if result.mode == "pair":
+        assert result.promoted is not None, summary
     assert result.recovered is not None and result.recovered <= result.target_recovery, summary
     assert result.rejoined_as_standby, summary
     assert not [e for e in result.errors if e.startswith(("inject", "heal"))], summary
@@ -131,8 +138,15 @@ def assert_clean_failover(result: ScenarioResult) -> str:
 
 
 async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> ScenarioResult:
-    primary = await asyncio.to_thread(stack.wait_stable, 90.0)
-    standby = next(n for n in NODES if n != primary)
+    leader = await asyncio.to_thread(stack.wait_stable, 90.0)
+    if stack.mode == "pool":
+        # Every node serves: strike each in turn over the trials (the first, the lease
+        # holder's). `standby` names the first survivor, for the pair's fields.
+        order = [leader, *(n for n in stack.nodes if n != leader)]
+        primary = order[(trial - 1) % len(order)]
+    else:
+        primary = leader
+    standby = next(n for n in stack.nodes if n != primary)
     migrations_before = await asyncio.to_thread(_relay_migrations, stack)
     load.records = []
     stop = asyncio.Event()
@@ -163,19 +177,29 @@ async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> Sc
     records = await load_task
     await sample_task
 
-    # After the fault heals, the old primary must rejoin as a standby.
+    # After the fault heals, the old primary must rejoin as a standby; in a pool, the
+    # struck node must be healthy and back in the relay's rotation.
     rejoined = False
     deadline = time.monotonic() + REJOIN_TIMEOUT
     primary_after = None
     while time.monotonic() < deadline:
         old = await asyncio.to_thread(stack.agent_status, primary)
         primary_after = await asyncio.to_thread(stack.primary)
-        if old and old["role"] == "standby" and old["engine"]["state"] == "healthy":
+        if stack.mode == "pool":
+            relay = await asyncio.to_thread(stack.relay_status) or {}
+            routed = any(n["name"] == primary and n["can_serve"] for n in relay.get("nodes", []))
+            # Serving again: past the agent's rejoin damping, not only healthy.
+            if old and old["engine"]["state"] == "healthy" and old.get("serving") and routed:
+                rejoined = True
+                break
+        elif old and old["role"] == "standby" and old["engine"]["state"] == "healthy":
             rejoined = primary_after == standby
             break
         await asyncio.sleep(0.5)
 
-    result = summarise(fault, trial, primary, standby, fault_at, healed_at, records, samples)
+    result = summarise(
+        fault, trial, primary, standby, fault_at, healed_at, records, samples, stack.mode
+    )
     result.migrations = await asyncio.to_thread(_relay_migrations, stack) - migrations_before
     result.rejoined_as_standby = rejoined
     result.primary_after = primary_after
@@ -192,6 +216,7 @@ def summarise(
     healed_at: float,
     records: list[RequestRecord],
     samples: list[Sample],
+    mode: str = "pair",
 ) -> ScenarioResult:
     before = [r for r in records if r.ok and r.end < fault_at]
     base_p99 = _percentile([r.latency for r in before], 0.99)
@@ -221,16 +246,29 @@ def summarise(
 
     # The system's detection, not the harness's: an unreachable agent only counts
     # once the relay has marked the node failed.
-    detected = first(
-        lambda s: (
-            (s.roles[primary] not in ("primary", "unreachable"))
-            or (s.roles[primary] != "unreachable" and s.engines[primary] != "healthy")
-            or s.relay_failed.get(primary, False)
-            or s.relay_primary != primary
+    if mode == "pool":
+        # Roles say nothing of who serves: the engine's state and the relay's view do.
+        detected = first(
+            lambda s: (
+                (s.roles[primary] != "unreachable" and s.engines[primary] != "healthy")
+                or s.relay_failed.get(primary, False)
+            )
         )
-    )
-    promoted = first(lambda s: s.roles[standby] == "primary")
-    ok_on_standby = [r.end for r in affected if r.ok and r.node == standby and r.end >= fault_at]
+        promoted = None
+        ok_on_standby = [r.end for r in affected if r.ok and r.node not in (None, primary)]
+    else:
+        detected = first(
+            lambda s: (
+                (s.roles[primary] not in ("primary", "unreachable"))
+                or (s.roles[primary] != "unreachable" and s.engines[primary] != "healthy")
+                or s.relay_failed.get(primary, False)
+                or s.relay_primary != primary
+            )
+        )
+        promoted = first(lambda s: s.roles[standby] == "primary")
+        ok_on_standby = [
+            r.end for r in affected if r.ok and r.node == standby and r.end >= fault_at
+        ]
     history: list[dict[str, Any]] = []
     last: dict[str, str] = {}
     for s in samples:
@@ -246,6 +284,7 @@ def summarise(
         if r.stream and r.tools and r.node == primary and r.start < seen_at and r.end > fault_at
     ]
     return ScenarioResult(
+        mode=mode,
         fault=fault.name,
         description=fault.description,
         trial=trial,

@@ -33,6 +33,8 @@ def test_status_and_history_parse_as_json_and_yaml(stack: Stack) -> None:
     for node in doc["nodes"]:
         assert node["status"]["engine"]["state"] == "healthy", node
         assert node["status"]["role"] == ("primary" if node["name"] == primary else "standby")
+    # The relay answered: each node's share of traffic is known, not null.
+    assert doc["relay_errors"] == [] and all(n["traffic"] is not None for n in doc["nodes"])
     code, out = ctl(stack, "status", "--json")  # the old spelling still works
     assert code == 0 and json.loads(out)["leader"] == primary, out
     code, out = ctl(stack, "status", "-o", "yaml")

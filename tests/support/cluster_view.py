@@ -13,6 +13,7 @@ import httpx
 
 class ClusterView:
     secrets: dict[str, str]
+    mode: str = "pair"  # pair | pool, as the stack runs (HA_MODE)
 
     # -- supplied by the runner of the cluster --------------------------------------------
 
@@ -65,7 +66,10 @@ class ClusterView:
         return None
 
     def wait_stable(self, timeout: float = 60.0) -> str:
-        """One primary, every node settled, the relay settled and routing to that primary."""
+        """Pair: one primary, every node settled, the relay settled and routing to that
+        primary; returns the primary. Pool: every node settled and in the relay's view,
+        the relay settled; returns the lease holder if one node says primary, else the
+        first node."""
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -73,6 +77,16 @@ class ClusterView:
             relay = self.relay_status()
             last = (statuses, relay)
             primaries = [n for n, s in statuses.items() if s and s["role"] == "primary"]
+            if self.mode == "pool":
+                if (
+                    all(s and self.node_settled(s) and s.get("serving") for s in statuses.values())
+                    and relay
+                    and {n["name"] for n in relay["nodes"]} >= set(self.nodes)
+                    and self.relay_settled(relay)
+                ):
+                    return primaries[0] if len(primaries) == 1 else self.nodes[0]
+                time.sleep(0.2)
+                continue
             if (
                 len(primaries) == 1
                 and all(s and self.node_settled(s) for s in statuses.values())

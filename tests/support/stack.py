@@ -26,7 +26,13 @@ from tests.support.cluster_view import ClusterView, set_link
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
+# The default pair's nodes (name -> compose service); a pool stack has its own.
 NODES = {"sglang-01": "node-1", "sglang-02": "node-2"}
+
+
+def node_services(count: int) -> dict[str, str]:
+    """The names and services scripts/stack-nodes.sh gives `count` nodes."""
+    return {f"sglang-{i:02d}": f"node-{i}" for i in range(1, count + 1)}
 
 
 def read_secrets() -> dict[str, str]:
@@ -51,6 +57,8 @@ class Stack(ClusterView):
     compose: DockerCompose
     client: docker.DockerClient = field(default_factory=docker.from_env)
     secrets: dict[str, str] = field(default_factory=read_secrets)
+    services: dict[str, str] = field(default_factory=lambda: dict(NODES))  # node -> service
+    mode: str = "pair"
 
     # -- containers and addresses ------------------------------------------------------
 
@@ -87,14 +95,14 @@ class Stack(ClusterView):
         return f"http://127.0.0.1:{binding['HostPort']}"
 
     def engine_url(self, node: str) -> str:
-        return f"http://{self.ip(NODES[node])}:30000"
+        return f"http://{self.ip(self.services[node])}:30000"
 
     def agent_url(self, node: str) -> str:
-        return f"http://{self.ip(NODES[node])}:8008"
+        return f"http://{self.ip(self.services[node])}:8008"
 
     @property
     def nodes(self) -> list[str]:
-        return list(NODES)
+        return list(self.services)
 
     # -- observing (agents, relay, primary, wait_stable: ClusterView) ---------------------
 
@@ -112,7 +120,7 @@ class Stack(ClusterView):
     # -- faults -------------------------------------------------------------------------
 
     def _engine_pid(self, node: str) -> int:
-        code, out = self.container(NODES[node]).exec_run(
+        code, out = self.container(self.services[node]).exec_run(
             ["supervisorctl", "-c", "/etc/sglang-ha/supervisord.conf", "pid", "engine"]
         )
         pid = int(out.decode().strip() or 0)
@@ -122,39 +130,39 @@ class Stack(ClusterView):
 
     def signal_engine(self, node: str, sig: str) -> None:
         pid = self._engine_pid(node)
-        code, out = self.container(NODES[node]).exec_run(["kill", f"-{sig}", str(pid)])
+        code, out = self.container(self.services[node]).exec_run(["kill", f"-{sig}", str(pid)])
         if code != 0:
             raise RuntimeError(f"kill -{sig} {pid} failed: {out!r}")
 
     def kill_container(self, node: str) -> None:
-        self.container(NODES[node]).kill()
+        self.container(self.services[node]).kill()
 
     def start_container(self, node: str) -> None:
-        c = self.container(NODES[node])
+        c = self.container(self.services[node])
         c.reload()
         if c.status != "running":
             with contextlib.suppress(docker.errors.APIError):
                 c.start()
 
     def pause(self, node: str) -> None:
-        self.container(NODES[node]).pause()
+        self.container(self.services[node]).pause()
 
     def unpause(self, node: str) -> None:
-        c = self.container(NODES[node])
+        c = self.container(self.services[node])
         c.reload()
         if c.status == "paused":
             c.unpause()
 
     def nic(self, node: str, state: str) -> None:
         """`ip link set eth0 down|up` inside the node's network namespace."""
-        c = self.container(NODES[node])
+        c = self.container(self.services[node])
         c.reload()
         gateway = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["Gateway"]
         set_link(c.attrs["State"]["Pid"], state, gateway)
 
     def bug_lines(self) -> list[str]:
         lines = []
-        for service in ("node-1", "node-2", "gateway"):
+        for service in (*self.services.values(), "gateway"):
             with contextlib.suppress(LookupError):
                 lines += [
                     f"{service}: {line}"
@@ -178,14 +186,31 @@ def running_stack(
     env: dict[str, str] | None = None,
     profiles: list[str] | None = None,
     services: list[str] | None = None,
+    mode: str = "pair",
+    nodes: int = 2,
 ) -> Iterator[Stack]:
     """Bring the stack up (building images), yield it, always take it down.
 
     `env` is set for compose while the stack lives; `profiles` and `services` pick
-    what starts. Teardown removes every container of the project, whatever started it.
+    what starts; `mode` and `nodes` are `make up`'s MODE and NODES (an override from
+    scripts/stack-nodes.sh, named after the project). Teardown removes every container
+    of the project, whatever started it.
     """
     project = f"{prefix}-{uuid.uuid4().hex[:8]}"
     read_secrets()
+    generated: list[Path] = []
+    if (mode, nodes) != ("pair", 2):
+        subprocess.run(
+            [str(ROOT / "scripts" / "stack-nodes.sh"), mode, str(nodes), files[0], project],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        generated = [
+            COMPOSE_DIR / f"{project}.generated.yaml",
+            COMPOSE_DIR / f"{project}.prometheus.generated.yml",
+        ]
+        files = (*files, generated[0].name)
     env = {"COMPOSE_PROJECT_NAME": project, **(env or {})}
     previous = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
@@ -197,14 +222,14 @@ def running_stack(
         profiles=profiles,
         services=services,
     )
-    stack = Stack(project, compose)
+    stack = Stack(project, compose, services=node_services(nodes), mode=mode)
     try:
         compose.start()
         stack.wait_stable()
         yield stack
     finally:
         try:
-            for node in NODES:  # leave nothing frozen or cut off for `down`
+            for node in stack.nodes:  # leave nothing frozen or cut off for `down`
                 with contextlib.suppress(Exception):
                     stack.unpause(node)
                 with contextlib.suppress(Exception):
@@ -217,6 +242,8 @@ def running_stack(
                 with contextlib.suppress(docker.errors.APIError):
                     container.remove(force=True)
         finally:
+            for path in generated:
+                path.unlink(missing_ok=True)
             for key, value in previous.items():
                 if value is None:
                     os.environ.pop(key, None)

@@ -69,7 +69,8 @@ def test_the_unit_tests_catch_a_changed_rule(tmp_path: Path) -> None:
     text = rules.read_text()
     assert text.count("for: 30s") >= 1
     rules.write_text(text.replace("for: 30s", "for: 20s", 1))
-    result = promtool("test", "rules", str(tmp_path / "prometheus" / "tests" / TESTS[0].name))
+    pair_tests = tmp_path / "prometheus" / "tests" / "sglang-ha-test.yaml"
+    result = promtool("test", "rules", str(pair_tests))
     assert result.returncode != 0
     assert "SglangHaNoPrimary" in result.stdout + result.stderr
 

@@ -11,8 +11,9 @@ import yaml
 from click.testing import CliRunner
 
 from ha_agent.config import AgentSettings
+from ha_agent.ctl import output
 from ha_agent.ctl.__main__ import cli
-from ha_agent.ctl.client import ClusterView, NodeRow
+from ha_agent.ctl.client import ClusterView, NodeRow, Traffic, parse_relay_metrics
 from ha_agent.dcs.base import Cluster, EngineState, HAEvent, Leader, Role
 from tests.support.fakes import agent_status
 
@@ -86,7 +87,16 @@ def test_status_renders_table_json_and_yaml() -> None:
     client = FakeClient()
     table = run(client, "status").output
     assert table.splitlines()[0] == "cluster ok: leader sglang-01 (epoch 1), max epoch 1"
-    assert table.splitlines()[2].split()[:5] == ["sglang-01", "primary", "healthy", "1", "1.9s"]
+    assert table.splitlines()[2].split()[:8] == [
+        "sglang-01",
+        "primary",
+        "healthy",
+        "no",  # the fake's status does not say it serves
+        "-",  # no relay to ask: no share of traffic
+        "-",
+        "1",
+        "1.9s",
+    ]
     doc = json.loads(run(client, "status", "-o", "json").output)
     assert doc["leader"] == "sglang-01" and doc["epoch"] == 1 and doc["paused"] is False
     assert [n["status"]["role"] for n in doc["nodes"]] == ["primary", "standby"]
@@ -229,3 +239,119 @@ def test_edit_config_apply_merges_a_yaml_file_from_stdin() -> None:
     assert client.posts[-1][2]["config"] == {"loop_wait": 0.4, "lease_ttl": 3.5}
     result = run(client, "edit-config", "--apply", "-", "--force", input="- a\n- b\n")
     assert result.exit_code == 1 and "must be a mapping" in result.output
+
+
+def relay_metrics(counts: dict[str, int], can_serve: dict[str, int]) -> str:
+    """A relay's /metrics as prometheus_client writes it, for the counters status reads."""
+    lines = [
+        "# HELP sglang_ha_relay_requests_total Requests answered by the relay.",
+        "# TYPE sglang_ha_relay_requests_total counter",
+    ]
+    for node, n in counts.items():
+        # Split over endpoints and outcomes, as the relay counts them.
+        ok, other = n - n // 4, n // 4
+        lines.append(
+            f'sglang_ha_relay_requests_total{{code="200",endpoint="/v1/completions",'
+            f'node="{node}",outcome="ok"}} {float(ok)}'
+        )
+        lines.append(
+            f'sglang_ha_relay_requests_total{{code="200",endpoint="/generate",'
+            f'node="{node}",outcome="migrated"}} {float(other)}'
+        )
+    lines.append(
+        'sglang_ha_relay_requests_total{code="503",endpoint="/generate",node="-",'
+        'outcome="failed"} 7.0'
+    )
+    lines += [
+        "# HELP sglang_ha_relay_node_can_serve 1 while the relay considers the node able.",
+        "# TYPE sglang_ha_relay_node_can_serve gauge",
+    ]
+    lines += [
+        f'sglang_ha_relay_node_can_serve{{node="{n}"}} {float(v)}' for n, v in can_serve.items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def pool_view(traffic: Traffic | None) -> ClusterView:
+    """Three pool nodes; sglang-03's engine died and it is out of service."""
+    names = ["sglang-01", "sglang-02", "sglang-03"]
+    rows = [
+        NodeRow(
+            name,
+            f"http://node-{i}:8008",
+            agent_status(
+                name,
+                Role.PRIMARY if i == 1 else Role.STANDBY,
+                EngineState.DEAD if i == 3 else EngineState.HEALTHY,
+                lease_time_left=1.9,
+                mode="pool",
+                serving=i != 3,
+                pool="engine dead" if i == 3 else "",
+            ),
+        )
+        for i, name in enumerate(names, 1)
+    ]
+    return ClusterView(Cluster(Leader("sglang-01", 1, 2000), max_epoch=1), None, rows, traffic)
+
+
+def test_status_shows_each_nodes_share_of_traffic_summed_over_relays() -> None:
+    traffic = Traffic()
+    # Two relays (the gateway pair); sglang-03 is out of rotation on both.
+    parse_relay_metrics(
+        relay_metrics(
+            {"sglang-01": 40, "sglang-02": 20}, {"sglang-01": 1, "sglang-02": 1, "sglang-03": 0}
+        ),
+        traffic,
+    )
+    parse_relay_metrics(
+        relay_metrics(
+            {"sglang-01": 20, "sglang-02": 20, "sglang-03": 0},
+            {"sglang-01": 1, "sglang-02": 0, "sglang-03": 0},
+        ),
+        traffic,
+    )
+    view = pool_view(traffic)
+    lines = output.status_table(view).splitlines()
+    assert lines[0] == "cluster ok: leader sglang-01 (epoch 1), max epoch 1, mode pool"
+    cells = {line.split()[0]: line.split()[2:7] for line in lines[2:5]}
+    # Refused requests (node "-") are nobody's share: 60 + 40 + 0 = 100 routed.
+    assert cells == {
+        "sglang-01": ["healthy", "yes", "yes", "60%", "(60)"],
+        "sglang-02": ["healthy", "yes", "yes", "40%", "(40)"],
+        "sglang-03": ["dead", "no", "no", "0%", "(0)"],
+    }
+    assert "sglang-03: engine dead" in lines
+    doc = output.status_document(view)
+    assert [n["traffic"] for n in doc["nodes"]] == [
+        {"requests": 60, "share": 0.6, "in_rotation": True},
+        {"requests": 40, "share": 0.4, "in_rotation": True},
+        {"requests": 0, "share": 0.0, "in_rotation": False},
+    ]
+
+
+def test_status_watch_shows_the_share_between_two_views() -> None:
+    before, after = Traffic(), Traffic()
+    parse_relay_metrics(relay_metrics({"sglang-01": 100, "sglang-02": 0}, {}), before)
+    # Since the last view sglang-01 took nothing more: it left the rotation.
+    parse_relay_metrics(
+        relay_metrics({"sglang-01": 100, "sglang-02": 0, "sglang-03": 30}, {}), after
+    )
+    lines = output.status_table(pool_view(after), since=before).splitlines()
+    shares = {line.split()[0]: line.split()[5] for line in lines[2:5]}
+    assert shares == {"sglang-01": "0%", "sglang-02": "0%", "sglang-03": "100%"}
+    assert "since the last view" in output.status_table(pool_view(after), since=before)
+
+
+def test_status_says_when_the_relay_does_not_answer() -> None:
+    traffic = Traffic(errors=["http://gateway:8002: connection refused"])
+    table = output.status_table(pool_view(traffic))
+    assert "relay UNREACHABLE: http://gateway:8002: connection refused" in table
+    assert table.splitlines()[2].split()[4:6] == ["?", "-"]
+    doc = output.status_document(pool_view(traffic))
+    assert [n["traffic"] for n in doc["nodes"]] == [None, None, None]
+    assert doc["relay_errors"] == ["http://gateway:8002: connection refused"]
+
+
+def test_status_reads_the_relays_from_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HA_RELAY_ADMIN_URLS", "http://gateway:8002, http://gateway-2:8002")
+    assert AgentSettings().relay_admin_urls == ["http://gateway:8002", "http://gateway-2:8002"]

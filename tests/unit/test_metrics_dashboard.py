@@ -184,6 +184,22 @@ def test_the_panels_operators_rely_on() -> None:
     assert variable["name"] == "node" and "sglang_ha_role" in variable["definition"]
 
 
+def test_the_dashboard_serves_any_number_of_nodes() -> None:
+    """Panels split by the `node` label, never name a node: a 3-node pool (or a pair
+    with other names) shows every node, and the share of traffic across them."""
+    text = DASHBOARD.read_text()
+    assert not re.search(r"sglang-0\d|node-\d", text), "a node named in the dashboard"
+    panels = {p["title"]: p for p in dashboard_panels(load_dashboard())}
+    share = panels["Share of traffic by node"]
+    expr = share["targets"][0]["expr"]
+    assert "sum by (node)" in expr and "sglang_ha_relay_requests_total" in expr
+    assert 'node!="-"' in expr, "requests no node answered are nobody's share"
+    assert share["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    routed = panels["Nodes the relay routes to"]["targets"][0]["expr"]
+    assert routed == "max by (node) (sglang_ha_relay_node_can_serve)"
+    assert panels["Requests/s on $node"]["maxPerRow"] >= 3
+
+
 def test_panels_do_not_overlap() -> None:
     taken: dict[tuple[int, int], str] = {}
     for panel in load_dashboard()["panels"]:
