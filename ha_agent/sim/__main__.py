@@ -75,18 +75,22 @@ async def _drain_on_sigterm(app: web.Application) -> None:
     loop.add_signal_handler(signal.SIGTERM, app[SIM_KEY].termination.sigterm_handler)
 
 
-def serving_ssl(settings: SimSettings) -> ssl.SSLContext | None:
-    """The server context SGLang's uvicorn makes from the same flags (ha_agent/tls.py);
-    None: plain HTTP, as SGLang without --ssl-certfile."""
+def serving_ssl(app: web.Application, settings: SimSettings) -> ssl.SSLContext | None:
+    """The server context SGLang's uvicorn makes from the same flags (ha_agent/tls.py),
+    reloaded in place with --enable-ssl-refresh while `app` runs; None: plain HTTP, as
+    SGLang without --ssl-certfile."""
     if not (settings.ssl_certfile and settings.ssl_keyfile):
         return None
     password = settings.ssl_keyfile_password
-    return server_context(
+    ctx = server_context(
         settings.ssl_certfile,
         settings.ssl_keyfile,
         settings.ssl_ca_certs,
         password.get_secret_value() if password else None,
     )
+    if settings.enable_ssl_refresh:
+        app.cleanup_ctx.append(_ssl_refresh(ctx, settings))
+    return ctx
 
 
 def _ssl_refresh(
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.port,
     )
     try:
-        ssl_context = serving_ssl(settings)
+        ssl_context = serving_ssl(app, settings)
     except (OSError, ssl.SSLError) as exc:
         print(f"sglang-ha-sim: cannot load the TLS certificate: {exc}", file=sys.stderr)
         return 2
@@ -160,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "SSL enabled: certfile=%s, keyfile=%s", settings.ssl_certfile, settings.ssl_keyfile
         )
-        if settings.enable_ssl_refresh:
-            app.cleanup_ctx.append(_ssl_refresh(ssl_context, settings))
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     app.on_startup.append(_drain_on_sigterm)
