@@ -962,13 +962,15 @@ class SimSettings(BaseSettings):
             raise ValueError(
                 "--ssl-keyfile-password has no effect without --ssl-certfile and --ssl-keyfile."
             )
-        for flag, path in (
-            ("--ssl-keyfile", self.ssl_keyfile),
-            ("--ssl-certfile", self.ssl_certfile),
-            ("--ssl-ca-certs", self.ssl_ca_certs),
+        for what, flag, path in (
+            ("key", "--ssl-keyfile", self.ssl_keyfile),
+            ("certificate", "--ssl-certfile", self.ssl_certfile),
+            ("CA certificates", "--ssl-ca-certs", self.ssl_ca_certs),
         ):
             if path and not os.path.isfile(path):
-                raise ValueError(f"SSL file not found: '{path}'. Please check the {flag} path.")
+                raise ValueError(
+                    f"SSL {what} file not found: '{path}'. Please check the {flag} path."
+                )
         if self.enable_ssl_refresh and not (self.ssl_certfile and self.ssl_keyfile):
             raise ValueError(
                 "--enable-ssl-refresh requires --ssl-certfile and --ssl-keyfile to be specified."
