@@ -305,3 +305,60 @@ async def test_the_engine_key_crosses_the_wire_only_encrypted(pki: Pki, tls: boo
         assert seen[:1] == b"\x16" and b"\x17\x03\x03" in seen  # handshake, then records
     else:
         assert KEY.encode() in seen and b"POST /generate" in seen
+
+
+# -- sglang-ha verify -------------------------------------------------------------------------
+
+
+class _Container:
+    """What verify reads of a node container: its environment and its CA file."""
+
+    def __init__(self, env: dict[str, str], files: dict[str, bytes]) -> None:
+        self.attrs = {"Config": {"Env": [f"{k}={v}" for k, v in env.items()]}}
+        self.files = files
+
+    def exec_run(self, cmd: list[str]) -> tuple[int, bytes]:
+        path = cmd[-1]
+        return (0, self.files[path]) if path in self.files else (1, b"no such file")
+
+
+class _Stack:
+    def __init__(self, engine_url: str) -> None:
+        self.engine_url = engine_url
+
+    def status(self, node: str) -> Any:
+        return type("Status", (), {"engine_url": self.engine_url})()
+
+    def ip(self, container: object) -> str:
+        return "172.30.0.5"
+
+
+async def test_verify_reaches_a_tls_engine_at_its_advertised_url_and_verifies_it(
+    pki: Pki,
+) -> None:
+    from ha_agent.ctl.verify import _chat, _engine_endpoint
+
+    ca = "/run/secrets/tls_ca.crt"
+    env = {"HA_ENGINE_URL": "https://127.0.0.1:30000", "HA_ENGINE_TLS_CA_FILE": ca}
+    async with tls_sim(pki) as url:
+        node = _Container(env, {ca: pki.ca.read_bytes()})
+        base, verify = _engine_endpoint(_Stack(url), "sglang-01", node)  # type: ignore[arg-type]
+        assert base == url and isinstance(verify, ssl.SSLContext)
+        body = {
+            "model": "default",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        }
+        r = await asyncio.to_thread(_chat, base, body, 10, AUTH, verify)
+        assert r.status_code == 200, r.text
+        # The node trusting another CA: verify fails rather than skipping the check.
+        other = _Container(env, {ca: pki.other_ca.read_bytes()})
+        _, wrong = _engine_endpoint(_Stack(url), "sglang-01", other)  # type: ignore[arg-type]
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await asyncio.to_thread(_chat, base, body, 10, AUTH, wrong)
+    # One host, plain HTTP on the internal network: the container's address, as before.
+    plain = _Container({"HA_ENGINE_URL": "http://127.0.0.1:30000"}, {})
+    assert _engine_endpoint(_Stack(""), "sglang-01", plain) == (  # type: ignore[arg-type]
+        "http://172.30.0.5:30000",
+        True,
+    )
