@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import uuid
@@ -283,9 +284,12 @@ class MultiHost(ClusterView):
     def engine_url(self, node: str) -> str:
         return f"https://{self.host_of(node).addr}:{ENGINE_PORT}"
 
+    def engine_verify(self) -> ssl.SSLContext:
+        """The engines are verified as the relay verifies them: the run's CA only."""
+        return client_context(str(self.ca_file))
+
     def engine_client(self) -> httpx.Client:
-        """A client that verifies the engines as the relay does: the run's CA only."""
-        return httpx.Client(verify=client_context(str(self.ca_file)), timeout=5)
+        return httpx.Client(verify=self.engine_verify(), timeout=5)
 
     def bridge(self, host: Host) -> str:
         """The host interface of the host's network (Docker names it br-<id>)."""
