@@ -271,7 +271,11 @@ def test_engine_traffic_between_hosts_is_tls_with_no_key_in_clear(hosts: MultiHo
     primary = hosts.wait_stable()
     engines = {hosts.host_of(n).addr for n in hosts.nodes}
     key = hosts.secrets["HA_ENGINE_API_KEY"].encode()
-    body = {"model": "default", "messages": [{"role": "user", "content": "Hello"}]}
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 16,
+    }
 
     def handshakes_and_data(cap: Capture) -> bool:
         kinds = set().union(*(tls_records(b) for b in cap.stream_bytes()))
