@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -24,11 +25,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ha_agent.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +455,45 @@ class EngineAuthSettings(BaseSettings):
         return {"Authorization": f"Bearer {self.engine_admin_api_key.get_secret_value()}"}
 
 
+class EngineTLSSettings(BaseSettings):
+    """How the agent and the relay verify an engine that serves TLS (SGLang's
+    --ssl-certfile): every ``https://`` engine URL is reached with `engine_ssl_context`,
+    which checks the certificate and its name; there is no setting to skip that."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    engine_tls_ca_file: str | None = Field(
+        None,
+        description="CA certificate(s) that sign the engines' TLS certificates (the"
+        " stack's: /run/secrets/tls_ca.crt); https engine URLs are verified against it"
+        " alone. Unset: the system's CAs.",
+    )
+
+    _engine_ssl: ssl.SSLContext | None = PrivateAttr(None)
+
+    @field_validator("engine_tls_ca_file", mode="before")
+    @classmethod
+    def _blank_ca_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _ca_loads(self) -> EngineTLSSettings:
+        # At start, with the file named, not at the first request to an engine.
+        self.engine_ssl_context()
+        return self
+
+    def engine_ssl_context(self) -> ssl.SSLContext:
+        """The client context for every https engine URL (ha_agent/tls.py)."""
+        cached = self._engine_ssl
+        if cached is None:
+            try:
+                cached = client_context(self.engine_tls_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"engine_tls_ca_file {self.engine_tls_ca_file}: {exc}") from exc
+            self._engine_ssl = cached
+        return cached
+
+
 class FailbackSettings(BaseSettings):
     """What happens when a node that failed is healthy again.
 
@@ -559,6 +602,7 @@ class AgentSettings(
     EngineHealthSettings,
     FailbackSettings,
     EngineAuthSettings,
+    EngineTLSSettings,
     EngineRestartSettings,
 ):
     """The node agent: one per GPU host, next to its engine."""
@@ -749,7 +793,9 @@ def is_loopback(bind: str) -> bool:
         return False  # a host name: assume it is reachable from elsewhere
 
 
-class RelaySettings(ModeSettings, RedisSettings, EngineAuthSettings, ClientAuthSettings):
+class RelaySettings(
+    ModeSettings, RedisSettings, EngineAuthSettings, EngineTLSSettings, ClientAuthSettings
+):
     """The leader-aware relay in the gateway."""
 
     model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore", secrets_dir=_SECRETS_DIR)
@@ -1111,6 +1157,20 @@ class SimSettings(BaseSettings):
         " tool call, streamed as tool_calls deltas (empty: off, the call stays in the"
         " content).",
     )
+    # SGLang's TLS flags (server_args.py, "SSL/TLS"), served as its uvicorn does.
+    ssl_keyfile: str | None = Field(None, description="As SGLang's --ssl-keyfile.")
+    ssl_certfile: str | None = Field(None, description="As SGLang's --ssl-certfile.")
+    ssl_ca_certs: str | None = Field(
+        None, description="As SGLang's --ssl-ca-certs (loaded; no client certificate asked)."
+    )
+    ssl_keyfile_password: SecretStr | None = Field(
+        None, description="As SGLang's --ssl-keyfile-password."
+    )
+    enable_ssl_refresh: bool = Field(
+        False,
+        description="As SGLang's --enable-ssl-refresh: a changed certificate or key is"
+        " served to new connections without a restart.",
+    )
     faults: dict[str, object] = Field(
         default_factory=dict,
         description="Fault knobs active from startup, JSON (SIM_FAULTS='{\"hang\": true}').",
@@ -1121,6 +1181,36 @@ class SimSettings(BaseSettings):
     def _chunk_size(self) -> SimSettings:
         if self.chunked_prefill_size == 0:
             raise ValueError("chunked_prefill_size must be positive, or -1 for no chunking")
+        return self
+
+    @model_validator(mode="after")
+    def _ssl_flags(self) -> SimSettings:
+        # SGLang's checks and words (arg_groups/serving_hook.py, handle_ssl_validation).
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("--ssl-keyfile requires --ssl-certfile to be specified as well.")
+        if self.ssl_certfile and not self.ssl_keyfile:
+            raise ValueError("--ssl-certfile requires --ssl-keyfile to be specified as well.")
+        if not self.ssl_certfile and self.ssl_ca_certs:
+            raise ValueError(
+                "--ssl-ca-certs has no effect without --ssl-certfile and --ssl-keyfile."
+            )
+        if not self.ssl_certfile and self.ssl_keyfile_password:
+            raise ValueError(
+                "--ssl-keyfile-password has no effect without --ssl-certfile and --ssl-keyfile."
+            )
+        for what, flag, path in (
+            ("key", "--ssl-keyfile", self.ssl_keyfile),
+            ("certificate", "--ssl-certfile", self.ssl_certfile),
+            ("CA certificates", "--ssl-ca-certs", self.ssl_ca_certs),
+        ):
+            if path and not os.path.isfile(path):
+                raise ValueError(
+                    f"SSL {what} file not found: '{path}'. Please check the {flag} path."
+                )
+        if self.enable_ssl_refresh and not (self.ssl_certfile and self.ssl_keyfile):
+            raise ValueError(
+                "--enable-ssl-refresh requires --ssl-certfile and --ssl-keyfile to be specified."
+            )
         return self
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ import httpx
 
 from ha_agent.config import is_loopback
 from ha_agent.dcs.base import AgentStatus, Role
+from ha_agent.tls import client_context
 
 SCHEMA = {
     "type": "object",
@@ -190,6 +191,28 @@ def _speaks_tls(host: str, port: int) -> bool:
         return False
 
 
+def _engine_endpoint(stack: Stack, node: str, container: Any) -> tuple[str, ssl.SSLContext | bool]:
+    """How to reach a node's engine from this host, and what verifies it.
+
+    An engine serving TLS (its agent's HA_ENGINE_URL is https: a multi-host node) is
+    reached at the URL its agent advertises -- the host address its certificate
+    names -- and verified against the CA the node itself trusts
+    (HA_ENGINE_TLS_CA_FILE), never without verification. Otherwise, plain HTTP on
+    the container's address (single-host stacks, on their internal network).
+    """
+    env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"] if "=" in e)
+    if not env.get("HA_ENGINE_URL", "").startswith("https:"):
+        return f"http://{stack.ip(container)}:30000", True
+    status = stack.status(node)
+    if status is None or not status.engine_url.startswith("https:"):
+        raise RuntimeError(f"{node}: its engine serves TLS but its agent advertises no https URL")
+    ca = env.get("HA_ENGINE_TLS_CA_FILE", "")
+    code, out = container.exec_run(["cat", ca]) if ca else (1, b"")
+    if code != 0:
+        raise RuntimeError(f"{node}: no CA to verify its engine (HA_ENGINE_TLS_CA_FILE={ca!r})")
+    return status.engine_url, client_context(ca_data=out.decode())
+
+
 def _engine_headers(container: Any) -> dict[str, str]:
     """The engine's API key, read where the node reads it (a compose secret), if set."""
     code, out = container.exec_run(["sh", "-c", 'cat "${HA_ENGINE_API_KEY_FILE:-/dev/null}"'])
@@ -228,11 +251,11 @@ def check_consistency(stack: Stack, runs: int = 10) -> Check:
     }
     seen: dict[str, set[tuple[str, str]]] = {}
     for node, container in stack.nodes().items():
-        url = f"http://{stack.ip(container)}:30000"
+        url, verify = _engine_endpoint(stack, node, container)
         headers = _engine_headers(container)
         answers = set()
         for _ in range(runs):
-            r = _chat(url, body, headers=headers)
+            r = _chat(url, body, headers=headers, verify=verify)
             r.raise_for_status()
             choice = r.json()["choices"][0]
             answers.add((choice["message"]["content"], choice["finish_reason"]))

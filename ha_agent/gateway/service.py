@@ -63,6 +63,7 @@ class RelayService:
             settings.first_byte_timeout,
             settings.engine_headers(),
             settings.engine_admin_headers(),
+            settings.engine_ssl_context(),
         )
         self.warmer = Warmer(
             self.topology,

@@ -16,8 +16,10 @@ def load_settings() -> AgentSettings:
     settings = AgentSettings()
     host = socket.gethostname()
     if settings.advertise_engine_url is None:
+        # Same scheme as the agent's own: an engine serving TLS serves nothing else.
+        scheme = "https" if settings.engine_url.startswith("https:") else "http"
         port = settings.engine_url.rsplit(":", 1)[-1].split("/")[0]
-        settings.advertise_engine_url = f"http://{host}:{port}"
+        settings.advertise_engine_url = f"{scheme}://{host}:{port}"
     if settings.advertise_api_url is None:
         settings.advertise_api_url = f"http://{host}:{settings.api_port}"
     return settings

@@ -52,7 +52,10 @@ class NodeAgent:
         self.monitor = HealthMonitor(
             settings,
             EngineClient(
-                settings.engine_url, settings.engine_headers(), settings.engine_admin_headers()
+                settings.engine_url,
+                settings.engine_headers(),
+                settings.engine_admin_headers(),
+                settings.engine_ssl_context(),
             ),
             self.process,
         )

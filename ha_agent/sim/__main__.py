@@ -11,12 +11,15 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
 import sys
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from ha_agent.config import SimSettings
 from ha_agent.sim.server import SIM_KEY, create_app
+from ha_agent.tls import refresh_loop, server_context
 
 log = logging.getLogger("ha_agent.sim")
 
@@ -45,6 +48,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["qwen25", "qwen"],
         help="as SGLang's --tool-call-parser (SIM_TOOL_CALL_PARSER)",
     )
+    p.add_argument("--ssl-keyfile", help="as SGLang's --ssl-keyfile (SIM_SSL_KEYFILE)")
+    p.add_argument("--ssl-certfile", help="as SGLang's --ssl-certfile (SIM_SSL_CERTFILE)")
+    p.add_argument("--ssl-ca-certs", help="as SGLang's --ssl-ca-certs (SIM_SSL_CA_CERTS)")
+    p.add_argument(
+        "--ssl-keyfile-password",
+        help="as SGLang's --ssl-keyfile-password (SIM_SSL_KEYFILE_PASSWORD)",
+    )
+    p.add_argument(
+        "--enable-ssl-refresh",
+        action="store_true",
+        default=None,
+        help="as SGLang's --enable-ssl-refresh (SIM_ENABLE_SSL_REFRESH)",
+    )
     p.add_argument("--validate-config", action="store_true", help="print settings and exit")
     return p.parse_args(argv)
 
@@ -64,6 +80,43 @@ async def _drain_on_sigterm(app: web.Application) -> None:
     loop.add_signal_handler(signal.SIGTERM, app[SIM_KEY].termination.sigterm_handler)
 
 
+def serving_ssl(app: web.Application, settings: SimSettings) -> ssl.SSLContext | None:
+    """The server context SGLang's uvicorn makes from the same flags (ha_agent/tls.py),
+    reloaded in place with --enable-ssl-refresh while `app` runs; None: plain HTTP, as
+    SGLang without --ssl-certfile."""
+    if not (settings.ssl_certfile and settings.ssl_keyfile):
+        return None
+    password = settings.ssl_keyfile_password
+    ctx = server_context(
+        settings.ssl_certfile,
+        settings.ssl_keyfile,
+        settings.ssl_ca_certs,
+        password.get_secret_value() if password else None,
+    )
+    if settings.enable_ssl_refresh:
+        app.cleanup_ctx.append(_ssl_refresh(ctx, settings))
+    return ctx
+
+
+def _ssl_refresh(
+    ctx: ssl.SSLContext, settings: SimSettings
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def refresher(app: web.Application) -> AsyncIterator[None]:
+        assert settings.ssl_certfile and settings.ssl_keyfile
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            refresh_loop(
+                ctx, settings.ssl_certfile, settings.ssl_keyfile, settings.ssl_ca_certs, stop
+            )
+        )
+        log.info("SSL certificate auto-refresh enabled.")
+        yield
+        stop.set()
+        await task
+
+    return refresher
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     overrides = {
@@ -76,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             "admin_api_key": args.admin_api_key,
             "reasoning_parser": args.reasoning_parser,
             "tool_call_parser": args.tool_call_parser,
+            "ssl_keyfile": args.ssl_keyfile,
+            "ssl_certfile": args.ssl_certfile,
+            "ssl_ca_certs": args.ssl_ca_certs,
+            "ssl_keyfile_password": args.ssl_keyfile_password,
+            "enable_ssl_refresh": args.enable_ssl_refresh,
         }.items()
         if v is not None
     }
@@ -103,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         settings.host,
         settings.port,
     )
+    try:
+        ssl_context = serving_ssl(app, settings)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"sglang-ha-sim: cannot load the TLS certificate: {exc}", file=sys.stderr)
+        return 2
+    if ssl_context is not None:
+        log.info(
+            "SSL enabled: certfile=%s, keyfile=%s", settings.ssl_certfile, settings.ssl_keyfile
+        )
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     app.on_startup.append(_drain_on_sigterm)
@@ -110,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        ssl_context=ssl_context,
         loop=loop,
         access_log=None,
         print=None,

@@ -7,16 +7,41 @@
 # secret, HA_ENGINE_API_KEY_FILE), the one the agent presents too. SGLang takes the
 # key only as --api-key (python/sglang/srt/server_args.py), so it shows in this
 # container's process list; it is in no environment and no `docker inspect`.
+#
+# TLS: when the agent reaches its engine over https (HA_ENGINE_URL, set so by
+# compose/node-host.yaml), the engine serves it with SGLang's own flags, the
+# certificate and key from files (ENGINE_SSL_CERTFILE, ENGINE_SSL_KEYFILE: compose
+# secrets), reloaded when they change (--enable-ssl-refresh), the agent's CA as
+# --ssl-ca-certs. The simulator takes the same flags.
 set -eu
 # exec keeps the pid: the marker names the engine process that supervisord reports.
 echo "sglang-ha: engine starting ENGINE=${ENGINE} (pid $$)" >&2
+tls=""
+case "${HA_ENGINE_URL:-}" in
+  https:*)
+    for f in "${ENGINE_SSL_CERTFILE:-}" "${ENGINE_SSL_KEYFILE:-}"; do
+      if [ -z "$f" ] || [ ! -r "$f" ]; then
+        echo "HA_ENGINE_URL is https: ENGINE_SSL_CERTFILE and ENGINE_SSL_KEYFILE must name files $(id -un) can read (got '$f')" >&2
+        exit 2
+      fi
+    done
+    tls="--ssl-certfile ${ENGINE_SSL_CERTFILE} --ssl-keyfile ${ENGINE_SSL_KEYFILE} --enable-ssl-refresh"
+    # SGLang's own warm-up request to itself (https://127.0.0.1) then verifies with the
+    # stack's CA instead of turning verification off (serving_hook.py, ssl_verify_of).
+    if [ -n "${HA_ENGINE_TLS_CA_FILE:-}" ]; then
+      tls="$tls --ssl-ca-certs ${HA_ENGINE_TLS_CA_FILE}"
+    fi
+    ;;
+esac
 case "${ENGINE}" in
   simulator)
-    exec /opt/sglang-ha/bin/sglang-ha-sim --host 0.0.0.0 --port "${ENGINE_PORT}"
+    # shellcheck disable=SC2086  # $tls is a list of flags (paths without spaces)
+    exec /opt/sglang-ha/bin/sglang-ha-sim --host 0.0.0.0 --port "${ENGINE_PORT}" $tls
     ;;
   sglang)
+    # shellcheck disable=SC2086
     set -- --model-path "${MODEL_PATH}" --tp-size "${TP_SIZE:-1}" \
-      --host 0.0.0.0 --port "${ENGINE_PORT}" --enable-metrics
+      --host 0.0.0.0 --port "${ENGINE_PORT}" --enable-metrics $tls
     if [ -n "${HA_ENGINE_API_KEY_FILE:-}" ]; then
       if [ ! -r "${HA_ENGINE_API_KEY_FILE}" ]; then
         echo "HA_ENGINE_API_KEY_FILE=${HA_ENGINE_API_KEY_FILE} is not readable by $(id -un)" >&2

@@ -34,7 +34,8 @@ from ha_agent.node.engine.process import HostProcessWatch, ProcessState
 from tests.failover.load import Load
 from tests.failover.runner import ScenarioResult, assert_clean_failover, run_scenario
 from tests.failover.scenarios import Action, Fault, by_name, heals_itself, sim_knobs
-from tests.support.multihost import LABEL, MultiHost, running_hosts
+from tests.support.capture import Capture, tls_records
+from tests.support.multihost import ENGINE_PORT, LABEL, MultiHost, running_hosts
 from tests.support.secrets_held import distinct_secret_values, secrets_held
 from tests.support.stack import COMPOSE_DIR, Stack, read_secrets, require_host_tools
 
@@ -88,7 +89,8 @@ def test_control_host_stack_bakes_in_no_node_address() -> None:
     )
     published = sorted(p["published"] for s in local["services"].values() for p in s["ports"])
     assert published == ["26379", "26380", "26381", "6379", "8000"]
-    # Secrets as files, each service its own, none from secrets.env.
+    # Secrets as files, each service its own, none from secrets.env; the CA that
+    # verifies the engines, never a TLS key.
     assert _secret_files(services["gateway"]) == {
         "engine_api_key",
         "client_keys",
@@ -96,7 +98,9 @@ def test_control_host_stack_bakes_in_no_node_address() -> None:
         "ha_sentinel_password",
         "gateway_tls_crt",
         "gateway_tls_key",
+        "tls_ca_crt",
     }
+    assert gateway["HA_ENGINE_TLS_CA_FILE"] == "/run/secrets/tls_ca.crt"
     assert _secret_files(services["sentinel-1"]) == {
         "ha_sentinel_password",
         "redis_sentinel_password",
@@ -122,7 +126,9 @@ def test_node_host_stack_advertises_the_host_address(files: tuple[str, ...]) -> 
     node = config["services"]["node"]
     env = node["environment"]
     assert env["HA_NODE_NAME"] == "sglang-01"
-    assert env["HA_ADVERTISE_ENGINE_URL"] == "http://10.0.0.11:30000"
+    # Engine traffic between hosts is TLS, verified against the stack's CA.
+    assert env["HA_ADVERTISE_ENGINE_URL"] == "https://10.0.0.11:30000"
+    assert env["HA_ENGINE_TLS_CA_FILE"] == "/run/secrets/tls_ca.crt"
     assert env["HA_ADVERTISE_API_URL"] == "http://10.0.0.11:8008"
     assert env["HA_SENTINELS"] == "10.0.0.10:26379,10.0.0.11:26379,10.0.0.12:26379"
     # Published on the configured address only, never on every interface.
@@ -138,13 +144,22 @@ def test_node_host_stack_advertises_the_host_address(files: tuple[str, ...]) -> 
     assert config["services"]["sentinel"]["environment"]["REDIS_MASTER_HOST"] == "10.0.0.10"
     # Secrets as files, each service its own (the running hosts' test checks the values).
     own = {"engine_api_key", "ha_redis_password", "ha_sentinel_password", "ha_admin_token"}
+    own |= {"tls_ca_crt"}
+    # The engine's certificate and key where the engine runs, not beside a user's.
+    engine_tls = {"engine_tls_crt", "engine_tls_key"}
     own |= {
-        ("node-host.yaml",): {"hf_token"},
-        ("node-host.yaml", "node-host.cpu.yaml"): {"sim_admin_token"},
+        ("node-host.yaml",): {"hf_token"} | engine_tls,
+        ("node-host.yaml", "node-host.cpu.yaml"): {"sim_admin_token"} | engine_tls,
         ("node-host.yaml", "node-sidecar.yaml"): set(),
     }[files]
     assert _secret_files(node) == own
     assert env["HA_ENGINE_API_KEY_FILE"] == "/run/secrets/engine_api_key"
+    if "node-sidecar.yaml" in files:
+        assert env["HA_ENGINE_URL"] == "https://10.0.0.11:30000"
+    else:  # the agent reaches its own engine over TLS too: it serves nothing else
+        assert env["HA_ENGINE_URL"] == "https://127.0.0.1:30000"
+        assert env["ENGINE_SSL_CERTFILE"] == "/run/secrets/engine_tls.crt"
+        assert env["ENGINE_SSL_KEYFILE"] == "/run/secrets/engine_tls.key"
     assert _secret_files(config["services"]["sentinel"]) == {
         "ha_sentinel_password",
         "redis_sentinel_password",
@@ -185,7 +200,8 @@ HOST_OWN = {
         "HA_REDIS_PASSWORD",
         "HA_SENTINEL_PASSWORD",
     },
-    ("gpu1", "node"): NODE_OWN | {"SIM_ADMIN_TOKEN"},  # the simulator's fault knobs
+    # The simulator's fault knobs; its engine's TLS key (gpu2's is in the user's engine).
+    ("gpu1", "node"): NODE_OWN | {"SIM_ADMIN_TOKEN", "GPU1_ENGINE_TLS_KEY"},
     ("gpu1", "sentinel"): {"HA_SENTINEL_PASSWORD", "REDIS_SENTINEL_PASSWORD"},
     ("gpu1", "redis-replica"): {"REDIS_PASSWORD"},
     ("gpu2", "node"): NODE_OWN,  # sidecar: the agent only
@@ -195,6 +211,9 @@ HOST_OWN = {
 
 def test_each_host_container_holds_only_its_own_secrets_as_files(hosts: MultiHost) -> None:
     values = distinct_secret_values(hosts.secrets)
+    for key in ("gpu1", "gpu2"):
+        pem = (hosts.tls / key / "engine_tls.key").read_text()
+        values[f"{key.upper()}_ENGINE_TLS_KEY"] = pem.splitlines()[1]  # a line of the key
     for (key, service), own in HOST_OWN.items():
         held, leaked = secrets_held(hosts.container(hosts.hosts[key], service), values)
         assert held == own, (key, service, sorted(held))
@@ -205,9 +224,10 @@ def test_an_engine_on_its_host_answers_only_with_the_engine_key(hosts: MultiHost
     """Published on the host's address for the gateway and the agents: the key, not
     the network, is what keeps others out (SGLang's --api-key; the simulator here)."""
     url = f"{hosts.engine_url('sglang-01')}/get_server_info"
-    assert httpx.get(url, timeout=5).status_code == 401
-    key = {"Authorization": f"Bearer {hosts.secrets['HA_ENGINE_API_KEY']}"}
-    assert httpx.get(url, headers=key, timeout=5).status_code == 200
+    with hosts.engine_client() as engine:
+        assert engine.get(url).status_code == 401
+        key = {"Authorization": f"Bearer {hosts.secrets['HA_ENGINE_API_KEY']}"}
+        assert engine.get(url, headers=key).status_code == 200
 
 
 def test_gateway_learns_every_node_from_the_registry(hosts: MultiHost) -> None:
@@ -229,10 +249,12 @@ def test_gateway_learns_every_node_from_the_registry(hosts: MultiHost) -> None:
         assert "epoch" in member
         _, ttl = redis.exec_run(["redis-cli", "PTTL", key], environment=auth)
         assert 0 < int(ttl) <= 10_000
-    # Nginx's last resort, if the relay itself is down: the same engines, by address.
+    # Nginx's last resort, if the relay itself is down, is plain HTTP: the engines
+    # serve TLS only, so each is named there and left out (docs/security.md).
     backup = hosts.gateway_file("/run/sglang-ha/nginx-backup-servers.conf")
-    servers = sorted(line.split()[1] for line in backup.splitlines() if line.startswith("server"))
-    assert servers == sorted(f"{hosts.host_of(n).addr}:30000" for n in hosts.nodes)
+    assert not [line for line in backup.splitlines() if line.startswith("server")]
+    for node in hosts.nodes:
+        assert f"# {node}: {hosts.engine_url(node)} serves TLS" in backup
 
 
 def test_cli_on_a_node_host_sees_the_whole_cluster(hosts: MultiHost) -> None:
@@ -257,6 +279,38 @@ def test_chat_completion_through_the_gateway(hosts: MultiHost) -> None:
     )
     assert raw.headers["x-sglang-ha-node"] == primary
     assert raw.parse().choices[0].message.content
+
+
+def test_engine_traffic_between_hosts_is_tls_with_no_key_in_clear(hosts: MultiHost) -> None:
+    """A capture on the host network, where the gateway's connections to the engines'
+    published ports cross it, while requests (plain and streamed) go through the
+    gateway: TLS records only, the engine key nowhere. (The same recording over plain
+    HTTP shows the key: tests/unit/test_engine_tls.py, the negative control.)"""
+    primary = hosts.wait_stable()
+    engines = {hosts.host_of(n).addr for n in hosts.nodes}
+    key = hosts.secrets["HA_ENGINE_API_KEY"].encode()
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 16,
+    }
+
+    def handshakes_and_data(cap: Capture) -> bool:
+        kinds = set().union(*(tls_records(b) for b in cap.stream_bytes()))
+        return {22, 23} <= kinds
+
+    with Capture(hosts.bridge(hosts.control), engines, ENGINE_PORT) as cap:
+        with httpx.Client(base_url=hosts.gateway_url, timeout=30) as client:
+            for stream in (False, True, False, True):
+                r = client.post("/v1/chat/completions", json={**body, "stream": stream})
+                assert r.status_code == 200, r.text
+        assert cap.wait_for(handshakes_and_data, 10), "no TLS seen toward the engines"
+    flows = cap.stream_bytes()
+    assert hosts.host_of(primary).addr in {f[2] for f in cap.flows}  # toward its engine
+    assert sum(len(b) for b in flows) > 2000
+    for data in flows:
+        assert key not in data, "the engine key crossed the host network in clear"
+        assert b"HTTP/1.1" not in data and b"POST /" not in data, "plain HTTP seen"
 
 
 # -- failover across hosts ----------------------------------------------------------------------
@@ -363,9 +417,10 @@ def test_a_third_node_joins_by_starting_it(hosts: MultiHost) -> None:
         hosts.wait_stable(60)  # now with sglang-03 healthy and servable in the relay
         relay = hosts.relay_status() or {}
         urls = {n["name"]: n["engine_url"] for n in relay.get("nodes", [])}
-        assert urls.get("sglang-03") == f"http://{gpu3.addr}:30000"
+        assert urls.get("sglang-03") == f"https://{gpu3.addr}:30000"
+        # Nginx's last resort is plain HTTP: it learns the node, and leaves it out.
         deadline = time.monotonic() + 15
-        while f"server {gpu3.addr}:30000 " not in hosts.gateway_file(
+        while f"# sglang-03: https://{gpu3.addr}:30000 serves TLS" not in hosts.gateway_file(
             "/run/sglang-ha/nginx-backup-servers.conf"
         ):
             assert time.monotonic() < deadline, "Nginx's last resort never learned sglang-03"

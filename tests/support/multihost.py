@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import uuid
@@ -33,8 +34,9 @@ import docker
 import httpx
 from docker.models.containers import Container
 
+from ha_agent.tls import client_context
 from tests.support.cluster_view import ClusterView, set_link
-from tests.support.stack import COMPOSE_DIR, read_secrets
+from tests.support.stack import COMPOSE_DIR, ROOT, read_secrets
 
 LABEL = "sglang-ha.multihost"
 NODE_IMAGE = "sglang-ha/node:0.1.0-cpu"
@@ -68,6 +70,12 @@ class MultiHost(ClusterView):
         self.dir = Path(tempfile.mkdtemp(prefix="sglang-ha-multihost-"))
         self.hosts: dict[str, Host] = {}
         self.gateway_port = 0
+        # The stacks' TLS material, made as `make secrets` makes it (scripts/tls-certs.sh)
+        # but in a test folder: a CA of the run's own, and for each node host an engine
+        # certificate naming the host's address (known only once its network exists).
+        self.tls = self.dir / "tls"
+        _tls_certs(self.tls / "ca")
+        self.ca_file = self.tls / "ca" / "tls_ca.crt"
 
     # -- hosts -----------------------------------------------------------------------------
 
@@ -112,11 +120,32 @@ class MultiHost(ClusterView):
             raise RuntimeError(f"{' '.join(args)} on {host.key} failed:\n{result.stderr[-4000:]}")
         return result.stdout
 
+    def engine_tls(self, host: Host) -> Path:
+        """This host's engine certificate and key (engine_tls.crt, .key), signed by the
+        run's CA, for its address: what ENGINE_TLS_SANS=IP:<addr> make secrets gives."""
+        folder = self.tls / host.key
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("tls_ca.crt", "tls_ca.key"):
+            shutil.copy(self.tls / "ca" / name, folder / name)
+        _tls_certs(folder, ENGINE_TLS_SANS=f"IP:{host.addr}")
+        return folder
+
+    def tls_env(self, host: Host) -> dict[str, str]:
+        """The env file's lines naming the TLS files (compose `secrets:` file paths)."""
+        env = {"TLS_CA_FILE": str(self.ca_file)}
+        if host.key.startswith("gpu"):
+            folder = self.engine_tls(host)
+            env |= {
+                "ENGINE_TLS_CERT_FILE": str(folder / "engine_tls.crt"),
+                "ENGINE_TLS_KEY_FILE": str(folder / "engine_tls.key"),
+            }
+        return env
+
     def start_control(self) -> None:
         ctl = self.control
         self.gateway_port = free_port(ctl.addr)
         ctl.files = ("control-host.yaml",)
-        ctl.env = {
+        ctl.env = self.tls_env(ctl) | {
             "HOST_ADDR": ctl.addr,
             "HA_SENTINELS": self.sentinels(),
             "GATEWAY_BIND": ctl.addr,
@@ -136,7 +165,7 @@ class MultiHost(ClusterView):
             for h in self.hosts.values()
             if h.key.startswith("gpu") and h.key != host.key
         ]
-        return {
+        return self.tls_env(host) | {
             "HA_NODE_NAME": node,
             "HOST_ADDR": host.addr,
             "HA_SENTINELS": self.sentinels(),
@@ -157,10 +186,27 @@ class MultiHost(ClusterView):
         """A GPU host where the user already runs the engine in a container of their
         own; the node image runs beside it (ENGINE=external) and watches it."""
         engine = f"{host.project}-sglang"
+        # The user's server serves TLS with SGLang's flags and the host's certificate.
+        tls = self.engine_tls(host)
         self.client.containers.run(
             NODE_IMAGE,
             name=engine,
-            entrypoint=["sglang-ha-sim", "--host", "0.0.0.0", "--port", str(ENGINE_PORT)],
+            entrypoint=[
+                "sglang-ha-sim",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(ENGINE_PORT),
+                "--ssl-certfile",
+                "/tls/engine_tls.crt",
+                "--ssl-keyfile",
+                "/tls/engine_tls.key",
+                "--enable-ssl-refresh",
+            ],
+            volumes={
+                str(tls / name): {"bind": f"/tls/{name}", "mode": "ro"}
+                for name in ("engine_tls.crt", "engine_tls.key")
+            },
             environment={
                 "SIM_ADMIN_TOKEN": self.secrets["SIM_ADMIN_TOKEN"],
                 "SIM_INSTANCE_NAME": node,
@@ -239,7 +285,20 @@ class MultiHost(ClusterView):
         return f"http://{self.control.addr}:{self.gateway_port}"
 
     def engine_url(self, node: str) -> str:
-        return f"http://{self.host_of(node).addr}:{ENGINE_PORT}"
+        return f"https://{self.host_of(node).addr}:{ENGINE_PORT}"
+
+    def engine_verify(self) -> ssl.SSLContext:
+        """The engines are verified as the relay verifies them: the run's CA only."""
+        return client_context(str(self.ca_file))
+
+    def engine_client(self) -> httpx.Client:
+        return httpx.Client(verify=self.engine_verify(), timeout=5)
+
+    def bridge(self, host: Host) -> str:
+        """The host interface of the host's network (Docker names it br-<id>)."""
+        net = self.client.networks.get(host.network)
+        name = net.attrs.get("Options", {}).get("com.docker.network.bridge.name")
+        return str(name or f"br-{net.id[:12]}")
 
     def agent_url(self, node: str) -> str:
         return f"http://{self.host_of(node).addr}:{AGENT_PORT}"
@@ -321,6 +380,17 @@ class MultiHost(ClusterView):
         c.reload()
         if c.status != "running":
             c.start()
+
+
+def _tls_certs(folder: Path, **env: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [str(ROOT / "scripts" / "tls-certs.sh"), str(folder)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env=os.environ | env,
+    )
 
 
 def free_port(addr: str) -> int:

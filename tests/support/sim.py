@@ -15,6 +15,7 @@ import httpx
 from aiohttp import web
 
 from ha_agent.config import SimSettings
+from ha_agent.sim.__main__ import serving_ssl
 from ha_agent.sim.server import create_app
 from tests.support.processes import free_port, stop_process, wait_until
 
@@ -55,11 +56,14 @@ class SimHandle:
 @contextlib.asynccontextmanager
 async def sim_in_process(name: str = "sim", **overrides: Any) -> AsyncIterator[SimHandle]:
     settings = SimSettings(**{**FAST, "instance_name": name, **overrides})
-    runner = web.AppRunner(create_app(settings), handler_cancellation=True)
+    app = create_app(settings)
+    ssl_context = serving_ssl(app, settings)  # as `sglang-ha-sim --ssl-certfile ...`
+    runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    handle = SimHandle(url=f"http://127.0.0.1:{port}", runner=runner)
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+    scheme = "https" if ssl_context is not None else "http"
+    handle = SimHandle(url=f"{scheme}://127.0.0.1:{port}", runner=runner)
     try:
         yield handle
     finally:

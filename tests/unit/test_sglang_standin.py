@@ -57,6 +57,30 @@ def test_the_launchers_flags_and_common_gpu_flags_pass() -> None:
     assert out.stdout.split() == ["Qwen/Qwen2.5-0.5B-Instruct", "2", "k"]
 
 
+def test_the_launchers_tls_flags_reach_the_simulator() -> None:
+    """What engine-launch.sh adds when the engine serves TLS (multi-host stacks)."""
+    code = (
+        "import os, sys, sglang.launch_server as ls;"
+        "ls._touch_cache = lambda model: None;"
+        "os.execve = lambda path, cmd, env: print(' '.join(cmd[1:]));"
+        "ls.main(sys.argv[1:])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "--model-path", "m", "--port", "30000",
+         "--ssl-certfile", "/run/secrets/engine_tls.crt",
+         "--ssl-keyfile", "/run/secrets/engine_tls.key",
+         "--enable-ssl-refresh", "--ssl-ca-certs", "/run/secrets/tls_ca.crt"],
+        capture_output=True, text=True, timeout=30, env={"PYTHONPATH": str(STANDIN)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-7:] == [
+        "--ssl-certfile", "/run/secrets/engine_tls.crt",
+        "--ssl-keyfile", "/run/secrets/engine_tls.key",
+        "--ssl-ca-certs", "/run/secrets/tls_ca.crt",
+        "--enable-ssl-refresh",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import os
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -87,7 +88,9 @@ class Cause(enum.Enum):
     NONE = "the node kept serving"  # a connection broke, nothing more
 
 
-async def still_answering(engine_url: str, timeout: float = 0.5) -> bool:
+async def still_answering(
+    engine_url: str, timeout: float = 0.5, ssl_context: ssl.SSLContext | bool = True
+) -> bool:
     """Does the engine's HTTP server still answer? SGLang's HTTP server dies with its
     scheduler (the SIGQUIT handler kills the process tree), so a connection broken by
     a crash finds no server; one broken on a live engine (a stale keep-alive) does.
@@ -112,7 +115,7 @@ async def still_answering(engine_url: str, timeout: float = 0.5) -> bool:
 
     async def status_line() -> bytes:
         reader, writer = await asyncio.open_connection(
-            host, port, ssl=True if url.scheme == "https" else None
+            host, port, ssl=ssl_context if url.scheme == "https" else None
         )
         try:
             request = f"GET /metrics HTTP/1.1\r\nHost: {url.netloc}\r\nConnection: close\r\n\r\n"
@@ -136,7 +139,11 @@ async def crash_cause(topology: Topology, name: str, since: float, within: float
     down_since: float | None = None
     node = topology.nodes.get(name)
     healthy = node is not None and not node.failed and node.engine_state is EngineState.HEALTHY
-    if healthy and node is not None and await still_answering(node.engine_url):
+    if (
+        healthy
+        and node is not None
+        and await still_answering(node.engine_url, ssl_context=topology.s.engine_ssl_context())
+    ):
         return Cause.NONE
     while True:
         now = time.monotonic()

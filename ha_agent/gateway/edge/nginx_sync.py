@@ -55,6 +55,11 @@ def render(nodes: Iterable[NodeView], known: dict[str, str] | None = None) -> st
         "# Written by the sglang-ha relay: engines Nginx may reach directly if the relay is down."
     ]
     for node in sorted(nodes, key=lambda n: n.name):
+        if urlsplit(node.engine_url).scheme == "https":
+            # Nginx's upstream block is plain HTTP (the relay's sockets share it): an
+            # engine serving TLS gets no last-resort path rather than a broken one.
+            lines.append(f"# {node.name}: {node.engine_url} serves TLS, not a backup here")
+            continue
         address = resolve(node.engine_url) or known.get(node.name)
         if address:
             known[node.name] = address

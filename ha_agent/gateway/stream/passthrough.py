@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
@@ -259,19 +260,30 @@ async def open_stream(
     body: bytes,
     resolver: CachingResolver,
     connect_timeout: float,
+    ssl_context: ssl.SSLContext | bool = True,
 ) -> UpstreamStream:
     """Connect to the engine at `url` and send the request; the protocol then
     collects the answer. Failures to connect are `UpstreamFailure(connect=True)`."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    port = parts.port or 80
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
     loop = asyncio.get_running_loop()
     try:
         infos = await resolver.resolve(host, port, socket.AF_INET)
         address = infos[0]["host"]
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(UpstreamStream, address, port), connect_timeout
-        )
+        if tls:  # connected to the resolved address, verified against the URL's name
+            connecting = loop.create_connection(
+                UpstreamStream,
+                address,
+                port,
+                ssl=ssl_context,
+                server_hostname=host,
+                ssl_handshake_timeout=connect_timeout,
+            )
+        else:
+            connecting = loop.create_connection(UpstreamStream, address, port)
+        _, proto = await asyncio.wait_for(connecting, connect_timeout)
     except asyncio.TimeoutError:
         raise UpstreamFailure("timed out: connect", FailureCause.CONNECT, connect=True) from None
     except (OSError, IndexError, KeyError) as exc:

@@ -521,6 +521,7 @@ class Relay:
             body,
             self.transport.resolver,
             self.transport.connect_timeout,
+            self.transport.ssl,
         )
         try:
             status, headers = await conn.head()

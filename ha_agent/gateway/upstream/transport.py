@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ssl
 from collections.abc import Mapping
 
 import aiohttp
@@ -119,6 +120,7 @@ class Transport:
         first_byte_timeout: float,
         headers: Mapping[str, str] | None = None,
         admin_headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.first_byte_timeout = first_byte_timeout
@@ -131,6 +133,9 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         # Shared with the streaming segments' own connections (passthrough.py).
         self.resolver = CachingResolver()
+        # Verifies an engine on an https URL (RelaySettings.engine_ssl_context); None:
+        # the system's CAs, verification on all the same. Plain http URLs ignore it.
+        self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
 
     def upstream_headers(self, client: Mapping[str, str]) -> CIMultiDict[str]:
         """What a request to an engine carries: the client's end-to-end headers, then
@@ -150,6 +155,7 @@ class Transport:
                     use_dns_cache=False,  # CachingResolver caches, on its own threads
                     resolver=self.resolver,
                     enable_cleanup_closed=True,
+                    ssl=self.ssl,
                 ),
                 timeout=aiohttp.ClientTimeout(
                     total=None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Mapping
@@ -156,8 +157,12 @@ class EngineClient:
         base_url: str,
         headers: Mapping[str, str] | None = None,
         admin_headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # Verifies an https engine (EngineTLSSettings.engine_ssl_context); None: the
+        # system's CAs, verification on all the same.
+        self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         # The engine's API key (EngineAuthSettings.engine_headers), on every request.
         self.headers = dict(headers or {})
         # On /abort_request: the admin key where the engine has one.
@@ -168,7 +173,7 @@ class EngineClient:
         if self._session is None or self._session.closed:
             # A small private pool: probes must never queue behind each other.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=4), headers=self.headers
+                connector=aiohttp.TCPConnector(limit=4, ssl=self.ssl), headers=self.headers
             )
         return self._session
 

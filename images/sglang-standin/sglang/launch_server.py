@@ -7,7 +7,7 @@
 2. Touch the Hugging Face cache as a first download would ($HF_HOME/hub/models--org--name),
    so an unwritable cache fails here as it would in SGLang.
 3. Replace this process (same pid) with the sglang-ha simulator, honouring --host,
-   --port, --served-model-name / --model-path and --api-key.
+   --port, --served-model-name / --model-path, --api-key and the --ssl-* flags.
 """
 
 from __future__ import annotations
@@ -110,6 +110,15 @@ def main(argv: list[str] | None = None) -> None:
         "--model-name",
         name,
     ]
+    # TLS as SGLang serves it: the simulator takes the same flags (paths, not secrets).
+    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certs"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value:
+            cmd += [flag, value]
+    if args.ssl_keyfile_password:
+        env["SIM_SSL_KEYFILE_PASSWORD"] = args.ssl_keyfile_password
+    if args.enable_ssl_refresh:
+        cmd.append("--enable-ssl-refresh")
     try:
         os.execve(SIM, cmd, env)
     except OSError as exc:
