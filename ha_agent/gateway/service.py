@@ -17,6 +17,7 @@ from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog, HAEvent
 from ha_agent.gateway.admin import RelayAdmin
 from ha_agent.gateway.admission.limits import learn_context_length
+from ha_agent.gateway.admission.wait import learn_slots
 from ha_agent.gateway.edge.nginx_sync import keep_in_sync, relay_worker_socket
 from ha_agent.gateway.edge.watchdog import beat
 from ha_agent.gateway.edge.workers import share
@@ -134,6 +135,9 @@ class RelayService:
                 learn_context_length(
                     self.relay.admission.limits, self.topology, self.transport, self._stop
                 )
+            ),
+            asyncio.ensure_future(
+                learn_slots(self.relay.admission.wait, self.transport, self._stop)
             ),
         ]
         if self.s.heartbeat_dir is not None:  # the watchdog's sign of life (watchdog.py)
