@@ -53,6 +53,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -196,6 +197,7 @@ class WaitEstimator:
         self.candidates = candidates
         self.service = ServiceTimes()
         self.slots: dict[str, int] = {}  # learnt from each engine's /server_info
+        self.rng = random.Random()
 
     def queue(self, node: NodeView) -> Queue | None:
         """Where a new request would stand on `node`; None without an agent's report."""
@@ -246,8 +248,11 @@ class WaitEstimator:
     def retry_after(self, est: Estimate, floor: int) -> int:
         """Seconds until the wait is back under the bound if nothing new arrived (it
         falls by a second per second: one request leaves every T / C s), at least
-        `floor`, at most what the OpenAI SDK honours."""
-        return max(floor, min(RETRY_AFTER_MAX, math.ceil(est.wait - self.bound)))
+        `floor`, at most what the OpenAI SDK honours; spread by up to half of it (at
+        least a second), so that the clients refused in one burst do not all come back
+        in the same second (the SDKs wait exactly what the header says)."""
+        base = max(floor, min(RETRY_AFTER_MAX, math.ceil(est.wait - self.bound)))
+        return min(RETRY_AFTER_MAX, base + self.rng.randint(0, max(1, base // 2)))
 
     def served(self, node: str, seconds: float) -> None:
         self.service.add(node, seconds)
