@@ -46,14 +46,15 @@ class _Held(Abandonable):
         pass
 
 
-def topology(tmp_path: Any, **overrides: Any) -> Topology:
+def topology(tmp_path: Any, clock: FakeClock | None = None, **overrides: Any) -> Topology:
     settings = RelaySettings(
         nodes=["a=http://a:1=http://a:2", "b=http://b:1=http://b:2"],
         context_length=32768,
         ha_log=str(tmp_path / "ha.log"),
         **overrides,
     )
-    topo = Topology(settings, FakeStore(FakeClock()), EventLog(str(tmp_path / "ha.log"), "relay"))
+    events = EventLog(str(tmp_path / "ha.log"), "relay")
+    topo = Topology(settings, FakeStore(FakeClock()), events, clock=clock or FakeClock())
     topo.primary = "a"
     for node in topo.nodes.values():
         topo.took_status(node, status())
@@ -139,9 +140,17 @@ def test_an_unknown_service_time_sheds_nothing(tmp_path: Any) -> None:
 def test_a_full_kv_pool_limits_capacity_to_what_runs(tmp_path: Any) -> None:
     """A queue while running < slots: memory, not slots, is the limit (SGLang admits a
     request only when its KV fits, schedule_policy.py)."""
-    est = WaitEstimator(topology(tmp_path), BOUND)
+    clock = FakeClock()
+    est = WaitEstimator(topology(tmp_path, clock=clock), BOUND)
     est.slots["a"] = 16
     measured(est, "a", 8.0)
+    # A burst being admitted over a few prefill batches first: slots still count.
+    e = est.estimate(report(est.topology, "a", 4, 3))
+    assert e is not None and e.queue.slots == 16 and e.wait == 0.0
+    clock.advance(1.0)
+    e = est.estimate(report(est.topology, "a", 4, 3))
+    assert e is not None and e.wait == 0.0
+    clock.advance(1.0)  # a queue that lasts with slots free: the KV pool is full
     e = est.estimate(report(est.topology, "a", 4, 3))
     assert e is not None and e.queue.slots == 4 and e.wait == 8.0
     # Slots unknown (/server_info not answered yet): the same inference from a queue...

@@ -12,8 +12,10 @@ For a new request on node n:
 
     outstanding O = max(running + queued as n's agent reports them,
                         this relay worker's own requests in flight on n)
-    capacity    C = the engine's running slots; while it reports a queue with fewer
-                    running than its slots, the running count (the KV pool is full)
+    capacity    C = the engine's running slots; once it has reported a queue with
+                    fewer running than its slots for 2 s, the running count (the KV
+                    pool is full: SGLang admits a request only when its tokens fit,
+                    srt/managers/schedule_policy.py `PrefillAdder`)
     service     T = measured seconds per request (below)
     expected wait = 0 while O < C, else (O - C + 1) * T / C
 
@@ -73,6 +75,8 @@ WARM_SAMPLES = 10
 ALPHA = 0.1
 # A node's own average is used once it has this many samples (else the cluster's).
 MIN_SAMPLES = 3
+# A queue while running < slots means a full KV pool once it lasted this long, s.
+KV_LIMIT_AFTER = 2.0
 # The OpenAI Python SDK honours a Retry-After of at most 60 s and backs off on its
 # own beyond (`_calculate_retry_timeout`): a longer hint would be ignored.
 RETRY_AFTER_MAX = 60
@@ -198,6 +202,7 @@ class WaitEstimator:
         self.service = ServiceTimes()
         self.slots: dict[str, int] = {}  # learnt from each engine's /server_info
         self.rng = random.Random()
+        self._short_since: dict[str, float] = {}  # since when a queue has waited on free slots
 
     def queue(self, node: NodeView) -> Queue | None:
         """Where a new request would stand on `node`; None without an agent's report."""
@@ -208,7 +213,15 @@ class WaitEstimator:
         outstanding = max(running + queued, len(node.inflight))
         slots = self.slots.get(node.name)
         if queued > 0 and running > 0 and (slots is None or running < slots):
-            slots = running  # a queue with slots unused: the KV pool is the limit
+            # A queue with slots unused: the KV pool is the limit, once it has lasted
+            # (a burst is admitted over a few prefill batches; mid-ramp, what runs
+            # is not yet what can run).
+            now = self.topology.clock()
+            since = self._short_since.setdefault(node.name, now)
+            if slots is None or now - since >= KV_LIMIT_AFTER:
+                slots = running
+        else:
+            self._short_since.pop(node.name, None)
         if slots is None:
             # Capacity unknown: no queue reported means room, as far as anyone knows.
             return Queue(node.name, outstanding, None, free=queued == 0)
