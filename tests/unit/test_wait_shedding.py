@@ -89,7 +89,7 @@ async def test_requests_past_the_wait_bound_are_shed_at_once_through_a_failover(
     )
     try:
         await asyncio.sleep(KILL_AT + 1.0)  # the client's start-up: about a second
-        cluster.kill_engine(primary)
+        await asyncio.to_thread(cluster.kill_engine, primary)  # (it waits for the exit)
         killed_wall = time.time()
         assert await asyncio.wait_for(load.wait(), END_AT + 60) == 0
     finally:
