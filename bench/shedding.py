@@ -12,7 +12,7 @@ of short requests). A client either sends one request (`--heavy-once`: N concurr
 requests, the issue's 280) or requests back to back; a request refused with 429 is
 retried `--retries` times (the OpenAI SDKs' default `max_retries`, 2), each after
 what `Retry-After` says, as the SDKs do (`_calculate_retry_timeout`: the header's
-value when 0 < it <= 60 s). Each try has the client timeout `--timeout` (the issue's
+value when 0 < it <= 60 s in 1.x). Each try has the client timeout `--timeout` (the issue's
 clients gave up at 17 s).
 
 `python -m bench.shedding run` brings nothing up: with the CPU stack up (`make up`),
@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 
 DONE = b"data: [DONE]\n\n"
-RETRY_AFTER_MAX = 60  # the OpenAI SDK honours no longer Retry-After
+RETRY_AFTER_MAX = 60  # what the OpenAI Python SDK 1.x honours (wait.py)
 
 
 @dataclass

@@ -77,8 +77,8 @@ ALPHA = 0.1
 MIN_SAMPLES = 3
 # A queue while running < slots means a full KV pool once it lasted this long, s.
 KV_LIMIT_AFTER = 2.0
-# The OpenAI Python SDK honours a Retry-After of at most 60 s and backs off on its
-# own beyond (`_calculate_retry_timeout`): a longer hint would be ignored.
+# The OpenAI Python SDK waits what Retry-After says up to 60 s (1.x; 120 s in 3.63)
+# and backs off by itself or gives up beyond (`_calculate_retry_timeout`).
 RETRY_AFTER_MAX = 60
 
 
