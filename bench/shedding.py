@@ -1,5 +1,5 @@
-"""Overload through a failover: a load generator in its own process, and the run that
-reproduces issue 28's measurement against the CPU stack.
+"""Overload through a failover: the load generator of the admission-by-wait
+measurement (docs/benchmarks.md), in a process of its own.
 
 `python -m bench.shedding load --url URL --out OUT.json [group options]` runs groups
 of clients for `--duration` seconds and writes one record per request: when it was
@@ -12,13 +12,13 @@ of short requests). A client either sends one request (`--heavy-once`: N concurr
 requests, the issue's 280) or requests back to back; a request refused with 429 is
 retried `--retries` times (the OpenAI SDKs' default `max_retries`, 2), each after
 what `Retry-After` says, as the SDKs do (`_calculate_retry_timeout`: the header's
-value when 0 < it <= 60 s in 1.x). Each try has the client timeout `--timeout` (the issue's
-clients gave up at 17 s).
+value when 0 < it <= 60 s in 1.x). Each try has the client timeout `--timeout`
+(the issue's clients gave up at 17 s).
 
-`python -m bench.shedding run` brings nothing up: with the CPU stack up (`make up`),
-it sends the issue's load through the gateway, kills the primary's node
-(`docker kill`) after `--kill-at` seconds, and writes
-`bench/results/shedding.json` and `.md`.
+The measurement quoted in docs/benchmarks.md is tests/integration/test_wait_shedding.py
+run with `SGLANG_HA_SHEDDING_RESULT=bench/results/shedding.json`: it brings up the CPU
+stack with 8 running slots per engine, runs this load through the gateway, kills the
+primary's node (`docker kill`) and writes what the clients saw before and after.
 
 Lean on purpose (aiohttp, events counted without parsing), as bench/loadgen.py, so
 the client costs little on a 2-core machine.
@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -176,8 +175,8 @@ def _groups(args: argparse.Namespace) -> list[Group]:
     return groups
 
 
-def _add_load_args(p: argparse.ArgumentParser, url: str | None) -> None:
-    p.add_argument("--url", default=url, required=url is None)
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True)
     p.add_argument("--heavy", type=int, default=280)
     p.add_argument("--heavy-tokens", type=int, default=2000)
     p.add_argument("--heavy-once", action="store_true", help="each heavy client sends once")
@@ -194,76 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.shedding")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_load = sub.add_parser("load", help="run the load, write the records")
-    _add_load_args(p_load, None)
+    _add_load_args(p_load)
     p_load.add_argument("--out", type=Path, required=True)
-    p_run = sub.add_parser("run", help="the issue's load through the stack, primary killed")
-    _add_load_args(p_run, "http://127.0.0.1:8000")
-    p_run.add_argument("--kill-at", type=float, default=10.0)
-    p_run.add_argument("--project", default="sglang-ha", help="compose project")
-    p_run.add_argument("--results", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    if args.cmd == "load":
-        t0, records = asyncio.run(
-            load(args.url, _groups(args), args.duration, args.timeout, args.retries)
-        )
-        args.out.write_text(json.dumps({"t0": t0, "records": [asdict(r) for r in records]}))
-        return 0
-    return _run(args)
-
-
-def _primary_container(project: str) -> str:
-    """The container of the node whose agent says it is primary (`sglang-ha status`)."""
-    out = subprocess.run(
-        [
-            "docker",
-            "compose",
-            "-p",
-            project,
-            "exec",
-            "-T",
-            "node-1",
-            "sglang-ha",
-            "status",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    leader = json.loads(out)["leader"]
-    return f"{project}-{leader.replace('sglang-0', 'node-')}-1"
-
-
-def _run(args: argparse.Namespace) -> int:  # pragma: no cover - needs the stack
-    victim = _primary_container(args.project)
-
-    async def go() -> tuple[float, list[Record], float]:
-        task = asyncio.ensure_future(
-            load(args.url, _groups(args), args.duration, args.timeout, args.retries)
-        )
-        await asyncio.sleep(args.kill_at)
-        killed = time.time()
-        await asyncio.to_thread(subprocess.run, ["docker", "kill", victim], check=True)
-        t0, records = await task
-        return t0, records, killed - t0
-
-    t0, records, killed_at = asyncio.run(go())
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    result = {
-        "date": time.strftime("%Y-%m-%d", time.gmtime(t0)),
-        "commit": commit,
-        "load": vars(args) | {"results": str(args.results)},
-        "killed": victim,
-        "killed_at_s": round(killed_at, 2),
-        "before_kill": summarize([r for r in records if r.sent < killed_at]),
-        "after_kill": summarize(records, after=killed_at),
-    }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "shedding.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps(result, indent=2, default=str))
+    t0, records = asyncio.run(
+        load(args.url, _groups(args), args.duration, args.timeout, args.retries)
+    )
+    args.out.write_text(json.dumps({"t0": t0, "records": [asdict(r) for r in records]}))
     return 0
 
 
