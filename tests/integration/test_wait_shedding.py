@@ -114,7 +114,8 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
         load_args = {"heavy": HEAVY, "heavy_tokens": TOKENS, "heavy_once": True, "light": LIGHT}
-        meta = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit}
+        meta: dict[str, object] = {"date": time.strftime("%Y-%m-%d", time.gmtime())}
+        meta["commit"] = commit
         meta |= {"load": load_args | {"light_tokens": LIGHT_TOKENS, "retries": 2}}
         meta |= {"engines": {"max_running_requests": SLOTS, "sim_itl": 0.005}, "bound": BOUND}
         Path(result).write_text(json.dumps(meta | seen, indent=2) + "\n")

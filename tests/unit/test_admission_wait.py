@@ -67,9 +67,12 @@ def report(topo: Topology, name: str, running: float, queued: float) -> NodeView
     return node
 
 
-def measured(est: WaitEstimator, node: str, seconds: float, n: int = MIN_SAMPLES) -> None:
+def measured(
+    est: WaitEstimator, node: str, seconds: float, n: int = MIN_SAMPLES, budget: int = 128
+) -> None:
+    """Completed requests of `budget` tokens (128: /generate's default)."""
     for _ in range(n):
-        est.served(node, seconds)
+        est.served(node, seconds, budget)
 
 
 @pytest.fixture
@@ -133,7 +136,7 @@ def test_an_unknown_service_time_sheds_nothing(tmp_path: Any) -> None:
     assert not est.refuses(best, complete)
     measured(est, "a", 8.0, n=MIN_SAMPLES - 1)  # too few to go by
     assert est.estimate(node) is None
-    est.served("a", 8.0)
+    est.served("a", 8.0, 128)
     assert est.estimate(node) is not None
 
 
@@ -180,8 +183,8 @@ def test_the_service_time_follows_recent_requests(tmp_path: Any) -> None:
     assert est.service.of("a") == pytest.approx(2.0)
     measured(est, "a", 20.0, n=30)
     assert est.service.of("a") == pytest.approx(20.0, rel=0.1)
-    est.served("a", float("nan"))
-    est.served("a", -1.0)
+    est.served("a", float("nan"), 128)
+    est.served("a", -1.0, 128)
     assert est.service.of("a") == pytest.approx(20.0, rel=0.1)
 
 
@@ -380,3 +383,45 @@ async def test_the_estimate_per_node_is_a_gauge(admission: Admission) -> None:
     text = generate_latest(admission.metrics.registry).decode()
     assert 'sglang_ha_relay_expected_wait_seconds{node="a"} 20.0' in text
     assert 'sglang_ha_relay_service_time_seconds{node="a"} 8.0' in text
+
+
+async def test_requests_between_attempts_count_on_the_node_they_go_to_next(
+    admission: Admission,
+) -> None:
+    """A failover: the lost node's requests are re-sent to the survivor, some only once
+    the relay knows how the node died; meanwhile the survivor looks idle."""
+    measured(admission.wait, "a", 8.0)
+    node = report(admission.topology, "a", 0, 0)
+    requests = []
+    for _ in range(6):
+        req = request("/generate")
+        assert await admission.admit(req, GENERATE, {"text": "hi"}) is None
+        requests.append(req)
+    e = admission.wait.estimate(node)
+    assert e is not None and e.queue.outstanding == 6 and e.wait == 6.0
+    node.inflight.update(_Held() for _ in range(2))  # two of them back on a node
+    assert admission.wait.estimate(node).queue.outstanding == 6  # type: ignore[union-attr]
+    for req in requests:
+        admission.done(req)
+        admission.done(req)  # once is what counts
+    node.inflight.clear()
+    assert admission.wait.estimate(node).wait == 0.0  # type: ignore[union-attr]
+    assert admission.alive == 0
+
+
+async def test_a_queue_of_long_generations_behind_short_answers_is_not_taken_for_short(
+    admission: Admission,
+) -> None:
+    """A mean over completions is dominated by short requests, which finish often; the
+    requests outstanding may be long ones. Their budgets scale the service time."""
+    measured(admission.wait, "a", 0.2, n=20, budget=16)  # a side load of 16-token answers
+    node = report(admission.topology, "a", 0, 0)
+    long = {"text": "hi", "sampling_params": {"max_new_tokens": 2000}}
+    admitted = 0
+    while await admission.admit(request("/generate"), GENERATE, long) is None:
+        admitted += 1
+        assert admitted < 100, "long generations taken for 0.2 s ones"
+    # 25 s each (0.2 s * 2000 / 16) on 4 slots: the 6th would wait (5 - 4 + 1) * 25 / 4 s.
+    assert admitted == 5
+    e = admission.wait.estimate(node)
+    assert e is not None and e.service == pytest.approx(25.0) and e.wait == pytest.approx(12.5)

@@ -33,8 +33,13 @@ from ha_agent.gateway.errors import refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.upstream.topology import Topology
 from ha_agent.gateway.upstream.transport import Transport, UpstreamFailure
+from ha_agent.openapi.endpoints import generation
 
 log = logging.getLogger(__name__)
+
+# The budget of a request without one while the context is unknown (SGLang's default
+# context for many models).
+UNBOUNDED_BUDGET = 32768
 
 
 class Ticket:
@@ -42,7 +47,9 @@ class Ticket:
 
     __slots__ = (
         "_fp",
+        "alive",
         "attempts",
+        "budget",
         "crashed",
         "free_on",
         "kind",
@@ -65,6 +72,8 @@ class Ticket:
         # waited for nothing: a clean service time), and the attempts made.
         self.free_on: str | None = None
         self.attempts = 0
+        self.alive = False  # counted in Admission.alive until done
+        self.budget = 0  # completion tokens it may take (wait.py)
 
     @property
     def fingerprint(self) -> str:
@@ -107,6 +116,13 @@ class Admission:
         )
         self.shedder = Shedder(parts.topology, settings.shed_queue_bound, settings.shed_retry_after)
         self.wait = WaitEstimator(parts.topology, settings.shed_wait_bound)
+        # Admitted requests of this worker not yet done, wherever they are: on a node,
+        # or between two attempts (re-sent after a failure, held while the cause of a
+        # crash is found): those land on a serving node next (wait.py).
+        self.alive = 0
+        self.alive_budget = 0  # their completion budgets, summed
+        self.wait.in_transit = self._in_transit
+        self.wait.queue_budget = lambda: self.alive_budget / self.alive if self.alive else None
         self.retry_floor = settings.shed_retry_after
         # One event line per episode of refusals by wait, from one worker (each has
         # its own share of the requests; worker 0 already speaks for the topology).
@@ -168,6 +184,9 @@ class Admission:
         self.episode.admitted()
         if best is not None and best.queue.free:
             ticket.free_on = best.node
+        ticket.alive, ticket.budget = True, self._budget(kind, payload)
+        self.alive += 1
+        self.alive_budget += ticket.budget
         request[_KEY] = ticket
         return None
 
@@ -220,13 +239,31 @@ class Admission:
             return
         now = time.monotonic()
         if first_event_at is not None:
-            self.wait.served(node, now - first_event_at)
+            self.wait.served(node, now - first_event_at, ticket.budget)
         elif ticket.free_on == node and ticket.attempts == 1:
-            self.wait.served(node, now - ticket.sent_at)
+            self.wait.served(node, now - ticket.sent_at, ticket.budget)
 
     def done(self, request: web.Request) -> None:
         """The request ended, however: give back what it holds."""
         self.progressed(request)
+        ticket: Ticket | None = request.get(_KEY)
+        if ticket is not None and ticket.alive:
+            ticket.alive = False
+            self.alive -= 1
+            self.alive_budget -= ticket.budget
+
+    def _budget(self, kind: str, payload: dict[str, Any]) -> int:
+        """The completion tokens a request may take, as SGLang reads its budget; an
+        unbounded one counts as the context."""
+        route = generation(kind)
+        budget = route.budget(payload) if route is not None else None
+        context = self.limits.context_length or UNBOUNDED_BUDGET
+        return min(budget, context) if budget and budget > 0 else context
+
+    def _in_transit(self) -> int:
+        """Admitted requests of this worker on no node right now (between attempts)."""
+        on_nodes = sum(len(n.inflight) for n in self.topology.nodes.values())
+        return max(0, self.alive - on_nodes)
 
     async def node_failed(
         self, request: web.Request, node: str, failure: UpstreamFailure, received: bool = False

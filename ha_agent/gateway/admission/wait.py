@@ -11,7 +11,8 @@ seconds.
 For a new request on node n:
 
     outstanding O = max(running + queued as n's agent reports them,
-                        this relay worker's own requests in flight on n)
+                        this relay worker's own requests in flight on n, plus its
+                        requests between two attempts)
     capacity    C = the engine's running slots; once it has reported a queue with
                     fewer running than its slots for 2 s, the running count (the KV
                     pool is full: SGLang admits a request only when its tokens fit,
@@ -28,7 +29,10 @@ itself to find one. Where the inputs come from:
   same numbers on every relay worker, up to ~1.5 s old (SGLang publishes them every
   `--decode-log-interval` decode iterations). A burst arrives faster than that, so
   the worker's own count of requests in flight on the node (exact, immediate, its
-  share of the gateway's) is a floor.
+  share of the gateway's) is a floor. So are the worker's requests between two
+  attempts: in a failover the requests of the lost node are re-sent to the survivor,
+  some only after the relay has learnt how the node died (quarantine.py, up to
+  seconds), and until then the survivor looks idle; each candidate counts them.
 - running slots: SGLang's `/server_info`, `internal_states[*]`
   `.effective_max_running_requests_per_dp` (`srt/managers/scheduler.py`
   `get_internal_state`: the scheduler's own `max_running_requests` after its memory
@@ -42,7 +46,11 @@ itself to find one. Where the inputs come from:
   it was admitted with a slot free (no queue in it). Until a node has its own
   samples it takes the average over all nodes (a standby promoted in a failover
   inherits what its partner measured). With no measurement at all nothing is shed:
-  no refusal on a guess.
+  no refusal on a guess. The average is scaled by the mean completion budget
+  (`max_tokens` and its kin, the endpoint table's budget keys) of the worker's
+  outstanding requests over that of the requests measured: a mean over completions
+  is dominated by short requests, which finish often, while the queue may hold long
+  ones (a burst of 2,000-token generations behind a 16-token side load).
 
 The pair asks this of its one serving node; a pool of the least-wait node among the
 serving ones (`candidates`): a request is shed only when every candidate is past the
@@ -98,27 +106,38 @@ class _Average:
 
 
 class ServiceTimes:
-    """Measured seconds per request, per node and over all nodes."""
+    """Measured seconds per request, per node and over all nodes, with the mean
+    completion budget (requested tokens) of the requests measured."""
 
     def __init__(self) -> None:
-        self._nodes: dict[str, _Average] = {}
-        self._all = _Average()
+        self._nodes: dict[str, tuple[_Average, _Average]] = {}
+        self._all = (_Average(), _Average())
 
-    def add(self, node: str, seconds: float) -> None:
-        if not (seconds >= 0 and math.isfinite(seconds)):
+    def add(self, node: str, seconds: float, budget: float) -> None:
+        if not (seconds >= 0 and math.isfinite(seconds) and budget > 0):
             return
-        self._nodes.setdefault(node, _Average()).add(seconds)
-        self._all.add(seconds)
+        for service, budgets in (self._nodes.setdefault(node, (_Average(), _Average())), self._all):
+            service.add(seconds)
+            budgets.add(budget)
+
+    def _pick(self, node: str) -> tuple[_Average, _Average] | None:
+        own = self._nodes.get(node)
+        if own is not None and own[0].count >= MIN_SAMPLES:
+            return own
+        if self._all[0].count >= MIN_SAMPLES:
+            return self._all
+        return None
 
     def of(self, node: str) -> float | None:
         """The node's average, or the cluster's while it has too few samples of its
         own; None when nothing was measured."""
-        own = self._nodes.get(node)
-        if own is not None and own.count >= MIN_SAMPLES:
-            return own.value
-        if self._all.count >= MIN_SAMPLES:
-            return self._all.value
-        return None
+        picked = self._pick(node)
+        return picked[0].value if picked is not None else None
+
+    def budget_of(self, node: str) -> float | None:
+        """The mean budget of the requests `of` averages over."""
+        picked = self._pick(node)
+        return picked[1].value if picked is not None else None
 
     def forget(self, keep: set[str]) -> None:
         """Drop nodes no longer in the view (the labels stay bounded)."""
@@ -202,6 +221,11 @@ class WaitEstimator:
         self.service = ServiceTimes()
         self.slots: dict[str, int] = {}  # learnt from each engine's /server_info
         self.rng = random.Random()
+        # This worker's admitted requests on no node at the moment (re-sent after a
+        # failure): they land on a serving node next, so each candidate counts them.
+        self.in_transit: Callable[[], int] = lambda: 0
+        # The mean completion budget of this worker's outstanding requests (None: none).
+        self.queue_budget: Callable[[], float | None] = lambda: None
         self._short_since: dict[str, float] = {}  # since when a queue has waited on free slots
 
     def queue(self, node: NodeView) -> Queue | None:
@@ -210,7 +234,7 @@ class WaitEstimator:
         if status is None:
             return None
         running, queued = int(status.engine.running), int(status.engine.queued)
-        outstanding = max(running + queued, len(node.inflight))
+        outstanding = max(running + queued, len(node.inflight) + self.in_transit())
         slots = self.slots.get(node.name)
         if queued > 0 and running > 0 and (slots is None or running < slots):
             # A queue with slots unused: the KV pool is the limit, once it has lasted
@@ -234,11 +258,24 @@ class WaitEstimator:
         if queue is None:
             return None
         if queue.free:
-            return Estimate(queue, self.service.of(node.name) or 0.0, 0.0)
-        service = self.service.of(node.name)
+            return Estimate(queue, self.service_time(node.name) or 0.0, 0.0)
+        service = self.service_time(node.name)
         if service is None or queue.slots is None:
             return None
         return Estimate(queue, service, queue.ahead * service / queue.slots)
+
+    def service_time(self, node: str) -> float | None:
+        """Seconds per request for the requests outstanding now: the measured average,
+        scaled by how the mean budget of this worker's outstanding requests compares
+        with that of the requests measured (a queue of 2,000-token generations behind
+        a stream of 16-token answers is not as quick as those answers were)."""
+        measured = self.service.of(node)
+        if measured is None:
+            return None
+        now, then = self.queue_budget(), self.service.budget_of(node)
+        if now is None or not then:
+            return measured
+        return measured * now / then
 
     def least(self) -> tuple[Estimate | None, bool]:
         """The least-wait candidate's estimate, and whether every candidate could be
@@ -267,8 +304,8 @@ class WaitEstimator:
         base = max(floor, min(RETRY_AFTER_MAX, math.ceil(est.wait - self.bound)))
         return min(RETRY_AFTER_MAX, base + self.rng.randint(0, max(1, base // 2)))
 
-    def served(self, node: str, seconds: float) -> None:
-        self.service.add(node, seconds)
+    def served(self, node: str, seconds: float, budget: float) -> None:
+        self.service.add(node, seconds, budget)
 
     def forget_gone(self) -> None:
         keep = set(self.topology.nodes)
@@ -326,15 +363,15 @@ class WaitCollector(Collector):
         )
         service = GaugeMetricFamily(
             "sglang_ha_relay_service_time_seconds",
-            "Measured seconds per request on the node (moving average), as the wait"
-            " estimate uses it.",
+            "Seconds per request on the node as the wait estimate uses it: the moving"
+            " average measured, scaled to the budgets of the requests outstanding.",
             labels=["node"],
         )
         for node in list(self.e.topology.nodes.values()):
             est = self.e.estimate(node)
             if est is not None:
                 wait.add_metric([node.name], est.wait)
-            measured = self.e.service.of(node.name)
+            measured = self.e.service_time(node.name)
             if measured is not None:
                 service.add_metric([node.name], measured)
         yield wait
