@@ -4,8 +4,9 @@
 The engines have 8 running slots and a 2,000-token generation takes about 11 s. 280
 clients each send one 2,000-token stream at once (the issue's measurement), and a
 side load of 16 clients sends 16-token streams back to back; a request refused with
-429 is retried twice, each after what `Retry-After` says, as the OpenAI SDKs do by
-default. The clients run in a process of their own (bench/shedding.py). With the
+429 is retried 4 times, each after what `Retry-After` says, as the OpenAI SDKs do
+(twice by default). The primary is killed 3 s in, while the burst still retries.
+The clients run in a process of their own (bench/shedding.py). With the
 default bound (HA_SHED_WAIT_BOUND, 10 s):
 
 - requests past the bound get 429 with `Retry-After` at once (measured at the client);
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SLOTS, TOKENS = 8, 2000  # as in the overlay: about 11 s a generation
 BOUND = 10.0  # HA_SHED_WAIT_BOUND's default
 HEAVY, LIGHT, LIGHT_TOKENS = 280, 16, 16
-KILL_AT, DURATION = 15.0, 60.0
+KILL_AT, DURATION = 3.0, 60.0  # the kill while the burst still retries
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,7 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
                 f"--light-tokens={LIGHT_TOKENS}",
                 f"--duration={DURATION}",
                 "--timeout=90",
+                "--retries=4",
                 f"--out={out}",
             ],
             cwd=ROOT,
@@ -116,7 +118,7 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
         load_args = {"heavy": HEAVY, "heavy_tokens": TOKENS, "heavy_once": True, "light": LIGHT}
         meta: dict[str, object] = {"date": time.strftime("%Y-%m-%d", time.gmtime())}
         meta["commit"] = commit
-        meta |= {"load": load_args | {"light_tokens": LIGHT_TOKENS, "retries": 2}}
+        meta |= {"load": load_args | {"light_tokens": LIGHT_TOKENS, "retries": 4}}
         meta |= {"engines": {"max_running_requests": SLOTS, "sim_itl": 0.005}, "bound": BOUND}
         Path(result).write_text(json.dumps(meta | seen, indent=2) + "\n")
 
@@ -146,4 +148,5 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     # The side load kept being served after the kill, none of it past the bound.
     late = [r for r in records if r.group == "light" and r.status == 200 and r.sent > killed + 1]
     assert len(late) >= LIGHT, len(late)
-    assert max(r.ttft or 0.0 for r in late) < BOUND + 2.0, sorted(r.ttft or 0 for r in late)[-5:]
+    # (The bound is on the expected wait: a request can wait a few seconds past it.)
+    assert max(r.ttft or 0.0 for r in late) < BOUND + 5.0, sorted(r.ttft or 0 for r in late)[-5:]
