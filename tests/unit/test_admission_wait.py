@@ -425,3 +425,19 @@ async def test_a_queue_of_long_generations_behind_short_answers_is_not_taken_for
     assert admitted == 5
     e = admission.wait.estimate(node)
     assert e is not None and e.service == pytest.approx(25.0) and e.wait == pytest.approx(12.5)
+
+
+def test_a_worker_counts_its_share_times_the_relay_workers(tmp_path: Any) -> None:
+    """Nginx spreads a burst over the relay workers; each sees only its share while the
+    engine's report lags."""
+    est = WaitEstimator(topology(tmp_path), BOUND)
+    est.slots["a"] = 4
+    measured(est, "a", 8.0)
+    node = report(est.topology, "a", 0, 0)
+    node.inflight.update(_Held() for _ in range(3))
+    assert est.estimate(node).queue.outstanding == 3  # type: ignore[union-attr]
+    est.workers = 2
+    e = est.estimate(node)
+    assert e is not None and e.queue.outstanding == 6 and e.wait == 6.0
+    report(est.topology, "a", 4, 5)  # the engine's count, once it shows, when higher
+    assert est.estimate(node).queue.outstanding == 9  # type: ignore[union-attr]

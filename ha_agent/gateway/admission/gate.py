@@ -122,6 +122,7 @@ class Admission:
         self.alive = 0
         self.alive_budget = 0  # their completion budgets, summed
         self.wait.in_transit = self._in_transit
+        self.wait.workers = max(settings.relay_workers, 1)  # 0: not resolved, one process
         self.wait.queue_budget = lambda: self.alive_budget / self.alive if self.alive else None
         self.retry_floor = settings.shed_retry_after
         # One event line per episode of refusals by wait, from one worker (each has

@@ -11,8 +11,8 @@ seconds.
 For a new request on node n:
 
     outstanding O = max(running + queued as n's agent reports them,
-                        this relay worker's own requests in flight on n, plus its
-                        requests between two attempts)
+                        (this relay worker's requests in flight on n, plus its
+                        requests between two attempts) x the relay workers)
     capacity    C = the engine's running slots; once it has reported a queue with
                     fewer running than its slots for 2 s, the running count (the KV
                     pool is full: SGLang admits a request only when its tokens fit,
@@ -28,8 +28,10 @@ itself to find one. Where the inputs come from:
   the agent scrapes them (`AgentStatus.engine`), polled anyway by the topology: the
   same numbers on every relay worker, up to ~1.5 s old (SGLang publishes them every
   `--decode-log-interval` decode iterations). A burst arrives faster than that, so
-  the worker's own count of requests in flight on the node (exact, immediate, its
-  share of the gateway's) is a floor. So are the worker's requests between two
+  the worker's own count of requests in flight on the node (exact, immediate), times
+  the relay workers (Nginx spreads requests over them evenly; each worker sees only
+  its share), is a floor: seen on the CPU stack with 2 workers, each counting only
+  itself let in twice the burst the bound allowed. So are the worker's requests between two
   attempts: in a failover the requests of the lost node are re-sent to the survivor,
   some only after the relay has learnt how the node died (quarantine.py, up to
   seconds), and until then the survivor looks idle; each candidate counts them.
@@ -224,6 +226,9 @@ class WaitEstimator:
         # This worker's admitted requests on no node at the moment (re-sent after a
         # failure): they land on a serving node next, so each candidate counts them.
         self.in_transit: Callable[[], int] = lambda: 0
+        # Relay workers sharing the requests (Nginx spreads them over the workers'
+        # sockets): this worker's count times this is the gateway's, to a first guess.
+        self.workers = 1
         # The mean completion budget of this worker's outstanding requests (None: none).
         self.queue_budget: Callable[[], float | None] = lambda: None
         self._short_since: dict[str, float] = {}  # since when a queue has waited on free slots
@@ -234,7 +239,8 @@ class WaitEstimator:
         if status is None:
             return None
         running, queued = int(status.engine.running), int(status.engine.queued)
-        outstanding = max(running + queued, len(node.inflight) + self.in_transit())
+        own = len(node.inflight) + self.in_transit()
+        outstanding = max(running + queued, own * self.workers)
         slots = self.slots.get(node.name)
         if queued > 0 and running > 0 and (slots is None or running < slots):
             # A queue with slots unused: the KV pool is the limit, once it has lasted
