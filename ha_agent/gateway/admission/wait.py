@@ -341,14 +341,14 @@ async def ask_slots(
 
 
 async def learn_slots(estimator: WaitEstimator, transport: Transport, stop: asyncio.Event) -> None:
-    """Keep every serving node's running slots as its engine reports them, every
-    minute (every 2 s while one is unknown: a node just started or promoted)."""
+    """Keep every node's running slots as its engine reports them, every minute
+    (every 2 s while one is unknown: a node starting, or down). The standby's too:
+    it is the node a request goes to the moment the primary fails."""
     while not stop.is_set():
-        now = estimator.topology.clock()
-        serving = [n for n in estimator.topology.nodes.values() if n.can_serve(now)]
-        await asyncio.gather(*(ask_slots(estimator, n, transport) for n in serving))
+        nodes = list(estimator.topology.nodes.values())
+        await asyncio.gather(*(ask_slots(estimator, n, transport) for n in nodes))
         estimator.forget_gone()
-        unknown = any(n.name not in estimator.slots for n in serving)
+        unknown = any(n.name not in estimator.slots for n in nodes)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=2.0 if unknown else 60.0)
 
