@@ -957,6 +957,13 @@ class RelaySettings(
         256, ge=0, description="Answer 429 while the primary has this many queued (0: off)."
     )
     shed_retry_after: int = Field(2, ge=1, description="Retry-After sent with a 429, s.")
+    shed_wait_bound: float = Field(
+        10.0,
+        ge=0,
+        description="Answer 429 to a generation request whose expected queue wait on the"
+        " node it would go to is past this, s (0: off); Retry-After is the time the wait"
+        " needs to fall under it, at least HA_SHED_RETRY_AFTER.",
+    )
     quarantine_ttl: float = Field(
         600.0, gt=0, description="How long a query of death is refused, s."
     )

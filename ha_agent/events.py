@@ -59,6 +59,9 @@ NODE_OUT_OF_SERVICE = "NODE_OUT_OF_SERVICE"
 NODE_REJOINED = "NODE_REJOINED"
 STREAM_MIGRATED = "STREAM_MIGRATED"
 QUERY_QUARANTINED = "QUERY_QUARANTINED"  # relay: a request that took down two nodes
+# Relay: new requests refused for their expected queue wait, and the end of it.
+SHEDDING_STARTED = "SHEDDING_STARTED"
+SHEDDING_STOPPED = "SHEDDING_STOPPED"
 RELAY_WORKER_STALLED = "RELAY_WORKER_STALLED"  # watchdog: a relay worker froze
 RELAY_WORKER_RECOVERED = "RELAY_WORKER_RECOVERED"  # watchdog: it beats again
 # Operator actions (sglang-ha edit-config, restart, remove).

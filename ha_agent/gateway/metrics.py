@@ -71,7 +71,8 @@ class RelayMetrics:
         self.refused = Counter(
             "sglang_ha_relay_refused",
             "Requests answered at admission without an engine: reason is limits (too"
-            " heavy, 400), shed (primary saturated, 429) or quarantined (query of death, 503).",
+            " heavy, 400), shed (primary's queue past its bound, 429), wait (expected"
+            " queue wait past its bound, 429) or quarantined (query of death, 503).",
             ["endpoint", "reason"],
             registry=r,
         )
@@ -103,7 +104,10 @@ class RelayMetrics:
             multiprocess.MultiProcessCollector(self.exposed, path=directory)
 
     def attach(self, topology: Topology) -> None:
-        collector = _TopologyCollector(topology)
+        self.add_collector(_TopologyCollector(topology))
+
+    def add_collector(self, collector: Collector) -> None:
+        """Gauges read from this worker's own view when scraped."""
         self.registry.register(collector)
         if self.exposed is not self.registry:
             self.exposed.register(collector)

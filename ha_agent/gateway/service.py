@@ -17,6 +17,7 @@ from ha_agent.dcs.redis_sentinel import RedisLeaseStore
 from ha_agent.events import EventLog, HAEvent
 from ha_agent.gateway.admin import RelayAdmin
 from ha_agent.gateway.admission.limits import learn_context_length
+from ha_agent.gateway.admission.wait import learn_slots
 from ha_agent.gateway.edge.nginx_sync import (
     keep_client_keys_in_sync,
     keep_in_sync,
@@ -142,6 +143,9 @@ class RelayService:
                 learn_context_length(
                     self.relay.admission.limits, self.topology, self.transport, self._stop
                 )
+            ),
+            asyncio.ensure_future(
+                learn_slots(self.relay.admission.wait, self.transport, self._stop)
             ),
         ]
         if self.s.heartbeat_dir is not None:  # the watchdog's sign of life (watchdog.py)

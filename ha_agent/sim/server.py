@@ -295,8 +295,12 @@ class SimServer:
                 "vocab_size": self.tokenizer.vocab_size,
                 "status": "Up" if e.started() else "Starting",
                 "paused": e.paused,
+                # One entry per data-parallel rank (the simulator has one); the
+                # scheduler's running slots as `get_internal_state` reports them
+                # (srt/managers/scheduler.py), what the relay's wait estimate reads.
                 "internal_states": [
                     {
+                        "effective_max_running_requests_per_dp": s.max_running_requests,
                         "last_gen_throughput": e.metrics.published.gen_throughput,
                         "num_running_reqs": live.num_running_reqs,
                         "num_queue_reqs": live.num_queue_reqs,

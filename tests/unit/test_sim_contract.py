@@ -805,3 +805,16 @@ async def test_non_streaming_output_reaches_the_tokenizer_every_50_tokens(
     assert seen <= {(0, 0), (1, 0), (1, 50), (1, 70)}, seen
     assert (1, 0) in seen  # the first output came at 50 tokens, not at the first
     assert await sim_metric(client, "sglang:inter_token_latency_seconds_count") == 70
+
+
+async def test_server_info_reports_the_running_slots_per_data_parallel_rank(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """`srt/managers/scheduler.py` (`get_internal_state`): each entry of
+    `/server_info`'s `internal_states` (one per DP rank) carries the scheduler's
+    `effective_max_running_requests_per_dp`; the top-level `max_running_requests` is
+    the flag as given (`srt/entrypoints/http_server.py` `server_info`)."""
+    client = await sim_client_factory(max_running_requests=6)
+    info = await (await client.get("/server_info")).json()
+    assert [s["effective_max_running_requests_per_dp"] for s in info["internal_states"]] == [6]
+    assert info["max_running_requests"] == 6

@@ -1,6 +1,7 @@
 """What the relay checks before and after an engine sees a request: the one hook for
-limits.py (too heavy), shedding.py (primary saturated) and quarantine.py (query of
-death), so relay.py calls two methods and knows none of the rules."""
+limits.py (too heavy), shedding.py (primary saturated), wait.py (expected queue wait
+past the bound) and quarantine.py (query of death), so relay.py calls a few methods
+and knows none of the rules."""
 
 from __future__ import annotations
 
@@ -27,18 +28,36 @@ from ha_agent.gateway.admission.quarantine import (
     node_died,
 )
 from ha_agent.gateway.admission.shedding import Shedder
+from ha_agent.gateway.admission.wait import Estimate, WaitCollector, WaitEstimator
 from ha_agent.gateway.errors import refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.upstream.topology import Topology
 from ha_agent.gateway.upstream.transport import Transport, UpstreamFailure
+from ha_agent.openapi.endpoints import generation
 
 log = logging.getLogger(__name__)
+
+# The budget of a request without one while the context is unknown (SGLang's default
+# context for many models).
+UNBOUNDED_BUDGET = 32768
 
 
 class Ticket:
     """An admitted generation request; its fingerprint is computed only when needed."""
 
-    __slots__ = ("_fp", "crashed", "kind", "payload", "sent_at", "solo", "suspect_since")
+    __slots__ = (
+        "_fp",
+        "alive",
+        "attempts",
+        "budget",
+        "crashed",
+        "free_on",
+        "kind",
+        "payload",
+        "sent_at",
+        "solo",
+        "suspect_since",
+    )
 
     def __init__(self, kind: str, payload: dict[str, Any]) -> None:
         self.kind, self.payload = kind, payload
@@ -49,6 +68,12 @@ class Ticket:
         self.crashed: list[str] = []
         self.suspect_since = 0.0
         self.solo: Held | None = None  # the one-suspect-at-a-time slot, while held
+        # The node that had a slot free for it at admission (its first attempt there
+        # waited for nothing: a clean service time), and the attempts made.
+        self.free_on: str | None = None
+        self.attempts = 0
+        self.alive = False  # counted in Admission.alive until done
+        self.budget = 0  # completion tokens it may take (wait.py)
 
     @property
     def fingerprint(self) -> str:
@@ -90,6 +115,20 @@ class Admission:
             )
         )
         self.shedder = Shedder(parts.topology, settings.shed_queue_bound, settings.shed_retry_after)
+        self.wait = WaitEstimator(parts.topology, settings.shed_wait_bound)
+        # Admitted requests of this worker not yet done, wherever they are: on a node,
+        # or between two attempts (re-sent after a failure, held while the cause of a
+        # crash is found): those land on a serving node next (wait.py).
+        self.alive = 0
+        self.alive_budget = 0  # their completion budgets, summed
+        self.wait.in_transit = self._in_transit
+        self.wait.workers = max(settings.relay_workers, 1)  # 0: not resolved, one process
+        self.wait.queue_budget = lambda: self.alive_budget / self.alive if self.alive else None
+        self.retry_floor = settings.shed_retry_after
+        # One event line per episode of refusals by wait, from one worker (each has
+        # its own share of the requests; worker 0 already speaks for the topology).
+        self.episode = _Episode(parts.events, settings.relay_worker_index == 0)
+        parts.metrics.add_collector(WaitCollector(self.wait))
         self.quarantine = Quarantine(settings.quarantine_ttl, shared=settings.quarantine_dir)
         self.solo = Solo(settings.quarantine_dir)
         self.suspect_wait = settings.quarantine_suspect_wait
@@ -134,6 +173,21 @@ class Admission:
         if shed is not None:
             self.metrics.refused.labels(kind, "shed").inc()
             return refusal_at(path, shed.status, shed.message, shed.headers)
+        best, complete = self.wait.least()
+        if self.wait.refuses(best, complete):
+            assert best is not None
+            retry = self.wait.retry_after(best, self.retry_floor)
+            self.metrics.refused.labels(kind, "wait").inc()
+            self.episode.shed(best, self.wait.bound)
+            return refusal_at(
+                path, 429, _wait_message(best, self.wait.bound, retry), {"Retry-After": str(retry)}
+            )
+        self.episode.admitted()
+        if best is not None and best.queue.free:
+            ticket.free_on = best.node
+        ticket.alive, ticket.budget = True, self._budget(kind, payload)
+        self.alive += 1
+        self.alive_budget += ticket.budget
         request[_KEY] = ticket
         return None
 
@@ -166,6 +220,7 @@ class Admission:
                     )
                 await asyncio.sleep(0.05)
         ticket.sent_at = time.monotonic()
+        ticket.attempts += 1
         return set(ticket.crashed), None
 
     def progressed(self, request: web.Request) -> None:
@@ -176,9 +231,40 @@ class Admission:
             ticket.crashed.clear()
             ticket.release()
 
+    def served(self, request: web.Request, node: str, first_event_at: float | None = None) -> None:
+        """A request was served whole by `node` (200, not moved): a service time
+        sample when it measures one (wait.py). `first_event_at`: a stream's first
+        event (monotonic); its decode lasted from there to now."""
+        ticket: Ticket | None = request.get(_KEY)
+        if ticket is None:
+            return
+        now = time.monotonic()
+        if first_event_at is not None:
+            self.wait.served(node, now - first_event_at, ticket.budget)
+        elif ticket.free_on == node and ticket.attempts == 1:
+            self.wait.served(node, now - ticket.sent_at, ticket.budget)
+
     def done(self, request: web.Request) -> None:
         """The request ended, however: give back what it holds."""
         self.progressed(request)
+        ticket: Ticket | None = request.get(_KEY)
+        if ticket is not None and ticket.alive:
+            ticket.alive = False
+            self.alive -= 1
+            self.alive_budget -= ticket.budget
+
+    def _budget(self, kind: str, payload: dict[str, Any]) -> int:
+        """The completion tokens a request may take, as SGLang reads its budget; an
+        unbounded one counts as the context."""
+        route = generation(kind)
+        budget = route.budget(payload) if route is not None else None
+        context = self.limits.context_length or UNBOUNDED_BUDGET
+        return min(budget, context) if budget and budget > 0 else context
+
+    def _in_transit(self) -> int:
+        """Admitted requests of this worker on no node right now (between attempts)."""
+        on_nodes = sum(len(n.inflight) for n in self.topology.nodes.values())
+        return max(0, self.alive - on_nodes)
 
     async def node_failed(
         self, request: web.Request, node: str, failure: UpstreamFailure, received: bool = False
@@ -229,3 +315,58 @@ class Admission:
         now = self.topology.clock()
         nodes = self.topology.nodes.values()
         return sum(n.can_serve(now) for n in nodes) >= min(2, len(nodes))
+
+
+def _wait_message(est: Estimate, bound: float, retry: int) -> str:
+    q = est.queue
+    return (
+        f"the expected queue wait on {q.node} is {est.wait:.0f}s ({q.ahead} requests must"
+        f" leave {q.slots} running slots first, {est.service:.1f}s each as measured),"
+        f" over the bound of {bound:g}s; retry after {retry}s"
+    )
+
+
+class _Episode:
+    """Refusals by expected wait as episodes: one event when they start, one when
+    none came for `QUIET` seconds (told at the next admitted request), never one per
+    request."""
+
+    QUIET = 5.0
+
+    def __init__(self, events: EventLog, emit: bool) -> None:
+        self.events, self.emit = events, emit
+        self.since: float | None = None
+        self.last = 0.0
+        self.count = 0
+
+    def shed(self, est: Estimate, bound: float) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.count = now, 0
+            self._say(
+                ev.SHEDDING_STARTED,
+                f"new requests refused (429): expected queue wait on {est.node} {est.wait:.0f}s,"
+                f" over the bound of {bound:g}s ({est.queue.outstanding} requests on"
+                f" {est.queue.slots} running slots, {est.service:.1f}s each)",
+            )
+        self.count += 1
+        self.last = now
+
+    def admitted(self) -> None:
+        if self.since is None:
+            return
+        now = time.monotonic()
+        if now - self.last < self.QUIET:
+            return
+        self._say(
+            ev.SHEDDING_STOPPED,
+            f"expected queue wait back under the bound: {self.count} requests refused"
+            f" over {self.last - self.since:.0f}s",
+        )
+        self.since = None
+
+    def _say(self, event: str, detail: str) -> None:
+        if self.emit:
+            self.events.emit(event, detail)
+        else:
+            log.info("%s %s", event, detail)

@@ -347,6 +347,8 @@ class Relay:
                 continue
             outcome = "ok" if status < 400 else "client_error"
             self.metrics.requests.labels(endpoint, node.name, outcome, str(status)).inc()
+            if status == 200:
+                self.admission.served(request, node.name)
             out_headers = response_headers(headers)
             out_headers[NODE_HEADER] = node.name
             return web.Response(status=status, headers=out_headers, body=data)
@@ -465,6 +467,8 @@ class Relay:
             self.metrics.requests.labels(kind, node.name, outcome, "200").inc()
             if state.migrations:
                 self.metrics.migrations.labels(kind, "migrated").inc()
+            elif state.first_event_at is not None:
+                self.admission.served(state.request, node.name, state.first_event_at)
             return state.result()
 
     async def _plan_migration(
@@ -796,6 +800,7 @@ class _StreamState:
     worker: int = 0
     on_first_event: Callable[[], None] | None = None  # past its prefill (quarantine, warming)
     affinity: Affinity | None = None  # pool mode: the prompt's prefix keys
+    first_event_at: float | None = None  # monotonic: its decode's start (service time)
     _chunked: bool = True
     # The first segment's events, unparsed, as a list: joined only if the stream
     # breaks (adding bytes to bytes copied the whole stream on every event).
@@ -852,7 +857,8 @@ class _StreamState:
         bytes the client has not taken yet (passthrough.py pauses the engine above a bound)."""
         if not self._first_event_sent:
             self._first_event_sent = True
-            self.metrics.ttft.labels(self.kind).observe(time.monotonic() - self.started_at)
+            self.first_event_at = time.monotonic()
+            self.metrics.ttft.labels(self.kind).observe(self.first_event_at - self.started_at)
             if self.on_first_event is not None:
                 self.on_first_event()
         t = self.client_transport

@@ -1,0 +1,160 @@
+"""Admission by expected wait on the CPU stack: the primary node is killed
+(`docker kill`) under a load the survivor cannot carry.
+
+The engines have 8 running slots and a 2,000-token generation takes about 11 s. 280
+clients each send one 2,000-token stream at once (the issue's measurement), and a
+side load of 16 clients sends 16-token streams back to back; a request refused with
+429 is retried 4 times, each after what `Retry-After` says, as the OpenAI SDKs do
+(twice by default). The primary is killed 3 s in, while the burst still retries.
+The clients run in a process of their own (bench/shedding.py). With the
+default bound (HA_SHED_WAIT_BOUND, 10 s):
+
+- requests past the bound get 429 with `Retry-After` at once (measured at the client:
+  the median under 100 ms, every one under 1 s);
+- every admitted request is served whole (its stream moved by the failover too);
+- one failover: `sglang-ha status` names the survivor, the history shows one
+  promotion, the relay followed one change of leader;
+- the side load keeps being served after the kill, its median first token within
+  the bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.shedding import Record, summarize
+from tests.support.stack import NODES, Stack, overlay_stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+OVERLAY = Path(__file__).with_name("wait_shedding.compose.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+SLOTS, TOKENS = 8, 2000  # as in the overlay: about 11 s a generation
+BOUND = 10.0  # HA_SHED_WAIT_BOUND's default
+HEAVY, LIGHT, LIGHT_TOKENS = 280, 16, 16
+KILL_AT, DURATION = 3.0, 60.0  # the kill while the burst still retries
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with overlay_stack(OVERLAY, "sglang-ha-waitshed") as s:
+        yield s
+
+
+def ctl(stack: Stack, node: str, *args: str) -> str:
+    code, out = stack.container(NODES[node]).exec_run(["sglang-ha", *args])
+    assert code == 0, out
+    return out.decode(errors="replace")
+
+
+def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: Stack) -> None:
+    primary = stack.wait_stable()
+    survivor = next(n for n in NODES if n != primary)
+    url = stack.gateway_url
+
+    # A gateway that has served: it measured what a request takes (until then it sheds
+    # nothing on a guess).
+    body = {
+        "text": "Tell a very long story.",
+        "sampling_params": {"max_new_tokens": TOKENS, "ignore_eos": True},
+    }
+    with httpx.Client(timeout=60) as http, ThreadPoolExecutor(SLOTS) as pool:
+        answers = list(pool.map(lambda _: http.post(f"{url}/generate", json=body), range(SLOTS)))
+    assert [a.status_code for a in answers] == [200] * SLOTS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "load.json"
+        load = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.shedding",
+                "load",
+                f"--url={url}",
+                f"--heavy={HEAVY}",
+                f"--heavy-tokens={TOKENS}",
+                "--heavy-once",
+                f"--light={LIGHT}",
+                f"--light-tokens={LIGHT_TOKENS}",
+                f"--duration={DURATION}",
+                "--timeout=90",
+                "--retries=4",
+                f"--out={out}",
+            ],
+            cwd=ROOT,
+        )
+        try:
+            time.sleep(KILL_AT + 1.0)  # the client's start-up: about a second
+            stack.kill_container(primary)
+            killed_wall = time.time()
+            assert load.wait(timeout=DURATION + 120) == 0
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+        data = json.loads(out.read_text())
+    killed = killed_wall - data["t0"]
+    records = [Record(**r) for r in data["records"]]
+    seen = {
+        "killed_at": killed,
+        "before": summarize([r for r in records if r.sent < killed]),
+        "after": summarize(records, after=killed),
+    }
+    print(json.dumps(seen, indent=1))
+    if result := os.environ.get("SGLANG_HA_SHEDDING_RESULT"):  # bench/results, quoted in docs
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        load_args = {"heavy": HEAVY, "heavy_tokens": TOKENS, "heavy_once": True, "light": LIGHT}
+        meta: dict[str, object] = {"date": time.strftime("%Y-%m-%d", time.gmtime())}
+        meta["commit"] = commit
+        meta |= {"load": load_args | {"light_tokens": LIGHT_TOKENS, "retries": 4}}
+        meta |= {"engines": {"max_running_requests": SLOTS, "sim_itl": 0.005}, "bound": BOUND}
+        Path(result).write_text(json.dumps(meta | seen, indent=2) + "\n")
+
+    # Nothing failed: every request was served whole or refused with a Retry-After.
+    failed = [r for r in records if not (r.status == 429 or (r.status == 200 and r.done))]
+    assert not failed, failed[:3]
+    shed = [r for r in records if r.status == 429]
+    assert all(r.retry_after and r.retry_after >= 1 for r in shed), "a 429 without Retry-After"
+    after_kill = sorted(r.took for r in shed if r.sent > killed)
+    assert after_kill, "nothing was shed after the kill: the survivor was not overloaded"
+    # At once: the median under 100 ms and every one under 1 s, as the other overload
+    # tests hold it on 2 shared cores (docs/benchmarks.md: the tail is 0.2-0.3 s here,
+    # while 280 clients retry in step on the cores that run the engines too).
+    assert statistics.median(after_kill) < 0.1, after_kill[-10:]
+    assert after_kill[-1] < 1.0, after_kill[-10:]
+
+    # One failover: the survivor leads, promoted once, and nothing moved back.
+    deadline = time.monotonic() + 30
+    while json.loads(ctl(stack, survivor, "status", "-o", "json"))["leader"] != survivor:
+        assert time.monotonic() < deadline, "the survivor never led"
+        time.sleep(0.5)
+    history = json.loads(ctl(stack, survivor, "history", "-o", "json", "-n", "500"))
+    events = [e for e in history if e["ts"] >= killed_wall - 1.0]  # the store's clock
+    promoted = [e for e in events if e["event"] == "PROMOTED"]
+    assert [e["node"] for e in promoted] == [survivor], events
+    changes = [line for line in stack.ha_log("gateway").splitlines() if "LEADER_CHANGED" in line]
+    assert sum(f"to {survivor} " in c for c in changes) == 1, changes
+    assert "SHEDDING_STARTED" in stack.ha_log("gateway")
+
+    # The side load kept being served after the kill, its median first token within
+    # the bound. (The bound is on the expected wait: behind a burst whose requests all
+    # started together, one waited 17.9 s; docs/benchmarks.md.)
+    late = [r for r in records if r.group == "light" and r.status == 200 and r.sent > killed + 1]
+    assert len(late) >= LIGHT, len(late)
+    assert statistics.median(r.ttft or 0.0 for r in late) < BOUND, sorted(
+        r.ttft or 0 for r in late
+    )[-5:]

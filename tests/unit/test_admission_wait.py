@@ -1,0 +1,443 @@
+"""Admission by expected wait (gateway/admission/wait.py): the estimate and the 429
+a client sees when the wait on the node its request would go to is past the bound."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer, make_mocked_request
+
+from ha_agent.config import RelaySettings
+from ha_agent.dcs.base import AgentStatus, EngineState, EngineStatus, Role
+from ha_agent.events import EventLog
+from ha_agent.gateway.admission import gate
+from ha_agent.gateway.admission.gate import Admission, RelayParts
+from ha_agent.gateway.admission.wait import (
+    MIN_SAMPLES,
+    RETRY_AFTER_MAX,
+    WaitEstimator,
+    all_serving,
+    ask_slots,
+    parse_slots,
+)
+from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
+from ha_agent.gateway.upstream.transport import Transport
+from ha_agent.openapi.endpoints import CHAT, GENERATE
+from ha_agent.sim.server import create_app
+from tests.support.fakes import FakeClock, FakeStore
+from tests.unit.conftest import make_sim_settings
+
+BOUND = 10.0
+
+
+def status(running: float = 0, queued: float = 0, role: Role = Role.PRIMARY) -> AgentStatus:
+    engine = EngineStatus(state=EngineState.HEALTHY, running=running, queued=queued)
+    return AgentStatus(node="n", role=role, epoch=1, engine=engine)
+
+
+class _Held(Abandonable):
+    def abandon(self, reason: str) -> None:
+        pass
+
+
+def topology(tmp_path: Any, clock: FakeClock | None = None, **overrides: Any) -> Topology:
+    settings = RelaySettings(
+        nodes=["a=http://a:1=http://a:2", "b=http://b:1=http://b:2"],
+        context_length=32768,
+        ha_log=str(tmp_path / "ha.log"),
+        **overrides,
+    )
+    events = EventLog(str(tmp_path / "ha.log"), "relay")
+    topo = Topology(settings, FakeStore(FakeClock()), events, clock=clock or FakeClock())
+    topo.primary = "a"
+    for node in topo.nodes.values():
+        topo.took_status(node, status())
+    return topo
+
+
+def report(topo: Topology, name: str, running: float, queued: float) -> NodeView:
+    node = topo.nodes[name]
+    topo.took_status(node, status(running, queued))
+    return node
+
+
+def measured(
+    est: WaitEstimator, node: str, seconds: float, n: int = MIN_SAMPLES, budget: int = 128
+) -> None:
+    """Completed requests of `budget` tokens (128: /generate's default)."""
+    for _ in range(n):
+        est.served(node, seconds, budget)
+
+
+@pytest.fixture
+def admission(tmp_path: Any) -> Admission:
+    topo = topology(tmp_path, shed_wait_bound=BOUND, shed_retry_after=2)
+    parts = RelayParts(topo.s, topo, Transport(0.5, 60), RelayMetrics(), topo.events)
+    adm = Admission(parts)
+    adm.wait.slots = {"a": 4, "b": 4}
+    return adm
+
+
+# -- the estimate ------------------------------------------------------------------------
+
+
+def test_the_wait_rises_with_the_queue(tmp_path: Any) -> None:
+    est = WaitEstimator(topology(tmp_path), BOUND)
+    est.slots["a"] = 4
+    measured(est, "a", 8.0)  # 8 s per request on 4 slots: a slot frees every 2 s
+    waits = []
+    for queued in (0, 1, 3, 7, 15):
+        node = report(est.topology, "a", 4, queued)
+        e = est.estimate(node)
+        assert e is not None
+        waits.append(e.wait)
+    # The new request needs every request queued ahead of it, and itself, to find a slot.
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0]
+
+
+def test_the_wait_falls_as_requests_finish(tmp_path: Any) -> None:
+    est = WaitEstimator(topology(tmp_path), BOUND)
+    est.slots["a"] = 4
+    measured(est, "a", 8.0)
+    node = report(est.topology, "a", 0, 0)  # the engine's gauges lag a burst
+    held = [_Held() for _ in range(12)]  # this worker's own requests on the node
+    node.inflight.update(held)
+    waits = []
+    for left in (12, 8, 5, 4, 3):
+        node.inflight.clear()
+        node.inflight.update(held[:left])
+        e = est.estimate(node)
+        assert e is not None
+        waits.append(e.wait)
+    assert waits == [18.0, 10.0, 4.0, 2.0, 0.0]
+    # The engine's own report counts too: its queue draining lowers the wait.
+    node.inflight.clear()
+    assert [est.estimate(report(est.topology, "a", 4, q)).wait for q in (6, 2, 0)] == [  # type: ignore[union-attr]
+        14.0,
+        6.0,
+        2.0,
+    ]
+    assert est.estimate(report(est.topology, "a", 2, 0)).wait == 0.0  # type: ignore[union-attr]
+
+
+def test_an_unknown_service_time_sheds_nothing(tmp_path: Any) -> None:
+    """No request finished yet: the wait cannot be told, so no one is refused on a guess."""
+    est = WaitEstimator(topology(tmp_path), BOUND)
+    est.slots["a"] = 4
+    node = report(est.topology, "a", 4, 500)
+    assert est.estimate(node) is None
+    best, complete = est.least()
+    assert not est.refuses(best, complete)
+    measured(est, "a", 8.0, n=MIN_SAMPLES - 1)  # too few to go by
+    assert est.estimate(node) is None
+    est.served("a", 8.0, 128)
+    assert est.estimate(node) is not None
+
+
+def test_a_full_kv_pool_limits_capacity_to_what_runs(tmp_path: Any) -> None:
+    """A queue while running < slots: memory, not slots, is the limit (SGLang admits a
+    request only when its KV fits, schedule_policy.py)."""
+    clock = FakeClock()
+    est = WaitEstimator(topology(tmp_path, clock=clock), BOUND)
+    est.slots["a"] = 16
+    measured(est, "a", 8.0)
+    # A burst being admitted over a few prefill batches first: slots still count.
+    e = est.estimate(report(est.topology, "a", 4, 3))
+    assert e is not None and e.queue.slots == 16 and e.wait == 0.0
+    clock.advance(1.0)
+    e = est.estimate(report(est.topology, "a", 4, 3))
+    assert e is not None and e.wait == 0.0
+    clock.advance(1.0)  # a queue that lasts with slots free: the KV pool is full
+    e = est.estimate(report(est.topology, "a", 4, 3))
+    assert e is not None and e.queue.slots == 4 and e.wait == 8.0
+    # Slots unknown (/server_info not answered yet): the same inference from a queue...
+    est.slots.clear()
+    e = est.estimate(report(est.topology, "a", 4, 3))
+    assert e is not None and e.wait == 8.0
+    # ...and no queue reported means room, as far as anyone knows.
+    e = est.estimate(report(est.topology, "a", 4, 0))
+    assert e is not None and e.wait == 0.0
+
+
+def test_a_node_without_samples_takes_the_clusters_service_time(tmp_path: Any) -> None:
+    """A standby promoted by a failover has served nothing through this relay yet."""
+    est = WaitEstimator(topology(tmp_path), BOUND)
+    est.slots = {"a": 4, "b": 4}
+    measured(est, "a", 8.0)
+    e = est.estimate(report(est.topology, "b", 4, 3))
+    assert e is not None and e.service == 8.0 and e.wait == 8.0
+    measured(est, "b", 4.0, n=20)  # its own, once it has some
+    e = est.estimate(report(est.topology, "b", 4, 3))
+    assert e is not None and e.service == pytest.approx(4.0)
+
+
+def test_the_service_time_follows_recent_requests(tmp_path: Any) -> None:
+    est = WaitEstimator(topology(tmp_path), BOUND)
+    measured(est, "a", 2.0, n=10)
+    assert est.service.of("a") == pytest.approx(2.0)
+    measured(est, "a", 20.0, n=30)
+    assert est.service.of("a") == pytest.approx(20.0, rel=0.1)
+    est.served("a", float("nan"), 128)
+    est.served("a", -1.0, 128)
+    assert est.service.of("a") == pytest.approx(20.0, rel=0.1)
+
+
+def test_running_slots_are_read_as_sglang_reports_them() -> None:
+    """`/server_info`: `internal_states[*].effective_max_running_requests_per_dp`, one
+    entry per DP rank (srt/managers/scheduler.py `get_internal_state`); the flag
+    `max_running_requests` is None unless given."""
+    dp2 = {
+        "max_running_requests": None,
+        "internal_states": [
+            {"effective_max_running_requests_per_dp": 48},
+            {"effective_max_running_requests_per_dp": 48},
+        ],
+    }
+    assert parse_slots(dp2) == 96
+    assert parse_slots({"max_running_requests": 32, "internal_states": [{}]}) == 32
+    assert parse_slots({"max_running_requests": None, "internal_states": []}) is None
+    assert parse_slots({"max_running_requests": True}) is None
+    assert parse_slots([1, 2]) is None
+
+
+async def test_the_slots_are_learnt_from_the_engine(tmp_path: Any) -> None:
+    sim = TestServer(create_app(make_sim_settings(max_running_requests=6)))
+    await sim.start_server()
+    transport = Transport(0.5, 60)
+    try:
+        topo = topology(tmp_path)
+        topo.nodes["a"].engine_url = str(sim.make_url("")).rstrip("/")
+        est = WaitEstimator(topo, BOUND)
+        assert await ask_slots(est, topo.nodes["a"], transport) == 6
+        assert est.slots == {"a": 6}
+        assert await ask_slots(est, topo.nodes["b"], transport, timeout=0.5) is None
+    finally:
+        await transport.close()
+        await sim.close()
+
+
+def test_a_pool_sheds_only_when_its_least_wait_node_is_past_the_bound(tmp_path: Any) -> None:
+    est = WaitEstimator(topology(tmp_path), BOUND, candidates=all_serving)
+    est.slots = {"a": 4, "b": 4}
+    measured(est, "a", 8.0)
+    report(est.topology, "a", 4, 40)
+    report(est.topology, "b", 4, 1)
+    best, complete = est.least()
+    assert best is not None and best.node == "b" and not est.refuses(best, complete)
+    report(est.topology, "b", 4, 20)
+    best, complete = est.least()
+    assert best is not None and best.node == "b" and best.wait == 42.0
+    assert est.refuses(best, complete)
+    # A node that cannot be estimated may have room: nobody is refused for the others.
+    # (Here: its slots not learnt yet, and a queue reported with nothing running.)
+    del est.slots["b"]
+    report(est.topology, "b", 0, 5)
+    best, complete = est.least()
+    assert best is not None and best.node == "a" and not complete
+    assert not est.refuses(best, complete)
+
+
+# -- the refusal -------------------------------------------------------------------------
+
+
+def request(path: str) -> web.Request:
+    return make_mocked_request("POST", path)
+
+
+def body_of(resp: web.Response) -> Any:
+    assert isinstance(resp.body, bytes)
+    return json.loads(resp.body)
+
+
+async def test_a_request_past_the_bound_gets_429_with_retry_after_at_once(
+    admission: Admission,
+) -> None:
+    measured(admission.wait, "a", 8.0)
+    report(admission.topology, "a", 4, 3)  # 8 s: under the bound
+    assert await admission.admit(request("/generate"), GENERATE, {"text": "hi"}) is None
+    report(admission.topology, "a", 4, 9)  # 20 s
+    for path, kind, payload in (
+        ("/generate", GENERATE, {"text": "hi"}),
+        (
+            "/v1/chat/completions",
+            CHAT,
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+    ):
+        started = time.perf_counter()
+        resp = await admission.admit(request(path), kind, payload)
+        took = time.perf_counter() - started
+        assert resp is not None and resp.status == 429 and took < 0.1
+        # The time the wait needs to fall back under the bound, spread by up to half.
+        assert 10 <= int(resp.headers["Retry-After"]) <= 15
+        got = body_of(resp)
+        if path.startswith("/v1/"):
+            assert got["object"] == "error" and got["code"] == 429
+            message = got["message"]
+        else:
+            message = got["error"]["message"]
+        assert "expected queue wait on a is 20s" in message and "bound of 10s" in message
+    refused = admission.metrics.refused.labels(GENERATE, "wait")._value.get()
+    assert refused == 1
+    # Retry-After: at least HA_SHED_RETRY_AFTER, at most what the OpenAI SDK honours,
+    # and spread: a burst refused together does not come back together.
+    report(admission.topology, "a", 4, 4)  # 10 s: past the bound barely
+    admission.wait.bound = 9.5
+    best, _ = admission.wait.least()
+    assert best is not None
+    assert {admission.wait.retry_after(best, 2) for _ in range(200)} == {2, 3}
+    report(admission.topology, "a", 4, 400)
+    best, _ = admission.wait.least()
+    assert best is not None and admission.wait.retry_after(best, 2) == RETRY_AFTER_MAX
+    report(admission.topology, "a", 4, 39)  # 80 s: 70 to go, and the spread
+    best, _ = admission.wait.least()
+    assert best is not None
+    assert {admission.wait.retry_after(best, 2) for _ in range(200)} == {RETRY_AFTER_MAX}
+    report(admission.topology, "a", 4, 21)  # 44 s: 35 to go (34.5), up to 17 more
+    best, _ = admission.wait.least()
+    assert best is not None
+    assert {admission.wait.retry_after(best, 2) for _ in range(400)} == set(range(35, 53))
+
+
+async def test_refusals_are_one_episode_in_the_event_log_not_a_line_each(
+    admission: Admission, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(gate.time, "monotonic", clock)
+    measured(admission.wait, "a", 8.0)
+    report(admission.topology, "a", 4, 20)
+    for _ in range(50):
+        resp = await admission.admit(request("/generate"), GENERATE, {"text": "hi"})
+        assert resp is not None and resp.status == 429
+        clock.advance(0.1)
+    report(admission.topology, "a", 4, 0)
+    assert await admission.admit(request("/generate"), GENERATE, {"text": "hi"}) is None
+    events = [e.event for e in admission.events.recent]
+    assert events.count("SHEDDING_STARTED") == 1 and "SHEDDING_STOPPED" not in events
+    clock.advance(gate._Episode.QUIET)
+    assert await admission.admit(request("/generate"), GENERATE, {"text": "hi"}) is None
+    stopped = [e for e in admission.events.recent if e.event == "SHEDDING_STOPPED"]
+    assert len(stopped) == 1 and "50 requests refused" in stopped[0].detail
+
+
+async def test_refusal_by_wait_is_off_at_bound_zero(admission: Admission) -> None:
+    admission.wait.bound = 0
+    measured(admission.wait, "a", 8.0)
+    report(admission.topology, "a", 4, 200)  # under the queue bound (256)
+    assert await admission.admit(request("/generate"), GENERATE, {"text": "hi"}) is None
+
+
+async def test_served_requests_measure_the_service_time(
+    admission: Admission, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream from its first event to its end; a non-streaming request whole, only
+    when it found a slot free at admission and was not retried."""
+    clock = FakeClock()
+    monkeypatch.setattr(gate.time, "monotonic", clock)
+    wait = admission.wait
+
+    async def admitted() -> web.Request:
+        req = request("/generate")
+        assert await admission.admit(req, GENERATE, {"text": "hi"}) is None
+        await admission.attempt(req)
+        return req
+
+    report(admission.topology, "a", 1, 0)  # a slot free
+    for _ in range(MIN_SAMPLES):
+        req = await admitted()
+        clock.advance(5.0)
+        admission.served(req, "a")
+    assert wait.service.of("a") == pytest.approx(5.0)
+    # Queued at admission: its time holds a wait, not a service time.
+    report(admission.topology, "a", 4, 2)
+    req = await admitted()
+    clock.advance(60.0)
+    admission.served(req, "a")
+    assert wait.service.of("a") == pytest.approx(5.0)
+    # A stream: from its first event.
+    req = await admitted()
+    first = clock()
+    clock.advance(7.0)
+    admission.served(req, "a", first_event_at=first)
+    assert wait.service.of("a") == pytest.approx(5.5)
+
+
+def test_the_bound_is_an_env_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HA_SHED_WAIT_BOUND", "7.5")
+    assert RelaySettings().shed_wait_bound == 7.5
+    assert RelaySettings.model_fields["shed_wait_bound"].default == 10.0
+    assert math.isfinite(RelaySettings().shed_wait_bound)
+
+
+async def test_the_estimate_per_node_is_a_gauge(admission: Admission) -> None:
+    from prometheus_client import generate_latest
+
+    measured(admission.wait, "a", 8.0)
+    report(admission.topology, "a", 4, 9)
+    text = generate_latest(admission.metrics.registry).decode()
+    assert 'sglang_ha_relay_expected_wait_seconds{node="a"} 20.0' in text
+    assert 'sglang_ha_relay_service_time_seconds{node="a"} 8.0' in text
+
+
+async def test_requests_between_attempts_count_on_the_node_they_go_to_next(
+    admission: Admission,
+) -> None:
+    """A failover: the lost node's requests are re-sent to the survivor, some only once
+    the relay knows how the node died; meanwhile the survivor looks idle."""
+    measured(admission.wait, "a", 8.0)
+    node = report(admission.topology, "a", 0, 0)
+    requests = []
+    for _ in range(6):
+        req = request("/generate")
+        assert await admission.admit(req, GENERATE, {"text": "hi"}) is None
+        requests.append(req)
+    e = admission.wait.estimate(node)
+    assert e is not None and e.queue.outstanding == 6 and e.wait == 6.0
+    node.inflight.update(_Held() for _ in range(2))  # two of them back on a node
+    assert admission.wait.estimate(node).queue.outstanding == 6  # type: ignore[union-attr]
+    for req in requests:
+        admission.done(req)
+        admission.done(req)  # once is what counts
+    node.inflight.clear()
+    assert admission.wait.estimate(node).wait == 0.0  # type: ignore[union-attr]
+    assert admission.alive == 0
+
+
+async def test_a_queue_of_long_generations_behind_short_answers_is_not_taken_for_short(
+    admission: Admission,
+) -> None:
+    """A mean over completions is dominated by short requests, which finish often; the
+    requests outstanding may be long ones. Their budgets scale the service time."""
+    measured(admission.wait, "a", 0.2, n=20, budget=16)  # a side load of 16-token answers
+    node = report(admission.topology, "a", 0, 0)
+    long = {"text": "hi", "sampling_params": {"max_new_tokens": 2000}}
+    admitted = 0
+    while await admission.admit(request("/generate"), GENERATE, long) is None:
+        admitted += 1
+        assert admitted < 100, "long generations taken for 0.2 s ones"
+    # 25 s each (0.2 s * 2000 / 16) on 4 slots: the 6th would wait (5 - 4 + 1) * 25 / 4 s.
+    assert admitted == 5
+    e = admission.wait.estimate(node)
+    assert e is not None and e.service == pytest.approx(25.0) and e.wait == pytest.approx(12.5)
+
+
+def test_a_worker_counts_its_share_times_the_relay_workers(tmp_path: Any) -> None:
+    """Nginx spreads a burst over the relay workers; each sees only its share while the
+    engine's report lags."""
+    est = WaitEstimator(topology(tmp_path), BOUND)
+    est.slots["a"] = 4
+    measured(est, "a", 8.0)
+    node = report(est.topology, "a", 0, 0)
+    node.inflight.update(_Held() for _ in range(3))
+    assert est.estimate(node).queue.outstanding == 3  # type: ignore[union-attr]
+    est.workers = 2
+    e = est.estimate(node)
+    assert e is not None and e.queue.outstanding == 6 and e.wait == 6.0
+    report(est.topology, "a", 4, 5)  # the engine's count, once it shows, when higher
+    assert est.estimate(node).queue.outstanding == 9  # type: ignore[union-attr]

@@ -1,0 +1,146 @@
+"""Admission by expected wait with real simulator processes, agents, Redis and the
+relay: the primary's engine is killed under a load the survivor cannot carry.
+
+The engines have 4 running slots (SGLang's --max-running-requests) and a slow decode;
+40 clients send one 100-token stream each at once, and a side load of 16 clients
+sends 10-token ones back to back; a request refused with 429 is retried 4 times,
+each after what `Retry-After` says (as the OpenAI SDKs do, which retry twice by
+default). The primary's engine is killed 1 s after the first refusal, while the
+burst still retries.
+Requests past the bound get 429 + Retry-After at once, the roles change once (the
+failover, no flapping), every admitted request is served whole, and the side load
+keeps being served, none of it queued long past the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.shedding import Record, summarize
+from tests.support.cluster import LocalCluster, local_cluster
+from tests.support.processes import RedisProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+SLOTS = 4
+BOUND = 3.0  # s; shorter than the default (10 s) to keep the test short
+HEAVY, LIGHT = 40, 16  # clients
+HEAVY_TOKENS, LIGHT_TOKENS = 100, 10
+KILL_AT, END_AT = 1.0, 14.0  # s after the first refusal; s of load
+
+
+@pytest.fixture
+async def cluster(redis_proc: RedisProcess) -> AsyncIterator[LocalCluster]:
+    engines = {"SIM_MAX_RUNNING_REQUESTS": str(SLOTS), "SIM_ITL": "0.02"}
+    async with local_cluster(redis_proc, relay=False, sim_env=engines) as c:
+        await c.start_relay(shed_wait_bound=BOUND, shed_retry_after=1)
+        await c.wait_ready()
+        yield c
+
+
+async def warm_up(url: str) -> None:
+    """A relay that has served: it measured what a request takes (until then it
+    sheds nothing, test_admission_wait.py)."""
+    body = {
+        "text": "Tell a story.",
+        "sampling_params": {"max_new_tokens": HEAVY_TOKENS, "ignore_eos": True},
+    }
+    async with httpx.AsyncClient(timeout=60) as http:
+        answers = await asyncio.gather(
+            *(http.post(f"{url}/generate", json=body) for _ in range(SLOTS))
+        )
+    assert [a.status_code for a in answers] == [200] * SLOTS
+
+
+async def test_requests_past_the_wait_bound_are_shed_at_once_through_a_failover(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    relay = cluster.relay
+    assert relay is not None
+    primary = await cluster.wait_ready()
+    survivor = cluster.other(primary)
+    url = cluster.relay_url
+
+    await warm_up(url)
+
+    # The clients in a process of their own (bench/shedding.py), so that what they
+    # measure is the relay's answer, not this process's event loop.
+    out = tmp_path / "load.json"
+    load = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.shedding",
+        "load",
+        f"--url={url}",
+        f"--heavy={HEAVY}",
+        "--heavy-once",
+        f"--heavy-tokens={HEAVY_TOKENS}",
+        f"--light={LIGHT}",
+        f"--light-tokens={LIGHT_TOKENS}",
+        f"--duration={END_AT}",
+        "--timeout=60",
+        "--retries=4",  # the burst keeps coming back past the kill
+        f"--out={out}",
+    )
+    try:
+        # Under overload first: the relay refuses (the burst, then its retries).
+        admission = relay.relay.admission
+        await cluster.wait_for(lambda: admission.episode.since is not None, 20, "refusals")
+        await asyncio.sleep(KILL_AT)
+        await asyncio.to_thread(cluster.kill_engine, primary)  # (it waits for the exit)
+        killed_wall = time.time()
+        assert await asyncio.wait_for(load.wait(), END_AT + 60) == 0
+    finally:
+        if load.returncode is None:
+            load.kill()
+            await load.wait()
+    data = json.loads(out.read_text())
+    killed = killed_wall - data["t0"]
+    records = data["records"]
+    light = [r for r in records if r["group"] == "light"]
+
+    # Nothing failed: every request was served whole or refused with a Retry-After.
+    failed = [r for r in records if not (r["status"] == 429 or (r["status"] == 200 and r["done"]))]
+    assert not failed, failed[:3]
+    shed = [r for r in records if r["status"] == 429]
+    assert all(r["retry_after"] and r["retry_after"] >= 1 for r in shed), "429, no Retry-After"
+    after_kill = [r for r in shed if r["sent"] > killed]
+    assert after_kill, "the survivor was not overloaded: nothing was shed after the kill"
+    # At once, measured at the client.
+    took = sorted(r["took"] for r in after_kill)
+    summary = summarize([Record(**r) for r in records], after=killed)
+    print(json.dumps(summary, indent=1))
+    assert statistics.median(took) < 0.1, took[-10:]
+    assert sum(t >= 0.1 for t in took) <= len(took) // 20, took[-10:]
+
+    # One failover, no flapping: the survivor leads, the relay followed one change.
+    await cluster.wait_for(lambda: cluster.primary() == survivor, 10, "the survivor to lead")
+    relay_log = cluster.ha_log("relay")
+    changes = [
+        line.split("LEADER_CHANGED ", 1)[1].split(" (epoch")[0]
+        for line in relay_log.splitlines()
+        if "LEADER_CHANGED" in line
+    ]
+    # The first names the primary the relay started with; then one failover (through
+    # "-" while no one held the lease), nothing back and forth.
+    assert changes[1:] in (
+        [f"from {primary} to {survivor}"],
+        [f"from {primary} to -", f"from - to {survivor}"],
+    ), changes
+    assert cluster.ha_log(survivor).count("PROMOTED") == 1
+    assert "SHEDDING_STARTED" in relay_log
+
+    # The short requests kept being served after the kill, every client of them, and
+    # none of those that were admitted waited much past the bound.
+    late = [r for r in light if r["status"] == 200 and r["sent"] > killed + 1.0]
+    assert len(late) >= LIGHT, (len(late), light[-5:])
+    assert max(r["end"] for r in late) < BOUND + 3.0, sorted(r["end"] for r in late)[-5:]
