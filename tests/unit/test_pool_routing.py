@@ -4,6 +4,7 @@ within a load bound, survivors on failure, the warmer's heir (affinity.py)."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,3 +210,33 @@ async def test_the_warmer_mirrors_to_the_node_that_would_inherit_the_prefix(
             if name != holder.name:
                 t.nodes[name].status = agent_status(name, mode="pool", serving=True, queued=3)
         assert warmer.target(CHAT, body) is None, "never add to a queue"
+
+
+def test_a_pool_sheds_by_queue_only_when_every_serving_node_is_saturated() -> None:
+    from ha_agent.gateway.admission.shedding import Shedder
+
+    t = pool()
+    shedder = Shedder(t, queue_bound=4, retry_after=2, pool=True)
+    t.nodes["sglang-01"].status = agent_status("sglang-01", mode="pool", serving=True, queued=9)
+    assert shedder.check() is None, "two nodes have room: routing goes around the full one"
+    for name in NAMES:
+        t.nodes[name].status = agent_status(name, mode="pool", serving=True, queued=5)
+    shed = shedder.check()
+    assert shed is not None and shed.status == 429 and shed.headers == {"Retry-After": "2"}
+    # A pair's shedder reads the primary alone (the coordinator's queue in a pool).
+    assert Shedder(t, queue_bound=4, retry_after=2).check() is not None
+
+
+def test_a_pool_admission_judges_every_serving_node(tmp_path: Path) -> None:
+    from ha_agent.events import EventLog
+    from ha_agent.gateway.admission.gate import Admission, RelayParts
+    from ha_agent.gateway.metrics import RelayMetrics
+    from ha_agent.gateway.upstream.transport import Transport
+
+    t = pool(shed_queue_bound=4)
+    events = EventLog(str(tmp_path / "ha.log"), "relay")
+    adm = Admission(RelayParts(t.s, t, Transport(0.5, 60), RelayMetrics(), events))
+    assert {n.name for n in adm.wait.candidates(t)} == set(NAMES)
+    # The coordinator's queue alone is no reason to refuse in a pool.
+    t.nodes["sglang-01"].status = agent_status("sglang-01", mode="pool", serving=True, queued=9)
+    assert adm.shedder.check() is None

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from ha_agent import events as ev
-from ha_agent.config import RelaySettings
+from ha_agent.config import HaMode, RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway.admission.limits import Limits, LimitSettings, ask_context_length
 from ha_agent.gateway.admission.prompt_scan import PromptScanner
@@ -28,7 +28,13 @@ from ha_agent.gateway.admission.quarantine import (
     node_died,
 )
 from ha_agent.gateway.admission.shedding import Shedder
-from ha_agent.gateway.admission.wait import Estimate, WaitCollector, WaitEstimator
+from ha_agent.gateway.admission.wait import (
+    Estimate,
+    WaitCollector,
+    WaitEstimator,
+    all_serving,
+    first_serving,
+)
 from ha_agent.gateway.errors import refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.upstream.topology import Topology
@@ -114,8 +120,14 @@ class Admission:
                 warm_max_chars=settings.warm_max_chars,
             )
         )
-        self.shedder = Shedder(parts.topology, settings.shed_queue_bound, settings.shed_retry_after)
-        self.wait = WaitEstimator(parts.topology, settings.shed_wait_bound)
+        pool = settings.mode is HaMode.POOL
+        self.shedder = Shedder(
+            parts.topology, settings.shed_queue_bound, settings.shed_retry_after, pool=pool
+        )
+        # A pool sheds by wait only when every serving node is past the bound.
+        self.wait = WaitEstimator(
+            parts.topology, settings.shed_wait_bound, all_serving if pool else first_serving
+        )
         # Admitted requests of this worker not yet done, wherever they are: on a node,
         # or between two attempts (re-sent after a failure, held while the cause of a
         # crash is found): those land on a serving node next (wait.py).

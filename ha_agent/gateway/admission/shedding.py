@@ -35,15 +35,21 @@ class Shed:
 
 
 class Shedder:
-    def __init__(self, topology: Topology, queue_bound: int, retry_after: int) -> None:
+    def __init__(
+        self, topology: Topology, queue_bound: int, retry_after: int, pool: bool = False
+    ) -> None:
         self.topology = topology
         self.queue_bound = queue_bound  # 0: never shed
         self.retry_after = retry_after
+        # A pool routes around one saturated node: only all of them saturated is overload.
+        self.pool = pool
 
     def check(self) -> Shed | None:
         """A refusal when the primary's queue is past the bound, else None."""
         if self.queue_bound <= 0:
             return None
+        if self.pool:
+            return self._check_pool()
         node = self.topology.nodes.get(self.topology.primary or "")
         if node is None or node.status is None:
             return None  # no primary known: the relay's retry policy handles it
@@ -54,5 +60,21 @@ class Shedder:
             429,
             f"the primary is saturated ({queued:.0f} requests queued, bound"
             f" {self.queue_bound}); retry after {self.retry_after}s",
+            self.retry_after,
+        )
+
+    def _check_pool(self) -> Shed | None:
+        now = self.topology.clock()
+        serving = [n for n in self.topology.nodes.values() if n.can_serve(now)]
+        if not serving or any(n.status is None for n in serving):
+            return None  # nothing to judge by: the relay's retry policy handles it
+        least = min(n.status.engine.queued for n in serving if n.status is not None)
+        if least < self.queue_bound:
+            return None
+        return Shed(
+            429,
+            f"every serving node is saturated (at least {least:.0f} requests queued on"
+            f" each of {len(serving)}, bound {self.queue_bound}); retry after"
+            f" {self.retry_after}s",
             self.retry_after,
         )
