@@ -300,7 +300,11 @@ def test_engine_traffic_between_hosts_is_tls_with_no_key_in_clear(hosts: MultiHo
         return {22, 23} <= kinds
 
     with Capture(hosts.bridge(hosts.control), engines, ENGINE_PORT) as cap:
-        with httpx.Client(base_url=hosts.gateway_url, timeout=30) as client:
+        with httpx.Client(
+            base_url=hosts.gateway_url,
+            timeout=30,
+            headers={"Authorization": f"Bearer {client_key()}"},
+        ) as client:
             for stream in (False, True, False, True):
                 r = client.post("/v1/chat/completions", json={**body, "stream": stream})
                 assert r.status_code == 200, r.text
