@@ -302,6 +302,7 @@ class Engine:
         self._forward_loop: asyncio.Task[None] | None = None
         self._work = asyncio.Event()
         self.forwarding: str | None = None  # "prefill" / "decode" while a forward runs
+        self.forward_ct = 0  # Scheduler.forward_ct: forwards launched (the watchdog's counter)
         self.forward_started = 0.0
         self._deferred_health = 0  # Scheduler.return_health_check_ipcs
         self._undelivered: dict[str, Job] = {}  # outputs held by a stalled detokenizer
@@ -540,6 +541,7 @@ class Engine:
         """One batch on the device: nothing else runs meanwhile. A hang that starts
         during it holds the result back (the scheduler never gets to process it)."""
         self.forwarding, self.forward_started = kind, time.monotonic()
+        self.forward_ct += 1  # Scheduler.run_batch counts the forward at its launch
         try:
             await asyncio.sleep(max(seconds, 0.0))
             await self._while_hung()
