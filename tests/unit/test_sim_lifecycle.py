@@ -197,6 +197,18 @@ async def test_meta_info_field_names(sim_client_factory: SimClientFactory) -> No
     assert "cached_tokens" in meta and "e2e_latency" in meta
 
 
+async def test_server_info_status_is_the_scheduler_handshake(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """entrypoints/http_server.py `server_info` merges `scheduler_info`, which is
+    managers/scheduler.py `get_init_info`: `"status": "ready"`, also while the server is
+    still starting (the tokenizer manager's Starting/Up is not in the answer)."""
+    client = await sim_client_factory(startup_delay=5)
+    assert (await client.get("/health")).status == 503  # still starting
+    info = await (await client.get("/server_info")).json()
+    assert info["status"] == "ready"
+
+
 async def test_no_ready_route_in_the_pinned_version(sim_client_factory: SimClientFactory) -> None:
     """entrypoints/http_server.py: `GET /ready` is absent from 0.5.19 (0.5.23 adds it)."""
     client = await sim_client_factory()
