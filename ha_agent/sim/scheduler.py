@@ -593,9 +593,10 @@ class Engine:
 
         SGLang decodes every running request in one forward pass and sends that step's
         tokens on together (scheduler -> detokenizer -> tokenizer manager as one batch
-        output, ``stream_output`` in scheduler_output_processor_mixin.py), so the streams
-        of a batch get their tokens in one burst per step, not each on its own clock; a
-        request that joins mid-step gets its next token when the step in progress ends.
+        output, ``OutputStreamer.stream_output`` in scheduler_components/output_streamer.py),
+        so the streams of a batch get their tokens in one burst per step, not each on its
+        own clock; a request that joins mid-step gets its next token when the step in
+        progress ends.
         """
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._step_waiters.append(fut)
