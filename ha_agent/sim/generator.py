@@ -176,10 +176,12 @@ class StopRules:
 class Detokenizer:
     """Accumulates generated text, applies SGLang's stop checks, holds back stop prefixes.
 
-    Order follows SGLang's ``Req.check_finished``: length first, then EOS / stop token
-    ids, then stop strings searched in the generated text only. Matched stop strings are
-    trimmed from the text (unless ``no_stop_trim``); a matched stop token or EOS is kept
-    in ``output_ids`` but adds no text.
+    Order follows SGLang's ``Req.update_finish_state``: a stop string (searched in the
+    generated text only) or EOS / a stop token id beats the length cap, so a stop on the
+    last allowed token is a stop, not ``length``. ``ignore_eos`` turns off the stop token
+    ids too (``_check_token_based_finish``). Matched stop strings are trimmed from the
+    text (unless ``no_stop_trim``); a matched stop token or EOS is kept in
+    ``output_ids`` but adds no text.
     """
 
     def __init__(self, tokenizer: SimTokenizer, rules: StopRules) -> None:
@@ -195,17 +197,17 @@ class Detokenizer:
     def push(self, token_id: int, max_new_tokens: int) -> dict[str, Any] | None:
         self.output_ids.append(token_id)
         rules = self._rules
-        is_stop_id = token_id in rules.stop_token_ids or (
-            token_id == EOS_ID and not rules.ignore_eos
+        is_stop_id = not rules.ignore_eos and (
+            token_id in rules.stop_token_ids or token_id == EOS_ID
         )
         if not is_stop_id:
             self._append_text(token_id)
-        if len(self.output_ids) >= max_new_tokens:
-            self.finish_reason = {"type": "length", "length": max_new_tokens}
-        elif is_stop_id:
+        if is_stop_id:
             self.finish_reason = {"type": "stop", "matched": token_id}
         elif rules.stop:
             self._check_stop_strings(len(self._pieces[token_id]))
+        if self.finish_reason is None and len(self.output_ids) >= max_new_tokens:
+            self.finish_reason = {"type": "length", "length": max_new_tokens}
         return self.finish_reason
 
     def _append_text(self, token_id: int) -> None:

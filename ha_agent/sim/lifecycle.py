@@ -133,17 +133,18 @@ class Lifecycle:
         if timeout <= 0:  # --watchdog-timeout unset: a no-op watchdog
             return
         engine = self.server.engine
-        last_counter = engine.last_output_at
+        # create_scheduler_watchdog counts forwards (scheduler.forward_ct), not output:
+        # a stalled detokenizer with the scheduler still forwarding is no hang to it.
+        last_counter = engine.forward_ct
         last_time = time.monotonic()
         while True:
             now = time.monotonic()
             if self._batch_in_flight():
-                # forward_ct: every forward of a batch produces output here.
-                if engine.last_output_at == last_counter:
+                if engine.forward_ct == last_counter:
                     if now > last_time + timeout:
                         break
                 else:
-                    last_counter, last_time = engine.last_output_at, now
+                    last_counter, last_time = engine.forward_ct, now
             await asyncio.sleep(timeout / 2)
         log.error("Scheduler watchdog timeout (self.watchdog_timeout=%s, self.soft=False)", timeout)
         await asyncio.sleep(min(WATCHDOG_GRACE, timeout))

@@ -302,6 +302,7 @@ class Engine:
         self._forward_loop: asyncio.Task[None] | None = None
         self._work = asyncio.Event()
         self.forwarding: str | None = None  # "prefill" / "decode" while a forward runs
+        self.forward_ct = 0  # Scheduler.forward_ct: forwards launched (the watchdog's counter)
         self.forward_started = 0.0
         self._deferred_health = 0  # Scheduler.return_health_check_ipcs
         self._undelivered: dict[str, Job] = {}  # outputs held by a stalled detokenizer
@@ -540,6 +541,7 @@ class Engine:
         """One batch on the device: nothing else runs meanwhile. A hang that starts
         during it holds the result back (the scheduler never gets to process it)."""
         self.forwarding, self.forward_started = kind, time.monotonic()
+        self.forward_ct += 1  # Scheduler.run_batch counts the forward at its launch
         try:
             await asyncio.sleep(max(seconds, 0.0))
             await self._while_hung()
@@ -591,9 +593,10 @@ class Engine:
 
         SGLang decodes every running request in one forward pass and sends that step's
         tokens on together (scheduler -> detokenizer -> tokenizer manager as one batch
-        output, ``stream_output`` in scheduler_output_processor_mixin.py), so the streams
-        of a batch get their tokens in one burst per step, not each on its own clock; a
-        request that joins mid-step gets its next token when the step in progress ends.
+        output, ``OutputStreamer.stream_output`` in scheduler_components/output_streamer.py),
+        so the streams of a batch get their tokens in one burst per step, not each on its
+        own clock; a request that joins mid-step gets its next token when the step in
+        progress ends.
         """
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._step_waiters.append(fut)

@@ -65,6 +65,9 @@ _FLUSH_TEXT = (
     "Cache flushed.\nPlease check backend logs for more details. (When there are running or "
     "waiting requests, the operation will not be performed.)\n"
 )
+# http_server.flush_cache: a refusal answers FlushCacheReqOutput.message, empty for a busy
+# scheduler (Scheduler.flush_cache), hence this fallback.
+_FLUSH_FAILED_TEXT = "Flush cache failed.\n"
 _OOM_DELAY = 0.05  # let the POST's answer leave before the process dies
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -293,8 +296,10 @@ class SimServer:
                 "enable_cache_report": s.enable_cache_report,
                 "weight_version": s.weight_version,
                 "vocab_size": self.tokenizer.vocab_size,
-                "status": "Up" if e.started() else "Starting",
-                "paused": e.paused,
+                # Scheduler.get_init_info's handshake status, merged in as scheduler_info;
+                # the tokenizer's Starting/Up is not reported here.
+                "status": "ready",
+                "paused": e.paused,  # the simulator's own (SGLang has no such field)
                 # One entry per data-parallel rank (the simulator has one); the
                 # scheduler's running slots as `get_internal_state` reports them
                 # (srt/managers/scheduler.py), what the relay's wait estimate reads.
@@ -367,7 +372,9 @@ class SimServer:
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         ok = self.engine.flush_cache()
-        return web.Response(text=_FLUSH_TEXT, status=200 if ok else 400)
+        if ok:
+            return web.Response(text=_FLUSH_TEXT)
+        return web.Response(text=_FLUSH_FAILED_TEXT, status=400)
 
     # -- fault knobs ----------------------------------------------------------------
     def _authorized(self, request: web.Request) -> bool:

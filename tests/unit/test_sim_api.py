@@ -417,11 +417,13 @@ async def test_pause_abort_and_retract_modes(sim_client_factory: SimClientFactor
 
 
 async def test_flush_cache_refused_while_running(sim_client_factory: SimClientFactory):
+    """entrypoints/http_server.py `flush_cache`: a busy scheduler refuses
+    (`Scheduler.flush_cache`), answered 400 with `ret.message or "Flush cache failed.\\n"`."""
     client = await sim_client_factory(itl=0.005)
     resp = await start_stream(client, "x")
     for method in ("GET", "POST"):
         busy = await client.request(method, "/flush_cache")
-        assert busy.status == 400 and "Cache flushed" in await busy.text()
+        assert busy.status == 400 and await busy.text() == "Flush cache failed.\n"
     await client.post("/abort_request", json={"abort_all": True})
     await sim_read_sse(resp)
 

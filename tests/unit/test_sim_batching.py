@@ -1,7 +1,7 @@
 """The simulator decodes its running requests in one batch, as SGLang does: one
 forward pass per step for every running request, that step's tokens sent on together
-(scheduler_output_processor_mixin.stream_output). So streams that started at
-different times get their tokens at the same instants, not each on its own clock;
+(scheduler_components/output_streamer.py OutputStreamer.stream_output). So streams that
+started at different times get their tokens at the same instants, not each on its own clock;
 proxies in front see SGLang's bursts, not an even trickle."""
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_prefix_consistency_over_context_text() -> None:
         assert cont.finish_reason["type"] == full.finish_reason["type"]
 
 
-def test_eos_adds_no_text_and_length_wins_on_the_last_token() -> None:
+def test_eos_adds_no_text_and_beats_length_on_the_last_token() -> None:
     key = next(
         SamplingKey(seed=s)
         for s in range(500)
@@ -63,9 +63,9 @@ def test_eos_adds_no_text_and_length_wins_on_the_last_token() -> None:
     full = run("x", key, 100, eos_rate=0.2)
     assert full.finish_reason == {"type": "stop", "matched": EOS_ID}
     assert full.text == TOK.decode(full.output_ids)
-    # SGLang checks length before EOS: with max = position of EOS, it is "length".
+    # Req.update_finish_state checks EOS before length: with max = position of EOS, a stop.
     cut = run("x", key, len(full.output_ids), eos_rate=0.2)
-    assert cut.finish_reason == {"type": "length", "length": len(full.output_ids)}
+    assert cut.finish_reason == {"type": "stop", "matched": EOS_ID}
     assert cut.output_ids == full.output_ids
 
 
@@ -98,3 +98,27 @@ def test_stop_token_ids() -> None:
     assert hit.finish_reason == {"type": "stop", "matched": target}
     assert hit.output_ids == free.output_ids[: first + 1]
     assert hit.text == TOK.decode(free.output_ids[:first])  # the stop token adds no text
+
+
+def test_a_stop_on_the_last_allowed_token_is_a_stop_not_length() -> None:
+    """managers/schedule_batch.py `Req.update_finish_state`: a stop string, then EOS or
+    a stop token id, and only then the length cap; `_check_token_based_finish` ignores
+    the stop token ids too under `ignore_eos`."""
+    words = run("z", SamplingKey(seed=9), 10, eos_rate=0).output_ids
+    first, last = words[:3], words[3]
+    stop = TOK.decode([last])
+    assert last not in first and stop not in TOK.decode(first)  # the stop is new at the end
+
+    def ending_with(token: int, rules: StopRules) -> dict[str, object] | None:
+        detok = Detokenizer(TOK, rules)
+        for t in first:
+            assert detok.push(t, 4) is None
+        return detok.push(token, 4)  # the 4th token: the last one allowed
+
+    assert ending_with(EOS_ID, StopRules()) == {"type": "stop", "matched": EOS_ID}
+    by_id = StopRules(stop_token_ids=frozenset({last}))
+    assert ending_with(last, by_id) == {"type": "stop", "matched": last}
+    assert ending_with(last, StopRules(stop=[stop])) == {"type": "stop", "matched": stop}
+    assert ending_with(words[4], StopRules()) == {"type": "length", "length": 4}
+    ignored = StopRules(stop_token_ids=frozenset({last}), ignore_eos=True)
+    assert ending_with(last, ignored) == {"type": "length", "length": 4}

@@ -17,7 +17,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.sim.server import SIM_KEY, SimServer
 from tests.support.sim import sim_process
-from tests.unit.conftest import SimClientFactory, sim_json_events, sim_read_sse, sim_wait_for
+from tests.unit.conftest import (
+    SimClientFactory,
+    sim_json_events,
+    sim_metric,
+    sim_read_sse,
+    sim_wait_for,
+)
 from tests.unit.test_sim_api import fixed, start_stream
 
 pytestmark = pytest.mark.timeout(60)
@@ -158,6 +164,26 @@ async def test_scheduler_watchdog_never_ends_a_hang_that_began_idle(
     waiting.cancel()
 
 
+async def test_scheduler_watchdog_counts_forwards_not_output(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """invariant_checker.py `create_scheduler_watchdog`: the counter is
+    `scheduler.forward_ct` (bumped in `Scheduler.run_batch`), not output reaching the
+    tokenizer; a stalled detokenizer while the batch keeps decoding is no hang to it."""
+    client = await sim_client_factory(itl=0.01, watchdog_timeout=0.2)
+    server = server_of(client)
+    kills = Calls()
+    server.termination.kill_now = kills
+    running = await start_stream(client, "x", fixed(2000))
+    await client.post("/sim/faults", json={"detok_stall": True})
+    before = await sim_metric(client, "sglang:realtime_tokens_total", mode="decode")
+    await asyncio.sleep(1.5)  # several watchdog looks and grace periods: none may fire
+    after = await sim_metric(client, "sglang:realtime_tokens_total", mode="decode")
+    assert after > before  # the scheduler kept forwarding the whole time
+    assert kills.at == []
+    running.close()
+
+
 async def test_meta_info_field_names(sim_client_factory: SimClientFactory) -> None:
     """managers/tokenizer_manager.py `_handle_batch_output`: `num_retractions` and
     `reasoning_tokens` (there is no `total_retractions`)."""
@@ -169,6 +195,18 @@ async def test_meta_info_field_names(sim_client_factory: SimClientFactory) -> No
     for key in ("id", "finish_reason", "prompt_tokens", "weight_version", "completion_tokens"):
         assert key in meta
     assert "cached_tokens" in meta and "e2e_latency" in meta
+
+
+async def test_server_info_status_is_the_scheduler_handshake(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """entrypoints/http_server.py `server_info` merges `scheduler_info`, which is
+    managers/scheduler.py `get_init_info`: `"status": "ready"`, also while the server is
+    still starting (the tokenizer manager's Starting/Up is not in the answer)."""
+    client = await sim_client_factory(startup_delay=5)
+    assert (await client.get("/health")).status == 503  # still starting
+    info = await (await client.get("/server_info")).json()
+    assert info["status"] == "ready"
 
 
 async def test_no_ready_route_in_the_pinned_version(sim_client_factory: SimClientFactory) -> None:
