@@ -19,6 +19,8 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from ha_agent.gateway.edge.periodic import every
+
 log = logging.getLogger(__name__)
 
 
@@ -68,10 +70,4 @@ class AccessLogRotator:
         return self.path.with_name(f"{self.path.name}.{n}")
 
     async def run(self, stop: asyncio.Event, interval: float) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.to_thread(self.check)
-            except Exception:  # never let one bad look end the watch
-                log.exception("BUG: access log rotation failed")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+        await every(interval, self.check, stop, "access log rotation")

@@ -19,11 +19,12 @@ through the CPU stack, tests/integration/test_edge_tls.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import ssl
 from pathlib import Path
+
+from ha_agent.gateway.edge.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,4 @@ class CertificateWatcher:
         return True
 
     async def run(self, stop: asyncio.Event, interval: float) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.to_thread(self.check)
-            except Exception:  # never let one bad look end the watch
-                log.exception("BUG: edge certificate check failed")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+        await every(interval, self.check, stop, "edge certificate check")
