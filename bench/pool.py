@@ -271,7 +271,7 @@ async def _trial(
     stop = asyncio.Event()
     for load in loads.values():
         load.records = []
-    migrated_before = await asyncio.to_thread(runner._relay_migrations, stack)
+    migrated_before = await asyncio.to_thread(runner.relay_migrations, stack)
     tasks = {s: asyncio.ensure_future(load.run(stop)) for s, load in loads.items()}
     clock = next(iter(loads.values()))
     await asyncio.sleep(runner.WARMUP)
@@ -289,7 +289,7 @@ async def _trial(
         errors.append(f"heal failed: {exc}")
     await asyncio.sleep(runner.OBSERVE_AFTER_HEAL)
     stop.set()
-    migrated = await asyncio.to_thread(runner._relay_migrations, stack) - migrated_before
+    migrated = await asyncio.to_thread(runner.relay_migrations, stack) - migrated_before
     results = {}
     for system, task in tasks.items():
         mode = "pool" if system == "pool" else "pair"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from bench.failover import BENCH_FAULTS, SYSTEMS, Trial
 from bench.overhead import PATHS, Cell, OverheadConfig
 from bench.stats import median_range
+from tests.support.provenance import commit, run_text
 
 FAULT_LABELS = {
     "engine-kill": "crash (kill -9 engine)",
@@ -27,24 +27,6 @@ SYSTEM_LABELS = {
     "router-default": "sglang-router, defaults",
     "router-hc1s": "sglang-router, 1 s health checks (2 s timeout)",
 }
-
-
-def _cmd(*args: str) -> str:
-    try:
-        out = subprocess.run(args, capture_output=True, text=True, timeout=20)
-        return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
-def commit() -> str:
-    """The checkout's commit, marked "+changes" when tracked code or images differ from
-    it (docs being edited during a run do not count): every result names the code it
-    measured."""
-    head = _cmd("git", "rev-parse", "--short=7", "HEAD")
-    code = ("ha_agent", "bench", "tests", "nginx", "images", "compose", "scripts", "Dockerfile")
-    dirty = _cmd("git", "status", "--porcelain", "--untracked-files=no", "--", *code)
-    return f"{head}+changes" if dirty else head
 
 
 def machine() -> dict[str, Any]:
@@ -65,8 +47,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "memory_gib": round(mem_kb / 2**20, 1),
         "load_average_at_start": os.getloadavg(),
-        "docker": _cmd("docker", "version", "--format", "{{.Server.Version}}"),
-        "compose": _cmd("docker", "compose", "version", "--short"),
+        "docker": run_text("docker", "version", "--format", "{{.Server.Version}}"),
+        "compose": run_text("docker", "compose", "version", "--short"),
         "python": platform.python_version(),
         "gpu": None,
         "note": "shared development machine: compare ratios from one run, not absolute times",

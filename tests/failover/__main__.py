@@ -11,6 +11,7 @@ from tests.failover import report, runner
 from tests.failover.load import Load
 from tests.failover.runner import ScenarioResult, run_scenario
 from tests.failover.scenarios import FAULTS
+from tests.support.provenance import commit
 from tests.support.stack import Stack, running_stack
 
 
@@ -43,18 +44,6 @@ async def run_all(
     finally:
         await load.close()
     return results
-
-
-def _commit() -> str:
-    """The checkout's commit, `+dirty` with uncommitted changes, for the report."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        run = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-        return run.stdout.strip()
-
-    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tool_call_parser:
         files.append("tool-calls.test.yaml")
         env["SGLANG_HA_TOOL_CALL_PARSER"] = args.tool_call_parser
-    described = {"mode": args.mode, "nodes": args.nodes, "commit": _commit()}
+    described = {"mode": args.mode, "nodes": args.nodes, "commit": commit()}
     with running_stack(tuple(files), env=env, mode=args.mode, nodes=args.nodes) as stack:
         try:
             results = asyncio.run(

@@ -107,7 +107,7 @@ def _sample(stack: Stack, t: float) -> Sample:
     return Sample(t, roles, engines, relay.get("primary"), failed)
 
 
-def _relay_migrations(stack: Stack) -> int:
+def relay_migrations(stack: Stack) -> int:
     import httpx
 
     try:
@@ -147,7 +147,7 @@ async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> Sc
     else:
         primary = leader
     standby = next(n for n in stack.nodes if n != primary)
-    migrations_before = await asyncio.to_thread(_relay_migrations, stack)
+    migrations_before = await asyncio.to_thread(relay_migrations, stack)
     load.records = []
     stop = asyncio.Event()
     samples: list[Sample] = []
@@ -200,7 +200,7 @@ async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> Sc
     result = summarise(
         fault, trial, primary, standby, fault_at, healed_at, records, samples, stack.mode
     )
-    result.migrations = await asyncio.to_thread(_relay_migrations, stack) - migrations_before
+    result.migrations = await asyncio.to_thread(relay_migrations, stack) - migrations_before
     result.rejoined_as_standby = rejoined
     result.primary_after = primary_after
     result.errors = errors + result.errors
