@@ -274,20 +274,7 @@ async def _trial(
     migrated_before = await asyncio.to_thread(runner.relay_migrations, stack)
     tasks = {s: asyncio.ensure_future(load.run(stop)) for s, load in loads.items()}
     clock = next(iter(loads.values()))
-    await asyncio.sleep(runner.WARMUP)
-    fault_at = clock.now()
-    errors = []
-    try:
-        await asyncio.to_thread(fault.inject, stack, target)
-    except Exception as exc:
-        errors.append(f"inject failed: {exc}")
-    await asyncio.sleep(fault.hold)
-    healed_at = clock.now()
-    try:
-        await asyncio.to_thread(fault.heal, stack, target)
-    except Exception as exc:
-        errors.append(f"heal failed: {exc}")
-    await asyncio.sleep(runner.OBSERVE_AFTER_HEAL)
+    fault_at, healed_at, errors = await runner.strike(stack, fault, target, clock.now)
     stop.set()
     migrated = await asyncio.to_thread(runner.relay_migrations, stack) - migrated_before
     results = {}

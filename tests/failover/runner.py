@@ -23,6 +23,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -137,6 +138,29 @@ def assert_clean_failover(result: ScenarioResult) -> str:
     return summary
 
 
+async def strike(
+    stack: Stack, fault: Fault, target: str, now: Callable[[], float]
+) -> tuple[float, float, list[str]]:
+    """The timeline under a running load: warm up, inject, hold, heal, observe.
+    Returns when the fault came and was healed (on the load's clock) and what failed
+    to inject or heal."""
+    await asyncio.sleep(WARMUP)
+    fault_at = now()
+    errors: list[str] = []
+    try:
+        await asyncio.to_thread(fault.inject, stack, target)
+    except Exception as exc:
+        errors.append(f"inject failed: {exc}")
+    await asyncio.sleep(fault.hold)
+    healed_at = now()
+    try:
+        await asyncio.to_thread(fault.heal, stack, target)
+    except Exception as exc:
+        errors.append(f"heal failed: {exc}")
+    await asyncio.sleep(OBSERVE_AFTER_HEAL)
+    return fault_at, healed_at, errors
+
+
 async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> ScenarioResult:
     leader = await asyncio.to_thread(stack.wait_stable, 90.0)
     if stack.mode == "pool":
@@ -159,20 +183,7 @@ async def run_scenario(stack: Stack, fault: Fault, trial: int, load: Load) -> Sc
 
     load_task = asyncio.ensure_future(load.run(stop))
     sample_task = asyncio.ensure_future(sampler())
-    await asyncio.sleep(WARMUP)
-    fault_at = load.now()
-    errors: list[str] = []
-    try:
-        await asyncio.to_thread(fault.inject, stack, primary)
-    except Exception as exc:
-        errors.append(f"inject failed: {exc}")
-    await asyncio.sleep(fault.hold)
-    healed_at = load.now()
-    try:
-        await asyncio.to_thread(fault.heal, stack, primary)
-    except Exception as exc:
-        errors.append(f"heal failed: {exc}")
-    await asyncio.sleep(OBSERVE_AFTER_HEAL)
+    fault_at, healed_at, errors = await strike(stack, fault, primary, load.now)
     stop.set()
     records = await load_task
     await sample_task
