@@ -262,7 +262,7 @@ if sys.version_info >= (3, 11):
         async with asyncio.timeout(timeout):
             return await work
 
-else:  # pragma: no cover - the images run 3.11
+else:  # pragma: no cover - Python 3.10 (the gateway image, Debian bookworm, has 3.11)
 
     async def _bounded(work: Awaitable[T], timeout: float) -> T:
         return await asyncio.wait_for(work, timeout)
