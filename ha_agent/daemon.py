@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -43,6 +44,11 @@ async def _serve(make: Callable[[], Service]) -> None:
     configure_loop(loop)
     service = make()
     await service.start()
+    # What start-up made (modules, settings, schemas: some 66,000 objects in the
+    # relay) lives as long as the process. Frozen, the collector no longer walks it:
+    # a full collection, which lands in the middle of some request, took 65-90 ms on
+    # the 2-core dev host before and well under 1 ms after.
+    gc.freeze()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ha_agent.gateway.admission.limits import prompt_size
+from ha_agent.gateway.admission.limits import Limits, LimitSettings, prompt_size
 from ha_agent.gateway.admission.prompt_scan import MAX_DEPTH, MAX_EVENTS, PromptScanner
 from ha_agent.gateway.stream.relay import Relay
 from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
@@ -197,6 +197,19 @@ def test_escapes_and_multibyte_text_are_a_lower_bound() -> None:
 
 
 # -- in the relay ----------------------------------------------------------------------
+
+
+def test_a_body_too_short_to_be_over_is_not_scanned() -> None:
+    """The scanner counts at most a character per byte: a body of at most the allowed
+    characters is left to the parsed check, one byte more is scanned, an unknown
+    length (chunked) always is."""
+    limits = Limits(LimitSettings(context_length=100, chars_per_token=10))
+    assert limits.scanner(CHAT, 1000) is None
+    assert limits.scanner(CHAT, 1001) is not None
+    assert limits.scanner(CHAT) is not None
+    # What the scanner would have refused is refused by the check of the parsed body.
+    body = {"messages": [{"role": "user", "content": "x" * 1001}]}
+    assert limits.check(CHAT, body) is not None
 
 
 class Engine:

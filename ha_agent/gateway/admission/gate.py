@@ -148,10 +148,11 @@ class Admission:
         self.metrics, self.events = parts.metrics, parts.events
         self.confirm_s = 5.0  # a dead engine shows in its agent's status well within this
 
-    def scanner(self, kind: str) -> PromptScanner | None:
+    def scanner(self, kind: str, length: int | None = None) -> PromptScanner | None:
         """For reading the body of a generation request: refuses a prompt too long
-        for the context while it arrives (None: nothing to scan for)."""
-        return self.limits.scanner(kind)
+        for the context while it arrives (None: nothing to scan for). `length`: the
+        body's Content-Length, when it has one."""
+        return self.limits.scanner(kind, length)
 
     def refuse_long(self, request: web.Request, scanner: PromptScanner) -> web.Response:
         """The answer to a prompt the scanner found too long: as `admit`'s."""

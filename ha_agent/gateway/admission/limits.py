@@ -89,13 +89,19 @@ class Limits:
 
     # -- prompt length ---------------------------------------------------------------
 
-    def scanner(self, kind: str) -> PromptScanner | None:
+    def scanner(self, kind: str, length: int | None = None) -> PromptScanner | None:
         """A scanner that refuses this kind's prompt while the body arrives
-        (prompt_scan.py); None while the context is unknown or for other kinds."""
+        (prompt_scan.py); None while the context is unknown, for other kinds, and for
+        a body of `length` bytes too short to be refused by it."""
         context = self.context_length
         if context is None:
             return None
-        scanner = PromptScanner(kind, context * self.s.chars_per_token)
+        max_chars = context * self.s.chars_per_token
+        if length is not None and length <= max_chars:
+            # It counts at most one character per byte: such a body is never over, and
+            # `check` on the parsed body judges it as it would have (most requests).
+            return None
+        scanner = PromptScanner(kind, max_chars)
         return scanner if scanner.active else None
 
     def too_long(self, scanner: PromptScanner) -> str:

@@ -267,6 +267,10 @@ class RequestPolicy:
         prompt that cannot fit, the body after that point read but neither kept nor
         parsed (prompt_scan.py)."""
         read = request.read() if scanner is None else _read_scanning(request, scanner)
+        if request.content.is_eof():
+            # All of it is buffered already (a small body comes with its head): the read
+            # cannot wait, so no task and timer to bound it (on every request's path).
+            return await read
         body = await within_running_time(read, self.policy.body_timeout)
         if body is None:
             raise BadInput(f"request body not received within {self.policy.body_timeout:g} s", 408)

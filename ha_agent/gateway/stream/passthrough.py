@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable
-from typing import cast
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
@@ -34,6 +35,7 @@ from ha_agent.resolver import CachingResolver
 # Sink(events) -> True once the stream is over (its last event was passed on).
 Sink = Callable[[bytes], bool]
 _MAX_HEAD = 64 * 1024
+T = TypeVar("T")
 
 
 class _Failure(Exception):
@@ -253,6 +255,19 @@ class UpstreamStream(asyncio.Protocol):
                 fut.exception()  # retrieved: no "never retrieved" warning
 
 
+if sys.version_info >= (3, 11):
+
+    async def _bounded(work: Awaitable[T], timeout: float) -> T:
+        """`wait_for` without its extra task and wake-ups (on every stream's path)."""
+        async with asyncio.timeout(timeout):
+            return await work
+
+else:  # pragma: no cover - Python 3.10 (the gateway image, Debian bookworm, has 3.11)
+
+    async def _bounded(work: Awaitable[T], timeout: float) -> T:
+        return await asyncio.wait_for(work, timeout)
+
+
 async def open_stream(
     url: str,
     path_qs: str,
@@ -283,7 +298,7 @@ async def open_stream(
             )
         else:
             connecting = loop.create_connection(UpstreamStream, address, port)
-        _, proto = await asyncio.wait_for(connecting, connect_timeout)
+        _, proto = await _bounded(connecting, connect_timeout)
     except asyncio.TimeoutError:
         raise UpstreamFailure("timed out: connect", FailureCause.CONNECT, connect=True) from None
     except (OSError, IndexError, KeyError) as exc:

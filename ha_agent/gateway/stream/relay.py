@@ -180,7 +180,7 @@ class Relay:
             # its body still arrives (prompt_scan.py): 15 MB are neither kept nor parsed.
             scanner = None
             if route.json_body and route.semantics is Semantics.MIGRATE:
-                scanner = self.admission.scanner(route.kind)
+                scanner = self.admission.scanner(route.kind, request.content_length)
             body = await self.policy.read_body(request, scanner)
             if route.json_body:
                 payload = inference.check_body(route.kind, inference.parse_json(body))
@@ -855,17 +855,19 @@ class _StreamState:
     def send(self, data: bytes) -> int:
         """Events to the client's socket, framed as aiohttp would have: returns the
         bytes the client has not taken yet (passthrough.py pauses the engine above a bound)."""
-        if not self._first_event_sent:
-            self._first_event_sent = True
-            self.first_event_at = time.monotonic()
-            self.metrics.ttft.labels(self.kind).observe(self.first_event_at - self.started_at)
-            if self.on_first_event is not None:
-                self.on_first_event()
         t = self.client_transport
         if t is None or t.is_closing():
             raise ClientGone()
         t.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
         self.writes += 1
+        if not self._first_event_sent:
+            # The bookkeeping of the first event (metric, quarantine, warming) comes
+            # after its write: the client's time to first token does not wait for it.
+            self._first_event_sent = True
+            self.first_event_at = time.monotonic()
+            self.metrics.ttft.labels(self.kind).observe(self.first_event_at - self.started_at)
+            if self.on_first_event is not None:
+                self.on_first_event()
         return t.get_write_buffer_size()
 
     async def finish(self, tail: bytes) -> None:
