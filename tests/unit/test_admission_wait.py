@@ -441,3 +441,60 @@ def test_a_worker_counts_its_share_times_the_relay_workers(tmp_path: Any) -> Non
     assert e is not None and e.queue.outstanding == 6 and e.wait == 6.0
     report(est.topology, "a", 4, 5)  # the engine's count, once it shows, when higher
     assert est.estimate(node).queue.outstanding == 9  # type: ignore[union-attr]
+
+
+class _Sent(Abandonable):
+    def __init__(self, since: float) -> None:
+        self.since = since
+
+    def abandon(self, reason: str) -> None:
+        pass
+
+
+async def test_requests_behind_a_batch_that_started_together_wait_for_the_whole_batch(
+    admission: Admission,
+) -> None:
+    """A burst that took every slot at once frees them at once: a request queued behind
+    it waits the batch's whole service time, not T / C. Spread over T as the formula
+    assumes, the same queue is the short wait the formula gives."""
+    measured(admission.wait, "a", 12.0)  # 12 s per request on 4 slots, bound 10 s
+    node = report(admission.topology, "a", 4, 0)
+    now = admission.topology.clock()
+    node.inflight.update(_Sent(now) for _ in range(4))  # sent together, just now
+    e = admission.wait.estimate(node)
+    # The formula alone says (4 - 4 + 1) * 12 / 4 = 3 s; the first slot frees in 12 s.
+    assert e is not None and e.wait == pytest.approx(12.0)
+    resp = await admission.admit(request("/generate"), GENERATE, {"text": "hi"})
+    assert resp is not None and resp.status == 429
+    assert int(resp.headers["Retry-After"]) >= 2
+
+    node.inflight.clear()
+    node.inflight.update(_Sent(now - started) for started in (0.0, 3.0, 6.0, 9.0))
+    e = admission.wait.estimate(node)
+    assert e is not None and e.wait == pytest.approx(3.0)  # one leaves every 3 s
+    assert await admission.admit(request("/generate"), GENERATE, {"text": "hi"}) is None
+
+
+def test_a_batch_started_together_holds_back_the_queue_behind_it_by_waves(
+    tmp_path: Any,
+) -> None:
+    """Eight sent together on 4 slots: four run, four queue; a ninth starts only when
+    the second wave ends. Requests of unknown start are taken as spread."""
+    clock = FakeClock()
+    est = WaitEstimator(topology(tmp_path, clock=clock), 30.0)
+    est.slots["a"] = 4
+    measured(est, "a", 8.0)
+    node = report(est.topology, "a", 0, 0)
+    node.inflight.update(_Sent(clock()) for _ in range(8))
+    e = est.estimate(node)
+    assert e is not None and e.wait == pytest.approx(16.0)  # the formula: 10 s
+    clock.advance(5.0)
+    assert est.estimate(node).wait == pytest.approx(11.0)  # type: ignore[union-attr]
+    # Two relay workers: each request here stands for two, sixteen in four waves of
+    # four; the fourth ends 32 s after they were sent (the formula: 26 s from now).
+    est.workers = 2
+    assert est.estimate(node).wait == pytest.approx(27.0)  # type: ignore[union-attr]
+    est.workers = 1
+    # Overdue (running past the average): they leave any moment, the formula decides.
+    clock.advance(20.0)
+    assert est.estimate(node).wait == pytest.approx(10.0)  # type: ignore[union-attr]
