@@ -275,7 +275,10 @@ async def test_a_request_past_the_bound_gets_429_with_retry_after_at_once(
         took = time.perf_counter() - started
         assert resp is not None and resp.status == 429 and took < 0.1
         # The time the wait needs to fall back under the bound, spread by up to half.
-        assert 10 <= int(resp.headers["Retry-After"]) <= 15
+        told = int(resp.headers["Retry-After"])
+        assert 10 <= told <= 15
+        # And within that second for the clients that read milliseconds (the SDKs).
+        assert told * 1000 <= int(resp.headers["retry-after-ms"]) < told * 1000 + 1000
         got = body_of(resp)
         if path.startswith("/v1/"):
             assert got["object"] == "error" and got["code"] == 429
@@ -303,6 +306,10 @@ async def test_a_request_past_the_bound_gets_429_with_retry_after_at_once(
     best, _ = admission.wait.least()
     assert best is not None
     assert {admission.wait.retry_after(best, 2) for _ in range(400)} == set(range(35, 53))
+    # In milliseconds, spread over the whole second told, never past what the SDK honours.
+    ms = [admission.wait.retry_after_ms(2) for _ in range(400)]
+    assert min(ms) >= 2000 and max(ms) <= 2999 and len(set(ms)) > 300
+    assert admission.wait.retry_after_ms(RETRY_AFTER_MAX) == RETRY_AFTER_MAX * 1000
 
 
 async def test_refusals_are_one_episode_in_the_event_log_not_a_line_each(

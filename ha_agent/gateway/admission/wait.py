@@ -350,6 +350,15 @@ class WaitEstimator:
         base = max(floor, min(RETRY_AFTER_MAX, math.ceil(est.wait - self.bound)))
         return min(RETRY_AFTER_MAX, base + self.rng.randint(0, max(1, base // 2)))
 
+    def retry_after_ms(self, seconds: int) -> int:
+        """`retry-after-ms` for a refusal told `Retry-After: seconds`: the same
+        delay plus up to a second, in milliseconds. The OpenAI Python SDK prefers it
+        to `Retry-After` (`_parse_retry_after_header`, read in 3.63): the clients of a
+        burst told the same whole second would come back in the same instant and
+        queue their next refusals behind each other; spread within the second they
+        arrive one by one."""
+        return min(seconds * 1000 + self.rng.randrange(1000), RETRY_AFTER_MAX * 1000)
+
     def served(self, node: str, seconds: float, budget: float) -> None:
         self.service.add(node, seconds, budget)
 
