@@ -4,13 +4,13 @@
 The engines have 8 running slots and a 2,000-token generation takes about 11 s. 280
 clients each send one 2,000-token stream at once (the issue's measurement), and a
 side load of 16 clients sends 16-token streams back to back; a request refused with
-429 is retried 4 times, each after what `Retry-After` says, as the OpenAI SDKs do
-(twice by default). The primary is killed 3 s in, while the burst still retries.
+429 is retried 4 times, each after what `retry-after-ms` (else `Retry-After`) says, as
+the OpenAI SDKs do (twice by default). The primary is killed 3 s in, while the burst still retries.
 The clients run in a process of their own (bench/shedding.py). With the
 default bound (HA_SHED_WAIT_BOUND, 10 s):
 
 - requests past the bound get 429 with `Retry-After` at once (measured at the client:
-  the median under 100 ms, every one under 1 s);
+  99 in 100 within 100 ms, every one under 1 s);
 - every admitted request is served whole (its stream moved by the failover too);
 - one failover: `sglang-ha status` names the survivor, the history shows one
   promotion, the relay followed one change of leader;
@@ -21,6 +21,7 @@ default bound (HA_SHED_WAIT_BOUND, 10 s):
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -131,10 +132,10 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     assert all(r.retry_after and r.retry_after >= 1 for r in shed), "a 429 without Retry-After"
     after_kill = sorted(r.took for r in shed if r.sent > killed)
     assert after_kill, "nothing was shed after the kill: the survivor was not overloaded"
-    # At once: the median under 100 ms and every one under 1 s, as the other overload
-    # tests hold it on 2 shared cores (docs/benchmarks.md: the tail is 0.2-0.3 s here,
-    # while 280 clients retry in step on the cores that run the engines too).
-    assert statistics.median(after_kill) < 0.1, after_kill[-10:]
+    # At once: 99 in 100 within 100 ms (the bar) and every one under 1 s, on 2
+    # shared cores that run the engines, Redis, the agents and the clients too.
+    p99 = after_kill[math.ceil(0.99 * len(after_kill)) - 1]
+    assert p99 < 0.1, after_kill[-10:]
     assert after_kill[-1] < 1.0, after_kill[-10:]
 
     # One failover: the survivor leads, promoted once, and nothing moved back.
