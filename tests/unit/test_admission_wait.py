@@ -405,7 +405,9 @@ async def test_requests_between_attempts_count_on_the_node_they_go_to_next(
         assert await admission.admit(req, GENERATE, {"text": "hi"}) is None
         requests.append(req)
     e = admission.wait.estimate(node)
-    assert e is not None and e.queue.outstanding == 6 and e.wait == 6.0
+    # Sent on together, four take the slots and leave together 8 s later: a new
+    # request waits 8 s, not the (6 - 4 + 1) * 8 / 4 = 6 s of requests spread over T.
+    assert e is not None and e.queue.outstanding == 6 and e.wait == 8.0
     node.inflight.update(_Held() for _ in range(2))  # two of them back on a node
     assert admission.wait.estimate(node).queue.outstanding == 6  # type: ignore[union-attr]
     for req in requests:
@@ -428,10 +430,11 @@ async def test_a_queue_of_long_generations_behind_short_answers_is_not_taken_for
     while await admission.admit(request("/generate"), GENERATE, long) is None:
         admitted += 1
         assert admitted < 100, "long generations taken for 0.2 s ones"
-    # 25 s each (0.2 s * 2000 / 16) on 4 slots: the 6th would wait (5 - 4 + 1) * 25 / 4 s.
-    assert admitted == 5
+    # 25 s each (0.2 s * 2000 / 16) on 4 slots, all about to start together: the 5th
+    # would wait for the first four to end, 25 s.
+    assert admitted == 4
     e = admission.wait.estimate(node)
-    assert e is not None and e.service == pytest.approx(25.0) and e.wait == pytest.approx(12.5)
+    assert e is not None and e.service == pytest.approx(25.0) and e.wait == pytest.approx(25.0)
 
 
 def test_a_worker_counts_its_share_times_the_relay_workers(tmp_path: Any) -> None:

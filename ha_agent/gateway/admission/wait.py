@@ -284,15 +284,18 @@ class WaitEstimator:
         started, the first slot frees only when the batch ends, not after T / C.
         Requests of unknown start (the engine reports more than this worker knows of)
         are taken as spread evenly over the last `service` seconds, the formula's own
-        assumption. 0 when no start is known (the formula alone then)."""
+        assumption. 0 when no start is known and none is between attempts (the
+        formula alone then)."""
         if queue.slots is None or queue.slots <= 0:
             return 0.0
         known = sorted(a.since for a in node.inflight if a.since is not None)
-        if not known:
+        # Requests between attempts are sent next, together: they start no sooner than
+        # now (a failover re-sends the lost node's requests to an idle survivor).
+        transit = self.in_transit()
+        if not known and not transit:
             return 0.0
         now = self.topology.clock()
-        # Requests between attempts are sent next: they start no sooner than now.
-        starts = known + [now] * self.in_transit()
+        starts = known + [now] * transit
         # Each of this worker's requests stands for one on every relay worker.
         starts = [t for t in starts for _ in range(self.workers)]
         unknown = queue.outstanding - len(starts)
