@@ -106,6 +106,8 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
                 load.kill()
                 load.wait()
         data = json.loads(out.read_text())
+        if keep := os.environ.get("SGLANG_HA_SHEDDING_RECORDS"):  # every request, to study
+            Path(keep).write_text(out.read_text())
     killed = killed_wall - data["t0"]
     records = [Record(**r) for r in data["records"]]
     seen = {
