@@ -25,9 +25,10 @@ leaves every T / C s), and the new request needs the O - C requests ahead of it 
 itself to find one. That average assumes the running requests spread over their
 service time; a burst that took the slots together leaves them together, and the
 request behind it waits for the whole batch (up to T longer). So the wait is also
-taken from when this worker sent its requests on the node (`Abandonable.since`):
-the slots filled in FIFO order, each held T from its request's start; the estimate
-is the larger of the two (`_by_starts`). Where the inputs come from:
+taken from when this worker sent its requests on the node (`Abandonable.since`;
+its requests between two attempts as sent now, together): the slots filled in FIFO
+order, each held T from its request's start; the estimate is the larger of the two
+(`_by_starts`). Where the inputs come from:
 
 - running / queued: SGLang's `sglang:num_running_reqs` / `sglang:num_queue_reqs`, as
   the agent scrapes them (`AgentStatus.engine`), polled anyway by the topology: the
