@@ -11,8 +11,9 @@ Two groups: the *heavy* clients (long generations) and the *light* ones (a side 
 of short requests). A client either sends one request (`--heavy-once`: N concurrent
 requests, the issue's 280) or requests back to back; a request refused with 429 is
 retried `--retries` times (the OpenAI SDKs' default `max_retries`, 2), each after
-what `Retry-After` says, as the SDKs do (`_calculate_retry_timeout`: the header's
-value when 0 < it <= 60 s in 1.x). Each try has the client timeout `--timeout`
+what `retry-after-ms`, else `Retry-After`, says, as the SDKs do
+(`_parse_retry_after_header` reads the milliseconds first in 3.63, `_calculate_retry_timeout`
+takes the value when 0 < it <= 60 s in 1.x). Each try has the client timeout `--timeout`
 (the issue's clients gave up at 17 s).
 
 The measurement quoted in docs/benchmarks.md is tests/integration/test_wait_shedding.py
@@ -52,6 +53,7 @@ class Record:
     end: float = 0.0  # s until the end (a 200 stream: its [DONE])
     done: bool = False  # a 200 stream ended with [DONE]
     retry_after: int | None = None
+    retry_after_ms: int | None = None  # the `retry-after-ms` header, which the SDK prefers
     attempt: int = 0  # 0: the request's first try; n: its n-th retry after a 429
     error: str = ""
 
@@ -88,6 +90,8 @@ async def _one(session: aiohttp.ClientSession, url: str, group: Group, t0: float
                 await resp.read()
                 value = resp.headers.get("Retry-After")
                 rec.retry_after = int(value) if value and value.isdigit() else None
+                ms = resp.headers.get("retry-after-ms")
+                rec.retry_after_ms = int(ms) if ms and ms.isdigit() else None
             else:
                 tail = b""
                 async for chunk in resp.content.iter_any():
@@ -115,7 +119,8 @@ async def load(
                 rec = await _one(session, url, group, t0)
                 rec.attempt = attempt
                 records.append(rec)
-                told = rec.retry_after
+                # As the SDK (`_parse_retry_after_header`): milliseconds first, then seconds.
+                told = rec.retry_after_ms / 1000 if rec.retry_after_ms else rec.retry_after
                 if rec.status != 429 or attempt == retries or time.monotonic() >= until:
                     break
                 await asyncio.sleep(told if told and 0 < told <= RETRY_AFTER_MAX else 1.0)

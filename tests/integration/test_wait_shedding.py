@@ -4,8 +4,8 @@
 The engines have 8 running slots and a 2,000-token generation takes about 11 s. 280
 clients each send one 2,000-token stream at once (the issue's measurement), and a
 side load of 16 clients sends 16-token streams back to back; a request refused with
-429 is retried 4 times, each after what `Retry-After` says, as the OpenAI SDKs do
-(twice by default). The primary is killed 3 s in, while the burst still retries.
+429 is retried 4 times, each after what `retry-after-ms` (else `Retry-After`) says, as
+the OpenAI SDKs do (twice by default). The primary is killed 3 s in, while the burst still retries.
 The clients run in a process of their own (bench/shedding.py). With the
 default bound (HA_SHED_WAIT_BOUND, 10 s):
 
@@ -105,6 +105,8 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
                 load.kill()
                 load.wait()
         data = json.loads(out.read_text())
+        if keep := os.environ.get("SGLANG_HA_SHEDDING_RECORDS"):  # every request, to study
+            Path(keep).write_text(out.read_text())
     killed = killed_wall - data["t0"]
     records = [Record(**r) for r in data["records"]]
     seen = {
@@ -132,8 +134,9 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     after_kill = sorted(r.took for r in shed if r.sent > killed)
     assert after_kill, "nothing was shed after the kill: the survivor was not overloaded"
     # At once: the median under 100 ms and every one under 1 s, as the other overload
-    # tests hold it on 2 shared cores (docs/benchmarks.md: the tail is 0.2-0.3 s here,
-    # while 280 clients retry in step on the cores that run the engines too).
+    # tests hold it on 2 shared cores. The issue's bar is every one within 100 ms; with
+    # 99 in 100 asserted, the run of 2026-12-06 09:29 UTC failed it (p99 0.49 s while
+    # other sessions' tests shared the cores; docs/benchmarks.md).
     assert statistics.median(after_kill) < 0.1, after_kill[-10:]
     assert after_kill[-1] < 1.0, after_kill[-10:]
 

@@ -275,7 +275,10 @@ async def test_a_request_past_the_bound_gets_429_with_retry_after_at_once(
         took = time.perf_counter() - started
         assert resp is not None and resp.status == 429 and took < 0.1
         # The time the wait needs to fall back under the bound, spread by up to half.
-        assert 10 <= int(resp.headers["Retry-After"]) <= 15
+        told = int(resp.headers["Retry-After"])
+        assert 10 <= told <= 15
+        # And within that second for the clients that read milliseconds (the SDKs).
+        assert told * 1000 <= int(resp.headers["retry-after-ms"]) < told * 1000 + 1000
         got = body_of(resp)
         if path.startswith("/v1/"):
             assert got["object"] == "error" and got["code"] == 429
@@ -303,6 +306,10 @@ async def test_a_request_past_the_bound_gets_429_with_retry_after_at_once(
     best, _ = admission.wait.least()
     assert best is not None
     assert {admission.wait.retry_after(best, 2) for _ in range(400)} == set(range(35, 53))
+    # In milliseconds, spread over the whole second told, never past what the SDK honours.
+    ms = [admission.wait.retry_after_ms(2) for _ in range(400)]
+    assert min(ms) >= 2000 and max(ms) <= 2999 and len(set(ms)) > 300
+    assert admission.wait.retry_after_ms(RETRY_AFTER_MAX) == RETRY_AFTER_MAX * 1000
 
 
 async def test_refusals_are_one_episode_in_the_event_log_not_a_line_each(
@@ -398,7 +405,9 @@ async def test_requests_between_attempts_count_on_the_node_they_go_to_next(
         assert await admission.admit(req, GENERATE, {"text": "hi"}) is None
         requests.append(req)
     e = admission.wait.estimate(node)
-    assert e is not None and e.queue.outstanding == 6 and e.wait == 6.0
+    # Sent on together, four take the slots and leave together 8 s later: a new
+    # request waits 8 s, not the (6 - 4 + 1) * 8 / 4 = 6 s of requests spread over T.
+    assert e is not None and e.queue.outstanding == 6 and e.wait == 8.0
     node.inflight.update(_Held() for _ in range(2))  # two of them back on a node
     assert admission.wait.estimate(node).queue.outstanding == 6  # type: ignore[union-attr]
     for req in requests:
@@ -421,10 +430,11 @@ async def test_a_queue_of_long_generations_behind_short_answers_is_not_taken_for
     while await admission.admit(request("/generate"), GENERATE, long) is None:
         admitted += 1
         assert admitted < 100, "long generations taken for 0.2 s ones"
-    # 25 s each (0.2 s * 2000 / 16) on 4 slots: the 6th would wait (5 - 4 + 1) * 25 / 4 s.
-    assert admitted == 5
+    # 25 s each (0.2 s * 2000 / 16) on 4 slots, all about to start together: the 5th
+    # would wait for the first four to end, 25 s.
+    assert admitted == 4
     e = admission.wait.estimate(node)
-    assert e is not None and e.service == pytest.approx(25.0) and e.wait == pytest.approx(12.5)
+    assert e is not None and e.service == pytest.approx(25.0) and e.wait == pytest.approx(25.0)
 
 
 def test_a_worker_counts_its_share_times_the_relay_workers(tmp_path: Any) -> None:
@@ -441,3 +451,60 @@ def test_a_worker_counts_its_share_times_the_relay_workers(tmp_path: Any) -> Non
     assert e is not None and e.queue.outstanding == 6 and e.wait == 6.0
     report(est.topology, "a", 4, 5)  # the engine's count, once it shows, when higher
     assert est.estimate(node).queue.outstanding == 9  # type: ignore[union-attr]
+
+
+class _Sent(Abandonable):
+    def __init__(self, since: float) -> None:
+        self.since = since
+
+    def abandon(self, reason: str) -> None:
+        pass
+
+
+async def test_requests_behind_a_batch_that_started_together_wait_for_the_whole_batch(
+    admission: Admission,
+) -> None:
+    """A burst that took every slot at once frees them at once: a request queued behind
+    it waits the batch's whole service time, not T / C. Spread over T as the formula
+    assumes, the same queue is the short wait the formula gives."""
+    measured(admission.wait, "a", 12.0)  # 12 s per request on 4 slots, bound 10 s
+    node = report(admission.topology, "a", 4, 0)
+    now = admission.topology.clock()
+    node.inflight.update(_Sent(now) for _ in range(4))  # sent together, just now
+    e = admission.wait.estimate(node)
+    # The formula alone says (4 - 4 + 1) * 12 / 4 = 3 s; the first slot frees in 12 s.
+    assert e is not None and e.wait == pytest.approx(12.0)
+    resp = await admission.admit(request("/generate"), GENERATE, {"text": "hi"})
+    assert resp is not None and resp.status == 429
+    assert int(resp.headers["Retry-After"]) >= 2
+
+    node.inflight.clear()
+    node.inflight.update(_Sent(now - started) for started in (0.0, 3.0, 6.0, 9.0))
+    e = admission.wait.estimate(node)
+    assert e is not None and e.wait == pytest.approx(3.0)  # one leaves every 3 s
+    assert await admission.admit(request("/generate"), GENERATE, {"text": "hi"}) is None
+
+
+def test_a_batch_started_together_holds_back_the_queue_behind_it_by_waves(
+    tmp_path: Any,
+) -> None:
+    """Eight sent together on 4 slots: four run, four queue; a ninth starts only when
+    the second wave ends. Requests of unknown start are taken as spread."""
+    clock = FakeClock()
+    est = WaitEstimator(topology(tmp_path, clock=clock), 30.0)
+    est.slots["a"] = 4
+    measured(est, "a", 8.0)
+    node = report(est.topology, "a", 0, 0)
+    node.inflight.update(_Sent(clock()) for _ in range(8))
+    e = est.estimate(node)
+    assert e is not None and e.wait == pytest.approx(16.0)  # the formula: 10 s
+    clock.advance(5.0)
+    assert est.estimate(node).wait == pytest.approx(11.0)  # type: ignore[union-attr]
+    # Two relay workers: each request here stands for two, sixteen in four waves of
+    # four; the fourth ends 32 s after they were sent (the formula: 26 s from now).
+    est.workers = 2
+    assert est.estimate(node).wait == pytest.approx(27.0)  # type: ignore[union-attr]
+    est.workers = 1
+    # Overdue (running past the average): they leave any moment, the formula decides.
+    clock.advance(20.0)
+    assert est.estimate(node).wait == pytest.approx(10.0)  # type: ignore[union-attr]

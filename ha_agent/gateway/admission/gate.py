@@ -192,9 +192,11 @@ class Admission:
             retry = self.wait.retry_after(best, self.retry_floor)
             self.metrics.refused.labels(kind, "wait").inc()
             self.episode.shed(best, self.wait.bound)
-            return refusal_at(
-                path, 429, _wait_message(best, self.wait.bound, retry), {"Retry-After": str(retry)}
-            )
+            headers = {
+                "Retry-After": str(retry),
+                "retry-after-ms": str(self.wait.retry_after_ms(retry)),
+            }
+            return refusal_at(path, 429, _wait_message(best, self.wait.bound, retry), headers)
         self.episode.admitted()
         if best is not None and best.queue.free:
             ticket.free_on = best.node

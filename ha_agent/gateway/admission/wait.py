@@ -22,7 +22,13 @@ For a new request on node n:
 
 Once every slot is busy, slots free up at C / T per second on average (one request
 leaves every T / C s), and the new request needs the O - C requests ahead of it and
-itself to find one. Where the inputs come from:
+itself to find one. That average assumes the running requests spread over their
+service time; a burst that took the slots together leaves them together, and the
+request behind it waits for the whole batch (up to T longer). So the wait is also
+taken from when this worker sent its requests on the node (`Abandonable.since`;
+its requests between two attempts as sent now, together): the slots filled in FIFO
+order, each held T from its request's start; the estimate is the larger of the two
+(`_by_starts`). Where the inputs come from:
 
 - running / queued: SGLang's `sglang:num_running_reqs` / `sglang:num_queue_reqs`, as
   the agent scrapes them (`AgentStatus.engine`), polled anyway by the topology: the
@@ -63,6 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import random
@@ -268,7 +275,44 @@ class WaitEstimator:
         service = self.service_time(node.name)
         if service is None or queue.slots is None:
             return None
-        return Estimate(queue, service, queue.ahead * service / queue.slots)
+        spread = queue.ahead * service / queue.slots
+        return Estimate(queue, service, max(spread, self._by_starts(node, queue, service)))
+
+    def _by_starts(self, node: NodeView, queue: Queue, service: float) -> float:
+        """The wait that the start times of this worker's requests on `node` give: the
+        slots taken in FIFO order, each for `service` seconds from when its request
+        started. Requests sent together leave together: behind a batch that just
+        started, the first slot frees only when the batch ends, not after T / C.
+        Requests of unknown start (the engine reports more than this worker knows of)
+        are taken as spread evenly over the last `service` seconds, the formula's own
+        assumption. 0 when no start is known and none is between attempts (the
+        formula alone then)."""
+        if queue.slots is None or queue.slots <= 0:
+            return 0.0
+        known = sorted(a.since for a in node.inflight if a.since is not None)
+        # Requests between attempts are sent next, together: they start no sooner than
+        # now (a failover re-sends the lost node's requests to an idle survivor).
+        transit = self.in_transit()
+        if not known and not transit:
+            return 0.0
+        now = self.topology.clock()
+        starts = known + [now] * transit
+        # Each of this worker's requests stands for one on every relay worker.
+        starts = [t for t in starts for _ in range(self.workers)]
+        unknown = queue.outstanding - len(starts)
+        if unknown > 0:
+            starts += [now - service * (i + 0.5) / unknown for i in range(unknown)]
+            starts.sort()
+        slots = [float("-inf")] * queue.slots  # when each slot frees (a heap)
+        for i, sent in enumerate(starts):
+            start = max(sent, heapq.heappop(slots))
+            if start - now > self.bound > 0:
+                # Past the bound already: the rest go at the formula's pace (the
+                # refusal's number, not its decision).
+                return start - now + (len(starts) - i) * service / queue.slots
+            # Still there, so not done before now, whatever the average says.
+            heapq.heappush(slots, max(start + service, now))
+        return max(slots[0] - now, 0.0)
 
     def service_time(self, node: str) -> float | None:
         """Seconds per request for the requests outstanding now: the measured average,
@@ -309,6 +353,15 @@ class WaitEstimator:
         in the same second (the SDKs wait exactly what the header says)."""
         base = max(floor, min(RETRY_AFTER_MAX, math.ceil(est.wait - self.bound)))
         return min(RETRY_AFTER_MAX, base + self.rng.randint(0, max(1, base // 2)))
+
+    def retry_after_ms(self, seconds: int) -> int:
+        """`retry-after-ms` for a refusal told `Retry-After: seconds`: the same
+        delay plus up to a second, in milliseconds. The OpenAI Python SDK prefers it
+        to `Retry-After` (`_parse_retry_after_header`, read in 3.63): the clients of a
+        burst told the same whole second would come back in the same instant and
+        queue their next refusals behind each other; spread within the second they
+        arrive one by one."""
+        return min(seconds * 1000 + self.rng.randrange(1000), RETRY_AFTER_MAX * 1000)
 
     def served(self, node: str, seconds: float, budget: float) -> None:
         self.service.add(node, seconds, budget)

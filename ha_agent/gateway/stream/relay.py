@@ -85,10 +85,11 @@ def _client_gone_before_head() -> web.StreamResponse:
 class Attempt(Abandonable):
     """One upstream try, cancellable by the topology when its node fails."""
 
-    __slots__ = ("abandoned", "node", "task")
+    __slots__ = ("abandoned", "node", "since", "task")
 
-    def __init__(self, node: NodeView) -> None:
+    def __init__(self, node: NodeView, since: float) -> None:
         self.node = node
+        self.since = since
         self.task: asyncio.Future[Any] | None = None
         self.abandoned: str | None = None
 
@@ -284,7 +285,7 @@ class Relay:
     # -- picking nodes and running attempts ----------------------------------------------
 
     async def _run(self, node: NodeView, work: Awaitable[T]) -> T:
-        attempt = Attempt(node)
+        attempt = Attempt(node, self.topology.clock())
         task = asyncio.ensure_future(work)
         attempt.task = task
         node.inflight.add(attempt)

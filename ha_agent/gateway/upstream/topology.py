@@ -54,6 +54,10 @@ CONNECT_COOLDOWN = 1.0
 class Abandonable:
     """Something in flight on a node that must stop if the node fails."""
 
+    # When it was sent to the node (the topology's clock); None: not known. The wait
+    # estimate reads it: requests sent together leave their slots together.
+    since: float | None = None
+
     def abandon(self, reason: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
