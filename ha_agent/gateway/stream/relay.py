@@ -452,7 +452,9 @@ class Relay:
                     )
                     return await self._give_up(state, failure.reason)
                 if state.migrations and state.writes == segment_writes:
-                    continue  # the continuation never got going: send it elsewhere as is
+                    # The continuation never got going: send it elsewhere as is.
+                    state.migration.retry_segment()
+                    continue
                 # Bytes already reached the client: continue the stream elsewhere.
                 next_body = await self._plan_migration(state, node, failure.reason)
                 if next_body is None:
