@@ -328,3 +328,47 @@ def test_a_continuation_that_writes_another_call_is_no_continuation(segment: byt
     mig.start_segment()
     with pytest.raises(ContinuationDiverged):
         mig.rewrite(segment)
+
+
+@pytest.mark.parametrize("seed", [0, 2])  # the call right after </think>; words between
+async def test_a_break_at_every_token_of_reasoning_then_a_call_moves(
+    sim_client_factory: SimClientFactory, seed: int
+) -> None:
+    """With `--reasoning-parser qwen3` too (the relay told): the answer resumes from
+    the reasoning and text before the call, rebuilt as the model wrote them; every cut
+    point gives the unbroken reasoning, call, finish and usage (reasoning tokens too)."""
+    sims = [
+        await sim_client_factory(itl=0.002, tool_call_parser="qwen25", reasoning_parser="qwen3")
+        for _ in range(2)
+    ]
+    relay = relay_over(
+        [f"http://127.0.0.1:{s.server.port}" for s in sims], reasoning_parser="qwen3"
+    )
+    server = TestServer(relay.app())
+    await server.start_server()
+    pair = Pair(sims[0], sims[1], relay, f"http://127.0.0.1:{server.port}")
+    try:
+        _, want = await read(pair.engine_url(pair.standby), body(seed, max_tokens=160))
+        thought = "".join(
+            e["choices"][0]["delta"].get("reasoning_content") or ""
+            for e in want
+            if isinstance(e, dict) and e.get("choices")
+        )
+        assert thought and answer(want)[1], "reasoning, then a call"
+        total = want[-2]["usage"]["completion_tokens"]
+        for cut in range(1, total):
+            await abort_after(pair.primary, cut)
+            raw, got = await read(pair.url, body(seed, max_tokens=160))
+            assert_one_stream(raw, got, want, cut)
+            assert got[-2]["usage"]["reasoning_tokens"] == want[-2]["usage"]["reasoning_tokens"]
+            assert [
+                e for e in got if isinstance(e, dict) and e.get("choices")
+            ] and thought == "".join(
+                e["choices"][0]["delta"].get("reasoning_content") or ""
+                for e in got
+                if isinstance(e, dict) and e.get("choices")
+            ), cut
+        assert pair.migrations("migrated") == total - 1
+    finally:
+        await relay.transport.close()
+        await server.close()
