@@ -599,8 +599,8 @@ class Strategy:
         self.route = route
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        # Tools alone do not refuse: until a tool_calls delta is sent (the chat
-        # strategy's refusal), the answer is text like any other.
+        # Tools alone do not refuse: text before a call moves like any other, and a
+        # call in flight resumes from before it (the chat strategy's refusal).
         bound = self.route.constrained(body, grammar_only=True)
         if bound == FORMAT_KEY:
             return "grammar-constrained output (response_format) cannot be resumed"
