@@ -502,10 +502,16 @@ class Relay:
             return None
         mig.start_segment()
         state.migrations += 1
+        resumed = mig.resume_point
+        before_call = (
+            f", resumed before its tool call at {resumed.tokens}"
+            if resumed is not mig.progress
+            else ""
+        )
         self.events.emit(
             ev.STREAM_MIGRATED,
             f"{state.kind} stream from {broken.name} after {mig.progress.tokens} tokens"
-            f" (migration {state.migrations}): {why}",
+            f"{before_call} (migration {state.migrations}): {why}",
         )
         return json.dumps(body).encode()
 
