@@ -372,3 +372,22 @@ async def test_a_break_at_every_token_of_reasoning_then_a_call_moves(
     finally:
         await relay.transport.close()
         await server.close()
+
+
+def test_a_replay_that_broke_before_sending_anything_starts_over_elsewhere() -> None:
+    """The relay re-sends a continuation that gave the client nothing (relay.py): what
+    the failed try replayed is forgotten, so the next try is cut the same way."""
+    mig = _broken(2, 6)
+    mig.start_segment()
+    out, _ = mig.rewrite(_chunk(_call("lookup", "", "call_b"), 4) + _chunk(_call(None, '{"t'), 6))
+    assert out == b""
+    mig.retry_segment()
+    out, _ = mig.rewrite(
+        _chunk(_call("lookup", "", "call_c"), 4) + _chunk(_call(None, '{"topic": "lease"}'), 10)
+    )
+    sent = [json.loads(e[6:]) for e in out.split(b"\n\n") if e]
+    assert [e["choices"][0]["delta"]["tool_calls"][0]["function"] for e in sent] == [
+        {"name": None, "arguments": 'ase"}'}
+    ]
+    assert mig.progress.calls[0].arguments == '{"topic": "lease"}'
+    assert mig.progress.tokens == 2 + 10
