@@ -71,8 +71,8 @@ class ScenarioResult:
     role_history: list[dict[str, Any]]
     rejoined_as_standby: bool
     primary_after: str | None
-    # Streams the relay ended with its explicit retryable error (a tool call in flight,
-    # gateway/stream/migration.py): by design, so not in stream_failed.
+    # Streams the relay ended with its explicit retryable error (a stream that cannot
+    # move exactly, gateway/stream/migration.py): by design, so not in stream_failed.
     stream_refused: int = 0
     # Tool streams (the request had tools) on the faulted primary, open at the fault or
     # started before it was detected: completed (so moved, or done just before the

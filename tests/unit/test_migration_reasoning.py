@@ -176,7 +176,7 @@ def test_the_continuation_is_the_models_own_text() -> None:
     assert r1.text(plain, closed_at_once) == "</think>Hi"
 
 
-def test_a_tool_call_delta_is_refused_but_text_before_it_migrates() -> None:
+def test_a_tool_call_delta_without_a_point_before_it_is_refused() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     mig = Migration(CHAT, body(tools=tools))
     mig.progress.text = "Let me check."

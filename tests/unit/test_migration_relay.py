@@ -533,7 +533,59 @@ def _tool_standby(body: dict[str, Any]) -> list[bytes]:
     ]
 
 
-async def test_a_tool_call_in_flight_ends_with_the_retryable_error(
+def _tool_call_standby(body: dict[str, Any]) -> list[bytes]:
+    """The same call written again, under an id of its own (serving_chat.py
+    `_process_tool_call_id`: a fresh uuid per call)."""
+    call = {"index": 0, "type": "function"}
+    return [
+        chat_chunk({"role": "assistant", "content": ""}),
+        chat_chunk(
+            {
+                "tool_calls": [
+                    {**call, "id": "call_9", "function": {"name": "get_weather", "arguments": ""}}
+                ]
+            },
+            use=usage(PROMPT_TOKENS + 4, 8),
+        ),
+        chat_chunk(
+            {"tool_calls": [{**call, "id": None, "function": {"name": None, "arguments": "{}"}}]},
+            use=usage(PROMPT_TOKENS + 4, 10),
+        ),
+        chat_chunk({}, finish="tool_calls"),
+        b"data: [DONE]\n\n",
+    ]
+
+
+async def test_a_tool_call_in_flight_resumes_from_the_text_before_it(
+    rig_factory: Callable[[Engine, Engine], Any],
+) -> None:
+    """The standby is asked for the answer from before the call (the budget counted
+    from there) and writes the call again; the client gets its name once, under the
+    first node's id, and only the arguments it lacked."""
+    rig = await rig_factory(
+        Engine([(_tool_primary(True), True)]), Engine([(_tool_call_standby, False)])
+    )
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    events = await stream(
+        rig.url + "/v1/chat/completions", {**body, "max_tokens": 30, "stream": True}
+    )
+    sent = rig.standby.bodies[0]
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Let me check."}
+    assert sent["continue_final_message"] is True and sent["max_tokens"] == 26
+    calls = [
+        call
+        for e in events[:-1]
+        if e["choices"]
+        for call in e["choices"][0]["delta"].get("tool_calls") or []
+    ]
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("call_0", "get_weather", ""),
+        (None, None, "{}"),
+    ]
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_a_continuation_that_answers_in_text_where_the_call_was_ends_with_the_error(
     rig_factory: Callable[[Engine, Engine], Any],
 ) -> None:
     rig = await rig_factory(Engine([(_tool_primary(True), True)]), Engine([(_tool_standby, False)]))
@@ -543,8 +595,8 @@ async def test_a_tool_call_in_flight_ends_with_the_retryable_error(
     )
     assert events[-1] == "[DONE]"
     error = events[-2]["error"]["message"]
-    assert "retry the request" in error and "tool call" in error
-    assert rig.standby.bodies == [], "nothing re-sent: the call cannot be handed back"
+    assert "retry the request" in error and "text where the tool call was" in error
+    assert content(events[:-2]) == "Let me check.", "nothing of the other answer reached it"
 
 
 async def test_a_tools_request_still_answering_in_text_migrates(

@@ -50,12 +50,24 @@ relay migrates it like a break. An abort without a status code (the client's own
 Refused (the stream ends with an explicit retryable error event instead):
 grammar-constrained output (the row's grammar keys and a `response_format`;
 `Endpoint.constrained`) — an engine restarted on prompt + partial output would start a
-fresh document —, a chat stream that has sent a `tool_calls` delta (the tool-call
-parser consumed the model's text and sent a parsed form of it; `continue_final_message`
-continues only the `content` string, `serving_chat.py` `_handle_last_assistant_message`,
-so the call cannot be handed back), reasoning when the relay does not know the engines'
-reasoning parser, and requests migration cannot express exactly (n > 1, batches, echo).
-A request with `tools` whose answer so far is text or reasoning migrates like any other.
+fresh document —, reasoning when the relay does not know the engines' reasoning parser,
+and requests migration cannot express exactly (n > 1, batches, echo).
+
+Tool calls (`--tool-call-parser`): a request with `tools` whose answer so far is text or
+reasoning migrates like any other. Once a `tool_calls` delta was sent, the client has a
+parsed form of the call, not the model's text (`serving_chat.py`
+`_process_tool_call_stream`; the argument fragments are diffs of `json.dumps` of the
+partially parsed arguments, `function_call/base_format_detector.py`
+`parse_streaming_increment`, which lag the engine's token count by the tokens the
+parser still holds). So the continuation resumes from the answer as it stood before the
+call's first delta (`Progress.call_start`: its text and the engine's count there) and
+the standby writes the call again; its own parser sees the call's start in its output
+and streams it as calls. The relay passes on only what the client lacks (`replay`): the
+name chunk it already has is dropped, argument fragments are cut to what lies beyond
+the client's, the call keeps the first node's id. A continuation that writes a
+different call, or text where the call was, ends the stream with the retryable error
+(`ContinuationDiverged`); so does a call whose first delta came out of the same engine
+output as the text before it (one count on both chunks: no count for the text alone).
 
 The first segment is never parsed while it flows: its raw events are kept and read
 only if the stream breaks; the only work per event is a byte search for an abort
@@ -135,6 +147,22 @@ class ContinuationRefused(Exception):
     `http_server.py` `generate_request`): a refusal, not a migrated stream."""
 
 
+class ContinuationDiverged(ContinuationRefused):
+    """A continuation that re-generates a tool call the client already has part of
+    wrote a different one (name, arguments, or text before it): the client's stream
+    cannot go on as one answer."""
+
+
+@dataclass
+class SentCall:
+    """One tool call as the client has it: from its first delta (id, name) and the
+    argument fragments since, concatenated."""
+
+    id: Any
+    name: str
+    arguments: str = ""
+
+
 @dataclass
 class Progress:
     """What the client has been sent so far, over all segments."""
@@ -151,6 +179,11 @@ class Progress:
     created: int | None = None
     model: str | None = None
     tool_calls: bool = False  # chat: a tool_calls delta was sent
+    calls: dict[int, SentCall] = field(default_factory=dict)  # chat: by the call's index
+    # chat: the answer as it stood before its first tool_calls delta (where a stream
+    # with a call in flight resumes), and why it cannot serve, if so
+    call_start: Progress | None = None
+    call_start_unclear: str | None = None
     reasoning: str = ""  # chat: the reasoning_content sent so far
     reasoning_over: bool = False  # chat: content came after the reasoning
     reasoning_tokens: int = 0  # as the engine counts them (up to and with </think>)
@@ -225,6 +258,12 @@ class Migration:
         self._seg_usage: int | None = None  # the engine's count in this segment
         self._seg_chunks = 0  # content chunks in this segment (engines without usage)
         self._seg_events = 0  # events a continuation segment has sent the client
+        self._seg_text_usage: int | None = None  # the engine's count at the latest text
+        self._at_start = Progress()  # progress when the current segment began
+        # A segment that re-generates calls the client has part of: per call index, the
+        # arguments it has streamed so far; None once it has caught up (or never began).
+        self._replay: dict[int, str] | None = None
+        self._replay_named: set[int] = set()
         opts = body.get("stream_options")
         self._opts_ok = self.api.openai and (opts is None or isinstance(opts, dict))
         opts = opts if isinstance(opts, dict) else {}
@@ -371,15 +410,25 @@ class Migration:
         """The requested completion budget, None when unbounded (a null budget)."""
         return self.api.route.budget(self.body)
 
+    @property
+    def resume_point(self) -> Progress:
+        """Where the next segment starts from: the answer so far, or, once a tool call
+        is in flight, the answer before it (the call is written again and the relay
+        sends on only what the client lacks, see `replay`)."""
+        p = self.progress
+        if p.tool_calls and p.call_start is not None:
+            return p.call_start
+        return p
+
     def continuation(self) -> dict[str, Any] | None:
         """The request for the next segment, or None if nothing is left to generate."""
-        p = self.progress
+        p, r = self.progress, self.resume_point
         if p.finished:
             return None
-        if p.empty:
+        if r.empty:
             return self.upstream(self.body)  # nothing generated: send it again as it was
         limit = self.budget()
-        left = None if limit is None else limit - p.tokens
+        left = None if limit is None else limit - r.tokens
         if left is not None and left <= 0:
             return None
         body = self.api.continuation(self, copy.deepcopy(self.body), left)
@@ -387,8 +436,77 @@ class Migration:
 
     def start_segment(self) -> None:
         self.segments += 1
-        self._base = copy.deepcopy(self.progress)
+        self._at_start = copy.deepcopy(self.progress)
+        self._begin_segment()
+
+    def retry_segment(self) -> None:
+        """The segment's request goes to another node as it was (it sent the client
+        nothing): forget what the failed try tracked."""
+        self.progress = copy.deepcopy(self._at_start)
+        self._begin_segment()
+
+    def _begin_segment(self) -> None:
+        p = self.progress
+        self._base = copy.deepcopy(p)
+        r = self.resume_point
+        self._replay, self._replay_named = None, set()
+        if r is not p:
+            # The segment's tokens count from the resume point; its calls are replayed.
+            self._base.tokens = r.tokens
+            self._base.reasoning_tokens = r.reasoning_tokens
+            self._base.reasoning_over = r.reasoning_over
+            self._replay = dict.fromkeys(p.calls, "")
         self._seg_usage, self._seg_chunks, self._seg_events = None, 0, 0
+        self._seg_text_usage = None
+
+    def replay(self, choice: dict[str, Any]) -> bool:
+        """A chunk of a segment that writes again the calls the client has part of
+        (`resume_point`): cut its tool_calls delta to what the client lacks, checking
+        that the call is the same (name, arguments so far). True when anything is left
+        for the client. Raises ContinuationDiverged when the answers differ."""
+        replay = self._replay
+        if replay is None:
+            return True
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content"):
+            raise ContinuationDiverged("the continuation wrote text where the tool call was")
+        kept = []
+        for call in delta.get("tool_calls") or []:
+            index = call.get("index")
+            sent = self.progress.calls.get(index)
+            if sent is None or index not in replay:
+                kept.append(call)  # a call the client has nothing of
+                continue
+            fn = call.get("function") or {}
+            if fn.get("name"):
+                if fn["name"] != sent.name:
+                    raise ContinuationDiverged(
+                        f"the continuation called {fn['name']!r}, not {sent.name!r}"
+                    )
+                self._replay_named.add(index)
+            elif index not in self._replay_named:
+                raise ContinuationDiverged("the continuation's call has no name")
+            old = replay[index]
+            new = old + str(fn.get("arguments") or "")
+            replay[index] = new
+            if not (sent.arguments.startswith(new) or new.startswith(sent.arguments)):
+                raise ContinuationDiverged("the continuation's call arguments differ")
+            extra = new[max(len(old), len(sent.arguments)) :]
+            if extra:  # beyond what the client has: an argument delta of the same call
+                kept.append(
+                    {**call, "id": None, "function": {**fn, "name": None, "arguments": extra}}
+                )
+        caught_up = all(
+            i in self._replay_named and len(args) >= len(self.progress.calls[i].arguments)
+            for i, args in replay.items()
+        )
+        if choice.get("finish_reason") and not caught_up:
+            raise ContinuationDiverged("the continuation ended before the tool call it resumes")
+        if caught_up:
+            self._replay = None
+        if "tool_calls" in delta:
+            delta["tool_calls"] = kept or None
+        return bool(kept) or bool(choice.get("finish_reason"))
 
     # -- splicing a continuation onto the client's stream --------------------------------
 
@@ -481,8 +599,8 @@ class Strategy:
         self.route = route
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
-        # Tools alone do not refuse: until a tool_calls delta is sent (the chat
-        # strategy's refusal), the answer is text like any other.
+        # Tools alone do not refuse: text before a call moves like any other, and a
+        # call in flight resumes from before it (the chat strategy's refusal).
         bound = self.route.constrained(body, grammar_only=True)
         if bound == FORMAT_KEY:
             return "grammar-constrained output (response_format) cannot be resumed"
@@ -674,8 +792,40 @@ class _Chat(Strategy):
 
     def refusal(self, body: dict[str, Any], progress: Progress) -> str | None:
         if progress.tool_calls:
-            return "a tool call in flight cannot be resumed"
+            if progress.call_start_unclear:
+                return f"a tool call in flight cannot be resumed: {progress.call_start_unclear}"
+            if progress.call_start is None:
+                return "a tool call in flight cannot be resumed"
         return super().refusal(body, progress)
+
+    def track(self, mig: Migration, event: dict[str, Any]) -> None:
+        p = mig.progress
+        choices = event.get("choices") or []
+        delta = (choices[0].get("delta") or {}) if choices else {}
+        usage = event.get("usage")
+        done = _as_int(usage.get("completion_tokens")) if isinstance(usage, dict) else None
+        if delta.get("tool_calls") and not p.tool_calls:
+            # The answer as it stood before the call: the continuation starts there and
+            # writes the call again. Exact only if the engine's count there covers the
+            # text alone: not when text came out of the same engine output as the
+            # call's first delta (both chunks carry that output's count).
+            p.call_start = copy.deepcopy(p)
+            if done is None:
+                p.call_start_unclear = "the engine sent no token count with the call"
+            elif mig._seg_text_usage == done:
+                p.call_start_unclear = (
+                    "the call began in the engine output that carried the text before it"
+                )
+        super().track(mig, event)
+        if delta.get("content") or delta.get("reasoning_content"):
+            mig._seg_text_usage = mig._seg_usage
+        for call in delta.get("tool_calls") or []:
+            fn = call.get("function") or {}
+            index = call.get("index")
+            if fn.get("name"):
+                p.calls[index] = SentCall(call.get("id"), str(fn["name"]))
+            if index in p.calls:
+                p.calls[index].arguments += str(fn.get("arguments") or "")
 
     def piece(self, p: Progress, choice: dict[str, Any]) -> str:
         delta = choice.get("delta") or {}
@@ -696,10 +846,11 @@ class _Chat(Strategy):
     ) -> dict[str, Any]:
         if left is not None:
             body[self.route.budget_key(body)] = left
-        self.set_budget(body, left, mig.progress.tokens)
-        text = mig.progress.text
+        r = mig.resume_point
+        self.set_budget(body, left, r.tokens)
+        text = r.text
         if mig.reasoning is not None:
-            text = mig.reasoning.text(mig.body, mig.progress)
+            text = mig.reasoning.text(mig.body, r)
         messages = list(body.get("messages") or [])
         last = messages[-1] if messages else None
         if (
@@ -727,6 +878,9 @@ class _Chat(Strategy):
                 delta.pop("role")
                 if not delta.get("content") and not choices[0].get("finish_reason"):
                     return None  # the client already has its role chunk
+            if not mig.replay(choices[0]):
+                super().splice(mig, event)  # counted, but the client has it already
+                return None
         return super().splice(mig, event)
 
     def closing(self, mig: Migration) -> bytes:

@@ -453,7 +453,9 @@ class Relay:
                     )
                     return await self._give_up(state, failure.reason)
                 if state.migrations and state.writes == segment_writes:
-                    continue  # the continuation never got going: send it elsewhere as is
+                    # The continuation never got going: send it elsewhere as is.
+                    state.migration.retry_segment()
+                    continue
                 # Bytes already reached the client: continue the stream elsewhere.
                 next_body = await self._plan_migration(state, node, failure.reason)
                 if next_body is None:
@@ -501,10 +503,16 @@ class Relay:
             return None
         mig.start_segment()
         state.migrations += 1
+        resumed = mig.resume_point
+        before_call = (
+            f", resumed before its tool call at {resumed.tokens}"
+            if resumed is not mig.progress
+            else ""
+        )
         self.events.emit(
             ev.STREAM_MIGRATED,
             f"{state.kind} stream from {broken.name} after {mig.progress.tokens} tokens"
-            f" (migration {state.migrations}): {why}",
+            f"{before_call} (migration {state.migrations}): {why}",
         )
         return json.dumps(body).encode()
 
