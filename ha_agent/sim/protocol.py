@@ -344,8 +344,6 @@ class RequestBuilder:
             raise BadRequest("input_embeds and image_data are not supported by the simulator")
         if req.text is None and req.input_ids is None:
             raise BadRequest("Either text, input_ids or input_embeds should be provided.")
-        if req.text is not None:
-            req.input_ids = None  # text wins (_determine_batch_size, managers/io_struct.py)
         if req.return_logprob not in (None, False):
             raise BadRequest("return_logprob is not supported by the simulator")
         batch = BadRequest("batch requests are not supported by the simulator (one per request)")
@@ -359,6 +357,11 @@ class RequestBuilder:
             req.input_ids = req.input_ids[0]
         if isinstance(req.rid, list) or isinstance(req.sampling_params, list):
             raise batch
+        if req.input_ids is not None:
+            # With both given the ids are the prompt: TokenizerManager._tokenize_one_request
+            # takes obj.input_ids and tokenizes text only without them (text decides the
+            # batch size alone, GenerateReqInput._determine_batch_size).
+            req.text = None
         sp: SamplingParamsBody = _parse(SamplingParamsBody, req.sampling_params or {})
         if sp.structural_tag is not None:
             raise BadRequest("structural_tag constraints are not supported by the simulator")

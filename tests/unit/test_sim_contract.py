@@ -650,6 +650,33 @@ async def test_token_ids_come_back_where_sglang_returns_them(
     assert all(e["prompt_token_ids"] == tok.encode("Count to ten") for e in events)
 
 
+async def test_generate_with_text_and_input_ids_takes_the_ids_as_the_prompt(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/tokenizer_manager.py (_tokenize_one_request: with
+    obj.input_ids given, they are the prompt and text is not tokenized) and
+    python/sglang/srt/managers/io_struct.py (GenerateReqInput._validate_inputs refuses
+    only none of text, input_ids, input_embeds, or all three)."""
+    client = await sim_client_factory()
+    tok = get_tokenizer()
+    params = {"max_new_tokens": 8, "ignore_eos": True}
+    ids = tok.encode("The ids say this")
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        resp = await client.post(
+            "/generate", json={**body, "sampling_params": params, "return_prompt_token_ids": True}
+        )
+        assert resp.status == 200, await resp.text()
+        result: dict[str, Any] = await resp.json()
+        return result
+
+    both = await answer({"text": "while the text says that", "input_ids": ids})
+    only_ids = await answer({"input_ids": ids})
+    assert both["prompt_token_ids"] == ids
+    assert both["meta_info"]["prompt_tokens"] == len(ids)
+    assert both["output_ids"] == only_ids["output_ids"]
+
+
 # -- 9. one forward at a time: prefill blocks decode, counters move at batch end ---------
 async def _gaps_while(resp: ClientResponse, task: asyncio.Task[Any]) -> float:
     """The longest silence between a stream's events while ``task`` runs."""
