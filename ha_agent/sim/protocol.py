@@ -44,12 +44,16 @@ def _refuse_unsupported(body: Any) -> None:
 
 
 class BadRequest(ValueError):
-    """A 400. ``validation`` marks body/type errors (FastAPI's RequestValidationError)."""
+    """A 400. ``validation`` marks body/type errors (FastAPI's RequestValidationError);
+    ``converting`` a ValueError of an OpenAI route's _convert_to_internal_request, which
+    OpenAIServingBase.handle_request answers with type "BadRequest" (the engine's own
+    ValueErrors get "BadRequestError")."""
 
-    def __init__(self, message: str, validation: bool = False) -> None:
+    def __init__(self, message: str, validation: bool = False, converting: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.validation = validation
+        self.converting = converting
 
 
 class _Model(BaseModel):
@@ -171,6 +175,11 @@ class ChatBody(_OpenAICommon):
     continue_final_message: bool = False
     separate_reasoning: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # SGLang extras (ChatCompletionRequest): the choice's prompt_token_ids,
+    # response_token_ids and meta_info; non-stream only.
+    return_prompt_token_ids: bool = False
+    return_token_ids: bool = False
+    return_meta_info: bool = False
 
 
 @dataclass
@@ -190,7 +199,9 @@ class OpenAICall:
     echo_text: str = ""
     reasoning: ReasoningSpec | None = None  # chat with --reasoning-parser
     tools: ToolSpec | None = None  # chat with tools (and tool_choice not none)
-    return_token_ids: bool = False  # completions
+    return_token_ids: bool = False
+    return_prompt_token_ids: bool = False  # chat
+    return_meta_info: bool = False  # chat
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -414,6 +425,27 @@ class RequestBuilder:
             raise BadRequest("Messages cannot be empty.")
         if req.logprobs:
             raise BadRequest("logprobs are not supported by the simulator")
+        if req.stream:
+            # serving_chat.py _convert_to_internal_request: SGLang's checks and words.
+            if req.return_prompt_token_ids:
+                raise BadRequest(
+                    "return_prompt_token_ids is not supported with streaming. "
+                    "Please set stream=false when using return_prompt_token_ids=true.",
+                    converting=True,
+                )
+            if req.return_token_ids:
+                raise BadRequest(
+                    "return_token_ids is not supported with streaming on "
+                    "/v1/chat/completions. Please set stream=false when using "
+                    "return_token_ids=true.",
+                    converting=True,
+                )
+            if req.return_meta_info:
+                raise BadRequest(
+                    "return_meta_info is not supported with streaming. "
+                    "Please set stream=false when using return_meta_info=true.",
+                    converting=True,
+                )
         try:
             tools = tool_spec(req.tools, req.tool_choice, self.settings.tool_call_parser or None)
         except ToolsError as exc:
@@ -451,6 +483,9 @@ class RequestBuilder:
         call = self._call(req, gen)
         call.reasoning = spec
         call.tools = tools
+        call.return_token_ids = req.return_token_ids
+        call.return_prompt_token_ids = req.return_prompt_token_ids or req.return_token_ids
+        call.return_meta_info = req.return_meta_info
         return call
 
     def _openai_gen(

@@ -677,6 +677,40 @@ async def test_generate_with_text_and_input_ids_takes_the_ids_as_the_prompt(
     assert both["output_ids"] == only_ids["output_ids"]
 
 
+async def test_chat_token_ids_and_meta_info_come_back_without_stream_only(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_chat.py (_convert_to_internal_request
+    refuses return_prompt_token_ids, return_token_ids and return_meta_info with stream;
+    _build_chat_response puts prompt_token_ids, response_token_ids and meta_info on the
+    choice) and protocol.py (ChatCompletionResponseChoice drops each when None)."""
+    client = await sim_client_factory()
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "Count to ten"}],
+        "max_tokens": 6,
+        "ignore_eos": True,
+    }
+    for flag in ("return_prompt_token_ids", "return_token_ids", "return_meta_info"):
+        resp = await client.post("/v1/chat/completions", json={**body, flag: True, "stream": True})
+        assert resp.status == 400, flag
+        error = await resp.json()
+        # Raised in _convert_to_internal_request: handle_request's own type.
+        assert error["type"] == "BadRequest"
+        assert f"{flag} is not supported with streaming" in error["message"]
+    resp = await client.post(
+        "/v1/chat/completions", json={**body, "return_token_ids": True, "return_meta_info": True}
+    )
+    assert resp.status == 200, await resp.text()
+    choice = (await resp.json())["choices"][0]
+    tok = get_tokenizer()
+    assert len(choice["response_token_ids"]) == 6
+    assert tok.decode(choice["response_token_ids"]) == choice["message"]["content"]
+    assert tok.decode(choice["prompt_token_ids"]).endswith("<|assistant|>\n")
+    assert choice["meta_info"]["completion_tokens"] == 6
+    plain = (await (await client.post("/v1/chat/completions", json=body)).json())["choices"][0]
+    assert not {"prompt_token_ids", "response_token_ids", "meta_info"} & set(plain)
+
+
 # -- 9. one forward at a time: prefill blocks decode, counters move at batch end ---------
 async def _gaps_while(resp: ClientResponse, task: asyncio.Task[Any]) -> float:
     """The longest silence between a stream's events while ``task`` runs."""
