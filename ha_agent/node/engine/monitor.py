@@ -144,8 +144,10 @@ class HealthMonitor:
         # Requests left the scheduler (its running gauge fell) and nothing reached a
         # client since: their output is owed too. With short requests a stalled
         # detokenizer lets the scheduler finish them all between two publications of
-        # its decode counter (SGLang's realtime_tokens_total moves per log interval),
-        # so the tokens owed can stay under the slack while every client waits.
+        # its gauges (num_running_reqs every decode_log_interval iterations, while
+        # realtime_tokens_total moves every iteration: report_decode_stats), so the
+        # slack, sized by a stale running count, can exceed the tokens owed while every
+        # client waits.
         self._finished_unseen = False
         self._limits: ForwardLimits | None = None
         self._limits_task: asyncio.Future[ForwardLimits | None] | None = None
