@@ -584,6 +584,25 @@ async def test_hang_under_ordinary_load_is_caught_within_2s() -> None:
     assert took <= 2.0, took
 
 
+async def test_engine_gone_idle_with_a_slow_canary_is_not_judged_before_its_timeout() -> None:
+    # The last requests finished and were delivered; the running gauge drops a read
+    # later (SGLang publishes it when the idle scheduler sees it stale): output looks
+    # owed, a canary goes out, and a slow but healthy engine answers it in 0.6 s.
+    monitor, engine, _, _ = scripted()
+    engine.limits = ForwardLimits(4096, 32762)
+    await confirmed(monitor, engine)
+    ordinary(engine)
+    await run_for(monitor, engine, 5)
+    engine.tokens_per_tick = 0
+    await run_for(monitor, engine, monitor.s.scrape_interval)
+    engine.running = 0  # the stale gauge published
+    engine.canary_wait = 0.6
+    canaries = engine.canaries
+    _, seen = await run_for(monitor, engine, 10)
+    assert engine.canaries > canaries
+    assert seen == {EngineState.HEALTHY}, monitor.health
+
+
 async def test_one_forward_of_20s_is_busy_not_hung() -> None:
     # --chunked-prefill-size -1 and a 100k-token prompt: one prefill forward of 20 s
     # blocks decode and moves no counter until it ends (process_batch_result_prefill).

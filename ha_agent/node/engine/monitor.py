@@ -517,7 +517,12 @@ class HealthMonitor:
                 self._set(EngineState.HEALTHY, self.health.reason)  # refresh numbers
             return
         log.debug("canary: %s", why)
-        self._canary_behind_work = busy and state is EngineState.HEALTHY
+        # Only the gauges count as requests present here: output owed (finished_unseen)
+        # also follows every drop of a stale running gauge on an engine gone idle, and
+        # there a slow canary must not be judged before its own timeout.
+        self._canary_behind_work = (
+            sample is not None and sample.busy and state is EngineState.HEALTHY
+        )
         self._canary_sent_at = started = now
         before = self._last
         self._canary = asyncio.ensure_future(self.client.canary(self.s.canary_timeout))
