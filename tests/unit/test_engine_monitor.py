@@ -603,6 +603,29 @@ async def test_engine_gone_idle_with_a_slow_canary_is_not_judged_before_its_time
     assert seen == {EngineState.HEALTHY}, monitor.health
 
 
+async def test_canary_waiting_while_metrics_went_unanswered_busy_is_not_judged_early() -> None:
+    # Requests present, a canary out, then /metrics unanswered for a read while the
+    # process burns CPU (a big prompt being tokenized), and the first read after it
+    # still shows nothing moved: busy, as when the canary times out then.
+    # A read that times out in 0.3 s: the canary is still waiting when reads resume.
+    monitor, engine, proc, _ = scripted(scrape_timeout=0.3)
+    engine.limits = ForwardLimits(4096, 32762)
+    await confirmed(monitor, engine)
+    ordinary(engine)
+    await run_for(monitor, engine, 5)
+    tokens, engine.tokens_per_tick = engine.tokens_per_tick, 0
+    engine.canary_wait = 3600
+    canaries = engine.canaries
+    await run_for(monitor, engine, 5, until=lambda m: engine.canaries > canaries)
+    engine.metrics_stall, proc.cpu_share = 1.0, 1.0
+    await run_for(monitor, engine, monitor.s.scrape_interval)
+    engine.metrics_stall, proc.cpu_share = 0.0, 0.01
+    _, seen = await run_for(monitor, engine, monitor.s.scrape_interval)
+    engine.tokens_per_tick = tokens
+    _, later = await run_for(monitor, engine, 5)
+    assert seen | later == {EngineState.HEALTHY}, monitor.health
+
+
 async def test_one_forward_of_20s_is_busy_not_hung() -> None:
     # --chunked-prefill-size -1 and a 100k-token prompt: one prefill forward of 20 s
     # blocks decode and moves no counter until it ends (process_batch_result_prefill).

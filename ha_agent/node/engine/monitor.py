@@ -339,6 +339,10 @@ class HealthMonitor:
             return False
         if self.health.state is not EngineState.HEALTHY:
             return False
+        if self._excused_at > self._canary_sent_at:
+            # /metrics went unanswered with the process busy meanwhile (SGLang tokenizes
+            # in its HTTP process): the canary's timeout judges, as _excused_timeout does.
+            return False
         silent_for = now - self._last_activity
         allowance = self.forward_allowance()
         if silent_for < allowance:
