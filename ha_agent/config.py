@@ -313,6 +313,13 @@ class EngineHealthSettings(BaseSettings):
         " monitor raises it to what the engine's counters prove). With the longest forward"
         " it bounds how long one forward pass may run silent, tokens/s.",
     )
+    min_forward_allowance: float = Field(
+        1.0,
+        gt=0,
+        description="The shortest silence (requests present, a canary waiting, no counter"
+        " moving) judged a hang, however short the longest forward at the proven prefill"
+        " rate; s.",
+    )
     max_forward_tokens: int | None = Field(
         None,
         ge=1,
@@ -361,9 +368,12 @@ class EngineHealthSettings(BaseSettings):
     @property
     def hang_detection_time(self) -> float:
         """Worst case from a hung scheduler (requests present, no token) to `hung` when
-        no long forward may be in flight: the stall, one canary, one scrape interval to
-        notice. Longer by up to the forward allowance when one may be."""
-        return self.stall_timeout + self.canary_timeout + self.scrape_interval
+        no long forward may be in flight (the allowance is at its floor): a canary goes
+        out on the first read after the stall, and the silence is judged on the first
+        read after the floor, without waiting out the canary's own timeout. Longer by up
+        to the forward allowance when a long forward may be in flight."""
+        sent = self.stall_timeout + self.scrape_interval
+        return max(sent, self.min_forward_allowance) + self.scrape_interval
 
     @property
     def frozen_detection_time(self) -> float:

@@ -44,12 +44,16 @@ def _refuse_unsupported(body: Any) -> None:
 
 
 class BadRequest(ValueError):
-    """A 400. ``validation`` marks body/type errors (FastAPI's RequestValidationError)."""
+    """A 400. ``validation`` marks body/type errors (FastAPI's RequestValidationError);
+    ``converting`` a ValueError of an OpenAI route's _convert_to_internal_request, which
+    OpenAIServingBase.handle_request answers with type "BadRequest" (the engine's own
+    ValueErrors get "BadRequestError")."""
 
-    def __init__(self, message: str, validation: bool = False) -> None:
+    def __init__(self, message: str, validation: bool = False, converting: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.validation = validation
+        self.converting = converting
 
 
 class _Model(BaseModel):
@@ -171,6 +175,11 @@ class ChatBody(_OpenAICommon):
     continue_final_message: bool = False
     separate_reasoning: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # SGLang extras (ChatCompletionRequest): the choice's prompt_token_ids,
+    # response_token_ids and meta_info; non-stream only.
+    return_prompt_token_ids: bool = False
+    return_token_ids: bool = False
+    return_meta_info: bool = False
 
 
 @dataclass
@@ -190,7 +199,9 @@ class OpenAICall:
     echo_text: str = ""
     reasoning: ReasoningSpec | None = None  # chat with --reasoning-parser
     tools: ToolSpec | None = None  # chat with tools (and tool_choice not none)
-    return_token_ids: bool = False  # completions
+    return_token_ids: bool = False
+    return_prompt_token_ids: bool = False  # chat
+    return_meta_info: bool = False  # chat
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -344,8 +355,6 @@ class RequestBuilder:
             raise BadRequest("input_embeds and image_data are not supported by the simulator")
         if req.text is None and req.input_ids is None:
             raise BadRequest("Either text, input_ids or input_embeds should be provided.")
-        if req.text is not None:
-            req.input_ids = None  # text wins (_determine_batch_size, managers/io_struct.py)
         if req.return_logprob not in (None, False):
             raise BadRequest("return_logprob is not supported by the simulator")
         batch = BadRequest("batch requests are not supported by the simulator (one per request)")
@@ -359,6 +368,11 @@ class RequestBuilder:
             req.input_ids = req.input_ids[0]
         if isinstance(req.rid, list) or isinstance(req.sampling_params, list):
             raise batch
+        if req.input_ids is not None:
+            # With both given the ids are the prompt: TokenizerManager._tokenize_one_request
+            # takes obj.input_ids and tokenizes text only without them (text decides the
+            # batch size alone, GenerateReqInput._determine_batch_size).
+            req.text = None
         sp: SamplingParamsBody = _parse(SamplingParamsBody, req.sampling_params or {})
         if sp.structural_tag is not None:
             raise BadRequest("structural_tag constraints are not supported by the simulator")
@@ -411,6 +425,27 @@ class RequestBuilder:
             raise BadRequest("Messages cannot be empty.")
         if req.logprobs:
             raise BadRequest("logprobs are not supported by the simulator")
+        if req.stream:
+            # serving_chat.py _convert_to_internal_request: SGLang's checks and words.
+            if req.return_prompt_token_ids:
+                raise BadRequest(
+                    "return_prompt_token_ids is not supported with streaming. "
+                    "Please set stream=false when using return_prompt_token_ids=true.",
+                    converting=True,
+                )
+            if req.return_token_ids:
+                raise BadRequest(
+                    "return_token_ids is not supported with streaming on "
+                    "/v1/chat/completions. Please set stream=false when using "
+                    "return_token_ids=true.",
+                    converting=True,
+                )
+            if req.return_meta_info:
+                raise BadRequest(
+                    "return_meta_info is not supported with streaming. "
+                    "Please set stream=false when using return_meta_info=true.",
+                    converting=True,
+                )
         try:
             tools = tool_spec(req.tools, req.tool_choice, self.settings.tool_call_parser or None)
         except ToolsError as exc:
@@ -448,6 +483,9 @@ class RequestBuilder:
         call = self._call(req, gen)
         call.reasoning = spec
         call.tools = tools
+        call.return_token_ids = req.return_token_ids
+        call.return_prompt_token_ids = req.return_prompt_token_ids or req.return_token_ids
+        call.return_meta_info = req.return_meta_info
         return call
 
     def _openai_gen(

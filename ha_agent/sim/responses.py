@@ -366,13 +366,21 @@ class ChatFormatter(CompletionFormatter):
             "reasoning_content": thought or None,
             "tool_calls": calls,
         }
-        choice = {
+        choice: dict[str, Any] = {
             "index": 0,
             "message": message,
             "logprobs": None,
             "finish_reason": reason,
             "matched_stop": matched,
         }
+        # serving_chat.py _build_chat_response; ChatCompletionResponseChoice drops each
+        # when None.
+        if self.call.return_prompt_token_ids:
+            choice["prompt_token_ids"] = list(self.job.req.prompt_ids)
+        if self.call.return_token_ids:
+            choice["response_token_ids"] = list(self.job.output_ids)
+        if self.call.return_meta_info:
+            choice["meta_info"] = self.job.meta_info()
         return {
             **self._head(),
             "object": "chat.completion",

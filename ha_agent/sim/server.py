@@ -95,7 +95,8 @@ def _bad_request(exc: BadRequest, native: bool) -> web.Response:
         return _json(openai_error(exc.message, "Bad Request", 400), 400)
     if native:
         return _json(native_error(exc.message), 400)
-    return _json(openai_error(exc.message, "BadRequestError", 400), 400)
+    err_type = "BadRequest" if exc.converting else "BadRequestError"
+    return _json(openai_error(exc.message, err_type, 400), 400)
 
 
 # Routes SGLang marks @auth_level(AuthLevel.ADMIN_OPTIONAL) (http_server.py).

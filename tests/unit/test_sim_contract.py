@@ -650,6 +650,67 @@ async def test_token_ids_come_back_where_sglang_returns_them(
     assert all(e["prompt_token_ids"] == tok.encode("Count to ten") for e in events)
 
 
+async def test_generate_with_text_and_input_ids_takes_the_ids_as_the_prompt(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/managers/tokenizer_manager.py (_tokenize_one_request: with
+    obj.input_ids given, they are the prompt and text is not tokenized) and
+    python/sglang/srt/managers/io_struct.py (GenerateReqInput._validate_inputs refuses
+    only none of text, input_ids, input_embeds, or all three)."""
+    client = await sim_client_factory()
+    tok = get_tokenizer()
+    params = {"max_new_tokens": 8, "ignore_eos": True}
+    ids = tok.encode("The ids say this")
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        resp = await client.post(
+            "/generate", json={**body, "sampling_params": params, "return_prompt_token_ids": True}
+        )
+        assert resp.status == 200, await resp.text()
+        result: dict[str, Any] = await resp.json()
+        return result
+
+    both = await answer({"text": "while the text says that", "input_ids": ids})
+    only_ids = await answer({"input_ids": ids})
+    assert both["prompt_token_ids"] == ids
+    assert both["meta_info"]["prompt_tokens"] == len(ids)
+    assert both["output_ids"] == only_ids["output_ids"]
+
+
+async def test_chat_token_ids_and_meta_info_come_back_without_stream_only(
+    sim_client_factory: SimClientFactory,
+) -> None:
+    """python/sglang/srt/entrypoints/openai/serving_chat.py (_convert_to_internal_request
+    refuses return_prompt_token_ids, return_token_ids and return_meta_info with stream;
+    _build_chat_response puts prompt_token_ids, response_token_ids and meta_info on the
+    choice) and protocol.py (ChatCompletionResponseChoice drops each when None)."""
+    client = await sim_client_factory()
+    body: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "Count to ten"}],
+        "max_tokens": 6,
+        "ignore_eos": True,
+    }
+    for flag in ("return_prompt_token_ids", "return_token_ids", "return_meta_info"):
+        resp = await client.post("/v1/chat/completions", json={**body, flag: True, "stream": True})
+        assert resp.status == 400, flag
+        error = await resp.json()
+        # Raised in _convert_to_internal_request: handle_request's own type.
+        assert error["type"] == "BadRequest"
+        assert f"{flag} is not supported with streaming" in error["message"]
+    resp = await client.post(
+        "/v1/chat/completions", json={**body, "return_token_ids": True, "return_meta_info": True}
+    )
+    assert resp.status == 200, await resp.text()
+    choice = (await resp.json())["choices"][0]
+    tok = get_tokenizer()
+    assert len(choice["response_token_ids"]) == 6
+    assert tok.decode(choice["response_token_ids"]) == choice["message"]["content"]
+    assert tok.decode(choice["prompt_token_ids"]).endswith("<|assistant|>\n")
+    assert choice["meta_info"]["completion_tokens"] == 6
+    plain = (await (await client.post("/v1/chat/completions", json=body)).json())["choices"][0]
+    assert not {"prompt_token_ids", "response_token_ids", "meta_info"} & set(plain)
+
+
 # -- 9. one forward at a time: prefill blocks decode, counters move at batch end ---------
 async def _gaps_while(resp: ClientResponse, task: asyncio.Task[Any]) -> float:
     """The longest silence between a stream's events while ``task`` runs."""

@@ -980,8 +980,9 @@ class _Generate(Strategy):
             # Exact: the engine continues from the very tokens it produced.
             body["input_ids"] = list(body["input_ids"]) + p.output_ids
         elif p.prompt_ids is not None and mig._cumulative:
-            # A text prompt as the engine tokenized it: no tokenizer at the splice (text
-            # wins over input_ids in GenerateReqInput, so it goes).
+            # A text prompt as the engine tokenized it: no tokenizer at the splice. text
+            # goes: with both, SGLang takes the ids (TokenizerManager._tokenize_one_request)
+            # and a request that names one prompt is clearer.
             body.pop("text", None)
             body["input_ids"] = list(p.prompt_ids) + p.output_ids
         else:

@@ -23,7 +23,9 @@ Signals, cheapest first (which hold on real SGLang: docs/architecture.md):
    idle; nothing at all is a hang only once the engine has been silent longer
    than one forward pass may take: the most prompt tokens a forward can hold (a
    chunk, or the longest prompt with chunking off) at the prefill rate its counters
-   have proved (`prefill_rate` at least). A canary refused with "queue is full" is
+   have proved (`prefill_rate` at least, `min_forward_allowance` at least). A canary
+   sent because requests were present need not time out for that: the silence is
+   judged on every read while it waits. A canary refused with "queue is full" is
    overload, not a failure.
 
 Only the canary, the process, an unanswering engine, a silence longer than a forward
@@ -142,8 +144,10 @@ class HealthMonitor:
         # Requests left the scheduler (its running gauge fell) and nothing reached a
         # client since: their output is owed too. With short requests a stalled
         # detokenizer lets the scheduler finish them all between two publications of
-        # its decode counter (SGLang's realtime_tokens_total moves per log interval),
-        # so the tokens owed can stay under the slack while every client waits.
+        # its gauges (num_running_reqs every decode_log_interval iterations, while
+        # realtime_tokens_total moves every iteration: report_decode_stats), so the
+        # slack, sized by a stale running count, can exceed the tokens owed while every
+        # client waits.
         self._finished_unseen = False
         self._limits: ForwardLimits | None = None
         self._limits_task: asyncio.Future[ForwardLimits | None] | None = None
@@ -154,6 +158,8 @@ class HealthMonitor:
         self._engine_pid = 0
         self._canary: asyncio.Task[CanaryResult] | None = None
         self._canary_failures = 0
+        self._canary_behind_work = False  # the canary in flight went out with requests present
+        self._canary_sent_at = 0.0
         self._next_canary_at = 0.0
         self._listeners: list[Listener] = []
         self.canary_latency: float | None = None
@@ -248,7 +254,12 @@ class HealthMonitor:
         for observe in self.probe_observers:
             observe("metrics", sample.latency)
         self._observe(sample)
-        if self._no_progress_too_long(self.clock()) or self._silent_too_long(self.clock()):
+        now = self.clock()
+        if (
+            self._no_progress_too_long(now)
+            or self._silent_too_long(now)
+            or self._silent_behind_canary(now)
+        ):
             return self.health
         self._maybe_canary(self.clock())
         return self.health
@@ -267,9 +278,16 @@ class HealthMonitor:
 
     def forward_allowance(self) -> float:
         """How long one forward pass may keep the engine silent: the most prompt tokens a
-        forward can hold at the prefill rate, never less than a stall plus a canary."""
+        forward can hold at the prefill rate, never less than `min_forward_allowance`.
+
+        Why a forward bounds it: on SGLang every counter the monitor reads moves only
+        when a batch completes (`realtime_tokens_total` from `report_prefill_stats` /
+        `report_decode_stats`, the tokenizer manager's histograms when that batch's
+        output arrives), and the scheduler runs one batch at a time
+        (`Scheduler.event_loop_normal`); so with requests present, a silence longer than
+        the longest forward it can run is no forward at all."""
         longest = self.max_forward_tokens() / self.prefill_rate()
-        return max(longest, self.s.stall_timeout + self.s.canary_timeout)
+        return max(longest, self.s.min_forward_allowance)
 
     def _read_limits(self) -> None:
         """Once per engine run, on a healthy engine: /server_info asks its scheduler."""
@@ -306,6 +324,36 @@ class HealthMonitor:
             EngineState.HUNG,
             f"nothing moved for {silent_for:.1f}s, longer than a forward of"
             f" {self.max_forward_tokens()} prompt tokens at {self.prefill_rate():.0f} tokens/s",
+        )
+        return True
+
+    def _silent_behind_canary(self, now: float) -> bool:
+        """Requests were present when the canary went out, and nothing has moved for
+        longer than one forward may take: a hang, judged without waiting out the
+        canary's own timeout (the common hang, no long prefill in flight, is caught
+        one forward allowance after the last movement). Counters moved by a running
+        forward's end, a prefill chunk or a decode step reset the silence (`_observe`),
+        so a busy engine is never judged here; only an engine whose scheduler
+        completes no batch at all with work queued."""
+        if self._canary is None or not self._canary_behind_work:
+            return False
+        if self.health.state is not EngineState.HEALTHY:
+            return False
+        if self._excused_at > self._canary_sent_at:
+            # /metrics went unanswered with the process busy meanwhile (SGLang tokenizes
+            # in its HTTP process): the canary's timeout judges, as _excused_timeout does.
+            return False
+        silent_for = now - self._last_activity
+        allowance = self.forward_allowance()
+        if silent_for < allowance:
+            return False
+        waited = now - self._canary_sent_at
+        self._cancel_canary()
+        self._set(
+            EngineState.HUNG,
+            f"canary unanswered after {waited:.1f}s and nothing moved for {silent_for:.1f}s"
+            f" with requests present, longer than a forward of {self.max_forward_tokens()}"
+            f" prompt tokens at {self.prefill_rate():.0f} tokens/s",
         )
         return True
 
@@ -473,7 +521,13 @@ class HealthMonitor:
                 self._set(EngineState.HEALTHY, self.health.reason)  # refresh numbers
             return
         log.debug("canary: %s", why)
-        started = now
+        # Only the gauges count as requests present here: output owed (finished_unseen)
+        # also follows every drop of a stale running gauge on an engine gone idle, and
+        # there a slow canary must not be judged before its own timeout.
+        self._canary_behind_work = (
+            sample is not None and sample.busy and state is EngineState.HEALTHY
+        )
+        self._canary_sent_at = started = now
         before = self._last
         self._canary = asyncio.ensure_future(self.client.canary(self.s.canary_timeout))
         self._canary.add_done_callback(lambda task: self._canary_done(task, why, started, before))
