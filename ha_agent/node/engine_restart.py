@@ -14,7 +14,10 @@ Rules, checked every `loop_wait`:
 - hung (and no attempt made) for `engine_restart_after`, doubled for each restart
   already made within `engine_restart_window` (damping); at most
   `engine_restart_limit` restarts in that window, each bounded by
-  `engine_restart_timeout`; then it waits for an operator.
+  `engine_restart_timeout`; then it waits for an operator;
+- asked once more just before the kill (a canary now, `HealthMonitor.still_hung`):
+  a sick engine's canaries back off, so one that recovered a moment ago can still
+  read `hung`, and its restart would cost a GPU host minutes of model loading.
 Every attempt is an ENGINE_AUTO_RESTART event in ha.log and the store's history.
 """
 
@@ -131,6 +134,10 @@ class EngineRestarter:
             self._maybe_give_up(decision)
             return decision
         assert self.control is not None
+        # The verdict may be older than the engine's recovery (canaries back off).
+        if not await self.ha.engine.still_hung():
+            log.info("engine answered again before its restart; not restarted")
+            return Decision(False, "")
         h = self.ha.engine.health
         self._restarts.append(self.clock())
         self.ha.events.emit(ev.ENGINE_AUTO_RESTART, f"{self.ha.name}: {decision.why}")

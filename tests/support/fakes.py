@@ -187,6 +187,17 @@ class FakeEngine:
     def recent_success_rate(self) -> float | None:
         return self.success_rate
 
+    # What the engine answers when asked once more before a restart (still_hung):
+    # None = as `health` says; a state = it answers so now (the recheck's verdict).
+    recheck: EngineState | None = None
+    rechecks = 0
+
+    async def still_hung(self) -> bool:
+        self.rechecks += 1
+        if self.recheck is not None:
+            self.set(self.recheck, "answered the recheck")
+        return self.health.state is EngineState.HUNG
+
     def set(self, state: EngineState, reason: str = "test", **fields: Any) -> None:
         old = self.health
         self.health = EngineHealth(state, reason, self.clock(), **fields)

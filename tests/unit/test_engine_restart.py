@@ -112,6 +112,22 @@ async def test_hung_old_primary_is_restarted_once_the_role_moved(
     assert AgentStatus.from_json(status.to_json()).engine_restarts == 1
 
 
+async def test_an_engine_that_answers_again_before_its_restart_is_not_restarted(
+    store: FakeStore, clock: FakeClock, control: FakeControl
+) -> None:
+    # The hang ended a moment ago, but the sick engine's canaries back off, so the
+    # verdict still reads hung when the restart is due: it is asked once more first.
+    pair = await hung_primary(store, clock, control)
+    pair.a.engine.recheck = EngineState.HEALTHY
+    await pair.run(10.0)
+    assert pair.a.engine.rechecks == 1
+    assert control.calls == [] and pair.restarts() == []
+    await pair.run(1.0)
+    status = pair.a.ha.status()
+    assert status.role is Role.STANDBY and status.engine.healthy
+    assert status.engine_restarts == 0
+
+
 async def test_never_restarted_while_holding_the_lease(
     store: FakeStore, clock: FakeClock, control: FakeControl
 ) -> None:

@@ -636,6 +636,24 @@ class HealthMonitor:
         )
         return True
 
+    async def still_hung(self) -> bool:
+        """Ask the engine once more, now, before something costly is done about a hang.
+
+        Why: a sick engine's canaries back off (up to 5 s apart), so an engine that
+        recovered a moment ago can still read `hung`; restarting it would throw away a
+        working engine (on a GPU host, minutes of model loading). Waits for the canary
+        in flight, or sends one at once; the verdict is `_canary_done`'s as ever."""
+        if self.health.state is not EngineState.HUNG:
+            return False
+        if self._canary is None:
+            self._next_canary_at = 0.0
+            self._maybe_canary(self.clock())
+        task = self._canary
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task}, timeout=self.s.canary_timeout + 1.0)
+        return self.health.state is EngineState.HUNG
+
     def _cancel_canary(self) -> None:
         if self._canary is not None:
             self._canary.cancel()
