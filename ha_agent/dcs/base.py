@@ -215,7 +215,7 @@ class EngineStatus:
     # (process.py EXCEPTION_TEXT): what the relay's query-of-death rule reads.
     exceptions: int = 0
     # Down, and the agent has read how the run ended for good: `exceptions` will not
-    # rise for this death (false where the agent cannot know: a sidecar, a container).
+    # rise for this death (false where it cannot know, e.g. from a container's logs).
     exit_known: bool = False
     running: float = 0.0
     queued: float = 0.0

@@ -234,8 +234,10 @@ class HostProcessWatch(ProcessWatch):
         self.name = f"pid {pid}" if pid else f"process matching {pattern!r}"
         self._run: tuple[int, int] | None = None  # (pid, start time) of the run last seen
         self._log_offset = 0  # log size when that run was first seen
-        self._gone: ProcessState | None = None  # how the last run ended, read once
-        self._gone_at = 0.0  # when that was (monotonic)
+        # How the last run ended: read when it is seen gone, and again, final, once
+        # OUTPUT_SETTLE has passed since (`_gone_at`, monotonic).
+        self._gone: ProcessState | None = None
+        self._gone_at = 0.0
 
     def describe(self) -> str:
         return self.name
