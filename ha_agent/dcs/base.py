@@ -214,6 +214,9 @@ class EngineStatus:
     # Engine runs that ended in the engine's own exception since the agent started
     # (process.py EXCEPTION_TEXT): what the relay's query-of-death rule reads.
     exceptions: int = 0
+    # Down, and the agent has read how the run ended for good: `exceptions` will not
+    # rise for this death (false where it cannot know, e.g. from a container's logs).
+    exit_known: bool = False
     running: float = 0.0
     queued: float = 0.0
     token_usage: float = 0.0
@@ -235,6 +238,7 @@ class EngineStatus:
             for_seconds=_num(data, "for_seconds"),
             oom=bool(data.get("oom", False)),
             exceptions=int(_num(data, "exceptions")),
+            exit_known=bool(data.get("exit_known", False)),
             running=_num(data, "running"),
             queued=_num(data, "queued"),
             token_usage=_num(data, "token_usage"),

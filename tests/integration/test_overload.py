@@ -12,6 +12,8 @@
   once for it and never both at once, the relay quarantines it alone (503,
   QUERY_QUARANTINED, the metric), and everyone else is served throughout.
 - The standby's engine hung, then the primary's killed: nothing is quarantined.
+- The primary's engine killed (SIGKILL), then the new primary's container killed:
+  0 failed requests, nothing quarantined.
 """
 
 from __future__ import annotations
@@ -260,13 +262,25 @@ def test_sixty_seconds_of_saturation_and_bad_input_change_no_role(stack: Stack) 
     assert stack.wait_stable(timeout=60) == primary
 
 
+def quarantined_refusals(stack: Stack) -> float:
+    """sglang_ha_relay_refused_total{reason="quarantined"}, all endpoints."""
+    metrics = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("sglang_ha_relay_refused_total{") and 'reason="quarantined"' in line
+    )
+
+
 def test_a_query_of_death_costs_only_itself(stack: Stack) -> None:
     """Under load from clients that never retry (streams and whole answers), one request
     holding the crash marker: it alone is quarantined, every other request is served,
     each node crashes at most once and never both at the same time."""
     stack.wait_stable()
+    logs_before = {n: len(stack.ha_log(n)) for n in NODES.values()}
     unhealthy_before = {n: stack.ha_log(n).count("ENGINE_UNHEALTHY") for n in NODES.values()}
     relay_log_before = stack.ha_log("gateway").count("QUERY_QUARANTINED")
+    refused_before = quarantined_refusals(stack)
     deadly = {"text": f"tell me {MARKER}", "sampling_params": {"max_new_tokens": 4}}
     quarantined = "quarantined"
     views: watch.Views = []
@@ -276,7 +290,9 @@ def test_a_query_of_death_costs_only_itself(stack: Stack) -> None:
             url = stack.gateway_url
             stop = time.monotonic() + 40
             outcomes: list[str] = []
-            agents = asyncio.ensure_future(watch.watch_agents(stack, http, views, stop + 5))
+            agents = asyncio.ensure_future(
+                watch.watch_agents(stack, http, views, stop + 5, every=0.1)
+            )
 
             async def everyone_else(client: int) -> None:
                 n = 0
@@ -332,13 +348,20 @@ def test_a_query_of_death_costs_only_itself(stack: Stack) -> None:
     }
     assert all(c <= 1 for c in crashes.values()), crashes
     assert sum(crashes.values()) >= 1, crashes
+    # Never both engines down: in the agents' own status, sampled every 0.1 s, and in
+    # their ENGINE_UNHEALTHY / ENGINE_HEALTHY events over the whole run.
     both_down = [v for _, v in views if all(v[n][2] != "healthy" for n in NODES)]
     assert not both_down, both_down[:3]
+    assert len(views) > 100, len(views)
+    spans = [watch.engine_down_spans(stack.ha_log(n)[logs_before[n] :]) for n in NODES.values()]
+    assert not watch.overlapping(*spans), spans
     assert [o for o in outcomes if o != "ok"] == [], "everyone else was served"
     assert ok > 50, ok
     assert stack.ha_log("gateway").count("QUERY_QUARANTINED") == relay_log_before + 1
     metrics = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=5).text
     assert "sglang_ha_relay_quarantined_total 1.0" in metrics
+    # Refused as quarantined: the culprit's four tries, nothing else.
+    assert quarantined_refusals(stack) - refused_before == len(again)
 
 
 def test_the_standby_hung_then_the_primary_killed_quarantines_nothing(stack: Stack) -> None:
@@ -365,4 +388,35 @@ def test_the_standby_hung_then_the_primary_killed_quarantines_nothing(stack: Sta
     print(f"standby hung, primary killed: {load.summary()}")
     quarantined = [r.error for r in load.records if "quarantined" in (r.error or "")]
     assert not quarantined, quarantined[:3]
+    assert stack.ha_log("gateway").count("QUERY_QUARANTINED") == relay_log_before
+
+
+def test_an_engine_kill_and_a_container_kill_fail_nothing(stack: Stack) -> None:
+    """With the query-of-death rule on (the crash marker armed on both engines), plain
+    crashes are failovers as before: the primary's engine killed with SIGKILL, then the
+    new primary's container killed, under load from clients that never retry: 0 failed
+    requests, nothing quarantined."""
+    first = stack.wait_stable()
+    relay_log_before = stack.ha_log("gateway").count("QUERY_QUARANTINED")
+    second = first
+    try:
+        with background_load(stack.gateway_url) as load:
+            time.sleep(3.0)  # under way
+            stack.signal_engine(first, "KILL")
+            second = stack.wait_stable(60)
+            time.sleep(3.0)
+            stack.kill_container(second)
+            other = next(n for n in NODES if n != second)
+            wait_until(
+                lambda: (stack.agent_status(other) or {}).get("role") == "primary",
+                60,
+                what="the other node primary",
+            )
+            time.sleep(3.0)
+    finally:
+        stack.start_container(second)
+    stack.wait_stable(90)
+    print(f"engine kill on {first}, then container kill on {second}: {load.summary()}")
+    assert len(load.records) > 50, load.summary()
+    assert not load.failed, load.summary()
     assert stack.ha_log("gateway").count("QUERY_QUARANTINED") == relay_log_before

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SUPERVISORCTL = ["supervisorctl", "-c", "/etc/sglang-ha/supervisord.conf"]
 STREAMS = 16
 TOKENS = 400  # about 5 s at the simulator's 10 ms per token under this load
+WHOLE = 8  # non-streaming requests in flight at the kill
 
 
 @dataclass
@@ -76,6 +77,26 @@ async def _stream(
     return result
 
 
+async def _whole_answer(client: httpx.AsyncClient, url: str, i: int) -> StreamResult:
+    """A non-streaming request long enough to be on a worker, answerless, at the kill."""
+    result = StreamResult()
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": f"worker crash test, whole answer {i}"}],
+        "max_tokens": TOKENS,
+        "ignore_eos": True,
+    }
+    try:
+        resp = await client.post(f"{url}/v1/chat/completions", json=body)
+        result.worker = resp.headers.get("x-sglang-ha-relay-worker")
+        result.done = resp.status_code == 200
+        if not result.done:
+            result.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
 def _wait_workers(stack: Stack, count: int, timeout: float) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -92,15 +113,19 @@ def test_a_relay_worker_crash_loses_only_its_own_streams(stack: Stack) -> None:
     if len(before) < 2:
         pytest.skip(f"the gateway runs {len(before)} relay worker(s): nothing to compare")
 
-    async def scenario() -> tuple[str, list[StreamResult], list[int]]:
+    async def scenario() -> tuple[str, list[StreamResult], list[StreamResult], list[int]]:
         url = stack.gateway_url
-        limits = httpx.Limits(max_connections=STREAMS + 8)
+        limits = httpx.Limits(max_connections=STREAMS + WHOLE + 8)
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             started = [asyncio.Event() for _ in range(STREAMS)]
             tasks = [
                 asyncio.ensure_future(_stream(client, url, i, started[i])) for i in range(STREAMS)
             ]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
+            # Sent after every stream's first event: still generating, no byte back yet,
+            # when the worker dies.
+            whole = [asyncio.ensure_future(_whole_answer(client, url, i)) for i in range(WHOLE)]
+            await asyncio.sleep(0.5)
             victim = "0"
             # kill -9 (the image has no kill binary; its Python does the same).
             pid = before[victim]
@@ -122,12 +147,24 @@ def test_a_relay_worker_crash_loses_only_its_own_streams(stack: Stack) -> None:
                 statuses.append(r.status_code)
                 await asyncio.sleep(0.05)
             results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
-            return victim, results, statuses
+            answers = await asyncio.wait_for(asyncio.gather(*whole), 120)
+            return victim, results, answers, statuses
 
-    victim, results, statuses = asyncio.run(scenario())
+    victim, results, answers, statuses = asyncio.run(scenario())
     held = [r for r in results if r.worker == victim]
     others = [r for r in results if r.worker != victim]
     summary = [r.__dict__ for r in results]
+    # The blast radius, for docs/failover.md: what the killed worker cost its clients.
+    lost = [r for r in answers if not r.done]
+    print(
+        f"relay worker {victim} killed: {len(held)} of {len(results)} streams were on it"
+        f" and were cut; {len(lost)} of {len(answers)} whole-answer requests in flight"
+        f" (no byte received yet) failed: {[r.error for r in lost][:4]};"
+        f" new requests meanwhile {statuses.count(200)}/{len(statuses)} answered 200"
+    )
+    # A whole answer that failed was the dead worker's (Nginx cannot re-send a body it
+    # streamed to it); every one another worker held is answered.
+    assert all(r.done for r in answers if r.worker is not None), [r.__dict__ for r in answers]
     # SO_REUSEPORT spreads Nginx's connections: both workers held streams.
     assert held and others, summary
     # The other workers' streams are untouched: whole, to [DONE].

@@ -4,6 +4,7 @@ roles, the streams' ends, the HA logs."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import time
 from typing import Any
 
@@ -16,8 +17,10 @@ AgentView = tuple[str, Any, Any, Any]
 Views = list[tuple[float, dict[str, AgentView]]]
 
 
-async def watch_agents(stack: Stack, http: httpx.AsyncClient, views: Views, until: float) -> None:
-    """Every node's /ha/status, twice a second until `until`."""
+async def watch_agents(
+    stack: Stack, http: httpx.AsyncClient, views: Views, until: float, every: float = 0.5
+) -> None:
+    """Every node's /ha/status, every `every` seconds until `until`."""
     while time.monotonic() < until:
         view: dict[str, AgentView] = {}
         for node in NODES:
@@ -27,7 +30,7 @@ async def watch_agents(stack: Stack, http: httpx.AsyncClient, views: Views, unti
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 view[node] = ("unanswered", None, None, str(exc))
         views.append((time.monotonic(), view))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(every)
 
 
 def role_changes(views: Views, primary: str, epochs: dict[str, Any]) -> list[Any]:
@@ -67,3 +70,34 @@ async def stream_completed(r: httpx.Response, tokens: int, failed: list[str]) ->
         return True
     failed.append(f"ended early: {last[-200:]}")
     return False
+
+
+def engine_down_spans(ha_log: str) -> list[tuple[float, float]]:
+    """(from, to) in seconds (the log's whole-second stamps, read as UTC: only their
+    differences matter) in which an agent's log (ha.log, or the part written since
+    some moment) had its engine unhealthy: from an ENGINE_UNHEALTHY to the next
+    ENGINE_HEALTHY, or to infinity when still down at the end."""
+    spans: list[tuple[float, float]] = []
+    down: float | None = None
+    for line in ha_log.splitlines():
+        if not line.startswith("[") or "] ENGINE_" not in line:
+            continue
+        try:
+            at = float(calendar.timegm(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")))
+        except ValueError:
+            continue
+        if "] ENGINE_UNHEALTHY " in line and down is None:
+            down = at
+        elif "] ENGINE_HEALTHY " in line and down is not None:
+            spans.append((down, at))
+            down = None
+    if down is not None:
+        spans.append((down, float("inf")))
+    return spans
+
+
+def overlapping(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[Any]:
+    """Spans of `a` and `b` that share more than a boundary second (the log's stamps
+    are whole seconds: one node back and the other down within the same second is
+    not counted; the status samples cover that)."""
+    return [(x, y) for x in a for y in b if x[0] < y[1] and y[0] < x[1]]

@@ -36,8 +36,11 @@ def status(
     queued: float = 0,
     exceptions: int = 0,
     oom: bool = False,
+    exit_known: bool = False,
 ) -> AgentStatus:
-    engine = EngineStatus(state=state, queued=queued, exceptions=exceptions, oom=oom)
+    engine = EngineStatus(
+        state=state, queued=queued, exceptions=exceptions, oom=oom, exit_known=exit_known
+    )
     return AgentStatus(node="n", role=Role.PRIMARY, epoch=1, engine=engine)
 
 
@@ -398,6 +401,46 @@ async def test_no_request_is_blamed_for_a_kill_an_oom_a_hang_or_a_lost_node(
     crash(adm, "b", exception=False, **how)
     assert await adm.node_failed(req, "b", BROKE) is None
     assert not adm.quarantine
+
+
+@pytest.mark.parametrize("exception", [False, True], ids=["kill", "own-exception"])
+async def test_a_death_the_agent_has_read_to_its_end_is_judged_at_once(
+    admission: Admission, exception: bool
+) -> None:
+    """The agent says it read the dead run's output to its end (exit_known): a kill is
+    a kill at once, no grace; the engine's own exception still makes a suspect."""
+    adm = admission
+    req = await admitted(adm, "boom")
+    await sent(adm, req)
+    crash(adm, "a", exception=exception, exit_known=True)
+    started = time.monotonic()
+    assert await adm.node_failed(req, "a", BROKE) is None
+    took = time.monotonic() - started
+    assert took < 0.5, f"{took:.2f}s: waited as if the agent could not tell"
+    if exception:
+        assert adm.topology.nodes["a"].exception_seen_at > 0
+        assert await held_back(adm, req), "a suspect waits for two nodes serving"
+    else:
+        assert await sent(adm, req, timeout=0.05) == set(), "re-sent at once, b serving"
+    assert not adm.quarantine
+
+
+async def test_a_death_not_yet_read_to_its_end_waits_for_the_grace(admission: Admission) -> None:
+    """Down without exit_known (a death seen by HTTP first, a sidecar's log): a count
+    that rises within the grace still makes a suspect, not a re-send."""
+    adm = admission
+    req = await admitted(adm, "boom")
+    await sent(adm, req)
+    crash(adm, "a", exception=False)
+    verdict = asyncio.ensure_future(adm.node_failed(req, "a", BROKE))
+    await asyncio.sleep(0.6)
+    assert not verdict.done(), "judged before the agent could have read the output"
+    node = adm.topology.nodes["a"]
+    adm.topology.took_status(
+        node, status(EngineState.DEAD, exceptions=(node.exceptions_seen or 0) + 1, exit_known=True)
+    )
+    assert await asyncio.wait_for(verdict, 1.0) is None
+    assert await held_back(adm, req), "a suspect: the count rose"
 
 
 async def test_the_standby_hung_then_the_primary_killed_quarantine_nothing(

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from ha_agent.config import EngineHealthSettings
+from ha_agent.dcs.base import EngineStatus
 from ha_agent.node.engine.client import (
     CanaryResult,
     EngineClient,
@@ -381,13 +382,16 @@ class ScriptedProcess(ProcessWatch):
         self.letter = "S"
         self.supervisor_state = "RUNNING"
         self.exception = False  # the run that ended logged the engine's own exception
+        self.final = False  # how it ended is read for good (ProcessState.final)
         self.cpu_share = 0.01  # of one core, from now on
         self._cpu = 0.0
         self._at = clock()
 
     async def read(self, timeout: float) -> ProcessState:
         if self.supervisor_state != "RUNNING":
-            return ProcessState("engine", self.supervisor_state, 0, exception=self.exception)
+            return ProcessState(
+                "engine", self.supervisor_state, 0, exception=self.exception, final=self.final
+            )
         return ProcessState("engine", "RUNNING", 4242)
 
     def activity(self, pid: int) -> ProcessActivity | None:
@@ -836,6 +840,28 @@ async def test_each_run_ended_by_the_engines_own_exception_is_counted_once() -> 
     proc.supervisor_state, proc.exception = "BACKOFF", True
     await run_for(monitor, engine, 1)
     assert crashes() == 2
+
+
+async def test_the_status_says_when_how_the_engine_died_is_known_for_good() -> None:
+    """`exit_known` (what lets the relay re-send a kill's requests without its grace)
+    only while down, and only once the process watch says its reading is final."""
+    monitor, engine, proc, clock = scripted()
+    await confirmed(monitor, engine)
+
+    def known() -> bool:
+        return monitor.health.status(clock()).exit_known
+
+    assert not known()
+    proc.supervisor_state = "EXITED"
+    await run_for(monitor, engine, 1)
+    assert monitor.health.state is EngineState.DEAD and not known(), "not read for good yet"
+    proc.final = True
+    await run_for(monitor, engine, 1)
+    assert known()
+    assert EngineStatus.from_json(monitor.health.status(clock()).to_json()).exit_known
+    proc.supervisor_state, proc.final = "RUNNING", False
+    await confirmed(monitor, engine)
+    assert not known(), "serving again: nothing to say"
 
 
 async def test_unanswered_metrics_without_cpu_is_hung_quickly() -> None:

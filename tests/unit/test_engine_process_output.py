@@ -3,11 +3,16 @@ already started the next one by the time the agent reads the log."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
+import pytest
+
+from ha_agent.node.engine import process
 from ha_agent.node.engine.process import (
     EXCEPTION_TEXT,
     OOM_TEXT,
+    OUTPUT_SETTLE,
     START_MARKER,
     HostProcessWatch,
     SupervisorWatch,
@@ -152,3 +157,71 @@ def test_a_sidecar_engine_restarted_between_two_looks_still_tells_how_it_died(
     gone(101)  # kill -9, seen this time
     killed = watch._read()
     assert killed.state == "EXITED" and not killed.exception
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_dead_runs_output_is_final_only_once_it_had_time_to_reach_the_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`final` (no exception still to come) is said only a settle time after the
+    death was first read, whatever the engine is doing by then (restarting)."""
+    clock = _Clock()
+    monkeypatch.setattr(process, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    watch = SupervisorWatch("/nonexistent.sock", "engine")
+    fake = _FakeSupervisor()
+    watch._rpc = type("Rpc", (), {"supervisor": fake})()
+    assert not watch._read().final, "running: nothing to say"
+    fake.info = {"statename": "EXITED", "pid": 0}
+    fake.log = "INFO exited: engine (terminated by SIGKILL; not expected)\n"
+    first = watch._read()
+    assert not first.final and not first.exception, "just seen: a line may still come"
+    clock.now += OUTPUT_SETTLE / 2
+    fake.info = {"statename": "STARTING", "pid": 0}
+    assert not watch._read().final
+    clock.now += OUTPUT_SETTLE / 2
+    settled = watch._read()
+    assert settled.final and not settled.exception, "a kill, for good"
+    fake.info = {"statename": "RUNNING", "pid": 11}
+    fake.stderr += marker(11)
+    assert not watch._read().final, "the next run"
+    fake.info = {"statename": "EXITED", "pid": 0}
+    fake.stderr += CRASH_LINES + "\n"
+    clock.now += 5  # long after the previous death: this one is new
+    crashed = watch._read()
+    assert crashed.exception and not crashed.final
+    clock.now += OUTPUT_SETTLE
+    assert watch._read().final and watch._read().exception
+
+
+def test_a_sidecar_reads_a_gone_engines_log_again_before_it_is_final(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sidecar's engine log may get its last line after the process is gone (written
+    through a pipe): read once more a settle time later, and only then final."""
+    clock = _Clock()
+    monkeypatch.setattr(process, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    proc, log = tmp_path / "proc", tmp_path / "engine.log"
+    (proc / "100").mkdir(parents=True)
+    rest = " ".join(["0"] * 17)
+    (proc / "100" / "stat").write_text(f"100 (python) S 1 {rest} 5 0 0\n")
+    (proc / "100" / "cmdline").write_bytes(b"python\x00-m\x00ha_agent.sim\x00")
+    log.write_text("starting\n")
+    watch = HostProcessWatch(pattern="ha_agent.sim", log_file=str(log), proc=str(proc))
+    assert watch._read().running
+    for f in (proc / "100").iterdir():
+        f.unlink()
+    (proc / "100").rmdir()
+    gone = watch._read()
+    assert gone.state == "EXITED" and not gone.exception and not gone.final
+    with log.open("a") as fh:
+        fh.write(CRASH_LINES + "\n")  # late
+    clock.now += OUTPUT_SETTLE
+    settled = watch._read()
+    assert settled.final and settled.exception, "the late line counts"

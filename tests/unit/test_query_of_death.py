@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from ha_agent.gateway.admission.quarantine import EXCEPTION_GRACE
 from tests.support.cluster import LocalCluster, collect_stream, local_cluster
 from tests.support.processes import RedisProcess
 from tests.support.sim import ExitedWhileStarting
@@ -179,3 +181,44 @@ async def test_the_standby_hung_then_the_primary_killed_quarantines_nothing(
     assert not [o for o in outcomes if "quarantined" in o], outcomes
     assert "QUERY_QUARANTINED" not in cluster.ha_log("relay")
     assert cluster.relay.metrics.quarantined._value.get() == 0
+
+
+async def test_a_plain_kill_re_sends_whole_answers_without_waiting_out_the_grace(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whole-answer requests (suspects until the relay knows how the node died) on an
+    engine killed with SIGKILL: re-sent once the agent has read the dead run's log to its
+    end (OUTPUT_SETTLE), before the relay's grace for an agent that cannot say so would
+    have run out, and every one answered."""
+    assert cluster.relay is not None
+    caplog.set_level(logging.INFO, logger="ha_agent.gateway")
+    primary = await cluster.wait_ready()
+    node = cluster.relay.topology.nodes[primary]
+    body = {"text": "a long answer", "sampling_params": {"max_new_tokens": 200}}
+    async with httpx.AsyncClient(timeout=60) as http:
+        answers = [
+            asyncio.ensure_future(
+                http.post(f"{cluster.relay_url}/generate", json={**body, "text": f"answer {i}"})
+            )
+            for i in range(4)
+        ]
+        await cluster.wait_for(lambda: len(node.inflight) >= 4, 10, "the requests on the primary")
+        # Not restarted while the requests wait (supervisord holds a restarted engine in
+        # STARTING for startsecs=1 anyway); a process the sidecar sees gone and back
+        # between two looks gets the grace.
+        killed = time.time()
+        cluster.kill_engine(primary)
+        statuses = [r.status_code for r in await asyncio.wait_for(asyncio.gather(*answers), 60)]
+
+    def at(text: str) -> list[float]:
+        return [r.created - killed for r in caplog.records if text in r.getMessage()]
+
+    broke, resent = at(f"attempt on {primary} failed"), at("failed holding a request")
+    print(
+        f"broken {[round(t, 2) for t in broke]} s and re-sent {[round(t, 2) for t in resent]} s"
+        f" after the kill; answers {statuses}"
+    )
+    assert statuses == [200] * 4
+    assert len(resent) == 4, caplog.text[-2000:]
+    # The verdict's own wait, from the first broken connection to the last re-send.
+    assert max(resent) - min(broke) < EXCEPTION_GRACE - 0.1, (broke, resent)

@@ -10,8 +10,11 @@ Who can be guilty (gate.py applies it):
 - Only a crash by the engine's *own exception* counts: the agent reads the engine's
   output ("Scheduler hit an exception", node/engine/process.py) and reports how many
   runs ended so; the relay sees that count rise (topology.py). A kill, an OOM kill, a
-  hang or a lost node is no request's doing: every request on it is re-sent at once,
-  as for any failover, and nothing is counted.
+  hang or a lost node is no request's doing: every request on it is re-sent, as for
+  any failover, and nothing is counted. A request that could be a suspect waits for
+  the verdict: until the agent reports the dead run's output read to its end
+  (`exit_known`: read again `OUTPUT_SETTLE` after it saw the death, process.py), else
+  `EXCEPTION_GRACE` after the node shows down.
 - Only a request that had not received anything from that node yet is a *suspect*:
   one that already streamed tokens was past its prefill there. (A non-streaming
   request shows nothing before its answer, so it always is one.)
@@ -69,8 +72,11 @@ _CRASH_CAUSES = frozenset(
 )
 MAX_TRACKED = 10_000
 # How long a node may show down (dead, starting) before its agent's count of engine
-# exceptions must have risen if its engine died of one: the agent reads the engine's
-# output while the engine is down (a tick, 0.5 s) and the relay polls it (0.5 s).
+# exceptions must have risen if its engine died of one, where the agent cannot say it
+# has read the run's end (`exit_known`: a container's logs, a sidecar's engine back
+# before it was seen gone, a death seen by HTTP before the process watch read it): the
+# agent rereads the engine's output
+# while the engine is down (a tick, 0.5 s) and the relay polls it (0.5 s).
 EXCEPTION_GRACE = 1.5
 
 
@@ -157,6 +163,10 @@ async def crash_cause(topology: Topology, name: str, since: float, within: float
             if node.failed:
                 return Cause.OTHER  # the agent is gone: a lost node, no verdict on the engine
         elif status.engine.state is EngineState.HUNG or status.engine.oom:
+            return Cause.OTHER
+        elif not status.engine.healthy and status.engine.exit_known:
+            # The agent read the dead run's output to its end (supervisord's log, a
+            # sidecar's log file) and its count did not rise above: none is to come.
             return Cause.OTHER
         if node.failed or (status is not None and not status.engine.healthy):
             down_since = now if down_since is None else down_since

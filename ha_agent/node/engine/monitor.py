@@ -89,6 +89,9 @@ class EngineHealth:
     # sees one even when the engine was restarted between two polls.
     exception: bool = False
     exceptions: int = 0
+    # Down, and how the run ended is read for good (ProcessState.final): `exception`
+    # false then means a kill, not "not read yet".
+    exit_known: bool = False
     running: float = 0.0
     queued: float = 0.0
     token_usage: float = 0.0
@@ -107,6 +110,7 @@ class EngineHealth:
             for_seconds=round(now - self.since, 1),
             oom=self.oom,
             exceptions=self.exceptions,
+            exit_known=self.exit_known,
             running=self.running,
             queued=self.queued,
             token_usage=self.token_usage,
@@ -188,6 +192,7 @@ class HealthMonitor:
             oom=bool(extra.get("oom", False)),
             exception=exception,
             exceptions=old.exceptions + int(exception and not old.exception),
+            exit_known=bool(extra.get("exit_known", False)),
             running=sample.running if sample else 0.0,
             queued=sample.queued if sample else 0.0,
             token_usage=sample.token_usage if sample else 0.0,
@@ -437,6 +442,7 @@ class HealthMonitor:
                 f"process {proc.describe()}",
                 oom=proc.oom,
                 exception=proc.exception,
+                exit_known=proc.final,
             )
 
     def _not_listening(self, now: float) -> None:
@@ -452,6 +458,8 @@ class HealthMonitor:
             "engine not listening (connection refused)",
             oom=self.health.oom,
             exception=self.health.exception,
+            # Still the death the process watch explained, if it did.
+            exit_known=state is EngineState.DEAD and self.health.exit_known,
         )
 
     def recent_success_rate(self, window: float = 120.0, least: int = 3) -> float | None:

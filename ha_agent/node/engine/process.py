@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 import xmlrpc.client
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,11 @@ EXCEPTION_TEXT = re.compile(
     r"|MultiDetokenizerRouter|MultiTokenizerRouter) hit an exception"
 )
 _EXIT_LINE = re.compile(r"exited: (?P<name>\S+) \((?P<how>[^)]*)\)")
+# How long after a death was first seen its run's output is taken as complete in the
+# log: supervisord drains a dead process's pipes when it reaps it (supervisor/process.py
+# Subprocess.finish), yet a last line was once seen a read later under load; a line
+# later than this would also have escaped the relay's older rule (EXCEPTION_GRACE).
+OUTPUT_SETTLE = 0.5
 
 
 def output_of_run(log: str, pid: int) -> str:
@@ -68,6 +74,9 @@ class ProcessState:
     exit_how: str = ""  # "terminated by SIGKILL", "exit status 1"
     oom: bool = False
     exception: bool = False  # the run's output ends in the engine's own exception
+    # The ended run's output was read `OUTPUT_SETTLE` after its death was seen: `oom`
+    # and `exception` will not turn true later, so "no exception" is an answer.
+    final: bool = False
 
     @property
     def running(self) -> bool:
@@ -150,6 +159,7 @@ class SupervisorWatch(ProcessWatch):
         self._last_oom = False
         self._last_exception = False
         self._dead_pid = 0  # the run that died last, whose output tells how
+        self._dead_seen_at = 0.0  # when its death was first read (monotonic)
 
     def describe(self) -> str:
         return f"supervisord program {self.program}"
@@ -162,6 +172,7 @@ class SupervisorWatch(ProcessWatch):
                 # The process just went away: find out how, once.
                 self._last_exit = self._exit_how()
                 self._dead_pid = self._last_pid
+                self._dead_seen_at = time.monotonic()
             if not (self._last_oom and self._last_exception):
                 # Looked at on every read while it is down, not once: supervisord may
                 # report the death before it has drained the run's last output (the
@@ -173,8 +184,15 @@ class SupervisorWatch(ProcessWatch):
         if state == "RUNNING" and pid != self._last_pid:
             self._last_oom = self._last_exception = False
         self._last_pid = pid if state == "RUNNING" else 0
+        settled = time.monotonic() - self._dead_seen_at >= OUTPUT_SETTLE
         return ProcessState(
-            self.program, state, pid, self._last_exit, self._last_oom, self._last_exception
+            self.program,
+            state,
+            pid,
+            self._last_exit,
+            self._last_oom,
+            self._last_exception,
+            final=state != "RUNNING" and settled,
         )
 
     def _exit_how(self) -> str:
@@ -216,7 +234,10 @@ class HostProcessWatch(ProcessWatch):
         self.name = f"pid {pid}" if pid else f"process matching {pattern!r}"
         self._run: tuple[int, int] | None = None  # (pid, start time) of the run last seen
         self._log_offset = 0  # log size when that run was first seen
-        self._gone: ProcessState | None = None  # how the last run ended, read once
+        # How the last run ended: read when it is seen gone, and again, final, once
+        # OUTPUT_SETTLE has passed since (`_gone_at`, monotonic).
+        self._gone: ProcessState | None = None
+        self._gone_at = 0.0
 
     def describe(self) -> str:
         return self.name
@@ -311,10 +332,16 @@ class HostProcessWatch(ProcessWatch):
         if self._run is None:
             # Never seen yet: the user's engine may simply not be up.
             return ProcessState(self.name, "STARTING", 0, "not found yet")
-        if self._gone is None:
+        if self._gone is None or (
+            not self._gone.final and time.monotonic() - self._gone_at >= OUTPUT_SETTLE
+        ):
+            # Read again once settled: the engine's last lines may reach its log
+            # file after it is gone (through a pipe, a logger).
             oom, exception = self._log_says()
+            final = self._gone is not None
+            self._gone_at = self._gone_at if final else time.monotonic()
             self._gone = ProcessState(
-                self.name, "EXITED", 0, "gone (exit status unknown)", oom, exception
+                self.name, "EXITED", 0, "gone (exit status unknown)", oom, exception, final
             )
         return self._gone
 
