@@ -146,7 +146,12 @@ class Load:
         self.max_requests = max_requests
         self.zero = clock_zero if clock_zero is not None else time.monotonic()
         self.records: list[RequestRecord] = []
-        self.references: dict[int, str] = {}
+        # By (prompt, stream): SGLang answers a tool call cut off by max_tokens
+        # differently in the two (a stream has sent the call's deltas so far; a whole
+        # answer's parser finds no complete call and returns the text before it,
+        # stripped: function_call/qwen25_detector.py detect_and_parse), so each kind of
+        # answer is compared with an unbroken answer of its own kind.
+        self.references: dict[tuple[int, bool], str] = {}
         self.reference_usage: dict[int, tuple[int, int, int]] = {}
         self._issued = 0
         self.tools = tools
@@ -169,11 +174,12 @@ class Load:
                 **self._tools(i),
             )
             message = reply.choices[0].message
-            self.references[i] = _answer_text(
+            self.references[(i, False)] = _answer_text(
                 _extra(message, "reasoning_content"), message.content or "", _message_calls(message)
             )
             if reply.usage is not None:
                 self.reference_usage[i] = _usage(reply.usage)
+            self.references[(i, True)], *_ = await self._stream(i, self.now())
 
     async def _one(self, i: int, stream: bool) -> RequestRecord:
         start = self.now()
@@ -221,8 +227,8 @@ class Load:
                 refused=stream and REFUSED in str(exc),
             )
         rec.tools = bool(self._tools(prompt))
-        if prompt in self.references:
-            rec.text_matches = text == self.references[prompt]
+        if (prompt, stream) in self.references:
+            rec.text_matches = text == self.references[(prompt, stream)]
         if usage is not None:
             rec.completion_tokens = usage.completion_tokens
             if prompt in self.reference_usage:
