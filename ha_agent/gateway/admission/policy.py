@@ -283,9 +283,8 @@ class RequestPolicy:
             if got is None:
                 raise self._late()
             body = got
-        # Checked once the body is read: refused before, the relay would close the
-        # connection on a body Nginx is still writing, which Nginx takes for a failed
-        # worker and re-sends to the next.
+        # Checked once the body is read, as the prompt scan's refusal (_read_scanning):
+        # a refusal while Nginx still writes the body could break its connection.
         took = body_seconds(request)
         if took is not None and took > self.policy.body_timeout:
             raise self._late()
@@ -327,11 +326,10 @@ async def _read_scanning(request: web.Request, scanner: PromptScanner) -> bytes:
     """`request.read()` (the same size limit and 413), feeding each chunk to scanner.
 
     Once the prompt is too long, the rest is read and dropped (neither kept nor
-    parsed), and only then refused: answered before its body is all in, Nginx (1.22)
-    sends the answer with `Connection: keep-alive` yet closes the client's connection
-    right after it (`ngx_http_finalize_connection`: lingering close while the body is
-    still being read), and a client that reuses the connection at once loses its next
-    request (measured: 5 in 30 after a 4 MB prompt, through httpx)."""
+    parsed), and only then refused: an answer and a close while the sender still
+    writes the body can break its connection (with Nginx streaming bodies through, a
+    client that reused the connection lost its next request: 5 in 30 after a 4 MB
+    prompt, through httpx)."""
     limit = request.client_max_size
     if limit:  # as aiohttp's own read: fewer pause/resume cycles for big bodies
         request.content.set_read_chunk_size(limit)
