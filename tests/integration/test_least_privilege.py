@@ -230,7 +230,7 @@ def test_a_slow_body_is_cut_within_the_stated_total(stack: Stack) -> None:
         length = len(start) + dribbled + 1
         head = (
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % length
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % length
         )
         writer.write(head + start)
         started = time.monotonic()
