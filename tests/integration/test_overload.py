@@ -200,7 +200,8 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
     # (gateway/admission/prompt_scan.py) and neither keeps nor parses the rest, but it
     # still reads all of it before answering (policy.py). With Nginx streaming the body
     # through instead, a 15 MB prompt through Docker's port proxy, Nginx and the relay on
-    # the 2-core CPU stack took a median of 19-20 ms, at most 38-82 ms per 20 runs. The
+    # the 2-core CPU stack took a median of 19-20 ms, at most 38-82 ms per 20 runs;
+    # buffered, one run: 45, 47 and 103 ms (2026-12-06, docs/security.md). The
     # median of each request's three tries is held to the target of 100 ms: single tries
     # see outliers on this shared machine (one nested regex took 139 ms in a CI run, its
     # twins 26 and 45 ms). None may take a second.
