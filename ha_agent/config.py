@@ -879,7 +879,10 @@ class RelaySettings(
         False, description="Let clients send custom_logit_processor (code the engine runs)."
     )
     body_timeout: float = Field(
-        60.0, gt=0, description="A request body must arrive whole within this, s (else 408)."
+        60.0,
+        gt=0,
+        description="A request body must arrive whole within this, s (else 408): as Nginx"
+        " took it (X-SGLang-HA-Body-Seconds) and as read by the relay itself.",
     )
     poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
     connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")

@@ -193,39 +193,73 @@ def test_request_line_and_header_failures_get_json(stack: Stack) -> None:
     assert b"Bearer xxxx" not in stack.logs("gateway").encode()
 
 
+def _relay_408s(stack: Stack) -> tuple[float, float]:
+    """The relay's 408 answers so far: (all of them, those it held under 1 s)."""
+    text = httpx.get(f"http://{stack.ip('gateway')}:8002/metrics", timeout=5).text
+    every = quick = 0.0
+    for line in text.splitlines():
+        if 'code="408"' not in line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith("sglang_ha_relay_request_duration_seconds_count"):
+            every += float(value)
+        elif name.startswith("sglang_ha_relay_request_duration_seconds_bucket") and (
+            'le="1.0"' in name
+        ):
+            quick += float(value)
+    return every, quick
+
+
 def test_a_slow_body_is_cut_within_the_stated_total(stack: Stack) -> None:
-    """1 byte every 2 s never trips Nginx's per-read timeout (GATEWAY_BODY_TIMEOUT);
-    the relay's total (HA_BODY_TIMEOUT) ends it with a JSON 408."""
+    """1 byte every 2 s never trips Nginx's per-read timeout (GATEWAY_BODY_TIMEOUT).
+    Nginx holds the body until it is whole, then the relay refuses it with a JSON 408
+    because it took longer than HA_BODY_TIMEOUT: the relay never held the request while
+    it trickled in."""
     gateway = stack.container("gateway")
     gateway.reload()
     env = dict(item.split("=", 1) for item in gateway.attrs["Config"]["Env"])
     total = float(env["HA_BODY_TIMEOUT"])
     host, port = _gateway_address(stack)
+    start = b'{"model":"default","messages":[{"role":"user","content":"slow"}]'
+    # The last byte arrives about 4 s after the total.
+    dribbled = int(total / 2) + 2
+    relay_before = _relay_408s(stack)
 
     async def dribble() -> tuple[float, bytes]:
         reader, writer = await asyncio.open_connection(host, port)
+        length = len(start) + dribbled + 1
         head = (
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n{"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % length
         )
-        writer.write(head)
+        writer.write(head + start)
         started = time.monotonic()
         answer = asyncio.create_task(reader.read())
         try:
-            while not answer.done() and time.monotonic() - started < total + 20:
+            for _ in range(dribbled):
+                await asyncio.wait({answer}, timeout=2)
+                assert not answer.done(), (await answer)[:200]  # nothing before it is whole
                 writer.write(b" ")
                 await writer.drain()
-                await asyncio.wait({answer}, timeout=2)
-            return time.monotonic() - started, await asyncio.wait_for(answer, 5)
+            await asyncio.wait({answer}, timeout=2)
+            writer.write(b"}")
+            await writer.drain()
+            return time.monotonic() - started, await asyncio.wait_for(answer, 10)
         finally:
             writer.close()
 
     took, raw = asyncio.run(dribble())
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.split()[1] == b"408", raw[:200]
-    assert json.loads(body)["code"] == 408
-    assert total - 1 <= took <= total + 8, took
-    print(f"slow body cut after {took:.1f} s (stated total {total:g} s)")
+    error = json.loads(body)
+    assert error["code"] == 408, error
+    # The relay's refusal (Nginx's own 408 says "request not received in time").
+    assert f"within {total:g} s" in error["message"], error
+    assert total < took <= total + 12, took
+    # Answered by the relay at once, on the whole body: it held nothing while it came.
+    every, quick = _relay_408s(stack)
+    assert (every - relay_before[0], quick - relay_before[1]) == (1, 1), (relay_before, every)
+    print(f"slow body refused by the relay {took:.1f} s after its first byte (total {total:g} s)")
 
 
 def test_engine_steering_fields_are_refused_and_rids_are_ours(stack: Stack) -> None:

@@ -195,14 +195,16 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
     print(f"engine /metrics max {max(seen.metrics_latency):.3f}s")
     assert {c for _, c, _ in seen.bad} == {400}, seen.bad
     assert not seen.failed, seen.failed
-    # End to end through Nginx. The relay counts the prompt while the body streams in
-    # (gateway/admission/prompt_scan.py) and neither keeps nor parses the rest, but it still
-    # reads all of it before answering (else Nginx closes the client's connection
-    # under it, policy.py). A 15 MB prompt through Docker's port proxy, Nginx (256 KB
-    # body pieces) and the relay on the 2-core CPU stack: median 19-20 ms, at most
-    # 38-82 ms per 20 runs. The median of each request's three tries is held to the
-    # target of 100 ms: single tries see outliers on this shared machine (one nested
-    # regex took 139 ms in a CI run, its twins 26 and 45 ms). None may take a second.
+    # End to end through Nginx, which buffers the whole body (past 256 KB in a file on
+    # its tmpfs) before passing it on. The relay counts the prompt as it reads the body
+    # (gateway/admission/prompt_scan.py) and neither keeps nor parses the rest, but it
+    # still reads all of it before answering (policy.py). With Nginx streaming the body
+    # through instead, a 15 MB prompt through Docker's port proxy, Nginx and the relay on
+    # the 2-core CPU stack took a median of 19-20 ms, at most 38-82 ms per 20 runs;
+    # buffered, one run: 45, 47 and 103 ms (2026-12-06, docs/security.md). The
+    # median of each request's three tries is held to the target of 100 ms: single tries
+    # see outliers on this shared machine (one nested regex took 139 ms in a CI run, its
+    # twins 26 and 45 ms). None may take a second.
     bound = 0.1
     times: dict[str, list[float]] = {}
     for what, _, took in seen.bad:

@@ -1,6 +1,7 @@
 """The relay runs as several worker processes; one dying (kill -9) loses
-only the streams it held. Streams on the other workers finish whole, requests sent
-while it is down are answered (Nginx re-sends what reached no worker), and
+only the streams it held that had received their response head. Streams on the other
+workers finish whole; whole answers it held and requests sent while it is down are
+answered (Nginx holds each request whole and re-sends it to the next worker), and
 supervisord brings the worker back.
 
 A worker that freezes (SIGSTOP) is taken out of Nginx's rotation by the watchdog within
@@ -108,8 +109,20 @@ def _wait_workers(stack: Stack, count: int, timeout: float) -> dict[str, int]:
         time.sleep(0.2)
 
 
+def _unanswered_on(stack: Stack, victim: str) -> int:
+    """Requests Nginx saw fail on the worker's socket before their response head:
+    each one it then re-sent to the next worker (its error log)."""
+    sock = f"relay-{victim}.sock"
+    return sum(
+        sock in line and "while reading response header from upstream" in line
+        for line in stack.logs("gateway").splitlines()
+        if "[error]" in line
+    )
+
+
 def test_a_relay_worker_crash_loses_only_its_own_streams(stack: Stack) -> None:
     before = _wait_workers(stack, 1, 30.0)
+    unanswered_before = _unanswered_on(stack, "0")
     if len(before) < 2:
         pytest.skip(f"the gateway runs {len(before)} relay worker(s): nothing to compare")
 
@@ -156,21 +169,25 @@ def test_a_relay_worker_crash_loses_only_its_own_streams(stack: Stack) -> None:
     summary = [r.__dict__ for r in results]
     # The blast radius, for docs/failover.md: what the killed worker cost its clients.
     lost = [r for r in answers if not r.done]
+    resent = _unanswered_on(stack, victim) - unanswered_before
     print(
         f"relay worker {victim} killed: {len(held)} of {len(results)} streams were on it"
         f" and were cut; {len(lost)} of {len(answers)} whole-answer requests in flight"
         f" (no byte received yet) failed: {[r.error for r in lost][:4]};"
-        f" new requests meanwhile {statuses.count(200)}/{len(statuses)} answered 200"
+        f" new requests meanwhile {statuses.count(200)}/{len(statuses)} answered 200;"
+        f" {resent} request(s) lost by the worker before their response head, re-sent"
+        " by Nginx"
     )
-    # A whole answer that failed was the dead worker's (Nginx cannot re-send a body it
-    # streamed to it); every one another worker held is answered.
-    assert all(r.done for r in answers if r.worker is not None), [r.__dict__ for r in answers]
+    # No byte of these had reached their clients: every one is answered, those the dead
+    # worker held included (Nginx re-sends the buffered request to the next worker).
+    assert all(r.done for r in answers), [r.__dict__ for r in answers]
     # SO_REUSEPORT spreads Nginx's connections: both workers held streams.
     assert held and others, summary
     # The other workers' streams are untouched: whole, to [DONE].
     assert all(r.done and r.events == TOKENS and r.error is None for r in others), summary
     # The dead worker's streams are cut (the client sees a broken stream, not a hang).
     assert all(not r.done for r in held), summary
+    # Sent as the worker died or while it restarted: none fails.
     assert statuses == [200] * len(statuses), statuses
     # supervisord restarts the worker; the gateway is whole again.
     after = _wait_workers(stack, len(before), 30.0)

@@ -27,6 +27,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from ha_agent.gateway.admission.policy import BODY_SECONDS_HEADER
 from ha_agent.gateway.edge.access_log import AccessLogRotator
 from ha_agent.gateway.edge.nginx_conf import DEFAULTS, render_template
 from ha_agent.gateway.edge.nginx_sync import render_client_keys, render_relay_servers
@@ -83,12 +84,15 @@ class Upstream:
 
     port: int
     seen: list[str] = field(default_factory=list)
+    # Nginx's X-SGLang-HA-Body-Seconds and the body's size, per request.
+    bodies: list[tuple[str | None, int]] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(f"{request.method} {request.raw_path}")
-        await request.read()
+        body = await request.read()
+        self.bodies.append((request.headers.get(BODY_SECONDS_HEADER), len(body)))
         if request.query.get("hold"):
             await asyncio.wait_for(self.release.wait(), timeout=20)
         if request.query.get("stream"):
@@ -225,6 +229,36 @@ async def test_oversized_body_is_413_json_and_never_proxied() -> None:
         r = await http.post(gw.url + "/v1/completions", content=b"x" * 512)
         assert r.status_code == 200
         assert gw.upstream.seen == ["POST /v1/completions"]
+
+
+@needs_nginx
+async def test_nginx_passes_a_body_whole_with_the_time_it_took() -> None:
+    """The relay sees nothing until the body is whole, then learns how long it took
+    (BODY_SECONDS_HEADER, which a client cannot set); a body past the in-memory buffer
+    (256 KB, then a temp file) arrives whole too."""
+    async with gateway() as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            + BODY_SECONDS_HEADER.encode()
+            + b": 0.000\r\n\r\n{}"
+        )
+        await writer.drain()
+        await asyncio.sleep(1.2)
+        assert gw.upstream.seen == [], "passed on before the body was whole"
+        writer.write(b"  ")
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        assert status.split()[1] == b"200", status
+        [(seconds, size)] = gw.upstream.bodies
+        assert seconds is not None and 1.2 <= float(seconds) < 5, seconds
+        assert size == 4
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(gw.url + "/v1/completions", content=b"x" * (3 * 1024 * 1024))
+        assert r.status_code == 200, r.text
+        seconds, size = gw.upstream.bodies[-1]
+        assert size == 3 * 1024 * 1024 and seconds is not None and float(seconds) < 5
 
 
 @needs_nginx

@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.gateway.admission.policy import (
+    BODY_SECONDS_HEADER,
     CLIENT_RID_HEADER,
     RID_HEADER,
     FieldPolicy,
@@ -29,6 +30,7 @@ from ha_agent.gateway.admission.policy import (
     media_allowed,
     rid_owner,
 )
+from ha_agent.gateway.upstream.transport import forward_headers
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
 DEFAULT = FieldPolicy()
@@ -215,6 +217,75 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
         writer.close()
         assert status.split()[1] == b"408"
         assert loop.time() - started < 2
+
+
+async def test_a_body_nginx_took_too_long_to_receive_is_a_408() -> None:
+    """Nginx buffers the body and says how long it took (BODY_SECONDS_HEADER): over the
+    total is the relay's 408; absent (a connection straight to the relay), no check."""
+    policy = RequestPolicy(FieldPolicy(body_timeout=10))
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            body = await policy.read_body(request)
+        except BadInput as bad:
+            return web.json_response({"code": bad.status, "message": str(bad)}, status=bad.status)
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_post("/generate", handler)
+    async with TestClient(TestServer(app)) as client:
+        for seconds, status in (
+            (None, 200),
+            ("0.004", 200),
+            ("10.000", 200),  # the total itself is in time
+            ("10.001", 408),
+            ("3600", 408),
+            # Not a number of seconds: no claim (our Nginx writes "%d.%03d").
+            ("soon", 200),
+            ("-1", 200),
+            ("nan", 200),
+        ):
+            headers = {} if seconds is None else {BODY_SECONDS_HEADER: seconds}
+            resp = await client.post("/generate", data=b"{}", headers=headers)
+            assert resp.status == status, (seconds, await resp.text())
+            if status == 408:
+                assert "within 10 s" in (await resp.json())["message"]
+
+
+async def test_a_client_claiming_its_body_was_quick_is_still_cut_at_the_total() -> None:
+    """The header can only get a request refused: sent by a client straight to the
+    relay with a small figure, the relay's own bound on reading the body still holds."""
+    policy = RequestPolicy(FieldPolicy(body_timeout=0.5))
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            body = await policy.read_body(request)
+        except BadInput as bad:
+            return web.json_response({"code": bad.status}, status=bad.status)
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_post("/generate", handler)
+    async with TestClient(TestServer(app)) as client:
+        port = client.server.port
+        assert port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            + BODY_SECONDS_HEADER.encode()
+            + b": 0.000\r\n\r\n{"
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert status.split()[1] == b"408"
+        assert loop.time() - started < 2
+
+
+def test_the_body_seconds_header_never_reaches_an_engine() -> None:
+    forwarded = forward_headers({BODY_SECONDS_HEADER: "1.0", "X-Request-Id": "r"})
+    assert BODY_SECONDS_HEADER not in forwarded and forwarded["X-Request-Id"] == "r"
 
 
 _FROZEN_READER = """

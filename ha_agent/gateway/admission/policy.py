@@ -37,6 +37,7 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,11 @@ from ha_agent.gateway.admission.client_keys import ANONYMOUS, CLIENT
 from ha_agent.gateway.admission.prompt_scan import PromptScanner, PromptTooLong
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
 
+# Set by our Nginx (nginx.conf.template) to how long the request took to arrive, in
+# seconds: it buffers the whole body before passing the request on. Nginx replaces any
+# client's own header of this name; sent straight to the relay, it can only get the
+# sender refused, as the relay's own read bound applies all the same.
+BODY_SECONDS_HEADER = "X-SGLang-HA-Body-Seconds"
 CLIENT_RID_HEADER = "X-SGLang-HA-Client-Rid"
 RID_HEADER = "X-SGLang-HA-Rid"
 RID_PREFIX = "HA_"
@@ -261,8 +267,9 @@ class RequestPolicy:
         quiet_protocol_errors()
 
     async def read_body(self, request: web.Request, scanner: PromptScanner | None = None) -> bytes:
-        """The whole body within ``body_timeout`` s in total (Nginx streams it through
-        and only bounds the time between two reads): else a 408, never an engine.
+        """The whole body within ``body_timeout`` s in total, else a 408, never an
+        engine: as Nginx took it (`BODY_SECONDS_HEADER`; Nginx itself only bounds the
+        time between two reads), and as read here (a connection straight to the relay).
         With a scanner, each chunk is followed as it arrives: `PromptTooLong` for a
         prompt that cannot fit, the body after that point read but neither kept nor
         parsed (prompt_scan.py)."""
@@ -270,11 +277,21 @@ class RequestPolicy:
         if request.content.is_eof():
             # All of it is buffered already (a small body comes with its head): the read
             # cannot wait, so no task and timer to bound it (on every request's path).
-            return await read
-        body = await within_running_time(read, self.policy.body_timeout)
-        if body is None:
-            raise BadInput(f"request body not received within {self.policy.body_timeout:g} s", 408)
+            body = await read
+        else:
+            got = await within_running_time(read, self.policy.body_timeout)
+            if got is None:
+                raise self._late()
+            body = got
+        # Checked once the body is read, as the prompt scan's refusal (_read_scanning):
+        # a refusal while Nginx still writes the body could break its connection.
+        took = body_seconds(request)
+        if took is not None and took > self.policy.body_timeout:
+            raise self._late()
         return body
+
+    def _late(self) -> BadInput:
+        return BadInput(f"request body not received within {self.policy.body_timeout:g} s", 408)
 
     def check(self, request: web.Request, payload: dict[str, Any], body: bytes) -> Applied:
         owner = rid_owner(request, self.policy.engine_authorization) if "rid" in payload else ""
@@ -292,15 +309,27 @@ class RequestPolicy:
             response.headers[RID_HEADER] = _header_value(applied.our_rids)
 
 
+def body_seconds(request: web.BaseRequest) -> float | None:
+    """How long Nginx took to receive the request (`BODY_SECONDS_HEADER`), or None:
+    absent (a connection straight to the relay) or not a number of seconds."""
+    value = request.headers.get(BODY_SECONDS_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 async def _read_scanning(request: web.Request, scanner: PromptScanner) -> bytes:
     """`request.read()` (the same size limit and 413), feeding each chunk to scanner.
 
     Once the prompt is too long, the rest is read and dropped (neither kept nor
-    parsed), and only then refused: answered before its body is all in, Nginx (1.22)
-    sends the answer with `Connection: keep-alive` yet closes the client's connection
-    right after it (`ngx_http_finalize_connection`: lingering close while the body is
-    still being read), and a client that reuses the connection at once loses its next
-    request (measured: 5 in 30 after a 4 MB prompt, through httpx)."""
+    parsed), and only then refused: an answer and a close while the sender still
+    writes the body can break its connection (with Nginx streaming bodies through, a
+    client that reused the connection lost its next request: 5 in 30 after a 4 MB
+    prompt, through httpx)."""
     limit = request.client_max_size
     if limit:  # as aiohttp's own read: fewer pause/resume cycles for big bodies
         request.content.set_read_chunk_size(limit)

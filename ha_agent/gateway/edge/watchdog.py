@@ -17,9 +17,9 @@ its own under the gateway's supervisord, acts on a file older than `stall_limit`
   connections, and a client that sends on one at that instant loses its request
   (measured: 9 of 937 in a 12 s freeze). Nginx keeps no idle connections to the relay
   workers (no upstream `keepalive`), or it would send on one to the frozen worker.
-  Not killed at once, on purpose: Nginx streams request bodies to the relay, and a
-  body already sent cannot be re-sent, so a kill would turn every request the worker
-  holds into an error (measured: 51 in a 12 s freeze);
+  Not killed at once, on purpose: a kill cuts the streams the worker is sending
+  (Nginx re-sends only the requests that had no response head yet), which a freeze
+  that ends leaves whole;
 - once its heartbeat moves again, its socket gets its name back (the same listening
   socket: a rename keeps it) and it is in the rotation again;
 - still frozen after `stall_kill_after` (30 s), it is killed and supervisord starts

@@ -40,6 +40,8 @@ _HOP = frozenset(
         "authorization",
         # The client's key as our Nginx passes it to the relay (client_keys.py).
         "x-sglang-ha-client-authorization",
+        # How long Nginx took to receive the request (policy.py): ours, not an engine's.
+        "x-sglang-ha-body-seconds",
     }
 )
 
