@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
 
-from ha_agent.config import RelaySettings
+from ha_agent.config import HaMode, RelaySettings
 from ha_agent.dcs.base import AgentStatus, EngineState, EngineStatus, Role
 from ha_agent.events import EventLog
 from ha_agent.gateway.admission import gate
@@ -508,3 +508,35 @@ def test_a_batch_started_together_holds_back_the_queue_behind_it_by_waves(
     # Overdue (running past the average): they leave any moment, the formula decides.
     clock.advance(20.0)
     assert est.estimate(node).wait == pytest.approx(10.0)  # type: ignore[union-attr]
+
+
+async def test_a_pool_measures_requests_on_every_node_that_had_a_slot_free(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool routes by load, not by the estimate: of requests admitted together while
+    both nodes are idle, half land on the node the estimate did not name. Each is a
+    clean service time all the same, so one relay worker's share of a warm-up (4 of 8
+    over two workers) is enough to estimate, and the first burst is shed."""
+    clock = FakeClock()
+    monkeypatch.setattr(gate.time, "monotonic", clock)
+    topo = topology(tmp_path, shed_wait_bound=BOUND, mode=HaMode.POOL)
+    parts = RelayParts(topo.s, topo, Transport(0.5, 60), RelayMetrics(), topo.events)
+    admission = Admission(parts)
+    admission.wait.slots = {"a": 4, "b": 4}
+    warm_up = []
+    for node in ("a", "b", "a", "b"):  # the pool's least-in-flight spread
+        req = request("/generate")
+        assert await admission.admit(req, GENERATE, {"text": "hi"}) is None
+        await admission.attempt(req)
+        warm_up.append((req, node))
+    clock.advance(8.0)
+    for req, node in warm_up:
+        admission.served(req, node)
+        admission.done(req)
+    assert admission.wait.service.of("a") == pytest.approx(8.0)
+    assert admission.wait.service.of("b") == pytest.approx(8.0)
+    # A burst both engines report: each node's 4 slots busy and 12 queued (24 s).
+    report(topo, "a", 4, 12)
+    report(topo, "b", 4, 12)
+    resp = await admission.admit(request("/generate"), GENERATE, {"text": "hi"})
+    assert resp is not None and resp.status == 429

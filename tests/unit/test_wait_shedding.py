@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from bench.shedding import Record, summarize
+from ha_agent.config import HaMode
 from tests.support.cluster import LocalCluster, local_cluster
 from tests.support.processes import RedisProcess
 
@@ -146,3 +147,68 @@ async def test_requests_past_the_wait_bound_are_shed_at_once_through_a_failover(
     late = [r for r in light if r["status"] == 200 and r["sent"] > killed + 1.0]
     assert len(late) >= LIGHT, (len(late), light[-5:])
     assert max(r["end"] for r in late) < BOUND + 3.0, sorted(r["end"] for r in late)[-5:]
+
+
+async def test_a_pool_sheds_its_first_burst_after_a_warm_up_of_one_workers_share(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """In a pool of two the bound holds from the first burst: after a warm-up of one
+    request per slot of one engine (the share of one of two relay workers in the CPU
+    stack's warm-up of 8), the relay can estimate every node, refuses part of a
+    burst of 40 streams at once, and the streams it admits start within the bound."""
+    engines = {"SIM_MAX_RUNNING_REQUESTS": str(SLOTS), "SIM_ITL": "0.02"}
+    pool = {"mode": HaMode.POOL}
+    async with local_cluster(
+        redis_proc, relay=False, sim_env=engines, agent_settings=pool
+    ) as cluster:
+        await cluster.start_relay(shed_wait_bound=BOUND, shed_retry_after=1, **pool)
+        relay = cluster.relay
+        assert relay is not None
+
+        def all_serving() -> bool:
+            now = time.monotonic()
+            return all(v.can_serve(now) for v in relay.topology.nodes.values())
+
+        await cluster.wait_for(all_serving, 20, "both nodes serving, as the relay sees it")
+        await cluster.wait_for(
+            lambda: len(relay.relay.admission.wait.slots) == 2, 10, "both engines' slots"
+        )
+        await warm_up(cluster.relay_url)
+        # It measured what a request takes (its service time metric has each node).
+        wait = relay.relay.admission.wait
+        measured = {n: wait.service_time(n) for n in relay.topology.nodes}
+        assert None not in measured.values(), measured
+
+        out = tmp_path / "load.json"
+        load = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.shedding",
+            "load",
+            f"--url={cluster.relay_url}",
+            f"--heavy={HEAVY}",
+            "--heavy-once",
+            f"--heavy-tokens={HEAVY_TOKENS}",
+            "--light=0",
+            "--duration=1",  # the burst only: no retries after a refusal
+            "--timeout=60",
+            "--retries=0",
+            f"--out={out}",
+        )
+        try:
+            assert await asyncio.wait_for(load.wait(), 60) == 0
+        finally:
+            if load.returncode is None:
+                load.kill()
+                await load.wait()
+    records = [Record(**r) for r in json.loads(out.read_text())["records"]]
+    print(json.dumps(summarize(records), indent=1))
+    failed = [r for r in records if not (r.status == 429 or (r.status == 200 and r.done))]
+    assert not failed, failed[:3]
+    shed = [r for r in records if r.status == 429]
+    served = [r for r in records if r.status == 200]
+    # Two engines of 4 slots, 2 s a stream: about 16 can start within 3 s.
+    assert shed and len(served) <= 4 * SLOTS, (len(served), len(shed))
+    assert all(r.retry_after and r.retry_after >= 1 for r in shed)
+    assert max(r.took for r in shed) < 1.0, sorted(r.took for r in shed)[-5:]
+    assert max(r.ttft or 0.0 for r in served) < BOUND + 1.0, sorted(r.ttft or 0 for r in served)

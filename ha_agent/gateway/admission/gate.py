@@ -74,9 +74,9 @@ class Ticket:
         self.crashed: list[str] = []
         self.suspect_since = 0.0
         self.solo: Held | None = None  # the one-suspect-at-a-time slot, while held
-        # The node that had a slot free for it at admission (its first attempt there
-        # waited for nothing: a clean service time), and the attempts made.
-        self.free_on: str | None = None
+        # The nodes that had a slot free for it at admission (a first attempt on one
+        # of them waited for nothing: a clean service time), and the attempts made.
+        self.free_on: frozenset[str] = frozenset()
         self.attempts = 0
         self.alive = False  # counted in Admission.alive until done
         self.budget = 0  # completion tokens it may take (wait.py)
@@ -186,8 +186,9 @@ class Admission:
         if shed is not None:
             self.metrics.refused.labels(kind, "shed").inc()
             return refusal_at(path, shed.status, shed.message, shed.headers)
-        best, complete = self.wait.least()
-        if self.wait.refuses(best, complete):
+        survey = self.wait.survey()
+        best = survey.best
+        if self.wait.refuses(best, survey.complete):
             assert best is not None
             retry = self.wait.retry_after(best, self.retry_floor)
             self.metrics.refused.labels(kind, "wait").inc()
@@ -198,8 +199,7 @@ class Admission:
             }
             return refusal_at(path, 429, _wait_message(best, self.wait.bound, retry), headers)
         self.episode.admitted()
-        if best is not None and best.queue.free:
-            ticket.free_on = best.node
+        ticket.free_on = survey.free
         ticket.alive, ticket.budget = True, self._budget(kind, payload)
         self.alive += 1
         self.alive_budget += ticket.budget
@@ -256,7 +256,7 @@ class Admission:
         now = time.monotonic()
         if first_event_at is not None:
             self.wait.served(node, now - first_event_at, ticket.budget)
-        elif ticket.free_on == node and ticket.attempts == 1:
+        elif node in ticket.free_on and ticket.attempts == 1:
             self.wait.served(node, now - ticket.sent_at, ticket.budget)
 
     def done(self, request: web.Request) -> None:

@@ -51,7 +51,8 @@ order, each held T from its request's start; the estimate is the larger of the t
   what the relay sees (`ServiceTimes`): a stream's time from its first event to its
   end (its decode; the prefill before the first event is left out, so T errs low and
   the relay sheds later, not sooner), a non-streaming request's whole attempt when
-  it was admitted with a slot free (no queue in it). Until a node has its own
+  the node it went to had a slot free at its admission (no queue in it; in a pool,
+  whichever node the routing picked, not only the least-wait one). Until a node has its own
   samples it takes the average over all nodes (a standby promoted in a failover
   inherits what its partner measured). With no measurement at all nothing is shed:
   no refusal on a guess. The average is scaled by the mean completion budget
@@ -181,6 +182,18 @@ class Estimate:
     @property
     def node(self) -> str:
         return self.queue.node
+
+
+@dataclass(frozen=True)
+class Survey:
+    """The candidates as a new request finds them."""
+
+    best: Estimate | None  # the least-wait one
+    complete: bool  # every candidate was estimated
+    # Those with a slot free: a pool routes by load and prefix (topology.py
+    # `_pool_order`), not by this estimate, so the request may land on any of them,
+    # and its time there is a clean service time on whichever it is.
+    free: frozenset[str]
 
 
 def parse_slots(info: Any) -> int | None:
@@ -330,15 +343,24 @@ class WaitEstimator:
     def least(self) -> tuple[Estimate | None, bool]:
         """The least-wait candidate's estimate, and whether every candidate could be
         estimated (if not, the estimate says nothing about the others)."""
+        survey = self.survey()
+        return survey.best, survey.complete
+
+    def survey(self) -> Survey:
+        """`least()`'s answer, with the candidates that have a slot free now."""
         best: Estimate | None = None
         complete = True
+        free: set[str] = set()
         for node in self.candidates(self.topology):
             est = self.estimate(node)
             if est is None:
                 complete = False
-            elif best is None or est.wait < best.wait:
+                continue
+            if est.queue.free:
+                free.add(est.node)
+            if best is None or est.wait < best.wait:
                 best = est
-        return best, complete
+        return Survey(best, complete, frozenset(free))
 
     def refuses(self, best: Estimate | None, complete: bool) -> bool:
         """Is a new request refused, given `least()`'s answer? Only when every
