@@ -13,9 +13,7 @@ default bound (HA_SHED_WAIT_BOUND, 10 s):
   the median under 100 ms, every one under 1 s);
 - every admitted request is served whole (its stream moved by the failover too);
 - one failover: `sglang-ha status` names the survivor, the history shows one
-  promotion, the relay followed one change of leader; in a pool of two (the same
-  test, HA_MODE=pool) the killed node alone leaves the rotation and the survivor
-  never does;
+  promotion, the relay followed one change of leader;
 - the side load keeps being served after the kill, its median first token within
   the bound.
 """
@@ -29,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,9 +47,9 @@ HEAVY, LIGHT, LIGHT_TOKENS = 280, 16, 16
 KILL_AT, DURATION = 3.0, 60.0  # the kill while the burst still retries
 
 
-@pytest.fixture(scope="module", params=["pair", "pool"])
-def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    with overlay_stack(OVERLAY, f"sglang-ha-waitshed-{request.param}", request.param) as s:
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with overlay_stack(OVERLAY, "sglang-ha-waitshed") as s:
         yield s
 
 
@@ -76,11 +73,6 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     with httpx.Client(timeout=60) as http, ThreadPoolExecutor(SLOTS) as pool:
         answers = list(pool.map(lambda _: http.post(f"{url}/generate", json=body), range(SLOTS)))
     assert [a.status_code for a in answers] == [200] * SLOTS
-    # Which relay worker (Nginx's upstream) and node served each: every worker needs a
-    # few of these measured before it can estimate (docs/benchmarks.md).
-    warm = [x for x in stack.access_log().splitlines() if "/generate" in x][-SLOTS:]
-    print("warm-up upstreams:", Counter(x.split("upstream=")[-1].split()[0] for x in warm))
-    print("warm-up nodes:", Counter(a.headers.get("X-SGLang-HA-Node") for a in answers))
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
@@ -105,7 +97,6 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
         )
         try:
             time.sleep(KILL_AT + 1.0)  # the client's start-up: about a second
-            logs_before = {s: len(stack.ha_log(s)) for s in ("gateway", NODES[survivor])}
             stack.kill_container(primary)
             killed_wall = time.time()
             assert load.wait(timeout=DURATION + 120) == 0
@@ -133,9 +124,6 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
         meta["commit"] = commit
         meta |= {"load": load_args | {"light_tokens": LIGHT_TOKENS, "retries": 4}}
         meta |= {"engines": {"max_running_requests": SLOTS, "sim_itl": 0.005}, "bound": BOUND}
-        meta["mode"] = stack.mode
-        if stack.mode != "pair":
-            result = str(Path(result).with_name(f"{Path(result).stem}-{stack.mode}.json"))
         Path(result).write_text(json.dumps(meta | seen, indent=2) + "\n")
 
     # Nothing failed: every request was served whole or refused with a Retry-After.
@@ -152,31 +140,7 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     assert statistics.median(after_kill) < 0.1, after_kill[-10:]
     assert after_kill[-1] < 1.0, after_kill[-10:]
 
-    if stack.mode == "pool":
-        # The killed node alone left the rotation; the survivor never did (overload
-        # is shed, not taken for a sick node).
-        since = {s: stack.ha_log(s)[n:] for s, n in logs_before.items()}
-        unreachable = [x for x in since["gateway"].splitlines() if "NODE_UNREACHABLE" in x]
-        assert unreachable and all(f" {primary}:" in x for x in unreachable), unreachable
-        assert "NODE_OUT_OF_SERVICE" not in since[NODES[survivor]], since[NODES[survivor]]
-        assert "SHEDDING_STARTED" in stack.ha_log("gateway")
-        status = json.loads(ctl(stack, survivor, "status", "-o", "json"))
-        print(json.dumps(status)[:2000])
-    else:
-        assert_one_failover(stack, survivor, killed_wall)
-
-    # The side load kept being served after the kill, its median first token within
-    # the bound. (The bound is on the expected wait: behind a burst whose requests all
-    # started together, one waited 17.9 s; docs/benchmarks.md.)
-    late = [r for r in records if r.group == "light" and r.status == 200 and r.sent > killed + 1]
-    assert len(late) >= LIGHT, len(late)
-    assert statistics.median(r.ttft or 0.0 for r in late) < BOUND, sorted(
-        r.ttft or 0 for r in late
-    )[-5:]
-
-
-def assert_one_failover(stack: Stack, survivor: str, killed_wall: float) -> None:
-    """The survivor leads, promoted once, and nothing moved back."""
+    # One failover: the survivor leads, promoted once, and nothing moved back.
     deadline = time.monotonic() + 30
     while json.loads(ctl(stack, survivor, "status", "-o", "json"))["leader"] != survivor:
         assert time.monotonic() < deadline, "the survivor never led"
@@ -188,3 +152,12 @@ def assert_one_failover(stack: Stack, survivor: str, killed_wall: float) -> None
     changes = [line for line in stack.ha_log("gateway").splitlines() if "LEADER_CHANGED" in line]
     assert sum(f"to {survivor} " in c for c in changes) == 1, changes
     assert "SHEDDING_STARTED" in stack.ha_log("gateway")
+
+    # The side load kept being served after the kill, its median first token within
+    # the bound. (The bound is on the expected wait: behind a burst whose requests all
+    # started together, one waited 17.9 s; docs/benchmarks.md.)
+    late = [r for r in records if r.group == "light" and r.status == 200 and r.sent > killed + 1]
+    assert len(late) >= LIGHT, len(late)
+    assert statistics.median(r.ttft or 0.0 for r in late) < BOUND, sorted(
+        r.ttft or 0 for r in late
+    )[-5:]
