@@ -62,6 +62,24 @@ async def warm_up(url: str) -> None:
     assert [a.status_code for a in answers] == [200] * SLOTS
 
 
+async def start_load(url: str, out: Path, *args: str) -> asyncio.subprocess.Process:
+    """The clients in a process of their own (bench/shedding.py): HEAVY streams of
+    HEAVY_TOKENS sent once, at once, plus `args`; what they saw goes to `out`."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.shedding",
+        "load",
+        f"--url={url}",
+        f"--heavy={HEAVY}",
+        "--heavy-once",
+        f"--heavy-tokens={HEAVY_TOKENS}",
+        "--timeout=60",
+        f"--out={out}",
+        *args,
+    )
+
+
 async def test_requests_past_the_wait_bound_are_shed_at_once_through_a_failover(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
@@ -76,21 +94,13 @@ async def test_requests_past_the_wait_bound_are_shed_at_once_through_a_failover(
     # The clients in a process of their own (bench/shedding.py), so that what they
     # measure is the relay's answer, not this process's event loop.
     out = tmp_path / "load.json"
-    load = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.shedding",
-        "load",
-        f"--url={url}",
-        f"--heavy={HEAVY}",
-        "--heavy-once",
-        f"--heavy-tokens={HEAVY_TOKENS}",
+    load = await start_load(
+        url,
+        out,
         f"--light={LIGHT}",
         f"--light-tokens={LIGHT_TOKENS}",
         f"--duration={END_AT}",
-        "--timeout=60",
         "--retries=4",  # the burst keeps coming back past the kill
-        f"--out={out}",
     )
     try:
         # Under overload first: the relay refuses (the burst, then its retries).
@@ -180,20 +190,12 @@ async def test_a_pool_sheds_its_first_burst_after_a_warm_up_of_one_workers_share
         assert None not in measured.values(), measured
 
         out = tmp_path / "load.json"
-        load = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bench.shedding",
-            "load",
-            f"--url={cluster.relay_url}",
-            f"--heavy={HEAVY}",
-            "--heavy-once",
-            f"--heavy-tokens={HEAVY_TOKENS}",
+        load = await start_load(
+            cluster.relay_url,
+            out,
             "--light=0",
             "--duration=1",  # the burst only: no retries after a refusal
-            "--timeout=60",
             "--retries=0",
-            f"--out={out}",
         )
         try:
             assert await asyncio.wait_for(load.wait(), 60) == 0
