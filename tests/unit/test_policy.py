@@ -193,18 +193,25 @@ async def test_in_an_app_the_rid_pair_is_in_the_headers() -> None:
         assert resp.status == 400 and CLIENT_RID_HEADER not in resp.headers
 
 
-async def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
-    policy = RequestPolicy(FieldPolicy(body_timeout=0.5))
+def _body_reader_app(body_timeout: float) -> web.Application:
+    """An app whose /generate reads the body through RequestPolicy.read_body and echoes
+    it, or answers a refusal as JSON (its code and message)."""
+    policy = RequestPolicy(FieldPolicy(body_timeout=body_timeout))
 
     async def handler(request: web.Request) -> web.Response:
         try:
             body = await policy.read_body(request)
         except BadInput as bad:
-            return web.json_response({"code": bad.status}, status=bad.status)
+            return web.json_response({"code": bad.status, "message": str(bad)}, status=bad.status)
         return web.Response(body=body)
 
     app = web.Application()
     app.router.add_post("/generate", handler)
+    return app
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
+    app = _body_reader_app(0.5)
     async with TestClient(TestServer(app)) as client:
         assert (await (await client.post("/generate", data=b"{}")).read()) == b"{}"
         port = client.server.port
@@ -222,17 +229,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
 async def test_a_body_nginx_took_too_long_to_receive_is_a_408() -> None:
     """Nginx buffers the body and says how long it took (BODY_SECONDS_HEADER): over the
     total is the relay's 408; absent (a connection straight to the relay), no check."""
-    policy = RequestPolicy(FieldPolicy(body_timeout=10))
-
-    async def handler(request: web.Request) -> web.Response:
-        try:
-            body = await policy.read_body(request)
-        except BadInput as bad:
-            return web.json_response({"code": bad.status, "message": str(bad)}, status=bad.status)
-        return web.Response(body=body)
-
-    app = web.Application()
-    app.router.add_post("/generate", handler)
+    app = _body_reader_app(10)
     async with TestClient(TestServer(app)) as client:
         for seconds, status in (
             (None, 200),
@@ -255,17 +252,7 @@ async def test_a_body_nginx_took_too_long_to_receive_is_a_408() -> None:
 async def test_a_client_claiming_its_body_was_quick_is_still_cut_at_the_total() -> None:
     """The header can only get a request refused: sent by a client straight to the
     relay with a small figure, the relay's own bound on reading the body still holds."""
-    policy = RequestPolicy(FieldPolicy(body_timeout=0.5))
-
-    async def handler(request: web.Request) -> web.Response:
-        try:
-            body = await policy.read_body(request)
-        except BadInput as bad:
-            return web.json_response({"code": bad.status}, status=bad.status)
-        return web.Response(body=body)
-
-    app = web.Application()
-    app.router.add_post("/generate", handler)
+    app = _body_reader_app(0.5)
     async with TestClient(TestServer(app)) as client:
         port = client.server.port
         assert port is not None
