@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.config import SimSettings
 from ha_agent.sim import create_app
+from tests.support.fakes import FakeClock, FakeStore
 
 # Tiny latencies: the whole simulator suite must stay well under a minute.
 SIM_FAST: dict[str, Any] = {
@@ -128,3 +129,15 @@ async def sim_wait_for(
         if loop.time() > deadline:
             raise AssertionError("condition not met within timeout")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock the test moves by hand (the HA loop's and the topology's)."""
+    return FakeClock()
+
+
+@pytest.fixture
+def store(clock: FakeClock) -> FakeStore:
+    """An in-memory lease store on that clock."""
+    return FakeStore(clock)

@@ -59,16 +59,6 @@ class Pair:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock: FakeClock) -> FakeStore:
-    return FakeStore(clock)
-
-
-@pytest.fixture
 def control() -> FakeControl:
     return FakeControl()
 

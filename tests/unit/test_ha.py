@@ -54,16 +54,6 @@ def make_node(name: str, store: FakeStore, clock: FakeClock, peer: str, **extra:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock: FakeClock) -> FakeStore:
-    return FakeStore(clock)
-
-
-@pytest.fixture
 def a(store: FakeStore, clock: FakeClock) -> Node:
     return make_node("sglang-01", store, clock, "sglang-02")
 

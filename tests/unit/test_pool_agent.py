@@ -24,16 +24,6 @@ def pool_node(name: str, store: FakeStore, clock: FakeClock) -> Node:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store(clock: FakeClock) -> FakeStore:
-    return FakeStore(clock)
-
-
-@pytest.fixture
 def nodes(store: FakeStore, clock: FakeClock) -> list[Node]:
     return [pool_node(f"sglang-0{i}", store, clock) for i in (1, 2, 3)]
 

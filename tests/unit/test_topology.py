@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-
 from ha_agent.config import RelaySettings
 from ha_agent.dcs.base import Member
 from ha_agent.events import EventLog
 from ha_agent.gateway.upstream import topology as topo
 from ha_agent.gateway.upstream.topology import Topology
 from tests.support.fakes import FakeClock, FakeStore
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def make(store: FakeStore, clock: FakeClock, seeds: list[str] | None = None) -> Topology:
