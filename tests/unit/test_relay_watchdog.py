@@ -184,6 +184,77 @@ async def test_with_one_shared_port_a_frozen_worker_is_killed_at_once(
         watchdog.events.close()
 
 
+def test_the_next_look_is_when_the_stalest_heartbeat_could_first_be_stale(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    watchdog = _watchdog(tmp_path)  # limit 0.8 s: a tenth is 0.08 s
+    try:
+        assert watchdog.next_look() == pytest.approx(0.8), "no worker yet: the limit"
+        heartbeat(tmp_path / "hb", 0, os.getpid(), age=0.1)
+        heartbeat(tmp_path / "hb", 1, child.pid, age=0.3)
+        assert watchdog.next_look() == pytest.approx(0.5, abs=0.05)
+        heartbeat(tmp_path / "hb", 1, child.pid, age=0.79)  # about to be stale
+        assert watchdog.next_look() == pytest.approx(0.08), "never sooner than a tenth"
+        heartbeat(tmp_path / "hb", 1, 999_999_999, age=5.0)  # a dead worker's file
+        assert watchdog.next_look() == pytest.approx(0.08), "no spinning on it"
+        watchdog.down["1"] = object()  # type: ignore[assignment]
+        heartbeat(tmp_path / "hb", 1, child.pid, age=0.0)
+        assert watchdog.next_look() == pytest.approx(0.08), "a frozen one is watched closely"
+    finally:
+        watchdog.events.close()
+
+
+async def test_a_worker_that_stops_beating_is_found_at_the_limit_with_few_looks(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    """The watchdog as it runs: while every worker beats it looks about once per
+    limit (a look every tenth of it cost as much CPU as a relay worker), and still
+    finds a worker stale within a tenth of the limit of its last beat."""
+    sockets = tmp_path / "sock"
+    sockets.mkdir()
+    (sockets / "relay-1.sock").write_text("stands in for worker 1's socket")
+    watchdog = _watchdog(
+        tmp_path,
+        relay_workers=2,
+        relay_worker_socket_dir=sockets,
+        access_log=tmp_path / "access.log",
+    )
+    looks = 0
+    check = watchdog.check
+
+    async def counted() -> list[object]:
+        nonlocal looks
+        looks += 1
+        return await check()  # type: ignore[return-value]
+
+    watchdog.check = counted  # type: ignore[assignment,method-assign]
+    stop = asyncio.Event()
+    beating = asyncio.ensure_future(beat(tmp_path / "hb", 0, 0.05, stop))
+    try:
+        heartbeat(tmp_path / "hb", 1, child.pid, age=0.0)
+        await watchdog.start()
+        started = time.monotonic()
+        while time.monotonic() - started < 1.6:  # worker 1 beats for two limits
+            heartbeat(tmp_path / "hb", 1, child.pid, age=0.0)
+            last_beat = (tmp_path / "hb" / "1").stat().st_mtime
+            await asyncio.sleep(0.05)
+        assert looks <= 5, f"{looks} looks in 1.6 s while every worker beat"
+        assert not watchdog.events.recent
+        deadline = time.monotonic() + 5
+        while not watchdog.events.recent:
+            assert time.monotonic() < deadline, "worker 1 never found stale"
+            await asyncio.sleep(0.01)
+        found_after = time.time() - last_beat
+        assert watchdog.events.recent[0].event == "RELAY_WORKER_STALLED"
+        assert "relay worker 1" in watchdog.events.recent[0].detail
+        # limit (0.8) + a tenth of it, and room for this shared machine's scheduling.
+        assert 0.8 <= found_after <= 0.8 + 0.08 + 0.25, found_after
+    finally:
+        stop.set()
+        await asyncio.wait_for(beating, 1.0)
+        await watchdog.stop()
+
+
 def test_the_watchdog_needs_the_heartbeat_folder(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="HA_HEARTBEAT_DIR"):
         WatchdogService(
