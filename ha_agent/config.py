@@ -886,6 +886,18 @@ class RelaySettings(
     )
     poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
     connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")
+    spare_connections: int = Field(
+        2,
+        ge=0,
+        description="Connected, unused sockets each relay worker keeps to each node in"
+        " rotation, so that a stream's connect is off its path (0: connect per stream).",
+    )
+    spare_max_age: float = Field(
+        4.0,
+        gt=0,
+        description="A spare unused this long is closed and replaced: below uvicorn's"
+        " keep-alive timeout (SGLang's SGLANG_TIMEOUT_KEEP_ALIVE, 5 s by default), s.",
+    )
     first_byte_timeout: float = Field(
         600.0,
         gt=0,
