@@ -1128,6 +1128,13 @@ class SimSettings(BaseSettings):
         gt=0,
         description="As SGLANG_HEALTH_CHECK_TIMEOUT: /health waits this long for output, s.",
     )
+    keep_alive_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="A connection is closed when no request comes this long after its last"
+        " response; none before its first request, as uvicorn under SGLang (whose timeout is"
+        " SGLANG_TIMEOUT_KEEP_ALIVE, 5 s; 75 s is aiohttp's default, the tests' so far), s.",
+    )
     health_check_interval: float = Field(
         1.0, gt=0, description="How often /health looks for output (SGLang: every 1 s), s."
     )
