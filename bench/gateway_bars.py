@@ -572,8 +572,9 @@ def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
             " at the request's last byte, plus the first event's delivery), without the"
             " engine's 20 ms wait, which a libuv timer rounds to the millisecond: that"
             " rounding puts the relay's first event in the direct one's millisecond or the"
-            " next, the same one for a whole run (a slot's cycle is a whole number of"
-            " milliseconds), so a run's TTFT p50 falls near the path's figure or 1 ms above.",
+            " next, the same one for a slot count's whole period (a slot's cycle is a whole"
+            " number of milliseconds), so its TTFT p50 lands well under the path's figure"
+            " or near it.",
         ]
         lines.append("")
     if bars.scaling:
