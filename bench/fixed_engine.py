@@ -53,6 +53,7 @@ class _Stream:
         start: float,
         ttft: float,
         itl: float,
+        received_ns: int = 0,
     ) -> None:
         self.proto = proto
         self.n = max(1, int(body.get("max_tokens") or body.get("max_completion_tokens") or 128))
@@ -67,6 +68,10 @@ class _Stream:
         self.prompt = 8
         self.sent = 0
         self.start, self.ttft, self.itl = start, ttft, itl
+        # When the request's last byte was read (the host-wide clock), sent in the first
+        # event: the client times the request's path without this engine's own wait,
+        # whose timer libuv rounds to 1 ms.
+        self.received_ns = received_ns
         self.loop = asyncio.get_running_loop()
         self.loop.call_at(start + ttft, self.tick)
 
@@ -90,6 +95,8 @@ class _Stream:
             + b'"t%d"},"logprobs":null,"finish_reason":null,"matched_stop":null}]'
             % time.monotonic_ns()
         )
+        if k == 1:  # before the usage, which the relay may cut off (migration.py)
+            event += b',"x_received_ns":%d' % self.received_ns
         if self.running_usage:
             event += b',"usage":' + self._usage(k)
         out = _chunk(b"data: " + event + b"}\n\n")
@@ -168,7 +175,14 @@ class _Engine(asyncio.Protocol):
                 body = {}
         if body.get("stream"):
             self.write(_HEAD)
-            _Stream(self, body, asyncio.get_running_loop().time(), self.cfg.ttft, self.cfg.itl)
+            _Stream(
+                self,
+                body,
+                asyncio.get_running_loop().time(),
+                self.cfg.ttft,
+                self.cfg.itl,
+                time.monotonic_ns(),
+            )
         else:
             self.forwarding = asyncio.ensure_future(self._forward(raw))
 

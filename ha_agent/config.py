@@ -886,6 +886,18 @@ class RelaySettings(
     )
     poll_interval: float = Field(0.5, gt=0, description="Leader and agent status poll, s.")
     connect_timeout: float = Field(0.5, gt=0, description="Connect timeout to an engine, s.")
+    spare_connections: int = Field(
+        2,
+        ge=0,
+        description="Connected, unused sockets each relay worker keeps to each node in"
+        " rotation, so that a stream's connect is off its path (0: connect per stream).",
+    )
+    spare_max_age: float = Field(
+        4.0,
+        gt=0,
+        description="A spare unused this long is closed and replaced: below uvicorn's"
+        " keep-alive timeout (SGLang's SGLANG_TIMEOUT_KEEP_ALIVE, 5 s by default), s.",
+    )
     first_byte_timeout: float = Field(
         600.0,
         gt=0,
@@ -1115,6 +1127,13 @@ class SimSettings(BaseSettings):
         20.0,
         gt=0,
         description="As SGLANG_HEALTH_CHECK_TIMEOUT: /health waits this long for output, s.",
+    )
+    keep_alive_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="A connection is closed when no request comes this long after its last"
+        " response; none before its first request, as uvicorn under SGLang (whose timeout is"
+        " SGLANG_TIMEOUT_KEEP_ALIVE, 5 s; 75 s is aiohttp's default, the tests' so far), s.",
     )
     health_check_interval: float = Field(
         1.0, gt=0, description="How often /health looks for output (SGLang: every 1 s), s."

@@ -139,6 +139,7 @@ class RelayService:
         self._tasks = [
             asyncio.ensure_future(self.topology.run(self._stop)),
             asyncio.ensure_future(self.events.forward(self._stop)),
+            asyncio.ensure_future(self.relay.spares.run(self._stop)),
             asyncio.ensure_future(
                 learn_context_length(
                     self.relay.admission.limits, self.topology, self.transport, self._stop
@@ -189,6 +190,7 @@ class RelayService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.relay.spares.close()
         if self._admin is not None:
             await self._admin.cleanup()
         await self.transport.close()

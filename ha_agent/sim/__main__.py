@@ -13,7 +13,8 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -71,6 +72,59 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+class KeepAlive:
+    """uvicorn's idle-connection rule, as SGLang serves (protocols/http/httptools_impl.py
+    and h11_impl.py, `on_response_complete`, `data_received`): no timer on a connection
+    before its first request; after each response, closed if no request comes within
+    the timeout. aiohttp arms its own timer at connect as well (web_protocol.py
+    `connection_made`), so the process runs with aiohttp's timer out of reach and this
+    middleware instead."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        # By connection (aiohttp's protocols take no weak references); an entry lasts
+        # while a request runs or a timer is armed, and a timer removes its own.
+        self._timers: dict[object, asyncio.TimerHandle] = {}
+        self._active: dict[object, int] = {}
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        conn = request.protocol
+        timer = self._timers.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        self._active[conn] = self._active.get(conn, 0) + 1
+        try:
+            return await handler(request)
+        finally:
+            left = self._active.pop(conn) - 1
+            transport = request.transport
+            if left:
+                self._active[conn] = left
+            elif transport is not None and not transport.is_closing():
+                self._arm(conn, transport)
+
+    def _arm(self, conn: object, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[conn] = loop.call_later(self.timeout, self._expire, conn, transport)
+
+    def _expire(self, conn: object, transport: asyncio.BaseTransport) -> None:
+        self._timers.pop(conn, None)
+        if self._active.get(conn) or transport.is_closing():
+            return
+        # The middleware returns before aiohttp writes a plain response: wait for it.
+        if cast(asyncio.WriteTransport, transport).get_write_buffer_size():
+            self._arm(conn, transport)
+            return
+        transport.close()
+
+
+# aiohttp's own keep-alive timer, armed at connect: beyond any run (KeepAlive rules).
+_AIOHTTP_KEEPALIVE = 10.0**9
 
 
 async def _drain_on_sigterm(app: web.Application) -> None:
@@ -173,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     app.on_startup.append(_drain_on_sigterm)
+    app.middlewares.append(KeepAlive(settings.keep_alive_timeout).middleware)
     web.run_app(
         app,
         host=settings.host,
@@ -182,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=None,
         print=None,
         shutdown_timeout=settings.drain_timeout + 5.0,
+        keepalive_timeout=_AIOHTTP_KEEPALIVE,
     )
     return 0
 

@@ -70,6 +70,10 @@ def test_a_path_compared_with_itself_adds_next_to_nothing(engine: str) -> None:
     assert out["event_delay_added_ms"]["n"] == out["pairs"] * 4
     # The same engine both ways: any difference is the client's own noise.
     assert abs(out["ttft_added_ms"]["p50"]) < 15.0
+    # Every pair's request path is timed by the engine's clock, and the same path both
+    # ways adds next to nothing (no libuv timer rounding in it).
+    assert out["path_added_ms"]["n"] == out["pairs"]
+    assert abs(out["path_added_ms"]["p50"]) < 5.0
 
 
 def test_open_loop_counts_what_arrives_in_the_window(engine: str) -> None:

@@ -13,7 +13,9 @@ client) and wakes no coroutine at all until the stream ends, breaks, or the clie
 stops reading (then the engine's socket is paused until the client's drains).
 
 Only streaming segments use this (one connection per segment, `Connection:
-close`); everything else stays on the pooled aiohttp session (transport.py).
+close`); everything else stays on the pooled aiohttp session (transport.py). The
+connection is usually a spare opened ahead of the stream (spares.py), so that the
+connect is off the stream's path.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class UpstreamStream(asyncio.Protocol):
         self._finished = False
         self._sink_done = False  # the sink saw the stream's last event
         self._resumer: asyncio.Future[None] | None = None
+        self.opened_at = 0.0  # the loop's clock when connected
+        self.sent = False  # the request went out on it
+        self.received = False  # a response byte came
+        self.lost = False  # the engine closed it, or it broke
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -70,8 +76,10 @@ class UpstreamStream(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._head = loop.create_future()
         self._end = loop.create_future()
+        self.opened_at = loop.time()
 
     def data_received(self, data: bytes) -> None:
+        self.received = True
         try:
             if not self._head_done:
                 data = self._read_head(data)
@@ -85,11 +93,13 @@ class UpstreamStream(asyncio.Protocol):
             self._fail(exc)
 
     def eof_received(self) -> bool | None:
+        self.lost = True
         if self._remaining is None and not self._chunked and self._head_done:
             self._finish()  # a body delimited by the connection's end
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         if not self._head_done:
             reason = f"connection error: {exc}" if exc else "connection closed before the response"
             self._fail(UpstreamFailure(reason, FailureCause.CLOSED))
@@ -268,17 +278,14 @@ else:  # pragma: no cover - Python 3.10 (the gateway image, Debian bookworm, has
         return await asyncio.wait_for(work, timeout)
 
 
-async def open_stream(
+async def connect(
     url: str,
-    path_qs: str,
-    headers: CIMultiDict[str],
-    body: bytes,
     resolver: CachingResolver,
     connect_timeout: float,
     ssl_context: ssl.SSLContext | bool = True,
 ) -> UpstreamStream:
-    """Connect to the engine at `url` and send the request; the protocol then
-    collects the answer. Failures to connect are `UpstreamFailure(connect=True)`."""
+    """A connection to the engine at `url`, nothing sent yet. Failures to connect are
+    `UpstreamFailure(connect=True)`."""
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     tls = parts.scheme == "https"
@@ -305,13 +312,36 @@ async def open_stream(
         raise UpstreamFailure(
             f"connect failed: {exc}", FailureCause.CONNECT, connect=True
         ) from None
-    lines = [f"POST {path_qs} HTTP/1.1", f"Host: {parts.netloc}"]
+    return proto
+
+
+def send(
+    proto: UpstreamStream, url: str, path_qs: str, headers: CIMultiDict[str], body: bytes
+) -> None:
+    """Write the request on `proto`'s connection; the protocol then collects the answer."""
+    lines = [f"POST {path_qs} HTTP/1.1", f"Host: {urlsplit(url).netloc}"]
     for key, value in headers.items():
         if key.lower() != "connection":
             lines.append(f"{key}: {value}")
     lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
     head = "\r\n".join(lines).encode("latin-1")
     assert proto.transport is not None
+    proto.sent = True
     with contextlib.suppress(RuntimeError):
         proto.transport.write(head + body)
+
+
+async def open_stream(
+    url: str,
+    path_qs: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+    resolver: CachingResolver,
+    connect_timeout: float,
+    ssl_context: ssl.SSLContext | bool = True,
+) -> UpstreamStream:
+    """Connect to the engine at `url` and send the request; the protocol then
+    collects the answer. Failures to connect are `UpstreamFailure(connect=True)`."""
+    proto = await connect(url, resolver, connect_timeout, ssl_context)
+    send(proto, url, path_qs, headers, body)
     return proto

@@ -42,6 +42,7 @@ from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.stream import passthrough, sse
 from ha_agent.gateway.stream.migration import ContinuationRefused, Migration, request_caused
+from ha_agent.gateway.stream.spares import Spares
 from ha_agent.gateway.upstream.affinity import Affinity, affinity_of
 from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import (
@@ -133,6 +134,10 @@ class Relay:
         self.events = events
         self.retry_deadline = settings.retry_deadline
         self.warmer = warmer
+        # Connections opened ahead of streams; kept only while `spares.run` runs.
+        self.spares = Spares(
+            topology, transport, settings.spare_connections, settings.spare_max_age
+        )
         self.cors = Cors.parse(settings.cors_allow_origins, settings.cors_allow_credentials)
         # Overload and query-of-death checks.
         self.admission = Admission(RelayParts(settings, topology, transport, metrics, events))
@@ -525,19 +530,54 @@ class Relay:
         await state.finish(sse.error_event(f"stream interrupted; {why}; retry the request"))
         return state.result()
 
-    async def _stream_segment(self, node: NodeView, state: _StreamState, body: bytes) -> None:
+    async def _open_segment(
+        self, node: NodeView, state: _StreamState, body: bytes
+    ) -> tuple[passthrough.UpstreamStream, int, CIMultiDict[str]]:
+        """The segment's request sent, on a spare connection where there is one, and
+        its answer's head."""
         request = state.request
-        conn = await passthrough.open_stream(
-            node.engine_url,
-            request.path_qs,
-            self.transport.upstream_headers(request.headers),
-            body,
-            self.transport.resolver,
-            self.transport.connect_timeout,
-            self.transport.ssl,
-        )
+        headers = self.transport.upstream_headers(request.headers)
+        spare = self.spares.take(node.engine_url)
+        lost: UpstreamFailure | None = None
+        if spare is not None:
+            passthrough.send(spare, node.engine_url, request.path_qs, headers, body)
+            try:
+                status, head = await spare.head()
+                return spare, status, head
+            except UpstreamFailure as failure:
+                spare.close()
+                if failure.cause is not FailureCause.CLOSED or spare.received:
+                    raise
+                # Closed under the request before any answer (the engine closed the
+                # idle connection as it was written): a fresh connection instead.
+                lost = failure
+            except BaseException:
+                spare.close()
+                raise
         try:
-            status, headers = await conn.head()
+            conn = await passthrough.open_stream(
+                node.engine_url,
+                request.path_qs,
+                headers,
+                body,
+                self.transport.resolver,
+                self.transport.connect_timeout,
+                self.transport.ssl,
+            )
+        except UpstreamFailure:
+            if lost is not None:
+                raise lost from None  # what a fresh connection closed so would have said
+            raise
+        try:
+            status, head = await conn.head()
+        except BaseException:
+            conn.close()
+            raise
+        return conn, status, head
+
+    async def _stream_segment(self, node: NodeView, state: _StreamState, body: bytes) -> None:
+        conn, status, headers = await self._open_segment(node, state, body)
+        try:
             if status != 200:
                 data = await conn.read_all()
                 if status in RETRYABLE_STATUS:
