@@ -243,3 +243,37 @@ async def test_an_engine_that_closes_every_connection_is_backed_off_from() -> No
     assert engine.server is not None
     engine.server.close()
     assert 2 <= len(engine.conns) <= 16
+
+
+async def test_idle_spares_wake_the_relay_seldom(rig: Rig) -> None:
+    """Each wake-up of a relay worker costs CPU (0.15-0.45 ms on the dev VM): held
+    spares are looked at when one is due, not on a fast fixed tick, and an engine
+    given up on (out of rotation after refused connects) leaves no tight loop."""
+    spares = rig.relay.spares
+    looks = 0
+    tend = spares.tend
+
+    def counted() -> None:
+        nonlocal looks
+        looks += 1
+        tend()
+
+    spares.tend = counted  # type: ignore[method-assign]
+    await wait_for(lambda: len(rig.engines[0].idle()) == 2)
+    looks = 0
+    await asyncio.sleep(1.5)
+    assert looks <= 5, f"{looks} looks in 1.5 s with nothing due"
+    # The primary's engine goes away: refused connects back off, then it leaves.
+    one = rig.engines[0]
+    url = one.url
+    assert one.server is not None
+    one.server.close()
+    await one.server.wait_closed()
+    for conn in one.conns:
+        conn.writer.transport.abort()
+    await wait_for(lambda: spares._retry_at.get(url) is not None)
+    rig.relay.topology.nodes["sglang-01"].failed = True
+    await asyncio.sleep(0.6)
+    looks = 0
+    await asyncio.sleep(1.5)
+    assert looks <= 5, f"{looks} looks in 1.5 s after the engine was given up"
