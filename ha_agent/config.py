@@ -465,6 +465,21 @@ class EngineAuthSettings(BaseSettings):
         return {"Authorization": f"Bearer {self.engine_admin_api_key.get_secret_value()}"}
 
 
+class EngineConnectionSettings(BaseSettings):
+    """How the agent and the relay keep idle connections to an engine."""
+
+    model_config = SettingsConfigDict(env_prefix="HA_", extra="ignore")
+
+    engine_keepalive_timeout: float = Field(
+        4.0,
+        gt=0,
+        description="An idle pooled connection to an engine is closed after this, s. Keep it"
+        " below the engine server's own idle timeout (SGLang's uvicorn closes a connection"
+        " SGLANG_TIMEOUT_KEEP_ALIVE, 5 s, after its last response), so that no request goes"
+        " out on a connection the engine is closing at that instant.",
+    )
+
+
 class EngineTLSSettings(BaseSettings):
     """How the agent and the relay verify an engine that serves TLS (SGLang's
     --ssl-certfile): every ``https://`` engine URL is reached with `engine_ssl_context`,
@@ -612,6 +627,7 @@ class AgentSettings(
     EngineHealthSettings,
     FailbackSettings,
     EngineAuthSettings,
+    EngineConnectionSettings,
     EngineTLSSettings,
     EngineRestartSettings,
 ):
@@ -804,7 +820,12 @@ def is_loopback(bind: str) -> bool:
 
 
 class RelaySettings(
-    ModeSettings, RedisSettings, EngineAuthSettings, EngineTLSSettings, ClientAuthSettings
+    ModeSettings,
+    RedisSettings,
+    EngineAuthSettings,
+    EngineConnectionSettings,
+    EngineTLSSettings,
+    ClientAuthSettings,
 ):
     """The leader-aware relay in the gateway."""
 
@@ -1129,11 +1150,11 @@ class SimSettings(BaseSettings):
         description="As SGLANG_HEALTH_CHECK_TIMEOUT: /health waits this long for output, s.",
     )
     keep_alive_timeout: float = Field(
-        75.0,
+        5.0,
         gt=0,
         description="A connection is closed when no request comes this long after its last"
-        " response; none before its first request, as uvicorn under SGLang (whose timeout is"
-        " SGLANG_TIMEOUT_KEEP_ALIVE, 5 s; 75 s is aiohttp's default, the tests' so far), s.",
+        " response; none before its first request, as uvicorn under SGLang"
+        " (SGLANG_TIMEOUT_KEEP_ALIVE, 5 s by default), s.",
     )
     health_check_interval: float = Field(
         1.0, gt=0, description="How often /health looks for output (SGLang: every 1 s), s."

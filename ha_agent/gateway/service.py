@@ -65,6 +65,7 @@ class RelayService:
             settings.engine_headers(),
             settings.engine_admin_headers(),
             settings.engine_ssl_context(),
+            settings.engine_keepalive_timeout,
         )
         self.warmer = Warmer(
             self.topology,

@@ -56,6 +56,7 @@ class NodeAgent:
                 settings.engine_headers(),
                 settings.engine_admin_headers(),
                 settings.engine_ssl_context(),
+                settings.engine_keepalive_timeout,
             ),
             self.process,
         )

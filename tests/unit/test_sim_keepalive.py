@@ -39,3 +39,14 @@ async def test_an_unused_connection_stays_open_and_a_used_one_closes_after_the_t
             assert time.monotonic() - answered >= TIMEOUT * 0.9
         finally:
             writer.close()
+
+
+def test_our_idle_engine_connections_close_before_sglangs() -> None:
+    """The defaults hold against SGLang's own (SGLANG_TIMEOUT_KEEP_ALIVE, 5 s), as the
+    simulator's default stands for it."""
+    from ha_agent.config import AgentSettings, RelaySettings, SimSettings
+
+    sglang = SimSettings().keep_alive_timeout
+    assert sglang == 5.0
+    for settings in (AgentSettings(redis_url="redis://unused"), RelaySettings()):
+        assert settings.engine_keepalive_timeout < sglang

@@ -123,6 +123,7 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         admin_headers: Mapping[str, str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        keepalive_timeout: float = 4.0,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.first_byte_timeout = first_byte_timeout
@@ -138,6 +139,7 @@ class Transport:
         # Verifies an engine on an https URL (RelaySettings.engine_ssl_context); None:
         # the system's CAs, verification on all the same. Plain http URLs ignore it.
         self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self.keepalive_timeout = keepalive_timeout
 
     def upstream_headers(self, client: Mapping[str, str]) -> CIMultiDict[str]:
         """What a request to an engine carries: the client's end-to-end headers, then
@@ -153,7 +155,8 @@ class Transport:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=0,
-                    keepalive_timeout=30,
+                    # Below the engine's own idle timeout: see engine_keepalive_timeout.
+                    keepalive_timeout=self.keepalive_timeout,
                     use_dns_cache=False,  # CachingResolver caches, on its own threads
                     resolver=self.resolver,
                     enable_cleanup_closed=True,

@@ -158,8 +158,12 @@ class EngineClient:
         headers: Mapping[str, str] | None = None,
         admin_headers: Mapping[str, str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        keepalive_timeout: float = 4.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # Idle pooled connections close before the engine's own timeout (uvicorn's 5 s),
+        # so a probe never goes out on one the engine is closing.
+        self.keepalive_timeout = keepalive_timeout
         # Verifies an https engine (EngineTLSSettings.engine_ssl_context); None: the
         # system's CAs, verification on all the same.
         self.ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
@@ -173,7 +177,10 @@ class EngineClient:
         if self._session is None or self._session.closed:
             # A small private pool: probes must never queue behind each other.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=4, ssl=self.ssl), headers=self.headers
+                connector=aiohttp.TCPConnector(
+                    limit=4, ssl=self.ssl, keepalive_timeout=self.keepalive_timeout
+                ),
+                headers=self.headers,
             )
         return self._session
 
