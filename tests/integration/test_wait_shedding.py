@@ -220,14 +220,11 @@ def assert_side_load_back_after_the_backlog(
     own and the lost node's, moved): it refuses new ones until that backlog has left
     its slots, then serves the side load again."""
     backlog = [r for r in records if r.status == 200 and r.sent < killed]
-    # A generation's time on the survivor, as its clients saw it: the decode of the
-    # long streams sent after the kill (not moved, so not waiting twice).
-    decode = [
-        r.end - (r.ttft or 0.0)
-        for r in records
-        if r.group == "heavy" and r.status == 200 and r.sent > killed
-    ]
-    generation = max([statistics.median(decode)] if decode else [], default=TOKENS * 0.005)
+    # A generation's time on this machine, as the clients saw it: the median decode
+    # (first token to end) of the long streams served; the few moved mid-way, whose
+    # decode includes their wait on the survivor, do not move the median.
+    decode = [r.end - (r.ttft or 0.0) for r in records if r.group == "heavy" and r.done]
+    generation = statistics.median(decode)
     drained = math.ceil(len(backlog) / SLOTS) * generation
     timeline = Counter(
         (r.group, int((r.sent - killed) // 10) * 10, r.status) for r in records if r.sent > killed
