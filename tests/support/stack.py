@@ -252,8 +252,9 @@ def running_stack(
 
 
 @contextlib.contextmanager
-def overlay_stack(overlay: Path, prefix: str) -> Iterator[Stack]:
+def overlay_stack(overlay: Path, prefix: str, mode: str = "pair") -> Iterator[Stack]:
     """The test stack with one more compose file over it, for a module's own settings."""
     require_host_tools()
-    with running_stack(("compose.yaml", "compose.test.yaml", str(overlay)), prefix=prefix) as s:
+    files = ("compose.yaml", "compose.test.yaml", str(overlay))
+    with running_stack(files, prefix=prefix, mode=mode) as s:
         yield s

@@ -540,3 +540,45 @@ async def test_a_pool_measures_requests_on_every_node_that_had_a_slot_free(
     report(topo, "b", 4, 12)
     resp = await admission.admit(request("/generate"), GENERATE, {"text": "hi"})
     assert resp is not None and resp.status == 429
+
+
+class _Stream(_Sent):
+    stream = True
+
+    def __init__(self, since: float, began: float | None = None) -> None:
+        super().__init__(since)
+        self.began = began
+
+
+def test_a_stream_counts_from_when_the_engine_began_it_not_from_when_it_was_sent(
+    tmp_path: Any,
+) -> None:
+    """A pool's survivor inherits the lost node's streams behind its own: re-sent 40 s
+    ago, they sat in its queue and began only now. They hold the slots for another
+    T; taken from when they were sent, they looked about to leave, and a new request
+    was let in to wait a whole generation (the CPU stack's pool of two: 19 s against
+    a 10 s bound)."""
+    clock = FakeClock()
+    est = WaitEstimator(topology(tmp_path, clock=clock), BOUND)
+    est.slots["a"] = 8
+    measured(est, "a", 12.0)
+    node = report(est.topology, "a", 8, 0)
+    sent = clock() - 40.0
+    node.inflight.update(_Stream(sent, began=clock() - 1.0) for _ in range(8))
+    e = est.estimate(node)
+    assert e is not None and e.wait == pytest.approx(11.0)  # the first slot frees in 11 s
+    assert est.refuses(e, complete=True)
+
+    # Nothing back from them yet: queued, they start no sooner than now.
+    node.inflight.clear()
+    node.inflight.update(_Stream(sent) for _ in range(8))
+    report(est.topology, "a", 0, 8)
+    e = est.estimate(node)
+    assert e is not None and e.wait == pytest.approx(12.0)
+
+    # A request that is no stream shows no start: when it was sent is all there is.
+    node.inflight.clear()
+    node.inflight.update(_Sent(sent) for _ in range(8))
+    report(est.topology, "a", 8, 0)
+    e = est.estimate(node)
+    assert e is not None and e.wait == pytest.approx(1.5)  # the formula: 1 x 12 / 8

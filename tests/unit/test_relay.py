@@ -492,3 +492,26 @@ async def test_a_client_abort_ends_the_stream_and_is_not_migrated(cluster: Local
     assert finish["type"] == "abort" and finish.get("status_code") is None
     assert last_json(events)["meta_info"]["completion_tokens"] < 2000
     assert "STREAM_MIGRATED" not in cluster.ha_log("relay")
+
+
+async def test_a_stream_queued_in_the_engine_has_not_begun_until_its_first_event(
+    redis_proc: RedisProcess, http: httpx.AsyncClient
+) -> None:
+    """The wait estimate counts a stream's slot from its first event back (wait.py):
+    on an engine of one running slot, a second stream waits in the engine's queue
+    with nothing back, and begins once the first has left."""
+    async with local_cluster(redis_proc, sim_env={"SIM_MAX_RUNNING_REQUESTS": "1"}) as c:
+        primary = await c.wait_ready()
+        assert c.relay is not None
+        node = c.relay.topology.nodes[primary]
+        body = {"text": "hi", "sampling_params": {"max_new_tokens": LONG}, "stream": True}
+        url = f"{c.relay_url}/generate"
+        first = asyncio.ensure_future(collect_stream(http, url, body))
+        await c.wait_for(lambda: any(a.began for a in node.inflight), 10, "the first to begin")
+        second = asyncio.ensure_future(collect_stream(http, url, body))
+        await c.wait_for(lambda: len(node.inflight) == 2, 10, "the second on the engine")
+        assert [a.stream for a in node.inflight] == [True, True]
+        assert sum(a.began is None for a in node.inflight) == 1  # queued: nothing back
+        assert (await first)[-1] == "[DONE]"
+        await c.wait_for(lambda: all(a.began for a in node.inflight), 10, "the second to begin")
+        assert (await second)[-1] == "[DONE]"

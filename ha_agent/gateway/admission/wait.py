@@ -25,9 +25,11 @@ leaves every T / C s), and the new request needs the O - C requests ahead of it 
 itself to find one. That average assumes the running requests spread over their
 service time; a burst that took the slots together leaves them together, and the
 request behind it waits for the whole batch (up to T longer). So the wait is also
-taken from when this worker sent its requests on the node (`Abandonable.since`;
-its requests between two attempts as sent now, together): the slots filled in FIFO
-order, each held T from its request's start; the estimate is the larger of the two
+taken from when this worker's requests on the node took their slots (a stream's
+first event back, `Abandonable.began`; a stream with nothing back yet, no sooner
+than now; any other request, when it was sent, `Abandonable.since`; its requests
+between two attempts as sent now, together): the slots filled in FIFO order, each
+held T from its request's start; the estimate is the larger of the two
 (`_by_starts`). Where the inputs come from:
 
 - running / queued: SGLang's `sglang:num_running_reqs` / `sglang:num_queue_reqs`, as
@@ -82,7 +84,7 @@ import aiohttp
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ha_agent.gateway.upstream.topology import NodeView, Topology
+from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -196,6 +198,19 @@ class Survey:
     free: frozenset[str]
 
 
+def _began(item: Abandonable, now: float) -> float | None:
+    """When `item` took its slot, as far as this worker can tell: a stream's first
+    event back; a stream with nothing back yet is queued (or in its prefill) and takes
+    a slot no sooner than now; anything else, when it was sent. (A stream re-sent to a
+    survivor that already holds a backlog may wait there for minutes: counted from
+    when it was sent, it would look about to leave when it has just begun.)"""
+    if item.began is not None:
+        return item.began
+    if item.since is None:
+        return None
+    return max(item.since, now) if item.stream else item.since
+
+
 def parse_slots(info: Any) -> int | None:
     """The running slots an SGLang `/server_info` answer reports (see the module
     docstring), or None."""
@@ -302,13 +317,13 @@ class WaitEstimator:
         formula alone then)."""
         if queue.slots is None or queue.slots <= 0:
             return 0.0
-        known = sorted(a.since for a in node.inflight if a.since is not None)
+        now = self.topology.clock()
+        known = sorted(t for a in node.inflight if (t := _began(a, now)) is not None)
         # Requests between attempts are sent next, together: they start no sooner than
         # now (a failover re-sends the lost node's requests to an idle survivor).
         transit = self.in_transit()
         if not known and not transit:
             return 0.0
-        now = self.topology.clock()
         starts = known + [now] * transit
         # Each of this worker's requests stands for one on every relay worker.
         starts = [t for t in starts for _ in range(self.workers)]

@@ -86,11 +86,13 @@ def _client_gone_before_head() -> web.StreamResponse:
 class Attempt(Abandonable):
     """One upstream try, cancellable by the topology when its node fails."""
 
-    __slots__ = ("abandoned", "node", "since", "task")
+    __slots__ = ("abandoned", "began", "node", "since", "stream", "task")
 
-    def __init__(self, node: NodeView, since: float) -> None:
+    def __init__(self, node: NodeView, since: float, stream: bool = False) -> None:
         self.node = node
         self.since = since
+        self.stream = stream
+        self.began: float | None = None
         self.task: asyncio.Future[Any] | None = None
         self.abandoned: str | None = None
 
@@ -289,8 +291,14 @@ class Relay:
 
     # -- picking nodes and running attempts ----------------------------------------------
 
-    async def _run(self, node: NodeView, work: Awaitable[T]) -> T:
-        attempt = Attempt(node, self.topology.clock())
+    async def _run(
+        self, node: NodeView, work: Awaitable[T], state: _StreamState | None = None
+    ) -> T:
+        """`work` on `node`, abandoned if the node fails; `state`: a stream's, whose
+        sink marks when the engine began the attempt (wait.py)."""
+        attempt = Attempt(node, self.topology.clock(), stream=state is not None)
+        if state is not None:
+            state.attempt = attempt
         task = asyncio.ensure_future(work)
         attempt.task = task
         node.inflight.add(attempt)
@@ -434,7 +442,7 @@ class Relay:
             if node is None:
                 return await self._give_up(state, "no node could serve it: " + tries.latest())
             try:
-                await self._run(node, self._stream_segment(node, state, segment_body))
+                await self._run(node, self._stream_segment(node, state, segment_body), state)
             except _Passthrough as final:
                 status = final.response.status
                 outcome = "client_error" if status < 500 else "failed"
@@ -608,9 +616,12 @@ class Relay:
         client = state.client_transport
         assert client is not None  # begin() came first
         pending = b""  # an event not yet complete
+        attempt, clock = state.attempt, self.topology.clock
 
         def sink(chunk: bytes) -> bool:
             nonlocal pending
+            if attempt is not None and attempt.began is None:
+                attempt.began = clock()  # the engine's first bytes: past its queue
             if pending:
                 chunk = pending + chunk
             cut = chunk.rfind(b"\n\n") + 2
@@ -850,6 +861,7 @@ class _StreamState:
     on_first_event: Callable[[], None] | None = None  # past its prefill (quarantine, warming)
     affinity: Affinity | None = None  # pool mode: the prompt's prefix keys
     first_event_at: float | None = None  # monotonic: its decode's start (service time)
+    attempt: Attempt | None = None  # the current segment's upstream try
     _chunked: bool = True
     # The first segment's events, unparsed, as a list: joined only if the stream
     # breaks (adding bytes to bytes copied the whole stream on every event).

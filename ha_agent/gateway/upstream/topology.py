@@ -57,6 +57,11 @@ class Abandonable:
     # When it was sent to the node (the topology's clock); None: not known. The wait
     # estimate reads it: requests sent together leave their slots together.
     since: float | None = None
+    # A stream: its first event back marks when the engine gave it a slot (`began`,
+    # the topology's clock; None while nothing came back: queued, or in its prefill).
+    # The time it sat in the engine's queue is no progress through its decode.
+    stream: bool = False
+    began: float | None = None
 
     def abandon(self, reason: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
