@@ -33,7 +33,9 @@ rotate=0
 if [ "${1:-}" = --rotate ]; then rotate=1; shift; fi
 file="${1:-$dir/secrets.env}"
 secrets="$(dirname "$file")/secrets"
-rand() { python3 -c 'import secrets; print(secrets.token_urlsafe(32))'; }
+# Never a leading "-": programs that take a secret as an argument (SGLang's --api-key)
+# would read it as a flag.
+rand() { python3 -c 'import secrets; print("k" + secrets.token_urlsafe(32))'; }
 umask 077
 touch "$file"
 chmod 0600 "$file"

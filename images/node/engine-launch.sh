@@ -6,7 +6,10 @@
 # official image), never in the agent's venv. Its API key comes from a file (a compose
 # secret, HA_ENGINE_API_KEY_FILE), the one the agent presents too. SGLang takes the
 # key only as --api-key (python/sglang/srt/server_args.py), so it shows in this
-# container's process list; it is in no environment and no `docker inspect`.
+# container's process list; it is in no environment and no `docker inspect`. Keys go
+# as --api-key=KEY: a key that begins with "-" (1 in 64 of those scripts/secrets.sh
+# makes) given as a separate word is taken by SGLang's argparse for a flag, and the
+# engine exits 2 at every start.
 #
 # TLS: when the agent reaches its engine over https (HA_ENGINE_URL, set so by
 # compose/node-host.yaml), the engine serves it with SGLang's own flags, the
@@ -47,9 +50,9 @@ case "${ENGINE}" in
         echo "HA_ENGINE_API_KEY_FILE=${HA_ENGINE_API_KEY_FILE} is not readable by $(id -un)" >&2
         exit 2
       fi
-      set -- "$@" --api-key "$(cat "${HA_ENGINE_API_KEY_FILE}")"
+      set -- "$@" "--api-key=$(cat "${HA_ENGINE_API_KEY_FILE}")"
     elif [ -n "${HA_ENGINE_API_KEY:-}" ]; then
-      set -- "$@" --api-key "${HA_ENGINE_API_KEY}"
+      set -- "$@" "--api-key=${HA_ENGINE_API_KEY}"
     fi
     # --admin-api-key guards admin routes, /abort_request included: the agent and the
     # relay present it from the same file (HA_ENGINE_ADMIN_API_KEY_FILE).
@@ -58,7 +61,7 @@ case "${ENGINE}" in
         echo "HA_ENGINE_ADMIN_API_KEY_FILE=${HA_ENGINE_ADMIN_API_KEY_FILE} is not readable by $(id -un)" >&2
         exit 2
       fi
-      set -- "$@" --admin-api-key "$(cat "${HA_ENGINE_ADMIN_API_KEY_FILE}")"
+      set -- "$@" "--admin-api-key=$(cat "${HA_ENGINE_ADMIN_API_KEY_FILE}")"
     fi
     # shellcheck disable=SC2086  # SGLANG_EXTRA_ARGS is a list of flags
     exec "${ENGINE_PYTHON:-/usr/bin/python3}" -m sglang.launch_server "$@" ${SGLANG_EXTRA_ARGS:-}

@@ -165,3 +165,36 @@ def test_pinned_flag_list_is_what_the_generator_makes_of_sglang_0_5_19(tmp_path:
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     assert out.read_text() == FLAGS.read_text()
+
+
+@pytest.mark.parametrize("key", ["-LCkey_from_token_urlsafe", "kplain"])
+def test_the_launcher_passes_a_key_that_begins_with_a_dash(tmp_path: Path, key: str) -> None:
+    """images/node/engine-launch.sh into the stand-in's argparse (SGLang's flags): a
+    generated key may begin with "-" (1 in 64 of token_urlsafe's), which argparse takes
+    for a flag when it is a separate word; the engine then exited 2 at every start."""
+    (tmp_path / "api_key").write_text(key)
+    (tmp_path / "admin_key").write_text("-" + key)
+    echo = tmp_path / "echo-argv"  # stands for the simulator the stand-in execs
+    echo.write_text('#!/bin/sh\nprintf "%s\\n" "$SIM_API_KEY" "$SIM_ADMIN_API_KEY" "$@"\n')
+    echo.chmod(0o755)
+    out = subprocess.run(
+        ["sh", str(ROOT / "images" / "node" / "engine-launch.sh")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "ENGINE": "sglang",
+            "ENGINE_PYTHON": sys.executable,
+            "PYTHONPATH": str(STANDIN),
+            "SGLANG_STANDIN_SIM": str(echo),
+            "MODEL_PATH": str(tmp_path),  # a local folder: no cache to write
+            "ENGINE_PORT": "30000",
+            "HA_ENGINE_API_KEY_FILE": str(tmp_path / "api_key"),
+            "HA_ENGINE_ADMIN_API_KEY_FILE": str(tmp_path / "admin_key"),
+        },
+    )
+    assert out.returncode == 0, out.stderr
+    assert "api_key=set" in out.stderr
+    # The simulator gets both keys whole (as SGLang's argparse would have them).
+    assert out.stdout.split("\n")[:4] == [key, "-" + key, "--host", "0.0.0.0"], out.stdout
