@@ -194,6 +194,17 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def load_command(url: str, out: Path, **options: object) -> list[str]:
+    """The command line of `python -m bench.shedding load` that runs the clients in a
+    process of their own: `heavy_once=True` is `--heavy-once`, `light_tokens=16` is
+    `--light-tokens=16`; what they saw goes to `out`."""
+    argv = [sys.executable, "-m", "bench.shedding", "load", f"--url={url}"]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        argv.append(flag if value is True else f"{flag}={value}")
+    return [*argv, f"--out={out}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.shedding")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -33,7 +33,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -44,7 +43,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.shedding import Record, summarize
+from bench.shedding import Record, load_command, summarize
 from tests.support.stack import NODES, Stack, overlay_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -96,22 +95,18 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
         load = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.shedding",
-                "load",
-                f"--url={url}",
-                f"--heavy={HEAVY}",
-                f"--heavy-tokens={TOKENS}",
-                "--heavy-once",
-                f"--light={LIGHT}",
-                f"--light-tokens={LIGHT_TOKENS}",
-                f"--duration={duration}",
-                "--timeout=90",
-                "--retries=4",
-                f"--out={out}",
-            ],
+            load_command(
+                url,
+                out,
+                heavy=HEAVY,
+                heavy_tokens=TOKENS,
+                heavy_once=True,
+                light=LIGHT,
+                light_tokens=LIGHT_TOKENS,
+                duration=duration,
+                timeout=90,
+                retries=4,
+            ),
             cwd=ROOT,
         )
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.shedding import Record, summarize
+from bench.shedding import Record, load_command, summarize
 from ha_agent.config import HaMode
 from tests.support.cluster import LocalCluster, local_cluster
 from tests.support.processes import RedisProcess
@@ -65,19 +64,10 @@ async def warm_up(url: str) -> None:
 async def start_load(url: str, out: Path, *args: str) -> asyncio.subprocess.Process:
     """The clients in a process of their own (bench/shedding.py): HEAVY streams of
     HEAVY_TOKENS sent once, at once, plus `args`; what they saw goes to `out`."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.shedding",
-        "load",
-        f"--url={url}",
-        f"--heavy={HEAVY}",
-        "--heavy-once",
-        f"--heavy-tokens={HEAVY_TOKENS}",
-        "--timeout=60",
-        f"--out={out}",
-        *args,
+    command = load_command(
+        url, out, heavy=HEAVY, heavy_once=True, heavy_tokens=HEAVY_TOKENS, timeout=60
     )
+    return await asyncio.create_subprocess_exec(*command, *args)
 
 
 async def test_requests_past_the_wait_bound_are_shed_at_once_through_a_failover(
