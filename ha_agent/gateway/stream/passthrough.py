@@ -64,7 +64,6 @@ class UpstreamStream(asyncio.Protocol):
         self._sink_done = False  # the sink saw the stream's last event
         self._resumer: asyncio.Future[None] | None = None
         self.opened_at = 0.0  # the loop's clock when connected
-        self.sent = False  # the request went out on it
         self.received = False  # a response byte came
         self.lost = False  # the engine closed it, or it broke
 
@@ -326,7 +325,6 @@ def send(
     lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
     head = "\r\n".join(lines).encode("latin-1")
     assert proto.transport is not None
-    proto.sent = True
     with contextlib.suppress(RuntimeError):
         proto.transport.write(head + body)
 
