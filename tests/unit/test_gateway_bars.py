@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from bench import gateway_bars
+from bench.cpu_cap import CapUnavailable, CpuCap
 from bench.gateway_bars import Bars, BarsConfig, _one, _open_loop, _pairs, targets
 from tests.support.processes import free_port, wait_until
 
@@ -63,7 +66,16 @@ def test_fixed_engine_streams_timestamped_events_at_its_rate(engine: str) -> Non
 
 def test_a_path_compared_with_itself_adds_next_to_nothing(engine: str) -> None:
     out = asyncio.run(
-        _pairs({"direct": engine, "relay": engine, "slots": 1, "seconds": 0.3, "tokens": 4})
+        _pairs(
+            {
+                "direct": engine,
+                "relay": engine,
+                "slots": 1,
+                "seconds": 0.3,
+                "pairs": 99,
+                "tokens": 4,
+            }
+        )
     )
     assert out["pairs"] >= 1 and out["failed_pairs"] == 0
     assert out["itl_added_ms"]["n"] == out["pairs"] * 3
@@ -106,3 +118,34 @@ def test_scaling_bar_is_the_ratio_of_saturation_rates() -> None:
     assert bar["met"] is False
     assert gateway_bars.saturation([]) == 0.0
     assert BarsConfig().offered == tuple(sorted(BarsConfig().offered))
+
+
+def test_pairs_stop_at_the_count_asked_for(engine: str) -> None:
+    # 3 slots and a count of 4: the slots stop once 4 pairs are in, long before the time.
+    out = asyncio.run(
+        _pairs(
+            {"direct": engine, "relay": engine, "slots": 3, "seconds": 30, "pairs": 4, "tokens": 2}
+        )
+    )
+    assert 4 <= out["pairs"] + out["failed_pairs"] <= 4 + 2  # the slots' pairs in flight
+
+
+def test_a_capped_process_gets_no_more_cpu_than_its_cap() -> None:
+    try:
+        cap = CpuCap(f"sglang-ha-test-{os.getpid()}", 0.2)
+    except CapUnavailable as exc:
+        pytest.skip(f"no cgroup CPU controller to write here: {exc}")
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        cap.add(spin.pid)
+        before, t0 = gateway_bars._cpu_seconds([spin.pid]), time.monotonic()
+        time.sleep(1.5)  # a CPU measurement's window, not a wait for a condition
+        used = (gateway_bars._cpu_seconds([spin.pid]) - before) / (time.monotonic() - t0)
+    finally:
+        spin.kill()
+        spin.wait()
+        cap.remove()
+    # A spinning process uncapped takes a whole core; capped, a fifth (clock ticks
+    # are 10 ms, so allow for them).
+    assert used < 0.3, used
+    assert not cap.path.exists()
