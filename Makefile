@@ -131,7 +131,7 @@ promtool: alerts-lint  ## alerts-lint, then the alert rules' unit tests (prometh
 .PHONY: bench
 BENCH_TRIALS ?= 2
 DOCKER_LOCK  ?= /tmp/sglang-ha-docker.lock
-bench: venv docker secrets  ## capacity, path overhead, failover vs baselines, $(BENCH_TRIALS) trials (~20 min)
+bench: venv docker secrets  ## every phase: capacity, gateway bars, overhead, failover vs baselines, pool; $(BENCH_TRIALS) trials (~40 min)
 	flock $(DOCKER_LOCK) $(PY) -m bench --trials $(BENCH_TRIALS) --out bench/results
 
 # The capacity table alone (bench/capacity.py, ~6 min): events/s, TTFT, ITL and CPU
@@ -139,6 +139,13 @@ bench: venv docker secrets  ## capacity, path overhead, failover vs baselines, $
 .PHONY: bench-capacity
 bench-capacity: venv docker secrets  ## capacity: events/s and CPU per event per path (~6 min)
 	flock $(DOCKER_LOCK) $(PY) -m bench --phases capacity --out bench/results
+
+# The gateway's three bars in one run: CPU per streamed event against Nginx alone +
+# SGLang's router (capacity), added latency at light load and relay-worker scaling
+# (bench/gateway_bars.py, local processes against a fixed-rate synthetic engine).
+.PHONY: bench-gateway
+bench-gateway: venv docker secrets  ## the gateway's bars: CPU per event, light-load latency, worker scaling (~11 min)
+	flock $(DOCKER_LOCK) $(PY) -m bench --phases capacity,light-latency,relay-scaling --out bench/results
 
 # The pool phase alone (bench/pool.py): requests/s of the pair, a 2-node pool and
 # SGLang's router over the same engines limited by their running slots, and failed
