@@ -916,8 +916,10 @@ class RelaySettings(
     spare_max_age: float = Field(
         4.0,
         gt=0,
-        description="A spare unused this long is closed and replaced: below uvicorn's"
-        " keep-alive timeout (SGLang's SGLANG_TIMEOUT_KEEP_ALIVE, 5 s by default), s.",
+        description="A spare unused this long is closed and replaced, s. SGLang's server"
+        " (uvicorn) closes no connection before its first request; the age is for a proxy"
+        " between the relay and the engine that closes idle connections, and stays under"
+        " the idle timeout most keep (SGLang's own, SGLANG_TIMEOUT_KEEP_ALIVE, is 5 s).",
     )
     first_byte_timeout: float = Field(
         600.0,
