@@ -536,3 +536,16 @@ async def test_the_watchdog_measures_how_late_it_woke(
         assert not watchdog.events.recent, "no worker taken out"
     finally:
         await watchdog.stop()
+
+
+async def test_with_one_shared_port_a_starved_worker_is_not_killed(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    clock, schedstat = FakeClock(), FakeSchedstat()
+    watchdog = _watchdog(tmp_path, clock=clock, schedstat=schedstat)
+    try:
+        assert await _goes_quiet(watchdog, clock, schedstat, child.pid, run=0.0, wait=0.8) == []
+        assert child.poll() is None, "not killed"
+        assert watchdog.starvations._value.get() == 1
+    finally:
+        watchdog.events.close()

@@ -334,8 +334,8 @@ class WatchdogService:
         return found
 
     def _sample(self, now: float) -> None:
-        """Every worker's schedstat at this look, and the latest one taken before its last
-        beat (a look ran between that beat and the one before it)."""
+        """Every worker's schedstat at this look. The previous look's reading becomes the
+        one before its last beat when the worker beat after that look."""
         try:
             entries = [e for e in os.scandir(self.dir) if not e.name.startswith(".")]
         except OSError:
@@ -384,13 +384,13 @@ class WatchdogService:
             self.starvations.inc()
             log.warning(
                 "relay worker %s (pid %d): no heartbeat for %.1fs, but %.2fs of it waiting"
-                " for a CPU (%.2fs on one): starved, not frozen; left in Nginx's rotation"
-                " for up to %.1fs",
+                " for a CPU (%.2fs on one): starved, not frozen; %s for up to %.1fs",
                 stall.index,
                 stall.pid,
                 stall.age,
                 waited,
                 ran,
+                "left in Nginx's rotation" if self.rotates else "not killed",
                 self.starved_limit,
             )
         return True
