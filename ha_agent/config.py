@@ -864,8 +864,17 @@ class RelaySettings(
     stall_limit: float = Field(
         0.6,
         gt=0,
-        description="A worker whose heartbeat is this old is frozen: taken out of Nginx's"
-        " rotation until it beats again, s.",
+        description="A worker whose heartbeat is this old is frozen (unless starved of CPU:"
+        " HA_STALL_STARVED_LIMIT): taken out of Nginx's rotation until it beats again, s.",
+    )
+    stall_starved_limit: float | None = Field(
+        None,
+        gt=0,
+        description="A worker with a stale heartbeat that spent at least half of that time"
+        " runnable but waiting for a CPU (/proc/<pid>/schedstat) is starved, not frozen,"
+        " and stays in Nginx's rotation until its heartbeat is this old; past it, it is"
+        " handled as frozen. Unset: three times HA_STALL_LIMIT; at or below"
+        " HA_STALL_LIMIT starvation excuses nothing, s.",
     )
     stall_kill_after: float = Field(
         30.0,

@@ -5,19 +5,27 @@ one, a dead one and one that just started are left alone."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from ha_agent.config import RelaySettings
-from ha_agent.gateway.edge.watchdog import WatchdogService, beat, stalled
+from ha_agent.gateway.edge.watchdog import (
+    SchedStat,
+    WatchdogService,
+    beat,
+    oldest_heartbeat_age,
+    read_schedstat,
+    stalled,
+)
 from tests.support.fakes import FakeClock, FakeStore
 
 
@@ -30,11 +38,13 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
     proc.wait(timeout=10)
 
 
-def heartbeat(directory: Path, index: int, pid: int, age: float) -> None:
+def heartbeat(
+    directory: Path, index: int, pid: int, age: float, now: Callable[[], float] = time.time
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / str(index)
     path.write_text(str(pid))
-    then = time.time() - age
+    then = now() - age
     os.utime(path, (then, then))
 
 
@@ -66,14 +76,19 @@ def test_only_a_live_process_with_a_stale_heartbeat_is_stalled(
     assert found[0].age >= 5.0
 
 
-def _watchdog(tmp_path: Path, **extra: object) -> WatchdogService:
+def _watchdog(
+    tmp_path: Path,
+    clock: Callable[[], float] = time.time,
+    schedstat: Callable[[int], SchedStat | None] = read_schedstat,
+    **extra: object,
+) -> WatchdogService:
     settings = RelaySettings(
         heartbeat_dir=tmp_path / "hb",
         stall_limit=0.8,
         ha_log=str(tmp_path / "ha.log"),
         **extra,  # type: ignore[arg-type]
     )
-    return WatchdogService(settings, store=FakeStore(FakeClock()))
+    return WatchdogService(settings, store=FakeStore(FakeClock()), clock=clock, schedstat=schedstat)
 
 
 async def _answers(path: Path) -> str:
@@ -222,10 +237,10 @@ async def test_a_worker_that_stops_beating_is_found_at_the_limit_with_few_looks(
     looks = 0
     check = watchdog.check
 
-    async def counted() -> list[object]:
+    async def counted(late: float = 0.0) -> list[object]:
         nonlocal looks
         looks += 1
-        return await check()  # type: ignore[return-value]
+        return await check(late)  # type: ignore[return-value]
 
     watchdog.check = counted  # type: ignore[assignment,method-assign]
     stop = asyncio.Event()
@@ -277,3 +292,260 @@ def test_nginx_lists_a_socket_per_relay_worker(
         "server unix:/run/x/relay-0.sock max_fails=1 fail_timeout=2s;",
         "server unix:/run/x/relay-1.sock max_fails=1 fail_timeout=2s;",
     ]
+
+
+class FakeSchedstat:
+    """/proc/<pid>/schedstat as a test makes it grow; None for a pid it was never given
+    (as for a file that cannot be read)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[int, SchedStat] = {}
+
+    def __call__(self, pid: int) -> SchedStat | None:
+        return self.stats.get(pid)
+
+    def grow(self, pid: int, run: float = 0.0, wait: float = 0.0) -> None:
+        was = self.stats.get(pid, SchedStat(0.0, 0.0))
+        self.stats[pid] = SchedStat(was.run + run, was.wait + wait)
+
+
+def _rotating(
+    tmp_path: Path,
+    clock: Callable[[], float],
+    schedstat: Callable[[int], SchedStat | None],
+    **extra: object,
+) -> tuple[WatchdogService, Path]:
+    """A watchdog over two workers with a socket each; worker 1's socket file."""
+    sockets = tmp_path / "sock"
+    sockets.mkdir()
+    (sockets / "relay-1.sock").write_text("stands in for worker 1's socket")
+    watchdog = _watchdog(
+        tmp_path,
+        clock=clock,
+        schedstat=schedstat,
+        relay_workers=2,
+        relay_worker_socket_dir=sockets,
+        **extra,
+    )
+    return watchdog, sockets / "relay-1.sock"
+
+
+async def _goes_quiet(
+    watchdog: WatchdogService,
+    clock: FakeClock,
+    schedstat: FakeSchedstat,
+    pid: int,
+    run: float,
+    wait: float,
+) -> list[object]:
+    """Worker 1 beats, a look samples it, it beats once more and then not for 1 s, over
+    which its loop thread gains `run` s on a CPU and `wait` s waiting for one; the look
+    that follows."""
+    schedstat.grow(pid, run=5.0, wait=1.0)  # its times so far
+    heartbeat(watchdog.dir, 1, pid, 0.0, clock)
+    assert await watchdog.check() == []
+    clock.advance(0.05)
+    heartbeat(watchdog.dir, 1, pid, 0.0, clock)  # its last beat, after that look
+    clock.advance(1.0)
+    schedstat.grow(pid, run=run, wait=wait)
+    return await watchdog.check()  # type: ignore[return-value]
+
+
+async def test_a_worker_starved_of_cpu_stays_in_the_rotation(
+    tmp_path: Path, child: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its loop was runnable but got no CPU: it beats as soon as it gets one, and taking
+    it out would send its share to the other workers (or past admission to the nodes)."""
+    clock, schedstat = FakeClock(), FakeSchedstat()
+    watchdog, sock = _rotating(tmp_path, clock, schedstat)
+    caplog.set_level(logging.INFO, logger="ha_agent.gateway.edge.watchdog")
+    try:
+        assert await _goes_quiet(watchdog, clock, schedstat, child.pid, run=0.02, wait=0.9) == []
+        assert sock.exists(), "still in Nginx's rotation"
+        assert watchdog.starvations._value.get() == 1
+        assert watchdog.next_look() == pytest.approx(0.08), "watched closely meanwhile"
+        clock.advance(0.08)
+        schedstat.grow(child.pid, wait=0.08)
+        assert await watchdog.check() == [], "still starved"
+        heartbeat(watchdog.dir, 1, child.pid, 0.0, clock)  # it got a CPU
+        clock.advance(0.01)
+        schedstat.grow(child.pid, run=0.01)
+        assert await watchdog.check() == []
+        assert sock.exists()
+        assert watchdog.stalls._value.get() == 0
+        assert watchdog.starvations._value.get() == 1, "one episode, counted once"
+        assert not watchdog.events.recent, "no RELAY_WORKER_STALLED"
+    finally:
+        watchdog.events.close()
+    said = [r for r in caplog.records if "starved" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.INFO], "logged once"
+    assert f"relay worker 1 (pid {child.pid}): no heartbeat for 1.0s" in said[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("run", "wait"),
+    [(0.0, 0.0), (0.95, 0.03), (0.55, 0.4)],
+    ids=["stopped", "spinning", "spinning-on-a-busy-cpu"],
+)
+async def test_a_worker_that_did_not_wait_for_a_cpu_is_frozen(
+    tmp_path: Path, child: subprocess.Popen[bytes], run: float, wait: float
+) -> None:
+    """A stopped or blocked loop gains neither time; a spinning one gains run time and
+    waits for less than half of its silence."""
+    clock, schedstat = FakeClock(), FakeSchedstat()
+    watchdog, sock = _rotating(tmp_path, clock, schedstat)
+    try:
+        found = await _goes_quiet(watchdog, clock, schedstat, child.pid, run=run, wait=wait)
+        assert [s.pid for s in found] == [child.pid]  # type: ignore[attr-defined]
+        assert not sock.exists(), "out of Nginx's rotation"
+        assert watchdog.stalls._value.get() == 1
+        assert watchdog.starvations._value.get() == 0
+        assert [e.event for e in watchdog.events.recent] == ["RELAY_WORKER_STALLED"]
+    finally:
+        watchdog.events.close()
+
+
+async def test_starvation_excuses_a_stale_heartbeat_only_for_a_while(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    clock, schedstat = FakeClock(), FakeSchedstat()
+    watchdog, sock = _rotating(tmp_path, clock, schedstat)  # unset: 3 x 0.8 s
+    assert watchdog.starved_limit == pytest.approx(2.4)
+    try:
+        assert await _goes_quiet(watchdog, clock, schedstat, child.pid, run=0.0, wait=1.0) == []
+        for _ in range(2):  # silent 1.55 s, then 2.05 s: still waiting for a CPU, still in
+            clock.advance(0.5)
+            schedstat.grow(child.pid, wait=0.5)
+            assert await watchdog.check() == []
+            assert sock.exists()
+        clock.advance(0.5)
+        schedstat.grow(child.pid, wait=0.5)
+        found = await watchdog.check()  # silent 2.55 s: past the bound, frozen
+        assert [s.pid for s in found] == [child.pid]
+        assert not sock.exists()
+        assert watchdog.stalls._value.get() == 1
+        assert "no heartbeat for 2.5s; out of Nginx's rotation" in watchdog.events.recent[0].detail
+        assert not watchdog.starved
+    finally:
+        watchdog.events.close()
+
+
+def test_the_starvation_bound_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HA_STALL_STARVED_LIMIT", "1.5")
+    watchdog = _watchdog(tmp_path)
+    try:
+        assert watchdog.starved_limit == 1.5
+    finally:
+        watchdog.events.close()
+
+
+async def test_a_worker_whose_schedstat_cannot_be_read_is_judged_by_its_heartbeat(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    clock = FakeClock()
+    watchdog, sock = _rotating(tmp_path, clock, FakeSchedstat())  # knows no pid
+    try:
+        heartbeat(watchdog.dir, 1, child.pid, 0.0, clock)
+        assert await watchdog.check() == []
+        clock.advance(0.9)
+        assert [s.pid for s in await watchdog.check()] == [child.pid]
+        assert not sock.exists()
+    finally:
+        watchdog.events.close()
+
+
+def test_schedstat_is_read_from_proc(child: subprocess.Popen[bytes]) -> None:
+    mine = read_schedstat(os.getpid())
+    assert mine is not None and mine.run > 0, "this process has run"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=10)
+    assert read_schedstat(dead.pid) is None
+
+
+async def test_a_look_that_runs_late_does_not_count_its_lateness(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    """The whole VM paused a second (hypervisor steal): the watchdog wakes a second after
+    it meant to and every heartbeat is a second older, though no worker froze."""
+    clock = FakeClock()
+    watchdog, sock = _rotating(tmp_path, clock, FakeSchedstat())
+    try:
+        heartbeat(watchdog.dir, 0, os.getpid(), 1.05, clock)
+        heartbeat(watchdog.dir, 1, child.pid, 1.05, clock)
+        assert await watchdog.check(late=1.0) == []
+        assert sock.exists()
+        # Meant to look then, the heartbeats were as old: both frozen.
+        assert len(await watchdog.check(late=0.0)) == 2
+    finally:
+        watchdog.events.close()
+
+
+async def test_the_watchdog_measures_how_late_it_woke(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    """As it runs: the clock jumps a second while the watchdog sleeps (the VM paused,
+    its workers with it), and the look that follows finds no worker frozen."""
+    shift = 0.0
+
+    def clock() -> float:
+        return time.time() + shift
+
+    watchdog, sock = _rotating(tmp_path, clock, FakeSchedstat())
+    pids = {0: os.getpid(), 1: child.pid}
+    paused = False
+    due = float("inf")  # time.monotonic() of the watchdog's next planned look
+    late_looks: list[tuple[float, float | None]] = []
+    next_look, check = watchdog.next_look, watchdog.check
+
+    def planned() -> float:
+        nonlocal due
+        delay = next_look()
+        due = time.monotonic() + delay
+        return delay
+
+    async def looked(late: float = 0.0) -> list[object]:
+        nonlocal paused
+        if paused:
+            late_looks.append((late, oldest_heartbeat_age(watchdog.dir, clock)))
+        found = await check(late)
+        paused = False  # the VM runs again, and so do the workers
+        return found  # type: ignore[return-value]
+
+    watchdog.next_look = planned  # type: ignore[method-assign]
+    watchdog.check = looked  # type: ignore[assignment,method-assign]
+    for index, pid in pids.items():
+        heartbeat(watchdog.dir, index, pid, 0.0, clock)
+    await watchdog.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not late_looks:
+            assert time.monotonic() < deadline, "never paused just before a look"
+            if not paused:
+                for index, pid in pids.items():
+                    heartbeat(watchdog.dir, index, pid, 0.0, clock)
+                if 0.02 < due - time.monotonic() < 0.06:
+                    paused, shift = True, shift + 1.0
+            await asyncio.sleep(0.005)
+        late, age = late_looks[0]
+        assert late >= 1.0 and age is not None and age > 1.0, late_looks
+        for _ in range(40):  # 0.2 s of beats more, looks included
+            for index, pid in pids.items():
+                heartbeat(watchdog.dir, index, pid, 0.0, clock)
+            await asyncio.sleep(0.005)
+        assert sock.exists()
+        assert not watchdog.events.recent, "no worker taken out"
+    finally:
+        await watchdog.stop()
+
+
+async def test_with_one_shared_port_a_starved_worker_is_not_killed(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    clock, schedstat = FakeClock(), FakeSchedstat()
+    watchdog = _watchdog(tmp_path, clock=clock, schedstat=schedstat)
+    try:
+        assert await _goes_quiet(watchdog, clock, schedstat, child.pid, run=0.0, wait=0.8) == []
+        assert child.poll() is None, "not killed"
+        assert watchdog.starvations._value.get() == 1
+    finally:
+        watchdog.events.close()

@@ -29,6 +29,31 @@ its own under the gateway's supervisord, acts on a file older than `stall_limit`
 Where the workers share one port (no `relay_worker_socket_dir`), there is no rotation
 to leave, and a frozen worker is killed at once.
 
+A stale heartbeat is not always a frozen loop. On a loaded machine a worker can be
+*starved*: runnable, but given no CPU for the stall limit (seen on the 2-core dev VM:
+both workers silent 0.6 s at once, both taken out, and Nginx's last-resort route to
+the nodes carried 44 streams past the relay's admission). Taking a starved worker out
+only moves its load elsewhere, and with every worker out, past admission. So at each
+look the watchdog reads each worker's `/proc/<pid>/schedstat` (its main thread, the
+one that runs the event loop: time on a CPU, time runnable but waiting for one), and
+keeps the latest reading taken before the worker's last beat. A stale worker whose
+wait grew by at least half of its silence since then is starved: it stays in the
+rotation, logged once per episode and counted (`sglang_ha_relay_worker_starved_total`).
+A stopped loop (SIGSTOP) or one blocked in a syscall or on a lock is not runnable and
+gains neither time; one spinning on a CPU of its own gains run time and waits little.
+One thread is either running or waiting, so "waited at least half" also means "ran
+at most half". A loop spinning on a CPU it gets less than half of waits more than
+half and cannot be told from a starved busy one (a spinner under `docker run --cpus
+0.3` waited 84% of 2 s on the dev VM), hence the bound: starvation excuses a
+heartbeat only until it is `stall_starved_limit` old (three stall limits unless set);
+past that, and for a worker whose schedstat cannot be read, the rule above holds.
+
+The watchdog can be starved too, or the whole VM paused (hypervisor steal): then it
+wakes after it meant to, and every heartbeat looks older by that lateness, which no
+worker's loop caused. A look takes its own lateness (when it ran against when it was
+planned) off every heartbeat's age; a worker that is really frozen is found by the
+next, punctual look, a tenth of the stall limit later.
+
 The watchdog records RELAY_WORKER_STALLED and RELAY_WORKER_RECOVERED in the HA log
 and counts `sglang_ha_relay_worker_stalls_total` (summed with the workers' metrics
 through PROMETHEUS_MULTIPROC_DIR); the SglangHaRelayWorkerStalled alert reads it.
@@ -105,6 +130,42 @@ class _Frozen:
     since: float  # when it last beat
 
 
+@dataclass(frozen=True)
+class SchedStat:
+    """A thread's scheduler times so far, s."""
+
+    run: float  # on a CPU
+    wait: float  # runnable, waiting for a CPU
+
+
+def read_schedstat(pid: int) -> SchedStat | None:
+    """`/proc/<pid>/schedstat` (`run_ns wait_ns timeslices`), None where it cannot be read.
+    It is the process's main thread's, the one that runs a relay worker's event loop."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run_ns, wait_ns, _ = f.read().split()
+        return SchedStat(int(run_ns) / 1e9, int(wait_ns) / 1e9)
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class _Sample:
+    at: float
+    stat: SchedStat
+
+
+@dataclass
+class _Track:
+    """One worker's schedstat as the looks saw it."""
+
+    pid: int
+    latest: _Sample | None = None
+    # The latest sample taken no later than the worker's last beat: the deltas from it
+    # cover the whole stale span.
+    before_beat: _Sample | None = None
+
+
 def _pid(heartbeat: Path) -> int | None:
     try:
         return int(heartbeat.read_text())
@@ -168,23 +229,37 @@ class WatchdogService:
         kill: Callable[[int, int], None] = os.kill,
         clock: Callable[[], float] = time.time,
         tls: EdgeTlsSettings | None = None,
+        schedstat: Callable[[int], SchedStat | None] = read_schedstat,
     ) -> None:
         if settings.heartbeat_dir is None:
             raise ValueError("the relay watchdog needs HA_HEARTBEAT_DIR (the workers' heartbeats)")
         self.dir = settings.heartbeat_dir
         self.limit = settings.stall_limit
         self.kill_after = settings.stall_kill_after
+        self.starved_limit = (
+            settings.stall_starved_limit
+            if settings.stall_starved_limit is not None
+            else 3 * settings.stall_limit
+        )
         self.socket_dir = settings.relay_worker_socket_dir
         self.store = store or RedisLeaseStore(settings, retry_timeout=0.5)
         self.events = EventLog(settings.ha_log, "relay", self.store)
-        self.kill, self.clock = kill, clock
+        self.kill, self.clock, self.schedstat = kill, clock, schedstat
         self.down: dict[str, _Frozen] = {}  # worker index -> the frozen process
+        self.starved: dict[str, _Frozen] = {}  # stale but waiting for a CPU: left in
+        self._tracks: dict[str, _Track] = {}
         self._killed: set[int] = set()
         # Its own registry: the relay workers' /metrics sums this process's file
         # (PROMETHEUS_MULTIPROC_DIR), the watchdog serves nothing itself.
         self.stalls = Counter(
             "sglang_ha_relay_worker_stalls",
             "Relay workers found frozen by the watchdog (their event loop stopped).",
+            registry=CollectorRegistry(),
+        )
+        self.starvations = Counter(
+            "sglang_ha_relay_worker_starved",
+            "Relay workers whose heartbeat went stale while they waited for a CPU, left in"
+            " Nginx's rotation (starved, not frozen).",
             registry=CollectorRegistry(),
         )
         self._stop = asyncio.Event()
@@ -208,14 +283,20 @@ class WatchdogService:
         """Whether a frozen worker can leave Nginx's rotation (a socket each)."""
         return self.socket_dir is not None
 
-    async def check(self) -> list[Stall]:
-        """One look: frozen workers out of the rotation (or killed), beating ones back."""
+    async def check(self, late: float = 0.0) -> list[Stall]:
+        """One look: frozen workers out of the rotation (or killed), starved ones left in,
+        beating ones back. `late`: how long after its planned wake-up this look runs;
+        that time is taken off every heartbeat's age (see `_run`)."""
         now = self.clock()
-        found = stalled(self.dir, self.limit, now=self.clock)
+        seen = now - late
+        self._sample(now)
+        stale = stalled(self.dir, self.limit, now=lambda: seen)
+        excused = {s.index for s in stale if self._excused(s, now, seen)}
+        found = [s for s in stale if s.index not in excused]
         for stall in found:
             first = self.down.get(stall.index)
             if first is None:
-                self.down[stall.index] = _Frozen(stall.pid, now - stall.age)
+                self.down[stall.index] = _Frozen(stall.pid, seen - stall.age)
                 self.stalls.inc()
                 if self.rotates:
                     self._hide(stall.index)
@@ -233,7 +314,7 @@ class WatchdogService:
                 )
                 self._kill(stall)
         frozen = {s.index for s in found}
-        for index in [i for i in self.down if i not in frozen and self._beating(i)]:
+        for index in [i for i in self.down if i not in frozen and self._beating(i, seen)]:
             was = self.down.pop(index)
             if self.rotates:
                 self._show(index, resumed=_pid(self.dir / index) == was.pid)
@@ -241,7 +322,78 @@ class WatchdogService:
                 ev.RELAY_WORKER_RECOVERED,
                 f"relay worker {index}: beating again; back in Nginx's rotation",
             )
+        for index in [i for i in self.starved if i not in excused]:
+            was = self.starved.pop(index)
+            if index not in frozen and self._beating(index, seen):
+                log.info(
+                    "relay worker %s (pid %d): beating again after %.1fs starved of CPU",
+                    index,
+                    was.pid,
+                    seen - was.since,
+                )
         return found
+
+    def _sample(self, now: float) -> None:
+        """Every worker's schedstat at this look. The previous look's reading becomes the
+        one before its last beat when the worker beat after that look."""
+        try:
+            entries = [e for e in os.scandir(self.dir) if not e.name.startswith(".")]
+        except OSError:
+            return
+        for entry in entries:
+            pid = _pid(Path(entry.path))
+            try:
+                beat_at = os.stat(entry.path).st_mtime
+            except OSError:
+                continue
+            if pid is None:
+                continue
+            track = self._tracks.get(entry.name)
+            if track is None or track.pid != pid:  # a new process: nothing to compare with
+                track = self._tracks[entry.name] = _Track(pid)
+            elif track.latest is not None and track.latest.at <= beat_at:
+                track.before_beat = track.latest
+            stat = self.schedstat(pid)
+            track.latest = _Sample(now, stat) if stat is not None else None
+            if stat is None:
+                track.before_beat = None
+
+    def _excused(self, stall: Stall, now: float, seen: float) -> bool:
+        """Whether a stale heartbeat is starvation, not a freeze: over its stale span the
+        worker's loop thread was runnable but waiting for a CPU at least half the time,
+        and not for longer than `starved_limit`. A stopped or blocked loop gains neither
+        wait nor run time; a spinning one gains run time, at most the half of the span
+        that it did not wait (one thread is either running or waiting)."""
+        track = self._tracks.get(stall.index)
+        if (
+            stall.age > self.starved_limit
+            or stall.index in self.down
+            or track is None
+            or track.pid != stall.pid
+            or track.before_beat is None
+            or track.latest is None
+            or track.latest.at != now
+        ):
+            return False
+        was, last = track.before_beat.stat, track.latest.stat
+        waited, ran = last.wait - was.wait, last.run - was.run
+        if waited < stall.age / 2:
+            return False
+        if stall.index not in self.starved:
+            self.starved[stall.index] = _Frozen(stall.pid, seen - stall.age)
+            self.starvations.inc()
+            log.warning(
+                "relay worker %s (pid %d): no heartbeat for %.1fs, but %.2fs of it waiting"
+                " for a CPU (%.2fs on one): starved, not frozen; %s for up to %.1fs",
+                stall.index,
+                stall.pid,
+                stall.age,
+                waited,
+                ran,
+                "left in Nginx's rotation" if self.rotates else "not killed",
+                self.starved_limit,
+            )
+        return True
 
     def _socket(self, index: str) -> Path:
         assert self.socket_dir is not None
@@ -283,15 +435,15 @@ class WatchdogService:
         dead worker's stale file, supervisord's to replace). While a worker is out of
         the rotation, its return and its kill are watched every tenth of the limit."""
         tick = self.limit / 10
-        if self.down:
+        if self.down or self.starved:
             return tick
         oldest = oldest_heartbeat_age(self.dir, self.clock)
         if oldest is None:
             return self.limit
         return min(max(self.limit - oldest + LOOK_SLACK, tick), self.limit)
 
-    def _beating(self, index: str) -> bool:
-        age = _age(self.dir / index, self.clock)
+    def _beating(self, index: str, seen: float) -> bool:
+        age = _age(self.dir / index, lambda: seen)
         return age is not None and age <= self.limit
 
     async def _run(self) -> None:
@@ -301,13 +453,17 @@ class WatchdogService:
             self.limit,
             "taken out of Nginx's rotation" if self.rotates else "killed",
         )
+        late = 0.0
         while not self._stop.is_set():
             try:
-                await self.check()
+                await self.check(late)
             except Exception:  # never let one bad look end the watch
                 log.exception("BUG: relay watchdog check failed")
+            delay = self.next_look()
+            due = self.clock() + delay
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.next_look())
+                await asyncio.wait_for(self._stop.wait(), delay)
+            late = max(0.0, self.clock() - due)
 
     async def start(self) -> None:
         self._tasks = [
