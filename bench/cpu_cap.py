@@ -62,7 +62,10 @@ class CpuCap:
 
     def add(self, pid: int) -> None:
         """The process and the threads it starts from now on run under the cap."""
-        (self.path / "cgroup.procs").write_text(str(pid))
+        try:
+            (self.path / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:
+            raise CapUnavailable(f"cannot move pid {pid} into {self.path}: {exc}") from exc
 
     def remove(self) -> None:
         """The cgroup goes once its processes have exited (rmdir refuses before)."""

@@ -137,7 +137,10 @@ def test_a_capped_process_gets_no_more_cpu_than_its_cap() -> None:
         pytest.skip(f"no cgroup CPU controller to write here: {exc}")
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        cap.add(spin.pid)
+        try:
+            cap.add(spin.pid)
+        except CapUnavailable as exc:
+            pytest.skip(f"no cgroup to move a process into here: {exc}")
         before, t0 = gateway_bars._cpu_seconds([spin.pid]), time.monotonic()
         time.sleep(1.5)  # a CPU measurement's window, not a wait for a condition
         used = (gateway_bars._cpu_seconds([spin.pid]) - before) / (time.monotonic() - t0)
