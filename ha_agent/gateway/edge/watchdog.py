@@ -200,22 +200,49 @@ def oldest_heartbeat_age(heartbeat_dir: Path, now: Callable[[], float] = time.ti
     return max((a for a in ages if a is not None), default=None)
 
 
-def stalled(heartbeat_dir: Path, limit: float, now: Callable[[], float] = time.time) -> list[Stall]:
-    """The workers whose heartbeat is older than `limit` and whose process still lives
-    (a dead one is supervisord's to restart; its next heartbeat replaces the file)."""
-    found = []
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker's heartbeat file as one look read it."""
+
+    index: str
+    pid: int
+    beat_at: float  # its mtime: the worker's last beat (time.time)
+
+
+def read_heartbeats(heartbeat_dir: Path) -> list[Heartbeat]:
+    """Every heartbeat in the folder with its pid and last beat, read once per look
+    (one not readable whole, a worker starting or gone, is left out)."""
     try:
         entries = [e for e in os.scandir(heartbeat_dir) if not e.name.startswith(".")]
     except OSError:
         return []
+    beats = []
     for entry in entries:
-        age = _age(entry.path, now)
         pid = _pid(Path(entry.path))
-        if pid is None:
+        try:
+            beat_at = os.stat(entry.path).st_mtime
+        except OSError:
             continue
-        if age is not None and age > limit and _alive(pid):
-            found.append(Stall(entry.name, pid, age))
-    return found
+        if pid is not None:
+            beats.append(Heartbeat(entry.name, pid, beat_at))
+    return beats
+
+
+def stalled(
+    heartbeat_dir: Path,
+    limit: float,
+    now: Callable[[], float] = time.time,
+    beats: list[Heartbeat] | None = None,
+) -> list[Stall]:
+    """The workers whose heartbeat is older than `limit` and whose process still lives
+    (a dead one is supervisord's to restart; its next heartbeat replaces the file).
+    `beats`: the folder as already read by this look."""
+    at = now()
+    return [
+        Stall(b.index, b.pid, at - b.beat_at)
+        for b in (read_heartbeats(heartbeat_dir) if beats is None else beats)
+        if at - b.beat_at > limit and _alive(b.pid)
+    ]
 
 
 class WatchdogService:
@@ -289,8 +316,9 @@ class WatchdogService:
         that time is taken off every heartbeat's age (see `_run`)."""
         now = self.clock()
         seen = now - late
-        self._sample(now)
-        stale = stalled(self.dir, self.limit, now=lambda: seen)
+        beats = read_heartbeats(self.dir)
+        self._sample(beats, now)
+        stale = stalled(self.dir, self.limit, now=lambda: seen, beats=beats)
         excused = {s.index for s in stale if self._excused(s, now, seen)}
         found = [s for s in stale if s.index not in excused]
         for stall in found:
@@ -333,25 +361,15 @@ class WatchdogService:
                 )
         return found
 
-    def _sample(self, now: float) -> None:
+    def _sample(self, beats: list[Heartbeat], now: float) -> None:
         """Every worker's schedstat at this look. The previous look's reading becomes the
         one before its last beat when the worker beat after that look."""
-        try:
-            entries = [e for e in os.scandir(self.dir) if not e.name.startswith(".")]
-        except OSError:
-            return
-        for entry in entries:
-            pid = _pid(Path(entry.path))
-            try:
-                beat_at = os.stat(entry.path).st_mtime
-            except OSError:
-                continue
-            if pid is None:
-                continue
-            track = self._tracks.get(entry.name)
+        for beat in beats:
+            pid = beat.pid
+            track = self._tracks.get(beat.index)
             if track is None or track.pid != pid:  # a new process: nothing to compare with
-                track = self._tracks[entry.name] = _Track(pid)
-            elif track.latest is not None and track.latest.at <= beat_at:
+                track = self._tracks[beat.index] = _Track(pid)
+            elif track.latest is not None and track.latest.at <= beat.beat_at:
                 track.before_beat = track.latest
             stat = self.schedstat(pid)
             track.latest = _Sample(now, stat) if stat is not None else None
