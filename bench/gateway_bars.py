@@ -401,9 +401,9 @@ async def _relay(
         )
         for i in range(workers)
     ]
-    for proc, cap in zip(procs, caps or [], strict=False):
-        cap.add(proc.pid)
     try:
+        for proc, cap in zip(procs, caps or [], strict=False):
+            cap.add(proc.pid)
         await _wait(f"http://127.0.0.1:{admin}/health", 30.0)
         yield f"http://127.0.0.1:{port}", [p.pid for p in procs]
     finally:
@@ -580,6 +580,17 @@ def to_json(bars: Bars, cfg: BarsConfig) -> dict[str, Any]:
     }
 
 
+def _cap_line(bars: Bars) -> str:
+    if bars.scaling_cap:
+        return (
+            f"each relay worker capped at {bars.scaling_cap:g} of a core by a cgroup CPU"
+            " quota, so that it saturates while the host still has idle cores"
+        )
+    if bars.cap_unavailable:
+        return f"relay workers uncapped: {bars.cap_unavailable}"
+    return "relay workers uncapped"
+
+
 def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
     def ms(x: float | None) -> str:
         return "—" if x is None else f"{x:+.3f}"
@@ -629,14 +640,7 @@ def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
             f"**Relay workers at saturation** (open loop: {cfg.scaling_tokens}-event streams"
             f" started at a fixed rate; {cfg.scaling_warmup:.1f} s warm-up, then"
             f" {cfg.scaling_seconds:.0f} s counted; cores are CPU seconds per second over the"
-            " window; "
-            + (
-                f"each relay worker capped at {bars.scaling_cap:g} of a core by a cgroup CPU"
-                " quota, so that it saturates while the host still has idle cores)"
-                if bars.scaling_cap
-                else "relay workers uncapped"
-                + (f": {bars.cap_unavailable})" if bars.cap_unavailable else ")")
-            ),
+            f" window; {_cap_line(bars)})",
             "",
             "| relay workers | offered events/s | delivered events/s | streams started"
             " (open at end) | failed | relay cores | engine cores | client cores | host busy"
