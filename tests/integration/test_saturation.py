@@ -35,6 +35,8 @@ RAMP = 5.0  # until the first batch is admitted and the queue has formed
 # About 40 MB of prompt: seconds of tokenizing, then refused as longer than the context.
 BIG_PROMPT = "lorem ipsum dolor sit amet, " * 2_200_000
 BIG_PROMPTS_AT = (20.0, 40.0)
+BIG_PROMPT_TIMEOUT = 60.0
+SCRAPE_TIMEOUT = BIG_PROMPT_TIMEOUT
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,7 @@ class Observed:
     queue: list[tuple[float, float | None]] = field(default_factory=list)  # (t, queued)
     views: watch.Views = field(default_factory=list)  # agents
     slow_metrics: list[float] = field(default_factory=list)  # /metrics answers > 1 s
+    metrics_errors: list[str] = field(default_factory=list)  # scrapes that got no answer
     finished: int = 0
     failed: list[str] = field(default_factory=list)
     big_prompt_status: list[int] = field(default_factory=list)
@@ -85,9 +88,13 @@ async def watch_queue(http: httpx.AsyncClient, url: str, seen: Observed, until: 
     while time.monotonic() < until:
         started = time.monotonic()
         try:
-            text = (await http.get(f"{url}/metrics", timeout=15)).text
+            # A scrape waits as long as a big prompt's tokenizing holds the HTTP process
+            # (the big prompt's own bound): a held-up /metrics is what this test makes
+            # happen, and the queue it then reports is still a sample.
+            text = (await http.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT)).text
             queued = metric(text, "sglang:num_queue_reqs")
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            seen.metrics_errors.append(f"{time.monotonic() - started:.1f} s: {exc!r}")
             queued = None
         took = time.monotonic() - started
         if took > 1.0:
@@ -106,7 +113,7 @@ async def big_prompts(
         await asyncio.sleep(max(t0 + at - time.monotonic(), 0))
         body = {"text": BIG_PROMPT, "sampling_params": {"max_new_tokens": 8}}
         auth = {"Authorization": f"Bearer {key}"}
-        r = await http.post(f"{url}/generate", json=body, headers=auth, timeout=60)
+        r = await http.post(f"{url}/generate", json=body, headers=auth, timeout=BIG_PROMPT_TIMEOUT)
         seen.big_prompt_status.append(r.status_code)
 
 
@@ -127,7 +134,9 @@ async def saturate(stack: Stack, primary: str) -> Observed:
             big_prompts(http, engine, stack.secrets["HA_ENGINE_API_KEY"], seen, t0),
         ]
         try:
-            await asyncio.wait_for(asyncio.gather(*watchers), timeout=DURATION + 60)
+            await asyncio.wait_for(
+                asyncio.gather(*watchers), timeout=DURATION + SCRAPE_TIMEOUT + 15
+            )
         finally:
             # Streams still running at the end are cut: the load is bounded in time.
             for task in clients:
@@ -156,6 +165,7 @@ def test_saturation_and_big_prompts_cause_no_role_change(saturable_stack: Stack)
     # seconds of tokenizing that held up /metrics (else nothing was tested).
     sampled = [(t - t0, q) for t, q in seen.queue if t - t0 >= RAMP]
     assert len(sampled) >= 40, sampled
+    assert not seen.metrics_errors, seen.metrics_errors[:5]
     empty = [(round(t, 1), q) for t, q in sampled if not q]
     assert not empty, f"queue not > 0 at {empty[:10]} of {len(sampled)} samples"
     assert seen.finished >= MAX_RUNNING, (seen.finished, seen.failed[:5])
