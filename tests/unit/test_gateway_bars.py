@@ -15,7 +15,7 @@ import pytest
 
 from bench import gateway_bars
 from bench.cpu_cap import CapUnavailable, CpuCap
-from bench.gateway_bars import Bars, BarsConfig, _one, _open_loop, _pairs, targets
+from bench.gateway_bars import Bars, BarsConfig, _one, _open_loop, _pairs, quantiles_added, targets
 from tests.support.processes import free_port, wait_until
 
 
@@ -86,6 +86,20 @@ def test_a_path_compared_with_itself_adds_next_to_nothing(engine: str) -> None:
     # ways adds next to nothing (no libuv timer rounding in it).
     assert out["path_added_ms"]["n"] == out["pairs"]
     assert abs(out["path_added_ms"]["p50"]) < 5.0
+    assert abs(out["ttft_quantiles_added_ms"]["p50"]) < 15.0
+
+
+def test_quantiles_added_is_what_the_relay_adds_to_the_distribution() -> None:
+    # The relay 1 ms slower than direct at every quantile, each pair's two requests
+    # meeting different engine jitter (0-4 ms, shuffled): the distribution moved by
+    # exactly 1 ms, while the differences within pairs spread far wider.
+    direct = [20.0 + (k % 5) for k in range(200)]
+    relay = [21.0 + ((k * 3) % 5) for k in range(200)]
+    added = quantiles_added(relay, direct)
+    assert added == {"p50": 1.0, "p99": 1.0}
+    pairwise = sorted(r - d for r, d in zip(relay, direct, strict=True))
+    assert pairwise[int(0.99 * len(pairwise))] >= 3.0
+    assert quantiles_added([], []) == {"p50": None, "p99": None}
 
 
 def test_open_loop_counts_what_arrives_in_the_window(engine: str) -> None:
