@@ -16,7 +16,11 @@ light-latency: 1, 2 and 4 client slots; each slot sends the same 32-token stream
   the pair: the relay stream's gap before event k − the direct stream's (added
   inter-token latency), and the relay's delivery delay − direct's (each event
   carries the engine's write time, `time.monotonic_ns()`, one clock for every
-  process on the host). Bar: p50 ≤ 1 ms, p99 ≤ 3 ms for TTFT and ITL.
+  process on the host). Bar: p50 ≤ 1 ms, p99 ≤ 3 ms for TTFT and ITL. The TTFT is
+  also given as the relay's quantile less the direct one's over the same pairs: the
+  within-pair differences hold the engine's jitter between the pair's two requests
+  too, once they reach it apart (docs/benchmarks.md, "Where the relay's TTFT tail
+  comes from").
 relay-scaling: open-loop arrivals of 128-event streams (10 ms apart) at rising
   offered rates, through the relay with 1 and then 2 workers; events delivered per
   second in each window. Saturation throughput is the highest delivered rate over
