@@ -60,6 +60,7 @@ class Observed:
     views: watch.Views = field(default_factory=list)  # agents
     slow_metrics: list[float] = field(default_factory=list)  # /metrics answers > 1 s
     metrics_errors: list[str] = field(default_factory=list)  # scrapes that got no answer
+    reconnects: int = 0  # scrapes sent again: the engine had closed the idle connection
     finished: int = 0
     failed: list[str] = field(default_factory=list)
     big_prompt_status: list[int] = field(default_factory=list)
@@ -91,8 +92,17 @@ async def watch_queue(http: httpx.AsyncClient, url: str, seen: Observed, until: 
             # A scrape waits as long as a big prompt's tokenizing holds the HTTP process
             # (the big prompt's own bound): a held-up /metrics is what this test makes
             # happen, and the queue it then reports is still a sample.
-            text = (await http.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT)).text
-            queued = metric(text, "sglang:num_queue_reqs")
+            try:
+                answer = await http.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT)
+            except httpx.RemoteProtocolError:
+                # The engine closed our idle keep-alive connection as the scrape went
+                # out: a loop held past the keep-alive timeout (5 s) runs the idle
+                # timer before it reads the waiting request, on uvicorn over uvloop
+                # as in the simulator. Sent again on a new connection, as a client
+                # does with a request the server never began.
+                seen.reconnects += 1
+                answer = await http.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT)
+            queued = metric(answer.text, "sglang:num_queue_reqs")
         except httpx.HTTPError as exc:
             seen.metrics_errors.append(f"{time.monotonic() - started:.1f} s: {exc!r}")
             queued = None
