@@ -562,29 +562,25 @@ def saturation(rows: list[dict[str, Any]]) -> float:
 
 def targets(bars: Bars) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+
+    def row(what: str, got: float | None, bar: float) -> None:
+        out.append(
+            {
+                "what": what,
+                "target": f"<= {bar}",
+                "measured": None if got is None else round(got, 3),
+                "met": got is not None and got <= bar,
+            }
+        )
+
     for res in bars.latency:
+        slots = res["slots"]
         for key, label in (("ttft_added_ms", "TTFT"), ("itl_added_ms", "ITL")):
             for q, bar in LATENCY_BAR.items():
-                got = res[key][q]
-                out.append(
-                    {
-                        "what": f"relay − direct {label} {q}, {res['slots']} pair slots (ms)",
-                        "target": f"<= {bar}",
-                        "measured": None if got is None else round(got, 3),
-                        "met": got is not None and got <= bar,
-                    }
-                )
+                row(f"relay − direct {label} {q}, {slots} pair slots (ms)", res[key][q], bar)
         quantiles = res.get("ttft_quantiles_added_ms") or {}
         for q, bar in LATENCY_BAR.items():
-            got = quantiles.get(q)
-            out.append(
-                {
-                    "what": f"relay TTFT {q} − direct TTFT {q}, {res['slots']} pair slots (ms)",
-                    "target": f"<= {bar}",
-                    "measured": None if got is None else round(got, 3),
-                    "met": got is not None and got <= bar,
-                }
-            )
+            row(f"relay TTFT {q} − direct TTFT {q}, {slots} pair slots (ms)", quantiles.get(q), bar)
     if 1 in bars.scaling and 2 in bars.scaling:
         one, two = saturation(bars.scaling[1]), saturation(bars.scaling[2])
         ratio = two / one if one else 0.0
