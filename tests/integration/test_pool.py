@@ -13,7 +13,12 @@ import httpx
 import pytest
 
 from tests.failover.load import Load
-from tests.failover.runner import ScenarioResult, assert_clean_failover, run_scenario
+from tests.failover.runner import (
+    ScenarioResult,
+    assert_clean_failover,
+    run_scenario,
+    trial_with_one_retry,
+)
 from tests.failover.scenarios import FAULTS
 from tests.support.stack import Stack, require_host_tools, running_stack
 
@@ -57,15 +62,15 @@ def test_every_node_of_the_pool_serves(pool: Stack) -> None:
 
 @pytest.mark.parametrize("fault_name", ["engine-kill", "engine-sigstop"])
 def test_a_pool_node_lost_under_load_fails_no_request(pool: Stack, fault_name: str) -> None:
-    async def scenario() -> ScenarioResult:
+    async def scenario(trial: int) -> ScenarioResult:
         load = Load(pool.gateway_url, concurrency=8)
         try:
             await load.take_references()
-            return await run_scenario(pool, FAULTS[fault_name], trial=1, load=load)
+            return await run_scenario(pool, FAULTS[fault_name], trial=trial, load=load)
         finally:
             await load.close()
 
-    result = asyncio.run(scenario())
+    result = trial_with_one_retry(lambda trial: asyncio.run(scenario(trial)))
     summary = assert_clean_failover(result)
     assert result.mode == "pool", summary
     log = "".join(pool.ha_log(n) for n in pool.services.values())

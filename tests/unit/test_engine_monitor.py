@@ -18,6 +18,7 @@ from ha_agent.node.engine.client import (
     EngineClient,
     EngineSample,
     EngineTimeout,
+    EngineUnreachable,
     ForwardLimits,
     parse_metrics,
 )
@@ -308,6 +309,7 @@ class ScriptedSGLang:
         self._ticks = 0
         self._undelivered = 0.0
         self.metrics_stall = 0.0  # /metrics unanswered (HTTP process busy or frozen)
+        self.gone = False  # nothing listens: the process died
         self.canary_wait = 0.05  # how long a canary waits before its token
         self.canaries = 0
         self.canary_prefill = 0.0  # realtime tokens a canary's own prefill adds
@@ -339,6 +341,8 @@ class ScriptedSGLang:
         self._moved = asyncio.Event()
 
     async def scrape(self, timeout: float) -> EngineSample:
+        if self.gone:
+            raise EngineUnreachable("connection refused")
         if self.metrics_stall:
             self.clock.advance(timeout)  # the read waits out its timeout
             raise EngineTimeout(f"/metrics timed out after {timeout:g}s")
@@ -383,6 +387,7 @@ class ScriptedProcess(ProcessWatch):
         self.supervisor_state = "RUNNING"
         self.exception = False  # the run that ended logged the engine's own exception
         self.final = False  # how it ended is read for good (ProcessState.final)
+        self.exit_how = ""  # "terminated by SIGKILL (exit status 137)"
         self.cpu_share = 0.01  # of one core, from now on
         self._cpu = 0.0
         self._at = clock()
@@ -390,7 +395,12 @@ class ScriptedProcess(ProcessWatch):
     async def read(self, timeout: float) -> ProcessState:
         if self.supervisor_state != "RUNNING":
             return ProcessState(
-                "engine", self.supervisor_state, 0, exception=self.exception, final=self.final
+                "engine",
+                self.supervisor_state,
+                0,
+                self.exit_how,
+                exception=self.exception,
+                final=self.final,
             )
         return ProcessState("engine", "RUNNING", 4242)
 
@@ -840,6 +850,35 @@ async def test_each_run_ended_by_the_engines_own_exception_is_counted_once() -> 
     proc.supervisor_state, proc.exception = "BACKOFF", True
     await run_for(monitor, engine, 1)
     assert crashes() == 2
+
+
+async def test_how_the_engine_died_is_told_once_even_when_the_probe_saw_it_first() -> None:
+    """A sidecar's Docker read can lag the HTTP probe by a tick: the death is told
+    at once ("not listening"), then how it ended, once, when the watch says it (in
+    CI on 4ae9681 the HA log never said SIGKILL: the first reason stuck)."""
+    monitor, engine, proc, _ = scripted()
+    await confirmed(monitor, engine)
+    told: list[tuple[EngineState, EngineState, str]] = []
+    monitor.on_change(lambda old, new: told.append((old.state, new.state, new.reason)))
+    engine.gone = True  # killed: refused before Docker says the container exited
+    await run_for(monitor, engine, 1)
+    assert [(o, n) for o, n, _ in told] == [(EngineState.HEALTHY, EngineState.DEAD)]
+    assert "not listening" in told[0][2]
+    proc.supervisor_state, proc.exit_how = "EXITED", "terminated by SIGKILL (exit status 137)"
+    await run_for(monitor, engine, 1)
+    proc.supervisor_state = "BACKOFF"  # restarting: the same death, nothing new to tell
+    await run_for(monitor, engine, 1)
+    assert len(told) == 2, told
+    assert told[1][:2] == (EngineState.DEAD, EngineState.DEAD)
+    assert "terminated by SIGKILL (exit status 137)" in told[1][2]
+    # Served again, then killed with the watch first: one change, already explained.
+    proc.supervisor_state, engine.gone = "RUNNING", False
+    await confirmed(monitor, engine)
+    del told[:]
+    proc.supervisor_state, engine.gone = "EXITED", True
+    await run_for(monitor, engine, 1)
+    assert [(o, n) for o, n, _ in told] == [(EngineState.HEALTHY, EngineState.DEAD)]
+    assert "SIGKILL" in told[0][2]
 
 
 async def test_the_status_says_when_how_the_engine_died_is_known_for_good() -> None:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from tests.failover import report
 from tests.failover.load import RequestRecord
-from tests.failover.runner import Sample, assert_clean_failover, summarise
+from tests.failover.runner import (
+    Sample,
+    ScenarioResult,
+    assert_clean_failover,
+    misses,
+    summarise,
+    trial_with_one_retry,
+)
 from tests.failover.scenarios import Fault
 
 FAULT = Fault("engine-kill", "kill -9", lambda s, n: None, lambda s, n: None)
@@ -86,3 +93,51 @@ def test_the_report_says_the_mode_and_the_stack(tmp_path: Path) -> None:
     assert "first success on a survivor s" in text and "rejoined the rotation" in text
     assert "| engine-kill | 1 |" in text and "| 1/1 |" in text
     assert (tmp_path / "timeline-engine-kill-1.png").stat().st_size > 0
+
+
+def pair_result(trial: int, late: float = 0.0, fail: bool = False) -> ScenarioResult:
+    """A pair's trial: promoted at 0.5 s, the old primary back as standby; with `late`,
+    one request that started `late` s after the fault was slow; with `fail`, a request
+    failed."""
+    records = [RequestRecord(t / 3, t / 3 + 0.3, False, True, "sglang-01") for t in range(30)]
+    records += [
+        RequestRecord(10.2 + t / 3, 10.5 + t / 3, False, True, "sglang-02") for t in range(40)
+    ]
+    if late:
+        records.append(RequestRecord(10.0 + late, 12.0 + late, False, True, "sglang-02"))
+    if fail:
+        records.append(RequestRecord(10.1, 10.2, False, False, "sglang-01", error="reset"))
+    samples = [sample(9.9), sample(10.5, down="sglang-01")]
+    samples[-1].roles = {"sglang-01": "standby", "sglang-02": "primary", "sglang-03": "standby"}
+    result = summarise(FAULT, trial, "sglang-01", "sglang-02", 10.0, 18.0, records, samples)
+    result.rejoined_as_standby = True
+    return result
+
+
+def test_a_slow_request_past_the_target_misses_the_recovery_time_only() -> None:
+    assert misses(pair_result(1)) == []
+    slow = pair_result(1, late=5.0)
+    assert misses(slow) == ["recovery time"]
+    assert slow.late_disturbed and slow.late_disturbed[0]["start"] == 5.0
+    assert misses(pair_result(1, late=5.0, fail=True)) == ["failed non-stream", "recovery time"]
+
+
+def test_only_a_missed_recovery_time_gets_a_second_trial() -> None:
+    runs: list[int] = []
+
+    def trial(slow_trials: set[int], fail: bool = False):  # type: ignore[no-untyped-def]
+        def run(n: int) -> ScenarioResult:
+            runs.append(n)
+            return pair_result(n, late=5.0 if n in slow_trials else 0.0, fail=fail)
+
+        return run
+
+    assert trial_with_one_retry(trial({1})).trial == 2 and runs == [1, 2]
+    runs.clear()
+    # Slow every time: the second trial's miss stands.
+    assert misses(trial_with_one_retry(trial({1, 2}))) == ["recovery time"] and runs == [1, 2]
+    runs.clear()
+    # A failed request is never tried again.
+    assert misses(trial_with_one_retry(trial({1}, fail=True))) and runs == [1]
+    runs.clear()
+    assert trial_with_one_retry(trial(set())).trial == 1 and runs == [1]

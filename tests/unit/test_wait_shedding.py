@@ -24,10 +24,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.shedding import Record, load_command, summarize
+from bench.shedding import Enough, Group, Record, load, load_command, summarize
 from ha_agent.config import HaMode
 from tests.support.cluster import LocalCluster, local_cluster
 from tests.support.processes import RedisProcess
+from tests.support.sim import sim_in_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -204,3 +205,23 @@ async def test_a_pool_sheds_its_first_burst_after_a_warm_up_of_one_workers_share
     assert all(r.retry_after and r.retry_after >= 1 for r in shed)
     assert max(r.took for r in shed) < 1.0, sorted(r.took for r in shed)[-5:]
     assert max(r.ttft or 0.0 for r in served) < BOUND + 1.0, sorted(r.ttft or 0 for r in served)
+
+
+async def test_the_load_stops_once_enough_of_the_side_load_was_served() -> None:
+    """`--light-served`: what the pool's failover test waits for instead of a fixed
+    time, since its survivor's backlog drains as fast as the machine lets it."""
+    async with sim_in_process() as sim:
+        started = time.monotonic()
+        _, records = await load(
+            sim.url,
+            [Group("heavy", 0, 1, True), Group("light", 4, 2, False)],
+            duration=60.0,
+            timeout=10.0,
+            enough=Enough("light", 12, 0.0),
+        )
+        took = time.monotonic() - started
+    served = [r for r in records if r.group == "light" and r.done]
+    assert len(served) >= 12, records[:3]
+    # Each of the 4 clients finishes the request it has in flight, then stops.
+    assert len(records) <= 12 + 4, len(records)
+    assert took < 30, took  # stopped, not run out its 60 s

@@ -160,6 +160,10 @@ class HealthMonitor:
         self._unanswered_since: float | None = None
         self._excused_at = -1.0  # last time an unanswered read was excused as busy
         self._engine_pid = 0
+        # This death's exit (how the process ended) was told: the HTTP probe can see a
+        # dead engine a tick before the process watch (a sidecar's Docker read) says
+        # how it died, and that later answer is told once too.
+        self._exit_told = False
         self._canary: asyncio.Task[CanaryResult] | None = None
         self._canary_failures = 0
         self._canary_behind_work = False  # the canary in flight went out with requests present
@@ -199,9 +203,11 @@ class HealthMonitor:
             probe_latency=sample.latency if sample else None,
             last_progress_age=now - self._last_progress,
         )
-        # Why also on `oom`: the HTTP probe often sees the dead engine before
-        # supervisord tells us how it died.
-        if old.state is not state or (self.health.oom and not old.oom):
+        told = state is EngineState.DEAD and bool(extra.get("exit_how")) and not self._exit_told
+        self._exit_told = state is EngineState.DEAD and (self._exit_told or told)
+        # Why also on `oom` and on the exit told late: the HTTP probe often sees the dead
+        # engine before supervisord or the sidecar tells us how it died.
+        if old.state is not state or (self.health.oom and not old.oom) or told:
             log.info("engine %s -> %s: %s", old.state.value, state.value, reason)
             for listener in self._listeners:
                 listener(old, self.health)
@@ -443,6 +449,7 @@ class HealthMonitor:
                 oom=proc.oom,
                 exception=proc.exception,
                 exit_known=proc.final,
+                exit_how=proc.exit_how,
             )
 
     def _not_listening(self, now: float) -> None:
