@@ -145,7 +145,8 @@ def misses(result: ScenarioResult) -> list[str]:
 def assert_clean_failover(result: ScenarioResult) -> str:
     """The targets every failover scenario must meet; returns the summary it quotes."""
     summary = json.dumps(result.to_json(with_records=False), indent=1)
-    assert not misses(result), f"missed {misses(result)}: {summary}"
+    missed = misses(result)
+    assert not missed, f"missed {missed}: {summary}"
     return summary
 
 
