@@ -101,6 +101,8 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     print("warm-up upstreams:", Counter(x.split("upstream=")[-1].split()[0] for x in warm))
     print("warm-up nodes:", Counter(a.headers.get("X-SGLang-HA-Node") for a in answers))
     duration = DURATION[stack.mode]
+    access_before = len(stack.access_log().splitlines())
+    gateway_before = len(stack.ha_log("gateway"))
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
@@ -146,6 +148,7 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
         "after": summarize(records, after=killed),
     }
     print(json.dumps(seen, indent=1))
+    print_gateway_paths(stack, access_before, gateway_before)
     if result := os.environ.get("SGLANG_HA_SHEDDING_RESULT"):  # bench/results, quoted in docs
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -190,6 +193,26 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     assert statistics.median(r.ttft or 0.0 for r in light) < BOUND, sorted(
         r.ttft or 0 for r in light
     )[-5:]
+
+
+def print_gateway_paths(stack: Stack, access_from: int, gateway_from: int) -> None:
+    """Where Nginx sent the load's requests (a relay worker, or past admission to an
+    engine as the last resort) and what the relay watchdog did meanwhile: what a
+    failed run needs to tell over-admission by the relay from a bypass of it."""
+    lines = stack.access_log().splitlines()[access_from:]
+    # $upstream_addr: every address tried, "a, b" (or "a : b" across upstream groups).
+    tried = [
+        x.split("upstream=")[-1].split(" ustatus=")[0].replace(" : ", ", ").split(", ")
+        for x in lines
+        if "upstream=" in x
+    ]
+    print("load's upstreams at Nginx (last tried):", sorted(Counter(t[-1] for t in tried).items()))
+    direct = [t for t in tried if "relay-" not in t[-1]]
+    print("requests that reached an engine directly:", len(direct), direct[:3])
+    events = stack.ha_log("gateway")[gateway_from:].splitlines()
+    seen = [x for x in events if "RELAY_WORKER" in x]
+    seen += [x for x in stack.logs("gateway").splitlines() if "starved of CPU" in x]
+    print("relay watchdog:", len(seen), seen[:10])
 
 
 def assert_one_failover(stack: Stack, survivor: str, killed_wall: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -26,6 +27,8 @@ from ha_agent.gateway.admission.wait import (
     parse_slots,
 )
 from ha_agent.gateway.metrics import RelayMetrics
+from ha_agent.gateway.stream import relay
+from ha_agent.gateway.upstream.affinity import affinity_of
 from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import Transport
 from ha_agent.openapi.endpoints import CHAT, GENERATE
@@ -582,3 +585,95 @@ def test_a_stream_counts_from_when_the_engine_began_it_not_from_when_it_was_sent
     report(est.topology, "a", 8, 0)
     e = est.estimate(node)
     assert e is not None and e.wait == pytest.approx(1.5)  # the formula: 1 x 12 / 8
+
+
+async def test_a_pool_sends_an_admitted_request_to_a_node_within_the_bound(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool admits a request while its least-wait node is within the bound, and
+    routes by prefix and load: the prompt's home may be the node past the bound. Sent
+    there, the request waits past the bound, and the node with room looks as it did,
+    so the next is admitted too (on the code before: 10 of 14 to the home, the last
+    to wait 39 s against a 10 s bound). A first attempt goes to a node within it."""
+    clock = FakeClock()
+    monkeypatch.setattr(gate.time, "monotonic", clock)
+    topo = topology(tmp_path, clock=clock, shed_wait_bound=BOUND, mode=HaMode.POOL)
+    parts = RelayParts(topo.s, topo, Transport(0.5, 60), RelayMetrics(), topo.events)
+    admission = Admission(parts)
+    admission.wait.slots = {"a": 8, "b": 8}
+    admission.wait.workers = 2
+    measured(admission.wait, "a", 11.0, budget=2000)
+    measured(admission.wait, "b", 11.0, budget=2000)
+    # Both engines run 8 streams that began together 2.1 s ago; this worker holds 6 of
+    # a's and 2 of b's (the other worker the rest), and knows when each began.
+    began = clock()
+    for name, mine in (("a", 6), ("b", 2)):
+        report(topo, name, 8, 0)
+        topo.nodes[name].inflight.update(_Stream(began, began) for _ in range(mine))
+    clock.advance(2.1)
+    prompt = "A system prompt every request shares. " * 8  # a prefix block of 256 chars
+    body = {"text": prompt + "Tell a very long story.", "sampling_params": {"max_new_tokens": 2000}}
+    affinity = affinity_of(GENERATE, body, topo.s.affinity_block_chars, topo.s.affinity_max_chars)
+    topo.sent(topo.nodes["a"], affinity)  # the prompt's prefix is cached on a
+    placed: list[tuple[str, float]] = []
+    for _ in range(200):
+        req = request("/generate")
+        if await admission.admit(req, GENERATE, body) is not None:
+            break
+        avoid, held_back = await admission.attempt(req)
+        assert held_back is None
+        node = await relay._Tries(topo, parts.metrics, 30.0, affinity).next(avoid)
+        assert node is not None
+        estimate = admission.wait.estimate(node)
+        assert estimate is not None
+        placed.append((node.name, round(estimate.wait, 1)))
+        node.inflight.add(_Stream(clock()))  # queued in the engine: nothing back yet
+    # Each node takes what fits within the bound as this worker counts (its share
+    # times the two workers; b's other requests taken as spread over a generation).
+    assert all(wait <= BOUND for _, wait in placed), placed
+    assert Counter(name for name, _ in placed) == {"a": 2, "b": 4}, placed
+
+
+async def test_a_pool_node_whose_queue_shows_late_is_not_filled_past_the_bound(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool sends new requests to a node whose engine reports no queue while another
+    reports one (topology.py `_pool_order`), and the agents' reports come at their own
+    times: the one that has not shown its queue yet takes every request, each admitted
+    for the other node's room. It fits what the CPU stack's pool did under a CPU
+    burner (2026-12-07, no relay log kept): 70 long streams admitted in 0.6 s where 16
+    fit, refused again only after, the last waiting 157 s against the 10 s bound (and
+    stop 38's CI: 85 admitted). Here, on the code before, all 200 requests sent were
+    admitted, every one to b, the last to wait 556 s. Once past the bound b is
+    avoided: the node with room takes the requests, its wait rises, and the rest are
+    refused."""
+    clock = FakeClock()
+    monkeypatch.setattr(gate.time, "monotonic", clock)
+    topo = topology(tmp_path, clock=clock, shed_wait_bound=BOUND, mode=HaMode.POOL)
+    parts = RelayParts(topo.s, topo, Transport(0.5, 60), RelayMetrics(), topo.events)
+    admission = Admission(parts)
+    admission.wait.slots = {"a": 8, "b": 8}
+    admission.wait.workers = 2
+    measured(admission.wait, "a", 11.0, budget=2000)
+    measured(admission.wait, "b", 11.0, budget=2000)
+    began = clock()
+    for name in ("a", "b"):  # 8 running on each, 4 of them this worker's
+        topo.nodes[name].inflight.update(_Stream(began, began) for _ in range(4))
+    clock.advance(2.1)
+    report(topo, "a", 8, 2)  # a's agent has reported the first requests queued there
+    report(topo, "b", 8, 0)  # b's report is older
+    body = {"text": "Tell a very long story.", "sampling_params": {"max_new_tokens": 2000}}
+    placed: list[tuple[str, float]] = []
+    for _ in range(200):
+        req = request("/generate")
+        if await admission.admit(req, GENERATE, body) is not None:
+            break
+        avoid, _ = await admission.attempt(req)
+        node = await relay._Tries(topo, parts.metrics, 30.0).next(avoid)
+        assert node is not None
+        estimate = admission.wait.estimate(node)
+        assert estimate is not None
+        placed.append((node.name, round(estimate.wait, 1)))
+        node.inflight.add(_Stream(clock()))
+    assert all(wait <= BOUND for _, wait in placed), placed
+    assert Counter(name for name, _ in placed) == {"a": 4, "b": 4}, placed

@@ -59,6 +59,7 @@ class Ticket:
         "crashed",
         "free_on",
         "kind",
+        "past_bound",
         "payload",
         "sent_at",
         "solo",
@@ -77,6 +78,9 @@ class Ticket:
         # The nodes that had a slot free for it at admission (a first attempt on one
         # of them waited for nothing: a clean service time), and the attempts made.
         self.free_on: frozenset[str] = frozenset()
+        # The candidates whose wait was past the bound at admission: its first attempt
+        # goes elsewhere while another can serve (wait.py `Survey.past`).
+        self.past_bound: frozenset[str] = frozenset()
         self.attempts = 0
         self.alive = False  # counted in Admission.alive until done
         self.budget = 0  # completion tokens it may take (wait.py)
@@ -199,7 +203,7 @@ class Admission:
             }
             return refusal_at(path, 429, _wait_message(best, self.wait.bound, retry), headers)
         self.episode.admitted()
-        ticket.free_on = survey.free
+        ticket.free_on, ticket.past_bound = survey.free, survey.past
         ticket.alive, ticket.budget = True, self._budget(kind, payload)
         self.alive += 1
         self.alive_budget += ticket.budget
@@ -210,6 +214,8 @@ class Admission:
         """Before each upstream attempt: the nodes to avoid if another can serve, and
         a reason to stop instead (None: go on).
 
+        A first attempt avoids the candidates that were past the wait bound when the
+        request was admitted (a pool admits for the room of its least-wait node).
         A request that was a suspect of an engine's crash waits until at least two
         nodes serve (a second crash must leave one) and it holds the solo slot, so
         that a second crash with it on the engine can only be its doing.
@@ -235,8 +241,13 @@ class Admission:
                     )
                 await asyncio.sleep(0.05)
         ticket.sent_at = time.monotonic()
+        avoid = set(ticket.crashed)
+        if ticket.attempts == 0:
+            # Admitted for the room another node has: it goes there, not to the prefix
+            # home or the least-loaded node in flight if that one is past the bound.
+            avoid |= ticket.past_bound
         ticket.attempts += 1
-        return set(ticket.crashed), None
+        return avoid, None
 
     def progressed(self, request: web.Request) -> None:
         """The request received its first event (or its answer): past its prefill, it is

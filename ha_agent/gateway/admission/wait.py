@@ -65,7 +65,11 @@ held T from its request's start; the estimate is the larger of the two
 
 The pair asks this of its one serving node; a pool of the least-wait node among the
 serving ones (`candidates`): a request is shed only when every candidate is past the
-bound, and never while one of them cannot be estimated.
+bound, and never while one of them cannot be estimated. A request admitted so goes
+first to a candidate within the bound (`Survey.past`, gate.py `Admission.attempt`): a
+pool routes by prefix, load and the queues the agents report, so a prompt's home past
+the bound, or a node whose agent has not reported its queue yet, would take request
+after request admitted for another node's room, that node's estimate unchanged.
 """
 
 from __future__ import annotations
@@ -196,6 +200,10 @@ class Survey:
     # `_pool_order`), not by this estimate, so the request may land on any of them,
     # and its time there is a clean service time on whichever it is.
     free: frozenset[str]
+    # Those whose own wait is past the bound: a request admitted for another
+    # candidate's room goes there first (Admission.attempt), not where it would wait
+    # past the bound while the estimate of the node with room stays as it was.
+    past: frozenset[str] = frozenset()
 
 
 def _began(item: Abandonable, now: float) -> float | None:
@@ -366,6 +374,7 @@ class WaitEstimator:
         best: Estimate | None = None
         complete = True
         free: set[str] = set()
+        past: set[str] = set()
         for node in self.candidates(self.topology):
             est = self.estimate(node)
             if est is None:
@@ -373,9 +382,11 @@ class WaitEstimator:
                 continue
             if est.queue.free:
                 free.add(est.node)
+            if self.bound > 0 and est.wait > self.bound:
+                past.add(est.node)
             if best is None or est.wait < best.wait:
                 best = est
-        return Survey(best, complete, frozenset(free))
+        return Survey(best, complete, frozenset(free), frozenset(past))
 
     def refuses(self, best: Estimate | None, complete: bool) -> bool:
         """Is a new request refused, given `least()`'s answer? Only when every
