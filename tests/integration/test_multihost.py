@@ -408,16 +408,19 @@ SIDECAR_FAULTS = by_name(
 
 @pytest.mark.parametrize("fault_name", list(SIDECAR_FAULTS))
 def test_sidecar_tells_oom_from_crash(hosts: MultiHost, fault_name: str) -> None:
-    def stage() -> int:
+    trial_log_from = 0  # where the last trial's lines begin in the node's HA log
+
+    def stage() -> None:
+        nonlocal trial_log_from
         hosts.wait_stable(30)
         hosts.switchover("sglang-02")  # the sidecar node: its engine is the one to fail
-        return len(hosts.ha_log("sglang-02"))
+        trial_log_from = len(hosts.ha_log("sglang-02"))  # the log only grows
 
-    before = [stage()]
-    result = _run(hosts, SIDECAR_FAULTS[fault_name], lambda: before.append(stage()))
+    stage()
+    result = _run(hosts, SIDECAR_FAULTS[fault_name], stage)
     summary = _assert_clean_failover(hosts, result)
     assert result.primary_before == "sglang-02", summary
-    log = hosts.ha_log("sglang-02")[before[-1] :]  # the trial's lines (the log only grows)
+    log = hosts.ha_log("sglang-02")[trial_log_from:]
     if fault_name == "sidecar-engine-oom":
         assert log.count("ENGINE_OOM sglang-02") == 1, log
         engine = hosts.client.containers.get(hosts.host_of("sglang-02").engine or "")

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -55,8 +55,23 @@ def stack() -> Iterator[Stack]:
         yield s
 
 
-def heavy_requests() -> list[tuple[str, str, str]]:
-    """(what, path, body): each must be refused by the relay, never tokenized."""
+# A heavy request's median refusal time over its tries, s (docs/security.md's target).
+REFUSED_WITHIN = 0.1
+
+
+class Heavy(NamedTuple):
+    """A request the relay must refuse without tokenizing it."""
+
+    what: str
+    path: str
+    body: str
+    # Held to REFUSED_WITHIN (median of its tries); False: to the 1 s every try is held
+    # to only, where the time is copying the body through three hops, not the refusal.
+    timed: bool = True
+
+
+def heavy_requests() -> list[Heavy]:
+    """Each must be refused by the relay, never tokenized."""
     deep: dict[str, Any] = {"type": "string"}
     for _ in range(40):
         deep = {"type": "object", "properties": {"x": deep}}
@@ -66,21 +81,28 @@ def heavy_requests() -> list[tuple[str, str, str]]:
         "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": deep}},
     }
     return [
-        ("4MB prompt", "/v1/completions", json.dumps({"model": "m", "prompt": "x" * 4 * MB})),
-        ("15MB prompt", "/generate", json.dumps({"text": "lorem ipsum " * (15 * MB // 12)})),
-        (
+        Heavy("4MB prompt", "/v1/completions", json.dumps({"model": "m", "prompt": "x" * 4 * MB})),
+        Heavy(
+            "15MB prompt",
+            "/generate",
+            json.dumps({"text": "lorem ipsum " * (15 * MB // 12)}),
+            timed=False,  # 15 MB through Docker's proxy, Nginx (buffered) and the relay
+        ),
+        Heavy(
             "nested regex",
             "/generate",
             json.dumps({"text": "q", "sampling_params": {"regex": NESTED_REGEX}}),
         ),
-        ("deep schema", "/v1/chat/completions", json.dumps(chat)),
-        ("broken JSON", "/v1/completions", "{broken"),
-        ("negative max_tokens", "/v1/completions", '{"model":"m","prompt":"x","max_tokens":-5}'),
+        Heavy("deep schema", "/v1/chat/completions", json.dumps(chat)),
+        Heavy("broken JSON", "/v1/completions", "{broken"),
+        Heavy(
+            "negative max_tokens", "/v1/completions", '{"model":"m","prompt":"x","max_tokens":-5}'
+        ),
     ]
 
 
-def as_bytes(items: list[tuple[str, str, str]]) -> list[tuple[str, str, bytes]]:
-    return [(w, p, b.encode()) for w, p, b in items]
+def as_bytes(items: list[Heavy]) -> list[tuple[str, str, bytes]]:
+    return [(h.what, h.path, h.body.encode()) for h in items]
 
 
 @dataclass
@@ -155,6 +177,7 @@ async def bad_client(http: httpx.AsyncClient, url: str, seen: Observed, until: f
 
 def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) -> None:
     primary = stack.wait_stable()
+    heavy = heavy_requests()[:3]
     epochs = {n: (stack.agent_status(n) or {}).get("epoch") for n in NODES}
 
     async def run() -> Observed:
@@ -165,7 +188,7 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
                 watch_metrics(http, stack.engine_url(primary), seen, until)
             )
             await asyncio.sleep(0.5)
-            for what, path, body in as_bytes(heavy_requests()[:3]):
+            for what, path, body in as_bytes(heavy):
                 for _ in range(3):
                     started = time.monotonic()
                     r = await http.post(
@@ -207,14 +230,14 @@ def test_heavy_requests_are_refused_fast_and_keep_the_engine_fast(stack: Stack) 
     # twins 26 and 45 ms). The 15 MB prompt is held to the second only, as every try:
     # its time is copying 15 MB through three hops on 2 shared cores (in CI on d2f0c4a
     # 53, 125 and 189 ms), not the refusal the 4 MB one already shows.
-    bound = 0.1
+    timed = {h.what for h in heavy if h.timed}
     times: dict[str, list[float]] = {}
     for what, _, took in seen.bad:
         times.setdefault(what, []).append(took)
     slow = {
         w: sorted(t)
         for w, t in times.items()
-        if statistics.median(t) >= bound and w != "15MB prompt"
+        if w in timed and statistics.median(t) >= REFUSED_WITHIN
     }
     assert not slow, f"heavy requests were slow: {slow}"
     assert max(t for _, _, t in seen.bad) < 1.0, seen.bad

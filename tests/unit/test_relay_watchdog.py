@@ -19,10 +19,11 @@ from aiohttp import web
 
 from ha_agent.config import RelaySettings
 from ha_agent.gateway.edge.watchdog import (
+    Heartbeat,
     SchedStat,
     WatchdogService,
     beat,
-    oldest_heartbeat_age,
+    read_heartbeats,
     read_schedstat,
     stalled,
 )
@@ -497,16 +498,17 @@ async def test_the_watchdog_measures_how_late_it_woke(
     late_looks: list[tuple[float, float | None]] = []
     next_look, check = watchdog.next_look, watchdog.check
 
-    def planned() -> float:
+    def planned(beats: list[Heartbeat] | None = None) -> float:
         nonlocal due
-        delay = next_look()
+        delay = next_look(beats)
         due = time.monotonic() + delay
         return delay
 
     async def looked(late: float = 0.0) -> list[object]:
         nonlocal paused
         if paused:
-            late_looks.append((late, oldest_heartbeat_age(watchdog.dir, clock)))
+            ages = [clock() - b.beat_at for b in read_heartbeats(watchdog.dir)]
+            late_looks.append((late, max(ages, default=None)))
         found = await check(late)
         paused = False  # the VM runs again, and so do the workers
         return found  # type: ignore[return-value]

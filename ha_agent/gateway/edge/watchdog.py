@@ -204,15 +204,6 @@ def _age(path: str | Path, now: Callable[[], float]) -> float | None:
         return None
 
 
-def oldest_heartbeat_age(heartbeat_dir: Path, now: Callable[[], float] = time.time) -> float | None:
-    """The age of the stalest heartbeat in the folder, None without any."""
-    try:
-        ages = [_age(e.path, now) for e in os.scandir(heartbeat_dir) if not e.name.startswith(".")]
-    except OSError:
-        return None
-    return max((a for a in ages if a is not None), default=None)
-
-
 @dataclass(frozen=True)
 class Heartbeat:
     """A worker's heartbeat file as one look read it."""
@@ -289,6 +280,7 @@ class WatchdogService:
         self.starved: dict[str, _Frozen] = {}  # stale but waiting for a CPU: left in
         self._tracks: dict[str, _Track] = {}
         self._killed: set[int] = set()
+        self.beats: list[Heartbeat] = []  # the folder as the last look read it
         # Its own registry: the relay workers' /metrics sums this process's file
         # (PROMETHEUS_MULTIPROC_DIR), the watchdog serves nothing itself.
         self.stalls = Counter(
@@ -329,7 +321,7 @@ class WatchdogService:
         that time is taken off every heartbeat's age (see `_run`)."""
         now = self.clock()
         seen = now - late
-        beats = read_heartbeats(self.dir)
+        beats = self.beats = read_heartbeats(self.dir)
         self._sample(beats, now)
         stale = stalled(self.dir, self.limit, now=lambda: seen, beats=beats)
         excused = {s.index for s in stale if self._excused(s, now, seen)}
@@ -456,7 +448,7 @@ class WatchdogService:
             self.kill(stall.pid, signal.SIGKILL)  # works on a stopped process too
         self._killed.add(stall.pid)
 
-    def next_look(self) -> float:
+    def next_look(self, beats: list[Heartbeat] | None = None) -> float:
         """Seconds until the next look. A wake-up costs this process 0.15-0.45 ms of
         CPU on the 2-core dev VM, so looking every tenth of the limit (16 times a
         second) made the idle watchdog cost as much CPU as a relay worker. No worker can
@@ -464,11 +456,14 @@ class WatchdogService:
         until the stalest one could be (about twice a second while all beat), never
         longer than the limit (a new worker's file) nor shorter than a tenth of it (a
         dead worker's stale file, supervisord's to replace). While a worker is out of
-        the rotation, its return and its kill are watched every tenth of the limit."""
+        the rotation, its return and its kill are watched every tenth of the limit.
+        `beats`: the folder as the look just made read it (else it is read now)."""
         tick = self.limit / 10
         if self.down or self.starved:
             return tick
-        oldest = oldest_heartbeat_age(self.dir, self.clock)
+        now = self.clock()
+        beats = read_heartbeats(self.dir) if beats is None else beats
+        oldest = max((now - b.beat_at for b in beats), default=None)
         if oldest is None:
             return self.limit
         return min(max(self.limit - oldest + LOOK_SLACK, tick), self.limit)
@@ -490,7 +485,7 @@ class WatchdogService:
                 await self.check(late)
             except Exception:  # never let one bad look end the watch
                 log.exception("BUG: relay watchdog check failed")
-            delay = self.next_look()
+            delay = self.next_look(self.beats)
             due = self.clock() + delay
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
