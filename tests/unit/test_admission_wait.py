@@ -28,7 +28,7 @@ from ha_agent.gateway.admission.wait import (
 )
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.stream import relay
-from ha_agent.gateway.upstream.affinity import affinity_of
+from ha_agent.gateway.upstream.affinity import Affinity, affinity_of
 from ha_agent.gateway.upstream.topology import Abandonable, NodeView, Topology
 from ha_agent.gateway.upstream.transport import Transport
 from ha_agent.openapi.endpoints import CHAT, GENERATE
@@ -587,6 +587,53 @@ def test_a_stream_counts_from_when_the_engine_began_it_not_from_when_it_was_sent
     assert e is not None and e.wait == pytest.approx(1.5)  # the formula: 1 x 12 / 8
 
 
+def pool_worker(tmp_path: Any, clock: FakeClock) -> Admission:
+    """One relay worker of two in a pool of two engines with 8 slots each, that has
+    measured 11 s per 2,000-token stream (the CPU stack's wait-shedding test)."""
+    topo = topology(tmp_path, clock=clock, shed_wait_bound=BOUND, mode=HaMode.POOL)
+    parts = RelayParts(topo.s, topo, Transport(0.5, 60), RelayMetrics(), topo.events)
+    admission = Admission(parts)
+    admission.wait.slots = {"a": 8, "b": 8}
+    admission.wait.workers = 2
+    for name in ("a", "b"):
+        measured(admission.wait, name, 11.0, budget=2000)
+    return admission
+
+
+async def admit_and_route(
+    admission: Admission, body: dict[str, Any], affinity: Affinity | None = None
+) -> NodeView | None:
+    """One request as the relay takes it: admitted (else None), routed to a node for
+    its first attempt, and on that node's engine, queued (nothing back yet)."""
+    req = request("/generate")
+    if await admission.admit(req, GENERATE, body) is not None:
+        return None
+    avoid, held_back = await admission.attempt(req)
+    assert held_back is None
+    topo = admission.topology
+    node = await relay._Tries(topo, admission.metrics, 30.0, affinity).next(avoid)
+    assert node is not None
+    node.inflight.add(_Stream(topo.clock()))
+    return node
+
+
+async def placed_until_refused(
+    admission: Admission, body: dict[str, Any], affinity: Affinity | None = None
+) -> list[tuple[str, float]]:
+    """Requests sent one after another until one is refused (at most 200): where each
+    admitted one went, with that node's expected wait as it found it."""
+    placed: list[tuple[str, float]] = []
+    for _ in range(200):
+        waits = {n.name: admission.wait.estimate(n) for n in admission.topology.nodes.values()}
+        node = await admit_and_route(admission, body, affinity)
+        if node is None:
+            break
+        before = waits[node.name]
+        assert before is not None
+        placed.append((node.name, round(before.wait, 1)))
+    return placed
+
+
 async def test_a_pool_sends_an_admitted_request_to_a_node_within_the_bound(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -597,13 +644,8 @@ async def test_a_pool_sends_an_admitted_request_to_a_node_within_the_bound(
     to wait 39 s against a 10 s bound). A first attempt goes to a node within it."""
     clock = FakeClock()
     monkeypatch.setattr(gate.time, "monotonic", clock)
-    topo = topology(tmp_path, clock=clock, shed_wait_bound=BOUND, mode=HaMode.POOL)
-    parts = RelayParts(topo.s, topo, Transport(0.5, 60), RelayMetrics(), topo.events)
-    admission = Admission(parts)
-    admission.wait.slots = {"a": 8, "b": 8}
-    admission.wait.workers = 2
-    measured(admission.wait, "a", 11.0, budget=2000)
-    measured(admission.wait, "b", 11.0, budget=2000)
+    admission = pool_worker(tmp_path, clock)
+    topo = admission.topology
     # Both engines run 8 streams that began together 2.1 s ago; this worker holds 6 of
     # a's and 2 of b's (the other worker the rest), and knows when each began.
     began = clock()
@@ -615,19 +657,7 @@ async def test_a_pool_sends_an_admitted_request_to_a_node_within_the_bound(
     body = {"text": prompt + "Tell a very long story.", "sampling_params": {"max_new_tokens": 2000}}
     affinity = affinity_of(GENERATE, body, topo.s.affinity_block_chars, topo.s.affinity_max_chars)
     topo.sent(topo.nodes["a"], affinity)  # the prompt's prefix is cached on a
-    placed: list[tuple[str, float]] = []
-    for _ in range(200):
-        req = request("/generate")
-        if await admission.admit(req, GENERATE, body) is not None:
-            break
-        avoid, held_back = await admission.attempt(req)
-        assert held_back is None
-        node = await relay._Tries(topo, parts.metrics, 30.0, affinity).next(avoid)
-        assert node is not None
-        estimate = admission.wait.estimate(node)
-        assert estimate is not None
-        placed.append((node.name, round(estimate.wait, 1)))
-        node.inflight.add(_Stream(clock()))  # queued in the engine: nothing back yet
+    placed = await placed_until_refused(admission, body, affinity)
     # Each node takes what fits within the bound as this worker counts (its share
     # times the two workers; b's other requests taken as spread over a generation).
     assert all(wait <= BOUND for _, wait in placed), placed
@@ -649,13 +679,8 @@ async def test_a_pool_node_whose_queue_shows_late_is_not_filled_past_the_bound(
     refused."""
     clock = FakeClock()
     monkeypatch.setattr(gate.time, "monotonic", clock)
-    topo = topology(tmp_path, clock=clock, shed_wait_bound=BOUND, mode=HaMode.POOL)
-    parts = RelayParts(topo.s, topo, Transport(0.5, 60), RelayMetrics(), topo.events)
-    admission = Admission(parts)
-    admission.wait.slots = {"a": 8, "b": 8}
-    admission.wait.workers = 2
-    measured(admission.wait, "a", 11.0, budget=2000)
-    measured(admission.wait, "b", 11.0, budget=2000)
+    admission = pool_worker(tmp_path, clock)
+    topo = admission.topology
     began = clock()
     for name in ("a", "b"):  # 8 running on each, 4 of them this worker's
         topo.nodes[name].inflight.update(_Stream(began, began) for _ in range(4))
@@ -663,17 +688,6 @@ async def test_a_pool_node_whose_queue_shows_late_is_not_filled_past_the_bound(
     report(topo, "a", 8, 2)  # a's agent has reported the first requests queued there
     report(topo, "b", 8, 0)  # b's report is older
     body = {"text": "Tell a very long story.", "sampling_params": {"max_new_tokens": 2000}}
-    placed: list[tuple[str, float]] = []
-    for _ in range(200):
-        req = request("/generate")
-        if await admission.admit(req, GENERATE, body) is not None:
-            break
-        avoid, _ = await admission.attempt(req)
-        node = await relay._Tries(topo, parts.metrics, 30.0).next(avoid)
-        assert node is not None
-        estimate = admission.wait.estimate(node)
-        assert estimate is not None
-        placed.append((node.name, round(estimate.wait, 1)))
-        node.inflight.add(_Stream(clock()))
+    placed = await placed_until_refused(admission, body)
     assert all(wait <= BOUND for _, wait in placed), placed
     assert Counter(name for name, _ in placed) == {"a": 4, "b": 4}, placed

@@ -22,15 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from ha_agent.config import HaMode
 from ha_agent.gateway.admission import gate
-from ha_agent.gateway.admission.gate import Admission, RelayParts
-from ha_agent.gateway.metrics import RelayMetrics
-from ha_agent.gateway.stream import relay
-from ha_agent.gateway.upstream.transport import Transport
-from ha_agent.openapi.endpoints import GENERATE
 from tests.support.fakes import FakeClock
-from tests.unit.test_admission_wait import _Stream, measured, report, request, topology
+from tests.unit.test_admission_wait import _Stream, admit_and_route, pool_worker, report
 
 BODY = {"text": "Tell a very long story.", "sampling_params": {"max_new_tokens": 2000}}
 LIGHT = {"text": "hi", "sampling_params": {"max_new_tokens": 16}}
@@ -39,30 +33,19 @@ LIGHT = {"text": "hi", "sampling_params": {"max_new_tokens": 16}}
 async def burst(seed: int, split: float, lag: float, light_every: int) -> int:
     rnd = random.Random(seed)
     clock = FakeClock()
-    gate.time.monotonic = clock  # type: ignore[attr-defined]
-    workers = []
-    for _ in range(2):
-        topo = topology(
-            Path(tempfile.mkdtemp()), clock=clock, shed_wait_bound=10.0, mode=HaMode.POOL
-        )
-        parts = RelayParts(topo.s, topo, Transport(0.5, 60), RelayMetrics(), topo.events)
-        admission = Admission(parts)
-        admission.wait.slots = {"a": 8, "b": 8}
-        admission.wait.workers = 2
-        for node in ("a", "b"):
-            measured(admission.wait, node, 11.0, budget=2000)
-        workers.append((topo, admission, parts))
+    gate.time.monotonic = clock
+    workers = [pool_worker(Path(tempfile.mkdtemp()), clock) for _ in range(2)]
     engine = {"a": 0, "b": 0}
     t0 = clock()
     for i in range(16):
         node = "ab"[i % 2]
-        topo = workers[0 if rnd.random() < split else 1][0]
+        topo = workers[0 if rnd.random() < split else 1].topology
         topo.nodes[node].inflight.add(_Stream(t0, t0 + 0.3))
         engine[node] += 1
 
     def publish(node: str) -> None:
-        for topo, _, _ in workers:
-            report(topo, node, min(8, engine[node]), max(0, engine[node] - 8))
+        for worker in workers:
+            report(worker.topology, node, min(8, engine[node]), max(0, engine[node] - 8))
 
     for node in ("a", "b"):
         publish(node)
@@ -75,17 +58,11 @@ async def burst(seed: int, split: float, lag: float, light_every: int) -> int:
             if clock() - last[node] >= lag:
                 publish(node)
                 last[node] = clock()
-        topo, admission, parts = workers[rnd.randrange(2)]
         body = LIGHT if light_every and k % light_every == 0 else BODY
-        req = request("/generate")
-        if await admission.admit(req, GENERATE, body) is not None:
-            continue
-        avoid, _ = await admission.attempt(req)
-        chosen = await relay._Tries(topo, parts.metrics, 30.0).next(avoid)
-        assert chosen is not None
-        chosen.inflight.add(_Stream(clock()))
-        engine[chosen.name] += 1
-        admitted += 1
+        chosen = await admit_and_route(workers[rnd.randrange(2)], body)
+        if chosen is not None:
+            engine[chosen.name] += 1
+            admitted += 1
     return admitted
 
 
