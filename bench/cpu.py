@@ -9,6 +9,7 @@ measuring costs nothing on the paths being measured.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -43,6 +44,24 @@ def read_cpu_seconds(path: str) -> float | None:
                 return int(value) / 1e6
         return None
     return int(text.strip()) / 1e9
+
+
+def processes_cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of these processes (/proc/PID/stat utime, stime); a
+    process gone counts nothing."""
+    user = system = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+    return user, system
+
+
+def processes_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of these processes, user and system together."""
+    return sum(processes_cpu_split(pids))
 
 
 def host_busy_seconds() -> float:

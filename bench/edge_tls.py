@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from bench.cpu import processes_cpu_seconds
 from bench.report import machine
 from bench.stats import percentile
 from ha_agent.config import EdgeTlsSettings
@@ -88,15 +89,6 @@ class Run:
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else value * 1000.0
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def _family(pid: int) -> list[int]:
@@ -236,9 +228,9 @@ async def measure(path: str, base: str, ca: Path, nginx_pid: int, run: Run, warm
         verify=verify, http2=path.endswith("h2"), timeout=60, limits=limits
     ) as client:
         pids = _family(nginx_pid)
-        cpu0, client0 = _cpu_seconds(pids), time.process_time()
+        cpu0, client0 = processes_cpu_seconds(pids), time.process_time()
         await closed_loop(base + "/v1/chat/completions", client, run, warmup)
-        run.nginx_cpu = _cpu_seconds(pids) - cpu0
+        run.nginx_cpu = processes_cpu_seconds(pids) - cpu0
         run.client_cpu = time.process_time() - client0
 
 
@@ -249,7 +241,7 @@ def handshakes(port: int, ca: Path, pid: int) -> dict[str, float]:
     """Fresh TLS connections one after another (no resumption), each one request Nginx
     answers itself (a 404): wall time and Nginx CPU per connection."""
     pids = _family(pid)
-    cpu0, started = _cpu_seconds(pids), time.monotonic()
+    cpu0, started = processes_cpu_seconds(pids), time.monotonic()
     for _ in range(HANDSHAKES):
         context = ssl.create_default_context(cafile=str(ca))
         with (
@@ -263,7 +255,7 @@ def handshakes(port: int, ca: Path, pid: int) -> dict[str, float]:
     return {
         "connections": HANDSHAKES,
         "ms_per_connection": wall / HANDSHAKES * 1000,
-        "nginx_us_per_connection": (_cpu_seconds(pids) - cpu0) / HANDSHAKES * 1e6,
+        "nginx_us_per_connection": (processes_cpu_seconds(pids) - cpu0) / HANDSHAKES * 1e6,
     }
 
 

@@ -52,6 +52,7 @@ from typing import Any, cast
 
 import httpx
 
+from bench.cpu import processes_cpu_seconds
 from bench.cpu_cap import CapUnavailable, CpuCap
 from tests.support.cluster import LocalCluster, local_cluster
 from tests.support.processes import free_port, redis_server
@@ -259,15 +260,6 @@ async def _pairs(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def _host_busy() -> tuple[float, float]:
     """(busy, total) jiffies of the whole host, /proc/stat's first line."""
     nums = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -290,7 +282,7 @@ async def _open_loop(plan: dict[str, Any]) -> dict[str, Any]:
     host0 = (0.0, 0.0)
     while (start := t0 + i / rate) < hi:
         if not cpu0 and loop.time() >= lo:
-            cpu0 = {k: _cpu_seconds(v) for k, v in groups.items()}
+            cpu0 = {k: processes_cpu_seconds(v) for k, v in groups.items()}
             host0 = _host_busy()
         await asyncio.sleep(max(0.0, start - loop.time()))
         tasks.append(
@@ -300,7 +292,7 @@ async def _open_loop(plan: dict[str, Any]) -> dict[str, Any]:
         )
         i += 1
     await asyncio.sleep(max(0.0, hi - loop.time()))
-    cpu1 = {k: _cpu_seconds(v) for k, v in groups.items()}
+    cpu1 = {k: processes_cpu_seconds(v) for k, v in groups.items()}
     host1 = _host_busy()
     span = hi - (lo if cpu0 else t0)
     lo_ns, hi_ns = int(lo * 1e9), int(hi * 1e9)

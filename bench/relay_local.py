@@ -27,25 +27,12 @@ from pathlib import Path
 
 import httpx
 
+from bench.cpu import processes_cpu_seconds, processes_cpu_split
 from bench.loadgen import RunSpec
 from tests.support.cluster import local_cluster
 from tests.support.processes import free_port, redis_server
 
 SIM = {"SIM_ITL": "0.01", "SIM_TTFT_BASE": "0.02", "SIM_PREFILL_PER_TOKEN": "0.0002"}
-
-
-def _cpu_split(pids: list[int]) -> tuple[float, float]:
-    """User and system CPU seconds of these processes (/proc/PID/stat utime, stime)."""
-    user = system = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
-        system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
-    return user, system
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    return sum(_cpu_split(pids))
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -127,17 +114,17 @@ async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespac
     )
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "plan.json").write_text(json.dumps([asdict(spec)]))
-        split_before, t0 = _cpu_split(pids), time.monotonic()
-        sim_before = _cpu_seconds([args.sim_pid])
+        split_before, t0 = processes_cpu_split(pids), time.monotonic()
+        sim_before = processes_cpu_seconds([args.sim_pid])
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.loadgen", f"{tmp}/plan.json", f"{tmp}/out.json"
         )
         await asyncio.wait_for(proc.wait(), args.seconds + 60)
-        split_after, wall = _cpu_split(pids), time.monotonic() - t0
+        split_after, wall = processes_cpu_split(pids), time.monotonic() - t0
         user = split_after[0] - split_before[0]
         system = split_after[1] - split_before[1]
         cpu = user + system
-        sim_cores = (_cpu_seconds([args.sim_pid]) - sim_before) / wall
+        sim_cores = (processes_cpu_seconds([args.sim_pid]) - sim_before) / wall
         run = json.loads(Path(tmp, "out.json").read_text())[0]
     errors = [s[7] for s in run["samples"] if s[7]]
     if errors:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from bench import gateway_bars
+from bench.cpu import processes_cpu_seconds
 from bench.cpu_cap import CapUnavailable, CpuCap
 from bench.gateway_bars import Bars, BarsConfig, _one, _open_loop, _pairs, quantiles_added, targets
 from tests.support.processes import free_port, wait_until
@@ -155,9 +156,9 @@ def test_a_capped_process_gets_no_more_cpu_than_its_cap() -> None:
             cap.add(spin.pid)
         except CapUnavailable as exc:
             pytest.skip(f"no cgroup to move a process into here: {exc}")
-        before, t0 = gateway_bars._cpu_seconds([spin.pid]), time.monotonic()
+        before, t0 = processes_cpu_seconds([spin.pid]), time.monotonic()
         time.sleep(1.5)  # a CPU measurement's window, not a wait for a condition
-        used = (gateway_bars._cpu_seconds([spin.pid]) - before) / (time.monotonic() - t0)
+        used = (processes_cpu_seconds([spin.pid]) - before) / (time.monotonic() - t0)
     finally:
         spin.kill()
         spin.wait()
