@@ -98,7 +98,7 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     # Which relay worker (Nginx's upstream) and node served each: every worker needs a
     # few of these measured before it can estimate (docs/benchmarks.md).
     warm = [x for x in stack.access_log().splitlines() if "/generate" in x][-SLOTS:]
-    print("warm-up upstreams:", Counter(x.split("upstream=")[-1].split()[0] for x in warm))
+    print("warm-up upstreams:", Counter(tried_upstreams(x)[0] for x in warm))
     print("warm-up nodes:", Counter(a.headers.get("X-SGLang-HA-Node") for a in answers))
     duration = DURATION[stack.mode]
     access_before = len(stack.access_log().splitlines())
@@ -195,17 +195,18 @@ def test_a_killed_node_under_overload_sheds_at_once_and_fails_over_once(stack: S
     )[-5:]
 
 
+def tried_upstreams(line: str) -> list[str]:
+    """The upstreams an access-log line says Nginx tried, in order: its
+    $upstream_addr, "a, b" (or "a : b" across upstream groups)."""
+    return line.split("upstream=")[-1].split(" ustatus=")[0].replace(" : ", ", ").split(", ")
+
+
 def print_gateway_paths(stack: Stack, access_from: int, gateway_from: int) -> None:
     """Where Nginx sent the load's requests (a relay worker, or past admission to an
     engine as the last resort) and what the relay watchdog did meanwhile: what a
     failed run needs to tell over-admission by the relay from a bypass of it."""
     lines = stack.access_log().splitlines()[access_from:]
-    # $upstream_addr: every address tried, "a, b" (or "a : b" across upstream groups).
-    tried = [
-        x.split("upstream=")[-1].split(" ustatus=")[0].replace(" : ", ", ").split(", ")
-        for x in lines
-        if "upstream=" in x
-    ]
+    tried = [tried_upstreams(x) for x in lines if "upstream=" in x]
     print("load's upstreams at Nginx (last tried):", sorted(Counter(t[-1] for t in tried).items()))
     direct = [t for t in tried if "relay-" not in t[-1]]
     print("requests that reached an engine directly:", len(direct), direct[:3])
