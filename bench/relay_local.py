@@ -108,7 +108,7 @@ async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespac
         concurrency=args.streams,
         duration=args.seconds,
         warmup=1.0,
-        max_tokens=128,
+        max_tokens=args.tokens,
         max_requests=args.streams * 200,
         timeout=30.0,
     )
@@ -162,7 +162,7 @@ async def _profile(url: str, pids: list[int], args: argparse.Namespace) -> None:
             "-d",
             str(int(args.seconds)),
             "-r",
-            "200",
+            os.environ.get("PYSPY_RATE", "200"),
             "-f",
             "raw",
             "-o",
@@ -180,6 +180,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=128, help="max_tokens per stream")
     parser.add_argument("--paths", default="direct,relay")
     parser.add_argument("--profile", help="py-spy raw (collapsed) output file")
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")

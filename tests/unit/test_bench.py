@@ -350,3 +350,16 @@ def test_capacity_cpu_bar_is_nginx_plus_router_of_the_same_run() -> None:
     assert (one["measured"], one["met"]) == (90.0, True)
     # Without a baseline measured in the run there is no bar to claim.
     assert not [t for t in targets(rows[1:], 2) if t["issue"] == 27]
+
+
+def test_the_event_path_bench_times_the_relays_own_path() -> None:
+    """`bench.relay_event_path` times what the relay does to an event: the client gets
+    the chunk re-framed with the running usage cut off, and the first segment is kept."""
+    from bench.relay_event_path import CHUNK, event_path
+
+    one, client, state = event_path()
+    one()
+    one()
+    client_chunk = CHUNK.replace(CHUNK[CHUNK.rfind(b',"usage":{') : -3], b"")
+    assert client.written == 2 * len(b"%x\r\n%b\r\n" % (len(client_chunk), client_chunk))
+    assert state.segment_raw == CHUNK * 2

@@ -137,8 +137,10 @@ _TOKEN_IDS = re.compile(rb',"(?:prompt_)?token_ids":\[[0-9,]*\]')
 _FINAL_USAGE = b'"choices":[]'
 # The usage object, then the chunk's own closing brace, and nothing after: flat, or
 # with flat objects inside (prompt_tokens_details with --enable-cache-report).
-# Usage holds names and numbers only, so no brace can hide in a string there.
-_USAGE_LAST = re.compile(rb"\{(?:[^{}]|\{[^{}]*\})*\}\}")
+# Usage holds names and numbers only, so no brace can hide in a string there. Written
+# as runs of non-braces (the "unrolled loop"): sre scans a run in one step, where an
+# alternation per byte cost 2.9 µs a chunk against 0.6 (run per streamed event).
+_USAGE_LAST = re.compile(rb"\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}\}")
 
 
 class ContinuationRefused(Exception):
