@@ -843,6 +843,12 @@ class RelaySettings(
         description="Relay worker processes sharing the ports (0: the CPUs the gateway"
         " container may use; see ha_agent/gateway/edge/workers.py).",
     )
+    nginx_workers: int = Field(
+        0,
+        ge=0,
+        description="Nginx worker processes at the edge (0: as many as relay workers;"
+        " Nginx's own `auto` counts the host's CPUs, not the container's).",
+    )
     relay_worker_index: int = Field(
         0,
         ge=0,

@@ -259,6 +259,21 @@ def test_gateway_probes_do_not_depend_on_the_nodes(rendered: list[dict[str, Any]
         assert gateway[probe]["tcpSocket"] == {"port": "http"}
 
 
+def test_the_gateway_runs_a_set_number_of_relay_workers_not_one_per_node_cpu(
+    rendered: list[dict[str, Any]],
+) -> None:
+    # Without a CPU limit the relay would count every CPU of the node (workers.py) and
+    # start a worker, and an Nginx worker, per node CPU.
+    gateway = containers(one(rendered, "Deployment", "-gateway"))[0]
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert env["HA_RELAY_WORKERS"] == "2"
+    assert "cpu" not in gateway["resources"].get("limits", {})
+    values = load_values(CHART / "values.yaml")
+    values["gateway"]["relayWorkers"] = 4
+    gateway = containers(one(render(values), "Deployment", "-gateway"))[0]
+    assert {e["name"]: e.get("value") for e in gateway["env"]}["HA_RELAY_WORKERS"] == "4"
+
+
 def test_standbys_stay_resolvable_while_not_ready(rendered: list[dict[str, Any]]) -> None:
     svc = one(rendered, "Service", "-node")
     assert svc["spec"]["clusterIP"] == "None"

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from ha_agent.gateway.edge.workers import cgroup_cpu_limit, usable_cpus, worker_count
+from ha_agent.gateway.edge.workers import (
+    cgroup_cpu_limit,
+    nginx_worker_count,
+    usable_cpus,
+    worker_count,
+)
 
 
 def test_the_cgroup_quota_caps_the_workers(tmp_path: Path) -> None:
@@ -58,6 +63,44 @@ def _sample(text: str, name: str) -> float:
         if line.startswith(name) and not line.startswith("#"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in\n{text}")
+
+
+def test_nginx_runs_as_many_workers_as_the_relay_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("HA_NGINX_WORKERS", raising=False)
+    monkeypatch.setenv("HA_RELAY_WORKERS", "3")
+    assert nginx_worker_count() == 3
+    assert nginx_worker_count(relay_workers=2) == 2
+    monkeypatch.setenv("HA_NGINX_WORKERS", "0")
+    assert nginx_worker_count() == 3
+    monkeypatch.setenv("HA_NGINX_WORKERS", "5")
+    assert nginx_worker_count() == 5
+
+
+def test_the_rendered_nginx_config_counts_the_containers_cpus_not_the_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nginx's `auto` would count the host's CPUs; the gateway's Nginx gets the relay's
+    worker count, which the cpuset and the quota cap (the entrypoint resolves it first)."""
+    from ha_agent.gateway.edge import nginx_conf
+
+    template = Path(__file__).resolve().parents[2] / "nginx" / "nginx.conf.template"
+    for name, value in {
+        "NGINX_TEMPLATE": str(template),
+        "NGINX_CONF": str(tmp_path / "nginx.conf"),
+        "HA_NGINX_BACKUP_FILE": str(tmp_path / "backup.conf"),
+        "HA_NGINX_RELAY_FILE": str(tmp_path / "relay.conf"),
+        "HA_NGINX_CLIENT_KEYS_FILE": str(tmp_path / "client-keys.conf"),
+        "HA_RELAY_WORKERS": "3",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HA_NGINX_WORKERS", raising=False)
+    assert nginx_conf.main() == 0
+    assert "\nworker_processes 3;\n" in (tmp_path / "nginx.conf").read_text()
+    monkeypatch.setenv("HA_NGINX_WORKERS", "1")
+    assert nginx_conf.main() == 0
+    assert "\nworker_processes 1;\n" in (tmp_path / "nginx.conf").read_text()
 
 
 def test_metrics_add_up_over_the_workers(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from ha_agent.gateway.edge.nginx_sync import (
     write_private,
 )
 from ha_agent.gateway.edge.tls_reload import install
+from ha_agent.gateway.edge.workers import nginx_worker_count
 from ha_agent.gateway.upstream.topology import parse_seed
 
 DEFAULTS = {
@@ -37,6 +38,9 @@ DEFAULTS = {
     "GATEWAY_CONN_PER_CLIENT": "512",
     # Computed by main() from HA_ENGINE_API_KEY[_FILE], never set directly.
     "ENGINE_AUTHORIZATION": "",
+    # Computed by main() (HA_NGINX_WORKERS, else the relay's worker count); `auto` only
+    # where the template is rendered without main() (the benchmark's baseline Nginx).
+    "NGINX_WORKERS": "auto",
     # Computed from GATEWAY_TLS / GATEWAY_BIND (tls_placeholders), never set directly.
     "EDGE_LISTEN_TLS": "",
     "EDGE_TLS": "",
@@ -92,6 +96,7 @@ def main() -> int:
     backup_path = os.environ.get("HA_NGINX_BACKUP_FILE", "/run/sglang-ha/nginx-backup-servers.conf")
     env = dict(os.environ)
     env["ENGINE_AUTHORIZATION"] = EngineAuthSettings().engine_headers().get("Authorization", "")
+    env["NGINX_WORKERS"] = str(nginx_worker_count())
     tls = EdgeTlsSettings()
     # The pair Nginx reads at each handshake, checked first: with TLS on and no usable
     # certificate the gateway does not start, and says why.

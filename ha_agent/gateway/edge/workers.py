@@ -13,7 +13,8 @@ list. Metrics are summed over the workers with prometheus_client's multiprocess
 mode (PROMETHEUS_MULTIPROC_DIR, set by the image's entrypoint).
 
 `python -m ha_agent.gateway.edge.workers` prints the number to run: HA_RELAY_WORKERS
-if set and not 0, else the CPUs this container may use.
+if set and not 0, else the CPUs this container may use. Nginx runs as many workers
+(`nginx_worker_count`, HA_NGINX_WORKERS to override).
 """
 
 from __future__ import annotations
@@ -58,6 +59,25 @@ def worker_count(configured: int | None = None) -> int:
         except ValueError:
             configured = 0
     return configured if configured > 0 else usable_cpus()
+
+
+def nginx_worker_count(relay_workers: int | None = None) -> int:
+    """HA_NGINX_WORKERS when set to a positive number, else as many as relay workers.
+
+    Not Nginx's `worker_processes auto`: that counts the host's online CPUs, neither
+    the container's cpuset nor its CPU quota (Nginx 1.22,
+    bench/results/nginx-workers-runs), so a gateway limited to 2 cores on a 64-core
+    host would start 64 workers. Nginx spends less CPU per streamed event than the
+    relay (docs/benchmarks.md, capacity), so one Nginx worker per relay worker is never
+    the narrower tier, and fewer workers each find more events ready per wake-up.
+    """
+    try:
+        configured = int(os.environ.get("HA_NGINX_WORKERS", "0") or 0)
+    except ValueError:
+        configured = 0
+    if configured > 0:
+        return configured
+    return relay_workers if relay_workers is not None else worker_count()
 
 
 def share(total: float, workers: int) -> float:
