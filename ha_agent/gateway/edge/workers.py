@@ -69,7 +69,7 @@ def nginx_worker_count(relay_workers: int | None = None) -> int:
     bench/results/nginx-workers-runs), so a gateway limited to 2 cores on a 64-core
     host would start 64 workers. Nginx spends less CPU per streamed event than the
     relay (docs/benchmarks.md, capacity), so one Nginx worker per relay worker is never
-    the narrower tier, and fewer workers each find more events ready per wake-up.
+    the narrower tier.
     """
     try:
         configured = int(os.environ.get("HA_NGINX_WORKERS", "0") or 0)
