@@ -52,7 +52,7 @@ from typing import Any, cast
 
 import httpx
 
-from bench.cpu import processes_cpu_seconds
+from bench.cpu import host_busy_seconds, processes_cpu_seconds
 from bench.cpu_cap import CapUnavailable, CpuCap
 from tests.support.cluster import LocalCluster, local_cluster
 from tests.support.processes import free_port, redis_server
@@ -260,13 +260,6 @@ async def _pairs(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _host_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole host, /proc/stat's first line."""
-    nums = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = nums[3] + nums[4]
-    return float(sum(nums) - idle), float(sum(nums))
-
-
 async def _open_loop(plan: dict[str, Any]) -> dict[str, Any]:
     """Streams started at a fixed rate whatever happens to the earlier ones."""
     loop = asyncio.get_running_loop()
@@ -279,11 +272,11 @@ async def _open_loop(plan: dict[str, Any]) -> dict[str, Any]:
     groups["client"] = [os.getpid()]
     i = 0
     cpu0: dict[str, float] = {}
-    host0 = (0.0, 0.0)
+    host0 = host_busy_seconds()
     while (start := t0 + i / rate) < hi:
         if not cpu0 and loop.time() >= lo:
             cpu0 = {k: processes_cpu_seconds(v) for k, v in groups.items()}
-            host0 = _host_busy()
+            host0 = host_busy_seconds()
         await asyncio.sleep(max(0.0, start - loop.time()))
         tasks.append(
             asyncio.ensure_future(
@@ -293,7 +286,7 @@ async def _open_loop(plan: dict[str, Any]) -> dict[str, Any]:
         i += 1
     await asyncio.sleep(max(0.0, hi - loop.time()))
     cpu1 = {k: processes_cpu_seconds(v) for k, v in groups.items()}
-    host1 = _host_busy()
+    host1 = host_busy_seconds()
     span = hi - (lo if cpu0 else t0)
     lo_ns, hi_ns = int(lo * 1e9), int(hi * 1e9)
     # loop.time() is time.monotonic() (asyncio's and uvloop's loops alike).
@@ -306,7 +299,7 @@ async def _open_loop(plan: dict[str, Any]) -> dict[str, Any]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     cpu = {k: round((cpu1[k] - cpu0.get(k, 0.0)) / span, 3) for k in groups}
-    busy = (host1[0] - host0[0]) / max(1.0, host1[1] - host0[1]) * (os.cpu_count() or 1)
+    busy = (host1 - host0) / span  # the host's busy cores over the same window
     return {
         "offered_events_per_s": plan["offered"],
         "streams_started": len(tasks),
