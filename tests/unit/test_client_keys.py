@@ -43,6 +43,7 @@ from ha_agent.gateway.stream.relay import Relay
 from ha_agent.gateway.upstream.transport import forward_headers
 from ha_agent.sim.server import create_app
 from tests.support.fakes import FakeClock, relay_over
+from tests.support.nginx_render import render_into
 from tests.support.processes import free_port, stop_process
 from tests.unit.conftest import SIM_AUTH, SIM_FAST
 from tests.unit.test_hardening_nginx import NGINX, needs_nginx, require_nginx, start_nginx
@@ -523,17 +524,12 @@ def test_the_gateway_entrypoint_writes_nginxs_keys_or_refuses_to_start(
 ) -> None:
     from ha_agent.gateway.edge import nginx_conf
 
-    template = Path(__file__).resolve().parents[2] / "nginx" / "nginx.conf.template"
-    for name, value in {
-        "NGINX_TEMPLATE": str(template),
-        "NGINX_CONF": str(tmp_path / "nginx.conf"),
-        "HA_NGINX_BACKUP_FILE": str(tmp_path / "backup.conf"),
-        "HA_NGINX_RELAY_FILE": str(tmp_path / "relay.conf"),
-        "HA_NGINX_CLIENT_KEYS_FILE": str(tmp_path / "client-keys.conf"),
-        "HA_GATEWAY_BIND": "0.0.0.0",
-        "HA_CLIENT_KEYS_FILE": str(tmp_path / "client_keys"),
-    }.items():
-        monkeypatch.setenv(name, value)
+    render_into(
+        monkeypatch,
+        tmp_path,
+        HA_GATEWAY_BIND="0.0.0.0",
+        HA_CLIENT_KEYS_FILE=str(tmp_path / "client_keys"),
+    )
     monkeypatch.delenv("HA_CLIENT_AUTH", raising=False)
     assert nginx_conf.main() == 2
     assert "run 'make secrets'" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import pytest
 from ha_agent.config import EdgeTlsSettings, is_loopback
 from ha_agent.gateway.edge.nginx_conf import TLS_TEMPLATE, render_template, tls_placeholders
 from ha_agent.gateway.edge.tls_reload import CertificateWatcher, install
+from tests.support.nginx_render import render_into
 from tests.unit.test_hardening_nginx import TEMPLATE, Gateway, gateway, needs_nginx, require_nginx  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -356,15 +357,13 @@ def test_a_half_written_pair_is_not_handed_to_nginx(tmp_path: Path) -> None:
 
 
 def _main_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Path:
-    conf = tmp_path / "nginx.conf"
-    monkeypatch.setenv("NGINX_TEMPLATE", str(ROOT / "nginx" / "nginx.conf.template"))
-    monkeypatch.setenv("NGINX_CONF", str(conf))
-    monkeypatch.setenv("HA_NGINX_BACKUP_FILE", str(tmp_path / "backup.conf"))
-    monkeypatch.setenv("HA_NGINX_RELAY_FILE", str(tmp_path / "relay.conf"))
-    monkeypatch.setenv("GATEWAY_TLS_PAIR_FILE", str(tmp_path / "edge-tls.pem"))
-    # Client keys have their own tests (test_client_keys.py): off here, map in tmp.
-    monkeypatch.setenv("HA_CLIENT_AUTH", "off")
-    monkeypatch.setenv("HA_NGINX_CLIENT_KEYS_FILE", str(tmp_path / "client-keys.conf"))
+    # Client keys have their own tests (test_client_keys.py): off here.
+    conf = render_into(
+        monkeypatch,
+        tmp_path,
+        GATEWAY_TLS_PAIR_FILE=str(tmp_path / "edge-tls.pem"),
+        HA_CLIENT_AUTH="off",
+    )
     for name in ("GATEWAY_TLS", "GATEWAY_BIND", "GATEWAY_HTTP2"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():

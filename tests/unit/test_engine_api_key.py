@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from ha_agent.config import AgentSettings, RelaySettings
 from ha_agent.gateway.upstream.transport import Transport, forward_headers
 from ha_agent.node.engine.client import EngineClient
+from tests.support.nginx_render import render_into
 
 KEY = "engine-secret-key"
 
@@ -152,19 +153,13 @@ def test_nginx_last_resort_path_sends_the_engine_key_never_a_clients(
     """Relay down, Nginx goes straight to the engines: it must present the key too."""
     from ha_agent.gateway.edge import nginx_conf
 
-    template = Path(__file__).resolve().parents[2] / "nginx" / "nginx.conf.template"
-    monkeypatch.setenv("NGINX_TEMPLATE", str(template))
-    monkeypatch.setenv("NGINX_CONF", str(tmp_path / "nginx.conf"))
-    monkeypatch.setenv("HA_NGINX_BACKUP_FILE", str(tmp_path / "backup.conf"))
-    monkeypatch.setenv("HA_NGINX_RELAY_FILE", str(tmp_path / "relay.conf"))
-    monkeypatch.setenv("HA_NGINX_CLIENT_KEYS_FILE", str(tmp_path / "client-keys.conf"))
+    conf = render_into(monkeypatch, tmp_path)
     monkeypatch.delenv("HA_ENGINE_API_KEY_FILE", raising=False)
     if key:
         monkeypatch.setenv("HA_ENGINE_API_KEY", key)
     else:
         monkeypatch.delenv("HA_ENGINE_API_KEY", raising=False)
     assert nginx_conf.main() == 0
-    conf = tmp_path / "nginx.conf"
     expected = f'"Bearer {key}"' if key else '""'
     assert f"proxy_set_header Authorization {expected};" in conf.read_text()
     assert conf.stat().st_mode & 0o077 == 0  # the key is the gateway user's alone

@@ -16,6 +16,7 @@ from ha_agent.gateway.edge.workers import (
     usable_cpus,
     worker_count,
 )
+from tests.support.nginx_render import render_into
 
 
 def test_the_cgroup_quota_caps_the_workers(tmp_path: Path) -> None:
@@ -85,22 +86,13 @@ def test_the_rendered_nginx_config_counts_the_containers_cpus_not_the_hosts(
     worker count, which the cpuset and the quota cap (the entrypoint resolves it first)."""
     from ha_agent.gateway.edge import nginx_conf
 
-    template = Path(__file__).resolve().parents[2] / "nginx" / "nginx.conf.template"
-    for name, value in {
-        "NGINX_TEMPLATE": str(template),
-        "NGINX_CONF": str(tmp_path / "nginx.conf"),
-        "HA_NGINX_BACKUP_FILE": str(tmp_path / "backup.conf"),
-        "HA_NGINX_RELAY_FILE": str(tmp_path / "relay.conf"),
-        "HA_NGINX_CLIENT_KEYS_FILE": str(tmp_path / "client-keys.conf"),
-        "HA_RELAY_WORKERS": "3",
-    }.items():
-        monkeypatch.setenv(name, value)
+    conf = render_into(monkeypatch, tmp_path, HA_RELAY_WORKERS="3")
     monkeypatch.delenv("HA_NGINX_WORKERS", raising=False)
     assert nginx_conf.main() == 0
-    assert "\nworker_processes 3;\n" in (tmp_path / "nginx.conf").read_text()
+    assert "\nworker_processes 3;\n" in conf.read_text()
     monkeypatch.setenv("HA_NGINX_WORKERS", "1")
     assert nginx_conf.main() == 0
-    assert "\nworker_processes 1;\n" in (tmp_path / "nginx.conf").read_text()
+    assert "\nworker_processes 1;\n" in conf.read_text()
 
 
 def test_metrics_add_up_over_the_workers(tmp_path: Path) -> None:
