@@ -51,13 +51,18 @@ def usable_cpus(root: Path = CGROUP) -> int:
     return max(1, cpus)
 
 
+def _configured(name: str) -> int:
+    """A count from the environment; 0 when unset, empty or not a number."""
+    try:
+        return int(os.environ.get(name, "0") or 0)
+    except ValueError:
+        return 0
+
+
 def worker_count(configured: int | None = None) -> int:
     """HA_RELAY_WORKERS when set to a positive number, else usable_cpus()."""
     if configured is None:
-        try:
-            configured = int(os.environ.get("HA_RELAY_WORKERS", "0") or 0)
-        except ValueError:
-            configured = 0
+        configured = _configured("HA_RELAY_WORKERS")
     return configured if configured > 0 else usable_cpus()
 
 
@@ -71,10 +76,7 @@ def nginx_worker_count(relay_workers: int | None = None) -> int:
     relay (docs/benchmarks.md, capacity), so one Nginx worker per relay worker is never
     the narrower tier.
     """
-    try:
-        configured = int(os.environ.get("HA_NGINX_WORKERS", "0") or 0)
-    except ValueError:
-        configured = 0
+    configured = _configured("HA_NGINX_WORKERS")
     if configured > 0:
         return configured
     return relay_workers if relay_workers is not None else worker_count()
