@@ -85,7 +85,7 @@ def build_images() -> None:
 # -- our stack ------------------------------------------------------------------------
 
 
-def direct_nginx_conf(template: str, engine: str, authorization: str) -> str:
+def direct_nginx_conf(template: str, engine: str, authorization: str, workers: int = 1) -> str:
     """The gateway's own Nginx configuration with the relay swapped for `engine`
     (host:port): the "Nginx only" path differs from ours by the relay alone. It
     presents the engines' key (`authorization`) as the gateway's Nginx does on its
@@ -109,11 +109,13 @@ def direct_nginx_conf(template: str, engine: str, authorization: str) -> str:
         text,
         flags=re.M,
     )
-    # One worker, as "Nginx alone" in the capacity table: its CPU per event is the
-    # cost of one process, like the router's.
-    text, workers = re.subn(r"^worker_processes \S+;", "worker_processes 1;", text, flags=re.M)
+    # One worker for "Nginx alone" in the capacity table, and a second copy at the
+    # stack gateway's own Nginx worker count (bench/capacity.py).
+    text, found = re.subn(
+        r"^worker_processes \S+;", f"worker_processes {workers};", text, flags=re.M
+    )
     # The main upstream and the relay-only one (/abort_request).
-    if relay != 2 or include != 1 or workers != 1 or keys != 1:
+    if relay != 2 or include != 1 or found != 1 or keys != 1:
         raise ValueError(
             "the gateway's Nginx template changed: update bench.stacks.direct_nginx_conf"
         )
@@ -153,6 +155,7 @@ class OurStack:
         return {
             "direct": urls["direct"],
             "nginx": urls["nginx"],
+            "nginx-nw": f"http://{s.ip('nginx-direct-nw')}:{FRONTEND_PORT}",
             "router": f"http://{s.ip('router-direct')}:{FRONTEND_PORT}",
             "gateway-1w": f"http://{s.ip('gateway-1w')}:{FRONTEND_PORT}",
             "gateway": urls["relay"],
@@ -173,6 +176,7 @@ class OurStack:
             "standby node": NODES[standby],
             "gateway (Nginx + relay)": "gateway",
             "nginx-direct": "nginx-direct",
+            "nginx-direct-nw": "nginx-direct-nw",
             "router-direct": "router-direct",
             "gateway-1w": "gateway-1w",
         }
@@ -182,6 +186,15 @@ class OurStack:
             if path:
                 out[name] = path
         return out
+
+
+def gateway_nginx_workers(stack: Stack) -> int:
+    """The worker count of the stack gateway's own Nginx, from its rendered config."""
+    out = stack.container("gateway").exec_run(["cat", "/run/sglang-ha/nginx.conf"])
+    found = re.search(r"^worker_processes (\d+);", out.output.decode(), flags=re.M)
+    if out.exit_code != 0 or not found:
+        raise RuntimeError(f"no worker_processes in the gateway's Nginx config: {out.output!r}")
+    return int(found.group(1))
 
 
 @contextlib.contextmanager
@@ -203,11 +216,21 @@ def our_stack() -> Iterator[OurStack]:
             stack = _stack(compose)
             primary = stack.wait_stable(120.0)
             template = (ROOT / "nginx" / "nginx.conf.template").read_text()
-            conf = direct_nginx_conf(template, f"{NODES[primary]}:30000", engine_authorization())
-            _write_for_gateway_user(Path(tmp, "nginx.conf"), conf)
+            engine, key = f"{NODES[primary]}:30000", engine_authorization()
+            _write_for_gateway_user(
+                Path(tmp, "nginx.conf"), direct_nginx_conf(template, engine, key)
+            )
+            _write_for_gateway_user(
+                Path(tmp, "nginx-nw.conf"),
+                direct_nginx_conf(template, engine, key, gateway_nginx_workers(stack)),
+            )
             compose.env["BENCH_ENGINE_URL"] = f"http://{stack.ip(NODES[primary])}:30000"
             compose.run(
-                "up", "-d", "--no-deps", "nginx-direct", "router-direct", "gateway-1w", timeout=180
+                "up",
+                "-d",
+                "--no-deps",
+                *("nginx-direct", "nginx-direct-nw", "router-direct", "gateway-1w"),
+                timeout=180,
             )
             ours = OurStack(stack, compose, primary)
             _wait_answers(ours.capacity_urls().values(), 90.0)
