@@ -64,6 +64,22 @@ def processes_cpu_seconds(pids: list[int]) -> float:
     return sum(processes_cpu_split(pids))
 
 
+def processes_context_switches(pids: list[int]) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of these processes, all their threads
+    (/proc/PID/status): a voluntary one is a sleep, so each is a wake-up after it; a
+    process gone counts nothing."""
+    voluntary = involuntary = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key == "voluntary_ctxt_switches":
+                    voluntary += int(value)
+                elif key == "nonvoluntary_ctxt_switches":
+                    involuntary += int(value)
+    return voluntary, involuntary
+
+
 def host_busy_seconds() -> float:
     """CPU seconds the whole host spent not idle (all cores), from /proc/stat."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.cpu import processes_cpu_seconds, processes_cpu_split
+from bench.cpu import processes_context_switches, processes_cpu_seconds, processes_cpu_split
 from bench.loadgen import RunSpec
 from tests.support.cluster import local_cluster
 from tests.support.processes import free_port, redis_server
@@ -115,12 +115,14 @@ async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespac
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "plan.json").write_text(json.dumps([asdict(spec)]))
         split_before, t0 = processes_cpu_split(pids), time.monotonic()
+        switches_before = processes_context_switches(pids)
         sim_before = processes_cpu_seconds([args.sim_pid])
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.loadgen", f"{tmp}/plan.json", f"{tmp}/out.json"
         )
         await asyncio.wait_for(proc.wait(), args.seconds + 60)
         split_after, wall = processes_cpu_split(pids), time.monotonic() - t0
+        switches_after = processes_context_switches(pids)
         user = split_after[0] - split_before[0]
         system = split_after[1] - split_before[1]
         cpu = user + system
@@ -141,10 +143,18 @@ async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespac
             break
     relay_cores = cpu / wall
     per_event = cpu / max(tokens, 1) * 1e6 if name != "direct" else 0.0
+    # Wake-ups (voluntary switches: the loop slept, then had work) and preemptions of
+    # the relay's processes per 100 events, over the whole run as the CPU is.
+    wakes, preempted = (
+        after - before for after, before in zip(switches_after, switches_before, strict=True)
+    )
+    per_100 = 100 / max(tokens, 1)
     print(
         f"{name:7s} {rate:8.0f} events/s  ITL p99 {p99:.0f} ms  relay {relay_cores:.2f} cores"
         f" (~{per_event:.0f} us/event, whole run incl. warm-up; {user / max(cpu, 1e-9):.0%} user,"
-        f" {system / max(cpu, 1e-9):.0%} kernel), engine {sim_cores:.2f} cores",
+        f" {system / max(cpu, 1e-9):.0%} kernel), engine {sim_cores:.2f} cores,"
+        f" relay wake-ups {wakes * per_100:.1f} and preemptions {preempted * per_100:.1f}"
+        " per 100 events",
         flush=True,
     )
 
