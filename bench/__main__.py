@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             if "capacity" in phases:
                 t = time.monotonic()
                 print(f"== capacity: {ours.capacity_urls()}", flush=True)
-                workers = ours.relay_workers()
+                workers, nginx_workers = ours.relay_workers(), ours.nginx_workers
                 ccfg = CapacityConfig(rounds=args.capacity_rounds)
                 rows, runs = capacity.run(ours.capacity_urls(), ccfg, ours.cpu_files())
                 phase_done("capacity", t)
@@ -114,14 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                     args.out / "capacity.json",
                     {
                         **meta,
-                        "config": {**ccfg.__dict__, "engine": ENGINE, "relay_workers": workers},
-                        "targets": capacity.targets(rows, workers),
+                        "config": {
+                            **ccfg.__dict__,
+                            "engine": ENGINE,
+                            "relay_workers": workers,
+                            "nginx_workers": nginx_workers,
+                        },
+                        "targets": capacity.targets(rows, workers, nginx_workers),
                         "rows": [r.to_json() for r in rows],
                     },
                 )
                 (args.out / "capacity-samples.json").write_text(json.dumps(runs))
                 (args.out / "capacity.md").write_text(
-                    capacity.markdown(rows, ccfg, workers, ENGINE)
+                    capacity.markdown(rows, ccfg, workers, nginx_workers, ENGINE)
                 )
             if "overhead" in phases:
                 t = time.monotonic()

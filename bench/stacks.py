@@ -139,6 +139,7 @@ class OurStack:
     stack: Stack
     compose: Compose
     primary: str  # node name (sglang-01 / sglang-02)
+    nginx_workers: int  # the stack gateway's own Nginx's (gateway_nginx_workers)
 
     def urls(self) -> dict[str, str]:
         """Every path by container address (no docker-proxy in the way)."""
@@ -152,14 +153,16 @@ class OurStack:
     def capacity_urls(self) -> dict[str, str]:
         """The capacity benchmark's paths (bench/capacity.py)."""
         s, urls = self.stack, self.urls()
-        return {
+        paths = {
             "direct": urls["direct"],
             "nginx": urls["nginx"],
-            "nginx-nw": f"http://{s.ip('nginx-direct-nw')}:{FRONTEND_PORT}",
             "router": f"http://{s.ip('router-direct')}:{FRONTEND_PORT}",
             "gateway-1w": f"http://{s.ip('gateway-1w')}:{FRONTEND_PORT}",
             "gateway": urls["relay"],
         }
+        if self.nginx_workers > 1:
+            paths["nginx-nw"] = f"http://{s.ip('nginx-direct-nw')}:{FRONTEND_PORT}"
+        return paths
 
     def relay_workers(self) -> int:
         """Relay workers in the stack's gateway (what its entrypoint resolved)."""
@@ -176,10 +179,11 @@ class OurStack:
             "standby node": NODES[standby],
             "gateway (Nginx + relay)": "gateway",
             "nginx-direct": "nginx-direct",
-            "nginx-direct-nw": "nginx-direct-nw",
             "router-direct": "router-direct",
             "gateway-1w": "gateway-1w",
         }
+        if self.nginx_workers > 1:
+            parts["nginx-direct-nw"] = "nginx-direct-nw"
         out = {}
         for name, service in parts.items():
             path = container_cpu_file(self.stack.container(service).id)
@@ -220,19 +224,21 @@ def our_stack() -> Iterator[OurStack]:
             _write_for_gateway_user(
                 Path(tmp, "nginx.conf"), direct_nginx_conf(template, engine, key)
             )
+            nginx_workers = gateway_nginx_workers(stack)
             _write_for_gateway_user(
                 Path(tmp, "nginx-nw.conf"),
-                direct_nginx_conf(template, engine, key, gateway_nginx_workers(stack)),
+                direct_nginx_conf(template, engine, key, nginx_workers),
             )
             compose.env["BENCH_ENGINE_URL"] = f"http://{stack.ip(NODES[primary])}:30000"
+            extra = ("nginx-direct-nw",) if nginx_workers > 1 else ()
             compose.run(
                 "up",
                 "-d",
                 "--no-deps",
-                *("nginx-direct", "nginx-direct-nw", "router-direct", "gateway-1w"),
+                *("nginx-direct", *extra, "router-direct", "gateway-1w"),
                 timeout=180,
             )
-            ours = OurStack(stack, compose, primary)
+            ours = OurStack(stack, compose, primary, nginx_workers)
             _wait_answers(ours.capacity_urls().values(), 90.0)
             yield ours
         finally:

@@ -846,8 +846,8 @@ class RelaySettings(
     nginx_workers: int = Field(
         0,
         ge=0,
-        description="Nginx worker processes at the edge (0: as many as relay workers;"
-        " Nginx's own `auto` counts the host's CPUs, not the container's).",
+        description="Nginx worker processes at the edge (0: one per two relay workers,"
+        " rounded up; Nginx's own `auto` counts the host's CPUs, not the container's).",
     )
     relay_worker_index: int = Field(
         0,

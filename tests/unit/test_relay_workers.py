@@ -66,15 +66,15 @@ def _sample(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in\n{text}")
 
 
-def test_nginx_runs_as_many_workers_as_the_relay_unless_told(
+def test_nginx_runs_half_as_many_workers_as_the_relay_unless_told(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("HA_NGINX_WORKERS", raising=False)
     monkeypatch.setenv("HA_RELAY_WORKERS", "3")
-    assert nginx_worker_count() == 3
-    assert nginx_worker_count(relay_workers=2) == 2
+    assert nginx_worker_count() == 2
+    assert [nginx_worker_count(relay_workers=n) for n in (1, 2, 4, 5, 8)] == [1, 1, 2, 3, 4]
     monkeypatch.setenv("HA_NGINX_WORKERS", "0")
-    assert nginx_worker_count() == 3
+    assert nginx_worker_count() == 2
     monkeypatch.setenv("HA_NGINX_WORKERS", "5")
     assert nginx_worker_count() == 5
 
@@ -82,17 +82,18 @@ def test_nginx_runs_as_many_workers_as_the_relay_unless_told(
 def test_the_rendered_nginx_config_counts_the_containers_cpus_not_the_hosts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Nginx's `auto` would count the host's CPUs; the gateway's Nginx gets the relay's
-    worker count, which the cpuset and the quota cap (the entrypoint resolves it first)."""
+    """Nginx's `auto` would count the host's CPUs; the gateway's Nginx gets half the
+    relay's worker count, which the cpuset and the quota cap (the entrypoint resolves it
+    first)."""
     from ha_agent.gateway.edge import nginx_conf
 
-    conf = render_into(monkeypatch, tmp_path, HA_RELAY_WORKERS="3")
+    conf = render_into(monkeypatch, tmp_path, HA_RELAY_WORKERS="4")
     monkeypatch.delenv("HA_NGINX_WORKERS", raising=False)
     assert nginx_conf.main() == 0
-    assert "\nworker_processes 3;\n" in conf.read_text()
-    monkeypatch.setenv("HA_NGINX_WORKERS", "1")
+    assert "\nworker_processes 2;\n" in conf.read_text()
+    monkeypatch.setenv("HA_NGINX_WORKERS", "3")
     assert nginx_conf.main() == 0
-    assert "\nworker_processes 1;\n" in conf.read_text()
+    assert "\nworker_processes 3;\n" in conf.read_text()
 
 
 def test_metrics_add_up_over_the_workers(tmp_path: Path) -> None:

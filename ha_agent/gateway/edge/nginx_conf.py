@@ -38,7 +38,7 @@ DEFAULTS = {
     "GATEWAY_CONN_PER_CLIENT": "512",
     # Computed by main() from HA_ENGINE_API_KEY[_FILE], never set directly.
     "ENGINE_AUTHORIZATION": "",
-    # Computed by main() (HA_NGINX_WORKERS, else the relay's worker count); `auto` only
+    # Computed by main() (HA_NGINX_WORKERS, else half the relay's workers); `auto` only
     # where the template is rendered without main() (the benchmark's baseline Nginx).
     "NGINX_WORKERS": "auto",
     # Computed from GATEWAY_TLS / GATEWAY_BIND (tls_placeholders), never set directly.

@@ -13,8 +13,8 @@ list. Metrics are summed over the workers with prometheus_client's multiprocess
 mode (PROMETHEUS_MULTIPROC_DIR, set by the image's entrypoint).
 
 `python -m ha_agent.gateway.edge.workers` prints the number to run: HA_RELAY_WORKERS
-if set and not 0, else the CPUs this container may use. Nginx runs as many workers
-(`nginx_worker_count`, HA_NGINX_WORKERS to override).
+if set and not 0, else the CPUs this container may use. Nginx runs half as many
+workers, rounded up (`nginx_worker_count`, HA_NGINX_WORKERS to override).
 """
 
 from __future__ import annotations
@@ -67,19 +67,26 @@ def worker_count(configured: int | None = None) -> int:
 
 
 def nginx_worker_count(relay_workers: int | None = None) -> int:
-    """HA_NGINX_WORKERS when set to a positive number, else as many as relay workers.
+    """HA_NGINX_WORKERS when set to a positive number, else one per two relay workers
+    (rounded up).
+
+    Half: Nginx spends under half of the gateway's CPU per streamed event (Nginx alone
+    25-33 µs, TLS included, against the gateway's 62-86 µs: docs/benchmarks.md,
+    capacity and edge TLS), so half as many Nginx workers as relay workers can use all
+    the cores Nginx's share needs. Each Nginx worker is another process woken on the
+    event path: with 2 relay workers on 2 cores, 2 Nginx workers cost 10-15 µs per
+    event more than 1 (the 2026-12-07 capacity runs, "Nginx's workers" there).
 
     Not Nginx's `worker_processes auto`: that counts the host's online CPUs, neither
     the container's cpuset nor its CPU quota (Nginx 1.22,
     bench/results/nginx-workers-runs), so a gateway limited to 2 cores on a 64-core
-    host would start 64 workers. Nginx spends less CPU per streamed event than the
-    relay (docs/benchmarks.md, capacity), so one Nginx worker per relay worker is never
-    the narrower tier.
+    host would start 64 workers.
     """
     configured = _configured("HA_NGINX_WORKERS")
     if configured > 0:
         return configured
-    return relay_workers if relay_workers is not None else worker_count()
+    relay = relay_workers if relay_workers is not None else worker_count()
+    return max(1, math.ceil(relay / 2))
 
 
 def share(total: float, workers: int) -> float:
