@@ -71,11 +71,12 @@ def nginx_worker_count(relay_workers: int | None = None) -> int:
     (rounded up).
 
     Half: Nginx spends under half of the gateway's CPU per streamed event (Nginx alone
-    25-33 µs, TLS included, against the gateway's 62-86 µs: docs/benchmarks.md,
+    22-33 µs, TLS included, against the gateway's 55-86 µs: docs/benchmarks.md,
     capacity and edge TLS), so half as many Nginx workers as relay workers can use all
     the cores Nginx's share needs. Each Nginx worker is another process woken on the
-    event path: with 2 relay workers on 2 cores, 2 Nginx workers cost 10-15 µs per
-    event more than 1 (the 2026-12-07 capacity runs, "Nginx's workers" there).
+    event path: in six capacity runs on 2 cores, the two-relay-worker gateway was on
+    average 0.6 µs per event over its bar with one Nginx worker and 6.5 µs with two
+    (docs/benchmarks.md, "Nginx's workers, six runs").
 
     Not Nginx's `worker_processes auto`: that counts the host's online CPUs, neither
     the container's cpuset nor its CPU quota (Nginx 1.22,
