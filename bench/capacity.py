@@ -37,10 +37,10 @@ PROXY = {
 LABELS = {
     "direct": "direct to the engine",
     "nginx": "Nginx alone (1 worker, proxy_buffering off)",
-    "nginx-nw": "Nginx alone ({m} worker{ms}, as the gateway's own Nginx)",
+    "nginx-nw": "Nginx alone ({workers}, as the gateway's own Nginx)",
     "router": "SGLang router (Rust), 1 worker URL",
     "gateway-1w": "our gateway (Nginx + relay), 1 relay worker, 1 Nginx worker",
-    "gateway": "our gateway (Nginx + relay), {n} relay workers, {m} Nginx worker{ms}",
+    "gateway": "our gateway (Nginx + relay), {n} relay workers, {nginx}",
 }
 
 
@@ -186,8 +186,8 @@ def run(
     return aggregate(runs), runs
 
 
-def _workers(n: int) -> str:
-    return f"{n} worker{'s' if n != 1 else ''}"
+def _workers(n: int, noun: str = "worker") -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def targets(rows: list[Row], workers: int, nginx_workers: int = 1) -> list[dict[str, Any]]:
@@ -223,8 +223,8 @@ def targets(rows: list[Row], workers: int, nginx_workers: int = 1) -> list[dict[
         )
     for c in sorted({r.concurrency for r in rows}):
         router = got.get((c, "router"))
-        # Each gateway against Nginx alone at its own Nginx's worker count (one per relay
-        # worker, ha_agent/gateway/edge/workers.py): like for like, since a second Nginx
+        # Each gateway against Nginx alone at its own Nginx's worker count (one per two
+        # relay workers, ha_agent/gateway/edge/workers.py): like for like, since a second Nginx
         # worker costs CPU per event of its own (fewer events per wake-up) whether or not
         # a relay sits behind it. Without that row (older runs), the one-worker Nginx.
         for path, label, nginx_path in (
@@ -261,8 +261,11 @@ def markdown(
         return "—" if x is None else format(x, spec)
 
     def label(path: str) -> str:
-        ms = "s" if nginx_workers != 1 else ""
-        return LABELS[path].format(n=workers, m=nginx_workers, ms=ms)
+        return LABELS[path].format(
+            n=workers,
+            workers=_workers(nginx_workers),
+            nginx=_workers(nginx_workers, "Nginx worker"),
+        )
 
     lines = [
         f"Engine: one simulator ({engine}); {cfg.max_tokens}-token chat streams"

@@ -225,12 +225,14 @@ def our_stack() -> Iterator[OurStack]:
                 Path(tmp, "nginx.conf"), direct_nginx_conf(template, engine, key)
             )
             nginx_workers = gateway_nginx_workers(stack)
-            _write_for_gateway_user(
-                Path(tmp, "nginx-nw.conf"),
-                direct_nginx_conf(template, engine, key, nginx_workers),
-            )
+            extra: tuple[str, ...] = ()
+            if nginx_workers > 1:
+                _write_for_gateway_user(
+                    Path(tmp, "nginx-nw.conf"),
+                    direct_nginx_conf(template, engine, key, nginx_workers),
+                )
+                extra = ("nginx-direct-nw",)
             compose.env["BENCH_ENGINE_URL"] = f"http://{stack.ip(NODES[primary])}:30000"
-            extra = ("nginx-direct-nw",) if nginx_workers > 1 else ()
             compose.run(
                 "up",
                 "-d",
