@@ -40,12 +40,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -54,6 +56,7 @@ import httpx
 
 from bench.cpu import host_busy_seconds, processes_cpu_seconds
 from bench.cpu_cap import CapUnavailable, CpuCap
+from bench.stacks import direct_nginx_conf
 from tests.support.cluster import LocalCluster, local_cluster
 from tests.support.processes import free_port, redis_server
 
@@ -323,6 +326,10 @@ async def _client(plan_file: str, out_file: str) -> None:
 @dataclass
 class Bars:
     latency: list[dict[str, Any]] = field(default_factory=list)
+    # The same pairs through Nginx alone (the gateway's own config, the relay swapped
+    # for the engine): what one hop in C adds on this host, in the same run.
+    latency_nginx: list[dict[str, Any]] = field(default_factory=list)
+    nginx_unavailable: str = ""  # why that reference is missing, where it is
     scaling: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     workers_for_latency: int = 0
     scaling_cap: float = 0.0  # cores per relay worker in the scaling runs; 0: uncapped
@@ -417,6 +424,58 @@ async def _relay(
             cap.remove()
 
 
+# The gateway's Nginx writes under these; the reference run puts them in a folder of its own.
+_NGINX_PATHS = ("/run/sglang-ha/", "/var/lib/sglang-ha/nginx/", "/var/log/sglang/")
+TEMPLATE = Path(__file__).resolve().parents[1] / "nginx" / "nginx.conf.template"
+
+
+def host_nginx_conf(engine: str, listen: str, status_listen: str, root: Path) -> str:
+    """The capacity table's "Nginx alone" configuration (the gateway's own, the relay
+    swapped for `engine`, one worker) for the host's nginx: its files under `root`."""
+    text = direct_nginx_conf(TEMPLATE.read_text(), engine, "", 1, listen)
+    for prefix in _NGINX_PATHS:
+        text = text.replace(prefix, f"{root}/")
+    text, found = re.subn(r"listen 127\.0\.0\.1:8003;", f"listen {status_listen};", text)
+    if found != 1:
+        raise ValueError("the gateway's Nginx template changed: update host_nginx_conf")
+    return text
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.asynccontextmanager
+async def _nginx_alone(engine_url: str, bars: Bars) -> AsyncIterator[str | None]:
+    """The host's nginx in front of the engine, or None (said why in `bars`) where
+    there is none to run."""
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        bars.nginx_unavailable = "no nginx on PATH (Debian: apt-get install nginx)"
+        yield None
+        return
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="sglang-ha-bars-nginx-") as tmp:
+        os.chmod(tmp, 0o755)  # the workers run as nobody when started as root
+        conf = Path(tmp, "nginx.conf")
+        engine = engine_url.split("//", 1)[1]
+        conf.write_text(
+            host_nginx_conf(engine, f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}", Path(tmp))
+        )
+        proc = subprocess.Popen([nginx, "-p", tmp, "-c", str(conf), "-g", "daemon off;"])
+        try:
+            deadline = time.monotonic() + 10.0
+            while not _listening(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    bars.nginx_unavailable = f"nginx did not start (exit {proc.poll()})"
+                    break
+                await asyncio.sleep(0.1)
+            yield None if bars.nginx_unavailable else f"http://127.0.0.1:{port}"
+        finally:
+            await _stop([proc])
+
+
 async def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """SIGTERM, then waited for without blocking the loop the agents run on."""
     for p in procs:
@@ -469,21 +528,32 @@ async def _run(cfg: BarsConfig, phases: set[str]) -> Bars:
             async with _fixed_engines(cluster, fronts) as engine_pids:
                 if "light-latency" in phases:
                     bars.workers_for_latency = os.cpu_count() or 1
-                    async with _relay(cluster, bars.workers_for_latency) as (url, _):
+                    async with (
+                        _relay(cluster, bars.workers_for_latency) as (url, _),
+                        _nginx_alone(direct, bars) as nginx,
+                    ):
                         await _wait_relay_routes(url, 30.0)
+                        # Each slot count through the relay, then through Nginx alone.
                         for slots in cfg.slots:
-                            plan = {
-                                "mode": "pairs",
-                                "direct": direct,
-                                "relay": url,
-                                "slots": slots,
-                                "seconds": cfg.latency_seconds,
-                                "pairs": cfg.latency_pairs,
-                                "tokens": cfg.latency_tokens,
-                            }
-                            res = await _run_client(plan, cfg.latency_seconds + 120)
-                            print(f"  light-latency/{slots}: {res['pairs']} pairs", flush=True)
-                            bars.latency.append(res)
+                            for hop, into in ((url, bars.latency), (nginx, bars.latency_nginx)):
+                                if hop is None:
+                                    continue
+                                plan = {
+                                    "mode": "pairs",
+                                    "direct": direct,
+                                    "relay": hop,
+                                    "slots": slots,
+                                    "seconds": cfg.latency_seconds,
+                                    "pairs": cfg.latency_pairs,
+                                    "tokens": cfg.latency_tokens,
+                                }
+                                res = await _run_client(plan, cfg.latency_seconds + 120)
+                                name = "relay" if hop == url else "nginx-alone"
+                                print(
+                                    f"  light-latency/{name}/{slots}: {res['pairs']} pairs",
+                                    flush=True,
+                                )
+                                into.append(res)
                 if "relay-scaling" in phases:
                     for workers in cfg.scaling_workers:
                         bars.scaling[workers] = await _scaling(
@@ -585,6 +655,8 @@ def to_json(bars: Bars, cfg: BarsConfig) -> dict[str, Any]:
         "config": {**cfg.__dict__, "itl_s": ITL, "ttft_s": TTFT},
         "latency_relay_workers": bars.workers_for_latency,
         "latency": bars.latency,
+        "latency_nginx_alone": bars.latency_nginx,
+        "nginx_alone_unavailable": bars.nginx_unavailable,
         "scaling": {str(k): v for k, v in bars.scaling.items()},
         "scaling_cap_cores": bars.scaling_cap,
         "scaling_cap_unavailable": bars.cap_unavailable,
@@ -601,6 +673,56 @@ def _cap_line(bars: Bars) -> str:
     if bars.cap_unavailable:
         return f"relay workers uncapped: {bars.cap_unavailable}"
     return "relay workers uncapped"
+
+
+def _latency_row(r: dict[str, Any], ms: Callable[[float | None], str]) -> str:
+    t, i, d = r["ttft_added_ms"], r["itl_added_ms"], r["event_delay_added_ms"]
+    p = r.get("path_added_ms") or {"p50": None, "p99": None}
+    qa = r.get("ttft_quantiles_added_ms") or {"p50": None, "p99": None}
+    return (
+        f"| {r['slots']} | {r['pairs']} ({r['failed_pairs']}) | {ms(t['p50'])}"
+        f" | {ms(t['p99'])} | {ms(qa['p50'])} | {ms(qa['p99'])} | {ms(i['p50'])}"
+        f" | {ms(i['p99'])} | {ms(d['p50'])}"
+        f" | {ms(d['p99'])} | {ms(p['p50'])} | {ms(p['p99'])} |"
+    )
+
+
+def _nginx_alone_lines(bars: Bars, ms: Callable[[float | None], str]) -> list[str]:
+    """The same pairs through Nginx alone: what a hop in C adds on this host."""
+    if not bars.latency_nginx:
+        why = bars.nginx_unavailable or "not run"
+        return [f"Nginx alone, the reference hop: not measured ({why}).", ""]
+    lines = [
+        '**The same pairs through Nginx alone** (the capacity table\'s "Nginx alone":'
+        " the gateway's own Nginx configuration with the relay swapped for the engine, one"
+        " worker, the host's nginx; each slot count right after the relay's): what one hop"
+        " in C adds on this host, in the same run, beside the relay's figures above.",
+        "",
+        "| pair slots | pairs (failed) | TTFT added p50 | p99 | TTFT p50 Nginx − direct"
+        " | TTFT p99 Nginx − direct | ITL added p50 | p99 | event delivery added p50 | p99"
+        " | request path + first event added p50 | p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_latency_row(r, ms) for r in bars.latency_nginx),
+        "",
+    ]
+    pairs = zip(bars.latency, bars.latency_nginx, strict=False)
+    lines.append(
+        "The relay's own part less Nginx's (request path + first event, p50 / p99): "
+        + "; ".join(
+            f"{r['slots']} slot{'s' if r['slots'] > 1 else ''}"
+            f" {ms(_minus(r, n, 'p50'))} / {ms(_minus(r, n, 'p99'))} ms"
+            for r, n in pairs
+        )
+        + "."
+    )
+    lines.append("")
+    return lines
+
+
+def _minus(relay: dict[str, Any], nginx: dict[str, Any], q: str) -> float | None:
+    a = (relay.get("path_added_ms") or {}).get(q)
+    b = (nginx.get("path_added_ms") or {}).get(q)
+    return None if a is None or b is None else a - b
 
 
 def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
@@ -628,16 +750,7 @@ def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
             " | request path + first event added p50 | p99 |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in bars.latency:
-            t, i, d = r["ttft_added_ms"], r["itl_added_ms"], r["event_delay_added_ms"]
-            p = r.get("path_added_ms") or {"p50": None, "p99": None}
-            qa = r.get("ttft_quantiles_added_ms") or {"p50": None, "p99": None}
-            lines.append(
-                f"| {r['slots']} | {r['pairs']} ({r['failed_pairs']}) | {ms(t['p50'])}"
-                f" | {ms(t['p99'])} | {ms(qa['p50'])} | {ms(qa['p99'])} | {ms(i['p50'])}"
-                f" | {ms(i['p99'])} | {ms(d['p50'])}"
-                f" | {ms(d['p99'])} | {ms(p['p50'])} | {ms(p['p99'])} |"
-            )
+        lines += [_latency_row(r, ms) for r in bars.latency]
         lines += [
             "",
             "TTFT added is end to end; the last two columns time the relay's own part of"
@@ -654,7 +767,9 @@ def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
             " requests, which reach it about 1 ms apart: with nothing in between, requests"
             " 1-2 ms apart read a p99 of 2.1-2.4 ms by it (bench/results/gateway-bars-runs/"
             "2026-12-06-1830-request-path/pair-noise.json).",
+            "",
         ]
+        lines += _nginx_alone_lines(bars, ms)
         lines.append("")
     if bars.scaling:
         lines += [

@@ -85,12 +85,17 @@ def build_images() -> None:
 # -- our stack ------------------------------------------------------------------------
 
 
-def direct_nginx_conf(template: str, engine: str, authorization: str, workers: int = 1) -> str:
+def direct_nginx_conf(
+    template: str, engine: str, authorization: str, workers: int = 1, listen: str = ""
+) -> str:
     """The gateway's own Nginx configuration with the relay swapped for `engine`
     (host:port): the "Nginx only" path differs from ours by the relay alone. It
     presents the engines' key (`authorization`) as the gateway's Nginx does on its
-    last-resort path."""
-    text = render_template(template, {"ENGINE_AUTHORIZATION": authorization})
+    last-resort path. `listen`: the public port's address, where not the default."""
+    env = {"ENGINE_AUTHORIZATION": authorization}
+    if listen:
+        env["GATEWAY_PORT"] = listen
+    text = render_template(template, env)
     # With a keep-alive cache to the engine, as any Nginx in front of SGLang has (the
     # gateway keeps none to its relay workers, so that none is used on a frozen one).
     text, relay = re.subn(

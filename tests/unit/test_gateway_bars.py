@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -88,6 +89,38 @@ def test_a_path_compared_with_itself_adds_next_to_nothing(engine: str) -> None:
     assert out["path_added_ms"]["n"] == out["pairs"]
     assert abs(out["path_added_ms"]["p50"]) < 5.0
     assert abs(out["ttft_quantiles_added_ms"]["p50"]) < 15.0
+
+
+def test_nginx_alone_is_a_hop_in_front_of_the_engine_and_goes_away(engine: str) -> None:
+    # The light-latency phase's reference: the gateway's own Nginx configuration, the
+    # relay swapped for the engine, run by the host's nginx (the test tools install it).
+    async def through_nginx() -> tuple[Any, Bars, str]:
+        bars = Bars()
+        async with gateway_bars._nginx_alone(engine, bars) as url:
+            assert url is not None, bars.nginx_unavailable
+            return await _one(url, 3, True, 10.0), bars, url
+
+    s, bars, url = asyncio.run(through_nginx())
+    assert s.status == 200 and len(s.arrivals) == 3
+    assert bars.nginx_unavailable == ""
+    port = int(url.rsplit(":", 1)[1])
+    assert not _accepts(port)  # stopped when the phase is done
+
+
+def test_nginx_alone_says_why_it_is_missing(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway_bars.shutil, "which", lambda name: None)
+
+    async def run() -> tuple[str | None, Bars]:
+        bars = Bars()
+        async with gateway_bars._nginx_alone(engine, bars) as url:
+            return url, bars
+
+    url, bars = asyncio.run(run())
+    assert url is None and "no nginx on PATH" in bars.nginx_unavailable
+    plan = {"direct": engine, "relay": engine, "slots": 1, "seconds": 0.3, "pairs": 3, "tokens": 2}
+    bars.latency.append(asyncio.run(_pairs(plan)))
+    text = gateway_bars.markdown(bars, BarsConfig(), "run")
+    assert "Nginx alone, the reference hop: not measured (no nginx on PATH" in text
 
 
 def test_quantiles_added_is_what_the_relay_adds_to_the_distribution() -> None:
