@@ -1,47 +1,83 @@
+"""Stamps the relay's request path in stages (a measurement, not shipped).
+
+Loaded by every Python process started with PYTHONPATH=<this folder>; active only with
+PATH_OUT set, and writes PATH_OUT.<pid> at exit from each relay worker that served a
+stream. Tidied for ruff and mypy after the runs in stages.log (the same stamps).
+"""
+
+from __future__ import annotations
+
 import os
+from typing import Any
+
 if os.environ.get("PATH_OUT"):
-    import time, atexit
-    from ha_agent.gateway.stream import passthrough as p, relay as r
-    from ha_agent.gateway.admission import gate as g
-    from ha_agent.gateway.stream import spares as sp
-    marks = {}
-    rows = []
-    cur = {}
-    from aiohttp import web_protocol as wp
-    orig_dr = wp.RequestHandler.data_received
-    def dr(self, data):
-        if 'd0' not in cur: cur['d0'] = time.perf_counter_ns()
-        return orig_dr(self, data)
-    wp.RequestHandler.data_received = dr
-    orig_cm = wp.RequestHandler.connection_made
-    def cm(self, t):
-        cur['c0'] = time.perf_counter_ns()
-        return orig_cm(self, t)
-    wp.RequestHandler.connection_made = cm
-    orig_handle = r.Relay.handle
-    async def handle(self, request):
-        cur['t0'] = time.perf_counter_ns()
+    import atexit
+    import time
+
+    from aiohttp import web_protocol
+
+    from ha_agent.gateway.admission import gate
+    from ha_agent.gateway.stream import passthrough, relay
+
+    STAGES = ("data->handle", "conn->data", "handle->admit", "admit", "admit->send", "send")
+    cur: dict[str, int] = {}
+    rows: list[tuple[int, ...]] = []
+
+    orig_data_received = web_protocol.RequestHandler.data_received
+    orig_connection_made = web_protocol.RequestHandler.connection_made
+    orig_handle = relay.Relay.handle
+    orig_admit = gate.Admission.admit
+    orig_send = passthrough.send
+
+    def data_received(self: Any, data: bytes) -> None:
+        cur.setdefault("d0", time.perf_counter_ns())
+        orig_data_received(self, data)
+
+    def connection_made(self: Any, transport: Any) -> None:
+        cur["c0"] = time.perf_counter_ns()
+        orig_connection_made(self, transport)
+
+    async def handle(self: Any, request: Any) -> Any:
+        cur["t0"] = time.perf_counter_ns()
         return await orig_handle(self, request)
-    r.Relay.handle = handle
-    orig_rb = None
-    orig_admit = g.Admission.admit
-    async def admit(self, *a, **k):
-        cur['a0'] = time.perf_counter_ns()
-        res = await orig_admit(self, *a, **k)
-        cur['a1'] = time.perf_counter_ns()
-        return res
-    g.Admission.admit = admit
-    orig_send = p.send
-    def send(proto, *a, **k):
-        t = time.perf_counter_ns(); res = orig_send(proto, *a, **k); t2 = time.perf_counter_ns()
-        if 't0' in cur and 'a1' in cur:
-            rows.append((cur['t0'] - cur.get('d0', cur['t0']), cur.get('d0', 0) - cur.get('c0', cur.get('d0', 0)), cur['a0'] - cur['t0'], cur['a1'] - cur['a0'], t - cur['a1'], t2 - t))
-        cur.clear(); return res
-    p.send = send
-    def dump():
-        if rows:
-            with open(os.environ["PATH_OUT"] + f".{os.getpid()}", "w") as f:
-                for i, name in enumerate(("data->handle", "conn->data", "handle->admit", "admit", "admit->send", "send")):
-                    s = sorted(x[i] / 1e3 for x in rows); n = len(s)
-                    f.write("%-14s n %d p50 %.0f p90 %.0f p99 %.0f us\n" % (name, n, s[n//2], s[int(n*.9)], s[int(n*.99)]))
+
+    async def admit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        cur["a0"] = time.perf_counter_ns()
+        result = await orig_admit(self, *args, **kwargs)
+        cur["a1"] = time.perf_counter_ns()
+        return result
+
+    def send(proto: Any, *args: Any, **kwargs: Any) -> None:
+        t = time.perf_counter_ns()
+        orig_send(proto, *args, **kwargs)
+        t2 = time.perf_counter_ns()
+        if "t0" in cur and "a1" in cur:
+            d0 = cur.get("d0", cur["t0"])
+            rows.append(
+                (
+                    cur["t0"] - d0,
+                    cur.get("d0", 0) - cur.get("c0", cur.get("d0", 0)),
+                    cur["a0"] - cur["t0"],
+                    cur["a1"] - cur["a0"],
+                    t - cur["a1"],
+                    t2 - t,
+                )
+            )
+        cur.clear()
+
+    def dump() -> None:
+        if not rows:
+            return
+        with open(os.environ["PATH_OUT"] + f".{os.getpid()}", "w") as f:
+            for i, name in enumerate(STAGES):
+                s = sorted(x[i] / 1e3 for x in rows)
+                n = len(s)
+                p50, p90, p99 = s[n // 2], s[int(n * 0.9)], s[int(n * 0.99)]
+                f.write(f"{name:<14} n {n} p50 {p50:.0f} p90 {p90:.0f} p99 {p99:.0f} us\n")
+
+    web_protocol.RequestHandler.data_received = data_received  # type: ignore[method-assign]
+    web_protocol.RequestHandler.connection_made = connection_made  # type: ignore[method-assign]
+    relay.Relay.handle = handle  # type: ignore[method-assign]
+    gate.Admission.admit = admit  # type: ignore[method-assign]
+    passthrough.send = send
     atexit.register(dump)
