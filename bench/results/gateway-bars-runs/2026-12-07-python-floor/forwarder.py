@@ -10,6 +10,8 @@ comes. Run as N processes on one SO_REUSEPORT port, as the relay's workers:
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import sys
 from typing import cast
 
@@ -115,6 +117,8 @@ class Client(asyncio.Protocol):
 
 
 async def main(port: int, host: str, engine_port: int) -> None:
+    if os.environ.get("FORWARDER_GC_FREEZE"):  # as the relay's daemon.py does
+        gc.freeze()
     loop = asyncio.get_running_loop()
     pool = Pool(host, engine_port)
     pool.top_up()
