@@ -10,7 +10,7 @@ client, unchanged), the second stream of each pair by one of three hops in turn:
   relay      the relay, 2 workers, as the light-latency phase runs it.
 
 From the repository root, under the Docker lock, nothing else running:
-    PYTHONPATH=. python <this file> OUT.json
+    PYTHONPATH=. python <this file> OUT.json   (run as run.py; renamed after, for mypy)
 """
 
 # ruff: noqa: ASYNC220, ASYNC240  (set-up of local processes, one file written at the end)
