@@ -441,7 +441,8 @@ def host_nginx_conf(engine: str, listen: str, status_listen: str, root: Path) ->
     return text
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
+    """Something accepts connections on 127.0.0.1:`port`."""
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
@@ -466,7 +467,7 @@ async def _nginx_alone(engine_url: str, bars: Bars) -> AsyncIterator[str | None]
         proc = subprocess.Popen([nginx, "-p", tmp, "-c", str(conf), "-g", "daemon off;"])
         try:
             deadline = time.monotonic() + 10.0
-            while not _listening(port):
+            while not listening(port):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     bars.nginx_unavailable = f"nginx did not start (exit {proc.poll()})"
                     break
@@ -535,7 +536,10 @@ async def _run(cfg: BarsConfig, phases: set[str]) -> Bars:
                         await _wait_relay_routes(url, 30.0)
                         # Each slot count through the relay, then through Nginx alone.
                         for slots in cfg.slots:
-                            for hop, into in ((url, bars.latency), (nginx, bars.latency_nginx)):
+                            for name, hop, into in (
+                                ("relay", url, bars.latency),
+                                ("nginx-alone", nginx, bars.latency_nginx),
+                            ):
                                 if hop is None:
                                     continue
                                 plan = {
@@ -548,7 +552,6 @@ async def _run(cfg: BarsConfig, phases: set[str]) -> Bars:
                                     "tokens": cfg.latency_tokens,
                                 }
                                 res = await _run_client(plan, cfg.latency_seconds + 120)
-                                name = "relay" if hop == url else "nginx-alone"
                                 print(
                                     f"  light-latency/{name}/{slots}: {res['pairs']} pairs",
                                     flush=True,
@@ -675,6 +678,16 @@ def _cap_line(bars: Bars) -> str:
     return "relay workers uncapped"
 
 
+def _latency_header(hop: str) -> list[str]:
+    """The light-latency table's head, for the relay's rows or Nginx alone's."""
+    return [
+        f"| pair slots | pairs (failed) | TTFT added p50 | p99 | TTFT p50 {hop} − direct"
+        f" | TTFT p99 {hop} − direct | ITL added p50 | p99 | event delivery added p50 | p99"
+        " | request path + first event added p50 | p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+
 def _latency_row(r: dict[str, Any], ms: Callable[[float | None], str]) -> str:
     t, i, d = r["ttft_added_ms"], r["itl_added_ms"], r["event_delay_added_ms"]
     p = r.get("path_added_ms") or {"p50": None, "p99": None}
@@ -698,10 +711,7 @@ def _nginx_alone_lines(bars: Bars, ms: Callable[[float | None], str]) -> list[st
         " worker, the host's nginx; each slot count right after the relay's): what one hop"
         " in C adds on this host, in the same run, beside the relay's figures above.",
         "",
-        "| pair slots | pairs (failed) | TTFT added p50 | p99 | TTFT p50 Nginx − direct"
-        " | TTFT p99 Nginx − direct | ITL added p50 | p99 | event delivery added p50 | p99"
-        " | request path + first event added p50 | p99 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *_latency_header("Nginx"),
         *(_latency_row(r, ms) for r in bars.latency_nginx),
         "",
     ]
@@ -745,10 +755,7 @@ def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
             f" {cfg.latency_tokens}-event streams, each sent straight to the engine and through"
             " the relay at the same instant; differences within each pair, ms)",
             "",
-            "| pair slots | pairs (failed) | TTFT added p50 | p99 | TTFT p50 relay − direct"
-            " | TTFT p99 relay − direct | ITL added p50 | p99 | event delivery added p50 | p99"
-            " | request path + first event added p50 | p99 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *_latency_header("relay"),
         ]
         lines += [_latency_row(r, ms) for r in bars.latency]
         lines += [

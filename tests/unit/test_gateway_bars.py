@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,11 +18,6 @@ from bench.cpu import processes_cpu_seconds
 from bench.cpu_cap import CapUnavailable, CpuCap
 from bench.gateway_bars import Bars, BarsConfig, _one, _open_loop, _pairs, quantiles_added, targets
 from tests.support.processes import free_port, wait_until
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture
@@ -45,7 +39,7 @@ def engine() -> Iterator[str]:
         ]
     )
     try:
-        wait_until(lambda: _accepts(port), timeout=20, what="fixed engine to listen")
+        wait_until(lambda: gateway_bars.listening(port), timeout=20, what="fixed engine to listen")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -104,7 +98,7 @@ def test_nginx_alone_is_a_hop_in_front_of_the_engine_and_goes_away(engine: str) 
     assert s.status == 200 and len(s.arrivals) == 3
     assert bars.nginx_unavailable == ""
     port = int(url.rsplit(":", 1)[1])
-    assert not _accepts(port)  # stopped when the phase is done
+    assert not gateway_bars.listening(port)  # stopped when the phase is done
 
 
 def test_nginx_alone_says_why_it_is_missing(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
