@@ -366,6 +366,8 @@ def _render_nginx(stack: Stack, overrides: dict[str, str]) -> None:
         "open('/run/sglang-ha/nginx.conf', 'w').write(text)\n"
     )
     gw = stack.container("gateway")
+    before = _accepting_workers(stack)
+    assert before, "no Nginx worker found in the gateway"
     for cmd in (
         ["python3", "-c", script, json.dumps(overrides)],
         ["nginx", "-e", "stderr", "-t", "-c", "/run/sglang-ha/nginx.conf"],
@@ -373,6 +375,33 @@ def _render_nginx(stack: Stack, overrides: dict[str, str]) -> None:
     ):
         code, out = gw.exec_run(cmd)
         assert code == 0, (cmd, out.decode(errors="replace"))
+    # Until the master has told every old worker to quit, old and new workers
+    # accept from the same socket: one 413 does not mean the next is on the new config.
+    wait_until(
+        lambda: (now := _accepting_workers(stack)) and not (now & before),
+        10,
+        "Nginx's old workers retired",
+    )
+
+
+_WORKERS = (
+    "import os\n"
+    "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+    "    try:\n"
+    "        title = open(f'/proc/{pid}/cmdline', 'rb').read().rstrip(b'\\0')\n"
+    "    except OSError:\n"
+    "        continue\n"
+    "    if title == b'nginx: worker process':\n"
+    "        print(pid)\n"
+)
+
+
+def _accepting_workers(stack: Stack) -> set[int]:
+    """PIDs of the gateway's Nginx workers still accepting connections (one that
+    is shutting down retitles itself "nginx: worker process is shutting down")."""
+    code, out = stack.container("gateway").exec_run(["python3", "-c", _WORKERS])
+    assert code == 0, out.decode(errors="replace")
+    return {int(line) for line in out.split()}
 
 
 @contextlib.contextmanager
