@@ -144,10 +144,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Built once: json.loads with hooks builds a decoder and its scanner on every call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def parse_json(body: bytes) -> Any:
     """The body as JSON, with every number finite; BadInput with the reason otherwise."""
     try:
-        return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        # What json.loads does with bytes: UTF-8, -16 or -32 as the first bytes say.
+        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except BadInput:
         raise
     except RecursionError:
@@ -219,6 +224,13 @@ def _lax_bool(value: Any) -> bool:
     raise _Uncoercible()
 
 
+_COERCED: dict[str, Any] = {
+    **dict.fromkeys(_FLOATS, _lax_float),
+    **dict.fromkeys(_INTS, _lax_int),
+    **dict.fromkeys(_BOOLS, _lax_bool),
+}
+
+
 def _coerce(body: dict[str, Any], key: str, convert: Any) -> None:
     """Replace body[key] with what SGLang's pydantic model would read, if it can."""
     value = body.get(key)
@@ -229,12 +241,11 @@ def _coerce(body: dict[str, Any], key: str, convert: Any) -> None:
 
 
 def _coerce_openai(body: dict[str, Any], extra_ints: tuple[str, ...] = ()) -> None:
-    for key in _FLOATS:
-        _coerce(body, key, _lax_float)
-    for key in (*_INTS, *extra_ints):
+    for key, convert in _COERCED.items():
+        if key in body:  # a request names a few of these twenty: no call for the rest
+            _coerce(body, key, convert)
+    for key in extra_ints:
         _coerce(body, key, _lax_int)
-    for key in _BOOLS:
-        _coerce(body, key, _lax_bool)
     options = body.get("stream_options")
     if isinstance(options, dict):
         for key in ("include_usage", "continuous_usage_stats"):

@@ -390,6 +390,24 @@ def test_relay_refuses_only_what_the_engine_refuses(
         assert strict, (body, relay_refused)
 
 
+_STREAMED = {**CHAT, "stream": True, "temperature": 0.5}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps(_STREAMED).encode(),
+        b"\xef\xbb\xbf" + json.dumps(_STREAMED).encode(),  # a UTF-8 byte order mark
+        json.dumps(_STREAMED, ensure_ascii=False).encode("utf-16"),
+        json.dumps({"prompt": "caf\u00e9 \u2603", "max_tokens": 1.0}).encode("utf-32-le"),
+    ],
+)
+def test_bodies_are_read_as_json_loads_reads_them(raw: bytes) -> None:
+    """The relay's parse (one decoder built once) reads every encoding JSON's own
+    loads does, to the same value: a body an engine would take is never a 400."""
+    assert inference.parse_json(raw) == json.loads(raw)
+
+
 def test_public_routes_cover_the_generation_endpoints() -> None:
     from ha_agent.openapi.endpoints import ROUTES, Semantics
 
