@@ -85,6 +85,26 @@ async def main_async(args: argparse.Namespace) -> None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False  # reaped
+    return state not in ("Z", "X")  # a zombie: exited, not yet reaped
+
+
+def require_alive(pids: list[int], run: str) -> None:
+    """A relay process that exited during a run no longer counts its CPU the way a
+    live one does (reaped, processes_cpu_split counts it as nothing): the run's CPU
+    per event could read low, so the run is refused instead."""
+    gone = [pid for pid in pids if not _alive(pid)]
+    if gone:
+        raise RuntimeError(
+            f"relay process(es) {gone} exited during the {run} run: their CPU is not"
+            " counted and the figures would be low; see the relay's log"
+        )
+
+
 async def _wait_healthy(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as client:
@@ -122,6 +142,7 @@ async def _measure(name: str, url: str, pids: list[int], args: argparse.Namespac
         )
         await asyncio.wait_for(proc.wait(), args.seconds + 60)
         split_after, wall = processes_cpu_split(pids), time.monotonic() - t0
+        require_alive(pids, name)
         switches_after = processes_context_switches(pids)
         user = split_after[0] - split_before[0]
         system = split_after[1] - split_before[1]

@@ -6,6 +6,7 @@ No containers and no timing: rows are made up, numbers are exact.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,29 @@ def test_the_event_path_bench_times_the_relays_own_path() -> None:
     client_chunk = CHUNK.replace(CHUNK[CHUNK.rfind(b',"usage":{') : -3], b"")
     assert client.written == 2 * len(b"%x\r\n%b\r\n" % (len(client_chunk), client_chunk))
     assert state.segment_raw == CHUNK * 2
+
+
+def test_relay_local_refuses_a_run_whose_relay_process_exited() -> None:
+    """A relay worker that exited mid-run (a zombie, or reaped) would count less CPU
+    than it used: bench.relay_local refuses the run rather than print low figures."""
+    import subprocess
+    import sys
+
+    from bench.relay_local import require_alive
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{dead.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the short process never exited"
+            time.sleep(0.01)  # exited, not yet reaped: a zombie
+        require_alive([live.pid], "relay")
+        with pytest.raises(RuntimeError, match=str(dead.pid)):
+            require_alive([live.pid, dead.pid], "relay")
+        dead.wait(timeout=10)  # reaped: gone from /proc
+        with pytest.raises(RuntimeError, match="exited during the relay run"):
+            require_alive([dead.pid], "relay")
+    finally:
+        live.kill()
+        live.wait(timeout=10)
