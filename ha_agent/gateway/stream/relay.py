@@ -442,7 +442,7 @@ class Relay:
             if node is None:
                 return await self._give_up(state, "no node could serve it: " + tries.latest())
             try:
-                await self._attempt_segment(node, state, segment_body)
+                await self._run(node, self._stream_segment(node, state, segment_body), state)
             except _Passthrough as final:
                 status = final.response.status
                 outcome = "client_error" if status < 500 else "failed"
@@ -538,40 +538,17 @@ class Relay:
         await state.finish(sse.error_event(f"stream interrupted; {why}; retry the request"))
         return state.result()
 
-    async def _attempt_segment(self, node: NodeView, state: _StreamState, body: bytes) -> None:
-        """One segment on `node`, as an attempt the node's failure abandons. On a spare
-        connection the request goes out at once, not a loop turn later when the
-        attempt's task first runs (a light load's time to first token)."""
-        sent = self._send_on_spare(node, state, body)
-        try:
-            await self._run(node, self._stream_segment(node, state, body, sent), state)
-        finally:
-            if sent is not None:
-                sent.close()  # the segment closed it, unless its task never ran
-
-    def _send_on_spare(
-        self, node: NodeView, state: _StreamState, body: bytes
-    ) -> passthrough.UpstreamStream | None:
-        """The segment's request written on a spare connection to `node`, or None
-        where there is no spare (then `_open_segment` connects)."""
-        spare = self.spares.take(node.engine_url)
-        if spare is not None:
-            headers = self.transport.upstream_headers(state.request.headers)
-            passthrough.send(spare, node.engine_url, state.request.path_qs, headers, body)
-        return spare
-
     async def _open_segment(
-        self,
-        node: NodeView,
-        state: _StreamState,
-        body: bytes,
-        spare: passthrough.UpstreamStream | None,
+        self, node: NodeView, state: _StreamState, body: bytes
     ) -> tuple[passthrough.UpstreamStream, int, CIMultiDict[str]]:
-        """The segment's answer's head: on `spare` if `_send_on_spare` sent the request
-        on one, else on a fresh connection."""
+        """The segment's request sent, on a spare connection where there is one, and
+        its answer's head."""
         request = state.request
+        headers = self.transport.upstream_headers(request.headers)
+        spare = self.spares.take(node.engine_url)
         lost: UpstreamFailure | None = None
         if spare is not None:
+            passthrough.send(spare, node.engine_url, request.path_qs, headers, body)
             try:
                 status, head = await spare.head()
                 return spare, status, head
@@ -589,7 +566,7 @@ class Relay:
             conn = await passthrough.open_stream(
                 node.engine_url,
                 request.path_qs,
-                self.transport.upstream_headers(request.headers),
+                headers,
                 body,
                 self.transport.resolver,
                 self.transport.connect_timeout,
@@ -606,14 +583,8 @@ class Relay:
             raise
         return conn, status, head
 
-    async def _stream_segment(
-        self,
-        node: NodeView,
-        state: _StreamState,
-        body: bytes,
-        sent: passthrough.UpstreamStream | None = None,
-    ) -> None:
-        conn, status, headers = await self._open_segment(node, state, body, sent)
+    async def _stream_segment(self, node: NodeView, state: _StreamState, body: bytes) -> None:
+        conn, status, headers = await self._open_segment(node, state, body)
         try:
             if status != 200:
                 data = await conn.read_all()
