@@ -46,14 +46,23 @@ def read_cpu_seconds(path: str) -> float | None:
     return int(text.strip()) / 1e9
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None once the
+    process is reaped. The name is cut at its last ")": it may hold spaces and ")"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def processes_cpu_split(pids: list[int]) -> tuple[float, float]:
     """User and system CPU seconds of these processes (/proc/PID/stat utime, stime); a
     process gone counts nothing."""
     user = system = 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields(pid)
+        if fields is not None:
             user += int(fields[11]) / tick
             system += int(fields[12]) / tick
     return user, system

@@ -27,7 +27,12 @@ from pathlib import Path
 
 import httpx
 
-from bench.cpu import processes_context_switches, processes_cpu_seconds, processes_cpu_split
+from bench.cpu import (
+    processes_context_switches,
+    processes_cpu_seconds,
+    processes_cpu_split,
+    stat_fields,
+)
 from bench.loadgen import RunSpec
 from tests.support.cluster import local_cluster
 from tests.support.processes import free_port, redis_server
@@ -86,11 +91,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False  # reaped
-    return state not in ("Z", "X")  # a zombie: exited, not yet reaped
+    fields = stat_fields(pid)
+    # None: reaped; Z (or X): exited, not yet reaped.
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def require_alive(pids: list[int], run: str) -> None:
