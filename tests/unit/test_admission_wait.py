@@ -548,9 +548,10 @@ async def test_a_pool_measures_requests_on_every_node_that_had_a_slot_free(
 class _Stream(_Sent):
     stream = True
 
-    def __init__(self, since: float, began: float | None = None) -> None:
+    def __init__(self, since: float, began: float | None = None, budget: int | None = None) -> None:
         super().__init__(since)
         self.began = began
+        self.budget = budget
 
 
 def test_a_stream_counts_from_when_the_engine_began_it_not_from_when_it_was_sent(
@@ -691,3 +692,89 @@ async def test_a_pool_node_whose_queue_shows_late_is_not_filled_past_the_bound(
     placed = await placed_until_refused(admission, body)
     assert all(wait <= BOUND for _, wait in placed), placed
     assert Counter(name for name, _ in placed) == {"a": 4, "b": 4}, placed
+
+
+def test_short_requests_admitted_behind_a_batch_do_not_shorten_it(tmp_path: Any) -> None:
+    """Each request in a slot is timed by its own budget. Timed by the mean budget of
+    this worker's requests, the 2,000-token batch in the slots looked quicker with
+    every 16-token request admitted behind it, which let the next one in: on the
+    CPU stack after a failover 16 side-load requests were admitted within 2.3 s and
+    waited 17-19 s for their first token against the 10 s bound."""
+    clock = FakeClock()
+    est = WaitEstimator(topology(tmp_path, clock=clock), BOUND)
+    est.slots["a"] = 8
+    measured(est, "a", 11.0, budget=2000)  # 2,000-token streams: 11 s each
+    node = report(est.topology, "a", 8, 0)
+    batch = [_Stream(clock() - 0.5, began=clock() - 0.5, budget=2000) for _ in range(8)]
+    node.inflight.update(batch)
+    light: list[_Stream] = []
+    est.queue_budget = lambda: (2000 * len(batch) + 16 * len(light)) / (len(batch) + len(light))
+    waits = []
+    for _ in range(12):  # short requests queued behind the batch, nothing back yet
+        e = est.estimate(node)
+        assert e is not None
+        waits.append(round(e.wait, 2))
+        assert est.refuses(e, complete=True), waits
+        light.append(_Stream(clock(), budget=16))
+        node.inflight.add(light[-1])
+    # The batch leaves its slots 10.5 s from now: no one behind it gets one sooner,
+    # and each one admitted behind it only adds to the wait.
+    assert waits[0] == 10.5 and waits == sorted(waits), waits
+
+
+def test_a_moved_streams_last_segment_is_a_service_time_for_what_it_had_left(
+    admission: Admission,
+) -> None:
+    """A failover's survivor finishes the moved streams first: their decode there, for
+    the tokens each had left, is what the machine does now (slower under load than
+    the warm-up that measured it: on the CPU stack 11.4 s per 2,000 tokens in the
+    warm-up, 20 s under the burst)."""
+    measured(admission.wait, "a", 11.0, budget=2000)
+    req = request("/generate")
+    req[gate._KEY] = gate.Ticket(GENERATE, {"text": "hi"})
+    req[gate._KEY].budget = 2000
+    assert admission.budget(req) == 2000
+    assert admission.budget(req, left=1500) == 1500  # a continuation's
+    before = admission.wait.service.per_token("a")
+    for _ in range(20):
+        admission.segment_served(req, "a", 15.0, 1500)  # 10 ms a token
+    after = admission.wait.service.per_token("a")
+    assert before == pytest.approx(0.0055) and after is not None and after > 0.0095
+    # Not an admitted generation: no budget, no sample.
+    other = request("/v1/models")
+    assert admission.budget(other) is None
+    admission.segment_served(other, "a", 1000.0, None)
+    assert admission.wait.service.per_token("a") == after
+
+
+def test_streams_decoding_past_the_measured_time_slow_the_estimate_at_once(
+    tmp_path: Any,
+) -> None:
+    """The warm-up measured a quiet machine; the burst slows it. A stream still
+    decoding after E s with a budget of B tokens takes at least E / B s a token, and so
+    does every request behind it: the queue is timed at that pace before any request
+    completes to say so (the CPU stack's pair: 11.4 s measured, 19-20 s under the
+    burst, side-load requests let in to wait 17-19 s against the 10 s bound)."""
+    clock = FakeClock()
+    est = WaitEstimator(topology(tmp_path, clock=clock), BOUND)
+    est.slots["a"] = 8
+    measured(est, "a", 11.0, budget=2000)
+    node = report(est.topology, "a", 8, 8)
+    node.inflight.update(_Stream(clock(), began=clock(), budget=2000) for _ in range(8))
+    node.inflight.update(_Stream(clock(), budget=2000) for _ in range(8))  # queued
+    e = est.estimate(node)
+    assert e is not None and e.wait == pytest.approx(22.0)  # two batches of 11 s
+    clock.advance(15.0)  # running past its 11 s: 7.5 ms a token at least, not 5.5
+    e = est.estimate(node)
+    # The batch leaves any moment; the 8 queued, then this one, at 15 s each (the
+    # formula's 9 x 15 / 8; at the measured 11 s it was 12.4 s, under the bound).
+    assert e is not None and e.service == pytest.approx(15.0)
+    assert e.wait == pytest.approx(9 * 15.0 / 8) and est.refuses(e, complete=True)
+    clock.advance(5.0)
+    e = est.estimate(node)
+    assert e is not None and e.wait == pytest.approx(9 * 20.0 / 8)
+    # What it measured stays as measured; the pace is read from the streams each time.
+    assert est.service.of("a") == pytest.approx(11.0)
+    node.inflight.clear()
+    report(est.topology, "a", 0, 0)
+    assert est.estimate(node).service == pytest.approx(11.0)  # type: ignore[union-attr]

@@ -515,3 +515,32 @@ async def test_a_stream_queued_in_the_engine_has_not_begun_until_its_first_event
         assert (await first)[-1] == "[DONE]"
         await c.wait_for(lambda: all(a.began for a in node.inflight), 10, "the second to begin")
         assert (await second)[-1] == "[DONE]"
+
+
+async def test_a_moved_stream_is_timed_by_the_tokens_it_had_left(cluster: LocalCluster) -> None:
+    """The wait estimate times each request in a slot by its budget (wait.py): a moved
+    stream's continuation holds only what it had left, and its decode on the survivor
+    is a service time sample for that many tokens."""
+    primary = cluster.primary()
+    assert cluster.relay is not None
+    survivor = cluster.other(primary)
+    nodes = cluster.relay.topology.nodes
+    seen: dict[str, list[int | None]] = {primary: [], survivor: []}
+
+    async def on_event(events: list[str], _: httpx.Response) -> None:
+        for name in seen:
+            seen[name] += [a.budget for a in nodes[name].inflight]
+        if len(events) == 15:
+            cluster.kill_engine(primary)
+
+    body = generate_stream("a story", tokens=LONG)
+    async with httpx.AsyncClient(timeout=30) as client:
+        events = await collect_stream(client, cluster.relay_url + "/generate", body, on_event)
+    assert events[-1] == "[DONE]"
+    assert set(seen[primary]) == {LONG}, seen
+    (moved,) = set(seen[survivor])  # what it had left when the primary died
+    assert moved is not None and 0 < moved < LONG
+    # The one sample on the survivor: its decode there, for that many tokens.
+    service, budgets = cluster.relay.relay.admission.wait.service._nodes[survivor]
+    assert budgets.count == 1 and budgets.value == moved
+    assert 0 < service.value < 30

@@ -270,6 +270,23 @@ class Admission:
         elif node in ticket.free_on and ticket.attempts == 1:
             self.wait.served(node, now - ticket.sent_at, ticket.budget)
 
+    def segment_served(
+        self, request: web.Request, node: str, seconds: float, budget: int | None
+    ) -> None:
+        """A moved stream ended on `node`: its last segment's decode there (`seconds`
+        from its first event) for the `budget` it had left, a service time sample."""
+        if budget and request.get(_KEY) is not None:
+            self.wait.served(node, seconds, budget)
+
+    def budget(self, request: web.Request, left: int | None = None) -> int | None:
+        """The completion tokens an attempt of `request` may take: its admitted budget,
+        or `left` of it for a moved stream's continuation; None for a request that
+        was not admitted as a generation."""
+        ticket: Ticket | None = request.get(_KEY)
+        if ticket is None:
+            return None
+        return ticket.budget if left is None else min(ticket.budget, left)
+
     def done(self, request: web.Request) -> None:
         """The request ended, however: give back what it holds."""
         self.progressed(request)

@@ -29,8 +29,12 @@ taken from when this worker's requests on the node took their slots (a stream's
 first event back, `Abandonable.began`; a stream with nothing back yet, no sooner
 than now; any other request, when it was sent, `Abandonable.since`; its requests
 between two attempts as sent now, together): the slots filled in FIFO order, each
-held T from its request's start; the estimate is the larger of the two
-(`_by_starts`). Where the inputs come from:
+held from its request's start for T scaled to that request's own budget
+(`Abandonable.budget`; a moved stream's continuation, what it had left); the
+estimate is the larger of the two (`_by_starts`). Both take T no quicker than the
+streams decoding on the node show: one that began E s ago with a budget of B tokens
+and has not ended takes at least E / B s a token, and so do the others in its batch
+(`_pace`). Where the inputs come from:
 
 - running / queued: SGLang's `sglang:num_running_reqs` / `sglang:num_queue_reqs`, as
   the agent scrapes them (`AgentStatus.engine`), polled anyway by the topology: the
@@ -52,9 +56,12 @@ held T from its request's start; the estimate is the larger of the two
 - service time: an average over this worker's completed requests on the node, from
   what the relay sees (`ServiceTimes`): a stream's time from its first event to its
   end (its decode; the prefill before the first event is left out, so T errs low and
-  the relay sheds later, not sooner), a non-streaming request's whole attempt when
-  the node it went to had a slot free at its admission (no queue in it; in a pool,
-  whichever node the routing picked, not only the least-wait one). Until a node has its own
+  the relay sheds later, not sooner; a moved stream's last segment, for the tokens
+  it had left: the survivor of a failover finishes those first, at the speed of the
+  machine under load, which the warm-up may have measured far quicker), a
+  non-streaming request's whole attempt when the node it went to had a slot free at
+  its admission (no queue in it; in a pool, whichever node the routing picked, not
+  only the least-wait one). Until a node has its own
   samples it takes the average over all nodes (a standby promoted in a failover
   inherits what its partner measured). With no measurement at all nothing is shed:
   no refusal on a guess. The average is scaled by the mean completion budget
@@ -149,6 +156,13 @@ class ServiceTimes:
         own; None when nothing was measured."""
         picked = self._pick(node)
         return picked[0].value if picked is not None else None
+
+    def per_token(self, node: str) -> float | None:
+        """Seconds per budgeted token: `of` over `budget_of` (None: nothing measured)."""
+        picked = self._pick(node)
+        if picked is None or picked[1].value <= 0:
+            return None
+        return picked[0].value / picked[1].value
 
     def budget_of(self, node: str) -> float | None:
         """The mean budget of the requests `of` averages over."""
@@ -311,13 +325,40 @@ class WaitEstimator:
         service = self.service_time(node.name)
         if service is None or queue.slots is None:
             return None
+        rate, slower = self._pace(node)
+        service *= slower
         spread = queue.ahead * service / queue.slots
-        return Estimate(queue, service, max(spread, self._by_starts(node, queue, service)))
+        wait = max(spread, self._by_starts(node, queue, service, rate))
+        return Estimate(queue, service, wait)
 
-    def _by_starts(self, node: NodeView, queue: Queue, service: float) -> float:
+    def _pace(self, node: NodeView) -> tuple[float | None, float]:
+        """Seconds per budgeted token on `node` as measured, raised to what its
+        streams in decode show, and the factor by which that is slower than measured.
+        A stream that began decoding E s ago with a budget of B tokens and has not
+        ended takes at least E / B s a token, and a continuous batch decodes one token
+        of every running request a step, so the others take as long: a machine slowed
+        by the very load being estimated shows here at once, before any request
+        completes to say so (on the CPU stack's pair the warm-up measured 11.4 s per
+        2,000-token stream, the burst after the kill took 19-20 s). A stream held
+        back by a slow client reads the same: the estimate errs long then (sheds
+        sooner), never short."""
+        measured = self.service.per_token(node.name)
+        if measured is None or measured <= 0:
+            return measured, 1.0
+        now = self.topology.clock()
+        rate = measured
+        for item in node.inflight:
+            if item.began is not None and item.budget:
+                rate = max(rate, (now - item.began) / item.budget)
+        return rate, rate / measured
+
+    def _by_starts(
+        self, node: NodeView, queue: Queue, service: float, rate: float | None = None
+    ) -> float:
         """The wait that the start times of this worker's requests on `node` give: the
-        slots taken in FIFO order, each for `service` seconds from when its request
-        started. Requests sent together leave together: behind a batch that just
+        slots taken in FIFO order, each from when its request started for `rate`
+        seconds a token of its budget (`service` seconds without one, or without a
+        rate). Requests sent together leave together: behind a batch that just
         started, the first slot frees only when the batch ends, not after T / C.
         Requests of unknown start (the engine reports more than this worker knows of)
         are taken as spread evenly over the last `service` seconds, the formula's own
@@ -326,28 +367,36 @@ class WaitEstimator:
         if queue.slots is None or queue.slots <= 0:
             return 0.0
         now = self.topology.clock()
-        known = sorted(t for a in node.inflight if (t := _began(a, now)) is not None)
+
+        # Each request for its own budget where it has one: timed by the mean budget,
+        # a 2,000-token generation in a slot looked quicker with every 16-token
+        # request admitted behind it, and let more in (the CPU stack's pair after a
+        # failover: 16 side-load requests admitted within 2.3 s, first token 17-19 s).
+        def held(item: Abandonable) -> float:
+            return rate * item.budget if rate is not None and item.budget else service
+
+        known = sorted((t, held(a)) for a in node.inflight if (t := _began(a, now)) is not None)
         # Requests between attempts are sent next, together: they start no sooner than
         # now (a failover re-sends the lost node's requests to an idle survivor).
         transit = self.in_transit()
         if not known and not transit:
             return 0.0
-        starts = known + [now] * transit
+        starts = known + [(now, service)] * transit
         # Each of this worker's requests stands for one on every relay worker.
-        starts = [t for t in starts for _ in range(self.workers)]
+        starts = [s for s in starts for _ in range(self.workers)]
         unknown = queue.outstanding - len(starts)
         if unknown > 0:
-            starts += [now - service * (i + 0.5) / unknown for i in range(unknown)]
+            starts += [(now - service * (i + 0.5) / unknown, service) for i in range(unknown)]
             starts.sort()
         slots = [float("-inf")] * queue.slots  # when each slot frees (a heap)
-        for i, sent in enumerate(starts):
+        for i, (sent, takes) in enumerate(starts):
             start = max(sent, heapq.heappop(slots))
             if start - now > self.bound > 0:
                 # Past the bound already: the rest go at the formula's pace (the
                 # refusal's number, not its decision).
                 return start - now + (len(starts) - i) * service / queue.slots
             # Still there, so not done before now, whatever the average says.
-            heapq.heappush(slots, max(start + service, now))
+            heapq.heappush(slots, max(start + takes, now))
         return max(slots[0] - now, 0.0)
 
     def service_time(self, node: str) -> float | None:

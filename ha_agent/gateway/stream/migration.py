@@ -256,6 +256,8 @@ class Migration:
         self.progress = Progress()
         self._base = Progress()  # progress at the start of the current segment
         self.segments = 1
+        # The budget the latest continuation asked for (None: the request as it was).
+        self.left: int | None = None
         self._cumulative = True  # /generate without --incremental-streaming-output
         self._seg_usage: int | None = None  # the engine's count in this segment
         self._seg_chunks = 0  # content chunks in this segment (engines without usage)
@@ -427,12 +429,14 @@ class Migration:
         p, r = self.progress, self.resume_point
         if p.finished:
             return None
+        self.left = None
         if r.empty:
             return self.upstream(self.body)  # nothing generated: send it again as it was
         limit = self.budget()
         left = None if limit is None else limit - r.tokens
         if left is not None and left <= 0:
             return None
+        self.left = left
         body = self.api.continuation(self, copy.deepcopy(self.body), left)
         return self.upstream(body)
 

@@ -86,12 +86,15 @@ def _client_gone_before_head() -> web.StreamResponse:
 class Attempt(Abandonable):
     """One upstream try, cancellable by the topology when its node fails."""
 
-    __slots__ = ("abandoned", "began", "node", "since", "stream", "task")
+    __slots__ = ("abandoned", "began", "budget", "node", "since", "stream", "task")
 
-    def __init__(self, node: NodeView, since: float, stream: bool = False) -> None:
+    def __init__(
+        self, node: NodeView, since: float, stream: bool = False, budget: int | None = None
+    ) -> None:
         self.node = node
         self.since = since
         self.stream = stream
+        self.budget = budget
         self.began: float | None = None
         self.task: asyncio.Future[Any] | None = None
         self.abandoned: str | None = None
@@ -292,11 +295,16 @@ class Relay:
     # -- picking nodes and running attempts ----------------------------------------------
 
     async def _run(
-        self, node: NodeView, work: Awaitable[T], state: _StreamState | None = None
+        self,
+        node: NodeView,
+        work: Awaitable[T],
+        state: _StreamState | None = None,
+        budget: int | None = None,
     ) -> T:
         """`work` on `node`, abandoned if the node fails; `state`: a stream's, whose
-        sink marks when the engine began the attempt (wait.py)."""
-        attempt = Attempt(node, self.topology.clock(), stream=state is not None)
+        sink marks when the engine began the attempt; `budget`: the completion tokens
+        the attempt may take (both for the wait estimate, wait.py)."""
+        attempt = Attempt(node, self.topology.clock(), stream=state is not None, budget=budget)
         if state is not None:
             state.attempt = attempt
         task = asyncio.ensure_future(work)
@@ -347,7 +355,9 @@ class Relay:
             if node is None:
                 break
             try:
-                status, headers, data = await self._run(node, self._fetch(node, request, body))
+                status, headers, data = await self._run(
+                    node, self._fetch(node, request, body), budget=self.admission.budget(request)
+                )
             except UpstreamFailure as failure:
                 tries.failed(node, failure)
                 if why := await self.admission.node_failed(request, node.name, failure):
@@ -441,8 +451,13 @@ class Relay:
             node = await tries.next(avoid)
             if node is None:
                 return await self._give_up(state, "no node could serve it: " + tries.latest())
+            budget = self.admission.budget(
+                state.request, state.migration.left if state.migrations else None
+            )
             try:
-                await self._run(node, self._stream_segment(node, state, segment_body), state)
+                await self._run(
+                    node, self._stream_segment(node, state, segment_body), state, budget
+                )
             except _Passthrough as final:
                 status = final.response.status
                 outcome = "client_error" if status < 500 else "failed"
@@ -483,6 +498,12 @@ class Relay:
             self.metrics.requests.labels(kind, node.name, outcome, "200").inc()
             if state.migrations:
                 self.metrics.migrations.labels(kind, "migrated").inc()
+                # Its last segment's decode on this node is a service time all the
+                # same, for the tokens it had left: in a failover the moved streams
+                # are what the survivor finishes first, on the machine as loaded now.
+                if (began := state.attempt.began if state.attempt else None) is not None:
+                    decode = self.topology.clock() - began
+                    self.admission.segment_served(state.request, node.name, decode, budget)
             elif state.first_event_at is not None:
                 self.admission.served(state.request, node.name, state.first_event_at)
             return state.result()

@@ -62,6 +62,11 @@ class Abandonable:
     # The time it sat in the engine's queue is no progress through its decode.
     stream: bool = False
     began: float | None = None
+    # The completion tokens it may still take: its request's budget, less what a moved
+    # stream had generated before (None: not known). The wait estimate times each
+    # request by its own budget: a 16-token answer in a slot frees it far sooner than
+    # a 2,000-token generation.
+    budget: int | None = None
 
     def abandon(self, reason: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
