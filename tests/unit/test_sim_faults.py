@@ -208,7 +208,9 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            # SGLang's /health answers after its first 1 s look at the earliest (the
+            # simulator's default too): a 1 s client timeout raced it and lost.
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
