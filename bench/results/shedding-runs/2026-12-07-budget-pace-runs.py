@@ -1,4 +1,4 @@
-"""What the clients saw after the kill in the four pair/pool runs of 2026-12-07 16:20-16:42
+"""What the clients saw after the kill in the pair/pool runs of 2026-12-07 16:20-18:22
 UTC (docs/benchmarks.md, "Each request timed by its own budget"): per run, the requests
 admitted after the kill, how long they waited for their first token, and the refusals.
 
@@ -19,6 +19,8 @@ RUNS = [
     "2026-12-07-1636-pair-half-burner",
     "2026-12-07-1639-pool-quiet",
     "2026-12-07-1642-pair-quiet",
+    "2026-12-07-1817-pair-half-burner-2",
+    "2026-12-07-1819-pair-half-burner-3",
 ]
 BOUND = 10.0
 
