@@ -323,43 +323,41 @@ class WaitEstimator:
         if queue.free:
             return Estimate(queue, self.service_time(node.name) or 0.0, 0.0)
         service = self.service_time(node.name)
-        if service is None or queue.slots is None:
+        measured = self.service.per_token(node.name)  # None exactly when service is
+        if service is None or measured is None or queue.slots is None:
             return None
-        rate, slower = self._pace(node)
-        service *= slower
+        rate = self._pace(node, measured)
+        if measured > 0:
+            service *= rate / measured
         spread = queue.ahead * service / queue.slots
         wait = max(spread, self._by_starts(node, queue, service, rate))
         return Estimate(queue, service, wait)
 
-    def _pace(self, node: NodeView) -> tuple[float | None, float]:
-        """Seconds per budgeted token on `node` as measured, raised to what its
-        streams in decode show, and the factor by which that is slower than measured.
-        A stream that began decoding E s ago with a budget of B tokens and has not
-        ended takes at least E / B s a token, and a continuous batch decodes one token
-        of every running request a step, so the others take as long: a machine slowed
-        by the very load being estimated shows here at once, before any request
-        completes to say so (on the CPU stack's pair the warm-up measured 11.4 s per
-        2,000-token stream, the burst after the kill took 19-20 s). A stream held
-        back by a slow client reads the same: the estimate errs long then (sheds
-        sooner), never short."""
-        measured = self.service.per_token(node.name)
-        if measured is None or measured <= 0:
-            return measured, 1.0
+    def _pace(self, node: NodeView, measured: float) -> float:
+        """Seconds per budgeted token on `node`: `measured`, raised to what its
+        streams in decode show. A stream that began decoding E s ago with a budget of
+        B tokens and has not ended takes at least E / B s a token, and a continuous
+        batch decodes one token of every running request a step, so the others take
+        as long: a machine slowed by the very load being estimated shows here at once,
+        before any request completes to say so (on the CPU stack's pair the warm-up
+        measured 11.4 s per 2,000-token stream, the burst after the kill took 19-20
+        s). A stream held back by a slow client reads the same: the estimate errs long
+        then (sheds sooner), never short."""
+        if measured <= 0:
+            return measured
         now = self.topology.clock()
         rate = measured
         for item in node.inflight:
             if item.began is not None and item.budget:
                 rate = max(rate, (now - item.began) / item.budget)
-        return rate, rate / measured
+        return rate
 
-    def _by_starts(
-        self, node: NodeView, queue: Queue, service: float, rate: float | None = None
-    ) -> float:
+    def _by_starts(self, node: NodeView, queue: Queue, service: float, rate: float) -> float:
         """The wait that the start times of this worker's requests on `node` give: the
         slots taken in FIFO order, each from when its request started for `rate`
-        seconds a token of its budget (`service` seconds without one, or without a
-        rate). Requests sent together leave together: behind a batch that just
-        started, the first slot frees only when the batch ends, not after T / C.
+        seconds a token of its budget (`service` seconds without one). Requests sent
+        together leave together: behind a batch that just started, the first slot
+        frees only when the batch ends, not after T / C.
         Requests of unknown start (the engine reports more than this worker knows of)
         are taken as spread evenly over the last `service` seconds, the formula's own
         assumption. 0 when no start is known and none is between attempts (the
@@ -373,7 +371,7 @@ class WaitEstimator:
         # request admitted behind it, and let more in (the CPU stack's pair after a
         # failover: 16 side-load requests admitted within 2.3 s, first token 17-19 s).
         def held(item: Abandonable) -> float:
-            return rate * item.budget if rate is not None and item.budget else service
+            return rate * item.budget if item.budget else service
 
         known = sorted((t, held(a)) for a in node.inflight if (t := _began(a, now)) is not None)
         # Requests between attempts are sent next, together: they start no sooner than
