@@ -82,7 +82,7 @@ class RelayService:
         self.relay = Relay(
             settings, self.topology, self.transport, self.metrics, self.events, self.warmer
         )
-        self._data: web.ServerRunner | None = None
+        self._data: web.AppRunner | None = None
         self._admin: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Future[None]] = []
@@ -104,8 +104,11 @@ class RelayService:
             self.warmer.rate = rate
 
     async def start(self) -> None:
-        # The data port on aiohttp's low-level server (data_port.py).
-        self._data = web.ServerRunner(self.relay.data_port().server(), handle_signals=False)
+        # handler_cancellation: a client that disconnects cancels its request, which
+        # closes the upstream connection, which makes the engine abort the generation.
+        self._data = web.AppRunner(
+            self.relay.app(), access_log=None, handle_signals=False, handler_cancellation=True
+        )
         self._admin = web.AppRunner(
             RelayAdmin(self.topology, self.metrics).app(), access_log=None, handle_signals=False
         )

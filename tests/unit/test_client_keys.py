@@ -45,7 +45,6 @@ from ha_agent.sim.server import create_app
 from tests.support.fakes import FakeClock, relay_over
 from tests.support.nginx_render import render_into
 from tests.support.processes import free_port, stop_process
-from tests.support.relay_server import relay_server
 from tests.unit.conftest import SIM_AUTH, SIM_FAST
 from tests.unit.test_hardening_nginx import NGINX, needs_nginx, require_nginx, start_nginx
 
@@ -100,7 +99,7 @@ async def gateway_relay(
         client_keys_poll=0.01,
         **settings,
     )
-    client = TestClient(relay_server(relay))
+    client = TestClient(TestServer(relay.app()))
     await client.start_server()
     try:
         yield client, relay, keys

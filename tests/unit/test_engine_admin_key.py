@@ -21,7 +21,6 @@ from ha_agent.config import AgentSettings, SimSettings
 from ha_agent.node.engine.client import EngineClient
 from ha_agent.sim.server import create_app
 from tests.support.fakes import relay_over
-from tests.support.relay_server import relay_server
 from tests.unit.conftest import SIM_FAST
 
 API, ADMIN = "engine-api-key", "engine-admin-key"
@@ -97,7 +96,7 @@ async def test_relay_client_abort_presents_the_admin_key_or_says_why_it_failed(
     if admin:
         keys["engine_admin_api_key"] = ADMIN
     relay = relay_over([f"http://127.0.0.1:{s.server.port}" for s in sims], **keys)
-    client = TestClient(relay_server(relay))
+    client = TestClient(TestServer(relay.app()))
     await client.start_server()
     try:
         owner = {"Authorization": "Bearer alice"}

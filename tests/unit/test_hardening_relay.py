@@ -27,7 +27,6 @@ from ha_agent.sim.protocol import BadRequest, RequestBuilder
 from ha_agent.sim.tokenizer import SimTokenizer
 from tests.support.fakes import relay_over
 from tests.support.raw_http import framed, raw_http
-from tests.support.relay_server import relay_server
 from tests.unit.conftest import SIM_FAST, sim_metric
 
 
@@ -62,7 +61,7 @@ async def start_rig(**sim: Any) -> RelayRig:
         await c.start_server()
         sims[name] = c
     relay = relay_over([f"http://127.0.0.1:{c.server.port}" for c in sims.values()])
-    client = TestClient(relay_server(relay))
+    client = TestClient(TestServer(relay.app()))
     await client.start_server()
     return RelayRig(client, relay, sims)
 
@@ -274,7 +273,9 @@ async def test_type_errors_get_the_engines_own_400(
 
 async def test_oversized_body_is_413_without_reaching_an_engine(rig: RelayRig) -> None:
     # The relay's own cap (64 MiB) is far above Nginx's; a small app shows the path.
-    async with TestClient(relay_server(rig.relay, max_body=1024)) as small:
+    app = rig.relay.app()
+    app._client_max_size = 1024  # type: ignore[attr-defined]
+    async with TestClient(TestServer(app)) as small:
         r = await small.post("/v1/chat/completions", data=b"x" * 4096)
         assert r.status == 413
         assert (await r.json())["code"] == 413

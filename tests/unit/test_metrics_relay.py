@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
@@ -21,7 +21,6 @@ from ha_agent.gateway.stream.relay import _RETRY_LABEL, Relay
 from ha_agent.gateway.upstream.topology import Topology
 from ha_agent.gateway.upstream.transport import FailureCause, Transport, classify
 from tests.support.fakes import FakeClock, FakeStore
-from tests.support.relay_server import relay_server
 
 SEEDS = ["sglang-01=http://a:30000=http://a:8008", "sglang-02=http://b:30000=http://b:8008"]
 
@@ -33,8 +32,8 @@ async def relay() -> AsyncIterator[tuple[TestClient, RelayMetrics, Topology]]:
     metrics = RelayMetrics()
     metrics.attach(topology)
     transport = Transport(connect_timeout=0.5, first_byte_timeout=5.0)
-    relay = Relay(settings, topology, transport, metrics, EventLog(None, "relay"))
-    client = TestClient(relay_server(relay))
+    app = Relay(settings, topology, transport, metrics, EventLog(None, "relay")).app()
+    client = TestClient(TestServer(app))
     await client.start_server()
     yield client, metrics, topology
     await client.close()

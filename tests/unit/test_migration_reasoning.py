@@ -23,7 +23,6 @@ from ha_agent.gateway.stream.migration import REASONING_FORMATS, Migration, Prog
 from ha_agent.gateway.stream.relay import Relay
 from ha_agent.openapi.endpoints import CHAT
 from tests.support.fakes import relay_over
-from tests.support.relay_server import relay_server
 from tests.unit.conftest import SIM_AUTH, SimClientFactory
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,7 +97,7 @@ async def pair_factory(sim_client_factory: SimClientFactory) -> AsyncIterator[An
             [f"http://127.0.0.1:{s.server.port}" for s in sims], reasoning_parser=relay_parser
         )
         relays.append(relay)
-        server = relay_server(relay)
+        server = TestServer(relay.app())
         await server.start_server()
         servers.append(server)
         return Pair(sims[0], sims[1], relay, f"http://127.0.0.1:{server.port}")

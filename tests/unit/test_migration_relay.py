@@ -24,7 +24,6 @@ from aiohttp.test_utils import TestServer
 
 from ha_agent.gateway.stream.relay import Relay
 from tests.support.fakes import relay_over
-from tests.support.relay_server import relay_server
 from tests.unit.test_migration import chat_chunk, chat_usage_chunk, completion_chunk, data, usage
 
 Script = Callable[[dict[str, Any]], list[bytes]]
@@ -82,7 +81,7 @@ async def rig_factory() -> AsyncIterator[Callable[[Engine, Engine], Any]]:
             urls.append(f"http://127.0.0.1:{server.port}")
         relay = relay_over(urls)
         relays.append(relay)
-        server = relay_server(relay)
+        server = TestServer(relay.app())
         await server.start_server()
         servers.append(server)
         return Rig(f"http://127.0.0.1:{server.port}", primary, standby)

@@ -19,13 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.gateway.stream.migration import ContinuationDiverged, Migration
 from ha_agent.gateway.stream.relay import Relay
 from ha_agent.openapi.endpoints import CHAT
 from tests.support.fakes import relay_over
-from tests.support.relay_server import relay_server
 from tests.unit.conftest import SIM_AUTH, SimClientFactory
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,7 +111,7 @@ class Pair:
 async def pair(sim_client_factory: SimClientFactory) -> AsyncIterator[Pair]:
     sims = [await sim_client_factory(itl=0.002, tool_call_parser="qwen25") for _ in range(2)]
     relay = relay_over([f"http://127.0.0.1:{s.server.port}" for s in sims])
-    server = relay_server(relay)
+    server = TestServer(relay.app())
     await server.start_server()
     yield Pair(sims[0], sims[1], relay, f"http://127.0.0.1:{server.port}")
     await relay.transport.close()
@@ -345,7 +344,7 @@ async def test_a_break_at_every_token_of_reasoning_then_a_call_moves(
     relay = relay_over(
         [f"http://127.0.0.1:{s.server.port}" for s in sims], reasoning_parser="qwen3"
     )
-    server = relay_server(relay)
+    server = TestServer(relay.app())
     await server.start_server()
     pair = Pair(sims[0], sims[1], relay, f"http://127.0.0.1:{server.port}")
     try:

@@ -32,8 +32,6 @@ from ha_agent.gateway.admission.policy import (
 )
 from ha_agent.gateway.upstream.transport import forward_headers
 from ha_agent.openapi.inference import NO_CUSTOM_LOGIT_PROCESSOR, BadInput
-from tests.support.fakes import relay_over
-from tests.support.relay_server import relay_server
 
 DEFAULT = FieldPolicy()
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(200)).decode()
@@ -176,7 +174,7 @@ async def test_in_an_app_the_rid_pair_is_in_the_headers() -> None:
         return response
 
     app = web.Application()
-    app.on_response_prepare.append(policy.echo_rids)
+    policy.install(app)
     app.router.add_post("/generate", handler)
     async with TestClient(TestServer(app)) as client:
         headers = {"Authorization": "Bearer client-a"}
@@ -332,22 +330,21 @@ def test_a_client_that_sends_nothing_still_times_out_after_a_freeze() -> None:
 async def test_malformed_requests_log_one_line_without_their_content(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # The relay's own data port: it quiets aiohttp's log of them (data_port()).
-    relay = relay_over(["http://127.0.0.1:9"])
-    try:
-        async with TestClient(relay_server(relay)) as client:
-            port = client.server.port
-            assert port is not None
-            for _ in range(5):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(
-                    b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer SECRET" + b"x" * 9000
-                )
-                writer.write(b"\r\n\r\n")
-                assert b" 400 " in await asyncio.wait_for(reader.readline(), 5)
-                writer.close()
-    finally:
-        await relay.transport.close()
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    RequestPolicy(DEFAULT).install(app)
+    app.router.add_get("/", ok)
+    async with TestClient(TestServer(app)) as client:
+        port = client.server.port
+        assert port is not None
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer SECRET" + b"x" * 9000)
+            writer.write(b"\r\n\r\n")
+            assert b" 400 " in await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
     lines = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert len(lines) == 1, [r.getMessage() for r in lines]  # rate-limited
     assert "SECRET" not in caplog.text and lines[0].exc_info is None

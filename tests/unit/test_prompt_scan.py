@@ -22,7 +22,6 @@ from ha_agent.gateway.admission.prompt_scan import MAX_DEPTH, MAX_EVENTS, Prompt
 from ha_agent.gateway.stream.relay import Relay
 from ha_agent.openapi.endpoints import CHAT, COMPLETIONS, GENERATE
 from tests.support.fakes import relay_over
-from tests.support.relay_server import relay_server
 
 MB = 1024 * 1024
 UNBOUNDED = float("inf")
@@ -232,7 +231,7 @@ async def relay() -> AsyncIterator[tuple[TestClient, Relay, Engine]]:
     upstream = TestClient(TestServer(app))
     await upstream.start_server()
     relay = relay_over([f"http://127.0.0.1:{upstream.server.port}"], context_length=1000)
-    client = TestClient(relay_server(relay))
+    client = TestClient(TestServer(relay.app()))
     await client.start_server()
     yield client, relay, engine
     await client.close()

@@ -14,7 +14,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.support.fakes import relay_over
-from tests.support.relay_server import relay_server
 from tests.unit.test_hardening_relay import RelayRig, start_rig
 
 
@@ -80,7 +79,7 @@ async def _relay_on(
         await s.start_server()
     urls = [f"http://127.0.0.1:{s.server.port}" for s in servers]
     relay = relay_over(urls, retry_deadline=2.0, **settings)
-    client = TestClient(relay_server(relay))
+    client = TestClient(TestServer(relay.app()))
     await client.start_server()
     return client, servers
 

@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from ha_agent.dcs.base import Role
 from ha_agent.gateway.stream import spares as spares_mod
 from ha_agent.gateway.stream.relay import NODE_HEADER, Relay
 from tests.support.fakes import agent_status, relay_over
-from tests.support.relay_server import relay_server
 
 CHUNK = {
     "id": "c1",
@@ -109,7 +108,7 @@ class Rig:
 async def rig() -> AsyncIterator[Rig]:
     engines = [await start_engine(), await start_engine()]
     relay = relay_over([e.url for e in engines], spare_connections=2)
-    client: TestClient = TestClient(relay_server(relay))
+    client: TestClient = TestClient(TestServer(relay.app()))
     await client.start_server()
     stop = asyncio.Event()
     task = asyncio.ensure_future(relay.spares.run(stop))

@@ -260,6 +260,12 @@ class RequestPolicy:
     def __init__(self, policy: FieldPolicy) -> None:
         self.policy = policy
 
+    def install(self, app: web.Application) -> None:
+        """Echo the rid pair in the response headers (streams included); quiet
+        aiohttp's log of malformed requests."""
+        app.on_response_prepare.append(self._headers)
+        quiet_protocol_errors()
+
     async def read_body(self, request: web.Request, scanner: PromptScanner | None = None) -> bytes:
         """The whole body within ``body_timeout`` s in total, else a 408, never an
         engine: as Nginx took it (`BODY_SECONDS_HEADER`; Nginx itself only bounds the
@@ -295,9 +301,7 @@ class RequestPolicy:
         return applied
 
     @staticmethod
-    async def echo_rids(request: web.Request, response: web.StreamResponse) -> None:
-        """A response hook (on_response_prepare): the rid pair in the response's
-        headers, streams included."""
+    async def _headers(request: web.Request, response: web.StreamResponse) -> None:
         applied = request.get(_APPLIED)
         if applied is not None and applied.client_rids:
             # Header values must stay one line of visible ASCII: JSON-quote them.

@@ -36,18 +36,11 @@ from ha_agent.config import RelaySettings
 from ha_agent.events import EventLog
 from ha_agent.gateway.admission.client_keys import CLIENT, ClientGate
 from ha_agent.gateway.admission.gate import Admission, RelayParts
-from ha_agent.gateway.admission.policy import (
-    FieldPolicy,
-    RequestPolicy,
-    engine_rid,
-    quiet_protocol_errors,
-    rid_owner,
-)
+from ha_agent.gateway.admission.policy import FieldPolicy, RequestPolicy, engine_rid, rid_owner
 from ha_agent.gateway.admission.prompt_scan import PromptTooLong
 from ha_agent.gateway.errors import JSON, refusal, refusal_at
 from ha_agent.gateway.metrics import RelayMetrics
 from ha_agent.gateway.stream import passthrough, sse
-from ha_agent.gateway.stream.data_port import DataPort
 from ha_agent.gateway.stream.migration import ContinuationRefused, Migration, request_caused
 from ha_agent.gateway.stream.spares import Spares
 from ha_agent.gateway.upstream.affinity import Affinity, affinity_of
@@ -161,11 +154,12 @@ class Relay:
             self.policy.policy.engine_authorization,
         )
 
-    def data_port(self) -> DataPort:
-        """Every request to `handle`; the rid pair and the gateway's CORS headers on
-        every answer (data_port.py)."""
-        quiet_protocol_errors()
-        return DataPort(self.handle, (self.policy.echo_rids, on_prepare(self.cors)), MAX_BODY)
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        self.policy.install(app)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_response_prepare.append(on_prepare(self.cors))
+        return app
 
     # -- entry ---------------------------------------------------------------------------
 
