@@ -2,7 +2,11 @@
 handler_cancellation, no access log), timing each request from its first bytes
 (RequestHandler.data_received) to its handler: aiohttp's own share of the relay's
 "data->handle" stage. `python aiohttp_bare_server.py SECONDS`; with PREPARE=1 an
-on_response_prepare hook is added, as the relay has. Prints the quantiles at the end.
+on_response_prepare hook is added, as the relay has; with LOWLEVEL=1 the same handler
+runs on aiohttp's low-level server (web.Server: no application, router or signals).
+Prints the quantiles at the end. LOWLEVEL was added for the runs of
+2026-12-07-1934-request-path-cold/aiohttp-lowlevel.log; without it the server is as it
+ran for bare.log here.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ web_protocol.RequestHandler.data_received = data_received  # type: ignore[method
 web_protocol.RequestHandler.connection_made = connection_made  # type: ignore[method-assign]
 
 
-async def handle(request: web.Request) -> web.Response:
+async def handle(request: web.BaseRequest) -> web.Response:
     began = first_bytes.get(id(request.protocol))
     if began is not None:
         waits.append(time.perf_counter_ns() - began)
@@ -52,11 +56,19 @@ async def prepare(request: web.Request, response: web.StreamResponse) -> None:
 
 
 async def main(seconds: float) -> None:
-    app = web.Application(client_max_size=16 << 20)
-    app.router.add_route("*", "/{tail:.*}", handle)
-    if os.environ.get("PREPARE"):
-        app.on_response_prepare.append(prepare)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
+    runner: web.BaseRunner
+    if os.environ.get("LOWLEVEL"):
+        runner = web.ServerRunner(
+            web.Server(handle, access_log=None, handler_cancellation=True), handle_signals=False
+        )
+    else:
+        app = web.Application(client_max_size=16 << 20)
+        app.router.add_route("*", "/{tail:.*}", handle)
+        if os.environ.get("PREPARE"):
+            app.on_response_prepare.append(prepare)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, handler_cancellation=True
+        )
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", PORT).start()
     await asyncio.sleep(seconds)
@@ -64,7 +76,10 @@ async def main(seconds: float) -> None:
     n = len(s)
     p50, p90 = s[n // 2] / 1e3, s[int(n * 0.9)] / 1e3
     hook = os.environ.get("PREPARE", "")
-    print(f"data->handle n {n} p50 {p50:.0f} p90 {p90:.0f} us (PREPARE={hook})")
+    print(
+        f"data->handle n {n} p50 {p50:.0f} p90 {p90:.0f} us"
+        f" (PREPARE={hook} LOWLEVEL={os.environ.get('LOWLEVEL', '')})"
+    )
 
 
 if __name__ == "__main__":
