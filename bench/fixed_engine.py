@@ -4,7 +4,7 @@
 
 Streamed `/v1/chat/completions` are answered here: the first content event `ttft`
 after the request's last byte, then one every `itl` on the stream's own clock
-(`loop.call_at` on absolute times, so a late event does not shift the next), each a
+(absolute deadlines, so a late event does not shift the next), each a
 chunk in the shape the simulator and SGLang write (role on the first, running usage
 when `stream_options.continuous_usage_stats` asks for it, finish chunk, `[DONE]`).
 Each content delta is `t<ns>`: `time.monotonic_ns()` when the event was written,
@@ -12,6 +12,16 @@ the host-wide clock a client on the same machine reads, so a client sees how lon
 each event took to reach it. Any other request (non-streaming, `/abort_request`,
 the agents' and relay's probes) is passed to the simulator at `--forward` unchanged,
 so the engine still looks like SGLang to everything that is not the measured stream.
+
+The first event's deadline is kept by a Linux timerfd (`--timer kernel`, the default):
+libuv's timers (uvloop) round to whole milliseconds, which put each stream's first
+event in one of two 1 ms buckets depending on when its request arrived, and two
+requests ~1 ms apart (direct, and through a hop) often in different ones
+(gateway-bars-runs/2026-12-06-1830-request-path/pair-noise.json): noise in the
+light-latency bar's TTFT within pairs that no gateway made. The following events stay
+on the loop's timers, whose millisecond ticks write the events of the streams due in
+one tick together, a little of the burstiness of SGLang's shared decode step
+(`--timer loop`: the first event on them too, as before).
 
 Why not the simulator itself: its streams share one decode step (as SGLang's do) and
 it competes for the same 2 cores, so it would measure its own step quantisation and
@@ -23,9 +33,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import heapq
+import itertools
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -33,6 +49,70 @@ _HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
     b"transfer-encoding: chunked\r\n\r\n"
 )
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_CLOCK_MONOTONIC, _TFD_TIMER_ABSTIME = 1, 1
+
+
+class KernelTimers:
+    """Callbacks at absolute `time.monotonic_ns()` deadlines, woken by one timerfd
+    (hrtimer precision, tens of microseconds) armed at the earliest deadline."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create")
+        self.fd: int = fd
+        self._heap: list[tuple[int, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._armed: int | None = None
+        self._loop = loop
+        loop.add_reader(fd, self._fire)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.fd)
+        os.close(self.fd)
+
+    def call_at(self, when_ns: int, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (when_ns, next(self._seq), callback))
+        if self._armed is None or when_ns < self._armed:
+            self._arm(when_ns)
+
+    def _arm(self, when_ns: int) -> None:
+        # A deadline already past fires at once; 0 would disarm, so never ask for it.
+        when_ns = max(when_ns, 1)
+        spec = _Itimerspec(_Timespec(0, 0), _Timespec(when_ns // 10**9, when_ns % 10**9))
+        if self._libc.timerfd_settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None):
+            raise OSError(ctypes.get_errno(), "timerfd_settime")
+        self._armed = when_ns
+
+    def _fire(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # re-armed since it fired
+            os.read(self.fd, 8)
+        self._armed = None
+        while self._heap and self._heap[0][0] <= time.monotonic_ns():
+            heapq.heappop(self._heap)[2]()
+        if self._heap:
+            self._arm(self._heap[0][0])
+
+
+class LoopTimers:
+    """The event loop's own timers (millisecond rounding), on the same interface."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def call_at(self, when_ns: int, callback: Callable[[], None]) -> None:
+        self._loop.call_later(max(0.0, (when_ns - time.monotonic_ns()) / 1e9), callback)
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -50,10 +130,7 @@ class _Stream:
         self,
         proto: _Engine,
         body: dict[str, Any],
-        start: float,
-        ttft: float,
-        itl: float,
-        received_ns: int = 0,
+        received_ns: int,
     ) -> None:
         self.proto = proto
         self.n = max(1, int(body.get("max_tokens") or body.get("max_completion_tokens") or 128))
@@ -67,13 +144,13 @@ class _Stream:
         )
         self.prompt = 8
         self.sent = 0
-        self.start, self.ttft, self.itl = start, ttft, itl
+        cfg = proto.cfg
+        self.timers = proto.timers
+        self.first_ns, self.itl_ns = received_ns + int(cfg.ttft * 1e9), int(cfg.itl * 1e9)
         # When the request's last byte was read (the host-wide clock), sent in the first
-        # event: the client times the request's path without this engine's own wait,
-        # whose timer libuv rounds to 1 ms.
+        # event: the client times the request's path without this engine's own wait.
         self.received_ns = received_ns
-        self.loop = asyncio.get_running_loop()
-        self.loop.call_at(start + ttft, self.tick)
+        proto.first_timers.call_at(self.first_ns, self.tick)
 
     def _usage(self, k: int) -> bytes:
         return (
@@ -114,12 +191,15 @@ class _Stream:
             self.proto.done()
             return
         self.proto.write(out)
-        self.loop.call_at(self.start + self.ttft + k * self.itl, self.tick)
+        self.timers.call_at(self.first_ns + k * self.itl_ns, self.tick)
 
 
 class _Engine(asyncio.Protocol):
-    def __init__(self, cfg: argparse.Namespace) -> None:
+    def __init__(
+        self, cfg: argparse.Namespace, first_timers: KernelTimers | LoopTimers, timers: LoopTimers
+    ) -> None:
         self.cfg = cfg
+        self.first_timers, self.timers = first_timers, timers
         self.buf = b""
         self.closed = False
         self.busy = False
@@ -175,14 +255,7 @@ class _Engine(asyncio.Protocol):
                 body = {}
         if body.get("stream"):
             self.write(_HEAD)
-            _Stream(
-                self,
-                body,
-                asyncio.get_running_loop().time(),
-                self.cfg.ttft,
-                self.cfg.itl,
-                time.monotonic_ns(),
-            )
+            _Stream(self, body, time.monotonic_ns())
         else:
             self.forwarding = asyncio.ensure_future(self._forward(raw))
 
@@ -211,7 +284,11 @@ class _Engine(asyncio.Protocol):
 
 async def serve(cfg: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Engine(cfg), cfg.host, cfg.port, backlog=4096)
+    timers = LoopTimers(loop)
+    first = KernelTimers(loop) if cfg.timer == "kernel" else timers
+    server = await loop.create_server(
+        lambda: _Engine(cfg, first, timers), cfg.host, cfg.port, backlog=4096
+    )
     async with server:
         await server.serve_forever()
 
@@ -223,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward", required=True, help="the simulator for everything else")
     parser.add_argument("--ttft", type=float, default=0.02)
     parser.add_argument("--itl", type=float, default=0.01)
+    parser.add_argument(
+        "--timer",
+        choices=("kernel", "loop"),
+        default=os.environ.get("FIXED_ENGINE_TIMER", "kernel"),
+        help="what keeps the first event's deadline (env FIXED_ENGINE_TIMER)",
+    )
     cfg = parser.parse_args(argv)
     try:
         import uvloop

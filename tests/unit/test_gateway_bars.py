@@ -16,6 +16,7 @@ import pytest
 from bench import gateway_bars
 from bench.cpu import processes_cpu_seconds
 from bench.cpu_cap import CapUnavailable, CpuCap
+from bench.fixed_engine import KernelTimers
 from bench.gateway_bars import Bars, BarsConfig, _one, _open_loop, _pairs, quantiles_added, targets
 from tests.support.processes import free_port, wait_until
 
@@ -51,13 +52,39 @@ def test_fixed_engine_streams_timestamped_events_at_its_rate(engine: str) -> Non
     assert s.status == 200
     assert len(s.arrivals) == 5
     # Event k is written on the stream's own clock: never before 20 ms + k × 10 ms
-    # after the request (a late one, on a loaded machine, does not delay the next),
-    # less the timer's own granularity: libuv (uvloop) rounds timers to 1 ms.
+    # after the request (a late one, on a loaded machine, does not delay the next);
+    # the first on a kernel timer, the rest less libuv's own granularity (1 ms).
     writes = [(w - s.sent_ns) / 1e6 for _, w in s.arrivals]
+    assert writes[0] >= 20.0, writes
     assert all(w >= 20.0 + k * 10.0 - 1.0 for k, w in enumerate(writes)), writes
     assert writes[-1] < 1000.0, writes
     # Each event arrives after the engine wrote it.
     assert all(arrival >= write for arrival, write in s.arrivals)
+
+
+def test_kernel_timers_fire_in_deadline_order_and_never_early() -> None:
+    async def run() -> list[tuple[str, int, int]]:
+        timers = KernelTimers(asyncio.get_running_loop())
+        fired: list[tuple[str, int, int]] = []
+        done = asyncio.Event()
+        now = time.monotonic_ns()
+        plan = {"3ms": now + 3_000_000, "1ms": now + 1_000_000, "past": now - 5_000_000}
+        plan["2ms"] = now + 2_000_000
+
+        def call(label: str, when: int) -> None:
+            fired.append((label, when, time.monotonic_ns()))
+            if len(fired) == len(plan):
+                done.set()
+
+        for label, when in plan.items():
+            timers.call_at(when, lambda label=label, when=when: call(label, when))
+        await asyncio.wait_for(done.wait(), 5.0)
+        timers.close()
+        return fired
+
+    fired = asyncio.run(run())
+    assert [label for label, _, _ in fired] == ["past", "1ms", "2ms", "3ms"]
+    assert all(at >= when for _, when, at in fired), fired
 
 
 def test_a_path_compared_with_itself_adds_next_to_nothing(engine: str) -> None:
