@@ -18,7 +18,7 @@ light-latency: 1, 2 and 4 client slots; each slot sends the same 32-token stream
   carries the engine's write time, `time.monotonic_ns()`, one clock for every
   process on the host). Bar: p50 ≤ 1 ms, p99 ≤ 3 ms for TTFT and ITL. The TTFT is
   also given as the relay's quantile less the direct one's over the same pairs: the
-  within-pair differences hold the engine's jitter between the pair's two requests
+  within-pair differences hold the host's jitter between the pair's two requests
   too, once they reach it apart (docs/benchmarks.md, "Where the relay's TTFT tail
   comes from").
 relay-scaling: open-loop arrivals of 128-event streams (10 ms apart) at rising
@@ -188,8 +188,9 @@ def _pct(values: list[float], q: float) -> float | None:
 def quantiles_added(relay: list[float], direct: list[float]) -> dict[str, float | None]:
     """The relay's TTFT quantile − the direct one's, over the same pairs: what the relay
     adds to the distribution a client sees. The pairwise differences' own p99 also
-    holds each pair's engine-side jitter (the two requests reach the engine apart),
-    2.1-2.4 ms with nothing in between on the dev host (gateway-bars-runs/, pair noise)."""
+    holds the host's jitter between the pair's two requests (they reach the engine
+    apart), 1.7-2.3 ms with nothing in between on the dev host (gateway-bars-runs/,
+    2026-12-07-2230-engine-timer)."""
     out: dict[str, float | None] = {}
     for name, q in (("p50", 0.5), ("p99", 0.99)):
         r, d = _pct(relay, q), _pct(direct, q)
@@ -763,17 +764,16 @@ def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
             "TTFT added is end to end; the last two columns time the relay's own part of"
             " it (the request's way to the engine, relay − direct, by the engine's clock"
             " at the request's last byte, plus the first event's delivery), without the"
-            " engine's 20 ms wait, which a libuv timer rounds to the millisecond: that"
-            " rounding puts the relay's first event in the direct one's millisecond or the"
-            " next, the same one for a slot count's whole period (a slot's cycle is a whole"
-            " number of milliseconds), so its TTFT p50 lands well under the path's figure"
-            ' or near it. "TTFT added" is the quantile of the differences within'
+            " engine's 20 ms wait, whose deadline a kernel timer keeps to tens of"
+            " microseconds (a libuv timer, until e271f7f, rounded it to the millisecond"
+            " and so moved the TTFT p50 well under the path's figure or near it)."
+            ' "TTFT added" is the quantile of the differences within'
             " pairs; \"relay − direct\" is the relay's TTFT quantile less the direct one's"
             " over the same pairs: what the relay adds to the TTFT distribution a client"
-            " sees. The first also holds the engine's own jitter between the pair's two"
-            " requests, which reach it about 1 ms apart: with nothing in between, requests"
-            " 1-2 ms apart read a p99 of 2.1-2.4 ms by it (bench/results/gateway-bars-runs/"
-            "2026-12-06-1830-request-path/pair-noise.json).",
+            " sees. The first also holds the host's jitter between the pair's two requests,"
+            " which reach the engine about 1 ms apart: with nothing in between, requests"
+            " 1-2 ms apart read a p99 of 1.7-2.3 ms by it (bench/results/gateway-bars-runs/"
+            "2026-12-07-2230-engine-timer/pair-noise-kernel-timer.json).",
             "",
         ]
         lines += _nginx_alone_lines(bars, ms)
