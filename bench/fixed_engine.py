@@ -14,14 +14,15 @@ the agents' and relay's probes) is passed to the simulator at `--forward` unchan
 so the engine still looks like SGLang to everything that is not the measured stream.
 
 The first event's deadline is kept by a Linux timerfd (`--timer kernel`, the default):
-libuv's timers (uvloop) round to whole milliseconds, which put each stream's first
-event in one of two 1 ms buckets depending on when its request arrived, and two
-requests ~1 ms apart (direct, and through a hop) often in different ones
-(gateway-bars-runs/2026-12-06-1830-request-path/pair-noise.json): noise in the
-light-latency bar's TTFT within pairs that no gateway made. The following events stay
-on the loop's timers, whose millisecond ticks write the events of the streams due in
-one tick together, a little of the burstiness of SGLang's shared decode step
-(`--timer loop`: the first event on them too, as before).
+libuv's timers (uvloop) round to whole milliseconds from a loop clock cached per turn,
+which put each stream's first event in one of two 1 ms buckets depending on when its
+request arrived, and two requests ~1 ms apart (direct, and through a hop) often in
+different ones (gateway-bars-runs/2026-12-06-1830-request-path/pair-noise.json): noise
+in the light-latency bar's TTFT within pairs that no gateway made. The following
+events stay on the loop's timers at whole milliseconds of the loop's clock from the
+request, as before: exactly `itl` apart on that clock, and the events of the streams
+due in one tick written together, a little of the burstiness of SGLang's shared
+decode step (`--timer loop`: the first event on them too, as before).
 
 Why not the simulator itself: its streams share one decode step (as SGLang's do) and
 it competes for the same 2 cores, so it would measure its own step quantisation and
@@ -105,16 +106,6 @@ class KernelTimers:
             self._arm(self._heap[0][0])
 
 
-class LoopTimers:
-    """The event loop's own timers (millisecond rounding), on the same interface."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def call_at(self, when_ns: int, callback: Callable[[], None]) -> None:
-        self._loop.call_later(max(0.0, (when_ns - time.monotonic_ns()) / 1e9), callback)
-
-
 def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
@@ -145,12 +136,17 @@ class _Stream:
         self.prompt = 8
         self.sent = 0
         cfg = proto.cfg
-        self.timers = proto.timers
-        self.first_ns, self.itl_ns = received_ns + int(cfg.ttft * 1e9), int(cfg.itl * 1e9)
+        self.ttft, self.itl = cfg.ttft, cfg.itl
         # When the request's last byte was read (the host-wide clock), sent in the first
         # event: the client times the request's path without this engine's own wait.
         self.received_ns = received_ns
-        proto.first_timers.call_at(self.first_ns, self.tick)
+        # The later events' deadlines, on the loop's own clock from here.
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time()
+        if proto.kernel_timers is not None:
+            proto.kernel_timers.call_at(received_ns + int(cfg.ttft * 1e9), self.tick)
+        else:
+            self.loop.call_at(self.start + self.ttft, self.tick)
 
     def _usage(self, k: int) -> bytes:
         return (
@@ -191,15 +187,13 @@ class _Stream:
             self.proto.done()
             return
         self.proto.write(out)
-        self.timers.call_at(self.first_ns + k * self.itl_ns, self.tick)
+        self.loop.call_at(self.start + self.ttft + k * self.itl, self.tick)
 
 
 class _Engine(asyncio.Protocol):
-    def __init__(
-        self, cfg: argparse.Namespace, first_timers: KernelTimers | LoopTimers, timers: LoopTimers
-    ) -> None:
+    def __init__(self, cfg: argparse.Namespace, kernel_timers: KernelTimers | None) -> None:
         self.cfg = cfg
-        self.first_timers, self.timers = first_timers, timers
+        self.kernel_timers = kernel_timers
         self.buf = b""
         self.closed = False
         self.busy = False
@@ -284,10 +278,9 @@ class _Engine(asyncio.Protocol):
 
 async def serve(cfg: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    timers = LoopTimers(loop)
-    first = KernelTimers(loop) if cfg.timer == "kernel" else timers
+    kernel = KernelTimers(loop) if cfg.timer == "kernel" else None
     server = await loop.create_server(
-        lambda: _Engine(cfg, first, timers), cfg.host, cfg.port, backlog=4096
+        lambda: _Engine(cfg, kernel), cfg.host, cfg.port, backlog=4096
     )
     async with server:
         await server.serve_forever()
