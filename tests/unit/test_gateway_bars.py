@@ -68,8 +68,13 @@ def test_kernel_timers_fire_in_deadline_order_and_never_early() -> None:
         fired: list[tuple[str, int, int]] = []
         done = asyncio.Event()
         now = time.monotonic_ns()
-        plan = {"3ms": now + 3_000_000, "1ms": now + 1_000_000, "past": now - 5_000_000}
-        plan["2ms"] = now + 2_000_000
+        # Given out of deadline order, one already past.
+        plan = {
+            "3ms": now + 3_000_000,
+            "1ms": now + 1_000_000,
+            "past": now - 5_000_000,
+            "2ms": now + 2_000_000,
+        }
 
         def call(label: str, when: int) -> None:
             fired.append((label, when, time.monotonic_ns()))
