@@ -6,8 +6,9 @@ Local processes, no Docker: a redis-server, two simulators with their agents (as
 bench/relay_local.py), in front of each simulator a fixed-rate engine
 (bench/fixed_engine.py) that answers the streams, and the relay as its own
 process(es) (`python -m ha_agent.gateway`, `HA_RELAY_WORKERS` of them on one
-SO_REUSEPORT port, as in the gateway image). The relay is reached directly, without
-the gateway's Nginx: the Nginx hop's cost is the capacity table's "Nginx alone" row.
+SO_REUSEPORT port, and each on its own Unix socket, as in the gateway image). The
+relay is reached directly, and through the whole gateway: the host's nginx with the
+gateway's own configuration in front of the workers' sockets (`host_gateway_conf`).
 
 light-latency: 1, 2 and 4 client slots; each slot sends the same 32-token stream
   straight to the engine and through the relay at the same instant (the order
@@ -16,7 +17,9 @@ light-latency: 1, 2 and 4 client slots; each slot sends the same 32-token stream
   the pair: the relay stream's gap before event k − the direct stream's (added
   inter-token latency), and the relay's delivery delay − direct's (each event
   carries the engine's write time, `time.monotonic_ns()`, one clock for every
-  process on the host). Bar: p50 ≤ 1 ms, p99 ≤ 3 ms for TTFT and ITL. The TTFT is
+  process on the host). The same pairs again through the whole gateway and through
+  Nginx alone (the reference hop in C), each slot count right after the relay's.
+  Bar, read on the whole gateway's pairs: p50 ≤ 1 ms, p99 ≤ 3 ms for TTFT and ITL. The TTFT is
   also given as the relay's quantile less the direct one's over the same pairs: the
   within-pair differences hold the host's jitter between the pair's two requests
   too, once they reach it apart (docs/benchmarks.md, "Where the relay's TTFT tail
@@ -57,6 +60,16 @@ import httpx
 from bench.cpu import host_busy_seconds, processes_cpu_seconds
 from bench.cpu_cap import CapUnavailable, CpuCap
 from bench.stacks import direct_nginx_conf
+from ha_agent.gateway.edge.nginx_conf import render_template
+from ha_agent.gateway.edge.nginx_sync import (
+    relay_worker_socket,
+    relay_worker_sockets,
+    render,
+    render_client_keys,
+    render_relay_servers,
+)
+from ha_agent.gateway.edge.workers import nginx_worker_count
+from ha_agent.gateway.upstream.topology import parse_seed
 from tests.support.cluster import LocalCluster, local_cluster
 from tests.support.processes import free_port, redis_server
 
@@ -331,6 +344,11 @@ class Bars:
     # for the engine): what one hop in C adds on this host, in the same run.
     latency_nginx: list[dict[str, Any]] = field(default_factory=list)
     nginx_unavailable: str = ""  # why that reference is missing, where it is
+    # The same pairs through the whole gateway as its image runs it: the host's nginx
+    # with the gateway's configuration in front of the relay workers' Unix sockets.
+    # What a client of the gateway sees, so the latency bar is read on these rows.
+    latency_gateway: list[dict[str, Any]] = field(default_factory=list)
+    gateway_unavailable: str = ""
     scaling: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     workers_for_latency: int = 0
     scaling_cap: float = 0.0  # cores per relay worker in the scaling runs; 0: uncapped
@@ -386,8 +404,13 @@ async def _fixed_engines(cluster: LocalCluster, ports: dict[str, int]) -> AsyncI
 
 @contextlib.asynccontextmanager
 async def _relay(
-    cluster: LocalCluster, workers: int, caps: list[CpuCap] | None = None
+    cluster: LocalCluster,
+    workers: int,
+    caps: list[CpuCap] | None = None,
+    socket_dir: str | None = None,
 ) -> AsyncIterator[tuple[str, list[int]]]:
+    """The relay's workers on one TCP port; with `socket_dir`, each also on its own
+    Unix socket there, as in the gateway image (where its Nginx reaches them)."""
     port, admin = free_port(), free_port()
     metrics_dir = tempfile.mkdtemp(prefix="sglang-ha-bars-metrics-")
     env = {
@@ -397,9 +420,7 @@ async def _relay(
         "HA_RELAY_ADMIN_PORT": str(admin),
         "HA_RELAY_HOST_ADMIN": "127.0.0.1",
         "HA_RELAY_WORKERS": str(workers),
-        "HA_NODES": ",".join(
-            f"{n.name}={cluster.advertise[n.name]}={n.api_url}" for n in cluster.nodes.values()
-        ),
+        "HA_NODES": ",".join(_seeds(cluster)),
         "HA_CLUSTER": "local",
         "HA_REDIS_URL": cluster.redis.url,
         "HA_REDIS_PASSWORD": cluster.redis.password,
@@ -407,6 +428,8 @@ async def _relay(
         "HA_LOG_LEVEL": "WARNING",
         "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
     }
+    if socket_dir is not None:
+        env["HA_RELAY_WORKER_SOCKET_DIR"] = socket_dir
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "ha_agent.gateway"],
@@ -418,6 +441,13 @@ async def _relay(
         for proc, cap in zip(procs, caps or [], strict=False):
             cap.add(proc.pid)
         await _wait(f"http://127.0.0.1:{admin}/health", 30.0)
+        if socket_dir is not None:
+            sockets = [relay_worker_socket(socket_dir, i) for i in range(workers)]
+            await _wait_for(lambda: all(os.path.exists(p) for p in sockets), 30.0, "sockets")
+            for path in sockets:
+                # The host's nginx, started as root, runs its workers as nobody (in the
+                # image Nginx and the relay are one user): let them connect.
+                os.chmod(path, 0o666)
         yield f"http://127.0.0.1:{port}", [p.pid for p in procs]
     finally:
         await _stop(procs)
@@ -448,34 +478,90 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _seeds(cluster: LocalCluster) -> list[str]:
+    """HA_NODES for the relay: each node's engine as the fixed-rate engine in front of it."""
+    return [f"{n.name}={cluster.advertise[n.name]}={n.api_url}" for n in cluster.nodes.values()]
+
+
+def host_gateway_conf(
+    seeds: list[str], socket_dir: str, workers: int, listen: str, status_listen: str, root: Path
+) -> str:
+    """The gateway's Nginx configuration as its image renders it (nginx_conf.main, TLS
+    off, no client keys), for the host's nginx, its files under `root`: the relay
+    workers' Unix sockets in `socket_dir`, the engines of `seeds` as the last resort,
+    one Nginx worker per two relay workers."""
+    env = {"GATEWAY_PORT": listen, "NGINX_WORKERS": str(nginx_worker_count(workers))}
+    text = render_template(TEMPLATE.read_text(), env)
+    for prefix in _NGINX_PATHS:
+        text = text.replace(prefix, f"{root}/")
+    text, found = re.subn(r"listen 127\.0\.0\.1:8003;", f"listen {status_listen};", text)
+    if found != 1:
+        raise ValueError("the gateway's Nginx template changed: update host_gateway_conf")
+    servers = render_relay_servers(relay_worker_sockets(socket_dir, workers))
+    Path(root, "nginx-relay-servers.conf").write_text(servers)
+    Path(root, "nginx-backup-servers.conf").write_text(render(parse_seed(s) for s in seeds))
+    Path(root, "nginx-client-keys.conf").write_text(render_client_keys(None))
+    return text
+
+
 @contextlib.asynccontextmanager
-async def _nginx_alone(engine_url: str, bars: Bars) -> AsyncIterator[str | None]:
-    """The host's nginx in front of the engine, or None (said why in `bars`) where
-    there is none to run."""
+async def _host_nginx(
+    conf: Callable[[str, str, Path], str], why_missing: Callable[[str], None]
+) -> AsyncIterator[str | None]:
+    """The host's nginx with `conf(listen, status_listen, root)`, or None (said why by
+    `why_missing`) where there is none to run."""
     nginx = shutil.which("nginx")
     if nginx is None:
-        bars.nginx_unavailable = "no nginx on PATH (Debian: apt-get install nginx)"
+        why_missing("no nginx on PATH (Debian: apt-get install nginx)")
         yield None
         return
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="sglang-ha-bars-nginx-") as tmp:
         os.chmod(tmp, 0o755)  # the workers run as nobody when started as root
-        conf = Path(tmp, "nginx.conf")
-        engine = engine_url.split("//", 1)[1]
-        conf.write_text(
-            host_nginx_conf(engine, f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}", Path(tmp))
-        )
-        proc = subprocess.Popen([nginx, "-p", tmp, "-c", str(conf), "-g", "daemon off;"])
+        path = Path(tmp, "nginx.conf")
+        path.write_text(conf(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}", Path(tmp)))
+        proc = subprocess.Popen([nginx, "-p", tmp, "-c", str(path), "-g", "daemon off;"])
+        failed = ""
         try:
             deadline = time.monotonic() + 10.0
             while not listening(port):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    bars.nginx_unavailable = f"nginx did not start (exit {proc.poll()})"
+                    failed = f"nginx did not start (exit {proc.poll()})"
+                    why_missing(failed)
                     break
                 await asyncio.sleep(0.1)
-            yield None if bars.nginx_unavailable else f"http://127.0.0.1:{port}"
+            yield None if failed else f"http://127.0.0.1:{port}"
         finally:
             await _stop([proc])
+
+
+def _nginx_alone(engine_url: str, bars: Bars) -> contextlib.AbstractAsyncContextManager[str | None]:
+    """The host's nginx in front of the engine (the capacity table's "Nginx alone")."""
+    engine = engine_url.split("//", 1)[1]
+
+    def missing(why: str) -> None:
+        bars.nginx_unavailable = why
+
+    return _host_nginx(
+        lambda listen, status, root: host_nginx_conf(engine, listen, status, root), missing
+    )
+
+
+def _gateway_nginx(
+    cluster: LocalCluster, socket_dir: str, workers: int, bars: Bars
+) -> contextlib.AbstractAsyncContextManager[str | None]:
+    """The host's nginx with the gateway's own configuration in front of the relay."""
+    seeds = _seeds(cluster)
+
+    def missing(why: str) -> None:
+        bars.gateway_unavailable = why
+
+    return _host_nginx(
+        lambda listen, status, root: host_gateway_conf(
+            seeds, socket_dir, workers, listen, status, root
+        ),
+        missing,
+    )
 
 
 async def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -504,6 +590,14 @@ async def _wait(url: str, timeout: float) -> None:
             await asyncio.sleep(0.2)
 
 
+async def _wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 async def _wait_relay_routes(url: str, timeout: float) -> None:
     """The relay answers a stream (it has found the primary) before a measurement."""
     deadline = time.monotonic() + timeout
@@ -529,35 +623,45 @@ async def _run(cfg: BarsConfig, phases: set[str]) -> Bars:
             direct = advertise[primary]
             async with _fixed_engines(cluster, fronts) as engine_pids:
                 if "light-latency" in phases:
-                    bars.workers_for_latency = os.cpu_count() or 1
-                    async with (
-                        _relay(cluster, bars.workers_for_latency) as (url, _),
-                        _nginx_alone(direct, bars) as nginx,
-                    ):
-                        await _wait_relay_routes(url, 30.0)
-                        # Each slot count through the relay, then through Nginx alone.
-                        for slots in cfg.slots:
-                            for name, hop, into in (
-                                ("relay", url, bars.latency),
-                                ("nginx-alone", nginx, bars.latency_nginx),
-                            ):
-                                if hop is None:
-                                    continue
-                                plan = {
-                                    "mode": "pairs",
-                                    "direct": direct,
-                                    "relay": hop,
-                                    "slots": slots,
-                                    "seconds": cfg.latency_seconds,
-                                    "pairs": cfg.latency_pairs,
-                                    "tokens": cfg.latency_tokens,
-                                }
-                                res = await _run_client(plan, cfg.latency_seconds + 120)
-                                print(
-                                    f"  light-latency/{name}/{slots}: {res['pairs']} pairs",
-                                    flush=True,
-                                )
-                                into.append(res)
+                    workers = bars.workers_for_latency = os.cpu_count() or 1
+                    sockets = tempfile.mkdtemp(prefix="sglang-ha-bars-relay-")
+                    os.chmod(sockets, 0o755)
+                    try:
+                        async with (
+                            _relay(cluster, workers, socket_dir=sockets) as (url, _),
+                            _gateway_nginx(cluster, sockets, workers, bars) as gateway,
+                            _nginx_alone(direct, bars) as nginx,
+                        ):
+                            await _wait_relay_routes(url, 30.0)
+                            if gateway is not None:
+                                await _wait_relay_routes(gateway, 30.0)
+                            # Each slot count through the relay, the whole gateway, then
+                            # Nginx alone.
+                            for slots in cfg.slots:
+                                for name, hop, into in (
+                                    ("relay", url, bars.latency),
+                                    ("gateway", gateway, bars.latency_gateway),
+                                    ("nginx-alone", nginx, bars.latency_nginx),
+                                ):
+                                    if hop is None:
+                                        continue
+                                    plan = {
+                                        "mode": "pairs",
+                                        "direct": direct,
+                                        "relay": hop,
+                                        "slots": slots,
+                                        "seconds": cfg.latency_seconds,
+                                        "pairs": cfg.latency_pairs,
+                                        "tokens": cfg.latency_tokens,
+                                    }
+                                    res = await _run_client(plan, cfg.latency_seconds + 120)
+                                    print(
+                                        f"  light-latency/{name}/{slots}: {res['pairs']} pairs",
+                                        flush=True,
+                                    )
+                                    into.append(res)
+                    finally:
+                        shutil.rmtree(sockets, ignore_errors=True)
                 if "relay-scaling" in phases:
                     for workers in cfg.scaling_workers:
                         bars.scaling[workers] = await _scaling(
@@ -619,6 +723,12 @@ def saturation(rows: list[dict[str, Any]]) -> float:
     return max((r["delivered_events_per_s"] for r in rows), default=0.0)
 
 
+def judged_latency(bars: Bars) -> tuple[str, list[dict[str, Any]]]:
+    """The rows the latency bar is read on: the whole gateway's (Nginx and the relay,
+    what its clients see), or the relay's alone where the host has no nginx to run."""
+    return ("gateway", bars.latency_gateway) if bars.latency_gateway else ("relay", bars.latency)
+
+
 def targets(bars: Bars) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
@@ -632,14 +742,15 @@ def targets(bars: Bars) -> list[dict[str, Any]]:
             }
         )
 
-    for res in bars.latency:
+    hop, judged = judged_latency(bars)
+    for res in judged:
         slots = res["slots"]
         for key, label in (("ttft_added_ms", "TTFT"), ("itl_added_ms", "ITL")):
             for q, bar in LATENCY_BAR.items():
-                row(f"relay − direct {label} {q}, {slots} pair slots (ms)", res[key][q], bar)
+                row(f"{hop} − direct {label} {q}, {slots} pair slots (ms)", res[key][q], bar)
         quantiles = res.get("ttft_quantiles_added_ms") or {}
         for q, bar in LATENCY_BAR.items():
-            row(f"relay TTFT {q} − direct TTFT {q}, {slots} pair slots (ms)", quantiles.get(q), bar)
+            row(f"{hop} TTFT {q} − direct TTFT {q}, {slots} pair slots (ms)", quantiles.get(q), bar)
     if 1 in bars.scaling and 2 in bars.scaling:
         one, two = saturation(bars.scaling[1]), saturation(bars.scaling[2])
         ratio = two / one if one else 0.0
@@ -661,6 +772,8 @@ def to_json(bars: Bars, cfg: BarsConfig) -> dict[str, Any]:
         "latency": bars.latency,
         "latency_nginx_alone": bars.latency_nginx,
         "nginx_alone_unavailable": bars.nginx_unavailable,
+        "latency_gateway": bars.latency_gateway,
+        "gateway_unavailable": bars.gateway_unavailable,
         "scaling": {str(k): v for k, v in bars.scaling.items()},
         "scaling_cap_cores": bars.scaling_cap,
         "scaling_cap_unavailable": bars.cap_unavailable,
@@ -699,6 +812,42 @@ def _latency_row(r: dict[str, Any], ms: Callable[[float | None], str]) -> str:
         f" | {ms(i['p99'])} | {ms(d['p50'])}"
         f" | {ms(d['p99'])} | {ms(p['p50'])} | {ms(p['p99'])} |"
     )
+
+
+def _gateway_lines(bars: Bars, ms: Callable[[float | None], str]) -> list[str]:
+    """The same pairs through the whole gateway: Nginx in front of the relay."""
+    if not bars.latency_gateway:
+        why = bars.gateway_unavailable or "not run"
+        return [
+            f"The whole gateway (Nginx in front of the relay): not measured ({why}); the"
+            " latency bar below is read on the relay alone.",
+            "",
+        ]
+    nginx_workers = nginx_worker_count(bars.workers_for_latency)
+    lines = [
+        "**The same pairs through the whole gateway** (the host's nginx with the gateway's"
+        f" own configuration as its image renders it, {nginx_workers} worker, in front of"
+        " the same relay workers' Unix sockets, one connection per request as shipped, the"
+        " engines as its last resort; each slot count right after the relay's): what a"
+        " client of the gateway sees. The latency bar is read on these rows.",
+        "",
+        *_latency_header("gateway"),
+        *(_latency_row(r, ms) for r in bars.latency_gateway),
+        "",
+    ]
+    pairs = zip(bars.latency_gateway, bars.latency, strict=False)
+    lines.append(
+        "The gateway's Nginx in front of the relay (the gateway less the relay alone,"
+        " request path + first event, p50 / p99): "
+        + "; ".join(
+            f"{g['slots']} slot{'s' if g['slots'] > 1 else ''}"
+            f" {ms(_minus(g, r, 'p50'))} / {ms(_minus(g, r, 'p99'))} ms"
+            for g, r in pairs
+        )
+        + "."
+    )
+    lines.append("")
+    return lines
 
 
 def _nginx_alone_lines(bars: Bars, ms: Callable[[float | None], str]) -> list[str]:
@@ -747,7 +896,8 @@ def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
         f" {TTFT * 1000:.0f} ms after the request, then one every {ITL * 1000:.0f} ms on each"
         " stream's own clock, a few µs of CPU per event) in front of each simulator, which"
         " answers everything but the streams. The relay (`python -m ha_agent.gateway`) is"
-        " reached directly, without the gateway's Nginx; local processes, no Docker.",
+        " reached directly, and through the gateway's Nginx (the host's nginx); local"
+        " processes, no Docker.",
         "",
     ]
     if bars.latency:
@@ -776,6 +926,7 @@ def markdown(bars: Bars, cfg: BarsConfig, run_line: str) -> str:
             "2026-12-07-2230-engine-timer/pair-noise-kernel-timer.json).",
             "",
         ]
+        lines += _gateway_lines(bars, ms)
         lines += _nginx_alone_lines(bars, ms)
         lines.append("")
     if bars.scaling:

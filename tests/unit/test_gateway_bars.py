@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -226,3 +227,41 @@ def test_a_capped_process_gets_no_more_cpu_than_its_cap() -> None:
     # are 10 ms, so allow for them).
     assert used < 0.3, used
     assert not cap.path.exists()
+
+
+def test_the_whole_gateway_is_its_own_nginx_config_in_front_of_the_relay_sockets(
+    engine: str, tmp_path: Path
+) -> None:
+    # No relay worker listens on the sockets here: the gateway's Nginx finds none and
+    # takes its last resort, the engines, as in a gateway whose relay is down.
+    seeds = [f"sglang-01={engine}=http://127.0.0.1:9"]
+    roots: list[Path] = []
+
+    def conf(listen: str, status: str, root: Path) -> str:
+        roots.append(root)
+        return gateway_bars.host_gateway_conf(seeds, str(tmp_path), 2, listen, status, root)
+
+    async def through_gateway() -> tuple[Any, str, str]:
+        async with gateway_bars._host_nginx(conf, pytest.fail) as url:
+            assert url is not None
+            servers = (roots[0] / "nginx-relay-servers.conf").read_text()
+            return await _one(url, 3, True, 10.0), servers, url
+
+    s, servers, url = asyncio.run(through_gateway())
+    assert s.status == 200 and len(s.arrivals) == 3
+    assert f"server unix:{tmp_path}/relay-0.sock" in servers
+    assert f"server unix:{tmp_path}/relay-1.sock" in servers
+    assert not gateway_bars.listening(int(url.rsplit(":", 1)[1]))
+
+
+def test_the_latency_bar_is_read_on_the_whole_gateway_where_it_ran(engine: str) -> None:
+    plan = {"direct": engine, "relay": engine, "slots": 1, "seconds": 0.3, "pairs": 3, "tokens": 2}
+    bars = Bars()
+    bars.latency.append(asyncio.run(_pairs(plan)))
+    assert targets(bars)[0]["what"].startswith("relay − direct TTFT p50")
+    bars.latency_gateway.append(asyncio.run(_pairs(plan)))
+    latency = [t["what"] for t in targets(bars)]
+    assert latency and all(w.startswith("gateway") for w in latency)
+    assert "**The same pairs through the whole gateway**" in gateway_bars.markdown(
+        bars, BarsConfig(), "run"
+    )
