@@ -464,11 +464,17 @@ def host_nginx_conf(engine: str, listen: str, status_listen: str, root: Path) ->
     """The capacity table's "Nginx alone" configuration (the gateway's own, the relay
     swapped for `engine`, one worker) for the host's nginx: its files under `root`."""
     text = direct_nginx_conf(TEMPLATE.read_text(), engine, "", 1, listen)
+    return _on_host(text, status_listen, root)
+
+
+def _on_host(text: str, status_listen: str, root: Path) -> str:
+    """A rendered gateway Nginx configuration moved for the host's nginx: its files
+    under `root`, its status listener on `status_listen`."""
     for prefix in _NGINX_PATHS:
         text = text.replace(prefix, f"{root}/")
     text, found = re.subn(r"listen 127\.0\.0\.1:8003;", f"listen {status_listen};", text)
     if found != 1:
-        raise ValueError("the gateway's Nginx template changed: update host_nginx_conf")
+        raise ValueError("the gateway's Nginx template changed: update bench/gateway_bars.py")
     return text
 
 
@@ -491,12 +497,7 @@ def host_gateway_conf(
     workers' Unix sockets in `socket_dir`, the engines of `seeds` as the last resort,
     one Nginx worker per two relay workers."""
     env = {"GATEWAY_PORT": listen, "NGINX_WORKERS": str(nginx_worker_count(workers))}
-    text = render_template(TEMPLATE.read_text(), env)
-    for prefix in _NGINX_PATHS:
-        text = text.replace(prefix, f"{root}/")
-    text, found = re.subn(r"listen 127\.0\.0\.1:8003;", f"listen {status_listen};", text)
-    if found != 1:
-        raise ValueError("the gateway's Nginx template changed: update host_gateway_conf")
+    text = _on_host(render_template(TEMPLATE.read_text(), env), status_listen, root)
     servers = render_relay_servers(relay_worker_sockets(socket_dir, workers))
     Path(root, "nginx-relay-servers.conf").write_text(servers)
     Path(root, "nginx-backup-servers.conf").write_text(render(parse_seed(s) for s in seeds))
